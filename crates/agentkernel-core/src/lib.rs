@@ -1,0 +1,18 @@
+//! Backend-neutral core of agentkernel.
+//!
+//! Everything a backend needs to know about a sandbox is resolved here into a
+//! [`spec::SandboxSpec`]; backends only translate it, they never decide policy.
+
+pub mod config;
+pub mod error;
+pub mod git;
+pub mod image;
+pub mod names;
+pub mod parse;
+pub mod paths;
+pub mod policy;
+pub mod spec;
+pub mod state;
+pub mod terminal;
+
+pub use error::{Error, Result};

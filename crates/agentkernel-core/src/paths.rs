@@ -1,0 +1,41 @@
+//! Where agentkernel keeps its state (SPEC.md "Files").
+
+use std::path::PathBuf;
+
+/// `$AGENTKERNEL_HOME`, else `/var/lib/agentkernel` for root, else
+/// `$XDG_DATA_HOME/agentkernel` (default `~/.local/share/agentkernel`).
+pub fn state_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("AGENTKERNEL_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return PathBuf::from("/var/lib/agentkernel");
+    }
+    if let Some(dir) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("agentkernel");
+    }
+    home_dir()
+        .unwrap_or_else(|| PathBuf::from("/tmp"))
+        .join(".local/share/agentkernel")
+}
+
+pub fn home_dir() -> Option<PathBuf> {
+    std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .map(PathBuf::from)
+}
+
+/// Config files in increasing precedence, before `--config`.
+pub fn config_files(cwd: &std::path::Path) -> Vec<PathBuf> {
+    let mut files = vec![PathBuf::from("/etc/agentkernel/config.toml")];
+    let user = std::env::var_os("XDG_CONFIG_HOME")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| home_dir().map(|h| h.join(".config")));
+    if let Some(dir) = user {
+        files.push(dir.join("agentkernel/config.toml"));
+    }
+    files.push(cwd.join("agentkernel.toml"));
+    files
+}

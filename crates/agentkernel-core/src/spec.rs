@@ -1,0 +1,95 @@
+//! [`SandboxSpec`]: the one backend-neutral description of a sandbox.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::parse::{PortMapping, Volume};
+use crate::policy::Policy;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PullPolicy {
+    #[default]
+    Missing,
+    Always,
+    Never,
+}
+
+impl std::str::FromStr for PullPolicy {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> crate::Result<Self> {
+        match s {
+            "missing" => Ok(PullPolicy::Missing),
+            "always" => Ok(PullPolicy::Always),
+            "never" => Ok(PullPolicy::Never),
+            _ => Err(crate::Error::invalid(
+                "pull policy",
+                s,
+                "expected missing, always or never",
+            )),
+        }
+    }
+}
+
+/// A sandbox that outlives its first command.
+#[derive(Debug, Clone)]
+pub struct Keep {
+    pub name: String,
+    pub ttl: Duration,
+    /// `--branch`: reuse the sandbox if it exists.
+    pub reuse: bool,
+}
+
+/// The host directory shown at `/workspace`.
+#[derive(Debug, Clone)]
+pub struct Workspace {
+    pub host: PathBuf,
+    pub path_in_sandbox: String,
+}
+
+pub const WORKSPACE_PATH: &str = "/workspace";
+
+#[derive(Debug, Clone)]
+pub struct SandboxSpec {
+    pub image: String,
+    pub pull: PullPolicy,
+    pub policy: Policy,
+    pub workspace: Option<Workspace>,
+    /// Permissive profile: the host's home, read-only, at the same path.
+    pub home: Option<PathBuf>,
+    pub volumes: Vec<Volume>,
+    pub ports: Vec<PortMapping>,
+    pub keep: Option<Keep>,
+    /// Files that carry agentkernel's labels (`agentkernel.*`) are backend concerns;
+    /// this is the first command to run.
+    pub exec: ExecRequest,
+}
+
+/// One command to run in a sandbox.
+#[derive(Debug, Clone)]
+pub struct ExecRequest {
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub workdir: Option<String>,
+    pub tty: bool,
+    pub timeout: Option<Duration>,
+}
+
+/// How a command ended, before it becomes agentkernel's exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Exited(i32),
+    /// Killed by the memory limit (exit 137, named on stderr).
+    OutOfMemory,
+    /// `--timeout` expired and the process tree was killed (exit 124).
+    TimedOut,
+}
+
+impl Outcome {
+    pub fn exit_code(self) -> i32 {
+        match self {
+            Outcome::Exited(c) => c,
+            Outcome::OutOfMemory => 137,
+            Outcome::TimedOut => 124,
+        }
+    }
+}

@@ -1,0 +1,208 @@
+//! Spec → Docker container configuration. Every row of the profile table
+//! (SPEC.md) that Docker can enforce is enforced here.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use agentkernel_core::policy::{Capabilities, Seccomp, WorkspaceMode};
+use agentkernel_core::spec::SandboxSpec;
+use agentkernel_core::{Error, Result};
+use bollard::models::{
+    ContainerCreateBody, HostConfig, Mount, MountType, MountVolumeOptions,
+    MountVolumeOptionsDriverConfig, PortBinding,
+};
+
+/// Where a kept sandbox's control directory (its deadline) appears inside it.
+pub const CONTROL_MOUNT: &str = "/run/agentkernel";
+
+/// What differs between a one-shot container and a kept one.
+pub struct Shape<'a> {
+    pub command: Vec<String>,
+    pub labels: HashMap<String, String>,
+    /// Attach stdin and keep it open until we close it.
+    pub stdin: bool,
+    pub tty: bool,
+    /// Host directory for the copy-on-write workspace's upper and work dirs.
+    pub scratch: Option<&'a Path>,
+    /// Kept sandboxes: host control directory mounted read-only at [`CONTROL_MOUNT`].
+    pub control_dir: Option<&'a Path>,
+    pub auto_remove: bool,
+}
+
+pub fn container_body(spec: &SandboxSpec, shape: Shape<'_>) -> Result<ContainerCreateBody> {
+    let policy = &spec.policy;
+    let mut mounts = Vec::new();
+
+    if let Some(ws) = &spec.workspace {
+        let host = path_str(&ws.host)?;
+        match policy.workspace {
+            WorkspaceMode::ReadWrite | WorkspaceMode::ReadOnly => mounts.push(bind(
+                host,
+                &ws.path_in_sandbox,
+                policy.workspace == WorkspaceMode::ReadOnly,
+            )),
+            WorkspaceMode::CopyOnWrite => {
+                let scratch = shape
+                    .scratch
+                    .expect("copy-on-write workspace needs scratch space");
+                mounts.push(overlay_volume(host, scratch, &ws.path_in_sandbox)?);
+            }
+        }
+    }
+    if let Some(home) = &spec.home {
+        let home = path_str(home)?;
+        mounts.push(bind(home, home, true));
+    }
+    for v in &spec.volumes {
+        mounts.push(bind(path_str(&v.host)?, &v.container, v.read_only));
+    }
+    if let Some(ctl) = shape.control_dir {
+        mounts.push(bind(path_str(ctl)?, CONTROL_MOUNT, true));
+    }
+
+    let (cap_add, cap_drop) = match &policy.capabilities {
+        Capabilities::EngineDefault => (None, None),
+        Capabilities::DefaultWithout(caps) => (None, Some(caps.clone())),
+        Capabilities::None => (None, Some(vec!["ALL".to_string()])),
+    };
+    let mut security_opt = Vec::new();
+    if policy.no_new_privileges {
+        security_opt.push("no-new-privileges:true".to_string());
+    }
+    if policy.seccomp == Seccomp::Restrictive {
+        security_opt.push(format!("seccomp={}", crate::seccomp::restrictive_profile()));
+    }
+    let tmpfs = policy.read_only_root.then(|| {
+        HashMap::from([(
+            "/tmp".to_string(),
+            format!("rw,nosuid,nodev,size={}", policy.tmp_size_bytes),
+        )])
+    });
+
+    let mut exposed = Vec::new();
+    let mut bindings: HashMap<String, Option<Vec<PortBinding>>> = HashMap::new();
+    for p in &spec.ports {
+        let key = format!("{}/{}", p.container_port, p.protocol.as_str());
+        exposed.push(key.clone());
+        bindings
+            .entry(key)
+            .or_insert_with(|| Some(Vec::new()))
+            .as_mut()
+            .unwrap()
+            .push(PortBinding {
+                host_ip: Some(p.host_ip.clone()),
+                host_port: Some(if p.host_port == 0 {
+                    String::new()
+                } else {
+                    p.host_port.to_string()
+                }),
+            });
+    }
+
+    let limits = policy.limits;
+    let host_config = HostConfig {
+        init: Some(true),
+        auto_remove: Some(shape.auto_remove),
+        network_mode: Some(if policy.network { "bridge" } else { "none" }.to_string()),
+        readonly_rootfs: Some(policy.read_only_root),
+        tmpfs,
+        mounts: Some(mounts),
+        cap_add,
+        cap_drop,
+        security_opt: (!security_opt.is_empty()).then_some(security_opt),
+        memory: limits.memory_bytes.map(|m| m as i64),
+        // No swap beyond the memory limit: a memory hog must meet the OOM killer, not the disk.
+        memory_swap: limits.memory_bytes.map(|m| m as i64),
+        nano_cpus: limits.cpus.map(|c| (c * 1e9) as i64),
+        pids_limit: limits.pids,
+        port_bindings: (!bindings.is_empty()).then_some(bindings),
+        ..Default::default()
+    };
+
+    let env: Vec<String> = spec
+        .exec
+        .env
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    Ok(ContainerCreateBody {
+        image: Some(spec.image.clone()),
+        // The command runs exactly as given: an image's entrypoint would
+        // re-interpret it (SPEC: CMD passes through byte for byte).
+        entrypoint: Some(vec![]),
+        cmd: Some(shape.command),
+        env: (!env.is_empty()).then_some(env),
+        working_dir: spec.exec.workdir.clone(),
+        labels: Some(shape.labels),
+        attach_stdin: Some(shape.stdin),
+        attach_stdout: Some(true),
+        attach_stderr: Some(true),
+        open_stdin: Some(shape.stdin),
+        stdin_once: Some(shape.stdin),
+        tty: Some(shape.tty),
+        exposed_ports: (!exposed.is_empty()).then_some(exposed),
+        host_config: Some(host_config),
+        ..Default::default()
+    })
+}
+
+fn bind(source: &str, target: &str, read_only: bool) -> Mount {
+    Mount {
+        typ: Some(MountType::BIND),
+        source: Some(source.to_string()),
+        target: Some(target.to_string()),
+        read_only: Some(read_only),
+        ..Default::default()
+    }
+}
+
+/// An anonymous volume of the `local` driver that mounts an overlay with the
+/// host directory as its read-only lower layer: the sandbox sees and may
+/// change the files, the host copy never changes. The volume goes away with
+/// the container (`remove -v`), the upper layer with the scratch directory.
+fn overlay_volume(lower: &str, scratch: &Path, target: &str) -> Result<Mount> {
+    if lower.contains([',', ':']) {
+        return Err(Error::Conflict(format!(
+            "the copy-on-write workspace cannot use {lower}: its path contains `,` or `:`; run from another directory or choose --profile permissive or restrictive"
+        )));
+    }
+    let upper = scratch.join("upper");
+    let work = scratch.join("work");
+    for dir in [&upper, &work] {
+        std::fs::create_dir_all(dir).map_err(|e| Error::state(dir, e))?;
+    }
+    let options = HashMap::from([
+        ("type".to_string(), "overlay".to_string()),
+        ("device".to_string(), "overlay".to_string()),
+        (
+            "o".to_string(),
+            format!(
+                "lowerdir={lower},upperdir={},workdir={}",
+                path_str(&upper)?,
+                path_str(&work)?
+            ),
+        ),
+    ]);
+    Ok(Mount {
+        typ: Some(MountType::VOLUME),
+        target: Some(target.to_string()),
+        volume_options: Some(MountVolumeOptions {
+            driver_config: Some(MountVolumeOptionsDriverConfig {
+                name: Some("local".to_string()),
+                options: Some(options),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
+fn path_str(p: &Path) -> Result<&str> {
+    p.to_str().ok_or_else(|| {
+        Error::invalid(
+            "path",
+            p.to_string_lossy(),
+            "must be valid UTF-8 for the Docker API",
+        )
+    })
+}

@@ -1,0 +1,116 @@
+//! Connection to a Docker-API engine, and the mapping of its errors.
+
+use agentkernel_core::Error;
+use bollard::errors::Error as BollardError;
+use bollard::{ClientVersion, Docker};
+
+/// API 1.41 is spoken by every Docker since 20.10 and by Podman's compat API;
+/// pinning it avoids a version round-trip on every run.
+const API_VERSION: ClientVersion = ClientVersion {
+    major_version: 1,
+    minor_version: 41,
+};
+const TIMEOUT_SECS: u64 = 600;
+
+#[derive(Clone)]
+pub struct Engine {
+    pub docker: Docker,
+    /// Where we connected, for messages.
+    pub address: String,
+}
+
+impl Engine {
+    /// Connects (lazily: no request is made) to `$DOCKER_HOST` or the default socket.
+    pub fn connect() -> Result<Engine, Error> {
+        let address = std::env::var("DOCKER_HOST")
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "unix:///var/run/docker.sock".to_string());
+        let docker = if let Some(path) = address.strip_prefix("unix://") {
+            Docker::connect_with_unix(path, TIMEOUT_SECS, &API_VERSION)
+        } else if address.starts_with("tcp://") || address.starts_with("http://") {
+            Docker::connect_with_http(&address, TIMEOUT_SECS, &API_VERSION)
+        } else {
+            return Err(Error::BackendUnavailable {
+                backend: "docker".into(),
+                why: format!("DOCKER_HOST={address} is not a unix:// or tcp:// address"),
+                fix: "set DOCKER_HOST to unix:///var/run/docker.sock or tcp://HOST:PORT".into(),
+            });
+        };
+        let docker = docker.map_err(|e| unreachable_error(&address, &e))?;
+        Ok(Engine { docker, address })
+    }
+
+    /// Checks the engine answers.
+    pub async fn ping(&self) -> Result<String, Error> {
+        let v = self
+            .docker
+            .version()
+            .await
+            .map_err(|e| self.error("ping", e))?;
+        Ok(format!(
+            "Docker {} (API {})",
+            v.version.unwrap_or_default(),
+            v.api_version.unwrap_or_default()
+        ))
+    }
+
+    /// Turns an engine error into a user-facing one: unreachable engines get
+    /// the "start it" fix; everything else says what we were doing.
+    pub fn error(&self, action: &str, e: BollardError) -> Error {
+        if is_connection_error(&e) {
+            return unreachable_error(&self.address, &e);
+        }
+        Error::Backend {
+            backend: "docker",
+            message: format!("{action}: {}", message_of(&e)),
+        }
+    }
+}
+
+pub fn is_not_found(e: &BollardError) -> bool {
+    matches!(
+        e,
+        BollardError::DockerResponseServerError {
+            status_code: 404,
+            ..
+        }
+    )
+}
+
+pub fn is_conflict(e: &BollardError) -> bool {
+    matches!(
+        e,
+        BollardError::DockerResponseServerError {
+            status_code: 409,
+            ..
+        }
+    )
+}
+
+/// The engine's own message, without bollard's wrapping.
+pub fn message_of(e: &BollardError) -> String {
+    match e {
+        BollardError::DockerResponseServerError { message, .. } => message.trim().to_string(),
+        other => other.to_string().replace('\n', " "),
+    }
+}
+
+fn is_connection_error(e: &BollardError) -> bool {
+    matches!(
+        e,
+        BollardError::SocketNotFoundError(_)
+            | BollardError::IOError { .. }
+            | BollardError::HyperResponseError { .. }
+            | BollardError::HyperLegacyError { .. }
+            | BollardError::RequestTimeoutError
+    )
+}
+
+fn unreachable_error(address: &str, e: &BollardError) -> Error {
+    Error::BackendUnavailable {
+        backend: "docker".into(),
+        why: format!("cannot reach the Docker engine at {address} ({})", message_of(e)),
+        fix: "start it (`sudo systemctl start docker`, or run `dockerd`) or point DOCKER_HOST at a running engine; `agentkernel doctor` checks every backend".into(),
+    }
+}

@@ -1,0 +1,120 @@
+//! Garbage collection: removes what agentkernel processes that died (`kill -9`,
+//! power loss) left behind, and kept sandboxes past their deadline. Runs in
+//! the background of every `run`, and on `sandbox list`/`gc`. It only touches
+//! containers carrying our labels from this machine, and only when it can
+//! prove they are abandoned (owner process gone, or sandbox expired).
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+use agentkernel_core::state::{self, now_unix, Owner, Store};
+use bollard::models::ContainerSummary;
+use bollard::query_parameters::ListContainersOptionsBuilder;
+
+use crate::oneshot::remove_container;
+use crate::{labels, Engine};
+
+#[derive(Debug, Default)]
+pub struct Collected {
+    pub containers: Vec<String>,
+    pub directories: usize,
+}
+
+/// Every container carrying our `managed` label.
+pub async fn managed_containers(
+    engine: &Engine,
+) -> Result<Vec<ContainerSummary>, agentkernel_core::Error> {
+    let filters = HashMap::from([(
+        "label".to_string(),
+        vec![format!("{}=true", labels::MANAGED)],
+    )]);
+    let options = ListContainersOptionsBuilder::default()
+        .all(true)
+        .filters(&filters)
+        .build();
+    engine
+        .docker
+        .list_containers(Some(options))
+        .await
+        .map_err(|e| engine.error("listing sandboxes", e))
+}
+
+pub async fn collect_orphans(engine: Engine, store: Store) -> Collected {
+    let mut collected = Collected::default();
+    let Ok(containers) = managed_containers(&engine).await else {
+        return collected;
+    };
+    let me = labels::host_id();
+    let runs_dir = store.root().join("runs");
+    let mut kept_names = HashSet::new();
+
+    for c in &containers {
+        let labels_of = c.labels.clone().unwrap_or_default();
+        if labels_of.get(labels::HOST) != Some(&me) {
+            continue;
+        }
+        let Some(name) = c
+            .names
+            .as_ref()
+            .and_then(|n| n.first())
+            .map(|n| n.trim_start_matches('/').to_string())
+        else {
+            continue;
+        };
+        match labels_of.get(labels::KIND).map(String::as_str) {
+            Some(labels::KIND_RUN) => {
+                let owner = labels_of.get(labels::OWNER).cloned().unwrap_or_default();
+                if Owner(owner).is_dead() {
+                    remove_container(&engine, &name).await;
+                    if let Some(dir) = labels_of.get(labels::SCRATCH) {
+                        // Only ever delete inside our own scratch area, whatever a label says.
+                        if Path::new(dir).parent() == Some(runs_dir.as_path()) {
+                            let _ = state::remove_tree(Path::new(dir));
+                        }
+                    }
+                    collected.containers.push(name);
+                }
+            }
+            Some(labels::KIND_KEPT) => {
+                let Some(sandbox) = labels_of.get(labels::NAME).cloned() else {
+                    continue;
+                };
+                let dir_exists = store.sandbox_dir(&sandbox).exists();
+                let expired = store.deadline(&sandbox).is_some_and(|d| d <= now_unix());
+                if !dir_exists || expired {
+                    remove_container(&engine, &name).await;
+                    let _ = store.forget(&sandbox);
+                    collected.containers.push(name);
+                } else {
+                    kept_names.insert(sandbox);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    // Records whose container is gone expired on their own (the engine removed them).
+    for record in store.list() {
+        if record.backend != "docker" || kept_names.contains(&record.name) {
+            continue;
+        }
+        // Created after our listing? Ask the engine about this one before forgetting it.
+        let container = format!("{}{}", labels::CONTAINER_PREFIX, record.name);
+        if let Err(e) = engine.docker.inspect_container(&container, None).await {
+            if crate::engine::is_not_found(&e) {
+                let _ = store.forget(&record.name);
+                collected.directories += 1;
+            }
+        }
+    }
+    for name in store.abandoned_reservations() {
+        remove_container(&engine, &format!("{}{name}", labels::CONTAINER_PREFIX)).await;
+        let _ = store.forget(&name);
+        collected.directories += 1;
+    }
+    for dir in store.orphaned_scratch() {
+        let _ = state::remove_tree(&dir);
+        collected.directories += 1;
+    }
+    collected
+}

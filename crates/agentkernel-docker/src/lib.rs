@@ -1,0 +1,28 @@
+//! agentkernel's Docker backend: translates a [`SandboxSpec`] into Engine API
+//! calls (through bollard, over the unix socket or `DOCKER_HOST`), streams the
+//! command's I/O, and cleans up everything it created.
+//!
+//! Modules, one concept each:
+//! - [`engine`]: connecting, and turning engine errors into user-facing ones
+//! - [`labels`]: the `agentkernel.*` labels that mark what we own
+//! - [`create`]: spec → container create body (policy enforcement lives here)
+//! - [`seccomp`]: the restrictive profile's filter
+//! - [`pull`]: making sure the image is present
+//! - [`stdio`]: streaming stdin/stdout/stderr, TTY, signals, resize
+//! - [`oneshot`]: `run` without `--keep`
+//! - [`kept`]: kept sandboxes: create, exec, stop/start/remove, list
+//! - [`gc`]: removing what dead agentkernel processes left behind
+//!
+//! [`SandboxSpec`]: agentkernel_core::spec::SandboxSpec
+
+pub mod create;
+pub mod engine;
+pub mod gc;
+pub mod kept;
+pub mod labels;
+pub mod oneshot;
+pub mod pull;
+pub mod seccomp;
+pub mod stdio;
+
+pub use engine::Engine;

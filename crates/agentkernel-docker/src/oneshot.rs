@@ -1,0 +1,226 @@
+//! `agentkernel run` without `--keep`: create, attach, start, wait, remove.
+//! The command is the container's main process (under Docker's init, which
+//! reaps zombies and forwards signals), so no extra exec round-trip is paid.
+
+use std::collections::HashMap;
+
+use agentkernel_core::names;
+use agentkernel_core::policy::WorkspaceMode;
+use agentkernel_core::spec::{Outcome, SandboxSpec};
+use agentkernel_core::state::{self, Owner, Store};
+use agentkernel_core::Error;
+use bollard::query_parameters::{
+    AttachContainerOptionsBuilder, CreateContainerOptionsBuilder, KillContainerOptionsBuilder,
+    RemoveContainerOptionsBuilder, ResizeContainerTTYOptionsBuilder, WaitContainerOptionsBuilder,
+};
+use futures_util::StreamExt;
+
+use crate::create::{container_body, Shape};
+use crate::stdio::{self, Process};
+use crate::{labels, Engine};
+
+pub async fn run(engine: &Engine, spec: &SandboxSpec, store: &Store) -> Result<Outcome, Error> {
+    // Orphans of earlier, killed runs are collected while this one starts.
+    let gc = tokio::spawn(crate::gc::collect_orphans(
+        engine.clone(),
+        Store::new(store.root().to_path_buf()),
+    ));
+
+    crate::pull::ensure_image(engine, &spec.image, spec.pull).await?;
+
+    let id = names::generated();
+    let container_name = format!("{}{id}", labels::CONTAINER_PREFIX);
+    let needs_scratch =
+        spec.workspace.is_some() && spec.policy.workspace == WorkspaceMode::CopyOnWrite;
+    let scratch = if needs_scratch {
+        Some(store.run_scratch(&id)?)
+    } else {
+        None
+    };
+
+    let mut label_map = HashMap::from([
+        (labels::MANAGED.to_string(), "true".to_string()),
+        (labels::KIND.to_string(), labels::KIND_RUN.to_string()),
+        (labels::OWNER.to_string(), Owner::current().0),
+        (labels::HOST.to_string(), labels::host_id()),
+        (labels::PROFILE.to_string(), spec.policy.profile.to_string()),
+    ]);
+    if let Some(s) = &scratch {
+        label_map.insert(labels::SCRATCH.to_string(), s.display().to_string());
+    }
+
+    let result = async {
+        let body = container_body(
+            spec,
+            Shape {
+                command: spec.exec.argv.clone(),
+                labels: label_map,
+                stdin: true,
+                tty: spec.exec.tty,
+                scratch: scratch.as_deref(),
+                control_dir: None,
+                auto_remove: false,
+            },
+        )?;
+        let options = CreateContainerOptionsBuilder::default()
+            .name(&container_name)
+            .build();
+        engine
+            .docker
+            .create_container(Some(options), body)
+            .await
+            .map_err(|e| engine.error("creating the sandbox", e))?;
+        drive(engine, &container_name, spec).await
+    }
+    .await;
+
+    remove_container(engine, &container_name).await;
+    if let Some(s) = &scratch {
+        let _ = state::remove_tree(s);
+    }
+    let _ = gc.await;
+    result
+}
+
+/// Force-removes a container and its anonymous volumes; absent is fine.
+pub async fn remove_container(engine: &Engine, name: &str) {
+    let options = RemoveContainerOptionsBuilder::default()
+        .force(true)
+        .v(true)
+        .build();
+    let _ = engine.docker.remove_container(name, Some(options)).await;
+}
+
+struct Container<'a> {
+    engine: &'a Engine,
+    name: &'a str,
+}
+
+impl Process for Container<'_> {
+    async fn signal(&self, signo: i32) {
+        let options = KillContainerOptionsBuilder::default()
+            .signal(&signo.to_string())
+            .build();
+        let _ = self
+            .engine
+            .docker
+            .kill_container(self.name, Some(options))
+            .await;
+    }
+    async fn kill_all(&self) {
+        self.signal(libc::SIGKILL).await
+    }
+    async fn resize(&self, rows: u16, cols: u16) {
+        let options = ResizeContainerTTYOptionsBuilder::default()
+            .h(rows as i32)
+            .w(cols as i32)
+            .build();
+        let _ = self
+            .engine
+            .docker
+            .resize_container_tty(self.name, options)
+            .await;
+    }
+}
+
+async fn drive(engine: &Engine, name: &str, spec: &SandboxSpec) -> Result<Outcome, Error> {
+    let options = AttachContainerOptionsBuilder::default()
+        .stdin(true)
+        .stdout(true)
+        .stderr(true)
+        .stream(true)
+        .build();
+    let attached = engine
+        .docker
+        .attach_container(name, Some(options))
+        .await
+        .map_err(|e| engine.error("attaching to the sandbox", e))?;
+
+    if let Err(e) = engine.docker.start_container(name, None).await {
+        return start_failure(engine, e, &spec.exec.argv[0]);
+    }
+    print_ports(engine, name, spec).await;
+
+    let wait = async {
+        let options = WaitContainerOptionsBuilder::default()
+            .condition("not-running")
+            .build();
+        let mut stream = engine.docker.wait_container(name, Some(options));
+        match stream.next().await {
+            Some(Ok(r)) => Ok(r.status_code),
+            Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => Ok(code),
+            Some(Err(e)) => Err(engine.error("waiting for the command", e)),
+            None => Err(Error::Backend {
+                backend: "docker",
+                message: "the engine ended the wait without an exit code".into(),
+            }),
+        }
+    };
+    let process = Container { engine, name };
+    let finished = stdio::supervise(
+        &process,
+        attached.output,
+        Some(attached.input),
+        spec.exec.tty,
+        spec.exec.timeout,
+        Default::default(),
+        wait,
+    )
+    .await?;
+
+    if finished.timed_out {
+        return Ok(Outcome::TimedOut);
+    }
+    let code = finished.exit_code as i32;
+    if code == 137 && spec.policy.limits.memory_bytes.is_some() {
+        if let Ok(info) = engine.docker.inspect_container(name, None).await {
+            if info.state.and_then(|s| s.oom_killed) == Some(true) {
+                return Ok(Outcome::OutOfMemory);
+            }
+        }
+    }
+    Ok(Outcome::Exited(code))
+}
+
+/// The engine refuses to start a command it cannot execute; report it the
+/// way a shell would (127 not found, 126 not executable).
+pub fn start_failure(
+    engine: &Engine,
+    e: bollard::errors::Error,
+    program: &str,
+) -> Result<Outcome, Error> {
+    let message = crate::engine::message_of(&e);
+    let lower = message.to_ascii_lowercase();
+    if lower.contains("executable file not found") || lower.contains("no such file or directory") {
+        eprintln!("agentkernel: {program}: command not found in the sandbox");
+        return Ok(Outcome::Exited(127));
+    }
+    if lower.contains("permission denied") || lower.contains("is a directory") {
+        eprintln!("agentkernel: {program}: cannot execute (permission denied)");
+        return Ok(Outcome::Exited(126));
+    }
+    Err(engine.error("starting the sandbox", e))
+}
+
+/// Tells the user where published ports landed (on stderr).
+pub async fn print_ports(engine: &Engine, name: &str, spec: &SandboxSpec) {
+    if spec.ports.is_empty() {
+        return;
+    }
+    let Ok(info) = engine.docker.inspect_container(name, None).await else {
+        return;
+    };
+    let Some(ports) = info.network_settings.and_then(|n| n.ports) else {
+        return;
+    };
+    for p in &spec.ports {
+        let key = format!("{}/{}", p.container_port, p.protocol.as_str());
+        for b in ports.get(&key).cloned().flatten().unwrap_or_default() {
+            eprintln!(
+                "agentkernel: port {}:{} -> {key}",
+                b.host_ip.unwrap_or_default(),
+                b.host_port.unwrap_or_default()
+            );
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! Making sure the image is in the engine, per the `--pull` policy.
+
+use std::io::Write;
+
+use agentkernel_core::spec::PullPolicy;
+use agentkernel_core::terminal;
+use agentkernel_core::Error;
+use bollard::query_parameters::CreateImageOptionsBuilder;
+use futures_util::StreamExt;
+
+use crate::engine::{is_not_found, message_of};
+use crate::Engine;
+
+pub async fn ensure_image(engine: &Engine, image: &str, policy: PullPolicy) -> Result<(), Error> {
+    if policy != PullPolicy::Always {
+        match engine.docker.inspect_image(image).await {
+            Ok(_) => return Ok(()),
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(engine.error("inspecting the image", e)),
+        }
+        if policy == PullPolicy::Never {
+            return Err(Error::Image {
+                image: image.to_string(),
+                why: "it is not in the local image store and --pull never forbids pulling".into(),
+                fix: "pull or load it first (`docker pull`, `docker load`), or use --pull missing"
+                    .into(),
+            });
+        }
+    }
+    pull(engine, image).await
+}
+
+/// Pulls with a one-line progress display on a terminal; nothing on stdout.
+async fn pull(engine: &Engine, image: &str) -> Result<(), Error> {
+    let (from_image, tag) = split_tag(image);
+    let options = CreateImageOptionsBuilder::default()
+        .from_image(from_image)
+        .tag(tag)
+        .build();
+    let show_progress = terminal::is_tty(2);
+    let mut stderr = std::io::stderr();
+    let _ = writeln!(stderr, "agentkernel: pulling {image}");
+    let mut stream = engine.docker.create_image(Some(options), None, None);
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(info) => {
+                if let Some(err) = info.error_detail.and_then(|d| d.message) {
+                    return Err(pull_failed(image, err));
+                }
+                if show_progress {
+                    let progress = match info.progress_detail.and_then(|d| d.current.zip(d.total)) {
+                        Some((cur, total)) if total > 0 => format!("{}%", cur * 100 / total),
+                        _ => String::new(),
+                    };
+                    let line = format!(
+                        "{} {} {progress}",
+                        info.id.unwrap_or_default(),
+                        info.status.unwrap_or_default(),
+                    );
+                    let width = terminal::size(2).map(|(_, c)| c as usize).unwrap_or(80);
+                    let line: String = line.chars().take(width.saturating_sub(1)).collect();
+                    let _ = write!(stderr, "\r\x1b[K{line}");
+                }
+            }
+            Err(e) if is_not_found(&e) => return Err(pull_failed(image, message_of(&e))),
+            Err(e) => {
+                return match engine.error("pulling", e) {
+                    Error::Backend { message, .. } => Err(pull_failed(image, message)),
+                    other => Err(other),
+                }
+            }
+        }
+    }
+    if show_progress {
+        let _ = write!(stderr, "\r\x1b[K");
+    }
+    // Some engines report a failed pull only by not having the image afterwards.
+    match engine.docker.inspect_image(image).await {
+        Ok(_) => Ok(()),
+        Err(e) => Err(pull_failed(image, message_of(&e))),
+    }
+}
+
+fn pull_failed(image: &str, why: String) -> Error {
+    Error::Image {
+        image: image.to_string(),
+        why: format!("not found locally and the pull failed: {}", why.replace('\n', " ")),
+        fix: "check the name and your registry access, or load the image locally (`docker load`, `docker import`)".into(),
+    }
+}
+
+/// `repo:tag` → (`repo`, `tag`); digests and registry ports are kept intact.
+fn split_tag(image: &str) -> (&str, &str) {
+    if image.contains('@') {
+        return (image, "");
+    }
+    match image.rsplit_once(':') {
+        Some((repo, tag)) if !tag.contains('/') => (repo, tag),
+        _ => (image, "latest"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn split_tag() {
+        assert_eq!(super::split_tag("alpine:3.20"), ("alpine", "3.20"));
+        assert_eq!(super::split_tag("alpine"), ("alpine", "latest"));
+        assert_eq!(
+            super::split_tag("localhost:5000/x"),
+            ("localhost:5000/x", "latest")
+        );
+        assert_eq!(
+            super::split_tag("localhost:5000/x:1"),
+            ("localhost:5000/x", "1")
+        );
+    }
+}

@@ -1,0 +1,167 @@
+//! Streams a running command's I/O like a local command's: stdout and stderr
+//! separate and live, stdin forwarded (EOF included), a raw terminal with
+//! window-size updates when interactive, signals forwarded, `--timeout`
+//! enforced. Shared by one-shot runs and execs in kept sandboxes.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentkernel_core::{terminal, Error};
+use bollard::container::LogOutput;
+use futures_util::{Stream, StreamExt};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::sync::Notify;
+
+pub type Output = Pin<Box<dyn Stream<Item = Result<LogOutput, bollard::errors::Error>> + Send>>;
+pub type Input = Pin<Box<dyn AsyncWrite + Send>>;
+
+/// What supervising needs from the thing that runs the command.
+pub trait Process {
+    /// Delivers a signal the user sent agentkernel (SIGINT, SIGTERM, …).
+    fn signal(&self, signo: i32) -> impl Future<Output = ()>;
+    /// Kills the command and everything it started (timeout, third Ctrl-C).
+    fn kill_all(&self) -> impl Future<Output = ()>;
+    fn resize(&self, rows: u16, cols: u16) -> impl Future<Output = ()>;
+}
+
+pub struct Finished {
+    pub exit_code: i64,
+    pub timed_out: bool,
+}
+
+/// Signals we forward. SIGWINCH is handled separately (resize).
+const FORWARDED: [(SignalKind, i32); 4] = [
+    (SignalKind::interrupt(), libc::SIGINT),
+    (SignalKind::terminate(), libc::SIGTERM),
+    (SignalKind::hangup(), libc::SIGHUP),
+    (SignalKind::quit(), libc::SIGQUIT),
+];
+
+struct Signals {
+    streams: Vec<(Signal, i32)>,
+}
+
+impl Signals {
+    fn install() -> Signals {
+        let streams = FORWARDED
+            .iter()
+            .filter_map(|(kind, no)| signal(*kind).ok().map(|s| (s, *no)))
+            .collect();
+        Signals { streams }
+    }
+
+    async fn recv(&mut self) -> i32 {
+        let futures = self
+            .streams
+            .iter_mut()
+            .map(|(s, no)| Box::pin(async move { s.recv().await.map(|_| *no) }));
+        match futures_util::future::select_all(futures).await.0 {
+            Some(no) => no,
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// Supervises one command until `wait` resolves with its exit code.
+/// `output_done` is notified when the command's output stream ends, which is
+/// how an exec (that has no wait API) learns it is over.
+pub async fn supervise<P: Process>(
+    process: &P,
+    output: Output,
+    input: Option<Input>,
+    tty: bool,
+    timeout: Option<Duration>,
+    output_done: Arc<Notify>,
+    wait: impl Future<Output = Result<i64, Error>>,
+) -> Result<Finished, Error> {
+    let _raw = if tty {
+        terminal::RawMode::enable(0)
+    } else {
+        None
+    };
+    if tty {
+        if let Some((rows, cols)) = terminal::size(1) {
+            process.resize(rows, cols).await;
+        }
+    }
+    let stdin_task = input.map(|i| tokio::spawn(forward_stdin(i)));
+    let output_task = tokio::spawn(async move {
+        pump_output(output).await;
+        output_done.notify_one();
+    });
+
+    let mut signals = Signals::install();
+    let mut winch = signal(SignalKind::window_change()).ok();
+    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+    let sleep = async {
+        match deadline {
+            Some(d) => tokio::time::sleep_until(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(sleep, wait);
+
+    let mut timed_out = false;
+    let mut signals_seen = 0;
+    let exit_code = loop {
+        tokio::select! {
+            code = &mut wait => break code?,
+            no = signals.recv() => {
+                signals_seen += 1;
+                // A command that ignores two signals is stuck: the third one wins.
+                if signals_seen >= 3 { process.kill_all().await } else { process.signal(no).await }
+            }
+            _ = async { match winch.as_mut() { Some(w) => { w.recv().await; } None => std::future::pending().await } } => {
+                if let Some((rows, cols)) = terminal::size(1) {
+                    process.resize(rows, cols).await;
+                }
+            }
+            _ = &mut sleep, if !timed_out => {
+                timed_out = true;
+                process.kill_all().await;
+            }
+        }
+    };
+    // The output stream ends when the command's last writer closes; don't let
+    // a background process that inherited the pipes hold us forever.
+    let _ = tokio::time::timeout(Duration::from_secs(2), output_task).await;
+    if let Some(t) = stdin_task {
+        t.abort();
+    }
+    Ok(Finished {
+        exit_code,
+        timed_out,
+    })
+}
+
+async fn forward_stdin(mut input: Input) {
+    let mut stdin = tokio::io::stdin();
+    let _ = tokio::io::copy(&mut stdin, &mut input).await;
+    // Half-close: the command sees EOF on its stdin.
+    let _ = input.shutdown().await;
+}
+
+async fn pump_output(mut output: Output) {
+    let mut stdout = tokio::io::stdout();
+    let mut stderr = tokio::io::stderr();
+    let mut stdout_open = true;
+    while let Some(Ok(chunk)) = output.next().await {
+        match chunk {
+            LogOutput::StdOut { message } | LogOutput::Console { message } => {
+                // A closed stdout (`| head -1`) stops our copying, not the command.
+                if stdout_open {
+                    stdout_open =
+                        stdout.write_all(&message).await.is_ok() && stdout.flush().await.is_ok();
+                }
+            }
+            LogOutput::StdErr { message } => {
+                let _ = stderr.write_all(&message).await;
+                let _ = stderr.flush().await;
+            }
+            LogOutput::StdIn { .. } => {}
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! The command line. Help text here is user documentation: keep it true.
+
+use std::path::PathBuf;
+
+use clap::builder::BoolishValueParser;
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "agentkernel",
+    version,
+    about = "Run any command in a throwaway, isolated sandbox",
+    long_about = "Run any command in a throwaway, isolated sandbox, and clean up after it.\n\n\
+        Exit codes: the command's own; 125 when agentkernel itself fails (bad option or config, \
+        unavailable backend, missing image…); 126 command not executable; 127 command not found; \
+        128+N killed by signal N (137 also for the memory limit); 124 --timeout expired.",
+    after_help = "Examples:\n  agentkernel run python3 -c \"print('hello')\"\n  agentkernel run --profile restrictive -- sh -c 'id'\n  agentkernel run --keep --ttl 30m -- npm install\n  agentkernel doctor"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a command in a temporary sandbox, then remove it
+    Run(Box<RunArgs>),
+    /// Run a command in a kept sandbox
+    Exec(ExecArgs),
+    /// Manage kept sandboxes
+    #[command(subcommand)]
+    Sandbox(SandboxCommand),
+    /// Verify or replay execution receipts (not supported yet)
+    #[command(subcommand)]
+    Receipt(ReceiptCommand),
+    /// Manage the native backend's image store (not supported yet)
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// List and show templates (not supported yet)
+    #[command(subcommand)]
+    Template(TemplateCommand),
+    /// Manage the local secret vault (not supported yet)
+    #[command(subcommand)]
+    Secret(SecretCommand),
+    /// SSH into a sandbox started with --ssh (not supported yet)
+    Ssh { name: String },
+    /// Show which backends work here, and how to fix the ones that don't
+    Doctor,
+    /// Print shell completions
+    Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Image to use (auto-detected from the command or project files if not given)
+    #[arg(short = 'i', long, value_name = "IMAGE")]
+    pub image: Option<String>,
+
+    /// Security profile: permissive, moderate (default), restrictive
+    #[arg(short = 'p', long, value_name = "PROFILE", value_parser = ["permissive", "moderate", "restrictive"])]
+    pub profile: Option<String>,
+
+    /// Keep the sandbox after the command exits (its name is printed on stderr)
+    #[arg(short = 'k', long)]
+    pub keep: bool,
+
+    /// Use the warm container pool (docker/podman). Only --fast=false is accepted until the pool ships
+    #[arg(short = 'F', long, value_name = "BOOL", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", value_parser = BoolishValueParser::new())]
+    pub fast: Option<bool>,
+
+    /// Config file, applied over the standard ones
+    #[arg(short = 'c', long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Backend: docker, native, podman, firecracker, qemu, apple (default: first available)
+    #[arg(short = 'B', long, value_name = "BACKEND")]
+    pub backend: Option<String>,
+
+    /// Use a template (not supported yet)
+    #[arg(long, value_name = "NAME")]
+    pub template: Option<String>,
+
+    /// Expiry of a kept sandbox after its last use (e.g. 90s, 30m, 1h30m, 3d; default 1h). Implies --keep
+    #[arg(long, value_name = "DURATION")]
+    pub ttl: Option<String>,
+
+    /// Name the kept sandbox <project>-<branch> from git and reuse it across runs. Implies --keep
+    #[arg(long)]
+    pub branch: bool,
+
+    /// Name of the kept sandbox (default run-<8 hex>). Implies --keep
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+
+    /// Disable network access (loopback only), under any profile
+    #[arg(long)]
+    pub no_network: bool,
+
+    /// Publish a port: [IP:][HOST:]CONTAINER[/udp]; binds 127.0.0.1 unless an IP is given. Repeatable
+    #[arg(short = 'P', long, value_name = "PORT")]
+    pub publish: Vec<String>,
+
+    /// Enable SSH access to the sandbox (not supported yet)
+    #[arg(long)]
+    pub ssh: bool,
+
+    /// Bind a secret to a host via proxy: KEY:host, KEY=value:host, KEY:host:header (not supported yet)
+    #[arg(short = 'S', long, value_name = "BINDING")]
+    pub secret: Vec<String>,
+
+    /// Inject a vault secret as a file inside the sandbox (not supported yet)
+    #[arg(long, value_name = "KEY")]
+    pub secret_file: Vec<String>,
+
+    /// Placeholder tokens instead of real values for --secret-file (not supported yet)
+    #[arg(long)]
+    pub placeholder_secrets: bool,
+
+    /// Write a signed execution receipt for this run (not supported yet)
+    #[arg(long, value_name = "FILE")]
+    pub receipt: Option<PathBuf>,
+
+    /// Set an environment variable (KEY=VALUE, or KEY to copy it from here). Repeatable
+    #[arg(short = 'e', long, value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+
+    /// Working directory inside the sandbox (default /workspace when the current directory is mounted)
+    #[arg(short = 'w', long, value_name = "DIR")]
+    pub workdir: Option<String>,
+
+    /// Mount a host path: HOST:PATH[:ro]. Repeatable
+    #[arg(short = 'v', long, value_name = "HOST:PATH[:ro]")]
+    pub volume: Vec<String>,
+
+    /// Memory limit (e.g. 512m, 2g); overrides the profile's
+    #[arg(long, value_name = "SIZE")]
+    pub memory: Option<String>,
+
+    /// CPU limit (e.g. 0.5, 2); overrides the profile's
+    #[arg(long, value_name = "CPUS")]
+    pub cpus: Option<String>,
+
+    /// Kill the command and everything it started after this long (exit 124)
+    #[arg(long, value_name = "DURATION")]
+    pub timeout: Option<String>,
+
+    /// When to pull the image: missing (default), always, never
+    #[arg(long, value_name = "POLICY", value_parser = ["missing", "always", "never"])]
+    pub pull: Option<String>,
+
+    /// The command and its arguments, passed through untouched
+    #[arg(value_name = "CMD", required = true, num_args = 1.., trailing_var_arg = true)]
+    pub command: Vec<std::ffi::OsString>,
+}
+
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// Set an environment variable (KEY=VALUE, or KEY to copy it from here). Repeatable
+    #[arg(short = 'e', long, value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+
+    /// Working directory inside the sandbox
+    #[arg(short = 'w', long, value_name = "DIR")]
+    pub workdir: Option<String>,
+
+    /// Kill the command and everything it started after this long (exit 124)
+    #[arg(long, value_name = "DURATION")]
+    pub timeout: Option<String>,
+
+    /// The kept sandbox
+    pub name: String,
+
+    /// The command and its arguments
+    #[arg(value_name = "CMD", required = true, num_args = 1.., trailing_var_arg = true)]
+    pub command: Vec<std::ffi::OsString>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SandboxCommand {
+    /// List kept sandboxes
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one kept sandbox
+    Info {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Freeze a kept sandbox (its processes and files are kept)
+    Stop { name: String },
+    /// Thaw a stopped sandbox
+    Start { name: String },
+    /// Remove kept sandboxes
+    #[command(alias = "rm")]
+    Remove {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Remove expired sandboxes and what killed agentkernel processes left behind
+    Gc,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReceiptCommand {
+    /// Verify a receipt's integrity
+    Verify { file: PathBuf },
+    /// Replay the recorded invocation and compare
+    Replay { file: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    Pull { image: String },
+    List,
+    Rm { images: Vec<String> },
+    Prune,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TemplateCommand {
+    List,
+    Show { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SecretCommand {
+    Set { key: String },
+    Get { key: String },
+    List,
+    Rm { key: String },
+}

@@ -1,0 +1,42 @@
+//! `agentkernel exec NAME -- CMD`: run in a kept sandbox.
+
+use agentkernel_core::spec::ExecRequest;
+use agentkernel_core::state::Store;
+use agentkernel_core::{names, parse, Result};
+use agentkernel_docker::{kept, Engine};
+
+use crate::cli::ExecArgs;
+
+pub async fn exec(args: ExecArgs) -> Result<i32> {
+    names::validate(&args.name)?;
+    let env = args
+        .env
+        .iter()
+        .map(|e| parse::env_pair(e))
+        .collect::<Result<Vec<_>>>()?;
+    let timeout = args
+        .timeout
+        .as_deref()
+        .map(|t| parse::duration("--timeout", t))
+        .transpose()?;
+    if let Some(w) = &args.workdir {
+        if !w.starts_with('/') {
+            return Err(agentkernel_core::Error::invalid(
+                "--workdir",
+                w,
+                "must be an absolute path",
+            ));
+        }
+    }
+    let req = ExecRequest {
+        argv: super::utf8_command(args.command)?,
+        env,
+        workdir: args.workdir,
+        tty: super::wants_tty(),
+        timeout,
+    };
+    let store = Store::open_default();
+    let engine = Engine::connect()?;
+    let outcome = kept::exec(&engine, &store, &args.name, &req).await?;
+    Ok(super::finish(outcome, None, timeout))
+}

@@ -1,0 +1,82 @@
+//! One module per command.
+
+mod doctor;
+mod exec;
+mod run;
+mod sandbox;
+
+use agentkernel_core::{Error, Result};
+use clap::CommandFactory;
+
+use crate::cli::{Cli, Command};
+
+/// Runs a parsed command line; `Ok` carries the process exit code.
+pub async fn dispatch(cli: Cli) -> Result<i32> {
+    match cli.command {
+        Command::Run(args) => run::run(*args).await,
+        Command::Exec(args) => exec::exec(args).await,
+        Command::Sandbox(cmd) => sandbox::sandbox(cmd).await,
+        Command::Doctor => doctor::doctor().await,
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "agentkernel",
+                &mut std::io::stdout(),
+            );
+            Ok(0)
+        }
+        Command::Receipt(_) => Err(Error::not_supported("`agentkernel receipt`")),
+        Command::Image(_) => Err(Error::not_supported_hint(
+            "`agentkernel image`",
+            "it manages the native backend's image store; for docker use `docker image`",
+        )),
+        Command::Template(_) => Err(Error::not_supported("`agentkernel template`")),
+        Command::Secret(_) => Err(Error::not_supported("`agentkernel secret`")),
+        Command::Ssh { .. } => Err(Error::not_supported("`agentkernel ssh`")),
+    }
+}
+
+/// Command words must be UTF-8: the Engine API carries them as JSON strings.
+pub(crate) fn utf8_command(words: Vec<std::ffi::OsString>) -> Result<Vec<String>> {
+    words
+        .into_iter()
+        .map(|w| {
+            w.into_string().map_err(|w| {
+                Error::invalid(
+                    "command argument",
+                    w.to_string_lossy(),
+                    "is not valid UTF-8, which the Docker API cannot carry",
+                )
+            })
+        })
+        .collect()
+}
+
+/// A TTY is given when both our stdin and stdout are terminals (SPEC.md).
+pub(crate) fn wants_tty() -> bool {
+    agentkernel_core::terminal::is_tty(0) && agentkernel_core::terminal::is_tty(1)
+}
+
+/// Prints a message about how the command ended, when there is one to say, and
+/// returns the exit code.
+pub(crate) fn finish(
+    outcome: agentkernel_core::spec::Outcome,
+    memory: Option<u64>,
+    timeout: Option<std::time::Duration>,
+) -> i32 {
+    use agentkernel_core::parse::{format_bytes, format_duration};
+    use agentkernel_core::spec::Outcome;
+    match outcome {
+        Outcome::OutOfMemory => eprintln!(
+            "agentkernel: the command was killed: out of memory (limit {}); raise it with --memory",
+            memory.map(format_bytes).unwrap_or_else(|| "unknown".into())
+        ),
+        Outcome::TimedOut => eprintln!(
+            "agentkernel: timed out after {}; the command and everything it started were killed",
+            timeout.map(format_duration).unwrap_or_default()
+        ),
+        Outcome::Exited(_) => {}
+    }
+    outcome.exit_code()
+}

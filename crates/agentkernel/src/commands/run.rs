@@ -1,0 +1,316 @@
+//! `agentkernel run`: flags + config files + cwd/git → one `SandboxSpec`, then
+//! the backend runs it.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use agentkernel_core::config::Config;
+use agentkernel_core::image::{self, ImageSource};
+use agentkernel_core::policy::{Limits, Policy};
+use agentkernel_core::spec::{
+    ExecRequest, Keep, PullPolicy, SandboxSpec, Workspace, WORKSPACE_PATH,
+};
+use agentkernel_core::state::Store;
+use agentkernel_core::{git, names, parse, paths, Error, Result};
+use agentkernel_docker::{kept, oneshot, Engine};
+
+use crate::backend::{self, BackendKind};
+use crate::cli::RunArgs;
+
+const DEFAULT_TTL: Duration = Duration::from_secs(3600);
+
+pub async fn run(args: RunArgs) -> Result<i32> {
+    let cwd = std::env::current_dir()
+        .and_then(|d| d.canonicalize())
+        .map_err(|e| Error::invalid("current directory", ".", e.to_string()))?;
+    let config = Config::load(&cwd, args.config.as_deref())?;
+    let backend = backend::choose(args.backend.as_deref(), config.backend.as_deref())?;
+    let spec = resolve(args, &config, &cwd)?;
+
+    let store = Store::open_default();
+    let outcome = match backend {
+        BackendKind::Docker => {
+            let engine = Engine::connect()?;
+            if spec.keep.is_some() {
+                kept::run(&engine, &spec, &store).await?
+            } else {
+                oneshot::run(&engine, &spec, &store).await?
+            }
+        }
+        other => unreachable!("backend::choose returned unbuilt backend {}", other.name()),
+    };
+    Ok(super::finish(
+        outcome,
+        spec.policy.limits.memory_bytes,
+        spec.exec.timeout,
+    ))
+}
+
+/// Turns flags and config into a spec, rejecting every invalid or
+/// not-yet-supported combination before anything is created.
+pub fn resolve(args: RunArgs, config: &Config, cwd: &Path) -> Result<SandboxSpec> {
+    reject_unsupported(&args, config)?;
+
+    let argv = super::utf8_command(args.command)?;
+    let profile = match args.profile.as_deref() {
+        Some(p) => p.parse()?,
+        None => config.profile.unwrap_or_default(),
+    };
+    let memory = args
+        .memory
+        .as_deref()
+        .map(|m| parse::byte_size("--memory", m))
+        .transpose()?;
+    let cpus = args.cpus.as_deref().map(parse::cpus).transpose()?;
+    let limits = Limits {
+        memory_bytes: memory.or(config.memory_bytes),
+        cpus: cpus.or(config.cpus),
+        pids: config.pids,
+    };
+    let no_network = args.no_network || config.network == Some(false);
+    let policy = Policy::for_profile(profile).with_overrides(no_network, limits);
+    if config.network == Some(true) && !policy.network {
+        // `[network] enabled = true` cannot undo a profile without network; say so rather than ignore it.
+        return Err(Error::Conflict(format!(
+            "config sets network.enabled = true but the {profile} profile has no network; choose --profile moderate or drop the key"
+        )));
+    }
+
+    if let Some(image) = &args.image {
+        image::validate_reference(image)?;
+    }
+    let (image, source) = image::detect(args.image.as_deref(), config.image.as_deref(), &argv, cwd);
+    if source == ImageSource::Config {
+        image::validate_reference(&image)?;
+    }
+
+    let mut ports = config.ports.clone();
+    for p in &args.publish {
+        ports.push(parse::port(p)?);
+    }
+    if !ports.is_empty() && !policy.network {
+        return Err(Error::Conflict(format!(
+            "--publish needs a network, but the sandbox has none ({}); drop --no-network or use --profile moderate",
+            if args.no_network { "--no-network" } else { profile.as_str() }
+        )));
+    }
+
+    let mut env: Vec<(String, String)> = config
+        .env
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    for e in &args.env {
+        let (k, v) = parse::env_pair(e)?;
+        env.retain(|(old, _)| *old != k);
+        env.push((k, v));
+    }
+    let mut volumes = config.volumes.clone();
+    for v in &args.volume {
+        volumes.push(parse::volume(v, cwd)?);
+    }
+
+    let home = paths::home_dir().and_then(|h| h.canonicalize().ok());
+    let workspace = workspace_for(cwd, home.as_deref());
+    let workdir = match args.workdir.or_else(|| config.workdir.clone()) {
+        Some(w) if !w.starts_with('/') => {
+            return Err(Error::invalid("--workdir", w, "must be an absolute path"))
+        }
+        Some(w) => Some(w),
+        None => workspace.as_ref().map(|w| w.path_in_sandbox.clone()),
+    };
+    let home = if policy.mount_home_read_only {
+        home
+    } else {
+        None
+    };
+
+    let timeout = match args.timeout.as_deref() {
+        Some(t) => Some(parse::duration("--timeout", t)?),
+        None => config.timeout,
+    };
+    let pull = match args.pull.as_deref() {
+        Some(p) => p.parse()?,
+        None => config.pull.unwrap_or(PullPolicy::Missing),
+    };
+    let keep = resolve_keep(
+        args.keep,
+        args.ttl.as_deref(),
+        args.branch,
+        args.name,
+        config,
+        cwd,
+    )?;
+
+    Ok(SandboxSpec {
+        image,
+        pull,
+        policy,
+        workspace,
+        home,
+        volumes,
+        ports,
+        keep,
+        exec: ExecRequest {
+            argv,
+            env,
+            workdir,
+            tty: super::wants_tty(),
+            timeout,
+        },
+    })
+}
+
+/// The current directory at /workspace, except `/` and `$HOME` itself, which
+/// would expose far more than a project.
+fn workspace_for(cwd: &Path, home: Option<&Path>) -> Option<Workspace> {
+    if cwd == Path::new("/") || Some(cwd) == home {
+        eprintln!(
+            "agentkernel: warning: not mounting {} at {WORKSPACE_PATH} (it is / or your home directory); run from a project directory",
+            cwd.display()
+        );
+        return None;
+    }
+    Some(Workspace {
+        host: PathBuf::from(cwd),
+        path_in_sandbox: WORKSPACE_PATH.to_string(),
+    })
+}
+
+fn resolve_keep(
+    keep: bool,
+    ttl: Option<&str>,
+    branch: bool,
+    name: Option<String>,
+    config: &Config,
+    cwd: &Path,
+) -> Result<Option<Keep>> {
+    let explicit_ttl = ttl.map(|t| parse::duration("--ttl", t)).transpose()?;
+    if !(keep || branch || name.is_some() || explicit_ttl.is_some()) {
+        return Ok(None);
+    }
+    if branch && name.is_some() {
+        return Err(Error::Conflict(
+            "--branch and --name both name the sandbox; use one".into(),
+        ));
+    }
+    let name = match (branch, name) {
+        (true, _) => {
+            let (project, branch) = git::project_and_branch(cwd)?;
+            names::for_branch(&project, &branch)?
+        }
+        (false, Some(n)) => {
+            names::validate(&n)?;
+            n
+        }
+        (false, None) => names::generated(),
+    };
+    Ok(Some(Keep {
+        name,
+        ttl: explicit_ttl.or(config.ttl).unwrap_or(DEFAULT_TTL),
+        reuse: branch,
+    }))
+}
+
+/// Options that are specified but not built yet: validated, then refused.
+fn reject_unsupported(args: &RunArgs, config: &Config) -> Result<()> {
+    let fast_requested = args.fast.or(config.fast) == Some(true);
+    if fast_requested && !args.publish.is_empty() {
+        return Err(Error::Conflict(
+            "--publish cannot be used with --fast (the container pool); use --fast=false or leave --fast out".into(),
+        ));
+    }
+    if fast_requested {
+        return Err(Error::not_supported_hint(
+            "--fast (the warm container pool)",
+            "leave --fast out or pass --fast=false",
+        ));
+    }
+    for binding in &args.secret {
+        validate_secret_binding(binding)?;
+    }
+    for key in &args.secret_file {
+        parse::env_pair(&format!("{key}=x"))
+            .map_err(|_| Error::invalid("--secret-file", key, "expected a vault KEY"))?;
+    }
+    if let Some(receipt) = &args.receipt {
+        let parent = receipt
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        if !parent.is_dir() {
+            return Err(Error::invalid(
+                "--receipt",
+                receipt.to_string_lossy(),
+                "its directory does not exist",
+            ));
+        }
+    }
+    let unsupported = [
+        (args.template.is_some(), "--template"),
+        (args.ssh, "--ssh"),
+        (!args.secret.is_empty(), "--secret"),
+        (!args.secret_file.is_empty(), "--secret-file"),
+        (args.placeholder_secrets, "--placeholder-secrets"),
+        (args.receipt.is_some(), "--receipt"),
+    ];
+    if let Some((_, flag)) = unsupported.iter().find(|(given, _)| *given) {
+        return Err(Error::not_supported(*flag));
+    }
+    Ok(())
+}
+
+/// `KEY:host`, `KEY=value:host` or `KEY:host:header`.
+fn validate_secret_binding(binding: &str) -> Result<()> {
+    let bad = || {
+        Error::invalid(
+            "--secret",
+            binding,
+            "expected KEY:host, KEY=value:host or KEY:host:header",
+        )
+    };
+    let (key_part, rest) = binding.split_once(':').ok_or_else(bad)?;
+    let key = key_part.split_once('=').map(|(k, _)| k).unwrap_or(key_part);
+    parse::env_pair(&format!("{key}=x")).map_err(|_| bad())?;
+    let mut rest = rest.splitn(2, ':');
+    let host = rest.next().unwrap_or("");
+    if host.is_empty() || host.contains('/') {
+        return Err(bad());
+    }
+    if rest.next().is_some_and(|h| h.is_empty()) {
+        return Err(bad());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agentkernel_core::policy::Profile;
+
+    #[test]
+    fn secret_bindings() {
+        for ok in [
+            "GH_TOKEN:api.github.com",
+            "K=v:host",
+            "K:host:Authorization",
+        ] {
+            validate_secret_binding(ok).unwrap();
+        }
+        for bad in ["", "K", ":host", "K:", "1K:host", "K:host:"] {
+            assert!(validate_secret_binding(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn home_and_root_are_not_mounted() {
+        assert!(workspace_for(Path::new("/"), None).is_none());
+        assert!(workspace_for(Path::new("/home/u"), Some(Path::new("/home/u"))).is_none());
+        assert!(workspace_for(Path::new("/home/u/p"), Some(Path::new("/home/u"))).is_some());
+    }
+
+    #[test]
+    fn profile_default_is_moderate() {
+        assert_eq!(Profile::default(), Profile::Moderate);
+    }
+}

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Builds the small images the tests and the quick start use, offline: no
+# registry is needed. Each is a `docker import` of a root filesystem made from
+# this machine's files.
+#   agentkernel-test/busybox:1  busybox-static and its applets (sh, sleep, cat…)
+#   agentkernel-test/python:3   the above plus the host's python3 and its libraries
+# Usage: scripts/build-test-images.sh [docker|podman]   (default docker)
+set -euo pipefail
+engine=${1:-docker}
+busybox=$(command -v busybox || true)
+[ -n "$busybox" ] && file -L "$busybox" 2>/dev/null | grep -q "statically linked" || busybox=/bin/busybox
+if ! "$busybox" --list >/dev/null 2>&1; then
+  echo "build-test-images: needs busybox-static (apt-get install busybox-static)" >&2
+  exit 1
+fi
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+make_busybox_root() {
+  local root=$1
+  mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,etc,tmp,root,proc,sys,dev,workspace,home/nobody}
+  chmod 1777 "$root/tmp"
+  cp "$busybox" "$root/bin/busybox"
+  for applet in $("$busybox" --list); do
+    [ -e "$root/bin/$applet" ] || ln -s busybox "$root/bin/$applet"
+  done
+  printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/home/nobody:/bin/sh\n' > "$root/etc/passwd"
+  printf 'root:x:0:\nnogroup:x:65534:\n' > "$root/etc/group"
+}
+
+import() {
+  local root=$1 tag=$2
+  tar -C "$root" -c . | "$engine" import \
+    --change 'ENV PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin' \
+    --change 'CMD ["/bin/sh"]' - "$tag" >/dev/null
+  echo "built $tag"
+}
+
+make_busybox_root "$work/busybox"
+import "$work/busybox" agentkernel-test/busybox:1
+
+# python: the host interpreter, its shared libraries and its standard library.
+# Prefer the distribution's interpreter; version managers (pyenv) put shims on PATH.
+python=/usr/bin/python3
+[ -x "$python" ] || python=$(command -v python3)
+python=$(readlink -f "$("$python" -c 'import sys; print(sys.executable)')")
+root="$work/python"
+make_busybox_root "$root"
+copy() { mkdir -p "$root$(dirname "$1")"; cp -L "$1" "$root$1"; }
+copy "$python"
+ln -sf "$python" "$root/usr/bin/python3"
+ln -sf "$python" "$root/usr/bin/python"
+for lib in $(ldd "$python" | grep -o '/[^ ]*'); do copy "$lib"; done
+stdlib=$("$python" -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
+mkdir -p "$root$stdlib"
+tar -C "$stdlib" --exclude='test' --exclude='__pycache__' --exclude='site-packages' --exclude='dist-packages' -c . | tar -C "$root$stdlib" -x
+dynload=$("$python" -c 'import sysconfig; print(sysconfig.get_config_var("DESTSHARED") or "")')
+if [ -n "$dynload" ] && [ -d "$dynload" ]; then
+  mkdir -p "$root$dynload"; cp -L "$dynload"/*.so "$root$dynload/" 2>/dev/null || true
+  for so in "$dynload"/*.so; do for lib in $(ldd "$so" 2>/dev/null | grep -o '/[^ ]*'); do [ -e "$root$lib" ] || copy "$lib"; done; done
+fi
+import "$root" agentkernel-test/python:3
