@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# agentkernel's overhead over `docker run --rm`, measured side by side in one
+# hyperfine run (medians and ratios; this machine is noisy, so never trust a
+# lone absolute time). Needs a running dockerd, hyperfine, and the test images
+# (scripts/build-test-images.sh).
+#   bench/docker-overhead.sh [RUNS]          (default 30 runs per command)
+set -euo pipefail
+runs=${1:-30}
+root=$(cd "$(dirname "$0")/.." && pwd)
+image=agentkernel-test/busybox:1
+cargo build --release --quiet --manifest-path "$root/Cargo.toml"
+ak="$root/target/release/agentkernel"
+docker image inspect "$image" >/dev/null 2>&1 || "$root/scripts/build-test-images.sh"
+project=$(mktemp -d)
+out=$(mktemp)
+trap 'rm -rf "$project" "$out"' EXIT
+echo "print('hi')" > "$project/main.py"
+
+# 1. plain docker; 2. agentkernel from /, where no workspace is mounted, so both
+# do the same container work; 3. agentkernel from a project directory (default
+# moderate profile: copy-on-write overlay of the directory at /workspace).
+cd /
+hyperfine --warmup 3 --runs "$runs" --export-json "$out" --style basic \
+  -n "docker run --rm" "docker run --rm $image true" \
+  -n "agentkernel (no workspace)" "$ak run -B docker --fast=false -i $image true 2>/dev/null" \
+  -n "agentkernel (cow workspace)" "cd $project && $ak run -B docker --fast=false -i $image true" \
+  >/dev/null
+
+python3 - "$out" <<'PY'
+import json, statistics, sys
+results = json.load(open(sys.argv[1]))["results"]
+def stats(r):
+    t = sorted(r["times"])
+    return statistics.median(t), t[min(len(t) - 1, int(len(t) * 0.95))]
+base, _ = stats(results[0])
+print(f"{'command':<30} {'median':>9} {'p95':>9} {'vs docker run --rm':>20}")
+for r in results:
+    med, p95 = stats(r)
+    print(f"{r['command']:<30} {med*1000:8.1f}ms {p95*1000:8.1f}ms {med/base:19.3f}x")
+PY

@@ -1,0 +1,266 @@
+//! The command line (cli.rs): pass-through of CMD, help, usage errors,
+//! not-yet-supported options and bad values.
+
+mod common;
+
+use common::*;
+
+#[test]
+fn command_passes_through_untouched_without_double_dash() {
+    let env = TestEnv::new();
+    let out = env.run(&["run", "-i", BUSYBOX, "sh", "-c", r#"echo "$0" "a b""#, "x"]);
+    assert_code(&out, 0);
+    assert_eq!(stdout(&out), "x a b\n");
+}
+
+#[test]
+fn command_passes_through_untouched_with_double_dash() {
+    let env = TestEnv::new();
+    let out = env.run(&[
+        "run",
+        "-i",
+        BUSYBOX,
+        "--",
+        "sh",
+        "-c",
+        r#"echo "$0" "a b""#,
+        "x",
+    ]);
+    assert_code(&out, 0);
+    assert_eq!(stdout(&out), "x a b\n");
+}
+
+#[test]
+fn arguments_with_quotes_spaces_and_newlines_are_byte_exact() {
+    let env = TestEnv::new();
+    let tricky = "it's \"quoted\"\t$HOME *  \\n\nline2";
+    let out = env.run(&["run", "-i", BUSYBOX, "printf", "%s|", tricky, "", "--"]);
+    assert_code(&out, 0);
+    assert_eq!(stdout(&out), format!("{tricky}||--|"));
+}
+
+#[test]
+fn options_after_cmd_belong_to_cmd() {
+    let env = TestEnv::new();
+    let out = env.run(&[
+        "run",
+        "-i",
+        BUSYBOX,
+        "echo",
+        "-i",
+        "nope",
+        "--keep",
+        "--timeout",
+        "1s",
+        "-p",
+        "x",
+        "--help",
+    ]);
+    assert_code(&out, 0);
+    assert_eq!(stdout(&out), "-i nope --keep --timeout 1s -p x --help\n");
+    // --keep after CMD must not have kept anything.
+    assert!(
+        !stderr(&out).contains("kept"),
+        "--keep after CMD was taken as agentkernel's: {}",
+        stderr(&out)
+    );
+    assert!(
+        !env.state_dir().join("sandboxes").exists()
+            || std::fs::read_dir(env.state_dir().join("sandboxes"))
+                .unwrap()
+                .next()
+                .is_none(),
+        "a sandbox was recorded"
+    );
+}
+
+#[test]
+fn run_help_lists_every_option() {
+    let env = TestEnv::new();
+    let out = env.run(&["run", "--help"]);
+    assert_code(&out, 0);
+    let help = stdout(&out);
+    for opt in [
+        "-i, --image",
+        "-p, --profile",
+        "-k, --keep",
+        "-F, --fast",
+        "-c, --config",
+        "-B, --backend",
+        "--template",
+        "--ttl",
+        "--branch",
+        "--no-network",
+        "-P, --publish",
+        "--ssh",
+        "-S, --secret",
+        "--secret-file",
+        "--placeholder-secrets",
+        "--receipt",
+        "-e, --env",
+        "-w, --workdir",
+        "-v, --volume",
+        "--memory",
+        "--cpus",
+        "--timeout",
+        "--pull",
+    ] {
+        assert!(
+            help.lines()
+                .any(|l| l.trim_start().starts_with(opt) && !l.contains(&format!("{opt}-"))),
+            "`run --help` does not list {opt}:\n{help}"
+        );
+    }
+}
+
+#[test]
+fn unknown_flag_is_125_with_one_line() {
+    let env = TestEnv::new();
+    let out = env.run(&["run", "--bogus-flag", "-i", BUSYBOX, "true"]);
+    let line = assert_one_line_error(&out);
+    assert!(line.contains("--bogus-flag"), "{line}");
+}
+
+#[test]
+fn unknown_top_level_flag_is_125_with_one_line() {
+    let env = TestEnv::new();
+    let out = env.run(&["--bogus-flag"]);
+    assert_one_line_error(&out);
+}
+
+#[test]
+fn fast_false_is_accepted() {
+    let env = TestEnv::new();
+    let out = env.run(&["run", "--fast=false", "-i", BUSYBOX, "echo", "ok"]);
+    assert_code(&out, 0);
+    assert_eq!(stdout(&out), "ok\n");
+}
+
+#[test]
+fn explicit_fast_is_not_supported_yet() {
+    let env = TestEnv::new();
+    for args in [
+        &["run", "--fast", "-i", BUSYBOX, "true"][..],
+        &["run", "-F", "-i", BUSYBOX, "true"][..],
+        &["run", "--fast=true", "-i", BUSYBOX, "true"][..],
+    ] {
+        let out = env.run(args);
+        let line = assert_one_line_error(&out);
+        assert!(line.contains("not supported yet"), "{args:?}: {line}");
+        assert!(line.contains("--fast"), "{args:?}: {line}");
+    }
+}
+
+#[test]
+fn publish_with_fast_mentions_fast_false() {
+    let env = TestEnv::new();
+    let out = env.run(&["run", "-P", "8080:80", "--fast", "-i", BUSYBOX, "true"]);
+    let line = assert_one_line_error(&out);
+    assert!(line.contains("--fast=false"), "{line}");
+}
+
+#[test]
+fn not_yet_supported_options_are_125() {
+    let env = TestEnv::new();
+    let receipt = env.project_dir().join("receipt.json");
+    let receipt = receipt.to_str().unwrap();
+    let cases: Vec<(&str, Vec<&str>)> = vec![
+        ("--ssh", vec!["--ssh"]),
+        ("--secret", vec!["-S", "GH_TOKEN:api.github.com"]),
+        ("--secret-file", vec!["--secret-file", "K"]),
+        ("--placeholder-secrets", vec!["--placeholder-secrets"]),
+        ("--receipt", vec!["--receipt", receipt]),
+        ("--template", vec!["--template", "x"]),
+    ];
+    for (flag, opts) in cases {
+        let mut args = vec!["run"];
+        args.extend(opts.iter().copied());
+        args.extend(["-i", BUSYBOX, "true"]);
+        let out = env.run(&args);
+        let line = assert_one_line_error(&out);
+        assert!(
+            line.contains("not supported yet") && line.contains(flag),
+            "{args:?}: {line}"
+        );
+    }
+    assert!(
+        !std::path::Path::new(receipt).exists(),
+        "a receipt was written"
+    );
+}
+
+#[test]
+fn unbuilt_backends_are_not_supported_yet() {
+    let env = TestEnv::new();
+    for backend in ["native", "podman", "firecracker", "qemu", "apple"] {
+        let out = env.run(&["run", "-B", backend, "-i", BUSYBOX, "true"]);
+        let line = assert_one_line_error(&out);
+        assert!(
+            line.contains("not supported yet") && line.contains(backend),
+            "-B {backend}: {line}"
+        );
+    }
+}
+
+#[test]
+fn explicit_docker_backend_works() {
+    let env = TestEnv::new();
+    let out = env.run(&["run", "-B", "docker", "-i", BUSYBOX, "echo", "ok"]);
+    assert_code(&out, 0);
+    assert_eq!(stdout(&out), "ok\n");
+}
+
+#[test]
+fn unknown_backend_is_125() {
+    let env = TestEnv::new();
+    let out = env.run(&["run", "-B", "lxc", "-i", BUSYBOX, "true"]);
+    let line = assert_one_line_error(&out);
+    assert!(line.contains("lxc"), "{line}");
+}
+
+#[test]
+fn bad_values_are_125_with_one_line() {
+    let env = TestEnv::new();
+    let cases: &[(&str, &str, &str)] = &[
+        ("--ttl", "forever", "--ttl"),
+        ("--ttl", "10", "--ttl"),
+        ("--memory", "lots", "--memory"),
+        ("--memory", "0", "--memory"),
+        ("--cpus", "abc", "--cpus"),
+        ("--cpus", "0", "--cpus"),
+        ("--timeout", "10", "--timeout"),
+        ("--timeout", "soon", "--timeout"),
+        ("-e", "1BAD=x", "--env"),
+        ("-e", "A-B=x", "--env"),
+        ("-v", "nocolon", "--volume"),
+        ("-v", "/tmp:relative", "--volume"),
+        ("-P", "notaport", "--publish"),
+        ("-P", "70000:80", "--publish"),
+        ("--profile", "strict", "--profile"),
+        ("--pull", "sometimes", "--pull"),
+        ("-w", "relative/dir", "--workdir"),
+    ];
+    for (flag, value, named) in cases {
+        let out = env.run(&["run", flag, value, "-i", BUSYBOX, "true"]);
+        let line = assert_one_line_error(&out);
+        assert!(
+            line.contains(named) && line.contains(value),
+            "{flag} {value}: the message should name {named} and the value: {line}"
+        );
+    }
+}
+
+#[test]
+fn missing_command_is_125() {
+    let env = TestEnv::new();
+    let out = env.run(&["run", "-i", BUSYBOX]);
+    assert_one_line_error(&out);
+}
+
+#[test]
+fn version_goes_to_stdout() {
+    let env = TestEnv::new();
+    let out = env.run(&["--version"]);
+    assert_code(&out, 0);
+    assert!(stdout(&out).starts_with("agentkernel "), "{}", stdout(&out));
+}

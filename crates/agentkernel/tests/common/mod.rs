@@ -1,0 +1,508 @@
+//! Shared helpers for the integration tests: they run the real `agentkernel`
+//! binary against the real Docker engine.
+//!
+//! Every test gets its own [`TestEnv`]: a private `AGENTKERNEL_HOME`, a
+//! private `HOME` (so no user config leaks in) and a private project
+//! directory that is the binary's current directory. Tests can therefore run
+//! in parallel. Prerequisites (a reachable engine and the offline test images)
+//! are checked once per test binary; a missing engine is a loud failure,
+//! never a skip.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+/// busybox applets (sh, nc, httpd, wget, unshare…), built offline.
+pub const BUSYBOX: &str = "agentkernel-test/busybox:1";
+/// The above plus the host's python3.
+pub const PYTHON: &str = "agentkernel-test/python:3";
+
+/// Exit code of agentkernel's own failures.
+pub const AK_ERROR: i32 = 125;
+
+/// The workspace root (where `scripts/` lives).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Path of the binary under test.
+pub fn binary() -> PathBuf {
+    assert_cmd::cargo::cargo_bin("agentkernel")
+}
+
+/// Runs `docker ARGS…` and returns its output (never panics on a non-zero exit).
+pub fn docker(args: &[&str]) -> Output {
+    std::process::Command::new("docker")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run the docker CLI ({e}); the tests need it on PATH"))
+}
+
+/// `docker …` stdout as text; panics if docker fails.
+pub fn docker_ok(args: &[&str]) -> String {
+    let out = docker(args);
+    assert!(
+        out.status.success(),
+        "`docker {}` failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Makes sure the engine answers and the test images exist (building them
+/// with `scripts/build-test-images.sh` if not). Panics with a clear message
+/// otherwise. Runs once per test binary.
+pub fn ensure_prerequisites() {
+    static READY: OnceLock<()> = OnceLock::new();
+    READY.get_or_init(|| {
+        let version = std::process::Command::new("docker")
+            .args(["version", "--format", "{{.Server.Version}}"])
+            .stdin(Stdio::null())
+            .output();
+        match version {
+            Err(e) => panic!(
+                "PREREQUISITE MISSING: cannot run the docker CLI ({e}). These integration tests \
+                 need a reachable Docker engine; install docker and start dockerd."
+            ),
+            Ok(out) if !out.status.success() => panic!(
+                "PREREQUISITE MISSING: the Docker engine is unreachable: {}. Start dockerd \
+                 (or point DOCKER_HOST at a running engine) and rerun the tests.",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+            Ok(_) => {}
+        }
+        let missing = |img: &str| !docker(&["image", "inspect", img]).status.success();
+        if missing(BUSYBOX) || missing(PYTHON) {
+            let script = workspace_root().join("scripts/build-test-images.sh");
+            let status = std::process::Command::new("bash")
+                .arg(&script)
+                .current_dir(workspace_root())
+                .status()
+                .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+            assert!(
+                status.success(),
+                "PREREQUISITE MISSING: {} failed ({status}); the test images {BUSYBOX} and \
+                 {PYTHON} are needed",
+                script.display()
+            );
+            for img in [BUSYBOX, PYTHON] {
+                assert!(
+                    !missing(img),
+                    "PREREQUISITE MISSING: {img} still absent after building the test images"
+                );
+            }
+        }
+    });
+}
+
+/// A name unique to this test process and call: `[a-z0-9-]`, short enough
+/// for a sandbox name.
+pub fn unique_name(prefix: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "{prefix}-{:x}-{n}-{:x}",
+        std::process::id(),
+        nanos & 0xffff
+    )
+}
+
+/// One test's private world.
+pub struct TestEnv {
+    /// `AGENTKERNEL_HOME`.
+    pub state: TempDir,
+    /// `HOME` of the agentkernel process.
+    pub home: TempDir,
+    /// The current directory of the agentkernel process.
+    pub project: TempDir,
+}
+
+impl TestEnv {
+    pub fn new() -> TestEnv {
+        ensure_prerequisites();
+        TestEnv {
+            state: tempfile::Builder::new()
+                .prefix("ak-state")
+                .tempdir()
+                .unwrap(),
+            home: tempfile::Builder::new().prefix("ak-home").tempdir().unwrap(),
+            project: tempfile::Builder::new()
+                .prefix("ak-proj")
+                .tempdir()
+                .unwrap(),
+        }
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        self.state.path()
+    }
+
+    pub fn project_dir(&self) -> &Path {
+        self.project.path()
+    }
+
+    pub fn home_dir(&self) -> &Path {
+        self.home.path()
+    }
+
+    fn configure(&self, cmd: &mut std::process::Command) {
+        cmd.env("AGENTKERNEL_HOME", self.state.path())
+            .env("HOME", self.home.path())
+            .env_remove("XDG_CONFIG_HOME")
+            .env_remove("XDG_DATA_HOME")
+            .current_dir(self.project.path());
+    }
+
+    /// `agentkernel` through assert_cmd, configured for this test.
+    pub fn cmd(&self) -> assert_cmd::Command {
+        let mut std_cmd = std::process::Command::new(binary());
+        self.configure(&mut std_cmd);
+        assert_cmd::Command::from_std(std_cmd)
+    }
+
+    /// `agentkernel` as a plain std Command (for spawning), configured for this test.
+    pub fn std_cmd(&self) -> std::process::Command {
+        let mut cmd = std::process::Command::new(binary());
+        self.configure(&mut cmd);
+        cmd
+    }
+
+    /// `agentkernel ARGS…` to completion, stdin closed.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd().args(args).output().unwrap()
+    }
+
+    /// Spawns `agentkernel ARGS…` with piped stdout/stderr and null stdin,
+    /// and returns it with its owner label.
+    pub fn spawn(&self, args: &[&str]) -> Tracked {
+        let mut cmd = self.std_cmd();
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        Tracked::spawn(cmd)
+    }
+
+    /// Runs `agentkernel ARGS…` to completion and also returns the owner
+    /// label its one-shot containers carry.
+    pub fn run_tracked(&self, args: &[&str]) -> (Output, String) {
+        let t = self.spawn(args);
+        let owner = t.owner.clone();
+        (t.wait_output(Duration::from_secs(120)), owner)
+    }
+
+    /// Directories left under `$AGENTKERNEL_HOME/runs`.
+    pub fn leftover_runs(&self) -> Vec<PathBuf> {
+        match std::fs::read_dir(self.state.path().join("runs")) {
+            Ok(entries) => entries.flatten().map(|e| e.path()).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+}
+
+/// A spawned agentkernel process and the owner label (`<boot>:<pid>:<start>`)
+/// its one-shot containers carry. Killed (SIGKILL) and its containers removed on drop.
+pub struct Tracked {
+    pub child: Option<Child>,
+    pub pid: u32,
+    pub owner: String,
+}
+
+impl Tracked {
+    pub fn spawn(mut cmd: std::process::Command) -> Tracked {
+        let child = cmd.spawn().expect("spawn agentkernel");
+        let pid = child.id();
+        // Start time is fixed at fork, so reading it now gives the exact label
+        // agentkernel computes for itself.
+        let owner = owner_label(pid).expect("read /proc/PID/stat of the spawned agentkernel");
+        Tracked {
+            child: Some(child),
+            pid,
+            owner,
+        }
+    }
+
+    pub fn child(&mut self) -> &mut Child {
+        self.child.as_mut().expect("child already waited for")
+    }
+
+    /// Sends `signo` to the agentkernel process.
+    pub fn signal(&self, signo: i32) {
+        // SAFETY: kill has no memory-safety preconditions; pid is our own child.
+        let rc = unsafe { libc::kill(self.pid as libc::pid_t, signo) };
+        assert_eq!(rc, 0, "kill({}, {signo}) failed", self.pid);
+    }
+
+    /// Waits for exit (panics after `limit`, killing the process) and collects output.
+    pub fn wait_output(mut self, limit: Duration) -> Output {
+        let mut child = self.child.take().unwrap();
+        let stdout = child.stdout.take().map(spawn_reader);
+        let stderr = child.stderr.take().map(spawn_reader);
+        let status = wait_child(&mut child, limit);
+        let out = stdout.map(|h| h.join().unwrap()).unwrap_or_default();
+        let err = stderr.map(|h| h.join().unwrap()).unwrap_or_default();
+        Output {
+            status,
+            stdout: out,
+            stderr: err,
+        }
+    }
+
+    /// Names of containers labelled with this process as owner.
+    pub fn containers(&self) -> Vec<String> {
+        containers_of_owner(&self.owner)
+    }
+
+    /// Waits until a container of this process is running; panics after `limit`.
+    pub fn wait_running(&mut self, limit: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            let running = docker_ok(&[
+                "ps",
+                "--filter",
+                &format!("label=agentkernel.owner={}", self.owner),
+                "--filter",
+                "status=running",
+                "--format",
+                "{{.Names}}",
+            ]);
+            if let Some(name) = running.lines().next() {
+                return name.to_string();
+            }
+            if let Some(status) = self.child().try_wait().unwrap() {
+                let mut err = String::new();
+                if let Some(mut e) = self.child().stderr.take() {
+                    let _ = e.read_to_string(&mut err);
+                }
+                panic!("agentkernel exited ({status}) before its container ran; stderr: {err}");
+            }
+            assert!(
+                start.elapsed() < limit,
+                "no running container for owner {} after {limit:?}",
+                self.owner
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for name in containers_of_owner(&self.owner) {
+            let _ = docker(&["rm", "-f", "-v", &name]);
+        }
+    }
+}
+
+fn spawn_reader<R: Read + Send + 'static>(mut r: R) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = r.read_to_end(&mut buf);
+        buf
+    })
+}
+
+/// Waits for `child`; kills it and panics after `limit`.
+pub fn wait_child(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("agentkernel (pid {}) did not exit within {limit:?}", child.id());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `<boot id>:<pid>:<start time>` as agentkernel labels its one-shot containers.
+pub fn owner_label(pid: u32) -> Option<String> {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let start = rest.split(' ').nth(19)?;
+    Some(format!("{}:{pid}:{start}", boot.trim()))
+}
+
+/// All containers (any state) whose `agentkernel.owner` label is exactly `owner`.
+pub fn containers_of_owner(owner: &str) -> Vec<String> {
+    docker_ok(&[
+        "ps",
+        "-a",
+        "--filter",
+        &format!("label=agentkernel.owner={owner}"),
+        "--format",
+        "{{.Names}}",
+    ])
+    .lines()
+    .map(str::to_string)
+    .collect()
+}
+
+/// True when a container of exactly this name exists (any state).
+pub fn container_exists(name: &str) -> bool {
+    docker_ok(&[
+        "ps",
+        "-a",
+        "--filter",
+        &format!("name={name}"),
+        "--format",
+        "{{.Names}}",
+    ])
+    .lines()
+    .any(|l| l == name)
+}
+
+/// Polls `cond` every 200ms until true; panics with `what` after `limit`.
+pub fn poll_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < limit, "timed out after {limit:?}: {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Removes a kept sandbox's container on drop, whatever happened in the test.
+pub struct KeptGuard(pub String);
+
+impl KeptGuard {
+    pub fn new(sandbox: &str) -> KeptGuard {
+        KeptGuard(sandbox.to_string())
+    }
+    pub fn container(&self) -> String {
+        format!("agentkernel-{}", self.0)
+    }
+}
+
+impl Drop for KeptGuard {
+    fn drop(&mut self) {
+        let _ = docker(&["rm", "-f", "-v", &self.container()]);
+    }
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+pub fn code(out: &Output) -> i32 {
+    out.status.code().unwrap_or_else(|| {
+        panic!(
+            "agentkernel was killed by a signal: {:?}; stderr: {}",
+            out.status,
+            stderr(out)
+        )
+    })
+}
+
+/// Asserts the exit code, showing both streams on failure.
+#[track_caller]
+pub fn assert_code(out: &Output, expected: i32) {
+    assert_eq!(
+        out.status.code(),
+        Some(expected),
+        "unexpected exit status {:?}\n--- stdout:\n{}\n--- stderr:\n{}",
+        out.status,
+        stdout(out),
+        stderr(out)
+    );
+}
+
+/// Asserts an agentkernel failure: exit 125, nothing on stdout, exactly one
+/// line on stderr; returns that line.
+#[track_caller]
+pub fn assert_one_line_error(out: &Output) -> String {
+    assert_code(out, AK_ERROR);
+    assert!(
+        out.stdout.is_empty(),
+        "agentkernel wrote to stdout on error: {:?}",
+        stdout(out)
+    );
+    let err = stderr(out);
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "expected exactly one line on stderr, got {}:\n{err}",
+        lines.len()
+    );
+    assert!(
+        err.ends_with('\n') && err.matches('\n').count() == 1,
+        "stderr should be a single newline-terminated line: {err:?}"
+    );
+    lines[0].to_string()
+}
+
+/// Minimal HTTP/1.0 GET of `/` on 127.0.0.1:`port`; returns the whole response.
+pub fn http_get(port: u16) -> std::io::Result<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"GET / HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    Ok(resp)
+}
+
+/// Retries [`http_get`] until the body contains `needle`; panics after `limit`.
+pub fn http_get_until(port: u16, needle: &str, limit: Duration) -> String {
+    let start = Instant::now();
+    let mut last: String;
+    loop {
+        match http_get(port) {
+            Ok(resp) if resp.contains(needle) => return resp,
+            Ok(resp) => last = format!("response without {needle:?}: {resp:?}"),
+            Err(e) => last = e.to_string(),
+        }
+        assert!(
+            start.elapsed() < limit,
+            "http://127.0.0.1:{port}/ never served {needle:?} within {limit:?}; last: {last}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Host processes whose command line contains `token` (as one argument).
+pub fn host_processes_with_arg(token: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) {
+            if cmdline
+                .split(|b| *b == 0)
+                .any(|arg| arg == token.as_bytes())
+            {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}

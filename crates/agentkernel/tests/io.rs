@@ -1,0 +1,197 @@
+//! Standard streams and signals: stdin forwarded, stdout/stderr separate and
+//! live, SIGTERM reaches the command and the sandbox is still cleaned up,
+//! agentkernel's own messages never on stdout.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+
+#[test]
+fn stdin_is_forwarded_with_eof() {
+    let env = TestEnv::new();
+    let out = env
+        .cmd()
+        .args(["run", "-i", BUSYBOX, "sort", "-r"])
+        .write_stdin("a\nb\n")
+        .output()
+        .unwrap();
+    assert_code(&out, 0);
+    assert_eq!(stdout(&out), "b\na\n");
+}
+
+#[test]
+fn large_binary_stdin_round_trips() {
+    let env = TestEnv::new();
+    let data: Vec<u8> = (0..1_000_000u32).map(|i| (i * 7 % 256) as u8).collect();
+    let out = env
+        .cmd()
+        .args(["run", "-i", BUSYBOX, "cat"])
+        .write_stdin(data.clone())
+        .output()
+        .unwrap();
+    assert_code(&out, 0);
+    assert!(out.stdout == data, "stdout differs from stdin ({} bytes back)", out.stdout.len());
+}
+
+#[test]
+fn stdout_and_stderr_stay_separate() {
+    let env = TestEnv::new();
+    let out = env.run(&[
+        "run",
+        "-i",
+        BUSYBOX,
+        "sh",
+        "-c",
+        "echo to-out; echo to-err >&2; echo more-out; echo more-err >&2",
+    ]);
+    assert_code(&out, 0);
+    assert_eq!(stdout(&out), "to-out\nmore-out\n");
+    let err = stderr(&out);
+    assert!(
+        err.contains("to-err\n") && err.contains("more-err\n"),
+        "stderr: {err:?}"
+    );
+    assert!(!err.contains("out"), "stdout text leaked to stderr: {err:?}");
+}
+
+#[test]
+fn output_streams_live() {
+    let env = TestEnv::new();
+    let mut child = env
+        .std_cmd()
+        .args([
+            "run",
+            "-i",
+            BUSYBOX,
+            "sh",
+            "-c",
+            "echo one; sleep 3; echo two",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut reader = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    reader.read_line(&mut first).unwrap();
+    // The first line arrived while the command was still running (it sleeps
+    // 3s before the second): output is not buffered until exit.
+    let still_running = child.try_wait().unwrap().is_none();
+    let mut rest = String::new();
+    reader.read_to_string(&mut rest).unwrap();
+    let status = wait_child(&mut child, Duration::from_secs(60));
+    assert_eq!(first, "one\n");
+    assert_eq!(rest, "two\n");
+    assert!(status.success(), "{status}");
+    assert!(
+        still_running,
+        "the first line only arrived after agentkernel exited: output is not streamed live"
+    );
+}
+
+#[test]
+fn sigterm_reaches_the_command_and_the_sandbox_is_removed() {
+    let env = TestEnv::new();
+    let mut t = env.spawn(&["run", "-i", BUSYBOX, "sleep", "60"]);
+    let container = t.wait_running(Duration::from_secs(30));
+    t.signal(libc::SIGTERM);
+    let owner = t.owner.clone();
+    let out = t.wait_output(Duration::from_secs(30));
+    assert_code(&out, 143);
+    assert!(
+        containers_of_owner(&owner).is_empty() && !container_exists(&container),
+        "container {container} of the terminated run was left behind"
+    );
+    // The run container carried the documented labels; none for this owner remains.
+    let left = docker_ok(&[
+        "ps",
+        "-a",
+        "--filter",
+        "label=agentkernel.managed=true",
+        "--filter",
+        "label=agentkernel.kind=run",
+        "--format",
+        "{{.Label \"agentkernel.owner\"}}",
+    ]);
+    assert!(
+        !left.lines().any(|o| o == owner),
+        "a run container of owner {owner} remains"
+    );
+    assert!(env.leftover_runs().is_empty(), "{:?}", env.leftover_runs());
+}
+
+#[test]
+fn sigint_reaches_the_command() {
+    let env = TestEnv::new();
+    // The command traps INT and exits 7: the signal was delivered, not just the sandbox killed.
+    let mut t = env.spawn(&[
+        "run",
+        "-i",
+        BUSYBOX,
+        "sh",
+        "-c",
+        "trap 'echo got-int; exit 7' INT; while :; do sleep 1; done",
+    ]);
+    t.wait_running(Duration::from_secs(30));
+    // The trap must be installed before the signal arrives.
+    std::thread::sleep(Duration::from_millis(500));
+    t.signal(libc::SIGINT);
+    let owner = t.owner.clone();
+    let out = t.wait_output(Duration::from_secs(30));
+    assert_code(&out, 7);
+    assert_eq!(stdout(&out), "got-int\n");
+    assert!(containers_of_owner(&owner).is_empty());
+}
+
+#[test]
+fn own_messages_never_on_stdout() {
+    let env = TestEnv::new();
+    // Timeout message.
+    let out = env.run(&["run", "--timeout", "1s", "-i", BUSYBOX, "sleep", "30"]);
+    assert_code(&out, 124);
+    assert!(out.stdout.is_empty(), "stdout: {}", stdout(&out));
+    assert!(stderr(&out).contains("agentkernel"), "{}", stderr(&out));
+
+    // OOM message.
+    let out = env.run(&[
+        "run",
+        "--memory",
+        "16m",
+        "-i",
+        BUSYBOX,
+        "sh",
+        "-c",
+        "x=a; while :; do x=$x$x; done",
+    ]);
+    assert_code(&out, 137);
+    assert!(out.stdout.is_empty(), "stdout: {}", stdout(&out));
+
+    // Kept-sandbox message.
+    let name = unique_name("io-msg");
+    let _guard = KeptGuard::new(&name);
+    let out = env.run(&["run", "--name", &name, "-i", BUSYBOX, "true"]);
+    assert_code(&out, 0);
+    assert!(out.stdout.is_empty(), "stdout: {}", stdout(&out));
+    assert!(stderr(&out).contains(&name), "{}", stderr(&out));
+
+    // Error messages.
+    let out = env.run(&["run", "-i", "agentkernel-test/nope:1", "--pull", "never", "true"]);
+    assert_code(&out, 125);
+    assert!(out.stdout.is_empty(), "stdout: {}", stdout(&out));
+
+    // Not-mounted warning (cwd is the home directory).
+    let out = env
+        .cmd()
+        .current_dir(env.home_dir())
+        .args(["run", "-i", BUSYBOX, "echo", "hi"])
+        .output()
+        .unwrap();
+    assert_code(&out, 0);
+    assert_eq!(stdout(&out), "hi\n");
+    assert!(stderr(&out).contains("warning"), "{}", stderr(&out));
+}

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Everything agentkernel's Docker backend and its tests need on a Debian/Ubuntu
+# machine, idempotently: packages, a running dockerd, and the offline test
+# images. Run as root (or via sudo).
+# If this script starts dockerd, it writes its PID to $AGENTKERNEL_DOCKERD_PIDFILE
+# (default /run/agentkernel-ci-dockerd.pid) so the caller can stop exactly it.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+pidfile=${AGENTKERNEL_DOCKERD_PIDFILE:-/run/agentkernel-ci-dockerd.pid}
+
+need=()
+command -v dockerd >/dev/null || need+=(docker.io)
+command -v busybox >/dev/null || need+=(busybox-static)
+command -v hyperfine >/dev/null || need+=(hyperfine)
+command -v git >/dev/null || need+=(git)
+command -v python3 >/dev/null || need+=(python3)
+command -v ip >/dev/null || need+=(iproute2)
+command -v iptables >/dev/null || need+=(iptables)
+command -v curl >/dev/null || need+=(curl)
+command -v file >/dev/null || need+=(file)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "setup: installing ${need[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+if ! docker info >/dev/null 2>&1; then
+  echo "setup: starting dockerd (log: /var/log/agentkernel-dockerd.log)" >&2
+  dockerd >/var/log/agentkernel-dockerd.log 2>&1 &
+  echo $! > "$pidfile"
+  for _ in $(seq 1 60); do
+    docker info >/dev/null 2>&1 && break
+    sleep 1
+  done
+  docker info >/dev/null 2>&1 || { echo "setup: dockerd did not start; see /var/log/agentkernel-dockerd.log" >&2; exit 1; }
+fi
+
+for image in agentkernel-test/busybox:1 agentkernel-test/python:3; do
+  if ! docker image inspect "$image" >/dev/null 2>&1; then
+    "$root/scripts/build-test-images.sh" docker
+    break
+  fi
+done
