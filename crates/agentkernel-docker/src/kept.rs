@@ -19,7 +19,6 @@ use agentkernel_core::state::{now_unix, SandboxRecord, Store};
 use agentkernel_core::Error;
 use bollard::exec::{CreateExecOptions, ResizeExecOptions, StartExecOptions, StartExecResults};
 use bollard::models::ContainerStateStatusEnum;
-use bollard::query_parameters::CreateContainerOptionsBuilder;
 use tokio::sync::Notify;
 
 use crate::create::{container_body, Shape, CONTROL_MOUNT};
@@ -117,7 +116,6 @@ async fn create(engine: &Engine, spec: &SandboxSpec, store: &Store) -> Result<()
     // Reserve first: a bad image must not leave a name behind, but two racers must not both get it.
     let dir = store.reserve(&keep.name)?;
     let result = async {
-        crate::pull::ensure_image(engine, &spec.image, spec.pull).await?;
         store.touch(&keep.name, keep.ttl)?;
         let cow = spec.workspace.is_some() && spec.policy.workspace == WorkspaceMode::CopyOnWrite;
         let scratch = dir.join("workspace");
@@ -142,14 +140,14 @@ async fn create(engine: &Engine, spec: &SandboxSpec, store: &Store) -> Result<()
             },
         )?;
         let name = container_name(&keep.name);
-        let options = CreateContainerOptionsBuilder::default().name(&name).build();
-        let created = engine.docker.create_container(Some(options), body).await.map_err(|e| {
+        let container_id = crate::pull::create_container(engine, &spec.image, spec.pull, &name, body, |e| {
             if crate::engine::is_conflict(&e) {
                 Error::NameClash(keep.name.clone())
             } else {
                 engine.error("creating the sandbox", e)
             }
-        })?;
+        })
+        .await?;
         if let Err(e) = engine.docker.start_container(&name, None).await {
             if start_failure(engine, e, "/bin/sh").is_ok() {
                 return Err(Error::Conflict(format!(
@@ -163,7 +161,7 @@ async fn create(engine: &Engine, spec: &SandboxSpec, store: &Store) -> Result<()
         store.commit(&SandboxRecord {
             name: keep.name.clone(),
             backend: "docker".into(),
-            container_id: created.id,
+            container_id,
             image: spec.image.clone(),
             profile: spec.policy.profile.to_string(),
             created_unix: now_unix(),

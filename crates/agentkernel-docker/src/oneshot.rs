@@ -10,8 +10,8 @@ use agentkernel_core::spec::{Outcome, SandboxSpec};
 use agentkernel_core::state::{self, Owner, Store};
 use agentkernel_core::Error;
 use bollard::query_parameters::{
-    AttachContainerOptionsBuilder, CreateContainerOptionsBuilder, KillContainerOptionsBuilder,
-    RemoveContainerOptionsBuilder, ResizeContainerTTYOptionsBuilder, WaitContainerOptionsBuilder,
+    AttachContainerOptionsBuilder, KillContainerOptionsBuilder, RemoveContainerOptionsBuilder,
+    ResizeContainerTTYOptionsBuilder, WaitContainerOptionsBuilder,
 };
 use futures_util::StreamExt;
 
@@ -25,8 +25,6 @@ pub async fn run(engine: &Engine, spec: &SandboxSpec, store: &Store) -> Result<O
         engine.clone(),
         Store::new(store.root().to_path_buf()),
     ));
-
-    crate::pull::ensure_image(engine, &spec.image, spec.pull).await?;
 
     let id = names::generated();
     let container_name = format!("{}{id}", labels::CONTAINER_PREFIX);
@@ -62,14 +60,10 @@ pub async fn run(engine: &Engine, spec: &SandboxSpec, store: &Store) -> Result<O
                 auto_remove: false,
             },
         )?;
-        let options = CreateContainerOptionsBuilder::default()
-            .name(&container_name)
-            .build();
-        engine
-            .docker
-            .create_container(Some(options), body)
-            .await
-            .map_err(|e| engine.error("creating the sandbox", e))?;
+        crate::pull::create_container(engine, &spec.image, spec.pull, &container_name, body, |e| {
+            engine.error("creating the sandbox", e)
+        })
+        .await?;
         drive(engine, &container_name, spec).await
     }
     .await;

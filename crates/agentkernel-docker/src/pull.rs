@@ -5,11 +5,47 @@ use std::io::Write;
 use agentkernel_core::spec::PullPolicy;
 use agentkernel_core::terminal;
 use agentkernel_core::Error;
-use bollard::query_parameters::CreateImageOptionsBuilder;
+use bollard::models::ContainerCreateBody;
+use bollard::query_parameters::{CreateContainerOptionsBuilder, CreateImageOptionsBuilder};
 use futures_util::StreamExt;
 
 use crate::engine::{is_not_found, message_of};
 use crate::Engine;
+
+/// Creates a container, pulling its image first when the policy says so or
+/// when the engine reports it missing. Trying the create first saves an image
+/// inspection round-trip on every run with a cached image. `engine_error`
+/// maps the engine's refusals (a name conflict means different things to callers).
+pub async fn create_container(
+    engine: &Engine,
+    image: &str,
+    policy: PullPolicy,
+    name: &str,
+    body: ContainerCreateBody,
+    engine_error: impl Fn(bollard::errors::Error) -> Error,
+) -> Result<String, Error> {
+    if policy == PullPolicy::Always {
+        ensure_image(engine, image, policy).await?;
+    }
+    let options = || CreateContainerOptionsBuilder::default().name(name).build();
+    match engine
+        .docker
+        .create_container(Some(options()), body.clone())
+        .await
+    {
+        Ok(r) => Ok(r.id),
+        Err(e) if is_not_found(&e) && policy != PullPolicy::Always => {
+            ensure_image(engine, image, policy).await?;
+            let r = engine
+                .docker
+                .create_container(Some(options()), body)
+                .await
+                .map_err(engine_error)?;
+            Ok(r.id)
+        }
+        Err(e) => Err(engine_error(e)),
+    }
+}
 
 pub async fn ensure_image(engine: &Engine, image: &str, policy: PullPolicy) -> Result<(), Error> {
     if policy != PullPolicy::Always {
