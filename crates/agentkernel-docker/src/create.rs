@@ -9,8 +9,10 @@ use agentkernel_core::spec::SandboxSpec;
 use agentkernel_core::{Error, Result};
 use bollard::models::{
     ContainerCreateBody, HostConfig, Mount, MountType, MountVolumeOptions,
-    MountVolumeOptionsDriverConfig, PortBinding,
+    MountVolumeOptionsDriverConfig, PortBinding, ResourcesUlimits,
 };
+
+use crate::engine::Flavor;
 
 /// Where a kept sandbox's control directory (its deadline) appears inside it.
 pub const CONTROL_MOUNT: &str = "/run/agentkernel";
@@ -29,9 +31,22 @@ pub struct Shape<'a> {
     pub auto_remove: bool,
 }
 
-pub fn container_body(spec: &SandboxSpec, shape: Shape<'_>) -> Result<ContainerCreateBody> {
+/// Whether this engine needs host scratch space for a copy-on-write workspace
+/// (Docker does; Podman has overlay binds that keep the upper layer itself).
+pub fn needs_scratch(flavor: Flavor, spec: &SandboxSpec) -> bool {
+    flavor == Flavor::Docker
+        && spec.workspace.is_some()
+        && spec.policy.workspace == WorkspaceMode::CopyOnWrite
+}
+
+pub fn container_body(
+    flavor: Flavor,
+    spec: &SandboxSpec,
+    shape: Shape<'_>,
+) -> Result<ContainerCreateBody> {
     let policy = &spec.policy;
     let mut mounts = Vec::new();
+    let mut binds = Vec::new();
 
     if let Some(ws) = &spec.workspace {
         let host = path_str(&ws.host)?;
@@ -41,6 +56,15 @@ pub fn container_body(spec: &SandboxSpec, shape: Shape<'_>) -> Result<ContainerC
                 &ws.path_in_sandbox,
                 policy.workspace == WorkspaceMode::ReadOnly,
             )),
+            // Podman's `:O` bind is an overlay whose upper layer lives and dies with the container.
+            WorkspaceMode::CopyOnWrite if flavor == Flavor::Podman => {
+                if host.contains(':') {
+                    return Err(Error::Conflict(format!(
+                        "the copy-on-write workspace cannot use {host}: its path contains `:`; run from another directory or choose --profile permissive or restrictive"
+                    )));
+                }
+                binds.push(format!("{host}:{}:O", ws.path_in_sandbox));
+            }
             WorkspaceMode::CopyOnWrite => {
                 let scratch = shape
                     .scratch
@@ -70,7 +94,15 @@ pub fn container_body(spec: &SandboxSpec, shape: Shape<'_>) -> Result<ContainerC
         security_opt.push("no-new-privileges:true".to_string());
     }
     if policy.seccomp == Seccomp::Restrictive {
-        security_opt.push(format!("seccomp={}", crate::seccomp::restrictive_profile()));
+        let profile = crate::seccomp::restrictive_profile().to_string();
+        // Docker takes the profile inline; Podman's API takes a path on its host.
+        let value = match flavor {
+            Flavor::Docker => profile,
+            Flavor::Podman => crate::seccomp::profile_file(&profile)?
+                .display()
+                .to_string(),
+        };
+        security_opt.push(format!("seccomp={value}"));
     }
     let tmpfs = policy.read_only_root.then(|| {
         HashMap::from([(
@@ -116,6 +148,8 @@ pub fn container_body(spec: &SandboxSpec, shape: Shape<'_>) -> Result<ContainerC
         nano_cpus: limits.cpus.map(|c| (c * 1e9) as i64),
         pids_limit: limits.pids,
         port_bindings: (!bindings.is_empty()).then_some(bindings),
+        binds: (!binds.is_empty()).then_some(binds),
+        ulimits: (flavor == Flavor::Podman).then(podman_ulimits),
         ..Default::default()
     };
 
@@ -144,6 +178,37 @@ pub fn container_body(spec: &SandboxSpec, shape: Shape<'_>) -> Result<ContainerC
         host_config: Some(host_config),
         ..Default::default()
     })
+}
+
+/// Podman asks for 1048576 open files and 32768 processes by default; raising
+/// a limit above our own hard limit needs CAP_SYS_RESOURCE, which a root
+/// process in a container often lacks (runc then fails with "error setting
+/// rlimits"). Asking for no more than we have always works.
+fn podman_ulimits() -> Vec<ResourcesUlimits> {
+    let limit = |resource, wanted: i64, name: &str| {
+        let mut r = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes into the struct we pass.
+        let hard = if unsafe { libc::getrlimit(resource, &mut r) } == 0
+            && r.rlim_max != libc::RLIM_INFINITY
+        {
+            r.rlim_max as i64
+        } else {
+            wanted
+        };
+        let value = wanted.min(hard);
+        ResourcesUlimits {
+            name: Some(name.to_string()),
+            soft: Some(value),
+            hard: Some(value),
+        }
+    };
+    vec![
+        limit(libc::RLIMIT_NOFILE, 1 << 20, "nofile"),
+        limit(libc::RLIMIT_NPROC, 32768, "nproc"),
+    ]
 }
 
 fn bind(source: &str, target: &str, read_only: bool) -> Mount {

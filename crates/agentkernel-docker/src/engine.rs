@@ -1,4 +1,5 @@
-//! Connection to a Docker-API engine, and the mapping of its errors.
+//! Connection to a Docker-API engine (Docker itself, or Podman's compatible
+//! API), and the mapping of its errors to user-facing ones.
 
 use agentkernel_core::Error;
 use bollard::errors::Error as BollardError;
@@ -12,11 +13,29 @@ const API_VERSION: ClientVersion = ClientVersion {
 };
 const TIMEOUT_SECS: u64 = 600;
 
+/// Which engine is behind the API. The client code is the same; a few
+/// container settings differ (see `create.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    Docker,
+    Podman,
+}
+
+impl Flavor {
+    pub fn name(self) -> &'static str {
+        match self {
+            Flavor::Docker => "docker",
+            Flavor::Podman => "podman",
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Engine {
     pub docker: Docker,
     /// Where we connected, for messages.
     pub address: String,
+    pub flavor: Flavor,
 }
 
 impl Engine {
@@ -26,19 +45,38 @@ impl Engine {
             .ok()
             .filter(|h| !h.is_empty())
             .unwrap_or_else(|| "unix:///var/run/docker.sock".to_string());
+        Engine::connect_to(Flavor::Docker, address)
+    }
+
+    /// Connects to Podman's Docker-compatible API, starting a private
+    /// `podman system service` when no socket is listening.
+    pub fn connect_podman() -> Result<Engine, Error> {
+        let address = crate::podman::service_address()?;
+        Engine::connect_to(Flavor::Podman, address)
+    }
+
+    fn connect_to(flavor: Flavor, address: String) -> Result<Engine, Error> {
         let docker = if let Some(path) = address.strip_prefix("unix://") {
             Docker::connect_with_unix(path, TIMEOUT_SECS, &API_VERSION)
         } else if address.starts_with("tcp://") || address.starts_with("http://") {
             Docker::connect_with_http(&address, TIMEOUT_SECS, &API_VERSION)
         } else {
             return Err(Error::BackendUnavailable {
-                backend: "docker".into(),
-                why: format!("DOCKER_HOST={address} is not a unix:// or tcp:// address"),
-                fix: "set DOCKER_HOST to unix:///var/run/docker.sock or tcp://HOST:PORT".into(),
+                backend: flavor.name().into(),
+                why: format!("{address} is not a unix:// or tcp:// address"),
+                fix: "use unix:///path/to/socket or tcp://HOST:PORT".into(),
             });
         };
-        let docker = docker.map_err(|e| unreachable_error(&address, &e))?;
-        Ok(Engine { docker, address })
+        let docker = docker.map_err(|e| unreachable_error(flavor, &address, &e))?;
+        Ok(Engine {
+            docker,
+            address,
+            flavor,
+        })
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.flavor.name()
     }
 
     /// Checks the engine answers.
@@ -48,8 +86,12 @@ impl Engine {
             .version()
             .await
             .map_err(|e| self.error("ping", e))?;
+        let product = match self.flavor {
+            Flavor::Docker => "Docker",
+            Flavor::Podman => "Podman",
+        };
         Ok(format!(
-            "Docker {} (API {})",
+            "{product} {} (API {})",
             v.version.unwrap_or_default(),
             v.api_version.unwrap_or_default()
         ))
@@ -59,11 +101,16 @@ impl Engine {
     /// the "start it" fix; everything else says what we were doing.
     pub fn error(&self, action: &str, e: BollardError) -> Error {
         if is_connection_error(&e) {
-            return unreachable_error(&self.address, &e);
+            return unreachable_error(self.flavor, &self.address, &e);
         }
+        self.failure(format!("{action}: {}", message_of(&e)))
+    }
+
+    /// An engine-side failure in our own words.
+    pub fn failure(&self, message: impl Into<String>) -> Error {
         Error::Backend {
-            backend: "docker",
-            message: format!("{action}: {}", message_of(&e)),
+            backend: self.flavor.name(),
+            message: message.into(),
         }
     }
 }
@@ -107,10 +154,18 @@ fn is_connection_error(e: &BollardError) -> bool {
     )
 }
 
-fn unreachable_error(address: &str, e: &BollardError) -> Error {
+fn unreachable_error(flavor: Flavor, address: &str, e: &BollardError) -> Error {
+    let fix = match flavor {
+        Flavor::Docker => "start it (`sudo systemctl start docker`, or run `dockerd`) or point DOCKER_HOST at a running engine; `agentkernel doctor` checks every backend",
+        Flavor::Podman => "check `podman system service` (or point CONTAINER_HOST at a running one); `agentkernel doctor` checks every backend",
+    };
     Error::BackendUnavailable {
-        backend: "docker".into(),
-        why: format!("cannot reach the Docker engine at {address} ({})", message_of(e)),
-        fix: "start it (`sudo systemctl start docker`, or run `dockerd`) or point DOCKER_HOST at a running engine; `agentkernel doctor` checks every backend".into(),
+        backend: flavor.name().into(),
+        why: format!(
+            "cannot reach the {} engine at {address} ({})",
+            flavor.name(),
+            message_of(e)
+        ),
+        fix: fix.into(),
     }
 }

@@ -13,7 +13,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use agentkernel_core::policy::WorkspaceMode;
 use agentkernel_core::spec::{ExecRequest, Outcome, SandboxSpec};
 use agentkernel_core::state::{now_unix, SandboxRecord, Store};
 use agentkernel_core::Error;
@@ -22,13 +21,20 @@ use bollard::models::ContainerStateStatusEnum;
 use tokio::sync::Notify;
 
 use crate::create::{container_body, Shape, CONTROL_MOUNT};
+use crate::engine::Flavor;
 use crate::oneshot::{print_ports, remove_container, start_failure};
 use crate::stdio::{self, Process};
 use crate::{labels, Engine};
 
-/// Where Docker mounts its init (tini) in containers created with `init`.
-/// Execs run under it too, for shell-like 126/127 codes and signal forwarding.
-const INIT_PATH: &str = "/sbin/docker-init";
+/// Docker mounts its init (tini) at this path in containers created with
+/// `init`; execs run under it too, for shell-like 126/127 codes. Podman's
+/// catatonit has no such codes, and Podman's exec reports them itself.
+fn exec_prefix(flavor: Flavor) -> &'static [&'static str] {
+    match flavor {
+        Flavor::Docker => &["/sbin/docker-init", "-s", "--"],
+        Flavor::Podman => &[],
+    }
+}
 
 fn keep_alive_script() -> String {
     format!(
@@ -117,7 +123,7 @@ async fn create(engine: &Engine, spec: &SandboxSpec, store: &Store) -> Result<()
     let dir = store.reserve(&keep.name)?;
     let result = async {
         store.touch(&keep.name, keep.ttl)?;
-        let cow = spec.workspace.is_some() && spec.policy.workspace == WorkspaceMode::CopyOnWrite;
+        let cow = crate::create::needs_scratch(engine.flavor, spec);
         let scratch = dir.join("workspace");
         let labels_map = HashMap::from([
             (labels::MANAGED.to_string(), "true".to_string()),
@@ -128,6 +134,7 @@ async fn create(engine: &Engine, spec: &SandboxSpec, store: &Store) -> Result<()
         ]);
         let ctl = store.control_dir(&keep.name);
         let body = container_body(
+            engine.flavor,
             spec,
             Shape {
                 command: vec!["/bin/sh".into(), "-c".into(), keep_alive_script()],
@@ -155,12 +162,12 @@ async fn create(engine: &Engine, spec: &SandboxSpec, store: &Store) -> Result<()
                     spec.image
                 )));
             }
-            return Err(Error::Backend { backend: "docker", message: "starting the kept sandbox failed".into() });
+            return Err(engine.failure("starting the kept sandbox failed"));
         }
         print_ports(engine, &name, spec).await;
         store.commit(&SandboxRecord {
             name: keep.name.clone(),
-            backend: "docker".into(),
+            backend: engine.name().into(),
             container_id,
             image: spec.image.clone(),
             profile: spec.policy.profile.to_string(),
@@ -294,7 +301,10 @@ pub async fn exec(
 }
 
 async fn exec_in(engine: &Engine, name: &str, req: &ExecRequest) -> Result<Outcome, Error> {
-    let mut cmd = vec![INIT_PATH.to_string(), "-s".into(), "--".into()];
+    let mut cmd: Vec<String> = exec_prefix(engine.flavor)
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     cmd.extend(req.argv.iter().cloned());
     let env: Vec<String> = req.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
     let created = engine
@@ -352,10 +362,7 @@ async fn exec_in(engine: &Engine, name: &str, req: &ExecRequest) -> Result<Outco
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            Err(Error::Backend {
-                backend: "docker",
-                message: "the command's output ended but it did not exit".into(),
-            })
+            Err(engine.failure("the command's output ended but it did not exit"))
         }
     };
     let finished = stdio::supervise(

@@ -3,7 +3,8 @@
 //! command's I/O, and cleans up everything it created.
 //!
 //! Modules, one concept each:
-//! - [`engine`]: connecting, and turning engine errors into user-facing ones
+//! - [`engine`]: connecting (Docker or Podman), and turning engine errors into user-facing ones
+//! - [`podman`]: finding or starting a Podman API socket
 //! - [`labels`]: the `agentkernel.*` labels that mark what we own
 //! - [`create`]: spec → container create body (policy enforcement lives here)
 //! - [`seccomp`]: the restrictive profile's filter
@@ -21,6 +22,7 @@ pub mod gc;
 pub mod kept;
 pub mod labels;
 pub mod oneshot;
+pub mod podman;
 pub mod pull;
 pub mod seccomp;
 pub mod stdio;

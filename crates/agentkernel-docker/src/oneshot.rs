@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 
 use agentkernel_core::names;
-use agentkernel_core::policy::WorkspaceMode;
 use agentkernel_core::spec::{Outcome, SandboxSpec};
 use agentkernel_core::state::{self, Owner, Store};
 use agentkernel_core::Error;
@@ -28,9 +27,7 @@ pub async fn run(engine: &Engine, spec: &SandboxSpec, store: &Store) -> Result<O
 
     let id = names::generated();
     let container_name = format!("{}{id}", labels::CONTAINER_PREFIX);
-    let needs_scratch =
-        spec.workspace.is_some() && spec.policy.workspace == WorkspaceMode::CopyOnWrite;
-    let scratch = if needs_scratch {
+    let scratch = if crate::create::needs_scratch(engine.flavor, spec) {
         Some(store.run_scratch(&id)?)
     } else {
         None
@@ -49,6 +46,7 @@ pub async fn run(engine: &Engine, spec: &SandboxSpec, store: &Store) -> Result<O
 
     let result = async {
         let body = container_body(
+            engine.flavor,
             spec,
             Shape {
                 command: spec.exec.argv.clone(),
@@ -144,10 +142,7 @@ async fn drive(engine: &Engine, name: &str, spec: &SandboxSpec) -> Result<Outcom
             Some(Ok(r)) => Ok(r.status_code),
             Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => Ok(code),
             Some(Err(e)) => Err(engine.error("waiting for the command", e)),
-            None => Err(Error::Backend {
-                backend: "docker",
-                message: "the engine ended the wait without an exit code".into(),
-            }),
+            None => Err(engine.failure("the engine ended the wait without an exit code")),
         }
     };
     let process = Container { engine, name };
@@ -165,7 +160,10 @@ async fn drive(engine: &Engine, name: &str, spec: &SandboxSpec) -> Result<Outcom
     if finished.timed_out {
         return Ok(Outcome::TimedOut);
     }
-    let code = finished.exit_code as i32;
+    let code = match exec_failure_of_podman_init(engine, &finished) {
+        Some(code) => code,
+        None => finished.exit_code as i32,
+    };
     if code == 137 && spec.policy.limits.memory_bytes.is_some() {
         if let Ok(info) = engine.docker.inspect_container(name, None).await {
             if info.state.and_then(|s| s.oom_killed) == Some(true) {
@@ -216,5 +214,26 @@ pub async fn print_ports(engine: &Engine, name: &str, spec: &SandboxSpec) {
                 b.host_port.unwrap_or_default()
             );
         }
+    }
+}
+
+/// Podman's init (catatonit) exits 1 when it cannot execute the command,
+/// after printing `ERROR (catatonit:N): failed to exec pid1: <reason>`.
+/// Recover the shell's codes from that line: 127 not found, 126 not executable.
+fn exec_failure_of_podman_init(engine: &Engine, finished: &stdio::Finished) -> Option<i32> {
+    if engine.flavor != crate::engine::Flavor::Podman || finished.exit_code != 1 {
+        return None;
+    }
+    let head = String::from_utf8_lossy(&finished.stderr_head);
+    let reason = head
+        .strip_prefix("ERROR (catatonit:")?
+        .split_once("): failed to exec pid1: ")?
+        .1;
+    if reason.starts_with("No such file or directory") {
+        Some(127)
+    } else if reason.starts_with("Permission denied") || reason.starts_with("Is a directory") {
+        Some(126)
+    } else {
+        None
     }
 }

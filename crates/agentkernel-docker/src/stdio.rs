@@ -30,7 +30,11 @@ pub trait Process {
 pub struct Finished {
     pub exit_code: i64,
     pub timed_out: bool,
+    /// The first bytes the command wrote to stderr (an init's exec error is read from here).
+    pub stderr_head: Vec<u8>,
 }
+
+const STDERR_HEAD_LEN: usize = 256;
 
 /// Signals we forward. SIGWINCH is handled separately (resize).
 const FORWARDED: [(SignalKind, i32); 4] = [
@@ -89,8 +93,9 @@ pub async fn supervise<P: Process>(
     }
     let stdin_task = input.map(|i| tokio::spawn(forward_stdin(i)));
     let output_task = tokio::spawn(async move {
-        pump_output(output).await;
+        let head = pump_output(output).await;
         output_done.notify_one();
+        head
     });
 
     let mut signals = Signals::install();
@@ -127,13 +132,17 @@ pub async fn supervise<P: Process>(
     };
     // The output stream ends when the command's last writer closes; don't let
     // a background process that inherited the pipes hold us forever.
-    let _ = tokio::time::timeout(Duration::from_secs(2), output_task).await;
+    let stderr_head = match tokio::time::timeout(Duration::from_secs(2), output_task).await {
+        Ok(Ok(head)) => head,
+        _ => Vec::new(),
+    };
     if let Some(t) = stdin_task {
         t.abort();
     }
     Ok(Finished {
         exit_code,
         timed_out,
+        stderr_head,
     })
 }
 
@@ -144,7 +153,9 @@ async fn forward_stdin(mut input: Input) {
     let _ = input.shutdown().await;
 }
 
-async fn pump_output(mut output: Output) {
+/// Copies the command's output to ours; returns the first bytes of its stderr.
+async fn pump_output(mut output: Output) -> Vec<u8> {
+    let mut stderr_head = Vec::new();
     let mut stdout = tokio::io::stdout();
     let mut stderr = tokio::io::stderr();
     let mut stdout_open = true;
@@ -158,10 +169,15 @@ async fn pump_output(mut output: Output) {
                 }
             }
             LogOutput::StdErr { message } => {
+                if stderr_head.len() < STDERR_HEAD_LEN {
+                    let take = (STDERR_HEAD_LEN - stderr_head.len()).min(message.len());
+                    stderr_head.extend_from_slice(&message[..take]);
+                }
                 let _ = stderr.write_all(&message).await;
                 let _ = stderr.flush().await;
             }
             LogOutput::StdIn { .. } => {}
         }
     }
+    stderr_head
 }

@@ -1,8 +1,9 @@
-//! Backend selection. Only the Docker backend exists today; the others are
-//! named so that choosing one is a clear "not supported yet", never a silent
-//! fallback.
+//! Backend selection. Docker and Podman (one client, two engines) exist today;
+//! the others are named so that choosing one is a clear "not supported yet",
+//! never a silent fallback.
 
 use agentkernel_core::{Error, Result};
+use agentkernel_docker::{podman, Engine};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendKind {
@@ -51,11 +52,10 @@ impl BackendKind {
     /// Why a backend cannot be used by this build, if it cannot.
     pub fn unbuilt_reason(self) -> Option<&'static str> {
         match self {
-            BackendKind::Docker => None,
+            BackendKind::Docker | BackendKind::Podman => None,
             BackendKind::Native => {
                 Some("the native (namespaces, no daemon) backend is not built yet")
             }
-            BackendKind::Podman => Some("the podman backend is not built yet"),
             BackendKind::Firecracker => Some("the firecracker backend is not built yet"),
             BackendKind::Qemu => Some("the qemu backend is not built yet"),
             BackendKind::Apple => Some("the apple backend runs only on macOS and is not built yet"),
@@ -64,17 +64,68 @@ impl BackendKind {
 }
 
 /// `-B`, else config, else the first available in SPEC order (native, docker,
-/// podman): today that is docker.
+/// podman); native is not built yet. "Available" is decided without a request:
+/// a listening Docker socket (or DOCKER_HOST), else an installed podman.
 pub fn choose(flag: Option<&str>, configured: Option<&str>) -> Result<BackendKind> {
     let Some(name) = flag.or(configured) else {
-        return Ok(BackendKind::Docker);
+        return auto();
     };
     let kind = BackendKind::parse(name)?;
     if kind.unbuilt_reason().is_some() {
         return Err(Error::not_supported_hint(
             format!("backend {name}"),
-            "use -B docker (`agentkernel doctor` lists what works here)",
+            "use -B docker or -B podman (`agentkernel doctor` lists what works here)",
         ));
     }
     Ok(kind)
+}
+
+fn auto() -> Result<BackendKind> {
+    let docker_host = std::env::var_os("DOCKER_HOST").is_some_and(|h| !h.is_empty());
+    if docker_host || podman::listening(std::path::Path::new("/var/run/docker.sock")) {
+        return Ok(BackendKind::Docker);
+    }
+    if std::env::var_os("CONTAINER_HOST").is_some_and(|h| !h.is_empty()) || podman::installed() {
+        return Ok(BackendKind::Podman);
+    }
+    Err(Error::BackendUnavailable {
+        backend: "any".into(),
+        why: "no Docker engine is listening on /var/run/docker.sock and podman is not installed".into(),
+        fix: "start Docker (`sudo systemctl start docker`) or install podman; `agentkernel doctor` explains each backend".into(),
+    })
+}
+
+/// Connects to the engine behind a container backend.
+pub fn connect(kind: BackendKind) -> Result<Engine> {
+    match kind {
+        BackendKind::Docker => Engine::connect(),
+        BackendKind::Podman => Engine::connect_podman(),
+        other => Err(Error::not_supported(format!("backend {}", other.name()))),
+    }
+}
+
+/// The engine that holds a kept sandbox, from its record.
+pub fn connect_named(backend: &str) -> Result<Engine> {
+    connect(BackendKind::parse(backend)?)
+}
+
+/// Engines that may hold our sandboxes: Docker when reachable without a
+/// request, Podman when it has kept sandboxes or a service is listening.
+/// (Never starts a Podman service just to look.)
+pub fn engines_in_use(store: &agentkernel_core::state::Store) -> Vec<Engine> {
+    let mut engines = Vec::new();
+    let docker_host = std::env::var_os("DOCKER_HOST").is_some_and(|h| !h.is_empty());
+    if docker_host || podman::listening(std::path::Path::new("/var/run/docker.sock")) {
+        engines.extend(Engine::connect().ok());
+    }
+    let podman_records = store.list().iter().any(|r| r.backend == "podman");
+    let podman_listening = std::env::var_os("CONTAINER_HOST").is_some_and(|h| !h.is_empty())
+        || podman::well_known_sockets()
+            .iter()
+            .any(|p| podman::listening(p))
+        || podman::listening(&podman::private_dir().join("podman.sock"));
+    if podman_records || podman_listening {
+        engines.extend(Engine::connect_podman().ok());
+    }
+    engines
 }

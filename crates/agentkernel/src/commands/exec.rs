@@ -3,7 +3,7 @@
 use agentkernel_core::spec::ExecRequest;
 use agentkernel_core::state::Store;
 use agentkernel_core::{names, parse, Result};
-use agentkernel_docker::{kept, Engine};
+use agentkernel_docker::kept;
 
 use crate::cli::ExecArgs;
 
@@ -36,7 +36,10 @@ pub async fn exec(args: ExecArgs) -> Result<i32> {
         timeout,
     };
     let store = Store::open_default();
-    let engine = Engine::connect()?;
+    let record = store
+        .load(&args.name)?
+        .ok_or_else(|| agentkernel_core::Error::NoSuchSandbox(args.name.clone()))?;
+    let engine = crate::backend::connect_named(&record.backend)?;
     let outcome = kept::exec(&engine, &store, &args.name, &req).await?;
     Ok(super::finish(outcome, None, timeout))
 }

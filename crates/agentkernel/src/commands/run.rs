@@ -12,9 +12,9 @@ use agentkernel_core::spec::{
 };
 use agentkernel_core::state::Store;
 use agentkernel_core::{git, names, parse, paths, Error, Result};
-use agentkernel_docker::{kept, oneshot, Engine};
+use agentkernel_docker::{kept, oneshot};
 
-use crate::backend::{self, BackendKind};
+use crate::backend;
 use crate::cli::RunArgs;
 
 const DEFAULT_TTL: Duration = Duration::from_secs(3600);
@@ -28,16 +28,11 @@ pub async fn run(args: RunArgs) -> Result<i32> {
     let spec = resolve(args, &config, &cwd)?;
 
     let store = Store::open_default();
-    let outcome = match backend {
-        BackendKind::Docker => {
-            let engine = Engine::connect()?;
-            if spec.keep.is_some() {
-                kept::run(&engine, &spec, &store).await?
-            } else {
-                oneshot::run(&engine, &spec, &store).await?
-            }
-        }
-        other => unreachable!("backend::choose returned unbuilt backend {}", other.name()),
+    let engine = backend::connect(backend)?;
+    let outcome = if spec.keep.is_some() {
+        kept::run(&engine, &spec, &store).await?
+    } else {
+        oneshot::run(&engine, &spec, &store).await?
     };
     Ok(super::finish(
         outcome,

@@ -1,24 +1,25 @@
-//! `agentkernel sandbox list|info|stop|start|remove|gc`.
+//! `agentkernel sandbox list|info|stop|start|remove|gc`, across every engine
+//! that holds kept sandboxes.
 
 use agentkernel_core::state::{now_unix, SandboxRecord, Store};
-use agentkernel_core::{names, parse, Result};
+use agentkernel_core::{names, parse, Error, Result};
 use agentkernel_docker::{gc, kept, Engine};
 use serde_json::json;
 
+use crate::backend;
 use crate::cli::SandboxCommand;
 
 pub async fn sandbox(cmd: SandboxCommand) -> Result<i32> {
     let store = Store::open_default();
-    let engine = Engine::connect()?;
     match cmd {
-        SandboxCommand::List { json } => list(&engine, &store, json).await,
-        SandboxCommand::Info { name, json } => info(&engine, &store, &name, json).await,
+        SandboxCommand::List { json } => list(&store, json).await,
+        SandboxCommand::Info { name, json } => info(&store, &name, json).await,
         SandboxCommand::Stop { name } => {
-            names::validate(&name)?;
+            let engine = engine_of(&store, &name)?;
             kept::stop(&engine, &store, &name).await.map(|_| 0)
         }
         SandboxCommand::Start { name } => {
-            names::validate(&name)?;
+            let engine = engine_of(&store, &name)?;
             kept::start(&engine, &store, &name).await.map(|_| 0)
         }
         SandboxCommand::Remove { names: list } => {
@@ -26,22 +27,35 @@ pub async fn sandbox(cmd: SandboxCommand) -> Result<i32> {
                 names::validate(name)?;
             }
             for name in &list {
+                let engine = engine_of(&store, name)?;
                 kept::remove(&engine, &store, name).await?;
                 eprintln!("agentkernel: removed {name}");
             }
             Ok(0)
         }
         SandboxCommand::Gc => {
-            engine.ping().await?;
-            let collected = gc::collect_orphans(engine, store).await;
+            let (mut containers, mut dirs) = (0, 0);
+            for engine in backend::engines_in_use(&store) {
+                engine.ping().await?;
+                let c = gc::collect_orphans(engine, Store::new(store.root().to_path_buf())).await;
+                containers += c.containers.len();
+                dirs += c.directories;
+            }
             eprintln!(
-                "agentkernel: removed {} container(s) and {} leftover director(ies)",
-                collected.containers.len(),
-                collected.directories
+                "agentkernel: removed {containers} container(s) and {dirs} leftover director(ies)"
             );
             Ok(0)
         }
     }
+}
+
+/// The engine holding `name`, from its record.
+fn engine_of(store: &Store, name: &str) -> Result<Engine> {
+    names::validate(name)?;
+    let record = store
+        .load(name)?
+        .ok_or_else(|| Error::NoSuchSandbox(name.to_string()))?;
+    backend::connect_named(&record.backend)
 }
 
 struct Row {
@@ -67,32 +81,40 @@ impl Row {
     }
 }
 
-async fn rows(engine: &Engine, store: &Store) -> Result<Vec<Row>> {
-    engine.ping().await?;
-    gc::collect_orphans(engine.clone(), Store::new(store.root().to_path_buf())).await;
+/// Live kept sandboxes of every engine in use, after collecting expired ones.
+async fn rows(store: &Store) -> Result<Vec<Row>> {
     let mut out = Vec::new();
-    for record in store.list() {
-        let status = match kept::status(engine, &record.name).await? {
-            None => continue,
-            Some(s) => match s.to_string().as_str() {
-                "paused" => "stopped".to_string(),
-                other => other.to_string(),
-            },
-        };
-        let expires_in = store
-            .deadline(&record.name)
-            .map(|d| d.saturating_sub(now_unix()));
-        out.push(Row {
-            record,
-            status,
-            expires_in,
-        });
+    for engine in backend::engines_in_use(store) {
+        engine.ping().await?;
+        gc::collect_orphans(engine.clone(), Store::new(store.root().to_path_buf())).await;
+        for record in store
+            .list()
+            .into_iter()
+            .filter(|r| r.backend == engine.name())
+        {
+            let status = match kept::status(&engine, &record.name).await? {
+                None => continue,
+                Some(s) => match s.to_string().as_str() {
+                    "paused" => "stopped".to_string(),
+                    other => other.to_string(),
+                },
+            };
+            let expires_in = store
+                .deadline(&record.name)
+                .map(|d| d.saturating_sub(now_unix()));
+            out.push(Row {
+                record,
+                status,
+                expires_in,
+            });
+        }
     }
+    out.sort_by(|a, b| a.record.name.cmp(&b.record.name));
     Ok(out)
 }
 
-async fn list(engine: &Engine, store: &Store, as_json: bool) -> Result<i32> {
-    let rows = rows(engine, store).await?;
+async fn list(store: &Store, as_json: bool) -> Result<i32> {
+    let rows = rows(store).await?;
     if as_json {
         let list: Vec<_> = rows.iter().map(Row::json).collect();
         println!("{}", serde_json::to_string_pretty(&list).expect("json"));
@@ -116,13 +138,13 @@ async fn list(engine: &Engine, store: &Store, as_json: bool) -> Result<i32> {
     Ok(0)
 }
 
-async fn info(engine: &Engine, store: &Store, name: &str, as_json: bool) -> Result<i32> {
+async fn info(store: &Store, name: &str, as_json: bool) -> Result<i32> {
     names::validate(name)?;
-    let rows = rows(engine, store).await?;
-    let row = rows
+    let row = rows(store)
+        .await?
         .into_iter()
         .find(|r| r.record.name == name)
-        .ok_or_else(|| agentkernel_core::Error::NoSuchSandbox(name.to_string()))?;
+        .ok_or_else(|| Error::NoSuchSandbox(name.to_string()))?;
     if as_json {
         println!(
             "{}",
