@@ -11,6 +11,9 @@ pidfile=${AGENTKERNEL_DOCKERD_PIDFILE:-/run/agentkernel-ci-dockerd.pid}
 need=()
 command -v dockerd >/dev/null || need+=(docker.io)
 command -v busybox >/dev/null || need+=(busybox-static)
+command -v podman >/dev/null || need+=(podman)
+command -v runc >/dev/null || need+=(runc)
+[ -x /usr/libexec/podman/catatonit ] || need+=(catatonit)
 command -v hyperfine >/dev/null || need+=(hyperfine)
 command -v git >/dev/null || need+=(git)
 command -v python3 >/dev/null || need+=(python3)
@@ -40,5 +43,11 @@ for image in agentkernel-test/busybox:1 agentkernel-test/python:3; do
   if ! docker image inspect "$image" >/dev/null 2>&1; then
     "$root/scripts/build-test-images.sh" docker
     break
+  fi
+done
+# The same images for Podman, which keeps its own store.
+for image in agentkernel-test/busybox:1 agentkernel-test/python:3; do
+  if ! podman image exists "$image" 2>/dev/null; then
+    docker save "$image" | podman load -q >/dev/null
   fi
 done

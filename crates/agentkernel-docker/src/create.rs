@@ -17,6 +17,25 @@ use crate::engine::Flavor;
 /// Where a kept sandbox's control directory (its deadline) appears inside it.
 pub const CONTROL_MOUNT: &str = "/run/agentkernel";
 
+/// The main process of a container that waits for commands (kept sandboxes,
+/// warm pool containers): it exits — and the engine auto-removes the container
+/// — when the deadline in the control mount passes, unless the container has
+/// been claimed from the pool (`claimed/` exists), in which case its one
+/// command decides its end. Needs `/bin/sh`, `date`, `cat` and `sleep`.
+pub fn keep_alive_command() -> Vec<String> {
+    let script = format!(
+        "trap 'exit 0' TERM INT HUP; \
+         while :; do \
+           if [ -d {CONTROL_MOUNT}/claimed ]; then sleep 2 & wait $!; continue; fi; \
+           now=$(date +%s); d=$(cat {CONTROL_MOUNT}/deadline 2>/dev/null || echo 0); \
+           [ \"$now\" -ge \"$d\" ] && exit 0; \
+           s=$((d - now)); [ \"$s\" -gt 2 ] && s=2; \
+           sleep \"$s\" & wait $!; \
+         done"
+    );
+    vec!["/bin/sh".into(), "-c".into(), script]
+}
+
 /// What differs between a one-shot container and a kept one.
 pub struct Shape<'a> {
     pub command: Vec<String>,

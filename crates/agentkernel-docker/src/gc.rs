@@ -79,6 +79,10 @@ pub async fn collect_orphans(engine: Engine, store: Store) -> Collected {
                 let Some(sandbox) = labels_of.get(labels::NAME).cloned() else {
                     continue;
                 };
+                // Another state directory's sandbox: its records are not ours to judge by.
+                if labels_of.get(labels::STATE).map(String::as_str) != store.root().to_str() {
+                    continue;
+                }
                 let dir_exists = store.sandbox_dir(&sandbox).exists();
                 let expired = store.deadline(&sandbox).is_some_and(|d| d <= now_unix());
                 if !dir_exists || expired {

@@ -10,43 +10,16 @@
 //! command removes it once its deadline has passed.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use agentkernel_core::spec::{ExecRequest, Outcome, SandboxSpec};
 use agentkernel_core::state::{now_unix, SandboxRecord, Store};
 use agentkernel_core::Error;
-use bollard::exec::{CreateExecOptions, ResizeExecOptions, StartExecOptions, StartExecResults};
 use bollard::models::ContainerStateStatusEnum;
-use tokio::sync::Notify;
 
-use crate::create::{container_body, Shape, CONTROL_MOUNT};
-use crate::engine::Flavor;
+use crate::create::{container_body, Shape};
 use crate::oneshot::{print_ports, remove_container, start_failure};
-use crate::stdio::{self, Process};
 use crate::{labels, Engine};
-
-/// Docker mounts its init (tini) at this path in containers created with
-/// `init`; execs run under it too, for shell-like 126/127 codes. Podman's
-/// catatonit has no such codes, and Podman's exec reports them itself.
-fn exec_prefix(flavor: Flavor) -> &'static [&'static str] {
-    match flavor {
-        Flavor::Docker => &["/sbin/docker-init", "-s", "--"],
-        Flavor::Podman => &[],
-    }
-}
-
-fn keep_alive_script() -> String {
-    format!(
-        "trap 'exit 0' TERM INT HUP; \
-         while :; do \
-           now=$(date +%s); d=$(cat {CONTROL_MOUNT}/deadline 2>/dev/null || echo 0); \
-           [ \"$now\" -ge \"$d\" ] && exit 0; \
-           s=$((d - now)); [ \"$s\" -gt 2 ] && s=2; \
-           sleep \"$s\" & wait $!; \
-         done"
-    )
-}
 
 pub fn container_name(sandbox: &str) -> String {
     format!("{}{sandbox}", labels::CONTAINER_PREFIX)
@@ -131,13 +104,14 @@ async fn create(engine: &Engine, spec: &SandboxSpec, store: &Store) -> Result<()
             (labels::NAME.to_string(), keep.name.clone()),
             (labels::HOST.to_string(), labels::host_id()),
             (labels::PROFILE.to_string(), spec.policy.profile.to_string()),
+            (labels::STATE.to_string(), store.root().display().to_string()),
         ]);
         let ctl = store.control_dir(&keep.name);
         let body = container_body(
             engine.flavor,
             spec,
             Shape {
-                command: vec!["/bin/sh".into(), "-c".into(), keep_alive_script()],
+                command: crate::create::keep_alive_command(),
                 labels: labels_map,
                 stdin: false,
                 tty: false,
@@ -184,78 +158,6 @@ async fn create(engine: &Engine, spec: &SandboxSpec, store: &Store) -> Result<()
     result
 }
 
-struct ExecProcess<'a> {
-    engine: &'a Engine,
-    exec_id: String,
-}
-
-impl ExecProcess<'_> {
-    async fn host_pid(&self) -> Option<i32> {
-        let info = self.engine.docker.inspect_exec(&self.exec_id).await.ok()?;
-        info.pid.filter(|p| *p > 0).map(|p| p as i32)
-    }
-}
-
-impl Process for ExecProcess<'_> {
-    // The Engine API cannot signal an exec; on the engine's own host we can.
-    async fn signal(&self, signo: i32) {
-        if let Some(pid) = self.host_pid().await {
-            // SAFETY: kill has no memory-safety preconditions.
-            unsafe { libc::kill(pid, signo) };
-        }
-    }
-    async fn kill_all(&self) {
-        if let Some(pid) = self.host_pid().await {
-            kill_tree(pid);
-        }
-    }
-    async fn resize(&self, rows: u16, cols: u16) {
-        let _ = self
-            .engine
-            .docker
-            .resize_exec(
-                &self.exec_id,
-                ResizeExecOptions {
-                    height: rows,
-                    width: cols,
-                },
-            )
-            .await;
-    }
-}
-
-/// SIGKILLs `root` and every descendant (found through /proc parent links).
-fn kill_tree(root: i32) {
-    let mut parents: HashMap<i32, i32> = HashMap::new();
-    if let Ok(entries) = std::fs::read_dir("/proc") {
-        for e in entries.flatten() {
-            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-                continue;
-            };
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-                continue;
-            };
-            let Some(after) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
-                continue;
-            };
-            if let Some(ppid) = after.split(' ').nth(1).and_then(|s| s.parse().ok()) {
-                parents.insert(pid, ppid);
-            }
-        }
-    }
-    let mut doomed = vec![root];
-    let mut i = 0;
-    while i < doomed.len() {
-        let p = doomed[i];
-        doomed.extend(parents.iter().filter(|(_, pp)| **pp == p).map(|(c, _)| *c));
-        i += 1;
-    }
-    for pid in doomed {
-        // SAFETY: kill has no memory-safety preconditions.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-    }
-}
-
 /// Runs one command in a kept sandbox.
 pub async fn exec(
     engine: &Engine,
@@ -294,91 +196,16 @@ pub async fn exec(
             }
         })
     };
-    let result = exec_in(engine, name, req).await;
+    let result = crate::exec::run(
+        engine,
+        &container_name(name),
+        req,
+        crate::exec::KillScope::ProcessTree,
+    )
+    .await;
     refresher.abort();
     store.touch(name, ttl)?;
     result
-}
-
-async fn exec_in(engine: &Engine, name: &str, req: &ExecRequest) -> Result<Outcome, Error> {
-    let mut cmd: Vec<String> = exec_prefix(engine.flavor)
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    cmd.extend(req.argv.iter().cloned());
-    let env: Vec<String> = req.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    let created = engine
-        .docker
-        .create_exec(
-            &container_name(name),
-            CreateExecOptions {
-                attach_stdin: Some(true),
-                attach_stdout: Some(true),
-                attach_stderr: Some(true),
-                tty: Some(req.tty),
-                env: (!env.is_empty()).then_some(env),
-                cmd: Some(cmd),
-                working_dir: req.workdir.clone(),
-                ..Default::default()
-            },
-        )
-        .await
-        .map_err(|e| engine.error("creating the command", e))?;
-    let started = engine
-        .docker
-        .start_exec(
-            &created.id,
-            Some(StartExecOptions {
-                detach: false,
-                tty: req.tty,
-                output_capacity: None,
-            }),
-        )
-        .await;
-    let (output, input) = match started {
-        Ok(StartExecResults::Attached { output, input }) => (output, input),
-        Ok(StartExecResults::Detached) => unreachable!("started attached"),
-        Err(e) => return start_failure(engine, e, &req.argv[0]),
-    };
-    let process = ExecProcess {
-        engine,
-        exec_id: created.id.clone(),
-    };
-    let done = Arc::new(Notify::new());
-    let wait = {
-        let done = done.clone();
-        let id = created.id.clone();
-        async move {
-            done.notified().await;
-            // The stream closes as the process exits; the engine records the code a moment later.
-            for _ in 0..500 {
-                let info = engine
-                    .docker
-                    .inspect_exec(&id)
-                    .await
-                    .map_err(|e| engine.error("inspecting the command", e))?;
-                if info.running != Some(true) {
-                    return Ok(info.exit_code.unwrap_or(0));
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            Err(engine.failure("the command's output ended but it did not exit"))
-        }
-    };
-    let finished = stdio::supervise(
-        &process,
-        output,
-        Some(input),
-        req.tty,
-        req.timeout,
-        done,
-        wait,
-    )
-    .await?;
-    if finished.timed_out {
-        return Ok(Outcome::TimedOut);
-    }
-    Ok(Outcome::Exited(finished.exit_code as i32))
 }
 
 pub async fn stop(engine: &Engine, store: &Store, name: &str) -> Result<(), Error> {

@@ -12,6 +12,9 @@ pub const OWNER: &str = "agentkernel.owner";
 /// other machines are never judged by our process table.
 pub const HOST: &str = "agentkernel.host";
 pub const PROFILE: &str = "agentkernel.profile";
+/// The state directory that holds a kept sandbox's (or pool container's)
+/// record: only agentkernel processes using that same directory manage it.
+pub const STATE: &str = "agentkernel.state";
 /// Host scratch directory to delete with the container.
 pub const SCRATCH: &str = "agentkernel.scratch";
 

@@ -11,6 +11,7 @@
 //! - [`pull`]: making sure the image is present
 //! - [`stdio`]: streaming stdin/stdout/stderr, TTY, signals, resize
 //! - [`oneshot`]: `run` without `--keep`
+//! - [`exec`]: one command in an existing container (kept sandboxes, pool)
 //! - [`kept`]: kept sandboxes: create, exec, stop/start/remove, list
 //! - [`gc`]: removing what dead agentkernel processes left behind
 //!
@@ -18,6 +19,7 @@
 
 pub mod create;
 pub mod engine;
+pub mod exec;
 pub mod gc;
 pub mod kept;
 pub mod labels;

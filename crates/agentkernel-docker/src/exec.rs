@@ -1,0 +1,214 @@
+//! Running one command in an existing container through the exec API: used by
+//! kept sandboxes and by claimed pool containers.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentkernel_core::spec::{ExecRequest, Outcome};
+use agentkernel_core::Error;
+use bollard::exec::{CreateExecOptions, ResizeExecOptions, StartExecOptions, StartExecResults};
+use bollard::query_parameters::KillContainerOptionsBuilder;
+use tokio::sync::Notify;
+
+use crate::engine::Flavor;
+use crate::oneshot::start_failure;
+use crate::stdio::{self, Process};
+use crate::Engine;
+
+/// Docker mounts its init (tini) at this path in containers created with
+/// `init`; execs run under it too, for shell-like 126/127 codes and signal
+/// forwarding. Podman's catatonit has no such codes, and Podman's exec
+/// reports them itself.
+fn exec_prefix(flavor: Flavor) -> &'static [&'static str] {
+    match flavor {
+        Flavor::Docker => &["/sbin/docker-init", "-s", "--"],
+        Flavor::Podman => &[],
+    }
+}
+
+/// What "kill everything the command started" means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KillScope {
+    /// The container lives on (kept sandbox): kill the exec'd process tree.
+    ProcessTree,
+    /// The container exists for this one command (pool): kill the container.
+    Container,
+}
+
+struct ExecProcess<'a> {
+    engine: &'a Engine,
+    container: &'a str,
+    exec_id: String,
+    scope: KillScope,
+}
+
+impl ExecProcess<'_> {
+    async fn host_pid(&self) -> Option<i32> {
+        let info = self.engine.docker.inspect_exec(&self.exec_id).await.ok()?;
+        info.pid.filter(|p| *p > 0).map(|p| p as i32)
+    }
+}
+
+impl Process for ExecProcess<'_> {
+    // The Engine API cannot signal an exec; on the engine's own host we can.
+    async fn signal(&self, signo: i32) {
+        if let Some(pid) = self.host_pid().await {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(pid, signo) };
+        }
+    }
+    async fn kill_all(&self) {
+        match self.scope {
+            KillScope::Container => {
+                let options = KillContainerOptionsBuilder::default()
+                    .signal("SIGKILL")
+                    .build();
+                let _ = self
+                    .engine
+                    .docker
+                    .kill_container(self.container, Some(options))
+                    .await;
+            }
+            KillScope::ProcessTree => {
+                if let Some(pid) = self.host_pid().await {
+                    kill_tree(pid);
+                }
+            }
+        }
+    }
+    async fn resize(&self, rows: u16, cols: u16) {
+        let _ = self
+            .engine
+            .docker
+            .resize_exec(
+                &self.exec_id,
+                ResizeExecOptions {
+                    height: rows,
+                    width: cols,
+                },
+            )
+            .await;
+    }
+}
+
+/// SIGKILLs `root` and every descendant (found through /proc parent links).
+fn kill_tree(root: i32) {
+    let mut parents: HashMap<i32, i32> = HashMap::new();
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for e in entries.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            let Some(after) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+                continue;
+            };
+            if let Some(ppid) = after.split(' ').nth(1).and_then(|s| s.parse().ok()) {
+                parents.insert(pid, ppid);
+            }
+        }
+    }
+    let mut doomed = vec![root];
+    let mut i = 0;
+    while i < doomed.len() {
+        let p = doomed[i];
+        doomed.extend(parents.iter().filter(|(_, pp)| **pp == p).map(|(c, _)| *c));
+        i += 1;
+    }
+    for pid in doomed {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+}
+
+/// Runs `req` in `container` and returns how it ended.
+pub async fn run(
+    engine: &Engine,
+    container: &str,
+    req: &ExecRequest,
+    scope: KillScope,
+) -> Result<Outcome, Error> {
+    let mut cmd: Vec<String> = exec_prefix(engine.flavor)
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    cmd.extend(req.argv.iter().cloned());
+    let env: Vec<String> = req.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let created = engine
+        .docker
+        .create_exec(
+            container,
+            CreateExecOptions {
+                attach_stdin: Some(true),
+                attach_stdout: Some(true),
+                attach_stderr: Some(true),
+                tty: Some(req.tty),
+                env: (!env.is_empty()).then_some(env),
+                cmd: Some(cmd),
+                working_dir: req.workdir.clone(),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| engine.error("creating the command", e))?;
+    let started = engine
+        .docker
+        .start_exec(
+            &created.id,
+            Some(StartExecOptions {
+                detach: false,
+                tty: req.tty,
+                output_capacity: None,
+            }),
+        )
+        .await;
+    let (output, input) = match started {
+        Ok(StartExecResults::Attached { output, input }) => (output, input),
+        Ok(StartExecResults::Detached) => unreachable!("started attached"),
+        Err(e) => return start_failure(engine, e, &req.argv[0]),
+    };
+    let process = ExecProcess {
+        engine,
+        container,
+        exec_id: created.id.clone(),
+        scope,
+    };
+    let done = Arc::new(Notify::new());
+    let wait = {
+        let done = done.clone();
+        let id = created.id.clone();
+        async move {
+            done.notified().await;
+            // The stream closes as the process exits; the engine records the code a moment later.
+            for _ in 0..500 {
+                let info = engine
+                    .docker
+                    .inspect_exec(&id)
+                    .await
+                    .map_err(|e| engine.error("inspecting the command", e))?;
+                if info.running != Some(true) {
+                    return Ok(info.exit_code.unwrap_or(0));
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            Err(engine.failure("the command's output ended but it did not exit"))
+        }
+    };
+    let finished = stdio::supervise(
+        &process,
+        output,
+        Some(input),
+        req.tty,
+        req.timeout,
+        done,
+        wait,
+    )
+    .await?;
+    if finished.timed_out {
+        return Ok(Outcome::TimedOut);
+    }
+    Ok(Outcome::Exited(finished.exit_code as i32))
+}
