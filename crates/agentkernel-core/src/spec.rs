@@ -1,12 +1,14 @@
 //! [`SandboxSpec`]: the one backend-neutral description of a sandbox.
 
 use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
 use crate::parse::{PortMapping, Volume};
 use crate::policy::Policy;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum PullPolicy {
     #[default]
     Missing,
@@ -31,7 +33,7 @@ impl std::str::FromStr for PullPolicy {
 }
 
 /// A sandbox that outlives its first command.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Keep {
     pub name: String,
     pub ttl: Duration,
@@ -40,7 +42,7 @@ pub struct Keep {
 }
 
 /// The host directory shown at `/workspace`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Workspace {
     pub host: PathBuf,
     pub path_in_sandbox: String,
@@ -48,7 +50,7 @@ pub struct Workspace {
 
 pub const WORKSPACE_PATH: &str = "/workspace";
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SandboxSpec {
     pub image: String,
     pub pull: PullPolicy,
@@ -65,7 +67,7 @@ pub struct SandboxSpec {
 }
 
 /// One command to run in a sandbox.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ExecRequest {
     pub argv: Vec<String>,
     pub env: Vec<(String, String)>,

@@ -116,6 +116,9 @@ pub async fn collect_orphans(engine: Engine, store: Store) -> Collected {
         let _ = store.forget(&name);
         collected.directories += 1;
     }
+    collected.containers.extend(
+        (0..crate::pool::collect(&engine, &store).await).map(|_| "pool container".to_string()),
+    );
     for dir in store.orphaned_scratch() {
         let _ = state::remove_tree(&dir);
         collected.directories += 1;

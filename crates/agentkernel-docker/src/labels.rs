@@ -18,7 +18,13 @@ pub const STATE: &str = "agentkernel.state";
 /// Host scratch directory to delete with the container.
 pub const SCRATCH: &str = "agentkernel.scratch";
 
+/// Pool containers: which key they warm, and for `pool status`, what they hold.
+pub const POOL_KEY: &str = "agentkernel.pool.key";
+pub const IMAGE: &str = "agentkernel.image";
+pub const WORKSPACE: &str = "agentkernel.workspace";
+
 pub const KIND_RUN: &str = "run";
+pub const KIND_POOL: &str = "pool";
 pub const KIND_KEPT: &str = "kept";
 
 /// Name prefix of every container, so `docker ps` shows whose they are.

@@ -13,6 +13,7 @@
 //! - [`oneshot`]: `run` without `--keep`
 //! - [`exec`]: one command in an existing container (kept sandboxes, pool)
 //! - [`kept`]: kept sandboxes: create, exec, stop/start/remove, list
+//! - [`pool`]: the warm pool behind `--fast`
 //! - [`gc`]: removing what dead agentkernel processes left behind
 //!
 //! [`SandboxSpec`]: agentkernel_core::spec::SandboxSpec
@@ -25,6 +26,7 @@ pub mod kept;
 pub mod labels;
 pub mod oneshot;
 pub mod podman;
+pub mod pool;
 pub mod pull;
 pub mod seccomp;
 pub mod stdio;

@@ -42,6 +42,9 @@ pub enum Command {
     /// Manage the local secret vault (not supported yet)
     #[command(subcommand)]
     Secret(SecretCommand),
+    /// Inspect or empty the warm container pool behind --fast
+    #[command(subcommand)]
+    Pool(PoolCommand),
     /// SSH into a sandbox started with --ssh (not supported yet)
     Ssh { name: String },
     /// Show which backends work here, and how to fix the ones that don't
@@ -64,7 +67,7 @@ pub struct RunArgs {
     #[arg(short = 'k', long)]
     pub keep: bool,
 
-    /// Use the warm container pool (docker/podman). Only --fast=false is accepted until the pool ships
+    /// Use the warm container pool for faster start-up (default: true; --fast=false to skip it)
     #[arg(short = 'F', long, value_name = "BOOL", num_args = 0..=1, require_equals = true,
           default_missing_value = "true", value_parser = BoolishValueParser::new())]
     pub fast: Option<bool>,
@@ -201,6 +204,21 @@ pub enum SandboxCommand {
     },
     /// Remove expired sandboxes and what killed agentkernel processes left behind
     Gc,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PoolCommand {
+    /// Warm and in-use containers per pool key
+    Status,
+    /// Remove every warm container
+    Prune,
+    /// Remove a used container and top its key back up (run detached by `run`)
+    #[command(hide = true)]
+    Refill {
+        key: String,
+        #[arg(long)]
+        used: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

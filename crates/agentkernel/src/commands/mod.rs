@@ -2,6 +2,7 @@
 
 mod doctor;
 mod exec;
+mod pool;
 mod run;
 mod sandbox;
 
@@ -17,6 +18,7 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
         Command::Exec(args) => exec::exec(args).await,
         Command::Sandbox(cmd) => sandbox::sandbox(cmd).await,
         Command::Doctor => doctor::doctor().await,
+        Command::Pool(cmd) => pool::pool(cmd).await,
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,

@@ -12,7 +12,7 @@ use agentkernel_core::spec::{
 };
 use agentkernel_core::state::Store;
 use agentkernel_core::{git, names, parse, paths, Error, Result};
-use agentkernel_docker::{kept, oneshot};
+use agentkernel_docker::{kept, oneshot, pool};
 
 use crate::backend;
 use crate::cli::RunArgs;
@@ -25,12 +25,22 @@ pub async fn run(args: RunArgs) -> Result<i32> {
         .map_err(|e| Error::invalid("current directory", ".", e.to_string()))?;
     let config = Config::load(&cwd, args.config.as_deref())?;
     let backend = backend::choose(args.backend.as_deref(), config.backend.as_deref())?;
+    // The pool serves one-shot runs without published ports; those take the
+    // normal path (explicit combinations are refused in `reject_unsupported`).
+    let fast = args.fast.or(config.fast).unwrap_or(true);
     let spec = resolve(args, &config, &cwd)?;
+    let use_pool = fast && spec.keep.is_none() && spec.ports.is_empty();
 
     let store = Store::open_default();
     let engine = backend::connect(backend)?;
     let outcome = if spec.keep.is_some() {
         kept::run(&engine, &spec, &store).await?
+    } else if use_pool {
+        let settings = pool::Settings {
+            size: config.pool_size.unwrap_or(pool::DEFAULT_SIZE),
+            idle_ttl: config.pool_idle_ttl.unwrap_or(pool::DEFAULT_IDLE_TTL),
+        };
+        pool::run(&engine, &spec, &store, settings).await?
     } else {
         oneshot::run(&engine, &spec, &store).await?
     };
@@ -44,7 +54,7 @@ pub async fn run(args: RunArgs) -> Result<i32> {
 /// Turns flags and config into a spec, rejecting every invalid or
 /// not-yet-supported combination before anything is created.
 pub fn resolve(args: RunArgs, config: &Config, cwd: &Path) -> Result<SandboxSpec> {
-    reject_unsupported(&args, config)?;
+    reject_unsupported(&args)?;
 
     let argv = super::utf8_command(args.command)?;
     let profile = match args.profile.as_deref() {
@@ -208,17 +218,17 @@ fn resolve_keep(
 }
 
 /// Options that are specified but not built yet: validated, then refused.
-fn reject_unsupported(args: &RunArgs, config: &Config) -> Result<()> {
-    let fast_requested = args.fast.or(config.fast) == Some(true);
+fn reject_unsupported(args: &RunArgs) -> Result<()> {
+    // The seed: ports and the pool do not mix; say so when both were asked for.
+    let fast_requested = args.fast == Some(true);
     if fast_requested && !args.publish.is_empty() {
         return Err(Error::Conflict(
             "--publish cannot be used with --fast (the container pool); use --fast=false or leave --fast out".into(),
         ));
     }
-    if fast_requested {
-        return Err(Error::not_supported_hint(
-            "--fast (the warm container pool)",
-            "leave --fast out or pass --fast=false",
+    if fast_requested && (args.keep || args.branch || args.name.is_some() || args.ttl.is_some()) {
+        return Err(Error::Conflict(
+            "--fast (the container pool) serves one-shot runs; a kept sandbox is always created afresh, so drop --fast".into(),
         ));
     }
     for binding in &args.secret {

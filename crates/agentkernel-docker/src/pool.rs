@@ -1,0 +1,453 @@
+//! The warm pool behind `--fast`: containers created and started ahead of
+//! time, so a run pays only for an exec instead of create + start.
+//!
+//! Rules (semantics identical with and without `--fast`; only latency changes):
+//! - A run gets a container no command has ever run in; it is removed after
+//!   that one command, never returned.
+//! - The pool key covers everything fixed at container creation: engine, image
+//!   ID, resolved policy, mounts. Everything else (argv, env, workdir, TTY,
+//!   stdin, timeout) is given to the exec, exactly as the normal path gives it
+//!   to the container. A key with no warm container takes the normal path.
+//! - No daemon of ours: warm containers live in the engine, labelled. A run
+//!   claims one by `mkdir <state>/pool/containers/<name>/ctl/claimed` — atomic,
+//!   so two runs never get the same one. The directory is also the container's
+//!   read-only control mount: once `claimed/` exists its keep-alive loop stops
+//!   counting down its idle deadline.
+//! - Removing the used container and refilling happen in a detached
+//!   `agentkernel pool refill` process, after the command's exit code is known.
+//! - Unclaimed containers expire after `[pool] idle_ttl`: the keep-alive loop
+//!   exits and the engine auto-removes them.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use agentkernel_core::spec::{ExecRequest, Outcome, PullPolicy, SandboxSpec};
+use agentkernel_core::state::{self, now_unix, Owner, Store};
+use agentkernel_core::{names, Error};
+use bollard::models::ContainerSummary;
+use bollard::query_parameters::ListContainersOptionsBuilder;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::create::{container_body, keep_alive_command, Shape};
+use crate::exec::KillScope;
+use crate::oneshot::remove_container;
+use crate::{labels, Engine};
+
+pub const DEFAULT_SIZE: u32 = 2;
+pub const DEFAULT_IDLE_TTL: Duration = Duration::from_secs(600);
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct Settings {
+    pub size: u32,
+    pub idle_ttl: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            size: DEFAULT_SIZE,
+            idle_ttl: DEFAULT_IDLE_TTL,
+        }
+    }
+}
+
+/// What `pool refill` needs to create more containers of a key.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct KeyFile {
+    pub backend: String,
+    pub image: String,
+    /// The spec with the image replaced by its ID and no per-run parts.
+    pub spec: SandboxSpec,
+    pub settings: Settings,
+}
+
+fn pool_dir(store: &Store) -> PathBuf {
+    store.root().join("pool")
+}
+
+fn container_dir(store: &Store, name: &str) -> PathBuf {
+    pool_dir(store).join("containers").join(name)
+}
+
+pub fn key_file_path(store: &Store, key: &str) -> PathBuf {
+    pool_dir(store).join("keys").join(format!("{key}.json"))
+}
+
+pub fn load_key_file(store: &Store, key: &str) -> Result<KeyFile, Error> {
+    let path = key_file_path(store, key);
+    let bytes = std::fs::read(&path).map_err(|e| Error::state(&path, e))?;
+    serde_json::from_slice(&bytes).map_err(|e| Error::state(&path, std::io::Error::other(e)))
+}
+
+/// A stable hash for keys and file names (not for security).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// The spec of a warm container: fixed-at-creation parts only.
+fn warm_spec(spec: &SandboxSpec, image_id: &str) -> SandboxSpec {
+    SandboxSpec {
+        image: image_id.to_string(),
+        pull: PullPolicy::Never,
+        ports: Vec::new(),
+        keep: None,
+        exec: ExecRequest::default(),
+        ..spec.clone()
+    }
+}
+
+fn key_of(engine: &Engine, warm: &SandboxSpec) -> String {
+    let identity = json!({
+        "backend": engine.name(),
+        "image": warm.image,
+        "policy": warm.policy,
+        "workspace": warm.workspace,
+        "home": warm.home,
+        "volumes": warm.volumes,
+    });
+    format!("{:016x}", fnv1a(identity.to_string().as_bytes()))
+}
+
+/// Runs `spec` in a warm container when one is ready, else on the normal
+/// path; either way leaves a detached refill behind.
+pub async fn run(
+    engine: &Engine,
+    spec: &SandboxSpec,
+    store: &Store,
+    settings: Settings,
+) -> Result<Outcome, Error> {
+    if spec.pull == PullPolicy::Always {
+        // Pulling on every run is the point of `always`; a warm container would skip it.
+        return crate::oneshot::run(engine, spec, store).await;
+    }
+    let image_id = match engine.docker.inspect_image(&spec.image).await {
+        Ok(info) => info.id,
+        Err(e) if crate::engine::is_not_found(&e) => None,
+        Err(e) => return Err(engine.error("inspecting the image", e)),
+    };
+    let Some(image_id) = image_id else {
+        // The normal path pulls it; the next run warms the key.
+        return crate::oneshot::run(engine, spec, store).await;
+    };
+    let warm = warm_spec(spec, &image_id);
+    let key = key_of(engine, &warm);
+    let key_path = key_file_path(store, &key);
+    if !key_path.exists() {
+        let file = KeyFile {
+            backend: engine.name().into(),
+            image: spec.image.clone(),
+            spec: warm,
+            settings,
+        };
+        std::fs::create_dir_all(key_path.parent().expect("has parent"))
+            .map_err(|e| Error::state(&key_path, e))?;
+        state::write_atomic(&key_path, &serde_json::to_vec(&file).expect("serializes"))?;
+    }
+
+    let outcome = match claim(engine, store, &key).await {
+        Some(container) => {
+            let outcome = run_claimed(engine, &container, spec).await;
+            spawn_refill(store, &key, Some(&container));
+            outcome
+        }
+        None => {
+            let outcome = crate::oneshot::run(engine, spec, store).await;
+            spawn_refill(store, &key, None);
+            outcome
+        }
+    };
+    outcome
+}
+
+async fn run_claimed(
+    engine: &Engine,
+    container: &str,
+    spec: &SandboxSpec,
+) -> Result<Outcome, Error> {
+    let outcome = crate::exec::run(engine, container, &spec.exec, KillScope::Container).await?;
+    if outcome == Outcome::Exited(137) && spec.policy.limits.memory_bytes.is_some() {
+        if let Ok(info) = engine.docker.inspect_container(container, None).await {
+            if info.state.and_then(|s| s.oom_killed) == Some(true) {
+                return Ok(Outcome::OutOfMemory);
+            }
+        }
+    }
+    Ok(outcome)
+}
+
+async fn list_pool(engine: &Engine, store: &Store, key: Option<&str>) -> Vec<ContainerSummary> {
+    let mut label = vec![
+        format!("{}=true", labels::MANAGED),
+        format!("{}={}", labels::KIND, labels::KIND_POOL),
+        format!("{}={}", labels::STATE, store.root().display()),
+    ];
+    if let Some(key) = key {
+        label.push(format!("{}={key}", labels::POOL_KEY));
+    }
+    let filters = HashMap::from([("label".to_string(), label)]);
+    let options = ListContainersOptionsBuilder::default()
+        .all(true)
+        .filters(&filters)
+        .build();
+    engine
+        .docker
+        .list_containers(Some(options))
+        .await
+        .unwrap_or_default()
+}
+
+fn name_of(c: &ContainerSummary) -> Option<String> {
+    c.names
+        .as_ref()?
+        .first()
+        .map(|n| n.trim_start_matches('/').to_string())
+}
+
+fn is_claimed(store: &Store, name: &str) -> bool {
+    container_dir(store, name).join("ctl/claimed").exists()
+}
+
+/// Claims a running warm container of `key`, atomically.
+async fn claim(engine: &Engine, store: &Store, key: &str) -> Option<String> {
+    let mut candidates: Vec<String> = list_pool(engine, store, Some(key))
+        .await
+        .iter()
+        .filter(|c| c.state.as_ref().map(|s| s.to_string()) == Some("running".into()))
+        .filter_map(name_of)
+        .collect();
+    // Start at a random place so concurrent runs rarely contend for the same one.
+    if !candidates.is_empty() {
+        let offset = u32::from_str_radix(&names::generated()[4..], 16).unwrap_or(0) as usize
+            % candidates.len();
+        candidates.rotate_left(offset);
+    }
+    for name in candidates {
+        let dir = container_dir(store, &name);
+        if std::fs::create_dir(dir.join("ctl/claimed")).is_ok() {
+            let _ = state::write_atomic(&dir.join("owner"), Owner::current().0.as_bytes());
+            return Some(name);
+        }
+    }
+    None
+}
+
+/// Starts `agentkernel pool refill` detached: it removes the used container
+/// and tops the key back up, after we have exited.
+fn spawn_refill(store: &Store, key: &str, used: Option<&str>) {
+    use std::os::unix::process::CommandExt;
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(["pool", "refill", key]);
+    if let Some(used) = used {
+        cmd.args(["--used", used]);
+    }
+    cmd.env("AGENTKERNEL_HOME", store.root())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: setsid is async-signal-safe; the refill must survive our exit and
+    // not receive the user's Ctrl-C.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let _ = cmd.spawn();
+}
+
+/// `agentkernel pool refill KEY [--used NAME]`.
+pub async fn refill(
+    engine: &Engine,
+    store: &Store,
+    key: &str,
+    used: Option<&str>,
+) -> Result<(), Error> {
+    if let Some(used) = used {
+        remove_container(engine, used).await;
+        let _ = state::remove_tree(&container_dir(store, used));
+    }
+    let file = load_key_file(store, key)?;
+    let lock_path = key_file_path(store, key).with_extension("lock");
+    let lock = std::fs::File::create(&lock_path).map_err(|e| Error::state(&lock_path, e))?;
+    // SAFETY: flock on a descriptor we own; released when `lock` drops.
+    unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) };
+    let warm = list_pool(engine, store, Some(key))
+        .await
+        .iter()
+        .filter_map(name_of)
+        .filter(|n| !is_claimed(store, n))
+        .count() as u32;
+    for _ in warm..file.settings.size {
+        create_warm(engine, store, key, &file).await?;
+    }
+    crate::gc::collect_orphans(engine.clone(), Store::new(store.root().to_path_buf())).await;
+    Ok(())
+}
+
+async fn create_warm(
+    engine: &Engine,
+    store: &Store,
+    key: &str,
+    file: &KeyFile,
+) -> Result<(), Error> {
+    let name = format!(
+        "{}pool-{}",
+        labels::CONTAINER_PREFIX,
+        &names::generated()[4..]
+    );
+    let dir = container_dir(store, &name);
+    let ctl = dir.join("ctl");
+    std::fs::create_dir_all(&ctl).map_err(|e| Error::state(&ctl, e))?;
+    let deadline = now_unix() + file.settings.idle_ttl.as_secs();
+    state::write_atomic(&ctl.join("deadline"), deadline.to_string().as_bytes())?;
+    let spec = &file.spec;
+    let mut label_map = HashMap::from([
+        (labels::MANAGED.to_string(), "true".to_string()),
+        (labels::KIND.to_string(), labels::KIND_POOL.to_string()),
+        (labels::POOL_KEY.to_string(), key.to_string()),
+        (labels::HOST.to_string(), labels::host_id()),
+        (
+            labels::STATE.to_string(),
+            store.root().display().to_string(),
+        ),
+        (labels::PROFILE.to_string(), spec.policy.profile.to_string()),
+        (labels::IMAGE.to_string(), file.image.clone()),
+    ]);
+    if let Some(ws) = &spec.workspace {
+        label_map.insert(labels::WORKSPACE.to_string(), ws.host.display().to_string());
+    }
+    let result = async {
+        let scratch = dir.join("workspace");
+        let body = container_body(
+            engine.flavor,
+            spec,
+            Shape {
+                command: keep_alive_command(),
+                labels: label_map,
+                stdin: false,
+                tty: false,
+                scratch: crate::create::needs_scratch(engine.flavor, spec)
+                    .then_some(scratch.as_path()),
+                control_dir: Some(&ctl),
+                auto_remove: true,
+            },
+        )?;
+        crate::pull::create_container(engine, &spec.image, PullPolicy::Never, &name, body, |e| {
+            engine.error("creating a warm container", e)
+        })
+        .await?;
+        engine
+            .docker
+            .start_container(&name, None)
+            .await
+            .map_err(|e| engine.error("starting a warm container", e))
+    }
+    .await;
+    if result.is_err() {
+        remove_container(engine, &name).await;
+        let _ = state::remove_tree(&dir);
+    }
+    result
+}
+
+/// One line of `pool status`.
+pub struct KeyStatus {
+    pub key: String,
+    pub image: String,
+    pub profile: String,
+    pub workspace: String,
+    pub warm: usize,
+    pub in_use: usize,
+}
+
+pub async fn status(engine: &Engine, store: &Store) -> Vec<KeyStatus> {
+    let mut by_key: HashMap<String, KeyStatus> = HashMap::new();
+    for c in list_pool(engine, store, None).await {
+        let labels_of = c.labels.clone().unwrap_or_default();
+        let (Some(key), Some(name)) = (labels_of.get(labels::POOL_KEY).cloned(), name_of(&c))
+        else {
+            continue;
+        };
+        let entry = by_key.entry(key.clone()).or_insert_with(|| KeyStatus {
+            key,
+            image: labels_of.get(labels::IMAGE).cloned().unwrap_or_default(),
+            profile: labels_of.get(labels::PROFILE).cloned().unwrap_or_default(),
+            workspace: labels_of
+                .get(labels::WORKSPACE)
+                .cloned()
+                .unwrap_or_else(|| "-".into()),
+            warm: 0,
+            in_use: 0,
+        });
+        if is_claimed(store, &name) {
+            entry.in_use += 1;
+        } else {
+            entry.warm += 1;
+        }
+    }
+    let mut out: Vec<_> = by_key.into_values().collect();
+    out.sort_by(|a, b| a.key.cmp(&b.key));
+    out
+}
+
+/// Removes every warm (unclaimed) container and forgets every key.
+pub async fn prune(engine: &Engine, store: &Store) -> usize {
+    let mut removed = 0;
+    for c in list_pool(engine, store, None).await {
+        let Some(name) = name_of(&c) else { continue };
+        if !is_claimed(store, &name) {
+            remove_container(engine, &name).await;
+            let _ = state::remove_tree(&container_dir(store, &name));
+            removed += 1;
+        }
+    }
+    let _ = state::remove_tree(&pool_dir(store).join("keys"));
+    removed
+}
+
+/// For gc: pool containers claimed by a process that died before its refill
+/// removed them, and pool directories whose container is gone.
+pub async fn collect(engine: &Engine, store: &Store) -> usize {
+    let mut removed = 0;
+    let containers = list_pool(engine, store, None).await;
+    let live: Vec<String> = containers.iter().filter_map(name_of).collect();
+    for name in &live {
+        let owner =
+            std::fs::read_to_string(container_dir(store, name).join("owner")).unwrap_or_default();
+        if is_claimed(store, name) && !owner.is_empty() && Owner(owner.trim().to_string()).is_dead()
+        {
+            // The refill normally removes it right after the command; give it a moment.
+            if age_secs(&container_dir(store, name).join("owner")) > 30 {
+                remove_container(engine, name).await;
+                let _ = state::remove_tree(&container_dir(store, name));
+                removed += 1;
+            }
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir(pool_dir(store).join("containers")) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            // A directory is made just before its container: leave young ones alone.
+            if !live.contains(&name) && age_secs(&entry.path()) > 60 {
+                let _ = state::remove_tree(&entry.path());
+            }
+        }
+    }
+    removed
+}
+
+fn age_secs(path: &Path) -> u64 {
+    std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
