@@ -3,6 +3,7 @@
 //! Everything a backend needs to know about a sandbox is resolved here into a
 //! [`spec::SandboxSpec`]; backends only translate it, they never decide policy.
 
+pub mod cgroup;
 pub mod config;
 pub mod error;
 pub mod git;

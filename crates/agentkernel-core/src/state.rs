@@ -29,6 +29,9 @@ pub struct SandboxRecord {
     pub ttl_secs: u64,
     /// The host directory mounted at /workspace, if any.
     pub workspace: Option<PathBuf>,
+    /// The memory limit, for naming it when the OOM killer strikes.
+    #[serde(default)]
+    pub memory_bytes: Option<u64>,
 }
 
 pub fn now_unix() -> u64 {
@@ -267,6 +270,7 @@ mod tests {
             created_unix: 1,
             ttl_secs: 60,
             workspace: None,
+            memory_bytes: None,
         }
     }
 

@@ -212,3 +212,16 @@ pub async fn run(
     }
     Ok(Outcome::Exited(finished.exit_code as i32))
 }
+
+/// OOM kills so far in `container`'s memory cgroup, read on the engine's host
+/// (exec'd processes killed by the OOM killer do not set the engine's
+/// `OOMKilled`, which describes the main process only).
+pub async fn oom_kills(engine: &Engine, container: &str) -> Option<u64> {
+    let info = engine
+        .docker
+        .inspect_container(container, None)
+        .await
+        .ok()?;
+    let pid = info.state?.pid.filter(|p| *p > 0)?;
+    agentkernel_core::cgroup::oom_kills(pid)
+}

@@ -148,6 +148,7 @@ async fn create(engine: &Engine, spec: &SandboxSpec, store: &Store) -> Result<()
             created_unix: now_unix(),
             ttl_secs: keep.ttl.as_secs(),
             workspace: spec.workspace.as_ref().map(|w| w.host.clone()),
+            memory_bytes: spec.policy.limits.memory_bytes,
         })
     }
     .await;
@@ -196,13 +197,20 @@ pub async fn exec(
             }
         })
     };
-    let result = crate::exec::run(
-        engine,
-        &container_name(name),
-        req,
-        crate::exec::KillScope::ProcessTree,
-    )
-    .await;
+    let container = container_name(name);
+    let ooms_before = crate::exec::oom_kills(engine, &container).await;
+    let mut result =
+        crate::exec::run(engine, &container, req, crate::exec::KillScope::ProcessTree).await;
+    // The engine's OOMKilled describes the main process only; count the cgroup's kills.
+    if let (Ok(Outcome::Exited(137)), Some(before)) = (&result, ooms_before) {
+        if crate::exec::oom_kills(engine, &container)
+            .await
+            .unwrap_or(0)
+            > before
+        {
+            result = Ok(Outcome::OutOfMemory);
+        }
+    }
     refresher.abort();
     store.touch(name, ttl)?;
     result

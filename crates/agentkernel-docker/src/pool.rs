@@ -169,12 +169,11 @@ async fn run_claimed(
     spec: &SandboxSpec,
 ) -> Result<Outcome, Error> {
     let outcome = crate::exec::run(engine, container, &spec.exec, KillScope::Container).await?;
-    if outcome == Outcome::Exited(137) && spec.policy.limits.memory_bytes.is_some() {
-        if let Ok(info) = engine.docker.inspect_container(container, None).await {
-            if info.state.and_then(|s| s.oom_killed) == Some(true) {
-                return Ok(Outcome::OutOfMemory);
-            }
-        }
+    // A fresh container: any OOM kill in it was this command's.
+    if outcome == Outcome::Exited(137)
+        && crate::exec::oom_kills(engine, container).await.unwrap_or(0) > 0
+    {
+        return Ok(Outcome::OutOfMemory);
     }
     Ok(outcome)
 }

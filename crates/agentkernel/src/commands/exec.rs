@@ -41,5 +41,5 @@ pub async fn exec(args: ExecArgs) -> Result<i32> {
         .ok_or_else(|| agentkernel_core::Error::NoSuchSandbox(args.name.clone()))?;
     let engine = crate::backend::connect_named(&record.backend)?;
     let outcome = kept::exec(&engine, &store, &args.name, &req).await?;
-    Ok(super::finish(outcome, None, timeout))
+    Ok(super::finish(outcome, record.memory_bytes, timeout))
 }
