@@ -151,6 +151,8 @@ pub async fn run(
     let outcome = match claim(engine, store, &key).await {
         Some(container) => {
             let outcome = run_claimed(engine, &container, spec).await;
+            // From here the refill owns the used container; gc gives it a moment.
+            let _ = std::fs::write(container_dir(store, &container).join("handed-off"), b"");
             spawn_refill(store, &key, Some(&container));
             outcome
         }
@@ -422,8 +424,10 @@ pub async fn collect(engine: &Engine, store: &Store) -> usize {
             std::fs::read_to_string(container_dir(store, name).join("owner")).unwrap_or_default();
         if is_claimed(store, name) && !owner.is_empty() && Owner(owner.trim().to_string()).is_dead()
         {
-            // The refill normally removes it right after the command; give it a moment.
-            if age_secs(&container_dir(store, name).join("owner")) > 30 {
+            // A run that ended normally handed the container to its refill,
+            // which removes it in a moment; one killed mid-command did not.
+            let handed_off = container_dir(store, name).join("handed-off");
+            if !handed_off.exists() || age_secs(&handed_off) > 30 {
                 remove_container(engine, name).await;
                 let _ = state::remove_tree(&container_dir(store, name));
                 removed += 1;
