@@ -44,9 +44,21 @@ struct ExecProcess<'a> {
 }
 
 impl ExecProcess<'_> {
+    /// The exec's process on the engine's host. Docker reports 0 for a short
+    /// while after the process started, so a signal that arrives early waits
+    /// for the real pid instead of being dropped.
     async fn host_pid(&self) -> Option<i32> {
-        let info = self.engine.docker.inspect_exec(&self.exec_id).await.ok()?;
-        info.pid.filter(|p| *p > 0).map(|p| p as i32)
+        for _ in 0..1000 {
+            let info = self.engine.docker.inspect_exec(&self.exec_id).await.ok()?;
+            if let Some(pid) = info.pid.filter(|p| *p > 0) {
+                return Some(pid as i32);
+            }
+            if info.running == Some(false) {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        None
     }
 }
 

@@ -44,11 +44,34 @@ const FORWARDED: [(SignalKind, i32); 4] = [
     (SignalKind::quit(), libc::SIGQUIT),
 ];
 
-struct Signals {
+pub struct Signals {
     streams: Vec<(Signal, i32)>,
 }
 
+/// Handlers installed at start-up (see [`install_signal_handlers`]).
+static EARLY: std::sync::Mutex<Option<Signals>> = std::sync::Mutex::new(None);
+
+/// Installs agentkernel's handlers for the forwarded signals as early as
+/// possible: a Ctrl-C that arrives while the sandbox is being created is then
+/// held and delivered to the command as soon as it runs (which ends it and
+/// lets cleanup happen), instead of killing agentkernel mid-way and leaving
+/// the sandbox to a later garbage collection. Needs a tokio runtime.
+pub fn install_signal_handlers() {
+    let mut early = EARLY.lock().unwrap_or_else(|p| p.into_inner());
+    if early.is_none() {
+        *early = Some(Signals::install());
+    }
+}
+
 impl Signals {
+    fn take_or_install() -> Signals {
+        EARLY
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .unwrap_or_else(Signals::install)
+    }
+
     fn install() -> Signals {
         let streams = FORWARDED
             .iter()
@@ -98,7 +121,7 @@ pub async fn supervise<P: Process>(
         head
     });
 
-    let mut signals = Signals::install();
+    let mut signals = Signals::take_or_install();
     let mut winch = signal(SignalKind::window_change()).ok();
     let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
     let sleep = async {

@@ -137,18 +137,36 @@ fn fast_false_is_accepted() {
 }
 
 #[test]
-fn explicit_fast_is_not_supported_yet() {
+fn explicit_fast_is_accepted() {
+    // `--fast` was "not supported yet" until the warm pool landed.
     let env = TestEnv::new();
     for args in [
-        &["run", "--fast", "-i", BUSYBOX, "true"][..],
-        &["run", "-F", "-i", BUSYBOX, "true"][..],
-        &["run", "--fast=true", "-i", BUSYBOX, "true"][..],
+        &["run", "--fast", "-i", BUSYBOX, "echo", "ok"][..],
+        &["run", "-F", "-i", BUSYBOX, "echo", "ok"][..],
+        &["run", "--fast=true", "-i", BUSYBOX, "echo", "ok"][..],
     ] {
         let out = env.run(args);
+        assert_code(&out, 0);
+        assert_eq!(stdout(&out), "ok\n", "{args:?}");
+    }
+}
+
+#[test]
+fn fast_with_a_kept_sandbox_is_125() {
+    let env = TestEnv::new();
+    for opts in [
+        &["--keep"][..],
+        &["--ttl", "1m"][..],
+        &["--name", "fast-kept"][..],
+    ] {
+        let mut args = vec!["run", "--fast"];
+        args.extend_from_slice(opts);
+        args.extend(["-i", BUSYBOX, "true"]);
+        let out = env.run(&args);
         let line = assert_one_line_error(&out);
-        assert!(line.contains("not supported yet"), "{args:?}: {line}");
         assert!(line.contains("--fast"), "{args:?}: {line}");
     }
+    assert!(!container_exists("agentkernel-fast-kept"));
 }
 
 #[test]
@@ -192,7 +210,8 @@ fn not_yet_supported_options_are_125() {
 #[test]
 fn unbuilt_backends_are_not_supported_yet() {
     let env = TestEnv::new();
-    for backend in ["native", "podman", "firecracker", "qemu", "apple"] {
+    // podman was on this list until the podman backend landed; `-B podman` now runs.
+    for backend in ["native", "firecracker", "qemu", "apple"] {
         let out = env.run(&["run", "-B", backend, "-i", BUSYBOX, "true"]);
         let line = assert_one_line_error(&out);
         assert!(
@@ -263,4 +282,61 @@ fn version_goes_to_stdout() {
     let out = env.run(&["--version"]);
     assert_code(&out, 0);
     assert!(stdout(&out).starts_with("agentkernel "), "{}", stdout(&out));
+}
+
+#[test]
+fn env_workdir_and_volume_options_apply() {
+    let env = TestEnv::new();
+    let data = env.home_dir().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::write(data.join("in.txt"), "mounted\n").unwrap();
+    let vol_ro = format!("{}:/data:ro", data.display());
+    let out = env
+        .cmd()
+        .env("FROM_HOST", "copied")
+        .args([
+            "run",
+            "-e",
+            "A=1 2",
+            "-e",
+            "FROM_HOST",
+            "-w",
+            "/data",
+            "-v",
+            &vol_ro,
+            "-i",
+            BUSYBOX,
+            "sh",
+            "-c",
+            r#"echo "$A|$FROM_HOST|$(pwd)|$(cat in.txt)"; if touch /data/new 2>/dev/null; then echo RW; else echo ro; fi"#,
+        ])
+        .output()
+        .unwrap();
+    assert_code(&out, 0);
+    assert_eq!(stdout(&out), "1 2|copied|/data|mounted\nro\n");
+
+    let vol_rw = format!("{}:/data", data.display());
+    let out = env.run(&[
+        "run",
+        "-v",
+        &vol_rw,
+        "-i",
+        BUSYBOX,
+        "sh",
+        "-c",
+        "echo out > /data/out.txt",
+    ]);
+    assert_code(&out, 0);
+    assert_eq!(
+        std::fs::read_to_string(data.join("out.txt")).unwrap(),
+        "out\n"
+    );
+}
+
+#[test]
+fn pull_never_uses_a_local_image() {
+    let env = TestEnv::new();
+    let out = env.run(&["run", "--pull", "never", "-i", BUSYBOX, "echo", "local"]);
+    assert_code(&out, 0);
+    assert_eq!(stdout(&out), "local\n");
 }

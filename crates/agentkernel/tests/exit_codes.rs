@@ -101,16 +101,8 @@ fn timeout_is_124_and_kills_the_whole_tree() {
     let a = format!("{}", 30_000 + std::process::id() % 10_000);
     let b = format!("{}", 40_000 + std::process::id() % 10_000);
     let script = format!("sleep {a} & (sleep {b} &) ; sleep {a}");
-    let (out, owner) = env.run_tracked(&[
-        "run",
-        "--timeout",
-        "2s",
-        "-i",
-        BUSYBOX,
-        "sh",
-        "-c",
-        &script,
-    ]);
+    let (out, owner) =
+        env.run_tracked(&["run", "--timeout", "2s", "-i", BUSYBOX, "sh", "-c", &script]);
     assert_code(&out, 124);
     assert!(
         stderr(&out).contains("timed out"),
@@ -129,7 +121,14 @@ fn timeout_is_124_and_kills_the_whole_tree() {
 fn timeout_not_reached_keeps_the_commands_code() {
     let env = TestEnv::new();
     let out = env.run(&[
-        "run", "--timeout", "60s", "-i", BUSYBOX, "sh", "-c", "exit 5",
+        "run",
+        "--timeout",
+        "60s",
+        "-i",
+        BUSYBOX,
+        "sh",
+        "-c",
+        "exit 5",
     ]);
     assert_code(&out, 5);
 }

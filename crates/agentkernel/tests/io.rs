@@ -6,6 +6,7 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read};
 use std::process::Stdio;
+use std::sync::mpsc;
 use std::time::Duration;
 
 use common::*;
@@ -34,7 +35,11 @@ fn large_binary_stdin_round_trips() {
         .output()
         .unwrap();
     assert_code(&out, 0);
-    assert!(out.stdout == data, "stdout differs from stdin ({} bytes back)", out.stdout.len());
+    assert!(
+        out.stdout == data,
+        "stdout differs from stdin ({} bytes back)",
+        out.stdout.len()
+    );
 }
 
 #[test]
@@ -55,7 +60,10 @@ fn stdout_and_stderr_stay_separate() {
         err.contains("to-err\n") && err.contains("more-err\n"),
         "stderr: {err:?}"
     );
-    assert!(!err.contains("out"), "stdout text leaked to stderr: {err:?}");
+    assert!(
+        !err.contains("out"),
+        "stdout text leaked to stderr: {err:?}"
+    );
 }
 
 #[test]
@@ -94,20 +102,45 @@ fn output_streams_live() {
     );
 }
 
+/// Spawns a run whose command prints `ready` once it is set up; returns when
+/// that line has arrived (so agentkernel is supervising: its signal handlers
+/// are installed before it pumps any output) with the rest of stdout to come.
+fn spawn_ready(env: &TestEnv, script: &str) -> (Tracked, mpsc::Receiver<String>) {
+    let mut t = env.spawn(&["run", "-i", BUSYBOX, "sh", "-c", script]);
+    let out = t.child().stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let first = rx.recv_timeout(Duration::from_secs(60));
+    assert_eq!(
+        first.as_deref(),
+        Ok("ready"),
+        "the command never said it was ready"
+    );
+    (t, rx)
+}
+
 #[test]
 fn sigterm_reaches_the_command_and_the_sandbox_is_removed() {
     let env = TestEnv::new();
-    let mut t = env.spawn(&["run", "-i", BUSYBOX, "sleep", "60"]);
-    let container = t.wait_running(Duration::from_secs(30));
+    let (t, _rest) = spawn_ready(&env, "echo ready; exec sleep 60");
+    let containers = t.containers();
+    assert_eq!(containers.len(), 1, "{containers:?}");
     t.signal(libc::SIGTERM);
     let owner = t.owner.clone();
     let out = t.wait_output(Duration::from_secs(30));
     assert_code(&out, 143);
     assert!(
-        containers_of_owner(&owner).is_empty() && !container_exists(&container),
-        "container {container} of the terminated run was left behind"
+        containers_of_owner(&owner).is_empty() && !container_exists(&containers[0]),
+        "container {} of the terminated run was left behind",
+        containers[0]
     );
-    // The run container carried the documented labels; none for this owner remains.
+    // No container of kind `run` for this owner remains.
     let left = docker_ok(&[
         "ps",
         "-a",
@@ -129,22 +162,18 @@ fn sigterm_reaches_the_command_and_the_sandbox_is_removed() {
 fn sigint_reaches_the_command() {
     let env = TestEnv::new();
     // The command traps INT and exits 7: the signal was delivered, not just the sandbox killed.
-    let mut t = env.spawn(&[
-        "run",
-        "-i",
-        BUSYBOX,
-        "sh",
-        "-c",
-        "trap 'echo got-int; exit 7' INT; while :; do sleep 1; done",
-    ]);
-    t.wait_running(Duration::from_secs(30));
-    // The trap must be installed before the signal arrives.
-    std::thread::sleep(Duration::from_millis(500));
+    let (t, rest) = spawn_ready(
+        &env,
+        "trap 'echo got-int; exit 7' INT; echo ready; while :; do sleep 1; done",
+    );
     t.signal(libc::SIGINT);
     let owner = t.owner.clone();
     let out = t.wait_output(Duration::from_secs(30));
     assert_code(&out, 7);
-    assert_eq!(stdout(&out), "got-int\n");
+    assert_eq!(
+        rest.recv_timeout(Duration::from_secs(10)).as_deref(),
+        Ok("got-int")
+    );
     assert!(containers_of_owner(&owner).is_empty());
 }
 
@@ -180,7 +209,14 @@ fn own_messages_never_on_stdout() {
     assert!(stderr(&out).contains(&name), "{}", stderr(&out));
 
     // Error messages.
-    let out = env.run(&["run", "-i", "agentkernel-test/nope:1", "--pull", "never", "true"]);
+    let out = env.run(&[
+        "run",
+        "-i",
+        "agentkernel-test/nope:1",
+        "--pull",
+        "never",
+        "true",
+    ]);
     assert_code(&out, 125);
     assert!(out.stdout.is_empty(), "stdout: {}", stdout(&out));
 
@@ -194,4 +230,32 @@ fn own_messages_never_on_stdout() {
     assert_code(&out, 0);
     assert_eq!(stdout(&out), "hi\n");
     assert!(stderr(&out).contains("warning"), "{}", stderr(&out));
+}
+
+#[test]
+fn a_terminal_is_given_only_when_on_a_terminal() {
+    let env = TestEnv::new();
+    let script = "if [ -t 0 ] && [ -t 1 ]; then echo in-tty; else echo no-tty; fi";
+    // Without a terminal (as in every other test).
+    let out = env.run(&["run", "-i", BUSYBOX, "sh", "-c", script]);
+    assert_code(&out, 0);
+    assert_eq!(stdout(&out), "no-tty\n");
+    // Under a pseudo-terminal made by util-linux `script`.
+    let inner = format!("{} run -i {BUSYBOX} sh -c '{script}'", binary().display());
+    let mut cmd = std::process::Command::new("script");
+    cmd.args(["-qec", &inner, "/dev/null"])
+        .env("AGENTKERNEL_HOME", env.state_dir())
+        .env("HOME", env.home_dir())
+        .current_dir(env.project_dir())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let t = Tracked::spawn(cmd);
+    let out = t.wait_output(Duration::from_secs(60));
+    assert_code(&out, 0);
+    assert!(
+        stdout(&out).contains("in-tty"),
+        "no TTY inside although agentkernel ran on one: {:?}",
+        stdout(&out)
+    );
 }

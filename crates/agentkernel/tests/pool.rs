@@ -1,12 +1,443 @@
-//! The warm pool behind `--fast` (issue: Podman backend and --fast): the same
-//! semantics as the normal path, a fresh container for every run, atomic
-//! claims, idle expiry, and `--fast=false` never touching it.
+//! The warm pool behind `--fast` (on by default for one-shot runs). Its
+//! contract: the same semantics with and without it, only start-up differs;
+//! a fresh container for every run, atomic claims, idle expiry, and
+//! `--fast=false` never touching it. Every test makes sure the run under
+//! test really was served by a warm container.
 
 mod common;
 
+use std::process::Output;
 use std::time::Duration;
 
 use common::*;
+
+/// Waits for a warm container, runs `args` and asserts the run claimed one.
+/// Returns the output and the claimed container's name.
+fn pooled(env: &TestEnv, args: &[&str]) -> (Output, String) {
+    poll_until(
+        Duration::from_secs(60),
+        "a warm container should be ready",
+        || !env.warm_pool().is_empty(),
+    );
+    let warm = env.warm_pool();
+    let (out, owner) = env.run_tracked(args);
+    // The claim records our owner, but the detached refill may already have
+    // removed the used container and its record; a warm container that was
+    // claimed or is gone shows the run used it (nothing else claims this
+    // test's pool, and idle expiry is minutes away).
+    let mut used = env.claimed_by(&owner).pop();
+    let start = std::time::Instant::now();
+    while used.is_none() && start.elapsed() < Duration::from_secs(30) {
+        used = warm
+            .iter()
+            .find(|w| env.is_claimed(w) || !container_exists(w))
+            .cloned();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let used = used.unwrap_or_else(|| {
+        panic!(
+            "`{}` was not served by the warm pool (stderr: {})",
+            args.join(" "),
+            stderr(&out)
+        )
+    });
+    assert!(containers_of_owner(&owner).is_empty());
+    (out, used)
+}
+
+/// The used container of a finished pooled run is removed (by the detached refill).
+fn assert_used_removed(container: &str) {
+    poll_until(
+        Duration::from_secs(60),
+        "the used pool container should be removed after the run",
+        || !container_exists(container),
+    );
+}
+
+const SH: [&str; 4] = ["-i", BUSYBOX, "sh", "-c"];
+
+fn run_sh(script: &str) -> Vec<&str> {
+    let mut v = vec!["run"];
+    v.extend(SH);
+    v.push(script);
+    v
+}
+
+#[test]
+fn second_run_is_served_by_the_pool_and_the_used_container_goes() {
+    let env = TestEnv::new();
+    let args = run_sh("echo hello; echo oops >&2; exit 3");
+    let (first, first_owner) = env.run_tracked(&args);
+    assert_code(&first, 3);
+    assert!(
+        env.claimed_by(&first_owner).is_empty(),
+        "a cold key cannot have a warm container"
+    );
+    let (out, used) = pooled(&env, &args);
+    assert_code(&out, 3);
+    assert_eq!(stdout(&out), "hello\n");
+    assert_eq!(stderr(&out), "oops\n");
+    assert_used_removed(&used);
+    // And the key is topped back up.
+    poll_until(
+        Duration::from_secs(60),
+        "the pool should be refilled",
+        || !env.warm_pool().is_empty(),
+    );
+}
+
+#[test]
+fn pooled_runs_pass_argv_env_workdir_and_stdin_exactly() {
+    let env = TestEnv::new();
+    env.warm_up(&["run", "-i", BUSYBOX, "true"]);
+    let (out, _) = pooled(
+        &env,
+        &[
+            "run",
+            "-i",
+            BUSYBOX,
+            "sh",
+            "-c",
+            r#"echo "$0" "a b"; echo "$K"; pwd"#,
+            "x",
+        ],
+    );
+    assert_code(&out, 0);
+    assert_eq!(stdout(&out), "x a b\n\n/workspace\n");
+
+    let (out, _) = pooled(
+        &env,
+        &[
+            "run",
+            "-e",
+            "K=V w",
+            "-w",
+            "/tmp",
+            "-i",
+            BUSYBOX,
+            "sh",
+            "-c",
+            r#"echo "$K" "$(pwd)""#,
+        ],
+    );
+    assert_code(&out, 0);
+    assert_eq!(stdout(&out), "V w /tmp\n");
+
+    poll_until(Duration::from_secs(60), "warm container", || {
+        !env.warm_pool().is_empty()
+    });
+    let t = {
+        let mut cmd = env.std_cmd();
+        cmd.args(["run", "-i", BUSYBOX, "sort", "-r"]);
+        cmd
+    };
+    let out = assert_cmd::Command::from_std(t)
+        .write_stdin("a\nb\n")
+        .output()
+        .unwrap();
+    assert_code(&out, 0);
+    assert_eq!(stdout(&out), "b\na\n");
+}
+
+#[test]
+fn pooled_runs_never_share_a_container() {
+    let env = TestEnv::new();
+    let args = run_sh("cat /tmp/marker 2>/dev/null; echo seen > /tmp/marker; echo fresh");
+    let first = env.run(&args);
+    assert_eq!(stdout(&first), "fresh\n");
+    for _ in 0..3 {
+        let (out, _) = pooled(&env, &args);
+        assert_code(&out, 0);
+        assert_eq!(
+            stdout(&out),
+            "fresh\n",
+            "a pooled run saw state left by an earlier run"
+        );
+    }
+}
+
+#[test]
+fn pooled_runs_see_the_current_host_workspace_and_never_change_it() {
+    let env = TestEnv::new();
+    let f = env.project_dir().join("f.txt");
+    std::fs::write(&f, "v1\n").unwrap();
+    let args = run_sh("cat /workspace/f.txt; echo changed > /workspace/f.txt");
+    let out = env.run(&args);
+    assert_eq!(stdout(&out), "v1\n");
+    poll_until(Duration::from_secs(60), "warm container", || {
+        !env.warm_pool().is_empty()
+    });
+    // Changed on the host after the warm container was made.
+    std::fs::write(&f, "v2\n").unwrap();
+    std::fs::write(env.project_dir().join("g.txt"), "new\n").unwrap();
+    let (out, _) = pooled(
+        &env,
+        &run_sh("cat /workspace/f.txt /workspace/g.txt; echo changed > /workspace/f.txt"),
+    );
+    assert_code(&out, 0);
+    assert_eq!(
+        stdout(&out),
+        "v2\nnew\n",
+        "a pooled run must see the workspace as it is now"
+    );
+    assert_eq!(std::fs::read_to_string(&f).unwrap(), "v2\n");
+}
+
+#[test]
+fn pooled_exit_codes() {
+    let env = TestEnv::new();
+    env.warm_up(&["run", "-i", BUSYBOX, "true"]);
+    let (out, _) = pooled(&env, &["run", "-i", BUSYBOX, "no-such-command-xyz"]);
+    assert_code(&out, 127);
+    let (out, _) = pooled(&env, &["run", "-i", BUSYBOX, "/etc/passwd"]);
+    assert_code(&out, 126);
+    let (out, _) = pooled(&env, &["run", "-i", BUSYBOX, "sh", "-c", "kill -TERM $$"]);
+    assert_code(&out, 143);
+}
+
+#[test]
+fn pooled_timeout_is_124_and_kills_the_whole_tree() {
+    let env = TestEnv::new();
+    let args = [
+        "run",
+        "--timeout",
+        "2s",
+        "-i",
+        BUSYBOX,
+        "sh",
+        "-c",
+        "sleep 5001 & (sleep 5002 &); sleep 5003",
+    ];
+    env.warm_up(&["run", "--timeout", "2s", "-i", BUSYBOX, "true"]);
+    let (out, used) = pooled(&env, &args);
+    assert_code(&out, 124);
+    assert!(stderr(&out).contains("timed out"), "{}", stderr(&out));
+    let claimed = [used.clone()];
+    poll_until(
+        Duration::from_secs(30),
+        "the timed-out command's processes should be gone",
+        || {
+            claimed.iter().all(|c| {
+                let ps = docker(&["top", c]);
+                !ps.status.success() || !String::from_utf8_lossy(&ps.stdout).contains("sleep 500")
+            })
+        },
+    );
+    assert_used_removed(&used);
+}
+
+#[test]
+fn pooled_oom_is_137_and_named() {
+    let env = TestEnv::new();
+    env.warm_up(&["run", "--memory", "16m", "-i", BUSYBOX, "true"]);
+    let (out, used) = pooled(
+        &env,
+        &[
+            "run",
+            "--memory",
+            "16m",
+            "-i",
+            BUSYBOX,
+            "sh",
+            "-c",
+            "x=a; while :; do x=$x$x; done",
+        ],
+    );
+    assert_code(&out, 137);
+    assert!(
+        stderr(&out).to_lowercase().contains("out of memory"),
+        "{}",
+        stderr(&out)
+    );
+    assert_used_removed(&used);
+}
+
+/// One pooled run of a command that traps TERM: signals agentkernel as soon
+/// as the command says it is ready. Returns the used container.
+fn pooled_sigterm_once(env: &TestEnv) -> String {
+    use std::io::BufRead;
+    poll_until(Duration::from_secs(60), "warm container", || {
+        !env.warm_pool().is_empty()
+    });
+    let mut t = env.spawn(&[
+        "run",
+        "-i",
+        BUSYBOX,
+        "sh",
+        "-c",
+        "trap 'echo got-term; exit 9' TERM; echo ready; while :; do sleep 1; done",
+    ]);
+    let stdout_pipe = t.child().stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout_pipe)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(60)).as_deref(),
+        Ok("ready")
+    );
+    let used = env
+        .claimed_by(&t.owner)
+        .pop()
+        .expect("the run was not served by the pool");
+    t.signal(libc::SIGTERM);
+    let pid = t.pid;
+    let out = t
+        .wait_output_within(Duration::from_secs(15))
+        .unwrap_or_else(|| {
+            panic!(
+                "SIGTERM to agentkernel (pid {pid}) sent right after the pooled command printed \
+             `ready` never reached the command (still running after 15s)"
+            )
+        });
+    assert_code(&out, 9);
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(10)).as_deref(),
+        Ok("got-term")
+    );
+    used
+}
+
+/// A SIGTERM that arrives right after the command started must not be lost
+/// (repeated: the engine reports an exec's PID only a moment after it starts).
+#[test]
+fn pooled_sigterm_reaches_the_command() {
+    let env = TestEnv::new();
+    env.warm_up(&["run", "-i", BUSYBOX, "true"]);
+    for _ in 0..4 {
+        let used = pooled_sigterm_once(&env);
+        assert_used_removed(&used);
+    }
+}
+
+#[test]
+fn pooled_restrictive_keeps_its_promises() {
+    let env = TestEnv::new();
+    std::fs::write(env.project_dir().join("f.txt"), "host\n").unwrap();
+    let script = "grep -E '^(CapEff|NoNewPrivs)' /proc/self/status; \
+        tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '; \
+        if touch /x 2>/dev/null; then echo ROOT-RW; else echo root-ro; fi; \
+        if touch /workspace/y 2>/dev/null; then echo WS-RW; else echo ws-ro; fi; \
+        if unshare -U true 2>/dev/null; then echo UNSHARE; else echo no-unshare; fi";
+    let args = [
+        "run",
+        "-p",
+        "restrictive",
+        "-i",
+        BUSYBOX,
+        "sh",
+        "-c",
+        script,
+    ];
+    let cold = env.run(&args);
+    assert_code(&cold, 0);
+    let (out, _) = pooled(&env, &args);
+    assert_code(&out, 0);
+    assert_eq!(
+        stdout(&out),
+        "CapEff:\t0000000000000000\nNoNewPrivs:\t1\nlo\nroot-ro\nws-ro\nno-unshare\n"
+    );
+    assert_eq!(stdout(&out), stdout(&cold), "pooled and normal runs differ");
+}
+
+#[test]
+fn moderate_pooled_matches_the_normal_path() {
+    let env = TestEnv::new();
+    let script = "grep -E '^(CapEff|NoNewPrivs)' /proc/self/status; \
+        cat /sys/fs/cgroup/pids/pids.max /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null; \
+        id -u; hostname | wc -c; env | grep -v -E '^(HOSTNAME|PWD|SHLVL|_)=' | sort";
+    let args = run_sh(script);
+    let normal = env.run(&{
+        let mut a = vec!["run", "--fast=false"];
+        a.extend(SH);
+        a.push(script);
+        a
+    });
+    assert_code(&normal, 0);
+    env.warm_up(&args);
+    let (out, _) = pooled(&env, &args);
+    assert_code(&out, 0);
+    assert_eq!(
+        stdout(&out),
+        stdout(&normal),
+        "a pooled run's environment differs from the normal path's"
+    );
+}
+
+#[test]
+fn fast_false_skips_the_pool() {
+    let env = TestEnv::new();
+    env.warm_up(&["run", "-i", BUSYBOX, "true"]);
+    env.wait_for_refills(Duration::from_secs(60));
+    let warm = env.warm_pool();
+    let out = env.run(&["run", "--fast=false", "-i", BUSYBOX, "true"]);
+    assert_code(&out, 0);
+    env.assert_pool_untouched(&warm);
+}
+
+#[test]
+fn config_fast_false_skips_the_pool() {
+    let env = TestEnv::new();
+    std::fs::write(
+        env.project_dir().join("agentkernel.toml"),
+        "[sandbox]\nfast = false\n",
+    )
+    .unwrap();
+    let (out, _) = env.run_tracked(&["run", "-i", BUSYBOX, "true"]);
+    assert_code(&out, 0);
+    env.wait_for_refills(Duration::from_secs(60));
+    assert!(
+        env.labelled_containers(Some("pool")).is_empty(),
+        "fast = false in config still warmed the pool"
+    );
+}
+
+#[test]
+fn pool_size_config_and_prune() {
+    let env = TestEnv::new();
+    std::fs::write(
+        env.project_dir().join("agentkernel.toml"),
+        "[pool]\nsize = 1\n",
+    )
+    .unwrap();
+    env.warm_up(&["run", "-i", BUSYBOX, "true"]);
+    assert!(env.wait_for_refills(Duration::from_secs(60)));
+    assert_eq!(
+        env.labelled_containers(Some("pool")).len(),
+        1,
+        "[pool] size = 1 should keep exactly one warm container"
+    );
+    let status = env.run(&["pool", "status"]);
+    assert_code(&status, 0);
+    assert!(stdout(&status).contains(BUSYBOX), "{}", stdout(&status));
+    let out = env.run(&["pool", "prune"]);
+    assert_code(&out, 0);
+    assert!(out.stdout.is_empty(), "{}", stdout(&out));
+    poll_until(
+        Duration::from_secs(30),
+        "`pool prune` should remove the warm containers",
+        || env.labelled_containers(Some("pool")).is_empty(),
+    );
+}
+
+#[test]
+fn publish_never_uses_the_pool() {
+    let env = TestEnv::new();
+    env.warm_up(&["run", "-i", BUSYBOX, "true"]);
+    env.wait_for_refills(Duration::from_secs(60));
+    let warm = env.warm_pool();
+    let out = env.run(&["run", "-P", "8080", "-i", BUSYBOX, "true"]);
+    assert_code(&out, 0);
+    env.assert_pool_untouched(&warm);
+}
+
+// The tests below were written with the pool itself (commit b060a6d); they
+// detect the pooled path from inside the container instead of from the claim.
 
 /// Inside a claimed pool container, the control mount has `claimed/`.
 const WHICH_PATH: &str = "test -d /run/agentkernel/claimed && echo pooled >&2 || echo normal >&2";
@@ -29,7 +460,7 @@ fn warm_count(env: &TestEnv) -> usize {
 }
 
 /// Runs once (a miss, which warms the key) and waits until `n` containers are warm.
-fn warm_up(env: &TestEnv, extra: &[&str], n: usize) {
+fn warm_up_n(env: &TestEnv, extra: &[&str], n: usize) {
     let mut args = vec!["run", "-i", BUSYBOX];
     args.extend_from_slice(extra);
     args.push("true");
@@ -48,7 +479,7 @@ fn a_pooled_run_has_the_normal_paths_semantics() {
     let env = TestEnv::new();
     write_config(&env, 1, "60s");
     std::fs::write(env.project_dir().join("f.txt"), "host\n").unwrap();
-    warm_up(&env, &[], 1);
+    warm_up_n(&env, &[], 1);
     let script = format!(
         "{WHICH_PATH}; printf '%s|' \"$0\" \"$@\"; echo; echo \"K=$K\"; pwd; cat /workspace/f.txt; \
          echo changed > /workspace/f.txt; cat; echo to-stderr >&2; exit 7"
@@ -83,7 +514,7 @@ fn a_pooled_run_has_the_normal_paths_semantics() {
 fn pooled_runs_never_share_a_container_or_state() {
     let env = TestEnv::new();
     write_config(&env, 2, "60s");
-    warm_up(&env, &[], 2);
+    warm_up_n(&env, &[], 2);
     let first = env.run(&[
         "run",
         "-i",
@@ -117,7 +548,7 @@ fn pooled_runs_never_share_a_container_or_state() {
 fn pooled_exit_codes_timeout_and_oom() {
     let env = TestEnv::new();
     write_config(&env, 4, "60s");
-    warm_up(&env, &["--memory", "32m"], 4);
+    warm_up_n(&env, &["--memory", "32m"], 4);
     let base = ["run", "-i", BUSYBOX, "--memory", "32m"];
     let with = |extra: &[&str]| {
         let mut a = base.to_vec();
@@ -144,7 +575,7 @@ fn pooled_exit_codes_timeout_and_oom() {
 fn twenty_parallel_runs_get_twenty_distinct_containers() {
     let env = TestEnv::new();
     write_config(&env, 20, "60s");
-    warm_up(&env, &[], 20);
+    warm_up_n(&env, &[], 20);
     let script = format!("{WHICH_PATH}; hostname");
     let children: Vec<_> = (0..20)
         .map(|_| env.spawn(&["run", "-i", BUSYBOX, "sh", "-c", &script]))
@@ -188,7 +619,7 @@ fn fast_false_never_touches_the_pool() {
 fn warm_containers_expire_after_the_idle_ttl() {
     let env = TestEnv::new();
     write_config(&env, 1, "4s");
-    warm_up(&env, &[], 1);
+    warm_up_n(&env, &[], 1);
     // Nothing of ours runs in between: the engine removes them itself.
     poll_until(Duration::from_secs(30), "warm containers to expire", || {
         warm_count(&env) == 0
@@ -199,7 +630,7 @@ fn warm_containers_expire_after_the_idle_ttl() {
 fn prune_removes_warm_containers() {
     let env = TestEnv::new();
     write_config(&env, 2, "60s");
-    warm_up(&env, &[], 2);
+    warm_up_n(&env, &[], 2);
     let out = env.run(&["pool", "prune"]);
     assert_code(&out, 0);
     assert_eq!(warm_count(&env), 0);

@@ -8,6 +8,7 @@ use agentkernel_docker::kept;
 use crate::cli::ExecArgs;
 
 pub async fn exec(args: ExecArgs) -> Result<i32> {
+    agentkernel_docker::stdio::install_signal_handlers();
     names::validate(&args.name)?;
     let env = args
         .env

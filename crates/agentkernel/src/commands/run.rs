@@ -20,6 +20,7 @@ use crate::cli::RunArgs;
 const DEFAULT_TTL: Duration = Duration::from_secs(3600);
 
 pub async fn run(args: RunArgs) -> Result<i32> {
+    agentkernel_docker::stdio::install_signal_handlers();
     let cwd = std::env::current_dir()
         .and_then(|d| d.canonicalize())
         .map_err(|e| Error::invalid("current directory", ".", e.to_string()))?;
@@ -73,7 +74,12 @@ pub fn resolve(args: RunArgs, config: &Config, cwd: &Path) -> Result<SandboxSpec
         pids: config.pids,
     };
     let no_network = args.no_network || config.network == Some(false);
-    let policy = Policy::for_profile(profile).with_overrides(no_network, limits);
+    let mut policy = Policy::for_profile(profile).with_overrides(no_network, limits);
+    // A profile's CPU limit means "at most N": on a smaller host, all of it.
+    if limits.cpus.is_none() {
+        let available = std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64);
+        policy.limits.cpus = policy.limits.cpus.map(|c| c.min(available));
+    }
     if config.network == Some(true) && !policy.network {
         // `[network] enabled = true` cannot undo a profile without network; say so rather than ignore it.
         return Err(Error::Conflict(format!(

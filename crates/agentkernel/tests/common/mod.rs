@@ -7,6 +7,13 @@
 //! in parallel. Prerequisites (a reachable engine and the offline test images)
 //! are checked once per test binary; a missing engine is a loud failure,
 //! never a skip.
+//!
+//! One-shot runs use the warm pool by default: a test's first run of a given
+//! spec takes the normal path (its container carries the `agentkernel.owner`
+//! label, see [`Tracked`]) and starts a detached `pool refill`; later runs may
+//! be served by a warm container. When a [`TestEnv`] is dropped it waits for
+//! its refills and removes every container labelled with its state dir, so
+//! nothing outlives the test.
 
 #![allow(dead_code)]
 
@@ -114,11 +121,7 @@ pub fn unique_name(prefix: &str) -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
-    format!(
-        "{prefix}-{:x}-{n}-{:x}",
-        std::process::id(),
-        nanos & 0xffff
-    )
+    format!("{prefix}-{:x}-{n}-{:x}", std::process::id(), nanos & 0xffff)
 }
 
 /// One test's private world.
@@ -139,7 +142,10 @@ impl TestEnv {
                 .prefix("ak-state")
                 .tempdir()
                 .unwrap(),
-            home: tempfile::Builder::new().prefix("ak-home").tempdir().unwrap(),
+            home: tempfile::Builder::new()
+                .prefix("ak-home")
+                .tempdir()
+                .unwrap(),
             project: tempfile::Builder::new()
                 .prefix("ak-proj")
                 .tempdir()
@@ -214,6 +220,146 @@ impl TestEnv {
     }
 }
 
+impl TestEnv {
+    /// PIDs of detached `agentkernel pool refill` processes of this state dir.
+    pub fn refills_running(&self) -> Vec<u32> {
+        let want = format!("AGENTKERNEL_HOME={}", self.state.path().display());
+        let mut out = Vec::new();
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return out;
+        };
+        for e in entries.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                continue;
+            };
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            if !args.windows(2).any(|w| w == [&b"pool"[..], &b"refill"[..]]) {
+                continue;
+            }
+            if let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) {
+                if environ.split(|b| *b == 0).any(|v| v == want.as_bytes()) {
+                    out.push(pid);
+                }
+            }
+        }
+        out
+    }
+
+    /// Waits (up to `limit`) until no refill of this state dir runs.
+    pub fn wait_for_refills(&self, limit: Duration) -> bool {
+        let start = Instant::now();
+        while !self.refills_running().is_empty() {
+            if start.elapsed() > limit {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        true
+    }
+
+    /// Containers (any state) labelled with this state dir (kept and pool).
+    pub fn labelled_containers(&self, kind: Option<&str>) -> Vec<String> {
+        let mut args = vec![
+            "ps".to_string(),
+            "-a".into(),
+            "--filter".into(),
+            format!("label=agentkernel.state={}", self.state.path().display()),
+        ];
+        if let Some(kind) = kind {
+            args.push("--filter".into());
+            args.push(format!("label=agentkernel.kind={kind}"));
+        }
+        args.extend(["--format".into(), "{{.Names}}".into()]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        docker_ok(&args).lines().map(str::to_string).collect()
+    }
+
+    /// Running warm pool containers of this state dir that no run has claimed.
+    pub fn warm_pool(&self) -> Vec<String> {
+        let running = docker_ok(&[
+            "ps",
+            "--filter",
+            &format!("label=agentkernel.state={}", self.state.path().display()),
+            "--filter",
+            "label=agentkernel.kind=pool",
+            "--filter",
+            "status=running",
+            "--format",
+            "{{.Names}}",
+        ]);
+        running
+            .lines()
+            .filter(|n| !self.pool_dir(n).join("ctl/claimed").exists())
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// True when a run has claimed this pool container.
+    pub fn is_claimed(&self, container: &str) -> bool {
+        self.pool_dir(container).join("ctl/claimed").exists()
+    }
+
+    /// Asserts that the warm containers `warm` are all still there and
+    /// unclaimed once this state dir's refills have finished: no run used them.
+    pub fn assert_pool_untouched(&self, warm: &[String]) {
+        self.wait_for_refills(Duration::from_secs(60));
+        for w in warm {
+            assert!(
+                container_exists(w) && !self.is_claimed(w),
+                "warm container {w} was used"
+            );
+        }
+    }
+
+    fn pool_dir(&self, container: &str) -> PathBuf {
+        self.state.path().join("pool/containers").join(container)
+    }
+
+    /// Pool containers claimed by the agentkernel process with this owner label.
+    pub fn claimed_by(&self, owner: &str) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(self.state.path().join("pool/containers")) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter(|e| {
+                std::fs::read_to_string(e.path().join("owner"))
+                    .map(|o| o.trim() == owner)
+                    .unwrap_or(false)
+            })
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect()
+    }
+
+    /// Runs `agentkernel ARGS…` once (warming the pool for that spec) and
+    /// waits until a warm container is ready, so the next identical run is
+    /// served by the pool.
+    pub fn warm_up(&self, args: &[&str]) {
+        let out = self.run(args);
+        assert!(out.status.success(), "warm-up run failed: {}", stderr(&out));
+        poll_until(
+            Duration::from_secs(60),
+            "the pool should warm up after a run",
+            || !self.warm_pool().is_empty(),
+        );
+    }
+}
+
+impl Drop for TestEnv {
+    /// Leaves nothing of this test behind: waits for the detached pool
+    /// refills the test's runs started, then removes every container
+    /// labelled with this test's state directory.
+    fn drop(&mut self) {
+        self.wait_for_refills(Duration::from_secs(60));
+        for name in self.labelled_containers(None) {
+            let _ = docker(&["rm", "-f", "-v", &name]);
+        }
+    }
+}
+
 /// A spawned agentkernel process and the owner label (`<boot>:<pid>:<start>`)
 /// its one-shot containers carry. Killed (SIGKILL) and its containers removed on drop.
 pub struct Tracked {
@@ -247,6 +393,21 @@ impl Tracked {
         assert_eq!(rc, 0, "kill({}, {signo}) failed", self.pid);
     }
 
+    /// Waits for exit and collects output; after `limit`, kills the process
+    /// and returns `None`.
+    pub fn wait_output_within(mut self, limit: Duration) -> Option<Output> {
+        let start = Instant::now();
+        while self.child().try_wait().unwrap().is_none() {
+            if start.elapsed() > limit {
+                let _ = self.child().kill();
+                let _ = self.child().wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(self.wait_output(Duration::from_secs(5)))
+    }
+
     /// Waits for exit (panics after `limit`, killing the process) and collects output.
     pub fn wait_output(mut self, limit: Duration) -> Output {
         let mut child = self.child.take().unwrap();
@@ -260,6 +421,20 @@ impl Tracked {
             stdout: out,
             stderr: err,
         }
+    }
+
+    /// Forgets the (already exited) process without cleaning up after it, so
+    /// that a test can check the product does; returns the owner label.
+    pub fn disarm(mut self) -> String {
+        if let Some(mut child) = self.child.take() {
+            assert!(
+                child.try_wait().unwrap().is_some(),
+                "disarm() needs an exited process"
+            );
+        }
+        let owner = std::mem::take(&mut self.owner);
+        std::mem::forget(self);
+        owner
     }
 
     /// Names of containers labelled with this process as owner.
@@ -330,7 +505,10 @@ pub fn wait_child(child: &mut Child, limit: Duration) -> std::process::ExitStatu
         if start.elapsed() > limit {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("agentkernel (pid {}) did not exit within {limit:?}", child.id());
+            panic!(
+                "agentkernel (pid {}) did not exit within {limit:?}",
+                child.id()
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -1,0 +1,245 @@
+//! Nothing is left behind: no containers of our runs, no scratch directories,
+//! and what a `kill -9`ed agentkernel left is removed by a later command.
+
+mod common;
+
+use std::io::Write;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+
+#[test]
+fn normal_and_failed_runs_leave_nothing() {
+    let env = TestEnv::new();
+    std::fs::write(env.project_dir().join("f.txt"), "x\n").unwrap();
+    let cases: &[(&[&str], i32)] = &[
+        (&["-i", BUSYBOX, "true"], 0),
+        (
+            &[
+                "-i",
+                BUSYBOX,
+                "sh",
+                "-c",
+                "echo hi > /workspace/f.txt; exit 7",
+            ],
+            7,
+        ),
+        (&["-i", BUSYBOX, "no-such-command-xyz"], 127),
+        (&["-i", BUSYBOX, "/etc/passwd"], 126),
+        (&["-i", BUSYBOX, "--timeout", "1s", "sleep", "30"], 124),
+        (
+            &[
+                "-i",
+                BUSYBOX,
+                "--memory",
+                "16m",
+                "sh",
+                "-c",
+                "x=a; while :; do x=$x$x; done",
+            ],
+            137,
+        ),
+        (
+            &["-i", "agentkernel-test/nope:1", "--pull", "never", "true"],
+            125,
+        ),
+        (&["-p", "restrictive", "-i", BUSYBOX, "true"], 0),
+        (&["-p", "permissive", "-i", BUSYBOX, "true"], 0),
+    ];
+    for (args, expected) in cases {
+        let mut full = vec!["run"];
+        full.extend_from_slice(args);
+        let (out, owner) = env.run_tracked(&full);
+        assert_code(&out, *expected);
+        assert!(
+            containers_of_owner(&owner).is_empty(),
+            "`agentkernel {}` left a container behind",
+            full.join(" ")
+        );
+        assert!(
+            env.leftover_runs().is_empty(),
+            "`agentkernel {}` left {:?}",
+            full.join(" "),
+            env.leftover_runs()
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(env.project_dir().join("f.txt")).unwrap(),
+        "x\n"
+    );
+    // Runs served by the warm pool leave their container to a detached
+    // refill: once those are done, only unused warm containers remain.
+    assert!(env.wait_for_refills(Duration::from_secs(60)));
+    for c in env.labelled_containers(Some("pool")) {
+        assert!(
+            !env.is_claimed(&c),
+            "used pool container {c} was left behind"
+        );
+    }
+    let pool_dirs = std::fs::read_dir(env.state_dir().join("pool/containers"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_else(|_| Vec::<String>::new());
+    for d in pool_dirs {
+        assert!(
+            container_exists(&d),
+            "pool record {d} outlived its container"
+        );
+    }
+}
+
+#[test]
+fn engine_side_start_failure_leaves_nothing() {
+    let env = TestEnv::new();
+    // A workdir that is a file: the engine refuses to start the container.
+    let (out, owner) = env.run_tracked(&["run", "-i", BUSYBOX, "-w", "/etc/passwd", "true"]);
+    assert_one_line_error(&out);
+    assert!(containers_of_owner(&owner).is_empty());
+    assert!(env.leftover_runs().is_empty(), "{:?}", env.leftover_runs());
+}
+
+/// Starts `sleep 60` in a one-shot run, SIGKILLs agentkernel, and returns the
+/// orphaned container's owner label once it is confirmed left behind.
+fn orphan(env: &TestEnv) -> String {
+    let mut t = env.spawn(&["run", "-i", BUSYBOX, "sleep", "60"]);
+    let container = t.wait_running(Duration::from_secs(30));
+    t.signal(libc::SIGKILL);
+    let status = wait_child(t.child(), Duration::from_secs(10));
+    assert_eq!(
+        status.code(),
+        None,
+        "agentkernel should have died of SIGKILL"
+    );
+    // From here the product, not the test's guard, must clean up.
+    let owner = t.disarm();
+    assert!(
+        container_exists(&container),
+        "precondition: a SIGKILLed agentkernel leaves its container"
+    );
+    assert!(
+        !env.leftover_runs().is_empty(),
+        "precondition: a SIGKILLed moderate run leaves its scratch directory"
+    );
+    owner
+}
+
+/// Removes whatever the orphan left if the product did not (so a failing test does not leak).
+struct OrphanGuard(String);
+
+impl Drop for OrphanGuard {
+    fn drop(&mut self) {
+        for name in containers_of_owner(&self.0) {
+            let _ = docker(&["rm", "-f", "-v", &name]);
+        }
+    }
+}
+
+#[test]
+fn sandbox_gc_removes_what_a_killed_run_left() {
+    let env = TestEnv::new();
+    let owner = orphan(&env);
+    let _guard = OrphanGuard(owner.clone());
+    let out = env.run(&["sandbox", "gc"]);
+    assert_code(&out, 0);
+    assert!(out.stdout.is_empty(), "{}", stdout(&out));
+    poll_until(
+        Duration::from_secs(30),
+        "`sandbox gc` should remove the orphaned container",
+        || containers_of_owner(&owner).is_empty(),
+    );
+    poll_until(
+        Duration::from_secs(10),
+        "`sandbox gc` should remove the orphaned scratch directory",
+        || env.leftover_runs().is_empty(),
+    );
+}
+
+#[test]
+fn a_later_run_removes_what_a_killed_run_left() {
+    let env = TestEnv::new();
+    let owner = orphan(&env);
+    let _guard = OrphanGuard(owner.clone());
+    let (out, later) = env.run_tracked(&["run", "-i", BUSYBOX, "true"]);
+    assert_code(&out, 0);
+    poll_until(
+        Duration::from_secs(30),
+        "a later `run` should remove the orphaned container",
+        || containers_of_owner(&owner).is_empty(),
+    );
+    assert!(containers_of_owner(&later).is_empty());
+    poll_until(
+        Duration::from_secs(10),
+        "a later `run` should remove the orphaned scratch directory",
+        || env.leftover_runs().is_empty(),
+    );
+}
+
+#[test]
+fn what_a_killed_pooled_run_left_is_collected() {
+    let env = TestEnv::new();
+    env.warm_up(&["run", "-i", BUSYBOX, "true"]);
+    let mut t = env.spawn(&["run", "-i", BUSYBOX, "sleep", "60"]);
+    let mut used = Vec::new();
+    poll_until(
+        Duration::from_secs(30),
+        "the run should claim a warm container",
+        || {
+            used = env.claimed_by(&t.owner);
+            !used.is_empty()
+        },
+    );
+    let used = used.pop().unwrap();
+    // Give the exec a moment to start before the kill.
+    poll_until(Duration::from_secs(30), "sleep 60 running", || {
+        String::from_utf8_lossy(&docker(&["top", &used]).stdout).contains("sleep 60")
+    });
+    t.signal(libc::SIGKILL);
+    wait_child(t.child(), Duration::from_secs(10));
+    t.disarm();
+    assert!(
+        container_exists(&used),
+        "precondition: a SIGKILLed agentkernel leaves its pool container"
+    );
+    // Later commands remove it (gc gives a claimed container a grace period
+    // for its refill, so keep asking).
+    poll_until(
+        Duration::from_secs(120),
+        "later `sandbox gc` runs should remove the killed run's pool container",
+        || {
+            let _ = env.run(&["sandbox", "gc"]);
+            !container_exists(&used)
+        },
+    );
+}
+
+#[test]
+fn live_runs_are_not_collected() {
+    let env = TestEnv::new();
+    let other = TestEnv::new();
+    // The command waits for a line on stdin, so it lives as long as the test needs.
+    let mut cmd = env.std_cmd();
+    cmd.args(["run", "-i", BUSYBOX, "sh", "-c", "read x; echo survived-$x"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut t = Tracked::spawn(cmd);
+    let container = t.wait_running(Duration::from_secs(30));
+    // Collection from this and another state directory must spare a live run.
+    assert_code(&env.run(&["sandbox", "gc"]), 0);
+    assert_code(&other.run(&["sandbox", "gc"]), 0);
+    assert_code(&other.run(&["run", "-i", BUSYBOX, "true"]), 0);
+    assert!(
+        container_exists(&container),
+        "gc removed a live run's container"
+    );
+    let mut stdin = t.child().stdin.take().unwrap();
+    stdin.write_all(b"go\n").unwrap();
+    drop(stdin);
+    let out = t.wait_output(Duration::from_secs(60));
+    assert_code(&out, 0);
+    assert_eq!(stdout(&out), "survived-go\n");
+}

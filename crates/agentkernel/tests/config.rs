@@ -1,0 +1,225 @@
+//! Config files (SPEC.md "Files"): `./agentkernel.toml` < `--config FILE` < flags.
+
+mod common;
+
+use common::*;
+
+/// Prints which test image the command ran in.
+const WHICH_IMAGE: &str = "if [ -e /usr/bin/python3 ]; then echo python; else echo busybox; fi";
+
+fn image_config(image: &str) -> String {
+    format!("[sandbox]\nimage = \"{image}\"\npull = \"never\"\n")
+}
+
+fn which_image(env: &TestEnv, extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["run"];
+    args.extend_from_slice(extra);
+    args.extend(["sh", "-c", WHICH_IMAGE]);
+    env.run(&args)
+}
+
+#[test]
+fn project_config_sets_the_image() {
+    let env = TestEnv::new();
+    std::fs::write(
+        env.project_dir().join("agentkernel.toml"),
+        image_config(PYTHON),
+    )
+    .unwrap();
+    let out = which_image(&env, &[]);
+    assert_code(&out, 0);
+    assert_eq!(stdout(&out), "python\n");
+
+    std::fs::write(
+        env.project_dir().join("agentkernel.toml"),
+        image_config(BUSYBOX),
+    )
+    .unwrap();
+    let out = which_image(&env, &[]);
+    assert_code(&out, 0);
+    assert_eq!(stdout(&out), "busybox\n");
+}
+
+#[test]
+fn config_flag_overrides_project_config() {
+    let env = TestEnv::new();
+    std::fs::write(
+        env.project_dir().join("agentkernel.toml"),
+        image_config(BUSYBOX),
+    )
+    .unwrap();
+    let other = env.home_dir().join("other.toml");
+    std::fs::write(&other, image_config(PYTHON)).unwrap();
+    let out = which_image(&env, &["-c", other.to_str().unwrap()]);
+    assert_code(&out, 0);
+    assert_eq!(stdout(&out), "python\n");
+    let out = which_image(&env, &["--config", other.to_str().unwrap()]);
+    assert_code(&out, 0);
+    assert_eq!(stdout(&out), "python\n");
+}
+
+#[test]
+fn flags_override_both_config_files() {
+    let env = TestEnv::new();
+    std::fs::write(
+        env.project_dir().join("agentkernel.toml"),
+        image_config(PYTHON),
+    )
+    .unwrap();
+    let other = env.home_dir().join("other.toml");
+    std::fs::write(&other, image_config(PYTHON)).unwrap();
+    let out = which_image(&env, &["-c", other.to_str().unwrap(), "-i", BUSYBOX]);
+    assert_code(&out, 0);
+    assert_eq!(stdout(&out), "busybox\n");
+}
+
+#[test]
+fn user_config_is_below_project_config() {
+    let env = TestEnv::new();
+    let user_dir = env.home_dir().join(".config/agentkernel");
+    std::fs::create_dir_all(&user_dir).unwrap();
+    std::fs::write(user_dir.join("config.toml"), image_config(PYTHON)).unwrap();
+    let out = which_image(&env, &[]);
+    assert_code(&out, 0);
+    assert_eq!(
+        stdout(&out),
+        "python\n",
+        "~/.config/agentkernel/config.toml is read"
+    );
+
+    std::fs::write(
+        env.project_dir().join("agentkernel.toml"),
+        image_config(BUSYBOX),
+    )
+    .unwrap();
+    let out = which_image(&env, &[]);
+    assert_code(&out, 0);
+    assert_eq!(
+        stdout(&out),
+        "busybox\n",
+        "./agentkernel.toml wins over the user's"
+    );
+}
+
+#[test]
+fn config_sets_env_and_profile_and_flags_win() {
+    let env = TestEnv::new();
+    std::fs::write(
+        env.project_dir().join("agentkernel.toml"),
+        format!(
+            "[sandbox]\nimage = \"{BUSYBOX}\"\nprofile = \"restrictive\"\nenv = {{ GREETING = \"from-config\" }}\n"
+        ),
+    )
+    .unwrap();
+    let script = "echo \"$GREETING\"; cat /proc/net/dev | tail -n +3 | cut -d: -f1 | tr -d ' '";
+    let out = env.run(&["run", "sh", "-c", script]);
+    assert_code(&out, 0);
+    assert_eq!(stdout(&out), "from-config\nlo\n");
+
+    let out = env.run(&[
+        "run",
+        "-e",
+        "GREETING=from-flag",
+        "sh",
+        "-c",
+        "echo \"$GREETING\"",
+    ]);
+    assert_code(&out, 0);
+    assert_eq!(stdout(&out), "from-flag\n");
+}
+
+#[test]
+fn unknown_key_is_125_naming_the_key() {
+    let env = TestEnv::new();
+    std::fs::write(
+        env.project_dir().join("agentkernel.toml"),
+        "[sandbox]\nimgae = \"x\"\n",
+    )
+    .unwrap();
+    let out = env.run(&["run", "-i", BUSYBOX, "true"]);
+    let line = assert_one_line_error(&out);
+    assert!(line.contains("imgae"), "{line}");
+}
+
+#[test]
+fn unknown_section_is_125_naming_it() {
+    let env = TestEnv::new();
+    std::fs::write(
+        env.project_dir().join("agentkernel.toml"),
+        "[sandbx]\nimage = \"x\"\n",
+    )
+    .unwrap();
+    let out = env.run(&["run", "-i", BUSYBOX, "true"]);
+    let line = assert_one_line_error(&out);
+    assert!(line.contains("sandbx"), "{line}");
+}
+
+#[test]
+fn bad_value_is_125_naming_the_key() {
+    let env = TestEnv::new();
+    std::fs::write(
+        env.project_dir().join("agentkernel.toml"),
+        "[sandbox]\nttl = \"forever\"\n",
+    )
+    .unwrap();
+    let out = env.run(&["run", "-i", BUSYBOX, "true"]);
+    let line = assert_one_line_error(&out);
+    assert!(line.contains("sandbox.ttl"), "{line}");
+}
+
+#[test]
+fn bad_value_in_config_flag_file_is_125() {
+    let env = TestEnv::new();
+    let file = env.home_dir().join("bad.toml");
+    std::fs::write(&file, "[resources]\nmemory = \"lots\"\n").unwrap();
+    let out = env.run(&["run", "-c", file.to_str().unwrap(), "-i", BUSYBOX, "true"]);
+    let line = assert_one_line_error(&out);
+    assert!(line.contains("resources.memory"), "{line}");
+}
+
+#[test]
+fn missing_config_file_is_125() {
+    let env = TestEnv::new();
+    let out = env.run(&["run", "--config", "missing.toml", "-i", BUSYBOX, "true"]);
+    let line = assert_one_line_error(&out);
+    assert!(line.contains("missing.toml"), "{line}");
+}
+
+#[test]
+fn malformed_toml_is_125() {
+    let env = TestEnv::new();
+    std::fs::write(
+        env.project_dir().join("agentkernel.toml"),
+        "[sandbox\nimage = \n",
+    )
+    .unwrap();
+    let out = env.run(&["run", "-i", BUSYBOX, "true"]);
+    let line = assert_one_line_error(&out);
+    assert!(line.contains("agentkernel.toml"), "{line}");
+}
+
+#[test]
+fn image_is_detected_from_the_command() {
+    let env = TestEnv::new();
+    // The detected image is not present offline: the 125 error names it.
+    let out = env.run(&["run", "--pull", "never", "python3", "-c", "print(1)"]);
+    let line = assert_one_line_error(&out);
+    assert!(line.contains("python:3.12-alpine"), "{line}");
+}
+
+#[test]
+fn image_is_detected_from_project_files() {
+    let env = TestEnv::new();
+    std::fs::write(env.project_dir().join("package.json"), "{}\n").unwrap();
+    let out = env.run(&["run", "--pull", "never", "sh", "-c", "true"]);
+    let line = assert_one_line_error(&out);
+    assert!(line.contains("node:22-alpine"), "{line}");
+}
+
+#[test]
+fn image_defaults_to_alpine() {
+    let env = TestEnv::new();
+    let out = env.run(&["run", "--pull", "never", "sh", "-c", "true"]);
+    let line = assert_one_line_error(&out);
+    assert!(line.contains("alpine:3.20"), "{line}");
+}

@@ -1,0 +1,525 @@
+//! Kept sandboxes (SPEC.md "Kept sandboxes"): `--keep`, `exec`, `sandbox …`,
+//! `--ttl`, `--branch`, names and races.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// The `run-<8 hex>` name in agentkernel's stderr.
+fn generated_name(stderr: &str) -> Option<String> {
+    stderr
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+        .find_map(|w| {
+            let hex = w.strip_prefix("run-")?;
+            (hex.len() == 8
+                && hex
+                    .chars()
+                    .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()))
+            .then(|| w.to_string())
+        })
+}
+
+#[test]
+fn keep_prints_the_name_and_exec_sees_the_state() {
+    let env = TestEnv::new();
+    let out = env.run(&[
+        "run",
+        "--keep",
+        "-i",
+        BUSYBOX,
+        "sh",
+        "-c",
+        "echo kept-state > /tmp/state; echo ws-state > /workspace/w.txt",
+    ]);
+    let name = generated_name(&stderr(&out));
+    let _guard = name.as_deref().map(KeptGuard::new);
+    assert_code(&out, 0);
+    assert!(out.stdout.is_empty(), "{}", stdout(&out));
+    let name = name.unwrap_or_else(|| panic!("no run-<8 hex> name on stderr: {}", stderr(&out)));
+    assert!(container_exists(&format!("agentkernel-{name}")));
+
+    let out = env.run(&["exec", &name, "--", "cat", "/tmp/state", "/workspace/w.txt"]);
+    assert_code(&out, 0);
+    assert_eq!(stdout(&out), "kept-state\nws-state\n");
+    // Moderate: the kept sandbox's workspace is still copy-on-write.
+    assert!(!env.project_dir().join("w.txt").exists());
+
+    // exec without `--` works too, and exit codes pass through.
+    let out = env.run(&["exec", &name, "sh", "-c", "exit 4"]);
+    assert_code(&out, 4);
+}
+
+#[test]
+fn exec_env_and_workdir() {
+    let env = TestEnv::new();
+    let name = unique_name("envwd");
+    let _guard = KeptGuard::new(&name);
+    let out = env.run(&["run", "--name", &name, "-i", BUSYBOX, "true"]);
+    assert_code(&out, 0);
+    let out = env.run(&[
+        "exec",
+        "-e",
+        "K=V w",
+        "-w",
+        "/tmp",
+        &name,
+        "--",
+        "sh",
+        "-c",
+        r#"echo "$K" "$(pwd)""#,
+    ]);
+    assert_code(&out, 0);
+    assert_eq!(stdout(&out), "V w /tmp\n");
+}
+
+#[test]
+fn exec_forwards_stdin_and_keeps_streams_separate() {
+    let env = TestEnv::new();
+    let name = unique_name("stdio");
+    let _guard = KeptGuard::new(&name);
+    assert_code(
+        &env.run(&["run", "--name", &name, "-i", BUSYBOX, "true"]),
+        0,
+    );
+    let out = env
+        .cmd()
+        .args(["exec", &name, "--", "sh", "-c", "sort -r; echo err >&2"])
+        .write_stdin("a\nb\n")
+        .output()
+        .unwrap();
+    assert_code(&out, 0);
+    assert_eq!(stdout(&out), "b\na\n");
+    assert!(stderr(&out).contains("err"), "{}", stderr(&out));
+}
+
+#[test]
+fn exec_timeout_kills_the_whole_tree() {
+    let env = TestEnv::new();
+    let name = unique_name("extmo");
+    let _guard = KeptGuard::new(&name);
+    assert_code(
+        &env.run(&["run", "--name", &name, "-i", BUSYBOX, "true"]),
+        0,
+    );
+    let out = env.run(&[
+        "exec",
+        "--timeout",
+        "2s",
+        &name,
+        "--",
+        "sh",
+        "-c",
+        "sleep 3001 & (sleep 3002 &); sleep 3003",
+    ]);
+    assert_code(&out, 124);
+    // The sandbox lives on; nothing the timed-out command started may.
+    let out = env.run(&["exec", &name, "--", "ps", "-o", "args"]);
+    assert_code(&out, 0);
+    let ps = stdout(&out);
+    assert!(
+        !ps.contains("sleep 300"),
+        "processes of the timed-out command survived:\n{ps}"
+    );
+}
+
+#[test]
+fn exec_unknown_sandbox_is_125() {
+    let env = TestEnv::new();
+    let out = env.run(&["exec", &unique_name("nosuch"), "--", "true"]);
+    assert_one_line_error(&out);
+}
+
+#[test]
+fn list_info_stop_start_remove() {
+    let env = TestEnv::new();
+    let name = unique_name("life");
+    let _guard = KeptGuard::new(&name);
+    let out = env.run(&[
+        "run",
+        "--name",
+        &name,
+        "-i",
+        BUSYBOX,
+        "sh",
+        "-c",
+        "echo x > /tmp/x",
+    ]);
+    assert_code(&out, 0);
+
+    let out = env.run(&["sandbox", "list"]);
+    assert_code(&out, 0);
+    assert!(
+        stdout(&out)
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some(name.as_str())),
+        "`sandbox list` does not show {name}:\n{}",
+        stdout(&out)
+    );
+
+    let out = env.run(&["sandbox", "list", "--json"]);
+    assert_code(&out, 0);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("`sandbox list --json` is not JSON ({e}): {}", stdout(&out)));
+    let arr = list
+        .as_array()
+        .expect("`sandbox list --json` is not an array");
+    let entry = arr
+        .iter()
+        .find(|e| e["name"] == name.as_str())
+        .unwrap_or_else(|| panic!("{name} missing from {list}"));
+    assert_eq!(entry["status"], "running", "{entry}");
+
+    let out = env.run(&["sandbox", "info", &name]);
+    assert_code(&out, 0);
+    let info = stdout(&out);
+    assert!(info.contains(&name) && info.contains("running"), "{info}");
+    let out = env.run(&["sandbox", "info", "--json", &name]);
+    assert_code(&out, 0);
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["name"], name.as_str());
+
+    let out = env.run(&["sandbox", "stop", &name]);
+    assert_code(&out, 0);
+    assert!(out.stdout.is_empty());
+    let out = env.run(&["exec", &name, "--", "true"]);
+    let line = assert_one_line_error(&out);
+    assert!(line.contains("stopped"), "{line}");
+    let out = env.run(&["sandbox", "list", "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let entry = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == name.as_str())
+        .cloned()
+        .unwrap_or_else(|| panic!("stopped sandbox vanished from the list: {list}"));
+    assert_eq!(entry["status"], "stopped");
+
+    let out = env.run(&["sandbox", "start", &name]);
+    assert_code(&out, 0);
+    let out = env.run(&["exec", &name, "--", "cat", "/tmp/x"]);
+    assert_code(&out, 0);
+    assert_eq!(stdout(&out), "x\n", "state survives stop/start");
+
+    let out = env.run(&["sandbox", "remove", &name]);
+    assert_code(&out, 0);
+    assert!(
+        !container_exists(&format!("agentkernel-{name}")),
+        "container remains after remove"
+    );
+    let out = env.run(&["sandbox", "list", "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        !list
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == name.as_str()),
+        "{list}"
+    );
+    let out = env.run(&["sandbox", "remove", &name]);
+    assert_one_line_error(&out);
+    let out = env.run(&["exec", &name, "--", "true"]);
+    assert_one_line_error(&out);
+    let out = env.run(&["sandbox", "info", &name]);
+    assert_one_line_error(&out);
+}
+
+#[test]
+fn name_clash_is_125() {
+    let env = TestEnv::new();
+    let name = unique_name("clash");
+    let _guard = KeptGuard::new(&name);
+    let out = env.run(&[
+        "run",
+        "--name",
+        &name,
+        "-i",
+        BUSYBOX,
+        "sh",
+        "-c",
+        "echo first > /tmp/f",
+    ]);
+    assert_code(&out, 0);
+    let out = env.run(&["run", "--name", &name, "-i", BUSYBOX, "true"]);
+    let line = assert_one_line_error(&out);
+    assert!(line.contains(&name), "{line}");
+    // The existing sandbox is untouched.
+    let out = env.run(&["exec", &name, "--", "cat", "/tmp/f"]);
+    assert_code(&out, 0);
+    assert_eq!(stdout(&out), "first\n");
+}
+
+#[test]
+fn invalid_names_are_125() {
+    let env = TestEnv::new();
+    for bad in ["Upper", "a_b", "-lead", &"x".repeat(64)] {
+        let out = env.run(&["run", "--name", bad, "-i", BUSYBOX, "true"]);
+        assert_one_line_error(&out);
+    }
+}
+
+#[test]
+fn failed_creation_leaves_no_name_behind() {
+    let env = TestEnv::new();
+    let name = unique_name("badimg");
+    let _guard = KeptGuard::new(&name);
+    let out = env.run(&[
+        "run",
+        "--name",
+        &name,
+        "-i",
+        "agentkernel-test/nope:1",
+        "--pull",
+        "never",
+        "true",
+    ]);
+    assert_one_line_error(&out);
+    assert!(!container_exists(&format!("agentkernel-{name}")));
+    // The name is free again.
+    let out = env.run(&["run", "--name", &name, "-i", BUSYBOX, "true"]);
+    assert_code(&out, 0);
+}
+
+#[test]
+fn ttl_expiry_removes_the_sandbox_without_agentkernel() {
+    let env = TestEnv::new();
+    let name = unique_name("ttl");
+    let guard = KeptGuard::new(&name);
+    let out = env.run(&["run", "--name", &name, "--ttl", "5s", "-i", BUSYBOX, "true"]);
+    assert_code(&out, 0);
+    let container = guard.container();
+    assert!(container_exists(&container), "kept sandbox not created");
+    let start = Instant::now();
+    // No agentkernel command runs from here on: the engine must remove it.
+    while container_exists(&container) {
+        assert!(
+            start.elapsed() < Duration::from_secs(40),
+            "sandbox {name} (--ttl 5s) still exists after 40s"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[test]
+fn ttl_counts_from_last_use() {
+    let env = TestEnv::new();
+    let name = unique_name("ttluse");
+    let guard = KeptGuard::new(&name);
+    assert_code(
+        &env.run(&["run", "--name", &name, "--ttl", "6s", "-i", BUSYBOX, "true"]),
+        0,
+    );
+    // A command longer than the TTL is not cut off, and the sandbox outlives it.
+    let out = env.run(&["exec", &name, "--", "sh", "-c", "sleep 8; echo done"]);
+    assert_code(&out, 0);
+    assert_eq!(stdout(&out), "done\n");
+    let out = env.run(&["exec", &name, "--", "true"]);
+    assert_code(&out, 0);
+    poll_until(
+        Duration::from_secs(40),
+        "the sandbox should expire after its last use",
+        || !container_exists(&guard.container()),
+    );
+}
+
+#[test]
+fn branch_names_and_reuses_the_sandbox() {
+    let env = TestEnv::new();
+    let repo = env.project_dir().join("myproj");
+    std::fs::create_dir(&repo).unwrap();
+    let git = std::process::Command::new("git")
+        .args(["init", "-q", "-b", "feature/x"])
+        .current_dir(&repo)
+        .output()
+        .expect("git is needed for the --branch tests");
+    assert!(
+        git.status.success(),
+        "{}",
+        String::from_utf8_lossy(&git.stderr)
+    );
+    let name = "myproj-feature-x";
+    let guard = KeptGuard::new(name);
+    // A leftover of an earlier, aborted run of this test would make this one meaningless.
+    let _ = docker(&["rm", "-f", "-v", &guard.container()]);
+
+    let out = env
+        .cmd()
+        .current_dir(&repo)
+        .args([
+            "run",
+            "--branch",
+            "-i",
+            BUSYBOX,
+            "sh",
+            "-c",
+            "echo from-first > /tmp/b",
+        ])
+        .output()
+        .unwrap();
+    assert_code(&out, 0);
+    assert!(stderr(&out).contains(name), "{}", stderr(&out));
+    assert!(container_exists(&guard.container()));
+
+    let out = env
+        .cmd()
+        .current_dir(repo.join(".git"))
+        .args(["run", "--branch", "-i", BUSYBOX, "cat", "/tmp/b"])
+        .output()
+        .unwrap();
+    assert_code(&out, 0);
+    assert_eq!(
+        stdout(&out),
+        "from-first\n",
+        "the second --branch run should reuse the sandbox"
+    );
+    assert!(stderr(&out).contains(name), "{}", stderr(&out));
+}
+
+#[test]
+fn branch_outside_git_is_125() {
+    let env = TestEnv::new();
+    let out = env.run(&["run", "--branch", "-i", BUSYBOX, "true"]);
+    let line = assert_one_line_error(&out);
+    assert!(line.contains("git"), "{line}");
+}
+
+#[test]
+fn racing_creators_of_one_name_have_one_winner() {
+    let env = TestEnv::new();
+    let name = unique_name("race");
+    let _guard = KeptGuard::new(&name);
+    let mut children: Vec<_> = (0..8)
+        .map(|_| env.spawn(&["run", "--name", &name, "--keep", "-i", BUSYBOX, "true"]))
+        .collect();
+    let outs: Vec<_> = children
+        .drain(..)
+        .map(|t| t.wait_output(Duration::from_secs(120)))
+        .collect();
+    let codes: Vec<i32> = outs.iter().map(code).collect();
+    let winners = codes.iter().filter(|c| **c == 0).count();
+    let losers = codes.iter().filter(|c| **c == AK_ERROR).count();
+    assert!(
+        winners == 1 && losers == 7,
+        "expected one success and seven 125s, got {codes:?}; stderrs: {:#?}",
+        outs.iter().map(stderr).collect::<Vec<_>>()
+    );
+    for o in outs.iter().filter(|o| code(o) == AK_ERROR) {
+        assert_one_line_error(o);
+    }
+    let out = env.run(&["exec", &name, "--", "true"]);
+    assert_code(&out, 0);
+}
+
+/// Regression: garbage collection in one state directory used to remove the
+/// kept sandboxes of every other state directory on the same engine.
+#[test]
+fn kept_sandbox_survives_commands_from_another_state_dir() {
+    let owner = TestEnv::new();
+    let other = TestEnv::new();
+    let name = unique_name("xhome");
+    let guard = KeptGuard::new(&name);
+    assert_code(
+        &owner.run(&["run", "--name", &name, "-i", BUSYBOX, "true"]),
+        0,
+    );
+    // Another user / another AGENTKERNEL_HOME runs an ordinary one-shot command.
+    assert_code(&other.run(&["run", "-i", BUSYBOX, "true"]), 0);
+    assert!(
+        container_exists(&guard.container()),
+        "a one-shot `run` with another AGENTKERNEL_HOME removed kept sandbox {name}"
+    );
+    assert_code(&other.run(&["sandbox", "list"]), 0);
+    let out = owner.run(&["exec", &name, "--", "true"]);
+    assert_code(&out, 0);
+}
+
+#[test]
+fn ttl_implies_keep_and_first_command_gets_stdin() {
+    let env = TestEnv::new();
+    let out = env
+        .cmd()
+        .args(["run", "--ttl", "10m", "-i", BUSYBOX, "sort", "-r"])
+        .write_stdin("a\nb\n")
+        .output()
+        .unwrap();
+    let name = generated_name(&stderr(&out));
+    let _guard = name.as_deref().map(KeptGuard::new);
+    assert_code(&out, 0);
+    assert_eq!(stdout(&out), "b\na\n");
+    let name = name.unwrap_or_else(|| panic!("--ttl did not keep a sandbox: {}", stderr(&out)));
+    assert_code(&env.run(&["exec", &name, "--", "true"]), 0);
+}
+
+#[test]
+fn exec_exit_codes() {
+    let env = TestEnv::new();
+    let name = unique_name("excodes");
+    let _guard = KeptGuard::new(&name);
+    assert_code(
+        &env.run(&["run", "--name", &name, "-i", BUSYBOX, "true"]),
+        0,
+    );
+    assert_code(&env.run(&["exec", &name, "--", "no-such-command-xyz"]), 127);
+    assert_code(&env.run(&["exec", &name, "--", "/etc/passwd"]), 126);
+    assert_code(
+        &env.run(&["exec", &name, "--", "sh", "-c", "kill -TERM $$"]),
+        143,
+    );
+    // The sandbox itself is unharmed by its commands' failures.
+    assert_code(&env.run(&["exec", &name, "--", "true"]), 0);
+}
+
+/// A SIGTERM sent to `agentkernel exec` as soon as the command is running
+/// reaches the command. Repeated, because the engine reports an exec's PID
+/// only a moment after the exec has started producing output.
+#[test]
+fn exec_forwards_sigterm() {
+    let env = TestEnv::new();
+    let name = unique_name("exsig");
+    let _guard = KeptGuard::new(&name);
+    assert_code(
+        &env.run(&["run", "--name", &name, "-i", BUSYBOX, "true"]),
+        0,
+    );
+    for attempt in 1..=8 {
+        let mut t = env.spawn(&[
+            "exec",
+            &name,
+            "--",
+            "sh",
+            "-c",
+            "trap 'echo got-term; exit 9' TERM; echo ready; while :; do sleep 1; done",
+        ]);
+        let out = t.child().stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(60)).as_deref(),
+            Ok("ready")
+        );
+        t.signal(libc::SIGTERM);
+        let pid = t.pid;
+        let out = t
+            .wait_output_within(Duration::from_secs(15))
+            .unwrap_or_else(|| {
+                panic!(
+                    "attempt {attempt}: SIGTERM to `agentkernel exec` (pid {pid}) sent right after the \
+                     command printed `ready` never reached the command (still running after 15s)"
+                )
+            });
+        assert_eq!(out.status.code(), Some(9), "attempt {attempt}");
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(10)).as_deref(),
+            Ok("got-term")
+        );
+    }
+    assert_code(&env.run(&["exec", &name, "--", "true"]), 0);
+}
