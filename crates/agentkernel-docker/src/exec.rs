@@ -16,14 +16,15 @@ use crate::oneshot::start_failure;
 use crate::stdio::{self, Process};
 use crate::Engine;
 
-/// Docker mounts its init (tini) at this path in containers created with
-/// `init`; execs run under it too, for shell-like 126/127 codes and signal
-/// forwarding. Podman's catatonit has no such codes, and Podman's exec
-/// reports them itself.
+/// Execs run under the engine's init, mounted in containers created with
+/// `init`: as a child subreaper it keeps everything the command starts
+/// (double forks included) in one tree that a timeout can kill, forwards
+/// signals, and reports exec failures (tini as 126/127; catatonit by a
+/// message, see [`stdio::init_exec_failure`]).
 fn exec_prefix(flavor: Flavor) -> &'static [&'static str] {
     match flavor {
         Flavor::Docker => &["/sbin/docker-init", "-s", "--"],
-        Flavor::Podman => &[],
+        Flavor::Podman => &["/run/podman-init", "--"],
     }
 }
 
@@ -196,11 +197,15 @@ pub async fn run(
             done.notified().await;
             // The stream closes as the process exits; the engine records the code a moment later.
             for _ in 0..500 {
-                let info = engine
-                    .docker
-                    .inspect_exec(&id)
-                    .await
-                    .map_err(|e| engine.error("inspecting the command", e))?;
+                let info = match engine.docker.inspect_exec(&id).await {
+                    Ok(info) => info,
+                    // The container was killed and removed under it (timeout in
+                    // a pooled run): the command died with SIGKILL.
+                    Err(e) if crate::engine::is_not_found(&e) => {
+                        return Ok(128 + i64::from(libc::SIGKILL))
+                    }
+                    Err(e) => return Err(engine.error("inspecting the command", e)),
+                };
                 if info.running != Some(true) {
                     return Ok(info.exit_code.unwrap_or(0));
                 }
@@ -222,7 +227,9 @@ pub async fn run(
     if finished.timed_out {
         return Ok(Outcome::TimedOut);
     }
-    Ok(Outcome::Exited(finished.exit_code as i32))
+    let code = stdio::init_exec_failure(engine.flavor, &finished, &req.argv[0])
+        .unwrap_or(finished.exit_code as i32);
+    Ok(Outcome::Exited(code))
 }
 
 /// OOM kills so far in `container`'s memory cgroup, read on the engine's host

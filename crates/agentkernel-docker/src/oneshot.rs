@@ -160,10 +160,8 @@ async fn drive(engine: &Engine, name: &str, spec: &SandboxSpec) -> Result<Outcom
     if finished.timed_out {
         return Ok(Outcome::TimedOut);
     }
-    let code = match exec_failure_of_podman_init(engine, &finished) {
-        Some(code) => code,
-        None => finished.exit_code as i32,
-    };
+    let code = stdio::init_exec_failure(engine.flavor, &finished, &spec.exec.argv[0])
+        .unwrap_or(finished.exit_code as i32);
     if code == 137 && spec.policy.limits.memory_bytes.is_some() {
         if let Ok(info) = engine.docker.inspect_container(name, None).await {
             if info.state.and_then(|s| s.oom_killed) == Some(true) {
@@ -214,26 +212,5 @@ pub async fn print_ports(engine: &Engine, name: &str, spec: &SandboxSpec) {
                 b.host_port.unwrap_or_default()
             );
         }
-    }
-}
-
-/// Podman's init (catatonit) exits 1 when it cannot execute the command,
-/// after printing `ERROR (catatonit:N): failed to exec pid1: <reason>`.
-/// Recover the shell's codes from that line: 127 not found, 126 not executable.
-fn exec_failure_of_podman_init(engine: &Engine, finished: &stdio::Finished) -> Option<i32> {
-    if engine.flavor != crate::engine::Flavor::Podman || finished.exit_code != 1 {
-        return None;
-    }
-    let head = String::from_utf8_lossy(&finished.stderr_head);
-    let reason = head
-        .strip_prefix("ERROR (catatonit:")?
-        .split_once("): failed to exec pid1: ")?
-        .1;
-    if reason.starts_with("No such file or directory") {
-        Some(127)
-    } else if reason.starts_with("Permission denied") || reason.starts_with("Is a directory") {
-        Some(126)
-    } else {
-        None
     }
 }

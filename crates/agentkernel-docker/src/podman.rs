@@ -127,6 +127,8 @@ pub fn start_private_service() -> Result<PathBuf, Error> {
         &SERVICE_IDLE_SECS.to_string(),
     ])
     .arg(format!("unix://{}", sock.display()))
+    // It outlives this command: never pin (and later lose) our working directory.
+    .current_dir("/")
     .stdin(Stdio::null())
     .stdout(log.try_clone().map_err(|e| Error::state(&log_path, e))?)
     .stderr(log);

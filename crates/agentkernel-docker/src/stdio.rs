@@ -204,3 +204,31 @@ async fn pump_output(mut output: Output) -> Vec<u8> {
     }
     stderr_head
 }
+
+/// Podman's init (catatonit), which runs our commands, exits 1 when it cannot
+/// execute the command, after printing `ERROR (catatonit:N): failed to exec
+/// pid1: <reason>`. Recover the shell's codes from that line (127 not found,
+/// 126 not executable) and name the command, as Docker's init does.
+pub fn init_exec_failure(
+    flavor: crate::engine::Flavor,
+    finished: &Finished,
+    program: &str,
+) -> Option<i32> {
+    if flavor != crate::engine::Flavor::Podman || finished.exit_code != 1 {
+        return None;
+    }
+    let head = String::from_utf8_lossy(&finished.stderr_head);
+    let reason = head
+        .strip_prefix("ERROR (catatonit:")?
+        .split_once("): failed to exec pid1: ")?
+        .1;
+    if reason.starts_with("No such file or directory") {
+        eprintln!("agentkernel: {program}: command not found in the sandbox");
+        Some(127)
+    } else if reason.starts_with("Permission denied") || reason.starts_with("Is a directory") {
+        eprintln!("agentkernel: {program}: cannot execute (permission denied)");
+        Some(126)
+    } else {
+        None
+    }
+}

@@ -63,11 +63,14 @@ impl BackendKind {
     }
 }
 
-/// `-B`, else config, else the first available in SPEC order (native, docker,
+/// `-B`, else `$AGENTKERNEL_BACKEND`, else config, else the first available in SPEC order (native, docker,
 /// podman); native is not built yet. "Available" is decided without a request:
 /// a listening Docker socket (or DOCKER_HOST), else an installed podman.
 pub fn choose(flag: Option<&str>, configured: Option<&str>) -> Result<BackendKind> {
-    let Some(name) = flag.or(configured) else {
+    let from_env = std::env::var("AGENTKERNEL_BACKEND")
+        .ok()
+        .filter(|b| !b.is_empty());
+    let Some(name) = flag.or(from_env.as_deref()).or(configured) else {
         return auto();
     };
     let kind = BackendKind::parse(name)?;

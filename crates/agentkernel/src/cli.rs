@@ -76,7 +76,7 @@ pub struct RunArgs {
     #[arg(short = 'c', long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 
-    /// Backend: docker, native, podman, firecracker, qemu, apple (default: first available)
+    /// Backend: docker, podman, native, firecracker, qemu, apple (default: $AGENTKERNEL_BACKEND, config, else first available)
     #[arg(short = 'B', long, value_name = "BACKEND")]
     pub backend: Option<String>,
 

@@ -141,7 +141,7 @@ fn sigterm_reaches_the_command_and_the_sandbox_is_removed() {
         containers[0]
     );
     // No container of kind `run` for this owner remains.
-    let left = docker_ok(&[
+    let left = engine_ok(&[
         "ps",
         "-a",
         "--filter",

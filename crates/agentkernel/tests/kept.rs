@@ -343,7 +343,7 @@ fn branch_names_and_reuses_the_sandbox() {
     let name = "myproj-feature-x";
     let guard = KeptGuard::new(name);
     // A leftover of an earlier, aborted run of this test would make this one meaningless.
-    let _ = docker(&["rm", "-f", "-v", &guard.container()]);
+    let _ = engine(&["rm", "-f", "-v", &guard.container()]);
 
     let out = env
         .cmd()

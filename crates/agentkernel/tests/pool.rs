@@ -218,7 +218,7 @@ fn pooled_timeout_is_124_and_kills_the_whole_tree() {
         "the timed-out command's processes should be gone",
         || {
             claimed.iter().all(|c| {
-                let ps = docker(&["top", c]);
+                let ps = engine(&["top", c]);
                 !ps.status.success() || !String::from_utf8_lossy(&ps.stdout).contains("sleep 500")
             })
         },

@@ -112,7 +112,7 @@ fn publish_binds_loopback_only_by_default() {
     ]);
     http_get_until(18081, &content, Duration::from_secs(30));
     let name = t.containers().pop().expect("server container");
-    let ports = docker_ok(&["port", &name, "8080/tcp"]);
+    let ports = engine_ok(&["port", &name, "8080/tcp"]);
     assert!(
         !ports.trim().is_empty() && ports.lines().all(|l| l.starts_with("127.0.0.1:")),
         "published beyond loopback: {ports}"

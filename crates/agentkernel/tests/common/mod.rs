@@ -45,21 +45,51 @@ pub fn binary() -> PathBuf {
     assert_cmd::cargo::cargo_bin("agentkernel")
 }
 
-/// Runs `docker ARGS…` and returns its output (never panics on a non-zero exit).
-pub fn docker(args: &[&str]) -> Output {
-    std::process::Command::new("docker")
+/// The backend under test: `AGENTKERNEL_TEST_BACKEND` = docker (default) or
+/// podman. The whole suite runs against either (scripts/test.sh runs both):
+/// agentkernel gets it through `AGENTKERNEL_BACKEND`, and the tests inspect
+/// containers with that engine's CLI.
+pub fn backend() -> &'static str {
+    static BACKEND: OnceLock<&'static str> = OnceLock::new();
+    BACKEND.get_or_init(
+        || match std::env::var("AGENTKERNEL_TEST_BACKEND").as_deref() {
+            Err(_) | Ok("") | Ok("docker") => "docker",
+            Ok("podman") => "podman",
+            Ok(other) => panic!("AGENTKERNEL_TEST_BACKEND={other}: expected docker or podman"),
+        },
+    )
+}
+
+/// Runs the engine CLI (`docker` or `podman`, see [`backend`]) and returns its
+/// output (never panics on a non-zero exit).
+pub fn engine(args: &[&str]) -> Output {
+    std::process::Command::new(backend())
         .args(args)
         .stdin(Stdio::null())
         .output()
-        .unwrap_or_else(|e| panic!("cannot run the docker CLI ({e}); the tests need it on PATH"))
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run the {} CLI ({e}); the tests need it on PATH",
+                backend()
+            )
+        })
 }
 
-/// `docker …` stdout as text; panics if docker fails.
-pub fn docker_ok(args: &[&str]) -> String {
-    let out = docker(args);
+/// The engine CLI's stdout as text; panics if it fails.
+pub fn engine_ok(args: &[&str]) -> String {
+    // `podman ps` can fail when a container vanishes mid-listing; retry that.
+    let mut out = engine(args);
+    for _ in 0..3 {
+        if out.status.success() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        out = engine(args);
+    }
     assert!(
         out.status.success(),
-        "`docker {}` failed: {}",
+        "`{} {}` failed: {}",
+        backend(),
         args.join(" "),
         String::from_utf8_lossy(&out.stderr)
     );
@@ -72,27 +102,29 @@ pub fn docker_ok(args: &[&str]) -> String {
 pub fn ensure_prerequisites() {
     static READY: OnceLock<()> = OnceLock::new();
     READY.get_or_init(|| {
-        let version = std::process::Command::new("docker")
-            .args(["version", "--format", "{{.Server.Version}}"])
+        let engine_name = backend();
+        match std::process::Command::new(engine_name)
+            .arg("info")
             .stdin(Stdio::null())
-            .output();
-        match version {
+            .output()
+        {
             Err(e) => panic!(
-                "PREREQUISITE MISSING: cannot run the docker CLI ({e}). These integration tests \
-                 need a reachable Docker engine; install docker and start dockerd."
+                "PREREQUISITE MISSING: cannot run the {engine_name} CLI ({e}). These integration \
+                 tests need it (scripts/setup.sh installs and starts everything)."
             ),
             Ok(out) if !out.status.success() => panic!(
-                "PREREQUISITE MISSING: the Docker engine is unreachable: {}. Start dockerd \
-                 (or point DOCKER_HOST at a running engine) and rerun the tests.",
+                "PREREQUISITE MISSING: `{engine_name} info` failed: {}. Start the engine \
+                 (scripts/setup.sh does) and rerun the tests.",
                 String::from_utf8_lossy(&out.stderr).trim()
             ),
             Ok(_) => {}
         }
-        let missing = |img: &str| !docker(&["image", "inspect", img]).status.success();
+        let missing = |img: &str| !engine(&["image", "inspect", img]).status.success();
         if missing(BUSYBOX) || missing(PYTHON) {
             let script = workspace_root().join("scripts/build-test-images.sh");
             let status = std::process::Command::new("bash")
                 .arg(&script)
+                .arg(backend())
                 .current_dir(workspace_root())
                 .status()
                 .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
@@ -167,6 +199,7 @@ impl TestEnv {
 
     fn configure(&self, cmd: &mut std::process::Command) {
         cmd.env("AGENTKERNEL_HOME", self.state.path())
+            .env("AGENTKERNEL_BACKEND", backend())
             .env("HOME", self.home.path())
             .env_remove("XDG_CONFIG_HOME")
             .env_remove("XDG_DATA_HOME")
@@ -274,12 +307,12 @@ impl TestEnv {
         }
         args.extend(["--format".into(), "{{.Names}}".into()]);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        docker_ok(&args).lines().map(str::to_string).collect()
+        engine_ok(&args).lines().map(str::to_string).collect()
     }
 
     /// Running warm pool containers of this state dir that no run has claimed.
     pub fn warm_pool(&self) -> Vec<String> {
-        let running = docker_ok(&[
+        let running = engine_ok(&[
             "ps",
             "--filter",
             &format!("label=agentkernel.state={}", self.state.path().display()),
@@ -355,7 +388,7 @@ impl Drop for TestEnv {
     fn drop(&mut self) {
         self.wait_for_refills(Duration::from_secs(60));
         for name in self.labelled_containers(None) {
-            let _ = docker(&["rm", "-f", "-v", &name]);
+            let _ = engine(&["rm", "-f", "-v", &name]);
         }
     }
 }
@@ -446,7 +479,7 @@ impl Tracked {
     pub fn wait_running(&mut self, limit: Duration) -> String {
         let start = Instant::now();
         loop {
-            let running = docker_ok(&[
+            let running = engine_ok(&[
                 "ps",
                 "--filter",
                 &format!("label=agentkernel.owner={}", self.owner),
@@ -482,7 +515,7 @@ impl Drop for Tracked {
             let _ = child.wait();
         }
         for name in containers_of_owner(&self.owner) {
-            let _ = docker(&["rm", "-f", "-v", &name]);
+            let _ = engine(&["rm", "-f", "-v", &name]);
         }
     }
 }
@@ -525,7 +558,7 @@ pub fn owner_label(pid: u32) -> Option<String> {
 
 /// All containers (any state) whose `agentkernel.owner` label is exactly `owner`.
 pub fn containers_of_owner(owner: &str) -> Vec<String> {
-    docker_ok(&[
+    engine_ok(&[
         "ps",
         "-a",
         "--filter",
@@ -540,7 +573,7 @@ pub fn containers_of_owner(owner: &str) -> Vec<String> {
 
 /// True when a container of exactly this name exists (any state).
 pub fn container_exists(name: &str) -> bool {
-    docker_ok(&[
+    engine_ok(&[
         "ps",
         "-a",
         "--filter",
@@ -575,7 +608,7 @@ impl KeptGuard {
 
 impl Drop for KeptGuard {
     fn drop(&mut self) {
-        let _ = docker(&["rm", "-f", "-v", &self.container()]);
+        let _ = engine(&["rm", "-f", "-v", &self.container()]);
     }
 }
 
