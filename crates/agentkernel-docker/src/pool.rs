@@ -201,6 +201,10 @@ async fn list_pool(engine: &Engine, store: &Store, key: Option<&str>) -> Vec<Con
         .unwrap_or_default()
 }
 
+fn is_running(c: &ContainerSummary) -> bool {
+    c.state.as_ref().map(|s| s.to_string()).as_deref() == Some("running")
+}
+
 fn name_of(c: &ContainerSummary) -> Option<String> {
     c.names
         .as_ref()?
@@ -217,7 +221,7 @@ async fn claim(engine: &Engine, store: &Store, key: &str) -> Option<String> {
     let mut candidates: Vec<String> = list_pool(engine, store, Some(key))
         .await
         .iter()
-        .filter(|c| c.state.as_ref().map(|s| s.to_string()) == Some("running".into()))
+        .filter(|c| is_running(c))
         .filter_map(name_of)
         .collect();
     // Start at a random place so concurrent runs rarely contend for the same one.
@@ -389,7 +393,8 @@ pub async fn status(engine: &Engine, store: &Store) -> Vec<KeyStatus> {
         });
         if is_claimed(store, &name) {
             entry.in_use += 1;
-        } else {
+        } else if is_running(&c) {
+            // Only a running container can be claimed; one still starting is not warm yet.
             entry.warm += 1;
         }
     }
