@@ -33,7 +33,7 @@ pub enum Command {
     /// Verify or replay execution receipts (not supported yet)
     #[command(subcommand)]
     Receipt(ReceiptCommand),
-    /// Manage the native backend's image store (not supported yet)
+    /// Manage the native backend's image store (pull, list, rm, prune)
     #[command(subcommand)]
     Image(ImageCommand),
     /// List and show templates (not supported yet)
@@ -231,9 +231,24 @@ pub enum ReceiptCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum ImageCommand {
-    Pull { image: String },
-    List,
-    Rm { images: Vec<String> },
+    /// Pull an image into the store (mirrors: [images] mirrors or AGENTKERNEL_REGISTRY_MIRRORS)
+    Pull {
+        image: String,
+        /// Re-resolve the tag even if the image is stored
+        #[arg(long)]
+        always: bool,
+    },
+    /// List stored images
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove images from the store (their layers go with `image prune`)
+    Rm {
+        #[arg(required = true)]
+        images: Vec<String>,
+    },
+    /// Delete blobs and layers no stored image uses
     Prune,
 }
 

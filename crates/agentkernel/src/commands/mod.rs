@@ -2,6 +2,7 @@
 
 mod doctor;
 mod exec;
+mod image;
 mod pool;
 mod run;
 mod sandbox;
@@ -29,10 +30,7 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::Receipt(_) => Err(Error::not_supported("`agentkernel receipt`")),
-        Command::Image(_) => Err(Error::not_supported_hint(
-            "`agentkernel image`",
-            "it manages the native backend's image store; for docker use `docker image`",
-        )),
+        Command::Image(cmd) => image::image(cmd).await,
         Command::Template(_) => Err(Error::not_supported("`agentkernel template`")),
         Command::Secret(_) => Err(Error::not_supported("`agentkernel secret`")),
         Command::Ssh { .. } => Err(Error::not_supported("`agentkernel ssh`")),
