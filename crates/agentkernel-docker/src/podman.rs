@@ -149,12 +149,8 @@ pub fn start_private_service() -> Result<PathBuf, Error> {
     let _ = std::fs::write(dir.join("service.pid"), child.id().to_string());
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(20) {
+        // Quietly: stderr belongs to the command; `agentkernel doctor` tells about the service.
         if listening(&sock) {
-            eprintln!(
-                "agentkernel: started podman system service on {} (it exits after {}s idle)",
-                sock.display(),
-                SERVICE_IDLE_SECS
-            );
             return Ok(sock);
         }
         if let Ok(Some(status)) = child.try_wait() {
