@@ -26,15 +26,4 @@ hyperfine --warmup 3 --runs "$runs" --export-json "$out" --style basic \
   -n "agentkernel (cow workspace)" "cd $project && $ak run -B docker --fast=false -i $image true" \
   >/dev/null
 
-python3 - "$out" <<'PY'
-import json, statistics, sys
-results = json.load(open(sys.argv[1]))["results"]
-def stats(r):
-    t = sorted(r["times"])
-    return statistics.median(t), t[min(len(t) - 1, int(len(t) * 0.95))]
-base, _ = stats(results[0])
-print(f"{'command':<30} {'median':>9} {'p95':>9} {'vs docker run --rm':>20}")
-for r in results:
-    med, p95 = stats(r)
-    print(f"{r['command']:<30} {med*1000:8.1f}ms {p95*1000:8.1f}ms {med/base:19.3f}x")
-PY
+python3 "$root/bench/report.py" "$out"

@@ -21,6 +21,14 @@ pub fn generated() -> String {
     format!("run-{:08x}", u32::from_le_bytes(bytes))
 }
 
+/// A stable 64-bit hash (FNV-1a) for keys and file names derived from
+/// content; not for security.
+pub fn stable_hash(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
 /// Lowercases, maps anything outside `[a-z0-9]` to `-`, collapses and trims dashes.
 pub fn sanitize(text: &str) -> String {
     let mut out = String::with_capacity(text.len());

@@ -81,13 +81,6 @@ pub fn load_key_file(store: &Store, key: &str) -> Result<KeyFile, Error> {
     serde_json::from_slice(&bytes).map_err(|e| Error::state(&path, std::io::Error::other(e)))
 }
 
-/// A stable hash for keys and file names (not for security).
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
-    })
-}
-
 /// The spec of a warm container: fixed-at-creation parts only.
 fn warm_spec(spec: &SandboxSpec, image_id: &str) -> SandboxSpec {
     SandboxSpec {
@@ -109,7 +102,10 @@ fn key_of(engine: &Engine, warm: &SandboxSpec) -> String {
         "home": warm.home,
         "volumes": warm.volumes,
     });
-    format!("{:016x}", fnv1a(identity.to_string().as_bytes()))
+    format!(
+        "{:016x}",
+        agentkernel_core::names::stable_hash(identity.to_string().as_bytes())
+    )
 }
 
 /// Runs `spec` in a warm container when one is ready, else on the normal

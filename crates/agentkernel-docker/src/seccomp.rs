@@ -108,17 +108,10 @@ pub fn profile_file(profile: &str) -> agentkernel_core::Result<std::path::PathBu
     std::fs::create_dir_all(&dir).map_err(|e| agentkernel_core::Error::state(&dir, e))?;
     let path = dir.join(format!(
         "restrictive-{:016x}.json",
-        fnv1a(profile.as_bytes())
+        agentkernel_core::names::stable_hash(profile.as_bytes())
     ));
     if !path.exists() {
         agentkernel_core::state::write_atomic(&path, profile.as_bytes())?;
     }
     Ok(path)
-}
-
-/// A stable content hash for file names (not for security).
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
-    })
 }
