@@ -106,7 +106,7 @@ fn engine_side_start_failure_leaves_nothing() {
 /// orphaned container's owner label once it is confirmed left behind.
 fn orphan(env: &TestEnv) -> String {
     let mut t = env.spawn(&["run", "-i", BUSYBOX, "sleep", "60"]);
-    let container = t.wait_running(Duration::from_secs(30));
+    t.wait_running(Duration::from_secs(30));
     t.signal(libc::SIGKILL);
     let status = wait_child(t.child(), Duration::from_secs(10));
     assert_eq!(
@@ -116,12 +116,13 @@ fn orphan(env: &TestEnv) -> String {
     );
     // From here the product, not the test's guard, must clean up.
     let owner = t.disarm();
-    assert!(
-        container_exists(&container),
-        "precondition: a SIGKILLed agentkernel leaves its container"
-    );
-    // Docker's copy-on-write workspace keeps its layers in our scratch space;
-    // Podman's `:O` bind keeps them with the container.
+    // No precondition that the container is still there: with the suite
+    // running in parallel, another test's agentkernel may already have
+    // collected it (its owner is provably dead), which is the behaviour under
+    // test. What must hold is checked by the callers: it ends up gone.
+    // Docker's copy-on-write workspace keeps its layers in our scratch space
+    // (only our own state dir's agentkernel removes it); Podman's `:O` bind
+    // keeps them with the container.
     if backend() == "docker" {
         assert!(
             !env.leftover_runs().is_empty(),
