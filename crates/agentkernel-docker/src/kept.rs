@@ -6,8 +6,9 @@
 //! agentkernel process is running. Every use moves the deadline (SPEC: TTL
 //! counts from last use); a running command refreshes it so it is never cut
 //! off mid-way. `stop` freezes the sandbox (docker pause) and `start` thaws it:
-//! a stopped sandbox keeps its processes and files, and a later agentkernel
-//! command removes it once its deadline has passed.
+//! a stopped sandbox keeps its processes and files; since its frozen
+//! keep-alive cannot end it, `stop` leaves a detached agentkernel that
+//! collects it at its deadline (and exits early if it is started or removed).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -219,10 +220,14 @@ pub async fn exec(
 pub async fn stop(engine: &Engine, store: &Store, name: &str) -> Result<(), Error> {
     require(engine, store, name).await?;
     match engine.docker.pause_container(&container_name(name)).await {
-        Ok(()) => Ok(()),
-        Err(e) if crate::engine::is_conflict(&e) => Ok(()), // already paused
-        Err(e) => Err(engine.error("stopping the sandbox", e)),
+        Ok(()) => {}
+        Err(e) if crate::engine::is_conflict(&e) => {} // already paused
+        Err(e) => return Err(engine.error("stopping the sandbox", e)),
     }
+    // A frozen keep-alive cannot end the sandbox at its deadline: a detached
+    // agentkernel waits for it and collects it then (if it is still expired).
+    crate::detached::spawn(store.root(), &["sandbox", "gc", "--expire", name]);
+    Ok(())
 }
 
 pub async fn start(engine: &Engine, store: &Store, name: &str) -> Result<(), Error> {
@@ -255,4 +260,27 @@ async fn require(engine: &Engine, store: &Store, name: &str) -> Result<SandboxRe
         )));
     }
     Ok(record)
+}
+
+/// `sandbox gc --expire NAME` (started detached by `stop`): waits while the
+/// sandbox is stopped and removes it once its deadline passes. Returns early
+/// when the sandbox is gone or running again (its keep-alive then does the job).
+pub async fn expire_when_due(engine: &Engine, store: &Store, name: &str) {
+    loop {
+        let Some(deadline) = store.deadline(name) else {
+            return;
+        };
+        let now = now_unix();
+        if now >= deadline {
+            crate::gc::collect_orphans(engine.clone(), Store::new(store.root().to_path_buf()))
+                .await;
+            return;
+        }
+        match status(engine, name).await {
+            Ok(Some(ContainerStateStatusEnum::PAUSED)) => {}
+            _ => return,
+        }
+        // Re-check now and then: the sandbox may be started or removed meanwhile.
+        tokio::time::sleep(Duration::from_secs((deadline - now).min(30))).await;
+    }
 }

@@ -15,10 +15,12 @@
 //! - [`kept`]: kept sandboxes: create, exec, stop/start/remove, list
 //! - [`pool`]: the warm pool behind `--fast`
 //! - [`gc`]: removing what dead agentkernel processes left behind
+//! - [`detached`]: background agentkernel processes (refills, stopped-sandbox expiry)
 //!
 //! [`SandboxSpec`]: agentkernel_core::spec::SandboxSpec
 
 pub mod create;
+pub mod detached;
 pub mod engine;
 pub mod exec;
 pub mod gc;

@@ -239,28 +239,11 @@ async fn claim(engine: &Engine, store: &Store, key: &str) -> Option<String> {
 /// Starts `agentkernel pool refill` detached: it removes the used container
 /// and tops the key back up, after we have exited.
 fn spawn_refill(store: &Store, key: &str, used: Option<&str>) {
-    use std::os::unix::process::CommandExt;
-    let Ok(exe) = std::env::current_exe() else {
-        return;
-    };
-    let mut cmd = std::process::Command::new(exe);
-    cmd.args(["pool", "refill", key]);
+    let mut args = vec!["pool", "refill", key];
     if let Some(used) = used {
-        cmd.args(["--used", used]);
+        args.extend(["--used", used]);
     }
-    cmd.env("AGENTKERNEL_HOME", store.root())
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    // SAFETY: setsid is async-signal-safe; the refill must survive our exit and
-    // not receive the user's Ctrl-C.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
-    let _ = cmd.spawn();
+    crate::detached::spawn(store.root(), &args);
 }
 
 /// `agentkernel pool refill KEY [--used NAME]`.

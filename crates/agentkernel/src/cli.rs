@@ -203,7 +203,11 @@ pub enum SandboxCommand {
         names: Vec<String>,
     },
     /// Remove expired sandboxes and what killed agentkernel processes left behind
-    Gc,
+    Gc {
+        /// Wait for this stopped sandbox's deadline, then collect it (started by `sandbox stop`)
+        #[arg(long, hide = true, value_name = "NAME")]
+        expire: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -304,6 +304,34 @@ fn ttl_expiry_removes_the_sandbox_without_agentkernel() {
 }
 
 #[test]
+fn a_stopped_sandbox_still_expires_without_a_later_command() {
+    let env = TestEnv::new();
+    let name = unique_name("stopttl");
+    let guard = KeptGuard::new(&name);
+    let out = env.run(&["run", "--name", &name, "--ttl", "5s", "-i", BUSYBOX, "true"]);
+    assert_code(&out, 0);
+    assert_code(&env.run(&["sandbox", "stop", &name]), 0);
+    let container = guard.container();
+    assert!(
+        container_exists(&container),
+        "stopped sandbox vanished at once"
+    );
+    // Its keep-alive is frozen; nothing of ours runs from here but what `stop` left.
+    let start = Instant::now();
+    while container_exists(&container) {
+        assert!(
+            start.elapsed() < Duration::from_secs(40),
+            "stopped sandbox {name} (--ttl 5s) still exists after 40s"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(
+        !env.state_dir().join("sandboxes").join(&name).exists(),
+        "its record outlived it"
+    );
+}
+
+#[test]
 fn ttl_counts_from_last_use() {
     let env = TestEnv::new();
     let name = unique_name("ttluse");

@@ -33,7 +33,12 @@ pub async fn sandbox(cmd: SandboxCommand) -> Result<i32> {
             }
             Ok(0)
         }
-        SandboxCommand::Gc => {
+        SandboxCommand::Gc { expire: Some(name) } => {
+            let engine = engine_of(&store, &name)?;
+            kept::expire_when_due(&engine, &store, &name).await;
+            Ok(0)
+        }
+        SandboxCommand::Gc { expire: None } => {
             let (mut containers, mut dirs) = (0, 0);
             for engine in backend::engines_in_use(&store) {
                 engine.ping().await?;

@@ -1,0 +1,31 @@
+//! Background agentkernel processes that must outlive the command that
+//! starts them (pool refills, the expiry of a stopped sandbox).
+
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+/// Starts `agentkernel ARGS` in its own session, with no stdio and the same
+/// state directory, and does not wait for it. Failure to start is ignored: a
+/// later command's garbage collection does the same work.
+pub fn spawn(state_dir: &Path, args: &[&str]) {
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    let mut cmd = Command::new(exe);
+    cmd.args(args)
+        .env("AGENTKERNEL_HOME", state_dir)
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: setsid is async-signal-safe; the process must survive our exit
+    // and not receive the user's Ctrl-C.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let _ = cmd.spawn();
+}
