@@ -190,11 +190,17 @@ async fn list_pool(engine: &Engine, store: &Store, key: Option<&str>) -> Vec<Con
         .all(true)
         .filters(&filters)
         .build();
-    engine
-        .docker
-        .list_containers(Some(options))
-        .await
-        .unwrap_or_default()
+    // Podman's list fails now and then while another container is being
+    // removed (a refill removing the last used one): an empty answer would
+    // send this run down the slow path for nothing, so ask again.
+    for attempt in 0..4 {
+        match engine.docker.list_containers(Some(options.clone())).await {
+            Ok(list) => return list,
+            Err(_) if attempt < 3 => tokio::time::sleep(Duration::from_millis(10)).await,
+            Err(_) => break,
+        }
+    }
+    Vec::new()
 }
 
 fn is_running(c: &ContainerSummary) -> bool {

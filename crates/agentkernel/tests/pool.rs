@@ -534,7 +534,12 @@ fn pooled_runs_never_share_a_container_or_state() {
     prune(&env);
     assert_code(&first, 0);
     assert_code(&second, 0);
-    assert!(stderr(&first).contains("pooled") && stderr(&second).contains("pooled"));
+    assert!(
+        stderr(&first).contains("pooled") && stderr(&second).contains("pooled"),
+        "both runs should have found a warm container; first: {}; second: {}",
+        stderr(&first),
+        stderr(&second)
+    );
     let (h1, h2) = (stdout(&first), stdout(&second));
     assert_ne!(
         h1.lines().next(),
