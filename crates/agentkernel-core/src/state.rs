@@ -82,14 +82,20 @@ fn boot_id() -> String {
         .unwrap_or_default()
 }
 
-/// Field 22 of /proc/PID/stat: start time in clock ticks since boot.
-fn start_time(pid: u32) -> Option<u64> {
+/// Field `n` (1-based, as in proc(5)) of /proc/PID/stat, for n >= 3.
+pub fn proc_stat_field(pid: u32, n: usize) -> Option<u64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may contain spaces and parentheses: skip past the last ')'.
     let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split(' ').nth(19)?.parse().ok()
+    rest.split(' ').nth(n.checked_sub(3)?)?.parse().ok()
 }
 
+/// Field 22 of /proc/PID/stat: start time in clock ticks since boot.
+fn start_time(pid: u32) -> Option<u64> {
+    proc_stat_field(pid, 22)
+}
+
+#[derive(Clone)]
 pub struct Store {
     root: PathBuf,
 }

@@ -110,17 +110,11 @@ fn kill_tree(root: i32) {
     let mut parents: HashMap<i32, i32> = HashMap::new();
     if let Ok(entries) = std::fs::read_dir("/proc") {
         for e in entries.flatten() {
-            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
                 continue;
             };
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-                continue;
-            };
-            let Some(after) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
-                continue;
-            };
-            if let Some(ppid) = after.split(' ').nth(1).and_then(|s| s.parse().ok()) {
-                parents.insert(pid, ppid);
+            if let Some(ppid) = agentkernel_core::state::proc_stat_field(pid, 4) {
+                parents.insert(pid as i32, ppid as i32);
             }
         }
     }

@@ -188,7 +188,7 @@ pub async fn exec(
     store.touch(name, ttl)?;
     // Keep the deadline ahead of a long command so the keep-alive loop never cuts it off.
     let refresher = {
-        let store = Store::new(store.root().to_path_buf());
+        let store = store.clone();
         let name = name.to_string();
         tokio::spawn(async move {
             let period = (ttl / 3).clamp(Duration::from_secs(1), Duration::from_secs(60));
@@ -272,8 +272,7 @@ pub async fn expire_when_due(engine: &Engine, store: &Store, name: &str) {
         };
         let now = now_unix();
         if now >= deadline {
-            crate::gc::collect_orphans(engine.clone(), Store::new(store.root().to_path_buf()))
-                .await;
+            crate::gc::collect_orphans(engine.clone(), store.clone()).await;
             return;
         }
         match status(engine, name).await {

@@ -20,10 +20,7 @@ use crate::{labels, Engine};
 
 pub async fn run(engine: &Engine, spec: &SandboxSpec, store: &Store) -> Result<Outcome, Error> {
     // Orphans of earlier, killed runs are collected while this one starts.
-    let gc = tokio::spawn(crate::gc::collect_orphans(
-        engine.clone(),
-        Store::new(store.root().to_path_buf()),
-    ));
+    let gc = tokio::spawn(crate::gc::collect_orphans(engine.clone(), store.clone()));
 
     let id = names::generated();
     let container_name = format!("{}{id}", labels::CONTAINER_PREFIX);

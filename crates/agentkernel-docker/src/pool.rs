@@ -277,7 +277,7 @@ pub async fn refill(
     for _ in warm..file.settings.size {
         create_warm(engine, store, key, &file).await?;
     }
-    crate::gc::collect_orphans(engine.clone(), Store::new(store.root().to_path_buf())).await;
+    crate::gc::collect_orphans(engine.clone(), store.clone()).await;
     Ok(())
 }
 

@@ -42,7 +42,7 @@ pub async fn sandbox(cmd: SandboxCommand) -> Result<i32> {
             let (mut containers, mut dirs) = (0, 0);
             for engine in backend::engines_in_use(&store) {
                 engine.ping().await?;
-                let c = gc::collect_orphans(engine, Store::new(store.root().to_path_buf())).await;
+                let c = gc::collect_orphans(engine, store.clone()).await;
                 containers += c.containers.len();
                 dirs += c.directories;
             }
@@ -91,7 +91,7 @@ async fn rows(store: &Store) -> Result<Vec<Row>> {
     let mut out = Vec::new();
     for engine in backend::engines_in_use(store) {
         engine.ping().await?;
-        gc::collect_orphans(engine.clone(), Store::new(store.root().to_path_buf())).await;
+        gc::collect_orphans(engine.clone(), store.clone()).await;
         for record in store
             .list()
             .into_iter()
