@@ -140,20 +140,21 @@ fn sigterm_reaches_the_command_and_the_sandbox_is_removed() {
         "container {} of the terminated run was left behind",
         containers[0]
     );
-    // No container of kind `run` for this owner remains.
+    // No container of kind `run` for this owner remains (filters, not a format template:
+    // Docker and Podman disagree on `{{.Label ..}}`).
     let left = engine_ok(&[
         "ps",
         "-a",
         "--filter",
-        "label=agentkernel.managed=true",
-        "--filter",
         "label=agentkernel.kind=run",
+        "--filter",
+        &format!("label=agentkernel.owner={owner}"),
         "--format",
-        "{{.Label \"agentkernel.owner\"}}",
+        "{{.Names}}",
     ]);
     assert!(
-        !left.lines().any(|o| o == owner),
-        "a run container of owner {owner} remains"
+        left.trim().is_empty(),
+        "run containers of owner {owner} remain: {left}"
     );
     assert!(env.leftover_runs().is_empty(), "{:?}", env.leftover_runs());
 }
