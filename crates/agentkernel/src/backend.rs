@@ -52,10 +52,7 @@ impl BackendKind {
     /// Why a backend cannot be used by this build, if it cannot.
     pub fn unbuilt_reason(self) -> Option<&'static str> {
         match self {
-            BackendKind::Docker | BackendKind::Podman => None,
-            BackendKind::Native => {
-                Some("the native (namespaces, no daemon) backend is not built yet")
-            }
+            BackendKind::Docker | BackendKind::Podman | BackendKind::Native => None,
             BackendKind::Firecracker => Some("the firecracker backend is not built yet"),
             BackendKind::Qemu => Some("the qemu backend is not built yet"),
             BackendKind::Apple => Some("the apple backend runs only on macOS and is not built yet"),

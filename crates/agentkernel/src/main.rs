@@ -16,6 +16,12 @@ use clap::Parser;
 pub const EXIT_AGENTKERNEL_ERROR: i32 = 125;
 
 fn main() {
+    // The native sandbox helper runs before clap and tokio: it must stay
+    // single-threaded (it forks) and start as fast as possible.
+    let mut args = std::env::args();
+    if args.nth(1).as_deref() == Some(agentkernel_native::HELPER_SUBCOMMAND) {
+        std::process::exit(commands::native::helper(args.next()));
+    }
     let cli = match cli::Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => std::process::exit(usage_error(e)),

@@ -25,7 +25,7 @@ fn reference(text: &str) -> Result<store::Reference> {
 }
 
 pub async fn image(cmd: ImageCommand) -> Result<i32> {
-    let images = store::Store::open(paths::state_dir().join("images")).map_err(store_error)?;
+    let images = open_store()?;
     match cmd {
         ImageCommand::Pull { image, always } => pull(&images, &image, always).await,
         ImageCommand::List { json } => {
@@ -87,26 +87,12 @@ async fn pull(images: &store::Store, name: &str, always: bool) -> Result<i32> {
     let cwd = std::env::current_dir()
         .map_err(|e| Error::invalid("current directory", ".", e.to_string()))?;
     let config = Config::load(&cwd, None)?;
-    let mut mirrors = config.mirrors.clone();
-    mirrors.extend(store::mirrors_from_env());
-    for m in &mirrors {
-        store::validate_mirror(m).map_err(store_error)?;
-    }
-    let progress = terminal::is_tty(2).then(|| progress_line(r.familiar()));
-    let options = store::PullOptions {
-        mirrors,
-        policy: if always {
-            store::PullPolicy::Always
-        } else {
-            store::PullPolicy::Missing
-        },
-        progress,
-        ..Default::default()
+    let policy = if always {
+        store::PullPolicy::Always
+    } else {
+        store::PullPolicy::Missing
     };
-    let image = images.pull(&r, &options).await.map_err(store_error)?;
-    if terminal::is_tty(2) {
-        eprint!("\r\x1b[K");
-    }
+    let image = fetch(images, &r, policy, &config).await?;
     eprintln!(
         "agentkernel: {} is {} ({} layers, {})",
         image.reference.familiar(),
@@ -115,6 +101,42 @@ async fn pull(images: &store::Store, name: &str, always: bool) -> Result<i32> {
         format_bytes(image.size)
     );
     Ok(0)
+}
+
+/// The image store at `<state>/images`.
+pub(crate) fn open_store() -> Result<store::Store> {
+    store::Store::open(paths::state_dir().join("images")).map_err(store_error)
+}
+
+/// Pulls (or finds) an image with the configured mirrors, drawing progress
+/// on stderr when it is a terminal. Failures name the image and the fix.
+pub(crate) async fn fetch(
+    images: &store::Store,
+    r: &store::Reference,
+    policy: store::PullPolicy,
+    config: &Config,
+) -> Result<store::Image> {
+    let mut mirrors = config.mirrors.clone();
+    mirrors.extend(store::mirrors_from_env());
+    for m in &mirrors {
+        store::validate_mirror(m).map_err(store_error)?;
+    }
+    let progress = terminal::is_tty(2).then(|| progress_line(r.familiar()));
+    let options = store::PullOptions {
+        mirrors,
+        policy,
+        progress,
+        ..Default::default()
+    };
+    let result = images.pull(r, &options).await;
+    if terminal::is_tty(2) {
+        eprint!("\r\x1b[K");
+    }
+    result.map_err(|e| Error::Image {
+        image: r.familiar(),
+        why: e.to_string(),
+        fix: "check the name, or pull it with `agentkernel image pull` (mirrors: [images] mirrors or AGENTKERNEL_REGISTRY_MIRRORS)".into(),
+    })
 }
 
 /// One self-rewriting stderr line: layers done and bytes received.

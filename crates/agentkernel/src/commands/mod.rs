@@ -3,6 +3,7 @@
 mod doctor;
 mod exec;
 mod image;
+pub mod native;
 mod pool;
 mod run;
 mod sandbox;

@@ -33,6 +33,9 @@ pub async fn run(args: RunArgs) -> Result<i32> {
     let use_pool = fast && spec.keep.is_none() && spec.ports.is_empty();
 
     let store = Store::open_default();
+    if backend == backend::BackendKind::Native {
+        return super::native::run(&spec, &config, &store).await;
+    }
     let engine = backend::connect(backend)?;
     let outcome = if spec.keep.is_some() {
         kept::run(&engine, &spec, &store).await?

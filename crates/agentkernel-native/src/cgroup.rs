@@ -1,0 +1,215 @@
+//! The sandbox's cgroup: memory, CPU and pids limits on cgroup v2 (most
+//! hosts) or v1 (older and hybrid hosts), OOM detection, and removal.
+//!
+//! Like Docker's cgroupfs driver, sandboxes live under an `agentkernel`
+//! group at the top of each hierarchy: `/sys/fs/cgroup/agentkernel/<id>` on
+//! v2, `/sys/fs/cgroup/<controller>/agentkernel/<id>` on v1. Every directory
+//! created is listed in the sandbox's scratch directory, so a later `gc` can
+//! remove exactly those after a crash.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use crate::plan::CgroupLimits;
+
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+const CPU_PERIOD_US: u64 = 100_000;
+const V1_CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Cgroup {
+    pub v2: bool,
+    /// One directory on v2; one per controller on v1 (memory first).
+    pub dirs: Vec<PathBuf>,
+}
+
+fn is_cgroup2(path: &str) -> bool {
+    let c = std::ffi::CString::new(path).expect("no NUL");
+    // SAFETY: statfs writes into the zeroed struct we own.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid C string and `st` a valid out-pointer.
+    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == CGROUP2_SUPER_MAGIC }
+}
+
+/// Where each v1 controller is mounted (`cpu` is often `cpu,cpuacct`).
+fn v1_mount(controller: &str) -> Option<PathBuf> {
+    let mounts = fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(' ').collect();
+        (fields.len() > 3 && fields[2] == "cgroup" && fields[3].split(',').any(|o| o == controller))
+            .then(|| PathBuf::from(fields[1]))
+    })
+}
+
+fn write(path: &Path, value: &str) -> io::Result<()> {
+    fs::write(path, value).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+}
+
+impl Cgroup {
+    /// Creates the sandbox's cgroup with its limits.
+    pub fn create(id: &str, limits: &CgroupLimits) -> io::Result<Cgroup> {
+        let cgroup = if is_cgroup2("/sys/fs/cgroup") {
+            Cgroup::create_v2(id, limits)?
+        } else {
+            Cgroup::create_v1(id, limits)?
+        };
+        Ok(cgroup)
+    }
+
+    fn create_v2(id: &str, limits: &CgroupLimits) -> io::Result<Cgroup> {
+        let root = Path::new("/sys/fs/cgroup");
+        let parent = root.join("agentkernel");
+        // Controllers must be enabled on the path down to the sandbox; a
+        // controller already enabled (or unavailable) is not our concern here:
+        // writing its limit below reports it.
+        let _ = fs::write(root.join("cgroup.subtree_control"), "+memory +cpu +pids");
+        match fs::create_dir(&parent) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("{}: {e}", parent.display()),
+                ))
+            }
+        }
+        let _ = fs::write(parent.join("cgroup.subtree_control"), "+memory +cpu +pids");
+        let dir = parent.join(id);
+        fs::create_dir(&dir)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?;
+        let cgroup = Cgroup {
+            v2: true,
+            dirs: vec![dir.clone()],
+        };
+        let apply = || -> io::Result<()> {
+            if let Some(m) = limits.memory_bytes {
+                write(&dir.join("memory.max"), &m.to_string())?;
+                // No swap beyond the limit: a memory hog meets the OOM killer.
+                if dir.join("memory.swap.max").exists() {
+                    write(&dir.join("memory.swap.max"), "0")?;
+                }
+            }
+            if let Some(c) = limits.cpus {
+                let quota = (c * CPU_PERIOD_US as f64).round() as u64;
+                write(&dir.join("cpu.max"), &format!("{quota} {CPU_PERIOD_US}"))?;
+            }
+            if let Some(p) = limits.pids {
+                write(&dir.join("pids.max"), &p.to_string())?;
+            }
+            Ok(())
+        };
+        if let Err(e) = apply() {
+            cgroup.remove();
+            return Err(e);
+        }
+        Ok(cgroup)
+    }
+
+    fn create_v1(id: &str, limits: &CgroupLimits) -> io::Result<Cgroup> {
+        let mut cgroup = Cgroup {
+            v2: false,
+            dirs: Vec::new(),
+        };
+        let result = (|| -> io::Result<()> {
+            for controller in V1_CONTROLLERS {
+                let mount = v1_mount(controller).ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::NotFound,
+                        format!("the cgroup v1 {controller} controller is not mounted"),
+                    )
+                })?;
+                let dir = mount.join("agentkernel").join(id);
+                fs::create_dir_all(&dir)
+                    .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?;
+                cgroup.dirs.push(dir.clone());
+                match controller {
+                    "memory" => {
+                        if let Some(m) = limits.memory_bytes {
+                            write(&dir.join("memory.limit_in_bytes"), &m.to_string())?;
+                            let memsw = dir.join("memory.memsw.limit_in_bytes");
+                            if memsw.exists() {
+                                write(&memsw, &m.to_string())?;
+                            }
+                        }
+                    }
+                    "cpu" => {
+                        if let Some(c) = limits.cpus {
+                            let quota = (c * CPU_PERIOD_US as f64).round() as u64;
+                            write(&dir.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
+                            write(&dir.join("cpu.cfs_quota_us"), &quota.to_string())?;
+                        }
+                    }
+                    _ => {
+                        if let Some(p) = limits.pids {
+                            write(&dir.join("pids.max"), &p.to_string())?;
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            cgroup.remove();
+            return Err(e);
+        }
+        Ok(cgroup)
+    }
+
+    /// Moves the calling process into the cgroup ("0" means the writer).
+    pub fn join_self(&self) -> io::Result<()> {
+        for dir in &self.dirs {
+            write(&dir.join("cgroup.procs"), "0")?;
+        }
+        Ok(())
+    }
+
+    /// How many processes the OOM killer has killed here.
+    pub fn oom_kills(&self) -> u64 {
+        let (file, key) = if self.v2 {
+            ("memory.events", "oom_kill ")
+        } else {
+            ("memory.oom_control", "oom_kill ")
+        };
+        let Some(dir) = self.dirs.first() else {
+            return 0;
+        };
+        fs::read_to_string(dir.join(file))
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .find_map(|l| l.strip_prefix(key)?.trim().parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
+    /// Kills anything left inside and removes the directories. Best effort:
+    /// what cannot be removed now is found again by `gc`.
+    pub fn remove(&self) {
+        for dir in &self.dirs {
+            for attempt in 0..200 {
+                match fs::remove_dir(dir) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => break,
+                    Err(_) if attempt < 199 => {
+                        self.kill_all(dir);
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                    }
+                    Err(_) => {}
+                }
+            }
+        }
+    }
+
+    fn kill_all(&self, dir: &Path) {
+        if self.v2 && fs::write(dir.join("cgroup.kill"), "1").is_ok() {
+            return;
+        }
+        if let Ok(procs) = fs::read_to_string(dir.join("cgroup.procs")) {
+            for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                // SAFETY: kill takes plain integers.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}

@@ -1,0 +1,29 @@
+//! agentkernel's native runtime: a sandbox made of Linux namespaces, an
+//! overlay root, cgroups, capabilities and seccomp — no daemon, started in
+//! milliseconds.
+//!
+//! The `agentkernel run` process turns a [`SandboxSpec`](agentkernel_core::spec::SandboxSpec)
+//! and an image into a [`Plan`] ([`prepare`]), then re-executes itself as a
+//! single-threaded helper that runs [`sandbox::run`]. See `sandbox.rs` for the
+//! process structure and `rootfs.rs` for the filesystem.
+
+mod caps;
+pub mod cgroup;
+mod command;
+pub mod gc;
+mod net;
+pub mod plan;
+pub mod prepare;
+mod rootfs;
+pub mod sandbox;
+mod seccomp;
+mod sys;
+mod user;
+
+pub use plan::Plan;
+
+/// PATH for images that set none (Docker's default).
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The hidden subcommand the helper runs as: `agentkernel __native-sandbox <plan-fd>`.
+pub const HELPER_SUBCOMMAND: &str = "__native-sandbox";

@@ -1,0 +1,91 @@
+//! [`Plan`]: everything the sandbox helper needs, decided before it starts.
+//!
+//! The `agentkernel run` process resolves flags, config, the image and the
+//! user's environment into a plan, then re-executes itself as the helper
+//! (`agentkernel __native-sandbox`), handing the plan over as JSON on a file
+//! descriptor. The helper never reads config or talks to a registry: it only
+//! builds what the plan says, so its work is short, single-threaded and easy
+//! to audit.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The sandbox's root filesystem.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum RootSource {
+    /// Image layer directories, bottom to top.
+    Layers(Vec<PathBuf>),
+    /// `--image host`: the host's `/`, read-only, under a private upper layer.
+    Host,
+}
+
+/// How one host path appears in the sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MountKind {
+    Bind {
+        read_only: bool,
+    },
+    /// An overlay whose lower layer is the host path: the sandbox may change
+    /// what it sees, the host copy never changes.
+    CopyOnWrite,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Mount {
+    pub host: PathBuf,
+    /// Absolute path inside the sandbox.
+    pub target: String,
+    pub kind: MountKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SeccompMode {
+    /// Docker's default denials.
+    Default,
+    /// The default denials plus ptrace, mount, bpf, keyctl, perf_event_open,
+    /// userfaultfd, unshare and setns.
+    Restrictive,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CgroupLimits {
+    pub memory_bytes: Option<u64>,
+    pub cpus: Option<f64>,
+    pub pids: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Plan {
+    /// Sandbox id: names its scratch directory, cgroup and hostname.
+    pub id: String,
+    /// Scratch directory (upper layers, work dirs); removed when the sandbox ends.
+    pub scratch: PathBuf,
+    pub root: RootSource,
+    pub read_only_root: bool,
+    /// tmpfs at `/tmp` (bytes) when the root is read-only.
+    pub tmp_size_bytes: u64,
+    pub mounts: Vec<Mount>,
+    /// Directories covered by an empty read-only tmpfs (agentkernel's own
+    /// state, when the root is the host's).
+    pub hidden: Vec<String>,
+    pub hostname: String,
+    /// Loopback only when false.
+    pub network: bool,
+    /// `/etc/resolv.conf` contents when there is a network.
+    pub resolv_conf: Option<String>,
+    pub argv: Vec<String>,
+    /// Final environment, `KEY=value`.
+    pub env: Vec<String>,
+    pub workdir: String,
+    /// `user[:group]` from the image (names or ids); root when absent.
+    pub user: Option<String>,
+    /// Capability names without `CAP_` (e.g. `CHOWN`) the command keeps.
+    pub capabilities: Vec<String>,
+    pub no_new_privileges: bool,
+    pub seccomp: SeccompMode,
+    pub limits: CgroupLimits,
+    pub tty: bool,
+    pub timeout: Option<Duration>,
+}

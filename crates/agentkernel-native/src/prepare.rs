@@ -1,0 +1,190 @@
+//! From a backend-neutral [`SandboxSpec`] and an image to a [`Plan`].
+
+use std::path::{Path, PathBuf};
+
+use agentkernel_core::policy::{Capabilities, Seccomp, WorkspaceMode};
+use agentkernel_core::spec::SandboxSpec;
+use agentkernel_core::state::Store;
+use agentkernel_core::{names, Error, Result};
+
+use crate::plan::{CgroupLimits, Mount, MountKind, Plan, RootSource, SeccompMode};
+
+/// The image name that means "this machine's own root filesystem".
+pub const HOST_IMAGE: &str = "host";
+
+/// What the runtime needs of an image.
+#[derive(Debug, Clone, Default)]
+pub struct ImageRoot {
+    /// Layer directories bottom to top; empty for the host image.
+    pub layers: Vec<PathBuf>,
+    pub env: Vec<String>,
+    pub entrypoint: Vec<String>,
+    pub cmd: Vec<String>,
+    pub working_dir: Option<String>,
+    pub user: Option<String>,
+}
+
+/// Builds the plan and the run's scratch directory.
+pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<Plan> {
+    if spec.keep.is_some() {
+        return Err(Error::not_supported_hint(
+            "kept sandboxes (--keep, --branch, --name, --ttl) on the native backend",
+            "use -B docker or -B podman for them",
+        ));
+    }
+    if !spec.ports.is_empty() {
+        return Err(Error::not_supported_hint(
+            "--publish on the native backend",
+            "use -B docker or -B podman",
+        ));
+    }
+    if spec.policy.network {
+        return Err(Error::not_supported_hint(
+            "networking on the native backend",
+            "add --no-network (or --profile restrictive), or use -B docker",
+        ));
+    }
+    let id = names::generated();
+    let scratch_path = store.root().join("runs").join(&id);
+    let mut mounts = Vec::new();
+    if let Some(ws) = &spec.workspace {
+        let kind = match spec.policy.workspace {
+            WorkspaceMode::ReadWrite => MountKind::Bind { read_only: false },
+            WorkspaceMode::ReadOnly => MountKind::Bind { read_only: true },
+            WorkspaceMode::CopyOnWrite => {
+                check_copy_on_write_source(&ws.host, &scratch_path)?;
+                MountKind::CopyOnWrite
+            }
+        };
+        mounts.push(Mount {
+            host: ws.host.clone(),
+            target: ws.path_in_sandbox.clone(),
+            kind,
+        });
+    }
+    if let Some(home) = &spec.home {
+        mounts.push(Mount {
+            host: home.clone(),
+            target: home.to_string_lossy().into_owned(),
+            kind: MountKind::Bind { read_only: true },
+        });
+    }
+    for v in &spec.volumes {
+        mounts.push(Mount {
+            host: v.host.clone(),
+            target: v.container.clone(),
+            kind: MountKind::Bind {
+                read_only: v.read_only,
+            },
+        });
+    }
+
+    let root = if image.layers.is_empty() {
+        RootSource::Host
+    } else {
+        RootSource::Layers(image.layers.clone())
+    };
+    let hostname = id.clone();
+    let argv = if spec.exec.argv.is_empty() {
+        image.entrypoint.iter().chain(&image.cmd).cloned().collect()
+    } else {
+        spec.exec.argv.clone()
+    };
+    let env = environment(spec, image, &hostname);
+    let workdir = spec
+        .exec
+        .workdir
+        .clone()
+        .or_else(|| image.working_dir.clone().filter(|w| w.starts_with('/')))
+        .unwrap_or_else(|| "/".to_string());
+    let capabilities = match &spec.policy.capabilities {
+        Capabilities::EngineDefault => crate::caps::ENGINE_DEFAULT
+            .iter()
+            .map(|c| c.to_string())
+            .collect(),
+        Capabilities::DefaultWithout(drop) => crate::caps::ENGINE_DEFAULT
+            .iter()
+            .filter(|c| !drop.iter().any(|d| d == *c))
+            .map(|c| c.to_string())
+            .collect(),
+        Capabilities::None => Vec::new(),
+    };
+    let limits = &spec.policy.limits;
+
+    let scratch = store.run_scratch(&id)?;
+    let mkdir = |p: PathBuf| std::fs::create_dir(&p).map_err(|e| Error::state(p, e));
+    mkdir(scratch.join("root"))?;
+    if matches!(root, RootSource::Host) {
+        mkdir(scratch.join("host-upper"))?;
+    }
+    Ok(Plan {
+        id,
+        scratch,
+        hidden: match &root {
+            RootSource::Host => vec![store.root().to_string_lossy().into_owned()],
+            RootSource::Layers(_) => Vec::new(),
+        },
+        root,
+        read_only_root: spec.policy.read_only_root,
+        tmp_size_bytes: spec.policy.tmp_size_bytes,
+        mounts,
+        hostname,
+        network: spec.policy.network,
+        resolv_conf: None,
+        argv,
+        env,
+        workdir,
+        user: image.user.clone().filter(|u| !u.is_empty()),
+        capabilities,
+        no_new_privileges: spec.policy.no_new_privileges,
+        seccomp: match spec.policy.seccomp {
+            Seccomp::EngineDefault => SeccompMode::Default,
+            Seccomp::Restrictive => SeccompMode::Restrictive,
+        },
+        limits: CgroupLimits {
+            memory_bytes: limits.memory_bytes,
+            cpus: limits.cpus,
+            pids: limits.pids,
+        },
+        tty: spec.exec.tty,
+        timeout: spec.exec.timeout,
+    })
+}
+
+/// Image env, then the user's `-e` (which wins), then what Docker adds.
+fn environment(spec: &SandboxSpec, image: &ImageRoot, hostname: &str) -> Vec<String> {
+    let mut env: Vec<String> = image.env.clone();
+    for (k, v) in &spec.exec.env {
+        env.retain(|e| e.split_once('=').map_or(e.as_str(), |(key, _)| key) != k);
+        env.push(format!("{k}={v}"));
+    }
+    let has = |env: &[String], key: &str| env.iter().any(|e| e.starts_with(&format!("{key}=")));
+    if !has(&env, "PATH") {
+        env.insert(0, format!("PATH={}", crate::DEFAULT_PATH));
+    }
+    if !has(&env, "HOSTNAME") {
+        env.push(format!("HOSTNAME={hostname}"));
+    }
+    if spec.exec.tty && !has(&env, "TERM") {
+        env.push("TERM=xterm".to_string());
+    }
+    env
+}
+
+/// overlayfs cannot stack a directory over a layer that contains its own
+/// upper directory, and its option syntax reserves `,` and `:`.
+fn check_copy_on_write_source(host: &Path, scratch: &Path) -> Result<()> {
+    if scratch.starts_with(host) {
+        return Err(Error::Conflict(format!(
+            "the copy-on-write workspace {} contains agentkernel's state directory; run from a project directory or set AGENTKERNEL_HOME elsewhere",
+            host.display()
+        )));
+    }
+    let text = host.to_string_lossy();
+    if text.contains([',', ':', '\\']) {
+        return Err(Error::Conflict(format!(
+            "the copy-on-write workspace {text} has a `,`, `:` or `\\` in its path, which overlayfs cannot take; use --profile permissive (read-write) or rename the directory"
+        )));
+    }
+    Ok(())
+}

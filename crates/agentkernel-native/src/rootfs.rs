@@ -1,0 +1,363 @@
+//! The sandbox's filesystem, built inside its private mount namespace by
+//! the sandbox's init process: an overlay root, fresh `/proc`, a minimal
+//! `/dev`, read-only `/sys`, the OCI default masked and read-only paths, the
+//! workspace and volumes, then `pivot_root`.
+//!
+//! Every mount lives in the sandbox's own mount namespace, so the host never
+//! sees one and the kernel drops them all when the sandbox's last process
+//! exits — nothing to unmount after a crash. Paths inside the image are
+//! opened component by component without following symlinks (`sys::open_beneath`)
+//! before anything is mounted on them.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use crate::plan::{MountKind, Plan, RootSource};
+use crate::sys::{self, context, cstr, fd_path, mount, open_beneath, Leaf};
+
+/// Paths the OCI runtime spec masks by default: kernel memory, keys, timers,
+/// firmware — information or controls a sandbox has no business with.
+const MASKED_PATHS: [&str; 11] = [
+    "proc/acpi",
+    "proc/asound",
+    "proc/interrupts",
+    "proc/kcore",
+    "proc/keys",
+    "proc/latency_stats",
+    "proc/timer_list",
+    "proc/sched_debug",
+    "proc/scsi",
+    "sys/firmware",
+    "sys/devices/virtual/powercap",
+];
+const READ_ONLY_PATHS: [&str; 5] = [
+    "proc/bus",
+    "proc/fs",
+    "proc/irq",
+    "proc/sys",
+    "proc/sysrq-trigger",
+];
+
+/// `/dev` nodes: name, major, minor.
+const DEVICES: [(&str, u32, u32); 6] = [
+    ("null", 1, 3),
+    ("zero", 1, 5),
+    ("full", 1, 7),
+    ("random", 1, 8),
+    ("urandom", 1, 9),
+    ("tty", 5, 0),
+];
+
+const NOSUID_NODEV_NOEXEC: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+
+pub fn scratch_root(scratch: &Path) -> PathBuf {
+    scratch.join("root")
+}
+
+/// Builds the root and pivots into it. Runs as root in fresh mount, pid,
+/// net, uts and ipc namespaces, before the command's process exists.
+pub fn build(plan: &Plan) -> io::Result<()> {
+    mount("", "/", "", libc::MS_REC | libc::MS_PRIVATE, None)?;
+    let root_path = scratch_root(&plan.scratch);
+    let root_str = root_path.to_string_lossy().into_owned();
+    mount_overlay_root(plan, &root_str)?;
+    let root = sys::open_dir(&root_path)?;
+
+    let proc_dir = open_beneath(&root, "proc", Leaf::Dir)?;
+    mount(
+        "proc",
+        &fd_path(&proc_dir),
+        "proc",
+        NOSUID_NODEV_NOEXEC,
+        None,
+    )?;
+    build_dev(&root)?;
+    let sys_dir = open_beneath(&root, "sys", Leaf::Dir)?;
+    mount(
+        "sysfs",
+        &fd_path(&sys_dir),
+        "sysfs",
+        NOSUID_NODEV_NOEXEC | libc::MS_RDONLY,
+        None,
+    )?;
+    mask_kernel_paths(&root_str)?;
+    for path in &plan.hidden {
+        let dir = open_beneath(&root, path, Leaf::Dir)?;
+        mount(
+            "tmpfs",
+            &fd_path(&dir),
+            "tmpfs",
+            libc::MS_RDONLY,
+            Some("size=0"),
+        )?;
+    }
+
+    for (i, m) in plan.mounts.iter().enumerate() {
+        mount_user_path(plan, &root, i, m)?;
+    }
+    sys::write_beneath(&root, "etc/hostname", &format!("{}\n", plan.hostname))?;
+    sys::write_beneath(
+        &root,
+        "etc/hosts",
+        &format!(
+            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{}\n",
+            plan.hostname
+        ),
+    )?;
+    if let Some(resolv) = &plan.resolv_conf {
+        sys::write_beneath(&root, "etc/resolv.conf", resolv)?;
+    }
+    open_beneath(&root, &plan.workdir, Leaf::Dir)
+        .map_err(context(format_args!("working directory {}", plan.workdir)))?;
+    if plan.read_only_root {
+        let tmp = open_beneath(&root, "tmp", Leaf::Dir)?;
+        mount(
+            "tmpfs",
+            &fd_path(&tmp),
+            "tmpfs",
+            libc::MS_NOSUID | libc::MS_NODEV,
+            Some(&format!("mode=1777,size={}", plan.tmp_size_bytes)),
+        )?;
+    }
+    pivot_into(&root_str)?;
+    if plan.read_only_root {
+        mount(
+            "",
+            "/",
+            "",
+            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+            None,
+        )?;
+    }
+    Ok(())
+}
+
+fn mount_overlay_root(plan: &Plan, root: &str) -> io::Result<()> {
+    let (lower, upper_base) = match &plan.root {
+        RootSource::Layers(layers) => {
+            // overlayfs takes lower layers top first. Relative names keep the
+            // option string short (a page at most) for images with many layers.
+            let common = layers.first().and_then(|l| l.parent());
+            let relative = common.filter(|c| layers.iter().all(|l| l.parent() == Some(*c)));
+            let names: Vec<String> = layers
+                .iter()
+                .rev()
+                .map(|l| match relative {
+                    Some(_) => l
+                        .file_name()
+                        .unwrap_or_default()
+                        .to_string_lossy()
+                        .into_owned(),
+                    None => l.to_string_lossy().into_owned(),
+                })
+                .collect();
+            if let Some(dir) = relative {
+                std::env::set_current_dir(dir)
+                    .map_err(context(format_args!("layers {}", dir.display())))?;
+            }
+            (names.join(":"), plan.scratch.clone())
+        }
+        RootSource::Host => {
+            // The host's `/` cannot be a lower layer of an upper directory that
+            // lives beneath it (overlayfs refuses overlapping layers), so the
+            // writable layer is a tmpfs, charged to the sandbox's memory cgroup.
+            let base = plan.scratch.join("host-upper");
+            mount(
+                "tmpfs",
+                &base.to_string_lossy(),
+                "tmpfs",
+                libc::MS_NOSUID | libc::MS_NODEV,
+                Some("mode=755"),
+            )?;
+            ("/".to_string(), base)
+        }
+    };
+    let upper = upper_base.join("upper");
+    let work = upper_base.join("work");
+    for d in [&upper, &work] {
+        match std::fs::create_dir(d) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(context(format_args!("create {}", d.display()))(e)),
+        }
+    }
+    let options = format!(
+        "lowerdir={lower},upperdir={},workdir={}",
+        upper.display(),
+        work.display()
+    );
+    let result = mount("overlay", root, "overlay", 0, Some(&options));
+    let _ = std::env::set_current_dir("/");
+    result
+}
+
+fn build_dev(root: &OwnedFd) -> io::Result<()> {
+    let dev = open_beneath(root, "dev", Leaf::Dir)?;
+    mount(
+        "tmpfs",
+        &fd_path(&dev),
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_STRICTATIME,
+        Some("mode=755,size=65536k"),
+    )?;
+    // Reopen: the fd taken before the mount still points beneath it.
+    let dev = open_beneath(root, "dev", Leaf::Dir)?;
+    for (name, major, minor) in DEVICES {
+        let c = cstr(name);
+        // SAFETY: valid dir fd and C string.
+        let rc = unsafe {
+            libc::mknodat(
+                dev.as_raw_fd(),
+                c.as_ptr(),
+                libc::S_IFCHR | 0o666,
+                libc::makedev(major, minor),
+            )
+        };
+        if rc != 0 {
+            // Without CAP_MKNOD (rootless), bind the host's node instead.
+            let node = open_beneath(&dev, name, Leaf::File)?;
+            mount(
+                &format!("/dev/{name}"),
+                &fd_path(&node),
+                "",
+                libc::MS_BIND,
+                None,
+            )?;
+        }
+    }
+    for dir in ["pts", "shm", "mqueue"] {
+        open_beneath(&dev, dir, Leaf::Dir)?;
+    }
+    let pts = open_beneath(&dev, "pts", Leaf::Dir)?;
+    mount(
+        "devpts",
+        &fd_path(&pts),
+        "devpts",
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+    )?;
+    let shm = open_beneath(&dev, "shm", Leaf::Dir)?;
+    mount(
+        "shm",
+        &fd_path(&shm),
+        "tmpfs",
+        NOSUID_NODEV_NOEXEC,
+        Some("mode=1777,size=65536k"),
+    )?;
+    let mqueue = open_beneath(&dev, "mqueue", Leaf::Dir)?;
+    mount(
+        "mqueue",
+        &fd_path(&mqueue),
+        "mqueue",
+        NOSUID_NODEV_NOEXEC,
+        None,
+    )?;
+    for (link, target) in [
+        ("ptmx", "pts/ptmx"),
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        let (l, t) = (cstr(link), cstr(target));
+        // SAFETY: valid C strings and dir fd.
+        if unsafe { libc::symlinkat(t.as_ptr(), dev.as_raw_fd(), l.as_ptr()) } != 0 {
+            return Err(context(format_args!("symlink /dev/{link}"))(
+                io::Error::last_os_error(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The new `/proc` and `/sys` are kernel filesystems we just mounted, so
+/// plain paths beneath the root are safe here.
+fn mask_kernel_paths(root: &str) -> io::Result<()> {
+    for rel in MASKED_PATHS {
+        let path = format!("{root}/{rel}");
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if meta.is_dir() {
+            mount("tmpfs", &path, "tmpfs", libc::MS_RDONLY, Some("size=0"))?;
+        } else {
+            mount("/dev/null", &path, "", libc::MS_BIND, None)?;
+        }
+    }
+    for rel in READ_ONLY_PATHS {
+        let path = format!("{root}/{rel}");
+        if std::fs::symlink_metadata(&path).is_err() {
+            continue;
+        }
+        mount(&path, &path, "", libc::MS_BIND | libc::MS_REC, None)?;
+        mount(
+            "",
+            &path,
+            "",
+            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | NOSUID_NODEV_NOEXEC,
+            None,
+        )?;
+    }
+    Ok(())
+}
+
+fn mount_user_path(
+    plan: &Plan,
+    root: &OwnedFd,
+    index: usize,
+    m: &crate::plan::Mount,
+) -> io::Result<()> {
+    let meta = std::fs::metadata(&m.host).map_err(context(format_args!("{}", m.host.display())))?;
+    let leaf = if meta.is_dir() { Leaf::Dir } else { Leaf::File };
+    let target = open_beneath(root, &m.target, leaf)?;
+    let host = m.host.to_string_lossy();
+    match &m.kind {
+        MountKind::Bind { read_only } => {
+            mount(&host, &fd_path(&target), "", libc::MS_BIND, None)?;
+            if *read_only {
+                // Reopen to reach the bind mount itself, then make it read-only.
+                let mounted = open_beneath(root, &m.target, leaf)?;
+                mount(
+                    "",
+                    &fd_path(&mounted),
+                    "",
+                    libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+                    None,
+                )?;
+            }
+        }
+        MountKind::CopyOnWrite => {
+            let base = plan.scratch.join(format!("mount{index}"));
+            let (upper, work) = (base.join("upper"), base.join("work"));
+            std::fs::create_dir_all(&upper)
+                .map_err(context(format_args!("create {}", upper.display())))?;
+            std::fs::create_dir_all(&work)
+                .map_err(context(format_args!("create {}", work.display())))?;
+            let options = format!(
+                "lowerdir={host},upperdir={},workdir={}",
+                upper.display(),
+                work.display()
+            );
+            mount("overlay", &fd_path(&target), "overlay", 0, Some(&options))?;
+        }
+    }
+    Ok(())
+}
+
+/// `pivot_root(".", ".")` stacks the old root under the new one; detaching
+/// it leaves only the sandbox's tree (the runc idiom: no directory for the old root needed).
+fn pivot_into(root: &str) -> io::Result<()> {
+    std::env::set_current_dir(root).map_err(context("chdir to the new root"))?;
+    let dot = cstr(".");
+    // SAFETY: valid C strings; pivot_root has no other preconditions we break.
+    if unsafe { libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) } != 0 {
+        return Err(context("pivot_root")(io::Error::last_os_error()));
+    }
+    // SAFETY: valid C string.
+    if unsafe { libc::umount2(dot.as_ptr(), libc::MNT_DETACH) } != 0 {
+        return Err(context("detach the old root")(io::Error::last_os_error()));
+    }
+    std::env::set_current_dir("/").map_err(context("chdir /"))?;
+    Ok(())
+}

@@ -1,0 +1,609 @@
+//! Running one sandbox: three processes, each with one job.
+//!
+//! * **supervisor** — the `agentkernel` process itself (re-executed as the
+//!   single-threaded helper). It stays on the host: creates the cgroup,
+//!   forwards signals, enforces `--timeout`, relays a terminal, and cleans
+//!   up when the sandbox ends. It is never inside the sandbox.
+//! * **init** — PID 1 of the new pid namespace. It joins the cgroup, enters
+//!   fresh mount, uts, ipc, net and cgroup namespaces, builds the root, then
+//!   forks the command and stays as a tiny init: reaps zombies, forwards
+//!   signals, exits with the command's status. When it exits the kernel kills
+//!   everything left in the namespace, and it dies if the supervisor does
+//!   (PDEATHSIG), so a `kill -9` of agentkernel leaves no sandbox process.
+//! * **command** — drops privileges and execs the user's command.
+//!
+//! Supervisor and init talk over a socketpair: init says "ready" (passing the
+//! terminal's master side when there is one), the supervisor answers "go".
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Instant;
+
+use agentkernel_core::spec::Outcome;
+
+use crate::cgroup::Cgroup;
+use crate::plan::Plan;
+use crate::{caps, rootfs, sys};
+
+const READY: u8 = b'r';
+const GO: u8 = b'g';
+const FORWARDED: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
+
+fn signal_set(signals: &[libc::c_int]) -> libc::sigset_t {
+    // SAFETY: sigemptyset/sigaddset initialise and fill the set we own.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for &s in signals {
+            libc::sigaddset(&mut set, s);
+        }
+        set
+    }
+}
+
+fn supervisor_signals() -> libc::sigset_t {
+    signal_set(&[
+        libc::SIGINT,
+        libc::SIGTERM,
+        libc::SIGHUP,
+        libc::SIGQUIT,
+        libc::SIGCHLD,
+        libc::SIGWINCH,
+    ])
+}
+
+/// Runs the plan to completion and cleans up. Must be called from a
+/// single-threaded process (it forks).
+pub fn run(plan: &Plan) -> io::Result<Outcome> {
+    let cgroup = match Cgroup::create(&plan.id, &plan.limits) {
+        Ok(c) => c,
+        Err(e) => {
+            remove_scratch(plan);
+            return Err(sys::context("cannot create the sandbox's cgroup")(e));
+        }
+    };
+    // Recorded first, so a crash from here on is cleaned by `gc`.
+    let _ = std::fs::write(
+        plan.scratch.join("cgroup.json"),
+        serde_json::to_vec(&cgroup).unwrap_or_default(),
+    );
+    let result = supervise(plan, &cgroup);
+    cgroup.remove();
+    remove_scratch(plan);
+    result
+}
+
+fn remove_scratch(plan: &Plan) {
+    let _ = std::fs::remove_dir_all(&plan.scratch);
+}
+
+fn supervise(plan: &Plan, cgroup: &Cgroup) -> io::Result<Outcome> {
+    let signals = supervisor_signals();
+    // SAFETY: blocking signals in our own (single) thread.
+    unsafe { libc::sigprocmask(libc::SIG_BLOCK, &signals, std::ptr::null_mut()) };
+    // SAFETY: creates a new fd from a valid set; owned below.
+    let sfd = unsafe { libc::signalfd(-1, &signals, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
+    if sfd < 0 {
+        return Err(sys::context("signalfd")(io::Error::last_os_error()));
+    }
+    // SAFETY: just created, ours.
+    let sfd = unsafe { OwnedFd::from_raw_fd(sfd) };
+    let (ours, theirs) = socketpair()?;
+
+    // SAFETY: unshare with a flag; affects only children created from now on.
+    if unsafe { libc::unshare(libc::CLONE_NEWPID) } != 0 {
+        return Err(sys::context("cannot create a pid namespace")(
+            io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: this process is single-threaded (the helper re-exec guarantees
+    // it), so the child may run arbitrary code after fork.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(sys::context("fork")(io::Error::last_os_error()));
+    }
+    if pid == 0 {
+        drop(ours);
+        drop(sfd);
+        init(plan, cgroup, theirs);
+    }
+    drop(theirs);
+
+    let started = Instant::now();
+    let mut state = State {
+        init: pid,
+        exit: None,
+        timed_out: false,
+        interrupts: 0,
+    };
+    // Wait for init's "ready" (or its death, when setup failed).
+    let master = match recv_ready(&ours) {
+        Ok(master) => master,
+        Err(_) => {
+            // Init exited (it printed why); reap it and report its status.
+            let status = wait_for(pid);
+            return Ok(Outcome::Exited(status));
+        }
+    };
+    let _raw = match (&master, plan.tty) {
+        (Some(m), true) => {
+            copy_window_size(m.as_raw_fd());
+            agentkernel_core::terminal::RawMode::enable(0)
+        }
+        _ => None,
+    };
+    sys::write_all_fd(ours.as_raw_fd(), &[GO])?;
+    let mut relay = master.map(|m| Relay {
+        master: m,
+        stdin_open: true,
+        output_open: true,
+    });
+
+    loop {
+        if let Some(code) = state.exit {
+            if let Some(r) = relay.as_mut() {
+                r.drain();
+            }
+            let outcome = if state.timed_out {
+                Outcome::TimedOut
+            } else if code == 137 && cgroup.oom_kills() > 0 {
+                Outcome::OutOfMemory
+            } else {
+                Outcome::Exited(code)
+            };
+            return Ok(outcome);
+        }
+        let timeout_ms = match plan.timeout {
+            Some(limit) if !state.timed_out => {
+                let left = limit.saturating_sub(started.elapsed());
+                if left.is_zero() {
+                    state.timed_out = true;
+                    kill(pid, libc::SIGKILL);
+                    continue;
+                }
+                left.as_millis().min(i32::MAX as u128) as i32 + 1
+            }
+            _ => -1,
+        };
+        let mut fds = vec![libc::pollfd {
+            fd: sfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        if let Some(r) = &relay {
+            r.add_poll(&mut fds);
+        }
+        // SAFETY: `fds` is a valid array of pollfd for its length.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            kill(pid, libc::SIGKILL);
+            wait_for(pid);
+            return Err(e);
+        }
+        if fds[0].revents != 0 {
+            handle_signals(&sfd, &mut state, relay.as_ref());
+        }
+        if let Some(r) = relay.as_mut() {
+            r.pump(&fds[1..]);
+        }
+    }
+}
+
+struct State {
+    init: libc::pid_t,
+    exit: Option<i32>,
+    timed_out: bool,
+    interrupts: u32,
+}
+
+fn handle_signals(sfd: &OwnedFd, state: &mut State, relay: Option<&Relay>) {
+    loop {
+        // SAFETY: reads one siginfo record into a zeroed struct we own.
+        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+        let size = std::mem::size_of::<libc::signalfd_siginfo>();
+        // SAFETY: the buffer is exactly one record long.
+        let n = unsafe {
+            libc::read(
+                sfd.as_raw_fd(),
+                (&mut info as *mut libc::signalfd_siginfo).cast(),
+                size,
+            )
+        };
+        if n != size as isize {
+            return;
+        }
+        let sig = info.ssi_signo as libc::c_int;
+        match sig {
+            libc::SIGCHLD => {
+                let mut status = 0;
+                // SAFETY: waits for our own child without blocking.
+                let r = unsafe { libc::waitpid(state.init, &mut status, libc::WNOHANG) };
+                if r == state.init {
+                    state.exit = Some(decode_status(status));
+                }
+            }
+            libc::SIGWINCH => {
+                if let Some(r) = relay {
+                    copy_window_size(r.master.as_raw_fd());
+                }
+            }
+            _ => {
+                // Like `docker run`: the first two are forwarded, the third kills.
+                if sig == libc::SIGINT || sig == libc::SIGTERM {
+                    state.interrupts += 1;
+                }
+                if state.interrupts >= 3 {
+                    kill(state.init, libc::SIGKILL);
+                } else {
+                    kill(state.init, sig);
+                }
+            }
+        }
+    }
+}
+
+fn decode_status(status: libc::c_int) -> i32 {
+    if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else if libc::WIFSIGNALED(status) {
+        128 + libc::WTERMSIG(status)
+    } else {
+        125
+    }
+}
+
+fn wait_for(pid: libc::pid_t) -> i32 {
+    let mut status = 0;
+    loop {
+        // SAFETY: waits for our own child.
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if r == pid {
+            return decode_status(status);
+        }
+        if r < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            return 125;
+        }
+    }
+}
+
+fn kill(pid: libc::pid_t, sig: libc::c_int) {
+    // SAFETY: plain integers.
+    unsafe { libc::kill(pid, sig) };
+}
+
+fn copy_window_size(master: RawFd) {
+    if let Some((rows, cols)) = agentkernel_core::terminal::size(0) {
+        let ws = libc::winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ reads the winsize we pass.
+        unsafe { libc::ioctl(master, libc::TIOCSWINSZ, &ws) };
+    }
+}
+
+/// Copies between our terminal and the sandbox's pseudo-terminal.
+struct Relay {
+    master: OwnedFd,
+    stdin_open: bool,
+    output_open: bool,
+}
+
+impl Relay {
+    fn add_poll(&self, fds: &mut Vec<libc::pollfd>) {
+        fds.push(libc::pollfd {
+            fd: if self.stdin_open { 0 } else { -1 },
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        fds.push(libc::pollfd {
+            fd: if self.output_open {
+                self.master.as_raw_fd()
+            } else {
+                -1
+            },
+            events: libc::POLLIN,
+            revents: 0,
+        });
+    }
+
+    fn pump(&mut self, fds: &[libc::pollfd]) {
+        let mut buf = [0u8; 16384];
+        if fds[0].revents != 0 {
+            match read(0, &mut buf) {
+                Some(n) if n > 0 => {
+                    let _ = sys::write_all_fd(self.master.as_raw_fd(), &buf[..n]);
+                }
+                _ => self.stdin_open = false,
+            }
+        }
+        if fds[1].revents != 0 {
+            match read(self.master.as_raw_fd(), &mut buf) {
+                Some(n) if n > 0 => {
+                    let _ = sys::write_all_fd(1, &buf[..n]);
+                }
+                // EIO: every slave is closed — the sandbox is done with the terminal.
+                _ => self.output_open = false,
+            }
+        }
+    }
+
+    /// What the command wrote just before it exited.
+    fn drain(&mut self) {
+        // SAFETY: make the master non-blocking so draining stops when empty.
+        unsafe { libc::fcntl(self.master.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+        let mut buf = [0u8; 16384];
+        while self.output_open {
+            match read(self.master.as_raw_fd(), &mut buf) {
+                Some(n) if n > 0 => {
+                    let _ = sys::write_all_fd(1, &buf[..n]);
+                }
+                _ => self.output_open = false,
+            }
+        }
+    }
+}
+
+fn read(fd: RawFd, buf: &mut [u8]) -> Option<usize> {
+    // SAFETY: reads into a buffer we own, bounded by its length.
+    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+    (n >= 0).then_some(n as usize)
+}
+
+fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: socketpair writes two fds into the array.
+    if unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    } != 0
+    {
+        return Err(sys::context("socketpair")(io::Error::last_os_error()));
+    }
+    // SAFETY: both fds were just created and are ours.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Sends one byte, with an fd attached when given (SCM_RIGHTS).
+fn send_with_fd(sock: &OwnedFd, byte: u8, fd: Option<RawFd>) -> io::Result<()> {
+    let mut data = [byte];
+    let mut iov = libc::iovec {
+        iov_base: data.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
+    let mut control = vec![0u8; space];
+    // SAFETY: zeroed msghdr, then filled with pointers to live buffers.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if let Some(fd) = fd {
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = space;
+        // SAFETY: the control buffer is large enough for one fd (CMSG_SPACE above).
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as usize;
+            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
+        }
+    }
+    // SAFETY: msg points at live buffers for the duration of the call.
+    if unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, 0) } != 1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Waits for init's READY; returns the terminal master it passed, if any.
+fn recv_ready(sock: &OwnedFd) -> io::Result<Option<OwnedFd>> {
+    let mut data = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: data.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
+    let mut control = vec![0u8; space];
+    // SAFETY: zeroed msghdr, then filled with pointers to live buffers.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space;
+    loop {
+        // SAFETY: msg points at live buffers.
+        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        if n != 1 || data[0] != READY {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "init exited"));
+        }
+        break;
+    }
+    // SAFETY: walking the control messages the kernel filled in.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        if !cmsg.is_null()
+            && (*cmsg).cmsg_level == libc::SOL_SOCKET
+            && (*cmsg).cmsg_type == libc::SCM_RIGHTS
+        {
+            let fd = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>());
+            return Ok(Some(OwnedFd::from_raw_fd(fd)));
+        }
+    }
+    Ok(None)
+}
+
+// ---------------------------------------------------------------- init
+
+fn die(what: &str, e: io::Error) -> ! {
+    eprintln!("agentkernel: sandbox setup failed: {what}: {e}");
+    // SAFETY: ends the forked child without unwinding into the parent's state.
+    unsafe { libc::_exit(125) }
+}
+
+/// PID 1 of the sandbox. Never returns.
+fn init(plan: &Plan, cgroup: &Cgroup, sock: OwnedFd) -> ! {
+    // SAFETY: integer-only prctl; dies with the supervisor.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) };
+    if let Err(e) = cgroup.join_self() {
+        die("joining the cgroup", e);
+    }
+    let flags = libc::CLONE_NEWNS
+        | libc::CLONE_NEWUTS
+        | libc::CLONE_NEWIPC
+        | libc::CLONE_NEWNET
+        | libc::CLONE_NEWCGROUP;
+    // SAFETY: unshare with namespace flags; we are single-threaded.
+    if unsafe { libc::unshare(flags) } != 0 {
+        die("creating namespaces", io::Error::last_os_error());
+    }
+    let host = sys::cstr(&plan.hostname);
+    // SAFETY: pointer and length of a valid C string.
+    if unsafe { libc::sethostname(host.as_ptr(), plan.hostname.len()) } != 0 {
+        die("setting the hostname", io::Error::last_os_error());
+    }
+    if let Err(e) = crate::net::loopback_up() {
+        die("bringing up loopback", e);
+    }
+    if let Err(e) = rootfs::build(plan) {
+        die("building the root filesystem", e);
+    }
+    let terminal = if plan.tty {
+        match open_terminal() {
+            Ok(t) => Some(t),
+            Err(e) => die("allocating a terminal", e),
+        }
+    } else {
+        None
+    };
+    if let Err(e) = send_with_fd(&sock, READY, terminal.as_ref().map(|(m, _)| m.as_raw_fd())) {
+        die("talking to agentkernel", e);
+    }
+    match sys::read_byte(sock.as_raw_fd()) {
+        Ok(Some(GO)) => {}
+        // The supervisor is gone or said no: nothing to run.
+        _ => {
+            // SAFETY: ends the forked child.
+            unsafe { libc::_exit(125) }
+        }
+    }
+    drop(sock);
+
+    // SAFETY: single-threaded; the child only execs (via command::exec).
+    let child = unsafe { libc::fork() };
+    if child < 0 {
+        die("fork", io::Error::last_os_error());
+    }
+    if child == 0 {
+        become_command(plan, terminal.map(|(_, slave)| slave));
+    }
+    drop(terminal);
+    // Init keeps only what it needs to signal the command (which may run as another user).
+    let _ = caps::limit_bounding_set(&[caps::KILL]);
+    let _ = caps::set(&[caps::KILL]);
+    // SAFETY: integer-only prctl: nothing in the sandbox may ptrace or read init.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0) };
+    reap_until(child)
+}
+
+/// The pseudo-terminal, allocated in the sandbox's own devpts so `tty` and
+/// `/proc/self/fd` show sandbox paths; the master goes to the supervisor.
+fn open_terminal() -> io::Result<(OwnedFd, OwnedFd)> {
+    // SAFETY: plain libc calls on fds we own.
+    unsafe {
+        let master = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
+        if master < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let master = OwnedFd::from_raw_fd(master);
+        if libc::grantpt(master.as_raw_fd()) != 0 || libc::unlockpt(master.as_raw_fd()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut name = [0 as libc::c_char; 128];
+        if libc::ptsname_r(master.as_raw_fd(), name.as_mut_ptr(), name.len()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let slave = libc::open(
+            name.as_ptr(),
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        );
+        if slave < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok((master, OwnedFd::from_raw_fd(slave)))
+    }
+}
+
+fn become_command(plan: &Plan, slave: Option<OwnedFd>) -> ! {
+    // SAFETY: resetting our own signal state before exec: the mask we
+    // inherited, and SIGPIPE, which Rust ignores and exec would keep ignored.
+    unsafe {
+        let empty = signal_set(&[]);
+        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        libc::setsid();
+    }
+    if let Some(slave) = slave {
+        let fd = slave.as_raw_fd();
+        // SAFETY: the slave becomes our controlling terminal and stdio.
+        unsafe {
+            libc::ioctl(fd, libc::TIOCSCTTY, 0);
+            libc::dup2(fd, 0);
+            libc::dup2(fd, 1);
+            libc::dup2(fd, 2);
+        }
+    }
+    // Nothing of ours beyond stdio reaches the command.
+    // SAFETY: closes every fd from 3 up in this process.
+    unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+    crate::command::exec(plan)
+}
+
+/// Init's loop: forward the supervisor's signals, reap every child, exit
+/// with the command's status when it ends.
+fn reap_until(command: libc::pid_t) -> ! {
+    let waited = signal_set(&[
+        libc::SIGINT,
+        libc::SIGTERM,
+        libc::SIGHUP,
+        libc::SIGQUIT,
+        libc::SIGCHLD,
+    ]);
+    // SAFETY: blocking (already blocked, inherited) signals we wait for.
+    unsafe { libc::sigprocmask(libc::SIG_BLOCK, &waited, std::ptr::null_mut()) };
+    loop {
+        // SAFETY: waits for a signal in the blocked set.
+        let sig = unsafe { libc::sigwaitinfo(&waited, std::ptr::null_mut()) };
+        if sig == libc::SIGCHLD {
+            loop {
+                let mut status = 0;
+                // SAFETY: reaps any child without blocking.
+                let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+                if pid <= 0 {
+                    break;
+                }
+                if pid == command {
+                    // SAFETY: PID 1 exiting ends the namespace: the kernel kills the rest.
+                    unsafe { libc::_exit(decode_status(status)) }
+                }
+            }
+        } else if FORWARDED.contains(&sig) {
+            kill(command, sig);
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! `agentkernel run -B native`: find the image in agentkernel's own store
+//! (pulling it if the policy allows), turn the spec into a plan, and re-exec
+//! as the single-threaded sandbox helper, which runs it and exits with the
+//! command's code.
+
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::os::unix::process::CommandExt;
+
+use agentkernel_core::config::Config;
+use agentkernel_core::spec::{PullPolicy, SandboxSpec};
+use agentkernel_core::state::Store;
+use agentkernel_core::{Error, Result};
+use agentkernel_image as images;
+use agentkernel_native::prepare::{self, ImageRoot, HOST_IMAGE};
+use agentkernel_native::{gc, sandbox, Plan, HELPER_SUBCOMMAND};
+
+/// Runs a one-shot sandbox. On success this never returns: the process
+/// becomes the helper.
+pub async fn run(spec: &SandboxSpec, config: &Config, store: &Store) -> Result<i32> {
+    gc::orphaned_runs(store);
+    let image = image_root(spec, config).await?;
+    let plan = prepare::plan(spec, &image, store)?;
+    let err = exec_helper(&plan);
+    let _ = std::fs::remove_dir_all(&plan.scratch);
+    Err(err)
+}
+
+async fn image_root(spec: &SandboxSpec, config: &Config) -> Result<ImageRoot> {
+    if spec.image == HOST_IMAGE {
+        return Ok(ImageRoot::default());
+    }
+    let reference = images::Reference::parse(&spec.image)
+        .map_err(|e| Error::invalid("image", spec.image.clone(), e.to_string()))?;
+    let store = super::image::open_store()?;
+    let policy = match spec.pull {
+        PullPolicy::Missing => images::PullPolicy::Missing,
+        PullPolicy::Always => images::PullPolicy::Always,
+        PullPolicy::Never => images::PullPolicy::Never,
+    };
+    let image = super::image::fetch(&store, &reference, policy, config).await?;
+    if image.markers.iter().any(|m| !m.is_empty()) {
+        return Err(Error::Image {
+            image: spec.image.clone(),
+            why: "its layers were unpacked without root, so overlayfs cannot show their deletions"
+                .into(),
+            fix: "remove it with `agentkernel image rm` and pull it again as root".into(),
+        });
+    }
+    Ok(ImageRoot {
+        layers: image.layers,
+        env: image.config.env,
+        entrypoint: image.config.entrypoint,
+        cmd: image.config.cmd,
+        working_dir: image.config.working_dir,
+        user: image.config.user,
+    })
+}
+
+/// Hands the plan to a fresh copy of ourselves on an inherited memfd.
+fn exec_helper(plan: &Plan) -> Error {
+    let fail = |why: String| Error::Backend {
+        backend: "native",
+        message: why,
+    };
+    let json = match serde_json::to_vec(plan) {
+        Ok(j) => j,
+        Err(e) => return fail(format!("cannot encode the sandbox plan: {e}")),
+    };
+    let name = c"agentkernel-plan";
+    // SAFETY: a valid C string; the new fd is owned by `file` below. No
+    // MFD_CLOEXEC: the helper inherits it across exec.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), 0) };
+    if fd < 0 {
+        return fail(format!("memfd_create: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: just created, ours.
+    let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
+    if let Err(e) = file.write_all(&json) {
+        return fail(format!("cannot write the sandbox plan: {e}"));
+    }
+    let fd = file.into_raw_fd();
+    let _ = std::io::stdout().flush();
+    let e = std::process::Command::new("/proc/self/exe")
+        .arg0("agentkernel")
+        .arg(HELPER_SUBCOMMAND)
+        .arg(fd.to_string())
+        .exec();
+    fail(format!("cannot start the sandbox helper: {e}"))
+}
+
+/// `agentkernel __native-sandbox <fd>`: the helper's entry point, reached
+/// before any runtime or thread exists. Returns the exit code.
+pub fn helper(fd_arg: Option<String>) -> i32 {
+    let plan = match read_plan(fd_arg) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("agentkernel: {e}");
+            return crate::EXIT_AGENTKERNEL_ERROR;
+        }
+    };
+    match sandbox::run(&plan) {
+        Ok(outcome) => super::finish(outcome, plan.limits.memory_bytes, plan.timeout),
+        Err(e) => {
+            eprintln!("agentkernel: native: {e}");
+            crate::EXIT_AGENTKERNEL_ERROR
+        }
+    }
+}
+
+fn read_plan(fd_arg: Option<String>) -> std::result::Result<Plan, String> {
+    let fd: i32 = fd_arg
+        .and_then(|f| f.parse().ok())
+        .filter(|fd| *fd > 2)
+        .ok_or("the sandbox helper is internal; use `agentkernel run -B native`")?;
+    // SAFETY: the fd was inherited from the run process that exec'd us and is
+    // used only here.
+    let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
+    let mut json = Vec::new();
+    std::io::Seek::rewind(&mut file)
+        .and_then(|_| file.read_to_end(&mut json))
+        .map_err(|e| format!("cannot read the sandbox plan: {e}"))?;
+    serde_json::from_slice(&json).map_err(|e| format!("bad sandbox plan: {e}"))
+}
