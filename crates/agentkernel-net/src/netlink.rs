@@ -188,8 +188,8 @@ impl Socket {
 
     /// Creates a veth pair in one request: `host` enslaved to `master` and up
     /// in this socket's netns, `peer` created directly inside `peer_netns`
-    /// (an open `/proc/PID/ns/net`), named and up there. One message instead
-    /// of create + move + rename + up.
+    /// (an open `/proc/PID/ns/net`) under its final name, down. One message
+    /// instead of create + move + rename.
     pub fn create_veth(
         &self,
         host: &str,
@@ -205,7 +205,9 @@ impl Socket {
         m.attr_str(IFLA_INFO_KIND, "veth");
         let data = m.nest_begin(IFLA_INFO_DATA);
         let p = m.nest_begin(VETH_INFO_PEER);
-        m.ifinfomsg(0, IFF_UP, IFF_UP);
+        // The peer stays down: bringing it up inside this same request fails
+        // with ENOTCONN (veth_open runs before the pair is fully registered).
+        m.ifinfomsg(0, 0, 0);
         m.attr_str(IFLA_IFNAME, peer);
         let fd: u32 = peer_netns.as_fd().as_raw_fd() as u32;
         m.attr(IFLA_NET_NS_FD, &fd.to_ne_bytes());

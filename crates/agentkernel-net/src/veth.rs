@@ -72,6 +72,8 @@ pub fn connect(host: &Socket, bridge_index: u32, netns: &File, lease: &Lease) ->
                 e,
             )
         })?;
+    ns.set_up(eth0.index)
+        .map_err(|e| in_sandbox("bring up eth0", e))?;
     ns.set_up(LOOPBACK_INDEX)
         .map_err(|e| in_sandbox("bring up lo", e))?;
     ns.add_default_route(eth0.index, lease.gateway)
