@@ -14,9 +14,15 @@
 //! ```
 //!
 //! [`attach`] is called from the host namespace while the sandbox's init
-//! waits in its new, empty network namespace. It costs eight netlink round
-//! trips (a few hundred microseconds) plus one `iptables-save` and, only when
-//! something is missing or ports are published, one `iptables-restore`.
+//! waits in its new, empty network namespace. Its netlink work is nine round
+//! trips on two sockets: one in the host namespace, and one opened inside the
+//! sandbox's namespace by a throwaway thread (a netlink socket stays bound to
+//! the namespace it was created in), so the caller's thread never `setns`es.
+//! The veth pair is created with its sandbox end already inside the sandbox
+//! and named `eth0`. Measured on a 2-core VM: about 1.5 ms, of which the
+//! kernel's own veth creation is about 1 ms and the helper thread 0.2 ms.
+//! The firewall part is one `iptables-save` and, only when something is
+//! missing or ports are published, one `iptables-restore` (a few ms each).
 //!
 //! # Addresses and leases
 //!

@@ -1,8 +1,8 @@
 //! A minimal rtnetlink client over a raw `NETLINK_ROUTE` socket.
 //!
-//! Why by hand: a sandbox start needs about eight small requests; a blocking
-//! socket and a few byte buffers do them in tens of microseconds, with no
-//! async runtime and no dependency. Every request carries `NLM_F_ACK`, so each
+//! Why by hand: a sandbox start needs nine small requests; a blocking socket
+//! and a few byte buffers add microseconds to what the kernel itself spends,
+//! with no async runtime and no dependency. Every request carries `NLM_F_ACK`, so each
 //! call returns the kernel's own errno.
 //!
 //! A netlink socket stays bound to the network namespace it was created in,

@@ -368,6 +368,44 @@ fn published_loopback_port_reaches_the_sandbox() {
     assert!(fetch(&format!("127.0.0.1:{port}")).is_err());
 }
 
+/// `0.0.0.0` publishes on every host address: loopback, the host's other
+/// addresses, and the gateway as seen from another sandbox (hairpin NAT).
+#[test]
+fn published_wildcard_port_reaches_the_sandbox_from_everywhere() {
+    let env = Env::new();
+    let (a, b) = (Netns::new(), Netns::new());
+    let _srv = a.serve(7000);
+    let port = free_port();
+    let la = attach(
+        &env.cfg,
+        "sb-wild",
+        a.pid(),
+        &[tcp(Ipv4Addr::UNSPECIFIED, port, 7000)],
+    )
+    .unwrap();
+    let lb = attach(&env.cfg, "sb-client", b.pid(), &[]).unwrap();
+    let gw = la.gateway;
+    assert_eq!(
+        fetch(&format!("127.0.0.1:{port}")).unwrap(),
+        format!("hello {gw}")
+    );
+    assert_eq!(
+        fetch(&format!("{gw}:{port}")).unwrap(),
+        format!("hello {gw}")
+    );
+    let script = format!(
+        "import socket; s=socket.create_connection(('{gw}',{port}),3); print(s.recv(100).decode().strip())"
+    );
+    let (ok, got) = b.run(&["python3", "-c", &script]);
+    assert!(
+        ok,
+        "sandbox b could not reach the published port via the gateway"
+    );
+    assert_eq!(got.trim(), format!("hello {gw}"));
+    release(&env.cfg, &la).unwrap();
+    release(&env.cfg, &lb).unwrap();
+}
+
 #[test]
 fn port_used_by_a_host_program_is_an_error_naming_it() {
     let env = Env::new();
