@@ -407,6 +407,43 @@ fn published_wildcard_port_reaches_the_sandbox_from_everywhere() {
 }
 
 #[test]
+fn published_udp_port_reaches_the_sandbox() {
+    let env = Env::new();
+    let ns = Netns::new();
+    let script = "import socket\n\
+                  s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('0.0.0.0',5353))\n\
+                  print('ready', flush=True)\n\
+                  while True:\n\
+                  \x20   d,a=s.recvfrom(100); s.sendto(('hello %s' % a[0]).encode(), a)\n";
+    let mut cmd = ns.cmd(&["python3", "-c", script]);
+    let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let _srv = Proc(child);
+    assert_eq!(line.trim(), "ready");
+
+    let udp = PortMapping {
+        protocol: Protocol::Udp,
+        ..tcp(Ipv4Addr::LOCALHOST, 0, 5353)
+    };
+    let lease = attach(&env.cfg, "sb-udp", ns.pid(), &[udp]).unwrap();
+    let port = lease.ports[0].host_port;
+    assert_ne!(port, 0);
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    s.send_to(b"hi", ("127.0.0.1", port)).unwrap();
+    let mut buf = [0u8; 100];
+    let n = s.recv(&mut buf).unwrap();
+    assert_eq!(
+        std::str::from_utf8(&buf[..n]).unwrap(),
+        format!("hello {}", lease.gateway)
+    );
+    release(&env.cfg, &lease).unwrap();
+}
+
+#[test]
 fn port_used_by_a_host_program_is_an_error_naming_it() {
     let env = Env::new();
     let ns = Netns::new();
