@@ -1,0 +1,192 @@
+//! Published ports: one DNAT rule per mapping in `AGENTKERNEL-DNAT`, which
+//! `PREROUTING` (traffic from outside and from sandboxes) and `OUTPUT` (the
+//! host's own connections, 127.0.0.1 included) jump to for local addresses.
+//!
+//! A DNAT rule does not hold the port the way a listening socket does, so a
+//! port is checked two ways before it is published: against the rules of
+//! every other sandbox (same protocol and port, overlapping address) and by
+//! binding it briefly, which fails if a host program listens there. The check
+//! is as good as `bind` at that instant: a program that binds the port later
+//! is shadowed by the rule while the sandbox runs (Docker without its
+//! userland proxy behaves the same).
+
+use std::io;
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, UdpSocket};
+
+use crate::error::{Error, Result};
+use crate::nat::{comment, lease_tag, Batch, Ruleset, CHAIN_DNAT};
+use crate::{Lease, PortMapping, Protocol};
+
+/// Rejects mappings that can never work, before anything is created.
+pub fn validate(ports: &[PortMapping]) -> Result<()> {
+    for (i, p) in ports.iter().enumerate() {
+        if p.container_port == 0 {
+            return Err(Error::Invalid(format!(
+                "published port {}:{}: the sandbox port must not be 0",
+                p.host_ip, p.host_port
+            )));
+        }
+        if p.host_port == 0 {
+            continue;
+        }
+        if let Some(q) = ports[..i]
+            .iter()
+            .find(|q| clash(q, p.host_ip, p.host_port, p.protocol))
+        {
+            return Err(Error::Invalid(format!(
+                "host port {}:{}/{} is published twice (also as {}:{}); publish each host port once",
+                p.host_ip, p.host_port, p.protocol, q.host_ip, q.host_port
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn overlaps(a: Ipv4Addr, b: Ipv4Addr) -> bool {
+    a == b || a.is_unspecified() || b.is_unspecified()
+}
+
+fn clash(q: &PortMapping, ip: Ipv4Addr, port: u16, protocol: Protocol) -> bool {
+    q.protocol == protocol && q.host_port == port && overlaps(q.host_ip, ip)
+}
+
+/// A published port as read back from a saved DNAT rule.
+struct Existing {
+    ip: Ipv4Addr,
+    port: u16,
+    protocol: Protocol,
+    /// The sandbox id from the rule's tag.
+    holder: String,
+}
+
+fn existing(rs: &Ruleset) -> Vec<Existing> {
+    let head = format!("-A {CHAIN_DNAT} ");
+    rs.lines("nat")
+        .iter()
+        .filter(|l| l.starts_with(&head))
+        .filter_map(|l| {
+            let tag = comment(l)?;
+            let holder = tag.splitn(4, ':').nth(3)?.to_string();
+            let words: Vec<&str> = l.split(' ').collect();
+            let after = |flag: &str| {
+                words
+                    .iter()
+                    .position(|w| *w == flag)
+                    .and_then(|i| words.get(i + 1).copied())
+            };
+            let ip = match after("-d") {
+                Some(d) => d.trim_end_matches("/32").parse().ok()?,
+                None => Ipv4Addr::UNSPECIFIED,
+            };
+            Some(Existing {
+                ip,
+                port: after("--dport")?.parse().ok()?,
+                protocol: after("-p")?.parse().ok()?,
+                holder,
+            })
+        })
+        .collect()
+}
+
+/// Checks and adds the lease's port rules to `b`; returns the mappings with
+/// host port 0 replaced by a free port.
+pub fn publish(lease: &Lease, rs: &Ruleset, b: &mut Batch) -> Result<Vec<PortMapping>> {
+    let taken = existing(rs);
+    let tag = lease_tag(lease);
+    let mut out: Vec<PortMapping> = Vec::with_capacity(lease.ports.len());
+    for p in &lease.ports {
+        let host_port = if p.host_port == 0 {
+            pick_free(p, &taken, &out)?
+        } else {
+            if let Some(t) = taken.iter().find(|t| {
+                t.protocol == p.protocol && t.port == p.host_port && overlaps(t.ip, p.host_ip)
+            }) {
+                return Err(in_use(p, p.host_port, format!(" by sandbox {}", t.holder)));
+            }
+            probe(p, p.host_port)?;
+            p.host_port
+        };
+        let dst = if p.host_ip.is_unspecified() {
+            String::new()
+        } else {
+            format!("-d {}/32 ", p.host_ip)
+        };
+        let proto = p.protocol;
+        b.nat(format!(
+            "-A {CHAIN_DNAT} {dst}-p {proto} -m {proto} --dport {host_port} -m comment --comment \"{tag}\" -j DNAT --to-destination {}:{}",
+            lease.ip, p.container_port
+        ));
+        out.push(PortMapping { host_port, ..*p });
+    }
+    Ok(out)
+}
+
+fn in_use(p: &PortMapping, port: u16, by: String) -> Error {
+    Error::PortInUse {
+        ip: p.host_ip,
+        port,
+        protocol: p.protocol,
+        by,
+    }
+}
+
+/// Binds `host_ip:port` for an instant. `port` 0 lets the kernel pick one
+/// and returns it.
+fn probe(p: &PortMapping, port: u16) -> Result<u16> {
+    let addr = SocketAddrV4::new(p.host_ip, port);
+    let bound = match p.protocol {
+        Protocol::Tcp => TcpListener::bind(addr).and_then(|s| s.local_addr()),
+        Protocol::Udp => UdpSocket::bind(addr).and_then(|s| s.local_addr()),
+    };
+    match bound {
+        Ok(a) => Ok(a.port()),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(in_use(p, port, String::new())),
+        Err(e) if e.kind() == io::ErrorKind::AddrNotAvailable => Err(Error::Invalid(format!(
+            "host address {} of published port {}: it is not an address of this host; use 127.0.0.1, 0.0.0.0 or one of the host's addresses",
+            p.host_ip, p.host_port
+        ))),
+        Err(e) => Err(Error::kernel(
+            format!("check host port {addr}/{}", p.protocol),
+            e,
+        )),
+    }
+}
+
+/// A port the kernel considers free that no sandbox publishes either.
+fn pick_free(p: &PortMapping, taken: &[Existing], ours: &[PortMapping]) -> Result<u16> {
+    for _ in 0..16 {
+        let port = probe(p, 0)?;
+        let used = taken
+            .iter()
+            .any(|t| t.protocol == p.protocol && t.port == port && overlaps(t.ip, p.host_ip))
+            || ours.iter().any(|q| clash(q, p.host_ip, port, p.protocol));
+        if !used {
+            return Ok(port);
+        }
+    }
+    Err(in_use(p, 0, " (no free port found)".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pm(ip: [u8; 4], hp: u16) -> PortMapping {
+        PortMapping {
+            host_ip: ip.into(),
+            host_port: hp,
+            container_port: 80,
+            protocol: Protocol::Tcp,
+        }
+    }
+
+    #[test]
+    fn duplicate_host_ports_rejected() {
+        assert!(validate(&[pm([127, 0, 0, 1], 8080), pm([127, 0, 0, 1], 8081)]).is_ok());
+        assert!(validate(&[pm([127, 0, 0, 1], 8080), pm([0, 0, 0, 0], 8080)]).is_err());
+        assert!(validate(&[pm([127, 0, 0, 1], 0), pm([127, 0, 0, 1], 0)]).is_ok());
+        let mut zero = pm([127, 0, 0, 1], 1);
+        zero.container_port = 0;
+        assert!(validate(&[zero]).is_err());
+    }
+}
