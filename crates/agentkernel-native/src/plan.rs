@@ -40,6 +40,16 @@ pub struct Mount {
     pub kind: MountKind,
 }
 
+/// One `-P` mapping.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Port {
+    pub host_ip: std::net::Ipv4Addr,
+    /// 0: any free port.
+    pub host_port: u16,
+    pub container_port: u16,
+    pub udp: bool,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SeccompMode {
     /// Docker's default denials.
@@ -71,8 +81,12 @@ pub struct Plan {
     /// state, when the root is the host's).
     pub hidden: Vec<String>,
     pub hostname: String,
-    /// Loopback only when false.
+    /// Loopback only when false; otherwise a veth to agentkernel's bridge.
     pub network: bool,
+    /// Published ports (`-P`), when there is a network.
+    pub ports: Vec<Port>,
+    /// agentkernel's state directory (network leases live beneath it).
+    pub state_dir: PathBuf,
     /// `/etc/resolv.conf` contents when there is a network.
     pub resolv_conf: Option<String>,
     pub argv: Vec<String>,

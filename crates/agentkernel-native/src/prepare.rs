@@ -2,12 +2,13 @@
 
 use std::path::{Path, PathBuf};
 
+use agentkernel_core::parse::Protocol;
 use agentkernel_core::policy::{Capabilities, Seccomp, WorkspaceMode};
 use agentkernel_core::spec::SandboxSpec;
 use agentkernel_core::state::Store;
 use agentkernel_core::{names, Error, Result};
 
-use crate::plan::{CgroupLimits, Mount, MountKind, Plan, RootSource, SeccompMode};
+use crate::plan::{CgroupLimits, Mount, MountKind, Plan, Port, RootSource, SeccompMode};
 
 /// The image name that means "this machine's own root filesystem".
 pub const HOST_IMAGE: &str = "host";
@@ -32,18 +33,24 @@ pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<Plan
             "use -B docker or -B podman for them",
         ));
     }
-    if !spec.ports.is_empty() {
-        return Err(Error::not_supported_hint(
-            "--publish on the native backend",
-            "use -B docker or -B podman",
-        ));
-    }
-    if spec.policy.network {
-        return Err(Error::not_supported_hint(
-            "networking on the native backend",
-            "add --no-network (or --profile restrictive), or use -B docker",
-        ));
-    }
+    let ports = spec
+        .ports
+        .iter()
+        .map(|p| {
+            let host_ip = p.host_ip.parse().map_err(|_| {
+                Error::not_supported_hint(
+                    format!("publishing on {} (IPv6) on the native backend", p.host_ip),
+                    "use an IPv4 address such as 127.0.0.1 or 0.0.0.0",
+                )
+            })?;
+            Ok(Port {
+                host_ip,
+                host_port: p.host_port,
+                container_port: p.container_port,
+                udp: p.protocol == Protocol::Udp,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
     let id = names::generated();
     let scratch_path = store.root().join("runs").join(&id);
     let mut mounts = Vec::new();
@@ -130,7 +137,9 @@ pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<Plan
         mounts,
         hostname,
         network: spec.policy.network,
-        resolv_conf: None,
+        ports,
+        state_dir: store.root().to_path_buf(),
+        resolv_conf: spec.policy.network.then(agentkernel_net::resolv_conf),
         argv,
         env,
         workdir,

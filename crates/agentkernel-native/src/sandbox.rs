@@ -90,17 +90,25 @@ fn supervise(plan: &Plan, cgroup: &Cgroup) -> io::Result<Outcome> {
     let sfd = unsafe { OwnedFd::from_raw_fd(sfd) };
     let (ours, theirs) = socketpair()?;
 
-    // SAFETY: unshare with a flag; affects only children created from now on.
-    if unsafe { libc::unshare(libc::CLONE_NEWPID) } != 0 {
-        return Err(sys::context("cannot create a pid namespace")(
+    // A fork straight into a new pid namespace (clone, not unshare: after
+    // unshare(CLONE_NEWPID) this process could no longer start threads, which
+    // the network setup uses to enter the sandbox's namespace).
+    // SAFETY: this process is single-threaded (the helper re-exec guarantees
+    // it), so the child may run arbitrary code after this fork-like clone.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            (libc::CLONE_NEWPID | libc::SIGCHLD) as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    } as libc::pid_t;
+    if pid < 0 {
+        return Err(sys::context("cannot create the sandbox's pid namespace")(
             io::Error::last_os_error(),
         ));
-    }
-    // SAFETY: this process is single-threaded (the helper re-exec guarantees
-    // it), so the child may run arbitrary code after fork.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return Err(sys::context("fork")(io::Error::last_os_error()));
     }
     if pid == 0 {
         drop(ours);
@@ -109,13 +117,6 @@ fn supervise(plan: &Plan, cgroup: &Cgroup) -> io::Result<Outcome> {
     }
     drop(theirs);
 
-    let started = Instant::now();
-    let mut state = State {
-        init: pid,
-        exit: None,
-        timed_out: false,
-        interrupts: 0,
-    };
     // Wait for init's "ready" (or its death, when setup failed).
     let master = match recv_ready(&ours) {
         Ok(master) => master,
@@ -124,6 +125,44 @@ fn supervise(plan: &Plan, cgroup: &Cgroup) -> io::Result<Outcome> {
             let status = wait_for(pid);
             return Ok(Outcome::Exited(status));
         }
+    };
+    let lease = if plan.network {
+        match crate::net::attach(plan, pid) {
+            Ok(lease) => {
+                crate::net::print_ports(&lease);
+                Some(lease)
+            }
+            Err(e) => {
+                kill(pid, libc::SIGKILL);
+                wait_for(pid);
+                return Err(sys::context("cannot connect the sandbox's network")(e));
+            }
+        }
+    } else {
+        None
+    };
+    let result = run_command(plan, cgroup, &ours, &sfd, pid, master);
+    if let Some(lease) = &lease {
+        crate::net::release(plan, lease);
+    }
+    result
+}
+
+/// From "go" to the command's end.
+fn run_command(
+    plan: &Plan,
+    cgroup: &Cgroup,
+    ours: &OwnedFd,
+    sfd: &OwnedFd,
+    pid: libc::pid_t,
+    master: Option<OwnedFd>,
+) -> io::Result<Outcome> {
+    let started = Instant::now();
+    let mut state = State {
+        init: pid,
+        exit: None,
+        timed_out: false,
+        interrupts: 0,
     };
     let _raw = match (&master, plan.tty) {
         (Some(m), true) => {
@@ -185,7 +224,7 @@ fn supervise(plan: &Plan, cgroup: &Cgroup) -> io::Result<Outcome> {
             return Err(e);
         }
         if fds[0].revents != 0 {
-            handle_signals(&sfd, &mut state, relay.as_ref());
+            handle_signals(sfd, &mut state, relay.as_ref());
         }
         if let Some(r) = relay.as_mut() {
             r.pump(&fds[1..]);
@@ -477,8 +516,11 @@ fn init(plan: &Plan, cgroup: &Cgroup, sock: OwnedFd) -> ! {
     if unsafe { libc::sethostname(host.as_ptr(), plan.hostname.len()) } != 0 {
         die("setting the hostname", io::Error::last_os_error());
     }
-    if let Err(e) = crate::net::loopback_up() {
-        die("bringing up loopback", e);
+    if !plan.network {
+        // With a network, the supervisor's attach brings up lo and eth0.
+        if let Err(e) = crate::net::loopback_up() {
+            die("bringing up loopback", e);
+        }
     }
     if let Err(e) = rootfs::build(plan) {
         die("building the root filesystem", e);

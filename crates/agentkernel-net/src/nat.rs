@@ -216,13 +216,40 @@ pub fn lease_tag(lease: &Lease) -> String {
 /// the lease's ports, in one transaction. Returns the ports with host port 0
 /// replaced by the one chosen.
 pub fn setup_and_publish(cfg: &NetConfig, lease: &Lease) -> Result<Vec<PortMapping>> {
+    // The common case — no ports, setup already done since boot — needs no
+    // iptables at all: reading the ruleset costs milliseconds per sandbox.
+    if lease.ports.is_empty() && setup_marker_is_current(cfg) {
+        return Ok(Vec::new());
+    }
     let _lock = lock()?;
     let rs = save()?;
     let mut b = Batch::default();
     setup(cfg, &rs, &mut b);
     let ports = ports::publish(lease, &rs, &mut b)?;
     restore(&b)?;
+    let _ = std::fs::write(setup_marker(cfg), boot_id());
     Ok(ports)
+}
+
+/// Written after the bridge's rules were verified; on tmpfs (`/run`), and
+/// tagged with the boot id, so a reboot always re-checks. A later firewall
+/// flush is repaired by the next run that publishes a port, or after removing
+/// this file.
+fn setup_marker(cfg: &NetConfig) -> std::path::PathBuf {
+    std::path::PathBuf::from(format!(
+        "/run/agentkernel-net.{}.{}.ready",
+        cfg.bridge,
+        cfg.subnet.to_string().replace('/', "_")
+    ))
+}
+
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default()
+}
+
+fn setup_marker_is_current(cfg: &NetConfig) -> bool {
+    let id = boot_id();
+    !id.is_empty() && std::fs::read_to_string(setup_marker(cfg)).is_ok_and(|m| m == id)
 }
 
 /// The bridge's persistent rules (see the crate docs), each added only if
@@ -309,6 +336,7 @@ pub fn unpublish(lease: &Lease) -> Result<()> {
 /// Removes every rule tagged for the bridge, and our chains with their
 /// jumps once no rule is left in them.
 pub fn teardown(cfg: &NetConfig) -> Result<()> {
+    let _ = std::fs::remove_file(setup_marker(cfg));
     let prefix = format!("ak:{}:", cfg.bridge);
     let _lock = lock()?;
     let rs = save()?;
