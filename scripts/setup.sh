@@ -53,3 +53,41 @@ for image in agentkernel-test/busybox:1 agentkernel-test/python:3; do
     docker save "$image" | podman load -q >/dev/null
   fi
 done
+
+# The native backend pulls from registries: serve the test images from a
+# loopback registry (started once; its PID in $AGENTKERNEL_REGISTRY_PIDFILE,
+# default /run/agentkernel-ci-registry.pid) and push the current builds to it.
+registry_pidfile=${AGENTKERNEL_REGISTRY_PIDFILE:-/run/agentkernel-ci-registry.pid}
+registry=127.0.0.1:5055
+if ! curl -fsS "http://$registry/v2/" >/dev/null 2>&1; then
+  echo "setup: starting docker-registry on $registry (log: /var/log/agentkernel-registry.log)" >&2
+  mkdir -p /var/lib/agentkernel-test-registry
+  cat > /var/lib/agentkernel-test-registry/config.yml <<YML
+version: 0.1
+log:
+  level: error
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: /var/lib/agentkernel-test-registry/storage
+http:
+  addr: $registry
+YML
+  docker-registry serve /var/lib/agentkernel-test-registry/config.yml >/var/log/agentkernel-registry.log 2>&1 &
+  echo $! > "$registry_pidfile"
+  for _ in $(seq 1 50); do
+    curl -fsS "http://$registry/v2/" >/dev/null 2>&1 && break
+    sleep 0.2
+  done
+  curl -fsS "http://$registry/v2/" >/dev/null || { echo "setup: docker-registry did not start; see /var/log/agentkernel-registry.log" >&2; exit 1; }
+fi
+for image in agentkernel-test/busybox:1 agentkernel-test/python:3; do
+  # Push only when the registry's copy is not this build (same config digest).
+  want=$(docker image inspect -f '{{.Id}}' "$image")
+  have=$(skopeo inspect --tls-verify=false --raw "docker://$registry/$image" 2>/dev/null \
+    | python3 -c 'import json,sys; print(json.load(sys.stdin)["config"]["digest"])' 2>/dev/null || true)
+  if [ "$want" != "$have" ]; then
+    skopeo copy --quiet --dest-tls-verify=false "docker-daemon:$image" "docker://$registry/$image"
+  fi
+done

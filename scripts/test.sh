@@ -4,17 +4,21 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 pidfile=${AGENTKERNEL_DOCKERD_PIDFILE:-/run/agentkernel-ci-dockerd.pid}
-rm -f "$pidfile"
+registry_pidfile=${AGENTKERNEL_REGISTRY_PIDFILE:-/run/agentkernel-ci-registry.pid}
+rm -f "$pidfile" "$registry_pidfile"
 "$root/scripts/setup.sh"
-# Stop what we started, by PID and only that: the dockerd setup.sh started,
+# Stop what we started, by PID and only that: the dockerd and the test
+# registry setup.sh started,
 # and the private `podman system service` agentkernel started for the tests.
 podman_pidfile=/run/agentkernel/podman/service.pid
 podman_before=$(cat "$podman_pidfile" 2>/dev/null || true)
 stop_started() {
-  if [ -s "$pidfile" ]; then
-    kill "$(cat "$pidfile")" 2>/dev/null || true
-    rm -f "$pidfile"
-  fi
+  for f in "$pidfile" "$registry_pidfile"; do
+    if [ -s "$f" ]; then
+      kill "$(cat "$f")" 2>/dev/null || true
+      rm -f "$f"
+    fi
+  done
   podman_now=$(cat "$podman_pidfile" 2>/dev/null || true)
   if [ -n "$podman_now" ] && [ "$podman_now" != "$podman_before" ]; then
     kill "$podman_now" 2>/dev/null || true
@@ -28,6 +32,12 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 threads=${AGENTKERNEL_TEST_THREADS:-4}
 # Unit tests, the image store against a local registry, and the integration
-# suite against Docker; then the same integration suite against Podman.
+# suite against Docker; then the same integration suite against Podman; then
+# the backend-neutral files plus the isolation attacks against native (the
+# engine-only files — pool, kept, image via the engine — do not apply).
 cargo test --workspace -- --test-threads "$threads"
 AGENTKERNEL_TEST_BACKEND=podman cargo test -p agentkernel --tests -- --test-threads "$threads"
+AGENTKERNEL_TEST_BACKEND=native cargo test -p agentkernel \
+  --test exit_codes --test io --test profiles --test cli --test config --test ports \
+  --test cleanup --test native \
+  -- --test-threads "$threads" --skip what_a_killed_pooled_run_left_is_collected

@@ -238,7 +238,14 @@ impl Store {
             .map(|e| e.path())
             .filter(|dir| {
                 let owner = fs::read_to_string(dir.join("owner")).unwrap_or_default();
-                owner.is_empty() || Owner(owner.trim().to_string()).is_dead()
+                if owner.is_empty() {
+                    // A run creates its directory, then writes the owner: only a
+                    // directory that stayed ownerless for a while is abandoned.
+                    return fs::metadata(dir)
+                        .and_then(|m| m.modified())
+                        .is_ok_and(|t| t.elapsed().is_ok_and(|age| age.as_secs() > 60));
+                }
+                Owner(owner.trim().to_string()).is_dead()
             })
             .collect()
     }

@@ -42,6 +42,38 @@ fn v1_mount(controller: &str) -> Option<PathBuf> {
     })
 }
 
+/// The v1 hierarchies a sandbox joins, as (directory name, mount options):
+/// e.g. ("cpu,cpuacct", "cpu,cpuacct") — options must match the host's mount.
+pub fn v1_hierarchies() -> Vec<(String, String)> {
+    let Ok(mounts) = fs::read_to_string("/proc/self/mounts") else {
+        return Vec::new();
+    };
+    let mut out: Vec<(String, String)> = Vec::new();
+    for line in mounts.lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        if f.len() < 4 || f[2] != "cgroup" {
+            continue;
+        }
+        let controllers: Vec<&str> = f[3]
+            .split(',')
+            .filter(|o| V1_CONTROLLERS.contains(o) || *o == "cpuacct")
+            .collect();
+        if !controllers.iter().any(|c| V1_CONTROLLERS.contains(c)) {
+            continue;
+        }
+        let joined = controllers.join(",");
+        if !out.iter().any(|(d, _)| *d == joined) {
+            out.push((joined.clone(), joined));
+        }
+    }
+    out
+}
+
+/// True when this host's cgroups are v1 (or hybrid: v2 without controllers).
+pub fn host_is_v1() -> bool {
+    !is_cgroup2("/sys/fs/cgroup")
+}
+
 fn write(path: &Path, value: &str) -> io::Result<()> {
     fs::write(path, value).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
 }

@@ -1,11 +1,11 @@
 //! Cleaning up after sandboxes whose agentkernel process died (`kill -9`):
 //! their mounts and processes died with their namespaces; what can remain
 //! is a cgroup and a scratch directory, both recorded in the scratch dir,
-//! and a network lease (veth, port rules) naming the sandbox.
+//! and a network lease (veth, port rules) naming the sandbox's holder.
 
 use std::path::Path;
 
-use agentkernel_core::state::{Owner, Store};
+use agentkernel_core::state::Store;
 
 use crate::cgroup::Cgroup;
 
@@ -17,21 +17,7 @@ pub fn orphaned_runs(store: &Store) -> usize {
         remove_run(&dir);
         cleaned += 1;
     }
-    // Network leases name their sandbox; a sandbox is alive while its run's
-    // scratch directory has a live owner.
-    let leases = store.root().join("net");
-    if leases.exists() {
-        let runs = store.root().join("runs");
-        let is_alive = |id: &str| {
-            std::fs::read_to_string(runs.join(id).join("owner"))
-                .is_ok_and(|o| !Owner(o.trim().to_string()).is_dead())
-        };
-        match agentkernel_net::gc(&agentkernel_net::NetConfig::new(store.root()), &is_alive) {
-            Ok(n) => cleaned += n,
-            Err(e) => eprintln!("agentkernel: warning: network cleanup: {e}"),
-        }
-    }
-    cleaned
+    cleaned + crate::net::collect_dead()
 }
 
 fn remove_run(dir: &Path) {

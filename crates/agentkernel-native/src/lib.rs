@@ -11,7 +11,7 @@ mod caps;
 pub mod cgroup;
 mod command;
 pub mod gc;
-mod net;
+pub mod net;
 pub mod plan;
 pub mod prepare;
 mod rootfs;

@@ -5,6 +5,8 @@ use std::io;
 
 use agentkernel_net::{Lease, NetConfig, PortMapping, Protocol};
 
+use agentkernel_core::state::Owner;
+
 use crate::plan::Plan;
 
 /// Brings up `lo` in the current network namespace (a new one starts with it down).
@@ -12,8 +14,44 @@ pub fn loopback_up() -> io::Result<()> {
     agentkernel_net::loopback_up().map_err(|e| io::Error::other(e.to_string()))
 }
 
-pub fn config(plan: &Plan) -> NetConfig {
-    NetConfig::new(&plan.state_dir)
+/// Addresses and port rules are machine-wide (one bridge), so their leases
+/// are too: every agentkernel, whatever its state directory, allocates from
+/// `/run/agentkernel/net` (tmpfs: gone at reboot, like the veths and rules).
+pub const NET_STATE_DIR: &str = "/run/agentkernel";
+
+pub fn config() -> NetConfig {
+    NetConfig::new(NET_STATE_DIR)
+}
+
+/// The id a lease carries: the sandbox and the process that holds it
+/// (`run-1a2b3c4d.<boot>.<pid>.<start>`), so any agentkernel can tell a dead
+/// holder's lease from a live one.
+pub fn lease_id(plan: &Plan) -> String {
+    format!("{}.{}", plan.id, Owner::current().0.replace(':', "."))
+}
+
+/// Whether the holder named in a lease id is alive.
+pub fn lease_holder_alive(lease_id: &str) -> bool {
+    let parts: Vec<&str> = lease_id.split('.').collect();
+    match parts.as_slice() {
+        [_, boot, pid, start] => !Owner(format!("{boot}:{pid}:{start}")).is_dead(),
+        // Not one of ours: never release it.
+        _ => true,
+    }
+}
+
+/// Releases the leases (port rules, veths) of sandboxes whose holder died.
+pub fn collect_dead() -> usize {
+    if !std::path::Path::new(NET_STATE_DIR).join("net").exists() {
+        return 0;
+    }
+    match agentkernel_net::gc(&config(), &lease_holder_alive) {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("agentkernel: warning: network cleanup: {e}");
+            0
+        }
+    }
 }
 
 /// Connects the sandbox whose init is `pid` (already in its own netns).
@@ -28,13 +66,13 @@ pub fn attach(plan: &Plan, pid: libc::pid_t) -> io::Result<Lease> {
             protocol: if p.udp { Protocol::Udp } else { Protocol::Tcp },
         })
         .collect();
-    agentkernel_net::attach(&config(plan), &plan.id, pid, &ports)
+    agentkernel_net::attach(&config(), &lease_id(plan), pid, &ports)
         .map_err(|e| io::Error::other(e.to_string()))
 }
 
 /// After the sandbox ended: its namespace, and with it the veth, is going away.
-pub fn release(plan: &Plan, lease: &Lease) {
-    if let Err(e) = agentkernel_net::release_exited(&config(plan), lease) {
+pub fn release(lease: &Lease) {
+    if let Err(e) = agentkernel_net::release_exited(&config(), lease) {
         eprintln!("agentkernel: warning: {e}");
     }
 }

@@ -85,8 +85,6 @@ pub struct Plan {
     pub network: bool,
     /// Published ports (`-P`), when there is a network.
     pub ports: Vec<Port>,
-    /// agentkernel's state directory (network leases live beneath it).
-    pub state_dir: PathBuf,
     /// `/etc/resolv.conf` contents when there is a network.
     pub resolv_conf: Option<String>,
     pub argv: Vec<String>,
@@ -100,6 +98,8 @@ pub struct Plan {
     pub no_new_privileges: bool,
     pub seccomp: SeccompMode,
     pub limits: CgroupLimits,
+    /// cgroup v1 (or hybrid) host: how `/sys/fs/cgroup` is shown inside.
+    pub cgroup_v1: bool,
     pub tty: bool,
     pub timeout: Option<Duration>,
 }

@@ -138,7 +138,6 @@ pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<Plan
         hostname,
         network: spec.policy.network,
         ports,
-        state_dir: store.root().to_path_buf(),
         resolv_conf: spec.policy.network.then(agentkernel_net::resolv_conf),
         argv,
         env,
@@ -155,6 +154,7 @@ pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<Plan
             cpus: limits.cpus,
             pids: limits.pids,
         },
+        cgroup_v1: crate::cgroup::host_is_v1(),
         tty: spec.exec.tty,
         timeout: spec.exec.timeout,
     })

@@ -81,6 +81,7 @@ pub fn build(plan: &Plan) -> io::Result<()> {
         NOSUID_NODEV_NOEXEC | libc::MS_RDONLY,
         None,
     )?;
+    mount_cgroups(&root_str, plan)?;
     mask_kernel_paths(&root_str)?;
     for path in &plan.hidden {
         let dir = open_beneath(&root, path, Leaf::Dir)?;
@@ -269,6 +270,30 @@ fn build_dev(root: &OwnedFd) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The sandbox's own cgroup, read-only at `/sys/fs/cgroup` as Docker shows
+/// it: the cgroup namespace makes the sandbox's group the root of the view,
+/// so a program can read its limits and nothing above them.
+fn mount_cgroups(root: &str, plan: &Plan) -> io::Result<()> {
+    let base = format!("{root}/sys/fs/cgroup");
+    let ro = NOSUID_NODEV_NOEXEC | libc::MS_RDONLY;
+    if !plan.cgroup_v1 {
+        return mount("cgroup2", &base, "cgroup2", ro, None);
+    }
+    mount(
+        "tmpfs",
+        &base,
+        "tmpfs",
+        NOSUID_NODEV_NOEXEC,
+        Some("mode=755"),
+    )?;
+    for (dir, options) in crate::cgroup::v1_hierarchies() {
+        let path = format!("{base}/{dir}");
+        std::fs::create_dir(&path).map_err(context(format_args!("create {path}")))?;
+        mount("cgroup", &path, "cgroup", ro, Some(&options))?;
+    }
+    mount("", &base, "", libc::MS_BIND | libc::MS_REMOUNT | ro, None)
 }
 
 /// The new `/proc` and `/sys` are kernel filesystems we just mounted, so

@@ -143,7 +143,7 @@ fn supervise(plan: &Plan, cgroup: &Cgroup) -> io::Result<Outcome> {
     };
     let result = run_command(plan, cgroup, &ours, &sfd, pid, master);
     if let Some(lease) = &lease {
-        crate::net::release(plan, lease);
+        crate::net::release(lease);
     }
     result
 }
@@ -555,9 +555,17 @@ fn init(plan: &Plan, cgroup: &Cgroup, sock: OwnedFd) -> ! {
         become_command(plan, terminal.map(|(_, slave)| slave));
     }
     drop(terminal);
-    // Init keeps only what it needs to signal the command (which may run as another user).
-    let _ = caps::limit_bounding_set(&[caps::KILL]);
-    let _ = caps::set(&[caps::KILL]);
+    // Init keeps the command's capabilities (so the command may still
+    // PTRACE_TRACEME with init as its tracer-parent, as under Docker) plus
+    // KILL, to signal a command that runs as another user; nothing more.
+    let mut keep: Vec<u32> = plan
+        .capabilities
+        .iter()
+        .filter_map(|c| caps::number(c))
+        .collect();
+    keep.push(caps::KILL);
+    let _ = caps::limit_bounding_set(&keep);
+    let _ = caps::set(&keep);
     // SAFETY: integer-only prctl: nothing in the sandbox may ptrace or read init.
     unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0) };
     reap_until(child)

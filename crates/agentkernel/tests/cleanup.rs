@@ -103,10 +103,11 @@ fn engine_side_start_failure_leaves_nothing() {
 }
 
 /// Starts `sleep 60` in a one-shot run, SIGKILLs agentkernel, and returns the
-/// orphaned container's owner label once it is confirmed left behind.
-fn orphan(env: &TestEnv) -> String {
+/// orphaned container's owner label (and the sandbox's name) once it is
+/// confirmed left behind.
+fn orphan(env: &TestEnv) -> (String, String) {
     let mut t = env.spawn(&["run", "-i", BUSYBOX, "sleep", "60"]);
-    t.wait_running(Duration::from_secs(30));
+    let sandbox = t.wait_running(Duration::from_secs(30));
     t.signal(libc::SIGKILL);
     let status = wait_child(t.child(), Duration::from_secs(10));
     assert_eq!(
@@ -129,7 +130,22 @@ fn orphan(env: &TestEnv) -> String {
             "precondition: a SIGKILLed moderate run leaves its scratch directory"
         );
     }
-    owner
+    (owner, sandbox)
+}
+
+/// Native: the orphan's processes die with it (init has PDEATHSIG, and the
+/// pid namespace dies with init); its cgroup, network lease and scratch
+/// directory must be collected.
+fn assert_native_orphan_collected(env: &TestEnv, sandbox: &str) {
+    if !is_native() {
+        return;
+    }
+    poll_until(
+        Duration::from_secs(10),
+        "the orphaned native sandbox's cgroup, lease and scratch dir should be removed",
+        || !native_sandbox_exists(sandbox),
+    );
+    assert!(env.leftover_runs().is_empty());
 }
 
 /// Removes whatever the orphan left if the product did not (so a failing test does not leak).
@@ -137,6 +153,9 @@ struct OrphanGuard(String);
 
 impl Drop for OrphanGuard {
     fn drop(&mut self) {
+        if is_native() {
+            return;
+        }
         for name in containers_of_owner(&self.0) {
             let _ = engine(&["rm", "-f", "-v", &name]);
         }
@@ -146,7 +165,7 @@ impl Drop for OrphanGuard {
 #[test]
 fn sandbox_gc_removes_what_a_killed_run_left() {
     let env = TestEnv::new();
-    let owner = orphan(&env);
+    let (owner, sandbox) = orphan(&env);
     let _guard = OrphanGuard(owner.clone());
     let out = env.run(&["sandbox", "gc"]);
     assert_code(&out, 0);
@@ -161,12 +180,13 @@ fn sandbox_gc_removes_what_a_killed_run_left() {
         "`sandbox gc` should remove the orphaned scratch directory",
         || env.leftover_runs().is_empty(),
     );
+    assert_native_orphan_collected(&env, &sandbox);
 }
 
 #[test]
 fn a_later_run_removes_what_a_killed_run_left() {
     let env = TestEnv::new();
-    let owner = orphan(&env);
+    let (owner, sandbox) = orphan(&env);
     let _guard = OrphanGuard(owner.clone());
     let (out, later) = env.run_tracked(&["run", "-i", BUSYBOX, "true"]);
     assert_code(&out, 0);
@@ -181,6 +201,7 @@ fn a_later_run_removes_what_a_killed_run_left() {
         "a later `run` should remove the orphaned scratch directory",
         || env.leftover_runs().is_empty(),
     );
+    assert_native_orphan_collected(&env, &sandbox);
 }
 
 #[test]

@@ -140,22 +140,6 @@ fn sigterm_reaches_the_command_and_the_sandbox_is_removed() {
         "container {} of the terminated run was left behind",
         containers[0]
     );
-    // No container of kind `run` for this owner remains (filters, not a format template:
-    // Docker and Podman disagree on `{{.Label ..}}`).
-    let left = engine_ok(&[
-        "ps",
-        "-a",
-        "--filter",
-        "label=agentkernel.kind=run",
-        "--filter",
-        &format!("label=agentkernel.owner={owner}"),
-        "--format",
-        "{{.Names}}",
-    ]);
-    assert!(
-        left.trim().is_empty(),
-        "run containers of owner {owner} remain: {left}"
-    );
     assert!(env.leftover_runs().is_empty(), "{:?}", env.leftover_runs());
 }
 
@@ -201,13 +185,15 @@ fn own_messages_never_on_stdout() {
     assert_code(&out, 137);
     assert!(out.stdout.is_empty(), "stdout: {}", stdout(&out));
 
-    // Kept-sandbox message.
-    let name = unique_name("io-msg");
-    let _guard = KeptGuard::new(&name);
-    let out = env.run(&["run", "--name", &name, "-i", BUSYBOX, "true"]);
-    assert_code(&out, 0);
-    assert!(out.stdout.is_empty(), "stdout: {}", stdout(&out));
-    assert!(stderr(&out).contains(&name), "{}", stderr(&out));
+    // Kept-sandbox message (kept sandboxes are engine-only so far).
+    if !is_native() {
+        let name = unique_name("io-msg");
+        let _guard = KeptGuard::new(&name);
+        let out = env.run(&["run", "--name", &name, "-i", BUSYBOX, "true"]);
+        assert_code(&out, 0);
+        assert!(out.stdout.is_empty(), "stdout: {}", stdout(&out));
+        assert!(stderr(&out).contains(&name), "{}", stderr(&out));
+    }
 
     // Error messages.
     let out = env.run(&[

@@ -40,6 +40,7 @@ pub async fn sandbox(cmd: SandboxCommand) -> Result<i32> {
         }
         SandboxCommand::Gc { expire: None } => {
             let (mut containers, mut dirs) = (0, 0);
+            dirs += agentkernel_native::gc::orphaned_runs(&store);
             for engine in backend::engines_in_use(&store) {
                 engine.ping().await?;
                 let c = gc::collect_orphans(engine, store.clone()).await;

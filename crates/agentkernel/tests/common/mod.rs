@@ -45,24 +45,47 @@ pub fn binary() -> PathBuf {
     assert_cmd::cargo::cargo_bin("agentkernel")
 }
 
-/// The backend under test: `AGENTKERNEL_TEST_BACKEND` = docker (default) or
-/// podman. The whole suite runs against either (scripts/test.sh runs both):
-/// agentkernel gets it through `AGENTKERNEL_BACKEND`, and the tests inspect
-/// containers with that engine's CLI.
+/// The backend under test: `AGENTKERNEL_TEST_BACKEND` = docker (default),
+/// podman or native. The whole suite runs against docker and podman; the
+/// backend-neutral files (exit codes, I/O, profiles, native) also run against
+/// native (scripts/test.sh). agentkernel gets it through
+/// `AGENTKERNEL_BACKEND`; the tests inspect containers with that engine's
+/// CLI, or native sandboxes through their scratch dirs and cgroups.
 pub fn backend() -> &'static str {
     static BACKEND: OnceLock<&'static str> = OnceLock::new();
     BACKEND.get_or_init(
         || match std::env::var("AGENTKERNEL_TEST_BACKEND").as_deref() {
             Err(_) | Ok("") | Ok("docker") => "docker",
             Ok("podman") => "podman",
-            Ok(other) => panic!("AGENTKERNEL_TEST_BACKEND={other}: expected docker or podman"),
+            Ok("native") => "native",
+            Ok(other) => {
+                panic!("AGENTKERNEL_TEST_BACKEND={other}: expected docker, podman or native")
+            }
         },
     )
+}
+
+pub fn is_native() -> bool {
+    backend() == "native"
+}
+
+/// The loopback registry scripts/setup.sh serves the test images from; native
+/// runs pull through it as a mirror (the real pull path).
+pub const TEST_REGISTRY: &str = "http://127.0.0.1:5055";
+
+/// One image store shared by every native test (each test still has its own
+/// state dir; its `images` is a symlink here), filled once per test binary.
+fn shared_image_state() -> PathBuf {
+    PathBuf::from("/var/tmp/agentkernel-test-images")
 }
 
 /// Runs the engine CLI (`docker` or `podman`, see [`backend`]) and returns its
 /// output (never panics on a non-zero exit).
 pub fn engine(args: &[&str]) -> Output {
+    assert!(
+        !is_native(),
+        "engine CLI used in a native test: this test is engine-only"
+    );
     std::process::Command::new(backend())
         .args(args)
         .stdin(Stdio::null())
@@ -102,6 +125,9 @@ pub fn engine_ok(args: &[&str]) -> String {
 pub fn ensure_prerequisites() {
     static READY: OnceLock<()> = OnceLock::new();
     READY.get_or_init(|| {
+        if is_native() {
+            return prepare_native_images();
+        }
         let engine_name = backend();
         match std::process::Command::new(engine_name)
             .arg("info")
@@ -144,6 +170,26 @@ pub fn ensure_prerequisites() {
     });
 }
 
+/// Pulls the test images from the test registry into the shared store, with
+/// the real `agentkernel image pull`.
+fn prepare_native_images() {
+    for image in [BUSYBOX, PYTHON] {
+        let out = std::process::Command::new(binary())
+            .args(["image", "pull", image])
+            .env("AGENTKERNEL_HOME", shared_image_state())
+            .env("AGENTKERNEL_REGISTRY_MIRRORS", TEST_REGISTRY)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run agentkernel image pull");
+        assert!(
+            out.status.success(),
+            "PREREQUISITE MISSING: cannot pull {image} from the test registry {TEST_REGISTRY} \
+             (scripts/setup.sh starts it and pushes the test images): {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+}
+
 /// A name unique to this test process and call: `[a-z0-9-]`, short enough
 /// for a sandbox name.
 pub fn unique_name(prefix: &str) -> String {
@@ -169,7 +215,7 @@ pub struct TestEnv {
 impl TestEnv {
     pub fn new() -> TestEnv {
         ensure_prerequisites();
-        TestEnv {
+        let env = TestEnv {
             state: tempfile::Builder::new()
                 .prefix("ak-state")
                 .tempdir()
@@ -182,7 +228,15 @@ impl TestEnv {
                 .prefix("ak-proj")
                 .tempdir()
                 .unwrap(),
+        };
+        if is_native() {
+            std::os::unix::fs::symlink(
+                shared_image_state().join("images"),
+                env.state.path().join("images"),
+            )
+            .unwrap();
         }
+        env
     }
 
     pub fn state_dir(&self) -> &Path {
@@ -204,6 +258,9 @@ impl TestEnv {
             .env_remove("XDG_CONFIG_HOME")
             .env_remove("XDG_DATA_HOME")
             .current_dir(self.project.path());
+        if is_native() {
+            cmd.env("AGENTKERNEL_REGISTRY_MIRRORS", TEST_REGISTRY);
+        }
     }
 
     /// `agentkernel` through assert_cmd, configured for this test.
@@ -295,6 +352,9 @@ impl TestEnv {
 
     /// Containers (any state) labelled with this state dir (kept and pool).
     pub fn labelled_containers(&self, kind: Option<&str>) -> Vec<String> {
+        if is_native() {
+            return Vec::new();
+        }
         let mut args = vec![
             "ps".to_string(),
             "-a".into(),
@@ -479,6 +539,23 @@ impl Tracked {
     pub fn wait_running(&mut self, limit: Duration) -> String {
         let start = Instant::now();
         loop {
+            if is_native() {
+                if let Some(id) = native_sandboxes_of_owner(&self.owner)
+                    .into_iter()
+                    .find(|id| native_sandbox_has_processes(id))
+                {
+                    return id;
+                }
+                if let Some(status) = self.child().try_wait().unwrap() {
+                    panic!("agentkernel exited ({status}) before its sandbox ran");
+                }
+                assert!(
+                    start.elapsed() < limit,
+                    "no running sandbox after {limit:?}"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
             let running = engine_ok(&[
                 "ps",
                 "--filter",
@@ -513,6 +590,9 @@ impl Drop for Tracked {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        if is_native() {
+            return;
         }
         for name in containers_of_owner(&self.owner) {
             let _ = engine(&["rm", "-f", "-v", &name]);
@@ -558,6 +638,9 @@ pub fn owner_label(pid: u32) -> Option<String> {
 
 /// All containers (any state) whose `agentkernel.owner` label is exactly `owner`.
 pub fn containers_of_owner(owner: &str) -> Vec<String> {
+    if is_native() {
+        return native_sandboxes_of_owner(owner);
+    }
     engine_ok(&[
         "ps",
         "-a",
@@ -573,6 +656,9 @@ pub fn containers_of_owner(owner: &str) -> Vec<String> {
 
 /// True when a container of exactly this name exists (any state).
 pub fn container_exists(name: &str) -> bool {
+    if is_native() {
+        return native_sandbox_exists(name);
+    }
     engine_ok(&[
         "ps",
         "-a",
@@ -716,4 +802,76 @@ pub fn host_processes_with_arg(token: &str) -> Vec<u32> {
         }
     }
     out
+}
+
+// ---------------------------------------------------------------- native
+
+/// State dirs of every test (tempdirs named `ak-state*`).
+fn all_test_state_dirs() -> Vec<PathBuf> {
+    let tmp = std::env::temp_dir();
+    std::fs::read_dir(&tmp)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("ak-state"))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Native sandboxes (run ids) whose scratch dir names this owner.
+pub fn native_sandboxes_of_owner(owner: &str) -> Vec<String> {
+    let mut ids = Vec::new();
+    for state in all_test_state_dirs() {
+        let Ok(runs) = std::fs::read_dir(state.join("runs")) else {
+            continue;
+        };
+        for run in runs.flatten() {
+            if std::fs::read_to_string(run.path().join("owner")).is_ok_and(|o| o.trim() == owner) {
+                ids.push(run.file_name().to_string_lossy().into_owned());
+            }
+        }
+    }
+    ids
+}
+
+/// The cgroup directories a native sandbox would have (v1 or v2).
+pub fn native_cgroup_dirs(id: &str) -> Vec<PathBuf> {
+    ["memory/", "cpu/", "pids/", ""]
+        .iter()
+        .map(|c| PathBuf::from(format!("/sys/fs/cgroup/{c}agentkernel/{id}")))
+        .collect()
+}
+
+fn native_sandbox_has_processes(id: &str) -> bool {
+    native_cgroup_dirs(id).iter().any(|d| {
+        std::fs::read_to_string(d.join("cgroup.procs")).is_ok_and(|p| !p.trim().is_empty())
+    })
+}
+
+/// True while anything of the native sandbox `id` exists: its cgroup, its
+/// network lease or its scratch directory.
+pub fn native_sandbox_exists(id: &str) -> bool {
+    native_cgroup_dirs(id).iter().any(|d| d.exists())
+        || !native_leases_of(id).is_empty()
+        || all_test_state_dirs()
+            .iter()
+            .any(|s| s.join("runs").join(id).exists())
+}
+
+/// Network leases (machine-wide, under /run/agentkernel) held for sandbox `id`.
+pub fn native_leases_of(id: &str) -> Vec<PathBuf> {
+    let prefix = format!("sandbox={id}.");
+    std::fs::read_dir("/run/agentkernel/net/leases")
+        .map(|d| {
+            d.flatten()
+                .filter(|e| {
+                    std::fs::read_to_string(e.path())
+                        .is_ok_and(|t| t.lines().any(|l| l.starts_with(&prefix)))
+                })
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default()
 }
