@@ -12,8 +12,10 @@
 //!   (PDEATHSIG), so a `kill -9` of agentkernel leaves no sandbox process.
 //! * **command** — drops privileges and execs the user's command.
 //!
-//! Supervisor and init talk over a socketpair: init says "ready" (passing the
-//! terminal's master side when there is one), the supervisor answers "go".
+//! Supervisor and init talk over a socketpair: with a network, init first
+//! says its namespace exists (the supervisor attaches it while init builds
+//! the root); then init says "ready" (passing the terminal's master side when
+//! there is one), and the supervisor answers "go".
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -25,6 +27,7 @@ use crate::cgroup::Cgroup;
 use crate::plan::Plan;
 use crate::{caps, rootfs, sys};
 
+const NETNS_READY: u8 = b'n';
 const READY: u8 = b'r';
 const GO: u8 = b'g';
 const FORWARDED: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
@@ -117,16 +120,13 @@ fn supervise(plan: &Plan, cgroup: &Cgroup) -> io::Result<Outcome> {
     }
     drop(theirs);
 
-    // Wait for init's "ready" (or its death, when setup failed).
-    let master = match recv_ready(&ours) {
-        Ok(master) => master,
-        Err(_) => {
-            // Init exited (it printed why); reap it and report its status.
-            let status = wait_for(pid);
-            return Ok(Outcome::Exited(status));
-        }
-    };
+    // With a network, init says when its namespace exists; the veth is set
+    // up while init builds the root filesystem (the two take about as long).
     let lease = if plan.network {
+        if sys::read_byte(ours.as_raw_fd()).ok().flatten() != Some(NETNS_READY) {
+            // Init exited (it printed why); reap it and report its status.
+            return Ok(Outcome::Exited(wait_for(pid)));
+        }
         match crate::net::attach(plan, pid) {
             Ok(lease) => {
                 crate::net::print_ports(&lease);
@@ -141,7 +141,11 @@ fn supervise(plan: &Plan, cgroup: &Cgroup) -> io::Result<Outcome> {
     } else {
         None
     };
-    let result = run_command(plan, cgroup, &ours, &sfd, pid, master);
+    let result = match recv_ready(&ours) {
+        Ok(master) => run_command(plan, cgroup, &ours, &sfd, pid, master),
+        // Init exited during setup (it printed why): its status is the outcome.
+        Err(_) => Ok(Outcome::Exited(wait_for(pid))),
+    };
     if let Some(lease) = &lease {
         crate::net::release(lease);
     }
@@ -516,11 +520,13 @@ fn init(plan: &Plan, cgroup: &Cgroup, sock: OwnedFd) -> ! {
     if unsafe { libc::sethostname(host.as_ptr(), plan.hostname.len()) } != 0 {
         die("setting the hostname", io::Error::last_os_error());
     }
-    if !plan.network {
-        // With a network, the supervisor's attach brings up lo and eth0.
-        if let Err(e) = crate::net::loopback_up() {
-            die("bringing up loopback", e);
+    if plan.network {
+        // The supervisor connects the namespace (lo and eth0) meanwhile.
+        if let Err(e) = sys::write_all_fd(sock.as_raw_fd(), &[NETNS_READY]) {
+            die("talking to agentkernel", e);
         }
+    } else if let Err(e) = crate::net::loopback_up() {
+        die("bringing up loopback", e);
     }
     if let Err(e) = rootfs::build(plan) {
         die("building the root filesystem", e);

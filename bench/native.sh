@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The native backend beside bwrap and `docker run --rm`, side by side:
+#   1. RUNS runs each of bwrap, agentkernel -B native (default moderate
+#      profile: network, copy-on-write workspace, cgroup limits) and the same
+#      with --no-network — medians, p95, p99, ratios to bwrap;
+#   2. DOCKER_RUNS runs each of docker run --rm, agentkernel -B native and
+#      bwrap — ratios to docker;
+#   3. peak memory (max RSS) of the agentkernel process, beside bwrap and the
+#      docker CLI;
+#   4. 50 concurrent native runs: failures, and anything left behind.
+# Needs the test registry (scripts/setup.sh) for the image.
+#   bench/native.sh [RUNS] [DOCKER_RUNS]     (defaults: 200, 30)
+set -euo pipefail
+runs=${1:-200}
+docker_runs=${2:-30}
+root=$(cd "$(dirname "$0")/.." && pwd)
+image=agentkernel-test/busybox:1
+cargo build --release --quiet --manifest-path "$root/Cargo.toml"
+ak="$root/target/release/agentkernel"
+home=$(mktemp -d)
+project=$(mktemp -d)
+out=$(mktemp -d)
+export AGENTKERNEL_HOME="$home"
+export AGENTKERNEL_REGISTRY_MIRRORS=${AGENTKERNEL_REGISTRY_MIRRORS:-http://127.0.0.1:5055}
+trap 'rm -rf "$home" "$project" "$out"' EXIT
+"$ak" image pull "$image" >/dev/null 2>&1   # cached: runs make no network request
+cd "$project"   # a project dir: the workspace is mounted as it would be for a user
+bwrap_cmd="bwrap --ro-bind / / --dev /dev --proc /proc --unshare-all true"
+
+echo "== native vs bwrap ($runs runs each)"
+hyperfine -N --warmup 5 --runs "$runs" --export-json "$out/bwrap.json" --style none \
+  -n "bwrap --unshare-all" "$bwrap_cmd" \
+  -n "agentkernel -B native (moderate)" "$ak run -B native -i $image true" \
+  -n "agentkernel -B native --no-network" "$ak run -B native --no-network -i $image true" \
+  >/dev/null
+python3 "$root/bench/report.py" "$out/bwrap.json"
+
+echo
+echo "== native vs docker run --rm ($docker_runs runs each)"
+hyperfine -N --warmup 2 --runs "$docker_runs" --export-json "$out/docker.json" --style none \
+  -n "docker run --rm" "docker run --rm $image true" \
+  -n "agentkernel -B native (moderate)" "$ak run -B native -i $image true" \
+  -n "bwrap --unshare-all" "$bwrap_cmd" \
+  >/dev/null
+python3 "$root/bench/report.py" "$out/docker.json"
+
+echo
+echo "== peak memory (max RSS, median of 20)"
+peak() {
+  for _ in $(seq 1 20); do /usr/bin/time -f '%M' "$@" 2>&1 >/dev/null | tail -1; done \
+    | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)] " KiB"}'
+}
+printf '%-44s %s\n' "agentkernel -B native (moderate)" "$(peak "$ak" run -B native -i "$image" true)"
+printf '%-44s %s\n' "bwrap --unshare-all" "$(peak $bwrap_cmd)"
+printf '%-44s %s\n' "docker run --rm (the CLI process)" "$(peak docker run --rm "$image" true)"
+
+echo
+echo "== 50 concurrent native runs"
+count_cgroups() { find /sys/fs/cgroup -maxdepth 3 -path '*/agentkernel/run-*' -type d 2>/dev/null | wc -l; }
+count_leases() { ls /run/agentkernel/net/leases 2>/dev/null | wc -l; }
+cgroups_before=$(count_cgroups); leases_before=$(count_leases)
+pids=()
+start=$(date +%s.%N)
+for i in $(seq 1 50); do
+  "$ak" run -B native -i "$image" sh -c "echo run-$i > /dev/null; sleep 0.5" &
+  pids+=($!)
+done
+failed=0
+for p in "${pids[@]}"; do wait "$p" || failed=$((failed + 1)); done
+end=$(date +%s.%N)
+sleep 1   # the kernel deletes veths with their namespaces, asynchronously
+echo "failed runs: $failed / 50 (all done in $(python3 -c "print(f'{$end-$start:.2f}')")s)"
+echo "left behind: scratch dirs $(ls "$home/runs" 2>/dev/null | wc -l)," \
+  "cgroups $(( $(count_cgroups) - cgroups_before ))," \
+  "leases $(( $(count_leases) - leases_before ))," \
+  "veths $(ip -o link 2>/dev/null | grep -c ': ak[0-9a-f]' || true)"
