@@ -188,10 +188,11 @@ impl Cgroup {
         Ok(cgroup)
     }
 
-    /// Moves the calling process into the cgroup ("0" means the writer).
-    pub fn join_self(&self) -> io::Result<()> {
+    /// Moves process `pid` (and, since it has no other threads, all of it)
+    /// into the cgroup.
+    pub fn join(&self, pid: libc::pid_t) -> io::Result<()> {
         for dir in &self.dirs {
-            write(&dir.join("cgroup.procs"), "0")?;
+            write(&dir.join("cgroup.procs"), &pid.to_string())?;
         }
         Ok(())
     }

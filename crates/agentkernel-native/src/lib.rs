@@ -11,6 +11,7 @@ mod caps;
 pub mod cgroup;
 mod command;
 pub mod gc;
+pub mod host;
 pub mod net;
 pub mod plan;
 pub mod prepare;

@@ -120,10 +120,8 @@ pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<Plan
 
     let scratch = store.run_scratch(&id)?;
     let mkdir = |p: PathBuf| std::fs::create_dir(&p).map_err(|e| Error::state(p, e));
-    mkdir(scratch.join("root"))?;
-    if matches!(root, RootSource::Host) {
-        mkdir(scratch.join("host-upper"))?;
-    }
+    // The mount point of the root's tmpfs layer (see rootfs.rs).
+    mkdir(scratch.join("layer"))?;
     Ok(Plan {
         id,
         scratch,

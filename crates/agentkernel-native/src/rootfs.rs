@@ -51,12 +51,14 @@ const DEVICES: [(&str, u32, u32); 6] = [
 
 const NOSUID_NODEV_NOEXEC: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
 
+/// Where the root is assembled (inside the sandbox's tmpfs layer).
 pub fn scratch_root(scratch: &Path) -> PathBuf {
-    scratch.join("root")
+    scratch.join("layer/root")
 }
 
-/// Builds the root and pivots into it. Runs as root in fresh mount, pid,
-/// net, uts and ipc namespaces, before the command's process exists.
+/// Builds the root (everything but the cgroup view); [`enter`] finishes.
+/// Runs as root in fresh mount, pid, net, uts and ipc namespaces, before the
+/// command's process exists.
 pub fn build(plan: &Plan) -> io::Result<()> {
     mount("", "/", "", libc::MS_REC | libc::MS_PRIVATE, None)?;
     let root_path = scratch_root(&plan.scratch);
@@ -81,7 +83,6 @@ pub fn build(plan: &Plan) -> io::Result<()> {
         NOSUID_NODEV_NOEXEC | libc::MS_RDONLY,
         None,
     )?;
-    mount_cgroups(&root_str, plan)?;
     mask_kernel_paths(&root_str)?;
     for path in &plan.hidden {
         let dir = open_beneath(&root, path, Leaf::Dir)?;
@@ -121,6 +122,15 @@ pub fn build(plan: &Plan) -> io::Result<()> {
             Some(&format!("mode=1777,size={}", plan.tmp_size_bytes)),
         )?;
     }
+    Ok(())
+}
+
+/// The last steps, once the sandbox is in its cgroup namespace: its
+/// `/sys/fs/cgroup` view (which shows the mounter's cgroup namespace), then
+/// `pivot_root` and the read-only remount.
+pub fn enter(plan: &Plan) -> io::Result<()> {
+    let root_str = scratch_root(&plan.scratch).to_string_lossy().into_owned();
+    mount_cgroups(&root_str, plan)?;
     pivot_into(&root_str)?;
     if plan.read_only_root {
         mount(
@@ -134,8 +144,27 @@ pub fn build(plan: &Plan) -> io::Result<()> {
     Ok(())
 }
 
+/// The root's writable layer is a tmpfs private to the sandbox's mount
+/// namespace: nothing to delete afterwards (the kernel frees it with the
+/// namespace, even after a `kill -9`), and what the command writes there is
+/// charged to its memory cgroup. (The workspace's copy-on-write layer stays
+/// on disk: builds write a lot there.) It also lets the host's own `/` be a
+/// lower layer: an upper directory beneath it would overlap it.
 fn mount_overlay_root(plan: &Plan, root: &str) -> io::Result<()> {
-    let (lower, upper_base) = match &plan.root {
+    let layer = plan.scratch.join("layer");
+    mount(
+        "tmpfs",
+        &layer.to_string_lossy(),
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some("mode=755"),
+    )?;
+    let upper = layer.join("upper");
+    let work = layer.join("work");
+    for d in [&upper, &work, &layer.join("root")] {
+        std::fs::create_dir(d).map_err(context(format_args!("create {}", d.display())))?;
+    }
+    let lower = match &plan.root {
         RootSource::Layers(layers) => {
             // overlayfs takes lower layers top first. Relative names keep the
             // option string short (a page at most) for images with many layers.
@@ -157,32 +186,10 @@ fn mount_overlay_root(plan: &Plan, root: &str) -> io::Result<()> {
                 std::env::set_current_dir(dir)
                     .map_err(context(format_args!("layers {}", dir.display())))?;
             }
-            (names.join(":"), plan.scratch.clone())
+            names.join(":")
         }
-        RootSource::Host => {
-            // The host's `/` cannot be a lower layer of an upper directory that
-            // lives beneath it (overlayfs refuses overlapping layers), so the
-            // writable layer is a tmpfs, charged to the sandbox's memory cgroup.
-            let base = plan.scratch.join("host-upper");
-            mount(
-                "tmpfs",
-                &base.to_string_lossy(),
-                "tmpfs",
-                libc::MS_NOSUID | libc::MS_NODEV,
-                Some("mode=755"),
-            )?;
-            ("/".to_string(), base)
-        }
+        RootSource::Host => "/".to_string(),
     };
-    let upper = upper_base.join("upper");
-    let work = upper_base.join("work");
-    for d in [&upper, &work] {
-        match std::fs::create_dir(d) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(context(format_args!("create {}", d.display()))(e)),
-        }
-    }
     let options = format!(
         "lowerdir={lower},upperdir={},workdir={}",
         upper.display(),

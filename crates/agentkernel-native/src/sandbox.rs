@@ -4,8 +4,9 @@
 //!   single-threaded helper). It stays on the host: creates the cgroup,
 //!   forwards signals, enforces `--timeout`, relays a terminal, and cleans
 //!   up when the sandbox ends. It is never inside the sandbox.
-//! * **init** — PID 1 of the new pid namespace. It joins the cgroup, enters
-//!   fresh mount, uts, ipc, net and cgroup namespaces, builds the root, then
+//! * **init** — PID 1 of the new pid namespace. It enters fresh mount, uts,
+//!   ipc and net namespaces, builds the root, and once the supervisor has
+//!   moved it into the cgroup, a cgroup namespace; then it
 //!   forks the command and stays as a tiny init: reaps zombies, forwards
 //!   signals, exits with the command's status. When it exits the kernel kills
 //!   everything left in the namespace, and it dies if the supervisor does
@@ -14,8 +15,10 @@
 //!
 //! Supervisor and init talk over a socketpair: with a network, init first
 //! says its namespace exists (the supervisor attaches it while init builds
-//! the root); then init says "ready" (passing the terminal's master side when
-//! there is one), and the supervisor answers "go".
+//! the root); the supervisor says when it has moved init into the cgroup
+//! (init then creates its cgroup namespace and pivots); init says "ready"
+//! (passing the terminal's master side when there is one), and the
+//! supervisor answers "go".
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -28,6 +31,7 @@ use crate::plan::Plan;
 use crate::{caps, rootfs, sys};
 
 const NETNS_READY: u8 = b'n';
+const JOINED: u8 = b'j';
 const READY: u8 = b'r';
 const GO: u8 = b'g';
 const FORWARDED: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
@@ -116,15 +120,28 @@ fn supervise(plan: &Plan, cgroup: &Cgroup) -> io::Result<Outcome> {
     if pid == 0 {
         drop(ours);
         drop(sfd);
-        init(plan, cgroup, theirs);
+        init(plan, theirs);
     }
     drop(theirs);
 
+    // Moving a process between cgroups can wait for an RCU grace period (up
+    // to tens of milliseconds on cgroup v1): a thread does it while init
+    // builds the root and this thread sets up the network.
+    let joining = {
+        let cgroup = cgroup.clone();
+        std::thread::spawn(move || cgroup.join(pid))
+    };
+    let joined = |joining: std::thread::JoinHandle<io::Result<()>>| {
+        joining
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("the cgroup thread panicked")))
+    };
     // With a network, init says when its namespace exists; the veth is set
     // up while init builds the root filesystem (the two take about as long).
     let lease = if plan.network {
         if sys::read_byte(ours.as_raw_fd()).ok().flatten() != Some(NETNS_READY) {
             // Init exited (it printed why); reap it and report its status.
+            let _ = joined(joining);
             return Ok(Outcome::Exited(wait_for(pid)));
         }
         match crate::net::attach(plan, pid) {
@@ -134,6 +151,7 @@ fn supervise(plan: &Plan, cgroup: &Cgroup) -> io::Result<Outcome> {
             }
             Err(e) => {
                 kill(pid, libc::SIGKILL);
+                let _ = joined(joining);
                 wait_for(pid);
                 return Err(sys::context("cannot connect the sandbox's network")(e));
             }
@@ -141,6 +159,14 @@ fn supervise(plan: &Plan, cgroup: &Cgroup) -> io::Result<Outcome> {
     } else {
         None
     };
+    if let Err(e) = joined(joining).and_then(|()| sys::write_all_fd(ours.as_raw_fd(), &[JOINED])) {
+        kill(pid, libc::SIGKILL);
+        wait_for(pid);
+        if let Some(lease) = &lease {
+            crate::net::release(lease);
+        }
+        return Err(sys::context("cannot move the sandbox into its cgroup")(e));
+    }
     let result = match recv_ready(&ours) {
         Ok(master) => run_command(plan, cgroup, &ours, &sfd, pid, master),
         // Init exited during setup (it printed why): its status is the outcome.
@@ -500,17 +526,12 @@ fn die(what: &str, e: io::Error) -> ! {
 }
 
 /// PID 1 of the sandbox. Never returns.
-fn init(plan: &Plan, cgroup: &Cgroup, sock: OwnedFd) -> ! {
+fn init(plan: &Plan, sock: OwnedFd) -> ! {
     // SAFETY: integer-only prctl; dies with the supervisor.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) };
-    if let Err(e) = cgroup.join_self() {
-        die("joining the cgroup", e);
-    }
-    let flags = libc::CLONE_NEWNS
-        | libc::CLONE_NEWUTS
-        | libc::CLONE_NEWIPC
-        | libc::CLONE_NEWNET
-        | libc::CLONE_NEWCGROUP;
+    // The cgroup namespace comes later, once the supervisor has moved us
+    // into the sandbox's cgroup (see `supervise`).
+    let flags = libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC | libc::CLONE_NEWNET;
     // SAFETY: unshare with namespace flags; we are single-threaded.
     if unsafe { libc::unshare(flags) } != 0 {
         die("creating namespaces", io::Error::last_os_error());
@@ -530,6 +551,20 @@ fn init(plan: &Plan, cgroup: &Cgroup, sock: OwnedFd) -> ! {
     }
     if let Err(e) = rootfs::build(plan) {
         die("building the root filesystem", e);
+    }
+    match sys::read_byte(sock.as_raw_fd()) {
+        Ok(Some(JOINED)) => {}
+        _ => {
+            // SAFETY: ends the forked child: the supervisor is gone or failed.
+            unsafe { libc::_exit(125) }
+        }
+    }
+    // SAFETY: unshare with a namespace flag; we are single-threaded.
+    if unsafe { libc::unshare(libc::CLONE_NEWCGROUP) } != 0 {
+        die("creating the cgroup namespace", io::Error::last_os_error());
+    }
+    if let Err(e) = rootfs::enter(plan) {
+        die("entering the root filesystem", e);
     }
     let terminal = if plan.tty {
         match open_terminal() {

@@ -1,6 +1,6 @@
-//! Backend selection. Docker and Podman (one client, two engines) exist today;
-//! the others are named so that choosing one is a clear "not supported yet",
-//! never a silent fallback.
+//! Backend selection. Native (namespaces, no daemon), Docker and Podman (one
+//! client, two engines) exist today; the others are named so that choosing one
+//! is a clear "not supported yet", never a silent fallback.
 
 use agentkernel_core::{Error, Result};
 use agentkernel_docker::{podman, Engine};
@@ -60,27 +60,42 @@ impl BackendKind {
     }
 }
 
-/// `-B`, else `$AGENTKERNEL_BACKEND`, else config, else the first available in SPEC order (native, docker,
-/// podman); native is not built yet. "Available" is decided without a request:
-/// a listening Docker socket (or DOCKER_HOST), else an installed podman.
-pub fn choose(flag: Option<&str>, configured: Option<&str>) -> Result<BackendKind> {
+/// `-B`, else `$AGENTKERNEL_BACKEND`, else config, else the first available
+/// in SPEC order: native, docker, podman. Native is available to root on a
+/// kernel with overlayfs, namespaces and cgroup controllers; it does not keep
+/// sandboxes yet, so for a kept sandbox (`keep`) auto-selection starts at
+/// docker. Engines are "available" without a request: a listening Docker
+/// socket (or DOCKER_HOST), else an installed podman.
+pub fn choose(flag: Option<&str>, configured: Option<&str>, keep: bool) -> Result<BackendKind> {
     let from_env = std::env::var("AGENTKERNEL_BACKEND")
         .ok()
         .filter(|b| !b.is_empty());
     let Some(name) = flag.or(from_env.as_deref()).or(configured) else {
-        return auto();
+        return auto(keep);
     };
     let kind = BackendKind::parse(name)?;
     if kind.unbuilt_reason().is_some() {
         return Err(Error::not_supported_hint(
             format!("backend {name}"),
-            "use -B docker or -B podman (`agentkernel doctor` lists what works here)",
+            "use -B native, -B docker or -B podman (`agentkernel doctor` lists what works here)",
         ));
+    }
+    if kind == BackendKind::Native {
+        if let Err(why) = agentkernel_native::host::check() {
+            return Err(Error::BackendUnavailable {
+                backend: "native".into(),
+                why,
+                fix: "`agentkernel doctor` explains each backend".into(),
+            });
+        }
     }
     Ok(kind)
 }
 
-fn auto() -> Result<BackendKind> {
+fn auto(keep: bool) -> Result<BackendKind> {
+    if !keep && agentkernel_native::host::check().is_ok() {
+        return Ok(BackendKind::Native);
+    }
     let docker_host = std::env::var_os("DOCKER_HOST").is_some_and(|h| !h.is_empty());
     if docker_host || podman::listening(std::path::Path::new("/var/run/docker.sock")) {
         return Ok(BackendKind::Docker);
@@ -88,9 +103,14 @@ fn auto() -> Result<BackendKind> {
     if std::env::var_os("CONTAINER_HOST").is_some_and(|h| !h.is_empty()) || podman::installed() {
         return Ok(BackendKind::Podman);
     }
+    let native_why = agentkernel_native::host::check()
+        .err()
+        .unwrap_or_else(|| "it does not keep sandboxes yet".into());
     Err(Error::BackendUnavailable {
         backend: "any".into(),
-        why: "no Docker engine is listening on /var/run/docker.sock and podman is not installed".into(),
+        why: format!(
+            "native: {native_why}; no Docker engine is listening on /var/run/docker.sock and podman is not installed"
+        ),
         fix: "start Docker (`sudo systemctl start docker`) or install podman; `agentkernel doctor` explains each backend".into(),
     })
 }

@@ -11,6 +11,16 @@ pub async fn doctor() -> Result<i32> {
     for kind in BackendKind::ALL {
         let line = match kind.unbuilt_reason() {
             Some(why) => format!("unavailable  {why}; use -B docker or -B podman"),
+            None if kind == BackendKind::Native => match agentkernel_native::host::check() {
+                Ok(found) => {
+                    ready += 1;
+                    format!(
+                        "ready        Linux {} ({}), one-shot runs; kept sandboxes use docker or podman for now",
+                        found.kernel, found.cgroup
+                    )
+                }
+                Err(why) => format!("unavailable  {why}"),
+            },
             None => match engine_status(kind).await {
                 Ok(status) => {
                     ready += 1;
@@ -21,7 +31,7 @@ pub async fn doctor() -> Result<i32> {
         };
         println!("{:<12} {line}", kind.name());
     }
-    let default = match backend::choose(None, None) {
+    let default = match backend::choose(None, None, false) {
         Ok(kind) => kind.name().to_string(),
         Err(e) => format!("none ({e})"),
     };
