@@ -23,6 +23,7 @@ command -v curl >/dev/null || need+=(curl)
 command -v file >/dev/null || need+=(file)
 command -v docker-registry >/dev/null || need+=(docker-registry)
 command -v skopeo >/dev/null || need+=(skopeo)
+command -v bwrap >/dev/null || need+=(bubblewrap)   # bench/native.sh compares with it
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive
