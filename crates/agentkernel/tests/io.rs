@@ -230,10 +230,8 @@ fn a_terminal_is_given_only_when_on_a_terminal() {
     // Under a pseudo-terminal made by util-linux `script`.
     let inner = format!("{} run -i {BUSYBOX} sh -c '{script}'", binary().display());
     let mut cmd = std::process::Command::new("script");
+    env.configure(&mut cmd);
     cmd.args(["-qec", &inner, "/dev/null"])
-        .env("AGENTKERNEL_HOME", env.state_dir())
-        .env("HOME", env.home_dir())
-        .current_dir(env.project_dir())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());

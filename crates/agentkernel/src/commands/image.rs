@@ -135,7 +135,9 @@ pub(crate) async fn fetch(
     result.map_err(|e| Error::Image {
         image: r.familiar(),
         why: e.to_string(),
-        fix: "check the name, or pull it with `agentkernel image pull` (mirrors: [images] mirrors or AGENTKERNEL_REGISTRY_MIRRORS)".into(),
+        fix:
+            "check the image name (offline, `--image host` runs this machine's own root read-only)"
+                .into(),
     })
 }
 

@@ -251,7 +251,9 @@ impl TestEnv {
         self.home.path()
     }
 
-    fn configure(&self, cmd: &mut std::process::Command) {
+    /// The environment every agentkernel process of this test gets (also for
+    /// commands that start agentkernel themselves, like `script`).
+    pub fn configure(&self, cmd: &mut std::process::Command) {
         cmd.env("AGENTKERNEL_HOME", self.state.path())
             .env("AGENTKERNEL_BACKEND", backend())
             .env("HOME", self.home.path())
