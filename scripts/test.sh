@@ -33,11 +33,12 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 threads=${AGENTKERNEL_TEST_THREADS:-4}
 # Unit tests, the image store against a local registry, and the integration
 # suite against Docker; then the same integration suite against Podman; then
-# the backend-neutral files plus the isolation attacks against native (the
-# engine-only files — pool, kept, image via the engine — do not apply).
+# the backend-neutral files, kept sandboxes and the isolation attacks against
+# native (the engine-only files — the warm pool, images via the engine — do
+# not apply).
 cargo test --workspace -- --test-threads "$threads"
 AGENTKERNEL_TEST_BACKEND=podman cargo test -p agentkernel --tests -- --test-threads "$threads"
 AGENTKERNEL_TEST_BACKEND=native cargo test -p agentkernel \
   --test exit_codes --test io --test profiles --test cli --test config --test ports \
-  --test cleanup --test native \
+  --test cleanup --test kept --test native \
   -- --test-threads "$threads" --skip what_a_killed_pooled_run_left_is_collected

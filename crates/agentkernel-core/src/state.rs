@@ -71,7 +71,9 @@ impl Owner {
         };
         match start_time(pid) {
             None => true,
-            Some(t) => t.to_string() != start,
+            // A zombie is dead too: its parent (often a non-reaping init,
+            // for detached processes) just has not collected it.
+            Some(t) => t.to_string() != start || is_zombie(pid),
         }
     }
 }
@@ -88,6 +90,17 @@ pub fn proc_stat_field(pid: u32, n: usize) -> Option<u64> {
     // The command name may contain spaces and parentheses: skip past the last ')'.
     let rest = &stat[stat.rfind(')')? + 2..];
     rest.split(' ').nth(n.checked_sub(3)?)?.parse().ok()
+}
+
+/// True when the process has exited and awaits its parent's wait().
+pub fn is_zombie(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let rest = &stat[stat.rfind(')')? + 2..];
+            rest.chars().next()
+        })
+        .is_some_and(|state| state == 'Z' || state == 'X')
 }
 
 /// Field 22 of /proc/PID/stat: start time in clock ticks since boot.

@@ -235,6 +235,11 @@ pub async fn oom_kills(engine: &Engine, container: &str) -> Option<u64> {
         .inspect_container(container, None)
         .await
         .ok()?;
-    let pid = info.state?.pid.filter(|p| *p > 0)?;
-    agentkernel_core::cgroup::oom_kills(pid)
+    let state = info.state?;
+    match state.pid.filter(|p| *p > 0) {
+        Some(pid) => agentkernel_core::cgroup::oom_kills(pid),
+        // The OOM killer may take the container's main process (its idle
+        // keep-alive) too, which ends the container: the engine then says so.
+        None => state.oom_killed.map(u64::from),
+    }
 }

@@ -15,7 +15,8 @@ use crate::plan::CgroupLimits;
 
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 const CPU_PERIOD_US: u64 = 100_000;
-const V1_CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
+/// memory, cpu and pids for the limits; freezer for `sandbox stop`.
+const V1_CONTROLLERS: [&str; 4] = ["memory", "cpu", "pids", "freezer"];
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Cgroup {
@@ -72,6 +73,17 @@ pub fn v1_hierarchies() -> Vec<(String, String)> {
 /// True when this host's cgroups are v1 (or hybrid: v2 without controllers).
 pub fn host_is_v1() -> bool {
     !is_cgroup2("/sys/fs/cgroup")
+}
+
+/// The `oom_kill` count in a v1 `memory.oom_control` or v2 `memory.events`.
+pub fn read_oom_kills(file: &fs::File) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let mut buf = [0u8; 4096];
+    let n = file.read_at(&mut buf, 0).unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n])
+        .lines()
+        .find_map(|l| l.strip_prefix("oom_kill ")?.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 fn write(path: &Path, value: &str) -> io::Result<()> {
@@ -172,11 +184,12 @@ impl Cgroup {
                             write(&dir.join("cpu.cfs_quota_us"), &quota.to_string())?;
                         }
                     }
-                    _ => {
+                    "pids" => {
                         if let Some(p) = limits.pids {
                             write(&dir.join("pids.max"), &p.to_string())?;
                         }
                     }
+                    _ => {}
                 }
             }
             Ok(())
@@ -199,26 +212,66 @@ impl Cgroup {
 
     /// How many processes the OOM killer has killed here.
     pub fn oom_kills(&self) -> u64 {
-        let (file, key) = if self.v2 {
-            ("memory.events", "oom_kill ")
+        self.oom_counter_file().as_ref().map_or(0, read_oom_kills)
+    }
+
+    /// The file that counts OOM kills (open it before leaving the host's
+    /// mount namespace, read it with [`read_oom_kills`]).
+    pub fn oom_counter_file(&self) -> Option<fs::File> {
+        let file = if self.v2 {
+            "memory.events"
         } else {
-            ("memory.oom_control", "oom_kill ")
+            "memory.oom_control"
         };
-        let Some(dir) = self.dirs.first() else {
-            return 0;
+        fs::File::open(self.dirs.first()?.join(file)).ok()
+    }
+
+    /// The directory of a v1 controller (or the one v2 directory).
+    fn dir_of(&self, controller: &str) -> Option<&PathBuf> {
+        if self.v2 {
+            return self.dirs.first();
+        }
+        self.dirs.iter().find(|d| {
+            d.parent()
+                .and_then(|p| p.parent())
+                .and_then(|m| m.file_name())
+                .is_some_and(|n| n.to_string_lossy().split(',').any(|c| c == controller))
+        })
+    }
+
+    /// Freezes (`true`) or thaws every process in the sandbox.
+    pub fn set_frozen(&self, frozen: bool) -> io::Result<()> {
+        let dir = self
+            .dir_of("freezer")
+            .ok_or_else(|| io::Error::other("this sandbox has no freezer cgroup"))?;
+        if self.v2 {
+            write(&dir.join("cgroup.freeze"), if frozen { "1" } else { "0" })
+        } else {
+            write(
+                &dir.join("freezer.state"),
+                if frozen { "FROZEN" } else { "THAWED" },
+            )
+        }
+    }
+
+    pub fn is_frozen(&self) -> bool {
+        let Some(dir) = self.dir_of("freezer") else {
+            return false;
         };
-        fs::read_to_string(dir.join(file))
-            .ok()
-            .and_then(|t| {
-                t.lines()
-                    .find_map(|l| l.strip_prefix(key)?.trim().parse().ok())
-            })
-            .unwrap_or(0)
+        if self.v2 {
+            fs::read_to_string(dir.join("cgroup.freeze")).is_ok_and(|v| v.trim() == "1")
+        } else {
+            fs::read_to_string(dir.join("freezer.state"))
+                .is_ok_and(|v| matches!(v.trim(), "FROZEN" | "FREEZING"))
+        }
     }
 
     /// Kills anything left inside and removes the directories. Best effort:
     /// what cannot be removed now is found again by `gc`.
     pub fn remove(&self) {
+        if self.is_frozen() {
+            let _ = self.set_frozen(false);
+        }
         for dir in &self.dirs {
             for attempt in 0..200 {
                 match fs::remove_dir(dir) {

@@ -12,6 +12,8 @@ pub mod cgroup;
 mod command;
 pub mod gc;
 pub mod host;
+pub mod join;
+pub mod kept;
 pub mod net;
 pub mod plan;
 pub mod prepare;

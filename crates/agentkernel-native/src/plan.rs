@@ -66,8 +66,36 @@ pub struct CgroupLimits {
     pub pids: Option<i64>,
 }
 
+/// What the helper does with the plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Action {
+    /// A one-shot sandbox: build it, run `argv`, remove it.
+    Run,
+    /// A kept sandbox: build it under a detached holder, then run `argv` in it.
+    CreateKept,
+    /// Run `argv` in the existing kept sandbox.
+    Exec,
+}
+
+/// A kept sandbox's identity and expiry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KeepPlan {
+    pub name: String,
+    pub ttl: Duration,
+    /// agentkernel's state directory (the sandbox's record and deadline live there).
+    pub state_root: PathBuf,
+    /// The record committed once the sandbox exists.
+    pub record: agentkernel_core::state::SandboxRecord,
+    /// `run --branch` found it already there (said so on stderr).
+    #[serde(default)]
+    pub reused: bool,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Plan {
+    pub action: Action,
+    /// Set for kept sandboxes.
+    pub keep: Option<KeepPlan>,
     /// Sandbox id: names its scratch directory, cgroup and hostname.
     pub id: String,
     /// Scratch directory (upper layers, work dirs); removed when the sandbox ends.

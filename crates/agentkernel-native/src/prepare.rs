@@ -5,10 +5,12 @@ use std::path::{Path, PathBuf};
 use agentkernel_core::parse::Protocol;
 use agentkernel_core::policy::{Capabilities, Seccomp, WorkspaceMode};
 use agentkernel_core::spec::SandboxSpec;
-use agentkernel_core::state::Store;
+use agentkernel_core::state::{now_unix, SandboxRecord, Store};
 use agentkernel_core::{names, Error, Result};
 
-use crate::plan::{CgroupLimits, Mount, MountKind, Plan, Port, RootSource, SeccompMode};
+use crate::plan::{
+    Action, CgroupLimits, KeepPlan, Mount, MountKind, Plan, Port, RootSource, SeccompMode,
+};
 
 /// The image name that means "this machine's own root filesystem".
 pub const HOST_IMAGE: &str = "host";
@@ -27,12 +29,6 @@ pub struct ImageRoot {
 
 /// Builds the plan and the run's scratch directory.
 pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<Plan> {
-    if spec.keep.is_some() {
-        return Err(Error::not_supported_hint(
-            "kept sandboxes (--keep, --branch, --name, --ttl) on the native backend",
-            "use -B docker or -B podman for them",
-        ));
-    }
     let ports = spec
         .ports
         .iter()
@@ -51,8 +47,14 @@ pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<Plan
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let id = names::generated();
-    let scratch_path = store.root().join("runs").join(&id);
+    let id = match &spec.keep {
+        Some(k) => k.name.clone(),
+        None => names::generated(),
+    };
+    let scratch_path = match &spec.keep {
+        Some(k) => store.sandbox_dir(&k.name).join("scratch"),
+        None => store.root().join("runs").join(&id),
+    };
     let mut mounts = Vec::new();
     if let Some(ws) = &spec.workspace {
         let kind = match spec.policy.workspace {
@@ -118,11 +120,47 @@ pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<Plan
     };
     let limits = &spec.policy.limits;
 
-    let scratch = store.run_scratch(&id)?;
+    let keep = match &spec.keep {
+        Some(k) => {
+            // The atomic name reservation: a clash is an error naming the fix.
+            store.reserve(&k.name)?;
+            Some(KeepPlan {
+                name: k.name.clone(),
+                ttl: k.ttl,
+                state_root: store.root().to_path_buf(),
+                record: SandboxRecord {
+                    name: k.name.clone(),
+                    backend: "native".into(),
+                    container_id: String::new(),
+                    image: spec.image.clone(),
+                    profile: spec.policy.profile.as_str().into(),
+                    created_unix: now_unix(),
+                    ttl_secs: k.ttl.as_secs(),
+                    workspace: spec.workspace.as_ref().map(|w| w.host.clone()),
+                    memory_bytes: spec.policy.limits.memory_bytes,
+                },
+                reused: false,
+            })
+        }
+        None => None,
+    };
+    let scratch = match &keep {
+        Some(_) => {
+            std::fs::create_dir(&scratch_path).map_err(|e| Error::state(&scratch_path, e))?;
+            scratch_path
+        }
+        None => store.run_scratch(&id)?,
+    };
     let mkdir = |p: PathBuf| std::fs::create_dir(&p).map_err(|e| Error::state(p, e));
     // The mount point of the root's tmpfs layer (see rootfs.rs).
     mkdir(scratch.join("layer"))?;
     Ok(Plan {
+        action: if keep.is_some() {
+            Action::CreateKept
+        } else {
+            Action::Run
+        },
+        keep,
         id,
         scratch,
         hidden: match &root {

@@ -33,7 +33,7 @@ use crate::{caps, rootfs, sys};
 const NETNS_READY: u8 = b'n';
 const JOINED: u8 = b'j';
 const READY: u8 = b'r';
-const GO: u8 = b'g';
+pub(crate) const GO: u8 = b'g';
 const FORWARDED: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
 
 fn signal_set(signals: &[libc::c_int]) -> libc::sigset_t {
@@ -84,7 +84,8 @@ fn remove_scratch(plan: &Plan) {
     let _ = std::fs::remove_dir_all(&plan.scratch);
 }
 
-fn supervise(plan: &Plan, cgroup: &Cgroup) -> io::Result<Outcome> {
+/// A signalfd for the signals a supervisor handles (blocked first).
+pub(crate) fn supervisor_signalfd() -> io::Result<OwnedFd> {
     let signals = supervisor_signals();
     // SAFETY: blocking signals in our own (single) thread.
     unsafe { libc::sigprocmask(libc::SIG_BLOCK, &signals, std::ptr::null_mut()) };
@@ -94,7 +95,41 @@ fn supervise(plan: &Plan, cgroup: &Cgroup) -> io::Result<Outcome> {
         return Err(sys::context("signalfd")(io::Error::last_os_error()));
     }
     // SAFETY: just created, ours.
-    let sfd = unsafe { OwnedFd::from_raw_fd(sfd) };
+    Ok(unsafe { OwnedFd::from_raw_fd(sfd) })
+}
+
+fn supervise(plan: &Plan, cgroup: &Cgroup) -> io::Result<Outcome> {
+    let sfd = supervisor_signalfd()?;
+    let started = match start(plan, cgroup, &[&sfd])? {
+        Ok(started) => started,
+        // Init exited during setup (it printed why): its status is the outcome.
+        Err(status) => return Ok(Outcome::Exited(status)),
+    };
+    let result = run_command(plan, cgroup, &started, &sfd);
+    if let Some(lease) = &started.lease {
+        crate::net::release(lease);
+    }
+    result
+}
+
+/// A sandbox whose init is ready and waiting for "go".
+pub(crate) struct Started {
+    /// Init's pid (in our, the host's, pid namespace).
+    pub pid: libc::pid_t,
+    pub sock: OwnedFd,
+    pub lease: Option<agentkernel_net::Lease>,
+    /// The terminal's master side, when the plan asked for one.
+    pub master: Option<OwnedFd>,
+}
+
+/// Creates the sandbox up to init's "ready": `Ok(Err(status))` when init
+/// exited during setup (having printed why). `close_in_child` are fds of
+/// ours init must not keep.
+pub(crate) fn start(
+    plan: &Plan,
+    cgroup: &Cgroup,
+    close_in_child: &[&OwnedFd],
+) -> io::Result<Result<Started, i32>> {
     let (ours, theirs) = socketpair()?;
 
     // A fork straight into a new pid namespace (clone, not unshare: after
@@ -119,7 +154,10 @@ fn supervise(plan: &Plan, cgroup: &Cgroup) -> io::Result<Outcome> {
     }
     if pid == 0 {
         drop(ours);
-        drop(sfd);
+        for fd in close_in_child {
+            // SAFETY: closing our copy of an fd the parent keeps owning.
+            unsafe { libc::close(fd.as_raw_fd()) };
+        }
         init(plan, theirs);
     }
     drop(theirs);
@@ -140,60 +178,92 @@ fn supervise(plan: &Plan, cgroup: &Cgroup) -> io::Result<Outcome> {
     // up while init builds the root filesystem (the two take about as long).
     let lease = if plan.network {
         if sys::read_byte(ours.as_raw_fd()).ok().flatten() != Some(NETNS_READY) {
-            // Init exited (it printed why); reap it and report its status.
             let _ = joined(joining);
-            return Ok(Outcome::Exited(wait_for(pid)));
+            return Ok(Err(wait_for(pid)));
         }
         match crate::net::attach(plan, pid) {
             Ok(lease) => {
-                crate::net::print_ports(&lease);
+                if plan.action == crate::plan::Action::Run {
+                    crate::net::print_ports(&lease);
+                }
                 Some(lease)
             }
             Err(e) => {
-                kill(pid, libc::SIGKILL);
                 let _ = joined(joining);
-                wait_for(pid);
-                return Err(sys::context("cannot connect the sandbox's network")(e));
+                return failed_during_setup(pid, None, "cannot connect the sandbox's network", e);
             }
         }
     } else {
         None
     };
-    if let Err(e) = joined(joining).and_then(|()| sys::write_all_fd(ours.as_raw_fd(), &[JOINED])) {
-        kill(pid, libc::SIGKILL);
-        wait_for(pid);
-        if let Some(lease) = &lease {
+    let release = |lease: &Option<agentkernel_net::Lease>| {
+        if let Some(lease) = lease {
             crate::net::release(lease);
         }
-        return Err(sys::context("cannot move the sandbox into its cgroup")(e));
-    }
-    let result = match recv_ready(&ours) {
-        Ok(master) => run_command(plan, cgroup, &ours, &sfd, pid, master),
-        // Init exited during setup (it printed why): its status is the outcome.
-        Err(_) => Ok(Outcome::Exited(wait_for(pid))),
     };
-    if let Some(lease) = &lease {
+    if let Err(e) = joined(joining).and_then(|()| sys::write_all_fd(ours.as_raw_fd(), &[JOINED])) {
+        return failed_during_setup(
+            pid,
+            lease.as_ref(),
+            "cannot move the sandbox into its cgroup",
+            e,
+        );
+    }
+    match recv_ready(&ours) {
+        Ok(master) => Ok(Ok(Started {
+            pid,
+            sock: ours,
+            lease,
+            master,
+        })),
+        Err(_) => {
+            let status = wait_for(pid);
+            release(&lease);
+            Ok(Err(status))
+        }
+    }
+}
+
+/// A step of ours failed while init was setting up. If init itself failed
+/// first (it printed why, and took its namespaces with it), its status is
+/// the outcome and our error is only a consequence; otherwise ours is the error.
+fn failed_during_setup(
+    pid: libc::pid_t,
+    lease: Option<&agentkernel_net::Lease>,
+    what: &str,
+    e: io::Error,
+) -> io::Result<Result<Started, i32>> {
+    let mut exited = None;
+    for _ in 0..40 {
+        let mut status = 0;
+        // SAFETY: non-blocking wait for our own child.
+        if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == pid {
+            exited = Some(decode_status(status));
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    if let Some(lease) = lease {
         crate::net::release(lease);
     }
-    result
+    match exited {
+        Some(status) => Ok(Err(status)),
+        None => {
+            kill(pid, libc::SIGKILL);
+            wait_for(pid);
+            Err(sys::context(what)(e))
+        }
+    }
 }
 
 /// From "go" to the command's end.
 fn run_command(
     plan: &Plan,
     cgroup: &Cgroup,
-    ours: &OwnedFd,
+    started: &Started,
     sfd: &OwnedFd,
-    pid: libc::pid_t,
-    master: Option<OwnedFd>,
 ) -> io::Result<Outcome> {
-    let started = Instant::now();
-    let mut state = State {
-        init: pid,
-        exit: None,
-        timed_out: false,
-        interrupts: 0,
-    };
+    let master = started.master.as_ref().map(|m| m.try_clone()).transpose()?;
     let _raw = match (&master, plan.tty) {
         (Some(m), true) => {
             copy_window_size(m.as_raw_fd());
@@ -201,38 +271,61 @@ fn run_command(
         }
         _ => None,
     };
-    sys::write_all_fd(ours.as_raw_fd(), &[GO])?;
+    sys::write_all_fd(started.sock.as_raw_fd(), &[GO])?;
+    let (code, timed_out) = watch(sfd, started.pid, master, plan.timeout, &mut || {})?;
+    Ok(if timed_out {
+        Outcome::TimedOut
+    } else if code == 137 && cgroup.oom_kills() > 0 {
+        Outcome::OutOfMemory
+    } else {
+        Outcome::Exited(code)
+    })
+}
+
+/// Waits for our child `pid` while forwarding signals, enforcing `timeout`
+/// (SIGKILL to `pid`'s process group) and relaying a terminal. `tick` runs
+/// at least every few seconds. Returns the exit code and whether the
+/// timeout struck.
+pub(crate) fn watch(
+    sfd: &OwnedFd,
+    pid: libc::pid_t,
+    master: Option<OwnedFd>,
+    timeout: Option<std::time::Duration>,
+    tick: &mut dyn FnMut(),
+) -> io::Result<(i32, bool)> {
+    const TICK_MS: i32 = 5_000;
+    let started = Instant::now();
+    let mut state = State {
+        target: pid,
+        exit: None,
+        timed_out: false,
+        interrupts: 0,
+    };
     let mut relay = master.map(|m| Relay {
         master: m,
         stdin_open: true,
         output_open: true,
     });
-
     loop {
         if let Some(code) = state.exit {
             if let Some(r) = relay.as_mut() {
                 r.drain();
             }
-            let outcome = if state.timed_out {
-                Outcome::TimedOut
-            } else if code == 137 && cgroup.oom_kills() > 0 {
-                Outcome::OutOfMemory
-            } else {
-                Outcome::Exited(code)
-            };
-            return Ok(outcome);
+            return Ok((code, state.timed_out));
         }
-        let timeout_ms = match plan.timeout {
+        let timeout_ms = match timeout {
             Some(limit) if !state.timed_out => {
                 let left = limit.saturating_sub(started.elapsed());
                 if left.is_zero() {
                     state.timed_out = true;
+                    // The whole tree: the command leads its own session.
+                    kill(-pid, libc::SIGKILL);
                     kill(pid, libc::SIGKILL);
                     continue;
                 }
-                left.as_millis().min(i32::MAX as u128) as i32 + 1
+                (left.as_millis().min(i32::MAX as u128) as i32 + 1).min(TICK_MS)
             }
-            _ => -1,
+            _ => TICK_MS,
         };
         let mut fds = vec![libc::pollfd {
             fd: sfd.as_raw_fd(),
@@ -253,6 +346,9 @@ fn run_command(
             wait_for(pid);
             return Err(e);
         }
+        if n == 0 {
+            tick();
+        }
         if fds[0].revents != 0 {
             handle_signals(sfd, &mut state, relay.as_ref());
         }
@@ -263,7 +359,8 @@ fn run_command(
 }
 
 struct State {
-    init: libc::pid_t,
+    /// The process we wait for and signal (init, or an exec'd command).
+    target: libc::pid_t,
     exit: Option<i32>,
     timed_out: bool,
     interrupts: u32,
@@ -290,8 +387,8 @@ fn handle_signals(sfd: &OwnedFd, state: &mut State, relay: Option<&Relay>) {
             libc::SIGCHLD => {
                 let mut status = 0;
                 // SAFETY: waits for our own child without blocking.
-                let r = unsafe { libc::waitpid(state.init, &mut status, libc::WNOHANG) };
-                if r == state.init {
+                let r = unsafe { libc::waitpid(state.target, &mut status, libc::WNOHANG) };
+                if r == state.target {
                     state.exit = Some(decode_status(status));
                 }
             }
@@ -306,16 +403,16 @@ fn handle_signals(sfd: &OwnedFd, state: &mut State, relay: Option<&Relay>) {
                     state.interrupts += 1;
                 }
                 if state.interrupts >= 3 {
-                    kill(state.init, libc::SIGKILL);
+                    kill(state.target, libc::SIGKILL);
                 } else {
-                    kill(state.init, sig);
+                    kill(state.target, sig);
                 }
             }
         }
     }
 }
 
-fn decode_status(status: libc::c_int) -> i32 {
+pub(crate) fn decode_status(status: libc::c_int) -> i32 {
     if libc::WIFEXITED(status) {
         libc::WEXITSTATUS(status)
     } else if libc::WIFSIGNALED(status) {
@@ -325,7 +422,7 @@ fn decode_status(status: libc::c_int) -> i32 {
     }
 }
 
-fn wait_for(pid: libc::pid_t) -> i32 {
+pub(crate) fn wait_for(pid: libc::pid_t) -> i32 {
     let mut status = 0;
     loop {
         // SAFETY: waits for our own child.
@@ -339,12 +436,12 @@ fn wait_for(pid: libc::pid_t) -> i32 {
     }
 }
 
-fn kill(pid: libc::pid_t, sig: libc::c_int) {
+pub(crate) fn kill(pid: libc::pid_t, sig: libc::c_int) {
     // SAFETY: plain integers.
     unsafe { libc::kill(pid, sig) };
 }
 
-fn copy_window_size(master: RawFd) {
+pub(crate) fn copy_window_size(master: RawFd) {
     if let Some((rows, cols)) = agentkernel_core::terminal::size(0) {
         let ws = libc::winsize {
             ws_row: rows,
@@ -566,7 +663,8 @@ fn init(plan: &Plan, sock: OwnedFd) -> ! {
     if let Err(e) = rootfs::enter(plan) {
         die("entering the root filesystem", e);
     }
-    let terminal = if plan.tty {
+    // A kept sandbox's terminals are allocated per command (see join.rs).
+    let terminal = if plan.tty && plan.action == crate::plan::Action::Run {
         match open_terminal() {
             Ok(t) => Some(t),
             Err(e) => die("allocating a terminal", e),
@@ -587,15 +685,21 @@ fn init(plan: &Plan, sock: OwnedFd) -> ! {
     }
     drop(sock);
 
-    // SAFETY: single-threaded; the child only execs (via command::exec).
-    let child = unsafe { libc::fork() };
-    if child < 0 {
-        die("fork", io::Error::last_os_error());
-    }
-    if child == 0 {
-        become_command(plan, terminal.map(|(_, slave)| slave));
-    }
-    drop(terminal);
+    // A kept sandbox's init runs no command of its own: commands join it.
+    let child = if plan.action == crate::plan::Action::Run {
+        // SAFETY: single-threaded; the child only execs (via command::exec).
+        let child = unsafe { libc::fork() };
+        if child < 0 {
+            die("fork", io::Error::last_os_error());
+        }
+        if child == 0 {
+            become_command(plan, terminal.map(|(_, slave)| slave));
+        }
+        drop(terminal);
+        Some(child)
+    } else {
+        None
+    };
     // Init keeps the command's capabilities (so the command may still
     // PTRACE_TRACEME with init as its tracer-parent, as under Docker) plus
     // KILL, to signal a command that runs as another user; nothing more.
@@ -614,7 +718,7 @@ fn init(plan: &Plan, sock: OwnedFd) -> ! {
 
 /// The pseudo-terminal, allocated in the sandbox's own devpts so `tty` and
 /// `/proc/self/fd` show sandbox paths; the master goes to the supervisor.
-fn open_terminal() -> io::Result<(OwnedFd, OwnedFd)> {
+pub(crate) fn open_terminal() -> io::Result<(OwnedFd, OwnedFd)> {
     // SAFETY: plain libc calls on fds we own.
     unsafe {
         let master = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
@@ -640,7 +744,7 @@ fn open_terminal() -> io::Result<(OwnedFd, OwnedFd)> {
     }
 }
 
-fn become_command(plan: &Plan, slave: Option<OwnedFd>) -> ! {
+pub(crate) fn become_command(plan: &Plan, slave: Option<OwnedFd>) -> ! {
     // SAFETY: resetting our own signal state before exec: the mask we
     // inherited, and SIGPIPE, which Rust ignores and exec would keep ignored.
     unsafe {
@@ -665,9 +769,10 @@ fn become_command(plan: &Plan, slave: Option<OwnedFd>) -> ! {
     crate::command::exec(plan)
 }
 
-/// Init's loop: forward the supervisor's signals, reap every child, exit
-/// with the command's status when it ends.
-fn reap_until(command: libc::pid_t) -> ! {
+/// Init's loop: reap every child; with a command, forward the supervisor's
+/// signals to it and exit with its status when it ends; without one (a kept
+/// sandbox), exit when the holder says so (any forwarded signal).
+fn reap_until(command: Option<libc::pid_t>) -> ! {
     let waited = signal_set(&[
         libc::SIGINT,
         libc::SIGTERM,
@@ -688,13 +793,17 @@ fn reap_until(command: libc::pid_t) -> ! {
                 if pid <= 0 {
                     break;
                 }
-                if pid == command {
+                if Some(pid) == command {
                     // SAFETY: PID 1 exiting ends the namespace: the kernel kills the rest.
                     unsafe { libc::_exit(decode_status(status)) }
                 }
             }
         } else if FORWARDED.contains(&sig) {
-            kill(command, sig);
+            match command {
+                Some(command) => kill(command, sig),
+                // SAFETY: ends the kept sandbox: the kernel kills the rest.
+                None => unsafe { libc::_exit(0) },
+            }
         }
     }
 }

@@ -62,16 +62,15 @@ impl BackendKind {
 
 /// `-B`, else `$AGENTKERNEL_BACKEND`, else config, else the first available
 /// in SPEC order: native, docker, podman. Native is available to root on a
-/// kernel with overlayfs, namespaces and cgroup controllers; it does not keep
-/// sandboxes yet, so for a kept sandbox (`keep`) auto-selection starts at
-/// docker. Engines are "available" without a request: a listening Docker
-/// socket (or DOCKER_HOST), else an installed podman.
-pub fn choose(flag: Option<&str>, configured: Option<&str>, keep: bool) -> Result<BackendKind> {
+/// kernel with overlayfs, namespaces and cgroup controllers. Engines are
+/// "available" without a request: a listening Docker socket (or
+/// DOCKER_HOST), else an installed podman.
+pub fn choose(flag: Option<&str>, configured: Option<&str>) -> Result<BackendKind> {
     let from_env = std::env::var("AGENTKERNEL_BACKEND")
         .ok()
         .filter(|b| !b.is_empty());
     let Some(name) = flag.or(from_env.as_deref()).or(configured) else {
-        return auto(keep);
+        return auto();
     };
     let kind = BackendKind::parse(name)?;
     if kind.unbuilt_reason().is_some() {
@@ -92,8 +91,8 @@ pub fn choose(flag: Option<&str>, configured: Option<&str>, keep: bool) -> Resul
     Ok(kind)
 }
 
-fn auto(keep: bool) -> Result<BackendKind> {
-    if !keep && agentkernel_native::host::check().is_ok() {
+fn auto() -> Result<BackendKind> {
+    if agentkernel_native::host::check().is_ok() {
         return Ok(BackendKind::Native);
     }
     let docker_host = std::env::var_os("DOCKER_HOST").is_some_and(|h| !h.is_empty());
@@ -103,9 +102,7 @@ fn auto(keep: bool) -> Result<BackendKind> {
     if std::env::var_os("CONTAINER_HOST").is_some_and(|h| !h.is_empty()) || podman::installed() {
         return Ok(BackendKind::Podman);
     }
-    let native_why = agentkernel_native::host::check()
-        .err()
-        .unwrap_or_else(|| "it does not keep sandboxes yet".into());
+    let native_why = agentkernel_native::host::check().err().unwrap_or_default();
     Err(Error::BackendUnavailable {
         backend: "any".into(),
         why: format!(

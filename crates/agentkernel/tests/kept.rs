@@ -38,7 +38,7 @@ fn keep_prints_the_name_and_exec_sees_the_state() {
     assert_code(&out, 0);
     assert!(out.stdout.is_empty(), "{}", stdout(&out));
     let name = name.unwrap_or_else(|| panic!("no run-<8 hex> name on stderr: {}", stderr(&out)));
-    assert!(container_exists(&format!("agentkernel-{name}")));
+    assert!(container_exists(&kept_object(&name)));
 
     let out = env.run(&["exec", &name, "--", "cat", "/tmp/state", "/workspace/w.txt"]);
     assert_code(&out, 0);
@@ -206,7 +206,7 @@ fn list_info_stop_start_remove() {
     let out = env.run(&["sandbox", "remove", &name]);
     assert_code(&out, 0);
     assert!(
-        !container_exists(&format!("agentkernel-{name}")),
+        !container_exists(&kept_object(&name)),
         "container remains after remove"
     );
     let out = env.run(&["sandbox", "list", "--json"]);
@@ -277,7 +277,7 @@ fn failed_creation_leaves_no_name_behind() {
         "true",
     ]);
     assert_one_line_error(&out);
-    assert!(!container_exists(&format!("agentkernel-{name}")));
+    assert!(!container_exists(&kept_object(&name)));
     // The name is free again.
     let out = env.run(&["run", "--name", &name, "-i", BUSYBOX, "true"]);
     assert_code(&out, 0);
@@ -371,7 +371,7 @@ fn branch_names_and_reuses_the_sandbox() {
     let name = "myproj-feature-x";
     let guard = KeptGuard::new(name);
     // A leftover of an earlier, aborted run of this test would make this one meaningless.
-    let _ = engine(&["rm", "-f", "-v", &guard.container()]);
+    guard.remove_leftover();
 
     let out = env
         .cmd()

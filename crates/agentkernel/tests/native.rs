@@ -243,10 +243,46 @@ fn concurrent_runs_get_distinct_addresses_and_leave_nothing() {
 }
 
 #[test]
-fn kept_sandboxes_are_a_clear_error_for_now() {
+fn a_killed_holder_leaves_nothing_after_gc() {
     let Some(env) = native_env() else { return };
-    let out = env.run(&["run", "--keep", "-i", BUSYBOX, "true"]);
-    let line = assert_one_line_error(&out);
-    assert!(line.contains("not supported yet"), "{line}");
-    assert!(env.leftover_runs().is_empty());
+    let name = unique_name("holder");
+    let out = env.run(&["run", "--name", &name, "-i", BUSYBOX, "true"]);
+    assert_code(&out, 0);
+    let held: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            env.state_dir()
+                .join("sandboxes")
+                .join(&name)
+                .join("native.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let holder: i32 = held["holder"]
+        .as_str()
+        .unwrap()
+        .split(':')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let init = held["init_pid"].as_i64().unwrap() as i32;
+    // SAFETY: SIGKILL to the holder process this test's run started.
+    assert_eq!(unsafe { libc::kill(holder, libc::SIGKILL) }, 0);
+    // The sandbox's init dies with its holder (PDEATHSIG), and with it every
+    // process in the sandbox.
+    poll_until(
+        Duration::from_secs(10),
+        "the sandbox's init should die with its holder",
+        || {
+            std::fs::read_to_string(format!("/proc/{init}/stat"))
+                .map(|s| s.contains(") Z ") || s.contains(") X "))
+                .unwrap_or(true)
+        },
+    );
+    let out = env.run(&["sandbox", "gc"]);
+    assert_code(&out, 0);
+    assert!(!native_sandbox_exists(&name), "gc left something of {name}");
+    let out = env.run(&["exec", &name, "--", "true"]);
+    assert_one_line_error(&out);
 }

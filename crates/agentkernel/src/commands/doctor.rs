@@ -15,7 +15,7 @@ pub async fn doctor() -> Result<i32> {
                 Ok(found) => {
                     ready += 1;
                     format!(
-                        "ready        Linux {} ({}), one-shot runs; kept sandboxes use docker or podman for now",
+                        "ready        Linux {} ({}), no daemon",
                         found.kernel, found.cgroup
                     )
                 }
@@ -31,7 +31,7 @@ pub async fn doctor() -> Result<i32> {
         };
         println!("{:<12} {line}", kind.name());
     }
-    let default = match backend::choose(None, None, false) {
+    let default = match backend::choose(None, None) {
         Ok(kind) => kind.name().to_string(),
         Err(e) => format!("none ({e})"),
     };

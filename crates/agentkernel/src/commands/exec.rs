@@ -40,6 +40,10 @@ pub async fn exec(args: ExecArgs) -> Result<i32> {
     let record = store
         .load(&args.name)?
         .ok_or_else(|| agentkernel_core::Error::NoSuchSandbox(args.name.clone()))?;
+    if record.backend == "native" {
+        // Never returns on success: the process becomes the helper.
+        return super::native::exec_in(&store, &args.name, &req, None, false);
+    }
     let engine = crate::backend::connect_named(&record.backend)?;
     let outcome = kept::exec(&engine, &store, &args.name, &req).await?;
     Ok(super::finish(outcome, record.memory_bytes, timeout))

@@ -8,22 +8,91 @@ use std::os::fd::{FromRawFd, IntoRawFd};
 use std::os::unix::process::CommandExt;
 
 use agentkernel_core::config::Config;
-use agentkernel_core::spec::{PullPolicy, SandboxSpec};
+use agentkernel_core::spec::{ExecRequest, PullPolicy, SandboxSpec};
 use agentkernel_core::state::Store;
 use agentkernel_core::{Error, Result};
 use agentkernel_image as images;
+use agentkernel_native::plan::Action;
 use agentkernel_native::prepare::{self, ImageRoot, HOST_IMAGE};
-use agentkernel_native::{gc, sandbox, Plan, HELPER_SUBCOMMAND};
+use agentkernel_native::{gc, join, kept, sandbox, Plan, HELPER_SUBCOMMAND};
 
 /// Runs a one-shot sandbox. On success this never returns: the process
 /// becomes the helper.
 pub async fn run(spec: &SandboxSpec, config: &Config, store: &Store) -> Result<i32> {
     gc::orphaned_runs(store);
+    kept::collect(store);
+    if let Some(keep) = spec.keep.as_ref().filter(|k| k.reuse) {
+        if let Some(record) = existing(store, &keep.name).await? {
+            if record.backend != "native" {
+                return Err(Error::Conflict(format!(
+                    "sandbox {} exists on the {} backend; use -B {} to reuse it, or remove it first",
+                    keep.name, record.backend, record.backend
+                )));
+            }
+            return exec_in(store, &keep.name, &spec.exec, Some(keep.ttl), true);
+        }
+    }
     let image = image_root(spec, config).await?;
     let plan = prepare::plan(spec, &image, store)?;
     let err = exec_helper(&plan);
     let _ = std::fs::remove_dir_all(&plan.scratch);
+    if let Some(keep) = &plan.keep {
+        let _ = store.forget(&keep.name);
+    }
     Err(err)
+}
+
+/// For `--branch`: the sandbox's record, waiting for a concurrent creator
+/// that holds the name but has not committed yet.
+async fn existing(
+    store: &Store,
+    name: &str,
+) -> Result<Option<agentkernel_core::state::SandboxRecord>> {
+    for _ in 0..100 {
+        if let Some(record) = store.load(name)? {
+            return Ok(Some(record));
+        }
+        if !store.sandbox_dir(name).exists() {
+            return Ok(None);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    Ok(None)
+}
+
+/// `agentkernel exec NAME` (and `run --branch` reusing NAME): the kept
+/// sandbox's plan with this command, run by the helper. Never returns on
+/// success.
+pub fn exec_in(
+    store: &Store,
+    name: &str,
+    request: &ExecRequest,
+    ttl: Option<std::time::Duration>,
+    reused: bool,
+) -> Result<i32> {
+    let path = kept::plan_file(store, name);
+    let data = std::fs::read(&path).map_err(|e| Error::state(&path, e))?;
+    let mut plan: Plan =
+        serde_json::from_slice(&data).map_err(|e| Error::state(&path, std::io::Error::other(e)))?;
+    plan.action = Action::Exec;
+    plan.argv = request.argv.clone();
+    for (k, v) in &request.env {
+        plan.env
+            .retain(|e| e.split_once('=').map_or(e.as_str(), |(key, _)| key) != k);
+        plan.env.push(format!("{k}={v}"));
+    }
+    if let Some(w) = &request.workdir {
+        plan.workdir = w.clone();
+    }
+    plan.tty = request.tty;
+    plan.timeout = request.timeout;
+    if let (Some(keep), Some(ttl)) = (plan.keep.as_mut(), ttl) {
+        keep.ttl = ttl;
+    }
+    if let Some(keep) = plan.keep.as_mut() {
+        keep.reused = reused;
+    }
+    Err(exec_helper(&plan))
 }
 
 async fn image_root(spec: &SandboxSpec, config: &Config) -> Result<ImageRoot> {
@@ -99,7 +168,28 @@ pub fn helper(fd_arg: Option<String>) -> i32 {
             return crate::EXIT_AGENTKERNEL_ERROR;
         }
     };
-    match sandbox::run(&plan) {
+    let outcome = match plan.action {
+        Action::Run => sandbox::run(&plan),
+        Action::CreateKept => kept::create(&plan).and_then(|()| {
+            let mut first = plan.clone();
+            first.action = Action::Exec;
+            join::exec(&first)
+        }),
+        Action::Exec => join::exec(&plan),
+    };
+    if let (Some(keep), Action::CreateKept | Action::Exec) = (&plan.keep, &plan.action) {
+        let reused = keep.reused;
+        if plan.action == Action::CreateKept || reused {
+            eprintln!(
+                "agentkernel: sandbox {} kept{} (expires {} after last use); `agentkernel exec {} -- CMD` runs in it",
+                keep.name,
+                if reused { ", reused" } else { "" },
+                agentkernel_core::parse::format_duration(keep.ttl),
+                keep.name
+            );
+        }
+    }
+    match outcome {
         Ok(outcome) => super::finish(outcome, plan.limits.memory_bytes, plan.timeout),
         Err(e) => {
             eprintln!("agentkernel: native: {e}");

@@ -25,8 +25,7 @@ pub async fn run(args: RunArgs) -> Result<i32> {
         .and_then(|d| d.canonicalize())
         .map_err(|e| Error::invalid("current directory", ".", e.to_string()))?;
     let config = Config::load(&cwd, args.config.as_deref())?;
-    let keep = args.keep || args.branch || args.name.is_some() || args.ttl.is_some();
-    let backend = backend::choose(args.backend.as_deref(), config.backend.as_deref(), keep)?;
+    let backend = backend::choose(args.backend.as_deref(), config.backend.as_deref())?;
     // The pool serves one-shot runs without published ports; those take the
     // normal path (explicit combinations are refused in `reject_unsupported`).
     let fast = args.fast.or(config.fast).unwrap_or(true);

@@ -15,10 +15,16 @@ pub async fn sandbox(cmd: SandboxCommand) -> Result<i32> {
         SandboxCommand::List { json } => list(&store, json).await,
         SandboxCommand::Info { name, json } => info(&store, &name, json).await,
         SandboxCommand::Stop { name } => {
+            if native_set_stopped(&store, &name, true)? {
+                return Ok(0);
+            }
             let engine = engine_of(&store, &name)?;
             kept::stop(&engine, &store, &name).await.map(|_| 0)
         }
         SandboxCommand::Start { name } => {
+            if native_set_stopped(&store, &name, false)? {
+                return Ok(0);
+            }
             let engine = engine_of(&store, &name)?;
             kept::start(&engine, &store, &name).await.map(|_| 0)
         }
@@ -27,6 +33,11 @@ pub async fn sandbox(cmd: SandboxCommand) -> Result<i32> {
                 names::validate(name)?;
             }
             for name in &list {
+                if is_native(&store, name)? {
+                    agentkernel_native::kept::remove(&store, name);
+                    eprintln!("agentkernel: removed {name}");
+                    continue;
+                }
                 let engine = engine_of(&store, name)?;
                 kept::remove(&engine, &store, name).await?;
                 eprintln!("agentkernel: removed {name}");
@@ -41,6 +52,7 @@ pub async fn sandbox(cmd: SandboxCommand) -> Result<i32> {
         SandboxCommand::Gc { expire: None } => {
             let (mut containers, mut dirs) = (0, 0);
             dirs += agentkernel_native::gc::orphaned_runs(&store);
+            dirs += agentkernel_native::kept::collect(&store);
             for engine in backend::engines_in_use(&store) {
                 engine.ping().await?;
                 let c = gc::collect_orphans(engine, store.clone()).await;
@@ -53,6 +65,27 @@ pub async fn sandbox(cmd: SandboxCommand) -> Result<i32> {
             Ok(0)
         }
     }
+}
+
+fn is_native(store: &Store, name: &str) -> Result<bool> {
+    Ok(store
+        .load(name)?
+        .ok_or_else(|| Error::NoSuchSandbox(name.to_string()))?
+        .backend
+        == "native")
+}
+
+/// `stop`/`start` of a native sandbox (freeze/thaw); false for other backends.
+fn native_set_stopped(store: &Store, name: &str, stopped: bool) -> Result<bool> {
+    names::validate(name)?;
+    if !is_native(store, name)? {
+        return Ok(false);
+    }
+    agentkernel_native::kept::set_stopped(store, name, stopped).map_err(|e| Error::Backend {
+        backend: "native",
+        message: e.to_string(),
+    })?;
+    Ok(true)
 }
 
 /// The engine holding `name`, from its record.
@@ -90,6 +123,20 @@ impl Row {
 /// Live kept sandboxes of every engine in use, after collecting expired ones.
 async fn rows(store: &Store) -> Result<Vec<Row>> {
     let mut out = Vec::new();
+    agentkernel_native::kept::collect(store);
+    for record in store.list().into_iter().filter(|r| r.backend == "native") {
+        let Some(status) = agentkernel_native::kept::status(store, &record.name) else {
+            continue;
+        };
+        let expires_in = store
+            .deadline(&record.name)
+            .map(|d| d.saturating_sub(now_unix()));
+        out.push(Row {
+            record,
+            status: status.to_string(),
+            expires_in,
+        });
+    }
     for engine in backend::engines_in_use(store) {
         engine.ping().await?;
         gc::collect_orphans(engine.clone(), store.clone()).await;

@@ -448,6 +448,23 @@ impl Drop for TestEnv {
     /// refills the test's runs started, then removes every container
     /// labelled with this test's state directory.
     fn drop(&mut self) {
+        if is_native() {
+            // Kept native sandboxes live in detached holders: remove them
+            // (and let gc collect what killed runs left) before the state
+            // directory, which records them, is deleted.
+            let names: Vec<String> = std::fs::read_dir(self.state.path().join("sandboxes"))
+                .map(|d| {
+                    d.flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            for name in names {
+                let _ = self.run(&["sandbox", "remove", &name]);
+            }
+            let _ = self.run(&["sandbox", "gc"]);
+            return;
+        }
         self.wait_for_refills(Duration::from_secs(60));
         for name in self.labelled_containers(None) {
             let _ = engine(&["rm", "-f", "-v", &name]);
@@ -689,14 +706,33 @@ impl KeptGuard {
     pub fn new(sandbox: &str) -> KeptGuard {
         KeptGuard(sandbox.to_string())
     }
+    /// The engine's container, or for native the sandbox itself (its
+    /// cgroup and directory carry its name).
     pub fn container(&self) -> String {
-        format!("agentkernel-{}", self.0)
+        kept_object(&self.0)
+    }
+
+    /// Removes a leftover of an earlier, aborted test run.
+    pub fn remove_leftover(&self) {
+        if !is_native() {
+            let _ = engine(&["rm", "-f", "-v", &self.container()]);
+        }
+    }
+}
+
+/// What holds kept sandbox `name`: its container, or (native) its own name.
+pub fn kept_object(name: &str) -> String {
+    if is_native() {
+        name.to_string()
+    } else {
+        format!("agentkernel-{name}")
     }
 }
 
 impl Drop for KeptGuard {
     fn drop(&mut self) {
-        let _ = engine(&["rm", "-f", "-v", &self.container()]);
+        // Native: TestEnv's drop removes the test's kept sandboxes.
+        self.remove_leftover();
     }
 }
 
@@ -840,7 +876,7 @@ pub fn native_sandboxes_of_owner(owner: &str) -> Vec<String> {
 
 /// The cgroup directories a native sandbox would have (v1 or v2).
 pub fn native_cgroup_dirs(id: &str) -> Vec<PathBuf> {
-    ["memory/", "cpu/", "pids/", ""]
+    ["memory/", "cpu/", "pids/", "freezer/", ""]
         .iter()
         .map(|c| PathBuf::from(format!("/sys/fs/cgroup/{c}agentkernel/{id}")))
         .collect()
@@ -857,6 +893,9 @@ fn native_sandbox_has_processes(id: &str) -> bool {
 pub fn native_sandbox_exists(id: &str) -> bool {
     native_cgroup_dirs(id).iter().any(|d| d.exists())
         || !native_leases_of(id).is_empty()
+        || all_test_state_dirs()
+            .iter()
+            .any(|s| s.join("sandboxes").join(id).exists())
         || all_test_state_dirs()
             .iter()
             .any(|s| s.join("runs").join(id).exists())

@@ -1,0 +1,171 @@
+//! Running a command in a kept native sandbox (`agentkernel exec`, and the
+//! first command of `run --keep`): the helper enters the sandbox's
+//! namespaces with `setns`, forks the command there (into the sandbox's pid
+//! namespace and cgroup), and supervises it like a one-shot run: signals,
+//! `--timeout`, a terminal from the sandbox's own devpts, the exit code.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use agentkernel_core::spec::Outcome;
+use agentkernel_core::state::{now_unix, Store};
+
+use crate::kept::Held;
+use crate::plan::Plan;
+use crate::sandbox::{self, wait_for};
+use crate::sys;
+
+/// Namespaces to enter, mount last (it changes our root and cwd).
+const NAMESPACES: [&str; 6] = ["cgroup", "ipc", "uts", "net", "pid", "mnt"];
+
+/// Runs `plan.argv` in the kept sandbox `plan.keep.name`. Call from a
+/// single-threaded process: entering a mount namespace requires it.
+pub fn exec(plan: &Plan) -> io::Result<Outcome> {
+    let keep = plan.keep.as_ref().expect("kept plan");
+    let store = Store::new(keep.state_root.clone());
+    let gone = || {
+        io::Error::other(format!(
+            "sandbox {} is gone (its holder exited); `agentkernel sandbox gc` removes what it left",
+            keep.name
+        ))
+    };
+    let held = Held::load(&store, &keep.name).ok_or_else(gone)?;
+    if !held.holder_alive() || !held.init_alive() {
+        return Err(gone());
+    }
+    if held.cgroup.is_frozen() {
+        return Err(io::Error::other(format!(
+            "sandbox {} is stopped; `agentkernel sandbox start {}` resumes it",
+            keep.name, keep.name
+        )));
+    }
+    store
+        .touch(&keep.name, keep.ttl)
+        .map_err(|e| io::Error::other(e.to_string()))?;
+
+    // Everything on the host side is opened before we enter: paths resolve
+    // differently afterwards.
+    let namespaces: Vec<File> = NAMESPACES
+        .iter()
+        .map(|ns| {
+            File::open(format!("/proc/{}/ns/{ns}", held.init_pid)).map_err(sys::context(
+                format_args!("enter the sandbox's {ns} namespace"),
+            ))
+        })
+        .collect::<io::Result<_>>()?;
+    let cgroup_procs: Vec<File> = held
+        .cgroup
+        .dirs
+        .iter()
+        .map(|d| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(d.join("cgroup.procs"))
+                .map_err(sys::context(format_args!("{}", d.display())))
+        })
+        .collect::<io::Result<_>>()?;
+    let oom_counter = held.cgroup.oom_counter_file();
+    let oom_before = oom_counter
+        .as_ref()
+        .map_or(0, crate::cgroup::read_oom_kills);
+    let control = sys::open_dir(&store.control_dir(&keep.name))?;
+    let sfd = sandbox::supervisor_signalfd()?;
+
+    for (ns, file) in NAMESPACES.iter().zip(&namespaces) {
+        // SAFETY: setns with an fd of a namespace file we opened.
+        if unsafe { libc::setns(file.as_raw_fd(), 0) } != 0 {
+            return Err(sys::context(format_args!(
+                "enter the sandbox's {ns} namespace"
+            ))(io::Error::last_os_error()));
+        }
+    }
+    drop(namespaces);
+    let terminal = if plan.tty {
+        Some(sandbox::open_terminal().map_err(sys::context("allocate a terminal"))?)
+    } else {
+        None
+    };
+
+    // SAFETY: single-threaded; the child only execs (via command::exec).
+    let child = unsafe { libc::fork() };
+    if child < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if child == 0 {
+        for procs in &cgroup_procs {
+            if let Err(e) = io::Write::write_all(&mut &*procs, b"0") {
+                eprintln!("agentkernel: cannot join the sandbox's cgroup: {e}");
+                // SAFETY: ends the forked child.
+                unsafe { libc::_exit(125) }
+            }
+        }
+        sandbox::become_command(plan, terminal.map(|(_, slave)| slave));
+    }
+    drop(cgroup_procs);
+    let master = terminal.map(|(master, _slave)| master);
+    let _raw = match &master {
+        Some(m) => {
+            sandbox::copy_window_size(m.as_raw_fd());
+            agentkernel_core::terminal::RawMode::enable(0)
+        }
+        None => None,
+    };
+    // A running command keeps the sandbox alive: move the deadline as we go.
+    let ttl = keep.ttl;
+    let mut last_touch = now_unix();
+    let mut tick = || {
+        if now_unix() >= last_touch + 5 {
+            last_touch = now_unix();
+            touch_at(&control, ttl);
+        }
+    };
+    let result = sandbox::watch(&sfd, child, master, plan.timeout, &mut tick);
+    touch_at(&control, ttl);
+    let (code, timed_out) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            wait_for(child);
+            return Err(e);
+        }
+    };
+    let oom_after = oom_counter
+        .as_ref()
+        .map_or(0, crate::cgroup::read_oom_kills);
+    Ok(if timed_out {
+        Outcome::TimedOut
+    } else if code == 137 && oom_after > oom_before {
+        Outcome::OutOfMemory
+    } else {
+        Outcome::Exited(code)
+    })
+}
+
+/// Moves the deadline through the control directory's fd (its path is not
+/// visible from inside the sandbox's mount namespace).
+fn touch_at(control: &OwnedFd, ttl: std::time::Duration) {
+    let deadline = (now_unix() + ttl.as_secs()).to_string();
+    let tmp = sys::cstr(&format!("deadline.tmp{}", std::process::id()));
+    let name = sys::cstr("deadline");
+    // SAFETY: openat/renameat on a directory fd we own, with valid C strings.
+    unsafe {
+        let fd = libc::openat(
+            control.as_raw_fd(),
+            tmp.as_ptr(),
+            libc::O_CREAT | libc::O_TRUNC | libc::O_WRONLY | libc::O_CLOEXEC,
+            0o644,
+        );
+        if fd < 0 {
+            return;
+        }
+        let file = File::from_raw_fd(fd);
+        if io::Write::write_all(&mut &file, deadline.as_bytes()).is_ok() {
+            libc::renameat(
+                control.as_raw_fd(),
+                tmp.as_ptr(),
+                control.as_raw_fd(),
+                name.as_ptr(),
+            );
+        }
+    }
+}
