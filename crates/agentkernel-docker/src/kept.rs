@@ -55,11 +55,8 @@ pub async fn run(engine: &Engine, spec: &SandboxSpec, store: &Store) -> Result<O
     }
     let outcome = exec(engine, store, &keep.name, &spec.exec).await;
     eprintln!(
-        "agentkernel: sandbox {} kept{} (expires {} after last use); `agentkernel exec {} -- CMD` runs in it",
-        keep.name,
-        if reused { ", reused" } else { "" },
-        agentkernel_core::parse::format_duration(keep.ttl),
-        keep.name
+        "{}",
+        agentkernel_core::spec::kept_message(&keep.name, keep.ttl, reused)
     );
     outcome
 }

@@ -227,21 +227,10 @@ fn wait_until_done(store: &Store, name: &str, sfd: &OwnedFd, init: libc::pid_t) 
         if unsafe { libc::poll(&mut pfd, 1, wait_ms) } <= 0 {
             continue;
         }
-        // SAFETY: reads one siginfo record into a zeroed struct we own.
-        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
-        let size = std::mem::size_of::<libc::signalfd_siginfo>();
-        // SAFETY: the buffer is exactly one record long.
-        let n = unsafe {
-            libc::read(
-                sfd.as_raw_fd(),
-                (&mut info as *mut libc::signalfd_siginfo).cast(),
-                size,
-            )
-        };
-        if n != size as isize {
+        let Some(sig) = sandbox::next_signal(sfd) else {
             continue;
-        }
-        match info.ssi_signo as libc::c_int {
+        };
+        match sig {
             libc::SIGCHLD => {
                 let mut status = 0;
                 // SAFETY: non-blocking wait for our own child.

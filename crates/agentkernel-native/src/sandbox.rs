@@ -366,23 +366,24 @@ struct State {
     interrupts: u32,
 }
 
+/// The next signal queued on a (non-blocking) signalfd, if any.
+pub(crate) fn next_signal(sfd: &OwnedFd) -> Option<libc::c_int> {
+    // SAFETY: reads one siginfo record into a zeroed struct we own.
+    let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+    let size = std::mem::size_of::<libc::signalfd_siginfo>();
+    // SAFETY: the buffer is exactly one record long.
+    let n = unsafe {
+        libc::read(
+            sfd.as_raw_fd(),
+            (&mut info as *mut libc::signalfd_siginfo).cast(),
+            size,
+        )
+    };
+    (n == size as isize).then_some(info.ssi_signo as libc::c_int)
+}
+
 fn handle_signals(sfd: &OwnedFd, state: &mut State, relay: Option<&Relay>) {
-    loop {
-        // SAFETY: reads one siginfo record into a zeroed struct we own.
-        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
-        let size = std::mem::size_of::<libc::signalfd_siginfo>();
-        // SAFETY: the buffer is exactly one record long.
-        let n = unsafe {
-            libc::read(
-                sfd.as_raw_fd(),
-                (&mut info as *mut libc::signalfd_siginfo).cast(),
-                size,
-            )
-        };
-        if n != size as isize {
-            return;
-        }
-        let sig = info.ssi_signo as libc::c_int;
+    while let Some(sig) = next_signal(sfd) {
         match sig {
             libc::SIGCHLD => {
                 let mut status = 0;

@@ -181,11 +181,8 @@ pub fn helper(fd_arg: Option<String>) -> i32 {
         let reused = keep.reused;
         if plan.action == Action::CreateKept || reused {
             eprintln!(
-                "agentkernel: sandbox {} kept{} (expires {} after last use); `agentkernel exec {} -- CMD` runs in it",
-                keep.name,
-                if reused { ", reused" } else { "" },
-                agentkernel_core::parse::format_duration(keep.ttl),
-                keep.name
+                "{}",
+                agentkernel_core::spec::kept_message(&keep.name, keep.ttl, reused)
             );
         }
     }
