@@ -223,6 +223,9 @@ fn what_a_killed_pooled_run_left_is_collected() {
     poll_until(Duration::from_secs(30), "sleep 60 running", || {
         String::from_utf8_lossy(&engine(&["top", &used]).stdout).contains("sleep 60")
     });
+    // The warm-up's detached refill collects dead claimants when it ends:
+    // let it finish first, or it may collect this one before we look.
+    assert!(env.wait_for_refills(Duration::from_secs(60)));
     t.signal(libc::SIGKILL);
     wait_child(t.child(), Duration::from_secs(10));
     t.disarm();
