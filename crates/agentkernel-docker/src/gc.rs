@@ -119,12 +119,12 @@ pub async fn collect_orphans(engine: Engine, store: Store) -> Collected {
     collected.containers.extend(
         (0..crate::pool::collect(&engine, &store).await).map(|_| "pool container".to_string()),
     );
-    // A native sandbox's scratch records its cgroup: the native collector
-    // removes both, so it is not ours to delete.
+    // A native sandbox's scratch (it has a `layer` mount point) goes with its
+    // cgroup: the native collector removes both, so it is not ours to delete.
     for dir in store
         .orphaned_scratch()
         .into_iter()
-        .filter(|d| !d.join("cgroup.json").exists())
+        .filter(|d| !d.join("layer").exists())
     {
         let _ = state::remove_tree(&dir);
         collected.directories += 1;

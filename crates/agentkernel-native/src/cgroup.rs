@@ -201,6 +201,25 @@ impl Cgroup {
         Ok(cgroup)
     }
 
+    /// The cgroup sandbox `id` has (or had) on this host, for removing what
+    /// a crashed supervisor left.
+    pub fn of(id: &str) -> Cgroup {
+        if !host_is_v1() {
+            return Cgroup {
+                v2: true,
+                dirs: vec![Path::new("/sys/fs/cgroup/agentkernel").join(id)],
+            };
+        }
+        Cgroup {
+            v2: false,
+            dirs: V1_CONTROLLERS
+                .iter()
+                .filter_map(|c| v1_mount(c))
+                .map(|m| m.join("agentkernel").join(id))
+                .collect(),
+        }
+    }
+
     /// Moves process `pid` (and, since it has no other threads, all of it)
     /// into the cgroup.
     pub fn join(&self, pid: libc::pid_t) -> io::Result<()> {

@@ -1,6 +1,6 @@
 //! Cleaning up after sandboxes whose agentkernel process died (`kill -9`):
 //! their mounts and processes died with their namespaces; what can remain
-//! is a cgroup and a scratch directory, both recorded in the scratch dir,
+//! is a cgroup (named by the run's id, like its scratch directory), the scratch directory,
 //! and a network lease (veth, port rules) naming the sandbox's holder.
 
 use std::path::Path;
@@ -21,10 +21,8 @@ pub fn orphaned_runs(store: &Store) -> usize {
 }
 
 fn remove_run(dir: &Path) {
-    if let Ok(data) = std::fs::read(dir.join("cgroup.json")) {
-        if let Ok(cgroup) = serde_json::from_slice::<Cgroup>(&data) {
-            cgroup.remove();
-        }
+    if let Some(id) = dir.file_name().and_then(|n| n.to_str()) {
+        Cgroup::of(id).remove();
     }
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -291,10 +291,8 @@ fn teardown(store: &Store, name: &str, held: Option<&Held>) {
             kill(held.init_pid, libc::SIGKILL);
         }
         held.cgroup.remove();
-    } else if let Ok(data) = std::fs::read(store.sandbox_dir(name).join("scratch/cgroup.json")) {
-        if let Ok(cgroup) = serde_json::from_slice::<Cgroup>(&data) {
-            cgroup.remove();
-        }
+    } else {
+        Cgroup::of(name).remove();
     }
     crate::net::collect_dead();
     let _ = store.forget(name);

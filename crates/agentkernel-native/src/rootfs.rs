@@ -360,12 +360,14 @@ fn mount_user_path(
             }
         }
         MountKind::CopyOnWrite => {
-            let base = plan.scratch.join(format!("mount{index}"));
-            let (upper, work) = (base.join("upper"), base.join("work"));
-            std::fs::create_dir_all(&upper)
-                .map_err(context(format_args!("create {}", upper.display())))?;
-            std::fs::create_dir_all(&work)
-                .map_err(context(format_args!("create {}", work.display())))?;
+            // Flat in the scratch dir: each directory costs a create and a
+            // delete on the host's disk per run.
+            let upper = plan.scratch.join(format!("cow{index}-upper"));
+            let work = plan.scratch.join(format!("cow{index}-work"));
+            for dir in [&upper, &work] {
+                std::fs::create_dir(dir)
+                    .map_err(context(format_args!("create {}", dir.display())))?;
+            }
             let options = format!(
                 "lowerdir={host},upperdir={},workdir={}",
                 upper.display(),

@@ -69,11 +69,7 @@ pub fn run(plan: &Plan) -> io::Result<Outcome> {
             return Err(sys::context("cannot create the sandbox's cgroup")(e));
         }
     };
-    // Recorded first, so a crash from here on is cleaned by `gc`.
-    let _ = std::fs::write(
-        plan.scratch.join("cgroup.json"),
-        serde_json::to_vec(&cgroup).unwrap_or_default(),
-    );
+    // After a crash, `gc` finds this cgroup by the scratch dir's name (the id).
     let result = supervise(plan, &cgroup);
     cgroup.remove();
     remove_scratch(plan);
