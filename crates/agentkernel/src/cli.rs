@@ -67,7 +67,7 @@ pub struct RunArgs {
     #[arg(short = 'k', long)]
     pub keep: bool,
 
-    /// Use the warm container pool for faster start-up (default: true; --fast=false to skip it)
+    /// Use the warm container pool for faster start-up on docker/podman (default: true; --fast=false to skip it; native needs no pool)
     #[arg(short = 'F', long, value_name = "BOOL", num_args = 0..=1, require_equals = true,
           default_missing_value = "true", value_parser = BoolishValueParser::new())]
     pub fast: Option<bool>,
@@ -76,7 +76,7 @@ pub struct RunArgs {
     #[arg(short = 'c', long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 
-    /// Backend: docker, podman, native, firecracker, qemu, apple (default: $AGENTKERNEL_BACKEND, config, else first available)
+    /// Backend: native, docker, podman, firecracker, qemu, apple (default: $AGENTKERNEL_BACKEND, config, else the first available of native, docker, podman)
     #[arg(short = 'B', long, value_name = "BACKEND")]
     pub backend: Option<String>,
 

@@ -222,7 +222,10 @@ fn own_messages_never_on_stdout() {
 #[test]
 fn a_terminal_is_given_only_when_on_a_terminal() {
     let env = TestEnv::new();
-    let script = "if [ -t 0 ] && [ -t 1 ]; then echo in-tty; else echo no-tty; fi";
+    // The pause keeps the command alive until the engine's terminal attach is
+    // complete: Podman reports a broken attach pipe when a TTY command exits
+    // before its stdin stream is connected (a Podman race, not the question here).
+    let script = "if [ -t 0 ] && [ -t 1 ]; then echo in-tty; else echo no-tty; fi; sleep 1";
     // Without a terminal (as in every other test).
     let out = env.run(&["run", "-i", BUSYBOX, "sh", "-c", script]);
     assert_code(&out, 0);
