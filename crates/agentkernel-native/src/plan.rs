@@ -126,8 +126,17 @@ pub struct Plan {
     pub no_new_privileges: bool,
     pub seccomp: SeccompMode,
     pub limits: CgroupLimits,
-    /// cgroup v1 (or hybrid) host: how `/sys/fs/cgroup` is shown inside.
-    pub cgroup_v1: bool,
     pub tty: bool,
     pub timeout: Option<Duration>,
+}
+
+impl Plan {
+    /// agentkernel's state directory: a kept sandbox's plan names it; a
+    /// one-shot run's scratch dir is `<state>/runs/<id>`.
+    pub fn state_root(&self) -> Option<PathBuf> {
+        match &self.keep {
+            Some(keep) => Some(keep.state_root.clone()),
+            None => Some(self.scratch.parent()?.parent()?.to_path_buf()),
+        }
+    }
 }

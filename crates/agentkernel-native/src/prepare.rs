@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use agentkernel_core::parse::Protocol;
 use agentkernel_core::policy::{Capabilities, Seccomp, WorkspaceMode};
-use agentkernel_core::spec::SandboxSpec;
+use agentkernel_core::spec::{ExecRequest, SandboxSpec};
 use agentkernel_core::state::{now_unix, SandboxRecord, Store};
 use agentkernel_core::{names, Error, Result};
 
@@ -190,18 +190,40 @@ pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<Plan
             cpus: limits.cpus,
             pids: limits.pids,
         },
-        cgroup_v1: crate::cgroup::host_is_v1(),
         tty: spec.exec.tty,
         timeout: spec.exec.timeout,
     })
+}
+
+/// Sets `key=value`, replacing an earlier value of `key`.
+fn set_env(env: &mut Vec<String>, key: &str, value: &str) {
+    env.retain(|e| e.split_once('=').map_or(e.as_str(), |(k, _)| k) != key);
+    env.push(format!("{key}={value}"));
+}
+
+/// The plan for one more command in a kept sandbox: the sandbox's own plan
+/// with this command's argv, `-e` (over the sandbox's env), workdir, TTY and
+/// timeout.
+pub fn for_command(sandbox: &Plan, request: &ExecRequest) -> Plan {
+    let mut plan = sandbox.clone();
+    plan.action = Action::Exec;
+    plan.argv = request.argv.clone();
+    for (k, v) in &request.env {
+        set_env(&mut plan.env, k, v);
+    }
+    if let Some(w) = &request.workdir {
+        plan.workdir = w.clone();
+    }
+    plan.tty = request.tty;
+    plan.timeout = request.timeout;
+    plan
 }
 
 /// Image env, then the user's `-e` (which wins), then what Docker adds.
 fn environment(spec: &SandboxSpec, image: &ImageRoot, hostname: &str) -> Vec<String> {
     let mut env: Vec<String> = image.env.clone();
     for (k, v) in &spec.exec.env {
-        env.retain(|e| e.split_once('=').map_or(e.as_str(), |(key, _)| key) != k);
-        env.push(format!("{k}={v}"));
+        set_env(&mut env, k, v);
     }
     let has = |env: &[String], key: &str| env.iter().any(|e| e.starts_with(&format!("{key}=")));
     if !has(&env, "PATH") {

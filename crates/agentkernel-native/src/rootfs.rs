@@ -130,7 +130,7 @@ pub fn build(plan: &Plan) -> io::Result<()> {
 /// `pivot_root` and the read-only remount.
 pub fn enter(plan: &Plan) -> io::Result<()> {
     let root_str = scratch_root(&plan.scratch).to_string_lossy().into_owned();
-    mount_cgroups(&root_str, plan)?;
+    mount_cgroups(&root_str)?;
     pivot_into(&root_str)?;
     if plan.read_only_root {
         mount(
@@ -282,10 +282,10 @@ fn build_dev(root: &OwnedFd) -> io::Result<()> {
 /// The sandbox's own cgroup, read-only at `/sys/fs/cgroup` as Docker shows
 /// it: the cgroup namespace makes the sandbox's group the root of the view,
 /// so a program can read its limits and nothing above them.
-fn mount_cgroups(root: &str, plan: &Plan) -> io::Result<()> {
+fn mount_cgroups(root: &str) -> io::Result<()> {
     let base = format!("{root}/sys/fs/cgroup");
     let ro = NOSUID_NODEV_NOEXEC | libc::MS_RDONLY;
-    if !plan.cgroup_v1 {
+    if !crate::cgroup::host_is_v1() {
         return mount("cgroup2", &base, "cgroup2", ro, None);
     }
     mount(

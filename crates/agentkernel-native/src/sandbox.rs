@@ -101,9 +101,21 @@ fn supervise(plan: &Plan, cgroup: &Cgroup) -> io::Result<Outcome> {
         // Init exited during setup (it printed why): its status is the outcome.
         Err(status) => return Ok(Outcome::Exited(status)),
     };
+    // What killed runs left (cgroups, leases, scratch, dead kept sandboxes)
+    // is collected while the command runs, not before it starts.
+    let collecting = plan.state_root().map(|root| {
+        std::thread::spawn(move || {
+            let store = agentkernel_core::state::Store::new(root);
+            crate::gc::orphaned_runs(&store);
+            crate::kept::collect(&store);
+        })
+    });
     let result = run_command(plan, cgroup, &started, &sfd);
     if let Some(lease) = &started.lease {
         crate::net::release(lease);
+    }
+    if let Some(collecting) = collecting {
+        let _ = collecting.join();
     }
     result
 }
@@ -537,78 +549,88 @@ fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-/// Sends one byte, with an fd attached when given (SCM_RIGHTS).
-fn send_with_fd(sock: &OwnedFd, byte: u8, fd: Option<RawFd>) -> io::Result<()> {
-    let mut data = [byte];
-    let mut iov = libc::iovec {
-        iov_base: data.as_mut_ptr().cast(),
-        iov_len: 1,
-    };
-    // SAFETY: CMSG_SPACE is a pure size computation.
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
-    let mut control = vec![0u8; space];
-    // SAFETY: zeroed msghdr, then filled with pointers to live buffers.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    if let Some(fd) = fd {
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = space;
-        // SAFETY: the control buffer is large enough for one fd (CMSG_SPACE above).
-        unsafe {
-            let cmsg = libc::CMSG_FIRSTHDR(&msg);
-            (*cmsg).cmsg_level = libc::SOL_SOCKET;
-            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-            (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as usize;
-            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
+/// The socketpair's message: one byte, and room for one fd (SCM_RIGHTS).
+struct Message {
+    byte: [u8; 1],
+    control: Vec<u8>,
+}
+
+impl Message {
+    fn new(byte: u8) -> Message {
+        // SAFETY: CMSG_SPACE is a pure size computation.
+        let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
+        Message {
+            byte: [byte],
+            control: vec![0u8; space],
         }
     }
-    // SAFETY: msg points at live buffers for the duration of the call.
-    if unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, 0) } != 1 {
-        return Err(io::Error::last_os_error());
+
+    /// Calls `f` with a msghdr pointing at our buffers (with the fd room
+    /// only when `fd_room`).
+    fn with_header<R>(&mut self, fd_room: bool, f: impl FnOnce(&mut libc::msghdr) -> R) -> R {
+        let mut iov = libc::iovec {
+            iov_base: self.byte.as_mut_ptr().cast(),
+            iov_len: 1,
+        };
+        // SAFETY: zeroed msghdr, then filled with pointers to live buffers.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        if fd_room {
+            msg.msg_control = self.control.as_mut_ptr().cast();
+            msg.msg_controllen = self.control.len();
+        }
+        f(&mut msg)
     }
-    Ok(())
+}
+
+/// Sends one byte, with an fd attached when given.
+fn send_with_fd(sock: &OwnedFd, byte: u8, fd: Option<RawFd>) -> io::Result<()> {
+    Message::new(byte).with_header(fd.is_some(), |msg| {
+        if let Some(fd) = fd {
+            // SAFETY: the control buffer has room for one fd (Message::new).
+            unsafe {
+                let cmsg = libc::CMSG_FIRSTHDR(msg);
+                (*cmsg).cmsg_level = libc::SOL_SOCKET;
+                (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+                (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as usize;
+                std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
+            }
+        }
+        // SAFETY: msg points at live buffers for the duration of the call.
+        if unsafe { libc::sendmsg(sock.as_raw_fd(), msg, 0) } != 1 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    })
 }
 
 /// Waits for init's READY; returns the terminal master it passed, if any.
 fn recv_ready(sock: &OwnedFd) -> io::Result<Option<OwnedFd>> {
-    let mut data = [0u8; 1];
-    let mut iov = libc::iovec {
-        iov_base: data.as_mut_ptr().cast(),
-        iov_len: 1,
-    };
-    // SAFETY: CMSG_SPACE is a pure size computation.
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
-    let mut control = vec![0u8; space];
-    // SAFETY: zeroed msghdr, then filled with pointers to live buffers.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = space;
-    loop {
+    let mut message = Message::new(0);
+    let (n, fd) = message.with_header(true, |msg| loop {
         // SAFETY: msg points at live buffers.
-        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), msg, libc::MSG_CMSG_CLOEXEC) };
         if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
             continue;
         }
-        if n != 1 || data[0] != READY {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "init exited"));
-        }
-        break;
+        // SAFETY: walking the control messages the kernel filled in.
+        let fd = unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(msg);
+            (n == 1
+                && !cmsg.is_null()
+                && (*cmsg).cmsg_level == libc::SOL_SOCKET
+                && (*cmsg).cmsg_type == libc::SCM_RIGHTS)
+                .then(|| std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>()))
+        };
+        break (n, fd);
+    });
+    // SAFETY: an fd the kernel just installed for us.
+    let fd = fd.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
+    if n != 1 || message.byte[0] != READY {
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "init exited"));
     }
-    // SAFETY: walking the control messages the kernel filled in.
-    unsafe {
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        if !cmsg.is_null()
-            && (*cmsg).cmsg_level == libc::SOL_SOCKET
-            && (*cmsg).cmsg_type == libc::SCM_RIGHTS
-        {
-            let fd = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>());
-            return Ok(Some(OwnedFd::from_raw_fd(fd)));
-        }
-    }
-    Ok(None)
+    Ok(fd)
 }
 
 // ---------------------------------------------------------------- init

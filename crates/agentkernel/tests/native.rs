@@ -286,3 +286,34 @@ fn a_killed_holder_leaves_nothing_after_gc() {
     let out = env.run(&["exec", &name, "--", "true"]);
     assert_one_line_error(&out);
 }
+
+#[test]
+fn native_is_the_default_backend_as_root() {
+    let Some(env) = native_env() else { return };
+    // No -B, no AGENTKERNEL_BACKEND, no config: the first available backend.
+    let out = env
+        .cmd()
+        .env_remove("AGENTKERNEL_BACKEND")
+        .args(["run", "-i", BUSYBOX, "cat", "/proc/1/cmdline"])
+        .output()
+        .unwrap();
+    assert_code(&out, 0);
+    assert!(
+        stdout(&out).contains("agentkernel"),
+        "PID 1 is not agentkernel's init, so the default was not native: {:?}",
+        stdout(&out)
+    );
+    let out = env
+        .cmd()
+        .env_remove("AGENTKERNEL_BACKEND")
+        .arg("doctor")
+        .output()
+        .unwrap();
+    assert!(
+        stdout(&out)
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["default", "native"]),
+        "{}",
+        stdout(&out)
+    );
+}

@@ -14,13 +14,11 @@ use agentkernel_core::{Error, Result};
 use agentkernel_image as images;
 use agentkernel_native::plan::Action;
 use agentkernel_native::prepare::{self, ImageRoot, HOST_IMAGE};
-use agentkernel_native::{gc, join, kept, sandbox, Plan, HELPER_SUBCOMMAND};
+use agentkernel_native::{join, kept, sandbox, Plan, HELPER_SUBCOMMAND};
 
 /// Runs a one-shot sandbox. On success this never returns: the process
 /// becomes the helper.
 pub async fn run(spec: &SandboxSpec, config: &Config, store: &Store) -> Result<i32> {
-    gc::orphaned_runs(store);
-    kept::collect(store);
     if let Some(keep) = spec.keep.as_ref().filter(|k| k.reuse) {
         if let Some(record) = existing(store, &keep.name).await? {
             if record.backend != "native" {
@@ -72,24 +70,11 @@ pub fn exec_in(
 ) -> Result<i32> {
     let path = kept::plan_file(store, name);
     let data = std::fs::read(&path).map_err(|e| Error::state(&path, e))?;
-    let mut plan: Plan =
+    let sandbox: Plan =
         serde_json::from_slice(&data).map_err(|e| Error::state(&path, std::io::Error::other(e)))?;
-    plan.action = Action::Exec;
-    plan.argv = request.argv.clone();
-    for (k, v) in &request.env {
-        plan.env
-            .retain(|e| e.split_once('=').map_or(e.as_str(), |(key, _)| key) != k);
-        plan.env.push(format!("{k}={v}"));
-    }
-    if let Some(w) = &request.workdir {
-        plan.workdir = w.clone();
-    }
-    plan.tty = request.tty;
-    plan.timeout = request.timeout;
-    if let (Some(keep), Some(ttl)) = (plan.keep.as_mut(), ttl) {
-        keep.ttl = ttl;
-    }
+    let mut plan = prepare::for_command(&sandbox, request);
     if let Some(keep) = plan.keep.as_mut() {
+        keep.ttl = ttl.unwrap_or(keep.ttl);
         keep.reused = reused;
     }
     Err(exec_helper(&plan))
