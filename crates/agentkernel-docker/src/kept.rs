@@ -260,23 +260,60 @@ async fn require(engine: &Engine, store: &Store, name: &str) -> Result<SandboxRe
 }
 
 /// `sandbox gc --expire NAME` (started detached by `stop`): waits while the
-/// sandbox is stopped and removes it once its deadline passes. Returns early
-/// when the sandbox is gone or running again (its keep-alive then does the job).
+/// sandbox is stopped and removes it once its deadline passes. Returns when
+/// the sandbox is gone or running again (its keep-alive then does the job).
+/// Nothing else will remove a stopped sandbox until a later agentkernel
+/// command runs, so an engine error is retried, never taken as the end.
 pub async fn expire_when_due(engine: &Engine, store: &Store, name: &str) {
+    const RETRY: Duration = Duration::from_secs(1);
+    let container = container_name(name);
+    let mut errors = 0u32;
     loop {
         let Some(deadline) = store.deadline(name) else {
-            return;
+            return; // removed (its record with it)
         };
-        let now = now_unix();
-        if now >= deadline {
-            crate::gc::collect_orphans(engine.clone(), store.clone()).await;
+        let state = match status(engine, name).await {
+            Ok(Some(state)) => state,
+            Ok(None) => return,
+            Err(e) => {
+                errors += 1;
+                // An engine that stays unreachable for an hour has gone for good.
+                if errors > 3600 {
+                    eprintln!("agentkernel: giving up expiring {name}: {e}");
+                    return;
+                }
+                tokio::time::sleep(RETRY).await;
+                continue;
+            }
+        };
+        if state != ContainerStateStatusEnum::PAUSED {
             return;
         }
-        match status(engine, name).await {
-            Ok(Some(ContainerStateStatusEnum::PAUSED)) => {}
-            _ => return,
+        let now = now_unix();
+        if now < deadline {
+            // Re-check now and then: the sandbox may be started or removed meanwhile.
+            tokio::time::sleep(Duration::from_secs((deadline - now).min(30))).await;
+            continue;
         }
-        // Re-check now and then: the sandbox may be started or removed meanwhile.
-        tokio::time::sleep(Duration::from_secs((deadline - now).min(30))).await;
+        // Record first (a container without one is garbage to any later gc);
+        // then kill while frozen, so thawing cannot let the sandbox run on,
+        // and remove until the engine confirms it is gone.
+        let _ = store.forget(name);
+        let kill = bollard::query_parameters::KillContainerOptionsBuilder::default()
+            .signal("KILL")
+            .build();
+        for _ in 0..600 {
+            let _ = engine
+                .docker
+                .kill_container(&container, Some(kill.clone()))
+                .await;
+            let _ = engine.docker.unpause_container(&container).await;
+            remove_container(engine, &container).await;
+            if let Ok(None) = status(engine, name).await {
+                break;
+            }
+            tokio::time::sleep(RETRY).await;
+        }
+        return;
     }
 }
