@@ -24,11 +24,20 @@ command -v file >/dev/null || need+=(file)
 command -v docker-registry >/dev/null || need+=(docker-registry)
 command -v skopeo >/dev/null || need+=(skopeo)
 command -v bwrap >/dev/null || need+=(bubblewrap)   # bench/native.sh compares with it
+command -v slirp4netns >/dev/null || need+=(slirp4netns)   # rootless native networking
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+# Rootless native sandboxes get their network through slirp4netns, which
+# opens the tap device as the user: udev makes it 0666 on every distribution;
+# machines without udev (containers, minimal VMs) may leave it 0600.
+if [ -c /dev/net/tun ] && [ "$(stat -c %a /dev/net/tun)" != 666 ]; then
+  echo "setup: chmod 0666 /dev/net/tun (udev's default mode)" >&2
+  chmod 0666 /dev/net/tun
 fi
 
 if ! docker info >/dev/null 2>&1; then

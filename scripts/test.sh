@@ -36,9 +36,11 @@ threads=${AGENTKERNEL_TEST_THREADS:-4}
 # the backend-neutral files, kept sandboxes and the isolation attacks against
 # native (the engine-only files — the warm pool, images via the engine — do
 # not apply).
-cargo test --workspace -- --test-threads "$threads"
-AGENTKERNEL_TEST_BACKEND=podman cargo test -p agentkernel --tests -- --test-threads "$threads"
+# (The rootless tests drive the native backend as other users whatever the
+# backend under test: they run once, in the native pass.)
+cargo test --workspace -- --test-threads "$threads" --skip rootless_
+AGENTKERNEL_TEST_BACKEND=podman cargo test -p agentkernel --tests -- --test-threads "$threads" --skip rootless_
 AGENTKERNEL_TEST_BACKEND=native cargo test -p agentkernel \
   --test exit_codes --test io --test profiles --test cli --test config --test ports \
-  --test cleanup --test kept --test native \
+  --test cleanup --test kept --test native --test rootless \
   -- --test-threads "$threads" --skip what_a_killed_pooled_run_left_is_collected

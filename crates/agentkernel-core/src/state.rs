@@ -268,7 +268,30 @@ pub fn remove_tree(path: &Path) -> Result<()> {
     match fs::remove_dir_all(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            // overlayfs leaves its `work/work` directory mode 000: root walks
+            // through it, an ordinary user (rootless) must open it up first.
+            open_up_directories(path);
+            fs::remove_dir_all(path).map_err(|e| Error::state(path, e))
+        }
         Err(e) => Err(Error::state(path, e)),
+    }
+}
+
+/// Makes every directory under `path` (ours) searchable and writable by us.
+fn open_up_directories(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = fs::symlink_metadata(path) else {
+        return;
+    };
+    if !meta.is_dir() {
+        return;
+    }
+    let _ = fs::set_permissions(path, fs::Permissions::from_mode(0o700));
+    if let Ok(entries) = fs::read_dir(path) {
+        for entry in entries.flatten() {
+            open_up_directories(&entry.path());
+        }
     }
 }
 

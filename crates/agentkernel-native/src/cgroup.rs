@@ -91,6 +91,18 @@ fn write(path: &Path, value: &str) -> io::Result<()> {
 }
 
 impl Cgroup {
+    /// The sandbox's cgroup: none for a rootless sandbox (which cannot
+    /// create one; see rootless.rs), else a new one with the plan's limits.
+    pub fn for_plan(plan: &crate::Plan) -> io::Result<Cgroup> {
+        if plan.rootless.is_some() {
+            return Ok(Cgroup {
+                v2: false,
+                dirs: Vec::new(),
+            });
+        }
+        Cgroup::create(&plan.id, &plan.limits)
+    }
+
     /// Creates the sandbox's cgroup with its limits.
     pub fn create(id: &str, limits: &CgroupLimits) -> io::Result<Cgroup> {
         let cgroup = if is_cgroup2("/sys/fs/cgroup") {

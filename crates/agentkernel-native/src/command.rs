@@ -55,6 +55,9 @@ fn prepare_and_exec(plan: &Plan) -> Result<std::convert::Infallible, Failure> {
         .to_string();
 
     set_nofile_limit();
+    if let (Some(_), Some(max)) = (plan.rootless, plan.limits.pids) {
+        crate::rootless::limit_processes(max).map_err(Failure::Setup)?;
+    }
     if plan.no_new_privileges {
         // SAFETY: PR_SET_NO_NEW_PRIVS takes integers only.
         if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
@@ -72,7 +75,7 @@ fn prepare_and_exec(plan: &Plan) -> Result<std::convert::Infallible, Failure> {
         .collect();
     caps::limit_bounding_set(&keep)
         .map_err(|e| Failure::Setup(sys::context("drop capabilities")(e)))?;
-    user::switch(&identity).map_err(Failure::Setup)?;
+    user::switch(&identity, plan.rootless.is_none()).map_err(Failure::Setup)?;
     if identity.uid == 0 {
         caps::set(&keep).map_err(|e| Failure::Setup(sys::context("set capabilities")(e)))?;
     }

@@ -24,5 +24,5 @@ fn remove_run(dir: &Path) {
     if let Some(id) = dir.file_name().and_then(|n| n.to_str()) {
         Cgroup::of(id).remove();
     }
-    let _ = std::fs::remove_dir_all(dir);
+    let _ = agentkernel_core::state::remove_tree(dir);
 }

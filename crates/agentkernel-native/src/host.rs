@@ -6,7 +6,8 @@ use std::fs;
 /// What the native runtime found on this host.
 #[derive(Debug, Clone)]
 pub struct Support {
-    pub cgroup: &'static str,
+    /// How limits and networking work here, e.g. `cgroup v1`.
+    pub detail: String,
     pub kernel: String,
 }
 
@@ -14,14 +15,9 @@ pub struct Support {
 /// (one line, with the fix).
 pub fn check() -> Result<Support, String> {
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        let userns = fs::read_to_string("/proc/sys/kernel/unprivileged_userns_clone")
-            .map(|v| v.trim() != "0")
-            .unwrap_or(true);
-        return Err(format!(
-            "needs root for now: rootless native sandboxes (user namespaces{}) are not built yet; run as root or use -B docker / -B podman",
-            if userns { ", which this kernel allows" } else { ", which this kernel disables" }
-        ));
+    let rootless = unsafe { libc::geteuid() } != 0;
+    if rootless {
+        check_user_namespaces()?;
     }
     let filesystems = fs::read_to_string("/proc/filesystems").unwrap_or_default();
     if !filesystems.lines().any(|l| l.ends_with("\toverlay")) {
@@ -34,6 +30,26 @@ pub fn check() -> Result<Support, String> {
         if fs::metadata(format!("/proc/self/ns/{ns}")).is_err() {
             return Err(format!("the kernel has no {ns} namespaces"));
         }
+    }
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|k| k.trim().to_string())
+        .unwrap_or_default();
+    if rootless {
+        // overlayfs in a user namespace: 5.11; RLIMIT_NPROC counted per
+        // user namespace (the rootless pids limit): 5.14.
+        if kernel_version(&kernel) < (5, 14) {
+            return Err(format!(
+                "rootless native sandboxes need Linux 5.14 or later (this is {kernel}); run as root or use -B podman"
+            ));
+        }
+        let network = match crate::slirp::usable() {
+            Ok(_) => "network via slirp4netns".to_string(),
+            Err(why) => format!("--no-network only: {why}"),
+        };
+        return Ok(Support {
+            detail: format!("rootless: pids limited, memory/CPU limits need root; {network}"),
+            kernel,
+        });
     }
     let cgroup = if crate::cgroup::host_is_v1() {
         if crate::cgroup::v1_hierarchies().len() < 3 {
@@ -50,8 +66,47 @@ pub fn check() -> Result<Support, String> {
         }
         "cgroup v2"
     };
-    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|k| k.trim().to_string())
-        .unwrap_or_default();
-    Ok(Support { cgroup, kernel })
+    Ok(Support {
+        detail: cgroup.to_string(),
+        kernel,
+    })
+}
+
+/// Whether an unprivileged process may create user namespaces here: the
+/// switches distributions use to turn that off, each named with its fix.
+fn check_user_namespaces() -> Result<(), String> {
+    let sysctl = |name: &str| {
+        fs::read_to_string(format!("/proc/sys/{}", name.replace('.', "/")))
+            .ok()
+            .map(|v| v.trim().to_string())
+    };
+    let fix = "run agentkernel as root, or use -B podman / -B docker";
+    if sysctl("kernel.unprivileged_userns_clone").as_deref() == Some("0") {
+        return Err(format!("rootless native sandboxes need unprivileged user namespaces, which this kernel disables (sysctl kernel.unprivileged_userns_clone=0; set it to 1), or {fix}"));
+    }
+    if sysctl("user.max_user_namespaces").as_deref() == Some("0") {
+        return Err(format!("rootless native sandboxes need user namespaces, and sysctl user.max_user_namespaces is 0 (raise it), or {fix}"));
+    }
+    if sysctl("kernel.apparmor_restrict_unprivileged_userns").as_deref() == Some("1") {
+        return Err(format!("AppArmor restricts unprivileged user namespaces here (sysctl kernel.apparmor_restrict_unprivileged_userns=1; set it to 0 or give agentkernel an AppArmor profile that allows userns), or {fix}"));
+    }
+    Ok(())
+}
+
+/// `6.1.0-13-amd64` → (6, 1).
+fn kernel_version(release: &str) -> (u32, u32) {
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn kernel_versions() {
+        assert_eq!(super::kernel_version("6.1.0-13-amd64"), (6, 1));
+        assert_eq!(super::kernel_version("5.14.21"), (5, 14));
+        assert_eq!(super::kernel_version(""), (0, 0));
+    }
 }

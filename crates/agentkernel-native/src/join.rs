@@ -17,7 +17,7 @@ use crate::sandbox::{self, wait_for};
 use crate::sys;
 
 /// Namespaces to enter, mount last (it changes our root and cwd).
-const NAMESPACES: [&str; 6] = ["cgroup", "ipc", "uts", "net", "pid", "mnt"];
+pub(crate) const NAMESPACES: [&str; 6] = ["cgroup", "ipc", "uts", "net", "pid", "mnt"];
 
 /// Runs `plan.argv` in the kept sandbox `plan.keep.name`. Call from a
 /// single-threaded process: entering a mount namespace requires it.
@@ -46,12 +46,27 @@ pub fn exec(plan: &Plan) -> io::Result<Outcome> {
 
     // Everything on the host side is opened before we enter: paths resolve
     // differently afterwards.
-    let namespaces: Vec<File> = NAMESPACES
+    // A rootless sandbox is entered through its anchor (see kept.rs), whose
+    // pid namespace for children is the sandbox's; and its namespaces
+    // belong to its user namespace: enter that first (unless this helper
+    // just created the sandbox from inside it).
+    let (source, pid_ns) = match held.anchor_pid {
+        Some(anchor) => (anchor, "pid_for_children"),
+        None => (held.init_pid, "pid"),
+    };
+    let mut names: Vec<&str> = NAMESPACES
+        .iter()
+        .map(|ns| if *ns == "pid" { pid_ns } else { ns })
+        .collect();
+    if plan.rootless.is_some() && !same_namespace("user", source) {
+        names.insert(0, "user");
+    }
+    let namespaces: Vec<File> = names
         .iter()
         .map(|ns| {
-            File::open(format!("/proc/{}/ns/{ns}", held.init_pid)).map_err(sys::context(
-                format_args!("enter the sandbox's {ns} namespace"),
-            ))
+            File::open(format!("/proc/{source}/ns/{ns}")).map_err(sys::context(format_args!(
+                "enter the sandbox's {ns} namespace"
+            )))
         })
         .collect::<io::Result<_>>()?;
     let cgroup_procs: Vec<File> = held
@@ -72,7 +87,7 @@ pub fn exec(plan: &Plan) -> io::Result<Outcome> {
     let control = sys::open_dir(&store.control_dir(&keep.name))?;
     let sfd = sandbox::supervisor_signalfd()?;
 
-    for (ns, file) in NAMESPACES.iter().zip(&namespaces) {
+    for (ns, file) in names.iter().zip(&namespaces) {
         // SAFETY: setns with an fd of a namespace file we opened.
         if unsafe { libc::setns(file.as_raw_fd(), 0) } != 0 {
             return Err(sys::context(format_args!(
@@ -167,5 +182,16 @@ fn touch_at(control: &OwnedFd, ttl: std::time::Duration) {
                 name.as_ptr(),
             );
         }
+    }
+}
+
+/// Whether we are already in `pid`'s namespace of kind `ns`.
+fn same_namespace(ns: &str, pid: libc::pid_t) -> bool {
+    match (
+        std::fs::read_link(format!("/proc/self/ns/{ns}")),
+        std::fs::read_link(format!("/proc/{pid}/ns/{ns}")),
+    ) {
+        (Ok(ours), Ok(theirs)) => ours == theirs,
+        _ => false,
     }
 }

@@ -29,6 +29,9 @@ pub struct Held {
     pub init_pid: i32,
     pub init_start: u64,
     pub cgroup: Cgroup,
+    /// Rootless only: the namespace anchor (see [`spawn_anchor`]).
+    #[serde(default)]
+    pub anchor_pid: Option<i32>,
 }
 
 impl Held {
@@ -69,7 +72,7 @@ pub fn create(plan: &Plan) -> io::Result<()> {
     let forget = || {
         let _ = store.forget(&keep.name);
     };
-    let cgroup = match Cgroup::create(&plan.id, &plan.limits) {
+    let cgroup = match Cgroup::for_plan(plan) {
         Ok(c) => c,
         Err(e) => {
             forget();
@@ -153,11 +156,32 @@ fn hold(plan: &Plan, cgroup: &Cgroup, store: &Store, report: OwnedFd) -> ! {
         Ok(Err(status)) => fail(format!("the sandbox's setup failed (status {status})")),
         Err(e) => fail(e.to_string()),
     };
+    let anchor = match plan.rootless {
+        Some(_) => match spawn_anchor(started.pid) {
+            Ok(pid) => Some(pid),
+            Err(e) => {
+                kill(started.pid, libc::SIGKILL);
+                wait_for(started.pid);
+                if let Some(link) = &started.link {
+                    link.release();
+                }
+                fail(e.to_string());
+            }
+        },
+        None => None,
+    };
+    let end_anchor = || {
+        if let Some(pid) = anchor {
+            kill(pid, libc::SIGKILL);
+            wait_for(pid);
+        }
+    };
     let held = Held {
         holder: Owner::current().0,
         init_pid: started.pid,
         init_start: proc_stat_field(started.pid as u32, 22).unwrap_or(0),
         cgroup: cgroup.clone(),
+        anchor_pid: anchor,
     };
     let mut exec_plan = plan.clone();
     exec_plan.action = Action::Exec;
@@ -184,8 +208,9 @@ fn hold(plan: &Plan, cgroup: &Cgroup, store: &Store, report: OwnedFd) -> ! {
     }) {
         kill(started.pid, libc::SIGKILL);
         wait_for(started.pid);
-        if let Some(lease) = &started.lease {
-            crate::net::release(lease);
+        end_anchor();
+        if let Some(link) = &started.link {
+            link.release();
         }
         fail(e.to_string());
     }
@@ -197,13 +222,54 @@ fn hold(plan: &Plan, cgroup: &Cgroup, store: &Store, report: OwnedFd) -> ! {
     let _ = cgroup.set_frozen(false);
     kill(started.pid, libc::SIGKILL);
     wait_for(started.pid);
-    if let Some(lease) = &started.lease {
-        crate::net::release(lease);
+    end_anchor();
+    if let Some(link) = &started.link {
+        link.release();
     }
     cgroup.remove();
     let _ = store.forget(&keep.name);
     // SAFETY: ends the holder.
     unsafe { libc::_exit(0) }
+}
+
+/// A rootless sandbox's init is non-dumpable (nothing in the sandbox may
+/// ptrace it), which in a user namespace also hides its `/proc/<pid>/ns`
+/// from the user's later `exec`. So the holder keeps an **anchor**: a
+/// process that joins init's namespaces while init is still dumpable (before
+/// "go") and then only sleeps. It stays in the host's pid namespace (the
+/// sandbox's is only `pid_for_children` for it), so nothing in the sandbox
+/// can see it; `exec` enters the sandbox through its `/proc/<pid>/ns`. It
+/// dies with the holder.
+fn spawn_anchor(init: libc::pid_t) -> io::Result<libc::pid_t> {
+    let namespaces: Vec<std::fs::File> = crate::join::NAMESPACES
+        .iter()
+        .map(|ns| {
+            std::fs::File::open(format!("/proc/{init}/ns/{ns}")).map_err(sys::context(
+                format_args!("open the sandbox's {ns} namespace"),
+            ))
+        })
+        .collect::<io::Result<_>>()?;
+    // SAFETY: the holder is single-threaded; the child only makes syscalls.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if pid == 0 {
+        // SAFETY: integer-only syscalls and fds we own; never returns.
+        unsafe {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
+            for ns in &namespaces {
+                if libc::setns(ns.as_raw_fd(), 0) != 0 {
+                    libc::_exit(1);
+                }
+            }
+            libc::close_range(3, u32::MAX, 0);
+            loop {
+                libc::pause();
+            }
+        }
+    }
+    Ok(pid)
 }
 
 /// Sleeps until the deadline passes (re-reading it: every use moves it), a
@@ -334,5 +400,10 @@ pub fn set_stopped(store: &Store, name: &str, stopped: bool) -> io::Result<()> {
                 "sandbox {name} is gone; `agentkernel sandbox gc` removes what it left"
             ))
         })?;
+    if held.cgroup.dirs.is_empty() {
+        return Err(io::Error::other(format!(
+            "sandbox {name} is rootless: stopping it needs a freezer cgroup, which only root can create here; `agentkernel sandbox remove {name}` ends it"
+        )));
+    }
     held.cgroup.set_frozen(stopped)
 }

@@ -18,8 +18,10 @@ pub mod net;
 pub mod plan;
 pub mod prepare;
 mod rootfs;
+pub mod rootless;
 pub mod sandbox;
 mod seccomp;
+pub mod slirp;
 mod sys;
 mod user;
 

@@ -42,7 +42,10 @@ pub fn lease_holder_alive(lease_id: &str) -> bool {
 
 /// Releases the leases (port rules, veths) of sandboxes whose holder died.
 pub fn collect_dead() -> usize {
-    if !std::path::Path::new(NET_STATE_DIR).join("net").exists() {
+    // Only root creates bridge leases (rootless sandboxes use slirp4netns).
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root || !std::path::Path::new(NET_STATE_DIR).join("net").exists() {
         return 0;
     }
     match agentkernel_net::gc(&config(), &lease_holder_alive) {
@@ -54,8 +57,41 @@ pub fn collect_dead() -> usize {
     }
 }
 
+/// How a sandbox with a network is connected.
+#[derive(Debug)]
+pub enum Link {
+    /// As root: a veth to agentkernel's bridge, under a machine-wide lease.
+    Bridge(Lease),
+    /// Rootless: slirp4netns.
+    UserMode(crate::slirp::Slirp),
+}
+
+impl Link {
+    /// After the sandbox ended (or failed to start).
+    pub fn release(&self) {
+        match self {
+            Link::Bridge(lease) => release(lease),
+            Link::UserMode(slirp) => slirp.stop(),
+        }
+    }
+
+    /// Tells the user where published ports landed (on stderr, like the Docker backend).
+    pub fn print_ports(&self) {
+        if let Link::Bridge(lease) = self {
+            print_ports(lease);
+        }
+    }
+}
+
 /// Connects the sandbox whose init is `pid` (already in its own netns).
-pub fn attach(plan: &Plan, pid: libc::pid_t) -> io::Result<Lease> {
+pub fn connect(plan: &Plan, pid: libc::pid_t) -> io::Result<Link> {
+    if plan.rootless.is_some() {
+        return crate::slirp::attach(pid).map(Link::UserMode);
+    }
+    attach(plan, pid).map(Link::Bridge)
+}
+
+fn attach(plan: &Plan, pid: libc::pid_t) -> io::Result<Lease> {
     let ports: Vec<PortMapping> = plan
         .ports
         .iter()
@@ -71,14 +107,13 @@ pub fn attach(plan: &Plan, pid: libc::pid_t) -> io::Result<Lease> {
 }
 
 /// After the sandbox ended: its namespace, and with it the veth, is going away.
-pub fn release(lease: &Lease) {
+fn release(lease: &Lease) {
     if let Err(e) = agentkernel_net::release_exited(&config(), lease) {
         eprintln!("agentkernel: warning: {e}");
     }
 }
 
-/// Tells the user where published ports landed (on stderr, like the Docker backend).
-pub fn print_ports(lease: &Lease) {
+fn print_ports(lease: &Lease) {
     for p in &lease.ports {
         eprintln!(
             "agentkernel: port {}:{} -> {}/{}",

@@ -109,7 +109,8 @@ pub struct Plan {
     /// state, when the root is the host's).
     pub hidden: Vec<String>,
     pub hostname: String,
-    /// Loopback only when false; otherwise a veth to agentkernel's bridge.
+    /// Loopback only when false; otherwise a veth to agentkernel's bridge
+    /// (as root) or slirp4netns (rootless).
     pub network: bool,
     /// Published ports (`-P`), when there is a network.
     pub ports: Vec<Port>,
@@ -128,6 +129,10 @@ pub struct Plan {
     pub limits: CgroupLimits,
     pub tty: bool,
     pub timeout: Option<Duration>,
+    /// Set when agentkernel runs without root: the helper first enters a
+    /// user namespace mapping these ids to root (see rootless.rs).
+    #[serde(default)]
+    pub rootless: Option<crate::rootless::UserMap>,
 }
 
 impl Plan {

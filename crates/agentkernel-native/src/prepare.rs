@@ -11,6 +11,7 @@ use agentkernel_core::{names, Error, Result};
 use crate::plan::{
     Action, CgroupLimits, KeepPlan, Mount, MountKind, Plan, Port, RootSource, SeccompMode,
 };
+use crate::rootless::UserMap;
 
 /// The image name that means "this machine's own root filesystem".
 pub const HOST_IMAGE: &str = "host";
@@ -27,8 +28,18 @@ pub struct ImageRoot {
     pub user: Option<String>,
 }
 
-/// Builds the plan and the run's scratch directory.
+/// Builds the plan and the run's scratch directory. Without root, the plan
+/// is a rootless one (see rootless.rs), and what it cannot enforce is either
+/// an error or, for the profile's default limits, a notice printed here.
 pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<Plan> {
+    let rootless = UserMap::for_caller();
+    let (limits, notice) = match rootless {
+        Some(_) => {
+            check_rootless(spec, image)?;
+            crate::rootless::enforceable_limits(&spec.policy)?
+        }
+        None => (spec.policy.limits, None),
+    };
     let ports = spec
         .ports
         .iter()
@@ -118,8 +129,6 @@ pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<Plan
             .collect(),
         Capabilities::None => Vec::new(),
     };
-    let limits = &spec.policy.limits;
-
     let keep = match &spec.keep {
         Some(k) => {
             // The atomic name reservation: a clash is an error naming the fix.
@@ -154,6 +163,9 @@ pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<Plan
     let mkdir = |p: PathBuf| std::fs::create_dir(&p).map_err(|e| Error::state(p, e));
     // The mount point of the root's tmpfs layer (see rootfs.rs).
     mkdir(scratch.join("layer"))?;
+    if let Some(notice) = notice {
+        eprintln!("{notice}");
+    }
     Ok(Plan {
         action: if keep.is_some() {
             Action::CreateKept
@@ -174,7 +186,11 @@ pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<Plan
         hostname,
         network: spec.policy.network,
         ports,
-        resolv_conf: spec.policy.network.then(agentkernel_net::resolv_conf),
+        resolv_conf: match (spec.policy.network, rootless) {
+            (false, _) => None,
+            (true, None) => Some(agentkernel_net::resolv_conf()),
+            (true, Some(_)) => Some(crate::slirp::RESOLV_CONF.to_string()),
+        },
         argv,
         env,
         workdir,
@@ -192,7 +208,36 @@ pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<Plan
         },
         tty: spec.exec.tty,
         timeout: spec.exec.timeout,
+        rootless,
     })
+}
+
+/// What a rootless sandbox cannot do, refused before anything is created.
+fn check_rootless(spec: &SandboxSpec, image: &ImageRoot) -> Result<()> {
+    if let Some(user) = image.user.as_deref().filter(|u| !u.is_empty()) {
+        let (name, group) = user.split_once(':').unwrap_or((user, "0"));
+        let is_root = |id: &str| id == "0" || id == "root";
+        if !is_root(name) || !is_root(group) {
+            return Err(Error::not_supported_hint(
+                format!("the image's user {user} in a rootless native sandbox, where only root (your own uid) exists"),
+                "run agentkernel as root, or use -B podman / -B docker",
+            ));
+        }
+    }
+    if !spec.ports.is_empty() {
+        return Err(Error::not_supported_hint(
+            "publishing ports (-P) from a rootless native sandbox",
+            "run agentkernel as root, or use -B podman / -B docker",
+        ));
+    }
+    if spec.policy.network {
+        if let Err(why) = crate::slirp::usable() {
+            return Err(Error::Conflict(format!(
+                "no network for a rootless native sandbox here: {why}; or pass --no-network"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Sets `key=value`, replacing an earlier value of `key`.

@@ -74,7 +74,7 @@ pub fn build(plan: &Plan) -> io::Result<()> {
         NOSUID_NODEV_NOEXEC,
         None,
     )?;
-    build_dev(&root)?;
+    build_dev(&root, plan.rootless.is_some())?;
     let sys_dir = open_beneath(&root, "sys", Leaf::Dir)?;
     mount(
         "sysfs",
@@ -130,7 +130,11 @@ pub fn build(plan: &Plan) -> io::Result<()> {
 /// `pivot_root` and the read-only remount.
 pub fn enter(plan: &Plan) -> io::Result<()> {
     let root_str = scratch_root(&plan.scratch).to_string_lossy().into_owned();
-    mount_cgroups(&root_str)?;
+    // A rootless sandbox has no cgroup of its own to show (and may not mount
+    // v1 hierarchies): its /sys/fs/cgroup stays sysfs's empty directory.
+    if plan.rootless.is_none() {
+        mount_cgroups(&root_str)?;
+    }
     pivot_into(&root_str)?;
     if plan.read_only_root {
         mount(
@@ -164,6 +168,9 @@ fn mount_overlay_root(plan: &Plan, root: &str) -> io::Result<()> {
     for d in [&upper, &work, &layer.join("root")] {
         std::fs::create_dir(d).map_err(context(format_args!("create {}", d.display())))?;
     }
+    if plan.rootless.is_some() && matches!(plan.root, RootSource::Host) {
+        return rootless_host_root(plan, &layer, root);
+    }
     let lower = match &plan.root {
         RootSource::Layers(layers) => {
             // overlayfs takes lower layers top first. Relative names keep the
@@ -191,16 +198,17 @@ fn mount_overlay_root(plan: &Plan, root: &str) -> io::Result<()> {
         RootSource::Host => "/".to_string(),
     };
     let options = format!(
-        "lowerdir={lower},upperdir={},workdir={}",
+        "lowerdir={lower},upperdir={},workdir={}{}",
         upper.display(),
-        work.display()
+        work.display(),
+        overlay_xattrs(plan)
     );
     let result = mount("overlay", root, "overlay", 0, Some(&options));
     let _ = std::env::set_current_dir("/");
     result
 }
 
-fn build_dev(root: &OwnedFd) -> io::Result<()> {
+fn build_dev(root: &OwnedFd, rootless: bool) -> io::Result<()> {
     let dev = open_beneath(root, "dev", Leaf::Dir)?;
     mount(
         "tmpfs",
@@ -243,7 +251,12 @@ fn build_dev(root: &OwnedFd) -> io::Result<()> {
         &fd_path(&pts),
         "devpts",
         libc::MS_NOSUID | libc::MS_NOEXEC,
-        Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+        // Group `tty` (5) does not exist in a rootless sandbox's user namespace.
+        Some(if rootless {
+            "newinstance,ptmxmode=0666,mode=0620"
+        } else {
+            "newinstance,ptmxmode=0666,mode=0620,gid=5"
+        }),
     )?;
     let shm = open_beneath(&dev, "shm", Leaf::Dir)?;
     mount(
@@ -354,7 +367,7 @@ fn mount_user_path(
                     "",
                     &fd_path(&mounted),
                     "",
-                    libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+                    libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | locked_flags(&mounted),
                     None,
                 )?;
             }
@@ -369,14 +382,138 @@ fn mount_user_path(
                     .map_err(context(format_args!("create {}", dir.display())))?;
             }
             let options = format!(
-                "lowerdir={host},upperdir={},workdir={}",
+                "lowerdir={host},upperdir={},workdir={}{}",
                 upper.display(),
-                work.display()
+                work.display(),
+                overlay_xattrs(plan)
             );
             mount("overlay", &fd_path(&target), "overlay", 0, Some(&options))?;
         }
     }
     Ok(())
+}
+
+/// Rootless `--image host`. overlayfs refuses a lower layer with mounts
+/// beneath it that the user namespace has locked ("failed to clone
+/// lowerpath"), and `/` always has some. So the root is assembled per
+/// top-level entry, matching what the root path's single overlay shows:
+/// a directory on the root filesystem becomes an overlay of its own (writes
+/// land in the sandbox's tmpfs layer); one that is another filesystem's
+/// mount point stays an empty directory, as it appears under the root
+/// filesystem; one with mounts somewhere below it is bound read-only with
+/// them; symlinks are copied. /proc, /sys and /dev are built afterwards.
+fn rootless_host_root(plan: &Plan, layer: &Path, root: &str) -> io::Result<()> {
+    let mount_points = host_mount_points();
+    // pivot_root needs the new root to be a mount point.
+    mount(root, root, "", libc::MS_BIND, None)?;
+    let entries = std::fs::read_dir("/").map_err(context("list /"))?;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let host = format!("/{name}");
+        let target = format!("{root}/{name}");
+        let Ok(meta) = std::fs::symlink_metadata(&host) else {
+            continue;
+        };
+        if meta.file_type().is_symlink() {
+            let to = std::fs::read_link(&host).map_err(context(format_args!("read {host}")))?;
+            std::os::unix::fs::symlink(to, &target)
+                .map_err(context(format_args!("link {target}")))?;
+            continue;
+        }
+        if !meta.is_dir() {
+            std::fs::write(&target, b"").map_err(context(format_args!("create {target}")))?;
+            mount(&host, &target, "", libc::MS_BIND, None)?;
+            mount(
+                "",
+                &target,
+                "",
+                libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+                None,
+            )?;
+            continue;
+        }
+        std::fs::create_dir(&target).map_err(context(format_args!("create {target}")))?;
+        let below = format!("{host}/");
+        if ["proc", "sys", "dev"].contains(&name.as_str()) || mount_points.contains(&host) {
+            continue;
+        }
+        if mount_points.iter().any(|m| m.starts_with(&below)) {
+            mount(&host, &target, "", libc::MS_BIND | libc::MS_REC, None)?;
+            let flags = locked_flags(&sys::open_dir(Path::new(&target))?);
+            mount(
+                "",
+                &target,
+                "",
+                libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | flags,
+                None,
+            )?;
+            continue;
+        }
+        let (upper, work) = (
+            layer.join("upper").join(&name),
+            layer.join("work").join(&name),
+        );
+        for d in [&upper, &work] {
+            std::fs::create_dir(d).map_err(context(format_args!("create {}", d.display())))?;
+        }
+        let options = format!(
+            "lowerdir={host},upperdir={},workdir={}{}",
+            upper.display(),
+            work.display(),
+            overlay_xattrs(plan)
+        );
+        mount("overlay", &target, "overlay", 0, Some(&options))?;
+    }
+    Ok(())
+}
+
+/// Every mount point in this mount namespace (`/proc/self/mountinfo`'s fifth
+/// field, with its octal escapes undone).
+fn host_mount_points() -> Vec<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|field| {
+            field
+                .replace("\\040", " ")
+                .replace("\\011", "\t")
+                .replace("\\012", "\n")
+                .replace("\\134", "\\")
+        })
+        .collect()
+}
+
+/// Rootless overlayfs keeps its metadata in `user.*` xattrs, where layers
+/// unpacked without root also mark their opaque directories.
+fn overlay_xattrs(plan: &Plan) -> &'static str {
+    if plan.rootless.is_some() {
+        ",userxattr"
+    } else {
+        ""
+    }
+}
+
+/// The flags a remount of a bind mount must repeat: in a user namespace the
+/// kernel locks a host mount's nosuid, nodev, noexec and atime flags, and a
+/// remount that would clear one fails.
+fn locked_flags(mounted: &OwnedFd) -> libc::c_ulong {
+    // SAFETY: fstatvfs writes into the zeroed struct we own.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid fd and out-pointer.
+    if unsafe { libc::fstatvfs(mounted.as_raw_fd(), &mut st) } != 0 {
+        return 0;
+    }
+    [
+        (libc::ST_NOSUID, libc::MS_NOSUID),
+        (libc::ST_NODEV, libc::MS_NODEV),
+        (libc::ST_NOEXEC, libc::MS_NOEXEC),
+        (libc::ST_NOATIME, libc::MS_NOATIME),
+        (libc::ST_NODIRATIME, libc::MS_NODIRATIME),
+        (libc::ST_RELATIME, libc::MS_RELATIME),
+    ]
+    .into_iter()
+    .filter(|(st_flag, _)| st.f_flag & st_flag != 0)
+    .fold(0, |flags, (_, ms_flag)| flags | ms_flag)
 }
 
 /// `pivot_root(".", ".")` stacks the old root under the new one; detaching

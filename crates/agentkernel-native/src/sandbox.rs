@@ -62,7 +62,7 @@ fn supervisor_signals() -> libc::sigset_t {
 /// Runs the plan to completion and cleans up. Must be called from a
 /// single-threaded process (it forks).
 pub fn run(plan: &Plan) -> io::Result<Outcome> {
-    let cgroup = match Cgroup::create(&plan.id, &plan.limits) {
+    let cgroup = match Cgroup::for_plan(plan) {
         Ok(c) => c,
         Err(e) => {
             remove_scratch(plan);
@@ -111,8 +111,8 @@ fn supervise(plan: &Plan, cgroup: &Cgroup) -> io::Result<Outcome> {
         })
     });
     let result = run_command(plan, cgroup, &started, &sfd);
-    if let Some(lease) = &started.lease {
-        crate::net::release(lease);
+    if let Some(link) = &started.link {
+        link.release();
     }
     if let Some(collecting) = collecting {
         let _ = collecting.join();
@@ -125,7 +125,7 @@ pub(crate) struct Started {
     /// Init's pid (in our, the host's, pid namespace).
     pub pid: libc::pid_t,
     pub sock: OwnedFd,
-    pub lease: Option<agentkernel_net::Lease>,
+    pub link: Option<crate::net::Link>,
     /// The terminal's master side, when the plan asked for one.
     pub master: Option<OwnedFd>,
 }
@@ -184,17 +184,17 @@ pub(crate) fn start(
     };
     // With a network, init says when its namespace exists; the veth is set
     // up while init builds the root filesystem (the two take about as long).
-    let lease = if plan.network {
+    let link = if plan.network {
         if sys::read_byte(ours.as_raw_fd()).ok().flatten() != Some(NETNS_READY) {
             let _ = joined(joining);
             return Ok(Err(wait_for(pid)));
         }
-        match crate::net::attach(plan, pid) {
-            Ok(lease) => {
+        match crate::net::connect(plan, pid) {
+            Ok(link) => {
                 if plan.action == crate::plan::Action::Run {
-                    crate::net::print_ports(&lease);
+                    link.print_ports();
                 }
-                Some(lease)
+                Some(link)
             }
             Err(e) => {
                 let _ = joined(joining);
@@ -204,15 +204,10 @@ pub(crate) fn start(
     } else {
         None
     };
-    let release = |lease: &Option<agentkernel_net::Lease>| {
-        if let Some(lease) = lease {
-            crate::net::release(lease);
-        }
-    };
     if let Err(e) = joined(joining).and_then(|()| sys::write_all_fd(ours.as_raw_fd(), &[JOINED])) {
         return failed_during_setup(
             pid,
-            lease.as_ref(),
+            link.as_ref(),
             "cannot move the sandbox into its cgroup",
             e,
         );
@@ -221,12 +216,14 @@ pub(crate) fn start(
         Ok(master) => Ok(Ok(Started {
             pid,
             sock: ours,
-            lease,
+            link,
             master,
         })),
         Err(_) => {
             let status = wait_for(pid);
-            release(&lease);
+            if let Some(link) = &link {
+                link.release();
+            }
             Ok(Err(status))
         }
     }
@@ -237,7 +234,7 @@ pub(crate) fn start(
 /// the outcome and our error is only a consequence; otherwise ours is the error.
 fn failed_during_setup(
     pid: libc::pid_t,
-    lease: Option<&agentkernel_net::Lease>,
+    link: Option<&crate::net::Link>,
     what: &str,
     e: io::Error,
 ) -> io::Result<Result<Started, i32>> {
@@ -251,8 +248,8 @@ fn failed_during_setup(
         }
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    if let Some(lease) = lease {
-        crate::net::release(lease);
+    if let Some(link) = link {
+        link.release();
     }
     match exited {
         Some(status) => Ok(Err(status)),

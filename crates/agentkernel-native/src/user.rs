@@ -125,13 +125,15 @@ fn resolve_with(user: Option<&str>, passwd_text: &str, group_text: &str) -> io::
 }
 
 /// Drops to the identity: supplementary groups, then gid, then uid.
-pub fn switch(id: &Identity) -> io::Result<()> {
+/// Becomes `id`. `set_groups` is false in a rootless sandbox, whose user
+/// namespace denies setgroups (the caller's own groups stay, unmapped).
+pub fn switch(id: &Identity, set_groups: bool) -> io::Result<()> {
     let ctx = |what: &str| {
         let e = io::Error::last_os_error();
         io::Error::new(e.kind(), format!("{what}: {e}"))
     };
     // SAFETY: the pointer and length describe `id.groups`.
-    if unsafe { libc::setgroups(id.groups.len(), id.groups.as_ptr()) } != 0 {
+    if set_groups && unsafe { libc::setgroups(id.groups.len(), id.groups.as_ptr()) } != 0 {
         return Err(ctx("setgroups"));
     }
     // SAFETY: integer arguments only.

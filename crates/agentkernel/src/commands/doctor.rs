@@ -16,7 +16,7 @@ pub async fn doctor() -> Result<i32> {
                     ready += 1;
                     format!(
                         "ready        Linux {} ({}), no daemon",
-                        found.kernel, found.cgroup
+                        found.kernel, found.detail
                     )
                 }
                 Err(why) => format!("unavailable  {why}"),

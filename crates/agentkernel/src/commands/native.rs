@@ -14,7 +14,7 @@ use agentkernel_core::{Error, Result};
 use agentkernel_image as images;
 use agentkernel_native::plan::Action;
 use agentkernel_native::prepare::{self, ImageRoot, HOST_IMAGE};
-use agentkernel_native::{join, kept, sandbox, Plan, HELPER_SUBCOMMAND};
+use agentkernel_native::{join, kept, rootless, sandbox, Plan, HELPER_SUBCOMMAND};
 
 /// Runs a one-shot sandbox. On success this never returns: the process
 /// becomes the helper.
@@ -93,7 +93,14 @@ async fn image_root(spec: &SandboxSpec, config: &Config) -> Result<ImageRoot> {
         PullPolicy::Never => images::PullPolicy::Never,
     };
     let image = super::image::fetch(&store, &reference, policy, config).await?;
-    if image.markers.iter().any(|m| !m.is_empty()) {
+    // Rootless overlayfs reads opaque directories from the `user.*` xattrs
+    // an unprivileged unpack leaves; whiteouts it cannot do without.
+    let rootless = rootless::UserMap::for_caller().is_some();
+    if image
+        .markers
+        .iter()
+        .any(|m| !m.whiteouts.is_empty() || (!rootless && !m.opaque_dirs.is_empty()))
+    {
         return Err(Error::Image {
             image: spec.image.clone(),
             why: "its layers were unpacked without root, so overlayfs cannot show their deletions"
@@ -153,6 +160,15 @@ pub fn helper(fd_arg: Option<String>) -> i32 {
             return crate::EXIT_AGENTKERNEL_ERROR;
         }
     };
+    // A rootless sandbox is built inside a user namespace of its own (an
+    // `exec` joins the kept sandbox's one instead).
+    if let (Some(map), Action::Run | Action::CreateKept) = (&plan.rootless, &plan.action) {
+        if let Err(e) = rootless::enter_user_namespace(map) {
+            eprintln!("agentkernel: native (rootless): {e}");
+            let _ = std::fs::remove_dir_all(&plan.scratch);
+            return crate::EXIT_AGENTKERNEL_ERROR;
+        }
+    }
     let outcome = match plan.action {
         Action::Run => sandbox::run(&plan),
         Action::CreateKept => kept::create(&plan).and_then(|()| {

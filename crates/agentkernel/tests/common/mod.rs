@@ -32,6 +32,19 @@ pub const BUSYBOX: &str = "agentkernel-test/busybox:1";
 /// The above plus the host's python3.
 pub const PYTHON: &str = "agentkernel-test/python:3";
 
+/// Starts 2000 sleeping processes: a pids limit must make fork fail first.
+pub const FORK_BOMB: &str = "for i in $(seq 1 2000); do sleep 30 & done; echo spawned";
+
+/// The fork bomb's run: fork failed (the limit bit), and not at the timeout.
+pub fn assert_fork_bomb_contained(out: &Output) {
+    let err = stderr(out);
+    assert!(
+        err.contains("can't fork") || err.contains("Resource temporarily unavailable"),
+        "the pids limit should make fork fail: {err}"
+    );
+    assert_ne!(code(out), 124, "the fork bomb ran into the safety timeout");
+}
+
 /// Exit code of agentkernel's own failures.
 pub const AK_ERROR: i32 = 125;
 

@@ -1,0 +1,426 @@
+//! Rootless native sandboxes: agentkernel run by an ordinary user (the tests
+//! run as root and drop to a uid of their own per test, so "nothing left
+//! behind" can be checked as "no live process of that uid"). Each attack
+//! is attempted and must fail. Every test name starts with `rootless_`, so
+//! the engine-backed runs of the suite can skip them (scripts/test.sh).
+//!
+//! Needs: unprivileged user namespaces, slirp4netns and a world-accessible
+//! /dev/net/tun (scripts/setup.sh sees to the last two), and the test
+//! registry for the images (each user pulls into its own store).
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{
+    assert_code, assert_fork_bomb_contained, binary, stderr, stdout, BUSYBOX, FORK_BOMB, PYTHON,
+    TEST_REGISTRY,
+};
+
+/// A user of its own (`uid` = gid), with a home, state dir and project.
+struct User {
+    uid: u32,
+    dir: tempfile::TempDir,
+}
+
+impl User {
+    fn new(uid: u32) -> User {
+        let dir = tempfile::Builder::new()
+            .prefix("ak-rootless-")
+            .tempdir()
+            .unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        for sub in ["home", "state", "project"] {
+            std::fs::create_dir(dir.path().join(sub)).unwrap();
+        }
+        let user = User { uid, dir };
+        user.chown_all();
+        user
+    }
+
+    fn chown_all(&self) {
+        let status = Command::new("chown")
+            .args(["-R", &format!("{0}:{0}", self.uid)])
+            .arg(self.dir.path())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    fn project(&self) -> PathBuf {
+        self.dir.path().join("project")
+    }
+
+    fn cmd(&self) -> Command {
+        let mut cmd = Command::new(binary());
+        cmd.uid(self.uid)
+            .gid(self.uid)
+            .env("HOME", self.dir.path().join("home"))
+            .env("AGENTKERNEL_HOME", self.state())
+            .env("AGENTKERNEL_BACKEND", "native")
+            .env("AGENTKERNEL_REGISTRY_MIRRORS", TEST_REGISTRY)
+            .env_remove("XDG_CONFIG_HOME")
+            .env_remove("XDG_DATA_HOME")
+            .current_dir(self.project())
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd().args(args).output().unwrap()
+    }
+
+    /// Live (not zombie) processes of this user.
+    fn processes(&self) -> Vec<(u32, String)> {
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+                continue;
+            };
+            let field = |name: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .map(|v| v.split_whitespace().next().unwrap_or("").to_string())
+            };
+            if field("Uid:").as_deref() != Some(&self.uid.to_string())
+                || field("State:").as_deref() == Some("Z")
+            {
+                continue;
+            }
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            found.push((pid, String::from_utf8_lossy(&cmdline).replace('\0', " ")));
+        }
+        found
+    }
+
+    /// Waits (a little) for this user's processes to be gone.
+    fn assert_no_processes(&self) {
+        let start = Instant::now();
+        loop {
+            let left = self.processes();
+            if left.is_empty() {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "processes left behind: {left:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn runs_left(&self) -> Vec<PathBuf> {
+        match std::fs::read_dir(self.state().join("runs")) {
+            Ok(entries) => entries.flatten().map(|e| e.path()).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+}
+
+impl Drop for User {
+    fn drop(&mut self) {
+        // Kept sandboxes, then anything still running: by PID, only this uid's.
+        let _ = self.cmd().args(["sandbox", "gc"]).output();
+        for (pid, _) in self.processes() {
+            // SAFETY: signalling a process of this test's own uid.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    }
+}
+
+fn ok(out: &Output) -> String {
+    assert_code(out, 0);
+    stdout(out)
+}
+
+#[test]
+fn rootless_run_maps_only_the_caller_to_root() {
+    let user = User::new(4301);
+    let out = user.run(&[
+        "run",
+        "--no-network",
+        "-i",
+        BUSYBOX,
+        "sh",
+        "-c",
+        "id -u; cat /proc/self/uid_map; echo err >&2; exit 7",
+    ]);
+    assert_code(&out, 7);
+    let text = stdout(&out);
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("0"), "{text}");
+    let map: Vec<&str> = lines.next().unwrap_or("").split_whitespace().collect();
+    assert_eq!(map, ["0", "4301", "1"], "only the caller is mapped: {text}");
+    let err = stderr(&out);
+    assert!(err.contains("err"), "{err}");
+    assert!(
+        err.contains("rootless") && err.contains("not enforced"),
+        "the unenforced profile limits must be said: {err}"
+    );
+    assert!(user.runs_left().is_empty(), "{:?}", user.runs_left());
+    user.assert_no_processes();
+}
+
+#[test]
+fn rootless_root_inside_is_not_root_outside() {
+    let user = User::new(4302);
+    // Root's files, bound into the sandbox read-write: the sandbox's root
+    // is the caller outside and may not change or read them.
+    let data = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(data.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(data.path().join("secret"), "s3cret").unwrap();
+    std::fs::set_permissions(
+        data.path().join("secret"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    let volume = format!("{}:/data", data.path().display());
+    let out = user.run(&[
+        "run",
+        "--no-network",
+        "-v",
+        &volume,
+        "-i",
+        BUSYBOX,
+        "sh",
+        "-c",
+        "touch /data/planted && echo PLANTED; cat /data/secret && echo READ; \
+         chown 0:0 /data && echo CHOWNED; echo done",
+    ]);
+    let text = ok(&out);
+    assert!(!text.contains("PLANTED"), "{text}");
+    assert!(!text.contains("READ"), "{text}");
+    assert!(!text.contains("CHOWNED"), "{text}");
+    assert!(text.contains("done"), "{text}");
+    assert!(!data.path().join("planted").exists());
+}
+
+#[test]
+fn rootless_sandbox_cannot_see_host_processes() {
+    let user = User::new(4303);
+    let mut marker = Command::new("sleep").arg("61.4303").spawn().unwrap();
+    let out = user.run(&[
+        "run",
+        "--no-network",
+        "-i",
+        BUSYBOX,
+        "sh",
+        "-c",
+        "cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' ' '; echo; ls -d /proc/[0-9]* | wc -l",
+    ]);
+    let _ = marker.kill();
+    let _ = marker.wait();
+    let text = ok(&out);
+    assert!(
+        !text.contains("61.4303"),
+        "a host process is visible: {text}"
+    );
+    let count: usize = text.lines().last().unwrap_or("").trim().parse().unwrap();
+    assert!(count <= 4, "more than the sandbox's own processes: {text}");
+}
+
+#[test]
+fn rootless_fork_bomb_stops_at_the_pids_limit() {
+    let user = User::new(4304);
+    let out = user.run(&[
+        "run",
+        "-p",
+        "restrictive",
+        "--timeout",
+        "30s",
+        "-i",
+        BUSYBOX,
+        "sh",
+        "-c",
+        FORK_BOMB,
+    ]);
+    assert_fork_bomb_contained(&out);
+    user.assert_no_processes();
+}
+
+#[test]
+fn rootless_limits_it_cannot_enforce_are_refused() {
+    let user = User::new(4305);
+    for flags in [["--memory", "256m"], ["--cpus", "0.5"]] {
+        let mut args = vec!["run", "--no-network"];
+        args.extend(flags);
+        args.extend(["-i", BUSYBOX, "true"]);
+        let out = user.run(&args);
+        assert_code(&out, 125);
+        let err = stderr(&out);
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+        assert!(err.contains("rootless") && err.contains("root"), "{err}");
+        assert!(user.runs_left().is_empty(), "{:?}", user.runs_left());
+    }
+    user.assert_no_processes();
+}
+
+#[test]
+fn rootless_network_reaches_the_host_but_not_its_loopback() {
+    let user = User::new(4306);
+    let loopback = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let open = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let host_ip = primary_address();
+    let script = format!(
+        "import socket\n\
+         def reach(addr):\n\
+         \x20   try:\n\
+         \x20       socket.create_connection(addr, 3).close(); return 'yes'\n\
+         \x20   except OSError:\n\
+         \x20       return 'no'\n\
+         print('loopback', reach(('10.0.2.2', {})))\n\
+         print('host', reach(('{host_ip}', {})))\n\
+         print(open('/etc/resolv.conf').read().strip())\n",
+        loopback.local_addr().unwrap().port(),
+        open.local_addr().unwrap().port(),
+    );
+    let out = user.run(&["run", "-i", PYTHON, "python3", "-c", &script]);
+    let text = ok(&out);
+    assert!(
+        text.contains("loopback no"),
+        "host loopback reachable: {text}"
+    );
+    assert!(
+        text.contains("host yes"),
+        "the network does not work: {text}"
+    );
+    assert!(text.contains("nameserver 10.0.2.3"), "{text}");
+    user.assert_no_processes();
+}
+
+/// The host's address on its default route.
+fn primary_address() -> String {
+    let out = Command::new("ip")
+        .args(["-4", "route", "get", "1.1.1.1"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut words = text.split_whitespace();
+    while let Some(w) = words.next() {
+        if w == "src" {
+            return words.next().unwrap().to_string();
+        }
+    }
+    panic!("no default route source address: {text}");
+}
+
+#[test]
+fn rootless_kept_sandbox_exec_stop_refused_remove() {
+    let user = User::new(4307);
+    let out = user.run(&[
+        "run",
+        "--keep",
+        "--name",
+        "rl",
+        "-i",
+        BUSYBOX,
+        "sh",
+        "-c",
+        "echo kept > /tmp/state",
+    ]);
+    assert_code(&out, 0);
+    let out = user.run(&["exec", "rl", "--", "sh", "-c", "cat /tmp/state; exit 5"]);
+    assert_code(&out, 5);
+    assert_eq!(stdout(&out), "kept\n");
+    let out = user.run(&["sandbox", "stop", "rl"]);
+    assert_code(&out, 125);
+    assert!(stderr(&out).contains("rootless"), "{}", stderr(&out));
+    let listed = ok(&user.run(&["sandbox", "list"]));
+    assert!(
+        listed.contains("rl") && listed.contains("running"),
+        "{listed}"
+    );
+    assert_code(&user.run(&["sandbox", "remove", "rl"]), 0);
+    user.assert_no_processes();
+    assert!(!user.state().join("sandboxes/rl").exists());
+}
+
+#[test]
+fn rootless_kill_9_leaves_nothing_after_gc() {
+    let user = User::new(4308);
+    let mut child = user
+        .cmd()
+        .args(["run", "-i", BUSYBOX, "sleep", "60"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !user
+        .processes()
+        .iter()
+        .any(|(_, cmd)| cmd.starts_with("sleep 60"))
+    {
+        assert!(start.elapsed() < Duration::from_secs(20), "never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // The sandbox's processes (and slirp4netns) die with the helper.
+    user.assert_no_processes();
+    assert_code(&user.run(&["sandbox", "gc"]), 0);
+    assert!(user.runs_left().is_empty(), "{:?}", user.runs_left());
+}
+
+#[test]
+fn rootless_host_image_is_private_and_hides_state() {
+    let user = User::new(4309);
+    let state = user.state();
+    let script = format!(
+        "cat /etc/shadow >/dev/null 2>&1 && echo SHADOW; \
+         echo x > /usr/planted-4309 && echo wrote-usr; \
+         ls -A {} | wc -l",
+        state.display()
+    );
+    let out = user.run(&[
+        "run",
+        "--no-network",
+        "--image",
+        "host",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    let text = ok(&out);
+    assert!(!text.contains("SHADOW"), "{text}");
+    assert!(
+        text.contains("wrote-usr"),
+        "the root should be writable (privately): {text}"
+    );
+    assert_eq!(
+        text.lines().last(),
+        Some("0"),
+        "the state dir is visible: {text}"
+    );
+    assert!(
+        !Path::new("/usr/planted-4309").exists(),
+        "the host's /usr changed"
+    );
+    user.assert_no_processes();
+}
+
+#[test]
+fn rootless_doctor_says_what_it_enforces() {
+    let user = User::new(4310);
+    let text = ok(&user.run(&["doctor"]));
+    let native = text
+        .lines()
+        .find(|l| l.starts_with("native"))
+        .unwrap_or_default();
+    assert!(
+        native.contains("ready") && native.contains("rootless") && native.contains("pids"),
+        "{text}"
+    );
+}
