@@ -232,6 +232,42 @@ impl Cgroup {
         }
     }
 
+    /// One-shot runs' cgroups that are empty and older than `min_age`. A
+    /// live run's cgroup holds its init from the first milliseconds on, so
+    /// such a group belongs to no run: its agentkernel died before (or while)
+    /// its scratch directory was removed, which is how `gc` finds the rest.
+    pub fn abandoned_runs(min_age: std::time::Duration) -> Vec<PathBuf> {
+        let parents: Vec<PathBuf> = if host_is_v1() {
+            V1_CONTROLLERS
+                .iter()
+                .filter_map(|c| v1_mount(c))
+                .map(|m| m.join("agentkernel"))
+                .collect()
+        } else {
+            vec![PathBuf::from("/sys/fs/cgroup/agentkernel")]
+        };
+        let mut found = Vec::new();
+        for parent in parents {
+            let Ok(entries) = fs::read_dir(&parent) else {
+                continue;
+            };
+            for dir in entries.flatten().map(|e| e.path()) {
+                let is_run = dir
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("run-"));
+                let old = fs::metadata(&dir)
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t.elapsed().is_ok_and(|age| age >= min_age));
+                let empty = fs::read_to_string(dir.join("cgroup.procs"))
+                    .is_ok_and(|procs| procs.trim().is_empty());
+                if is_run && old && empty {
+                    found.push(dir);
+                }
+            }
+        }
+        found
+    }
+
     /// Moves process `pid` (and, since it has no other threads, all of it)
     /// into the cgroup.
     pub fn join(&self, pid: libc::pid_t) -> io::Result<()> {
@@ -328,5 +364,43 @@ impl Cgroup {
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Real cgroups (tests run as root, like CI): an empty run group is
+    /// abandoned, one with a process in it never is.
+    #[test]
+    fn abandoned_runs_are_the_empty_ones() {
+        let id = |what: &str| format!("run-test{what}{}", std::process::id());
+        let empty = Cgroup::create(&id("empty"), &CgroupLimits::default()).unwrap();
+        let busy = Cgroup::create(&id("busy"), &CgroupLimits::default()).unwrap();
+        let mut sleeper = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        busy.join(sleeper.id() as libc::pid_t).unwrap();
+
+        let found = Cgroup::abandoned_runs(std::time::Duration::ZERO);
+        // Young groups are left alone (a run may be about to join its own).
+        let old_only = Cgroup::abandoned_runs(std::time::Duration::from_secs(3600));
+        let _ = sleeper.kill();
+        let _ = sleeper.wait();
+        empty.remove();
+        busy.remove();
+        for dir in &empty.dirs {
+            assert!(
+                found.contains(dir),
+                "{} not found in {found:?}",
+                dir.display()
+            );
+        }
+        for dir in &busy.dirs {
+            assert!(!found.contains(dir), "{} has a process", dir.display());
+        }
+        assert!(old_only.iter().all(|d| !empty.dirs.contains(d)));
     }
 }

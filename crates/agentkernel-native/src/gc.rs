@@ -17,6 +17,11 @@ pub fn orphaned_runs(store: &Store) -> usize {
         remove_run(&dir);
         cleaned += 1;
     }
+    for group in Cgroup::abandoned_runs(std::time::Duration::from_secs(60)) {
+        if std::fs::remove_dir(&group).is_ok() {
+            cleaned += 1;
+        }
+    }
     cleaned + crate::net::collect_dead()
 }
 
