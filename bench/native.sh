@@ -7,7 +7,9 @@
 #      bwrap — ratios to docker;
 #   3. peak memory (max RSS) of the agentkernel process, beside bwrap and the
 #      docker CLI;
-#   4. 50 concurrent native runs: failures, and anything left behind.
+#   4. 50 concurrent native runs: failures, and anything left behind;
+#   5. rootless (as root: a throwaway uid via setpriv): bwrap beside
+#      agentkernel -B native with slirp4netns and with --no-network.
 # Needs the test registry (scripts/setup.sh) for the image.
 #   bench/native.sh [RUNS] [DOCKER_RUNS]     (defaults: 200, 30)
 set -euo pipefail
@@ -22,7 +24,8 @@ project=$(mktemp -d)
 out=$(mktemp -d)
 export AGENTKERNEL_HOME="$home"
 export AGENTKERNEL_REGISTRY_MIRRORS=${AGENTKERNEL_REGISTRY_MIRRORS:-http://127.0.0.1:5055}
-trap 'rm -rf "$home" "$project" "$out"' EXIT
+rootless=$(mktemp -d)
+trap 'rm -rf "$home" "$project" "$out" "$rootless"' EXIT
 "$ak" image pull "$image" >/dev/null 2>&1   # cached: runs make no network request
 cd "$project"   # a project dir: the workspace is mounted as it would be for a user
 bwrap_cmd="bwrap --ro-bind / / --dev /dev --proc /proc --unshare-all true"
@@ -74,3 +77,18 @@ echo "left behind: scratch dirs $(ls "$home/runs" 2>/dev/null | wc -l)," \
   "cgroups $(( $(count_cgroups) - cgroups_before ))," \
   "leases $(( $(count_leases) - leases_before ))," \
   "veths $(ip -o link 2>/dev/null | grep -c ': ak[0-9a-f]' || true)"
+
+if [ "$(id -u)" = 0 ]; then
+  echo
+  echo "== rootless: uid 4242 via setpriv ($runs runs each)"
+  chmod 755 "$rootless"; mkdir -p "$rootless/home" "$rootless/project"
+  chown -R 4242:4242 "$rootless"
+  as_user="setpriv --reuid 4242 --regid 4242 --clear-groups env HOME=$rootless/home AGENTKERNEL_HOME=$rootless/state"
+  (cd "$rootless/project" && $as_user "$ak" image pull "$image" >/dev/null 2>&1)
+  (cd "$rootless/project" && hyperfine -N --warmup 5 --runs "$runs" --export-json "$out/rootless.json" --style none \
+    -n "bwrap --unshare-all (unprivileged)" "$as_user $bwrap_cmd" \
+    -n "agentkernel -B native rootless (slirp4netns)" "$as_user $ak run -B native -i $image true" \
+    -n "agentkernel -B native rootless --no-network" "$as_user $ak run -B native --no-network -i $image true" \
+    >/dev/null)
+  python3 "$root/bench/report.py" "$out/rootless.json"
+fi
