@@ -424,3 +424,28 @@ fn rootless_doctor_says_what_it_enforces() {
         "{text}"
     );
 }
+
+#[test]
+fn rootless_kill_9_of_a_kept_holder_takes_the_sandbox_with_it() {
+    let user = User::new(4311);
+    assert_code(
+        &user.run(&["run", "--keep", "--name", "held", "-i", BUSYBOX, "true"]),
+        0,
+    );
+    let held = std::fs::read_to_string(user.state().join("sandboxes/held/native.json")).unwrap();
+    let held: serde_json::Value = serde_json::from_str(&held).unwrap();
+    let holder: i32 = held["holder"]
+        .as_str()
+        .and_then(|h| h.split(':').nth(1))
+        .and_then(|p| p.parse().ok())
+        .unwrap();
+    assert!(held["anchor_pid"].as_i64().is_some(), "{held}");
+    // SAFETY: signalling the holder this test created, by PID.
+    assert_eq!(unsafe { libc::kill(holder, libc::SIGKILL) }, 0);
+    // Init, the namespace anchor and slirp4netns die with it.
+    user.assert_no_processes();
+    assert_code(&user.run(&["sandbox", "gc"]), 0);
+    assert!(!user.state().join("sandboxes/held").exists());
+    let out = user.run(&["exec", "held", "--", "true"]);
+    assert_code(&out, 125);
+}
