@@ -33,29 +33,38 @@ fn is_cgroup2(path: &str) -> bool {
     unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == CGROUP2_SUPER_MAGIC }
 }
 
+/// The host's v1 cgroup mounts: (mount point, its options). Read once per
+/// process: `/proc/self/mounts` is expensive to generate on a host with many
+/// overlay mounts (each container engine's), and a run needs it several
+/// times — the helper reads it before it forks, so init inherits it.
+fn v1_mounts() -> &'static [(PathBuf, String)] {
+    static MOUNTS: std::sync::OnceLock<Vec<(PathBuf, String)>> = std::sync::OnceLock::new();
+    MOUNTS.get_or_init(|| {
+        let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        mounts
+            .lines()
+            .filter_map(|line| {
+                let f: Vec<&str> = line.split(' ').collect();
+                (f.len() > 3 && f[2] == "cgroup").then(|| (PathBuf::from(f[1]), f[3].to_string()))
+            })
+            .collect()
+    })
+}
+
 /// Where each v1 controller is mounted (`cpu` is often `cpu,cpuacct`).
 fn v1_mount(controller: &str) -> Option<PathBuf> {
-    let mounts = fs::read_to_string("/proc/self/mounts").ok()?;
-    mounts.lines().find_map(|line| {
-        let fields: Vec<&str> = line.split(' ').collect();
-        (fields.len() > 3 && fields[2] == "cgroup" && fields[3].split(',').any(|o| o == controller))
-            .then(|| PathBuf::from(fields[1]))
-    })
+    v1_mounts()
+        .iter()
+        .find(|(_, options)| options.split(',').any(|o| o == controller))
+        .map(|(path, _)| path.clone())
 }
 
 /// The v1 hierarchies a sandbox joins, as (directory name, mount options):
 /// e.g. ("cpu,cpuacct", "cpu,cpuacct") — options must match the host's mount.
 pub fn v1_hierarchies() -> Vec<(String, String)> {
-    let Ok(mounts) = fs::read_to_string("/proc/self/mounts") else {
-        return Vec::new();
-    };
     let mut out: Vec<(String, String)> = Vec::new();
-    for line in mounts.lines() {
-        let f: Vec<&str> = line.split(' ').collect();
-        if f.len() < 4 || f[2] != "cgroup" {
-            continue;
-        }
-        let controllers: Vec<&str> = f[3]
+    for (_, options) in v1_mounts() {
+        let controllers: Vec<&str> = options
             .split(',')
             .filter(|o| V1_CONTROLLERS.contains(o) || *o == "cpuacct")
             .collect();
