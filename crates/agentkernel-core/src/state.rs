@@ -78,10 +78,15 @@ impl Owner {
     }
 }
 
+/// This boot's id (read once per process: it cannot change while we run).
 fn boot_id() -> String {
-    fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+    static BOOT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BOOT.get_or_init(|| {
+        fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    })
+    .clone()
 }
 
 /// Field `n` (1-based, as in proc(5)) of /proc/PID/stat, for n >= 3.

@@ -79,6 +79,25 @@ pub fn v1_hierarchies() -> Vec<(String, String)> {
     out
 }
 
+/// Whether memory, cpu and pids are mounted as v1 hierarchies. Checked at
+/// their usual places first (a statfs each), so choosing the backend costs
+/// no read of `/proc/self/mounts`.
+pub fn v1_controllers_mounted() -> bool {
+    const CGROUP_SUPER_MAGIC: i64 = 0x0027_e0eb;
+    let at_usual_place = |c: &str| {
+        let path = std::ffi::CString::new(format!("/sys/fs/cgroup/{c}")).expect("no NUL");
+        // SAFETY: statfs writes into the zeroed struct we own.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid C string and out-pointer.
+        unsafe {
+            libc::statfs(path.as_ptr(), &mut st) == 0 && st.f_type as i64 == CGROUP_SUPER_MAGIC
+        }
+    };
+    ["memory", "cpu", "pids"]
+        .iter()
+        .all(|c| at_usual_place(c) || v1_mount(c).is_some())
+}
+
 /// True when this host's cgroups are v1 (or hybrid: v2 without controllers).
 pub fn host_is_v1() -> bool {
     !is_cgroup2("/sys/fs/cgroup")

@@ -52,7 +52,7 @@ pub fn check() -> Result<Support, String> {
         });
     }
     let cgroup = if crate::cgroup::host_is_v1() {
-        if crate::cgroup::v1_hierarchies().len() < 3 {
+        if !crate::cgroup::v1_controllers_mounted() {
             return Err("cgroup v1 without the memory, cpu and pids controllers mounted; mount them or boot with cgroup v2".into());
         }
         "cgroup v1"
