@@ -19,6 +19,9 @@ fn pooled(env: &TestEnv, args: &[&str]) -> (Output, String) {
         "a warm container should be ready",
         || !env.warm_pool().is_empty(),
     );
+    // A refill still under way may be starting another warm container, which
+    // the run may claim: take the snapshot once it is done.
+    env.wait_for_refills(Duration::from_secs(60));
     let warm = env.warm_pool();
     let (out, owner) = env.run_tracked(args);
     // The claim records our owner, but the detached refill may already have
