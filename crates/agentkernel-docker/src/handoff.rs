@@ -252,11 +252,18 @@ struct Handed<'a> {
 }
 
 impl Handed<'_> {
-    /// The init the shell started for the command (on this host).
+    /// The init the shell started for the command (on this host); not the
+    /// idle `sleep` it killed, nor the one it starts once the command is over.
     async fn init_pid(&self) -> Option<i32> {
+        let init = crate::exec::exec_prefix(Flavor::Podman)[0];
+        let is_init = |pid: &u32| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.split(|b| *b == 0).next() == Some(init.as_bytes()))
+                && !is_zombie(*pid)
+        };
         for _ in 0..1000 {
-            if let Some(pid) = children_of(self.shell.pid).first() {
-                return Some(*pid as i32);
+            if let Some(pid) = children_of(self.shell.pid).into_iter().find(is_init) {
+                return Some(pid as i32);
             }
             if !self.shell.alive() {
                 return None;
