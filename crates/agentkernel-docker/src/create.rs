@@ -36,6 +36,68 @@ pub fn keep_alive_command() -> Vec<String> {
     vec!["/bin/sh".into(), "-c".into(), script]
 }
 
+/// Where a claimed warm container finds its one command (see [`crate::handoff`]).
+pub const RUN_DIR: &str = "/run/agentkernel/run";
+
+/// The main process of a Podman warm pool container: [`keep_alive_command`]'s
+/// loop, plus a SIGUSR1 handler through which the claimant hands it its one
+/// command (see [`crate::handoff`]), so the run needs no engine exec. On the
+/// signal it reads argv, workdir and env from [`RUN_DIR`] (one file per
+/// value, each followed by a newline: read with the `read` builtin, no
+/// quoting or evaluation), runs the command under `init` exactly as an exec
+/// would (`init -- ARGV`) with stdin, stdout and stderr on the FIFOs there,
+/// and reports `run` and then the exit status on the `status` FIFO. It
+/// reports `fallback` instead, before running anything, when it cannot give
+/// the command what an exec would (bash as `/bin/sh` exports `_`; a
+/// workdir it cannot enter): the claimant then execs as before. It stays
+/// alive afterwards, like a container served by exec, until it is removed.
+/// The shell's own variables are `__ak_*`; it drops the `PWD`, `OLDPWD` and
+/// `SHLVL` it sets itself (the claimant takes the exec path when the image
+/// sets them). Needs `/bin/sh`, `date`, `cat` and `sleep` (and `mkdir` for
+/// a missing workdir).
+pub fn serving_keep_alive_command(init: &str) -> Vec<String> {
+    let r = RUN_DIR;
+    let script = format!(
+        "__ak_read() {{ \
+           __ak_a=; __ak_n=; \
+           while IFS= read -r __ak_l; do __ak_a=\"$__ak_a$__ak_n$__ak_l\"; __ak_n='\n'; done <\"$1\"; \
+         }}; \
+         __ak_serve() {{ \
+           [ -n \"$__ak_served\" ] && return; __ak_served=1; \
+           kill $__ak_idle 2>/dev/null; \
+           if [ -n \"$BASH_VERSION\" ]; then echo fallback >{r}/status; return; fi; \
+           set --; __ak_i=0; \
+           while [ -e {r}/argv/$__ak_i ]; do \
+             __ak_read {r}/argv/$__ak_i; set -- \"$@\" \"$__ak_a\"; __ak_i=$((__ak_i + 1)); \
+           done; \
+           if [ -e {r}/workdir ]; then \
+             __ak_read {r}/workdir; \
+             [ -d \"$__ak_a\" ] || mkdir -p \"$__ak_a\" 2>/dev/null; \
+             cd \"$__ak_a\" 2>/dev/null || {{ echo fallback >{r}/status; return; }}; \
+           fi; \
+           unset PWD OLDPWD SHLVL; __ak_i=0; \
+           while [ -e {r}/env/$__ak_i ]; do \
+             __ak_read {r}/env/$__ak_i; export \"$__ak_a\"; __ak_i=$((__ak_i + 1)); \
+           done; \
+           exec 3<{r}/in 4>{r}/out 5>{r}/err; \
+           echo run >{r}/status; \
+           {init} -- \"$@\" <&3 >&4 2>&5 3<&- 4>&- 5>&-; \
+           __ak_i=$?; exec 3<&- 4>&- 5>&-; \
+           echo $__ak_i >{r}/status; \
+         }}; \
+         trap 'exit 0' TERM INT HUP; \
+         trap __ak_serve USR1; \
+         while :; do \
+           if [ -d {CONTROL_MOUNT}/claimed ]; then sleep 2 & __ak_idle=$!; wait $__ak_idle; continue; fi; \
+           __ak_now=$(date +%s); __ak_d=$(cat {CONTROL_MOUNT}/deadline 2>/dev/null || echo 0); \
+           [ \"$__ak_now\" -ge \"$__ak_d\" ] && exit 0; \
+           __ak_s=$((__ak_d - __ak_now)); [ \"$__ak_s\" -gt 2 ] && __ak_s=2; \
+           sleep \"$__ak_s\" & __ak_idle=$!; wait $__ak_idle; \
+         done"
+    );
+    vec!["/bin/sh".into(), "-c".into(), script]
+}
+
 /// What differs between a one-shot container and a kept one.
 pub struct Shape<'a> {
     pub command: Vec<String>,

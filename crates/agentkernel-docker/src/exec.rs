@@ -21,7 +21,7 @@ use crate::Engine;
 /// (double forks included) in one tree that a timeout can kill, forwards
 /// signals, and reports exec failures (tini as 126/127; catatonit by a
 /// message, see [`stdio::init_exec_failure`]).
-fn exec_prefix(flavor: Flavor) -> &'static [&'static str] {
+pub(crate) fn exec_prefix(flavor: Flavor) -> &'static [&'static str] {
     match flavor {
         Flavor::Docker => &["/sbin/docker-init", "-s", "--"],
         Flavor::Podman => &["/run/podman-init", "--"],

@@ -12,6 +12,7 @@
 //! - [`stdio`]: streaming stdin/stdout/stderr, TTY, signals, resize
 //! - [`oneshot`]: `run` without `--keep`
 //! - [`exec`]: one command in an existing container (kept sandboxes, pool)
+//! - [`handoff`]: Podman's pooled runs, run by the warm container's own keep-alive
 //! - [`kept`]: kept sandboxes: create, exec, stop/start/remove, list
 //! - [`pool`]: the warm pool behind `--fast`
 //! - [`gc`]: removing what dead agentkernel processes left behind
@@ -24,6 +25,7 @@ pub mod detached;
 pub mod engine;
 pub mod exec;
 pub mod gc;
+pub mod handoff;
 pub mod kept;
 pub mod labels;
 pub mod oneshot;

@@ -30,7 +30,8 @@ use bollard::query_parameters::ListContainersOptionsBuilder;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::create::{container_body, keep_alive_command, Shape};
+use crate::create::{container_body, keep_alive_command, serving_keep_alive_command, Shape};
+use crate::engine::Flavor;
 use crate::exec::KillScope;
 use crate::oneshot::remove_container;
 use crate::{labels, Engine};
@@ -120,9 +121,9 @@ pub async fn run(
         // Pulling on every run is the point of `always`; a warm container would skip it.
         return crate::oneshot::run(engine, spec, store).await;
     }
-    let image_id = match engine.docker.inspect_image(&spec.image).await {
-        Ok(info) => info.id,
-        Err(e) if crate::engine::is_not_found(&e) => None,
+    let (image_id, image_env) = match engine.docker.inspect_image(&spec.image).await {
+        Ok(info) => (info.id, info.config.and_then(|c| c.env).unwrap_or_default()),
+        Err(e) if crate::engine::is_not_found(&e) => (None, Vec::new()),
         Err(e) => return Err(engine.error("inspecting the image", e)),
     };
     let Some(image_id) = image_id else {
@@ -146,7 +147,7 @@ pub async fn run(
 
     let outcome = match claim(engine, store, &key).await {
         Some(container) => {
-            let outcome = run_claimed(engine, &container, spec).await;
+            let outcome = run_claimed(engine, store, &container, spec, &image_env).await;
             // From here the refill owns the used container; gc gives it a moment.
             let _ = std::fs::write(container_dir(store, &container).join("handed-off"), b"");
             spawn_refill(store, &key, Some(&container));
@@ -163,10 +164,29 @@ pub async fn run(
 
 async fn run_claimed(
     engine: &Engine,
+    store: &Store,
     container: &str,
     spec: &SandboxSpec,
+    image_env: &[String],
 ) -> Result<Outcome, Error> {
-    let outcome = crate::exec::run(engine, container, &spec.exec, KillScope::Container).await?;
+    use crate::handoff::Handoff;
+    let dir = container_dir(store, container);
+    let handed = match crate::handoff::recorded(&dir) {
+        Some(shell)
+            if engine.flavor == Flavor::Podman && crate::handoff::suits(&spec.exec, image_env) =>
+        {
+            crate::handoff::run(engine, container, &dir.join("ctl"), shell, &spec.exec).await?
+        }
+        _ => Handoff::Declined,
+    };
+    let outcome = match handed {
+        Handoff::Ran(outcome) => outcome,
+        Handoff::Declined => {
+            crate::exec::run(engine, container, &spec.exec, KillScope::Container).await?
+        }
+        // Nothing ran: the normal path gives the same result.
+        Handoff::Lost => return crate::oneshot::run(engine, spec, store).await,
+    };
     // A fresh container: any OOM kill in it was this command's.
     if outcome == Outcome::Exited(137)
         && crate::exec::oom_kills(engine, container).await.unwrap_or(0) > 0
@@ -319,7 +339,13 @@ async fn create_warm(
             engine.flavor,
             spec,
             Shape {
-                command: keep_alive_command(),
+                command: match engine.flavor {
+                    // Podman's exec is slow: its warm containers run the command themselves.
+                    Flavor::Podman => {
+                        serving_keep_alive_command(crate::exec::exec_prefix(engine.flavor)[0])
+                    }
+                    Flavor::Docker => keep_alive_command(),
+                },
                 labels: label_map,
                 stdin: false,
                 tty: false,
@@ -337,7 +363,20 @@ async fn create_warm(
             .docker
             .start_container(&name, None)
             .await
-            .map_err(|e| engine.error("starting a warm container", e))
+            .map_err(|e| engine.error("starting a warm container", e))?;
+        if engine.flavor == Flavor::Podman {
+            let pid = engine
+                .docker
+                .inspect_container(&name, None)
+                .await
+                .ok()
+                .and_then(|i| i.state?.pid)
+                .filter(|p| *p > 0);
+            if let Some(pid) = pid {
+                crate::handoff::record(pid as i32, &dir).await;
+            }
+        }
+        Ok(())
     }
     .await;
     if result.is_err() {

@@ -19,6 +19,9 @@ fn pooled(env: &TestEnv, args: &[&str]) -> (Output, String) {
         "a warm container should be ready",
         || !env.warm_pool().is_empty(),
     );
+    // A refill still under way may be starting another warm container, which
+    // the run may claim: take the snapshot once it is done.
+    env.wait_for_refills(Duration::from_secs(60));
     let warm = env.warm_pool();
     let (out, owner) = env.run_tracked(args);
     // The claim records our owner, but the detached refill may already have
@@ -639,4 +642,136 @@ fn prune_removes_warm_containers() {
     let out = env.run(&["pool", "prune"]);
     assert_code(&out, 0);
     assert_eq!(warm_count(&env), 0);
+}
+
+/// Runs `args` (after `run`) pooled, then on the normal path; returns both.
+fn pooled_and_normal(env: &TestEnv, args: &[&str], stdin: &[u8]) -> (Output, Output) {
+    let run = |extra: &[&str]| {
+        let mut all = vec!["run"];
+        all.extend_from_slice(extra);
+        all.extend_from_slice(args);
+        env.cmd().args(&all).write_stdin(stdin).output().unwrap()
+    };
+    poll_until(Duration::from_secs(60), "a warm container", || {
+        warm_count(env) >= 1
+    });
+    (run(&[]), run(&["--fast=false"]))
+}
+
+/// Arguments and env values that a shell would mangle pass through a pooled
+/// run byte for byte, as on the normal path (on Podman the warm container's
+/// own keep-alive shell starts the command: it must never quote, split or
+/// evaluate them), and the command's environment is the normal path's.
+#[test]
+fn pooled_argv_env_and_environment_are_exact() {
+    let env = TestEnv::new();
+    write_config(&env, 1, "60s");
+    warm_up_n(&env, &[], 1);
+    let tricky = [
+        "",
+        " lead and trail ",
+        "new\nline\n",
+        "\n",
+        "q'u\"o`t$e",
+        "back\\slash\\",
+        "$(touch /tmp/pwned)",
+        "*",
+        "-n",
+        "ünï\tcode",
+    ];
+    let value = "a\nb\n 'c' $d\\ `e`\n";
+    let script = format!(
+        "{WHICH_PATH}; printf '[%s]' \"$@\"; printf '{{%s}}' \"$V\"; ls /tmp/pwned 2>/dev/null; true"
+    );
+    let mut args = vec!["-i", BUSYBOX, "-e"];
+    let assignment = format!("V={value}");
+    args.push(&assignment);
+    args.extend(["sh", "-c", &script, "zero"]);
+    args.extend(tricky);
+    let (pooled, normal) = pooled_and_normal(&env, &args, b"");
+    assert_code(&pooled, 0);
+    assert!(stderr(&pooled).contains("pooled"), "{}", stderr(&pooled));
+    let expected: String = tricky.iter().map(|a| format!("[{a}]")).collect();
+    assert_eq!(stdout(&pooled), format!("{expected}{{{value}}}"));
+    assert_eq!(stdout(&pooled), stdout(&normal));
+
+    // The environment a command sees, exactly (only the hostname differs).
+    let environment = |out: &Output| {
+        let mut lines: Vec<String> = stdout(out)
+            .lines()
+            .filter(|l| !l.starts_with("HOSTNAME="))
+            .map(str::to_string)
+            .collect();
+        lines.sort();
+        lines
+    };
+    let command = ["-i", BUSYBOX, "-e", "K=v", "env"];
+    let (pooled, _) = self::pooled(&env, &[&["run"][..], &command].concat());
+    let normal = env.run(&[&["run", "--fast=false"][..], &command].concat());
+    prune(&env);
+    assert_code(&pooled, 0);
+    assert!(stdout(&pooled).contains("K=v\n"), "{}", stdout(&pooled));
+    assert_eq!(environment(&pooled), environment(&normal));
+}
+
+/// Names the keep-alive shell owns (IFS, SHLVL) reach the command as given:
+/// such runs are served by the exec path, with the same semantics.
+#[test]
+fn pooled_runs_pass_shell_variable_names_through() {
+    let env = TestEnv::new();
+    write_config(&env, 1, "60s");
+    warm_up_n(&env, &[], 1);
+    let command = ["-i", BUSYBOX, "-e", "IFS=:", "-e", "SHLVL=7", "env"];
+    let (pooled, _) = self::pooled(&env, &[&["run"][..], &command].concat());
+    let normal = env.run(&[&["run", "--fast=false"][..], &command].concat());
+    prune(&env);
+    assert_code(&pooled, 0);
+    let pick = |out: &Output| {
+        let mut v: Vec<String> = stdout(out)
+            .lines()
+            .filter(|l| l.starts_with("IFS=") || l.starts_with("SHLVL="))
+            .map(str::to_string)
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(pick(&pooled), vec!["IFS=:", "SHLVL=7"]);
+    assert_eq!(pick(&pooled), pick(&normal));
+}
+
+/// A megabyte through stdin and back out, with stdin's EOF ending the command.
+#[test]
+fn pooled_stdin_and_stdout_stream_a_megabyte() {
+    let env = TestEnv::new();
+    write_config(&env, 1, "60s");
+    warm_up_n(&env, &[], 1);
+    let input: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+    let script = format!("{WHICH_PATH}; cat; echo end");
+    let (pooled, _) = pooled_and_normal(&env, &["-i", BUSYBOX, "sh", "-c", &script], &input);
+    prune(&env);
+    assert_code(&pooled, 0);
+    assert!(stderr(&pooled).contains("pooled"), "{}", stderr(&pooled));
+    let mut expected = input.clone();
+    expected.extend_from_slice(b"end\n");
+    assert!(pooled.stdout == expected, "stdout differs from stdin");
+}
+
+/// A working directory that does not exist yet is created, as on the normal
+/// path (Podman; Docker's exec refuses it: a known difference of its pool).
+#[test]
+fn pooled_missing_workdir_is_created_on_podman() {
+    if backend() != "podman" {
+        return;
+    }
+    let env = TestEnv::new();
+    write_config(&env, 1, "60s");
+    warm_up_n(&env, &[], 1);
+    let script = format!("{WHICH_PATH}; pwd");
+    let args = ["-i", BUSYBOX, "-w", "/made/by/run", "sh", "-c", &script];
+    let (pooled, normal) = pooled_and_normal(&env, &args, b"");
+    prune(&env);
+    assert_code(&pooled, 0);
+    assert!(stderr(&pooled).contains("pooled"), "{}", stderr(&pooled));
+    assert_eq!(stdout(&pooled), "/made/by/run\n");
+    assert_eq!(stdout(&pooled), stdout(&normal));
 }
