@@ -182,6 +182,13 @@ async fn run_claimed(
     let outcome = match handed {
         Handoff::Ran(outcome) => outcome,
         Handoff::Declined => {
+            // `run -w DIR` creates a missing DIR; an engine exec refuses it.
+            // Nothing has run yet, so the normal path gives the same result.
+            if let Some(dir) = &spec.exec.workdir {
+                if !exists_in(engine, container, dir).await {
+                    return crate::oneshot::run(engine, spec, store).await;
+                }
+            }
             crate::exec::run(engine, container, &spec.exec, KillScope::Container).await?
         }
         // Nothing ran: the normal path gives the same result.
@@ -194,6 +201,22 @@ async fn run_claimed(
         return Ok(Outcome::OutOfMemory);
     }
     Ok(outcome)
+}
+
+/// Whether `path` exists in the container (unsure counts as yes: the exec
+/// then reports whatever is wrong).
+async fn exists_in(engine: &Engine, container: &str, path: &str) -> bool {
+    let options = bollard::query_parameters::ContainerArchiveInfoOptionsBuilder::default()
+        .path(path)
+        .build();
+    match engine
+        .docker
+        .get_container_archive_info(container, Some(options))
+        .await
+    {
+        Ok(_) => true,
+        Err(e) => !crate::engine::is_not_found(&e),
+    }
 }
 
 async fn list_pool(engine: &Engine, store: &Store, key: Option<&str>) -> Vec<ContainerSummary> {
