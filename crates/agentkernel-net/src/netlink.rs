@@ -35,6 +35,8 @@ const IFLA_IFNAME: u16 = 3;
 const IFLA_MASTER: u16 = 10;
 const IFLA_LINKINFO: u16 = 18;
 const IFLA_NET_NS_FD: u16 = 28;
+const IFLA_NUM_TX_QUEUES: u16 = 31;
+const IFLA_NUM_RX_QUEUES: u16 = 32;
 const IFLA_INFO_KIND: u16 = 1;
 const IFLA_INFO_DATA: u16 = 2;
 const VETH_INFO_PEER: u16 = 1;
@@ -201,6 +203,12 @@ impl Socket {
         m.ifinfomsg(0, IFF_UP, IFF_UP);
         m.attr_str(IFLA_IFNAME, host);
         m.attr(IFLA_MASTER, &master.to_ne_bytes());
+        // One queue each way, from the start: a veth otherwise gets one per
+        // CPU and is cut down to one after registration, which waits for an
+        // RCU grace period per side (about a millisecond each, every run).
+        let one: u32 = 1;
+        m.attr(IFLA_NUM_TX_QUEUES, &one.to_ne_bytes());
+        m.attr(IFLA_NUM_RX_QUEUES, &one.to_ne_bytes());
         let info = m.nest_begin(IFLA_LINKINFO);
         m.attr_str(IFLA_INFO_KIND, "veth");
         let data = m.nest_begin(IFLA_INFO_DATA);
@@ -209,6 +217,8 @@ impl Socket {
         // with ENOTCONN (veth_open runs before the pair is fully registered).
         m.ifinfomsg(0, 0, 0);
         m.attr_str(IFLA_IFNAME, peer);
+        m.attr(IFLA_NUM_TX_QUEUES, &one.to_ne_bytes());
+        m.attr(IFLA_NUM_RX_QUEUES, &one.to_ne_bytes());
         let fd: u32 = peer_netns.as_fd().as_raw_fd() as u32;
         m.attr(IFLA_NET_NS_FD, &fd.to_ne_bytes());
         m.nest_end(p);
