@@ -279,16 +279,19 @@ impl Cgroup {
             let Ok(entries) = fs::read_dir(&parent) else {
                 continue;
             };
-            for dir in entries.flatten().map(|e| e.path()) {
-                let is_run = dir
-                    .file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with("run-"));
+            // The group's own files (cgroup.procs, memory.*) are listed too.
+            let runs = entries
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("run-"))
+                .map(|e| e.path());
+            for dir in runs {
                 let old = fs::metadata(&dir)
                     .and_then(|m| m.modified())
                     .is_ok_and(|t| t.elapsed().is_ok_and(|age| age >= min_age));
-                let empty = fs::read_to_string(dir.join("cgroup.procs"))
-                    .is_ok_and(|procs| procs.trim().is_empty());
-                if is_run && old && empty {
+                if old
+                    && fs::read_to_string(dir.join("cgroup.procs"))
+                        .is_ok_and(|procs| procs.trim().is_empty())
+                {
                     found.push(dir);
                 }
             }
