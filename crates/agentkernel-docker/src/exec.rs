@@ -8,7 +8,6 @@ use std::time::Duration;
 use agentkernel_core::spec::{ExecRequest, Outcome};
 use agentkernel_core::Error;
 use bollard::exec::{CreateExecOptions, ResizeExecOptions, StartExecOptions, StartExecResults};
-use bollard::query_parameters::KillContainerOptionsBuilder;
 use tokio::sync::Notify;
 
 use crate::engine::Flavor;
@@ -74,14 +73,7 @@ impl Process for ExecProcess<'_> {
     async fn kill_all(&self) {
         match self.scope {
             KillScope::Container => {
-                let options = KillContainerOptionsBuilder::default()
-                    .signal("SIGKILL")
-                    .build();
-                let _ = self
-                    .engine
-                    .docker
-                    .kill_container(self.container, Some(options))
-                    .await;
+                crate::oneshot::signal_container(self.engine, self.container, "SIGKILL").await
             }
             KillScope::ProcessTree => {
                 if let Some(pid) = self.host_pid().await {

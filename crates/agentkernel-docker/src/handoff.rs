@@ -28,7 +28,6 @@ use agentkernel_core::spec::{ExecRequest, Outcome};
 use agentkernel_core::state::{is_zombie, proc_stat_field};
 use agentkernel_core::Error;
 use bollard::container::LogOutput;
-use bollard::query_parameters::KillContainerOptionsBuilder;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::unix::pipe;
 use tokio::sync::{mpsc, Notify};
@@ -283,14 +282,7 @@ impl Process for Handed<'_> {
     }
     async fn kill_all(&self) {
         // The container exists for this one command: end it.
-        let options = KillContainerOptionsBuilder::default()
-            .signal("SIGKILL")
-            .build();
-        let _ = self
-            .engine
-            .docker
-            .kill_container(self.container, Some(options))
-            .await;
+        crate::oneshot::signal_container(self.engine, self.container, "SIGKILL").await
     }
     async fn resize(&self, _rows: u16, _cols: u16) {}
 }

@@ -19,7 +19,7 @@ use agentkernel_core::Error;
 use bollard::models::ContainerStateStatusEnum;
 
 use crate::create::{container_body, Shape};
-use crate::oneshot::{print_ports, remove_container, start_failure};
+use crate::oneshot::{print_ports, remove_container, signal_container, start_failure};
 use crate::{labels, Engine};
 
 pub fn container_name(sandbox: &str) -> String {
@@ -299,14 +299,8 @@ pub async fn expire_when_due(engine: &Engine, store: &Store, name: &str) {
         // then kill while frozen, so thawing cannot let the sandbox run on,
         // and remove until the engine confirms it is gone.
         let _ = store.forget(name);
-        let kill = bollard::query_parameters::KillContainerOptionsBuilder::default()
-            .signal("KILL")
-            .build();
         for _ in 0..600 {
-            let _ = engine
-                .docker
-                .kill_container(&container, Some(kill.clone()))
-                .await;
+            signal_container(engine, &container, "SIGKILL").await;
             let _ = engine.docker.unpause_container(&container).await;
             remove_container(engine, &container).await;
             if let Ok(None) = status(engine, name).await {

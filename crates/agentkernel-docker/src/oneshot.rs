@@ -72,6 +72,15 @@ pub async fn run(engine: &Engine, spec: &SandboxSpec, store: &Store) -> Result<O
 }
 
 /// Force-removes a container and its anonymous volumes; absent is fine.
+/// Sends `signal` (a number or name) to the container's main process;
+/// best effort: a container already gone needs no signal.
+pub async fn signal_container(engine: &Engine, name: &str, signal: &str) {
+    let options = KillContainerOptionsBuilder::default()
+        .signal(signal)
+        .build();
+    let _ = engine.docker.kill_container(name, Some(options)).await;
+}
+
 pub async fn remove_container(engine: &Engine, name: &str) {
     let options = RemoveContainerOptionsBuilder::default()
         .force(true)
@@ -87,14 +96,7 @@ struct Container<'a> {
 
 impl Process for Container<'_> {
     async fn signal(&self, signo: i32) {
-        let options = KillContainerOptionsBuilder::default()
-            .signal(&signo.to_string())
-            .build();
-        let _ = self
-            .engine
-            .docker
-            .kill_container(self.name, Some(options))
-            .await;
+        signal_container(self.engine, self.name, &signo.to_string()).await
     }
     async fn kill_all(&self) {
         self.signal(libc::SIGKILL).await

@@ -21,7 +21,7 @@ use crate::sys;
 pub const RESOLV_CONF: &str = "nameserver 10.0.2.3\n";
 
 /// slirp4netns on `PATH`, if installed.
-pub fn binary() -> Option<PathBuf> {
+fn binary() -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into());
     std::env::split_paths(&path)
         .map(|dir| dir.join("slirp4netns"))

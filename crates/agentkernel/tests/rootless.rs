@@ -251,11 +251,16 @@ fn rootless_fork_bomb_stops_at_the_pids_limit() {
 }
 
 #[test]
-fn rootless_limits_it_cannot_enforce_are_refused() {
+fn rootless_what_it_cannot_enforce_is_refused() {
     let user = User::new(4305);
-    for flags in [["--memory", "256m"], ["--cpus", "0.5"]] {
-        let mut args = vec!["run", "--no-network"];
-        args.extend(flags);
+    let refused: [&[&str]; 3] = [
+        &["--no-network", "--memory", "256m"],
+        &["--no-network", "--cpus", "0.5"],
+        &["-P", "127.0.0.1:18080:8080"],
+    ];
+    for flags in refused {
+        let mut args = vec!["run"];
+        args.extend_from_slice(flags);
         args.extend(["-i", BUSYBOX, "true"]);
         let out = user.run(&args);
         assert_code(&out, 125);
