@@ -69,17 +69,8 @@ pub fn exec(plan: &Plan) -> io::Result<Outcome> {
             )))
         })
         .collect::<io::Result<_>>()?;
-    let cgroup_procs: Vec<File> = held
-        .cgroup
-        .dirs
-        .iter()
-        .map(|d| {
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(d.join("cgroup.procs"))
-                .map_err(sys::context(format_args!("{}", d.display())))
-        })
-        .collect::<io::Result<_>>()?;
+    // Opened on the host's side, before entering the sandbox's namespaces.
+    let self_move = held.cgroup.self_move_files()?;
     let oom_counter = held.cgroup.oom_counter_file();
     let oom_before = oom_counter
         .as_ref()
@@ -108,16 +99,15 @@ pub fn exec(plan: &Plan) -> io::Result<Outcome> {
         return Err(io::Error::last_os_error());
     }
     if child == 0 {
-        for procs in &cgroup_procs {
-            if let Err(e) = io::Write::write_all(&mut &*procs, b"0") {
-                eprintln!("agentkernel: cannot join the sandbox's cgroup: {e}");
-                // SAFETY: ends the forked child.
-                unsafe { libc::_exit(125) }
-            }
+        if let Err(e) = crate::cgroup::move_self(&self_move) {
+            eprintln!("agentkernel: cannot join the sandbox's cgroup: {e}");
+            // SAFETY: ends the forked child.
+            unsafe { libc::_exit(125) }
         }
+        drop(self_move);
         sandbox::become_command(plan, terminal.map(|(_, slave)| slave));
     }
-    drop(cgroup_procs);
+    drop(self_move);
     let master = terminal.map(|(master, _slave)| master);
     let _raw = match &master {
         Some(m) => {

@@ -151,7 +151,7 @@ fn hold(plan: &Plan, cgroup: &Cgroup, store: &Store, report: OwnedFd) -> ! {
         Ok(s) => s,
         Err(e) => fail(e.to_string()),
     };
-    let started = match sandbox::start(plan, cgroup, &[&sfd, &report]) {
+    let started = match sandbox::start(plan, &mut Some(cgroup.clone()), &[&sfd, &report]) {
         Ok(Ok(s)) => s,
         Ok(Err(status)) => fail(format!("the sandbox's setup failed (status {status})")),
         Err(e) => fail(e.to_string()),

@@ -4,9 +4,11 @@
 //!   single-threaded helper). It stays on the host: creates the cgroup,
 //!   forwards signals, enforces `--timeout`, relays a terminal, and cleans
 //!   up when the sandbox ends. It is never inside the sandbox.
-//! * **init** — PID 1 of the new pid namespace. It enters fresh mount, uts,
-//!   ipc and net namespaces, builds the root, and once the supervisor has
-//!   moved it into the cgroup, a cgroup namespace; then it
+//! * **init** — PID 1 of the new pid namespace, born inside the sandbox's
+//!   cgroup (v2) or moving itself there first thing (v1; see
+//!   `Cgroup::self_move_files` for why init, not the supervisor, does it).
+//!   It enters fresh mount, uts, ipc and net namespaces, builds the root,
+//!   creates its cgroup namespace; then it
 //!   forks the command and stays as a tiny init: reaps zombies, forwards
 //!   signals, exits with the command's status. When it exits the kernel kills
 //!   everything left in the namespace, and it dies if the supervisor does
@@ -15,10 +17,8 @@
 //!
 //! Supervisor and init talk over a socketpair: with a network, init first
 //! says its namespace exists (the supervisor attaches it while init builds
-//! the root); the supervisor says when it has moved init into the cgroup
-//! (init then creates its cgroup namespace and pivots); init says "ready"
-//! (passing the terminal's master side when there is one), and the
-//! supervisor answers "go".
+//! the root); init says "ready" (passing the terminal's master side when
+//! there is one), and the supervisor answers "go".
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -31,7 +31,7 @@ use crate::plan::Plan;
 use crate::{caps, rootfs, sys};
 
 const NETNS_READY: u8 = b'n';
-const JOINED: u8 = b'j';
+const CGROUP: u8 = b'c';
 const READY: u8 = b'r';
 pub(crate) const GO: u8 = b'g';
 const FORWARDED: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
@@ -62,16 +62,22 @@ fn supervisor_signals() -> libc::sigset_t {
 /// Runs the plan to completion and cleans up. Must be called from a
 /// single-threaded process (it forks).
 pub fn run(plan: &Plan) -> io::Result<Outcome> {
-    let cgroup = match Cgroup::for_plan(plan) {
-        Ok(c) => c,
-        Err(e) => {
-            remove_scratch(plan);
-            return Err(sys::context("cannot create the sandbox's cgroup")(e));
+    // v1: created by `start` while init builds its namespaces (see there).
+    let mut cgroup = None;
+    if !Cgroup::created_after_init(plan) {
+        match Cgroup::for_plan(plan) {
+            Ok(c) => cgroup = Some(c),
+            Err(e) => {
+                remove_scratch(plan);
+                return Err(sys::context("cannot create the sandbox's cgroup")(e));
+            }
         }
-    };
+    }
     // After a crash, `gc` finds this cgroup by the scratch dir's name (the id).
-    let result = supervise(plan, &cgroup);
-    cgroup.remove();
+    let result = supervise(plan, &mut cgroup);
+    if let Some(cgroup) = cgroup {
+        cgroup.remove();
+    }
     remove_scratch(plan);
     result
 }
@@ -94,7 +100,7 @@ pub(crate) fn supervisor_signalfd() -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(sfd) })
 }
 
-fn supervise(plan: &Plan, cgroup: &Cgroup) -> io::Result<Outcome> {
+fn supervise(plan: &Plan, cgroup: &mut Option<Cgroup>) -> io::Result<Outcome> {
     let sfd = supervisor_signalfd()?;
     let started = match start(plan, cgroup, &[&sfd])? {
         Ok(started) => started,
@@ -110,6 +116,7 @@ fn supervise(plan: &Plan, cgroup: &Cgroup) -> io::Result<Outcome> {
             crate::kept::collect(&store);
         })
     });
+    let cgroup = cgroup.as_ref().expect("start created the cgroup");
     let result = run_command(plan, cgroup, &started, &sfd);
     if let Some(link) = &started.link {
         link.release();
@@ -132,35 +139,17 @@ pub(crate) struct Started {
 
 /// Creates the sandbox up to init's "ready": `Ok(Err(status))` when init
 /// exited during setup (having printed why). `close_in_child` are fds of
-/// ours init must not keep.
+/// ours init must not keep. `cgroup` is the sandbox's cgroup, or None for
+/// `start` to create it once init exists (and leave it there for the
+/// caller to remove, whatever the outcome).
 pub(crate) fn start(
     plan: &Plan,
-    cgroup: &Cgroup,
+    cgroup: &mut Option<Cgroup>,
     close_in_child: &[&OwnedFd],
 ) -> io::Result<Result<Started, i32>> {
     let (ours, theirs) = socketpair()?;
-
-    // A fork straight into a new pid namespace (clone, not unshare: after
-    // unshare(CLONE_NEWPID) this process could no longer start threads, which
-    // the network setup uses to enter the sandbox's namespace).
-    // SAFETY: this process is single-threaded (the helper re-exec guarantees
-    // it), so the child may run arbitrary code after this fork-like clone.
-    let pid = unsafe {
-        libc::syscall(
-            libc::SYS_clone,
-            (libc::CLONE_NEWPID | libc::SIGCHLD) as libc::c_ulong,
-            0usize,
-            0usize,
-            0usize,
-            0usize,
-        )
-    } as libc::pid_t;
-    if pid < 0 {
-        return Err(sys::context("cannot create the sandbox's pid namespace")(
-            io::Error::last_os_error(),
-        ));
-    }
-    if pid == 0 {
+    let pid = fork_init(cgroup.as_ref())?;
+    if pid.id == 0 {
         drop(ours);
         for fd in close_in_child {
             // SAFETY: closing our copy of an fd the parent keeps owning.
@@ -169,24 +158,37 @@ pub(crate) fn start(
         init(plan, theirs);
     }
     drop(theirs);
+    let born_in_cgroup = pid.born_in_cgroup;
+    let pid = pid.id;
 
-    // Moving a process between cgroups can wait for an RCU grace period (up
-    // to tens of milliseconds on cgroup v1): a thread does it while init
-    // builds the root and this thread sets up the network.
-    let joining = {
-        let cgroup = cgroup.clone();
-        std::thread::spawn(move || cgroup.join(pid))
+    // On v1 the cgroup is created now, while init creates its namespaces
+    // (creating it takes about a millisecond: a memory cgroup is costly);
+    // init moves itself in once its root is built, before it forks.
+    if cgroup.is_none() {
+        match Cgroup::for_plan(plan) {
+            Ok(created) => *cgroup = Some(created),
+            Err(e) => {
+                return failed_during_setup(pid, None, "cannot create the sandbox's cgroup", e)
+            }
+        }
+    }
+    let self_move = match cgroup.as_ref() {
+        Some(_) if born_in_cgroup => Ok(Vec::new()),
+        Some(c) => c.self_move_files(),
+        None => Ok(Vec::new()),
     };
-    let joined = |joining: std::thread::JoinHandle<io::Result<()>>| {
-        joining
-            .join()
-            .unwrap_or_else(|_| Err(io::Error::other("the cgroup thread panicked")))
-    };
+    let handed_over = self_move.and_then(|files| {
+        let fds: Vec<RawFd> = files.iter().map(|f| f.as_raw_fd()).collect();
+        send_message(&ours, CGROUP, &fds)
+    });
+    if let Err(e) = handed_over {
+        return failed_during_setup(pid, None, "cannot move the sandbox into its cgroup", e);
+    }
+
     // With a network, init says when its namespace exists; the veth is set
     // up while init builds the root filesystem (the two take about as long).
     let link = if plan.network {
         if sys::read_byte(ours.as_raw_fd()).ok().flatten() != Some(NETNS_READY) {
-            let _ = joined(joining);
             return Ok(Err(wait_for(pid)));
         }
         match crate::net::connect(plan, pid) {
@@ -197,21 +199,12 @@ pub(crate) fn start(
                 Some(link)
             }
             Err(e) => {
-                let _ = joined(joining);
                 return failed_during_setup(pid, None, "cannot connect the sandbox's network", e);
             }
         }
     } else {
         None
     };
-    if let Err(e) = joined(joining).and_then(|()| sys::write_all_fd(ours.as_raw_fd(), &[JOINED])) {
-        return failed_during_setup(
-            pid,
-            link.as_ref(),
-            "cannot move the sandbox into its cgroup",
-            e,
-        );
-    }
     match recv_ready(&ours) {
         Ok(master) => Ok(Ok(Started {
             pid,
@@ -227,6 +220,87 @@ pub(crate) fn start(
             Ok(Err(status))
         }
     }
+}
+
+/// A forked init: `id` is 0 in the child.
+struct Forked {
+    id: libc::pid_t,
+    /// Created inside the sandbox's cgroup (v2's `CLONE_INTO_CGROUP`), so
+    /// init need not move itself there.
+    born_in_cgroup: bool,
+}
+
+/// The arguments of `clone3` up to `cgroup` (the kernel's
+/// `CLONE_ARGS_SIZE_VER2`, 88 bytes).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// Forks init straight into a new pid namespace (clone, not unshare: after
+/// unshare(CLONE_NEWPID) this process could no longer start threads, which
+/// the network setup uses to enter the sandbox's namespace) and, on cgroup
+/// v2, straight into the sandbox's cgroup. Kernels before 5.7 refuse
+/// `CLONE_INTO_CGROUP`; init then moves itself (see `cgroup::move_self`),
+/// as it always does on v1.
+fn fork_init(cgroup: Option<&Cgroup>) -> io::Result<Forked> {
+    if let Some(dir) = cgroup.and_then(Cgroup::v2_dir_fd) {
+        let mut args = CloneArgs {
+            flags: libc::CLONE_NEWPID as u64 | CLONE_INTO_CGROUP,
+            exit_signal: libc::SIGCHLD as u64,
+            cgroup: dir.as_raw_fd() as u64,
+            ..Default::default()
+        };
+        // SAFETY: clone3 without CLONE_VM and without a stack behaves as
+        // fork; this process is single-threaded (the helper re-exec
+        // guarantees it), so the child may run arbitrary code.
+        let id = unsafe {
+            libc::syscall(
+                libc::SYS_clone3,
+                &mut args as *mut CloneArgs,
+                std::mem::size_of::<CloneArgs>(),
+            )
+        } as libc::pid_t;
+        if id >= 0 {
+            return Ok(Forked {
+                id,
+                born_in_cgroup: true,
+            });
+        }
+    }
+    // SAFETY: as above, a fork-like clone of a single-threaded process.
+    let id = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            (libc::CLONE_NEWPID | libc::SIGCHLD) as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    } as libc::pid_t;
+    if id < 0 {
+        return Err(sys::context("cannot create the sandbox's pid namespace")(
+            io::Error::last_os_error(),
+        ));
+    }
+    Ok(Forked {
+        id,
+        born_in_cgroup: false,
+    })
 }
 
 /// A step of ours failed while init was setting up. If init itself failed
@@ -546,7 +620,11 @@ fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-/// The socketpair's message: one byte, and room for one fd (SCM_RIGHTS).
+/// Most fds one message carries: a v1 cgroup's `tasks` files, one per
+/// hierarchy (four at most today).
+const MAX_FDS: usize = 8;
+
+/// The socketpair's message: one byte, and room for fds (SCM_RIGHTS).
 struct Message {
     byte: [u8; 1],
     control: Vec<u8>,
@@ -555,16 +633,17 @@ struct Message {
 impl Message {
     fn new(byte: u8) -> Message {
         // SAFETY: CMSG_SPACE is a pure size computation.
-        let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
+        let space =
+            unsafe { libc::CMSG_SPACE((MAX_FDS * std::mem::size_of::<RawFd>()) as u32) } as usize;
         Message {
             byte: [byte],
             control: vec![0u8; space],
         }
     }
 
-    /// Calls `f` with a msghdr pointing at our buffers (with the fd room
-    /// only when `fd_room`).
-    fn with_header<R>(&mut self, fd_room: bool, f: impl FnOnce(&mut libc::msghdr) -> R) -> R {
+    /// Calls `f` with a msghdr pointing at our buffers (with `fd_room`
+    /// bytes of the control buffer, none when 0).
+    fn with_header<R>(&mut self, fd_room: usize, f: impl FnOnce(&mut libc::msghdr) -> R) -> R {
         let mut iov = libc::iovec {
             iov_base: self.byte.as_mut_ptr().cast(),
             iov_len: 1,
@@ -573,25 +652,39 @@ impl Message {
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
         msg.msg_iov = &mut iov;
         msg.msg_iovlen = 1;
-        if fd_room {
+        if fd_room > 0 {
             msg.msg_control = self.control.as_mut_ptr().cast();
-            msg.msg_controllen = self.control.len();
+            msg.msg_controllen = fd_room.min(self.control.len());
         }
         f(&mut msg)
     }
 }
 
-/// Sends one byte, with an fd attached when given.
-fn send_with_fd(sock: &OwnedFd, byte: u8, fd: Option<RawFd>) -> io::Result<()> {
-    Message::new(byte).with_header(fd.is_some(), |msg| {
-        if let Some(fd) = fd {
-            // SAFETY: the control buffer has room for one fd (Message::new).
+/// Sends one byte with `fds` attached (at most [`MAX_FDS`]).
+fn send_message(sock: &OwnedFd, byte: u8, fds: &[RawFd]) -> io::Result<()> {
+    if fds.len() > MAX_FDS {
+        return Err(io::Error::other("too many fds for one message"));
+    }
+    let bytes = std::mem::size_of_val(fds);
+    let room = if fds.is_empty() {
+        0
+    } else {
+        // SAFETY: CMSG_SPACE is a pure size computation.
+        unsafe { libc::CMSG_SPACE(bytes as u32) as usize }
+    };
+    Message::new(byte).with_header(room, |msg| {
+        if !fds.is_empty() {
+            // SAFETY: the control buffer has room for MAX_FDS fds (Message::new).
             unsafe {
                 let cmsg = libc::CMSG_FIRSTHDR(msg);
                 (*cmsg).cmsg_level = libc::SOL_SOCKET;
                 (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-                (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as usize;
-                std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
+                (*cmsg).cmsg_len = libc::CMSG_LEN(bytes as u32) as usize;
+                std::ptr::copy_nonoverlapping(
+                    fds.as_ptr().cast::<u8>(),
+                    libc::CMSG_DATA(cmsg),
+                    bytes,
+                );
             }
         }
         // SAFETY: msg points at live buffers for the duration of the call.
@@ -602,32 +695,51 @@ fn send_with_fd(sock: &OwnedFd, byte: u8, fd: Option<RawFd>) -> io::Result<()> {
     })
 }
 
-/// Waits for init's READY; returns the terminal master it passed, if any.
-fn recv_ready(sock: &OwnedFd) -> io::Result<Option<OwnedFd>> {
+/// Receives one message: its byte and the fds attached to it. An error
+/// when the other side is gone.
+fn recv_message(sock: &OwnedFd) -> io::Result<(u8, Vec<OwnedFd>)> {
     let mut message = Message::new(0);
-    let (n, fd) = message.with_header(true, |msg| loop {
+    let room = message.control.len();
+    let (n, fds) = message.with_header(room, |msg| loop {
         // SAFETY: msg points at live buffers.
         let n = unsafe { libc::recvmsg(sock.as_raw_fd(), msg, libc::MSG_CMSG_CLOEXEC) };
         if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
             continue;
         }
-        // SAFETY: walking the control messages the kernel filled in.
-        let fd = unsafe {
-            let cmsg = libc::CMSG_FIRSTHDR(msg);
-            (n == 1
-                && !cmsg.is_null()
-                && (*cmsg).cmsg_level == libc::SOL_SOCKET
-                && (*cmsg).cmsg_type == libc::SCM_RIGHTS)
-                .then(|| std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>()))
-        };
-        break (n, fd);
+        let mut fds = Vec::new();
+        // SAFETY: walking the control messages the kernel filled in; each
+        // fd in them was just installed for us and is owned from here on.
+        unsafe {
+            let mut cmsg = libc::CMSG_FIRSTHDR(msg);
+            while !cmsg.is_null() {
+                if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                    let data = libc::CMSG_DATA(cmsg);
+                    let len = (*cmsg).cmsg_len - (data as usize - cmsg as usize);
+                    for i in 0..len / std::mem::size_of::<RawFd>() {
+                        let fd = std::ptr::read_unaligned(data.cast::<RawFd>().add(i));
+                        fds.push(OwnedFd::from_raw_fd(fd));
+                    }
+                }
+                cmsg = libc::CMSG_NXTHDR(msg, cmsg);
+            }
+        }
+        break (n, fds);
     });
-    // SAFETY: an fd the kernel just installed for us.
-    let fd = fd.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
-    if n != 1 || message.byte[0] != READY {
-        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "init exited"));
+    if n != 1 {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the other side exited",
+        ));
     }
-    Ok(fd)
+    Ok((message.byte[0], fds))
+}
+
+/// Waits for init's READY; returns the terminal master it passed, if any.
+fn recv_ready(sock: &OwnedFd) -> io::Result<Option<OwnedFd>> {
+    match recv_message(sock)? {
+        (READY, fds) => Ok(fds.into_iter().next()),
+        _ => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "init exited")),
+    }
 }
 
 // ---------------------------------------------------------------- init
@@ -642,8 +754,6 @@ fn die(what: &str, e: io::Error) -> ! {
 fn init(plan: &Plan, sock: OwnedFd) -> ! {
     // SAFETY: integer-only prctl; dies with the supervisor.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) };
-    // The cgroup namespace comes later, once the supervisor has moved us
-    // into the sandbox's cgroup (see `supervise`).
     let flags = libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC | libc::CLONE_NEWNET;
     // SAFETY: unshare with namespace flags; we are single-threaded.
     if unsafe { libc::unshare(flags) } != 0 {
@@ -665,12 +775,17 @@ fn init(plan: &Plan, sock: OwnedFd) -> ! {
     if let Err(e) = rootfs::build(plan) {
         die("building the root filesystem", e);
     }
-    match sys::read_byte(sock.as_raw_fd()) {
-        Ok(Some(JOINED)) => {}
-        _ => {
-            // SAFETY: ends the forked child: the supervisor is gone or failed.
-            unsafe { libc::_exit(125) }
+    // Into the sandbox's cgroup before anything is forked, and before the
+    // cgroup namespace is created (so it is rooted at the sandbox's cgroup).
+    match recv_message(&sock) {
+        Ok((CGROUP, files)) => {
+            let files: Vec<std::fs::File> = files.into_iter().map(std::fs::File::from).collect();
+            if let Err(e) = crate::cgroup::move_self(&files) {
+                die("joining the sandbox's cgroup", e);
+            }
         }
+        // SAFETY: ends the forked child: the supervisor is gone or failed.
+        _ => unsafe { libc::_exit(125) },
     }
     // SAFETY: unshare with a namespace flag; we are single-threaded.
     if unsafe { libc::unshare(libc::CLONE_NEWCGROUP) } != 0 {
@@ -688,7 +803,11 @@ fn init(plan: &Plan, sock: OwnedFd) -> ! {
     } else {
         None
     };
-    if let Err(e) = send_with_fd(&sock, READY, terminal.as_ref().map(|(m, _)| m.as_raw_fd())) {
+    if let Err(e) = send_message(
+        &sock,
+        READY,
+        terminal.as_ref().map(|(m, _)| m.as_raw_fd()).as_slice(),
+    ) {
         die("talking to agentkernel", e);
     }
     match sys::read_byte(sock.as_raw_fd()) {
