@@ -207,7 +207,7 @@ pub(crate) fn allocate(cfg: &NetConfig, sandbox_id: &str, ports: &[PortMapping])
                 Ok(()) => {
                     let next = Ipv4Addr::from(first + (offset + 1) % count);
                     // Only a hint: losing it to a crash or a race is harmless.
-                    let _ = fs::write(cursor_path(cfg), format!("{next}\n"));
+                    write_cursor(cfg, next);
                     return Ok(lease);
                 }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
@@ -221,6 +221,22 @@ pub(crate) fn allocate(cfg: &NetConfig, sandbox_id: &str, ports: &[PortMapping])
     })();
     let _ = fs::remove_file(&tmp);
     result
+}
+
+/// Overwrites the hint in place at a fixed width (readers trim): truncating
+/// would free the file's disk block and allocate another on every run, which
+/// on a disk mounted with `discard` is a synchronous trim (~0.7 ms measured).
+fn write_cursor(cfg: &NetConfig, next: Ipv4Addr) {
+    use std::os::unix::fs::FileExt;
+    let text = format!("{:<15}\n", next.to_string());
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(cursor_path(cfg));
+    if let Ok(file) = file {
+        let _ = file.write_all_at(text.as_bytes(), 0);
+    }
 }
 
 fn write_file(path: &Path, text: &str) -> Result<()> {
