@@ -3,6 +3,7 @@
 # registry is needed. Each is a `docker import` of a root filesystem made from
 # this machine's files.
 #   agentkernel-test/busybox:1  busybox-static and its applets (sh, sleep, cat…)
+#   agentkernel-test/nobody:1   the busybox image whose USER is nobody (65534)
 #   agentkernel-test/python:3   the above plus the host's python3 and its libraries
 # Usage: scripts/build-test-images.sh [docker|podman]   (default docker)
 set -euo pipefail
@@ -31,14 +32,16 @@ make_busybox_root() {
 
 import() {
   local root=$1 tag=$2
+  shift 2
   tar -C "$root" -c . | "$engine" import \
     --change 'ENV PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin' \
-    --change 'CMD ["/bin/sh"]' - "$tag" >/dev/null
+    --change 'CMD ["/bin/sh"]' "$@" - "$tag" >/dev/null
   echo "built $tag"
 }
 
 make_busybox_root "$work/busybox"
 import "$work/busybox" agentkernel-test/busybox:1
+import "$work/busybox" agentkernel-test/nobody:1 --change 'USER nobody'
 
 # python: the host interpreter, its shared libraries and its standard library.
 # Prefer the distribution's interpreter; version managers (pyenv) put shims on PATH.

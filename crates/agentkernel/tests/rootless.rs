@@ -17,8 +17,8 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    assert_code, assert_fork_bomb_contained, binary, stderr, stdout, BUSYBOX, FORK_BOMB, PYTHON,
-    TEST_REGISTRY,
+    assert_code, assert_fork_bomb_contained, binary, stderr, stdout, BUSYBOX, FORK_BOMB, NOBODY,
+    PYTHON, TEST_REGISTRY,
 };
 
 /// A user of its own (`uid` = gid), with a home, state dir and project.
@@ -253,22 +253,56 @@ fn rootless_fork_bomb_stops_at_the_pids_limit() {
 #[test]
 fn rootless_what_it_cannot_enforce_is_refused() {
     let user = User::new(4305);
-    let refused: [&[&str]; 3] = [
-        &["--no-network", "--memory", "256m"],
-        &["--no-network", "--cpus", "0.5"],
-        &["-P", "127.0.0.1:18080:8080"],
+    // (flags, image): limits it cannot enforce, ports it cannot publish, and
+    // an image user that does not exist in a one-user namespace.
+    // The last field is what the one line must name.
+    let refused: [(&[&str], &str, &str); 4] = [
+        (&["--no-network", "--memory", "256m"], BUSYBOX, "memory"),
+        (&["--no-network", "--cpus", "0.5"], BUSYBOX, "cpu"),
+        (&["-P", "127.0.0.1:18080:8080"], BUSYBOX, "-P"),
+        (&["--no-network"], NOBODY, "user nobody"),
     ];
-    for flags in refused {
+    for (flags, image, named) in refused {
         let mut args = vec!["run"];
         args.extend_from_slice(flags);
-        args.extend(["-i", BUSYBOX, "true"]);
+        args.extend(["-i", image, "true"]);
         let out = user.run(&args);
         assert_code(&out, 125);
         let err = stderr(&out);
         assert_eq!(err.lines().count(), 1, "one line: {err}");
         assert!(err.contains("rootless") && err.contains("root"), "{err}");
+        assert!(
+            err.to_lowercase().contains(&named.to_lowercase()),
+            "should name {named}: {err}"
+        );
         assert!(user.runs_left().is_empty(), "{:?}", user.runs_left());
     }
+    user.assert_no_processes();
+}
+
+#[test]
+fn rootless_network_without_slirp4netns_is_refused_and_no_network_works() {
+    let user = User::new(4312);
+    // agentkernel finds slirp4netns on the caller's PATH: here, nowhere.
+    let empty = user.dir.path().join("empty-path");
+    std::fs::create_dir(&empty).unwrap();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["run"];
+        args.extend_from_slice(extra);
+        args.extend(["-i", BUSYBOX, "echo", "ran"]);
+        user.cmd().env("PATH", &empty).args(&args).output().unwrap()
+    };
+    let out = run(&[]);
+    assert_code(&out, 125);
+    let err = stderr(&out);
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(
+        err.contains("slirp4netns is not installed") && err.contains("--no-network"),
+        "{err}"
+    );
+    assert!(user.runs_left().is_empty(), "{:?}", user.runs_left());
+    assert_eq!(ok(&run(&["--no-network"])).trim(), "ran");
+    assert!(user.runs_left().is_empty(), "{:?}", user.runs_left());
     user.assert_no_processes();
 }
 

@@ -29,6 +29,9 @@ use tempfile::TempDir;
 
 /// busybox applets (sh, nc, httpd, wget, unshare…), built offline.
 pub const BUSYBOX: &str = "agentkernel-test/busybox:1";
+/// The busybox image with `USER nobody` (scripts/build-test-images.sh).
+#[allow(dead_code)]
+pub const NOBODY: &str = "agentkernel-test/nobody:1";
 /// The above plus the host's python3.
 pub const PYTHON: &str = "agentkernel-test/python:3";
 
