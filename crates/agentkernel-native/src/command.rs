@@ -14,6 +14,7 @@ const NOFILE: u64 = 1 << 20;
 
 /// Never returns: execs the command or exits 125/126/127 with one line on stderr.
 pub fn exec(plan: &Plan) -> ! {
+    crate::trace::phase("command: forked");
     let program = plan.argv.first().cloned().unwrap_or_default();
     match prepare_and_exec(plan) {
         Err(Failure::Setup(e)) => {
@@ -88,6 +89,7 @@ fn prepare_and_exec(plan: &Plan) -> Result<std::convert::Infallible, Failure> {
 
     let argv: Vec<CString> = plan.argv.iter().map(|a| sys::cstr(a)).collect();
     let envp: Vec<CString> = env.iter().map(|e| sys::cstr(e)).collect();
+    crate::trace::phase("command: execs");
     execvpe(&argv, &envp, &path)
 }
 

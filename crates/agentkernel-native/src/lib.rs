@@ -23,6 +23,7 @@ pub mod sandbox;
 mod seccomp;
 pub mod slirp;
 mod sys;
+pub mod trace;
 mod user;
 
 pub use plan::Plan;

@@ -79,6 +79,7 @@ pub fn run(plan: &Plan) -> io::Result<Outcome> {
         cgroup.remove();
     }
     remove_scratch(plan);
+    crate::trace::phase("cleaned up");
     result
 }
 
@@ -148,6 +149,7 @@ pub(crate) fn start(
     close_in_child: &[&OwnedFd],
 ) -> io::Result<Result<Started, i32>> {
     let (ours, theirs) = socketpair()?;
+    crate::trace::phase("forking init");
     let pid = fork_init(cgroup.as_ref())?;
     if pid.id == 0 {
         drop(ours);
@@ -191,6 +193,7 @@ pub(crate) fn start(
         if sys::read_byte(ours.as_raw_fd()).ok().flatten() != Some(NETNS_READY) {
             return Ok(Err(wait_for(pid)));
         }
+        crate::trace::phase("network: init's namespace exists");
         match crate::net::connect(plan, pid) {
             Ok(link) => {
                 if plan.action == crate::plan::Action::Run {
@@ -205,6 +208,7 @@ pub(crate) fn start(
     } else {
         None
     };
+    crate::trace::phase("network and cgroup ready");
     match recv_ready(&ours) {
         Ok(master) => Ok(Ok(Started {
             pid,
@@ -351,7 +355,9 @@ fn run_command(
         _ => None,
     };
     sys::write_all_fd(started.sock.as_raw_fd(), &[GO])?;
+    crate::trace::phase("go");
     let (code, timed_out) = watch(sfd, started.pid, master, plan.timeout, &mut || {})?;
+    crate::trace::phase("init exited");
     Ok(if timed_out {
         Outcome::TimedOut
     } else if code == 137 && cgroup.oom_kills() > 0 {
@@ -772,9 +778,11 @@ fn init(plan: &Plan, sock: OwnedFd) -> ! {
     } else if let Err(e) = crate::net::loopback_up() {
         die("bringing up loopback", e);
     }
+    crate::trace::phase("init: namespaces created");
     if let Err(e) = rootfs::build(plan) {
         die("building the root filesystem", e);
     }
+    crate::trace::phase("init: root built");
     // Into the sandbox's cgroup before anything is forked, and before the
     // cgroup namespace is created (so it is rooted at the sandbox's cgroup).
     match recv_message(&sock) {
@@ -787,6 +795,7 @@ fn init(plan: &Plan, sock: OwnedFd) -> ! {
         // SAFETY: ends the forked child: the supervisor is gone or failed.
         _ => unsafe { libc::_exit(125) },
     }
+    crate::trace::phase("init: in the cgroup");
     // SAFETY: unshare with a namespace flag; we are single-threaded.
     if unsafe { libc::unshare(libc::CLONE_NEWCGROUP) } != 0 {
         die("creating the cgroup namespace", io::Error::last_os_error());
@@ -803,6 +812,7 @@ fn init(plan: &Plan, sock: OwnedFd) -> ! {
     } else {
         None
     };
+    crate::trace::phase("init: ready");
     if let Err(e) = send_message(
         &sock,
         READY,

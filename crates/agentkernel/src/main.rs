@@ -20,8 +20,10 @@ fn main() {
     // single-threaded (it forks) and start as fast as possible.
     let mut args = std::env::args();
     if args.nth(1).as_deref() == Some(agentkernel_native::HELPER_SUBCOMMAND) {
+        agentkernel_native::trace::phase("helper started");
         std::process::exit(commands::native::helper(args.next()));
     }
+    agentkernel_native::trace::phase("cli started");
     let cli = match cli::Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => std::process::exit(usage_error(e)),

@@ -142,6 +142,7 @@ fn exec_helper(plan: &Plan) -> Error {
     }
     let fd = file.into_raw_fd();
     let _ = std::io::stdout().flush();
+    agentkernel_native::trace::phase("cli execs the helper");
     let e = std::process::Command::new("/proc/self/exe")
         .arg0("agentkernel")
         .arg(HELPER_SUBCOMMAND)

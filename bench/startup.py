@@ -1,0 +1,49 @@
+#!/usr/bin/env python3
+"""Where a native run's start-up time goes: runs agentkernel RUNS times with
+AGENTKERNEL_TRACE_STARTUP=1 and prints the median time of each phase from
+the moment the CLI process was spawned (CLOCK_MONOTONIC, which Python's
+time.monotonic and agentkernel's trace both read), and the step from the
+previous phase. The last line is the process's exit as seen here.
+
+  bench/startup.py [RUNS] [agentkernel arguments...]
+  (default: 40 runs of `run -B native -i agentkernel-test/busybox:1 true`;
+   the binary is $AGENTKERNEL_BIN or target/release/agentkernel)
+"""
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+binary = os.environ.get("AGENTKERNEL_BIN", os.path.join(root, "target/release/agentkernel"))
+runs = int(sys.argv[1]) if len(sys.argv) > 1 else 40
+args = sys.argv[2:] or ["run", "-B", "native", "-i", "agentkernel-test/busybox:1", "true"]
+env = dict(os.environ, AGENTKERNEL_TRACE_STARTUP="1")
+
+phases = {}  # name -> [ms since spawn]
+order = []
+for _ in range(runs):
+    spawned = time.monotonic_ns() // 1000
+    out = subprocess.run([binary] + args, env=env, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    exited = time.monotonic_ns() // 1000
+    if out.returncode != 0:
+        sys.exit(f"agentkernel failed ({out.returncode}): {out.stderr.strip()}")
+    seen = []
+    for line in out.stderr.splitlines():
+        parts = line.split(" ", 2)
+        if len(parts) == 3 and parts[0] == "agentkernel-trace":
+            seen.append((int(parts[1]), parts[2]))
+    seen.append((exited, "exited (seen by the caller)"))
+    for micros, name in seen:
+        phases.setdefault(name, []).append((micros - spawned) / 1000)
+        if name not in order:
+            order.append(name)
+
+print(f"{'phase':40} {'median':>8} {'step':>7}   ({runs} runs: {' '.join(args)})")
+previous = 0.0
+for name in sorted(order, key=lambda n: statistics.median(phases[n])):
+    median = statistics.median(phases[name])
+    print(f"{name:40} {median:7.2f}ms {median - previous:+6.2f}")
+    previous = median
