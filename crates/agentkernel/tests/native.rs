@@ -317,3 +317,60 @@ fn native_is_the_default_backend_as_root() {
         stdout(&out)
     );
 }
+
+#[test]
+fn startup_trace_lists_each_phase_in_order_and_only_when_asked() {
+    let Some(env) = native_env() else { return };
+    let args = ["run", "-i", BUSYBOX, "echo", "ran"];
+    let quiet = env.run(&args);
+    assert_code(&quiet, 0);
+    assert!(
+        !stderr(&quiet).contains("agentkernel-trace"),
+        "traced without being asked: {}",
+        stderr(&quiet)
+    );
+    let traced = env
+        .cmd()
+        .env("AGENTKERNEL_TRACE_STARTUP", "1")
+        .args(args)
+        .output()
+        .unwrap();
+    assert_code(&traced, 0);
+    assert_eq!(stdout(&traced), "ran\n");
+    let phases: Vec<(u64, String)> = stderr(&traced)
+        .lines()
+        .filter_map(|l| {
+            let mut parts = l.splitn(3, ' ');
+            (parts.next()? == "agentkernel-trace")
+                .then(|| Some((parts.next()?.parse().ok()?, parts.next()?.to_string())))?
+        })
+        .collect();
+    // The order processes pass these is fixed by the protocol between them.
+    let expected = [
+        "cli started",
+        "cli execs the helper",
+        "helper started",
+        "forking init",
+        "init: namespaces created",
+        "init: root built",
+        "init: in the cgroup",
+        "init: ready",
+        "go",
+        "command: forked",
+        "command: execs",
+        "init exited",
+        "cleaned up",
+    ];
+    let names: Vec<&str> = phases.iter().map(|(_, n)| n.as_str()).collect();
+    let mut at = Vec::new();
+    for phase in expected {
+        let found = phases.iter().find(|(_, n)| n == phase);
+        let (micros, _) = found.unwrap_or_else(|| panic!("no {phase:?} in {names:?}"));
+        at.push(*micros);
+    }
+    assert!(
+        at.windows(2).all(|w| w[0] <= w[1]),
+        "phases out of order: {:?}",
+        expected.iter().zip(&at).collect::<Vec<_>>()
+    );
+}
