@@ -44,3 +44,7 @@ AGENTKERNEL_TEST_BACKEND=native cargo test -p agentkernel \
   --test exit_codes --test io --test profiles --test cli --test config --test ports \
   --test cleanup --test kept --test native --test rootless \
   -- --test-threads "$threads" --skip what_a_killed_pooled_run_left_is_collected
+# Most users' hosts have cgroup v2, this one (and CI) v1: the v2 paths —
+# clone3 into the cgroup, limits, OOM, fork bomb, freezer, cleanup — are
+# tested in a QEMU VM booting Debian's kernel with pure cgroup v2.
+"$root/scripts/cgroup2-vm.sh" "${CARGO_TARGET_DIR:-$root/target}/debug/agentkernel"

@@ -161,10 +161,11 @@ impl Cgroup {
     fn create_v2(id: &str, limits: &CgroupLimits) -> io::Result<Cgroup> {
         let root = Path::new("/sys/fs/cgroup");
         let parent = root.join("agentkernel");
-        // Controllers must be enabled on the path down to the sandbox; a
-        // controller already enabled (or unavailable) is not our concern here:
-        // writing its limit below reports it.
-        let _ = fs::write(root.join("cgroup.subtree_control"), "+memory +cpu +pids");
+        // Controllers must be enabled on the path down to the sandbox. One
+        // already enabled is fine; one that cannot be (e.g. in a container
+        // whose cgroup has processes of its own: "no internal processes")
+        // surfaces below as a missing limit file, reported with this error.
+        let enabling = fs::write(root.join("cgroup.subtree_control"), "+memory +cpu +pids");
         match fs::create_dir(&parent) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
@@ -175,7 +176,10 @@ impl Cgroup {
                 ))
             }
         }
-        let _ = fs::write(parent.join("cgroup.subtree_control"), "+memory +cpu +pids");
+        let enabling = enabling.and(fs::write(
+            parent.join("cgroup.subtree_control"),
+            "+memory +cpu +pids",
+        ));
         let dir = parent.join(id);
         fs::create_dir(&dir)
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?;
@@ -202,6 +206,13 @@ impl Cgroup {
         };
         if let Err(e) = apply() {
             cgroup.remove();
+            if let (io::ErrorKind::NotFound, Err(why)) = (e.kind(), &enabling) {
+                return Err(io::Error::other(format!(
+                    "{e}: the memory, cpu and pids controllers cannot be enabled below \
+                     /sys/fs/cgroup ({why}); in a container, first move its processes out of \
+                     the root cgroup into a child group (as Docker-in-Docker's entrypoint does)"
+                )));
+            }
             return Err(e);
         }
         Ok(cgroup)
