@@ -108,17 +108,20 @@ fn supervise(plan: &Plan, cgroup: &mut Option<Cgroup>) -> io::Result<Outcome> {
         // Init exited during setup (it printed why): its status is the outcome.
         Err(status) => return Ok(Outcome::Exited(status)),
     };
-    // What killed runs left (cgroups, leases, scratch, dead kept sandboxes)
-    // is collected while the command runs, not before it starts.
-    let collecting = plan.state_root().map(|root| {
-        std::thread::spawn(move || {
-            let store = agentkernel_core::state::Store::new(root);
-            crate::gc::orphaned_runs(&store);
-            crate::kept::collect(&store);
-        })
-    });
     let cgroup = cgroup.as_ref().expect("start created the cgroup");
-    let result = run_command(plan, cgroup, &started, &sfd);
+    // What killed runs left (cgroups, leases, scratch, dead kept sandboxes)
+    // is collected while the command runs: after "go", so that starting the
+    // thread never delays the command.
+    let mut collecting = None;
+    let result = run_command(plan, cgroup, &started, &sfd, || {
+        collecting = plan.state_root().map(|root| {
+            std::thread::spawn(move || {
+                let store = agentkernel_core::state::Store::new(root);
+                crate::gc::orphaned_runs(&store);
+                crate::kept::collect(&store);
+            })
+        });
+    });
     if let Some(link) = &started.link {
         link.release();
     }
@@ -339,12 +342,13 @@ fn failed_during_setup(
     }
 }
 
-/// From "go" to the command's end.
+/// From "go" to the command's end; `after_go` runs right after "go".
 fn run_command(
     plan: &Plan,
     cgroup: &Cgroup,
     started: &Started,
     sfd: &OwnedFd,
+    after_go: impl FnOnce(),
 ) -> io::Result<Outcome> {
     let master = started.master.as_ref().map(|m| m.try_clone()).transpose()?;
     let _raw = match (&master, plan.tty) {
@@ -356,6 +360,7 @@ fn run_command(
     };
     sys::write_all_fd(started.sock.as_raw_fd(), &[GO])?;
     crate::trace::phase("go");
+    after_go();
     let (code, timed_out) = watch(sfd, started.pid, master, plan.timeout, &mut || {})?;
     crate::trace::phase("init exited");
     Ok(if timed_out {
