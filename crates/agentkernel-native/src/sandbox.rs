@@ -5,9 +5,10 @@
 //!   forwards signals, enforces `--timeout`, relays a terminal, and cleans
 //!   up when the sandbox ends. It is never inside the sandbox.
 //! * **init** — PID 1 of the new pid namespace, born inside the sandbox's
-//!   cgroup (v2) or moving itself there first thing (v1; see
+//!   cgroup (v2) or moving itself there once its root is built (v1; see
 //!   `Cgroup::self_move_files` for why init, not the supervisor, does it).
-//!   It enters fresh mount, uts, ipc and net namespaces, builds the root,
+//!   It enters fresh mount, uts and ipc namespaces and the network
+//!   namespace a supervisor thread made meanwhile, builds the root,
 //!   creates its cgroup namespace; then it
 //!   forks the command and stays as a tiny init: reaps zombies, forwards
 //!   signals, exits with the command's status. When it exits the kernel kills
@@ -15,10 +16,11 @@
 //!   (PDEATHSIG), so a `kill -9` of agentkernel leaves no sandbox process.
 //! * **command** — drops privileges and execs the user's command.
 //!
-//! Supervisor and init talk over a socketpair: with a network, init first
-//! says its namespace exists (the supervisor attaches it while init builds
-//! the root); init says "ready" (passing the terminal's master side when
-//! there is one), and the supervisor answers "go".
+//! Supervisor and init talk over a socketpair: the supervisor sends the
+//! network namespace, then the cgroup's files (v1); with a network, init
+//! says when it has joined the namespace (the supervisor attaches it while
+//! init builds the root); init says "ready" (passing the terminal's master
+//! side when there is one), and the supervisor answers "go".
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -31,6 +33,7 @@ use crate::plan::Plan;
 use crate::{caps, rootfs, sys};
 
 const NETNS_READY: u8 = b'n';
+const NETNS: u8 = b'e';
 const CGROUP: u8 = b'c';
 const READY: u8 = b'r';
 pub(crate) const GO: u8 = b'g';
@@ -166,6 +169,23 @@ pub(crate) fn start(
     let born_in_cgroup = pid.born_in_cgroup;
     let pid = pid.id;
 
+    // Init's network namespace, the costliest of its namespaces to create
+    // (~1 ms), is made by a thread of ours while init makes the others; the
+    // thread hands it to init, which joins it.
+    let netns = {
+        let sock = ours.try_clone()?;
+        std::thread::spawn(move || -> io::Result<()> {
+            // SAFETY: unshare of this thread's own network namespace.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                return Err(sys::context("create the network namespace")(
+                    io::Error::last_os_error(),
+                ));
+            }
+            let ns = std::fs::File::open("/proc/thread-self/ns/net")?;
+            send_message(&sock, NETNS, &[ns.as_raw_fd()])
+        })
+    };
+
     // On v1 the cgroup is created now, while init creates its namespaces
     // (creating it takes about a millisecond: a memory cgroup is costly);
     // init moves itself in once its root is built, before it forks.
@@ -176,6 +196,13 @@ pub(crate) fn start(
                 return failed_during_setup(pid, None, "cannot create the sandbox's cgroup", e)
             }
         }
+    }
+    // Init reads the network namespace first, then the cgroup.
+    let netns = netns
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("the network namespace thread panicked")));
+    if let Err(e) = netns {
+        return failed_during_setup(pid, None, "cannot create the sandbox's network", e);
     }
     let self_move = match cgroup.as_ref() {
         Some(_) if born_in_cgroup => Ok(Vec::new()),
@@ -765,10 +792,21 @@ fn die(what: &str, e: io::Error) -> ! {
 fn init(plan: &Plan, sock: OwnedFd) -> ! {
     // SAFETY: integer-only prctl; dies with the supervisor.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) };
-    let flags = libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC | libc::CLONE_NEWNET;
+    let flags = libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
     // SAFETY: unshare with namespace flags; we are single-threaded.
     if unsafe { libc::unshare(flags) } != 0 {
         die("creating namespaces", io::Error::last_os_error());
+    }
+    // The network namespace the supervisor made meanwhile (see `start`).
+    match recv_message(&sock) {
+        Ok((NETNS, fds)) if fds.len() == 1 => {
+            // SAFETY: setns with the fd of a network namespace we were sent.
+            if unsafe { libc::setns(fds[0].as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                die("joining the network namespace", io::Error::last_os_error());
+            }
+        }
+        // SAFETY: ends the forked child: the supervisor is gone or failed.
+        _ => unsafe { libc::_exit(125) },
     }
     let host = sys::cstr(&plan.hostname);
     // SAFETY: pointer and length of a valid C string.
