@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The native backend beside bwrap and `docker run --rm`, side by side:
+# The native backend beside bwrap and `docker run --rm`, side by side —
+# interleaved, round after round (bench/interleaved.py), so the VM's drift
+# in speed lands on every command alike:
 #   1. RUNS runs each of bwrap, agentkernel -B native (default moderate
 #      profile: network, copy-on-write workspace, cgroup limits) and the same
 #      with --no-network — medians, p95, p99, ratios to bwrap;
@@ -31,16 +33,17 @@ cd "$project"   # a project dir: the workspace is mounted as it would be for a u
 bwrap_cmd="bwrap --ro-bind / / --dev /dev --proc /proc --unshare-all true"
 
 echo "== native vs bwrap ($runs runs each)"
-hyperfine -N --warmup 5 --runs "$runs" --export-json "$out/bwrap.json" --style none \
+"$root/bench/interleaved.py" --warmup 5 --runs "$runs" --export-json "$out/bwrap.json" \
   -n "bwrap --unshare-all" "$bwrap_cmd" \
   -n "agentkernel -B native (moderate)" "$ak run -B native -i $image true" \
   -n "agentkernel -B native --no-network" "$ak run -B native --no-network -i $image true" \
+  -n "/bin/true (the harness's own floor)" "/bin/true" \
   >/dev/null
 python3 "$root/bench/report.py" "$out/bwrap.json"
 
 echo
 echo "== native vs docker run --rm ($docker_runs runs each)"
-hyperfine -N --warmup 2 --runs "$docker_runs" --export-json "$out/docker.json" --style none \
+"$root/bench/interleaved.py" --warmup 2 --runs "$docker_runs" --export-json "$out/docker.json" \
   -n "docker run --rm" "docker run --rm $image true" \
   -n "agentkernel -B native (moderate)" "$ak run -B native -i $image true" \
   -n "bwrap --unshare-all" "$bwrap_cmd" \
@@ -85,7 +88,7 @@ if [ "$(id -u)" = 0 ]; then
   chown -R 4242:4242 "$rootless"
   as_user="setpriv --reuid 4242 --regid 4242 --clear-groups env HOME=$rootless/home AGENTKERNEL_HOME=$rootless/state"
   (cd "$rootless/project" && $as_user "$ak" image pull "$image" >/dev/null 2>&1)
-  (cd "$rootless/project" && hyperfine -N --warmup 5 --runs "$runs" --export-json "$out/rootless.json" --style none \
+  (cd "$rootless/project" && "$root/bench/interleaved.py" --warmup 5 --runs "$runs" --export-json "$out/rootless.json" \
     -n "bwrap --unshare-all (unprivileged)" "$as_user $bwrap_cmd" \
     -n "agentkernel -B native rootless (slirp4netns)" "$as_user $ak run -B native -i $image true" \
     -n "agentkernel -B native rootless --no-network" "$as_user $ak run -B native --no-network -i $image true" \
