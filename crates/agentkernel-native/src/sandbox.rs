@@ -204,10 +204,10 @@ pub(crate) fn start(
     if let Err(e) = netns {
         return failed_during_setup(pid, None, "cannot create the sandbox's network", e);
     }
+    // (A rootless sandbox's cgroup has no directories: nothing to move into.)
     let self_move = match cgroup.as_ref() {
-        Some(_) if born_in_cgroup => Ok(Vec::new()),
-        Some(c) => c.self_move_files(),
-        None => Ok(Vec::new()),
+        Some(c) if !born_in_cgroup => c.self_move_files(),
+        _ => Ok(Vec::new()),
     };
     let handed_over = self_move.and_then(|files| {
         let fds: Vec<RawFd> = files.iter().map(|f| f.as_raw_fd()).collect();

@@ -180,9 +180,7 @@ pub(crate) fn allocate(cfg: &NetConfig, sandbox_id: &str, ports: &[PortMapping])
     let count = last - first + 1;
     // Continue after the last address handed out; an unreadable hint just
     // means starting at the beginning.
-    let start = fs::read_to_string(cursor_path(cfg))
-        .ok()
-        .and_then(|s| s.trim().parse::<Ipv4Addr>().ok())
+    let start = read_cursor(cfg)
         .map(u32::from)
         .filter(|&a| (first..=last).contains(&a))
         .map_or(0, |a| a - first);
@@ -221,6 +219,15 @@ pub(crate) fn allocate(cfg: &NetConfig, sandbox_id: &str, ports: &[PortMapping])
     })();
     let _ = fs::remove_file(&tmp);
     result
+}
+
+/// The next-address hint, if there is a readable one.
+fn read_cursor(cfg: &NetConfig) -> Option<Ipv4Addr> {
+    fs::read_to_string(cursor_path(cfg))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Overwrites the hint in place at a fixed width (readers trim): truncating
@@ -357,6 +364,25 @@ mod tests {
         };
         assert_eq!(Lease::parse(&l.to_text()).unwrap(), l);
         assert!(Lease::parse("garbage").is_err());
+    }
+
+    #[test]
+    fn the_hint_is_overwritten_in_place_and_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = NetConfig::new(dir.path());
+        fs::create_dir_all(cursor_path(&cfg).parent().unwrap()).unwrap();
+        // As the old code wrote it (truncated, no padding), then shorter and
+        // longer addresses over it: each reads back exactly.
+        fs::write(cursor_path(&cfg), "10.209.255.254\n").unwrap();
+        assert_eq!(read_cursor(&cfg), Some(Ipv4Addr::new(10, 209, 255, 254)));
+        for ip in [
+            Ipv4Addr::new(10, 209, 0, 5),
+            Ipv4Addr::new(10, 209, 100, 200),
+        ] {
+            write_cursor(&cfg, ip);
+            assert_eq!(read_cursor(&cfg), Some(ip));
+        }
+        assert_eq!(fs::metadata(cursor_path(&cfg)).unwrap().len(), 16);
     }
 
     #[test]

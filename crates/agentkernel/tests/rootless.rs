@@ -17,8 +17,8 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    assert_code, assert_fork_bomb_contained, binary, stderr, stdout, BUSYBOX, FORK_BOMB, NOBODY,
-    PYTHON, TEST_REGISTRY,
+    assert_code, assert_fork_bomb_contained, assert_one_line_error, binary, stderr, stdout,
+    BUSYBOX, FORK_BOMB, NOBODY, PYTHON, TEST_REGISTRY,
 };
 
 /// A user of its own (`uid` = gid), with a home, state dir and project.
@@ -267,9 +267,7 @@ fn rootless_what_it_cannot_enforce_is_refused() {
         args.extend_from_slice(flags);
         args.extend(["-i", image, "true"]);
         let out = user.run(&args);
-        assert_code(&out, 125);
-        let err = stderr(&out);
-        assert_eq!(err.lines().count(), 1, "one line: {err}");
+        let err = assert_one_line_error(&out);
         assert!(err.contains("rootless") && err.contains("root"), "{err}");
         assert!(
             err.to_lowercase().contains(&named.to_lowercase()),
@@ -292,10 +290,7 @@ fn rootless_network_without_slirp4netns_is_refused_and_no_network_works() {
         args.extend(["-i", BUSYBOX, "echo", "ran"]);
         user.cmd().env("PATH", &empty).args(&args).output().unwrap()
     };
-    let out = run(&[]);
-    assert_code(&out, 125);
-    let err = stderr(&out);
-    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    let err = assert_one_line_error(&run(&[]));
     assert!(
         err.contains("slirp4netns is not installed") && err.contains("--no-network"),
         "{err}"
