@@ -152,6 +152,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "POLICY", value_parser = ["missing", "always", "never"])]
     pub pull: Option<String>,
 
+    /// Print the resolved sandbox (image and where it came from, backend, policy, mounts, env names, ports, limits, kept name) as JSON on stdout and exit 0; nothing is created, pulled or run
+    #[arg(long)]
+    pub dry_run: bool,
+
     /// The command and its arguments, passed through untouched
     #[arg(value_name = "CMD", required = true, num_args = 1.., trailing_var_arg = true)]
     pub command: Vec<std::ffi::OsString>,

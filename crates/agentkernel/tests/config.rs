@@ -198,28 +198,116 @@ fn malformed_toml_is_125() {
     assert!(line.contains("agentkernel.toml"), "{line}");
 }
 
+/// The image a run would use, and why (`run --dry-run`, so the answer does
+/// not depend on which images this machine holds).
+fn resolved_image(env: &TestEnv, args: &[&str]) -> (String, String) {
+    let spec = env.dry_run(args);
+    (
+        spec["image"].as_str().unwrap().to_string(),
+        spec["image_source"].as_str().unwrap().to_string(),
+    )
+}
+
 #[test]
 fn image_is_detected_from_the_command() {
     let env = TestEnv::new();
-    // The detected image is not present offline: the 125 error names it.
-    let out = env.run(&["run", "--pull", "never", "python3", "-c", "print(1)"]);
-    let line = assert_one_line_error(&out);
-    assert!(line.contains("python:3.12-alpine"), "{line}");
+    for (command, image) in [
+        ("python3", "python:3.12-alpine"),
+        ("npm", "node:22-alpine"),
+        ("cargo", "rust:1.85-alpine"),
+        ("go", "golang:1.23-alpine"),
+        ("bundle", "ruby:3.3-alpine"),
+    ] {
+        assert_eq!(
+            resolved_image(&env, &[command, "--version"]),
+            (image.to_string(), "command".to_string()),
+            "{command}"
+        );
+    }
 }
 
 #[test]
 fn image_is_detected_from_project_files() {
     let env = TestEnv::new();
     std::fs::write(env.project_dir().join("package.json"), "{}\n").unwrap();
-    let out = env.run(&["run", "--pull", "never", "sh", "-c", "true"]);
-    let line = assert_one_line_error(&out);
-    assert!(line.contains("node:22-alpine"), "{line}");
+    assert_eq!(
+        resolved_image(&env, &["sh", "-c", "true"]),
+        ("node:22-alpine".to_string(), "project-file".to_string())
+    );
+    // The command's first word wins over project files.
+    assert_eq!(
+        resolved_image(&env, &["python3", "-V"]).0,
+        "python:3.12-alpine"
+    );
 }
 
 #[test]
 fn image_defaults_to_alpine() {
     let env = TestEnv::new();
-    let out = env.run(&["run", "--pull", "never", "sh", "-c", "true"]);
-    let line = assert_one_line_error(&out);
-    assert!(line.contains("alpine:3.20"), "{line}");
+    assert_eq!(
+        resolved_image(&env, &["sh", "-c", "true"]),
+        ("alpine:3.20".to_string(), "default".to_string())
+    );
+}
+
+#[test]
+fn image_flag_wins_over_config_and_command() {
+    let env = TestEnv::new();
+    std::fs::write(
+        env.project_dir().join("agentkernel.toml"),
+        image_config(PYTHON),
+    )
+    .unwrap();
+    assert_eq!(
+        resolved_image(&env, &["python3", "-V"]),
+        (PYTHON.to_string(), "config".to_string())
+    );
+    assert_eq!(
+        resolved_image(&env, &["-i", BUSYBOX, "python3", "-V"]),
+        (BUSYBOX.to_string(), "flag".to_string())
+    );
+}
+
+#[test]
+fn dry_run_shows_the_resolved_sandbox_and_creates_nothing() {
+    let env = TestEnv::new();
+    let name = unique_name("dry");
+    let spec = env.dry_run(&[
+        "--name",
+        &name,
+        "--profile",
+        "restrictive",
+        "--memory",
+        "64m",
+        "-e",
+        "TOKEN=s3cret",
+        "--pull",
+        "always",
+        "-i",
+        "agentkernel-test/nope:1",
+        "sh",
+        "-c",
+        "true",
+    ]);
+    assert_eq!(spec["backend"], backend());
+    assert_eq!(spec["profile"], "restrictive");
+    assert_eq!(spec["policy"]["network"], false);
+    assert_eq!(spec["policy"]["limits"]["memory_bytes"], 64 << 20);
+    assert_eq!(spec["env"], serde_json::json!(["TOKEN"]));
+    assert!(
+        !spec.to_string().contains("s3cret"),
+        "an env value leaked: {spec}"
+    );
+    assert_eq!(spec["keep"]["name"], name.as_str());
+    assert_eq!(spec["mounts"][0]["kind"], "workspace");
+    assert_eq!(spec["mounts"][0]["mode"], "read-only");
+    // Not pulled (the image does not exist anywhere), not created, not recorded.
+    assert!(!container_exists(&kept_object(&name)));
+    let list = env.run(&["sandbox", "list"]);
+    assert_code(&list, 0);
+    assert!(!stdout(&list).contains(&name), "{}", stdout(&list));
+    assert!(env.leftover_runs().is_empty());
+    // Invalid input is still refused, as without --dry-run.
+    let out = env.run(&["run", "--dry-run", "--memory", "lots", "true"]);
+    assert_one_line_error(&out);
 }

@@ -29,8 +29,17 @@ pub async fn run(args: RunArgs) -> Result<i32> {
     // The pool serves one-shot runs without published ports; those take the
     // normal path (explicit combinations are refused in `reject_unsupported`).
     let fast = args.fast.or(config.fast).unwrap_or(true);
-    let spec = resolve(args, &config, &cwd)?;
-    let use_pool = fast && spec.keep.is_none() && spec.ports.is_empty();
+    let dry_run = args.dry_run;
+    let (spec, image_source) = resolve(args, &config, &cwd)?;
+    let use_pool = fast
+        && spec.keep.is_none()
+        && spec.ports.is_empty()
+        && backend != backend::BackendKind::Native;
+    if dry_run {
+        let resolved = dry_run_json(&spec, image_source, backend, use_pool);
+        println!("{resolved:#}");
+        return Ok(0);
+    }
 
     let store = Store::open_default();
     if backend == backend::BackendKind::Native {
@@ -57,7 +66,7 @@ pub async fn run(args: RunArgs) -> Result<i32> {
 
 /// Turns flags and config into a spec, rejecting every invalid or
 /// not-yet-supported combination before anything is created.
-pub fn resolve(args: RunArgs, config: &Config, cwd: &Path) -> Result<SandboxSpec> {
+pub fn resolve(args: RunArgs, config: &Config, cwd: &Path) -> Result<(SandboxSpec, ImageSource)> {
     reject_unsupported(&args)?;
 
     let argv = super::utf8_command(args.command)?;
@@ -156,7 +165,7 @@ pub fn resolve(args: RunArgs, config: &Config, cwd: &Path) -> Result<SandboxSpec
         cwd,
     )?;
 
-    Ok(SandboxSpec {
+    let spec = SandboxSpec {
         image,
         pull,
         policy,
@@ -172,6 +181,73 @@ pub fn resolve(args: RunArgs, config: &Config, cwd: &Path) -> Result<SandboxSpec
             tty: super::wants_tty(),
             timeout,
         },
+    };
+    Ok((spec, source))
+}
+
+/// `run --dry-run`: what would run, as JSON. Environment values are left out
+/// (they are often secrets); their names are enough to check a config.
+fn dry_run_json(
+    spec: &SandboxSpec,
+    image_source: ImageSource,
+    backend: backend::BackendKind,
+    use_pool: bool,
+) -> serde_json::Value {
+    use serde_json::json;
+    let source = match image_source {
+        ImageSource::Flag => "flag",
+        ImageSource::Config => "config",
+        ImageSource::Command => "command",
+        ImageSource::ProjectFile => "project-file",
+        ImageSource::Default => "default",
+    };
+    let pull = match spec.pull {
+        PullPolicy::Missing => "missing",
+        PullPolicy::Always => "always",
+        PullPolicy::Never => "never",
+    };
+    let mounts: Vec<serde_json::Value> = spec
+        .workspace
+        .iter()
+        .map(|w| {
+            json!({"host": w.host, "path": w.path_in_sandbox, "kind": "workspace",
+                   "mode": spec.policy.workspace})
+        })
+        .chain(
+            spec.home
+                .iter()
+                .map(|h| json!({"host": h, "path": h, "kind": "home", "mode": "read-only"})),
+        )
+        .chain(spec.volumes.iter().map(|v| {
+            json!({"host": v.host, "path": v.container, "kind": "volume",
+                   "mode": if v.read_only { "read-only" } else { "read-write" }})
+        }))
+        .collect();
+    let ports: Vec<serde_json::Value> = spec
+        .ports
+        .iter()
+        .map(|p| {
+            json!({"host_ip": p.host_ip, "host_port": p.host_port,
+                   "container_port": p.container_port, "protocol": p.protocol.as_str()})
+        })
+        .collect();
+    json!({
+        "backend": backend.name(),
+        "image": spec.image,
+        "image_source": source,
+        "pull": pull,
+        "profile": spec.policy.profile.as_str(),
+        "policy": spec.policy,
+        "mounts": mounts,
+        "env": spec.exec.env.iter().map(|(k, _)| k).collect::<Vec<_>>(),
+        "ports": ports,
+        "argv": spec.exec.argv,
+        "workdir": spec.exec.workdir,
+        "timeout_secs": spec.exec.timeout.map(|t| t.as_secs_f64()),
+        "keep": spec.keep.as_ref().map(|k| json!({
+            "name": k.name, "ttl_secs": k.ttl.as_secs(), "reuse": k.reuse,
+        })),
+        "pool": use_pool,
     })
 }
 

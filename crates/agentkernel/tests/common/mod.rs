@@ -300,6 +300,22 @@ impl TestEnv {
         self.cmd().args(args).output().unwrap()
     }
 
+    /// `agentkernel run --dry-run ARGS…`: the resolved sandbox as JSON
+    /// (panics unless it exits 0 with JSON on stdout). Observes resolution
+    /// directly, whatever images this machine happens to hold.
+    pub fn dry_run(&self, args: &[&str]) -> serde_json::Value {
+        let out = self
+            .cmd()
+            .arg("run")
+            .arg("--dry-run")
+            .args(args)
+            .output()
+            .unwrap();
+        assert_code(&out, 0);
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("--dry-run printed no JSON ({e}): {}", stdout(&out)))
+    }
+
     /// Spawns `agentkernel ARGS…` with piped stdout/stderr and null stdin,
     /// and returns it with its owner label.
     pub fn spawn(&self, args: &[&str]) -> Tracked {
