@@ -137,9 +137,6 @@ fn orphan(env: &TestEnv) -> (String, String) {
 /// pid namespace dies with init); its cgroup, network lease and scratch
 /// directory must be collected.
 fn assert_native_orphan_collected(env: &TestEnv, sandbox: &str) {
-    if !is_native() {
-        return;
-    }
     poll_until(
         Duration::from_secs(10),
         "the orphaned native sandbox's cgroup, lease and scratch dir should be removed",
@@ -180,7 +177,9 @@ fn sandbox_gc_removes_what_a_killed_run_left() {
         "`sandbox gc` should remove the orphaned scratch directory",
         || env.leftover_runs().is_empty(),
     );
-    assert_native_orphan_collected(&env, &sandbox);
+    if is_native() {
+        assert_native_orphan_collected(&env, &sandbox);
+    }
 }
 
 #[test]
@@ -201,48 +200,9 @@ fn a_later_run_removes_what_a_killed_run_left() {
         "a later `run` should remove the orphaned scratch directory",
         || env.leftover_runs().is_empty(),
     );
-    assert_native_orphan_collected(&env, &sandbox);
-}
-
-#[test]
-fn what_a_killed_pooled_run_left_is_collected() {
-    let env = TestEnv::new();
-    env.warm_up(&["run", "-i", BUSYBOX, "true"]);
-    let mut t = env.spawn(&["run", "-i", BUSYBOX, "sleep", "60"]);
-    let mut used = Vec::new();
-    poll_until(
-        Duration::from_secs(30),
-        "the run should claim a warm container",
-        || {
-            used = env.claimed_by(&t.owner);
-            !used.is_empty()
-        },
-    );
-    let used = used.pop().unwrap();
-    // Give the exec a moment to start before the kill.
-    poll_until(Duration::from_secs(30), "sleep 60 running", || {
-        String::from_utf8_lossy(&engine(&["top", &used]).stdout).contains("sleep 60")
-    });
-    // The warm-up's detached refill collects dead claimants when it ends:
-    // let it finish first, or it may collect this one before we look.
-    assert!(env.wait_for_refills(Duration::from_secs(60)));
-    t.signal(libc::SIGKILL);
-    wait_child(t.child(), Duration::from_secs(10));
-    t.disarm();
-    assert!(
-        container_exists(&used),
-        "precondition: a SIGKILLed agentkernel leaves its pool container"
-    );
-    // Later commands remove it (gc gives a claimed container a grace period
-    // for its refill, so keep asking).
-    poll_until(
-        Duration::from_secs(120),
-        "later `sandbox gc` runs should remove the killed run's pool container",
-        || {
-            let _ = env.run(&["sandbox", "gc"]);
-            !container_exists(&used)
-        },
-    );
+    if is_native() {
+        assert_native_orphan_collected(&env, &sandbox);
+    }
 }
 
 #[test]
@@ -271,4 +231,50 @@ fn live_runs_are_not_collected() {
     let out = t.wait_output(Duration::from_secs(60));
     assert_code(&out, 0);
     assert_eq!(stdout(&out), "survived-go\n");
+}
+
+/// The warm pool exists on Docker and Podman only.
+mod engine_only {
+    use super::*;
+
+    #[test]
+    fn what_a_killed_pooled_run_left_is_collected() {
+        let env = TestEnv::new();
+        env.warm_up(&["run", "-i", BUSYBOX, "true"]);
+        let mut t = env.spawn(&["run", "-i", BUSYBOX, "sleep", "60"]);
+        let mut used = Vec::new();
+        poll_until(
+            Duration::from_secs(30),
+            "the run should claim a warm container",
+            || {
+                used = env.claimed_by(&t.owner);
+                !used.is_empty()
+            },
+        );
+        let used = used.pop().unwrap();
+        // Give the exec a moment to start before the kill.
+        poll_until(Duration::from_secs(30), "sleep 60 running", || {
+            String::from_utf8_lossy(&engine(&["top", &used]).stdout).contains("sleep 60")
+        });
+        // The warm-up's detached refill collects dead claimants when it ends:
+        // let it finish first, or it may collect this one before we look.
+        assert!(env.wait_for_refills(Duration::from_secs(60)));
+        t.signal(libc::SIGKILL);
+        wait_child(t.child(), Duration::from_secs(10));
+        t.disarm();
+        assert!(
+            container_exists(&used),
+            "precondition: a SIGKILLed agentkernel leaves its pool container"
+        );
+        // Later commands remove it (gc gives a claimed container a grace period
+        // for its refill, so keep asking).
+        poll_until(
+            Duration::from_secs(120),
+            "later `sandbox gc` runs should remove the killed run's pool container",
+            || {
+                let _ = env.run(&["sandbox", "gc"]);
+                !container_exists(&used)
+            },
+        );
+    }
 }

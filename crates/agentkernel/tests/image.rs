@@ -91,79 +91,86 @@ impl Drop for Registry {
     }
 }
 
-#[test]
-fn pull_list_rm_prune() {
-    let env = TestEnv::new();
-    let registry = Registry::start();
-    registry.push_busybox("test/busybox:1");
-    let name = format!("127.0.0.1:{}/test/busybox:1", registry.port);
+/// The image store is the same whatever the backend under test, so these run
+/// once: with Docker, whose CLI exports the offline busybox image for the
+/// registry (and whose TestEnv has a private store; native's shares one).
+mod docker_only {
+    use super::*;
 
-    let out = env.run(&["image", "pull", &name]);
-    assert_code(&out, 0);
-    assert!(
-        out.stdout.is_empty(),
-        "messages belong on stderr: {}",
-        stdout(&out)
-    );
-    assert!(stderr(&out).contains("sha256:"), "{}", stderr(&out));
+    #[test]
+    fn pull_list_rm_prune() {
+        let env = TestEnv::new();
+        let registry = Registry::start();
+        registry.push_busybox("test/busybox:1");
+        let name = format!("127.0.0.1:{}/test/busybox:1", registry.port);
 
-    // Stored: a second pull needs no registry at all.
-    drop(registry);
-    assert_code(&env.run(&["image", "pull", &name]), 0);
-    let list = env.run(&["image", "list", "--json"]);
-    assert_code(&list, 0);
-    let rows: serde_json::Value = serde_json::from_slice(&list.stdout).expect("json");
-    assert_eq!(rows.as_array().map(Vec::len), Some(1), "{rows}");
-    assert!(rows[0]["reference"]
-        .as_str()
-        .unwrap()
-        .contains("test/busybox:1"));
+        let out = env.run(&["image", "pull", &name]);
+        assert_code(&out, 0);
+        assert!(
+            out.stdout.is_empty(),
+            "messages belong on stderr: {}",
+            stdout(&out)
+        );
+        assert!(stderr(&out).contains("sha256:"), "{}", stderr(&out));
 
-    assert_code(&env.run(&["image", "rm", &name]), 0);
-    let out = env.run(&["image", "prune"]);
-    assert_code(&out, 0);
-    assert!(stderr(&out).contains("layer"), "{}", stderr(&out));
-    let layers = env.state_dir().join("images/layers/sha256");
-    let left = std::fs::read_dir(&layers).map(|d| d.count()).unwrap_or(0);
-    assert_eq!(left, 0, "prune left layers in {}", layers.display());
-}
+        // Stored: a second pull needs no registry at all.
+        drop(registry);
+        assert_code(&env.run(&["image", "pull", &name]), 0);
+        let list = env.run(&["image", "list", "--json"]);
+        assert_code(&list, 0);
+        let rows: serde_json::Value = serde_json::from_slice(&list.stdout).expect("json");
+        assert_eq!(rows.as_array().map(Vec::len), Some(1), "{rows}");
+        assert!(rows[0]["reference"]
+            .as_str()
+            .unwrap()
+            .contains("test/busybox:1"));
 
-#[test]
-fn docker_hub_names_go_to_the_mirror() {
-    let env = TestEnv::new();
-    let registry = Registry::start();
-    registry.push_busybox("library/agentkernel-mirror-test:1");
-    let out = env
-        .cmd()
-        .env(
-            "AGENTKERNEL_REGISTRY_MIRRORS",
-            format!("http://127.0.0.1:{}", registry.port),
-        )
-        .args(["image", "pull", "agentkernel-mirror-test:1"])
-        .output()
-        .unwrap();
-    assert_code(&out, 0);
-}
+        assert_code(&env.run(&["image", "rm", &name]), 0);
+        let out = env.run(&["image", "prune"]);
+        assert_code(&out, 0);
+        assert!(stderr(&out).contains("layer"), "{}", stderr(&out));
+        let layers = env.state_dir().join("images/layers/sha256");
+        let left = std::fs::read_dir(&layers).map(|d| d.count()).unwrap_or(0);
+        assert_eq!(left, 0, "prune left layers in {}", layers.display());
+    }
 
-#[test]
-fn plain_http_off_loopback_and_unknown_images_are_one_line_125() {
-    let env = TestEnv::new();
-    let out = env
-        .cmd()
-        .env("AGENTKERNEL_REGISTRY_MIRRORS", "http://10.0.0.1:5000")
-        .args(["image", "pull", "alpine:3.20"])
-        .output()
-        .unwrap();
-    assert_code(&out, AK_ERROR);
-    assert_one_line_error(&out);
-    assert!(stderr(&out).contains("10.0.0.1"), "{}", stderr(&out));
+    #[test]
+    fn docker_hub_names_go_to_the_mirror() {
+        let env = TestEnv::new();
+        let registry = Registry::start();
+        registry.push_busybox("library/agentkernel-mirror-test:1");
+        let out = env
+            .cmd()
+            .env(
+                "AGENTKERNEL_REGISTRY_MIRRORS",
+                format!("http://127.0.0.1:{}", registry.port),
+            )
+            .args(["image", "pull", "agentkernel-mirror-test:1"])
+            .output()
+            .unwrap();
+        assert_code(&out, 0);
+    }
 
-    let registry = Registry::start();
-    let out = env.run(&[
-        "image",
-        "pull",
-        &format!("127.0.0.1:{}/no/such:1", registry.port),
-    ]);
-    assert_code(&out, AK_ERROR);
-    assert_one_line_error(&out);
+    #[test]
+    fn plain_http_off_loopback_and_unknown_images_are_one_line_125() {
+        let env = TestEnv::new();
+        let out = env
+            .cmd()
+            .env("AGENTKERNEL_REGISTRY_MIRRORS", "http://10.0.0.1:5000")
+            .args(["image", "pull", "alpine:3.20"])
+            .output()
+            .unwrap();
+        assert_code(&out, AK_ERROR);
+        assert_one_line_error(&out);
+        assert!(stderr(&out).contains("10.0.0.1"), "{}", stderr(&out));
+
+        let registry = Registry::start();
+        let out = env.run(&[
+            "image",
+            "pull",
+            &format!("127.0.0.1:{}/no/such:1", registry.port),
+        ]);
+        assert_code(&out, AK_ERROR);
+        assert_one_line_error(&out);
+    }
 }

@@ -185,15 +185,13 @@ fn own_messages_never_on_stdout() {
     assert_code(&out, 137);
     assert!(out.stdout.is_empty(), "stdout: {}", stdout(&out));
 
-    // Kept-sandbox message (kept sandboxes are engine-only so far).
-    if !is_native() {
-        let name = unique_name("io-msg");
-        let _guard = KeptGuard::new(&name);
-        let out = env.run(&["run", "--name", &name, "-i", BUSYBOX, "true"]);
-        assert_code(&out, 0);
-        assert!(out.stdout.is_empty(), "stdout: {}", stdout(&out));
-        assert!(stderr(&out).contains(&name), "{}", stderr(&out));
-    }
+    // Kept-sandbox message.
+    let name = unique_name("io-msg");
+    let _guard = KeptGuard::new(&name);
+    let out = env.run(&["run", "--name", &name, "-i", BUSYBOX, "true"]);
+    assert_code(&out, 0);
+    assert!(out.stdout.is_empty(), "stdout: {}", stdout(&out));
+    assert!(stderr(&out).contains(&name), "{}", stderr(&out));
 
     // Error messages.
     let out = env.run(&[

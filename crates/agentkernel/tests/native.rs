@@ -8,163 +8,164 @@ use std::time::Duration;
 
 use common::*;
 
-fn native_env() -> Option<TestEnv> {
-    // These tests are about the native runtime; under another backend they
-    // would test that engine instead, which the other files already do.
-    is_native().then(TestEnv::new)
-}
+/// About the native runtime; under another backend they would test that
+/// engine instead, which the other files already do.
+mod native_only {
+    use super::*;
 
-fn sh(env: &TestEnv, extra: &[&str], script: &str) -> std::process::Output {
-    let mut args = vec!["run"];
-    args.extend_from_slice(extra);
-    args.extend(["-i", BUSYBOX, "sh", "-c", script]);
-    env.run(&args)
-}
+    fn sh(env: &TestEnv, extra: &[&str], script: &str) -> std::process::Output {
+        let mut args = vec!["run"];
+        args.extend_from_slice(extra);
+        args.extend(["-i", BUSYBOX, "sh", "-c", script]);
+        env.run(&args)
+    }
 
-#[test]
-fn host_processes_are_invisible() {
-    let Some(env) = native_env() else { return };
-    let out = sh(
+    #[test]
+    fn host_processes_are_invisible() {
+        let env = TestEnv::new();
+        let out = sh(
         &env,
         &[],
         "ls /proc | grep -c '^[0-9]'; cat /proc/1/cmdline | tr '\\0' ' '; echo; kill -0 1 && echo init-signalable",
     );
-    assert_code(&out, 0);
-    let text = stdout(&out);
-    let mut lines = text.lines();
-    let count: u32 = lines.next().unwrap().parse().unwrap();
-    // init, sh, ls, grep (and maybe a subshell): never the host's hundreds.
-    assert!(count <= 6, "the sandbox sees {count} processes: {text}");
-    assert!(
-        lines.next().unwrap().contains("agentkernel"),
-        "PID 1 should be agentkernel's init: {text}"
-    );
-    // The test process itself is not visible by its host PID.
-    let me = std::process::id();
-    let out = sh(
-        &env,
-        &[],
-        &format!("test -e /proc/{me}/cmdline && grep -c cargo /proc/{me}/cmdline || echo absent"),
-    );
-    assert_ne!(stdout(&out), "1\n", "a host process is visible");
-}
+        assert_code(&out, 0);
+        let text = stdout(&out);
+        let mut lines = text.lines();
+        let count: u32 = lines.next().unwrap().parse().unwrap();
+        // init, sh, ls, grep (and maybe a subshell): never the host's hundreds.
+        assert!(count <= 6, "the sandbox sees {count} processes: {text}");
+        assert!(
+            lines.next().unwrap().contains("agentkernel"),
+            "PID 1 should be agentkernel's init: {text}"
+        );
+        // The test process itself is not visible by its host PID.
+        let me = std::process::id();
+        let out = sh(
+            &env,
+            &[],
+            &format!(
+                "test -e /proc/{me}/cmdline && grep -c cargo /proc/{me}/cmdline || echo absent"
+            ),
+        );
+        assert_ne!(stdout(&out), "1\n", "a host process is visible");
+    }
 
-#[test]
-fn read_only_root_and_kernel_interfaces_cannot_be_written() {
-    let Some(env) = native_env() else { return };
-    let out = sh(
+    #[test]
+    fn read_only_root_and_kernel_interfaces_cannot_be_written() {
+        let env = TestEnv::new();
+        let out = sh(
         &env,
         &["-p", "restrictive"],
         "for f in /bin/x /etc/passwd /proc/sys/kernel/hostname /sys/kernel/profiling /proc/sysrq-trigger; do \
            if echo x 2>/dev/null > $f; then echo WROTE $f; fi; done; \
          echo tmp > /tmp/ok && cat /tmp/ok",
     );
-    assert_code(&out, 0);
-    assert_eq!(stdout(&out), "tmp\n", "{}", stderr(&out));
-    // Masked paths show nothing of the host kernel.
-    let out = sh(
-        &env,
-        &[],
-        "cat /proc/kcore 2>/dev/null | wc -c; ls /sys/firmware | wc -l; cat /proc/keys | wc -l",
-    );
-    assert_code(&out, 0);
-    assert_eq!(stdout(&out), "0\n0\n0\n");
-}
+        assert_code(&out, 0);
+        assert_eq!(stdout(&out), "tmp\n", "{}", stderr(&out));
+        // Masked paths show nothing of the host kernel.
+        let out = sh(
+            &env,
+            &[],
+            "cat /proc/kcore 2>/dev/null | wc -c; ls /sys/firmware | wc -l; cat /proc/keys | wc -l",
+        );
+        assert_code(&out, 0);
+        assert_eq!(stdout(&out), "0\n0\n0\n");
+    }
 
-#[test]
-fn no_network_means_loopback_only() {
-    let Some(env) = native_env() else { return };
-    let out = sh(
+    #[test]
+    fn no_network_means_loopback_only() {
+        let env = TestEnv::new();
+        let out = sh(
         &env,
         &["--no-network"],
         "ls /sys/class/net; if wget -q -T 2 -O /dev/null http://10.209.0.1/ 2>/dev/null || nc -w 2 10.209.0.1 22 </dev/null 2>/dev/null; then echo REACHED; fi; ip route 2>/dev/null | grep -c default || true",
     );
-    assert_code(&out, 0);
-    assert_eq!(stdout(&out), "lo\n0\n", "{}", stderr(&out));
-}
-
-#[test]
-fn symlinks_cannot_lead_a_mount_out_of_the_sandbox() {
-    let Some(env) = native_env() else { return };
-    // An absolute symlink in the workspace, and a volume whose target goes
-    // through it: resolved naively before pivot_root, it would create and
-    // mount on the host's directory.
-    let outside = tempfile::Builder::new()
-        .prefix("ak-outside")
-        .tempdir()
-        .unwrap();
-    let volume = tempfile::Builder::new().prefix("ak-vol").tempdir().unwrap();
-    std::os::unix::fs::symlink(outside.path(), env.project_dir().join("link")).unwrap();
-    for profile in ["moderate", "permissive"] {
-        let out = env.run(&[
-            "run",
-            "-p",
-            profile,
-            "-v",
-            &format!("{}:/workspace/link/inner", volume.path().display()),
-            "-i",
-            BUSYBOX,
-            "true",
-        ]);
-        let line = assert_one_line_error(&out);
-        assert!(line.contains("symlink"), "{profile}: {line}");
-        assert!(
-            std::fs::read_dir(outside.path()).unwrap().next().is_none(),
-            "{profile}: something was created through the symlink on the host"
-        );
-        assert!(env.leftover_runs().is_empty(), "{:?}", env.leftover_runs());
+        assert_code(&out, 0);
+        assert_eq!(stdout(&out), "lo\n0\n", "{}", stderr(&out));
     }
-    // Inside the sandbox the symlink resolves in the sandbox's own root.
-    std::fs::write(outside.path().join("secret"), "host-secret\n").unwrap();
-    let out = sh(
-        &env,
-        &["-p", "permissive"],
-        "cat /workspace/link/secret 2>/dev/null || echo unreachable",
-    );
-    assert_eq!(stdout(&out), "unreachable\n");
-}
 
-#[test]
-fn seccomp_and_capabilities_refuse_namespace_and_mount_escapes() {
-    let Some(env) = native_env() else { return };
-    let out = sh(
-        &env,
-        &[],
-        "unshare -U true 2>/dev/null && echo UNSHARED; \
+    #[test]
+    fn symlinks_cannot_lead_a_mount_out_of_the_sandbox() {
+        let env = TestEnv::new();
+        // An absolute symlink in the workspace, and a volume whose target goes
+        // through it: resolved naively before pivot_root, it would create and
+        // mount on the host's directory.
+        let outside = tempfile::Builder::new()
+            .prefix("ak-outside")
+            .tempdir()
+            .unwrap();
+        let volume = tempfile::Builder::new().prefix("ak-vol").tempdir().unwrap();
+        std::os::unix::fs::symlink(outside.path(), env.project_dir().join("link")).unwrap();
+        for profile in ["moderate", "permissive"] {
+            let out = env.run(&[
+                "run",
+                "-p",
+                profile,
+                "-v",
+                &format!("{}:/workspace/link/inner", volume.path().display()),
+                "-i",
+                BUSYBOX,
+                "true",
+            ]);
+            let line = assert_one_line_error(&out);
+            assert!(line.contains("symlink"), "{profile}: {line}");
+            assert!(
+                std::fs::read_dir(outside.path()).unwrap().next().is_none(),
+                "{profile}: something was created through the symlink on the host"
+            );
+            assert!(env.leftover_runs().is_empty(), "{:?}", env.leftover_runs());
+        }
+        // Inside the sandbox the symlink resolves in the sandbox's own root.
+        std::fs::write(outside.path().join("secret"), "host-secret\n").unwrap();
+        let out = sh(
+            &env,
+            &["-p", "permissive"],
+            "cat /workspace/link/secret 2>/dev/null || echo unreachable",
+        );
+        assert_eq!(stdout(&out), "unreachable\n");
+    }
+
+    #[test]
+    fn seccomp_and_capabilities_refuse_namespace_and_mount_escapes() {
+        let env = TestEnv::new();
+        let out = sh(
+            &env,
+            &[],
+            "unshare -U true 2>/dev/null && echo UNSHARED; \
          mount -t tmpfs x /mnt 2>/dev/null && echo MOUNTED; \
          mknod /tmp/sda b 8 0 2>/dev/null && echo MKNOD; \
          echo done",
-    );
-    assert_code(&out, 0);
-    assert_eq!(stdout(&out), "done\n");
-}
+        );
+        assert_code(&out, 0);
+        assert_eq!(stdout(&out), "done\n");
+    }
 
-#[test]
-fn cpu_limit_throttles() {
-    let Some(env) = native_env() else { return };
-    let out = sh(
+    #[test]
+    fn cpu_limit_throttles() {
+        let env = TestEnv::new();
+        let out = sh(
         &env,
         &["--cpus", "0.2"],
         "end=$(( $(date +%s) + 2 )); while [ $(date +%s) -lt $end ]; do :; done; \
          grep -h nr_throttled /sys/fs/cgroup/cpu/cpu.stat /sys/fs/cgroup/cpu.stat 2>/dev/null | head -1",
     );
-    assert_code(&out, 0);
-    let throttled: u64 = stdout(&out)
-        .split_whitespace()
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no nr_throttled: {} {}", stdout(&out), stderr(&out)));
-    assert!(
-        throttled > 0,
-        "a busy loop under --cpus 0.2 was never throttled"
-    );
-}
+        assert_code(&out, 0);
+        let throttled: u64 = stdout(&out)
+            .split_whitespace()
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no nr_throttled: {} {}", stdout(&out), stderr(&out)));
+        assert!(
+            throttled > 0,
+            "a busy loop under --cpus 0.2 was never throttled"
+        );
+    }
 
-#[test]
-fn host_image_is_the_hosts_root_read_only() {
-    let Some(env) = native_env() else { return };
-    let marker = format!("/tmp/ak-host-image-{}", std::process::id());
-    let out = env.run(&[
+    #[test]
+    fn host_image_is_the_hosts_root_read_only() {
+        let env = TestEnv::new();
+        let marker = format!("/tmp/ak-host-image-{}", std::process::id());
+        let out = env.run(&[
         "run",
         "--image",
         "host",
@@ -176,201 +177,202 @@ fn host_image_is_the_hosts_root_read_only() {
             env.state_dir().display()
         ),
     ]);
-    assert_code(&out, 0);
-    let host_first = std::fs::read_to_string("/etc/os-release")
-        .unwrap()
-        .lines()
-        .next()
-        .unwrap()
-        .to_string();
-    // agentkernel's own state (other sandboxes' scratch) is hidden.
-    assert_eq!(
-        stdout(&out),
-        format!("{host_first}\nwrote-in-sandbox\n0\n"),
-        "{}",
-        stderr(&out)
-    );
-    assert!(
-        !std::path::Path::new(&marker).exists(),
-        "a write in the sandbox reached the host's root"
-    );
-}
+        assert_code(&out, 0);
+        let host_first = std::fs::read_to_string("/etc/os-release")
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap()
+            .to_string();
+        // agentkernel's own state (other sandboxes' scratch) is hidden.
+        assert_eq!(
+            stdout(&out),
+            format!("{host_first}\nwrote-in-sandbox\n0\n"),
+            "{}",
+            stderr(&out)
+        );
+        assert!(
+            !std::path::Path::new(&marker).exists(),
+            "a write in the sandbox reached the host's root"
+        );
+    }
 
-#[test]
-fn concurrent_runs_get_distinct_addresses_and_leave_nothing() {
-    let Some(env) = native_env() else { return };
-    let env = std::sync::Arc::new(env);
-    // Each sandbox records its address in a shared volume, then waits until
-    // all 20 are there: they are alive together, so a shared address would
-    // leave fewer than 20 files and every run would fail.
-    let sync = std::sync::Arc::new(
-        tempfile::Builder::new()
-            .prefix("ak-sync")
-            .tempdir()
-            .unwrap(),
-    );
-    let script = "a=$(ip -4 -o addr show eth0 | awk '{print $4}' | cut -d/ -f1); touch /sync/$a; \
+    #[test]
+    fn concurrent_runs_get_distinct_addresses_and_leave_nothing() {
+        let env = TestEnv::new();
+        let env = std::sync::Arc::new(env);
+        // Each sandbox records its address in a shared volume, then waits until
+        // all 20 are there: they are alive together, so a shared address would
+        // leave fewer than 20 files and every run would fail.
+        let sync = std::sync::Arc::new(
+            tempfile::Builder::new()
+                .prefix("ak-sync")
+                .tempdir()
+                .unwrap(),
+        );
+        let script = "a=$(ip -4 -o addr show eth0 | awk '{print $4}' | cut -d/ -f1); touch /sync/$a; \
                   i=0; while [ $(ls /sync | wc -l) -lt 20 ]; do i=$((i+1)); [ $i -gt 600 ] && exit 9; sleep 0.1; done; \
                   hostname";
-    let handles: Vec<_> = (0..20)
-        .map(|_| {
-            let (env, sync) = (env.clone(), sync.clone());
-            std::thread::spawn(move || {
-                let volume = format!("{}:/sync", sync.path().display());
-                let out = env.run(&["run", "-v", &volume, "-i", BUSYBOX, "sh", "-c", script]);
-                assert_code(&out, 0);
-                stdout(&out)
+        let handles: Vec<_> = (0..20)
+            .map(|_| {
+                let (env, sync) = (env.clone(), sync.clone());
+                std::thread::spawn(move || {
+                    let volume = format!("{}:/sync", sync.path().display());
+                    let out = env.run(&["run", "-v", &volume, "-i", BUSYBOX, "sh", "-c", script]);
+                    assert_code(&out, 0);
+                    stdout(&out)
+                })
             })
-        })
-        .collect();
-    let ids: Vec<String> = handles
-        .into_iter()
-        .map(|h| h.join().unwrap().trim().to_string())
-        .collect();
-    assert_eq!(std::fs::read_dir(sync.path()).unwrap().count(), 20);
-    assert!(env.leftover_runs().is_empty(), "{:?}", env.leftover_runs());
-    for id in &ids {
-        assert!(
-            native_leases_of(id).is_empty(),
-            "{id}'s network lease was left behind"
-        );
+            .collect();
+        let ids: Vec<String> = handles
+            .into_iter()
+            .map(|h| h.join().unwrap().trim().to_string())
+            .collect();
+        assert_eq!(std::fs::read_dir(sync.path()).unwrap().count(), 20);
+        assert!(env.leftover_runs().is_empty(), "{:?}", env.leftover_runs());
+        for id in &ids {
+            assert!(
+                native_leases_of(id).is_empty(),
+                "{id}'s network lease was left behind"
+            );
+            poll_until(
+                Duration::from_secs(10),
+                "a finished sandbox's cgroup should be gone",
+                || !native_sandbox_exists(id),
+            );
+        }
+    }
+
+    #[test]
+    fn a_killed_holder_leaves_nothing_after_gc() {
+        let env = TestEnv::new();
+        let name = unique_name("holder");
+        let out = env.run(&["run", "--name", &name, "-i", BUSYBOX, "true"]);
+        assert_code(&out, 0);
+        let held: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(
+                env.state_dir()
+                    .join("sandboxes")
+                    .join(&name)
+                    .join("native.json"),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let holder: i32 = held["holder"]
+            .as_str()
+            .unwrap()
+            .split(':')
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap();
+        let init = held["init_pid"].as_i64().unwrap() as i32;
+        // SAFETY: SIGKILL to the holder process this test's run started.
+        assert_eq!(unsafe { libc::kill(holder, libc::SIGKILL) }, 0);
+        // The sandbox's init dies with its holder (PDEATHSIG), and with it every
+        // process in the sandbox.
         poll_until(
             Duration::from_secs(10),
-            "a finished sandbox's cgroup should be gone",
-            || !native_sandbox_exists(id),
+            "the sandbox's init should die with its holder",
+            || {
+                std::fs::read_to_string(format!("/proc/{init}/stat"))
+                    .map(|s| s.contains(") Z ") || s.contains(") X "))
+                    .unwrap_or(true)
+            },
+        );
+        let out = env.run(&["sandbox", "gc"]);
+        assert_code(&out, 0);
+        assert!(!native_sandbox_exists(&name), "gc left something of {name}");
+        let out = env.run(&["exec", &name, "--", "true"]);
+        assert_one_line_error(&out);
+    }
+
+    #[test]
+    fn native_is_the_default_backend_as_root() {
+        let env = TestEnv::new();
+        // No -B, no AGENTKERNEL_BACKEND, no config: the first available backend.
+        let out = env
+            .cmd()
+            .env_remove("AGENTKERNEL_BACKEND")
+            .args(["run", "-i", BUSYBOX, "cat", "/proc/1/cmdline"])
+            .output()
+            .unwrap();
+        assert_code(&out, 0);
+        assert!(
+            stdout(&out).contains("agentkernel"),
+            "PID 1 is not agentkernel's init, so the default was not native: {:?}",
+            stdout(&out)
+        );
+        let out = env
+            .cmd()
+            .env_remove("AGENTKERNEL_BACKEND")
+            .arg("doctor")
+            .output()
+            .unwrap();
+        assert!(
+            stdout(&out)
+                .lines()
+                .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["default", "native"]),
+            "{}",
+            stdout(&out)
         );
     }
-}
 
-#[test]
-fn a_killed_holder_leaves_nothing_after_gc() {
-    let Some(env) = native_env() else { return };
-    let name = unique_name("holder");
-    let out = env.run(&["run", "--name", &name, "-i", BUSYBOX, "true"]);
-    assert_code(&out, 0);
-    let held: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(
-            env.state_dir()
-                .join("sandboxes")
-                .join(&name)
-                .join("native.json"),
-        )
-        .unwrap(),
-    )
-    .unwrap();
-    let holder: i32 = held["holder"]
-        .as_str()
-        .unwrap()
-        .split(':')
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
-    let init = held["init_pid"].as_i64().unwrap() as i32;
-    // SAFETY: SIGKILL to the holder process this test's run started.
-    assert_eq!(unsafe { libc::kill(holder, libc::SIGKILL) }, 0);
-    // The sandbox's init dies with its holder (PDEATHSIG), and with it every
-    // process in the sandbox.
-    poll_until(
-        Duration::from_secs(10),
-        "the sandbox's init should die with its holder",
-        || {
-            std::fs::read_to_string(format!("/proc/{init}/stat"))
-                .map(|s| s.contains(") Z ") || s.contains(") X "))
-                .unwrap_or(true)
-        },
-    );
-    let out = env.run(&["sandbox", "gc"]);
-    assert_code(&out, 0);
-    assert!(!native_sandbox_exists(&name), "gc left something of {name}");
-    let out = env.run(&["exec", &name, "--", "true"]);
-    assert_one_line_error(&out);
-}
-
-#[test]
-fn native_is_the_default_backend_as_root() {
-    let Some(env) = native_env() else { return };
-    // No -B, no AGENTKERNEL_BACKEND, no config: the first available backend.
-    let out = env
-        .cmd()
-        .env_remove("AGENTKERNEL_BACKEND")
-        .args(["run", "-i", BUSYBOX, "cat", "/proc/1/cmdline"])
-        .output()
-        .unwrap();
-    assert_code(&out, 0);
-    assert!(
-        stdout(&out).contains("agentkernel"),
-        "PID 1 is not agentkernel's init, so the default was not native: {:?}",
-        stdout(&out)
-    );
-    let out = env
-        .cmd()
-        .env_remove("AGENTKERNEL_BACKEND")
-        .arg("doctor")
-        .output()
-        .unwrap();
-    assert!(
-        stdout(&out)
+    #[test]
+    fn startup_trace_lists_each_phase_in_order_and_only_when_asked() {
+        let env = TestEnv::new();
+        let args = ["run", "-i", BUSYBOX, "echo", "ran"];
+        let quiet = env.run(&args);
+        assert_code(&quiet, 0);
+        assert!(
+            !stderr(&quiet).contains("agentkernel-trace"),
+            "traced without being asked: {}",
+            stderr(&quiet)
+        );
+        let traced = env
+            .cmd()
+            .env("AGENTKERNEL_TRACE_STARTUP", "1")
+            .args(args)
+            .output()
+            .unwrap();
+        assert_code(&traced, 0);
+        assert_eq!(stdout(&traced), "ran\n");
+        let phases: Vec<(u64, String)> = stderr(&traced)
             .lines()
-            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["default", "native"]),
-        "{}",
-        stdout(&out)
-    );
-}
-
-#[test]
-fn startup_trace_lists_each_phase_in_order_and_only_when_asked() {
-    let Some(env) = native_env() else { return };
-    let args = ["run", "-i", BUSYBOX, "echo", "ran"];
-    let quiet = env.run(&args);
-    assert_code(&quiet, 0);
-    assert!(
-        !stderr(&quiet).contains("agentkernel-trace"),
-        "traced without being asked: {}",
-        stderr(&quiet)
-    );
-    let traced = env
-        .cmd()
-        .env("AGENTKERNEL_TRACE_STARTUP", "1")
-        .args(args)
-        .output()
-        .unwrap();
-    assert_code(&traced, 0);
-    assert_eq!(stdout(&traced), "ran\n");
-    let phases: Vec<(u64, String)> = stderr(&traced)
-        .lines()
-        .filter_map(|l| {
-            let mut parts = l.splitn(3, ' ');
-            (parts.next()? == "agentkernel-trace")
-                .then(|| Some((parts.next()?.parse().ok()?, parts.next()?.to_string())))?
-        })
-        .collect();
-    // The order processes pass these is fixed by the protocol between them.
-    let expected = [
-        "cli started",
-        "cli execs the helper",
-        "helper started",
-        "forking init",
-        "init: namespaces created",
-        "init: root built",
-        "init: in the cgroup",
-        "init: ready",
-        "go",
-        "command: forked",
-        "command: execs",
-        "init exited",
-        "cleaned up",
-    ];
-    let names: Vec<&str> = phases.iter().map(|(_, n)| n.as_str()).collect();
-    let mut at = Vec::new();
-    for phase in expected {
-        let found = phases.iter().find(|(_, n)| n == phase);
-        let (micros, _) = found.unwrap_or_else(|| panic!("no {phase:?} in {names:?}"));
-        at.push(*micros);
+            .filter_map(|l| {
+                let mut parts = l.splitn(3, ' ');
+                (parts.next()? == "agentkernel-trace")
+                    .then(|| Some((parts.next()?.parse().ok()?, parts.next()?.to_string())))?
+            })
+            .collect();
+        // The order processes pass these is fixed by the protocol between them.
+        let expected = [
+            "cli started",
+            "cli execs the helper",
+            "helper started",
+            "forking init",
+            "init: namespaces created",
+            "init: root built",
+            "init: in the cgroup",
+            "init: ready",
+            "go",
+            "command: forked",
+            "command: execs",
+            "init exited",
+            "cleaned up",
+        ];
+        let names: Vec<&str> = phases.iter().map(|(_, n)| n.as_str()).collect();
+        let mut at = Vec::new();
+        for phase in expected {
+            let found = phases.iter().find(|(_, n)| n == phase);
+            let (micros, _) = found.unwrap_or_else(|| panic!("no {phase:?} in {names:?}"));
+            at.push(*micros);
+        }
+        assert!(
+            at.windows(2).all(|w| w[0] <= w[1]),
+            "phases out of order: {:?}",
+            expected.iter().zip(&at).collect::<Vec<_>>()
+        );
     }
-    assert!(
-        at.windows(2).all(|w| w[0] <= w[1]),
-        "phases out of order: {:?}",
-        expected.iter().zip(&at).collect::<Vec<_>>()
-    );
 }

@@ -1,5 +1,5 @@
 //! Shared helpers for the integration tests: they run the real `agentkernel`
-//! binary against the real Docker engine.
+//! binary against the real backend under test (Docker, Podman or native).
 //!
 //! Every test gets its own [`TestEnv`]: a private `AGENTKERNEL_HOME`, a
 //! private `HOME` (so no user config leaks in) and a private project
@@ -62,9 +62,8 @@ pub fn binary() -> PathBuf {
 }
 
 /// The backend under test: `AGENTKERNEL_TEST_BACKEND` = docker (default),
-/// podman or native. The whole suite runs against docker and podman; the
-/// backend-neutral files (exit codes, I/O, profiles, native) also run against
-/// native (scripts/test.sh). agentkernel gets it through
+/// podman or native. Every test file runs against every backend, minus the
+/// tests scoped to others (see [`BACKEND_SCOPES`]). agentkernel gets it through
 /// `AGENTKERNEL_BACKEND`; the tests inspect containers with that engine's
 /// CLI, or native sandboxes through their scratch dirs and cgroups.
 pub fn backend() -> &'static str {
@@ -85,6 +84,38 @@ pub fn is_native() -> bool {
     backend() == "native"
 }
 
+/// Backend scopes. A test inside a module of one of these names applies
+/// only to those backends; scripts/test.sh runs every test file against
+/// every backend and skips the other scopes by name (`--skip native_only::`),
+/// so they are counted as "filtered out", never as passed. Tests outside
+/// any of them run on every backend.
+pub const BACKEND_SCOPES: [(&str, &[&str]); 4] = [
+    ("native_only::", &["native"]),
+    ("engine_only::", &["docker", "podman"]),
+    ("docker_only::", &["docker"]),
+    ("podman_only::", &["podman"]),
+];
+
+/// Panics when the running test sits in a scope that excludes the backend
+/// under test: a runner that forgot a `--skip` must fail loudly, not run a
+/// test where it means nothing. libtest names each test's thread after the
+/// test's path, which is where the scope is read from.
+pub fn assert_backend_in_scope() {
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or_default();
+    for (scope, backends) in BACKEND_SCOPES {
+        if test.contains(scope) && !backends.contains(&backend()) {
+            panic!(
+                "WRONG BACKEND: {test} is in `{}` ({}) but AGENTKERNEL_TEST_BACKEND is {}; \
+                 run this backend with `--skip {scope}` (scripts/test.sh does)",
+                scope.trim_end_matches("::"),
+                backends.join(", "),
+                backend()
+            );
+        }
+    }
+}
+
 /// The loopback registry scripts/setup.sh serves the test images from; native
 /// runs pull through it as a mirror (the real pull path).
 pub const TEST_REGISTRY: &str = "http://127.0.0.1:5055";
@@ -100,7 +131,7 @@ fn shared_image_state() -> PathBuf {
 pub fn engine(args: &[&str]) -> Output {
     assert!(
         !is_native(),
-        "engine CLI used in a native test: this test is engine-only"
+        "engine CLI used under the native backend: put this test in `mod engine_only`"
     );
     std::process::Command::new(backend())
         .args(args)
@@ -230,6 +261,7 @@ pub struct TestEnv {
 
 impl TestEnv {
     pub fn new() -> TestEnv {
+        assert_backend_in_scope();
         ensure_prerequisites();
         let env = TestEnv {
             state: tempfile::Builder::new()
