@@ -36,10 +36,11 @@ impl BackendKind {
         }
     }
 
+    /// A backend by name, in any case (`-B Docker` is docker).
     pub fn parse(name: &str) -> Result<BackendKind> {
         BackendKind::ALL
             .into_iter()
-            .find(|b| b.name() == name)
+            .find(|b| b.name().eq_ignore_ascii_case(name))
             .ok_or_else(|| {
                 Error::invalid(
                     "backend",

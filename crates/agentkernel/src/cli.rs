@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::builder::BoolishValueParser;
+use clap::builder::{BoolishValueParser, PossibleValuesParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -46,11 +46,17 @@ pub enum Command {
     #[command(subcommand)]
     Pool(PoolCommand),
     /// SSH into a sandbox started with --ssh (not supported yet)
-    Ssh { name: String },
+    Ssh {
+        /// The kept sandbox's name
+        name: String,
+    },
     /// Show which backends work here, and how to fix the ones that don't
     Doctor,
     /// Print shell completions
-    Completions { shell: clap_complete::Shell },
+    Completions {
+        /// The shell to complete for
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -60,7 +66,8 @@ pub struct RunArgs {
     pub image: Option<String>,
 
     /// Security profile: permissive, moderate (default), restrictive
-    #[arg(short = 'p', long, value_name = "PROFILE", value_parser = ["permissive", "moderate", "restrictive"])]
+    #[arg(short = 'p', long, value_name = "PROFILE", ignore_case = true,
+          value_parser = lowercase_choice(&["permissive", "moderate", "restrictive"]))]
     pub profile: Option<String>,
 
     /// Keep the sandbox after the command exits (its name is printed on stderr)
@@ -149,7 +156,8 @@ pub struct RunArgs {
     pub timeout: Option<String>,
 
     /// When to pull the image: missing (default), always, never
-    #[arg(long, value_name = "POLICY", value_parser = ["missing", "always", "never"])]
+    #[arg(long, value_name = "POLICY", ignore_case = true,
+          value_parser = lowercase_choice(&["missing", "always", "never"]))]
     pub pull: Option<String>,
 
     /// Print the resolved sandbox (image and where it came from, backend, policy, mounts, env names, ports, limits, kept name) as JSON on stdout and exit 0; nothing is created, pulled or run
@@ -175,7 +183,7 @@ pub struct ExecArgs {
     #[arg(long, value_name = "DURATION")]
     pub timeout: Option<String>,
 
-    /// The kept sandbox
+    /// The kept sandbox (its name, as `sandbox list` shows it)
     pub name: String,
 
     /// The command and its arguments
@@ -187,22 +195,32 @@ pub struct ExecArgs {
 pub enum SandboxCommand {
     /// List kept sandboxes
     List {
+        /// Print a JSON array instead of a table
         #[arg(long)]
         json: bool,
     },
     /// Show one kept sandbox
     Info {
+        /// The kept sandbox's name
         name: String,
+        /// Print a JSON object instead of text
         #[arg(long)]
         json: bool,
     },
     /// Freeze a kept sandbox (its processes and files are kept)
-    Stop { name: String },
+    Stop {
+        /// The kept sandbox's name
+        name: String,
+    },
     /// Thaw a stopped sandbox
-    Start { name: String },
+    Start {
+        /// The kept sandbox's name
+        name: String,
+    },
     /// Remove kept sandboxes
     #[command(alias = "rm")]
     Remove {
+        /// The kept sandboxes' names
         #[arg(required = true)]
         names: Vec<String>,
     },
@@ -241,6 +259,7 @@ pub enum ReceiptCommand {
 pub enum ImageCommand {
     /// Pull an image into the store (mirrors: [images] mirrors or AGENTKERNEL_REGISTRY_MIRRORS)
     Pull {
+        /// Image reference, e.g. alpine:3.20 or registry.example:5000/team/app:1
         image: String,
         /// Re-resolve the tag even if the image is stored
         #[arg(long)]
@@ -248,11 +267,13 @@ pub enum ImageCommand {
     },
     /// List stored images
     List {
+        /// Print a JSON array instead of a table
         #[arg(long)]
         json: bool,
     },
     /// Remove images from the store (their layers go with `image prune`)
     Rm {
+        /// Image references, as `image list` shows them
         #[arg(required = true)]
         images: Vec<String>,
     },
@@ -272,4 +293,10 @@ pub enum SecretCommand {
     Get { key: String },
     List,
     Rm { key: String },
+}
+
+/// One of `choices`, matched case-insensitively (with `ignore_case`) and
+/// handed on in lower case, the form the rest of the program parses.
+fn lowercase_choice(choices: &[&'static str]) -> impl TypedValueParser<Value = String> {
+    PossibleValuesParser::new(choices.iter().copied()).map(|v| v.to_ascii_lowercase())
 }

@@ -9,7 +9,7 @@ mod commands;
 
 use std::io::Write;
 
-use clap::error::ErrorKind;
+use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::Parser;
 
 /// agentkernel's own failures (SPEC.md exit codes).
@@ -46,7 +46,9 @@ fn main() {
 }
 
 /// Help and version go to stdout with 0; every usage error is one line on
-/// stderr with 125 (clap's default 2 would collide with commands' own codes).
+/// stderr with 125 (clap's default 2 would collide with commands' own codes),
+/// naming what is wrong, the allowed values when there is a list, and the
+/// help of the (sub)command that was being parsed.
 fn usage_error(e: clap::Error) -> i32 {
     match e.kind() {
         ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
@@ -58,11 +60,69 @@ fn usage_error(e: clap::Error) -> i32 {
             EXIT_AGENTKERNEL_ERROR
         }
         _ => {
-            let rendered = e.render().to_string();
-            let first = rendered.lines().next().unwrap_or("invalid arguments");
-            let first = first.strip_prefix("error: ").unwrap_or(first);
-            eprintln!("agentkernel: {first}; see `agentkernel --help`");
+            eprintln!("agentkernel: {}", usage_error_line(&e));
             EXIT_AGENTKERNEL_ERROR
         }
     }
+}
+
+fn usage_error_line(e: &clap::Error) -> String {
+    let rendered = e.render().to_string();
+    let first = rendered.lines().next().unwrap_or("invalid arguments");
+    let mut line = first
+        .strip_prefix("error: ")
+        .unwrap_or(first)
+        .trim_end_matches(':')
+        .to_string();
+    let context = |kind| match e.get(kind) {
+        Some(ContextValue::String(s)) => vec![s.clone()],
+        Some(ContextValue::Strings(v)) => v.clone(),
+        _ => Vec::new(),
+    };
+    if e.kind() == ErrorKind::MissingRequiredArgument {
+        line = format!(
+            "missing required argument {}",
+            context(ContextKind::InvalidArg).join(", ")
+        );
+    }
+    let valid = context(ContextKind::ValidValue);
+    if !valid.is_empty() {
+        line.push_str(&format!("; expected one of: {}", valid.join(", ")));
+    }
+    let suggested = [ContextKind::SuggestedArg, ContextKind::SuggestedSubcommand]
+        .into_iter()
+        .flat_map(context)
+        .collect::<Vec<_>>();
+    if let Some(suggestion) = suggested.first() {
+        line.push_str(&format!(" (did you mean `{suggestion}`?)"));
+    }
+    // `-p` is --profile here, but docker users write it for ports.
+    let arg = context(ContextKind::InvalidArg);
+    let value = context(ContextKind::InvalidValue);
+    if let (Some(arg), Some(value)) = (arg.first(), value.first()) {
+        if arg.starts_with("--profile") && agentkernel_core::parse::port(value).is_ok() {
+            line.push_str(&format!(
+                " (did you mean `-P {value}`? -P publishes a port, -p is --profile)"
+            ));
+        }
+    }
+    let command = usage_command();
+    line.push_str(&format!("; see `{command} --help`"));
+    line
+}
+
+/// The (sub)command being parsed (`agentkernel run`, `agentkernel sandbox
+/// info`): the subcommand names on the command line, down the tree.
+fn usage_command() -> String {
+    use clap::CommandFactory;
+    let mut command = cli::Cli::command();
+    let mut path = vec!["agentkernel".to_string()];
+    for arg in std::env::args().skip(1).filter(|a| !a.starts_with('-')) {
+        let Some(sub) = command.find_subcommand(&arg).cloned() else {
+            break;
+        };
+        path.push(sub.get_name().to_string());
+        command = sub;
+    }
+    path.join(" ")
 }

@@ -265,7 +265,124 @@ fn bad_values_are_125_with_one_line() {
 fn missing_command_is_125() {
     let env = TestEnv::new();
     let out = env.run(&["run", "-i", BUSYBOX]);
-    assert_one_line_error(&out);
+    let line = assert_one_line_error(&out);
+    assert!(
+        line.contains("<CMD>"),
+        "the missing argument is not named: {line}"
+    );
+}
+
+#[test]
+fn a_bad_choice_lists_the_allowed_values() {
+    let env = TestEnv::new();
+    for (flag, value, allowed) in [
+        ("--profile", "strict", "permissive, moderate, restrictive"),
+        ("--pull", "sometimes", "missing, always, never"),
+    ] {
+        let out = env.run(&["run", flag, value, "true"]);
+        let line = assert_one_line_error(&out);
+        assert!(line.contains(allowed), "{flag} {value}: {line}");
+    }
+}
+
+#[test]
+fn usage_errors_point_to_the_subcommands_help() {
+    let env = TestEnv::new();
+    for (args, help) in [
+        (&["run"][..], "`agentkernel run --help`"),
+        (&["run", "--bogus-flag", "true"], "`agentkernel run --help`"),
+        (
+            &["run", "--profile", "strict", "true"],
+            "`agentkernel run --help`",
+        ),
+        (&["sandbox", "info"], "`agentkernel sandbox info --help`"),
+        (&["image", "pull"], "`agentkernel image pull --help`"),
+        (&["sandbox", "bogus"], "`agentkernel sandbox --help`"),
+        (&["--bogus-flag"], "`agentkernel --help`"),
+    ] {
+        let out = env.run(args);
+        let line = assert_one_line_error(&out);
+        assert!(line.contains(help), "{args:?}: {line}");
+    }
+}
+
+#[test]
+fn dash_p_with_a_port_suggests_dash_capital_p() {
+    let env = TestEnv::new();
+    let out = env.run(&["run", "-p", "8080:80", "-i", BUSYBOX, "true"]);
+    let line = assert_one_line_error(&out);
+    assert!(line.contains("did you mean `-P 8080:80`"), "{line}");
+}
+
+#[test]
+fn profile_pull_and_backend_match_in_any_case() {
+    let env = TestEnv::new();
+    let upper = backend().to_uppercase();
+    let spec = env.dry_run(&[
+        "-B",
+        &upper,
+        "-p",
+        "Restrictive",
+        "--pull",
+        "NEVER",
+        "-i",
+        BUSYBOX,
+        "true",
+    ]);
+    assert_eq!(spec["backend"], backend());
+    assert_eq!(spec["profile"], "restrictive");
+    assert_eq!(spec["pull"], "never");
+}
+
+#[test]
+fn completions_into_a_closed_pipe_exit_quietly() {
+    let env = TestEnv::new();
+    // `completions bash | head -1`: the reader is gone before the write.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = env
+        .std_cmd()
+        .args(["completions", "bash"])
+        .stdout(writer)
+        .output()
+        .unwrap();
+    assert_code(&out, 0);
+    assert!(out.stderr.is_empty(), "{}", stderr(&out));
+}
+
+#[test]
+fn every_argument_and_option_has_help_text() {
+    let env = TestEnv::new();
+    for command in [
+        "sandbox list",
+        "sandbox info",
+        "sandbox stop",
+        "sandbox start",
+        "sandbox remove",
+        "image pull",
+        "image list",
+        "image rm",
+        "exec",
+        "completions",
+    ] {
+        let mut args: Vec<&str> = command.split(' ').collect();
+        args.push("--help");
+        let out = env.run(&args);
+        assert_code(&out, 0);
+        let help = stdout(&out);
+        // Entries of the Arguments/Options lists: `  <NAME>  text`, `      --json  text`.
+        for entry in help.lines().filter(|l| {
+            let t = l.trim_start();
+            l.starts_with("  ") && (t.starts_with('<') || t.starts_with('-'))
+        }) {
+            let text = entry.trim().split_once("  ").map(|(_, t)| t.trim());
+            assert!(
+                text.is_some_and(|t| !t.is_empty()),
+                "`agentkernel {command} --help`: no help text for {:?}\n{help}",
+                entry.trim()
+            );
+        }
+    }
 }
 
 #[test]

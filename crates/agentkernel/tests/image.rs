@@ -112,6 +112,12 @@ mod docker_only {
             stdout(&out)
         );
         assert!(stderr(&out).contains("sha256:"), "{}", stderr(&out));
+        // "(1 layer, …)", "(2 layers, …)": the count agrees with its noun.
+        let err = stderr(&out);
+        let counted = err.split_once(" (").map(|(_, c)| c).unwrap_or_default();
+        let (n, noun) = counted.split_once(' ').unwrap_or_default();
+        let expected = if n == "1" { "layer," } else { "layers," };
+        assert!(noun.starts_with(expected), "{err}");
 
         // Stored: a second pull needs no registry at all.
         drop(registry);

@@ -183,6 +183,11 @@ fn list_info_stop_start_remove() {
     let out = env.run(&["sandbox", "stop", &name]);
     assert_code(&out, 0);
     assert!(out.stdout.is_empty());
+    assert!(
+        stderr(&out).contains(&format!("stopped {name}")),
+        "`sandbox stop` should say what it did: {:?}",
+        stderr(&out)
+    );
     let out = env.run(&["exec", &name, "--", "true"]);
     let line = assert_one_line_error(&out);
     assert!(line.contains("stopped"), "{line}");
@@ -199,6 +204,11 @@ fn list_info_stop_start_remove() {
 
     let out = env.run(&["sandbox", "start", &name]);
     assert_code(&out, 0);
+    assert!(
+        stderr(&out).contains(&format!("started {name}")),
+        "{}",
+        stderr(&out)
+    );
     let out = env.run(&["exec", &name, "--", "cat", "/tmp/x"]);
     assert_code(&out, 0);
     assert_eq!(stdout(&out), "x\n", "state survives stop/start");

@@ -72,9 +72,9 @@ pub async fn image(cmd: ImageCommand) -> Result<i32> {
         ImageCommand::Prune => {
             let report = images.prune().map_err(store_error)?;
             eprintln!(
-                "agentkernel: removed {} blob(s) and {} layer(s), {} freed",
-                report.blobs,
-                report.layers,
+                "agentkernel: removed {} and {}, {} freed",
+                super::counted(report.blobs, "blob", "blobs"),
+                super::counted(report.layers, "layer", "layers"),
                 format_bytes(report.bytes)
             );
             Ok(0)
@@ -94,10 +94,10 @@ async fn pull(images: &store::Store, name: &str, always: bool) -> Result<i32> {
     };
     let image = fetch(images, &r, policy, &config).await?;
     eprintln!(
-        "agentkernel: {} is {} ({} layers, {})",
+        "agentkernel: {} is {} ({}, {})",
         image.reference.familiar(),
         image.manifest_digest.as_str(),
-        image.layers.len(),
+        super::counted(image.layers.len(), "layer", "layers"),
         format_bytes(image.size)
     );
     Ok(0)

@@ -22,12 +22,9 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
         Command::Doctor => doctor::doctor().await,
         Command::Pool(cmd) => pool::pool(cmd).await,
         Command::Completions { shell } => {
-            clap_complete::generate(
-                shell,
-                &mut Cli::command(),
-                "agentkernel",
-                &mut std::io::stdout(),
-            );
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "agentkernel", &mut script);
+            print_stdout(&script)?;
             Ok(0)
         }
         Command::Receipt(_) => Err(Error::not_supported("`agentkernel receipt`")),
@@ -80,4 +77,22 @@ pub(crate) fn finish(
         Outcome::Exited(_) => {}
     }
     outcome.exit_code()
+}
+
+/// Writes a command's output to stdout. A reader that stopped reading
+/// (`| head -1`) is not an error: the rest is simply not wanted.
+pub(crate) fn print_stdout(data: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(data).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(Error::Conflict(format!(
+            "cannot write to standard output: {e}; check where it is redirected"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// "1 layer", "2 layers".
+pub(crate) fn counted(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }

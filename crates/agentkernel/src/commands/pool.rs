@@ -44,7 +44,10 @@ pub async fn pool(cmd: PoolCommand) -> Result<i32> {
                 engine.ping().await?;
                 removed += pool::prune(&engine, &store).await;
             }
-            eprintln!("agentkernel: removed {removed} warm container(s)");
+            eprintln!(
+                "agentkernel: removed {}",
+                super::counted(removed, "warm container", "warm containers")
+            );
             Ok(0)
         }
     }

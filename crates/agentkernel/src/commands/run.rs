@@ -37,7 +37,7 @@ pub async fn run(args: RunArgs) -> Result<i32> {
         && backend != backend::BackendKind::Native;
     if dry_run {
         let resolved = dry_run_json(&spec, image_source, backend, use_pool);
-        println!("{resolved:#}");
+        super::print_stdout(format!("{resolved:#}\n").as_bytes())?;
         return Ok(0);
     }
 

@@ -15,18 +15,23 @@ pub async fn sandbox(cmd: SandboxCommand) -> Result<i32> {
         SandboxCommand::List { json } => list(&store, json).await,
         SandboxCommand::Info { name, json } => info(&store, &name, json).await,
         SandboxCommand::Stop { name } => {
-            if native_set_stopped(&store, &name, true)? {
-                return Ok(0);
+            if !native_set_stopped(&store, &name, true)? {
+                let engine = engine_of(&store, &name)?;
+                kept::stop(&engine, &store, &name).await?;
             }
-            let engine = engine_of(&store, &name)?;
-            kept::stop(&engine, &store, &name).await.map(|_| 0)
+            eprintln!(
+                "agentkernel: stopped {name}: its processes are frozen, its files kept; \
+                 `agentkernel sandbox start {name}` resumes it (it still expires at its TTL)"
+            );
+            Ok(0)
         }
         SandboxCommand::Start { name } => {
-            if native_set_stopped(&store, &name, false)? {
-                return Ok(0);
+            if !native_set_stopped(&store, &name, false)? {
+                let engine = engine_of(&store, &name)?;
+                kept::start(&engine, &store, &name).await?;
             }
-            let engine = engine_of(&store, &name)?;
-            kept::start(&engine, &store, &name).await.map(|_| 0)
+            eprintln!("agentkernel: started {name}: its processes run again");
+            Ok(0)
         }
         SandboxCommand::Remove { names: list } => {
             for name in &list {
@@ -60,7 +65,9 @@ pub async fn sandbox(cmd: SandboxCommand) -> Result<i32> {
                 dirs += c.directories;
             }
             eprintln!(
-                "agentkernel: removed {containers} container(s) and {dirs} leftover director(ies)"
+                "agentkernel: removed {} and {}",
+                super::counted(containers, "container", "containers"),
+                super::counted(dirs, "leftover directory", "leftover directories")
             );
             Ok(0)
         }
