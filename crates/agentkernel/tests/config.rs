@@ -18,6 +18,13 @@ fn which_image(env: &TestEnv, extra: &[&str]) -> std::process::Output {
     env.run(&args)
 }
 
+/// The one-line error of a run under this `./agentkernel.toml`.
+fn project_config_error(toml: &str) -> String {
+    let env = TestEnv::new();
+    std::fs::write(env.project_dir().join("agentkernel.toml"), toml).unwrap();
+    assert_one_line_error(&env.run(&["run", "-i", BUSYBOX, "true"]))
+}
+
 #[test]
 fn project_config_sets_the_image() {
     let env = TestEnv::new();
@@ -130,40 +137,19 @@ fn config_sets_env_and_profile_and_flags_win() {
 
 #[test]
 fn unknown_key_is_125_naming_the_key() {
-    let env = TestEnv::new();
-    std::fs::write(
-        env.project_dir().join("agentkernel.toml"),
-        "[sandbox]\nimgae = \"x\"\n",
-    )
-    .unwrap();
-    let out = env.run(&["run", "-i", BUSYBOX, "true"]);
-    let line = assert_one_line_error(&out);
+    let line = project_config_error("[sandbox]\nimgae = \"x\"\n");
     assert!(line.contains("imgae"), "{line}");
 }
 
 #[test]
 fn unknown_section_is_125_naming_it() {
-    let env = TestEnv::new();
-    std::fs::write(
-        env.project_dir().join("agentkernel.toml"),
-        "[sandbx]\nimage = \"x\"\n",
-    )
-    .unwrap();
-    let out = env.run(&["run", "-i", BUSYBOX, "true"]);
-    let line = assert_one_line_error(&out);
+    let line = project_config_error("[sandbx]\nimage = \"x\"\n");
     assert!(line.contains("sandbx"), "{line}");
 }
 
 #[test]
 fn bad_value_is_125_naming_the_key() {
-    let env = TestEnv::new();
-    std::fs::write(
-        env.project_dir().join("agentkernel.toml"),
-        "[sandbox]\nttl = \"forever\"\n",
-    )
-    .unwrap();
-    let out = env.run(&["run", "-i", BUSYBOX, "true"]);
-    let line = assert_one_line_error(&out);
+    let line = project_config_error("[sandbox]\nttl = \"forever\"\n");
     assert!(line.contains("sandbox.ttl"), "{line}");
 }
 
@@ -187,14 +173,7 @@ fn missing_config_file_is_125() {
 
 #[test]
 fn malformed_toml_is_125() {
-    let env = TestEnv::new();
-    std::fs::write(
-        env.project_dir().join("agentkernel.toml"),
-        "[sandbox\nimage = \n",
-    )
-    .unwrap();
-    let out = env.run(&["run", "-i", BUSYBOX, "true"]);
-    let line = assert_one_line_error(&out);
+    let line = project_config_error("[sandbox\nimage = \n");
     assert!(line.contains("agentkernel.toml"), "{line}");
 }
 

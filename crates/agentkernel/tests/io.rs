@@ -188,7 +188,7 @@ fn own_messages_never_on_stdout() {
     // Kept-sandbox message.
     let name = unique_name("io-msg");
     let _guard = KeptGuard::new(&name);
-    let out = env.run(&["run", "--name", &name, "-i", BUSYBOX, "true"]);
+    let out = env.run_kept(&name, &[], &["true"]);
     assert_code(&out, 0);
     assert!(out.stdout.is_empty(), "stdout: {}", stdout(&out));
     assert!(stderr(&out).contains(&name), "{}", stderr(&out));

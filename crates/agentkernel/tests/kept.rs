@@ -56,7 +56,7 @@ fn exec_env_and_workdir() {
     let env = TestEnv::new();
     let name = unique_name("envwd");
     let _guard = KeptGuard::new(&name);
-    let out = env.run(&["run", "--name", &name, "-i", BUSYBOX, "true"]);
+    let out = env.run_kept(&name, &[], &["true"]);
     assert_code(&out, 0);
     let out = env.run(&[
         "exec",
@@ -79,10 +79,7 @@ fn exec_forwards_stdin_and_keeps_streams_separate() {
     let env = TestEnv::new();
     let name = unique_name("stdio");
     let _guard = KeptGuard::new(&name);
-    assert_code(
-        &env.run(&["run", "--name", &name, "-i", BUSYBOX, "true"]),
-        0,
-    );
+    assert_code(&env.run_kept(&name, &[], &["true"]), 0);
     let out = env
         .cmd()
         .args(["exec", &name, "--", "sh", "-c", "sort -r; echo err >&2"])
@@ -99,10 +96,7 @@ fn exec_timeout_kills_the_whole_tree() {
     let env = TestEnv::new();
     let name = unique_name("extmo");
     let _guard = KeptGuard::new(&name);
-    assert_code(
-        &env.run(&["run", "--name", &name, "-i", BUSYBOX, "true"]),
-        0,
-    );
+    assert_code(&env.run_kept(&name, &[], &["true"]), 0);
     let out = env.run(&[
         "exec",
         "--timeout",
@@ -136,16 +130,7 @@ fn list_info_stop_start_remove() {
     let env = TestEnv::new();
     let name = unique_name("life");
     let _guard = KeptGuard::new(&name);
-    let out = env.run(&[
-        "run",
-        "--name",
-        &name,
-        "-i",
-        BUSYBOX,
-        "sh",
-        "-c",
-        "echo x > /tmp/x",
-    ]);
+    let out = env.run_kept(&name, &[], &["sh", "-c", "echo x > /tmp/x"]);
     assert_code(&out, 0);
 
     let out = env.run(&["sandbox", "list"]);
@@ -242,18 +227,9 @@ fn name_clash_is_125() {
     let env = TestEnv::new();
     let name = unique_name("clash");
     let _guard = KeptGuard::new(&name);
-    let out = env.run(&[
-        "run",
-        "--name",
-        &name,
-        "-i",
-        BUSYBOX,
-        "sh",
-        "-c",
-        "echo first > /tmp/f",
-    ]);
+    let out = env.run_kept(&name, &[], &["sh", "-c", "echo first > /tmp/f"]);
     assert_code(&out, 0);
-    let out = env.run(&["run", "--name", &name, "-i", BUSYBOX, "true"]);
+    let out = env.run_kept(&name, &[], &["true"]);
     let line = assert_one_line_error(&out);
     assert!(line.contains(&name), "{line}");
     // The existing sandbox is untouched.
@@ -266,7 +242,7 @@ fn name_clash_is_125() {
 fn invalid_names_are_125() {
     let env = TestEnv::new();
     for bad in ["Upper", "a_b", "-lead", &"x".repeat(64)] {
-        let out = env.run(&["run", "--name", bad, "-i", BUSYBOX, "true"]);
+        let out = env.run_kept(bad, &[], &["true"]);
         assert_one_line_error(&out);
     }
 }
@@ -289,7 +265,7 @@ fn failed_creation_leaves_no_name_behind() {
     assert_one_line_error(&out);
     assert!(!container_exists(&kept_object(&name)));
     // The name is free again.
-    let out = env.run(&["run", "--name", &name, "-i", BUSYBOX, "true"]);
+    let out = env.run_kept(&name, &[], &["true"]);
     assert_code(&out, 0);
 }
 
@@ -298,7 +274,7 @@ fn ttl_expiry_removes_the_sandbox_without_agentkernel() {
     let env = TestEnv::new();
     let name = unique_name("ttl");
     let guard = KeptGuard::new(&name);
-    let out = env.run(&["run", "--name", &name, "--ttl", "5s", "-i", BUSYBOX, "true"]);
+    let out = env.run_kept(&name, &["--ttl", "5s"], &["true"]);
     assert_code(&out, 0);
     let container = guard.container();
     assert!(container_exists(&container), "kept sandbox not created");
@@ -318,7 +294,7 @@ fn a_stopped_sandbox_still_expires_without_a_later_command() {
     let env = TestEnv::new();
     let name = unique_name("stopttl");
     let guard = KeptGuard::new(&name);
-    let out = env.run(&["run", "--name", &name, "--ttl", "5s", "-i", BUSYBOX, "true"]);
+    let out = env.run_kept(&name, &["--ttl", "5s"], &["true"]);
     assert_code(&out, 0);
     assert_code(&env.run(&["sandbox", "stop", &name]), 0);
     let container = guard.container();
@@ -346,10 +322,7 @@ fn ttl_counts_from_last_use() {
     let env = TestEnv::new();
     let name = unique_name("ttluse");
     let guard = KeptGuard::new(&name);
-    assert_code(
-        &env.run(&["run", "--name", &name, "--ttl", "6s", "-i", BUSYBOX, "true"]),
-        0,
-    );
+    assert_code(&env.run_kept(&name, &["--ttl", "6s"], &["true"]), 0);
     // A command longer than the TTL is not cut off, and the sandbox outlives it.
     let out = env.run(&["exec", &name, "--", "sh", "-c", "sleep 8; echo done"]);
     assert_code(&out, 0);
@@ -496,10 +469,7 @@ fn exec_exit_codes() {
     let env = TestEnv::new();
     let name = unique_name("excodes");
     let _guard = KeptGuard::new(&name);
-    assert_code(
-        &env.run(&["run", "--name", &name, "-i", BUSYBOX, "true"]),
-        0,
-    );
+    assert_code(&env.run_kept(&name, &[], &["true"]), 0);
     assert_code(&env.run(&["exec", &name, "--", "no-such-command-xyz"]), 127);
     assert_code(&env.run(&["exec", &name, "--", "/etc/passwd"]), 126);
     assert_code(
@@ -518,10 +488,7 @@ fn exec_forwards_sigterm() {
     let env = TestEnv::new();
     let name = unique_name("exsig");
     let _guard = KeptGuard::new(&name);
-    assert_code(
-        &env.run(&["run", "--name", &name, "-i", BUSYBOX, "true"]),
-        0,
-    );
+    assert_code(&env.run_kept(&name, &[], &["true"]), 0);
     for attempt in 1..=8 {
         let mut t = env.spawn(&[
             "exec",

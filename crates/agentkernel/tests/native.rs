@@ -247,7 +247,7 @@ mod native_only {
     fn a_killed_holder_leaves_nothing_after_gc() {
         let env = TestEnv::new();
         let name = unique_name("holder");
-        let out = env.run(&["run", "--name", &name, "-i", BUSYBOX, "true"]);
+        let out = env.run_kept(&name, &[], &["true"]);
         assert_code(&out, 0);
         let held: serde_json::Value = serde_json::from_slice(
             &std::fs::read(

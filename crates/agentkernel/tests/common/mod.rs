@@ -348,6 +348,16 @@ impl TestEnv {
             .unwrap_or_else(|e| panic!("--dry-run printed no JSON ({e}): {}", stdout(&out)))
     }
 
+    /// `agentkernel run --name NAME EXTRA… -i BUSYBOX CMD…`: creates the kept
+    /// sandbox NAME (or fails to) and runs CMD in it.
+    pub fn run_kept(&self, name: &str, extra: &[&str], cmd: &[&str]) -> Output {
+        let mut args = vec!["run", "--name", name];
+        args.extend_from_slice(extra);
+        args.extend(["-i", BUSYBOX]);
+        args.extend_from_slice(cmd);
+        self.run(&args)
+    }
+
     /// Spawns `agentkernel ARGS…` with piped stdout/stderr and null stdin,
     /// and returns it with its owner label.
     pub fn spawn(&self, args: &[&str]) -> Tracked {
