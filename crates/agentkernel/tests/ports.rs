@@ -33,18 +33,20 @@ fn stop(t: Tracked) {
 #[test]
 fn publish_host_port_to_container_port() {
     let env = TestEnv::new();
+    let port = free_port();
+    let publish = format!("{port}:8080");
     let content = unique_name("hello-ports");
     let t = env.spawn(&[
         "run",
         "-P",
-        "18080:8080",
+        &publish,
         "-i",
         BUSYBOX,
         "sh",
         "-c",
         &httpd_script(&content),
     ]);
-    let resp = http_get_until(18080, &content, Duration::from_secs(30));
+    let resp = http_get_until(port, &content, Duration::from_secs(30));
     assert!(resp.starts_with("HTTP/1."), "{resp}");
     stop(t);
 }
@@ -99,25 +101,27 @@ fn publish_without_host_port_reports_the_chosen_one() {
 #[test]
 fn publish_binds_loopback_only_by_default() {
     let env = TestEnv::new();
+    let port = free_port();
+    let publish = format!("{port}:8080");
     let content = unique_name("loopback");
     let t = env.spawn(&[
         "run",
         "-P",
-        "18081:8080",
+        &publish,
         "-i",
         BUSYBOX,
         "sh",
         "-c",
         &httpd_script(&content),
     ]);
-    http_get_until(18081, &content, Duration::from_secs(30));
+    http_get_until(port, &content, Duration::from_secs(30));
     // From another of the host's addresses, the port must not answer.
     let host_ips = std::process::Command::new("hostname")
         .arg("-I")
         .output()
         .unwrap();
     for ip in String::from_utf8_lossy(&host_ips.stdout).split_whitespace() {
-        let Ok(addr) = format!("{ip}:18081").parse::<std::net::SocketAddr>() else {
+        let Ok(addr) = format!("{ip}:{port}").parse::<std::net::SocketAddr>() else {
             continue;
         };
         if addr.is_ipv4() && !addr.ip().is_loopback() {

@@ -866,6 +866,15 @@ pub fn assert_one_line_error(out: &Output) -> String {
     lines[0].to_string()
 }
 
+/// A TCP port free on this host right now (the kernel picks it), so a test
+/// does not depend on a fixed port being unused by whatever else runs here.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("0.0.0.0:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port")
+}
+
 /// Minimal HTTP/1.0 GET of `/` on 127.0.0.1:`port`; returns the whole response.
 pub fn http_get(port: u16) -> std::io::Result<String> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
