@@ -79,10 +79,11 @@ print_summary() {
   local row
   echo
   echo "=== summary"
-  printf '%-12s %-8s %8s %8s %8s %9s\n' pass backend passed failed ignored filtered
+  printf '%-12s %-8s %6s %8s %8s %8s %9s\n' pass backend ran passed failed ignored filtered
   for row in "${summary_rows[@]}"; do
     IFS='|' read -r label backend passed failed ignored filtered <<<"$row"
-    printf '%-12s %-8s %8s %8s %8s %9s\n' "$label" "$backend" "$passed" "$failed" "$ignored" "$filtered"
+    printf '%-12s %-8s %6s %8s %8s %8s %9s\n' "$label" "$backend" "$((passed + failed))" \
+      "$passed" "$failed" "$ignored" "$filtered"
   done
   if [ "${#failed_tests[@]}" -gt 0 ]; then
     echo "failed:"
@@ -127,7 +128,7 @@ main() {
   # The rootless tests drive the native backend as other users whatever the
   # backend under test: they run once, in the native pass.
   # shellcheck disable=SC2046 # scope_skips prints separate arguments
-  run_pass docker docker cargo test --workspace --no-fail-fast -- \
+  run_pass unit+docker docker cargo test --workspace --no-fail-fast -- \
     --test-threads "$threads" --skip rootless_ $(scope_skips docker)
   # shellcheck disable=SC2046
   AGENTKERNEL_TEST_BACKEND=podman run_pass podman podman \
