@@ -18,10 +18,16 @@ pub const EXIT_AGENTKERNEL_ERROR: i32 = 125;
 fn main() {
     // The native sandbox helper runs before clap and tokio: it must stay
     // single-threaded (it forks) and start as fast as possible.
-    let mut args = std::env::args();
-    if args.nth(1).as_deref() == Some(agentkernel_native::HELPER_SUBCOMMAND) {
+    // args_os: any word may be non-UTF-8 (clap then says so), and args()
+    // would panic on it.
+    let mut args = std::env::args_os();
+    if args
+        .nth(1)
+        .is_some_and(|a| a == agentkernel_native::HELPER_SUBCOMMAND)
+    {
         agentkernel_native::trace::phase("helper started");
-        std::process::exit(commands::native::helper(args.next()));
+        let fd_arg = args.next().map(|a| a.to_string_lossy().into_owned());
+        std::process::exit(commands::native::helper(fd_arg));
     }
     agentkernel_native::trace::phase("cli started");
     let cli = match cli::Cli::try_parse() {
@@ -117,7 +123,9 @@ fn usage_command() -> String {
     use clap::CommandFactory;
     let mut command = cli::Cli::command();
     let mut path = vec!["agentkernel".to_string()];
-    for arg in std::env::args().skip(1).filter(|a| !a.starts_with('-')) {
+    // args_os: command words may be any bytes, and args() would panic on them.
+    let args = std::env::args_os().skip(1);
+    for arg in args.filter(|a| !a.to_string_lossy().starts_with('-')) {
         let Some(sub) = command.find_subcommand(&arg).cloned() else {
             break;
         };

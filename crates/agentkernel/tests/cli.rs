@@ -304,6 +304,18 @@ fn usage_errors_point_to_the_subcommands_help() {
         let line = assert_one_line_error(&out);
         assert!(line.contains(help), "{args:?}: {line}");
     }
+    // Arguments need not be UTF-8 (commands pass through byte for byte).
+    use std::os::unix::ffi::OsStrExt;
+    let not_utf8 = std::ffi::OsStr::from_bytes(b"\xff");
+    let out = env
+        .cmd()
+        .args(["run".as_ref(), "--bogus-flag".as_ref(), not_utf8])
+        .output()
+        .unwrap();
+    let line = assert_one_line_error(&out);
+    assert!(line.contains("`agentkernel run --help`"), "{line}");
+    let out = env.cmd().arg(not_utf8).output().unwrap();
+    assert_one_line_error(&out);
 }
 
 #[test]
