@@ -94,7 +94,8 @@ print_summary() {
 
 main() {
   set -e
-  local root pidfile registry_pidfile threads
+  # Globals, not locals: the EXIT trap reads them after main has returned.
+  local threads
   root=$(cd "$(dirname "$0")/.." && pwd)
   pidfile=${AGENTKERNEL_DOCKERD_PIDFILE:-/run/agentkernel-ci-dockerd.pid}
   registry_pidfile=${AGENTKERNEL_REGISTRY_PIDFILE:-/run/agentkernel-ci-registry.pid}
