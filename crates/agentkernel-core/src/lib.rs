@@ -15,5 +15,6 @@ pub mod policy;
 pub mod spec;
 pub mod state;
 pub mod terminal;
+pub mod trust;
 
 pub use error::{Error, Result};
