@@ -12,6 +12,7 @@ pub mod names;
 pub mod parse;
 pub mod paths;
 pub mod policy;
+pub mod seccomp;
 pub mod spec;
 pub mod state;
 pub mod terminal;
