@@ -99,17 +99,48 @@ pub struct Config {
     pub pool_idle_ttl: Option<Duration>,
     /// The files that contributed, in the order applied.
     pub sources: Vec<PathBuf>,
+    /// `./agentkernel.toml`, when it was read as the project's file (not via `--config`).
+    pub project: Option<ProjectFile>,
+}
+
+/// The project's `./agentkernel.toml` as it was applied: what it sets on its
+/// own and what the files below it set, so `crate::trust` can tell whether it
+/// loosens the sandbox the user would otherwise get.
+#[derive(Debug, Clone)]
+pub struct ProjectFile {
+    pub path: PathBuf,
+    /// sha256 of the exact bytes that were parsed, lowercase hex.
+    pub sha256: String,
+    /// The file's own settings (relative volume paths already resolved).
+    pub settings: Box<Config>,
+    /// The system's and the user's files merged, without this one.
+    pub below: Box<Config>,
 }
 
 impl Config {
     /// Loads the standard files that exist, then `explicit` (which must exist).
+    /// A project file named again with `--config` is applied once, as explicit.
     pub fn load(cwd: &Path, explicit: Option<&Path>) -> Result<Config> {
         let mut config = Config::default();
-        for path in crate::paths::config_files(cwd) {
-            match std::fs::read_to_string(&path) {
-                Ok(text) => config.apply_text(&path, &text)?,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(config_err(&path, e.to_string())),
+        for path in crate::paths::user_config_files() {
+            if let Some(text) = read_if_exists(&path)? {
+                config.apply_text(&path, &text)?;
+            }
+        }
+        let project = crate::paths::project_config_file(cwd);
+        let project_is_explicit = explicit.is_some_and(|e| same_file(e, &project));
+        if !project_is_explicit {
+            if let Some(text) = read_if_exists(&project)? {
+                let mut settings = Config::default();
+                settings.apply_text(&project, &text)?;
+                let below = config.clone();
+                config.apply_text(&project, &text)?;
+                config.project = Some(ProjectFile {
+                    sha256: crate::trust::sha256_hex(text.as_bytes()),
+                    path: project,
+                    settings: Box::new(settings),
+                    below: Box::new(below),
+                });
             }
         }
         if let Some(path) = explicit {
@@ -224,6 +255,18 @@ impl Config {
         self.sources.push(path.to_path_buf());
         Ok(())
     }
+}
+
+fn read_if_exists(path: &Path) -> Result<Option<String>> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(config_err(path, e.to_string())),
+    }
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    matches!((a.canonicalize(), b.canonicalize()), (Ok(a), Ok(b)) if a == b)
 }
 
 fn config_err(path: &Path, message: String) -> Error {

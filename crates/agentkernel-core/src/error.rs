@@ -27,6 +27,14 @@ pub enum Error {
     #[error("{feature} is not supported yet{hint}")]
     NotSupported { feature: String, hint: String },
 
+    /// The project's `./agentkernel.toml` loosens the sandbox and the user has not trusted it.
+    #[error("{path} loosens the sandbox ({settings}) and is not trusted; read it, then run `agentkernel trust {dir}` (or pass it with --config, or give those settings as flags)")]
+    UntrustedConfig {
+        path: String,
+        settings: String,
+        dir: String,
+    },
+
     /// The backend cannot be used here.
     #[error("backend {backend} is unavailable: {why}; {fix}")]
     BackendUnavailable {

@@ -12,8 +12,10 @@ pub mod names;
 pub mod parse;
 pub mod paths;
 pub mod policy;
+pub mod seccomp;
 pub mod spec;
 pub mod state;
 pub mod terminal;
+pub mod trust;
 
 pub use error::{Error, Result};

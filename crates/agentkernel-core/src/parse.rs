@@ -80,11 +80,20 @@ pub fn byte_size(what: &'static str, text: &str) -> Result<u64> {
         Some(c) if c.is_ascii_digit() => (t, 1),
         _ => return Err(bad("not a size")),
     };
+    // Plain decimals only: Rust's float syntax would also take `1e20`, `inf`.
+    if num.is_empty() || !num.chars().all(|c| c.is_ascii_digit() || c == '.') {
+        return Err(bad("not a size"));
+    }
     let value: f64 = num.parse().map_err(|_| bad("not a size"))?;
-    if !value.is_finite() || value <= 0.0 {
+    if value <= 0.0 {
         return Err(bad("must be greater than zero"));
     }
-    let bytes = (value * mult as f64) as u64;
+    let bytes = value * mult as f64;
+    // The float-to-integer cast would saturate, and a saturated limit is no limit.
+    if bytes >= i64::MAX as f64 {
+        return Err(bad("too large"));
+    }
+    let bytes = bytes as u64;
     // Below this the kernel (and Docker) refuse to start anything at all.
     if bytes < 6 << 20 {
         return Err(bad("must be at least 6m"));
@@ -114,8 +123,9 @@ pub fn cpus(text: &str) -> Result<f64> {
         .trim()
         .parse()
         .map_err(|_| Error::invalid("--cpus", text, "expected a number such as 0.5 or 2"))?;
-    if !v.is_finite() || v <= 0.0 || v > 1024.0 {
-        return Err(Error::invalid("--cpus", text, "must be greater than 0"));
+    // Below 0.01 the CPU quota would be under the kernel's 1 ms minimum.
+    if !v.is_finite() || v < 0.01 {
+        return Err(Error::invalid("--cpus", text, "must be at least 0.01"));
     }
     Ok(v)
 }
@@ -175,15 +185,94 @@ pub fn volume(text: &str, cwd: &Path) -> Result<Volume> {
     if !container.starts_with('/') {
         return Err(bad("the sandbox path must be absolute"));
     }
+    let container = sandbox_mount_target(container).map_err(|why| bad(&why))?;
     let host_path = cwd.join(host);
     let host_path = host_path
         .canonicalize()
         .map_err(|e| bad(&format!("host path {}: {e}", host_path.display())))?;
     Ok(Volume {
         host: host_path,
-        container: container.to_string(),
+        container,
         read_only,
     })
+}
+
+/// The sandbox's own filesystems: a volume over one of them would replace the
+/// root, or the kernel interfaces and devices agentkernel sets up (with their
+/// masked and read-only paths), with a host directory.
+const RESERVED_MOUNT_TARGETS: [&str; 3] = ["/proc", "/sys", "/dev"];
+
+/// A volume's sandbox path, normalised (`//`, `.` and a trailing `/` dropped),
+/// unless it is `/`, contains `..`, or lies on a reserved target.
+fn sandbox_mount_target(path: &str) -> std::result::Result<String, String> {
+    let mut parts = Vec::new();
+    for part in path.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => return Err("the sandbox path must not contain `..`".into()),
+            p => parts.push(p),
+        }
+    }
+    if parts.is_empty() {
+        return Err(
+            "cannot mount over the sandbox's root `/`; pick a directory such as /data".into(),
+        );
+    }
+    let normal = format!("/{}", parts.join("/"));
+    for reserved in RESERVED_MOUNT_TARGETS {
+        if Path::new(&normal).starts_with(reserved) {
+            return Err(format!(
+                "{reserved} belongs to the sandbox (the kernel's and agentkernel's own mounts); pick another path such as /data"
+            ));
+        }
+    }
+    Ok(normal)
+}
+
+/// Refuses a published port given twice, or two mappings of one host port:
+/// the second would fail to bind after the sandbox was created.
+pub fn reject_duplicate_ports(ports: &[PortMapping]) -> Result<()> {
+    for (i, p) in ports.iter().enumerate() {
+        for q in &ports[..i] {
+            let same_host_port = p.host_port != 0
+                && p.host_port == q.host_port
+                && p.protocol == q.protocol
+                && (p.host_ip == q.host_ip
+                    || is_unspecified(&p.host_ip)
+                    || is_unspecified(&q.host_ip));
+            if p == q || same_host_port {
+                return Err(Error::Conflict(format!(
+                    "--publish {}: {} is published twice; give each host port once",
+                    describe_port(p),
+                    if same_host_port {
+                        format!("host port {}/{}", p.host_port, p.protocol.as_str())
+                    } else {
+                        format!("sandbox port {}/{}", p.container_port, p.protocol.as_str())
+                    }
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn is_unspecified(ip: &str) -> bool {
+    ip.parse::<std::net::IpAddr>()
+        .is_ok_and(|a| a.is_unspecified())
+}
+
+fn describe_port(p: &PortMapping) -> String {
+    let host = if p.host_port == 0 {
+        String::new()
+    } else {
+        format!("{}:", p.host_port)
+    };
+    format!(
+        "{}:{host}{}/{}",
+        p.host_ip,
+        p.container_port,
+        p.protocol.as_str()
+    )
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -296,7 +385,20 @@ mod tests {
         assert_eq!(byte_size("--memory", "2GB").unwrap(), 2 << 30);
         assert_eq!(byte_size("--memory", "1.5g").unwrap(), 3 << 29);
         assert_eq!(byte_size("--memory", "10485760").unwrap(), 10 << 20);
-        for bad in ["", "m", "-1g", "0", "1k", "lots", "2x"] {
+        for bad in [
+            "",
+            "m",
+            "-1g",
+            "0",
+            "1k",
+            "lots",
+            "2x",
+            "1e20",
+            "99999999999g",
+            "inf",
+            "NaN",
+            "1.5e9",
+        ] {
             assert!(
                 byte_size("--memory", bad).is_err(),
                 "{bad} should be rejected"
@@ -309,6 +411,7 @@ mod tests {
     fn cpus_values() {
         assert_eq!(cpus("0.5").unwrap(), 0.5);
         assert!(cpus("0").is_err());
+        assert!(cpus("0.001").is_err());
         assert!(cpus("abc").is_err());
     }
 
@@ -334,6 +437,30 @@ mod tests {
         assert!(volume("/nonexistent-agentkernel:/data", Path::new("/")).is_err());
         assert!(volume(&format!("{}:data", dir.path().display()), Path::new("/")).is_err());
         assert!(volume(&format!("{}:/d:rx", dir.path().display()), Path::new("/")).is_err());
+        let d = dir.path().display();
+        for target in [
+            "/",
+            "//",
+            "/.",
+            "/proc",
+            "/proc/sys",
+            "/sys/",
+            "/dev",
+            "/dev//shm",
+            "/a/../proc",
+        ] {
+            assert!(
+                volume(&format!("{d}:{target}"), Path::new("/")).is_err(),
+                "{target}"
+            );
+        }
+        assert_eq!(
+            volume(&format!("{d}://data/./x/"), Path::new("/"))
+                .unwrap()
+                .container,
+            "/data/x"
+        );
+        assert!(volume(&format!("{d}:/procfs"), Path::new("/")).is_ok());
     }
 
     #[test]
@@ -359,5 +486,10 @@ mod tests {
         ] {
             assert!(port(bad).is_err(), "{bad} should be rejected");
         }
+        let ps = |list: &[&str]| list.iter().map(|p| port(p).unwrap()).collect::<Vec<_>>();
+        assert!(reject_duplicate_ports(&ps(&["8080", "8080"])).is_err());
+        assert!(reject_duplicate_ports(&ps(&["8080:80", "8080:81"])).is_err());
+        assert!(reject_duplicate_ports(&ps(&["0.0.0.0:8080:80", "8080:81"])).is_err());
+        reject_duplicate_ports(&ps(&["8080:80", "8081:80", "8080:80/udp", "3000"])).unwrap();
     }
 }

@@ -26,8 +26,8 @@ pub fn home_dir() -> Option<PathBuf> {
         .map(PathBuf::from)
 }
 
-/// Config files in increasing precedence, before `--config`.
-pub fn config_files(cwd: &std::path::Path) -> Vec<PathBuf> {
+/// The system's and the user's config files, in increasing precedence.
+pub fn user_config_files() -> Vec<PathBuf> {
     let mut files = vec![PathBuf::from("/etc/agentkernel/config.toml")];
     let user = std::env::var_os("XDG_CONFIG_HOME")
         .filter(|d| !d.is_empty())
@@ -36,6 +36,19 @@ pub fn config_files(cwd: &std::path::Path) -> Vec<PathBuf> {
     if let Some(dir) = user {
         files.push(dir.join("agentkernel/config.toml"));
     }
-    files.push(cwd.join("agentkernel.toml"));
     files
+}
+
+/// The project's config file, applied over [`user_config_files`]: it comes
+/// with the directory (a cloned repository), so it may loosen the sandbox
+/// only once trusted (`crate::trust`).
+pub fn project_config_file(dir: &std::path::Path) -> PathBuf {
+    dir.join(PROJECT_CONFIG_NAME)
+}
+
+pub const PROJECT_CONFIG_NAME: &str = "agentkernel.toml";
+
+/// Where `agentkernel trust` records the project files the user trusts.
+pub fn trust_file() -> PathBuf {
+    state_dir().join("trusted-configs")
 }

@@ -77,7 +77,8 @@ pub enum Capabilities {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Seccomp {
-    /// The engine's default filter.
+    /// Docker's default denials plus io_uring, AF_VSOCK and TIOCSTI, from
+    /// the one table in `crate::seccomp` (the name predates that table).
     EngineDefault,
     /// The default filter's denials plus ptrace, mount, bpf, keyctl,
     /// perf_event_open, userfaultfd, unshare and setns.

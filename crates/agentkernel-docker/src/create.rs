@@ -174,17 +174,17 @@ pub fn container_body(
     if policy.no_new_privileges {
         security_opt.push("no-new-privileges:true".to_string());
     }
-    if policy.seccomp == Seccomp::Restrictive {
-        let profile = crate::seccomp::restrictive_profile().to_string();
-        // Docker takes the profile inline; Podman's API takes a path on its host.
-        let value = match flavor {
-            Flavor::Docker => profile,
-            Flavor::Podman => crate::seccomp::profile_file(&profile)?
-                .display()
-                .to_string(),
-        };
-        security_opt.push(format!("seccomp={value}"));
-    }
+    // Every profile gets our filter (the same table as native's), never the
+    // engine's default, which differs per engine and version.
+    let profile = crate::seccomp::profile(policy.seccomp == Seccomp::Restrictive).to_string();
+    // Docker takes the profile inline; Podman's API takes a path on its host.
+    let value = match flavor {
+        Flavor::Docker => profile,
+        Flavor::Podman => crate::seccomp::profile_file(&profile)?
+            .display()
+            .to_string(),
+    };
+    security_opt.push(format!("seccomp={value}"));
     let tmpfs = policy.read_only_root.then(|| {
         HashMap::from([(
             "/tmp".to_string(),

@@ -102,6 +102,8 @@ fn key_of(engine: &Engine, warm: &SandboxSpec) -> String {
         "workspace": warm.workspace,
         "home": warm.home,
         "volumes": warm.volumes,
+        // Warm containers made before every profile carried our filter had the engine's.
+        "seccomp": crate::seccomp::profile(warm.policy.seccomp == agentkernel_core::policy::Seccomp::Restrictive),
     });
     format!(
         "{:016x}",

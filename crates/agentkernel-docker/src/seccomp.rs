@@ -1,103 +1,78 @@
-//! The restrictive profile's seccomp filter, in Docker's JSON format.
+//! The seccomp profile of every container, in Docker's JSON format, built
+//! from the table the native backend compiles too (core `seccomp.rs`), so a
+//! profile means the same syscalls on every backend.
 //!
-//! Docker's default filter is an allow-list that the engine applies when no
-//! profile is given; a custom profile replaces it. Rather than re-ship that
-//! list, this filter allows by default and denies (EPERM) every syscall that
-//! Docker's documentation lists as blocked by its default profile, plus the
-//! ones the restrictive profile adds (ptrace, mount, bpf, keyctl,
-//! perf_event_open, userfaultfd, unshare, setns) and io_uring. Namespace
-//! creation through clone is denied flag by flag; clone3 returns ENOSYS so
-//! libc falls back to clone, where the flags can be inspected.
+//! A custom profile replaces the engine's default. Ours allows by default and
+//! refuses what the table lists: Docker's default denials, io_uring (which
+//! Docker 20.10's default allows), namespace flags to `clone` (clone3 answers
+//! ENOSYS so libc falls back to clone), AF_VSOCK sockets (20.10 allows them
+//! too), TIOCSTI/TIOCLINUX, and `personality` values outside Docker's list;
+//! restrictive adds ptrace. No `architectures` are listed, so calls from
+//! another ABI (i386, x32) meet libseccomp's bad-architecture action and are
+//! refused, as on native.
 
+use agentkernel_core::seccomp::{
+    CLONE3, CLONE_NAMESPACE_FLAGS, DEFAULT_DENIED, DENIED_IOCTLS, DENIED_SOCKET_FAMILIES,
+    PERSONALITY_ALLOWED, RESTRICTIVE_EXTRA,
+};
 use serde_json::{json, Value};
 
-/// Blocked by Docker's default profile (docs.docker.com "Significant syscalls
-/// blocked by the default profile") or added by the restrictive profile.
-const DENIED: &[&str] = &[
-    "acct",
-    "add_key",
-    "bpf",
-    "clock_adjtime",
-    "clock_settime",
-    "create_module",
-    "delete_module",
-    "finit_module",
-    "get_kernel_syms",
-    "get_mempolicy",
-    "init_module",
-    "io_uring_enter",
-    "io_uring_register",
-    "io_uring_setup",
-    "ioperm",
-    "iopl",
-    "kcmp",
-    "kexec_file_load",
-    "kexec_load",
-    "keyctl",
-    "lookup_dcookie",
-    "mbind",
-    "mount",
-    "mount_setattr",
-    "move_mount",
-    "move_pages",
-    "name_to_handle_at",
-    "nfsservctl",
-    "open_by_handle_at",
-    "open_tree",
-    "fsopen",
-    "fsconfig",
-    "fsmount",
-    "fspick",
-    "perf_event_open",
-    "pivot_root",
-    "process_vm_readv",
-    "process_vm_writev",
-    "ptrace",
-    "query_module",
-    "quotactl",
-    "reboot",
-    "request_key",
-    "set_mempolicy",
-    "setns",
-    "settimeofday",
-    "swapoff",
-    "swapon",
-    "sysfs",
-    "_sysctl",
-    "umount",
-    "umount2",
-    "unshare",
-    "uselib",
-    "userfaultfd",
-    "ustat",
-    "vm86",
-    "vm86old",
-];
+/// The kernel reads these arguments as 32-bit ints; libseccomp compares 64
+/// bits, so a value with junk in the upper half would slip past a plain
+/// equality. Compare the low half only, as the BPF of the native backend does.
+const LOW_32: u64 = 0xffff_ffff;
 
-/// CLONE_NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET, NEWTIME.
-const NAMESPACE_FLAGS: &[u64] = &[
-    0x0002_0000,
-    0x0200_0000,
-    0x0400_0000,
-    0x0800_0000,
-    0x1000_0000,
-    0x2000_0000,
-    0x4000_0000,
-    0x0000_0080,
-];
+fn deny_when_low_bits(syscall: &str, index: u32, mask: u64, value: u64) -> Value {
+    json!({
+        "names": [syscall],
+        "action": "SCMP_ACT_ERRNO",
+        "errnoRet": libc::EPERM,
+        "args": [{ "index": index, "value": mask, "valueTwo": value, "op": "SCMP_CMP_MASKED_EQ" }],
+    })
+}
 
-pub fn restrictive_profile() -> Value {
+pub fn profile(restrictive: bool) -> Value {
+    let extra: &[(&str, i64)] = if restrictive { RESTRICTIVE_EXTRA } else { &[] };
+    let denied: Vec<&str> = DEFAULT_DENIED
+        .iter()
+        .chain(extra)
+        .map(|(name, _)| *name)
+        .collect();
     let mut rules = vec![
-        json!({ "names": DENIED, "action": "SCMP_ACT_ERRNO", "errnoRet": libc::EPERM }),
-        json!({ "names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": libc::ENOSYS }),
+        json!({ "names": denied, "action": "SCMP_ACT_ERRNO", "errnoRet": libc::EPERM }),
+        json!({ "names": [CLONE3.0], "action": "SCMP_ACT_ERRNO", "errnoRet": libc::ENOSYS }),
     ];
-    for flag in NAMESPACE_FLAGS {
-        rules.push(json!({
-            "names": ["clone"],
-            "action": "SCMP_ACT_ERRNO",
-            "errnoRet": libc::EPERM,
-            "args": [{ "index": 0, "value": flag, "valueTwo": flag, "op": "SCMP_CMP_MASKED_EQ" }],
-        }));
+    // One rule per flag: a rule's conditions are ANDed, rules are ORed.
+    for bit in 0..32 {
+        let flag = 1u64 << bit;
+        if u64::from(CLONE_NAMESPACE_FLAGS) & flag != 0 {
+            rules.push(deny_when_low_bits("clone", 0, flag, flag));
+        }
+    }
+    for family in DENIED_SOCKET_FAMILIES {
+        rules.push(deny_when_low_bits("socket", 0, LOW_32, (*family).into()));
+    }
+    for request in DENIED_IOCTLS {
+        rules.push(deny_when_low_bits("ioctl", 1, LOW_32, (*request).into()));
+    }
+    // personality: refuse any value with a bit outside the allowed ones.
+    // libseccomp cannot express "except 0xffffffff" (an unconditional or
+    // overlapping ERRNO rule wins over an ALLOW one), so the query value is
+    // refused here too: the one difference from native.
+    let allowed_bits = PERSONALITY_ALLOWED
+        .iter()
+        .filter(|v| **v != u32::MAX)
+        .fold(0u32, |acc, v| acc | v);
+    for bit in 0..32 {
+        let flag = 1u32 << bit;
+        if allowed_bits & flag == 0 {
+            rules.push(deny_when_low_bits(
+                "personality",
+                0,
+                flag.into(),
+                flag.into(),
+            ));
+        }
     }
     json!({ "defaultAction": "SCMP_ACT_ALLOW", "syscalls": rules })
 }
@@ -107,7 +82,7 @@ pub fn profile_file(profile: &str) -> agentkernel_core::Result<std::path::PathBu
     let dir = agentkernel_core::paths::state_dir().join("seccomp");
     std::fs::create_dir_all(&dir).map_err(|e| agentkernel_core::Error::state(&dir, e))?;
     let path = dir.join(format!(
-        "restrictive-{:016x}.json",
+        "profile-{:016x}.json",
         agentkernel_core::names::stable_hash(profile.as_bytes())
     ));
     if !path.exists() {

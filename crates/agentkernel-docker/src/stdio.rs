@@ -44,6 +44,19 @@ const FORWARDED: [(SignalKind, i32); 4] = [
     (SignalKind::quit(), libc::SIGQUIT),
 ];
 
+/// How long a command may take to exit after agentkernel is told to stop
+/// (SIGTERM, SIGHUP; SIGINT without a terminal) before the whole sandbox is
+/// killed. The signal goes to the container's init, which the command may
+/// have stopped (a ptrace attach to PID 1): without this, nothing would
+/// deliver it and `agentkernel run` would wait forever.
+pub const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// Whether `signo` asks agentkernel to end the run (rather than being a key
+/// the command may handle and carry on: Ctrl-C in an interactive terminal).
+fn asks_to_stop(signo: i32, tty: bool) -> bool {
+    signo == libc::SIGTERM || signo == libc::SIGHUP || (signo == libc::SIGINT && !tty)
+}
+
 pub struct Signals {
     streams: Vec<(Signal, i32)>,
 }
@@ -134,6 +147,8 @@ pub async fn supervise<P: Process>(
 
     let mut timed_out = false;
     let mut signals_seen = 0;
+    let mut kill_at: Option<tokio::time::Instant> = None;
+    let mut killed = false;
     let exit_code = loop {
         tokio::select! {
             code = &mut wait => break code?,
@@ -141,6 +156,13 @@ pub async fn supervise<P: Process>(
                 signals_seen += 1;
                 // A command that ignores two signals is stuck: the third one wins.
                 if signals_seen >= 3 { process.kill_all().await } else { process.signal(no).await }
+                if asks_to_stop(no, tty) && kill_at.is_none() {
+                    kill_at = Some(tokio::time::Instant::now() + STOP_GRACE);
+                }
+            }
+            _ = async { match kill_at { Some(at) => tokio::time::sleep_until(at).await, None => std::future::pending().await } }, if !killed => {
+                killed = true;
+                process.kill_all().await;
             }
             _ = async { match winch.as_mut() { Some(w) => { w.recv().await; } None => std::future::pending().await } } => {
                 if let Some((rows, cols)) = terminal::size(1) {

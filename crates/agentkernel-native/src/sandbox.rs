@@ -888,6 +888,11 @@ fn init(plan: &Plan, sock: OwnedFd) -> ! {
     } else {
         None
     };
+    // From here init needs only stdio: the caller's other descriptors (which
+    // reach the helper through its exec) must not stay open in the
+    // sandbox's PID 1 for as long as the sandbox lives.
+    // SAFETY: closes every fd from 3 up in this process; none is in use.
+    unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
     // Init keeps the command's capabilities (so the command may still
     // PTRACE_TRACEME with init as its tracer-parent, as under Docker) plus
     // KILL, to signal a command that runs as another user; nothing more.

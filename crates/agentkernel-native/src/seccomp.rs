@@ -1,13 +1,13 @@
-//! The seccomp filter: Docker's default denials, as a classic BPF program.
+//! The seccomp filter as a classic BPF program, compiled from the table in
+//! `agentkernel_core::seccomp` (the Docker and Podman backends build their
+//! JSON profile from the same table).
 //!
 //! Docker's default profile is an allowlist whose effect, for a container
-//! without CAP_SYS_ADMIN, is to deny the syscalls below (kernel modules,
-//! mounts, namespaces, keyrings, clocks, reboot, BPF, perf, io_uring...) and a
-//! few argument patterns (namespace flags to `clone`, `AF_VSOCK` sockets,
-//! unusual `personality` values). We write that effect as a denylist: the
-//! result for every syscall a program can make is the same, and the program
-//! stays short enough to audit. `clone3` answers ENOSYS, as in Docker, so libc
-//! falls back to `clone`, whose flags a filter can inspect.
+//! without CAP_SYS_ADMIN, is to deny the listed syscalls and a few argument
+//! patterns (namespace flags to `clone`, `AF_VSOCK` sockets, unusual
+//! `personality` values). We write that effect as a denylist: the program
+//! stays short enough to audit. `clone3` answers ENOSYS, as in Docker, so
+//! libc falls back to `clone`, whose flags a filter can inspect.
 //!
 //! Denied calls fail with EPERM; calls from another ABI (i386 `int 0x80`, x32)
 //! fail too, so the filter cannot be sidestepped by changing architecture.
@@ -40,77 +40,10 @@ const fn offset_arg_low(n: u32) -> u32 {
     16 + 8 * n
 }
 
-/// Namespace flags `clone` may not carry (CLONE_NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET).
-const CLONE_NAMESPACE_FLAGS: u32 = 0x7e02_0000;
-const AF_VSOCK: u32 = 40;
-const TIOCSTI: u32 = 0x5412;
-const TIOCLINUX: u32 = 0x541c;
-/// `personality` values Docker allows: PER_LINUX, PER_LINUX32, UNAME26 variants, and the query.
-const PERSONALITY_ALLOWED: [u32; 5] = [0x0, 0x8, 0x20000, 0x20008, 0xffff_ffff];
-
-/// Syscalls Docker's default profile leaves out (x86_64).
-const DEFAULT_DENIED: &[i64] = &[
-    libc::SYS_acct,
-    libc::SYS_add_key,
-    libc::SYS_bpf,
-    libc::SYS_clock_adjtime,
-    libc::SYS_clock_settime,
-    174, // create_module (removed from the kernel; libc has no constant)
-    libc::SYS_delete_module,
-    libc::SYS_finit_module,
-    libc::SYS_fsconfig,
-    libc::SYS_fsmount,
-    libc::SYS_fsopen,
-    libc::SYS_fspick,
-    177, // get_kernel_syms
-    libc::SYS_get_mempolicy,
-    libc::SYS_init_module,
-    libc::SYS_io_uring_enter,
-    libc::SYS_io_uring_register,
-    libc::SYS_io_uring_setup,
-    libc::SYS_ioperm,
-    libc::SYS_iopl,
-    libc::SYS_kcmp,
-    libc::SYS_kexec_file_load,
-    libc::SYS_kexec_load,
-    libc::SYS_keyctl,
-    libc::SYS_lookup_dcookie,
-    libc::SYS_mbind,
-    libc::SYS_mount,
-    libc::SYS_mount_setattr,
-    libc::SYS_move_mount,
-    libc::SYS_move_pages,
-    libc::SYS_name_to_handle_at,
-    libc::SYS_nfsservctl,
-    libc::SYS_open_by_handle_at,
-    libc::SYS_open_tree,
-    libc::SYS_perf_event_open,
-    libc::SYS_pivot_root,
-    libc::SYS_process_vm_readv,
-    libc::SYS_process_vm_writev,
-    178, // query_module
-    libc::SYS_quotactl,
-    libc::SYS_quotactl_fd,
-    libc::SYS_reboot,
-    libc::SYS_request_key,
-    libc::SYS_set_mempolicy,
-    libc::SYS_setns,
-    libc::SYS_settimeofday,
-    libc::SYS_swapoff,
-    libc::SYS_swapon,
-    libc::SYS_sysfs,
-    libc::SYS__sysctl,
-    libc::SYS_syslog,
-    libc::SYS_umount2,
-    libc::SYS_unshare,
-    libc::SYS_uselib,
-    libc::SYS_userfaultfd,
-    libc::SYS_ustat,
-    libc::SYS_vhangup,
-];
-
-/// What the restrictive profile denies on top of the default.
-const RESTRICTIVE_EXTRA: &[i64] = &[libc::SYS_ptrace];
+use agentkernel_core::seccomp::{
+    CLONE3, CLONE_NAMESPACE_FLAGS, DEFAULT_DENIED, DENIED_IOCTLS, DENIED_SOCKET_FAMILIES,
+    PERSONALITY_ALLOWED, RESTRICTIVE_EXTRA,
+};
 
 fn stmt(code: u16, k: u32) -> Instruction {
     Instruction {
@@ -143,13 +76,12 @@ pub fn program(restrictive: bool) -> Vec<Instruction> {
         jump(BPF_JGE_K, X32_SYSCALL_BIT, 0, 1),
         errno(libc::EPERM),
     ];
-    let extra: &[i64] = if restrictive { RESTRICTIVE_EXTRA } else { &[] };
-    for &nr in DEFAULT_DENIED.iter().chain(extra) {
+    let extra: &[(&str, i64)] = if restrictive { RESTRICTIVE_EXTRA } else { &[] };
+    for &(_, nr) in DEFAULT_DENIED.iter().chain(extra) {
         p.push(jump(BPF_JEQ_K, nr as u32, 0, 1));
         p.push(errno(libc::EPERM));
     }
-    // clone3 passes its flags in memory a filter cannot read: ENOSYS makes libc use clone.
-    p.push(jump(BPF_JEQ_K, libc::SYS_clone3 as u32, 0, 1));
+    p.push(jump(BPF_JEQ_K, CLONE3.1 as u32, 0, 1));
     p.push(errno(libc::ENOSYS));
 
     // Each block below leaves the accumulator holding an argument, so every
@@ -162,23 +94,22 @@ pub fn program(restrictive: bool) -> Vec<Instruction> {
         errno(libc::EPERM),
         allow(),
     ]);
-    // socket: no AF_VSOCK (a way out of a VM-hosted sandbox to its host).
-    p.extend([
-        jump(BPF_JEQ_K, libc::SYS_socket as u32, 0, 4),
-        stmt(BPF_LD_W_ABS, offset_arg_low(0)),
-        jump(BPF_JEQ_K, AF_VSOCK, 0, 1),
-        errno(libc::EPERM),
-        allow(),
-    ]);
-    // ioctl: no typing into a terminal we share with the host (TIOCSTI, TIOCLINUX).
-    p.extend([
-        jump(BPF_JEQ_K, libc::SYS_ioctl as u32, 0, 5),
-        stmt(BPF_LD_W_ABS, offset_arg_low(1)),
-        jump(BPF_JEQ_K, TIOCSTI, 1, 0),
-        jump(BPF_JEQ_K, TIOCLINUX, 0, 1),
-        errno(libc::EPERM),
-        allow(),
-    ]);
+    // socket and ioctl: no listed family / request (compared on the low 32
+    // bits, all the kernel reads of these int arguments).
+    for (nr, arg, denied) in [
+        (libc::SYS_socket, 0, DENIED_SOCKET_FAMILIES),
+        (libc::SYS_ioctl, 1, DENIED_IOCTLS),
+    ] {
+        let n = denied.len() as u8;
+        p.push(jump(BPF_JEQ_K, nr as u32, 0, n + 3));
+        p.push(stmt(BPF_LD_W_ABS, offset_arg_low(arg)));
+        for (i, value) in denied.iter().enumerate() {
+            // To the EPERM, over the remaining comparisons and the allow.
+            p.push(jump(BPF_JEQ_K, *value, n - i as u8, 0));
+        }
+        p.push(allow());
+        p.push(errno(libc::EPERM));
+    }
     // personality: only the values Docker allows (no ADDR_NO_RANDOMIZE and friends).
     let n = PERSONALITY_ALLOWED.len() as u8;
     p.push(jump(BPF_JEQ_K, libc::SYS_personality as u32, 0, n + 3));
@@ -300,11 +231,11 @@ mod tests {
         assert_eq!(run(&p, x, clone, [0x1000_0011, 0]), EPERM); // CLONE_NEWUSER
         let socket = libc::SYS_socket as u32;
         assert_eq!(run(&p, x, socket, [2, 0]), SECCOMP_RET_ALLOW);
-        assert_eq!(run(&p, x, socket, [AF_VSOCK, 0]), EPERM);
+        assert_eq!(run(&p, x, socket, [40, 0]), EPERM); // AF_VSOCK
         let ioctl = libc::SYS_ioctl as u32;
         assert_eq!(run(&p, x, ioctl, [0, 0x5401]), SECCOMP_RET_ALLOW);
-        assert_eq!(run(&p, x, ioctl, [0, TIOCSTI]), EPERM);
-        assert_eq!(run(&p, x, ioctl, [0, TIOCLINUX]), EPERM);
+        assert_eq!(run(&p, x, ioctl, [0, 0x5412]), EPERM); // TIOCSTI
+        assert_eq!(run(&p, x, ioctl, [0, 0x541c]), EPERM); // TIOCLINUX
         let pers = libc::SYS_personality as u32;
         for ok in PERSONALITY_ALLOWED {
             assert_eq!(run(&p, x, pers, [ok, 0]), SECCOMP_RET_ALLOW, "{ok:#x}");

@@ -14,7 +14,7 @@ use clap::{Args, Parser, Subcommand};
         Exit codes: the command's own; 125 when agentkernel itself fails (bad option or config, \
         unavailable backend, missing image…); 126 command not executable; 127 command not found; \
         128+N killed by signal N (137 also for the memory limit); 124 --timeout expired.",
-    after_help = "Examples:\n  agentkernel run python3 -c \"print('hello')\"\n  agentkernel run --profile restrictive -- sh -c 'id'\n  agentkernel run --keep --ttl 30m -- npm install\n  agentkernel doctor"
+    after_help = "Examples:\n  agentkernel run python3 -c \"print('hello')\"\n  agentkernel run --profile restrictive -- sh -c 'id'\n  agentkernel run --keep --ttl 30m -- npm install\n  agentkernel trust        # let ./agentkernel.toml loosen the sandbox\n  agentkernel doctor"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -50,6 +50,8 @@ pub enum Command {
         /// The kept sandbox's name
         name: String,
     },
+    /// Let DIR's agentkernel.toml loosen the sandbox (records its sha256; a changed file needs trust again)
+    Trust(TrustArgs),
     /// Show which backends work here, and how to fix the ones that don't
     Doctor,
     /// Print shell completions
@@ -167,6 +169,24 @@ pub struct RunArgs {
     /// The command and its arguments, passed through untouched
     #[arg(value_name = "CMD", required = true, num_args = 1.., trailing_var_arg = true)]
     pub command: Vec<std::ffi::OsString>,
+}
+
+/// A project's `./agentkernel.toml` may tighten the sandbox on its own; a
+/// weaker profile, host paths outside the project, published ports or higher
+/// limits take effect only once you trust that exact file.
+#[derive(Debug, Args)]
+pub struct TrustArgs {
+    /// The project directory (or its agentkernel.toml); default: the current directory
+    #[arg(value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+
+    /// List the trusted files and whether each is unchanged since
+    #[arg(long, conflicts_with_all = ["dir", "revoke"])]
+    pub list: bool,
+
+    /// Withdraw the trust instead
+    #[arg(long)]
+    pub revoke: bool,
 }
 
 #[derive(Debug, Args)]

@@ -41,7 +41,7 @@ fn main() {
     let code = match runtime.block_on(commands::dispatch(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("agentkernel: {e}");
+            eprintln!("agentkernel: {}", one_line(&e.to_string()));
             EXIT_AGENTKERNEL_ERROR
         }
     };
@@ -49,6 +49,21 @@ fn main() {
     // Exit without dropping the runtime: a blocking read of our stdin (forwarded
     // to the sandbox) may still be pending and would otherwise hold us here.
     std::process::exit(code);
+}
+
+/// An error is one line on stderr, whatever a value in it contains (a newline
+/// in an `-e` name, say): control characters are shown escaped.
+fn one_line(message: &str) -> String {
+    message
+        .chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// Help and version go to stdout with 0; every usage error is one line on

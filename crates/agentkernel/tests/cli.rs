@@ -474,3 +474,109 @@ mod docker_only {
         assert_eq!(stdout(&out), "ok\n");
     }
 }
+
+/// Each case: the flags, and what the one-line refusal must say.
+fn assert_refused(env: &TestEnv, cases: &[(Vec<&str>, &str)]) {
+    for (flags, named) in cases {
+        let mut args = vec!["run"];
+        args.extend(flags.iter().copied());
+        args.extend(["-i", BUSYBOX, "true"]);
+        let out = env.run(&args);
+        let line = assert_one_line_error(&out);
+        assert!(
+            line.contains(named),
+            "{flags:?}: should say {named:?}: {line}"
+        );
+    }
+    assert!(env.leftover_runs().is_empty(), "{:?}", env.leftover_runs());
+}
+
+fn host_figures() -> (u64, u64) {
+    // SAFETY: sysconf has no preconditions.
+    let (pages, page, cpus) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+            libc::sysconf(libc::_SC_NPROCESSORS_ONLN),
+        )
+    };
+    (pages as u64 * page as u64, cpus as u64)
+}
+
+#[test]
+fn limits_beyond_this_machine_are_125_naming_the_figure() {
+    let env = TestEnv::new();
+    let (memory, cpus) = host_figures();
+    let too_much_memory = format!("{}m", (memory >> 20) + 1024);
+    let too_many_cpus = (cpus + 1).to_string();
+    let cpus_said = format!("this machine has {cpus} CPU");
+    assert_refused(
+        &env,
+        &[
+            // Both used to saturate into "no limit".
+            (vec!["--memory", "1e20"], "--memory"),
+            (vec!["--memory", "99999999999g"], "too large"),
+            (vec!["--memory", &too_much_memory], "this machine has"),
+            (vec!["--cpus", &too_many_cpus], &cpus_said),
+            (vec!["--cpus", "0.001"], "at least 0.01"),
+        ],
+    );
+}
+
+#[test]
+fn a_port_published_twice_is_125() {
+    let env = TestEnv::new();
+    assert_refused(
+        &env,
+        &[
+            (vec!["--fast=false", "-P", "8080", "-P", "8080"], "twice"),
+            (
+                vec!["--fast=false", "-P", "18080:80", "-P", "18080:81"],
+                "host port 18080",
+            ),
+        ],
+    );
+}
+
+#[test]
+fn a_newline_in_a_value_stays_on_one_line() {
+    let env = TestEnv::new();
+    assert_refused(&env, &[(vec!["-e", "A\nB=x"], "A\\nB")]);
+}
+
+#[test]
+fn volumes_over_the_sandboxes_own_mounts_are_125() {
+    let env = TestEnv::new();
+    let host = env.home_dir().to_str().unwrap().to_string();
+    let targets = [
+        "/",
+        "//",
+        "/proc",
+        "/proc/sys",
+        "/sys",
+        "/sys/fs/cgroup",
+        "/dev",
+        "/dev/shm",
+        "/x/../proc",
+    ];
+    let volumes: Vec<String> = targets.iter().map(|t| format!("{host}:{t}")).collect();
+    let cases: Vec<(Vec<&str>, &str)> = volumes
+        .iter()
+        .map(|v| (vec!["-v", v.as_str()], "--volume"))
+        .collect();
+    assert_refused(&env, &cases);
+}
+
+#[test]
+fn top_level_help_lists_trust() {
+    let env = TestEnv::new();
+    let out = env.run(&["--help"]);
+    assert_code(&out, 0);
+    assert!(
+        stdout(&out)
+            .lines()
+            .any(|l| l.trim_start().starts_with("trust ")),
+        "{}",
+        stdout(&out)
+    );
+}

@@ -290,3 +290,134 @@ fn dry_run_shows_the_resolved_sandbox_and_creates_nothing() {
     let out = env.run(&["run", "--dry-run", "--memory", "lots", "true"]);
     assert_one_line_error(&out);
 }
+
+/// A cloned repository's `./agentkernel.toml` asking for a permissive
+/// profile, a host directory outside the project, a published port and env.
+fn write_hostile_project_config(env: &TestEnv, outside: &std::path::Path) {
+    std::fs::write(
+        env.project_dir().join("agentkernel.toml"),
+        format!(
+            "[sandbox]\nimage = \"{BUSYBOX}\"\nprofile = \"permissive\"\nvolumes = [\"{}:/hostroot\"]\nenv = {{ FROM_PROJECT = \"1\" }}\n[network]\nports = [\"8080\"]\n",
+            outside.display()
+        ),
+    )
+    .unwrap();
+}
+
+const WRITE_TO_HOST: [&str; 4] = ["run", "--fast=false", "touch", "/hostroot/written"];
+
+#[test]
+fn untrusted_project_config_cannot_loosen_the_sandbox() {
+    let env = TestEnv::new();
+    let outside = env.home_dir().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    write_hostile_project_config(&env, &outside);
+    let written = outside.join("written");
+
+    let out = env.run(&WRITE_TO_HOST);
+    let line = assert_one_line_error(&out);
+    for named in [
+        "sandbox.profile = permissive",
+        "sandbox.volumes",
+        "network.ports",
+        "agentkernel trust",
+    ] {
+        assert!(line.contains(named), "{named} not named: {line}");
+    }
+    assert!(!written.exists(), "the untrusted file reached the host");
+    assert!(env.leftover_runs().is_empty(), "{:?}", env.leftover_runs());
+
+    let out = env.run(&["trust"]);
+    assert_code(&out, 0);
+    assert!(stderr(&out).contains("trusted"), "{}", stderr(&out));
+    let out = env.run(&WRITE_TO_HOST);
+    assert_code(&out, 0);
+    assert!(
+        written.exists(),
+        "the trusted file's volume was not mounted"
+    );
+    std::fs::remove_file(&written).unwrap();
+
+    // A changed file is a different file: trust again.
+    let file = env.project_dir().join("agentkernel.toml");
+    let mut text = std::fs::read_to_string(&file).unwrap();
+    text.push_str("# edited after trust\n");
+    std::fs::write(&file, text).unwrap();
+    let out = env.run(&WRITE_TO_HOST);
+    let line = assert_one_line_error(&out);
+    assert!(line.contains("agentkernel trust"), "{line}");
+    assert!(!written.exists(), "the edited file reached the host");
+
+    let out = env.run(&["trust", "--list"]);
+    assert_code(&out, 0);
+    assert!(stdout(&out).contains("changed since"), "{}", stdout(&out));
+}
+
+#[test]
+fn naming_the_project_config_with_config_flag_is_consent() {
+    let env = TestEnv::new();
+    let outside = env.home_dir().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    write_hostile_project_config(&env, &outside);
+    let out = env.run(&[
+        "run",
+        "-c",
+        "./agentkernel.toml",
+        "--fast=false",
+        "touch",
+        "/hostroot/written",
+    ]);
+    assert_code(&out, 0);
+    assert!(outside.join("written").exists());
+}
+
+#[test]
+fn the_same_settings_as_flags_are_consent() {
+    let env = TestEnv::new();
+    let outside = env.home_dir().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    write_hostile_project_config(&env, &outside);
+    let volume = format!("{}:/hostroot", outside.display());
+    let mut args = vec![
+        "run",
+        "--fast=false",
+        "-p",
+        "permissive",
+        "-v",
+        &volume,
+        "touch",
+        "/hostroot/written",
+    ];
+    // Profile and volume given again: only the port is left to consent to.
+    let out = env.run(&args);
+    let line = assert_one_line_error(&out);
+    assert!(
+        line.contains("network.ports")
+            && !line.contains("sandbox.volumes")
+            && !line.contains("sandbox.profile"),
+        "{line}"
+    );
+    assert!(!outside.join("written").exists());
+    args.splice(2..2, ["-P", "8080"]);
+    let out = env.run(&args);
+    assert_code(&out, 0);
+    assert!(outside.join("written").exists());
+}
+
+#[test]
+fn tightening_project_config_applies_without_trust() {
+    let env = TestEnv::new();
+    std::fs::write(
+        env.project_dir().join("agentkernel.toml"),
+        format!(
+            "[sandbox]\nimage = \"{BUSYBOX}\"\nprofile = \"restrictive\"\n[network]\nenabled = false\n[resources]\nmemory = \"256m\"\n"
+        ),
+    )
+    .unwrap();
+    let script = "cat /proc/net/dev | tail -n +3 | cut -d: -f1 | tr -d ' '; \
+                  if touch /rootfs-write 2>/dev/null; then echo root-writable; else echo root-read-only; fi";
+    let out = env.run(&["run", "sh", "-c", script]);
+    assert_code(&out, 0);
+    assert_eq!(stdout(&out), "lo\nroot-read-only\n");
+    assert!(stderr(&out).is_empty(), "{}", stderr(&out));
+}

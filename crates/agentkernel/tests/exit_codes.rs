@@ -152,3 +152,62 @@ fn unknown_image_is_125_naming_the_image() {
     let line = assert_one_line_error(&out);
     assert!(line.contains("agentkernel-test/nope:1"), "{line}");
 }
+
+mod engine_only {
+    use std::io::BufRead as _;
+    use std::time::{Duration, Instant};
+
+    use super::common::*;
+
+    /// Attaches to the container's init (PID 1) with ptrace, which stops it:
+    /// signals forwarded to the container then reach nobody.
+    const STOP_INIT: &str = "\
+import ctypes, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.ptrace(16, 1, 0, 0) != 0:
+    print('attach failed', ctypes.get_errno(), flush=True)
+    sys.exit(3)
+print('attached', flush=True)
+time.sleep(600)
+";
+
+    #[test]
+    fn sigterm_ends_the_run_even_when_the_command_stops_init() {
+        let env = TestEnv::new();
+        let mut run = env.spawn(&[
+            "run",
+            "--fast=false",
+            "-p",
+            "moderate",
+            "-i",
+            PYTHON,
+            "python3",
+            "-c",
+            STOP_INIT,
+        ]);
+        let stdout = run.child().stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the probe said nothing");
+        assert_eq!(line, "attached\n", "the probe could not stop init");
+
+        run.signal(libc::SIGTERM);
+        let asked = Instant::now();
+        let owner = run.owner.clone();
+        let out = run
+            .wait_output_within(Duration::from_secs(15))
+            .expect("agentkernel run did not exit within 15 s of SIGTERM");
+        eprintln!("exited {:?} after {:?}", out.status, asked.elapsed());
+        assert_ne!(code(&out), 0, "{}", stderr(&out));
+        assert!(
+            containers_of_owner(&owner).is_empty(),
+            "the container outlived the run"
+        );
+    }
+}

@@ -375,4 +375,85 @@ mod native_only {
             expected.iter().zip(&at).collect::<Vec<_>>()
         );
     }
+
+    /// The sandbox's init holds none of the caller's descriptors.
+    mod descriptors {
+        use std::os::fd::AsRawFd as _;
+        use std::os::unix::process::CommandExt as _;
+        use std::process::Stdio;
+        use std::time::Duration;
+
+        use crate::common::*;
+
+        /// The sandbox's PID 1 on the host: the process of sandbox `id`'s cgroup
+        /// whose pid in its own namespace is 1.
+        fn init_pid(id: &str) -> u32 {
+            let procs: Vec<u32> = native_cgroup_dirs(id)
+                .iter()
+                .filter_map(|d| std::fs::read_to_string(d.join("cgroup.procs")).ok())
+                .flat_map(|t| {
+                    t.lines()
+                        .filter_map(|l| l.parse().ok())
+                        .collect::<Vec<u32>>()
+                })
+                .collect();
+            procs
+                .into_iter()
+                .find(|pid| {
+                    std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
+                        s.lines()
+                            .find(|l| l.starts_with("NSpid:"))
+                            .is_some_and(|l| l.split_whitespace().last() == Some("1"))
+                    })
+                })
+                .unwrap_or_else(|| panic!("no init in sandbox {id}'s cgroup"))
+        }
+
+        fn open_fd_targets(pid: u32) -> Vec<std::path::PathBuf> {
+            std::fs::read_dir(format!("/proc/{pid}/fd"))
+                .unwrap()
+                .flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .collect()
+        }
+
+        #[test]
+        fn init_keeps_none_of_the_callers_descriptors() {
+            let env = TestEnv::new();
+            let secret = env.home_dir().join("caller-secret");
+            std::fs::write(&secret, "s\n").unwrap();
+            let file = std::fs::File::open(&secret).unwrap();
+            let raw = file.as_raw_fd();
+            let mut cmd = env.std_cmd();
+            cmd.args(["run", "-i", BUSYBOX, "sleep", "60"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            // SAFETY: dup2 is async-signal-safe; it leaves fd 7 open across exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::dup2(raw, 7) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                })
+            };
+            let mut run = Tracked::spawn(cmd);
+            let id = run.wait_running(Duration::from_secs(30));
+            // Control: agentkernel itself was given the descriptor.
+            assert_eq!(
+                std::fs::read_link(format!("/proc/{}/fd/7", run.pid)).unwrap(),
+                secret
+            );
+            let init = init_pid(&id);
+            let held = open_fd_targets(init);
+            assert!(
+                !held.contains(&secret),
+                "the sandbox's init holds the caller's fd: {held:?}"
+            );
+            run.signal(libc::SIGTERM);
+            let out = run.wait_output(Duration::from_secs(20));
+            assert_code(&out, 143);
+        }
+    }
 }

@@ -389,6 +389,50 @@ fn restrictive_seccomp_denies_ptrace_but_moderate_allows_it() {
     assert_eq!(
         stdout(&out),
         "allowed\n",
-        "moderate uses the engine's default seccomp"
+        "moderate's seccomp allows ptrace"
     );
+}
+
+/// io_uring_setup with valid parameters (it returns a ring fd when the
+/// filter lets it through), AF_VSOCK, TIOCSTI with junk in the upper half of
+/// the request, and AF_INET as the control that shows the probe works.
+const SECCOMP_PROBE: &str = "\
+import ctypes, socket
+libc = ctypes.CDLL(None, use_errno=True)
+params = ctypes.create_string_buffer(120)
+r = libc.syscall(ctypes.c_long(425), ctypes.c_ulong(1), ctypes.c_ulong(ctypes.addressof(params)))
+print('io_uring_setup', 'ok' if r >= 0 else ctypes.get_errno())
+for family in (40, socket.AF_INET):
+    try:
+        socket.socket(family, socket.SOCK_STREAM).close()
+        print('socket', family, 'ok')
+    except OSError as e:
+        print('socket', family, e.errno)
+r = libc.syscall(ctypes.c_long(16), ctypes.c_ulong(0), ctypes.c_ulong((1 << 32) | 0x5412), ctypes.c_ulong(0))
+print('tiocsti', 'ok' if r == 0 else ctypes.get_errno())
+";
+
+#[test]
+fn io_uring_and_vsock_are_refused_under_every_profile() {
+    let env = TestEnv::new();
+    for profile in ["permissive", "moderate", "restrictive"] {
+        let out = env.run(&[
+            "run",
+            "-p",
+            profile,
+            "-i",
+            PYTHON,
+            "python3",
+            "-c",
+            SECCOMP_PROBE,
+        ]);
+        assert_code(&out, 0);
+        // EPERM (1) from the filter; TIOCSTI on a non-terminal stdin would be
+        // ENOTTY (25) had it reached the kernel.
+        assert_eq!(
+            stdout(&out),
+            "io_uring_setup 1\nsocket 40 1\nsocket 2 ok\ntiocsti 1\n",
+            "-p {profile}"
+        );
+    }
 }

@@ -7,6 +7,7 @@ pub mod native;
 mod pool;
 mod run;
 mod sandbox;
+mod trust;
 
 use agentkernel_core::{Error, Result};
 use clap::CommandFactory;
@@ -19,6 +20,7 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
         Command::Run(args) => run::run(*args).await,
         Command::Exec(args) => exec::exec(args).await,
         Command::Sandbox(cmd) => sandbox::sandbox(cmd).await,
+        Command::Trust(args) => trust::trust(args),
         Command::Doctor => doctor::doctor().await,
         Command::Pool(cmd) => pool::pool(cmd).await,
         Command::Completions { shell } => {

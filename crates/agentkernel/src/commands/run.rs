@@ -107,10 +107,34 @@ pub fn resolve(args: RunArgs, config: &Config, cwd: &Path) -> Result<(SandboxSpe
         image::validate_reference(&image)?;
     }
 
+    let flag_ports = args
+        .publish
+        .iter()
+        .map(|p| parse::port(p))
+        .collect::<Result<Vec<_>>>()?;
+    let flag_volumes = args
+        .volume
+        .iter()
+        .map(|v| parse::volume(v, cwd))
+        .collect::<Result<Vec<_>>>()?;
+    agentkernel_core::trust::check(
+        config,
+        &agentkernel_core::trust::Flags {
+            profile: args.profile.as_deref().map(str::parse).transpose()?,
+            memory: args.memory.is_some(),
+            cpus: args.cpus.is_some(),
+            timeout: args.timeout.is_some(),
+            volumes: &flag_volumes,
+            ports: &flag_ports,
+        },
+    )?;
+    check_limits_fit_host(args.memory.is_some(), args.cpus.is_some(), &limits)?;
+
+    // A flag repeating the config's port or volume confirms it (see trust::Flags).
     let mut ports = config.ports.clone();
-    for p in &args.publish {
-        ports.push(parse::port(p)?);
-    }
+    ports.retain(|p| !flag_ports.contains(p));
+    ports.extend(flag_ports);
+    parse::reject_duplicate_ports(&ports)?;
     if !ports.is_empty() && !policy.network {
         return Err(Error::Conflict(format!(
             "--publish needs a network, but the sandbox has none ({}); drop --no-network or use --profile moderate",
@@ -129,9 +153,8 @@ pub fn resolve(args: RunArgs, config: &Config, cwd: &Path) -> Result<(SandboxSpe
         env.push((k, v));
     }
     let mut volumes = config.volumes.clone();
-    for v in &args.volume {
-        volumes.push(parse::volume(v, cwd)?);
-    }
+    volumes.retain(|v| !flag_volumes.contains(v));
+    volumes.extend(flag_volumes);
 
     let home = paths::home_dir().and_then(|h| h.canonicalize().ok());
     let workspace = workspace_for(cwd, home.as_deref());
@@ -249,6 +272,57 @@ fn dry_run_json(
         })),
         "pool": use_pool,
     })
+}
+
+/// Explicit limits above what this machine has would be no limit at all (or a
+/// container that cannot start): refuse them, naming the figure.
+fn check_limits_fit_host(memory_flag: bool, cpus_flag: bool, limits: &Limits) -> Result<()> {
+    if let Some(memory) = limits.memory_bytes {
+        let what = if memory_flag {
+            "--memory"
+        } else {
+            "resources.memory"
+        };
+        let physical = host_memory_bytes();
+        if memory > physical {
+            return Err(Error::Conflict(format!(
+                "{what} {}: this machine has {} of memory; give at most that",
+                parse::format_bytes(memory),
+                parse::format_bytes(physical)
+            )));
+        }
+    }
+    if let Some(cpus) = limits.cpus {
+        let what = if cpus_flag {
+            "--cpus"
+        } else {
+            "resources.cpus"
+        };
+        let online = online_cpus();
+        if cpus > online as f64 {
+            return Err(Error::Conflict(format!(
+                "{what} {cpus}: this machine has {online} CPU{}; give at most {online}",
+                if online == 1 { "" } else { "s" }
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn host_memory_bytes() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let (pages, page_size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    (pages.max(0) as u64).saturating_mul(page_size.max(0) as u64)
+}
+
+fn online_cpus() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as u64
 }
 
 /// The current directory at /workspace, except `/` and `$HOME` itself, which
