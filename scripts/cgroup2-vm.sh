@@ -140,6 +140,9 @@ add_module() { # NAME CONFIG_SYMBOL
 }
 add_module overlay OVERLAY_FS
 add_module loop BLK_DEV_LOOP
+# ext4 loads its checksum driver at every mount, crc32c, only a soft
+# dependency (modules.softdep), which insmod does not follow.
+add_module crc32c_generic CRYPTO_CRC32C
 add_module ext4 EXT4_FS
 # mkfs.ext4 formats the disk cap's template (e2fsprogs), with its libraries.
 mkfs=$(command -v mkfs.ext4) || die "no mkfs.ext4 (e2fsprogs) on this host"

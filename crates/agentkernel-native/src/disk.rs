@@ -67,7 +67,11 @@ fn format(path: &Path, bytes: u64) -> Result<()> {
     drop(file);
     // No journal (the layer is thrown away with the sandbox, and a journal
     // would be written on every run), lazily initialised inode tables (they
-    // stay holes: the mount uses `noinit_itable`), no reserved blocks.
+    // stay holes: the mount uses `noinit_itable`), no reserved blocks. Group
+    // descriptors checksummed with uninit_bg's crc16 instead of
+    // metadata_csum's crc32c: ext4 needs crc32c only as a soft module
+    // dependency, which a kernel without modprobe (a minimal VM) never
+    // loads, and the mount then fails with ENOENT.
     let out = Command::new("mkfs.ext4")
         .args([
             "-q",
@@ -75,7 +79,7 @@ fn format(path: &Path, bytes: u64) -> Result<()> {
             "-m",
             "0",
             "-O",
-            "^has_journal,^resize_inode",
+            "^has_journal,^resize_inode,^metadata_csum,uninit_bg",
             "-E",
             "lazy_itable_init=1,nodiscard,root_owner=0:0",
             "-L",
