@@ -17,7 +17,7 @@ timeout_s=${CGROUP2_VM_TIMEOUT:-600}
 registry=http://127.0.0.1:5055
 image=agentkernel-test/busybox:1
 # Every check the VM runs, in order: one missing from the console is a failure.
-checks="vm-setup proc-self-cgroup cgroup-limits memory-oom pids-forkbomb cpu-throttle
+checks="vm-setup proc-self-cgroup cgroup-limits memory-oom disk-cap pids-forkbomb cpu-throttle
         kept-exec kept-stop kept-start kept-remove kill9-gc nothing-left"
 
 die() { echo "cgroup2-vm: $*" >&2; exit 2; }
@@ -114,16 +114,20 @@ printf 'root:x:0:\nnogroup:x:65534:\n' >"$r/etc/group"
 mknod -m 600 "$r/dev/console" c 5 1
 mknod -m 666 "$r/dev/null" c 1 3
 
-# overlay (the sandbox's root) is a module in Debian's kernel: it and its
-# dependencies, decompressed here (busybox insmod reads plain .ko), listed
-# in load order (modules.dep names dependencies last-loaded-first).
+# Kernel modules the sandboxes need that Debian's kernel may build as
+# modules: overlay (the sandbox's root), loop and ext4 (the disk-capped
+# copy-on-write workspace). Each with its dependencies, decompressed here
+# (busybox insmod reads plain .ko), listed in load order (modules.dep names
+# dependencies last-loaded-first; a module already listed is skipped).
 : >"$r/lib/modules/load-order"
-if ! grep -q '^CONFIG_OVERLAY_FS=y' "/boot/config-$kver" 2>/dev/null; then
-  line=$(grep -E '(^|/)overlay\.ko(\.[a-z]+)?:' "$moddir/modules.dep") ||
-    die "no overlay module in $moddir/modules.dep"
+add_module() { # NAME CONFIG_SYMBOL
+  grep -q "^CONFIG_$2=y" "/boot/config-$kver" 2>/dev/null && return 0
+  line=$(grep -E "(^|/)$1\.ko(\.[a-z]+)?:" "$moddir/modules.dep") ||
+    die "no $1 module in $moddir/modules.dep"
   mods=$(echo "${line#*:}" | tr ' ' '\n' | sed '/^$/d' | tac; echo "${line%%:*}")
   for m in $mods; do
     name=$(basename "$m"); name=${name%%.ko*}.ko
+    grep -qx "$name" "$r/lib/modules/load-order" && continue
     case "$m" in
       *.ko) cp "$moddir/$m" "$r/lib/modules/$name" ;;
       *.ko.xz) command -v xz >/dev/null || apt_install xz-utils; xz -dc "$moddir/$m" >"$r/lib/modules/$name" ;;
@@ -133,7 +137,19 @@ if ! grep -q '^CONFIG_OVERLAY_FS=y' "/boot/config-$kver" 2>/dev/null; then
     esac
     echo "$name" >>"$r/lib/modules/load-order"
   done
-fi
+}
+add_module overlay OVERLAY_FS
+add_module loop BLK_DEV_LOOP
+# ext4 loads its checksum driver at every mount, crc32c, only a soft
+# dependency (modules.softdep), which insmod does not follow.
+add_module crc32c_generic CRYPTO_CRC32C
+add_module ext4 EXT4_FS
+# mkfs.ext4 formats the disk cap's template (e2fsprogs), with its libraries.
+mkfs=$(command -v mkfs.ext4) || die "no mkfs.ext4 (e2fsprogs) on this host"
+cp -L "$mkfs" "$r/sbin/mkfs.ext4"
+for lib in $(ldd "$mkfs" 2>/dev/null | grep -o '/[^ ]*'); do
+  cp -L --parents "$lib" "$r/"
+done
 
 # Stage 1. pivot_root(2), which every sandbox does, refuses to move the
 # initramfs's rootfs: copy everything into a tmpfs and switch_root there.
@@ -294,6 +310,11 @@ if [ -z "$problems" ]; then pass cgroup-limits; else fail cgroup-limits "$proble
 run --memory 32m --timeout 120s sh -c 'x=a; while :; do x=$x$x; done'
 if [ $rc = 137 ] && echo "$err" | grep -qi 'out of memory'; then pass memory-oom
 else fail memory-oom "$(show)"; fi
+
+# --- the copy-on-write workspace's disk cap: a loop-mounted ext4 layer
+run --disk 16m sh -c 'err=$(dd if=/dev/zero of=/workspace/big bs=1M count=32 2>&1 >/dev/null); case "$err" in *"No space"*) echo ENOSPC;; *) echo "WROTE $err";; esac'
+if [ $rc = 0 ] && [ "$out" = ENOSPC ] && [ -z "$(ls -A /tmp/proj)" ] && ! grep -q "$AGENTKERNEL_HOME" /sys/block/loop*/loop/backing_file 2>/dev/null; then pass disk-cap
+else fail disk-cap "$(show) proj=[$(ls -A /tmp/proj)] loops=[$(cat /sys/block/loop*/loop/backing_file 2>/dev/null)]"; fi
 
 # --- d: the pids limit contains a fork bomb (restrictive: pids.max 512)
 fork_bomb='for i in $(seq 1 2000); do sleep 30 & done; echo spawned'

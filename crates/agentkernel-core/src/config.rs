@@ -54,6 +54,8 @@ struct ResourcesSection {
     #[serde(alias = "vcpus")]
     cpus: Option<f64>,
     pids: Option<i64>,
+    /// Cap of each writable layer, like `--disk` (e.g. "5g").
+    disk: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -92,6 +94,7 @@ pub struct Config {
     pub memory_bytes: Option<u64>,
     pub cpus: Option<f64>,
     pub pids: Option<i64>,
+    pub disk_bytes: Option<u64>,
     pub network: Option<bool>,
     pub ports: Vec<parse::PortMapping>,
     pub mirrors: Vec<String>,
@@ -233,6 +236,10 @@ impl Config {
                 ));
             }
             self.pids = Some(p);
+        }
+        if let Some(d) = r.disk {
+            self.disk_bytes =
+                Some(parse::byte_size("disk", &d).map_err(|e| val("resources.disk", e))?);
         }
 
         if let Some(enabled) = file.network.enabled {

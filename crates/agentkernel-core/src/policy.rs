@@ -90,7 +90,17 @@ pub struct Limits {
     pub memory_bytes: Option<u64>,
     pub cpus: Option<f64>,
     pub pids: Option<i64>,
+    /// Cap of each writable layer (the root's and the copy-on-write
+    /// workspace's): writes past it fail with ENOSPC inside the sandbox, so a
+    /// command can never fill the host's disk.
+    #[serde(default)]
+    pub disk_bytes: Option<u64>,
 }
+
+/// Default disk cap of the moderate profile.
+pub const MODERATE_DISK_BYTES: u64 = 10 << 30;
+/// Default disk cap of the restrictive profile.
+pub const RESTRICTIVE_DISK_BYTES: u64 = 1 << 30;
 
 /// What a profile (plus overriding flags) resolves to.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -106,6 +116,11 @@ pub struct Policy {
     pub no_new_privileges: bool,
     pub seccomp: Seccomp,
     pub limits: Limits,
+    /// The disk cap came from the user (`--disk` or config), not the
+    /// profile: a backend that cannot enforce it must refuse the run rather
+    /// than drop it with a notice.
+    #[serde(default)]
+    pub disk_from_user: bool,
 }
 
 /// Capabilities the moderate profile removes from the engine's default set.
@@ -125,6 +140,7 @@ impl Policy {
                 no_new_privileges: false,
                 seccomp: Seccomp::EngineDefault,
                 limits: Limits::default(),
+                disk_from_user: false,
             },
             Profile::Moderate => Policy {
                 profile,
@@ -145,7 +161,9 @@ impl Policy {
                     memory_bytes: Some(2 << 30),
                     cpus: Some(2.0),
                     pids: Some(4096),
+                    disk_bytes: Some(MODERATE_DISK_BYTES),
                 },
+                disk_from_user: false,
             },
             Profile::Restrictive => Policy {
                 profile,
@@ -161,7 +179,9 @@ impl Policy {
                     memory_bytes: Some(512 << 20),
                     cpus: Some(1.0),
                     pids: Some(512),
+                    disk_bytes: Some(RESTRICTIVE_DISK_BYTES),
                 },
+                disk_from_user: false,
             },
         }
     }
@@ -181,6 +201,10 @@ impl Policy {
         }
         if limits.pids.is_some() {
             self.limits.pids = limits.pids;
+        }
+        if limits.disk_bytes.is_some() {
+            self.limits.disk_bytes = limits.disk_bytes;
+            self.disk_from_user = true;
         }
         self
     }
@@ -209,6 +233,12 @@ mod tests {
         assert_eq!(r.seccomp, Seccomp::Restrictive);
         assert_eq!(r.workspace, WorkspaceMode::ReadOnly);
         assert_eq!(r.limits.memory_bytes, Some(512 << 20));
+        assert_eq!(r.limits.disk_bytes, Some(1 << 30));
+        assert_eq!(
+            p.limits.disk_bytes, None,
+            "permissive: capped only with --disk"
+        );
+        assert_eq!(m.limits.disk_bytes, Some(10 << 30));
     }
 
     #[test]
@@ -223,11 +253,23 @@ mod tests {
                 memory_bytes: Some(64 << 20),
                 cpus: None,
                 pids: Some(10),
+                disk_bytes: None,
             },
         );
         assert_eq!(m.limits.memory_bytes, Some(64 << 20));
         assert_eq!(m.limits.cpus, Some(2.0));
         assert_eq!(m.limits.pids, Some(10));
+        assert_eq!(m.limits.disk_bytes, Some(MODERATE_DISK_BYTES));
+        assert!(!m.disk_from_user, "the profile's own cap is not the user's");
+        let d = Policy::for_profile(Profile::Permissive).with_overrides(
+            false,
+            Limits {
+                disk_bytes: Some(1 << 30),
+                ..Limits::default()
+            },
+        );
+        assert_eq!(d.limits.disk_bytes, Some(1 << 30));
+        assert!(d.disk_from_user);
     }
 
     #[test]

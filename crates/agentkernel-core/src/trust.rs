@@ -33,6 +33,7 @@ pub struct Flags<'a> {
     pub profile: Option<Profile>,
     pub memory: bool,
     pub cpus: bool,
+    pub disk: bool,
     pub timeout: bool,
     pub volumes: &'a [Volume],
     pub ports: &'a [PortMapping],
@@ -64,6 +65,7 @@ pub fn loosening(project: &ProjectFile, project_dir: &Path, flags: &Flags) -> Ve
             memory_bytes: below.memory_bytes,
             cpus: below.cpus,
             pids: below.pids,
+            disk_bytes: below.disk_bytes,
         },
     );
     let mut found = Vec::new();
@@ -91,6 +93,18 @@ pub fn loosening(project: &ProjectFile, project_dir: &Path, flags: &Flags) -> Ve
     }
     if !flags.cpus && raises(own.cpus, baseline.limits.cpus) {
         found.push(format!("resources.cpus = {}", own.cpus.unwrap_or_default()));
+    }
+    if !flags.disk
+        && raises(
+            own.disk_bytes.map(|d| d as f64),
+            baseline.limits.disk_bytes.map(|d| d as f64),
+        )
+    {
+        let d = own.disk_bytes.unwrap_or_default();
+        found.push(format!(
+            "resources.disk = {}",
+            crate::parse::format_bytes(d)
+        ));
     }
     if raises(
         own.pids.map(|p| p as f64),

@@ -10,6 +10,7 @@
 mod caps;
 pub mod cgroup;
 mod command;
+pub mod disk;
 pub mod gc;
 pub mod host;
 pub mod join;

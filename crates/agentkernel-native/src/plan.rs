@@ -127,6 +127,13 @@ pub struct Plan {
     pub no_new_privileges: bool,
     pub seccomp: SeccompMode,
     pub limits: CgroupLimits,
+    /// Cap of the root's writable tmpfs layer (`--disk`), bytes.
+    #[serde(default)]
+    pub root_layer_bytes: Option<u64>,
+    /// The sparse ext4 image holding the copy-on-write workspaces' writable
+    /// layers, when their disk use is capped (see disk.rs).
+    #[serde(default)]
+    pub workspace_disk: Option<PathBuf>,
     pub tty: bool,
     pub timeout: Option<Duration>,
     /// Set when agentkernel runs without root: the helper first enters a

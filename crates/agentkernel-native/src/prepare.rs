@@ -129,6 +129,40 @@ pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<Plan
             .collect(),
         Capabilities::None => Vec::new(),
     };
+    // The disk cap of a copy-on-write workspace needs a loop-mounted
+    // filesystem (disk.rs), which a user namespace cannot mount. Its
+    // template is formatted (once per size) before anything is reserved.
+    let has_cow_workspace = mounts
+        .iter()
+        .any(|m| matches!(m.kind, MountKind::CopyOnWrite));
+    let mut notice = notice;
+    if let (Some(bytes), Some(_), true) =
+        (spec.policy.limits.disk_bytes, rootless, has_cow_workspace)
+    {
+        if spec.policy.disk_from_user {
+            return Err(Error::not_supported_hint(
+                "--disk for the copy-on-write workspace of a rootless native sandbox (the cap needs a loop-mounted filesystem)",
+                "run agentkernel as root, or use --profile restrictive (read-only workspace)",
+            ));
+        }
+        let cap = format!(
+            "disk cap ({}) covers the root filesystem but not the copy-on-write workspace, which needs root for it",
+            agentkernel_core::parse::format_bytes(bytes)
+        );
+        notice = Some(match notice {
+            Some(n) => format!("{n}; its {cap}"),
+            None => format!(
+                "agentkernel: rootless: the {} profile's {cap}",
+                spec.policy.profile.as_str()
+            ),
+        });
+    }
+    let disk_template = match (spec.policy.limits.disk_bytes, rootless) {
+        (Some(bytes), None) if has_cow_workspace => {
+            Some((crate::disk::template(store.root(), bytes)?, bytes))
+        }
+        _ => None,
+    };
     let keep = match &spec.keep {
         Some(k) => {
             // The atomic name reservation: a clash is an error naming the fix.
@@ -163,6 +197,22 @@ pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<Plan
     let mkdir = |p: PathBuf| std::fs::create_dir(&p).map_err(|e| Error::state(p, e));
     // The mount point of the root's tmpfs layer (see rootfs.rs).
     mkdir(scratch.join("layer"))?;
+    let workspace_disk = match disk_template {
+        Some((template, bytes)) => {
+            match crate::disk::create_workspace_image(&template, &scratch, bytes) {
+                Ok(image) => Some(image),
+                Err(e) => {
+                    // Nothing left behind: the scratch dir and the name.
+                    let _ = std::fs::remove_dir_all(&scratch);
+                    if let Some(k) = &keep {
+                        let _ = store.forget(&k.name);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        None => None,
+    };
     if let Some(notice) = notice {
         eprintln!("{notice}");
     }
@@ -206,6 +256,8 @@ pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<Plan
             cpus: limits.cpus,
             pids: limits.pids,
         },
+        root_layer_bytes: spec.policy.limits.disk_bytes,
+        workspace_disk,
         tty: spec.exec.tty,
         timeout: spec.exec.timeout,
         rootless,

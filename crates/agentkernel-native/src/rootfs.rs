@@ -95,6 +95,9 @@ pub fn build(plan: &Plan) -> io::Result<()> {
         )?;
     }
 
+    if let Some(image) = &plan.workspace_disk {
+        crate::disk::mount_workspace_image(image, &plan.scratch.join(crate::disk::MOUNT_NAME))?;
+    }
     for (i, m) in plan.mounts.iter().enumerate() {
         mount_user_path(plan, &root, i, m)?;
     }
@@ -156,12 +159,18 @@ pub fn enter(plan: &Plan) -> io::Result<()> {
 /// lower layer: an upper directory beneath it would overlap it.
 fn mount_overlay_root(plan: &Plan, root: &str) -> io::Result<()> {
     let layer = plan.scratch.join("layer");
+    // Without a cap tmpfs takes at most half the RAM; the memory cgroup
+    // bounds it further either way.
+    let options = match plan.root_layer_bytes {
+        Some(bytes) => format!("mode=755,size={bytes}"),
+        None => "mode=755".to_string(),
+    };
     mount(
         "tmpfs",
         &layer.to_string_lossy(),
         "tmpfs",
         libc::MS_NOSUID | libc::MS_NODEV,
-        Some("mode=755"),
+        Some(&options),
     )?;
     let upper = layer.join("upper");
     let work = layer.join("work");
@@ -374,9 +383,14 @@ fn mount_user_path(
         }
         MountKind::CopyOnWrite => {
             // Flat in the scratch dir: each directory costs a create and a
-            // delete on the host's disk per run.
-            let upper = plan.scratch.join(format!("cow{index}-upper"));
-            let work = plan.scratch.join(format!("cow{index}-work"));
+            // delete on the host's disk per run. With a disk cap, in the
+            // capped filesystem mounted there (see disk.rs).
+            let layers = match plan.workspace_disk {
+                Some(_) => plan.scratch.join(crate::disk::MOUNT_NAME),
+                None => plan.scratch.clone(),
+            };
+            let upper = layers.join(format!("cow{index}-upper"));
+            let work = layers.join(format!("cow{index}-work"));
             for dir in [&upper, &work] {
                 std::fs::create_dir(dir)
                     .map_err(context(format_args!("create {}", dir.display())))?;

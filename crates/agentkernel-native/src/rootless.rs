@@ -106,6 +106,7 @@ pub fn enforceable_limits(policy: &Policy) -> Result<(Limits, Option<String>)> {
             memory_bytes: None,
             cpus: None,
             pids: limits.pids,
+            disk_bytes: limits.disk_bytes,
         },
         notice,
     ))

@@ -153,6 +153,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "CPUS")]
     pub cpus: Option<String>,
 
+    /// Cap of each writable layer (root filesystem, copy-on-write workspace), e.g. 1g; writes past it fail with "No space left on device". Overrides the profile's (moderate 10g, restrictive 1g)
+    #[arg(long, value_name = "SIZE")]
+    pub disk: Option<String>,
+
     /// Kill the command and everything it started after this long (exit 124)
     #[arg(long, value_name = "DURATION")]
     pub timeout: Option<String>,

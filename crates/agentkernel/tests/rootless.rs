@@ -256,8 +256,10 @@ fn rootless_what_it_cannot_enforce_is_refused() {
     // (flags, image): limits it cannot enforce, ports it cannot publish, and
     // an image user that does not exist in a one-user namespace.
     // The last field is what the one line must name.
-    let refused: [(&[&str], &str, &str); 4] = [
+    let refused: [(&[&str], &str, &str); 5] = [
         (&["--no-network", "--memory", "256m"], BUSYBOX, "memory"),
+        // The copy-on-write workspace's cap needs a loop mount.
+        (&["--no-network", "--disk", "64m"], BUSYBOX, "--disk"),
         (&["--no-network", "--cpus", "0.5"], BUSYBOX, "cpu"),
         (&["-P", "127.0.0.1:18080:8080"], BUSYBOX, "-P"),
         (&["--no-network"], NOBODY, "user nobody"),

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use agentkernel_core::config::Config;
 use agentkernel_core::image::{self, ImageSource};
-use agentkernel_core::policy::{Limits, Policy};
+use agentkernel_core::policy::{Limits, Policy, WorkspaceMode};
 use agentkernel_core::spec::{
     ExecRequest, Keep, PullPolicy, SandboxSpec, Workspace, WORKSPACE_PATH,
 };
@@ -45,6 +45,7 @@ pub async fn run(args: RunArgs) -> Result<i32> {
     if backend == backend::BackendKind::Native {
         return super::native::run(&spec, &config, &store).await;
     }
+    refuse_uncappable_disk(&spec, backend)?;
     let engine = backend::connect(backend)?;
     let outcome = if spec.keep.is_some() {
         kept::run(&engine, &spec, &store).await?
@@ -64,6 +65,24 @@ pub async fn run(args: RunArgs) -> Result<i32> {
     ))
 }
 
+/// Docker and Podman cannot cap a container's writable layer on common
+/// storage set-ups (overlay2 needs XFS with project quotas), nor the
+/// copy-on-write workspace's upper layer: an explicit `--disk` they would
+/// ignore is refused. Under restrictive every writable place is a sized tmpfs,
+/// so the cap holds there. (The profiles' own defaults are documented as not
+/// enforced on these backends.)
+fn refuse_uncappable_disk(spec: &SandboxSpec, backend: backend::BackendKind) -> Result<()> {
+    let policy = &spec.policy;
+    let writable_layers = !policy.read_only_root || policy.workspace == WorkspaceMode::CopyOnWrite;
+    if policy.disk_from_user && writable_layers {
+        return Err(Error::not_supported_hint(
+            format!("--disk on the {} backend (the engine cannot cap a container's writable layers here)", backend.name()),
+            "use the native backend (-B native), or --profile restrictive, whose writable places are size-capped tmpfs",
+        ));
+    }
+    Ok(())
+}
+
 /// Turns flags and config into a spec, rejecting every invalid or
 /// not-yet-supported combination before anything is created.
 pub fn resolve(args: RunArgs, config: &Config, cwd: &Path) -> Result<(SandboxSpec, ImageSource)> {
@@ -80,10 +99,16 @@ pub fn resolve(args: RunArgs, config: &Config, cwd: &Path) -> Result<(SandboxSpe
         .map(|m| parse::byte_size("--memory", m))
         .transpose()?;
     let cpus = args.cpus.as_deref().map(parse::cpus).transpose()?;
+    let disk = args
+        .disk
+        .as_deref()
+        .map(|d| parse::byte_size("--disk", d))
+        .transpose()?;
     let limits = Limits {
         memory_bytes: memory.or(config.memory_bytes),
         cpus: cpus.or(config.cpus),
         pids: config.pids,
+        disk_bytes: disk.or(config.disk_bytes),
     };
     let no_network = args.no_network || config.network == Some(false);
     let mut policy = Policy::for_profile(profile).with_overrides(no_network, limits);
@@ -123,6 +148,7 @@ pub fn resolve(args: RunArgs, config: &Config, cwd: &Path) -> Result<(SandboxSpe
             profile: args.profile.as_deref().map(str::parse).transpose()?,
             memory: args.memory.is_some(),
             cpus: args.cpus.is_some(),
+            disk: args.disk.is_some(),
             timeout: args.timeout.is_some(),
             volumes: &flag_volumes,
             ports: &flag_ports,

@@ -1,0 +1,280 @@
+//! The disk cap of the copy-on-write workspace (`--disk`).
+//!
+//! The workspace's writable layer is on disk (builds write a lot there, too
+//! much to charge to the sandbox's memory as the root's tmpfs layer is). A
+//! plain directory on the host's filesystem has no size limit that works
+//! everywhere: project quotas need XFS or an ext4 built with them, and a
+//! kernel with quota support. So the layer lives in a file of its own: a
+//! sparse ext4 image of exactly the cap, loop-mounted inside the sandbox's
+//! private mount namespace. Writes past the cap fail with ENOSPC in the
+//! sandbox; the host file can never grow beyond the cap.
+//!
+//! Cost per run: the image is a sparse copy of a template formatted once per
+//! size (`<state>/disk-templates/`, a few hundred KiB of metadata), then one
+//! loop device and one mount. The loop device is configured with
+//! `LO_FLAGS_AUTOCLEAR`: it detaches itself when the mount namespace — and
+//! with it the last reference — goes away, even after a `kill -9`; the image
+//! file goes with the scratch directory.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use agentkernel_core::{Error, Result};
+
+use crate::sys::context;
+
+/// Name of the workspace image inside a sandbox's scratch directory.
+pub const IMAGE_NAME: &str = "workspace.ext4";
+/// Where the image is mounted inside the scratch directory (in the sandbox's
+/// mount namespace only).
+pub const MOUNT_NAME: &str = "workspace-disk";
+
+/// Creates `<scratch>/workspace.ext4`, an empty ext4 filesystem of `bytes`
+/// copied from `template`, and the directory it is mounted on.
+pub fn create_workspace_image(template: &Path, scratch: &Path, bytes: u64) -> Result<PathBuf> {
+    let image = scratch.join(IMAGE_NAME);
+    sparse_copy(template, &image, bytes).map_err(|e| Error::state(&image, e))?;
+    let mount_point = scratch.join(MOUNT_NAME);
+    std::fs::create_dir(&mount_point).map_err(|e| Error::state(&mount_point, e))?;
+    Ok(image)
+}
+
+/// The formatted, empty template of this size, made once per state directory.
+pub fn template(state_root: &Path, bytes: u64) -> Result<PathBuf> {
+    let dir = state_root.join("disk-templates");
+    let path = dir.join(format!("ext4-{bytes}"));
+    if path.exists() {
+        return Ok(path);
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| Error::state(&dir, e))?;
+    // Formatted under a temporary name and renamed: concurrent first runs
+    // each format their own and the last rename wins, never a half file.
+    let tmp = dir.join(format!(".ext4-{bytes}.{}", std::process::id()));
+    let result = format(&tmp, bytes)
+        .and_then(|()| std::fs::rename(&tmp, &path).map_err(|e| Error::state(&path, e)));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map(|()| path)
+}
+
+fn format(path: &Path, bytes: u64) -> Result<()> {
+    let file = File::create(path).map_err(|e| Error::state(path, e))?;
+    file.set_len(bytes).map_err(|e| Error::state(path, e))?;
+    drop(file);
+    // No journal (the layer is thrown away with the sandbox, and a journal
+    // would be written on every run), lazily initialised inode tables (they
+    // stay holes: the mount uses `noinit_itable`), no reserved blocks. Group
+    // descriptors checksummed with uninit_bg's crc16 instead of
+    // metadata_csum's crc32c: ext4 needs crc32c only as a soft module
+    // dependency, which a kernel without modprobe (a minimal VM) never
+    // loads, and the mount then fails with ENOENT.
+    let out = Command::new("mkfs.ext4")
+        .args([
+            "-q",
+            "-F",
+            "-m",
+            "0",
+            "-O",
+            "^has_journal,^resize_inode,^metadata_csum,uninit_bg",
+            "-E",
+            "lazy_itable_init=1,nodiscard,root_owner=0:0",
+            "-L",
+            "agentkernel-ws",
+        ])
+        .arg(path)
+        .stdin(Stdio::null())
+        .output();
+    match out {
+        Ok(o) if o.status.success() => Ok(()),
+        Ok(o) => Err(Error::Backend {
+            backend: "native",
+            message: format!(
+                "mkfs.ext4 failed to format the workspace's disk-capped layer: {}; check that e2fsprogs works, or run without a cap: --disk is needed for the copy-on-write workspace",
+                String::from_utf8_lossy(&o.stderr).trim().replace('\n', " ")
+            ),
+        }),
+        Err(e) => Err(Error::Backend {
+            backend: "native",
+            message: format!(
+                "cannot run mkfs.ext4 ({e}) to cap the copy-on-write workspace's disk use; install e2fsprogs"
+            ),
+        }),
+    }
+}
+
+/// Copies `from` to a new file `to` of `len` bytes, copying only the data
+/// extents (SEEK_DATA/SEEK_HOLE): the holes stay holes.
+fn sparse_copy(from: &Path, to: &Path, len: u64) -> io::Result<()> {
+    let src = File::open(from)?;
+    let dst = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(to)?;
+    dst.set_len(len)?;
+    let (s, d) = (src.as_raw_fd(), dst.as_raw_fd());
+    let mut offset: libc::off_t = 0;
+    loop {
+        // SAFETY: plain lseek on an fd we own.
+        let data = unsafe { libc::lseek(s, offset, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                return Ok(()); // no data past `offset`
+            }
+            return Err(e);
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(s, data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let (mut from_off, mut to_off) = (data, data);
+        let mut left = (hole - data) as usize;
+        while left > 0 {
+            // SAFETY: offsets point to locals; the fds are ours.
+            let n = unsafe { libc::copy_file_range(s, &mut from_off, d, &mut to_off, left, 0) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if n == 0 {
+                break;
+            }
+            left -= n as usize;
+        }
+        offset = hole;
+    }
+}
+
+// From <linux/loop.h>: the kernel ABI, stable since Linux 5.8 for
+// LOOP_CONFIGURE (older kernels: LOOP_SET_FD + LOOP_SET_STATUS64).
+const LOOP_SET_FD: libc::c_ulong = 0x4C00;
+const LOOP_SET_STATUS64: libc::c_ulong = 0x4C04;
+const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
+const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
+const LO_FLAGS_AUTOCLEAR: u32 = 4;
+
+#[repr(C)]
+#[derive(Default)]
+struct LoopInfo64 {
+    device: u64,
+    inode: u64,
+    rdevice: u64,
+    offset: u64,
+    size_limit: u64,
+    number: u32,
+    encrypt_type: u32,
+    encrypt_key_size: u32,
+    flags: u32,
+    file_name: [[u8; 32]; 2],
+    crypt_name: [[u8; 32]; 2],
+    encrypt_key: [u8; 32],
+    init: [u64; 2],
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct LoopConfig {
+    fd: u32,
+    block_size: u32,
+    info: LoopInfo64,
+    reserved: [u64; 8],
+}
+
+/// Attaches `image` to a free loop device (auto-clearing) and mounts it on
+/// `target`. Runs in the sandbox's init, inside its private mount namespace,
+/// so the host never sees the mount.
+pub fn mount_workspace_image(image: &Path, target: &Path) -> io::Result<()> {
+    let backing = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(image)
+        .map_err(context(format_args!("open {}", image.display())))?;
+    let control = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/loop-control")
+        .map_err(context(
+            "open /dev/loop-control (the disk cap of the copy-on-write workspace needs loop devices; `modprobe loop`)",
+        ))?;
+    // Another process may take the free device between the two calls:
+    // configuring it then fails with EBUSY, and we ask again.
+    for _ in 0..64 {
+        // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a number.
+        let n = unsafe { libc::ioctl(control.as_raw_fd(), LOOP_CTL_GET_FREE as _) };
+        if n < 0 {
+            return Err(context("find a free loop device")(
+                io::Error::last_os_error(),
+            ));
+        }
+        let dev = format!("/dev/loop{n}");
+        let loop_fd = match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&dev)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(context(format_args!("open {dev}"))(e)),
+        };
+        match configure(&loop_fd, &backing) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => continue,
+            Err(e) => return Err(context(format_args!("attach {dev}"))(e)),
+        }
+        // `noinit_itable`: the template's inode tables are holes; without it
+        // the kernel would zero them in the background, on the host's disk.
+        let mounted = crate::sys::mount(
+            &dev,
+            &target.to_string_lossy(),
+            "ext4",
+            libc::MS_NOSUID | libc::MS_NODEV,
+            Some("noinit_itable"),
+        );
+        // The mount holds the device now; closing ours lets AUTOCLEAR free it
+        // when the mount goes (or right away if the mount failed).
+        drop(loop_fd);
+        return mounted;
+    }
+    Err(io::Error::new(
+        io::ErrorKind::ResourceBusy,
+        "no free loop device for the workspace's disk cap after 64 tries",
+    ))
+}
+
+fn configure(loop_dev: &File, backing: &File) -> io::Result<()> {
+    let config = LoopConfig {
+        fd: backing.as_raw_fd() as u32,
+        info: LoopInfo64 {
+            flags: LO_FLAGS_AUTOCLEAR,
+            ..LoopInfo64::default()
+        },
+        ..LoopConfig::default()
+    };
+    // SAFETY: LOOP_CONFIGURE reads a `struct loop_config` we own.
+    let rc = unsafe { libc::ioctl(loop_dev.as_raw_fd(), LOOP_CONFIGURE as _, &config) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() != Some(libc::EINVAL) && e.raw_os_error() != Some(libc::ENOTTY) {
+        return Err(e);
+    }
+    // Before Linux 5.8: attach, then set the flags.
+    // SAFETY: LOOP_SET_FD takes the backing fd as its argument.
+    if unsafe { libc::ioctl(loop_dev.as_raw_fd(), LOOP_SET_FD as _, backing.as_raw_fd()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: LOOP_SET_STATUS64 reads a `struct loop_info64` we own.
+    if unsafe { libc::ioctl(loop_dev.as_raw_fd(), LOOP_SET_STATUS64 as _, &config.info) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+// The kernel's sizes: struct loop_info64 is 232 bytes, struct loop_config 304.
+const _: () = assert!(std::mem::size_of::<LoopInfo64>() == 232);
+const _: () = assert!(std::mem::size_of::<LoopConfig>() == 304);

@@ -1,0 +1,214 @@
+//! The disk cap of writable layers (`--disk`, the profiles' defaults): a
+//! command that writes past it gets "No space left on device" inside, and
+//! the host's disk never holds more than the cap for it.
+
+mod common;
+
+use common::*;
+
+/// Writes `mib` MiB of zeros to `path` in the sandbox and prints ENOSPC if
+/// the write stopped at a full filesystem, else what happened. (dd's message
+/// is kept in a variable: once the root layer is full, no file can hold it.)
+fn fill(path: &str, mib: u32) -> String {
+    format!(
+        "err=$(dd if=/dev/zero of={path} bs=1M count={mib} 2>&1 >/dev/null); \
+         case \"$err\" in *'No space'*) echo ENOSPC;; *) echo \"WROTE $err\";; esac"
+    )
+}
+
+/// The restrictive profile's only writable place, `/tmp`, is a sized tmpfs
+/// on every backend.
+#[test]
+fn restrictive_tmp_is_capped_everywhere() {
+    let env = TestEnv::new();
+    let out = env.run(&[
+        "run",
+        "-p",
+        "restrictive",
+        "-i",
+        BUSYBOX,
+        "sh",
+        "-c",
+        "dd if=/dev/zero of=/tmp/big bs=1M count=100 2>&1 | grep -c 'No space'",
+    ]);
+    assert_code(&out, 0);
+    assert_eq!(stdout(&out).trim(), "1", "{}", stderr(&out));
+}
+
+mod engine_only {
+    use super::*;
+
+    /// Docker and Podman cannot cap a container's writable layer here: an
+    /// explicit `--disk` they would silently ignore is refused up front.
+    #[test]
+    fn an_explicit_disk_cap_the_engine_cannot_enforce_is_refused() {
+        assert!(!is_native(), "engine-only test run on native");
+        let env = TestEnv::new();
+        let out = env.run(&["run", "--disk", "1g", "-i", BUSYBOX, "true"]);
+        let line = assert_one_line_error(&out);
+        assert!(
+            line.contains("--disk") && line.contains("-B native"),
+            "{line}"
+        );
+        assert!(env.leftover_runs().is_empty(), "scratch left behind");
+        assert!(
+            env.labelled_containers(None).is_empty(),
+            "container left behind"
+        );
+    }
+}
+
+mod native_only {
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+
+    fn native() -> TestEnv {
+        assert!(is_native(), "native-only test run on {}", backend());
+        TestEnv::new()
+    }
+
+    /// Loop devices backed by a file under `dir` (the workspace images).
+    fn loop_devices_under(dir: &std::path::Path) -> Vec<String> {
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir("/sys/block").unwrap().flatten() {
+            let backing = entry.path().join("loop/backing_file");
+            if let Ok(file) = std::fs::read_to_string(&backing) {
+                if file.trim().starts_with(&*dir.to_string_lossy()) {
+                    found.push(format!(
+                        "{}: {}",
+                        entry.file_name().to_string_lossy(),
+                        file.trim()
+                    ));
+                }
+            }
+        }
+        found
+    }
+
+    #[test]
+    fn writes_past_the_cap_fail_in_the_workspace_and_the_root() {
+        let env = native();
+        std::fs::write(env.project_dir().join("kept.txt"), "host copy\n").unwrap();
+        let script = format!(
+            "{}; {}; cat /workspace/kept.txt",
+            fill("/workspace/big", 64),
+            fill("/big", 64)
+        );
+        let out = env.run(&["run", "--disk", "32m", "-i", BUSYBOX, "sh", "-c", &script]);
+        assert_code(&out, 0);
+        assert_eq!(
+            stdout(&out),
+            "ENOSPC\nENOSPC\nhost copy\n",
+            "both writable layers must stop at 32 MiB: {}",
+            stderr(&out)
+        );
+        // The host copy never changed, nothing was added to it.
+        let names: Vec<_> = std::fs::read_dir(env.project_dir())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("kept.txt")]);
+        assert!(env.leftover_runs().is_empty(), "scratch left behind");
+        assert!(
+            loop_devices_under(env.state_dir()).is_empty(),
+            "loop device left attached"
+        );
+    }
+
+    /// Without `--disk` the profile's cap applies: what the sandbox sees as
+    /// the size of `/` and `/workspace` is the moderate profile's 10 GiB, not
+    /// the host's disk.
+    #[test]
+    fn the_moderate_profile_caps_both_layers_at_10_gib() {
+        let env = native();
+        let out = env.run(&[
+            "run",
+            "-i",
+            BUSYBOX,
+            "sh",
+            "-c",
+            "df -k / | tail -1 | awk '{print $2}'; df -k /workspace | tail -1 | awk '{print $2}'",
+        ]);
+        assert_code(&out, 0);
+        let sizes: Vec<u64> = stdout(&out)
+            .lines()
+            .map(|l| l.trim().parse().unwrap())
+            .collect();
+        let gib = 1024 * 1024; // in KiB
+        for size in &sizes {
+            assert!(
+                (9 * gib..=10 * gib).contains(size),
+                "a writable layer of {size} KiB, expected ~10 GiB: {sizes:?}"
+            );
+        }
+        assert_eq!(sizes.len(), 2);
+    }
+
+    /// The host file behind a kept sandbox's workspace layer never grows past
+    /// the cap, however much the sandbox writes; the cap outlives each exec.
+    #[test]
+    fn a_kept_sandbox_cannot_grow_its_layer_on_the_host_past_the_cap() {
+        let env = native();
+        let name = unique_name("disk");
+        let out = env.run(&[
+            "run", "--name", &name, "--disk", "24m", "-i", BUSYBOX, "true",
+        ]);
+        assert_code(&out, 0);
+        for round in 0..2 {
+            let out = env.run(&[
+                "exec",
+                &name,
+                "--",
+                "sh",
+                "-c",
+                &fill(&format!("/workspace/fill{round}"), 48),
+            ]);
+            assert_code(&out, 0);
+            assert_eq!(stdout(&out), "ENOSPC\n", "round {round}: {}", stderr(&out));
+        }
+        let image = env
+            .state_dir()
+            .join("sandboxes")
+            .join(&name)
+            .join("scratch/workspace.ext4");
+        let meta = std::fs::metadata(&image).unwrap();
+        assert!(
+            meta.blocks() * 512 <= 25 << 20,
+            "the layer takes {} bytes on the host, past the 24 MiB cap",
+            meta.blocks() * 512
+        );
+        let out = env.run(&["sandbox", "remove", &name]);
+        assert_code(&out, 0);
+        assert!(!image.exists(), "the layer outlived the sandbox");
+        poll_until(
+            std::time::Duration::from_secs(5),
+            "loop device released",
+            || loop_devices_under(env.state_dir()).is_empty(),
+        );
+    }
+
+    /// kill -9 of the run: the loop device detaches itself with the
+    /// sandbox's mount namespace, and gc removes the image with the scratch.
+    #[test]
+    fn a_killed_run_leaves_no_loop_device() {
+        let env = native();
+        let mut run = env.spawn(&["run", "--disk", "16m", "-i", BUSYBOX, "sleep", "60"]);
+        poll_until(
+            std::time::Duration::from_secs(20),
+            "the workspace layer is mounted",
+            || !loop_devices_under(env.state_dir()).is_empty(),
+        );
+        run.signal(libc::SIGKILL);
+        let _ = run.child().wait();
+        poll_until(
+            std::time::Duration::from_secs(10),
+            "loop device released",
+            || loop_devices_under(env.state_dir()).is_empty(),
+        );
+        let out = env.run(&["sandbox", "gc"]);
+        assert_code(&out, 0);
+        assert!(env.leftover_runs().is_empty(), "scratch left after gc");
+    }
+}
