@@ -216,7 +216,16 @@ pub fn container_body(
     let host_config = HostConfig {
         init: Some(true),
         auto_remove: Some(shape.auto_remove),
-        network_mode: Some(if policy.network { "bridge" } else { "none" }.to_string()),
+        // agentkernel's own network (`network.rs`), resolved to its ID when
+        // the container is created.
+        network_mode: Some(
+            if policy.network {
+                crate::network::NAME
+            } else {
+                "none"
+            }
+            .to_string(),
+        ),
         readonly_rootfs: Some(policy.read_only_root),
         tmpfs,
         mounts: Some(mounts),

@@ -102,6 +102,9 @@ fn key_of(engine: &Engine, warm: &SandboxSpec) -> String {
         "workspace": warm.workspace,
         "home": warm.home,
         "volumes": warm.volumes,
+        // Warm containers made before sandboxes had a network of their own
+        // sit on the engine's default bridge: never hand those out.
+        "network": crate::network::NAME,
     });
     format!(
         "{:016x}",
