@@ -32,6 +32,10 @@ pub const DOCKER_BRIDGE: &str = "ak-docker0";
 /// Docker only: the network's subnet (the native backend's is
 /// 10.209.0.0/16).
 pub const DOCKER_SUBNET: &str = "10.208.0.0/16";
+/// How long a run that lost the race to create the network waits for the
+/// winner's to appear: 40 × 50 ms.
+const VISIBLE_TRIES: u32 = 40;
+const VISIBLE_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Returns the network's ID, creating it first if it does not exist.
 /// Safe when many processes call it at once. Refuses a Docker bridge that
@@ -75,18 +79,21 @@ async fn ensure_exists(engine: &Engine) -> Result<String, Error> {
         // Podman: "already used"): the look-up below finds theirs.
         Err(_) => {}
     }
-    match find(engine).await? {
-        Some(id) => Ok(id),
-        None => {
-            let why = match created {
-                Err(e) => message_of(&e),
-                Ok(_) => "the engine returned no network ID".into(),
-            };
-            Err(engine.failure(format!(
-                "cannot create agentkernel's network {NAME:?} ({why}); if another network uses {DOCKER_SUBNET}, remove it, or run with --no-network"
-            )))
+    // The winner's network becomes visible by name a moment after its
+    // address pool is taken (which is what failed us): give it that moment.
+    for _ in 0..VISIBLE_TRIES {
+        if let Some(id) = find(engine).await? {
+            return Ok(id);
         }
+        tokio::time::sleep(VISIBLE_WAIT).await;
     }
+    let why = match created {
+        Err(e) => message_of(&e),
+        Ok(_) => "the engine returned no network ID".into(),
+    };
+    Err(engine.failure(format!(
+        "cannot create agentkernel's network {NAME:?} ({why}); if another network uses {DOCKER_SUBNET}, remove it, or run with --no-network"
+    )))
 }
 
 async fn find(engine: &Engine) -> Result<Option<String>, Error> {
