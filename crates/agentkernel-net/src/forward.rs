@@ -31,6 +31,8 @@ const UDP_IDLE: Duration = Duration::from_secs(60);
 /// `shutdown` is the fast path; this bounds it if the kernel ignores one).
 const UDP_POLL: Duration = Duration::from_millis(500);
 const UDP_MAX: usize = 65_535;
+/// Pause after a failed `accept` (out of descriptors, say) before the next.
+const ACCEPT_RETRY: Duration = Duration::from_millis(20);
 
 /// A published port's socket, bound on the host.
 pub enum Held {
@@ -171,7 +173,11 @@ fn accept_loop(listener: &TcpListener, target: SocketAddr, shared: &Arc<Shared>)
     while !shared.stopping() {
         let Ok((client, _)) = listener.accept() else {
             // Woken by stop, or a transient error (EMFILE, aborted
-            // handshake): look at the flag again.
+            // handshake): look at the flag again, without spinning on an
+            // error that persists.
+            if !shared.stopping() {
+                std::thread::sleep(ACCEPT_RETRY);
+            }
             continue;
         };
         let shared = shared.clone();
@@ -248,6 +254,10 @@ fn udp_loop(socket: &UdpSocket, target: SocketAddr, shared: &Arc<Shared>) {
         let Ok((n, client)) = socket.recv_from(&mut buf) else {
             continue;
         };
+        if shared.stopping() {
+            // Woken by stop's shutdown: what was "received" is nothing.
+            break;
+        }
         let known = lock(&peers).get(&client).and_then(|u| u.try_clone().ok());
         let upstream = match known {
             Some(u) => u,
