@@ -165,11 +165,21 @@ pub fn container_body(
         mounts.push(bind(path_str(ctl)?, CONTROL_MOUNT, true));
     }
 
-    let (cap_add, cap_drop) = match &policy.capabilities {
+    let (cap_add, mut cap_drop) = match &policy.capabilities {
         Capabilities::EngineDefault => (None, None),
         Capabilities::DefaultWithout(caps) => (None, Some(caps.clone())),
         Capabilities::None => (None, Some(vec!["ALL".to_string()])),
     };
+    // netavark turns route_localnet on for its bridge when a port is
+    // published on 127.0.0.1, and then a raw packet to 127.0.0.1 would reach
+    // the host's loopback services (CVE-2020-8558). Podman's default set has
+    // no NET_RAW; make sure a host's containers.conf cannot add it back.
+    if flavor == Flavor::Podman && policy.network {
+        let drop = cap_drop.get_or_insert_with(Vec::new);
+        if !drop.iter().any(|c| c == "ALL" || c == "NET_RAW") {
+            drop.push("NET_RAW".to_string());
+        }
+    }
     let mut security_opt = Vec::new();
     if policy.no_new_privileges {
         security_opt.push("no-new-privileges:true".to_string());
@@ -216,7 +226,16 @@ pub fn container_body(
     let host_config = HostConfig {
         init: Some(true),
         auto_remove: Some(shape.auto_remove),
-        network_mode: Some(if policy.network { "bridge" } else { "none" }.to_string()),
+        // agentkernel's own network (`network.rs`), resolved to its ID when
+        // the container is created.
+        network_mode: Some(
+            if policy.network {
+                crate::network::NAME
+            } else {
+                "none"
+            }
+            .to_string(),
+        ),
         readonly_rootfs: Some(policy.read_only_root),
         tmpfs,
         mounts: Some(mounts),

@@ -7,6 +7,7 @@
 //! - [`podman`]: finding or starting a Podman API socket
 //! - [`labels`]: the `agentkernel.*` labels that mark what we own
 //! - [`create`]: spec → container create body (policy enforcement lives here)
+//! - [`network`]: agentkernel's own engine network (no traffic between sandboxes)
 //! - [`seccomp`]: the restrictive profile's filter
 //! - [`pull`]: making sure the image is present
 //! - [`stdio`]: streaming stdin/stdout/stderr, TTY, signals, resize
@@ -28,6 +29,7 @@ pub mod gc;
 pub mod handoff;
 pub mod kept;
 pub mod labels;
+pub mod network;
 pub mod oneshot;
 pub mod podman;
 pub mod pool;

@@ -104,6 +104,9 @@ fn key_of(engine: &Engine, warm: &SandboxSpec) -> String {
         "volumes": warm.volumes,
         // Warm containers made before every profile carried our filter had the engine's.
         "seccomp": crate::seccomp::profile(warm.policy.seccomp == agentkernel_core::policy::Seccomp::Restrictive),
+        // Warm containers made before sandboxes had a network of their own
+        // sit on the engine's default bridge: never hand those out.
+        "network": crate::network::NAME,
     });
     format!(
         "{:016x}",

@@ -16,14 +16,23 @@ use crate::Engine;
 /// when the engine reports it missing. Trying the create first saves an image
 /// inspection round-trip on every run with a cached image. `engine_error`
 /// maps the engine's refusals (a name conflict means different things to callers).
+/// A container on agentkernel's network gets the network created if needed.
 pub async fn create_container(
     engine: &Engine,
     image: &str,
     policy: PullPolicy,
     name: &str,
-    body: ContainerCreateBody,
+    mut body: ContainerCreateBody,
     engine_error: impl Fn(bollard::errors::Error) -> Error,
 ) -> Result<String, Error> {
+    if let Some(mode) = body
+        .host_config
+        .as_mut()
+        .and_then(|h| h.network_mode.as_mut())
+        .filter(|m| *m == crate::network::NAME)
+    {
+        *mode = crate::network::ensure(engine).await?;
+    }
     if policy == PullPolicy::Always {
         ensure_image(engine, image, policy).await?;
     }

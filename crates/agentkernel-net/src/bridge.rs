@@ -11,8 +11,12 @@ use crate::NetConfig;
 /// Makes sure the bridge exists, carries the gateway address and is up;
 /// returns its ifindex. Safe against a concurrent caller doing the same:
 /// `EEXIST` from either creation or address means the other one won.
-/// Also enables IPv4 forwarding and `route_localnet` on the bridge (needed to
-/// DNAT `127.0.0.1` to a sandbox).
+/// Also enables IPv4 forwarding, and makes sure the bridge neither routes
+/// loopback addresses (`route_localnet=0`: earlier versions set it, and with
+/// it a packet to `127.0.0.1` from a sandbox reached the host's loopback
+/// services) nor speaks IPv6 (`disable_ipv6=1`: sandboxes have IPv4 only, and
+/// the bridge's link-local address would let them reach host services bound
+/// to `::`).
 pub fn ensure(sock: &Socket, cfg: &NetConfig) -> Result<u32> {
     let name = &cfg.bridge;
     let info = match sock.link(name) {
@@ -43,8 +47,13 @@ pub fn ensure(sock: &Socket, cfg: &NetConfig) -> Result<u32> {
         sock.set_up(info.index)
             .map_err(|e| Error::kernel(format!("bring up bridge {name}"), e))?;
     }
-    sysctl("net/ipv4/ip_forward")?;
-    sysctl(&format!("net/ipv4/conf/{name}/route_localnet"))?;
+    sysctl("net/ipv4/ip_forward", "1")?;
+    sysctl(&format!("net/ipv4/conf/{name}/route_localnet"), "0")?;
+    match sysctl(&format!("net/ipv6/conf/{name}/disable_ipv6"), "1") {
+        // A kernel without IPv6 has no such key, and nothing to disable.
+        Err(_) if !std::path::Path::new("/proc/sys/net/ipv6").exists() => {}
+        other => other?,
+    }
     Ok(info.index)
 }
 
@@ -64,13 +73,13 @@ fn mac(name: &str) -> [u8; 6] {
     [0x02, h[0], h[1], h[2], h[3], h[4]]
 }
 
-/// Sets a boolean sysctl to 1 (in the caller's network namespace), writing
-/// only when needed so the common case is one read.
-fn sysctl(key: &str) -> Result<()> {
+/// Sets a sysctl (in the caller's network namespace), writing only when
+/// needed so the common case is one read.
+fn sysctl(key: &str, value: &str) -> Result<()> {
     let path = format!("/proc/sys/{key}");
-    let set = |e: io::Error| Error::kernel(format!("set {}=1", key.replace('/', ".")), e);
-    if fs::read_to_string(&path).map_err(set)?.trim() == "1" {
+    let set = |e: io::Error| Error::kernel(format!("set {}={value}", key.replace('/', ".")), e);
+    if fs::read_to_string(&path).map_err(set)?.trim() == value {
         return Ok(());
     }
-    fs::write(&path, "1\n").map_err(set)
+    fs::write(&path, format!("{value}\n")).map_err(set)
 }

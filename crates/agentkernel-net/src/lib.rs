@@ -21,8 +21,9 @@
 //! The veth pair is created with its sandbox end already inside the sandbox
 //! and named `eth0`. Measured on a 2-core VM: about 1.5 ms, of which the
 //! kernel's own veth creation is about 1 ms and the helper thread 0.2 ms.
-//! The firewall part is one `iptables-save` and, only when something is
-//! missing or ports are published, one `iptables-restore` (a few ms each).
+//! The firewall part is nothing once the bridge's rules were verified since
+//! boot; else, or when ports are published, one `iptables-save` and one
+//! `iptables-restore` (a few ms each).
 //!
 //! # Addresses and leases
 //!
@@ -40,29 +41,51 @@
 //!
 //! # Firewall rules
 //!
-//! Everything lives in three chains of our own, each jumped to once:
-//! `AGENTKERNEL-POSTROUTING` and `AGENTKERNEL-DNAT` (nat table) and
-//! `AGENTKERNEL-FORWARD` (filter table, inserted first in `FORWARD` because
-//! Docker sets the `FORWARD` policy to DROP). Every rule carries a comment tag:
-//! `ak:<bridge>:<what>` for a bridge's setup rules, `ak:<bridge>:<ip>:<id>` for
-//! one lease's port rules; removal finds rules by tag, so it does not depend
-//! on how `iptables-save` spells them. Changes go through `iptables-restore
-//! --noflush` (one atomic batch) under an `flock` on
-//! `/run/agentkernel-net.lock`, so concurrent attaches neither duplicate rules
-//! nor publish the same port twice.
+//! Everything lives in chains of our own, each jumped to once:
+//! `AGENTKERNEL-POSTROUTING` and `AGENTKERNEL-DNAT` (nat table),
+//! `AGENTKERNEL-FORWARD` (filter, inserted first in `FORWARD` because Docker
+//! sets the `FORWARD` policy to DROP) and `AGENTKERNEL-INPUT` (filter, first
+//! in `INPUT`), plus one rule in raw `PREROUTING`. Every rule carries a
+//! comment tag: `ak:<bridge>:<what>` for a bridge's setup rules,
+//! `ak:<bridge>:<ip>:<id>` for one lease's port rules; removal finds rules by
+//! tag, so it does not depend on how `iptables-save` spells them. Changes go
+//! through `iptables-restore --noflush` (one atomic batch) under an `flock`
+//! on `/run/agentkernel-net.lock`, so concurrent attaches neither duplicate
+//! rules nor publish the same port twice.
+//!
+//! # Isolation
+//!
+//! A sandbox reaches the outside world and nothing of the host's or of other
+//! sandboxes' but published ports (docs/security.md, "Network"):
+//! - host loopback: the bridge has `route_localnet=0`, and raw `PREROUTING`
+//!   drops `127.0.0.0/8` arriving on it (CVE-2020-8558);
+//! - host IPv6: disabled on the bridge;
+//! - the host's own addresses: `AGENTKERNEL-INPUT` rejects what comes from the
+//!   bridge except replies, ping, DNS and published ports;
+//! - other sandboxes: each veth's bridge port is isolated
+//!   (`IFLA_BRPORT_ISOLATED`), and `AGENTKERNEL-FORWARD` rejects what the host
+//!   would route from the bridge back into it.
+//!
+//! Published ports: each is a socket bound on the host and held while the
+//! sandbox lives; connections to the host's non-loopback addresses are
+//! DNATed to the sandbox, those to loopback addresses (and those from
+//! sandboxes) reach the socket and a relay on threads of the process that
+//! attached (`forward.rs`) carries them in.
 //!
 //! # What persists
 //!
-//! Like `docker0`: the bridge with its gateway address, the three chains with
-//! their jumps and the bridge's setup rules (masquerade, forward accept),
-//! `net.ipv4.ip_forward=1` and `route_localnet=1` on the bridge. [`release`]
-//! removes everything else: the lease's port rules, its host veth (the kernel
-//! deletes the pair anyway once the sandbox namespace dies) and its lease
-//! file. [`gc`] does the same for leases of sandboxes that died without a
-//! release. [`teardown`] removes a bridge and its setup rules too.
+//! Like `docker0`: the bridge with its gateway address, our chains with their
+//! jumps and the bridge's setup rules, `net.ipv4.ip_forward=1`,
+//! `route_localnet=0` and `disable_ipv6=1` on the bridge. [`release`] removes
+//! everything else: the lease's port rules and relay, its host veth (the
+//! kernel deletes the pair anyway once the sandbox namespace dies) and its
+//! lease file. [`gc`] does the same for leases of sandboxes that died without
+//! a release (their relays died with them). [`teardown`] removes a bridge and
+//! its setup rules too.
 
 mod bridge;
 mod error;
+mod forward;
 mod lease;
 mod nat;
 mod netlink;
@@ -274,12 +297,23 @@ pub fn attach(
     let mut lease = lease::allocate(cfg, sandbox_id, ports)?;
     let result = (|| {
         let published = nat::setup_and_publish(cfg, &lease)?;
-        if published != lease.ports {
+        let chosen: Vec<PortMapping> = published.iter().map(|p| p.mapping).collect();
+        if chosen != lease.ports {
             // Rewrite the lease with the host ports actually chosen.
-            lease.ports = published;
+            lease.ports = chosen;
             lease::store(cfg, &lease)?;
         }
-        veth::connect(&host, bridge_index, &netns, &lease)
+        veth::connect(&host, bridge_index, &netns, &lease)?;
+        if !published.is_empty() {
+            let held = published
+                .into_iter()
+                .map(|p| (p.socket, p.mapping.container_port))
+                .collect();
+            let fwd = forward::start(lease.ip, held)
+                .map_err(|e| Error::kernel("start the published ports' relay", e))?;
+            forwarders().push((nat::lease_tag(&lease), fwd));
+        }
+        Ok(())
     })();
     match result {
         Ok(()) => Ok(lease),
@@ -297,6 +331,7 @@ pub fn attach(
 /// been leased to another sandbox, that sandbox's rules and file are left
 /// alone.
 pub fn release(cfg: &NetConfig, lease: &Lease) -> Result<()> {
+    stop_forwarder(lease);
     let owner = lease::owner(cfg, lease)?;
     // Port rules are tagged with address and sandbox id, so removing them
     // is right whoever holds the address now.
@@ -318,6 +353,7 @@ pub fn release(cfg: &NetConfig, lease: &Lease) -> Result<()> {
 /// so this skips the explicit delete — which costs tens of milliseconds
 /// (the kernel waits for in-flight packets) on the path of every run.
 pub fn release_exited(cfg: &NetConfig, lease: &Lease) -> Result<()> {
+    stop_forwarder(lease);
     let owner = lease::owner(cfg, lease)?;
     if !lease.ports.is_empty() {
         nat::unpublish(lease)?;
@@ -326,6 +362,31 @@ pub fn release_exited(cfg: &NetConfig, lease: &Lease) -> Result<()> {
         lease::remove(cfg, lease)?;
     }
     Ok(())
+}
+
+/// The relays of the leases this process attached, by lease tag.
+fn forwarders() -> std::sync::MutexGuard<'static, Vec<(String, forward::Forwarder)>> {
+    static FORWARDERS: std::sync::Mutex<Vec<(String, forward::Forwarder)>> =
+        std::sync::Mutex::new(Vec::new());
+    FORWARDERS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Stops the lease's relays (if this process runs them), freeing its ports.
+fn stop_forwarder(lease: &Lease) {
+    let tag = nat::lease_tag(lease);
+    let mine: Vec<forward::Forwarder> = {
+        let mut all = forwarders();
+        let (mine, rest) = std::mem::take(&mut *all)
+            .into_iter()
+            .partition(|(t, _)| *t == tag);
+        *all = rest;
+        mine.into_iter().map(|(_, f)| f).collect()
+    };
+    for f in mine {
+        f.stop();
+    }
 }
 
 /// Releases every lease under `cfg.state_dir` whose sandbox is dead

@@ -12,11 +12,14 @@ use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
 
 use crate::error::{Error, Result};
-use crate::{ports, Lease, NetConfig, PortMapping};
+use crate::{ports, Lease, NetConfig};
 
 pub const CHAIN_POSTROUTING: &str = "AGENTKERNEL-POSTROUTING";
 pub const CHAIN_DNAT: &str = "AGENTKERNEL-DNAT";
 pub const CHAIN_FORWARD: &str = "AGENTKERNEL-FORWARD";
+pub const CHAIN_INPUT: &str = "AGENTKERNEL-INPUT";
+/// Host loopback: never a destination for a packet from a sandbox.
+const LOOPBACK_NET: &str = "127.0.0.0/8";
 /// Serialises our read-modify-write of the ruleset across processes (like
 /// iptables' own `/run/xtables.lock`).
 const LOCK_PATH: &str = "/run/agentkernel-net.lock";
@@ -77,26 +80,43 @@ pub fn comment(line: &str) -> Option<String> {
 /// Changes to apply in one `iptables-restore` transaction.
 #[derive(Default)]
 pub struct Batch {
+    raw: Vec<String>,
     nat: Vec<String>,
     filter: Vec<String>,
 }
 
 impl Batch {
+    fn raw(&mut self, line: String) {
+        self.raw.push(line);
+    }
+
+    fn table(&mut self, table: &str, line: String) {
+        match table {
+            "raw" => self.raw(line),
+            "nat" => self.nat(line),
+            _ => self.filter(line),
+        }
+    }
+
     pub fn nat(&mut self, line: String) {
         self.nat.push(line);
     }
 
-    fn filter(&mut self, line: String) {
+    pub fn filter(&mut self, line: String) {
         self.filter.push(line);
     }
 
     fn is_empty(&self) -> bool {
-        self.nat.is_empty() && self.filter.is_empty()
+        self.raw.is_empty() && self.nat.is_empty() && self.filter.is_empty()
     }
 
     fn render(&self) -> String {
         let mut s = String::new();
-        for (table, lines) in [("nat", &self.nat), ("filter", &self.filter)] {
+        for (table, lines) in [
+            ("raw", &self.raw),
+            ("nat", &self.nat),
+            ("filter", &self.filter),
+        ] {
             if lines.is_empty() {
                 continue;
             }
@@ -214,8 +234,8 @@ pub fn lease_tag(lease: &Lease) -> String {
 
 /// Adds whatever of the bridge's persistent setup is missing and publishes
 /// the lease's ports, in one transaction. Returns the ports with host port 0
-/// replaced by the one chosen.
-pub fn setup_and_publish(cfg: &NetConfig, lease: &Lease) -> Result<Vec<PortMapping>> {
+/// replaced by the one chosen, and their sockets.
+pub fn setup_and_publish(cfg: &NetConfig, lease: &Lease) -> Result<Vec<ports::Published>> {
     // The common case — no ports, setup already done since boot — needs no
     // iptables at all: reading the ruleset costs milliseconds per sandbox.
     if lease.ports.is_empty() && setup_marker_is_current(cfg) {
@@ -225,19 +245,29 @@ pub fn setup_and_publish(cfg: &NetConfig, lease: &Lease) -> Result<Vec<PortMappi
     let rs = save()?;
     let mut b = Batch::default();
     setup(cfg, &rs, &mut b);
-    let ports = ports::publish(lease, &rs, &mut b)?;
+    let others = if lease.ports.is_empty() {
+        Vec::new()
+    } else {
+        crate::lease::list(cfg)?
+    };
+    let ports = ports::publish(lease, &rs, &others, &mut b)?;
     restore(&b)?;
     let _ = std::fs::write(setup_marker(cfg), boot_id());
     Ok(ports)
 }
 
+/// Raised whenever [`setup`] gains a rule.
+const SETUP_VERSION: u32 = 2;
+
 /// Written after the bridge's rules were verified; on tmpfs (`/run`), and
 /// tagged with the boot id, so a reboot always re-checks. A later firewall
 /// flush is repaired by the next run that publishes a port, or after removing
 /// this file.
+/// The name carries [`SETUP_VERSION`], so a host set up by an earlier
+/// version (whose rules lack later additions) is checked again.
 fn setup_marker(cfg: &NetConfig) -> std::path::PathBuf {
     std::path::PathBuf::from(format!(
-        "/run/agentkernel-net.{}.{}.ready",
+        "/run/agentkernel-net.{}.{}.v{SETUP_VERSION}.ready",
         cfg.bridge,
         cfg.subnet.to_string().replace('/', "_")
     ))
@@ -256,6 +286,29 @@ fn setup_marker_is_current(cfg: &NetConfig) -> bool {
 /// its tag is absent.
 fn setup(cfg: &NetConfig, rs: &Ruleset, b: &mut Batch) {
     let (br, net) = (&cfg.bridge, cfg.subnet);
+    let tagged_rule = |b: &mut Batch, table: &str, op: &str, what: &str, rule: String| {
+        let tag = setup_tag(cfg, what);
+        if !rs.has_tag(table, &tag) {
+            let (spec, target) = rule.split_once(" -j ").expect("a rule has a target");
+            b.table(
+                table,
+                format!("{op} {spec} -m comment --comment \"{tag}\" -j {target}"),
+            );
+        }
+    };
+
+    // raw: a packet from a sandbox addressed to the host's loopback is
+    // dropped before routing or conntrack see it. The kernel drops it too
+    // (a martian, since the bridge has route_localnet=0); this rule keeps
+    // that true whatever a later sysctl says (CVE-2020-8558).
+    tagged_rule(
+        b,
+        "raw",
+        "-A",
+        "no-loopback",
+        format!("PREROUTING -i {br} -d {LOOPBACK_NET} -j DROP"),
+    );
+
     // nat: our two chains, jumped to once each.
     for chain in [CHAIN_POSTROUTING, CHAIN_DNAT] {
         if !rs.has_chain("nat", chain) {
@@ -265,8 +318,10 @@ fn setup(cfg: &NetConfig, rs: &Ruleset, b: &mut Batch) {
     if !rs.has_jump("nat", "POSTROUTING", CHAIN_POSTROUTING) {
         b.nat(format!("-A POSTROUTING -j {CHAIN_POSTROUTING}"));
     }
-    // Packets to any local address (127.0.0.1 included: the OUTPUT hook sees
-    // the host's own connections) are candidates for a published port.
+    // Packets to the host's non-loopback addresses are candidates for a
+    // published port. Loopback ones are not: a DNATed packet from 127.0.0.1
+    // could only be routed to the bridge with route_localnet, so the port's
+    // own listening socket takes them (`forward`).
     for hook in ["PREROUTING", "OUTPUT"] {
         if !rs.has_jump("nat", hook, CHAIN_DNAT) {
             b.nat(format!(
@@ -274,50 +329,96 @@ fn setup(cfg: &NetConfig, rs: &Ruleset, b: &mut Batch) {
             ));
         }
     }
-    let nat_rules = [
-        // Sandbox traffic leaving the host takes the host's address.
-        ("masq", format!("-s {net} ! -o {br}")),
-        // A DNATed 127.0.0.1 connection must not reach the sandbox with a
-        // loopback source it cannot answer: give it the gateway's.
-        ("localnet", format!("-s 127.0.0.0/8 -o {br}")),
-        // A sandbox reaching a published port of the host (hairpin) must see
-        // replies come back through the host, so masquerade it too.
-        (
-            "hairpin",
-            format!("-s {net} -o {br} -m conntrack --ctstate DNAT"),
-        ),
-    ];
-    for (what, spec) in nat_rules {
-        let tag = setup_tag(cfg, what);
-        if !rs.has_tag("nat", &tag) {
-            b.nat(format!(
-                "-A {CHAIN_POSTROUTING} {spec} -m comment --comment \"{tag}\" -j MASQUERADE"
-            ));
+    // Not from sandboxes either: they reach published ports through the
+    // relay, because the bridge would drop a DNATed packet between two of
+    // its isolated ports (with br_netfilter it is bridged, not routed).
+    for (what, spec) in [
+        ("dnat-no-loopback", format!("-d {LOOPBACK_NET}")),
+        ("dnat-not-sandboxes", format!("-i {br}")),
+    ] {
+        tagged_rule(
+            b,
+            "nat",
+            "-I",
+            what,
+            format!("{CHAIN_DNAT} 1 {spec} -j RETURN"),
+        );
+    }
+    // Sandbox traffic leaving the host takes the host's address.
+    tagged_rule(
+        b,
+        "nat",
+        "-A",
+        "masq",
+        format!("{CHAIN_POSTROUTING} -s {net} ! -o {br} -j MASQUERADE"),
+    );
+    // Rules of earlier versions that no longer apply.
+    for what in ["localnet", "hairpin"] {
+        for line in rs.tagged("nat", |c| c == setup_tag(cfg, what)) {
+            b.nat(delete_line(&line));
         }
     }
 
     // filter: accept the bridge's traffic in FORWARD ahead of anything that
-    // would drop it (Docker sets the FORWARD policy to DROP).
-    if !rs.has_chain("filter", CHAIN_FORWARD) {
-        b.filter(format!(":{CHAIN_FORWARD} - [0:0]"));
-    }
-    if !rs.has_jump("filter", "FORWARD", CHAIN_FORWARD) {
-        b.filter(format!("-I FORWARD 1 -j {CHAIN_FORWARD}"));
-    }
-    let fwd_rules = [
-        ("out", format!("-i {br}")),
-        (
-            "in",
-            format!("-o {br} -m conntrack --ctstate RELATED,ESTABLISHED,DNAT"),
-        ),
-    ];
-    for (what, spec) in fwd_rules {
-        let tag = setup_tag(cfg, what);
-        if !rs.has_tag("filter", &tag) {
-            b.filter(format!(
-                "-A {CHAIN_FORWARD} {spec} -m comment --comment \"{tag}\" -j ACCEPT"
-            ));
+    // would drop it (Docker sets the FORWARD policy to DROP), except from one
+    // sandbox to another. The bridge isolates its ports at layer 2
+    // (veth.rs); this stops the same packet sent to the gateway's MAC and
+    // routed back into the bridge.
+    for (chain, hook) in [(CHAIN_FORWARD, "FORWARD"), (CHAIN_INPUT, "INPUT")] {
+        if !rs.has_chain("filter", chain) {
+            b.filter(format!(":{chain} - [0:0]"));
         }
+        if !rs.has_jump("filter", hook, chain) {
+            b.filter(format!("-I {hook} 1 -j {chain}"));
+        }
+    }
+    tagged_rule(
+        b,
+        "filter",
+        "-I",
+        "isolate",
+        format!("{CHAIN_FORWARD} 1 -i {br} -o {br} -j REJECT --reject-with icmp-port-unreachable"),
+    );
+    tagged_rule(
+        b,
+        "filter",
+        "-A",
+        "out",
+        format!("{CHAIN_FORWARD} -i {br} -j ACCEPT"),
+    );
+    tagged_rule(
+        b,
+        "filter",
+        "-A",
+        "in",
+        format!(
+            "{CHAIN_FORWARD} -o {br} -m conntrack --ctstate RELATED,ESTABLISHED,DNAT -j ACCEPT"
+        ),
+    );
+    // The host itself, from a sandbox: replies to the host's own connections
+    // (a published port's relay), ping, DNS in case the host's resolver
+    // listens on one of its addresses (resolv.rs passes the host's
+    // non-loopback nameservers on), and published ports (each lease inserts
+    // its own rule). Nothing else: services the host binds to its own
+    // addresses are for the host and its network, not its sandboxes.
+    let input = [
+        (
+            "in-replies",
+            "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+        ),
+        ("in-ping", "-p icmp -m icmp --icmp-type 8 -j ACCEPT"),
+        ("in-dns-udp", "-p udp -m udp --dport 53 -j ACCEPT"),
+        ("in-dns-tcp", "-p tcp -m tcp --dport 53 -j ACCEPT"),
+        ("in-deny", "-j REJECT --reject-with icmp-port-unreachable"),
+    ];
+    for (what, spec) in input {
+        tagged_rule(
+            b,
+            "filter",
+            "-A",
+            what,
+            format!("{CHAIN_INPUT} -i {br} {spec}"),
+        );
     }
 }
 
@@ -327,8 +428,10 @@ pub fn unpublish(lease: &Lease) -> Result<()> {
     let _lock = lock()?;
     let rs = save()?;
     let mut b = Batch::default();
-    for line in rs.tagged("nat", |c| c == tag) {
-        b.nat(delete_line(&line));
+    for table in ["nat", "filter"] {
+        for line in rs.tagged(table, |c| c == tag) {
+            b.table(table, delete_line(&line));
+        }
     }
     restore(&b)
 }
@@ -342,6 +445,7 @@ pub fn teardown(cfg: &NetConfig) -> Result<()> {
     let rs = save()?;
     let mut b = Batch::default();
     for (table, chains, hooks) in [
+        ("raw", &[][..], &[][..]),
         (
             "nat",
             &[CHAIN_POSTROUTING, CHAIN_DNAT][..],
@@ -353,8 +457,8 @@ pub fn teardown(cfg: &NetConfig) -> Result<()> {
         ),
         (
             "filter",
-            &[CHAIN_FORWARD][..],
-            &[("FORWARD", CHAIN_FORWARD)][..],
+            &[CHAIN_FORWARD, CHAIN_INPUT][..],
+            &[("FORWARD", CHAIN_FORWARD), ("INPUT", CHAIN_INPUT)][..],
         ),
     ] {
         let ours = rs.tagged(table, |c| c.starts_with(&prefix));
@@ -385,10 +489,7 @@ pub fn teardown(cfg: &NetConfig) -> Result<()> {
             lines.push(format!("-X {chain}"));
         }
         for l in lines {
-            match table {
-                "nat" => b.nat(l),
-                _ => b.filter(l),
-            }
+            b.table(table, l);
         }
     }
     restore(&b)

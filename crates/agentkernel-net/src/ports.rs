@@ -1,20 +1,22 @@
-//! Published ports: one DNAT rule per mapping in `AGENTKERNEL-DNAT`, which
+//! Published ports: each is a socket bound on the host and held while the
+//! sandbox lives (so no host program can take the port meanwhile; `bind`
+//! failing is also how a port already in use is found), plus, unless it is
+//! on a loopback address, a DNAT rule in `AGENTKERNEL-DNAT`, which
 //! `PREROUTING` (traffic from outside and from sandboxes) and `OUTPUT` (the
-//! host's own connections, 127.0.0.1 included) jump to for local addresses.
+//! host's own connections) jump to for the host's non-loopback addresses.
+//! Connections to a loopback address reach the held socket, whose relay
+//! (`forward.rs`) carries them to the sandbox.
 //!
-//! A DNAT rule does not hold the port the way a listening socket does, so a
-//! port is checked two ways before it is published: against the rules of
-//! every other sandbox (same protocol and port, overlapping address) and by
-//! binding it briefly, which fails if a host program listens there. The check
-//! is as good as `bind` at that instant: a program that binds the port later
-//! is shadowed by the rule while the sandbox runs (Docker without its
-//! userland proxy behaves the same).
+//! A port taken by another sandbox is named by its holder: read from the
+//! DNAT rules and the other leases.
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, UdpSocket};
 
+use crate::forward::Held;
+
 use crate::error::{Error, Result};
-use crate::nat::{comment, lease_tag, Batch, Ruleset, CHAIN_DNAT};
+use crate::nat::{comment, lease_tag, Batch, Ruleset, CHAIN_DNAT, CHAIN_INPUT};
 use crate::{Lease, PortMapping, Protocol};
 
 /// Rejects mappings that can never work, before anything is created.
@@ -88,14 +90,46 @@ fn existing(rs: &Ruleset) -> Vec<Existing> {
         .collect()
 }
 
-/// Checks and adds the lease's port rules to `b`; returns the mappings with
-/// host port 0 replaced by a free port.
-pub fn publish(lease: &Lease, rs: &Ruleset, b: &mut Batch) -> Result<Vec<PortMapping>> {
-    let taken = existing(rs);
+/// The ports of other sandboxes' leases (host port 0: not chosen yet).
+fn leased(others: &[Lease], this: &Lease) -> Vec<Existing> {
+    others
+        .iter()
+        .filter(|l| l.sandbox_id != this.sandbox_id)
+        .flat_map(|l| {
+            l.ports
+                .iter()
+                .filter(|p| p.host_port != 0)
+                .map(|p| Existing {
+                    ip: p.host_ip,
+                    port: p.host_port,
+                    protocol: p.protocol,
+                    holder: l.sandbox_id.clone(),
+                })
+        })
+        .collect()
+}
+
+/// A published port, ready: the mapping with its host port chosen, and its
+/// socket bound on the host.
+pub struct Published {
+    pub mapping: PortMapping,
+    pub socket: Held,
+}
+
+/// Binds the lease's ports and adds their rules to `b`; host port 0 is
+/// replaced by a free port. `others` are the leases on this machine.
+pub fn publish(
+    lease: &Lease,
+    rs: &Ruleset,
+    others: &[Lease],
+    b: &mut Batch,
+) -> Result<Vec<Published>> {
+    let mut taken = existing(rs);
+    taken.extend(leased(others, lease));
     let tag = lease_tag(lease);
-    let mut out: Vec<PortMapping> = Vec::with_capacity(lease.ports.len());
+    let mut out: Vec<Published> = Vec::with_capacity(lease.ports.len());
     for p in &lease.ports {
-        let host_port = if p.host_port == 0 {
+        let socket = if p.host_port == 0 {
             pick_free(p, &taken, &out)?
         } else {
             if let Some(t) = taken.iter().find(|t| {
@@ -103,20 +137,38 @@ pub fn publish(lease: &Lease, rs: &Ruleset, b: &mut Batch) -> Result<Vec<PortMap
             }) {
                 return Err(in_use(p, p.host_port, format!(" by sandbox {}", t.holder)));
             }
-            probe(p, p.host_port)?;
-            p.host_port
+            hold(p, p.host_port)?
         };
-        let dst = if p.host_ip.is_unspecified() {
-            String::new()
-        } else {
-            format!("-d {}/32 ", p.host_ip)
-        };
-        let proto = p.protocol;
-        b.nat(format!(
-            "-A {CHAIN_DNAT} {dst}-p {proto} -m {proto} --dport {host_port} -m comment --comment \"{tag}\" -j DNAT --to-destination {}:{}",
-            lease.ip, p.container_port
-        ));
-        out.push(PortMapping { host_port, ..*p });
+        let host_port = socket
+            .port()
+            .map_err(|e| Error::kernel(format!("read the port bound for {}", p.host_ip), e))?;
+        // Loopback addresses get no rules (the DNAT chain skips them
+        // anyway): their connections reach the held socket and its relay.
+        if !p.host_ip.is_loopback() {
+            let dst = if p.host_ip.is_unspecified() {
+                String::new()
+            } else {
+                format!("-d {}/32 ", p.host_ip)
+            };
+            let proto = p.protocol;
+            let port =
+                format!("-p {proto} -m {proto} --dport {host_port} -m comment --comment \"{tag}\"");
+            b.nat(format!(
+                "-A {CHAIN_DNAT} {dst}{port} -j DNAT --to-destination {}:{}",
+                lease.ip, p.container_port
+            ));
+            // From sandboxes the port is reached through the relay too (the
+            // DNAT chain skips them: a DNATed packet between two isolated
+            // bridge ports would be dropped), so the host accepts it.
+            b.filter(format!(
+                "-I {CHAIN_INPUT} 1 -i {} {dst}{port} -j ACCEPT",
+                lease.bridge
+            ));
+        }
+        out.push(Published {
+            mapping: PortMapping { host_port, ..*p },
+            socket,
+        });
     }
     Ok(out)
 }
@@ -130,16 +182,15 @@ fn in_use(p: &PortMapping, port: u16, by: String) -> Error {
     }
 }
 
-/// Binds `host_ip:port` for an instant. `port` 0 lets the kernel pick one
-/// and returns it.
-fn probe(p: &PortMapping, port: u16) -> Result<u16> {
+/// Binds `host_ip:port` (`port` 0 lets the kernel pick one).
+fn hold(p: &PortMapping, port: u16) -> Result<Held> {
     let addr = SocketAddrV4::new(p.host_ip, port);
     let bound = match p.protocol {
-        Protocol::Tcp => TcpListener::bind(addr).and_then(|s| s.local_addr()),
-        Protocol::Udp => UdpSocket::bind(addr).and_then(|s| s.local_addr()),
+        Protocol::Tcp => TcpListener::bind(addr).map(Held::Tcp),
+        Protocol::Udp => UdpSocket::bind(addr).map(Held::Udp),
     };
     match bound {
-        Ok(a) => Ok(a.port()),
+        Ok(s) => Ok(s),
         Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(in_use(p, port, String::new())),
         Err(e) if e.kind() == io::ErrorKind::AddrNotAvailable => Err(Error::Invalid(format!(
             "host address {} of published port {}: it is not an address of this host; use 127.0.0.1, 0.0.0.0 or one of the host's addresses",
@@ -153,15 +204,18 @@ fn probe(p: &PortMapping, port: u16) -> Result<u16> {
 }
 
 /// A port the kernel considers free that no sandbox publishes either.
-fn pick_free(p: &PortMapping, taken: &[Existing], ours: &[PortMapping]) -> Result<u16> {
+fn pick_free(p: &PortMapping, taken: &[Existing], ours: &[Published]) -> Result<Held> {
     for _ in 0..16 {
-        let port = probe(p, 0)?;
+        let socket = hold(p, 0)?;
+        let Ok(port) = socket.port() else { continue };
         let used = taken
             .iter()
             .any(|t| t.protocol == p.protocol && t.port == port && overlaps(t.ip, p.host_ip))
-            || ours.iter().any(|q| clash(q, p.host_ip, port, p.protocol));
+            || ours
+                .iter()
+                .any(|q| clash(&q.mapping, p.host_ip, port, p.protocol));
         if !used {
-            return Ok(port);
+            return Ok(socket);
         }
     }
     Err(in_use(p, 0, " (no free port found)".into()))

@@ -49,6 +49,17 @@ pub fn connect(host: &Socket, bridge_index: u32, netns: &File, lease: &Lease) ->
         }
         Err(e) => return Err(Error::kernel(what(), e)),
     }
+    // Before the sandbox side is up, so no frame ever crosses an
+    // unisolated port.
+    host.isolate_bridge_port(&lease.host_veth).map_err(|e| {
+        Error::kernel(
+            format!(
+                "isolate bridge port {} of sandbox {}",
+                lease.host_veth, lease.sandbox_id
+            ),
+            e,
+        )
+    })?;
 
     let ns = Socket::open_in_netns(netns).map_err(|e| {
         Error::kernel(

@@ -226,17 +226,35 @@ fn attach_gives_eth0_address_route_and_connectivity() {
 }
 
 #[test]
-fn two_attaches_get_different_addresses() {
+fn two_attaches_get_different_addresses_and_cannot_reach_each_other() {
     let env = Env::new();
     let (a, b) = (Netns::new(), Netns::new());
     let la = attach(&env.cfg, "sb-a", a.pid(), &[]).unwrap();
     let lb = attach(&env.cfg, "sb-b", b.pid(), &[]).unwrap();
     assert_ne!(la.ip, lb.ip);
     assert_ne!(la.host_veth, lb.host_veth);
-    // Sandbox to sandbox across the bridge.
+    // Both reach the gateway, so the network works...
+    let gw = la.gateway.to_string();
+    assert!(a.run(&["busybox", "ping", "-c1", "-W2", &gw]).0);
+    assert!(b.run(&["busybox", "ping", "-c1", "-W2", &gw]).0);
+    // ...but not each other: not across the bridge (isolated ports)...
+    let ip_b = lb.ip.to_string();
+    assert!(!a.run(&["busybox", "ping", "-c1", "-W2", &ip_b]).0);
+    // ...nor routed through the host (a host route via the gateway, so the
+    // packet goes to the gateway's MAC: the firewall's part).
     assert!(
-        a.run(&["busybox", "ping", "-c1", "-W2", &lb.ip.to_string()])
+        a.run(&["ip", "route", "add", &format!("{ip_b}/32"), "via", &gw])
             .0
+    );
+    assert!(!a.run(&["busybox", "ping", "-c1", "-W2", &ip_b]).0);
+    let _srv = b.serve(8000);
+    let script = format!("import socket; socket.create_connection(('{ip_b}',8000),3)");
+    let (ok, _) = a.run(&["python3", "-c", &script]);
+    assert!(!ok, "sandbox a connected to a server in sandbox b");
+    // The host still can.
+    assert_eq!(
+        fetch(&format!("{ip_b}:8000")).unwrap(),
+        format!("hello {gw}")
     );
     release(&env.cfg, &la).unwrap();
     release(&env.cfg, &lb).unwrap();
@@ -279,11 +297,13 @@ fn release_leaves_nothing_and_is_idempotent() {
         &env.cfg,
         "sb-rel",
         ns.pid(),
-        &[tcp(Ipv4Addr::LOCALHOST, port, 80)],
+        &[tcp(Ipv4Addr::UNSPECIFIED, port, 80)],
     )
     .unwrap();
     let tag = format!("ak:{}:{}:sb-rel", env.cfg.bridge, lease.ip);
     assert!(iptables_save().contains(&tag));
+    // The port is held while the sandbox lives.
+    assert!(TcpListener::bind(("0.0.0.0", port)).is_err());
     assert!(lease.file(&env.cfg).exists());
 
     // A different process could do this: round-trip through the file.
@@ -291,6 +311,10 @@ fn release_leaves_nothing_and_is_idempotent() {
     assert_eq!(reread, lease);
     release(&env.cfg, &reread).unwrap();
     assert!(!iptables_save().contains(&tag));
+    assert!(
+        TcpListener::bind(("0.0.0.0", port)).is_ok(),
+        "port still held"
+    );
     assert!(!link_exists(&lease.host_veth));
     assert!(!lease.file(&env.cfg).exists());
     release(&env.cfg, &lease).unwrap();
