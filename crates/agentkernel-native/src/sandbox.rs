@@ -902,8 +902,11 @@ fn init(plan: &Plan, sock: OwnedFd) -> ! {
         .filter_map(|c| caps::number(c))
         .collect();
     keep.push(caps::KILL);
-    let _ = caps::limit_bounding_set(&keep);
-    let _ = caps::set(&keep);
+    // Fail closed: a sandbox whose PID 1 kept more than this must not run.
+    // Init's exit ends the pid namespace, the command with it.
+    if let Err(e) = caps::limit_bounding_set(&keep).and_then(|()| caps::set(&keep)) {
+        die("dropping init's capabilities", e);
+    }
     // SAFETY: integer-only prctl: nothing in the sandbox may ptrace or read init.
     unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0) };
     reap_until(child)

@@ -100,9 +100,16 @@ pub fn open_beneath(root: &OwnedFd, rel: &str, leaf: Leaf) -> io::Result<OwnedFd
             format!("{rel}: `..` is not allowed in a sandbox path"),
         ));
     }
-    // SAFETY: dup of a valid fd; ownership of the result is taken below.
-    let mut dir =
-        unsafe { OwnedFd::from_raw_fd(libc::fcntl(root.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0)) };
+    // SAFETY: dup of a valid fd; checked before ownership is taken (EMFILE
+    // would otherwise make an OwnedFd of -1).
+    let duplicate = unsafe { libc::fcntl(root.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+    if duplicate < 0 {
+        return Err(context(format_args!(
+            "{rel}: duplicate the root descriptor"
+        ))(io::Error::last_os_error()));
+    }
+    // SAFETY: a fresh descriptor nobody else owns.
+    let mut dir = unsafe { OwnedFd::from_raw_fd(duplicate) };
     for (i, part) in parts.iter().enumerate() {
         let last = i + 1 == parts.len();
         let want_file = last && leaf == Leaf::File;
