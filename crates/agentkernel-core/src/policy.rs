@@ -116,11 +116,13 @@ pub struct Policy {
     pub no_new_privileges: bool,
     pub seccomp: Seccomp,
     pub limits: Limits,
-    /// The disk cap came from the user (`--disk` or config), not the
-    /// profile: a backend that cannot enforce it must refuse the run rather
-    /// than drop it with a notice.
+    /// The limits the user set (flags or config files), as opposed to the
+    /// profile's defaults: a backend that cannot enforce one of these must
+    /// refuse the run, while a default it cannot enforce is dropped with a
+    /// notice. (Comparing values with the defaults cannot tell `--memory 2g`
+    /// under moderate from no flag at all.)
     #[serde(default)]
-    pub disk_from_user: bool,
+    pub user_limits: Limits,
 }
 
 /// Capabilities the moderate profile removes from the engine's default set.
@@ -140,7 +142,7 @@ impl Policy {
                 no_new_privileges: false,
                 seccomp: Seccomp::EngineDefault,
                 limits: Limits::default(),
-                disk_from_user: false,
+                user_limits: Limits::default(),
             },
             Profile::Moderate => Policy {
                 profile,
@@ -163,7 +165,7 @@ impl Policy {
                     pids: Some(4096),
                     disk_bytes: Some(MODERATE_DISK_BYTES),
                 },
-                disk_from_user: false,
+                user_limits: Limits::default(),
             },
             Profile::Restrictive => Policy {
                 profile,
@@ -181,7 +183,7 @@ impl Policy {
                     pids: Some(512),
                     disk_bytes: Some(RESTRICTIVE_DISK_BYTES),
                 },
-                disk_from_user: false,
+                user_limits: Limits::default(),
             },
         }
     }
@@ -204,8 +206,8 @@ impl Policy {
         }
         if limits.disk_bytes.is_some() {
             self.limits.disk_bytes = limits.disk_bytes;
-            self.disk_from_user = true;
         }
+        self.user_limits = limits;
         self
     }
 }
@@ -260,7 +262,11 @@ mod tests {
         assert_eq!(m.limits.cpus, Some(2.0));
         assert_eq!(m.limits.pids, Some(10));
         assert_eq!(m.limits.disk_bytes, Some(MODERATE_DISK_BYTES));
-        assert!(!m.disk_from_user, "the profile's own cap is not the user's");
+        assert_eq!(
+            m.user_limits.disk_bytes, None,
+            "the profile's own cap is not the user's"
+        );
+        assert_eq!(m.user_limits.memory_bytes, Some(64 << 20));
         let d = Policy::for_profile(Profile::Permissive).with_overrides(
             false,
             Limits {
@@ -269,7 +275,7 @@ mod tests {
             },
         );
         assert_eq!(d.limits.disk_bytes, Some(1 << 30));
-        assert!(d.disk_from_user);
+        assert_eq!(d.user_limits.disk_bytes, Some(1 << 30));
     }
 
     #[test]

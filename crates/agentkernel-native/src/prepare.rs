@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use agentkernel_core::parse::Protocol;
-use agentkernel_core::policy::{Capabilities, Seccomp, WorkspaceMode};
+use agentkernel_core::policy::{Capabilities, Limits, Seccomp, WorkspaceMode};
 use agentkernel_core::spec::{ExecRequest, SandboxSpec};
 use agentkernel_core::state::{now_unix, SandboxRecord, Store};
 use agentkernel_core::{names, Error, Result};
@@ -35,8 +35,9 @@ pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<Plan
     let rootless = UserMap::for_caller();
     let (limits, notice) = match rootless {
         Some(_) => {
-            check_rootless(spec, image)?;
-            crate::rootless::enforceable_limits(&spec.policy)?
+            let enforceable = check_rootless_spec(spec)?;
+            check_rootless_image(image)?;
+            enforceable
         }
         None => (spec.policy.limits, None),
     };
@@ -139,12 +140,6 @@ pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<Plan
     if let (Some(bytes), Some(_), true) =
         (spec.policy.limits.disk_bytes, rootless, has_cow_workspace)
     {
-        if spec.policy.disk_from_user {
-            return Err(Error::not_supported_hint(
-                "--disk for the copy-on-write workspace of a rootless native sandbox (the cap needs a loop-mounted filesystem)",
-                "run agentkernel as root, or use --profile restrictive (read-only workspace)",
-            ));
-        }
         let cap = format!(
             "disk cap ({}) covers the root filesystem but not the copy-on-write workspace, which needs root for it",
             agentkernel_core::parse::format_bytes(bytes)
@@ -264,18 +259,10 @@ pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<Plan
     })
 }
 
-/// What a rootless sandbox cannot do, refused before anything is created.
-fn check_rootless(spec: &SandboxSpec, image: &ImageRoot) -> Result<()> {
-    if let Some(user) = image.user.as_deref().filter(|u| !u.is_empty()) {
-        let (name, group) = user.split_once(':').unwrap_or((user, "0"));
-        let is_root = |id: &str| id == "0" || id == "root";
-        if !is_root(name) || !is_root(group) {
-            return Err(Error::not_supported_hint(
-                format!("the image's user {user} in a rootless native sandbox, where only root (your own uid) exists"),
-                "run agentkernel as root, or use -B podman / -B docker",
-            ));
-        }
-    }
+/// What a rootless sandbox cannot do whatever the image: refused before the
+/// image is looked up (or pulled), so a refused run costs no download.
+/// Returns the limits it can enforce and the notice for the dropped ones.
+pub fn check_rootless_spec(spec: &SandboxSpec) -> Result<(Limits, Option<String>)> {
     if !spec.ports.is_empty() {
         return Err(Error::not_supported_hint(
             "publishing ports (-P) from a rootless native sandbox",
@@ -287,6 +274,30 @@ fn check_rootless(spec: &SandboxSpec, image: &ImageRoot) -> Result<()> {
             return Err(Error::Conflict(format!(
                 "no network for a rootless native sandbox here: {why}; or pass --no-network"
             )));
+        }
+    }
+    let cow_workspace =
+        spec.workspace.is_some() && spec.policy.workspace == WorkspaceMode::CopyOnWrite;
+    if cow_workspace && spec.policy.user_limits.disk_bytes.is_some() {
+        return Err(Error::not_supported_hint(
+            "--disk for the copy-on-write workspace of a rootless native sandbox (the cap needs a loop-mounted filesystem)",
+            "run agentkernel as root, or use --profile restrictive (read-only workspace)",
+        ));
+    }
+    crate::rootless::enforceable_limits(&spec.policy)
+}
+
+/// What a rootless sandbox cannot do with this image, refused before
+/// anything is created.
+fn check_rootless_image(image: &ImageRoot) -> Result<()> {
+    if let Some(user) = image.user.as_deref().filter(|u| !u.is_empty()) {
+        let (name, group) = user.split_once(':').unwrap_or((user, "0"));
+        let is_root = |id: &str| id == "0" || id == "root";
+        if !is_root(name) || !is_root(group) {
+            return Err(Error::not_supported_hint(
+                format!("the image's user {user} in a rootless native sandbox, where only root (your own uid) exists"),
+                "run agentkernel as root, or use -B podman / -B docker",
+            ));
         }
     }
     Ok(())

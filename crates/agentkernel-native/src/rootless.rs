@@ -66,7 +66,6 @@ pub fn enter_user_namespace(map: &UserMap) -> io::Result<()> {
 /// limit the user set is an error; the profile's own defaults are dropped,
 /// and the returned notice says so.
 pub fn enforceable_limits(policy: &Policy) -> Result<(Limits, Option<String>)> {
-    let defaults = Policy::for_profile(policy.profile).limits;
     let limits = policy.limits;
     let refuse = |what: &str| {
         Err(Error::not_supported_hint(
@@ -74,10 +73,10 @@ pub fn enforceable_limits(policy: &Policy) -> Result<(Limits, Option<String>)> {
             "run agentkernel as root, or use -B podman / -B docker",
         ))
     };
-    if limits.memory_bytes.is_some() && limits.memory_bytes != defaults.memory_bytes {
+    if policy.user_limits.memory_bytes.is_some() {
         return refuse("memory");
     }
-    if limits.cpus.is_some() && limits.cpus != defaults.cpus {
+    if policy.user_limits.cpus.is_some() {
         return refuse("CPU");
     }
     let dropped: Vec<String> = [

@@ -30,6 +30,10 @@ pub async fn run(spec: &SandboxSpec, config: &Config, store: &Store) -> Result<i
             return exec_in(store, &keep.name, &spec.exec, Some(keep.ttl), true);
         }
     }
+    if rootless::UserMap::for_caller().is_some() {
+        // Before the image: a run that cannot happen costs no download.
+        prepare::check_rootless_spec(spec)?;
+    }
     let image = image_root(spec, config).await?;
     let plan = prepare::plan(spec, &image, store)?;
     let err = exec_helper(&plan);

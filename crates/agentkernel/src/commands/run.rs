@@ -74,7 +74,7 @@ pub async fn run(args: RunArgs) -> Result<i32> {
 fn refuse_uncappable_disk(spec: &SandboxSpec, backend: backend::BackendKind) -> Result<()> {
     let policy = &spec.policy;
     let writable_layers = !policy.read_only_root || policy.workspace == WorkspaceMode::CopyOnWrite;
-    if policy.disk_from_user && writable_layers {
+    if policy.user_limits.disk_bytes.is_some() && writable_layers {
         return Err(Error::not_supported_hint(
             format!("--disk on the {} backend (the engine cannot cap a container's writable layers here)", backend.name()),
             "use the native backend (-B native), or --profile restrictive, whose writable places are size-capped tmpfs",
