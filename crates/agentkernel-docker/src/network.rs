@@ -10,8 +10,12 @@
 //!   refuses a second pool overlapping the first, atomically. So when many
 //!   runs create it at once exactly one succeeds, and the others find it.
 //! - **Podman** refuses duplicate names itself. netavark cannot stop
-//!   traffic between two containers of one network; `isolate` keeps other
-//!   networks' containers out (docs/security.md).
+//!   traffic between two containers of one network (`isolate` only keeps
+//!   other networks' containers out), so agentkernel adds what Docker's
+//!   `enable_icc=false` is: an iptables rule (mangle `FORWARD`) dropping
+//!   what is forwarded from the network's subnet to itself (bridged frames pass iptables with
+//!   `br_netfilter`, which Docker and agentkernel turn on). Rootful only: a
+//!   rootless engine's bridge lives in its own network namespace.
 //!
 //! Containers name the network by ID (resolved once per container created),
 //! so a network recreated under the same name never confuses the engine.
@@ -42,6 +46,9 @@ const VISIBLE_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
 /// routes loopback addresses (see [`refuse_route_localnet`]).
 pub async fn ensure(engine: &Engine) -> Result<String, Error> {
     let id = ensure_exists(engine).await?;
+    if engine.flavor == Flavor::Podman && is_root() {
+        isolate_podman_bridge(engine, &id).await?;
+    }
     if engine.flavor == Flavor::Docker {
         let key = format!("/proc/sys/net/ipv4/conf/{DOCKER_BRIDGE}/route_localnet");
         refuse_route_localnet(std::fs::read_to_string(key).ok().as_deref())
@@ -65,6 +72,98 @@ fn refuse_route_localnet(value: Option<&str>) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// The comment that tags agentkernel's rule in `FORWARD`.
+const PODMAN_ISOLATION_TAG: &str = "agentkernel-podman-isolation";
+
+/// Makes sure forwarding within the Podman network's subnet is dropped.
+/// Checked once per boot and subnet (a marker under /run, as the native
+/// bridge's set-up is): each check costs two iptables processes.
+async fn isolate_podman_bridge(engine: &Engine, id: &str) -> Result<(), Error> {
+    let fail = |why: String| {
+        engine.failure(format!(
+            "cannot keep Podman sandboxes apart ({why}); run with --no-network, or use -B native or -B docker"
+        ))
+    };
+    let network = engine
+        .docker
+        .inspect_network(id, None)
+        .await
+        .map_err(|e| engine.error("inspecting agentkernel's network", e))?;
+    // By subnet, not bridge name: netavark creates the bridge only when a
+    // container starts, and names it itself (podman0, podman1…).
+    let subnet = network
+        .ipam
+        .and_then(|i| i.config)
+        .unwrap_or_default()
+        .into_iter()
+        .find_map(|c| c.subnet.filter(|s| s.contains('.')))
+        .ok_or_else(|| fail("the network has no IPv4 subnet".into()))?;
+    let marker = std::path::PathBuf::from(format!(
+        "/run/agentkernel/podman-isolated.{}",
+        subnet.replace('/', "_")
+    ));
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    if std::fs::read_to_string(&marker).is_ok_and(|m| m == boot) {
+        return Ok(());
+    }
+    tokio::task::spawn_blocking(move || {
+        bridged_frames_through_iptables()?;
+        let rule = |op: &str| {
+            std::process::Command::new("iptables")
+                // In mangle, which bridged frames meet before filter's
+                // FORWARD: netavark (re)inserts its ACCEPTing jump at the top
+                // of filter's FORWARD and would otherwise come first.
+                .args(["-w", "-t", "mangle", op, "FORWARD"])
+                .args(["-s", &subnet, "-d", &subnet])
+                .args(["-m", "comment", "--comment", PODMAN_ISOLATION_TAG])
+                .args(["-j", "DROP"])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .output()
+        };
+        let present = rule("-C").map_err(|e| format!("cannot run iptables: {e}"))?;
+        if !present.status.success() {
+            let inserted = rule("-I").map_err(|e| format!("cannot run iptables: {e}"))?;
+            if !inserted.status.success() {
+                return Err(format!(
+                    "iptables -t mangle -I FORWARD: {}",
+                    String::from_utf8_lossy(&inserted.stderr).trim()
+                ));
+            }
+        }
+        let _ = std::fs::create_dir_all("/run/agentkernel");
+        let _ = std::fs::write(&marker, boot);
+        Ok(())
+    })
+    .await
+    .map_err(|e| fail(e.to_string()))?
+    .map_err(fail)
+}
+
+/// Bridged IPv4 frames pass iptables only with `br_netfilter` loaded and
+/// `bridge-nf-call-iptables=1` (dockerd sets both when it starts).
+fn bridged_frames_through_iptables() -> Result<(), String> {
+    let key = "/proc/sys/net/bridge/bridge-nf-call-iptables";
+    if std::fs::metadata(key).is_err() {
+        let _ = std::process::Command::new("modprobe")
+            .arg("br_netfilter")
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+    match std::fs::read_to_string(key) {
+        Ok(v) if v.trim() == "1" => Ok(()),
+        Ok(_) => std::fs::write(key, "1").map_err(|e| format!("set {key}: {e}")),
+        Err(_) => Err("the br_netfilter module is not available (`modprobe br_netfilter`)".into()),
+    }
 }
 
 async fn ensure_exists(engine: &Engine) -> Result<String, Error> {
