@@ -446,10 +446,17 @@ mod native_only {
                 secret
             );
             let init = init_pid(&id);
-            let held = open_fd_targets(init);
+            // Init closes them once it has started the command, which may be
+            // a moment after the cgroup appears: wait for that, boundedly.
+            let start = std::time::Instant::now();
+            let mut held = open_fd_targets(init);
+            while held.contains(&secret) && start.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(100));
+                held = open_fd_targets(init);
+            }
             assert!(
                 !held.contains(&secret),
-                "the sandbox's init holds the caller's fd: {held:?}"
+                "the sandbox's init still holds the caller's fd after 10 s: {held:?}"
             );
             run.signal(libc::SIGTERM);
             let out = run.wait_output(Duration::from_secs(20));
