@@ -13,7 +13,9 @@ command -v dockerd >/dev/null || need+=(docker.io)
 command -v busybox >/dev/null || need+=(busybox-static)
 command -v podman >/dev/null || need+=(podman)
 command -v runc >/dev/null || need+=(runc)
-[ -x /usr/libexec/podman/catatonit ] || need+=(catatonit)
+# Podman's container init: tini, as `apt-get install podman` brings on Debian
+# (not catatonit, Podman's default); agentkernel gives Podman whichever exists.
+command -v tini-static >/dev/null || need+=(tini)
 command -v hyperfine >/dev/null || need+=(hyperfine)
 command -v git >/dev/null || need+=(git)
 command -v python3 >/dev/null || need+=(python3)

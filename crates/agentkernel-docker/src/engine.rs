@@ -36,6 +36,8 @@ pub struct Engine {
     /// Where we connected, for messages.
     pub address: String,
     pub flavor: Flavor,
+    /// Podman's container init (its exec arguments differ); unused on Docker.
+    pub podman_init: crate::podman_init::InitKind,
 }
 
 impl Engine {
@@ -45,17 +47,21 @@ impl Engine {
             .ok()
             .filter(|h| !h.is_empty())
             .unwrap_or_else(|| "unix:///var/run/docker.sock".to_string());
-        Engine::connect_to(Flavor::Docker, address)
+        Engine::connect_to(Flavor::Docker, address, crate::podman_init::InitKind::Tini)
     }
 
     /// Connects to Podman's Docker-compatible API, starting a private
     /// `podman system service` when no socket is listening.
     pub fn connect_podman() -> Result<Engine, Error> {
-        let address = crate::podman::service_address()?;
-        Engine::connect_to(Flavor::Podman, address)
+        let (address, init) = crate::podman::service_address()?;
+        Engine::connect_to(Flavor::Podman, address, init)
     }
 
-    fn connect_to(flavor: Flavor, address: String) -> Result<Engine, Error> {
+    fn connect_to(
+        flavor: Flavor,
+        address: String,
+        podman_init: crate::podman_init::InitKind,
+    ) -> Result<Engine, Error> {
         let docker = if let Some(path) = address.strip_prefix("unix://") {
             Docker::connect_with_unix(path, TIMEOUT_SECS, &API_VERSION)
         } else if address.starts_with("tcp://") || address.starts_with("http://") {
@@ -72,6 +78,7 @@ impl Engine {
             docker,
             address,
             flavor,
+            podman_init,
         })
     }
 
@@ -102,6 +109,9 @@ impl Engine {
     pub fn error(&self, action: &str, e: BollardError) -> Error {
         if is_connection_error(&e) {
             return unreachable_error(self.flavor, &self.address, &e);
+        }
+        if let Some(missing_init) = crate::podman_init::missing_init_error(&message_of(&e)) {
+            return missing_init;
         }
         self.failure(format!("{action}: {}", message_of(&e)))
     }

@@ -5,6 +5,7 @@
 //! Modules, one concept each:
 //! - [`engine`]: connecting (Docker or Podman), and turning engine errors into user-facing ones
 //! - [`podman`]: finding or starting a Podman API socket
+//! - [`podman_init`]: which init Podman's containers get (catatonit, tini…)
 //! - [`labels`]: the `agentkernel.*` labels that mark what we own
 //! - [`create`]: spec → container create body (policy enforcement lives here)
 //! - [`seccomp`]: the restrictive profile's filter
@@ -30,6 +31,7 @@ pub mod kept;
 pub mod labels;
 pub mod oneshot;
 pub mod podman;
+pub mod podman_init;
 pub mod pool;
 pub mod pull;
 pub mod seccomp;
