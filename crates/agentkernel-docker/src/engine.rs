@@ -165,6 +165,9 @@ fn is_connection_error(e: &BollardError) -> bool {
 }
 
 fn unreachable_error(flavor: Flavor, address: &str, e: &BollardError) -> Error {
+    if let Some(denied) = socket_permission_error(flavor, address) {
+        return denied;
+    }
     let fix = match flavor {
         Flavor::Docker => "start it (`sudo systemctl start docker`, or run `dockerd`) or point DOCKER_HOST at a running engine; `agentkernel doctor` checks every backend",
         Flavor::Podman => "check `podman system service` (or point CONTAINER_HOST at a running one); `agentkernel doctor` checks every backend",
@@ -178,4 +181,45 @@ fn unreachable_error(flavor: Flavor, address: &str, e: &BollardError) -> Error {
         ),
         fix: fix.into(),
     }
+}
+
+/// A socket that exists but that this user may not open: the engine runs,
+/// the user lacks the group (or root), so "start it" would be wrong.
+fn socket_permission_error(flavor: Flavor, address: &str) -> Option<Error> {
+    let path = address.strip_prefix("unix://")?;
+    let denied = std::os::unix::net::UnixStream::connect(path)
+        .err()
+        .is_some_and(|e| e.kind() == std::io::ErrorKind::PermissionDenied);
+    if !denied {
+        return None;
+    }
+    let fix = match flavor {
+        Flavor::Docker => format!(
+            "add your user to the group that owns it (`sudo usermod -aG {} $USER`, then log in again) or run as root",
+            socket_group(path).unwrap_or_else(|| "docker".into())
+        ),
+        Flavor::Podman => "use your own Podman service (unset CONTAINER_HOST: agentkernel starts one for your user) or run as root".into(),
+    };
+    Some(Error::BackendUnavailable {
+        backend: flavor.name().into(),
+        why: format!(
+            "the {} engine is running, but you may not use its socket {path} (permission denied)",
+            flavor.name()
+        ),
+        fix,
+    })
+}
+
+/// The name of the group owning `path`, from /etc/group.
+fn socket_group(path: &str) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let gid = std::fs::metadata(path).ok()?.gid();
+    std::fs::read_to_string("/etc/group")
+        .ok()?
+        .lines()
+        .find_map(|line| {
+            let mut fields = line.split(':');
+            let name = fields.next()?;
+            (fields.nth(1)?.parse::<u32>().ok()? == gid).then(|| name.to_string())
+        })
 }

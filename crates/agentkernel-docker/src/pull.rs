@@ -125,6 +125,29 @@ fn pull_failed(image: &str, why: String) -> Error {
     }
 }
 
+/// A small image the engine already has, to try a sandbox with (`doctor`):
+/// busybox or alpine when there is one, else the smallest tagged image.
+pub async fn small_local_image(engine: &Engine) -> Result<Option<String>, Error> {
+    let images = engine
+        .docker
+        .list_images(None::<bollard::query_parameters::ListImagesOptions>)
+        .await
+        .map_err(|e| engine.error("listing images", e))?;
+    let mut tagged: Vec<(bool, i64, String)> = images
+        .into_iter()
+        .flat_map(|i| {
+            let size = i.size;
+            i.repo_tags
+                .into_iter()
+                .filter(|t| !t.is_empty() && !t.starts_with("<none>"))
+                .map(move |t| (t.contains("busybox") || t.contains("alpine"), size, t))
+        })
+        .collect();
+    // Small shells first: `true` is surely in them.
+    tagged.sort_by_key(|(known, size, _)| (!known, *size));
+    Ok(tagged.into_iter().next().map(|(_, _, tag)| tag))
+}
+
 /// `repo:tag` → (`repo`, `tag`); digests and registry ports are kept intact.
 fn split_tag(image: &str) -> (&str, &str) {
     if image.contains('@') {

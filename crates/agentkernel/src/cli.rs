@@ -47,8 +47,12 @@ pub enum Command {
     Pool(PoolCommand),
     /// SSH into a sandbox started with --ssh (not supported yet)
     Ssh { name: String },
-    /// Show which backends work here, and how to fix the ones that don't
-    Doctor,
+    /// Start a sandbox on each backend and check registry access: what works here, and how to fix the rest
+    Doctor {
+        /// Print the findings as JSON (field names documented in docs/config.md)
+        #[arg(long)]
+        json: bool,
+    },
     /// Print shell completions
     Completions { shell: clap_complete::Shell },
 }

@@ -108,6 +108,42 @@ pub(crate) fn open_store() -> Result<store::Store> {
     store::Store::open(paths::state_dir().join("images")).map_err(store_error)
 }
 
+/// A registry mirror for Docker Hub images, and where it was configured.
+pub(crate) struct Mirror {
+    pub url: String,
+    pub source: &'static str,
+}
+
+/// The mirrors a pull tries, in order: `[images] mirrors`,
+/// `AGENTKERNEL_REGISTRY_MIRRORS`, then dockerd's `registry-mirrors`.
+/// Ours must be valid (a typo is an error); dockerd's that a pull would
+/// refuse are left out.
+pub(crate) fn mirrors(config: &Config) -> Result<Vec<Mirror>> {
+    let ours = config
+        .mirrors
+        .iter()
+        .map(|url| (url.clone(), "[images] mirrors"))
+        .chain(
+            store::mirrors_from_env()
+                .into_iter()
+                .map(|url| (url, store::MIRRORS_ENV)),
+        );
+    let mut out: Vec<Mirror> = Vec::new();
+    for (url, source) in ours {
+        store::validate_mirror(&url).map_err(store_error)?;
+        out.push(Mirror { url, source });
+    }
+    for url in store::mirrors_from_dockerd() {
+        if !out.iter().any(|m| m.url == url) {
+            out.push(Mirror {
+                url,
+                source: store::DOCKERD_CONFIG,
+            });
+        }
+    }
+    Ok(out)
+}
+
 /// Pulls (or finds) an image with the configured mirrors, drawing progress
 /// on stderr when it is a terminal. Failures name the image and the fix.
 pub(crate) async fn fetch(
@@ -116,11 +152,7 @@ pub(crate) async fn fetch(
     policy: store::PullPolicy,
     config: &Config,
 ) -> Result<store::Image> {
-    let mut mirrors = config.mirrors.clone();
-    mirrors.extend(store::mirrors_from_env());
-    for m in &mirrors {
-        store::validate_mirror(m).map_err(store_error)?;
-    }
+    let mirrors: Vec<String> = mirrors(config)?.into_iter().map(|m| m.url).collect();
     let progress = terminal::is_tty(2).then(|| progress_line(r.familiar()));
     let options = store::PullOptions {
         mirrors,

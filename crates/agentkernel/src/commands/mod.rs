@@ -19,7 +19,7 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
         Command::Run(args) => run::run(*args).await,
         Command::Exec(args) => exec::exec(args).await,
         Command::Sandbox(cmd) => sandbox::sandbox(cmd).await,
-        Command::Doctor => doctor::doctor().await,
+        Command::Doctor { json } => doctor::doctor(json).await,
         Command::Pool(cmd) => pool::pool(cmd).await,
         Command::Completions { shell } => {
             clap_complete::generate(
