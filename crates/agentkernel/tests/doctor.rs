@@ -100,12 +100,7 @@ fn doctor_checks_each_mirror_with_a_short_timeout() {
 #[test]
 fn doctor_text_says_how_long_each_trial_run_took_and_in_which_image() {
     let env = TestEnv::new();
-    let out = env
-        .cmd()
-        .env_remove("AGENTKERNEL_BACKEND")
-        .arg("doctor")
-        .output()
-        .unwrap();
+    let out = env.run_unchosen(&["doctor"]);
     assert_code(&out, 0);
     let text = stdout(&out);
     let native = text.lines().find(|l| l.starts_with("native")).unwrap();

@@ -303,12 +303,7 @@ fn native_is_the_default_backend_as_root() {
         "PID 1 is not agentkernel's init, so the default was not native: {:?}",
         stdout(&out)
     );
-    let out = env
-        .cmd()
-        .env_remove("AGENTKERNEL_BACKEND")
-        .arg("doctor")
-        .output()
-        .unwrap();
+    let out = env.run_unchosen(&["doctor"]);
     assert!(
         stdout(&out)
             .lines()
