@@ -58,8 +58,10 @@ pub async fn ensure_image(engine: &Engine, image: &str, policy: PullPolicy) -> R
             return Err(Error::Image {
                 image: image.to_string(),
                 why: "it is not in the local image store and --pull never forbids pulling".into(),
-                fix: "pull or load it first (`docker pull`, `docker load`), or use --pull missing"
-                    .into(),
+                fix: format!(
+                    "pull or load it first (`{0} pull`, `{0} load`), or use --pull missing",
+                    engine.name()
+                ),
             });
         }
     }
@@ -81,7 +83,7 @@ async fn pull(engine: &Engine, image: &str) -> Result<(), Error> {
         match item {
             Ok(info) => {
                 if let Some(err) = info.error_detail.and_then(|d| d.message) {
-                    return Err(pull_failed(image, err));
+                    return Err(pull_failed(engine, image, err));
                 }
                 if show_progress {
                     let progress = match info.progress_detail.and_then(|d| d.current.zip(d.total)) {
@@ -98,10 +100,10 @@ async fn pull(engine: &Engine, image: &str) -> Result<(), Error> {
                     let _ = write!(stderr, "\r\x1b[K{line}");
                 }
             }
-            Err(e) if is_not_found(&e) => return Err(pull_failed(image, message_of(&e))),
+            Err(e) if is_not_found(&e) => return Err(pull_failed(engine, image, message_of(&e))),
             Err(e) => {
                 return match engine.error("pulling", e) {
-                    Error::Backend { message, .. } => Err(pull_failed(image, message)),
+                    Error::Backend { message, .. } => Err(pull_failed(engine, image, message)),
                     other => Err(other),
                 }
             }
@@ -113,15 +115,19 @@ async fn pull(engine: &Engine, image: &str) -> Result<(), Error> {
     // Some engines report a failed pull only by not having the image afterwards.
     match engine.docker.inspect_image(image).await {
         Ok(_) => Ok(()),
-        Err(e) => Err(pull_failed(image, message_of(&e))),
+        Err(e) => Err(pull_failed(engine, image, message_of(&e))),
     }
 }
 
-fn pull_failed(image: &str, why: String) -> Error {
+/// Names the engine's own commands: a Podman user has no `docker load`.
+fn pull_failed(engine: &Engine, image: &str, why: String) -> Error {
     Error::Image {
         image: image.to_string(),
         why: format!("not found locally and the pull failed: {}", why.replace('\n', " ")),
-        fix: "check the name and your registry access, or load the image locally (`docker load`, `docker import`)".into(),
+        fix: format!(
+            "check the name and your registry access, or load the image locally (`{0} load`, `{0} import`)",
+            engine.name()
+        ),
     }
 }
 

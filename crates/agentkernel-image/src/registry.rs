@@ -381,7 +381,7 @@ impl<'a> Session<'a> {
     fn connect_error(&self, e: &reqwest::Error) -> Error {
         Error::Connect {
             registry: self.endpoint.label.clone(),
-            detail: error_chain(e),
+            detail: root_cause(e),
         }
     }
 
