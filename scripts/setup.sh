@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Everything agentkernel's Docker backend and its tests need on a Debian/Ubuntu
 # machine, idempotently: packages, a running dockerd, and the offline test
-# images. Run as root (or via sudo).
+# images. Run as root; as another user it re-executes itself through sudo.
 # If this script starts dockerd, it writes its PID to $AGENTKERNEL_DOCKERD_PIDFILE
 # (default /run/agentkernel-ci-dockerd.pid) so the caller can stop exactly it.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=scripts/as-root.sh
+source "$root/scripts/as-root.sh"
+as_root "$0" "$@"
 pidfile=${AGENTKERNEL_DOCKERD_PIDFILE:-/run/agentkernel-ci-dockerd.pid}
 
 need=()
