@@ -114,23 +114,22 @@ fn external_service_init() -> InitKind {
     podman_init::choose().map_or(InitKind::Catatonit, |init| init.kind)
 }
 
-/// The init our private service was started with (recorded in its
-/// directory), else what it would be started with now.
+/// The init our private service was started with, recorded in its
+/// directory as two lines, path and kind (read on every connection: no
+/// process to spawn), else what it would be started with now.
 fn private_service_init() -> InitKind {
-    let recorded = std::fs::read_to_string(private_dir().join("init"))
-        .ok()
-        .map(|p| PathBuf::from(p.trim()));
-    match recorded {
-        Some(path) => InitKind::of(&path),
-        None => external_service_init(),
-    }
+    let recorded = std::fs::read_to_string(private_dir().join("init")).unwrap_or_default();
+    recorded
+        .lines()
+        .nth(1)
+        .and_then(InitKind::from_name)
+        .unwrap_or_else(external_service_init)
 }
 
 /// The init our private service's containers get, as `doctor` shows it.
 pub fn private_service_init_path() -> Option<PathBuf> {
-    std::fs::read_to_string(private_dir().join("init"))
-        .ok()
-        .map(|p| PathBuf::from(p.trim()))
+    let recorded = std::fs::read_to_string(private_dir().join("init")).ok()?;
+    recorded.lines().next().map(PathBuf::from)
 }
 
 /// Starts `podman system service` on the private socket unless it already
@@ -176,8 +175,8 @@ pub fn start_private_service() -> Result<PathBuf, Error> {
         );
     }
     let init_record = dir.join("init");
-    std::fs::write(&init_record, format!("{}\n", init.path.display()))
-        .map_err(|e| Error::state(&init_record, e))?;
+    let record = format!("{}\n{}\n", init.path.display(), init.kind.name());
+    std::fs::write(&init_record, record).map_err(|e| Error::state(&init_record, e))?;
     cmd.args([
         "system",
         "service",

@@ -35,6 +35,19 @@ pub enum InitKind {
 }
 
 impl InitKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            InitKind::Catatonit => "catatonit",
+            InitKind::Tini => "tini",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<InitKind> {
+        [InitKind::Catatonit, InitKind::Tini]
+            .into_iter()
+            .find(|k| k.name() == name)
+    }
+
     /// What follows `/run/podman-init` when it is not the container's PID 1.
     pub fn exec_args(self) -> &'static [&'static str] {
         match self {

@@ -72,7 +72,7 @@ mod podman_only {
                 .map(|e| e.path())
                 .find(|d| {
                     std::fs::read_to_string(d.join("init"))
-                        .is_ok_and(|i| i.trim() == self.init.to_str().unwrap())
+                        .is_ok_and(|i| i.lines().next() == self.init.to_str())
                 })
         }
     }

@@ -126,11 +126,11 @@ async fn check(kind: BackendKind) -> BackendReport {
     } else {
         let engine = match backend::connect(kind) {
             Ok(engine) => engine,
-            Err(e) => return report("unavailable", e.to_string(), None),
+            Err(e) => return unavailable(kind, e),
         };
         let detail = match engine_status(kind, &engine).await {
             Ok(detail) => detail,
-            Err(e) => return report("unavailable", e.to_string(), None),
+            Err(e) => return unavailable(kind, e),
         };
         match agentkernel_docker::pull::small_local_image(&engine).await {
             Ok(Some(image)) => (detail, image),
@@ -156,6 +156,21 @@ async fn check(kind: BackendKind) -> BackendReport {
         detail,
         fix: None,
         run: Some(run),
+    }
+}
+
+/// An unusable backend: its reason and, apart, the fix for it.
+fn unavailable(kind: BackendKind, e: agentkernel_core::Error) -> BackendReport {
+    let (detail, fix) = match e {
+        agentkernel_core::Error::BackendUnavailable { why, fix, .. } => (why, Some(fix)),
+        other => (other.to_string(), None),
+    };
+    BackendReport {
+        name: kind.name(),
+        status: "unavailable",
+        detail,
+        fix,
+        run: None,
     }
 }
 
