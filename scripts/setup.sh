@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Everything agentkernel's Docker backend and its tests need on a Debian/Ubuntu
 # machine, idempotently: packages, a running dockerd, and the offline test
-# images. Run as root (or via sudo).
+# images. Run as root; as another user it re-executes itself through sudo.
 # If this script starts dockerd, it writes its PID to $AGENTKERNEL_DOCKERD_PIDFILE
 # (default /run/agentkernel-ci-dockerd.pid) so the caller can stop exactly it.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=scripts/as-root.sh
+source "$root/scripts/as-root.sh"
+as_root "$0" "$@"
 pidfile=${AGENTKERNEL_DOCKERD_PIDFILE:-/run/agentkernel-ci-dockerd.pid}
 
 need=()
@@ -13,7 +16,9 @@ command -v dockerd >/dev/null || need+=(docker.io)
 command -v busybox >/dev/null || need+=(busybox-static)
 command -v podman >/dev/null || need+=(podman)
 command -v runc >/dev/null || need+=(runc)
-[ -x /usr/libexec/podman/catatonit ] || need+=(catatonit)
+# Podman's container init: tini, as `apt-get install podman` brings on Debian
+# (not catatonit, Podman's default); agentkernel gives Podman whichever exists.
+command -v tini-static >/dev/null || need+=(tini)
 command -v hyperfine >/dev/null || need+=(hyperfine)
 command -v git >/dev/null || need+=(git)
 command -v python3 >/dev/null || need+=(python3)

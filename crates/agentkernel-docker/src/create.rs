@@ -45,7 +45,7 @@ pub const RUN_DIR: &str = "/run/agentkernel/run";
 /// signal it reads argv, workdir and env from [`RUN_DIR`] (one file per
 /// value, each followed by a newline: read with the `read` builtin, no
 /// quoting or evaluation), runs the command under `init` exactly as an exec
-/// would (`init -- ARGV`) with stdin, stdout and stderr on the FIFOs there,
+/// would (`init_prefix ARGV`, e.g. `/run/podman-init -- ARGV`) with stdin, stdout and stderr on the FIFOs there,
 /// and reports `run` and then the exit status on the `status` FIFO. It
 /// reports `fallback` instead, before running anything, when it cannot give
 /// the command what an exec would (bash as `/bin/sh` exports `_`; a
@@ -55,7 +55,7 @@ pub const RUN_DIR: &str = "/run/agentkernel/run";
 /// `SHLVL` it sets itself (the claimant takes the exec path when the image
 /// sets them). Needs `/bin/sh`, `date`, `cat` and `sleep` (and `mkdir` for
 /// a missing workdir).
-pub fn serving_keep_alive_command(init: &str) -> Vec<String> {
+pub fn serving_keep_alive_command(init_prefix: &str) -> Vec<String> {
     let r = RUN_DIR;
     let script = format!(
         "__ak_read() {{ \
@@ -81,7 +81,7 @@ pub fn serving_keep_alive_command(init: &str) -> Vec<String> {
            done; \
            exec 3<{r}/in 4>{r}/out 5>{r}/err; \
            echo run >{r}/status; \
-           {init} -- \"$@\" <&3 >&4 2>&5 3<&- 4>&- 5>&-; \
+           {init_prefix} \"$@\" <&3 >&4 2>&5 3<&- 4>&- 5>&-; \
            __ak_i=$?; exec 3<&- 4>&- 5>&-; \
            echo $__ak_i >{r}/status; \
          }}; \

@@ -36,6 +36,8 @@ pub struct Engine {
     /// Where we connected, for messages.
     pub address: String,
     pub flavor: Flavor,
+    /// Podman's container init (its exec arguments differ); unused on Docker.
+    pub podman_init: crate::podman_init::InitKind,
 }
 
 impl Engine {
@@ -45,17 +47,21 @@ impl Engine {
             .ok()
             .filter(|h| !h.is_empty())
             .unwrap_or_else(|| "unix:///var/run/docker.sock".to_string());
-        Engine::connect_to(Flavor::Docker, address)
+        Engine::connect_to(Flavor::Docker, address, crate::podman_init::InitKind::Tini)
     }
 
     /// Connects to Podman's Docker-compatible API, starting a private
     /// `podman system service` when no socket is listening.
     pub fn connect_podman() -> Result<Engine, Error> {
-        let address = crate::podman::service_address()?;
-        Engine::connect_to(Flavor::Podman, address)
+        let (address, init) = crate::podman::service_address()?;
+        Engine::connect_to(Flavor::Podman, address, init)
     }
 
-    fn connect_to(flavor: Flavor, address: String) -> Result<Engine, Error> {
+    fn connect_to(
+        flavor: Flavor,
+        address: String,
+        podman_init: crate::podman_init::InitKind,
+    ) -> Result<Engine, Error> {
         let docker = if let Some(path) = address.strip_prefix("unix://") {
             Docker::connect_with_unix(path, TIMEOUT_SECS, &API_VERSION)
         } else if address.starts_with("tcp://") || address.starts_with("http://") {
@@ -72,6 +78,7 @@ impl Engine {
             docker,
             address,
             flavor,
+            podman_init,
         })
     }
 
@@ -102,6 +109,9 @@ impl Engine {
     pub fn error(&self, action: &str, e: BollardError) -> Error {
         if is_connection_error(&e) {
             return unreachable_error(self.flavor, &self.address, &e);
+        }
+        if let Some(missing_init) = crate::podman_init::missing_init_error(&message_of(&e)) {
+            return missing_init;
         }
         self.failure(format!("{action}: {}", message_of(&e)))
     }
@@ -155,6 +165,9 @@ fn is_connection_error(e: &BollardError) -> bool {
 }
 
 fn unreachable_error(flavor: Flavor, address: &str, e: &BollardError) -> Error {
+    if let Some(denied) = socket_permission_error(flavor, address) {
+        return denied;
+    }
     let fix = match flavor {
         Flavor::Docker => "start it (`sudo systemctl start docker`, or run `dockerd`) or point DOCKER_HOST at a running engine; `agentkernel doctor` checks every backend",
         Flavor::Podman => "check `podman system service` (or point CONTAINER_HOST at a running one); `agentkernel doctor` checks every backend",
@@ -168,4 +181,45 @@ fn unreachable_error(flavor: Flavor, address: &str, e: &BollardError) -> Error {
         ),
         fix: fix.into(),
     }
+}
+
+/// A socket that exists but that this user may not open: the engine runs,
+/// the user lacks the group (or root), so "start it" would be wrong.
+fn socket_permission_error(flavor: Flavor, address: &str) -> Option<Error> {
+    let path = address.strip_prefix("unix://")?;
+    let denied = std::os::unix::net::UnixStream::connect(path)
+        .err()
+        .is_some_and(|e| e.kind() == std::io::ErrorKind::PermissionDenied);
+    if !denied {
+        return None;
+    }
+    let fix = match flavor {
+        Flavor::Docker => format!(
+            "add your user to the group that owns it (`sudo usermod -aG {} $USER`, then log in again) or run as root",
+            socket_group(path).unwrap_or_else(|| "docker".into())
+        ),
+        Flavor::Podman => "use your own Podman service (unset CONTAINER_HOST: agentkernel starts one for your user) or run as root".into(),
+    };
+    Some(Error::BackendUnavailable {
+        backend: flavor.name().into(),
+        why: format!(
+            "the {} engine is running, but you may not use its socket {path} (permission denied)",
+            flavor.name()
+        ),
+        fix,
+    })
+}
+
+/// The name of the group owning `path`, from /etc/group.
+fn socket_group(path: &str) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let gid = std::fs::metadata(path).ok()?.gid();
+    std::fs::read_to_string("/etc/group")
+        .ok()?
+        .lines()
+        .find_map(|line| {
+            let mut fields = line.split(':');
+            let name = fields.next()?;
+            (fields.nth(1)?.parse::<u32>().ok()? == gid).then(|| name.to_string())
+        })
 }

@@ -19,13 +19,21 @@ use crate::Engine;
 /// `init`: as a child subreaper it keeps everything the command starts
 /// (double forks included) in one tree that a timeout can kill, forwards
 /// signals, and reports exec failures (tini as 126/127; catatonit by a
-/// message, see [`stdio::init_exec_failure`]).
-pub(crate) fn exec_prefix(flavor: Flavor) -> &'static [&'static str] {
-    match flavor {
-        Flavor::Docker => &["/sbin/docker-init", "-s", "--"],
-        Flavor::Podman => &["/run/podman-init", "--"],
+/// message, see [`stdio::init_exec_failure`]). Podman's init is catatonit or
+/// tini, whichever the host has (see [`crate::podman_init`]).
+pub(crate) fn exec_prefix(engine: &Engine) -> Vec<&'static str> {
+    match engine.flavor {
+        Flavor::Docker => vec!["/sbin/docker-init", "-s", "--"],
+        Flavor::Podman => {
+            let mut prefix = vec![PODMAN_INIT];
+            prefix.extend(engine.podman_init.exec_args());
+            prefix
+        }
     }
 }
+
+/// Where Podman mounts its init in a container created with `init`.
+pub(crate) const PODMAN_INIT: &str = "/run/podman-init";
 
 /// What "kill everything the command started" means.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,10 +138,7 @@ pub async fn run(
     req: &ExecRequest,
     scope: KillScope,
 ) -> Result<Outcome, Error> {
-    let mut cmd: Vec<String> = exec_prefix(engine.flavor)
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let mut cmd: Vec<String> = exec_prefix(engine).iter().map(|s| s.to_string()).collect();
     cmd.extend(req.argv.iter().cloned());
     let env: Vec<String> = req.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
     let created = engine

@@ -254,7 +254,7 @@ impl Handed<'_> {
     /// The init the shell started for the command (on this host); not the
     /// idle `sleep` it killed, nor the one it starts once the command is over.
     async fn init_pid(&self) -> Option<i32> {
-        let init = crate::exec::exec_prefix(Flavor::Podman)[0];
+        let init = crate::exec::PODMAN_INIT;
         let is_init = |pid: &u32| {
             std::fs::read(format!("/proc/{pid}/cmdline"))
                 .is_ok_and(|c| c.split(|b| *b == 0).next() == Some(init.as_bytes()))

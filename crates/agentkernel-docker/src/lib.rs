@@ -5,6 +5,7 @@
 //! Modules, one concept each:
 //! - [`engine`]: connecting (Docker or Podman), and turning engine errors into user-facing ones
 //! - [`podman`]: finding or starting a Podman API socket
+//! - [`podman_init`]: which init Podman's containers get (catatonit, tini…)
 //! - [`labels`]: the `agentkernel.*` labels that mark what we own
 //! - [`create`]: spec → container create body (policy enforcement lives here)
 //! - [`network`]: agentkernel's own engine network (no traffic between sandboxes)
@@ -32,6 +33,7 @@ pub mod labels;
 pub mod network;
 pub mod oneshot;
 pub mod podman;
+pub mod podman_init;
 pub mod pool;
 pub mod pull;
 pub mod seccomp;

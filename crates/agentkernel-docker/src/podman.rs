@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use agentkernel_core::Error;
 
+use crate::podman_init::{self, InitKind};
+
 /// Idle time after which the private service exits.
 pub const SERVICE_IDLE_SECS: u32 = 300;
 
@@ -39,22 +41,39 @@ pub fn well_known_sockets() -> Vec<PathBuf> {
 }
 
 /// Our private service's directory: per user, in a runtime (tmpfs) location.
+/// A service whose init is forced (`AGENTKERNEL_PODMAN_INIT`) gets a
+/// directory of its own, so it never stands in for the usual one.
 pub fn private_dir() -> PathBuf {
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return PathBuf::from("/run/agentkernel/podman");
+    let base = if unsafe { libc::geteuid() } == 0 {
+        PathBuf::from("/run/agentkernel")
+    } else {
+        match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+            Some(dir) => PathBuf::from(dir).join("agentkernel"),
+            None => agentkernel_core::paths::state_dir(),
+        }
+    };
+    match std::env::var(podman_init::FORCE_ENV)
+        .ok()
+        .filter(|v| !v.is_empty())
+    {
+        Some(forced) => base.join(format!("podman-init-{:016x}", fnv1a(forced.as_bytes()))),
+        None => base.join("podman"),
     }
-    match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
-        Some(dir) => PathBuf::from(dir).join("agentkernel/podman"),
-        None => agentkernel_core::paths::state_dir().join("podman"),
-    }
+}
+
+/// A stable short hash for directory names (FNV-1a, 64 bits).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 pub fn installed() -> bool {
     find_in_path("podman").is_some()
 }
 
-fn find_in_path(program: &str) -> Option<PathBuf> {
+pub(crate) fn find_in_path(program: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")?
         .to_str()?
         .split(':')
@@ -70,19 +89,47 @@ pub fn needs_runc() -> bool {
     !pure_v2 && unified.join("cgroup.controllers").exists()
 }
 
-/// The API address to use, starting a private service if necessary.
-pub fn service_address() -> Result<String, Error> {
+/// The API address to use, starting a private service if necessary, and the
+/// kind of init its containers get.
+pub fn service_address() -> Result<(String, InitKind), Error> {
     if let Some(host) = std::env::var("CONTAINER_HOST")
         .ok()
         .filter(|h| !h.is_empty())
     {
-        return Ok(host);
+        return Ok((host, external_service_init()));
     }
     if let Some(sock) = well_known_sockets().into_iter().find(|p| listening(p)) {
-        return Ok(format!("unix://{}", sock.display()));
+        return Ok((
+            format!("unix://{}", sock.display()),
+            external_service_init(),
+        ));
     }
     let sock = start_private_service()?;
-    Ok(format!("unix://{}", sock.display()))
+    Ok((format!("unix://{}", sock.display()), private_service_init()))
+}
+
+/// A service we did not start uses its own containers.conf: read the
+/// configured init the way Podman does (catatonit when unreadable).
+fn external_service_init() -> InitKind {
+    podman_init::choose().map_or(InitKind::Catatonit, |init| init.kind)
+}
+
+/// The init our private service was started with, recorded in its
+/// directory as two lines, path and kind (read on every connection: no
+/// process to spawn), else what it would be started with now.
+fn private_service_init() -> InitKind {
+    let recorded = std::fs::read_to_string(private_dir().join("init")).unwrap_or_default();
+    recorded
+        .lines()
+        .nth(1)
+        .and_then(InitKind::from_name)
+        .unwrap_or_else(external_service_init)
+}
+
+/// The init our private service's containers get, as `doctor` shows it.
+pub fn private_service_init_path() -> Option<PathBuf> {
+    let recorded = std::fs::read_to_string(private_dir().join("init")).ok()?;
+    recorded.lines().next().map(PathBuf::from)
 }
 
 /// Starts `podman system service` on the private socket unless it already
@@ -107,6 +154,7 @@ pub fn start_private_service() -> Result<PathBuf, Error> {
             "install it (`apt-get install podman`)",
         )
     })?;
+    let init = podman_init::choose()?;
     let _ = std::fs::remove_file(&sock);
     let log_path = dir.join("service.log");
     let log = std::fs::File::create(&log_path).map_err(|e| Error::state(&log_path, e))?;
@@ -120,6 +168,15 @@ pub fn start_private_service() -> Result<PathBuf, Error> {
         }
         cmd.args(["--runtime", "runc"]);
     }
+    if init.override_config {
+        cmd.env(
+            "CONTAINERS_CONF",
+            podman_init::write_service_config(&dir, &init)?,
+        );
+    }
+    let init_record = dir.join("init");
+    let record = format!("{}\n{}\n", init.path.display(), init.kind.name());
+    std::fs::write(&init_record, record).map_err(|e| Error::state(&init_record, e))?;
     cmd.args([
         "system",
         "service",

@@ -370,7 +370,7 @@ async fn create_warm(
                 command: match engine.flavor {
                     // Podman's exec is slow: its warm containers run the command themselves.
                     Flavor::Podman => {
-                        serving_keep_alive_command(crate::exec::exec_prefix(engine.flavor)[0])
+                        serving_keep_alive_command(&crate::exec::exec_prefix(engine).join(" "))
                     }
                     Flavor::Docker => keep_alive_command(),
                 },

@@ -67,8 +67,10 @@ pub async fn ensure_image(engine: &Engine, image: &str, policy: PullPolicy) -> R
             return Err(Error::Image {
                 image: image.to_string(),
                 why: "it is not in the local image store and --pull never forbids pulling".into(),
-                fix: "pull or load it first (`docker pull`, `docker load`), or use --pull missing"
-                    .into(),
+                fix: format!(
+                    "pull or load it first (`{0} pull`, `{0} load`), or use --pull missing",
+                    engine.name()
+                ),
             });
         }
     }
@@ -90,7 +92,7 @@ async fn pull(engine: &Engine, image: &str) -> Result<(), Error> {
         match item {
             Ok(info) => {
                 if let Some(err) = info.error_detail.and_then(|d| d.message) {
-                    return Err(pull_failed(image, err));
+                    return Err(pull_failed(engine, image, err));
                 }
                 if show_progress {
                     let progress = match info.progress_detail.and_then(|d| d.current.zip(d.total)) {
@@ -107,10 +109,10 @@ async fn pull(engine: &Engine, image: &str) -> Result<(), Error> {
                     let _ = write!(stderr, "\r\x1b[K{line}");
                 }
             }
-            Err(e) if is_not_found(&e) => return Err(pull_failed(image, message_of(&e))),
+            Err(e) if is_not_found(&e) => return Err(pull_failed(engine, image, message_of(&e))),
             Err(e) => {
                 return match engine.error("pulling", e) {
-                    Error::Backend { message, .. } => Err(pull_failed(image, message)),
+                    Error::Backend { message, .. } => Err(pull_failed(engine, image, message)),
                     other => Err(other),
                 }
             }
@@ -122,16 +124,43 @@ async fn pull(engine: &Engine, image: &str) -> Result<(), Error> {
     // Some engines report a failed pull only by not having the image afterwards.
     match engine.docker.inspect_image(image).await {
         Ok(_) => Ok(()),
-        Err(e) => Err(pull_failed(image, message_of(&e))),
+        Err(e) => Err(pull_failed(engine, image, message_of(&e))),
     }
 }
 
-fn pull_failed(image: &str, why: String) -> Error {
+/// Names the engine's own commands: a Podman user has no `docker load`.
+fn pull_failed(engine: &Engine, image: &str, why: String) -> Error {
     Error::Image {
         image: image.to_string(),
         why: format!("not found locally and the pull failed: {}", why.replace('\n', " ")),
-        fix: "check the name and your registry access, or load the image locally (`docker load`, `docker import`)".into(),
+        fix: format!(
+            "check the name and your registry access, or load the image locally (`{0} load`, `{0} import`)",
+            engine.name()
+        ),
     }
+}
+
+/// A small image the engine already has, to try a sandbox with (`doctor`):
+/// busybox or alpine when there is one, else the smallest tagged image.
+pub async fn small_local_image(engine: &Engine) -> Result<Option<String>, Error> {
+    let images = engine
+        .docker
+        .list_images(None::<bollard::query_parameters::ListImagesOptions>)
+        .await
+        .map_err(|e| engine.error("listing images", e))?;
+    let mut tagged: Vec<(bool, i64, String)> = images
+        .into_iter()
+        .flat_map(|i| {
+            let size = i.size;
+            i.repo_tags
+                .into_iter()
+                .filter(|t| !t.is_empty() && !t.starts_with("<none>"))
+                .map(move |t| (t.contains("busybox") || t.contains("alpine"), size, t))
+        })
+        .collect();
+    // Small shells first: `true` is surely in them.
+    tagged.sort_by_key(|(known, size, _)| (!known, *size));
+    Ok(tagged.into_iter().next().map(|(_, _, tag)| tag))
 }
 
 /// `repo:tag` → (`repo`, `tag`); digests and registry ports are kept intact.

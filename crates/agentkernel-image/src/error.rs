@@ -37,13 +37,11 @@ pub enum Error {
     },
 
     /// The registry could not be reached (DNS, connect, TLS, timeout).
-    #[error(
-        "cannot reach registry {registry}: {detail}; check the network, or configure a mirror"
-    )]
+    #[error("cannot reach registry {registry} ({detail})")]
     Connect {
         /// The registry (host or mirror URL).
         registry: String,
-        /// The underlying error chain.
+        /// The underlying cause (DNS, refused, TLS, timed out).
         detail: String,
     },
 
@@ -188,19 +186,19 @@ pub enum Error {
     },
 
     /// `PullPolicy::Never` (or `resolve`) and the image is not stored.
-    #[error("image {reference} is not in the local image store; pull it first")]
+    #[error("image {reference} is not in the local image store")]
     NotPresent {
         /// The image asked for.
         reference: String,
     },
 
     /// Every mirror failed and so did the registry itself.
-    #[error("{last} (mirrors tried first: {mirrors})")]
+    #[error("{last} (mirrors tried first: {})", mirror_list(.tried))]
     MirrorsFailed {
         /// The registry's own error.
         last: Box<Error>,
-        /// `mirror: error` for each mirror, `; `-separated.
-        mirrors: String,
+        /// Each mirror tried, with its error.
+        tried: Vec<(String, Error)>,
     },
 
     /// A filesystem operation in the store failed.
@@ -211,6 +209,29 @@ pub enum Error {
         /// The OS error.
         source: io::Error,
     },
+}
+
+fn mirror_list(tried: &[(String, Error)]) -> String {
+    tried
+        .iter()
+        .map(|(mirror, e)| format!("{mirror}: {e}"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl Error {
+    /// For a pull that failed everywhere: the first mirror that answered
+    /// (a 404, a denial…) rather than being unreachable — its answer says
+    /// more than a Docker Hub this machine cannot reach.
+    pub fn mirror_answer(&self) -> Option<(&str, &Error)> {
+        match self {
+            Error::MirrorsFailed { tried, .. } => tried
+                .iter()
+                .find(|(_, e)| !matches!(e, Error::Connect { .. }))
+                .map(|(mirror, e)| (mirror.as_str(), e)),
+            _ => None,
+        }
+    }
 }
 
 /// The store's result type.

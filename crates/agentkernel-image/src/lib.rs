@@ -65,7 +65,10 @@ pub use error::{Error, Result};
 pub use extract::LayerMarkers;
 pub use platform::Platform;
 pub use reference::{Digest, Reference, DOCKER_HUB, DOCKER_HUB_REGISTRY};
-pub use registry::{is_loopback_host, mirrors_from_env, MIRRORS_ENV};
+pub use registry::{
+    api_base, is_loopback_host, mirrors_from_dockerd, mirrors_from_env, probe, Probe,
+    DOCKERD_CONFIG, MIRRORS_ENV,
+};
 pub use store::{
     Image, ImageConfig, Progress, ProgressFn, PruneReport, PullOptions, PullPolicy, Store,
 };

@@ -31,6 +31,85 @@ pub fn mirrors_from_env() -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Where dockerd keeps its configuration, `registry-mirrors` included.
+pub const DOCKERD_CONFIG: &str = "/etc/docker/daemon.json";
+
+/// The mirrors dockerd is configured with (`registry-mirrors` in
+/// [`DOCKERD_CONFIG`]): a machine set up to pull through a mirror is set up
+/// for agentkernel's own pulls too. Mirrors a pull would refuse (plain HTTP
+/// off loopback, which dockerd allows for its "insecure registries") are
+/// left out rather than failing every pull.
+pub fn mirrors_from_dockerd() -> Vec<String> {
+    mirrors_in_dockerd_config(&std::fs::read_to_string(DOCKERD_CONFIG).unwrap_or_default())
+}
+
+fn mirrors_in_dockerd_config(text: &str) -> Vec<String> {
+    let Ok(config) = serde_json::from_str::<serde_json::Value>(text) else {
+        return Vec::new();
+    };
+    config["registry-mirrors"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m.as_str())
+        .filter(|m| parse_mirror(m).is_ok())
+        .map(str::to_string)
+        .collect()
+}
+
+/// What a registry's `/v2/` endpoint answered.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    /// The URL asked.
+    pub url: String,
+    /// The HTTP status, when it answered (200, or 401 asking for a token:
+    /// both mean images can be pulled from it).
+    pub status: Option<u16>,
+    /// How long the answer took.
+    pub millis: u64,
+    /// Why it did not answer.
+    pub error: Option<String>,
+}
+
+/// The registry API base URL for a mirror (as a pull would use it), or for
+/// Docker Hub when `mirror` is `None`.
+pub fn api_base(mirror: Option<&str>) -> Result<String> {
+    match mirror {
+        Some(m) => parse_mirror(m).map(|e| e.base),
+        None => Ok(format!("https://{}", crate::reference::DOCKER_HUB_REGISTRY)),
+    }
+}
+
+/// GETs `BASE/v2/` within `timeout`: any HTTP answer means reachable.
+pub async fn probe(base: &str, timeout: Duration) -> Probe {
+    let url = format!("{base}/v2/");
+    let started = std::time::Instant::now();
+    let answer = match http_client() {
+        Ok(client) => client
+            .get(&url)
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|e| root_cause(&e)),
+        Err(e) => Err(e.to_string()),
+    };
+    let millis = started.elapsed().as_millis() as u64;
+    match answer {
+        Ok(response) => Probe {
+            url,
+            status: Some(response.status().as_u16()),
+            millis,
+            error: None,
+        },
+        Err(error) => Probe {
+            url,
+            status: None,
+            millis,
+            error: Some(error),
+        },
+    }
+}
+
 /// Whether `host` (as in a URL or reference: `localhost`, `127.0.0.1`,
 /// `[::1]`, optionally with `:port`) is a loopback address, the only kind
 /// plain HTTP is allowed to.
@@ -181,6 +260,31 @@ pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
+/// The innermost error of a chain (`failed to lookup address information:
+/// Name or service not known`, `Connection refused`): what a short report
+/// needs.
+pub(crate) fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = e;
+    while let Some(inner) = cause.source() {
+        cause = inner;
+    }
+    if e.is_timeout_like() {
+        return "timed out".into();
+    }
+    cause.to_string()
+}
+
+trait TimeoutLike {
+    fn is_timeout_like(&self) -> bool;
+}
+
+impl TimeoutLike for dyn std::error::Error + 'static {
+    fn is_timeout_like(&self) -> bool {
+        self.downcast_ref::<reqwest::Error>()
+            .is_some_and(reqwest::Error::is_timeout)
+    }
+}
+
 /// A parsed `WWW-Authenticate` challenge.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Challenge {
@@ -277,7 +381,7 @@ impl<'a> Session<'a> {
     fn connect_error(&self, e: &reqwest::Error) -> Error {
         Error::Connect {
             registry: self.endpoint.label.clone(),
-            detail: error_chain(e),
+            detail: root_cause(e),
         }
     }
 
@@ -531,6 +635,17 @@ mod tests {
         ] {
             assert!(!is_loopback_host(h), "{h}");
         }
+    }
+
+    #[test]
+    fn dockerds_mirrors_are_read_and_unusable_ones_left_out() {
+        let config = r#"{"registry-mirrors": ["https://mirror.gcr.io", "http://10.0.0.5:5000", "http://127.0.0.1:5000"], "debug": true}"#;
+        assert_eq!(
+            mirrors_in_dockerd_config(config),
+            ["https://mirror.gcr.io", "http://127.0.0.1:5000"]
+        );
+        assert!(mirrors_in_dockerd_config("{}").is_empty());
+        assert!(mirrors_in_dockerd_config("not json").is_empty());
     }
 
     #[test]

@@ -385,12 +385,12 @@ impl Store {
             let session = Session::new(&http, endpoint, reference);
             match self.pull_from(&session, reference, opts).await {
                 Ok(image) => return Ok(image),
-                Err(e) if is_mirror => mirror_errors.push(format!("{label}: {e}")),
+                Err(e) if is_mirror => mirror_errors.push((label, e)),
                 Err(e) if mirror_errors.is_empty() => return Err(e),
                 Err(e) => {
                     return Err(Error::MirrorsFailed {
                         last: Box::new(e),
-                        mirrors: mirror_errors.join("; "),
+                        tried: mirror_errors,
                     })
                 }
             }
@@ -1067,8 +1067,17 @@ mod tests {
                 registry: "registry-1.docker.io".into(),
                 detail: "dns error".into(),
             }),
-            mirrors: "http://127.0.0.1:5000: image docker.io/library/x:1 not found".into(),
+            tried: vec![(
+                "http://127.0.0.1:5000".into(),
+                Error::NotFound {
+                    reference: "docker.io/library/x:1".into(),
+                    registry: "http://127.0.0.1:5000".into(),
+                },
+            )],
         };
+        let (mirror, answer) = e.mirror_answer().expect("the mirror answered");
+        assert_eq!(mirror, "http://127.0.0.1:5000");
+        assert!(matches!(answer, Error::NotFound { .. }));
         let msg = e.to_string();
         assert!(
             msg.starts_with("cannot reach registry registry-1.docker.io"),

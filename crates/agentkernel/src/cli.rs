@@ -52,8 +52,12 @@ pub enum Command {
     },
     /// Let DIR's agentkernel.toml loosen the sandbox (records its sha256; a changed file needs trust again)
     Trust(TrustArgs),
-    /// Show which backends work here, and how to fix the ones that don't
-    Doctor,
+    /// Start a sandbox on each backend and check registry access: what works here, and how to fix the rest
+    Doctor {
+        /// Print the findings as JSON (field names documented in docs/config.md)
+        #[arg(long)]
+        json: bool,
+    },
     /// Print shell completions
     Completions {
         /// The shell to complete for

@@ -304,12 +304,7 @@ mod native_only {
             "PID 1 is not agentkernel's init, so the default was not native: {:?}",
             stdout(&out)
         );
-        let out = env
-            .cmd()
-            .env_remove("AGENTKERNEL_BACKEND")
-            .arg("doctor")
-            .output()
-            .unwrap();
+        let out = env.run_unchosen(&["doctor"]);
         assert!(
             stdout(&out)
                 .lines()

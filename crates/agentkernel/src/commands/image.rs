@@ -64,7 +64,14 @@ pub async fn image(cmd: ImageCommand) -> Result<i32> {
                 .map(|n| reference(n))
                 .collect::<Result<Vec<_>>>()?;
             for r in refs {
-                images.remove(&r).map_err(store_error)?;
+                images.remove(&r).map_err(|e| match e {
+                    store::Error::NotPresent { .. } => Error::Image {
+                        image: r.familiar(),
+                        why: "it is not in agentkernel's image store".into(),
+                        fix: "`agentkernel image list` shows what is".into(),
+                    },
+                    other => store_error(other),
+                })?;
                 eprintln!("agentkernel: removed {}", r.familiar());
             }
             Ok(0)
@@ -92,7 +99,10 @@ async fn pull(images: &store::Store, name: &str, always: bool) -> Result<i32> {
     } else {
         store::PullPolicy::Missing
     };
-    let image = fetch(images, &r, policy, &config).await?;
+    let (image, pulled) = fetch(images, &r, policy, &config).await?;
+    if pulled {
+        return Ok(0);
+    }
     eprintln!(
         "agentkernel: {} is {} ({}, {})",
         image.reference.familiar(),
@@ -108,41 +118,147 @@ pub(crate) fn open_store() -> Result<store::Store> {
     store::Store::open(paths::state_dir().join("images")).map_err(store_error)
 }
 
-/// Pulls (or finds) an image with the configured mirrors, drawing progress
-/// on stderr when it is a terminal. Failures name the image and the fix.
+/// A registry mirror for Docker Hub images, and where it was configured.
+pub(crate) struct Mirror {
+    pub url: String,
+    pub source: &'static str,
+}
+
+/// The mirrors a pull tries, in order: `[images] mirrors`,
+/// `AGENTKERNEL_REGISTRY_MIRRORS`, then dockerd's `registry-mirrors`.
+/// Ours must be valid (a typo is an error); dockerd's that a pull would
+/// refuse are left out.
+pub(crate) fn mirrors(config: &Config) -> Result<Vec<Mirror>> {
+    let ours = config
+        .mirrors
+        .iter()
+        .map(|url| (url.clone(), "[images] mirrors"))
+        .chain(
+            store::mirrors_from_env()
+                .into_iter()
+                .map(|url| (url, store::MIRRORS_ENV)),
+        );
+    let mut out: Vec<Mirror> = Vec::new();
+    for (url, source) in ours {
+        store::validate_mirror(&url).map_err(store_error)?;
+        out.push(Mirror { url, source });
+    }
+    for url in store::mirrors_from_dockerd() {
+        if !out.iter().any(|m| m.url == url) {
+            out.push(Mirror {
+                url,
+                source: store::DOCKERD_CONFIG,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Pulls (or finds) an image with the configured mirrors. A pull says so
+/// on stderr once the registry has resolved the image (so a name the
+/// registry does not know stays a one-line error) and when it is done, as
+/// Docker and Podman do; on a terminal that first line redraws itself with
+/// the progress. Returns the image
+/// and whether it was pulled. Failures are one line naming the image and
+/// the fix.
 pub(crate) async fn fetch(
     images: &store::Store,
     r: &store::Reference,
     policy: store::PullPolicy,
     config: &Config,
-) -> Result<store::Image> {
-    let mut mirrors = config.mirrors.clone();
-    mirrors.extend(store::mirrors_from_env());
-    for m in &mirrors {
-        store::validate_mirror(m).map_err(store_error)?;
+) -> Result<(store::Image, bool)> {
+    let local = images.resolve_local(r);
+    let pulls = match policy {
+        store::PullPolicy::Never => false,
+        store::PullPolicy::Missing => local.is_none(),
+        store::PullPolicy::Always => local.is_none() || r.digest().is_none(),
+    };
+    if !pulls {
+        return match local {
+            Some(image) => Ok((image, false)),
+            None => Err(Error::Image {
+                image: r.familiar(),
+                why: "it is not in agentkernel's image store and --pull never forbids pulling"
+                    .into(),
+                fix: format!(
+                    "pull it (`agentkernel image pull {}`) or use --pull missing",
+                    r.familiar()
+                ),
+            }),
+        };
     }
-    let progress = terminal::is_tty(2).then(|| progress_line(r.familiar()));
+    let mirrors: Vec<String> = mirrors(config)?.into_iter().map(|m| m.url).collect();
+    let tty = terminal::is_tty(2);
     let options = store::PullOptions {
         mirrors,
         policy,
-        progress,
+        progress: Some(progress_line(r.familiar(), tty)),
         ..Default::default()
     };
     let result = images.pull(r, &options).await;
-    if terminal::is_tty(2) {
+    if tty {
         eprint!("\r\x1b[K");
     }
-    result.map_err(|e| Error::Image {
-        image: r.familiar(),
-        why: e.to_string(),
-        fix:
-            "check the image name (offline, `--image host` runs this machine's own root read-only)"
-                .into(),
-    })
+    let image = result.map_err(|e| pull_error(r, e))?;
+    eprintln!(
+        "agentkernel: pulled {}: {} ({}, {})",
+        r.familiar(),
+        image.manifest_digest.as_str(),
+        super::counted(image.layers.len(), "layer", "layers"),
+        format_bytes(image.size)
+    );
+    Ok((image, true))
 }
 
-/// One self-rewriting stderr line: layers done and bytes received.
-fn progress_line(name: String) -> store::ProgressFn {
+/// What to do when Docker Hub cannot be reached.
+const OFFLINE_FIX: &str = "offline? set a Docker Hub mirror (`[images] mirrors` in the config or AGENTKERNEL_REGISTRY_MIRRORS=URL), or use --image host";
+
+/// A failed pull in one short line: the registry's (or the mirror's) own
+/// answer, and a fix that fits it.
+fn pull_error(r: &store::Reference, e: store::Error) -> Error {
+    let image = r.familiar();
+    let error = |why: String, fix: &str| Error::Image {
+        image: image.clone(),
+        why,
+        fix: fix.into(),
+    };
+    let name_fix = "check the name and tag";
+    if let Some((mirror, answer)) = e.mirror_answer() {
+        // The mirror answered; an unreachable Docker Hub behind it is noise.
+        return match answer {
+            store::Error::NotFound { .. } => {
+                error(format!("not found on mirror {mirror} (404)"), name_fix)
+            }
+            other => error(format!("mirror {mirror} answered: {other}"), name_fix),
+        };
+    }
+    match e {
+        store::Error::MirrorsFailed { last, tried } => {
+            let mirrors: Vec<&str> = tried.iter().map(|(m, _)| m.as_str()).collect();
+            error(
+                format!("{last}, nor its mirrors ({})", mirrors.join(", ")),
+                "check the network and the mirrors",
+            )
+        }
+        store::Error::Connect { .. } if r.is_docker_hub() => error(e.to_string(), OFFLINE_FIX),
+        // Mirrors serve Docker Hub images only: no use suggesting one.
+        store::Error::Connect { .. } => error(
+            e.to_string(),
+            "check the network and the registry's name (mirrors apply only to Docker Hub images)",
+        ),
+        store::Error::NotFound { registry, .. } => {
+            error(format!("not found in registry {registry} (404)"), name_fix)
+        }
+        other => error(
+            other.to_string(),
+            "see the message; `agentkernel doctor` checks registry access",
+        ),
+    }
+}
+
+/// On a terminal, one self-rewriting stderr line: layers done and bytes
+/// received. Otherwise one `pulling` line once the image is resolved.
+fn progress_line(name: String, tty: bool) -> store::ProgressFn {
     #[derive(Default)]
     struct Seen {
         total: u64,
@@ -157,6 +273,13 @@ fn progress_line(name: String) -> store::ProgressFn {
             store::Progress::Resolved { layers, .. } => {
                 s.layers = layers.len();
                 s.total = layers.iter().map(|(_, size)| size).sum();
+                if !tty {
+                    eprintln!(
+                        "agentkernel: pulling {name} ({}, {})",
+                        super::counted(s.layers, "layer", "layers"),
+                        format_bytes(s.total)
+                    );
+                }
             }
             store::Progress::LayerCached { .. } | store::Progress::LayerDone { .. } => s.done += 1,
             store::Progress::LayerDownloading {
@@ -166,6 +289,9 @@ fn progress_line(name: String) -> store::ProgressFn {
             }
             // Progress is non-exhaustive: later kinds just redraw the line.
             _ => {}
+        }
+        if !tty {
+            return;
         }
         let received: u64 = s.received.values().sum();
         let mut err = std::io::stderr();

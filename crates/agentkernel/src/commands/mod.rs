@@ -21,7 +21,7 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
         Command::Exec(args) => exec::exec(args).await,
         Command::Sandbox(cmd) => sandbox::sandbox(cmd).await,
         Command::Trust(args) => trust::trust(args),
-        Command::Doctor => doctor::doctor().await,
+        Command::Doctor { json } => doctor::doctor(json).await,
         Command::Pool(cmd) => pool::pool(cmd).await,
         Command::Completions { shell } => {
             let mut script = Vec::new();

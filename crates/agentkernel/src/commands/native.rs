@@ -96,7 +96,7 @@ async fn image_root(spec: &SandboxSpec, config: &Config) -> Result<ImageRoot> {
         PullPolicy::Always => images::PullPolicy::Always,
         PullPolicy::Never => images::PullPolicy::Never,
     };
-    let image = super::image::fetch(&store, &reference, policy, config).await?;
+    let (image, _) = super::image::fetch(&store, &reference, policy, config).await?;
     // Rootless overlayfs reads opaque directories from the `user.*` xattrs
     // an unprivileged unpack leaves; whiteouts it cannot do without.
     let rootless = rootless::UserMap::for_caller().is_some();

@@ -327,6 +327,15 @@ impl TestEnv {
         cmd
     }
 
+    /// `agentkernel ARGS…` with no backend chosen (auto-selection, `doctor`).
+    pub fn run_unchosen(&self, args: &[&str]) -> Output {
+        self.cmd()
+            .env_remove("AGENTKERNEL_BACKEND")
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
     /// `agentkernel ARGS…` to completion, stdin closed.
     pub fn run(&self, args: &[&str]) -> Output {
         self.cmd().args(args).output().unwrap()
