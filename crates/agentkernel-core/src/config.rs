@@ -67,6 +67,7 @@ struct NetworkSection {
 #[serde(deny_unknown_fields)]
 struct ImagesSection {
     mirrors: Option<Vec<String>>,
+    max_layer_size: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -95,6 +96,8 @@ pub struct Config {
     pub network: Option<bool>,
     pub ports: Vec<parse::PortMapping>,
     pub mirrors: Vec<String>,
+    /// `[images] max_layer_size`: the most one image layer may expand to.
+    pub max_layer_size: Option<u64>,
     pub pool_size: Option<u32>,
     pub pool_idle_ttl: Option<Duration>,
     /// The files that contributed, in the order applied.
@@ -214,6 +217,12 @@ impl Config {
         if let Some(m) = file.images.mirrors {
             self.mirrors = m;
         }
+        if let Some(size) = file.images.max_layer_size {
+            self.max_layer_size = Some(
+                parse::byte_size("max_layer_size", &size)
+                    .map_err(|e| val("images.max_layer_size", e))?,
+            );
+        }
         if let Some(size) = file.pool.size {
             self.pool_size = Some(size);
         }
@@ -269,6 +278,7 @@ ports = ["8080:80"]
 
 [images]
 mirrors = ["http://127.0.0.1:5000"]
+max_layer_size = "8g"
 
 [pool]
 size = 3
@@ -281,6 +291,7 @@ idle_ttl = "5m"
         assert_eq!(c.ttl, Some(Duration::from_secs(1800)));
         assert_eq!(c.pull, Some(PullPolicy::Never));
         assert_eq!(c.memory_bytes, Some(256 << 20));
+        assert_eq!(c.max_layer_size, Some(8 << 30));
         assert_eq!(c.network, Some(false));
         assert_eq!(c.ports.len(), 1);
         assert_eq!(c.env.get("A").map(String::as_str), Some("1"));

@@ -128,6 +128,7 @@ pub(crate) async fn fetch(
         mirrors,
         policy,
         progress,
+        max_layer_size: config.max_layer_size,
         ..Default::default()
     };
     let result = images.pull(r, &options).await;
