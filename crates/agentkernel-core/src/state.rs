@@ -183,7 +183,6 @@ impl Store {
     /// is taken but its owner unknown.
     pub fn reserve(&self, name: &str) -> Result<PathBuf> {
         let parent = self.root.join("sandboxes");
-        create_private_dir_all(&parent).map_err(|e| Error::state(&parent, e))?;
         let dir = parent.join(name);
         if dir.exists() {
             return Err(Error::NameClash(name.to_string()));
@@ -306,7 +305,6 @@ impl Store {
     /// always has its owner file, whenever the process is killed.
     pub fn run_scratch(&self, id: &str, subdirs: &[&str]) -> Result<PathBuf> {
         let parent = self.root.join("runs");
-        create_private_dir_all(&parent).map_err(|e| Error::state(&parent, e))?;
         let building = build_owned_dir(&parent, id, subdirs)?;
         let dir = parent.join(id);
         if let Err(e) = fs::rename(&building, &dir) {
@@ -368,7 +366,20 @@ fn build_owned_dir(parent: &Path, name: &str, subdirs: &[&str]) -> Result<PathBu
         std::process::id()
     ));
     let made = (|| -> std::io::Result<()> {
-        create_private_dir(&building)?;
+        match create_private_dir(&building) {
+            // The first one in this state directory: no syscall spent on
+            // checking the parents every other time.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // `parent` is `<state>/runs` or `<state>/sandboxes`: the
+                // state root, if missing, is made private too.
+                if let Some(state_root) = parent.parent() {
+                    create_private_dir_all(state_root)?;
+                }
+                create_private_dir_all(parent)?;
+                create_private_dir(&building)?;
+            }
+            other => other?,
+        }
         fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -606,9 +617,8 @@ mod tests {
     fn state_is_created_private_and_repaired() {
         let tmp = tempfile::tempdir().unwrap();
         let store = Store::new(tmp.path().join("state"));
-        store.make_private();
-        assert_eq!(mode(store.root()), 0o700);
         let dir = store.reserve("a").unwrap();
+        assert_eq!(mode(store.root()), 0o700);
         store.commit(&record("a")).unwrap();
         store.touch("a", Duration::from_secs(60)).unwrap();
         assert_eq!(mode(&store.root().join("sandboxes")), 0o700);
