@@ -152,6 +152,10 @@ impl Store {
     pub fn make_private(&self) {
         match fs::symlink_metadata(&self.root) {
             Ok(meta) if meta.mode() & 0o077 == 0 => {}
+            // A world-writable or sticky directory (`AGENTKERNEL_HOME=/tmp`)
+            // is shared by design, not a state root an older version made:
+            // never close it (what agentkernel creates in it is private).
+            Ok(meta) if meta.mode() & 0o1002 != 0 => {}
             // SAFETY: geteuid has no preconditions and cannot fail.
             Ok(meta) if meta.is_dir() && meta.uid() == unsafe { libc::geteuid() } => {
                 repair_modes(&self.root);
@@ -462,7 +466,7 @@ pub fn create_private_dir_all(path: &Path) -> std::io::Result<()> {
 }
 
 /// Closes up a state directory an older agentkernel made readable by all:
-/// the top-level directories, each sandbox's and each run's directory, the
+/// agentkernel's top-level directories, each sandbox's and each run's directory, the
 /// files that describe a sandbox (`plan.json` holds its environment), then
 /// the root. Directories a sandbox reads through a mount (`ctl/`) and the
 /// layers inside scratch directories keep their modes: their parents are
@@ -476,11 +480,11 @@ fn repair_modes(root: &Path) {
             .map(|entries| entries.flatten().map(|e| e.path()).collect())
             .unwrap_or_default()
     };
-    for top in children(root) {
-        if !top.is_dir() || top.is_symlink() {
+    for name in ["sandboxes", "runs", "pool", "images", "seccomp", "podman"] {
+        let top = root.join(name);
+        if !fs::symlink_metadata(&top).is_ok_and(|m| m.is_dir()) {
             continue;
         }
-        let name = top.file_name().and_then(|n| n.to_str()).unwrap_or("");
         if matches!(name, "sandboxes" | "runs") {
             for dir in children(&top).into_iter().filter(|d| d.is_dir()) {
                 for file in ["record.json", "plan.json", "native.json", "owner"] {
@@ -643,6 +647,13 @@ mod tests {
         assert_eq!(mode(&store.root().join("sandboxes")), 0o700);
         assert_eq!(mode(&dir), 0o700);
         assert_eq!(mode(&dir.join("record.json")), 0o600);
+
+        // A shared directory (`AGENTKERNEL_HOME=/tmp`) is never closed.
+        let shared = tmp.path().join("shared");
+        fs::create_dir(&shared).unwrap();
+        fs::set_permissions(&shared, fs::Permissions::from_mode(0o1777)).unwrap();
+        Store::new(shared.clone()).make_private();
+        assert_eq!(fs::metadata(&shared).unwrap().mode() & 0o7777, 0o1777);
     }
 
     #[test]
