@@ -69,6 +69,7 @@ struct NetworkSection {
 #[serde(deny_unknown_fields)]
 struct ImagesSection {
     mirrors: Option<Vec<String>>,
+    max_layer_size: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -98,6 +99,8 @@ pub struct Config {
     pub network: Option<bool>,
     pub ports: Vec<parse::PortMapping>,
     pub mirrors: Vec<String>,
+    /// `[images] max_layer_size`: the most one image layer may expand to.
+    pub max_layer_size: Option<u64>,
     pub pool_size: Option<u32>,
     pub pool_idle_ttl: Option<Duration>,
     /// The files that contributed, in the order applied.
@@ -252,6 +255,12 @@ impl Config {
         if let Some(m) = file.images.mirrors {
             self.mirrors = m;
         }
+        if let Some(size) = file.images.max_layer_size {
+            self.max_layer_size = Some(
+                parse::byte_size("max_layer_size", &size)
+                    .map_err(|e| val("images.max_layer_size", e))?,
+            );
+        }
         if let Some(size) = file.pool.size {
             self.pool_size = Some(size);
         }
@@ -319,6 +328,7 @@ ports = ["8080:80"]
 
 [images]
 mirrors = ["http://127.0.0.1:5000"]
+max_layer_size = "8g"
 
 [pool]
 size = 3
@@ -331,6 +341,7 @@ idle_ttl = "5m"
         assert_eq!(c.ttl, Some(Duration::from_secs(1800)));
         assert_eq!(c.pull, Some(PullPolicy::Never));
         assert_eq!(c.memory_bytes, Some(256 << 20));
+        assert_eq!(c.max_layer_size, Some(8 << 30));
         assert_eq!(c.network, Some(false));
         assert_eq!(c.ports.len(), 1);
         assert_eq!(c.env.get("A").map(String::as_str), Some("1"));

@@ -71,11 +71,23 @@ pub enum Error {
     },
 
     /// Local state (the kept-sandbox store) could not be read or written.
-    #[error("state {path}: {source}")]
+    #[error("{}", state_message(path, source))]
     State {
         path: PathBuf,
         source: std::io::Error,
     },
+}
+
+/// "permission denied" on state is someone else's state (it is private to
+/// its owner): say whose move it is.
+fn state_message(path: &std::path::Path, source: &std::io::Error) -> String {
+    if source.kind() == std::io::ErrorKind::PermissionDenied {
+        return format!(
+            "state {}: permission denied: it belongs to another user; run agentkernel as its owner (or root)",
+            path.display()
+        );
+    }
+    format!("state {}: {source}", path.display())
 }
 
 impl Error {

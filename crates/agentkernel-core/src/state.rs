@@ -8,9 +8,20 @@
 //! Short-lived runs keep scratch space (the copy-on-write workspace layers)
 //! under `<state>/runs/<id>/` with an `owner` file, so a later command can
 //! prove the owning process is gone and remove what it left.
+//!
+//! The state is private to the user who owns it: the root and every
+//! directory agentkernel makes in it are created 0700 and its files 0600
+//! (explicit modes at creation, never a chmod afterwards), because
+//! `plan.json` holds a sandbox's whole environment (`-e API_TOKEN=…`) and
+//! scratch directories hold what sandboxes wrote. The exceptions are what a
+//! sandbox's own (possibly non-root) processes read through a mount:
+//! `ctl/` and its `deadline` (0755/0644), and the copy-on-write upper and
+//! work directories, whose mode overlayfs shows as the workspace's; they
+//! sit inside 0700 directories, so no other host user can reach them.
 
 use std::fs;
 use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -123,8 +134,38 @@ impl Store {
         Store { root }
     }
 
+    /// The default state directory, created private or repaired (see
+    /// [`Store::make_private`]).
     pub fn open_default() -> Store {
-        Store::new(crate::paths::state_dir())
+        let store = Store::new(crate::paths::state_dir());
+        store.make_private();
+        store
+    }
+
+    /// Creates the state root 0700, or makes private one that an older
+    /// agentkernel left readable by everyone. The check is one `lstat` of
+    /// the root (every command pays it, so nothing is walked unless the
+    /// root's mode is wrong); the repair closes the directories and files
+    /// that hold secrets, then the root last, so an interrupted repair is
+    /// redone next time. A root owned by someone else is left alone: the
+    /// operations on it fail with "permission denied", naming the fix.
+    pub fn make_private(&self) {
+        match fs::symlink_metadata(&self.root) {
+            Ok(meta) if meta.mode() & 0o077 == 0 => {}
+            // A world-writable or sticky directory (`AGENTKERNEL_HOME=/tmp`)
+            // is shared by design, not a state root an older version made:
+            // never close it (what agentkernel creates in it is private).
+            Ok(meta) if meta.mode() & 0o1002 != 0 => {}
+            // SAFETY: geteuid has no preconditions and cannot fail.
+            Ok(meta) if meta.is_dir() && meta.uid() == unsafe { libc::geteuid() } => {
+                repair_modes(&self.root);
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let _ = create_private_dir_all(&self.root);
+            }
+            Err(_) => {}
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -140,21 +181,37 @@ impl Store {
     }
 
     /// Reserves `name`; fails with [`Error::NameClash`] if it is taken.
+    /// The directory is built under a temporary name with its owner file
+    /// inside and renamed into place without replacing (`RENAME_NOREPLACE`:
+    /// two racers cannot both win), so no instant exists at which the name
+    /// is taken but its owner unknown.
     pub fn reserve(&self, name: &str) -> Result<PathBuf> {
         let parent = self.root.join("sandboxes");
-        fs::create_dir_all(&parent).map_err(|e| Error::state(&parent, e))?;
         let dir = parent.join(name);
-        match fs::create_dir(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                return Err(Error::NameClash(name.to_string()))
-            }
-            Err(e) => return Err(Error::state(&dir, e)),
+        if dir.exists() {
+            return Err(Error::NameClash(name.to_string()));
         }
-        write_atomic(&dir.join("owner"), Owner::current().0.as_bytes())?;
-        let ctl = dir.join("ctl");
-        fs::create_dir(&ctl).map_err(|e| Error::state(&ctl, e))?;
-        Ok(dir)
+        let building = build_owned_dir(&parent, name, &[])?;
+        let ctl = building.join("ctl");
+        let made = fs::DirBuilder::new()
+            .mode(0o755)
+            .create(&ctl)
+            .map_err(|e| Error::state(&ctl, e))
+            .and_then(|()| rename_no_replace(&building, &dir));
+        match made {
+            Ok(()) => Ok(dir),
+            Err(e) => {
+                let _ = fs::remove_dir_all(&building);
+                match e {
+                    Error::State { source, .. }
+                        if source.kind() == std::io::ErrorKind::AlreadyExists =>
+                    {
+                        Err(Error::NameClash(name.to_string()))
+                    }
+                    e => Err(e),
+                }
+            }
+        }
     }
 
     /// Records a created sandbox and clears the reservation's owner.
@@ -195,11 +252,16 @@ impl Store {
 
     /// Reservations whose creating process died before committing.
     pub fn abandoned_reservations(&self) -> Vec<String> {
+        let parent = self.root.join("sandboxes");
+        remove_stale_temporaries(&parent);
         let mut out = Vec::new();
-        let Ok(entries) = fs::read_dir(self.root.join("sandboxes")) else {
+        let Ok(entries) = fs::read_dir(&parent) else {
             return out;
         };
         for entry in entries.flatten() {
+            if is_temporary(&entry.file_name()) {
+                continue;
+            }
             let dir = entry.path();
             if dir.join("record.json").exists() {
                 continue;
@@ -216,12 +278,15 @@ impl Store {
         out
     }
 
-    /// Sets the expiry to now + ttl (called on every use).
+    /// Sets the expiry to now + ttl (called on every use). Readable by
+    /// all: the sandbox's keep-alive reads it through a mount, possibly as
+    /// a non-root user; its 0700 parents keep other host users out.
     pub fn touch(&self, name: &str, ttl: Duration) -> Result<u64> {
         let deadline = now_unix() + ttl.as_secs();
-        write_atomic(
+        write_atomic_mode(
             &self.control_dir(name).join("deadline"),
             deadline.to_string().as_bytes(),
+            0o644,
         )?;
         Ok(deadline)
     }
@@ -238,35 +303,201 @@ impl Store {
         remove_tree(&self.sandbox_dir(name))
     }
 
-    /// Scratch directory of a short-lived run, tagged with the current process as owner.
-    pub fn run_scratch(&self, id: &str) -> Result<PathBuf> {
-        let dir = self.root.join("runs").join(id);
-        fs::create_dir_all(&dir).map_err(|e| Error::state(&dir, e))?;
-        write_atomic(&dir.join("owner"), Owner::current().0.as_bytes())?;
+    /// Scratch directory of a short-lived run, tagged with the current
+    /// process as owner, with the (empty, 0755) subdirectories `subdirs`.
+    /// Built under a temporary name and renamed into place, so `runs/<id>`
+    /// always has its owner file, whenever the process is killed.
+    pub fn run_scratch(&self, id: &str, subdirs: &[&str]) -> Result<PathBuf> {
+        let parent = self.root.join("runs");
+        let building = build_owned_dir(&parent, id, subdirs)?;
+        let dir = parent.join(id);
+        if let Err(e) = fs::rename(&building, &dir) {
+            let _ = fs::remove_dir_all(&building);
+            return Err(Error::state(&dir, e));
+        }
         Ok(dir)
     }
 
-    /// Scratch directories whose owner process is gone.
+    /// Scratch directories whose owner process is gone, and temporaries
+    /// ([`Store::run_scratch`] being built) whose owner is gone or that are
+    /// older than a minute (they live for microseconds).
     pub fn orphaned_scratch(&self) -> Vec<PathBuf> {
-        let Ok(entries) = fs::read_dir(self.root.join("runs")) else {
+        let parent = self.root.join("runs");
+        remove_stale_temporaries(&parent);
+        let Ok(entries) = fs::read_dir(&parent) else {
             return Vec::new();
         };
         entries
             .flatten()
+            .filter(|e| !is_temporary(&e.file_name()))
             .map(|e| e.path())
             .filter(|dir| {
                 let owner = fs::read_to_string(dir.join("owner")).unwrap_or_default();
                 if owner.is_empty() {
-                    // A run creates its directory, then writes the owner: only a
-                    // directory that stayed ownerless for a while is abandoned.
-                    return fs::metadata(dir)
-                        .and_then(|m| m.modified())
-                        .is_ok_and(|t| t.elapsed().is_ok_and(|age| age.as_secs() > 60));
+                    // Every scratch directory is born with its owner file:
+                    // one without it was being removed when its remover died
+                    // (or is being removed right now, hence the minute).
+                    return older_than_a_minute(dir);
                 }
                 Owner(owner.trim().to_string()).is_dead()
             })
             .collect()
     }
+}
+
+/// The prefix of directories being built (see [`build_owned_dir`]).
+const TEMPORARY_PREFIX: &str = ".new-";
+
+fn is_temporary(name: &std::ffi::OsStr) -> bool {
+    name.to_str()
+        .is_some_and(|n| n.starts_with(TEMPORARY_PREFIX))
+}
+
+fn older_than_a_minute(path: &Path) -> bool {
+    fs::symlink_metadata(path)
+        .and_then(|m| m.modified())
+        .is_ok_and(|t| t.elapsed().is_ok_and(|age| age.as_secs() > 60))
+}
+
+/// Makes `<parent>/.new-<name>.<pid>` (0700) holding an `owner` file naming
+/// this process and the empty directories `subdirs` (0755), ready to be
+/// renamed into place.
+fn build_owned_dir(parent: &Path, name: &str, subdirs: &[&str]) -> Result<PathBuf> {
+    static SERIAL: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let serial = SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let building = parent.join(format!(
+        "{TEMPORARY_PREFIX}{name}.{}.{serial}",
+        std::process::id()
+    ));
+    let made = (|| -> std::io::Result<()> {
+        match create_private_dir(&building) {
+            // The first one in this state directory: no syscall spent on
+            // checking the parents every other time.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // `parent` is `<state>/runs` or `<state>/sandboxes`: the
+                // state root, if missing, is made private too.
+                if let Some(state_root) = parent.parent() {
+                    create_private_dir_all(state_root)?;
+                }
+                create_private_dir_all(parent)?;
+                create_private_dir(&building)?;
+            }
+            other => other?,
+        }
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(building.join("owner"))?
+            .write_all(Owner::current().0.as_bytes())?;
+        for sub in subdirs {
+            fs::DirBuilder::new()
+                .mode(0o755)
+                .create(building.join(sub))?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = made {
+        let _ = fs::remove_dir_all(&building);
+        return Err(Error::state(&building, e));
+    }
+    Ok(building)
+}
+
+/// Removes temporaries in `parent` whose builder died (or that are older
+/// than a minute: a live builder renames them within microseconds).
+fn remove_stale_temporaries(parent: &Path) {
+    let Ok(entries) = fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if !is_temporary(&entry.file_name()) {
+            continue;
+        }
+        let dir = entry.path();
+        let owner = fs::read_to_string(dir.join("owner")).unwrap_or_default();
+        let owner_dead = !owner.is_empty() && Owner(owner.trim().to_string()).is_dead();
+        if owner_dead || older_than_a_minute(&dir) {
+            let _ = remove_tree(&dir);
+        }
+    }
+}
+
+/// `rename(from, to)` that fails with `AlreadyExists` instead of replacing `to`.
+fn rename_no_replace(from: &Path, to: &Path) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|e| Error::state(p, std::io::Error::other(e)))
+    };
+    let (cfrom, cto) = (c(from)?, c(to)?);
+    // SAFETY: two valid NUL-terminated paths, resolved from the cwd.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            cfrom.as_ptr(),
+            libc::AT_FDCWD,
+            cto.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if r != 0 {
+        return Err(Error::state(to, std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// `mkdir path` with mode 0700.
+pub fn create_private_dir(path: &Path) -> std::io::Result<()> {
+    fs::DirBuilder::new().mode(0o700).create(path)
+}
+
+/// `mkdir -p path`: missing parents as usual (they are not agentkernel's:
+/// `~/.local/share`, `/var/lib`), `path` itself 0700; an existing `path`
+/// is fine.
+pub fn create_private_dir_all(path: &Path) -> std::io::Result<()> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        fs::create_dir_all(parent)?;
+    }
+    match create_private_dir(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && path.is_dir() => Ok(()),
+        other => other,
+    }
+}
+
+/// Closes up a state directory an older agentkernel made readable by all:
+/// agentkernel's top-level directories, each sandbox's and each run's directory, the
+/// files that describe a sandbox (`plan.json` holds its environment), then
+/// the root. Directories a sandbox reads through a mount (`ctl/`) and the
+/// layers inside scratch directories keep their modes: their parents are
+/// closed now.
+fn repair_modes(root: &Path) {
+    let set = |path: &Path, mode: u32| {
+        let _ = fs::set_permissions(path, fs::Permissions::from_mode(mode));
+    };
+    let children = |dir: &Path| -> Vec<PathBuf> {
+        fs::read_dir(dir)
+            .map(|entries| entries.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    };
+    for name in ["sandboxes", "runs", "pool", "images", "seccomp", "podman"] {
+        let top = root.join(name);
+        if !fs::symlink_metadata(&top).is_ok_and(|m| m.is_dir()) {
+            continue;
+        }
+        if matches!(name, "sandboxes" | "runs") {
+            for dir in children(&top).into_iter().filter(|d| d.is_dir()) {
+                for file in ["record.json", "plan.json", "native.json", "owner"] {
+                    if dir.join(file).is_file() {
+                        set(&dir.join(file), 0o600);
+                    }
+                }
+                set(&dir, 0o700);
+            }
+        }
+        set(&top, 0o700);
+    }
+    set(root, 0o700);
 }
 
 pub fn remove_tree(path: &Path) -> Result<()> {
@@ -300,11 +531,32 @@ fn open_up_directories(path: &Path) {
     }
 }
 
-/// Writes via a temporary file and rename, so readers (including the
-/// sandbox's keep-alive loop) never see a partial value.
+/// Writes a file only its owner can read (0600) via a temporary file and
+/// rename, so readers never see a partial value.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    write_atomic_mode(path, data, 0o600)
+}
+
+/// [`write_atomic`] with the file created with `mode` (the umask applies).
+pub fn write_atomic_mode(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let mut f = fs::File::create(&tmp).map_err(|e| Error::state(&tmp, e))?;
+    let create = || {
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)
+    };
+    // A leftover of a killed process with our pid may have another mode:
+    // never reuse it.
+    let mut f = match create() {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let _ = fs::remove_file(&tmp);
+            create()
+        }
+        other => other,
+    }
+    .map_err(|e| Error::state(&tmp, e))?;
     f.write_all(data).map_err(|e| Error::state(&tmp, e))?;
     drop(f);
     fs::rename(&tmp, path).map_err(|e| Error::state(path, e))
@@ -359,6 +611,76 @@ mod tests {
                 .sum()
         });
         assert_eq!(wins, 1);
+    }
+
+    fn mode(path: &Path) -> u32 {
+        fs::symlink_metadata(path).unwrap().mode() & 0o777
+    }
+
+    #[test]
+    fn state_is_created_private_and_repaired() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::new(tmp.path().join("state"));
+        let dir = store.reserve("a").unwrap();
+        assert_eq!(mode(store.root()), 0o700);
+        store.commit(&record("a")).unwrap();
+        store.touch("a", Duration::from_secs(60)).unwrap();
+        assert_eq!(mode(&store.root().join("sandboxes")), 0o700);
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&dir.join("record.json")), 0o600);
+        // What the sandbox reads through its mount stays readable.
+        assert_eq!(mode(&dir.join("ctl")), 0o755);
+        assert_eq!(mode(&dir.join("ctl/deadline")), 0o644);
+        let scratch = store.run_scratch("run-1", &["layer"]).unwrap();
+        assert_eq!(mode(&store.root().join("runs")), 0o700);
+        assert_eq!(mode(&scratch), 0o700);
+        assert_eq!(mode(&scratch.join("owner")), 0o600);
+        assert_eq!(mode(&scratch.join("layer")), 0o755);
+
+        // An older version's layout: readable by all, closed up on first use.
+        for p in [store.root(), &store.root().join("sandboxes"), &dir] {
+            fs::set_permissions(p, fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        fs::set_permissions(dir.join("record.json"), fs::Permissions::from_mode(0o644)).unwrap();
+        store.make_private();
+        assert_eq!(mode(store.root()), 0o700);
+        assert_eq!(mode(&store.root().join("sandboxes")), 0o700);
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&dir.join("record.json")), 0o600);
+
+        // A shared directory (`AGENTKERNEL_HOME=/tmp`) is never closed.
+        let shared = tmp.path().join("shared");
+        fs::create_dir(&shared).unwrap();
+        fs::set_permissions(&shared, fs::Permissions::from_mode(0o1777)).unwrap();
+        Store::new(shared.clone()).make_private();
+        assert_eq!(fs::metadata(&shared).unwrap().mode() & 0o7777, 0o1777);
+    }
+
+    #[test]
+    fn scratch_is_never_seen_without_its_owner() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::new(tmp.path().to_path_buf());
+        let live = store.run_scratch("run-live", &[]).unwrap();
+        assert!(live.join("owner").is_file());
+        let runs = tmp.path().join("runs");
+        // What a kill can leave: a temporary of a dead builder (removed at
+        // once), a fresh one of a live builder (kept), and an ownerless
+        // temporary (removed once it is a minute old).
+        let dead = runs.join(format!("{TEMPORARY_PREFIX}run-dead.1.0"));
+        fs::create_dir(&dead).unwrap();
+        fs::write(dead.join("owner"), "other-boot:1:1").unwrap();
+        let building = runs.join(format!("{TEMPORARY_PREFIX}run-building.2.0"));
+        fs::create_dir(&building).unwrap();
+        fs::write(building.join("owner"), Owner::current().0).unwrap();
+        let old = runs.join(format!("{TEMPORARY_PREFIX}run-old.3.0"));
+        fs::create_dir(&old).unwrap();
+        let minute_ago = fs::File::open(&old).unwrap();
+        minute_ago
+            .set_modified(SystemTime::now() - Duration::from_secs(120))
+            .unwrap();
+        assert!(store.orphaned_scratch().is_empty());
+        assert!(!dead.exists() && !old.exists());
+        assert!(building.exists() && live.exists());
     }
 
     #[test]

@@ -348,9 +348,11 @@ pub async fn run(
     // SAFETY: kill has no memory-safety preconditions; the PID was checked
     // against its start time just now.
     unsafe { libc::kill(shell.pid, libc::SIGUSR1) };
-    let first = next_status(&mut status, shell)
-        .await
-        .map_err(|e| open_error("status", e))?;
+    let first = next_status(&mut status, shell).await;
+    // The shell has read the environment (or will not): its values stay on
+    // disk no longer than that.
+    let _ = std::fs::remove_dir_all(run.join("env"));
+    let first = first.map_err(|e| open_error("status", e))?;
     match first.as_deref() {
         Some("run") => {}
         Some("fallback") => return Ok(Handoff::Declined),

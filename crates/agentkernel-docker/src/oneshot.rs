@@ -25,7 +25,7 @@ pub async fn run(engine: &Engine, spec: &SandboxSpec, store: &Store) -> Result<O
     let id = names::generated();
     let container_name = format!("{}{id}", labels::CONTAINER_PREFIX);
     let scratch = if crate::create::needs_scratch(engine.flavor, spec) {
-        Some(store.run_scratch(&id)?)
+        Some(store.run_scratch(&id, &[])?)
     } else {
         None
     };

@@ -185,6 +185,18 @@ pub enum Error {
         detail: String,
     },
 
+    /// A layer expands to more than the store accepts (a decompression or
+    /// sparse-file bomb, or a layer bigger than the configured bound).
+    #[error("layer {layer} expands to more than {limit} bytes ({bound}); refusing to extract this image; if it is trusted, raise `[images] max_layer_size` in the config or free disk space")]
+    LayerTooLarge {
+        /// The layer's digest.
+        layer: String,
+        /// The bound it crossed, in bytes.
+        limit: u64,
+        /// Where the bound comes from.
+        bound: String,
+    },
+
     /// `PullPolicy::Never` (or `resolve`) and the image is not stored.
     #[error("image {reference} is not in the local image store")]
     NotPresent {

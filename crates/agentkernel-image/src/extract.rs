@@ -87,13 +87,46 @@ pub(crate) struct Extracted {
     pub markers: LayerMarkers,
 }
 
+/// How much a layer may expand to, and why (for the error).
+#[derive(Clone, Debug)]
+pub(crate) struct SizeLimit {
+    pub bytes: u64,
+    pub bound: String,
+}
+
+impl SizeLimit {
+    fn exceeded(&self, layer: &str) -> Error {
+        Error::LayerTooLarge {
+            layer: layer.to_string(),
+            limit: self.bytes,
+            bound: self.bound.clone(),
+        }
+    }
+}
+
 /// Unpacks the (gzip-, zstd- or un-compressed) tar stream `reader` into
 /// `dest`, an existing empty directory, and hashes the uncompressed stream.
-/// `layer` names the layer in errors.
-pub(crate) fn extract(mut reader: impl Read, dest: &Path, layer: &str) -> Result<Extracted> {
-    let bad = |e: io::Error| Error::BadLayer {
-        layer: layer.to_string(),
-        detail: e.to_string(),
+/// `layer` names the layer in errors. The layer may not expand beyond
+/// `limit`: the decompressed stream is counted as it is read (a
+/// decompression bomb stops there, not after), and each file's size is
+/// checked before it is written (a sparse entry's holes count: it declares
+/// its full size up front). Runs of zeros are written as holes, so a sparse
+/// entry stays sparse on disk.
+pub(crate) fn extract(
+    mut reader: impl Read,
+    dest: &Path,
+    layer: &str,
+    limit: &SizeLimit,
+) -> Result<Extracted> {
+    let overflowed = std::rc::Rc::new(std::cell::Cell::new(false));
+    let bad = |e: io::Error| {
+        if overflowed.get() {
+            return limit.exceeded(layer);
+        }
+        Error::BadLayer {
+            layer: layer.to_string(),
+            detail: e.to_string(),
+        }
     };
     // Sniff the compression from the bytes rather than trusting the media
     // type: registries and tools mislabel layers.
@@ -118,13 +151,23 @@ pub(crate) fn extract(mut reader: impl Read, dest: &Path, layer: &str) -> Result
     let hashing = HashingReader {
         inner: decoded,
         hasher: Sha256::new(),
+        remaining: limit.bytes,
+        overflowed: overflowed.clone(),
     };
     let mut archive = tar::Archive::new(BufReader::with_capacity(128 << 10, hashing));
 
     let mut x = Extractor::new(dest, layer)?;
+    let mut declared: u64 = 0;
     for entry in archive.entries().map_err(bad)? {
         let mut entry = entry.map_err(bad)?;
-        x.entry(&mut entry)?;
+        declared = declared.saturating_add(entry.size());
+        if declared > limit.bytes {
+            return Err(limit.exceeded(layer));
+        }
+        x.entry(&mut entry).map_err(|e| match e {
+            _ if overflowed.get() => limit.exceeded(layer),
+            e => e,
+        })?;
     }
     x.finish()?;
     // Hash what tar did not need to read (the end-of-archive padding), so
@@ -138,14 +181,25 @@ pub(crate) fn extract(mut reader: impl Read, dest: &Path, layer: &str) -> Result
     })
 }
 
+/// Hashes the decompressed stream and stops it (an error, with
+/// `overflowed` set) once it passes the layer's size limit.
 struct HashingReader<R> {
     inner: R,
     hasher: Sha256,
+    remaining: u64,
+    overflowed: std::rc::Rc<std::cell::Cell<bool>>,
 }
 
 impl<R: Read> Read for HashingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
+        match self.remaining.checked_sub(n as u64) {
+            Some(left) => self.remaining = left,
+            None => {
+                self.overflowed.set(true);
+                return Err(io::Error::other("the layer expands beyond its size limit"));
+            }
+        }
         self.hasher.update(&buf[..n]);
         Ok(n)
     }
@@ -416,17 +470,33 @@ impl<'a> Extractor<'a> {
 
     /// Copies an entry's data, telling a broken stream (the layer's fault)
     /// from a failed write (ours: disk full, permissions).
+    /// Blocks of zeros become holes (a seek), so a sparse entry, whose
+    /// holes the tar reader hands over as zeros, stays sparse on disk.
     fn copy_data(&self, from: &mut impl Read, to: &mut File, rel: &Path) -> Result<()> {
+        use std::io::Seek;
         let mut buf = vec![0u8; 64 << 10];
+        let mut ends_in_hole = false;
         loop {
             let n = match from.read(&mut buf) {
-                Ok(0) => return Ok(()),
+                Ok(0) => break,
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(self.bad(format!("reading `{}`: {e}", rel.display()))),
             };
-            to.write_all(&buf[..n]).map_err(|e| self.io(rel, e))?;
+            ends_in_hole = buf[..n].iter().all(|&b| b == 0);
+            if ends_in_hole {
+                to.seek(io::SeekFrom::Current(n as i64))
+                    .map_err(|e| self.io(rel, e))?;
+            } else {
+                to.write_all(&buf[..n]).map_err(|e| self.io(rel, e))?;
+            }
         }
+        if ends_in_hole {
+            // A trailing hole: the seek alone does not extend the file.
+            let len = to.stream_position().map_err(|e| self.io(rel, e))?;
+            to.set_len(len).map_err(|e| self.io(rel, e))?;
+        }
+        Ok(())
     }
 
     fn whiteout(&mut self, raw: &[u8], parent: &Path, target: &[u8]) -> Result<()> {
@@ -875,11 +945,38 @@ mod tests {
     }
 
     fn unpack(tar: &[u8]) -> (tempfile::TempDir, Result<Extracted>) {
+        unpack_limited(tar, 1 << 30)
+    }
+
+    fn unpack_limited(tar: &[u8], limit: u64) -> (tempfile::TempDir, Result<Extracted>) {
         let tmp = tempfile::tempdir().unwrap();
         let layer = tmp.path().join("layer");
         std::fs::create_dir(&layer).unwrap();
-        let r = extract(tar, &layer, "sha256:test");
+        let limit = SizeLimit {
+            bytes: limit,
+            bound: "test".into(),
+        };
+        let r = extract(tar, &layer, "sha256:test", &limit);
         (tmp, r)
+    }
+
+    /// A GNU sparse entry: 512 bytes of `x` at offset 0, then a hole up to
+    /// `real_size`.
+    pub(crate) fn sparse_tar(path: &str, real_size: u64) -> Vec<u8> {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::GNUSparse);
+        h.set_mode(0o644);
+        h.set_size(512);
+        h.set_mtime(1_700_000_000);
+        let gnu = h.as_gnu_mut().unwrap();
+        gnu.set_real_size(real_size);
+        gnu.sparse[0].set_offset(0);
+        gnu.sparse[0].set_length(512);
+        gnu.sparse[1].set_offset(real_size);
+        gnu.sparse[1].set_length(0);
+        let mut b = tar::Builder::new(Vec::new());
+        b.append_data(&mut h, path, &[b'x'; 512][..]).unwrap();
+        b.into_inner().unwrap()
     }
 
     fn layer(tmp: &tempfile::TempDir) -> PathBuf {
@@ -1319,6 +1416,69 @@ mod tests {
         assert_eq!(
             std::fs::metadata(layer(&tmp).join("y")).unwrap().mode() & 0o777,
             0o700
+        );
+    }
+
+    #[test]
+    fn sparse_entries_stay_sparse() {
+        let (tmp, r) = unpack_limited(&sparse_tar("big", 1 << 30), 1 << 31);
+        r.unwrap();
+        let meta = std::fs::metadata(layer(&tmp).join("big")).unwrap();
+        assert_eq!(meta.len(), 1 << 30);
+        // st_blocks counts 512-byte units: a few KiB, not a GiB.
+        assert!(meta.blocks() * 512 < 1 << 20, "{} blocks", meta.blocks());
+        let head = std::fs::read(layer(&tmp).join("big"))
+            .map(|d| d[..512].to_vec())
+            .ok();
+        assert_eq!(head.as_deref(), Some(&[b'x'; 512][..]));
+    }
+
+    #[test]
+    fn a_sparse_entry_beyond_the_limit_is_refused_before_writing() {
+        let (tmp, r) = unpack_limited(&sparse_tar("bomb", 64 << 30), 1 << 30);
+        let err = r.expect_err("a 64 GiB sparse entry must be refused");
+        assert!(matches!(err, Error::LayerTooLarge { .. }), "{err}");
+        assert!(!layer(&tmp).join("bomb").exists());
+    }
+
+    #[test]
+    fn a_decompression_bomb_stops_at_the_limit() {
+        use std::io::Write;
+        // 256 MiB of zeros in one file, gzip-compressed to ~256 KiB.
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(0o644);
+        h.set_size(256 << 20);
+        h.set_path("zeros").unwrap();
+        h.set_cksum();
+        gz.write_all(h.as_bytes()).unwrap();
+        let chunk = vec![0u8; 1 << 20];
+        for _ in 0..256 {
+            gz.write_all(&chunk).unwrap();
+        }
+        gz.write_all(&[0u8; 1024]).unwrap();
+        let bomb = gz.finish().unwrap();
+        assert!(bomb.len() < 1 << 20, "{}", bomb.len());
+        // The header declares 256 MiB: refused before a byte is written.
+        let (_, r) = unpack_limited(&bomb, 16 << 20);
+        assert!(
+            matches!(r, Err(Error::LayerTooLarge { .. })),
+            "{:?}",
+            r.err()
+        );
+        // A header that lies (a small size, then the zeros as further
+        // "entries"): the stream count stops it.
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        for _ in 0..256 {
+            gz.write_all(&chunk).unwrap();
+        }
+        let bomb = gz.finish().unwrap();
+        let (_, r) = unpack_limited(&bomb, 16 << 20);
+        assert!(
+            matches!(r, Err(Error::LayerTooLarge { .. })),
+            "{:?}",
+            r.err()
         );
     }
 

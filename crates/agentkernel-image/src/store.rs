@@ -89,7 +89,20 @@ pub struct PullOptions {
     pub progress: Option<ProgressFn>,
     /// Layers fetched at once; 0 means the default (3).
     pub concurrent_downloads: usize,
+    /// The most one layer may expand to, in bytes (`[images]
+    /// max_layer_size`); `None` means [`DEFAULT_MAX_LAYER_SIZE`]. Either way
+    /// a layer may not use the store's free disk space but a margin of
+    /// [`FREE_DISK_MARGIN`].
+    pub max_layer_size: Option<u64>,
 }
+
+/// The default bound on what one layer may expand to: far above real
+/// layers (the largest common images' layers are a few GiB), far below
+/// what a bomb asks for.
+pub const DEFAULT_MAX_LAYER_SIZE: u64 = 32 << 30;
+
+/// Disk space a pull leaves free for everything else on the filesystem.
+pub const FREE_DISK_MARGIN: u64 = 1 << 30;
 
 impl std::fmt::Debug for PullOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -511,13 +524,14 @@ impl Store {
         } else {
             opts.concurrent_downloads
         };
-        let results: Vec<Result<()>> =
-            futures_util::stream::iter(layers.iter().map(|(digest, size, diff_id)| {
-                self.pull_layer(s, digest, *size, diff_id, opts.progress.as_ref())
-            }))
-            .buffered(limit)
-            .collect()
-            .await;
+        let results: Vec<Result<()>> = futures_util::stream::iter(
+            layers
+                .iter()
+                .map(|(digest, size, diff_id)| self.pull_layer(s, digest, *size, diff_id, opts)),
+        )
+        .buffered(limit)
+        .collect()
+        .await;
         results.into_iter().collect::<Result<()>>()?;
 
         // The ref last: only now is the image complete.
@@ -572,10 +586,10 @@ impl Store {
         digest: &Digest,
         size: u64,
         diff_id: &Digest,
-        progress: Option<&ProgressFn>,
+        opts: &PullOptions,
     ) -> Result<()> {
         let report = |p: Progress| {
-            if let Some(f) = progress {
+            if let Some(f) = &opts.progress {
                 f(&p);
             }
         };
@@ -613,7 +627,7 @@ impl Store {
         let work = self.temp_path(&format!("layer-{}", diff_id.short()));
         fs::create_dir(&work).at(&work)?;
         let result = self
-            .download_and_extract(s, digest, size, &work, &report)
+            .download_and_extract(s, digest, size, &work, &report, self.layer_limit(opts))
             .await;
         let result = result.and_then(|extracted| {
             if extracted.diff_id != *diff_id {
@@ -659,6 +673,7 @@ impl Store {
         size: u64,
         work: &Path,
         report: &(dyn Fn(Progress) + Sync),
+        limit: extract::SizeLimit,
     ) -> Result<Extracted> {
         let mut resp = s.blob(digest).await?;
         let (tx, rx) = mpsc::channel(16);
@@ -672,6 +687,7 @@ impl Store {
                 },
                 &work_dir,
                 &layer_name,
+                &limit,
             )
         });
         let mut hasher = Sha256::new();
@@ -733,6 +749,32 @@ impl Store {
             });
         }
         unpacked
+    }
+
+    /// What the next layer may expand to: the configured (or default)
+    /// bound, lowered to the free space of the store's disk minus a margin,
+    /// as it is when the layer starts.
+    fn layer_limit(&self, opts: &PullOptions) -> extract::SizeLimit {
+        let configured = opts.max_layer_size.unwrap_or(DEFAULT_MAX_LAYER_SIZE);
+        let bound = match opts.max_layer_size {
+            Some(_) => "[images] max_layer_size",
+            None => "the default max_layer_size",
+        };
+        match free_bytes(&self.root.join("tmp")) {
+            Some(free) if free.saturating_sub(FREE_DISK_MARGIN) < configured => {
+                extract::SizeLimit {
+                    bytes: free.saturating_sub(FREE_DISK_MARGIN),
+                    bound: format!(
+                        "the free disk space of {} less a 1 GiB margin",
+                        self.root.display()
+                    ),
+                }
+            }
+            _ => extract::SizeLimit {
+                bytes: configured,
+                bound: bound.to_string(),
+            },
+        }
     }
 
     fn open_lock(&self) -> Result<File> {
@@ -924,6 +966,19 @@ impl<B: AsRef<[u8]>> Read for ChannelReader<B> {
             }
         }
     }
+}
+
+/// Bytes an unprivileged writer may still use on `path`'s filesystem.
+fn free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: a plain C struct, for which all zeroes is a valid value.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statvfs writes into the struct we pass; `c` is a valid C string.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
 fn flock(file: &File, op: libc::c_int) -> io::Result<()> {

@@ -329,22 +329,43 @@ fn detach_stdio() {
 }
 
 /// `sandbox remove`: asks the holder to end the sandbox and waits for it;
-/// if the holder is gone, removes what it left.
-pub fn remove(store: &Store, name: &str) {
+/// if the holder is gone, removes what it left. Fails (rather than claiming
+/// success) when the sandbox is another user's or its directory stays.
+pub fn remove(store: &Store, name: &str) -> io::Result<()> {
+    let denied = || {
+        io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("cannot remove sandbox {name}: permission denied; run agentkernel as its owner (or root)"),
+        )
+    };
     match Held::load(store, name) {
         Some(held) if held.holder_alive() => {
             if let Some(pid) = held.holder_pid() {
-                kill(pid, libc::SIGTERM);
+                // SAFETY: kill has no memory-safety preconditions.
+                if unsafe { libc::kill(pid, libc::SIGTERM) } != 0
+                    && io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+                {
+                    return Err(denied());
+                }
             }
             for _ in 0..200 {
                 if !store.sandbox_dir(name).exists() {
-                    return;
+                    return Ok(());
                 }
                 std::thread::sleep(std::time::Duration::from_millis(25));
             }
             teardown(store, name, Some(&held));
         }
         held => teardown(store, name, held.as_ref()),
+    }
+    match std::fs::symlink_metadata(store.sandbox_dir(name)) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => Err(denied()),
+        Err(e) => Err(e),
+        Ok(_) => Err(io::Error::other(format!(
+            "sandbox {name} could not be removed: {} is still there; run agentkernel as its owner (or root), then `agentkernel sandbox gc`",
+            store.sandbox_dir(name).display()
+        ))),
     }
 }
 

@@ -1,5 +1,6 @@
 //! From a backend-neutral [`SandboxSpec`] and an image to a [`Plan`].
 
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use agentkernel_core::parse::Protocol;
@@ -182,16 +183,21 @@ pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<Plan
         }
         None => None,
     };
+    // `layer` is the mount point of the root's tmpfs layer (see rootfs.rs).
     let scratch = match &keep {
         Some(_) => {
-            std::fs::create_dir(&scratch_path).map_err(|e| Error::state(&scratch_path, e))?;
+            let mkdir = |p: &Path, mode| {
+                std::fs::DirBuilder::new()
+                    .mode(mode)
+                    .create(p)
+                    .map_err(|e| Error::state(p, e))
+            };
+            mkdir(&scratch_path, 0o700)?;
+            mkdir(&scratch_path.join("layer"), 0o755)?;
             scratch_path
         }
-        None => store.run_scratch(&id)?,
+        None => store.run_scratch(&id, &["layer"])?,
     };
-    let mkdir = |p: PathBuf| std::fs::create_dir(&p).map_err(|e| Error::state(p, e));
-    // The mount point of the root's tmpfs layer (see rootfs.rs).
-    mkdir(scratch.join("layer"))?;
     let workspace_disk = match disk_template {
         Some((template, bytes)) => {
             match crate::disk::create_workspace_image(&template, &scratch, bytes) {

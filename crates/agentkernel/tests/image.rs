@@ -70,15 +70,19 @@ impl Registry {
         if !archive.exists() {
             engine_ok(&["save", "-o", archive.to_str().unwrap(), BUSYBOX]);
         }
+        self.copy_in(&format!("docker-archive:{}", archive.display()), repo);
+    }
+
+    /// `skopeo copy SOURCE` to `repo` in this registry.
+    fn copy_in(&self, source: &str, repo: &str) {
         let out = Command::new("skopeo")
-            .args(["copy", "--quiet", "--dest-tls-verify=false"])
-            .arg(format!("docker-archive:{}", archive.display()))
+            .args(["copy", "--quiet", "--dest-tls-verify=false", source])
             .arg(format!("docker://127.0.0.1:{}/{repo}", self.port))
             .output()
             .unwrap();
         assert!(
             out.status.success(),
-            "skopeo: {}",
+            "skopeo copy {source}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
@@ -331,4 +335,177 @@ fn dockerds_registry_mirrors_serve_native_pulls() {
         .unwrap_or_else(|| panic!("dockerd's mirror is not probed: {doc:#}"));
     assert_eq!(listed["source"], "/etc/docker/daemon.json");
     assert_eq!(listed["reachable"], true);
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    format!("{:x}", sha2::Sha256::digest(data))
+}
+
+impl Registry {
+    /// Pushes a one-layer OCI image whose layer blob is `layer` exactly as
+    /// given (skopeo copies an OCI layout's blobs without looking inside).
+    fn push_one_layer(&self, repo: &str, layer: &[u8], media_type: &str, diff_id: &str) {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = dir.path().join("blobs/sha256");
+        std::fs::create_dir_all(&blobs).unwrap();
+        let put = |data: &[u8]| {
+            let hex = sha256_hex(data);
+            std::fs::write(blobs.join(&hex), data).unwrap();
+            format!("sha256:{hex}")
+        };
+        let config = serde_json::to_vec(&serde_json::json!({
+            "architecture": std::env::consts::ARCH.replace("x86_64", "amd64").replace("aarch64", "arm64"),
+            "os": "linux",
+            "config": {},
+            "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+        }))
+        .unwrap();
+        let manifest = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": put(&config), "size": config.len()},
+            "layers": [{"mediaType": media_type, "digest": put(layer), "size": layer.len()}],
+        }))
+        .unwrap();
+        let index = serde_json::json!({
+            "schemaVersion": 2,
+            "manifests": [{
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": put(&manifest),
+                "size": manifest.len(),
+            }],
+        });
+        std::fs::write(dir.path().join("index.json"), index.to_string()).unwrap();
+        std::fs::write(
+            dir.path().join("oci-layout"),
+            r#"{"imageLayoutVersion":"1.0.0"}"#,
+        )
+        .unwrap();
+        self.copy_in(&format!("oci:{}", dir.path().display()), repo);
+    }
+}
+
+/// Bytes allocated on disk under `path` (not the apparent sizes).
+fn allocated_bytes(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return 0;
+    };
+    let mut total = meta.blocks() * 512;
+    if meta.is_dir() {
+        for entry in std::fs::read_dir(path).unwrap().flatten() {
+            total += allocated_bytes(&entry.path());
+        }
+    }
+    total
+}
+
+/// Pulls `name` into the test's own image store (not the native tests'
+/// shared one) and asserts a one-line refusal that names the layer bound,
+/// with nothing stored and (almost) no disk used.
+fn assert_bomb_refused(env: &TestEnv, name: &str) {
+    let images = env.state_dir().join("images");
+    let _ = std::fs::remove_file(&images); // the native tests' shared store link
+    let started = Instant::now();
+    let out = env.run(&["image", "pull", name]);
+    let err = assert_one_line_error(&out);
+    assert!(
+        err.contains("expands to more than") && err.contains("max_layer_size"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "the refusal took {:?}",
+        started.elapsed()
+    );
+    let count = |sub: &str| {
+        std::fs::read_dir(images.join(sub))
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| !e.file_name().to_string_lossy().ends_with(".lock"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    assert_eq!(count("layers/sha256"), 0, "a layer was stored");
+    assert_eq!(count("refs"), 0, "the image was recorded");
+    assert_eq!(count("tmp"), 0, "the partial extraction was left");
+    let used = allocated_bytes(&images);
+    assert!(used < 64 << 20, "the pull left {used} bytes on disk");
+}
+
+/// A 1 MB layer holding one GNU sparse file that claims 64 GiB: it used to
+/// be written out in full. Refused by the default bound before a byte of it
+/// is written.
+#[test]
+fn a_sparse_layer_bomb_is_refused() {
+    let env = TestEnv::new();
+    let registry = Registry::start();
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(tar::EntryType::GNUSparse);
+    header.set_mode(0o644);
+    header.set_size(512);
+    let gnu = header.as_gnu_mut().unwrap();
+    gnu.set_real_size(64 << 30);
+    gnu.sparse[0].set_offset(0);
+    gnu.sparse[0].set_length(512);
+    gnu.sparse[1].set_offset(64 << 30);
+    gnu.sparse[1].set_length(0);
+    let mut tar = tar::Builder::new(Vec::new());
+    tar.append_data(&mut header, "bomb", &[b'x'; 512][..])
+        .unwrap();
+    let layer = tar.into_inner().unwrap();
+    let diff_id = format!("sha256:{}", sha256_hex(&layer));
+    registry.push_one_layer(
+        "test/sparse-bomb:1",
+        &layer,
+        "application/vnd.oci.image.layer.v1.tar",
+        &diff_id,
+    );
+    assert_bomb_refused(
+        &env,
+        &format!("127.0.0.1:{}/test/sparse-bomb:1", registry.port),
+    );
+}
+
+/// 10 GiB of zeros in 10,240 files, gzip-compressed to ~10 MB: stopped at
+/// `[images] max_layer_size` (64m here) while streaming. (The config's
+/// diff_id is not the stream's: computing it would mean hashing 10 GiB, and
+/// a refused stream is never compared with it.)
+#[test]
+fn a_gzip_layer_bomb_is_refused_while_streaming() {
+    use std::io::{Read, Write};
+    let env = TestEnv::new();
+    std::fs::write(
+        env.project_dir().join("agentkernel.toml"),
+        "[images]\nmax_layer_size = \"64m\"\n",
+    )
+    .unwrap();
+    let registry = Registry::start();
+    // One gzip member: a 1 MiB file of zeros; gzip members concatenate.
+    let mut member = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(tar::EntryType::Regular);
+    header.set_mode(0o644);
+    header.set_size(1 << 20);
+    member
+        .append_data(&mut header, "zeros", std::io::repeat(0).take(1 << 20))
+        .unwrap();
+    let member = member.into_inner().unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    gz.write_all(&member[..member.len() - 1024]).unwrap(); // no end-of-archive
+    let member = gz.finish().unwrap();
+    let layer: Vec<u8> = member.repeat(10 << 10);
+    assert!(layer.len() < 16 << 20, "{} bytes", layer.len());
+    registry.push_one_layer(
+        "test/gzip-bomb:1",
+        &layer,
+        "application/vnd.oci.image.layer.v1.tar+gzip",
+        &format!("sha256:{}", sha256_hex(b"not computed")),
+    );
+    assert_bomb_refused(
+        &env,
+        &format!("127.0.0.1:{}/test/gzip-bomb:1", registry.port),
+    );
 }

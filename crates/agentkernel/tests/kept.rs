@@ -528,3 +528,122 @@ fn exec_forwards_sigterm() {
     }
     assert_code(&env.run(&["exec", &name, "--", "true"]), 0);
 }
+
+/// Every path under `root` (not following symlinks: the shared image store
+/// is linked in), directories first.
+fn state_paths(root: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = vec![root.to_path_buf()];
+    let mut i = 0;
+    while i < out.len() {
+        let dir = out[i].clone();
+        i += 1;
+        let is_dir = std::fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir());
+        if let (true, Ok(entries)) = (is_dir, std::fs::read_dir(&dir)) {
+            out.extend(entries.flatten().map(|e| e.path()));
+        }
+    }
+    out
+}
+
+/// A kept sandbox's secrets (its `-e` environment, what it wrote into its
+/// copy-on-write workspace) must not be readable by another local user, and
+/// that user cannot remove it. The state directory starts 0755, as older
+/// versions left it: the first command closes it up.
+#[test]
+fn state_is_private_to_its_owner() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    const OTHER_UID: u32 = 4391;
+    let env = TestEnv::new();
+    std::fs::set_permissions(env.state_dir(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let name = unique_name("private");
+    let _guard = KeptGuard::new(&name);
+    let token = format!("tok-{}", unique_name("s3cret"));
+    let written = format!("written-{}", unique_name("cow"));
+    let out = env.run(&[
+        "run",
+        "--name",
+        &name,
+        "-e",
+        &format!("API_TOKEN={token}"),
+        "-i",
+        BUSYBOX,
+        "sh",
+        "-c",
+        &format!("echo {written} > /workspace/planted.txt"),
+    ]);
+    assert_code(&out, 0);
+    assert!(!env.project_dir().join("planted.txt").exists());
+
+    let paths = state_paths(env.state_dir());
+    let holding = |needle: &str| -> Vec<std::path::PathBuf> {
+        paths
+            .iter()
+            .filter(|p| {
+                std::fs::read(p)
+                    .is_ok_and(|d| d.windows(needle.len()).any(|w| w == needle.as_bytes()))
+            })
+            .cloned()
+            .collect()
+    };
+    // Where they are on disk depends on the backend (Podman keeps the
+    // workspace's upper layer with the container, Docker the environment).
+    if backend() != "podman" {
+        assert!(
+            !holding(&written).is_empty(),
+            "the copy-on-write upper layer should be under the state directory"
+        );
+    }
+    if is_native() {
+        assert!(!holding(&token).is_empty(), "plan.json should hold the env");
+    }
+
+    // Another user tries to list every directory and read every file.
+    let list = paths
+        .iter()
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join("\n");
+    let mut other = std::process::Command::new("sh")
+        .args([
+            "-c",
+            "while IFS= read -r p; do \
+               if [ -d \"$p\" ] && [ ! -L \"$p\" ]; then ls \"$p\" >/dev/null 2>&1 && echo \"LISTED $p\"; \
+               elif [ ! -L \"$p\" ]; then cat \"$p\" >/dev/null 2>&1 && echo \"READ $p\"; fi; \
+             done; true",
+        ])
+        .uid(OTHER_UID)
+        .gid(OTHER_UID)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut other.stdin.take().unwrap(), list.as_bytes()).unwrap();
+    let leaked = other.wait_with_output().unwrap();
+    assert_eq!(
+        stdout(&leaked),
+        "",
+        "another user reached agentkernel's state"
+    );
+
+    // Nor can that user remove the sandbox (it used to say "removed").
+    let mut remove = env.std_cmd();
+    remove
+        .args(["sandbox", "remove", &name])
+        .uid(OTHER_UID)
+        .gid(OTHER_UID)
+        .env("HOME", "/")
+        .current_dir("/")
+        .stdin(std::process::Stdio::null());
+    let out = remove.output().unwrap();
+    let err = assert_one_line_error(&out);
+    assert!(err.contains("permission denied"), "{err}");
+    let out = env.run(&["exec", &name, "cat", "/workspace/planted.txt"]);
+    assert_code(&out, 0);
+    assert_eq!(stdout(&out).trim(), written);
+    let root_mode = std::fs::metadata(env.state_dir())
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(root_mode & 0o777, 0o700, "the state root is {root_mode:o}");
+}

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use agentkernel_core::config::Config;
 use agentkernel_core::parse::format_bytes;
-use agentkernel_core::{paths, terminal, Error, Result};
+use agentkernel_core::{terminal, Error, Result};
 use agentkernel_image as store;
 use serde_json::json;
 
@@ -115,7 +115,9 @@ async fn pull(images: &store::Store, name: &str, always: bool) -> Result<i32> {
 
 /// The image store at `<state>/images`.
 pub(crate) fn open_store() -> Result<store::Store> {
-    store::Store::open(paths::state_dir().join("images")).map_err(store_error)
+    // Through the state store: it creates (or closes up) the private state root first.
+    let state = agentkernel_core::state::Store::open_default();
+    store::Store::open(state.root().join("images")).map_err(store_error)
 }
 
 /// A registry mirror for Docker Hub images, and where it was configured.
@@ -193,6 +195,7 @@ pub(crate) async fn fetch(
         mirrors,
         policy,
         progress: Some(progress_line(r.familiar(), tty)),
+        max_layer_size: config.max_layer_size,
         ..Default::default()
     };
     let result = images.pull(r, &options).await;

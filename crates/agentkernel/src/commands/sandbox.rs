@@ -39,7 +39,10 @@ pub async fn sandbox(cmd: SandboxCommand) -> Result<i32> {
             }
             for name in &list {
                 if is_native(&store, name)? {
-                    agentkernel_native::kept::remove(&store, name);
+                    agentkernel_native::kept::remove(&store, name).map_err(|e| Error::Backend {
+                        backend: "native",
+                        message: e.to_string(),
+                    })?;
                     eprintln!("agentkernel: removed {name}");
                     continue;
                 }
