@@ -252,6 +252,10 @@ fn pull_error(r: &store::Reference, e: store::Error) -> Error {
         store::Error::NotFound { registry, .. } => {
             error(format!("not found in registry {registry} (404)"), name_fix)
         }
+        // Names its own fix (raise the bound, free disk space).
+        store::Error::LayerTooLarge { .. } => {
+            Error::Conflict(format!("image {}: {e}", r.familiar()))
+        }
         other => error(
             other.to_string(),
             "see the message; `agentkernel doctor` checks registry access",
