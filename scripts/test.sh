@@ -5,7 +5,11 @@
 # and native on cgroup v2 in a VM — whatever an earlier pass did, and ends
 # with a summary: per pass and backend, how many tests passed, failed and were
 # ignored or filtered out, the failing tests by name, and a last line
-# `N passed, N failed`. Exits non-zero if anything failed. Run as root.
+# `N passed, N failed`. Exits non-zero if anything failed. Run it as root,
+# or as a user with sudo: it then re-executes itself through sudo with your
+# Rust toolchain (the tests need root: namespaces, cgroups, the engines),
+# building into target/as-root with its own cargo home there, so nothing
+# under your ~/.cargo or target/ becomes root's.
 #
 # Backend scopes: every integration test file runs against every backend;
 # tests in `mod native_only`, `mod engine_only` (docker and podman),
@@ -92,8 +96,32 @@ print_summary() {
   echo "$total_passed passed, $total_failed failed"
 }
 
+# As a user with sudo: the same script as root, with this user's toolchain.
+run_as_root_with_my_toolchain() {
+  local here
+  here=$(cd "$(dirname "$0")/.." && pwd)
+  # shellcheck source=scripts/as-root.sh
+  source "$here/scripts/as-root.sh"
+  # Without sudo, as_root says to run as root, before any work is done.
+  command -v sudo >/dev/null 2>&1 || as_root "$0" "$@"
+  command -v cargo >/dev/null 2>&1 || {
+    echo "test.sh: cargo is not installed: install Rust (https://rustup.rs), then run this again" >&2
+    exit 1
+  }
+  local toolchain=()
+  if command -v rustup >/dev/null 2>&1; then
+    toolchain=("RUSTUP_HOME=${RUSTUP_HOME:-$HOME/.rustup}"
+      "RUSTUP_TOOLCHAIN=$(rustup show active-toolchain | cut -d' ' -f1)")
+  fi
+  exec sudo env "PATH=$PATH" "${toolchain[@]}" \
+    "CARGO_HOME=$here/target/as-root/cargo-home" \
+    "CARGO_TARGET_DIR=$here/target/as-root" \
+    ${CI:+CI=$CI} bash "$0" "$@"
+}
+
 main() {
   set -e
+  [ "$(id -u)" -eq 0 ] || run_as_root_with_my_toolchain "$@"
   # Globals, not locals: the EXIT trap reads them after main has returned.
   local threads
   root=$(cd "$(dirname "$0")/.." && pwd)
