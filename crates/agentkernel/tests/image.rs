@@ -283,58 +283,65 @@ mod engine_only {
     }
 }
 
-/// dockerd's `registry-mirrors` serve native pulls too. The daemon.json is
-/// this test's own, on a tmpfs over /etc/docker in a private mount
-/// namespace: the machine's dockerd never sees it.
-#[test]
-fn dockerds_registry_mirrors_serve_native_pulls() {
-    let env = TestEnv::new();
-    let registry = Registry::start();
-    registry.push_busybox("library/agentkernel-dockerd-mirror-test:1");
-    let mirror = format!("http://127.0.0.1:{}", registry.port);
-    let script = format!(
-        "mount -t tmpfs tmpfs /etc/docker && \
-         printf '{{\"registry-mirrors\": [\"{mirror}\"]}}' > /etc/docker/daemon.json && \
-         exec \"$0\" \"$@\""
-    );
-    let run = |args: &[&str]| {
-        let mut cmd = env.cmd();
-        cmd.env(NO_INTERNET.0, NO_INTERNET.1)
-            .env_remove("AGENTKERNEL_REGISTRY_MIRRORS");
-        let mut unshare = std::process::Command::new("unshare");
-        unshare
-            .args(["--mount", "--propagation", "private", "sh", "-c", &script])
-            .arg(binary())
-            .args(args);
-        let std_cmd = cmd.get_envs().fold(unshare, |mut u, (k, v)| {
-            match v {
-                Some(v) => u.env(k, v),
-                None => u.env_remove(k),
-            };
-            u
-        });
-        assert_cmd::Command::from_std(std_cmd)
-            .current_dir(env.project_dir())
-            .output()
+/// The registry gets the busybox image from Docker's own store (through
+/// the engine), so this runs in the Docker pass; what it tests, the native
+/// image store's mirrors, is the same whatever the backend.
+mod mirrors_docker_only {
+    use super::*;
+
+    /// dockerd's `registry-mirrors` serve native pulls too. The daemon.json is
+    /// this test's own, on a tmpfs over /etc/docker in a private mount
+    /// namespace: the machine's dockerd never sees it.
+    #[test]
+    fn dockerds_registry_mirrors_serve_native_pulls() {
+        let env = TestEnv::new();
+        let registry = Registry::start();
+        registry.push_busybox("library/agentkernel-dockerd-mirror-test:1");
+        let mirror = format!("http://127.0.0.1:{}", registry.port);
+        let script = format!(
+            "mount -t tmpfs tmpfs /etc/docker && \
+             printf '{{\"registry-mirrors\": [\"{mirror}\"]}}' > /etc/docker/daemon.json && \
+             exec \"$0\" \"$@\""
+        );
+        let run = |args: &[&str]| {
+            let mut cmd = env.cmd();
+            cmd.env(NO_INTERNET.0, NO_INTERNET.1)
+                .env_remove("AGENTKERNEL_REGISTRY_MIRRORS");
+            let mut unshare = std::process::Command::new("unshare");
+            unshare
+                .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+                .arg(binary())
+                .args(args);
+            let std_cmd = cmd.get_envs().fold(unshare, |mut u, (k, v)| {
+                match v {
+                    Some(v) => u.env(k, v),
+                    None => u.env_remove(k),
+                };
+                u
+            });
+            assert_cmd::Command::from_std(std_cmd)
+                .current_dir(env.project_dir())
+                .output()
+                .unwrap()
+        };
+        let out = run(&["image", "pull", "agentkernel-dockerd-mirror-test:1"]);
+        assert_code(&out, 0);
+        assert!(
+            stderr(&out).contains("pulled agentkernel-dockerd-mirror-test:1"),
+            "{}",
+            stderr(&out)
+        );
+        let doctor = run(&["doctor", "--json"]);
+        let doc: serde_json::Value = serde_json::from_slice(&doctor.stdout).expect("json");
+        let listed = doc["registries"]
+            .as_array()
             .unwrap()
-    };
-    let out = run(&["image", "pull", "agentkernel-dockerd-mirror-test:1"]);
-    assert_code(&out, 0);
-    assert!(
-        stderr(&out).contains("pulled agentkernel-dockerd-mirror-test:1"),
-        "{}",
-        stderr(&out)
-    );
-    let doctor = run(&["doctor", "--json"]);
-    let doc: serde_json::Value = serde_json::from_slice(&doctor.stdout).expect("json");
-    let listed = doc["registries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["url"] == mirror.as_str())
-        .unwrap_or_else(|| panic!("dockerd's mirror is not probed: {doc:#}"));
-    assert_eq!(listed["source"], "/etc/docker/daemon.json");
-    assert_eq!(listed["reachable"], true);
+            .iter()
+            .find(|r| r["url"] == mirror.as_str())
+            .unwrap_or_else(|| panic!("dockerd's mirror is not probed: {doc:#}"));
+        assert_eq!(listed["source"], "/etc/docker/daemon.json");
+        assert_eq!(listed["reachable"], true);
+    }
 }
 
 fn sha256_hex(data: &[u8]) -> String {
