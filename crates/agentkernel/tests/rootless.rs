@@ -267,6 +267,12 @@ fn rootless_what_it_cannot_enforce_is_refused() {
         (&["--no-network"], NOBODY, "user nobody"),
     ];
     for (flags, image, named) in refused {
+        if image == NOBODY {
+            // Its refusal needs the image's config: pulled first (a pull
+            // prints its own "pulling"/"pulled" lines), so the run's one line
+            // is the refusal alone.
+            assert_code(&user.run(&["image", "pull", NOBODY]), 0);
+        }
         let mut args = vec!["run"];
         args.extend_from_slice(flags);
         args.extend(["-i", image, "true"]);

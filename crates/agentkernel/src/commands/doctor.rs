@@ -145,7 +145,24 @@ async fn check(kind: BackendKind) -> BackendReport {
             Err(e) => return report("failed", detail, Some(e.to_string())),
         }
     };
-    let run = trial_run(kind, &image);
+    let run = trial_run(kind, &image, true);
+    if run.exit_code != 0 {
+        // Sandboxes may still work without a network (a kernel without
+        // bridge/veth, no iptables): say that apart from "nothing works".
+        let offline = trial_run(kind, &image, false);
+        if offline.exit_code == 0 {
+            return BackendReport {
+                name: kind.name(),
+                status: "no network",
+                detail,
+                fix: Some(format!(
+                    "sandboxes run only with --no-network here: {}",
+                    run.error.as_deref().unwrap_or("no message")
+                )),
+                run: Some(offline),
+            };
+        }
+    }
     BackendReport {
         name: kind.name(),
         status: if run.exit_code == 0 {
@@ -175,14 +192,17 @@ fn unavailable(kind: BackendKind, e: agentkernel_core::Error) -> BackendReport {
 }
 
 /// Runs `agentkernel run -B KIND --image IMAGE -- true` (this binary, the
-/// whole path a user's run takes, in an empty directory) and times it.
-fn trial_run(kind: BackendKind, image: &str) -> TrialRun {
+/// whole path a user's run takes, in an empty directory; with the default
+/// profile's network unless `network` is false) and times it.
+fn trial_run(kind: BackendKind, image: &str, network: bool) -> TrialRun {
     let started = Instant::now();
     let workspace = std::env::temp_dir().join(format!("agentkernel-doctor-{}", std::process::id()));
     let output = std::fs::create_dir_all(&workspace).and_then(|()| {
         Command::new("/proc/self/exe")
             .args(["run", "-B", kind.name(), "--fast=false", "--pull", "never"])
-            .args(["--timeout", RUN_TIMEOUT, "--image", image, "--", "true"])
+            .args(["--timeout", RUN_TIMEOUT, "--image", image])
+            .args((!network).then_some("--no-network"))
+            .args(["--", "true"])
             .env_remove("AGENTKERNEL_BACKEND")
             .current_dir(&workspace)
             .stdin(Stdio::null())
