@@ -687,3 +687,39 @@ fn untrusted_project_file_cannot_loosen_through_upstream_keys() {
         );
     }
 }
+
+#[test]
+fn project_file_cannot_switch_the_users_network_back_on() {
+    let env = TestEnv::new();
+    let user_dir = env.home_dir().join(".config/agentkernel");
+    std::fs::create_dir_all(&user_dir).unwrap();
+    std::fs::write(user_dir.join("config.toml"), "[network]\nenabled = false\n").unwrap();
+    for body in [
+        "[network]\nenabled = true\n",
+        "[security]\nnetwork = true\n",
+    ] {
+        std::fs::write(env.project_dir().join("agentkernel.toml"), body).unwrap();
+        let line = assert_one_line_error(&env.run(&["run", "-i", BUSYBOX, "true"]));
+        assert!(
+            line.contains("network.enabled = true") && line.contains("agentkernel trust"),
+            "{body}: {line}"
+        );
+        // --no-network keeps the user's promise whatever the file says.
+        assert_code(&env.run(&["run", "--no-network", "-i", BUSYBOX, "true"]), 0);
+    }
+}
+
+#[test]
+fn upstream_sandbox_name_outside_our_rules_is_125_when_kept() {
+    let env = TestEnv::new();
+    let file = env.home_dir().join("named.toml");
+    std::fs::write(&file, "[sandbox]\nname = \"My_Project\"\n").unwrap();
+    let config = file.to_str().unwrap();
+    assert_code(&env.run(&["run", "-c", config, "-i", BUSYBOX, "true"]), 0);
+    let line =
+        assert_one_line_error(&env.run(&["run", "--keep", "-c", config, "-i", BUSYBOX, "true"]));
+    assert!(
+        line.contains("[sandbox] name") && line.contains("--name"),
+        "{line}"
+    );
+}

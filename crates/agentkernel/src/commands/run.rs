@@ -120,7 +120,8 @@ pub fn resolve(args: RunArgs, config: &Config, cwd: &Path) -> Result<(SandboxSpe
         let available = std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64);
         policy.limits.cpus = policy.limits.cpus.map(|c| c.min(available));
     }
-    if config.network == Some(true) && !policy.network {
+    // `--no-network` wins over a file's `true`, as every flag wins over config.
+    if config.network == Some(true) && !policy.network && !args.no_network {
         // `[network] enabled = true` cannot undo a profile without network; say so rather than ignore it.
         return Err(Error::Conflict(format!(
             "config sets network.enabled (or security.network) = true but the {profile} profile has no network; choose --profile moderate or drop the key"
@@ -415,7 +416,13 @@ fn resolve_keep(
         (false, None) => match &config.name {
             // `[sandbox] name` (upstream's required key) names it when no flag does.
             Some(n) => {
-                names::validate(n)?;
+                names::validate(n).map_err(|_| {
+                    Error::invalid(
+                        "[sandbox] name",
+                        n.clone(),
+                        "a kept sandbox's name uses lowercase letters, digits and inner dashes (at most 63 characters); change it or pass --name",
+                    )
+                })?;
                 n.clone()
             }
             None => names::generated(),
