@@ -14,6 +14,9 @@ use crate::policy::Profile;
 use crate::spec::PullPolicy;
 use crate::{Error, Result};
 
+/// One file, after `config_keys` has refused unknown keys. Sections we do not
+/// implement are kept as raw values: each present key is named in a notice
+/// (or refused where ignoring it would weaken the sandbox).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileSchema {
@@ -24,16 +27,40 @@ struct FileSchema {
     #[serde(default)]
     network: NetworkSection,
     #[serde(default)]
+    security: SecuritySection,
+    #[serde(default)]
     images: ImagesSection,
     #[serde(default)]
     pool: PoolSection,
+    /// Upstream's templates: `NAME = "value"`, the same as `sandbox.env`.
+    #[serde(default)]
+    environment: BTreeMap<String, String>,
+    /// Upstream's templates: `HOST_PORT = CONTAINER_PORT`.
+    #[serde(default)]
+    ports: BTreeMap<String, u16>,
+    agent: Option<toml::Table>,
+    build: Option<toml::Table>,
+    files: Option<Vec<toml::Table>>,
+    orchestrator: Option<toml::Table>,
+    enterprise: Option<toml::Table>,
+    api: Option<toml::Table>,
+    proxy: Option<toml::Table>,
+    secrets: Option<toml::Table>,
+    llm_keys: Option<toml::Table>,
+    ssh: Option<toml::Table>,
+    template: Option<toml::Table>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SandboxSection {
+    /// Upstream requires it; here it names a kept sandbox created from this file.
+    name: Option<String>,
+    /// Upstream's image shorthand (python, node, …); the image is detected instead.
+    runtime: Option<String>,
     #[serde(alias = "base_image")]
     image: Option<String>,
+    init_script: Option<String>,
     backend: Option<String>,
     profile: Option<String>,
     ttl: Option<String>,
@@ -43,6 +70,46 @@ struct SandboxSection {
     fast: Option<bool>,
     env: Option<BTreeMap<String, String>>,
     volumes: Option<Vec<String>>,
+}
+
+/// Upstream's `[security]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SecuritySection {
+    profile: Option<String>,
+    network: Option<bool>,
+    mount_cwd: Option<bool>,
+    mount_home: Option<bool>,
+    pass_env: Option<bool>,
+    read_only: Option<bool>,
+    seccomp: Option<String>,
+    domains: Option<RuleLists>,
+    commands: Option<RuleLists>,
+    transport: Option<TransportSection>,
+}
+
+/// `[security.domains]` and `[security.commands]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleLists {
+    #[serde(default)]
+    allow: Vec<String>,
+    #[serde(default)]
+    block: Vec<String>,
+    #[serde(default)]
+    allowlist_only: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TransportSection {
+    ssh: Option<bool>,
+    vault_addr: Option<String>,
+    vault_ssh_mount: Option<String>,
+    vault_ssh_role: Option<String>,
+    cert_ttl: Option<String>,
+    #[serde(default)]
+    require_encrypted: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -63,6 +130,8 @@ struct ResourcesSection {
 struct NetworkSection {
     enabled: Option<bool>,
     ports: Option<Vec<String>>,
+    /// Firecracker's vsock CID upstream; no backend here uses one.
+    vsock_cid: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -103,6 +172,25 @@ pub struct Config {
     pub max_layer_size: Option<u64>,
     pub pool_size: Option<u32>,
     pub pool_idle_ttl: Option<Duration>,
+    /// `[sandbox] name`: the name of a kept sandbox created from this config
+    /// when the command line names none.
+    pub name: Option<String>,
+    /// `[security] mount_cwd`: false = no workspace at all.
+    pub mount_cwd: Option<bool>,
+    /// `[security] mount_home`: false = never the read-only home view.
+    pub mount_home: Option<bool>,
+    /// `[security] read_only`: checked against the profile in `resolve`.
+    pub read_only_root: Option<bool>,
+    /// `[security] seccomp`: accepted only where our filter is at least as strict.
+    pub seccomp: Option<String>,
+    /// Egress rules we do not enforce (`[security.domains]` block lists and
+    /// allow-list-only mode), as `file: key`: refused when the sandbox has a
+    /// network, a notice when it has none.
+    pub unenforced_egress_rules: Vec<String>,
+    /// `[security.transport] require_encrypted`: refused with published ports.
+    pub require_encrypted_ports: Option<PathBuf>,
+    /// One line each: keys accepted for compatibility but not acted on.
+    pub notices: Vec<String>,
     /// The files that contributed, in the order applied.
     pub sources: Vec<PathBuf>,
     /// `./agentkernel.toml`, when it was read as the project's file (not via `--config`).
@@ -159,17 +247,36 @@ impl Config {
 
     /// Parses one file's text and lays its values over `self`.
     pub fn apply_text(&mut self, path: &Path, text: &str) -> Result<()> {
-        let file: FileSchema = toml::from_str(text).map_err(|e| {
+        let syntax = |e: toml::de::Error| {
             let line = e
                 .span()
                 .map(|s| format!("line {}: ", text[..s.start].matches('\n').count() + 1))
                 .unwrap_or_default();
             config_err(path, format!("{line}{}", e.message().replace('\n', " ")))
-        })?;
+        };
+        let table: toml::Table = toml::from_str(text).map_err(syntax)?;
+        let unknown = crate::config_keys::unknown_keys(&table, text);
+        if !unknown.is_empty() {
+            return Err(config_err(
+                path,
+                format!(
+                    "unknown key{} {}; see docs/config.md for the schema",
+                    if unknown.len() == 1 { "" } else { "s" },
+                    unknown.join(", ")
+                ),
+            ));
+        }
+        let file: FileSchema = toml::from_str(text).map_err(syntax)?;
         let base = path.parent().unwrap_or(Path::new("."));
         let val = |key: &str, e: Error| config_err(path, format!("{key}: {e}"));
 
+        self.apply_security(path, &file)?;
+        self.note_ignored(path, &file);
+
         let s = file.sandbox;
+        if let Some(name) = s.name {
+            self.name = Some(name);
+        }
         if let Some(image) = s.image {
             crate::image::validate_reference(&image).map_err(|e| val("sandbox.image", e))?;
             self.image = Some(image);
@@ -178,7 +285,14 @@ impl Config {
             self.backend = Some(b);
         }
         if let Some(p) = s.profile {
-            self.profile = Some(p.parse().map_err(|e| val("sandbox.profile", e))?);
+            let profile = p.parse().map_err(|e| val("sandbox.profile", e))?;
+            if file.security.profile.is_some() && self.profile != Some(profile) {
+                return Err(config_err(
+                    path,
+                    "sandbox.profile and security.profile differ; keep one".into(),
+                ));
+            }
+            self.profile = Some(profile);
         }
         if let Some(t) = s.ttl {
             self.ttl = Some(parse::duration("ttl", &t).map_err(|e| val("sandbox.ttl", e))?);
@@ -202,9 +316,14 @@ impl Config {
         if let Some(f) = s.fast {
             self.fast = Some(f);
         }
-        for (k, v) in s.env.unwrap_or_default() {
-            parse::env_pair(&format!("{k}={v}")).map_err(|e| val("sandbox.env", e))?;
-            self.env.insert(k, v);
+        for (key, env) in [
+            ("sandbox.env", s.env.unwrap_or_default()),
+            ("environment", file.environment),
+        ] {
+            for (k, v) in env {
+                parse::env_pair(&format!("{k}={v}")).map_err(|e| val(key, e))?;
+                self.env.insert(k, v);
+            }
         }
         for v in s.volumes.unwrap_or_default() {
             self.volumes
@@ -245,12 +364,25 @@ impl Config {
                 Some(parse::byte_size("disk", &d).map_err(|e| val("resources.disk", e))?);
         }
 
-        if let Some(enabled) = file.network.enabled {
+        let network = match (file.network.enabled, file.security.network) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(config_err(
+                    path,
+                    "network.enabled and security.network differ; keep one".into(),
+                ))
+            }
+            (a, b) => a.or(b),
+        };
+        if let Some(enabled) = network {
             self.network = Some(enabled);
         }
         for p in file.network.ports.unwrap_or_default() {
             self.ports
                 .push(parse::port(&p).map_err(|e| val("network.ports", e))?);
+        }
+        for (host, container) in file.ports {
+            self.ports
+                .push(parse::port(&format!("{host}:{container}")).map_err(|e| val("ports", e))?);
         }
         if let Some(m) = file.images.mirrors {
             self.mirrors = m;
@@ -270,6 +402,161 @@ impl Config {
         }
         self.sources.push(path.to_path_buf());
         Ok(())
+    }
+}
+
+impl Config {
+    /// `[security]`: what we honour, and what we refuse because ignoring it
+    /// would leave the sandbox weaker than the file asks.
+    fn apply_security(&mut self, path: &Path, file: &FileSchema) -> Result<()> {
+        let sec = &file.security;
+        let at = path.display();
+        if let Some(p) = &sec.profile {
+            // Upstream's "custom" is its moderate permission set.
+            let profile = if p == "custom" {
+                self.notices.push(format!(
+                    "{at}: security.profile = \"custom\" is upstream's name for the moderate defaults; moderate is used"
+                ));
+                crate::policy::Profile::Moderate
+            } else {
+                p.parse()
+                    .map_err(|e| config_err(path, format!("security.profile: {e}")))?
+            };
+            self.profile = Some(profile);
+        }
+        if let Some(m) = sec.mount_cwd {
+            self.mount_cwd = Some(m);
+        }
+        if let Some(m) = sec.mount_home {
+            self.mount_home = Some(m);
+        }
+        if let Some(r) = sec.read_only {
+            self.read_only_root = Some(r);
+        }
+        if let Some(s) = &sec.seccomp {
+            self.seccomp = Some(s.clone());
+        }
+        if sec.pass_env == Some(true) {
+            self.notices.push(format!(
+                "{at}: security.pass_env = true is not supported: no host variable is passed (give them with -e)"
+            ));
+        }
+        if let Some(domains) = &sec.domains {
+            if domains.allowlist_only {
+                self.unenforced_egress_rules
+                    .push(format!("{at}: security.domains.allowlist_only = true"));
+            }
+            if !domains.block.is_empty() {
+                self.unenforced_egress_rules
+                    .push(format!("{at}: security.domains.block"));
+            }
+            if !domains.allow.is_empty() && !domains.allowlist_only {
+                // Upstream's own rule: without allowlist_only, `allow` restricts nothing.
+                self.notices.push(format!(
+                    "{at}: security.domains.allow has no effect without allowlist_only (as upstream); ignored"
+                ));
+            }
+        }
+        if let Some(commands) = &sec.commands {
+            if commands.allowlist_only || !commands.block.is_empty() {
+                return Err(Error::not_supported_hint(
+                    format!("{at}: security.commands (command filtering)"),
+                    "remove the block list and allowlist_only: running the command unfiltered would be weaker than the file asks",
+                ));
+            }
+            if !commands.allow.is_empty() {
+                self.notices.push(format!(
+                    "{at}: security.commands.allow has no effect without allowlist_only (as upstream); ignored"
+                ));
+            }
+        }
+        if let Some(t) = &sec.transport {
+            if t.require_encrypted {
+                self.require_encrypted_ports = Some(path.to_path_buf());
+            }
+            let set = [
+                (t.ssh.is_some(), "ssh"),
+                (t.vault_addr.is_some(), "vault_addr"),
+                (t.vault_ssh_mount.is_some(), "vault_ssh_mount"),
+                (t.vault_ssh_role.is_some(), "vault_ssh_role"),
+                (t.cert_ttl.is_some(), "cert_ttl"),
+            ];
+            for (_, key) in set.iter().filter(|(given, _)| *given) {
+                self.notices.push(format!(
+                    "{at}: security.transport.{key} is not supported yet (no SSH access); ignored"
+                ));
+            }
+        }
+        if let Some(enterprise) = &file.enterprise {
+            if enterprise.get("enabled").and_then(toml::Value::as_bool) == Some(true) {
+                return Err(Error::not_supported_hint(
+                    format!("{at}: enterprise.enabled = true (a policy server)"),
+                    "remove it: its policies could only restrict, and running without them would be weaker than the file asks",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// One notice per key we accept for compatibility but do not act on.
+    fn note_ignored(&mut self, path: &Path, file: &FileSchema) {
+        let at = path.display();
+        let mut note = |key: String, why: &str| {
+            self.notices
+                .push(format!("{at}: {key} is not supported yet; ignored ({why})"))
+        };
+        let s = &file.sandbox;
+        if let Some(r) = &s.runtime {
+            if r != "base" {
+                note(
+                    format!("sandbox.runtime = {r:?}"),
+                    "the image is detected from the project, or set with base_image",
+                );
+            }
+        }
+        if s.init_script.is_some() {
+            note(
+                "sandbox.init_script".into(),
+                "run it as part of the command",
+            );
+        }
+        if file.network.vsock_cid.is_some() {
+            note("network.vsock_cid".into(), "no backend here uses vsock");
+        }
+        let tables = [
+            ("agent", &file.agent, "agent profiles are not built in"),
+            ("build", &file.build, "build the image and set base_image"),
+            (
+                "orchestrator",
+                &file.orchestrator,
+                "no Kubernetes or Nomad backend",
+            ),
+            ("enterprise", &file.enterprise, "no policy server"),
+            ("api", &file.api, "no HTTP API server"),
+            ("proxy", &file.proxy, "no egress proxy"),
+            (
+                "secrets",
+                &file.secrets,
+                "no secret injection; the variables are not set",
+            ),
+            ("llm_keys", &file.llm_keys, "no secret injection"),
+            ("ssh", &file.ssh, "no SSH access"),
+            ("template", &file.template, "template metadata"),
+        ];
+        for (section, table, why) in tables {
+            for key in table.iter().flat_map(|t| t.keys()) {
+                if section == "enterprise" && key == "enabled" {
+                    continue;
+                }
+                note(format!("{section}.{key}"), why);
+            }
+        }
+        if let Some(files) = &file.files {
+            note(
+                format!("[[files]] ({} entries)", files.len()),
+                "copy files in with -v HOST:PATH:ro",
+            );
+        }
     }
 }
 
@@ -376,6 +663,93 @@ idle_ttl = "5m"
             .to_string();
         assert!(e.contains("resources.memory"), "{e}");
         assert!(!e.contains('\n'));
+    }
+
+    #[test]
+    fn upstream_schema_is_honoured_or_noticed() {
+        let c = parse_one(
+            r#"
+[sandbox]
+name = "my-project"
+runtime = "python"
+base_image = "python:3.12-alpine"
+init_script = "pip install x"
+[agent]
+preferred = "claude"
+[security]
+profile = "restrictive"
+network = false
+mount_cwd = false
+seccomp = "default"
+[security.domains]
+allow = ["pypi.org"]
+block = ["169.254.169.254"]
+[environment]
+A = "1"
+[ports]
+5432 = 5432
+[secrets]
+KEY = "api.example.com"
+[template]
+description = "d"
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.name.as_deref(), Some("my-project"));
+        assert_eq!(c.profile, Some(Profile::Restrictive));
+        assert_eq!(c.network, Some(false));
+        assert_eq!(c.mount_cwd, Some(false));
+        assert_eq!(c.env.get("A").map(String::as_str), Some("1"));
+        assert_eq!(c.ports.len(), 1);
+        assert_eq!(c.ports[0].host_port, 5432);
+        assert_eq!(c.unenforced_egress_rules.len(), 1);
+        let notices = c.notices.join("\n");
+        for key in [
+            "sandbox.runtime",
+            "sandbox.init_script",
+            "agent.preferred",
+            "security.domains.allow",
+            "secrets.KEY",
+            "template.description",
+        ] {
+            assert!(notices.contains(key), "{key} not in {notices}");
+        }
+    }
+
+    #[test]
+    fn upstream_keys_that_would_weaken_are_refused() {
+        let e = parse_one("[security.commands]\nblock = [\"rm\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("security.commands"), "{e}");
+        let e = parse_one("[enterprise]\nenabled = true\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("enterprise.enabled"), "{e}");
+        let e =
+            parse_one("[sandbox]\nprofile = \"moderate\"\n[security]\nprofile = \"restrictive\"\n")
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("differ"), "{e}");
+        let e = parse_one("[network]\nenabled = true\n[security]\nnetwork = false\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("differ"), "{e}");
+    }
+
+    #[test]
+    fn every_unknown_key_in_one_line() {
+        let e = parse_one("[sandbox]\nnmae = \"x\"\n[resources]\nmemroy_mb = 1\n[securty]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains('\n'), "{e}");
+        for part in [
+            "sandbox.nmae (did you mean sandbox.name?)",
+            "resources.memroy_mb (did you mean resources.memory_mb?)",
+            "securty (did you mean security?)",
+        ] {
+            assert!(e.contains(part), "{part} not in {e}");
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 pub mod cgroup;
 pub mod config;
+mod config_keys;
 pub mod error;
 pub mod git;
 pub mod image;

@@ -35,6 +35,8 @@ pub struct Flags<'a> {
     pub cpus: bool,
     pub disk: bool,
     pub timeout: bool,
+    /// `--no-network`: the file's network switch then does not count.
+    pub no_network: bool,
     pub volumes: &'a [Volume],
     pub ports: &'a [PortMapping],
 }
@@ -120,6 +122,21 @@ pub fn loosening(project: &ProjectFile, project_dir: &Path, flags: &Flags) -> Ve
                     crate::parse::format_duration(o)
                 ));
             }
+        }
+    }
+    // Switches a lower file turned off; the project turning them back on
+    // loosens. (Under a profile without network, `true` is refused outright.)
+    let switched_back_on = [
+        ("network.enabled", own.network, below.network),
+        ("security.mount_cwd", own.mount_cwd, below.mount_cwd),
+        ("security.mount_home", own.mount_home, below.mount_home),
+    ];
+    for (key, own, below) in switched_back_on {
+        if key == "network.enabled" && flags.no_network {
+            continue;
+        }
+        if own == Some(true) && below == Some(false) {
+            found.push(format!("{key} = true"));
         }
     }
     for v in &own.volumes {
@@ -331,6 +348,42 @@ mod tests {
             ..Flags::default()
         };
         assert_eq!(loosening(&p, &dir_real, &flags), Vec::<String>::new());
+    }
+
+    #[test]
+    fn upstream_keys_go_through_the_same_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let tightening = project(
+            "",
+            "[sandbox]\nname = \"x\"\n[security]\nprofile = \"restrictive\"\nnetwork = false\nmount_cwd = false\nmount_home = false\n[environment]\nA = \"1\"\n",
+            dir.path(),
+        );
+        assert_eq!(
+            loosening(&tightening, dir.path(), &Flags::default()),
+            Vec::<String>::new()
+        );
+
+        let p = project(
+            "[security]\nprofile = \"restrictive\"\nmount_cwd = false\nmount_home = false\n[network]\nenabled = false\n",
+            "[security]\nprofile = \"permissive\"\nnetwork = true\nmount_cwd = true\nmount_home = true\n[ports]\n8080 = 80\n",
+            dir.path(),
+        );
+        let found = loosening(&p, dir.path(), &Flags::default()).join(", ");
+        for key in [
+            "sandbox.profile = permissive",
+            "network.enabled = true",
+            "security.mount_cwd = true",
+            "security.mount_home = true",
+            "network.ports 127.0.0.1:8080:80/tcp",
+        ] {
+            assert!(found.contains(key), "{key} not in {found}");
+        }
+        let flags = Flags {
+            no_network: true,
+            ..Flags::default()
+        };
+        let found = loosening(&p, dir.path(), &flags).join(", ");
+        assert!(!found.contains("network.enabled"), "{found}");
     }
 
     #[test]

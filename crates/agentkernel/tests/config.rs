@@ -421,3 +421,305 @@ fn tightening_project_config_applies_without_trust() {
     assert_eq!(stdout(&out), "lo\nroot-read-only\n");
     assert!(stderr(&out).is_empty(), "{}", stderr(&out));
 }
+
+// ---- thrashr888/agentkernel's schema (v0.18): its documented keys and the
+// keys its built-in templates use, in files written here. ----
+
+/// A loopback port nothing listens on right now, for `[ports]` cases.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `agentkernel run -c FILE -i BUSYBOX -- SCRIPT` with `toml` in FILE.
+fn run_with_config_file(env: &TestEnv, toml: &str, script: &str) -> std::process::Output {
+    let file = env.home_dir().join("upstream.toml");
+    std::fs::write(&file, toml).unwrap();
+    env.run(&[
+        "run",
+        "-c",
+        file.to_str().unwrap(),
+        "-i",
+        BUSYBOX,
+        "--",
+        "sh",
+        "-c",
+        script,
+    ])
+}
+
+#[test]
+fn upstream_config_files_run() {
+    let (port_a, port_b) = (free_port(), free_port());
+    let cases: Vec<(&str, String, &[&str])> = vec![
+        ("minimal", "[sandbox]\nname = \"my-project\"\n".into(), &[]),
+        (
+            "readme example",
+            "[sandbox]\nname = \"my-project\"\nbase_image = \"python:3.12-alpine\"\n\
+             [agent]\npreferred = \"claude\"\n[resources]\nvcpus = 1\nmemory_mb = 1024\n\
+             [security]\nprofile = \"restrictive\"\nnetwork = false\n"
+                .into(),
+            &["agent.preferred"],
+        ),
+        (
+            "agent template",
+            "[sandbox]\nname = \"claude-sandbox\"\nbase_image = \"node:22-alpine\"\n\
+             init_script = \"\"\"\nset -e\nnpm install -g x\n\"\"\"\n\
+             [agent]\npreferred = \"claude\"\ncompatibility_mode = \"claude\"\n\
+             [resources]\nvcpus = 1\nmemory_mb = 1024\n[secrets]\nANTHROPIC_API_KEY = \"api.anthropic.com\"\n\
+             [security]\nprofile = \"moderate\"\n[security.domains]\nallow = [\"api.anthropic.com\"]\n\
+             [template]\ndescription = \"d\"\ncategory = \"Agent Sandboxes\"\nhelp_text = \"h\"\n"
+                .into(),
+            &[
+                "sandbox.init_script",
+                "agent.compatibility_mode",
+                "secrets.ANTHROPIC_API_KEY",
+                "security.domains.allow",
+                "template.help_text",
+            ],
+        ),
+        (
+            "datastore template",
+            format!(
+                "[sandbox]\nname = \"postgres\"\nbase_image = \"postgres:17-alpine\"\n\
+                 [security]\nprofile = \"moderate\"\nnetwork = true\n[ports]\n{port_a} = 80\n\
+                 [environment]\nPGDATA = \"/tmp/pg\"\n\
+                 [template]\nsecret_files = [\"POSTGRES_PASSWORD\"]\n"
+            ),
+            &["template.secret_files"],
+        ),
+        (
+            "every other section",
+            format!(
+                "[sandbox]\nname = \"full\"\nruntime = \"python\"\n\
+                 [build]\ndockerfile = \"Dockerfile.dev\"\ncontext = \".\"\ntarget = \"dev\"\nno_cache = true\n\
+                 [build.args]\nNODE_VERSION = \"22\"\n\
+                 [network]\nvsock_cid = 3\nports = [\"{port_b}:80\"]\n\
+                 [security]\nprofile = \"moderate\"\nmount_cwd = true\nmount_home = false\npass_env = false\nseccomp = \"default\"\n\
+                 [security.commands]\nallow = [\"python3\"]\n\
+                 [security.transport]\nssh = true\ncert_ttl = \"1h\"\n\
+                 [ssh]\nenabled = true\nport = 22\nuser = \"sandbox\"\n\
+                 [[files]]\nsource = \".env\"\ndest = \"/app/.env\"\n\
+                 [orchestrator]\nprovider = \"kubernetes\"\nnamespace = \"agentkernel\"\n\
+                 [enterprise]\nenabled = false\npolicy_server = \"https://policy.example\"\n\
+                 [api]\nallow_sudo_exec = false\n[api.tls]\nenabled = false\n\
+                 [[proxy.hooks]]\nname = \"audit\"\nevent = \"on_request\"\n[proxy.hooks.target]\ntype = \"audit\"\n\
+                 [llm_keys]\n\"api.openai.com\" = \"OPENAI_API_KEY\"\n"
+            ),
+            &[
+                "sandbox.runtime",
+                "build.dockerfile",
+                "build.args",
+                "network.vsock_cid",
+                "security.commands.allow",
+                "security.transport.ssh",
+                "ssh.enabled",
+                "[[files]]",
+                "orchestrator.provider",
+                "enterprise.policy_server",
+                "api.tls",
+                "proxy.hooks",
+                "llm_keys.api.openai.com",
+            ],
+        ),
+        (
+            "domain rules without a network",
+            "[sandbox]\nname = \"secure\"\n[security]\nprofile = \"restrictive\"\n\
+             [security.domains]\nallow = [\"pypi.org\"]\nallowlist_only = true\nblock = [\"169.254.169.254\"]\n"
+                .into(),
+            &["security.domains.allowlist_only = true has no effect"],
+        ),
+    ];
+    for (case, toml, notices) in cases {
+        let env = TestEnv::new();
+        let out = run_with_config_file(&env, &toml, "true");
+        assert_code(&out, 0);
+        let err = stderr(&out);
+        for key in notices {
+            assert!(
+                err.lines()
+                    .any(|l| l.starts_with("agentkernel: notice: ") && l.contains(key)),
+                "{case}: no notice naming {key} in:\n{err}"
+            );
+        }
+    }
+}
+
+#[test]
+fn upstream_keys_we_cannot_honour_safely_are_refused() {
+    let cases = [
+        (
+            "[security.domains]\nallow = [\"pypi.org\"]\nallowlist_only = true\n",
+            "security.domains.allowlist_only",
+        ),
+        (
+            "[security.domains]\nblock = [\"169.254.169.254\"]\n",
+            "security.domains.block",
+        ),
+        (
+            "[security]\nseccomp = \"restrictive\"\n",
+            "security.seccomp",
+        ),
+        ("[security]\nseccomp = \"ai-agent\"\n", "security.seccomp"),
+        ("[security]\nseccomp = \"moderate\"\n", "security.seccomp"),
+        (
+            "[security.commands]\nblock = [\"rm\"]\n",
+            "security.commands",
+        ),
+        ("[security]\nread_only = true\n", "security.read_only"),
+        ("[enterprise]\nenabled = true\n", "enterprise.enabled"),
+        (
+            "[security.transport]\nrequire_encrypted = true\n[network]\nports = [\"8080:80\"]\n",
+            "require_encrypted",
+        ),
+        (
+            "[security]\nprofile = \"restrictive\"\nnetwork = true\n",
+            "security.network",
+        ),
+    ];
+    for (body, key) in cases {
+        let env = TestEnv::new();
+        let toml = format!("[sandbox]\nname = \"refused\"\n{body}");
+        let out = run_with_config_file(&env, &toml, "true");
+        let line = assert_one_line_error(&out);
+        assert!(line.contains(key), "{body}: {line}");
+        assert!(env.leftover_runs().is_empty(), "{body}: left a run behind");
+    }
+    // The restrictive profile's filter denies ptrace too: upstream's "moderate" holds there.
+    let env = TestEnv::new();
+    let out = run_with_config_file(
+        &env,
+        "[security]\nprofile = \"restrictive\"\nseccomp = \"moderate\"\n",
+        "true",
+    );
+    assert_code(&out, 0);
+}
+
+#[test]
+fn several_unknown_keys_are_listed_in_one_line_with_suggestions() {
+    let line = project_config_error(
+        "[sandbox]\nnmae = \"x\"\nbase_imgae = \"y\"\n[resources]\nmemory_gb = 1\n[securty]\nprofile = \"moderate\"\n",
+    );
+    for part in [
+        "sandbox.nmae (did you mean sandbox.name?)",
+        "sandbox.base_imgae (did you mean sandbox.base_image?)",
+        "resources.memory_gb (did you mean resources.memory_mb?)",
+        "securty (did you mean security?)",
+    ] {
+        assert!(line.contains(part), "{part} not in {line}");
+    }
+}
+
+#[test]
+fn security_profile_restrictive_is_enforced() {
+    let env = TestEnv::new();
+    let script = "cat /proc/net/dev | tail -n +3 | cut -d: -f1 | tr -d ' '; \
+                  if touch /rootfs-write 2>/dev/null; then echo root-writable; else echo root-read-only; fi";
+    let out = run_with_config_file(
+        &env,
+        "[sandbox]\nname = \"secure\"\n[security]\nprofile = \"restrictive\"\n",
+        script,
+    );
+    assert_code(&out, 0);
+    assert_eq!(stdout(&out), "lo\nroot-read-only\n");
+}
+
+#[test]
+fn environment_section_reaches_the_command() {
+    let env = TestEnv::new();
+    let out = run_with_config_file(
+        &env,
+        "[sandbox]\nname = \"gitea\"\n[environment]\nGITEA__security__INSTALL_LOCK = \"true\"\nPASSWORD = \"\"\n",
+        "echo \"$GITEA__security__INSTALL_LOCK\"; env | grep -c '^PASSWORD=$'",
+    );
+    assert_code(&out, 0);
+    assert_eq!(stdout(&out), "true\n1\n");
+}
+
+#[test]
+fn mount_cwd_false_leaves_the_project_out() {
+    let env = TestEnv::new();
+    std::fs::write(env.project_dir().join("marker"), "x").unwrap();
+    let script = "if [ -e /workspace/marker ]; then echo project; else echo none; fi";
+    let out = run_with_config_file(&env, "[security]\nmount_cwd = false\n", script);
+    assert_code(&out, 0);
+    assert_eq!(stdout(&out), "none\n");
+    let out = run_with_config_file(&env, "[security]\nmount_cwd = true\n", script);
+    assert_code(&out, 0);
+    assert_eq!(stdout(&out), "project\n");
+}
+
+#[test]
+fn sandbox_name_names_the_kept_sandbox() {
+    let env = TestEnv::new();
+    let name = unique_name("cfg");
+    let file = env.home_dir().join("named.toml");
+    std::fs::write(&file, format!("[sandbox]\nname = \"{name}\"\n")).unwrap();
+    let out = env.run(&[
+        "run",
+        "--keep",
+        "-c",
+        file.to_str().unwrap(),
+        "-i",
+        BUSYBOX,
+        "true",
+    ]);
+    assert_code(&out, 0);
+    assert!(
+        env.state_dir().join("sandboxes").join(&name).is_dir(),
+        "no kept sandbox named {name}"
+    );
+}
+
+#[test]
+fn untrusted_project_file_cannot_loosen_through_upstream_keys() {
+    for (body, key) in [
+        ("[security]\nprofile = \"permissive\"\n", "sandbox.profile"),
+        ("[ports]\n18080 = 80\n", "network.ports"),
+    ] {
+        let line = project_config_error(body);
+        assert!(
+            line.contains(key) && line.contains("agentkernel trust"),
+            "{body}: {line}"
+        );
+    }
+}
+
+#[test]
+fn project_file_cannot_switch_the_users_network_back_on() {
+    let env = TestEnv::new();
+    let user_dir = env.home_dir().join(".config/agentkernel");
+    std::fs::create_dir_all(&user_dir).unwrap();
+    std::fs::write(user_dir.join("config.toml"), "[network]\nenabled = false\n").unwrap();
+    for body in [
+        "[network]\nenabled = true\n",
+        "[security]\nnetwork = true\n",
+    ] {
+        std::fs::write(env.project_dir().join("agentkernel.toml"), body).unwrap();
+        let line = assert_one_line_error(&env.run(&["run", "-i", BUSYBOX, "true"]));
+        assert!(
+            line.contains("network.enabled = true") && line.contains("agentkernel trust"),
+            "{body}: {line}"
+        );
+        // --no-network keeps the user's promise whatever the file says.
+        assert_code(&env.run(&["run", "--no-network", "-i", BUSYBOX, "true"]), 0);
+    }
+}
+
+#[test]
+fn upstream_sandbox_name_outside_our_rules_is_125_when_kept() {
+    let env = TestEnv::new();
+    let file = env.home_dir().join("named.toml");
+    std::fs::write(&file, "[sandbox]\nname = \"My_Project\"\n").unwrap();
+    let config = file.to_str().unwrap();
+    assert_code(&env.run(&["run", "-c", config, "-i", BUSYBOX, "true"]), 0);
+    let line =
+        assert_one_line_error(&env.run(&["run", "--keep", "-c", config, "-i", BUSYBOX, "true"]));
+    assert!(
+        line.contains("[sandbox] name") && line.contains("--name"),
+        "{line}"
+    );
+}

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use agentkernel_core::config::Config;
 use agentkernel_core::image::{self, ImageSource};
-use agentkernel_core::policy::{Limits, Policy, WorkspaceMode};
+use agentkernel_core::policy::{Limits, Policy, Seccomp, WorkspaceMode};
 use agentkernel_core::spec::{
     ExecRequest, Keep, PullPolicy, SandboxSpec, Workspace, WORKSPACE_PATH,
 };
@@ -25,6 +25,9 @@ pub async fn run(args: RunArgs) -> Result<i32> {
         .and_then(|d| d.canonicalize())
         .map_err(|e| Error::invalid("current directory", ".", e.to_string()))?;
     let config = Config::load(&cwd, args.config.as_deref())?;
+    for notice in &config.notices {
+        eprintln!("agentkernel: notice: {notice}");
+    }
     let backend = backend::choose(args.backend.as_deref(), config.backend.as_deref())?;
     // The pool serves one-shot runs without published ports; those take the
     // normal path (explicit combinations are refused in `reject_unsupported`).
@@ -117,12 +120,15 @@ pub fn resolve(args: RunArgs, config: &Config, cwd: &Path) -> Result<(SandboxSpe
         let available = std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64);
         policy.limits.cpus = policy.limits.cpus.map(|c| c.min(available));
     }
-    if config.network == Some(true) && !policy.network {
+    // `--no-network` wins over a file's `true`, as every flag wins over config.
+    if config.network == Some(true) && !policy.network && !args.no_network {
         // `[network] enabled = true` cannot undo a profile without network; say so rather than ignore it.
         return Err(Error::Conflict(format!(
-            "config sets network.enabled = true but the {profile} profile has no network; choose --profile moderate or drop the key"
+            "config sets network.enabled (or security.network) = true but the {profile} profile has no network; choose --profile moderate or drop the key"
         )));
     }
+
+    check_upstream_security(config, &policy)?;
 
     if let Some(image) = &args.image {
         image::validate_reference(image)?;
@@ -150,6 +156,7 @@ pub fn resolve(args: RunArgs, config: &Config, cwd: &Path) -> Result<(SandboxSpe
             cpus: args.cpus.is_some(),
             disk: args.disk.is_some(),
             timeout: args.timeout.is_some(),
+            no_network: args.no_network,
             volumes: &flag_volumes,
             ports: &flag_ports,
         },
@@ -161,6 +168,15 @@ pub fn resolve(args: RunArgs, config: &Config, cwd: &Path) -> Result<(SandboxSpe
     ports.retain(|p| !flag_ports.contains(p));
     ports.extend(flag_ports);
     parse::reject_duplicate_ports(&ports)?;
+    if let (Some(file), false) = (&config.require_encrypted_ports, ports.is_empty()) {
+        return Err(Error::not_supported_hint(
+            format!(
+                "{}: security.transport.require_encrypted = true with published ports",
+                file.display()
+            ),
+            "published ports are plain TCP/UDP; drop the ports or the key",
+        ));
+    }
     if !ports.is_empty() && !policy.network {
         return Err(Error::Conflict(format!(
             "--publish needs a network, but the sandbox has none ({}); drop --no-network or use --profile moderate",
@@ -183,7 +199,11 @@ pub fn resolve(args: RunArgs, config: &Config, cwd: &Path) -> Result<(SandboxSpe
     volumes.extend(flag_volumes);
 
     let home = paths::home_dir().and_then(|h| h.canonicalize().ok());
-    let workspace = workspace_for(cwd, home.as_deref());
+    // `[security] mount_cwd = false`: no view of the project at all.
+    let workspace = match config.mount_cwd {
+        Some(false) => None,
+        _ => workspace_for(cwd, home.as_deref()),
+    };
     let workdir = match args.workdir.or_else(|| config.workdir.clone()) {
         Some(w) if !w.starts_with('/') => {
             return Err(Error::invalid("--workdir", w, "must be an absolute path"))
@@ -191,7 +211,7 @@ pub fn resolve(args: RunArgs, config: &Config, cwd: &Path) -> Result<(SandboxSpe
         Some(w) => Some(w),
         None => workspace.as_ref().map(|w| w.path_in_sandbox.clone()),
     };
-    let home = if policy.mount_home_read_only {
+    let home = if policy.mount_home_read_only && config.mount_home != Some(false) {
         home
     } else {
         None
@@ -393,13 +413,76 @@ fn resolve_keep(
             names::validate(&n)?;
             n
         }
-        (false, None) => names::generated(),
+        (false, None) => match &config.name {
+            // `[sandbox] name` (upstream's required key) names it when no flag does.
+            Some(n) => {
+                names::validate(n).map_err(|_| {
+                    Error::invalid(
+                        "[sandbox] name",
+                        n.clone(),
+                        "a kept sandbox's name uses lowercase letters, digits and inner dashes (at most 63 characters); change it or pass --name",
+                    )
+                })?;
+                n.clone()
+            }
+            None => names::generated(),
+        },
     };
     Ok(Some(Keep {
         name,
         ttl: explicit_ttl.or(config.ttl).unwrap_or(DEFAULT_TTL),
         reuse: branch,
     }))
+}
+
+/// Upstream's `[security]` keys that depend on the resolved policy: accepted
+/// where our sandbox is at least as strict as they ask, refused where
+/// ignoring them would leave it weaker.
+fn check_upstream_security(config: &Config, policy: &Policy) -> Result<()> {
+    let profile = policy.profile;
+    match config.read_only_root {
+        Some(true) if !policy.read_only_root => {
+            return Err(Error::not_supported_hint(
+                format!("security.read_only = true under the {profile} profile"),
+                "use profile = \"restrictive\" (read-only root) or drop the key",
+            ))
+        }
+        Some(false) if policy.read_only_root => eprintln!(
+            "agentkernel: notice: security.read_only = false is ignored: the {profile} profile keeps the root read-only"
+        ),
+        _ => {}
+    }
+    if config.mount_home == Some(true) && !policy.mount_home_read_only {
+        eprintln!(
+            "agentkernel: notice: security.mount_home = true is ignored: the {profile} profile does not show your home directory"
+        );
+    }
+    // Upstream's filters, weakest first: "default" blocks what ours blocks
+    // everywhere; "moderate" adds ptrace, which only our restrictive filter
+    // denies; "restrictive", "ai-agent" and custom files are allow-lists we
+    // do not have.
+    match config.seccomp.as_deref() {
+        None | Some("default") => {}
+        Some("moderate") if policy.seccomp == Seccomp::Restrictive => {}
+        Some(other) => {
+            return Err(Error::not_supported_hint(
+                format!("security.seccomp = {other:?} under the {profile} profile"),
+                "our filters are \"default\" (every profile) and \"moderate\" (restrictive profile); use one of those or drop the key",
+            ))
+        }
+    }
+    if let Some(rule) = config.unenforced_egress_rules.first() {
+        if policy.network {
+            return Err(Error::not_supported_hint(
+                format!("{rule} (domain filtering)"),
+                "egress is not filtered by domain yet: use --no-network (or profile = \"restrictive\") or drop the rule",
+            ));
+        }
+        for rule in &config.unenforced_egress_rules {
+            eprintln!("agentkernel: notice: {rule} has no effect: the sandbox has no network");
+        }
+    }
+    Ok(())
 }
 
 /// Options that are specified but not built yet: validated, then refused.
