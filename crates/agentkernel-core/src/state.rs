@@ -246,12 +246,13 @@ impl Store {
         Ok(dir)
     }
 
-    /// Scratch directories whose owner process is gone.
+    /// Scratch directories whose owner process is gone: in `runs/`, and
+    /// those of finished runs whose cleanup process was killed (`finished/`).
     pub fn orphaned_scratch(&self) -> Vec<PathBuf> {
-        let Ok(entries) = fs::read_dir(self.root.join("runs")) else {
-            return Vec::new();
-        };
-        entries
+        ["runs", FINISHED]
+            .iter()
+            .filter_map(|dir| fs::read_dir(self.root.join(dir)).ok())
+            .flatten()
             .flatten()
             .map(|e| e.path())
             .filter(|dir| {
@@ -268,6 +269,10 @@ impl Store {
             .collect()
     }
 }
+
+/// Where a finished run's scratch directory waits for its removal (native:
+/// the supervisor moves it out of `runs/` before it returns the exit code).
+pub const FINISHED: &str = "finished";
 
 pub fn remove_tree(path: &Path) -> Result<()> {
     match fs::remove_dir_all(path) {

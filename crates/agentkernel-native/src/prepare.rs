@@ -197,9 +197,12 @@ pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<Plan
     let mkdir = |p: PathBuf| std::fs::create_dir(&p).map_err(|e| Error::state(p, e));
     // The mount point of the root's tmpfs layer (see rootfs.rs).
     mkdir(scratch.join("layer"))?;
+    crate::trace::phase("cli: scratch dir made");
     let workspace_disk = match disk_template {
         Some((template, bytes)) => {
-            match crate::disk::create_workspace_image(&template, &scratch, bytes) {
+            let image = crate::disk::create_workspace_image(&template, &scratch, bytes);
+            crate::trace::phase("cli: workspace disk image made");
+            match image {
                 Ok(image) => Some(image),
                 Err(e) => {
                     // Nothing left behind: the scratch dir and the name.
