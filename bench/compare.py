@@ -17,7 +17,10 @@ CPU per run is user+sys from wait4's rusage: the process and every child it
 reaped (a native run's init and command). This process is a child subreaper,
 so anything a run leaves running after its exit (a detached cleanup) is
 reparented here, reaped, and its CPU is charged to the run that left it;
-between commands the harness waits for such stragglers. Kernel work done
+between commands the harness waits for such stragglers. (bwrap leaves one
+on every run: its sandbox's PID 1 outlives bwrap's own process and tears
+the namespaces down after it — most of bwrap's CPU, which wait4 on bwrap
+alone, or /usr/bin/time, never sees.) Kernel work done
 in kernel threads (deferred namespace teardown) is in no one's rusage: the
 sequential wall times carry it.
 
