@@ -922,6 +922,19 @@ impl Inbox {
 fn init(plan: &Plan, sock: OwnedFd) -> ! {
     // SAFETY: integer-only prctl; dies with the supervisor.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) };
+    // Of the descriptors the helper had — the caller's among them, which
+    // reach it through its exec — init needs only its socket: the rest go
+    // now, not only once the command runs (everything else init uses it
+    // opens itself or receives on the socket).
+    let own = sock.as_raw_fd() as u32;
+    // SAFETY: closes fds from 3 up around our socket; none is in use here,
+    // and none is owned by a value init drops (it never returns).
+    unsafe {
+        if own > 3 {
+            libc::syscall(libc::SYS_close_range, 3u32, own - 1, 0u32);
+        }
+        libc::syscall(libc::SYS_close_range, own + 1, u32::MAX, 0u32);
+    }
     let flags = libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
     // SAFETY: unshare with namespace flags; we are single-threaded.
     if unsafe { libc::unshare(flags) } != 0 {
