@@ -492,8 +492,10 @@ fn run_command(
         }
         _ => None,
     };
-    sys::write_all_fd(started.sock.as_raw_fd(), &[GO])?;
+    // Traced before the write: once "go" is sent, init's own phases may be
+    // stamped before this thread runs again.
     crate::trace::phase("go");
+    sys::write_all_fd(started.sock.as_raw_fd(), &[GO])?;
     let (code, timed_out) = watch(sfd, started.pid, master, plan.timeout, &mut || {})?;
     crate::trace::phase("init exited");
     Ok(if timed_out {
