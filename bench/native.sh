@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
-# The native backend beside bwrap and `docker run --rm`, side by side —
-# interleaved, round after round (bench/interleaved.py), so the VM's drift
-# in speed lands on every command alike:
+# The native backend beside bwrap and `docker run --rm`:
 #   1. RUNS runs each of bwrap, agentkernel -B native (default moderate
-#      profile: network, copy-on-write workspace, cgroup limits) and the same
-#      with --no-network — medians, p95, p99, ratios to bwrap;
+#      profile: network, copy-on-write workspace with its disk cap, cgroup
+#      limits) and the same with --no-network, measured twice in one go
+#      (bench/compare.py): sequentially (all runs of one command, then the
+#      next) and in blocks of ten — medians, p95, p99, ratios to bwrap, and
+#      CPU per run (user+sys from wait4, a run's leftover cleanup process
+#      included). Not alternated run by run: that moves one sandbox's
+#      deferred kernel teardown onto the next command's clock;
 #   2. DOCKER_RUNS runs each of docker run --rm, agentkernel -B native and
-#      bwrap — ratios to docker;
+#      bwrap, interleaved (bench/interleaved.py) — ratios to docker;
 #   3. peak memory (max RSS) of the agentkernel process, beside bwrap and the
 #      docker CLI;
 #   4. 50 concurrent native runs: failures, and anything left behind;
 #   5. rootless (as root: a throwaway uid via setpriv): bwrap beside
 #      agentkernel -B native with slirp4netns and with --no-network.
-# Needs the test registry (scripts/setup.sh) for the image.
+# Needs the test registry (scripts/setup.sh) for the image. Measure on a
+# quiet host: idle warm containers (`docker ps`) and builds skew everything.
 #   bench/native.sh [RUNS] [DOCKER_RUNS]     (defaults: 200, 30)
 set -euo pipefail
 runs=${1:-200}
@@ -32,14 +36,12 @@ trap 'rm -rf "$home" "$project" "$out" "$rootless"' EXIT
 cd "$project"   # a project dir: the workspace is mounted as it would be for a user
 bwrap_cmd="bwrap --ro-bind / / --dev /dev --proc /proc --unshare-all true"
 
-echo "== native vs bwrap ($runs runs each)"
-"$root/bench/interleaved.py" --warmup 5 --runs "$runs" --export-json "$out/bwrap.json" \
+echo "== native vs bwrap ($runs runs each, sequential and in blocks; load: $(cut -d' ' -f1-3 /proc/loadavg))"
+"$root/bench/compare.py" --warmup 5 --runs "$runs" --block 10 \
   -n "bwrap --unshare-all" "$bwrap_cmd" \
   -n "agentkernel -B native (moderate)" "$ak run -B native -i $image true" \
   -n "agentkernel -B native --no-network" "$ak run -B native --no-network -i $image true" \
-  -n "/bin/true (the harness's own floor)" "/bin/true" \
-  >/dev/null
-python3 "$root/bench/report.py" "$out/bwrap.json"
+  -n "/bin/true (the harness's own floor)" "/bin/true"
 
 echo
 echo "== native vs docker run --rm ($docker_runs runs each)"
@@ -74,9 +76,10 @@ done
 failed=0
 for p in "${pids[@]}"; do wait "$p" || failed=$((failed + 1)); done
 end=$(date +%s.%N)
-sleep 1   # the kernel deletes veths with their namespaces, asynchronously
+sleep 1   # the kernel deletes veths with their namespaces, and runs clean up, asynchronously
 echo "failed runs: $failed / 50 (all done in $(python3 -c "print(f'{$end-$start:.2f}')")s)"
-echo "left behind: scratch dirs $(ls "$home/runs" 2>/dev/null | wc -l)," \
+echo "left behind: scratch dirs $(find "$home/runs" "$home/finished" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l)," \
+  "loop devices $(grep -ls "^$home/" /sys/block/loop*/loop/backing_file 2>/dev/null | wc -l)," \
   "cgroups $(( $(count_cgroups) - cgroups_before ))," \
   "leases $(( $(count_leases) - leases_before ))," \
   "veths $(ip -o link 2>/dev/null | grep -c ': ak[0-9a-f]' || true)"
@@ -88,10 +91,8 @@ if [ "$(id -u)" = 0 ]; then
   chown -R 4242:4242 "$rootless"
   as_user="setpriv --reuid 4242 --regid 4242 --clear-groups env HOME=$rootless/home AGENTKERNEL_HOME=$rootless/state"
   (cd "$rootless/project" && $as_user "$ak" image pull "$image" >/dev/null 2>&1)
-  (cd "$rootless/project" && "$root/bench/interleaved.py" --warmup 5 --runs "$runs" --export-json "$out/rootless.json" \
+  (cd "$rootless/project" && "$root/bench/compare.py" --warmup 5 --runs "$runs" --block 10 \
     -n "bwrap --unshare-all (unprivileged)" "$as_user $bwrap_cmd" \
     -n "agentkernel -B native rootless (slirp4netns)" "$as_user $ak run -B native -i $image true" \
-    -n "agentkernel -B native rootless --no-network" "$as_user $ak run -B native --no-network -i $image true" \
-    >/dev/null)
-  python3 "$root/bench/report.py" "$out/rootless.json"
+    -n "agentkernel -B native rootless --no-network" "$as_user $ak run -B native --no-network -i $image true")
 fi

@@ -318,16 +318,17 @@ impl Store {
         Ok(dir)
     }
 
-    /// Scratch directories whose owner process is gone, and temporaries
-    /// ([`Store::run_scratch`] being built) whose owner is gone or that are
-    /// older than a minute (they live for microseconds).
+    /// Scratch directories whose owner process is gone — in `runs/`, and
+    /// those of finished native runs whose cleanup process was killed
+    /// (`finished/`; their owner, the run's supervisor, has returned) — and
+    /// temporaries ([`Store::run_scratch`] being built) whose owner is gone
+    /// or that are older than a minute (they live for microseconds).
     pub fn orphaned_scratch(&self) -> Vec<PathBuf> {
-        let parent = self.root.join("runs");
-        remove_stale_temporaries(&parent);
-        let Ok(entries) = fs::read_dir(&parent) else {
-            return Vec::new();
-        };
-        entries
+        remove_stale_temporaries(&self.root.join("runs"));
+        ["runs", FINISHED]
+            .iter()
+            .filter_map(|dir| fs::read_dir(self.root.join(dir)).ok())
+            .flatten()
             .flatten()
             .filter(|e| !is_temporary(&e.file_name()))
             .map(|e| e.path())
@@ -344,6 +345,10 @@ impl Store {
             .collect()
     }
 }
+
+/// Where a finished run's scratch directory waits for its removal (native:
+/// the supervisor moves it out of `runs/` before it returns the exit code).
+pub const FINISHED: &str = "finished";
 
 /// The prefix of directories being built (see [`build_owned_dir`]).
 const TEMPORARY_PREFIX: &str = ".new-";

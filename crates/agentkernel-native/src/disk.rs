@@ -11,14 +11,16 @@
 //!
 //! Cost per run: the image is a sparse copy of a template formatted once per
 //! size (`<state>/disk-templates/`, a few hundred KiB of metadata), then one
-//! loop device and one mount. The loop device is configured with
-//! `LO_FLAGS_AUTOCLEAR`: it detaches itself when the mount namespace — and
-//! with it the last reference — goes away, even after a `kill -9`; the image
-//! file goes with the scratch directory.
+//! loop device and one mount, made by a supervisor thread in parallel with
+//! init's set-up ([`mount_detached`]). The loop device is configured with
+//! `LO_FLAGS_AUTOCLEAR`: it detaches itself when the last reference to the
+//! mount goes (the sandbox's mount namespace, the supervisor's mount fd,
+//! which a one-shot run's cleanup process closes), even after a `kill -9`;
+//! the image file goes with the scratch directory.
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -186,8 +188,105 @@ struct LoopConfig {
 
 /// Attaches `image` to a free loop device (auto-clearing) and mounts it on
 /// `target`. Runs in the sandbox's init, inside its private mount namespace,
-/// so the host never sees the mount.
+/// so the host never sees the mount. (The fallback of [`mount_detached`].)
 pub fn mount_workspace_image(image: &Path, target: &Path) -> io::Result<()> {
+    let (dev, loop_fd) = attach_loop(image)?;
+    // `noinit_itable`: the template's inode tables are holes; without it
+    // the kernel would zero them in the background, on the host's disk.
+    let mounted = crate::sys::mount(
+        &dev,
+        &target.to_string_lossy(),
+        "ext4",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some("noinit_itable"),
+    );
+    // The mount holds the device now; closing ours lets AUTOCLEAR free it
+    // when the mount goes (or right away if the mount failed).
+    drop(loop_fd);
+    mounted
+}
+
+// From <linux/mount.h>: the new mount API (Linux 5.2).
+const FSOPEN_CLOEXEC: libc::c_uint = 1;
+const FSCONFIG_SET_FLAG: libc::c_uint = 0;
+const FSCONFIG_SET_STRING: libc::c_uint = 1;
+const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
+const FSMOUNT_CLOEXEC: libc::c_uint = 1;
+const MOUNT_ATTR_NOSUID: libc::c_uint = 0x2;
+const MOUNT_ATTR_NODEV: libc::c_uint = 0x4;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+
+/// `image` on a loop device, mounted but attached nowhere (fsopen/fsmount):
+/// made by a thread of the supervisor, on the host, while init builds its
+/// namespaces and root — configuring a loop device waits milliseconds on
+/// the block layer, which init need not spend. Init moves the mount into
+/// its own mount namespace ([`attach_detached`]); until then it is in no
+/// namespace, so the host never sees it, and if everything dies first the
+/// mount and (AUTOCLEAR) the loop device go with the last fd. Mounted as
+/// [`mount_workspace_image`] mounts it: ext4, `noinit_itable`, nosuid, nodev.
+pub fn mount_detached(image: &Path) -> io::Result<OwnedFd> {
+    let (dev, loop_fd) = attach_loop(image)?;
+    // SAFETY: fsopen with a valid C string; the fd is owned below.
+    let fs = unsafe { libc::syscall(libc::SYS_fsopen, c"ext4".as_ptr(), FSOPEN_CLOEXEC) };
+    if fs < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: just created, ours.
+    let fs = unsafe { OwnedFd::from_raw_fd(fs as RawFd) };
+    let source = crate::sys::cstr(&dev);
+    let config = |cmd: libc::c_uint, key: Option<&std::ffi::CStr>, value: *const libc::c_char| {
+        let key = key.map_or(std::ptr::null(), |k| k.as_ptr());
+        // SAFETY: fsconfig on our fs context with valid C strings (or null).
+        if unsafe { libc::syscall(libc::SYS_fsconfig, fs.as_raw_fd(), cmd, key, value, 0) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    config(FSCONFIG_SET_STRING, Some(c"source"), source.as_ptr())?;
+    config(FSCONFIG_SET_FLAG, Some(c"noinit_itable"), std::ptr::null())?;
+    config(FSCONFIG_CMD_CREATE, None, std::ptr::null())?;
+    // SAFETY: fsmount of a created fs context; the fd is owned below.
+    let mount = unsafe {
+        libc::syscall(
+            libc::SYS_fsmount,
+            fs.as_raw_fd(),
+            FSMOUNT_CLOEXEC,
+            MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+        )
+    };
+    if mount < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    drop(loop_fd); // the mount holds the device now
+                   // SAFETY: just created, ours.
+    Ok(unsafe { OwnedFd::from_raw_fd(mount as RawFd) })
+}
+
+/// Attaches a mount from [`mount_detached`] on `target` (in init's mount namespace).
+pub fn attach_detached(mount: &OwnedFd, target: &Path) -> io::Result<()> {
+    let target = crate::sys::cstr(&target.to_string_lossy());
+    // SAFETY: move_mount of our mount fd onto a path given as a C string.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            mount.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            target.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    };
+    if rc < 0 {
+        return Err(context("attach the workspace's disk")(
+            io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
+/// `image` on a free loop device, configured to clear itself when its last
+/// user goes: the device's path and our fd of it.
+fn attach_loop(image: &Path) -> io::Result<(String, File)> {
     let backing = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -221,23 +320,10 @@ pub fn mount_workspace_image(image: &Path, target: &Path) -> io::Result<()> {
             Err(e) => return Err(context(format_args!("open {dev}"))(e)),
         };
         match configure(&loop_fd, &backing) {
-            Ok(()) => {}
+            Ok(()) => return Ok((dev, loop_fd)),
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => continue,
             Err(e) => return Err(context(format_args!("attach {dev}"))(e)),
         }
-        // `noinit_itable`: the template's inode tables are holes; without it
-        // the kernel would zero them in the background, on the host's disk.
-        let mounted = crate::sys::mount(
-            &dev,
-            &target.to_string_lossy(),
-            "ext4",
-            libc::MS_NOSUID | libc::MS_NODEV,
-            Some("noinit_itable"),
-        );
-        // The mount holds the device now; closing ours lets AUTOCLEAR free it
-        // when the mount goes (or right away if the mount failed).
-        drop(loop_fd);
-        return mounted;
     }
     Err(io::Error::new(
         io::ErrorKind::ResourceBusy,

@@ -3,11 +3,12 @@
 //! is a cgroup (named by the run's id, like its scratch directory), the scratch directory,
 //! and a network lease (veth, port rules) naming the sandbox's holder.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use agentkernel_core::state::Store;
+use agentkernel_core::state::{Store, FINISHED};
 
 use crate::cgroup::Cgroup;
+use crate::plan::Plan;
 
 /// Removes the cgroup and scratch directory of every run whose owner is
 /// gone. Returns how many it cleaned.
@@ -23,6 +24,22 @@ pub fn orphaned_runs(store: &Store) -> usize {
         }
     }
     cleaned + crate::net::collect_dead()
+}
+
+/// Where a finished one-shot run's scratch dir waits for its cleanup
+/// process: `<state>/finished/<id>`, out of `runs/` (see
+/// `sandbox::clean_up_after_exit`). None for a kept sandbox's.
+pub fn finished_path(plan: &Plan) -> Option<PathBuf> {
+    if plan.keep.is_some() {
+        return None;
+    }
+    let dir = plan.state_root()?.join(FINISHED);
+    match std::fs::create_dir(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(_) => return None,
+    }
+    Some(dir.join(plan.scratch.file_name()?))
 }
 
 fn remove_run(dir: &Path) {

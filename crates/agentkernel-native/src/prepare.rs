@@ -198,9 +198,12 @@ pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<Plan
         }
         None => store.run_scratch(&id, &["layer"])?,
     };
+    crate::trace::phase("cli: scratch dir made");
     let workspace_disk = match disk_template {
         Some((template, bytes)) => {
-            match crate::disk::create_workspace_image(&template, &scratch, bytes) {
+            let image = crate::disk::create_workspace_image(&template, &scratch, bytes);
+            crate::trace::phase("cli: workspace disk image made");
+            match image {
                 Ok(image) => Some(image),
                 Err(e) => {
                     // Nothing left behind: the scratch dir and the name.

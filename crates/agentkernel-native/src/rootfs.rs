@@ -58,8 +58,13 @@ pub fn scratch_root(scratch: &Path) -> PathBuf {
 
 /// Builds the root (everything but the cgroup view); [`enter`] finishes.
 /// Runs as root in fresh mount, pid, net, uts and ipc namespaces, before the
-/// command's process exists.
-pub fn build(plan: &Plan) -> io::Result<()> {
+/// command's process exists. `workspace_disk` yields the workspace's disk,
+/// mounted by the supervisor (see `disk::mount_detached`), or None for init
+/// to mount it itself.
+pub fn build(
+    plan: &Plan,
+    workspace_disk: &mut dyn FnMut() -> Option<std::os::fd::OwnedFd>,
+) -> io::Result<()> {
     mount("", "/", "", libc::MS_REC | libc::MS_PRIVATE, None)?;
     let root_path = scratch_root(&plan.scratch);
     let root_str = root_path.to_string_lossy().into_owned();
@@ -96,7 +101,12 @@ pub fn build(plan: &Plan) -> io::Result<()> {
     }
 
     if let Some(image) = &plan.workspace_disk {
-        crate::disk::mount_workspace_image(image, &plan.scratch.join(crate::disk::MOUNT_NAME))?;
+        let target = plan.scratch.join(crate::disk::MOUNT_NAME);
+        match workspace_disk() {
+            Some(mount) => crate::disk::attach_detached(&mount, &target)?,
+            None => crate::disk::mount_workspace_image(image, &target)?,
+        }
+        crate::trace::phase("init: workspace disk mounted");
     }
     for (i, m) in plan.mounts.iter().enumerate() {
         mount_user_path(plan, &root, i, m)?;

@@ -35,6 +35,7 @@ use crate::{caps, rootfs, sys};
 const NETNS_READY: u8 = b'n';
 const NETNS: u8 = b'e';
 const CGROUP: u8 = b'c';
+const DISK: u8 = b'd';
 const READY: u8 = b'r';
 pub(crate) const GO: u8 = b'g';
 const FORWARDED: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
@@ -77,13 +78,102 @@ pub fn run(plan: &Plan) -> io::Result<Outcome> {
         }
     }
     // After a crash, `gc` finds this cgroup by the scratch dir's name (the id).
-    let result = supervise(plan, &mut cgroup);
-    if let Some(cgroup) = cgroup {
-        cgroup.remove();
-    }
-    remove_scratch(plan);
-    crate::trace::phase("cleaned up");
+    let mut workspace_disk = None;
+    let result = supervise(plan, &mut cgroup, &mut workspace_disk);
+    clean_up_after_exit(plan, cgroup, workspace_disk);
     result
+}
+
+/// What is left once init is gone and the network lease with its port
+/// rules is released (`supervise`): the cgroup and the scratch directory,
+/// both named by this run's unique id, so no later command can trip over
+/// them — the caller need not wait for their removal (rmdir of a cgroup
+/// waits for the kernel to let go of it; unlinking the scratch dir's files
+/// — the workspace's disk image, its upper layer — writes to the host's
+/// disk). The scratch dir leaves `runs/` at once (one rename into
+/// `finished/`), and a forked cleanup process removes it and the cgroup,
+/// then collects what killed runs left, while this process returns the
+/// command's exit code to its caller. The cleanup process outlives us
+/// (reparented); if it is killed, gc collects `finished/` and the cgroup
+/// like any dead run's.
+fn clean_up_after_exit(plan: &Plan, cgroup: Option<Cgroup>, workspace_disk: Option<OwnedFd>) {
+    let scratch = match crate::gc::finished_path(plan) {
+        Some(finished) if std::fs::rename(&plan.scratch, &finished).is_ok() => finished,
+        _ => plan.scratch.clone(),
+    };
+    // The workspace's disk is unmounted where its last fd closes: the
+    // cleanup process closes its copy only once ours is closed (the pipe's
+    // end of file), so the unmount is never on the caller's path.
+    let ours_closed = workspace_disk.as_ref().and_then(|_| pipe().ok());
+    let clean_up = || {
+        if let Some(cgroup) = &cgroup {
+            cgroup.remove();
+        }
+        let _ = agentkernel_core::state::remove_tree(&scratch);
+        crate::trace::phase("cleaned up");
+        // What killed runs left (cgroups, leases, scratch, dead kept sandboxes).
+        if let Some(root) = plan.state_root() {
+            let store = agentkernel_core::state::Store::new(root);
+            crate::gc::orphaned_runs(&store);
+            crate::kept::collect(&store);
+        }
+    };
+    // SAFETY: fork while the port relay's threads may run: the child only
+    // removes files and directories, takes no lock of ours those threads
+    // could hold (glibc's fork keeps malloc usable in the child; it prints
+    // nothing but trace lines) and ends with _exit.
+    match unsafe { libc::fork() } {
+        0 => {
+            if let Some((read_end, write_end)) = ours_closed {
+                drop(write_end);
+                let _ = sys::read_byte(read_end.as_raw_fd());
+            }
+            detach_from_caller(); // closes the workspace's disk: it unmounts
+            clean_up();
+            // SAFETY: ends the cleanup process without running our exit path.
+            unsafe { libc::_exit(0) }
+        }
+        pid if pid > 0 => {
+            drop(workspace_disk);
+            drop(ours_closed);
+            crate::trace::phase("cleanup forked");
+        }
+        _ => {
+            drop(workspace_disk);
+            clean_up();
+        }
+    }
+}
+
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two fds into the array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both fds were just created and are ours.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// The cleanup process holds nothing of the caller's: a pipe on its stdout
+/// or stderr would keep a `$(agentkernel run …)` waiting, and an inherited
+/// listening socket would keep a published port busy. (Tracing keeps stderr,
+/// so its last phase shows when the cleanup ended.)
+fn detach_from_caller() {
+    // SAFETY: plain fd calls on our own descriptors; a new session, so the
+    // caller's terminal signals (already blocked here) never reach us.
+    unsafe {
+        libc::setsid();
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+        if null >= 0 {
+            libc::dup2(null, 0);
+            libc::dup2(null, 1);
+            if !crate::trace::enabled() {
+                libc::dup2(null, 2);
+            }
+        }
+        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+    }
 }
 
 fn remove_scratch(plan: &Plan) {
@@ -104,33 +194,26 @@ pub(crate) fn supervisor_signalfd() -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(sfd) })
 }
 
-fn supervise(plan: &Plan, cgroup: &mut Option<Cgroup>) -> io::Result<Outcome> {
+/// Runs the sandbox until init exits; hands the workspace's disk mount
+/// back in `workspace_disk` (see `Started`).
+fn supervise(
+    plan: &Plan,
+    cgroup: &mut Option<Cgroup>,
+    workspace_disk: &mut Option<OwnedFd>,
+) -> io::Result<Outcome> {
     let sfd = supervisor_signalfd()?;
-    let started = match start(plan, cgroup, &[&sfd])? {
+    let mut started = match start(plan, cgroup, &[&sfd])? {
         Ok(started) => started,
         // Init exited during setup (it printed why): its status is the outcome.
         Err(status) => return Ok(Outcome::Exited(status)),
     };
     let cgroup = cgroup.as_ref().expect("start created the cgroup");
-    // What killed runs left (cgroups, leases, scratch, dead kept sandboxes)
-    // is collected while the command runs: after "go", so that starting the
-    // thread never delays the command.
-    let mut collecting = None;
-    let result = run_command(plan, cgroup, &started, &sfd, || {
-        collecting = plan.state_root().map(|root| {
-            std::thread::spawn(move || {
-                let store = agentkernel_core::state::Store::new(root);
-                crate::gc::orphaned_runs(&store);
-                crate::kept::collect(&store);
-            })
-        });
-    });
+    *workspace_disk = started.workspace_disk.take();
+    let result = run_command(plan, cgroup, &started, &sfd);
     if let Some(link) = &started.link {
         link.release();
     }
-    if let Some(collecting) = collecting {
-        let _ = collecting.join();
-    }
+    crate::trace::phase("network released");
     result
 }
 
@@ -142,6 +225,12 @@ pub(crate) struct Started {
     pub link: Option<crate::net::Link>,
     /// The terminal's master side, when the plan asked for one.
     pub master: Option<OwnedFd>,
+    /// The workspace's disk mount (see `disk::mount_detached`). Holding it
+    /// keeps the filesystem alive after init's mount namespace is gone, so
+    /// its unmount (and the loop device's release) happens where this fd is
+    /// closed last — in a one-shot run's cleanup process, not in init's
+    /// exit, which the caller waits for.
+    pub workspace_disk: Option<OwnedFd>,
 }
 
 /// Creates the sandbox up to init's "ready": `Ok(Err(status))` when init
@@ -185,6 +274,22 @@ pub(crate) fn start(
             send_message(&sock, NETNS, &[ns.as_raw_fd()])
         })
     };
+
+    // The workspace's disk (loop device and ext4 mount: milliseconds of
+    // waiting on the block layer) is mounted by another thread meanwhile;
+    // it sends the mount to init, or nothing, for init to mount it itself
+    // (a kernel without the new mount API) and report what fails.
+    let disk = plan.workspace_disk.clone().map(|image| {
+        let sock = ours.try_clone();
+        std::thread::spawn(move || -> Option<OwnedFd> {
+            let sock = sock.ok()?;
+            let mount = crate::disk::mount_detached(&image).ok();
+            crate::trace::phase("disk: workspace mounted (detached)");
+            let fds: Vec<RawFd> = mount.iter().map(|m| m.as_raw_fd()).collect();
+            send_message(&sock, DISK, &fds).ok()?;
+            mount
+        })
+    });
 
     // On v1 the cgroup is created now, while init creates its namespaces
     // (creating it takes about a millisecond: a memory cgroup is costly);
@@ -239,12 +344,15 @@ pub(crate) fn start(
         None
     };
     crate::trace::phase("network and cgroup ready");
-    match recv_ready(&ours) {
+    let ready = recv_ready(&ours);
+    let workspace_disk = disk.and_then(|d| d.join().ok().flatten());
+    match ready {
         Ok(master) => Ok(Ok(Started {
             pid,
             sock: ours,
             link,
             master,
+            workspace_disk,
         })),
         Err(_) => {
             let status = wait_for(pid);
@@ -369,13 +477,12 @@ fn failed_during_setup(
     }
 }
 
-/// From "go" to the command's end; `after_go` runs right after "go".
+/// From "go" to the command's end.
 fn run_command(
     plan: &Plan,
     cgroup: &Cgroup,
     started: &Started,
     sfd: &OwnedFd,
-    after_go: impl FnOnce(),
 ) -> io::Result<Outcome> {
     let master = started.master.as_ref().map(|m| m.try_clone()).transpose()?;
     let _raw = match (&master, plan.tty) {
@@ -385,9 +492,10 @@ fn run_command(
         }
         _ => None,
     };
-    sys::write_all_fd(started.sock.as_raw_fd(), &[GO])?;
+    // Traced before the write: once "go" is sent, init's own phases may be
+    // stamped before this thread runs again.
     crate::trace::phase("go");
-    after_go();
+    sys::write_all_fd(started.sock.as_raw_fd(), &[GO])?;
     let (code, timed_out) = watch(sfd, started.pid, master, plan.timeout, &mut || {})?;
     crate::trace::phase("init exited");
     Ok(if timed_out {
@@ -788,18 +896,59 @@ fn die(what: &str, e: io::Error) -> ! {
     unsafe { libc::_exit(125) }
 }
 
+/// Init's end of the socketpair. The supervisor's threads send as they
+/// finish, so a message init asks for may arrive after others, which wait
+/// here until asked for.
+struct Inbox {
+    sock: OwnedFd,
+    early: Vec<(u8, Vec<OwnedFd>)>,
+}
+
+impl Inbox {
+    /// The fds of the message `kind`; None when the supervisor is gone.
+    fn take(&mut self, kind: u8) -> Option<Vec<OwnedFd>> {
+        if let Some(i) = self.early.iter().position(|(k, _)| *k == kind) {
+            return Some(self.early.remove(i).1);
+        }
+        loop {
+            match recv_message(&self.sock) {
+                Ok((k, fds)) if k == kind => return Some(fds),
+                Ok(other) => self.early.push(other),
+                Err(_) => return None,
+            }
+        }
+    }
+}
+
 /// PID 1 of the sandbox. Never returns.
 fn init(plan: &Plan, sock: OwnedFd) -> ! {
     // SAFETY: integer-only prctl; dies with the supervisor.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) };
+    // Of the descriptors the helper had — the caller's among them, which
+    // reach it through its exec — init needs only its socket: the rest go
+    // now, not only once the command runs (everything else init uses it
+    // opens itself or receives on the socket).
+    let own = sock.as_raw_fd() as u32;
+    // SAFETY: closes fds from 3 up around our socket; none is in use here,
+    // and none is owned by a value init drops (it never returns).
+    unsafe {
+        if own > 3 {
+            libc::syscall(libc::SYS_close_range, 3u32, own - 1, 0u32);
+        }
+        libc::syscall(libc::SYS_close_range, own + 1, u32::MAX, 0u32);
+    }
     let flags = libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
     // SAFETY: unshare with namespace flags; we are single-threaded.
     if unsafe { libc::unshare(flags) } != 0 {
         die("creating namespaces", io::Error::last_os_error());
     }
+    let mut inbox = Inbox {
+        sock,
+        early: Vec::new(),
+    };
     // The network namespace the supervisor made meanwhile (see `start`).
-    match recv_message(&sock) {
-        Ok((NETNS, fds)) if fds.len() == 1 => {
+    match inbox.take(NETNS) {
+        Some(fds) if fds.len() == 1 => {
             // SAFETY: setns with the fd of a network namespace we were sent.
             if unsafe { libc::setns(fds[0].as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                 die("joining the network namespace", io::Error::last_os_error());
@@ -815,21 +964,22 @@ fn init(plan: &Plan, sock: OwnedFd) -> ! {
     }
     if plan.network {
         // The supervisor connects the namespace (lo and eth0) meanwhile.
-        if let Err(e) = sys::write_all_fd(sock.as_raw_fd(), &[NETNS_READY]) {
+        if let Err(e) = sys::write_all_fd(inbox.sock.as_raw_fd(), &[NETNS_READY]) {
             die("talking to agentkernel", e);
         }
     } else if let Err(e) = crate::net::loopback_up() {
         die("bringing up loopback", e);
     }
     crate::trace::phase("init: namespaces created");
-    if let Err(e) = rootfs::build(plan) {
+    let mut workspace_disk = || inbox.take(DISK).and_then(|fds| fds.into_iter().next());
+    if let Err(e) = rootfs::build(plan, &mut workspace_disk) {
         die("building the root filesystem", e);
     }
     crate::trace::phase("init: root built");
     // Into the sandbox's cgroup before anything is forked, and before the
     // cgroup namespace is created (so it is rooted at the sandbox's cgroup).
-    match recv_message(&sock) {
-        Ok((CGROUP, files)) => {
+    match inbox.take(CGROUP) {
+        Some(files) => {
             let files: Vec<std::fs::File> = files.into_iter().map(std::fs::File::from).collect();
             if let Err(e) = crate::cgroup::move_self(&files) {
                 die("joining the sandbox's cgroup", e);
@@ -856,6 +1006,7 @@ fn init(plan: &Plan, sock: OwnedFd) -> ! {
         None
     };
     crate::trace::phase("init: ready");
+    let sock = inbox.sock;
     if let Err(e) = send_message(
         &sock,
         READY,

@@ -13,7 +13,8 @@ const ON: u8 = 2;
 
 static STATE: AtomicU8 = AtomicU8::new(UNKNOWN);
 
-fn enabled() -> bool {
+/// Whether tracing is on (`AGENTKERNEL_TRACE_STARTUP=1`).
+pub fn enabled() -> bool {
     match STATE.load(Ordering::Relaxed) {
         OFF => false,
         ON => true,

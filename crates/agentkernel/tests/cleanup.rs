@@ -278,3 +278,36 @@ mod engine_only {
         );
     }
 }
+
+mod native_only {
+    use super::*;
+
+    /// A finished run's scratch dir waits in `finished/` for the run's
+    /// cleanup process (the caller already has its exit code). If that
+    /// process is killed, gc must collect it and the run's cgroup like any
+    /// dead run's. The state it leaves is made from a real killed run: its
+    /// scratch dir moved where the supervisor moves it before forking the
+    /// cleanup.
+    #[test]
+    fn gc_collects_what_a_killed_cleanup_process_left() {
+        let env = TestEnv::new();
+        let (_owner, sandbox) = orphan(&env);
+        let runs = env.leftover_runs();
+        assert_eq!(
+            runs.len(),
+            1,
+            "precondition: the killed run's scratch dir: {runs:?}"
+        );
+        let finished = env.state_dir().join("finished");
+        std::fs::create_dir_all(&finished).unwrap();
+        let moved = finished.join(runs[0].file_name().unwrap());
+        std::fs::rename(&runs[0], &moved).unwrap();
+        assert_code(&env.run(&["sandbox", "gc"]), 0);
+        poll_until(
+            Duration::from_secs(10),
+            "`sandbox gc` should remove the finished run's scratch dir",
+            || !moved.exists(),
+        );
+        assert_native_orphan_collected(&env, &sandbox);
+    }
+}

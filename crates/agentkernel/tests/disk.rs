@@ -111,9 +111,12 @@ mod native_only {
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("kept.txt")]);
         assert!(env.leftover_runs().is_empty(), "scratch left behind");
-        assert!(
-            loop_devices_under(env.state_dir()).is_empty(),
-            "loop device left attached"
+        // The run's cleanup process unmounts the disk after the caller has
+        // its exit code: the loop device goes a moment later.
+        poll_until(
+            std::time::Duration::from_secs(10),
+            "loop device released after the run",
+            || loop_devices_under(env.state_dir()).is_empty(),
         );
     }
 

@@ -988,9 +988,10 @@ pub fn native_sandbox_exists(id: &str) -> bool {
         || all_test_state_dirs()
             .iter()
             .any(|s| s.join("sandboxes").join(id).exists())
-        || all_test_state_dirs()
-            .iter()
-            .any(|s| s.join("runs").join(id).exists())
+        || all_test_state_dirs().iter().any(|s| {
+            // A finished run's scratch waits for its cleanup process in `finished/`.
+            s.join("runs").join(id).exists() || s.join("finished").join(id).exists()
+        })
 }
 
 /// Network leases (machine-wide, under /run/agentkernel) held for sandbox `id`.
