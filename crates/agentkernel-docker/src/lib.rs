@@ -33,6 +33,7 @@ pub mod network;
 pub mod oneshot;
 pub mod podman;
 pub mod pool;
+pub mod pool_stats;
 pub mod pull;
 pub mod seccomp;
 pub mod stdio;
