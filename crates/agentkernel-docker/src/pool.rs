@@ -296,6 +296,8 @@ fn is_claimed(store: &Store, name: &str) -> bool {
 
 /// In a warm container's host directory: its key (written before the container exists).
 const KEY_FILE: &str = "key";
+/// In a warm container's host directory once it has started.
+const STARTED_FILE: &str = "started";
 
 /// A key's warm containers as this host sees them from their directories
 /// alone, without an engine call: ready ones (their keep-alive shell is
@@ -323,6 +325,9 @@ fn local_view(store: &Store, key: &str) -> LocalView {
         if crate::handoff::recorded(&dir).is_some() {
             view.ready
                 .push(entry.file_name().to_string_lossy().into_owned());
+            continue;
+        }
+        if dir.join(STARTED_FILE).exists() {
             continue;
         }
         let age = std::fs::metadata(dir.join(KEY_FILE))
@@ -414,6 +419,24 @@ fn claim_one(store: &Store, mut candidates: Vec<String>) -> Option<(String, usiz
     None
 }
 
+/// Removes a warm container unless a run has claimed it: claims it first, as
+/// a run would, so a run that got there first keeps it (and a refill killed
+/// midway leaves a claimed container with a dead owner, which gc removes).
+async fn remove_unclaimed(engine: &Engine, store: &Store, name: &str) -> bool {
+    let dir = container_dir(store, name);
+    match std::fs::create_dir(dir.join("ctl/claimed")) {
+        Ok(()) => {
+            let _ = state::write_atomic(&dir.join("owner"), Owner::current().0.as_bytes());
+        }
+        // No control directory: nothing can claim it.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(_) => return false,
+    }
+    remove_container(engine, name).await;
+    let _ = state::remove_tree(&dir);
+    true
+}
+
 /// Starts `agentkernel pool refill` detached: it removes the used container
 /// and tops the key back up, after we have exited.
 fn spawn_refill(store: &Store, key: &str, used: Option<&str>) {
@@ -434,10 +457,20 @@ pub async fn refill(
     key: &str,
     used: Option<&str>,
 ) -> Result<(), Error> {
+    let topped_up = top_up(engine, store, key).await;
+    // The used container goes after the new ones are made: in a burst of
+    // runs, the engine's time goes first to what the next run needs.
     if let Some(used) = used {
         remove_container(engine, used).await;
         let _ = state::remove_tree(&container_dir(store, used));
     }
+    crate::gc::collect_orphans(engine.clone(), store.clone()).await;
+    topped_up
+}
+
+/// Refill rounds for `key` and for the keys other refills left notes for
+/// while one was at work.
+async fn top_up(engine: &Engine, store: &Store, key: &str) -> Result<(), Error> {
     let wanted_dir = pool_dir(store).join("wanted");
     let lock_path = pool_dir(store).join("refill.lock");
     let lock = std::fs::File::create(&lock_path).map_err(|e| Error::state(&lock_path, e))?;
@@ -475,7 +508,6 @@ pub async fn refill(
             break;
         }
     }
-    crate::gc::collect_orphans(engine.clone(), store.clone()).await;
     failure.map_or(Ok(()), Err)
 }
 
@@ -538,11 +570,11 @@ async fn refill_round(
             .flat_map(|(_, k)| warm_by_key[k].iter().cloned())
             .take(excess)
             .collect();
+        // Removed, or claimed by a run meanwhile: either way no longer warm.
         total -= victims.len();
         futures_util::stream::iter(victims)
             .for_each_concurrent(parallel_creates(), |name| async move {
-                remove_container(engine, &name).await;
-                let _ = state::remove_tree(&container_dir(store, &name));
+                remove_unclaimed(engine, store, &name).await;
             })
             .await;
     }
@@ -557,8 +589,7 @@ async fn refill_round(
             .cloned()
             .collect();
         for name in surplus {
-            remove_container(engine, &name).await;
-            let _ = state::remove_tree(&container_dir(store, &name));
+            remove_unclaimed(engine, store, &name).await;
         }
     }
     if wanted == 0 {
@@ -651,6 +682,8 @@ async fn create_warm(
         if let Some(pid) = pid {
             crate::handoff::record(pid as i32, &dir).await;
         }
+        // Started, with or without a shell this host can see: runs stop waiting for it.
+        let _ = std::fs::write(dir.join(STARTED_FILE), b"");
         Ok(())
     }
     .await;
@@ -753,9 +786,7 @@ pub async fn prune(engine: &Engine, store: &Store) -> usize {
     let mut removed = 0;
     for c in list_pool(engine, store, None).await {
         let Some(name) = name_of(&c) else { continue };
-        if !is_claimed(store, &name) {
-            remove_container(engine, &name).await;
-            let _ = state::remove_tree(&container_dir(store, &name));
+        if remove_unclaimed(engine, store, &name).await {
             removed += 1;
         }
     }
