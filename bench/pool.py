@@ -87,7 +87,8 @@ print(f"  agentkernel --fast=false     median {normal_med:7.1f} ms   p95 {pct(se
 print(f"  pooled, pool warm            median {warm_med:7.1f} ms   p95 {pct(series['warm'], .95):7.1f}"
       f"   {warm_med / rm_med:.3f}x run --rm   {warm_med / normal_med:.3f}x --fast=false")
 print(f"  pooled, back to back         median {loop_med:7.1f} ms   p90 {pct(loop_times, .90):7.1f}"
-      f"   p95 {pct(loop_times, .95):7.1f}   {loop_med / rm_med:.3f}x run --rm"
+      f"   p95 {pct(loop_times, .95):7.1f}   mean {statistics.mean(loop_times):7.1f}"
+      f"   {loop_med / rm_med:.3f}x run --rm"
       f"   p90/median {pct(loop_times, .90) / loop_med:.1f}")
 print(f"  back-to-back hit rate        {hits}/{loop} ready ({100 * hits / loop:.0f}%),"
       f" {waits} waited for one a refill was finishing, {misses} missed (normal path)")
