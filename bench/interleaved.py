@@ -17,19 +17,12 @@ import shlex
 import sys
 import time
 
-parser = argparse.ArgumentParser()
-parser.add_argument("--runs", type=int, required=True)
-parser.add_argument("--warmup", type=int, default=3)
-parser.add_argument("--export-json", required=True)
-parser.add_argument("-n", nargs=2, action="append", metavar=("NAME", "CMD"), required=True)
-args = parser.parse_args()
-
-commands = [(name, shlex.split(cmd)) for name, cmd in args.n]
 devnull = os.open(os.devnull, os.O_RDWR)
 actions = [(os.POSIX_SPAWN_DUP2, devnull, fd) for fd in (0, 1, 2)]
 
 
 def once(argv):
+    """Runs argv once with stdio on /dev/null; its wall time in seconds."""
     start = time.perf_counter_ns()
     pid = os.posix_spawnp(argv[0], argv, os.environ, file_actions=actions)
     _, status = os.waitpid(pid, 0)
@@ -39,12 +32,25 @@ def once(argv):
     return elapsed
 
 
-times = [[] for _ in commands]
-for round_ in range(args.warmup + args.runs):
-    for i, (_, argv) in enumerate(commands):
-        t = once(argv)
-        if round_ >= args.warmup:
-            times[i].append(t)
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, required=True)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--export-json", required=True)
+    parser.add_argument("-n", nargs=2, action="append", metavar=("NAME", "CMD"), required=True)
+    args = parser.parse_args()
 
-with open(args.export_json, "w") as f:
-    json.dump({"results": [{"command": name, "times": t} for (name, _), t in zip(commands, times)]}, f)
+    commands = [(name, shlex.split(cmd)) for name, cmd in args.n]
+    times = [[] for _ in commands]
+    for round_ in range(args.warmup + args.runs):
+        for i, (_, argv) in enumerate(commands):
+            t = once(argv)
+            if round_ >= args.warmup:
+                times[i].append(t)
+
+    with open(args.export_json, "w") as f:
+        json.dump({"results": [{"command": name, "times": t} for (name, _), t in zip(commands, times)]}, f)
+
+
+if __name__ == "__main__":
+    main()

@@ -146,7 +146,13 @@ struct ImagesSection {
 struct PoolSection {
     size: Option<u32>,
     idle_ttl: Option<String>,
+    max_total: Option<u32>,
 }
+
+/// `[pool] max_total` when no file sets it: idle warm containers cost the
+/// whole host (each is a running container with its network and cgroups), and
+/// a few absorb an agent's loop.
+pub const DEFAULT_POOL_MAX_TOTAL: u32 = 8;
 
 /// The merged, validated configuration.
 #[derive(Debug, Default, Clone)]
@@ -191,6 +197,7 @@ pub struct Config {
     pub require_encrypted_ports: Option<PathBuf>,
     /// One line each: keys accepted for compatibility but not acted on.
     pub notices: Vec<String>,
+    pub pool_max_total: Option<u32>,
     /// The files that contributed, in the order applied.
     pub sources: Vec<PathBuf>,
     /// `./agentkernel.toml`, when it was read as the project's file (not via `--config`).
@@ -395,6 +402,9 @@ impl Config {
         }
         if let Some(size) = file.pool.size {
             self.pool_size = Some(size);
+        }
+        if let Some(max) = file.pool.max_total {
+            self.pool_max_total = Some(max);
         }
         if let Some(t) = file.pool.idle_ttl {
             self.pool_idle_ttl =
@@ -620,11 +630,13 @@ max_layer_size = "8g"
 [pool]
 size = 3
 idle_ttl = "5m"
+max_total = 5
 "#,
         )
         .unwrap();
         assert_eq!(c.image.as_deref(), Some("python:3.12-alpine"));
         assert_eq!(c.profile, Some(Profile::Restrictive));
+        assert_eq!(c.pool_max_total, Some(5));
         assert_eq!(c.ttl, Some(Duration::from_secs(1800)));
         assert_eq!(c.pull, Some(PullPolicy::Never));
         assert_eq!(c.memory_bytes, Some(256 << 20));

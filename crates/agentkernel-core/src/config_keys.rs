@@ -187,7 +187,10 @@ const SCHEMA: &[(&str, Shape)] = &[
         "images",
         Table(&[("mirrors", Value), ("max_layer_size", Value)]),
     ),
-    ("pool", Table(&[("size", Value), ("idle_ttl", Value)])),
+    (
+        "pool",
+        Table(&[("size", Value), ("idle_ttl", Value), ("max_total", Value)]),
+    ),
 ];
 
 const RULE_LIST: &[(&str, Shape)] = &[

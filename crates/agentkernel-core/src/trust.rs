@@ -57,7 +57,8 @@ fn strictness(profile: Profile) -> u8 {
 /// Not counted: `env` (literal values the command could set itself; a file
 /// cannot pass the host's variables through), the image, backend (every
 /// backend enforces the same policy), workdir, pull, ttl, mirrors (the file
-/// already picks the image) and pool sizes.
+/// already picks the image), and the pool's size and idle time (bounded by
+/// `pool.max_total`, which is counted: warm containers cost the whole host).
 pub fn loosening(project: &ProjectFile, project_dir: &Path, flags: &Flags) -> Vec<String> {
     let (own, below) = (&project.settings, &project.below);
     let baseline_profile = flags.profile.or(below.profile).unwrap_or_default();
@@ -138,6 +139,12 @@ pub fn loosening(project: &ProjectFile, project_dir: &Path, flags: &Flags) -> Ve
         if own == Some(true) && below == Some(false) {
             found.push(format!("{key} = true"));
         }
+    }
+    let cap_below = below
+        .pool_max_total
+        .unwrap_or(crate::config::DEFAULT_POOL_MAX_TOTAL);
+    if let Some(cap) = own.pool_max_total.filter(|c| *c > cap_below) {
+        found.push(format!("pool.max_total = {cap}"));
     }
     for v in &own.volumes {
         // Inside the project, a read-only view shows nothing new; a writable
@@ -308,7 +315,7 @@ mod tests {
         std::fs::create_dir(dir.path().join("data")).unwrap();
         let p = project(
             "",
-            "[sandbox]\nprofile = \"restrictive\"\nvolumes = [\"./data:/data:ro\"]\n[network]\nenabled = false\n[resources]\nmemory = \"1g\"\ncpus = 1\n",
+            "[sandbox]\nprofile = \"restrictive\"\nvolumes = [\"./data:/data:ro\"]\n[network]\nenabled = false\n[resources]\nmemory = \"1g\"\ncpus = 1\n[pool]\nmax_total = 2\nsize = 30\n",
             dir.path(),
         );
         assert_eq!(
@@ -322,7 +329,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let outside = tempfile::tempdir().unwrap();
         let own = format!(
-            "[sandbox]\nprofile = \"permissive\"\nvolumes = [\"{}:/h\", \".:/rw\"]\ntimeout = \"1h\"\n[resources]\nmemory = \"64g\"\n[network]\nports = [\"8080\"]\n",
+            "[sandbox]\nprofile = \"permissive\"\nvolumes = [\"{}:/h\", \".:/rw\"]\ntimeout = \"1h\"\n[resources]\nmemory = \"64g\"\n[network]\nports = [\"8080\"]\n[pool]\nmax_total = 50\n",
             outside.path().display()
         );
         let p = project("[sandbox]\ntimeout = \"1m\"\n", &own, dir.path());
@@ -333,6 +340,7 @@ mod tests {
             "resources.memory",
             "sandbox.timeout",
             "network.ports",
+            "pool.max_total = 50",
             "/h",
             ":/rw",
         ] {
@@ -347,7 +355,11 @@ mod tests {
             ports: &p.settings.ports,
             ..Flags::default()
         };
-        assert_eq!(loosening(&p, &dir_real, &flags), Vec::<String>::new());
+        assert_eq!(
+            loosening(&p, &dir_real, &flags),
+            vec!["pool.max_total = 50".to_string()],
+            "no flag sets the pool's cap"
+        );
     }
 
     #[test]

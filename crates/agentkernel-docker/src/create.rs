@@ -39,13 +39,13 @@ pub fn keep_alive_command() -> Vec<String> {
 /// Where a claimed warm container finds its one command (see [`crate::handoff`]).
 pub const RUN_DIR: &str = "/run/agentkernel/run";
 
-/// The main process of a Podman warm pool container: [`keep_alive_command`]'s
+/// The main process of a warm pool container: [`keep_alive_command`]'s
 /// loop, plus a SIGUSR1 handler through which the claimant hands it its one
 /// command (see [`crate::handoff`]), so the run needs no engine exec. On the
 /// signal it reads argv, workdir and env from [`RUN_DIR`] (one file per
 /// value, each followed by a newline: read with the `read` builtin, no
-/// quoting or evaluation), runs the command under `init` exactly as an exec
-/// would (`init_prefix ARGV`, e.g. `/run/podman-init -- ARGV`) with stdin, stdout and stderr on the FIFOs there,
+/// quoting or evaluation), runs the command under the engine's init exactly
+/// as an exec would (`init_prefix ARGV`, see [`crate::exec::exec_prefix`]) with stdin, stdout and stderr on the FIFOs there,
 /// and reports `run` and then the exit status on the `status` FIFO. It
 /// reports `fallback` instead, before running anything, when it cannot give
 /// the command what an exec would (bash as `/bin/sh` exports `_`; a
@@ -55,8 +55,10 @@ pub const RUN_DIR: &str = "/run/agentkernel/run";
 /// `SHLVL` it sets itself (the claimant takes the exec path when the image
 /// sets them). Needs `/bin/sh`, `date`, `cat` and `sleep` (and `mkdir` for
 /// a missing workdir).
-pub fn serving_keep_alive_command(init_prefix: &str) -> Vec<String> {
+pub fn serving_keep_alive_command(init_prefix: &[&str]) -> Vec<String> {
     let r = RUN_DIR;
+    // Constant paths and flags of our own, never user input: safe to splice.
+    let init = init_prefix.join(" ");
     let script = format!(
         "__ak_read() {{ \
            __ak_a=; __ak_n=; \
@@ -81,7 +83,7 @@ pub fn serving_keep_alive_command(init_prefix: &str) -> Vec<String> {
            done; \
            exec 3<{r}/in 4>{r}/out 5>{r}/err; \
            echo run >{r}/status; \
-           {init_prefix} \"$@\" <&3 >&4 2>&5 3<&- 4>&- 5>&-; \
+           {init} \"$@\" <&3 >&4 2>&5 3<&- 4>&- 5>&-; \
            __ak_i=$?; exec 3<&- 4>&- 5>&-; \
            echo $__ak_i >{r}/status; \
          }}; \

@@ -1,6 +1,7 @@
-//! Podman's pooled runs without an engine exec. A Podman exec costs a conmon
-//! and a `runc exec` (about 100 ms, most of a pooled run); instead, the
-//! claimed warm container's own keep-alive shell
+//! Pooled runs without an engine exec. An exec costs a round of engine work
+//! (Podman: a conmon and a `runc exec`, ~100 ms; Docker: containerd's shim
+//! and a `runc exec`, ~75 ms) — most of a pooled run; instead, the claimed
+//! warm container's own keep-alive shell
 //! ([`serving_keep_alive_command`]) runs the command, handed over through the
 //! container's control directory, which lives on this host:
 //!
@@ -14,7 +15,8 @@
 //!
 //! We wake the shell with SIGUSR1 on its host PID, which the refill recorded
 //! (with its start time, so a reused PID is never signalled). The command runs
-//! as `init -- ARGV` under the shell, the same process tree an exec builds;
+//! as `init -- ARGV` under the shell (the engine's init: `/run/podman-init`,
+//! Docker's `/sbin/docker-init -s`), the same process tree an exec builds;
 //! signals go to that init, which forwards them; a timeout kills the container.
 //!
 //! [`serving_keep_alive_command`]: crate::create::serving_keep_alive_command
@@ -32,7 +34,6 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::unix::pipe;
 use tokio::sync::{mpsc, Notify};
 
-use crate::engine::Flavor;
 use crate::stdio::{self, Process};
 use crate::Engine;
 
@@ -254,7 +255,7 @@ impl Handed<'_> {
     /// The init the shell started for the command (on this host); not the
     /// idle `sleep` it killed, nor the one it starts once the command is over.
     async fn init_pid(&self) -> Option<i32> {
-        let init = crate::exec::PODMAN_INIT;
+        let init = crate::exec::exec_prefix(self.engine)[0];
         let is_init = |pid: &u32| {
             std::fs::read(format!("/proc/{pid}/cmdline"))
                 .is_ok_and(|c| c.split(|b| *b == 0).next() == Some(init.as_bytes()))
@@ -400,7 +401,7 @@ pub async fn run(
     if finished.timed_out {
         return Ok(Handoff::Ran(Outcome::TimedOut));
     }
-    let code = stdio::init_exec_failure(Flavor::Podman, &finished, &req.argv[0])
+    let code = stdio::init_exec_failure(engine.flavor, &finished, &req.argv[0])
         .unwrap_or(finished.exit_code as i32);
     Ok(Handoff::Ran(Outcome::Exited(code)))
 }

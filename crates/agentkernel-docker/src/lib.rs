@@ -35,6 +35,7 @@ pub mod oneshot;
 pub mod podman;
 pub mod podman_init;
 pub mod pool;
+pub mod pool_stats;
 pub mod pull;
 pub mod seccomp;
 pub mod stdio;

@@ -262,8 +262,12 @@ pub enum SandboxCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum PoolCommand {
-    /// Warm and in-use containers per pool key
-    Status,
+    /// Warm and in-use containers, targets and hit rates per pool key, and the cap
+    Status {
+        /// Print a JSON object instead of a table
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove every warm container
     Prune,
     /// Remove a used container and top its key back up (run detached by `run`)

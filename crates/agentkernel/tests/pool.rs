@@ -452,10 +452,19 @@ mod engine_only {
         "test -d /run/agentkernel/claimed && echo pooled >&2 || echo normal >&2";
 
     /// Pool settings for a test; a short idle time bounds what a refill still in
-    /// flight at the end of the test can leave behind.
+    /// flight at the end of the test can leave behind. The cap leaves room for
+    /// `size`: set in the user's config, since a project file may not raise it.
     fn write_config(env: &TestEnv, size: u32, idle_ttl: &str) {
         let text = format!("[pool]\nsize = {size}\nidle_ttl = \"{idle_ttl}\"\n");
         std::fs::write(env.project_dir().join("agentkernel.toml"), text).unwrap();
+        let user = env.home_dir().join(".config/agentkernel");
+        std::fs::create_dir_all(&user).unwrap();
+        let max_total = size.max(8);
+        std::fs::write(
+            user.join("config.toml"),
+            format!("[pool]\nmax_total = {max_total}\n"),
+        )
+        .unwrap();
     }
 
     fn warm_count(env: &TestEnv) -> usize {
@@ -762,8 +771,7 @@ mod engine_only {
     }
 
     /// A working directory that does not exist yet is created, as on the normal
-    /// path (Podman's pooled shell creates it; on Docker, whose exec would refuse
-    /// it, the run takes the normal path before anything has run).
+    /// path (the warm container's keep-alive shell creates it).
     #[test]
     fn pooled_missing_workdir_is_created() {
         let env = TestEnv::new();
@@ -774,10 +782,161 @@ mod engine_only {
         let (pooled, normal) = pooled_and_normal(&env, &args, b"");
         prune(&env);
         assert_code(&pooled, 0);
-        if backend() == "podman" {
-            assert!(stderr(&pooled).contains("pooled"), "{}", stderr(&pooled));
-        }
+        assert!(stderr(&pooled).contains("pooled"), "{}", stderr(&pooled));
         assert_eq!(stdout(&pooled), "/made/by/run\n");
         assert_eq!(stdout(&pooled), stdout(&normal));
+    }
+
+    /// `pool status --json`.
+    fn status_json(env: &TestEnv) -> serde_json::Value {
+        let out = env.run(&["pool", "status", "--json"]);
+        assert_code(&out, 0);
+        serde_json::from_slice(&out.stdout).expect("pool status --json prints JSON")
+    }
+
+    /// The keys of this backend in `pool status --json`.
+    fn status_keys(env: &TestEnv) -> Vec<serde_json::Value> {
+        status_json(env)["engines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["backend"] == backend())
+            .flat_map(|e| e["keys"].as_array().unwrap().clone())
+            .collect()
+    }
+
+    /// An agent's loop: one command after another with no pause. The pool
+    /// records how each run was served; after the first few runs (which find
+    /// the configured two), the key's target grows and the runs keep finding
+    /// a warm container (ready, or one a refill was just finishing).
+    #[test]
+    fn back_to_back_runs_are_served_by_the_pool() {
+        let env = TestEnv::new();
+        write_config(&env, 2, "2m");
+        warm_up_n(&env, &[], 2);
+        let runs = 24;
+        for _ in 0..runs {
+            // A command that takes a moment, like an agent's.
+            let out = env.run(&["run", "-i", BUSYBOX, "sleep", "1"]);
+            assert_code(&out, 0);
+        }
+        let keys = status_keys(&env);
+        prune(&env);
+        assert_eq!(keys.len(), 1, "{keys:?}");
+        let key = &keys[0];
+        let count = |field: &str| key[field].as_u64().unwrap();
+        // The warm-up run was the one miss a new key must have.
+        let (hits, waits, misses) = (count("hits"), count("waits"), count("misses"));
+        assert_eq!(hits + waits + misses, runs + 1, "{key}");
+        assert!(
+            hits + waits >= runs * 3 / 4,
+            "only {} of {runs} back-to-back runs were served by the pool: {key}",
+            hits + waits
+        );
+        // A fast engine keeps two warm containers ahead of these runs; when one
+        // ran dry, the key must have grown.
+        if waits + misses > 1 {
+            assert!(
+                count("target") > 2,
+                "the key ran dry and its target did not grow: {key}"
+            );
+        }
+    }
+
+    /// Warm containers not claimed by a run (any state: one being created counts).
+    fn unclaimed_warm(env: &TestEnv) -> Vec<String> {
+        env.labelled_containers(Some("pool"))
+            .into_iter()
+            .filter(|n| {
+                !env.state_dir()
+                    .join("pool/containers")
+                    .join(n)
+                    .join("ctl/claimed")
+                    .exists()
+            })
+            .collect()
+    }
+
+    /// `[pool] max_total` caps warm containers across keys: three keys of two
+    /// each never hold more than three, and the least recently used key gives
+    /// way first. `pool status` shows the cap, the total and each key's target.
+    #[test]
+    fn max_total_caps_warm_containers_across_keys() {
+        let env = TestEnv::new();
+        std::fs::write(
+            env.project_dir().join("agentkernel.toml"),
+            "[pool]\nsize = 2\nidle_ttl = \"2m\"\nmax_total = 3\n",
+        )
+        .unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let most_seen = std::thread::scope(|scope| {
+            let watcher = scope.spawn(|| {
+                let mut most = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    most = most.max(unclaimed_warm(&env).len());
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                most
+            });
+            // Three keys (the profile is fixed at creation), used in turn.
+            for profile in ["permissive", "moderate", "restrictive"] {
+                let out = env.run(&["run", "-p", profile, "-i", BUSYBOX, "true"]);
+                assert_code(&out, 0);
+                assert!(env.wait_for_refills(Duration::from_secs(90)));
+            }
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            watcher.join().unwrap()
+        });
+        let keys = status_keys(&env);
+        let text = stdout(&env.run(&["pool", "status"]));
+        let json = status_json(&env);
+        prune(&env);
+        assert!(
+            most_seen <= 3,
+            "{most_seen} warm containers with max_total = 3"
+        );
+        assert_eq!(json["max_total"], 3, "{json}");
+        assert!(text.contains("at most 3"), "{text}");
+        let warm_of = |profile: &str| {
+            keys.iter()
+                .find(|k| k["profile"] == profile)
+                .map_or(0, |k| k["warm"].as_u64().unwrap())
+        };
+        // Filled in turn: the newest key has its two, the one before what is left.
+        assert_eq!(
+            (
+                warm_of("permissive"),
+                warm_of("moderate"),
+                warm_of("restrictive")
+            ),
+            (0, 1, 2),
+            "{keys:?}"
+        );
+        let engine_total = json["engines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["backend"] == backend())
+            .unwrap()["warm"]
+            .as_u64()
+            .unwrap();
+        assert_eq!(engine_total, 3, "{json}");
+        assert!(keys.iter().all(|k| k["target"] == 2), "{keys:?}");
+    }
+
+    /// A project's `agentkernel.toml` may lower the pool's cap but not raise it
+    /// (every warm container costs the host) without `agentkernel trust`.
+    #[test]
+    fn a_project_file_cannot_raise_max_total_untrusted() {
+        let env = TestEnv::new();
+        std::fs::write(
+            env.project_dir().join("agentkernel.toml"),
+            "[pool]\nsize = 500\nmax_total = 500\n",
+        )
+        .unwrap();
+        let out = env.run(&["run", "-i", BUSYBOX, "true"]);
+        assert_code(&out, 125);
+        assert!(stderr(&out).contains("pool.max_total"), "{}", stderr(&out));
+        assert!(env.labelled_containers(Some("pool")).is_empty());
     }
 }

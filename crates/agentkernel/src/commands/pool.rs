@@ -1,8 +1,10 @@
 //! `agentkernel pool status|prune` (and the hidden `refill` that `run` starts).
 
+use agentkernel_core::config::Config;
 use agentkernel_core::state::Store;
-use agentkernel_core::Result;
+use agentkernel_core::{Error, Result};
 use agentkernel_docker::pool;
+use serde_json::json;
 
 use crate::backend;
 use crate::cli::PoolCommand;
@@ -16,28 +18,7 @@ pub async fn pool(cmd: PoolCommand) -> Result<i32> {
             pool::refill(&engine, &store, &key, used.as_deref()).await?;
             Ok(0)
         }
-        PoolCommand::Status => {
-            println!(
-                "{:<8} {:<17} {:<28} {:<12} {:>4} {:>6}  WORKSPACE",
-                "BACKEND", "KEY", "IMAGE", "PROFILE", "WARM", "IN USE"
-            );
-            for engine in backend::engines_in_use(&store) {
-                engine.ping().await?;
-                for s in pool::status(&engine, &store).await {
-                    println!(
-                        "{:<8} {:<17} {:<28} {:<12} {:>4} {:>6}  {}",
-                        engine.name(),
-                        s.key,
-                        s.image,
-                        s.profile,
-                        s.warm,
-                        s.in_use,
-                        s.workspace
-                    );
-                }
-            }
-            Ok(0)
-        }
+        PoolCommand::Status { json } => status(&store, json).await,
         PoolCommand::Prune => {
             let mut removed = 0;
             for engine in backend::engines_in_use(&store) {
@@ -51,4 +32,63 @@ pub async fn pool(cmd: PoolCommand) -> Result<i32> {
             Ok(0)
         }
     }
+}
+
+/// Per engine: the cap, the warm total, and each key's warm and in-use
+/// containers, target and hit rate.
+async fn status(store: &Store, as_json: bool) -> Result<i32> {
+    let cwd = std::env::current_dir()
+        .map_err(|e| Error::invalid("current directory", ".", e.to_string()))?;
+    // The cap the next run from here applies (runs record it for their refills).
+    let max_total = Config::load(&cwd, None)?
+        .pool_max_total
+        .unwrap_or(pool::DEFAULT_MAX_TOTAL);
+    let mut engines = Vec::new();
+    for engine in backend::engines_in_use(store) {
+        engine.ping().await?;
+        engines.push((engine.name(), pool::status(&engine, store).await));
+    }
+    if as_json {
+        let value = json!({
+            "max_total": max_total,
+            "engines": engines.iter().map(|(name, keys)| json!({
+                "backend": name,
+                "warm": keys.iter().map(|k| k.warm).sum::<usize>(),
+                "keys": keys,
+            })).collect::<Vec<_>>(),
+        });
+        super::print_stdout(format!("{value:#}\n").as_bytes())?;
+        return Ok(0);
+    }
+    let mut text = format!(
+        "{:<8} {:<17} {:<28} {:<12} {:>4} {:>6} {:>6} {:>13}  WORKSPACE\n",
+        "BACKEND", "KEY", "IMAGE", "PROFILE", "WARM", "IN USE", "TARGET", "HITS"
+    );
+    for (name, keys) in &engines {
+        for s in keys {
+            let runs = s.hits + s.waits + s.misses;
+            let hits = match runs {
+                0 => "-".to_string(),
+                _ => format!("{}% of {runs}", s.hits * 100 / runs),
+            };
+            text += &format!(
+                "{:<8} {:<17} {:<28} {:<12} {:>4} {:>6} {:>6} {:>13}  {}\n",
+                name,
+                s.key,
+                s.image,
+                s.profile,
+                s.warm,
+                s.in_use,
+                s.target,
+                hits,
+                s.workspace.as_deref().unwrap_or("-")
+            );
+        }
+    }
+    for (name, keys) in &engines {
+        let warm: usize = keys.iter().map(|k| k.warm).sum();
+        text += &format!("{name}: {warm} warm of at most {max_total} ([pool] max_total)\n");
+    }
+    super::print_stdout(text.as_bytes())?;
+    Ok(0)
 }

@@ -56,6 +56,7 @@ pub async fn run(args: RunArgs) -> Result<i32> {
         let settings = pool::Settings {
             size: config.pool_size.unwrap_or(pool::DEFAULT_SIZE),
             idle_ttl: config.pool_idle_ttl.unwrap_or(pool::DEFAULT_IDLE_TTL),
+            max_total: config.pool_max_total.unwrap_or(pool::DEFAULT_MAX_TOTAL),
         };
         pool::run(&engine, &spec, &store, settings).await?
     } else {
