@@ -315,7 +315,10 @@ else fail memory-oom "$(show)"; fi
 
 # --- the copy-on-write workspace's disk cap: a loop-mounted ext4 layer
 run --disk 16m sh -c 'err=$(dd if=/dev/zero of=/workspace/big bs=1M count=32 2>&1 >/dev/null); case "$err" in *"No space"*) echo ENOSPC;; *) echo "WROTE $err";; esac'
-if [ $rc = 0 ] && [ "$out" = ENOSPC ] && [ -z "$(ls -A /tmp/proj)" ] && ! grep -q "$AGENTKERNEL_HOME" /sys/block/loop*/loop/backing_file 2>/dev/null; then pass disk-cap
+# The loop device is released by the run's cleanup process, after the
+# caller has its exit code: wait for that (boundedly).
+no_loop() { ! grep -q "$AGENTKERNEL_HOME" /sys/block/loop*/loop/backing_file 2>/dev/null; }
+if [ $rc = 0 ] && [ "$out" = ENOSPC ] && [ -z "$(ls -A /tmp/proj)" ] && until_true 20 no_loop; then pass disk-cap
 else fail disk-cap "$(show) proj=[$(ls -A /tmp/proj)] loops=[$(cat /sys/block/loop*/loop/backing_file 2>/dev/null)]"; fi
 
 # --- d: the pids limit contains a fork bomb (restrictive: pids.max 512)
