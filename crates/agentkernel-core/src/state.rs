@@ -90,7 +90,7 @@ impl Owner {
 }
 
 /// This boot's id (read once per process: it cannot change while we run).
-fn boot_id() -> String {
+pub fn boot_id() -> String {
     static BOOT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     BOOT.get_or_init(|| {
         fs::read_to_string("/proc/sys/kernel/random/boot_id")

@@ -41,6 +41,10 @@ pub struct Flags<'a> {
     pub ports: &'a [PortMapping],
 }
 
+/// A limit the project file may set: its key, whether a flag set it, the
+/// file's value, the value without the file, and how to print it.
+type LimitCheck<'a> = (&'a str, bool, Option<u64>, Option<u64>, fn(u64) -> String);
+
 /// Higher is stricter.
 fn strictness(profile: Profile) -> u8 {
     match profile {
@@ -77,43 +81,43 @@ pub fn loosening(project: &ProjectFile, project_dir: &Path, flags: &Flags) -> Ve
             found.push(format!("sandbox.profile = {p}"));
         }
     }
-    let raises = |own: Option<f64>, baseline: Option<f64>| match (own, baseline) {
-        (Some(o), Some(b)) => o > b,
-        // No baseline limit: any limit tightens.
-        _ => false,
-    };
-    if !flags.memory
-        && raises(
-            own.memory_bytes.map(|m| m as f64),
-            baseline.limits.memory_bytes.map(|m| m as f64),
-        )
-    {
-        let m = own.memory_bytes.unwrap_or_default();
-        found.push(format!(
-            "resources.memory = {}",
-            crate::parse::format_bytes(m)
-        ));
+    // A limit above the one the user gets without the file loosens (none
+    // below it: any limit tightens), unless the flag itself sets it.
+    let bytes = |b: u64| crate::parse::format_bytes(b);
+    let limits: [LimitCheck; 3] = [
+        (
+            "resources.memory",
+            flags.memory,
+            own.memory_bytes,
+            baseline.limits.memory_bytes,
+            bytes,
+        ),
+        (
+            "resources.disk",
+            flags.disk,
+            own.disk_bytes,
+            baseline.limits.disk_bytes,
+            bytes,
+        ),
+        (
+            "resources.pids",
+            false,
+            own.pids.map(|p| p as u64),
+            baseline.limits.pids.map(|p| p as u64),
+            |p| p.to_string(),
+        ),
+    ];
+    for (key, from_flag, own, baseline, render) in limits {
+        if let (false, Some(o), Some(b)) = (from_flag, own, baseline) {
+            if o > b {
+                found.push(format!("{key} = {}", render(o)));
+            }
+        }
     }
-    if !flags.cpus && raises(own.cpus, baseline.limits.cpus) {
-        found.push(format!("resources.cpus = {}", own.cpus.unwrap_or_default()));
-    }
-    if !flags.disk
-        && raises(
-            own.disk_bytes.map(|d| d as f64),
-            baseline.limits.disk_bytes.map(|d| d as f64),
-        )
-    {
-        let d = own.disk_bytes.unwrap_or_default();
-        found.push(format!(
-            "resources.disk = {}",
-            crate::parse::format_bytes(d)
-        ));
-    }
-    if raises(
-        own.pids.map(|p| p as f64),
-        baseline.limits.pids.map(|p| p as f64),
-    ) {
-        found.push(format!("resources.pids = {}", own.pids.unwrap_or_default()));
+    if let (false, Some(o), Some(b)) = (flags.cpus, own.cpus, baseline.limits.cpus) {
+        if o > b {
+            found.push(format!("resources.cpus = {o}"));
+        }
     }
     if !flags.timeout {
         if let (Some(o), Some(b)) = (own.timeout, below.timeout) {

@@ -109,7 +109,7 @@ async fn isolate_podman_bridge(engine: &Engine, id: &str) -> Result<(), Error> {
         "/run/agentkernel/podman-isolated.{}",
         subnet.replace('/', "_")
     ));
-    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let boot = agentkernel_core::state::boot_id();
     if std::fs::read_to_string(&marker).is_ok_and(|m| m == boot) {
         return Ok(());
     }
