@@ -6,6 +6,7 @@
 pub mod cgroup;
 pub mod config;
 mod config_keys;
+pub mod egress;
 pub mod error;
 pub mod git;
 pub mod image;

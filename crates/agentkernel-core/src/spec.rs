@@ -61,6 +61,10 @@ pub struct SandboxSpec {
     pub volumes: Vec<Volume>,
     pub ports: Vec<PortMapping>,
     pub keep: Option<Keep>,
+    /// Secrets through the host-side proxy and the egress allow-list; `None`
+    /// when neither was asked for (nothing is started).
+    #[serde(default)]
+    pub egress: Option<crate::egress::EgressSpec>,
     /// Files that carry agentkernel's labels (`agentkernel.*`) are backend concerns;
     /// this is the first command to run.
     pub exec: ExecRequest,

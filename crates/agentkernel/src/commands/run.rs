@@ -244,6 +244,7 @@ pub fn resolve(args: RunArgs, config: &Config, cwd: &Path) -> Result<(SandboxSpe
         volumes,
         ports,
         keep,
+        egress: None,
         exec: ExecRequest {
             argv,
             env,
