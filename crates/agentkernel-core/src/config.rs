@@ -32,6 +32,8 @@ struct FileSchema {
     images: ImagesSection,
     #[serde(default)]
     pool: PoolSection,
+    #[serde(default)]
+    templates: TemplatesSection,
     /// Upstream's templates: `NAME = "value"`, the same as `sandbox.env`.
     #[serde(default)]
     environment: BTreeMap<String, String>,
@@ -149,6 +151,14 @@ struct PoolSection {
     max_total: Option<u32>,
 }
 
+/// `[templates]`: where `--template github:…` is fetched from.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TemplatesSection {
+    github_base: Option<String>,
+    ca_file: Option<String>,
+}
+
 /// `[pool] max_total` when no file sets it: idle warm containers cost the
 /// whole host (each is a running container with its network and cgroups), and
 /// a few absorb an agent's loop.
@@ -198,6 +208,11 @@ pub struct Config {
     /// One line each: keys accepted for compatibility but not acted on.
     pub notices: Vec<String>,
     pub pool_max_total: Option<u32>,
+    /// `[templates] github_base`: the raw-content endpoint `github:` templates
+    /// are fetched from (a mirror, or a test server).
+    pub template_github_base: Option<String>,
+    /// `[templates] ca_file`: PEM roots trusted for `github:` fetches, besides the system's.
+    pub template_ca_file: Option<PathBuf>,
     /// The files that contributed, in the order applied.
     pub sources: Vec<PathBuf>,
     /// `./agentkernel.toml`, when it was read as the project's file (not via `--config`).
@@ -409,6 +424,18 @@ impl Config {
         if let Some(t) = file.pool.idle_ttl {
             self.pool_idle_ttl =
                 Some(parse::duration("idle_ttl", &t).map_err(|e| val("pool.idle_ttl", e))?);
+        }
+        if let Some(base) = file.templates.github_base {
+            if !base.starts_with("https://") {
+                return Err(config_err(
+                    path,
+                    format!("templates.github_base: `{base}` must be an https:// URL"),
+                ));
+            }
+            self.template_github_base = Some(base.trim_end_matches('/').to_string());
+        }
+        if let Some(ca) = file.templates.ca_file {
+            self.template_ca_file = Some(base.join(ca));
         }
         self.sources.push(path.to_path_buf());
         Ok(())

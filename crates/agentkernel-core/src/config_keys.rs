@@ -179,6 +179,7 @@ const SCHEMA: &[(&str, Shape)] = &[
             ("category", Value),
             ("help_text", Value),
             ("secret_files", Value),
+            ("setup", Value),
         ]),
     ),
     ("ports", FreeTable),
@@ -190,6 +191,10 @@ const SCHEMA: &[(&str, Shape)] = &[
     (
         "pool",
         Table(&[("size", Value), ("idle_ttl", Value), ("max_total", Value)]),
+    ),
+    (
+        "templates",
+        Table(&[("github_base", Value), ("ca_file", Value)]),
     ),
 ];
 

@@ -19,6 +19,10 @@ pub enum Error {
     #[error("config {path}: {message}")]
     Config { path: PathBuf, message: String },
 
+    /// A `--template` that cannot be found, fetched or applied.
+    #[error("template {template}: {message}")]
+    Template { template: String, message: String },
+
     /// Two options (or an option and a profile) cannot be used together.
     #[error("{0}")]
     Conflict(String),

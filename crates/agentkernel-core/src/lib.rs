@@ -17,6 +17,7 @@ pub mod policy;
 pub mod seccomp;
 pub mod spec;
 pub mod state;
+pub mod template;
 pub mod terminal;
 pub mod trust;
 

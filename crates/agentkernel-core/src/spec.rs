@@ -39,6 +39,10 @@ pub struct Keep {
     pub ttl: Duration,
     /// `--branch`: reuse the sandbox if it exists.
     pub reuse: bool,
+    /// A template's `setup`: shell command lines run once, in order, when the
+    /// sandbox is created (never when `--branch` reuses it).
+    #[serde(default)]
+    pub setup: Vec<String>,
 }
 
 /// The host directory shown at `/workspace`.
@@ -65,6 +69,9 @@ pub struct SandboxSpec {
     /// when neither was asked for (nothing is started).
     #[serde(default)]
     pub egress: Option<crate::egress::EgressSpec>,
+    /// `--template`: which template shaped this sandbox, and its digest.
+    #[serde(default)]
+    pub template: Option<crate::template::TemplateRef>,
     /// Files that carry agentkernel's labels (`agentkernel.*`) are backend concerns;
     /// this is the first command to run.
     pub exec: ExecRequest,

@@ -52,6 +52,7 @@ pub async fn run(engine: &Engine, spec: &SandboxSpec, store: &Store) -> Result<O
     let reused = keep.reuse && reuse_existing(engine, store, &keep.name).await?;
     if !reused {
         create(engine, spec, store).await?;
+        setup(engine, spec, store).await?;
     }
     let outcome = exec(engine, store, &keep.name, &spec.exec).await;
     eprintln!(
@@ -59,6 +60,33 @@ pub async fn run(engine: &Engine, spec: &SandboxSpec, store: &Store) -> Result<O
         agentkernel_core::spec::kept_message(&keep.name, keep.ttl, reused)
     );
     outcome
+}
+
+/// A template's setup, once, in the sandbox just created; on failure the
+/// sandbox is removed (a half-set-up sandbox must not be reused).
+async fn setup(engine: &Engine, spec: &SandboxSpec, store: &Store) -> Result<(), Error> {
+    let Some(keep) = spec.keep.as_ref().filter(|k| !k.setup.is_empty()) else {
+        return Ok(());
+    };
+    let request = ExecRequest {
+        argv: agentkernel_core::template::setup_argv(&keep.setup),
+        tty: false,
+        ..spec.exec.clone()
+    };
+    let code = match exec(engine, store, &keep.name, &request).await {
+        Ok(outcome) => outcome.exit_code(),
+        Err(e) => {
+            let _ = remove(engine, store, &keep.name).await;
+            return Err(e);
+        }
+    };
+    if code != 0 {
+        let _ = remove(engine, store, &keep.name).await;
+        return Err(Error::Conflict(agentkernel_core::template::setup_failed(
+            &keep.name, code,
+        )));
+    }
+    Ok(())
 }
 
 /// For `--branch`: true when a live sandbox of this name exists (thawed if stopped).

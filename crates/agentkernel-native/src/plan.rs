@@ -89,6 +89,9 @@ pub struct KeepPlan {
     /// `run --branch` found it already there (said so on stderr).
     #[serde(default)]
     pub reused: bool,
+    /// A template's setup lines, run once right after creation.
+    #[serde(default)]
+    pub setup: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

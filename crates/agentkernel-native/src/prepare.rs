@@ -179,6 +179,7 @@ pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<Plan
                     memory_bytes: spec.policy.limits.memory_bytes,
                 },
                 reused: false,
+                setup: k.setup.clone(),
             })
         }
         None => None,

@@ -36,7 +36,7 @@ pub enum Command {
     /// Manage the native backend's image store (pull, list, rm, prune)
     #[command(subcommand)]
     Image(ImageCommand),
-    /// List and show templates (not supported yet)
+    /// Templates for --template: list, show, add, remove, update, save
     #[command(subcommand)]
     Template(TemplateCommand),
     /// Manage the local secret vault (not supported yet)
@@ -93,7 +93,7 @@ pub struct RunArgs {
     #[arg(short = 'B', long, value_name = "BACKEND")]
     pub backend: Option<String>,
 
-    /// Use a template (not supported yet)
+    /// Apply a template over the config files (flags still win): a path, a local or built-in name (`agentkernel template list`), or github:OWNER/REPO/PATH[@REF]
     #[arg(long, value_name = "NAME")]
     pub template: Option<String>,
 
@@ -313,10 +313,54 @@ pub enum ImageCommand {
     Prune,
 }
 
+/// A template is an agentkernel.toml applied between the config files and
+/// the flags. NAME is looked up as a path (with `/` or ending in .toml), a
+/// local template (~/.config/agentkernel/templates/NAME.toml, then
+/// ~/.local/share/agentkernel/templates/), a built-in, or
+/// github:OWNER/REPO/PATH[@REF] (fetched once, then used pinned and offline).
 #[derive(Debug, Subcommand)]
 pub enum TemplateCommand {
-    List,
-    Show { name: String },
+    /// List the local, built-in and fetched github: templates
+    List {
+        /// Print a JSON array instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a template (source and sha256 first, as TOML comments)
+    Show {
+        /// Name, path or github: spec
+        name: String,
+    },
+    /// Copy a template (a path or github: spec) into ~/.config/agentkernel/templates
+    Add {
+        /// Path or github:OWNER/REPO/PATH[@REF]
+        spec: String,
+        /// The local name (default: the file's name)
+        #[arg(long, value_name = "NAME")]
+        name: Option<String>,
+    },
+    /// Remove a local template, or a fetched github: template's cached copy
+    #[command(alias = "rm")]
+    Remove {
+        /// Local name or github: spec
+        name: String,
+    },
+    /// Fetch a github: template again, show what changed, and pin the new copy
+    Update {
+        /// A github: spec, or a local template added from one
+        name: String,
+    },
+    /// Write a local template from a kept sandbox's settings (image, profile, TTL, memory; never environment values)
+    Save {
+        /// The kept sandbox
+        #[arg(long = "from", value_name = "SANDBOX")]
+        from: String,
+        /// Add this variable to the template (values are never copied from the sandbox). Repeatable
+        #[arg(short = 'e', long, value_name = "KEY=VALUE")]
+        env: Vec<String>,
+        /// The template's name
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -188,7 +188,6 @@ fn not_yet_supported_options_are_125() {
         ("--secret-file", vec!["--secret-file", "K"]),
         ("--placeholder-secrets", vec!["--placeholder-secrets"]),
         ("--receipt", vec!["--receipt", receipt]),
-        ("--template", vec!["--template", "x"]),
     ];
     for (flag, opts) in cases {
         let mut args = vec!["run"];

@@ -7,6 +7,7 @@ pub mod native;
 mod pool;
 mod run;
 mod sandbox;
+mod template;
 mod trust;
 
 use agentkernel_core::{Error, Result};
@@ -31,7 +32,7 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
         }
         Command::Receipt(_) => Err(Error::not_supported("`agentkernel receipt`")),
         Command::Image(cmd) => image::image(cmd).await,
-        Command::Template(_) => Err(Error::not_supported("`agentkernel template`")),
+        Command::Template(cmd) => template::template(cmd).await,
         Command::Secret(_) => Err(Error::not_supported("`agentkernel secret`")),
         Command::Ssh { .. } => Err(Error::not_supported("`agentkernel ssh`")),
     }

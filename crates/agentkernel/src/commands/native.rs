@@ -177,6 +177,7 @@ pub fn helper(fd_arg: Option<String>) -> i32 {
     let outcome = match plan.action {
         Action::Run => sandbox::run(&plan),
         Action::CreateKept => kept::create(&plan).and_then(|()| {
+            super::template::native_setup(&plan);
             let mut first = plan.clone();
             first.action = Action::Exec;
             join::exec(&first)

@@ -24,7 +24,12 @@ pub async fn run(args: RunArgs) -> Result<i32> {
     let cwd = std::env::current_dir()
         .and_then(|d| d.canonicalize())
         .map_err(|e| Error::invalid("current directory", ".", e.to_string()))?;
-    let config = Config::load(&cwd, args.config.as_deref())?;
+    let mut config = Config::load(&cwd, args.config.as_deref())?;
+    // config files < template < flags
+    let template = match args.template.as_deref() {
+        Some(t) => Some(super::template::apply(t, &mut config).await?),
+        None => None,
+    };
     for notice in &config.notices {
         eprintln!("agentkernel: notice: {notice}");
     }
@@ -33,13 +38,20 @@ pub async fn run(args: RunArgs) -> Result<i32> {
     // normal path (explicit combinations are refused in `reject_unsupported`).
     let fast = args.fast.or(config.fast).unwrap_or(true);
     let dry_run = args.dry_run;
-    let (spec, image_source) = resolve(args, &config, &cwd)?;
+    let (mut spec, image_source) = resolve(args, &config, &cwd)?;
+    let image_from_template = template.as_ref().is_some_and(|t| t.sets_image);
+    if let Some(applied) = template {
+        super::template::attach(&mut spec, applied);
+    }
     let use_pool = fast
         && spec.keep.is_none()
         && spec.ports.is_empty()
         && backend != backend::BackendKind::Native;
     if dry_run {
-        let resolved = dry_run_json(&spec, image_source, backend, use_pool);
+        let mut resolved = dry_run_json(&spec, image_source, backend, use_pool);
+        if image_from_template && image_source == ImageSource::Config {
+            resolved["image_source"] = "template".into();
+        }
         super::print_stdout(format!("{resolved:#}\n").as_bytes())?;
         return Ok(0);
     }
@@ -245,6 +257,7 @@ pub fn resolve(args: RunArgs, config: &Config, cwd: &Path) -> Result<(SandboxSpe
         ports,
         keep,
         egress: None,
+        template: None,
         exec: ExecRequest {
             argv,
             env,
@@ -316,8 +329,9 @@ fn dry_run_json(
         "workdir": spec.exec.workdir,
         "timeout_secs": spec.exec.timeout.map(|t| t.as_secs_f64()),
         "keep": spec.keep.as_ref().map(|k| json!({
-            "name": k.name, "ttl_secs": k.ttl.as_secs(), "reuse": k.reuse,
+            "name": k.name, "ttl_secs": k.ttl.as_secs(), "reuse": k.reuse, "setup": k.setup,
         })),
+        "template": spec.template,
         "pool": use_pool,
     })
 }
@@ -434,6 +448,7 @@ fn resolve_keep(
         name,
         ttl: explicit_ttl.or(config.ttl).unwrap_or(DEFAULT_TTL),
         reuse: branch,
+        setup: Vec::new(),
     }))
 }
 
@@ -522,7 +537,6 @@ fn reject_unsupported(args: &RunArgs) -> Result<()> {
         }
     }
     let unsupported = [
-        (args.template.is_some(), "--template"),
         (args.ssh, "--ssh"),
         (!args.secret.is_empty(), "--secret"),
         (!args.secret_file.is_empty(), "--secret-file"),
