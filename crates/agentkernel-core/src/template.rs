@@ -487,10 +487,12 @@ pub fn apply(config: &mut Config, template: &Template) -> Result<Vec<String>> {
         let online = std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64);
         config.cpus = config.cpus.map(|c| c.min(online)).or(cpus);
     }
-    let own = [
-        format!("{}: template.", reference.location),
-        format!("{}: sandbox.init_script", reference.location),
-    ];
+    let own: Vec<String> = ["description", "category", "help_text", "setup"]
+        .iter()
+        .map(|k| format!("template.{k} "))
+        .chain(["sandbox.init_script ".to_string()])
+        .map(|key| format!("{}: {key}", reference.location))
+        .collect();
     let mut index = 0;
     config.notices.retain(|n| {
         index += 1;
@@ -722,7 +724,7 @@ mod tests {
             "t",
             Source::File,
             "/t.toml".into(),
-            "[sandbox]\nname = \"tpl\"\ninit_script = \"echo a\"\n[resources]\nvcpus = 4096\n[template]\nsetup = [\"echo b\"]\ndescription = \"d\"\n".into(),
+            "[sandbox]\nname = \"tpl\"\ninit_script = \"echo a\"\n[resources]\nvcpus = 4096\n[template]\nsetup = [\"echo b\"]\ndescription = \"d\"\nsecret_files = [\"K\"]\n".into(),
             None,
         );
         let mut c = Config {
@@ -733,7 +735,9 @@ mod tests {
         assert_eq!(setup, vec!["echo a".to_string(), "echo b".to_string()]);
         assert_eq!(c.name.as_deref(), Some("mine"));
         assert!(c.cpus.unwrap() < 4096.0);
-        assert!(c.notices.is_empty(), "{:?}", c.notices);
+        // secret_files is still not acted on: its notice stays.
+        assert_eq!(c.notices.len(), 1, "{:?}", c.notices);
+        assert!(c.notices[0].contains("template.secret_files"));
     }
 
     #[test]
@@ -749,6 +753,32 @@ mod tests {
         assert!(bad("[resources]\nmemory = \"lots\"\n").contains("resources.memory"));
         assert!(bad("[template]\nsetup = \"echo\"\n").contains("template.setup"));
         assert!(bad("<html>").contains("not TOML"));
+    }
+
+    #[test]
+    fn templates_section_of_the_config() {
+        let mut c = Config::default();
+        c.apply_text(
+            Path::new("/etc/a.toml"),
+            "[templates]\ngithub_base = \"https://mirror.example/raw/\"\nca_file = \"ca.pem\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.template_github_base.as_deref(),
+            Some("https://mirror.example/raw")
+        );
+        assert_eq!(c.template_ca_file, Some(PathBuf::from("/etc/ca.pem")));
+        let e = Config::default()
+            .apply_text(
+                Path::new("/etc/a.toml"),
+                "[templates]\ngithub_base = \"http://mirror.example\"\n",
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("templates.github_base") && e.contains("https://"),
+            "{e}"
+        );
     }
 
     #[test]

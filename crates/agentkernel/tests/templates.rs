@@ -236,15 +236,29 @@ fn every_builtin_runs_its_sample_command() {
     assert_code(&out, 0);
     assert!(stdout(&out).starts_with("Python 3"), "{}", stdout(&out));
 
-    let limit = "cat /sys/fs/cgroup/memory.max 2>/dev/null || cat /sys/fs/cgroup/memory/memory.limit_in_bytes";
-    for (name, memory_mb) in [
-        ("node", 512u64),
-        ("go", 512),
-        ("ruby", 512),
-        ("rust-ci", 2048),
-        ("claude-sandbox", 1024),
-        ("codex-sandbox", 1024),
+    // The memory limit, the CPU quota over its period (v2 and v1), and upstream's sample command.
+    let limits = "cat /sys/fs/cgroup/memory.max 2>/dev/null || cat /sys/fs/cgroup/memory/memory.limit_in_bytes; \
+                  cat /sys/fs/cgroup/cpu.max 2>/dev/null || echo $(cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us /sys/fs/cgroup/cpu/cpu.cfs_period_us)";
+    let online = std::thread::available_parallelism().unwrap().get() as u64;
+    for (name, memory_mb, cpus, sample) in [
+        ("node", 512u64, 1u64, ""),
+        ("go", 512, 2, ""),
+        ("ruby", 512, 1, ""),
+        ("rust-ci", 2048, 4, ""),
+        (
+            "claude-sandbox",
+            1024,
+            2,
+            "ls -la /workspace >/dev/null && echo listed",
+        ),
+        (
+            "codex-sandbox",
+            1024,
+            2,
+            "ls -la /workspace >/dev/null && echo listed",
+        ),
     ] {
+        let script = format!("{limits}; {sample}");
         let out = env.run(&[
             "run",
             "--template",
@@ -254,14 +268,22 @@ fn every_builtin_runs_its_sample_command() {
             "--",
             "sh",
             "-c",
-            limit,
+            &script,
         ]);
         assert_code(&out, 0);
-        assert_eq!(stdout(&out).trim(), (memory_mb << 20).to_string(), "{name}");
+        let mut expected = format!(
+            "{}\n{} 100000\n",
+            memory_mb << 20,
+            cpus.min(online) * 100_000
+        );
+        if !sample.is_empty() {
+            expected.push_str("listed\n");
+        }
+        assert_eq!(stdout(&out), expected, "{name}");
     }
 
     // secure: read-only root, no network but loopback, its memory limit.
-    let script = format!("{limit}; tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '; touch /x 2>/dev/null && echo root-writable || echo root-read-only; ls -la /workspace >/dev/null && echo listed");
+    let script = format!("{limits}; tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '; touch /x 2>/dev/null && echo root-writable || echo root-read-only; ls -la /workspace >/dev/null && echo listed");
     let out = env.run(&[
         "run",
         "--template",
@@ -276,7 +298,10 @@ fn every_builtin_runs_its_sample_command() {
     assert_code(&out, 0);
     assert_eq!(
         stdout(&out),
-        format!("{}\nlo\nroot-read-only\nlisted\n", 256u64 << 20)
+        format!(
+            "{}\n100000 100000\nlo\nroot-read-only\nlisted\n",
+            256u64 << 20
+        )
     );
 }
 
