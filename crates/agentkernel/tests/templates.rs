@@ -756,3 +756,61 @@ fn github_templates_are_fetched_once_pinned_and_updated() {
     assert_code(&env.run(&["template", "remove", "github:acme/tpls/py"]), 0);
     assert!(!cached.exists());
 }
+
+mod native_only {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+
+    /// A template's limits are a preset's, like a profile's: a rootless
+    /// native sandbox (no cgroups) drops them with a notice instead of
+    /// refusing every built-in; `--memory` as a flag is still refused.
+    #[test]
+    fn rootless_template_limits_are_presets_not_demands() {
+        assert_backend_in_scope();
+        ensure_prerequisites();
+        let uid = 4391;
+        let dir = tempfile::Builder::new()
+            .prefix("ak-tpl-rootless-")
+            .tempdir()
+            .unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        for sub in ["home", "state", "project"] {
+            std::fs::create_dir(dir.path().join(sub)).unwrap();
+        }
+        let chown = Command::new("chown")
+            .arg("-R")
+            .arg(format!("{uid}:{uid}"))
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(chown.success());
+        let run = |extra: &[&str]| {
+            Command::new(binary())
+                .uid(uid)
+                .gid(uid)
+                .env("HOME", dir.path().join("home"))
+                .env("AGENTKERNEL_HOME", dir.path().join("state"))
+                .env("AGENTKERNEL_BACKEND", "native")
+                .env("AGENTKERNEL_REGISTRY_MIRRORS", TEST_REGISTRY)
+                .env_remove("XDG_CONFIG_HOME")
+                .env_remove("XDG_DATA_HOME")
+                .current_dir(dir.path().join("project"))
+                .stdin(Stdio::null())
+                .args(["run", "--template", "secure", "-i", BUSYBOX])
+                .args(extra)
+                .args(["--", "echo", "ran"])
+                .output()
+                .unwrap()
+        };
+        let out = run(&[]);
+        assert_code(&out, 0);
+        assert_eq!(stdout(&out), "ran\n");
+        assert!(stderr(&out).contains("not enforced"), "{}", stderr(&out));
+        let line = assert_one_line_error(&run(&["--memory", "256m"]));
+        assert!(
+            line.contains("rootless") && line.contains("memory"),
+            "{line}"
+        );
+    }
+}

@@ -38,10 +38,11 @@ pub async fn run(args: RunArgs) -> Result<i32> {
     // normal path (explicit combinations are refused in `reject_unsupported`).
     let fast = args.fast.or(config.fast).unwrap_or(true);
     let dry_run = args.dry_run;
+    let limit_flags = (args.memory.is_some(), args.cpus.is_some());
     let (mut spec, image_source) = resolve(args, &config, &cwd)?;
     let image_from_template = template.as_ref().is_some_and(|t| t.sets_image);
     if let Some(applied) = template {
-        super::template::attach(&mut spec, applied);
+        super::template::attach(&mut spec, applied, limit_flags);
     }
     let use_pool = fast
         && spec.keep.is_none()

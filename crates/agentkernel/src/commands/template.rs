@@ -23,6 +23,9 @@ pub struct Applied {
     pub setup: Vec<String>,
     /// The template names the image (so `--dry-run` says `template`, not `config`).
     pub sets_image: bool,
+    /// The template sets a memory / CPU limit (see [`attach`]).
+    pub sets_memory: bool,
+    pub sets_cpus: bool,
 }
 
 /// `run --template SPEC`: finds (fetching once if needed) and lays the
@@ -30,7 +33,13 @@ pub struct Applied {
 pub async fn apply(spec: &str, config: &mut Config) -> Result<Applied> {
     let template = resolve(spec, config).await?;
     let setup = template::apply(config, &template)?;
+    let resources: toml::Table = toml::from_str::<toml::Table>(&template.text)
+        .ok()
+        .and_then(|t| t.get("resources").and_then(|r| r.as_table()).cloned())
+        .unwrap_or_default();
     Ok(Applied {
+        sets_memory: resources.contains_key("memory") || resources.contains_key("memory_mb"),
+        sets_cpus: resources.contains_key("cpus") || resources.contains_key("vcpus"),
         sets_image: template::summary(&template.text).image.is_some(),
         reference: template.reference,
         setup,
@@ -39,7 +48,20 @@ pub async fn apply(spec: &str, config: &mut Config) -> Result<Applied> {
 
 /// Puts what the template decided into the spec: its reference (for
 /// `--dry-run` and receipts) and, for a kept sandbox, its setup.
-pub fn attach(spec: &mut SandboxSpec, applied: Applied) {
+///
+/// A template's memory and CPU limits are a preset's, like a profile's own:
+/// enforced the same, but not a demand the user made. So where they cannot
+/// be enforced (a rootless native sandbox) they are dropped with a notice,
+/// as a profile's are, while `--memory`/`--cpus` given as flags
+/// (`limit_flags`) are still refused there.
+pub fn attach(spec: &mut SandboxSpec, applied: Applied, limit_flags: (bool, bool)) {
+    let (memory_flag, cpus_flag) = limit_flags;
+    if applied.sets_memory && !memory_flag {
+        spec.policy.user_limits.memory_bytes = None;
+    }
+    if applied.sets_cpus && !cpus_flag {
+        spec.policy.user_limits.cpus = None;
+    }
     match spec.keep.as_mut() {
         Some(keep) => keep.setup = applied.setup,
         None if !applied.setup.is_empty() => eprintln!(
