@@ -49,7 +49,7 @@ fi
 # managed): the official MCP client SDK (`mcp`) for tests/mcp_client.py.
 # Appends to the venv, never replaces it: other tools share it.
 pytools=/opt/agentkernel-pytools
-if ! "$pytools/bin/python" -c 'import venv' 2>/dev/null; then
+if [ ! -x "$pytools/bin/pip" ]; then
   python3 -c 'import ensurepip' 2>/dev/null || {
     DEBIAN_FRONTEND=noninteractive apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
