@@ -566,6 +566,30 @@ mod native_only {
             server.request("GET", "/v1/sandboxes", None).json(),
             json!([])
         );
+        assert_eq!(
+            children_of(server.child.id()),
+            Vec::<u32>::new(),
+            "the server kept CLI children (unreaped or still running)"
+        );
+    }
+
+    /// PIDs whose parent is `pid` (zombies included).
+    fn children_of(pid: u32) -> Vec<u32> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+                continue;
+            };
+            // The fields after the command's `(name)`: state, then ppid.
+            let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+            if after.split_whitespace().nth(1) == Some(pid.to_string().as_str()) {
+                out.push(child);
+            }
+        }
+        out
     }
 
     #[test]
