@@ -265,6 +265,62 @@ pub struct ExecOptions {
     pub stdin: Option<String>,
 }
 
+/// Options of a new kept sandbox (`POST /v1/sandboxes`, the MCP tool
+/// `create_sandbox`): `run --keep`'s options, without a command.
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateOptions {
+    /// The sandbox's name (default: run-<8 hex>).
+    pub name: Option<String>,
+    /// Image to use (default: auto-detected, as `run` does).
+    pub image: Option<String>,
+    /// Security profile: permissive, moderate (default), restrictive.
+    pub profile: Option<String>,
+    /// Backend: native, docker, podman.
+    pub backend: Option<String>,
+    /// A template (`agentkernel template list`), applied over the config files.
+    pub template: Option<String>,
+    /// Environment variables as KEY=VALUE.
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// Memory limit (e.g. 512m, 2g).
+    pub memory: Option<String>,
+    /// CPU limit (e.g. 0.5, 2).
+    pub cpus: Option<String>,
+    /// Cap of each writable layer (e.g. 1g).
+    pub disk: Option<String>,
+    /// Loopback only, under any profile.
+    #[serde(default)]
+    pub no_network: bool,
+    /// When to pull the image: missing (default), always, never.
+    pub pull: Option<String>,
+    /// Expiry after its last use (e.g. 30m; default 1h).
+    pub ttl: Option<String>,
+}
+
+impl CreateOptions {
+    /// `run --keep --name NAME … -- true`: the sandbox is created and kept.
+    pub fn run_options(self) -> RunOptions {
+        RunOptions {
+            command: vec!["true".into()],
+            image: self.image,
+            profile: self.profile,
+            backend: self.backend,
+            template: self.template,
+            env: self.env,
+            memory: self.memory,
+            cpus: self.cpus,
+            disk: self.disk,
+            no_network: self.no_network,
+            pull: self.pull,
+            keep: true,
+            name: Some(self.name.unwrap_or_else(agentkernel_core::names::generated)),
+            ttl: self.ttl,
+            ..Default::default()
+        }
+    }
+}
+
 /// `--flag=value` keeps a value that starts with `-` a value.
 fn flag(args: &mut Vec<OsString>, name: &str, value: &Option<String>) {
     if let Some(v) = value {

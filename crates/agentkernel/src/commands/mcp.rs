@@ -15,8 +15,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
-use super::cli_child::{self, CliError, Collected, ExecOptions, RunOptions};
-use super::serve::CreateOptions;
+use super::cli_child::{self, CliError, Collected, CreateOptions, ExecOptions, RunOptions};
 
 pub async fn mcp() -> Result<i32> {
     let (stop, shutdown) = watch::channel(false);

@@ -4,8 +4,7 @@
 
 use serde_json::{json, Value};
 
-use super::cli_child::{ExecOptions, RunOptions};
-use super::serve::CreateOptions;
+use super::cli_child::{CreateOptions, ExecOptions, RunOptions};
 
 fn schema<T: schemars::JsonSchema>() -> Value {
     let mut value = serde_json::to_value(schemars::schema_for!(T)).expect("schema");

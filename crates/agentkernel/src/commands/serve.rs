@@ -19,11 +19,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use base64::Engine as _;
-use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
-use super::cli_child::{self, CliError, Event, ExecOptions, RunOptions};
+use super::cli_child::{self, CliError, CreateOptions, Event, ExecOptions, RunOptions};
 use crate::cli::ServeArgs;
 
 /// How long a streamed run may hold its response back to learn whether
@@ -503,61 +502,6 @@ async fn list_sandboxes(State(api): State<Api>) -> Answer {
 async fn sandbox_info(State(api): State<Api>, UrlPath(name): UrlPath<String>) -> Answer {
     checked_name(&name)?;
     Ok(axum::Json(cli_json(&["sandbox", "info", &name, "--json"], &api).await?).into_response())
-}
-
-/// What `POST /v1/sandboxes` takes: `run --keep`'s options, without a command.
-#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CreateOptions {
-    /// The sandbox's name (default: run-<8 hex>).
-    pub name: Option<String>,
-    /// Image to use (default: auto-detected, as `run` does).
-    pub image: Option<String>,
-    /// Security profile: permissive, moderate (default), restrictive.
-    pub profile: Option<String>,
-    /// Backend: native, docker, podman.
-    pub backend: Option<String>,
-    /// A template (`agentkernel template list`), applied over the config files.
-    pub template: Option<String>,
-    /// Environment variables as KEY=VALUE.
-    #[serde(default)]
-    pub env: Vec<String>,
-    /// Memory limit (e.g. 512m, 2g).
-    pub memory: Option<String>,
-    /// CPU limit (e.g. 0.5, 2).
-    pub cpus: Option<String>,
-    /// Cap of each writable layer (e.g. 1g).
-    pub disk: Option<String>,
-    /// Loopback only, under any profile.
-    #[serde(default)]
-    pub no_network: bool,
-    /// When to pull the image: missing (default), always, never.
-    pub pull: Option<String>,
-    /// Expiry after its last use (e.g. 30m; default 1h).
-    pub ttl: Option<String>,
-}
-
-impl CreateOptions {
-    /// `run --keep --name NAME … -- true`: the sandbox is created and kept.
-    pub fn run_options(self) -> RunOptions {
-        RunOptions {
-            command: vec!["true".into()],
-            image: self.image,
-            profile: self.profile,
-            backend: self.backend,
-            template: self.template,
-            env: self.env,
-            memory: self.memory,
-            cpus: self.cpus,
-            disk: self.disk,
-            no_network: self.no_network,
-            pull: self.pull,
-            keep: true,
-            name: Some(self.name.unwrap_or_else(names::generated)),
-            ttl: self.ttl,
-            ..Default::default()
-        }
-    }
 }
 
 async fn create_sandbox(State(api): State<Api>, body: Bytes) -> Answer {
