@@ -103,8 +103,15 @@ impl Outcome {
 /// What `run` says on stderr after the first command of a kept sandbox.
 pub fn kept_message(name: &str, ttl: Duration, reused: bool) -> String {
     format!(
-        "agentkernel: sandbox {name} kept{} (expires {} after last use); `agentkernel exec {name} -- CMD` runs in it",
+        "agentkernel: sandbox {name} kept{} ({}); `agentkernel exec {name} -- CMD` runs in it",
         if reused { ", reused" } else { "" },
-        crate::parse::format_duration(ttl),
+        if ttl.is_zero() {
+            "never expires".to_string()
+        } else {
+            format!(
+                "expires {} after last use",
+                crate::parse::format_duration(ttl)
+            )
+        },
     )
 }

@@ -397,7 +397,7 @@ fn resolve_keep(
     config: &Config,
     cwd: &Path,
 ) -> Result<Option<Keep>> {
-    let explicit_ttl = ttl.map(|t| parse::duration("--ttl", t)).transpose()?;
+    let explicit_ttl = ttl.map(|t| parse::ttl("--ttl", t)).transpose()?;
     if !(keep || branch || name.is_some() || explicit_ttl.is_some()) {
         return Ok(None);
     }
@@ -422,7 +422,7 @@ fn resolve_keep(
                     Error::invalid(
                         "[sandbox] name",
                         n.clone(),
-                        "a kept sandbox's name uses lowercase letters, digits and inner dashes (at most 63 characters); change it or pass --name",
+                        format!("{}; change it or pass --name", names::RULE),
                     )
                 })?;
                 n.clone()

@@ -223,7 +223,7 @@ async fn info(store: &Store, name: &str, as_json: bool) -> Result<i32> {
     println!("profile:    {}", r.profile);
     println!(
         "ttl:        {}",
-        parse::format_duration(std::time::Duration::from_secs(r.ttl_secs))
+        parse::format_ttl(std::time::Duration::from_secs(r.ttl_secs))
     );
     println!("expires in: {}", expires(row.expires_in));
     if let Some(w) = &r.workspace {
@@ -235,6 +235,7 @@ async fn info(store: &Store, name: &str, as_json: bool) -> Result<i32> {
 
 fn expires(secs: Option<u64>) -> String {
     match secs {
+        Some(s) if s >= agentkernel_core::state::NO_EXPIRY - now_unix() => "never".into(),
         Some(0) => "now".into(),
         Some(s) => parse::format_duration(std::time::Duration::from_secs(s)),
         None => "-".into(),
