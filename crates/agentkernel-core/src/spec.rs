@@ -78,6 +78,9 @@ pub struct ExecRequest {
     pub workdir: Option<String>,
     pub tty: bool,
     pub timeout: Option<Duration>,
+    /// Run as this user (`exec --sudo`: `0:0`) instead of the image's.
+    #[serde(default)]
+    pub user: Option<String>,
 }
 
 /// How a command ended, before it becomes agentkernel's exit code.

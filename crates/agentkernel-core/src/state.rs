@@ -115,9 +115,13 @@ pub fn boot_id() -> String {
 
 /// Field `n` (1-based, as in proc(5)) of /proc/PID/stat, for n >= 3.
 pub fn proc_stat_field(pid: u32, n: usize) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_field(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?, n)
+}
+
+/// Field `n` (1-based, as in proc(5)) of the text of a `/proc/<pid>/stat`.
+pub fn stat_field(stat: &str, n: usize) -> Option<u64> {
     // The command name may contain spaces and parentheses: skip past the last ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
     rest.split(' ').nth(n.checked_sub(3)?)?.parse().ok()
 }
 

@@ -2,11 +2,15 @@
 
 mod doctor;
 mod exec;
+mod exec_detach;
 mod image;
 pub mod native;
 mod pool;
 mod run;
 mod sandbox;
+mod sandbox_cp;
+mod sandbox_create;
+mod sandbox_lifecycle;
 mod trust;
 
 use agentkernel_core::{Error, Result};

@@ -75,7 +75,10 @@ pub async fn run(args: RunArgs) -> Result<i32> {
 /// ignore is refused. Under restrictive every writable place is a sized tmpfs,
 /// so the cap holds there. (The profiles' own defaults are documented as not
 /// enforced on these backends.)
-fn refuse_uncappable_disk(spec: &SandboxSpec, backend: backend::BackendKind) -> Result<()> {
+pub(crate) fn refuse_uncappable_disk(
+    spec: &SandboxSpec,
+    backend: backend::BackendKind,
+) -> Result<()> {
     let policy = &spec.policy;
     let writable_layers = !policy.read_only_root || policy.workspace == WorkspaceMode::CopyOnWrite;
     if policy.user_limits.disk_bytes.is_some() && writable_layers {
@@ -251,6 +254,7 @@ pub fn resolve(args: RunArgs, config: &Config, cwd: &Path) -> Result<(SandboxSpe
             workdir,
             tty: super::wants_tty(),
             timeout,
+            user: None,
         },
     };
     Ok((spec, source))

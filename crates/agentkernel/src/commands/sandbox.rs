@@ -14,23 +14,40 @@ pub async fn sandbox(cmd: SandboxCommand) -> Result<i32> {
     match cmd {
         SandboxCommand::List { json } => list(&store, json).await,
         SandboxCommand::Info { name, json } => info(&store, &name, json).await,
+        SandboxCommand::Create(args) => super::sandbox_create::create(*args).await,
         SandboxCommand::Stop { name } => {
+            super::sandbox_lifecycle::stop_command(&store, &name).await
+        }
+        SandboxCommand::ExtendTtl { name, duration, by } => super::sandbox_lifecycle::extend_ttl(
+            &store,
+            &name,
+            duration.or(by).as_deref().unwrap_or("1h"),
+        ),
+        SandboxCommand::Clean { force, all } => {
+            super::sandbox_lifecycle::clean(&store, force, all).await
+        }
+        SandboxCommand::Cp { src, dest } => super::sandbox_cp::cp(&store, &src, &dest).await,
+        SandboxCommand::Pause { name } => {
             if !native_set_stopped(&store, &name, true)? {
                 let engine = engine_of(&store, &name)?;
                 kept::stop(&engine, &store, &name).await?;
             }
             eprintln!(
-                "agentkernel: stopped {name}: its processes are frozen, its files kept; \
-                 `agentkernel sandbox start {name}` resumes it (it still expires at its TTL)"
+                "agentkernel: paused {name}: its processes are frozen, its files kept; \
+                 `agentkernel sandbox resume {name}` resumes it (it still expires at its TTL)"
             );
             Ok(0)
         }
-        SandboxCommand::Start { name } => {
-            if !native_set_stopped(&store, &name, false)? {
-                let engine = engine_of(&store, &name)?;
-                kept::start(&engine, &store, &name).await?;
-            }
-            eprintln!("agentkernel: started {name}: its processes run again");
+        SandboxCommand::Start { name, .. } => {
+            names::validate(&name)?;
+            super::sandbox_lifecycle::clear_stopped(&store, &name)?;
+            thaw(&store, &name).await?;
+            eprintln!("agentkernel: started {name}: commands run in it again");
+            Ok(0)
+        }
+        SandboxCommand::Resume { name } => {
+            thaw(&store, &name).await?;
+            eprintln!("agentkernel: resumed {name}: its processes run again");
             Ok(0)
         }
         SandboxCommand::Remove { names: list } => {
@@ -38,16 +55,7 @@ pub async fn sandbox(cmd: SandboxCommand) -> Result<i32> {
                 names::validate(name)?;
             }
             for name in &list {
-                if is_native(&store, name)? {
-                    agentkernel_native::kept::remove(&store, name).map_err(|e| Error::Backend {
-                        backend: "native",
-                        message: e.to_string(),
-                    })?;
-                    eprintln!("agentkernel: removed {name}");
-                    continue;
-                }
-                let engine = engine_of(&store, name)?;
-                kept::remove(&engine, &store, name).await?;
+                remove_one(&store, name).await?;
                 eprintln!("agentkernel: removed {name}");
             }
             Ok(0)
@@ -75,6 +83,33 @@ pub async fn sandbox(cmd: SandboxCommand) -> Result<i32> {
             Ok(0)
         }
     }
+}
+
+/// Removes one kept sandbox, on whichever backend holds it.
+pub(super) async fn remove_one(store: &Store, name: &str) -> Result<()> {
+    if is_native(store, name)? {
+        return agentkernel_native::kept::remove(store, name).map_err(|e| Error::Backend {
+            backend: "native",
+            message: e.to_string(),
+        });
+    }
+    let engine = engine_of(store, name)?;
+    kept::remove(&engine, store, name).await
+}
+
+/// Thaws a paused sandbox (a running one is left as it is).
+async fn thaw(store: &Store, name: &str) -> Result<()> {
+    if !native_set_stopped(store, name, false)? {
+        let engine = engine_of(store, name)?;
+        match kept::status(&engine, name).await? {
+            Some(bollard::models::ContainerStateStatusEnum::PAUSED) | None => {
+                // kept::start also says when the sandbox is gone.
+                kept::start(&engine, store, name).await?;
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
 }
 
 fn is_native(store: &Store, name: &str) -> Result<bool> {
@@ -107,9 +142,9 @@ fn engine_of(store: &Store, name: &str) -> Result<Engine> {
     backend::connect_named(&record.backend)
 }
 
-struct Row {
-    record: SandboxRecord,
-    status: String,
+pub(super) struct Row {
+    pub(super) record: SandboxRecord,
+    pub(super) status: String,
     expires_in: Option<u64>,
 }
 
@@ -131,7 +166,7 @@ impl Row {
 }
 
 /// Live kept sandboxes of every engine in use, after collecting expired ones.
-async fn rows(store: &Store) -> Result<Vec<Row>> {
+pub(super) async fn rows(store: &Store) -> Result<Vec<Row>> {
     let mut out = Vec::new();
     agentkernel_native::kept::collect(store);
     for record in store.list().into_iter().filter(|r| r.backend == "native") {
@@ -141,9 +176,15 @@ async fn rows(store: &Store) -> Result<Vec<Row>> {
         let expires_in = store
             .deadline(&record.name)
             .map(|d| d.saturating_sub(now_unix()));
+        // The native holder reports a frozen sandbox as "stopped".
+        let status = if status == "stopped" {
+            "paused"
+        } else {
+            status
+        };
         out.push(Row {
+            status: super::sandbox_lifecycle::shown_status(store, &record.name, status),
             record,
-            status: status.to_string(),
             expires_in,
         });
     }
@@ -157,10 +198,7 @@ async fn rows(store: &Store) -> Result<Vec<Row>> {
         {
             let status = match kept::status(&engine, &record.name).await? {
                 None => continue,
-                Some(s) => match s.to_string().as_str() {
-                    "paused" => "stopped".to_string(),
-                    other => other.to_string(),
-                },
+                Some(s) => super::sandbox_lifecycle::shown_status(store, &record.name, s.as_ref()),
             };
             let expires_in = store
                 .deadline(&record.name)

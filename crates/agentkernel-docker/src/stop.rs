@@ -1,0 +1,129 @@
+//! `sandbox stop` of a kept Docker/Podman sandbox: every process of the
+//! container ends except its init and the keep-alive loop (the container's
+//! main process, which also enforces the TTL). A real `docker stop` would
+//! end the keep-alive too, and with it the auto-removed container and its
+//! files; this keeps the files, like `docker stop` of an ordinary container.
+//! The container is paused while its processes are found and killed, so none
+//! can fork a replacement in between, then unpaused for the kills to land.
+//! The processes are killed from the engine's host by pid (as an exec's
+//! timeout is, see `exec.rs`).
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use agentkernel_core::state::{proc_stat_field, Store};
+use agentkernel_core::Error;
+
+use crate::kept::container_name;
+use crate::Engine;
+
+/// How long the killed processes may take to go.
+const SETTLE: Duration = Duration::from_secs(10);
+
+/// Ends every process of sandbox `name` but its init and keep-alive; returns
+/// how many were killed.
+pub async fn stop(engine: &Engine, store: &Store, name: &str) -> Result<usize, Error> {
+    store
+        .load(name)?
+        .ok_or_else(|| Error::NoSuchSandbox(name.to_string()))?;
+    let container = container_name(name);
+    let info = match engine.docker.inspect_container(&container, None).await {
+        Ok(info) => info,
+        Err(e) if crate::engine::is_not_found(&e) => {
+            store.forget(name)?;
+            return Err(Error::NoSuchSandbox(format!(
+                "{name} (it expired or was removed)"
+            )));
+        }
+        Err(e) => return Err(engine.error("inspecting the sandbox", e)),
+    };
+    let init = info
+        .state
+        .and_then(|s| s.pid)
+        .filter(|p| *p > 0)
+        .and_then(|p| i32::try_from(p).ok())
+        .filter(|p| pid_namespace(*p).is_some())
+        .ok_or_else(|| {
+            Error::Conflict(format!(
+                "cannot stop {name}: its processes are not visible from here (the {} engine runs on another host); `agentkernel sandbox pause {name}` freezes it",
+                engine.name()
+            ))
+        })?;
+    match engine.docker.pause_container(&container).await {
+        Ok(()) => {}
+        Err(e) if crate::engine::is_conflict(&e) => {} // already paused: stop supersedes it
+        Err(e) => return Err(engine.error("stopping the sandbox", e)),
+    }
+    let keep_alive = keep_alive(init);
+    // The keep-alive's own `sleep` is not the sandbox's: leave it too.
+    let mut keep = vec![Some(init), keep_alive];
+    keep.extend(keep_alive.iter().flat_map(|k| children(*k)).map(Some));
+    let victims = in_namespace_except(init, &keep);
+    for pid in &victims {
+        // SAFETY: kill takes plain integers; the pids share the container's pid namespace.
+        unsafe { libc::kill(*pid, libc::SIGKILL) };
+    }
+    match engine.docker.unpause_container(&container).await {
+        Ok(()) => {}
+        Err(e) if crate::engine::is_conflict(&e) => {}
+        Err(e) => return Err(engine.error("stopping the sandbox", e)),
+    }
+    let start = Instant::now();
+    loop {
+        let left = in_namespace_except(init, &keep);
+        if left.is_empty() {
+            return Ok(victims.len());
+        }
+        if start.elapsed() > SETTLE {
+            return Err(Error::Conflict(format!(
+                "{} process(es) of sandbox {name} did not end within {}s; `agentkernel sandbox remove {name}` ends it",
+                left.len(),
+                SETTLE.as_secs()
+            )));
+        }
+        for pid in &left {
+            // SAFETY: as above.
+            unsafe { libc::kill(*pid, libc::SIGKILL) };
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The pid namespace `pid` is in (the link's target names it).
+fn pid_namespace(pid: i32) -> Option<std::path::PathBuf> {
+    std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok()
+}
+
+/// The keep-alive loop: init's first child, so the oldest (an orphan
+/// reparented to init later started later).
+fn keep_alive(init: i32) -> Option<i32> {
+    children(init)
+        .into_iter()
+        .filter_map(|pid| Some((proc_stat_field(pid as u32, 22)?, pid)))
+        .min()
+        .map(|(_, pid)| pid)
+}
+
+fn children(parent: i32) -> Vec<i32> {
+    processes()
+        .filter(|pid| proc_stat_field(*pid as u32, 4) == Some(parent as u64))
+        .collect()
+}
+
+fn in_namespace_except(init: i32, keep: &[Option<i32>]) -> BTreeSet<i32> {
+    let Some(ns) = pid_namespace(init) else {
+        return BTreeSet::new();
+    };
+    processes()
+        .filter(|pid| !keep.contains(&Some(*pid)))
+        .filter(|pid| pid_namespace(*pid).as_ref() == Some(&ns))
+        .collect()
+}
+
+fn processes() -> impl Iterator<Item = i32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+}
