@@ -50,6 +50,8 @@ pub enum Command {
         /// The kept sandbox's name
         name: String,
     },
+    /// Write ./agentkernel.toml (upstream's schema) for this project; --force replaces an existing one
+    Init(InitArgs),
     /// Let DIR's agentkernel.toml loosen the sandbox (records its sha256; a changed file needs trust again)
     Trust(TrustArgs),
     /// Start a sandbox on each backend and check registry access: what works here, and how to fix the rest
@@ -177,6 +179,25 @@ pub struct RunArgs {
     /// The command and its arguments, passed through untouched
     #[arg(value_name = "CMD", required = true, num_args = 1.., trailing_var_arg = true)]
     pub command: Vec<std::ffi::OsString>,
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// The sandbox's name (default: the directory's name)
+    #[arg(short = 'n', long, value_name = "NAME")]
+    pub name: Option<String>,
+
+    /// Upstream's agent type, recorded as [agent] preferred: claude, gemini, codex, opencode
+    #[arg(short = 'a', long, value_name = "AGENT")]
+    pub agent: Option<String>,
+
+    /// Start from a template (not supported yet)
+    #[arg(short = 't', long, value_name = "NAME")]
+    pub template: Option<String>,
+
+    /// Replace an existing agentkernel.toml
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// A project's `./agentkernel.toml` may tighten the sandbox on its own; a

@@ -4,6 +4,7 @@ mod doctor;
 mod exec;
 mod exec_detach;
 mod image;
+mod init;
 pub mod native;
 mod pool;
 mod run;
@@ -24,6 +25,7 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
         Command::Run(args) => run::run(*args).await,
         Command::Exec(args) => exec::exec(args).await,
         Command::Sandbox(cmd) => sandbox::sandbox(cmd).await,
+        Command::Init(args) => init::init(args),
         Command::Trust(args) => trust::trust(args),
         Command::Doctor { json } => doctor::doctor(json).await,
         Command::Pool(cmd) => pool::pool(cmd).await,

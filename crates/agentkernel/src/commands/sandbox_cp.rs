@@ -4,8 +4,8 @@
 //! on native through the sandbox's own root (`agentkernel_native::copy`), on
 //! Docker/Podman by the engine's archive API, which resolves them in the
 //! container. What comes out of a sandbox is untrusted: archive entries are
-//! unpacked only beneath the destination, and only files, directories and
-//! symlinks are made.
+//! unpacked only beneath the destination, and only files and directories
+//! are made.
 
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -166,7 +166,7 @@ fn tar_of(host: &Path, entry: &str) -> Result<Vec<u8>> {
 }
 
 async fn engine_in(engine: &Engine, container: &str, host: &Path, path: &str) -> Result<()> {
-    use bollard::query_parameters::UploadToContainerOptions;
+    use bollard::query_parameters::{ContainerArchiveInfoOptions, UploadToContainerOptions};
     let upload = |dir: String, archive: Vec<u8>| {
         engine.docker.upload_to_container(
             container,
@@ -178,24 +178,36 @@ async fn engine_in(engine: &Engine, container: &str, host: &Path, path: &str) ->
             bollard::body_full(archive.into()),
         )
     };
-    // Into PATH when it is a directory there; else as PATH itself (in its parent).
-    let into_dir = upload(
-        path.to_string(),
-        tar_of(host, base_name(&host.to_string_lossy())?)?,
-    )
-    .await;
-    if into_dir.is_ok() {
-        return Ok(());
-    }
-    if path.ends_with('/') {
-        return into_dir.map_err(|e| engine.error("copying into the sandbox", e));
-    }
-    let (parent, _) = path.rsplit_once('/').unwrap_or(("", path));
-    let parent = if parent.is_empty() { "/" } else { parent };
-    upload(parent.to_string(), tar_of(host, base_name(path)?)?)
+    // Into PATH when it is a directory there; else as PATH itself (in its
+    // parent). Asked first: Podman makes a missing upload path a directory.
+    let is_dir = path.ends_with('/')
+        || engine
+            .docker
+            .get_container_archive_info(
+                container,
+                Some(ContainerArchiveInfoOptions {
+                    path: path.to_string(),
+                }),
+            )
+            .await
+            .is_ok_and(|stat| stat.file_mode & GO_MODE_DIR != 0);
+    let (dir, entry) = if is_dir {
+        (
+            path.to_string(),
+            base_name(&host.to_string_lossy())?.to_string(),
+        )
+    } else {
+        let (parent, _) = path.rsplit_once('/').unwrap_or(("", path));
+        let parent = if parent.is_empty() { "/" } else { parent };
+        (parent.to_string(), base_name(path)?.to_string())
+    };
+    upload(dir, tar_of(host, &entry)?)
         .await
         .map_err(|e| engine.error("copying into the sandbox", e))
 }
+
+/// Go's `os.ModeDir`, as the engine reports a path's mode.
+const GO_MODE_DIR: u32 = 1 << 31;
 
 async fn engine_out(engine: &Engine, container: &str, path: &str, host: &Path) -> Result<()> {
     use bollard::query_parameters::DownloadFromContainerOptions;
@@ -231,9 +243,9 @@ async fn engine_out(engine: &Engine, container: &str, path: &str, host: &Path) -
     result
 }
 
-/// Unpacks `archive` beneath `dir`: files, directories and symlinks only
-/// (never device nodes, FIFOs or hard links); an entry whose path would
-/// leave `dir`, directly or through a symlink unpacked before it, fails.
+/// Unpacks `archive` beneath `dir`: files and directories only (never
+/// symlinks, device nodes, FIFOs or hard links); an entry whose path would
+/// leave `dir` fails. A top entry that is a symlink is refused, naming it.
 fn unpack(archive: &[u8], dir: &Path) -> Result<()> {
     let mut tar = tar::Archive::new(archive);
     tar.set_preserve_permissions(false);
@@ -241,22 +253,35 @@ fn unpack(archive: &[u8], dir: &Path) -> Result<()> {
     tar.set_unpack_xattrs(false);
     let bad =
         |e: std::io::Error| Error::Conflict(format!("the sandbox's archive is not usable: {e}"));
+    let mut first = true;
     for entry in tar.entries().map_err(bad)? {
         let mut entry = entry.map_err(bad)?;
         let kind = entry.header().entry_type();
-        if !(kind.is_file() || kind.is_dir() || kind.is_symlink()) {
-            let name = entry
-                .path()
-                .map(|p| p.display().to_string())
+        let name = entry
+            .path()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        if kind.is_symlink() && first {
+            let target = entry
+                .link_name()
+                .ok()
+                .flatten()
+                .map(|t| t.display().to_string())
                 .unwrap_or_default();
-            eprintln!("agentkernel: notice: {name} skipped: not a file, directory or symlink");
+            return Err(Error::Conflict(format!(
+                "{name} is a symlink in the sandbox (to {target}); copy the path it points to"
+            )));
+        }
+        first = false;
+        // A symlink made on the host would point at the host's files (a
+        // sandbox's `/tmp/x -> /home/you/.ssh/id_ed25519`): never made.
+        if !(kind.is_file() || kind.is_dir()) {
+            eprintln!(
+                "agentkernel: notice: {name} skipped: only files and directories are copied out of a sandbox"
+            );
             continue;
         }
         if !entry.unpack_in(dir).map_err(bad)? {
-            let name = entry
-                .path()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default();
             return Err(Error::Conflict(format!(
                 "the sandbox's archive names {name}, outside the destination; nothing more was copied"
             )));
