@@ -16,10 +16,11 @@ pub enum PullPolicy {
     Never,
 }
 
+/// Case-insensitive, like every other choice of a value.
 impl std::str::FromStr for PullPolicy {
     type Err = crate::Error;
     fn from_str(s: &str) -> crate::Result<Self> {
-        match s {
+        match s.to_ascii_lowercase().as_str() {
             "missing" => Ok(PullPolicy::Missing),
             "always" => Ok(PullPolicy::Always),
             "never" => Ok(PullPolicy::Never),

@@ -303,3 +303,23 @@ fn init_writes_a_file_run_and_upstream_read_and_never_overwrites() {
     let replaced = std::fs::read_to_string(project.join("agentkernel.toml")).unwrap();
     assert!(replaced.contains("name = \"Other\""), "{replaced}");
 }
+
+#[test]
+fn choices_match_in_any_case_and_missing_arguments_are_named() {
+    let env = TestEnv::new();
+    std::fs::write(
+        env.project_dir().join("agentkernel.toml"),
+        "[sandbox]\nname = \"Case\"\n\n[security]\nprofile = \"Restrictive\"\n",
+    )
+    .unwrap();
+    let resolved = env.dry_run(&["--pull", "NEVER", "--", "true"]);
+    assert_eq!(resolved["profile"], "restrictive", "{resolved}");
+    assert_eq!(resolved["pull"], "never", "{resolved}");
+    let resolved = env.dry_run(&["-p", "Moderate", "--", "true"]);
+    assert_eq!(resolved["profile"], "moderate", "{resolved}");
+
+    let line = assert_one_line_error(&env.run(&["exec"]));
+    assert!(line.contains("<NAME>") && line.contains("<CMD>"), "{line}");
+    let line = assert_one_line_error(&env.run(&["sandbox", "cp", "x"]));
+    assert!(line.contains("<DEST>"), "{line}");
+}
