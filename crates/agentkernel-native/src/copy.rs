@@ -4,14 +4,17 @@
 //! symlinks, absolute ones included, are resolved as they would be inside
 //! the sandbox, so a symlink the sandbox planted (`/tmp/x -> /etc/shadow`,
 //! `-> /proc/self/root/…`) can only ever name a file of the sandbox. Magic
-//! links (`/proc/*/fd`, `/proc/*/root`) are refused outright. Only regular
-//! files are read or written: a FIFO or a device at the path would block or
-//! never end.
+//! links (`/proc/*/fd`, `/proc/*/root`) are refused outright. Beneath a
+//! copied directory nothing is followed (`O_NOFOLLOW`, one component at a
+//! time). Only regular files are read or written, and only after an
+//! `O_PATH` descriptor showed them to be regular: a FIFO or a device would
+//! block, never end, or act when opened.
 
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::Path;
 
 use agentkernel_core::state::{proc_stat_field, stat_field, Store};
 
@@ -86,45 +89,229 @@ impl SandboxRoot {
             .is_ok()
     }
 
-    /// Opens the regular file at `path` for reading; returns it and its mode.
-    pub fn read_file(&self, path: &str) -> io::Result<(File, u32)> {
+    /// What is at `path`, for copying it out: a regular file (open for
+    /// reading) or a directory. Anything else is refused before it is opened
+    /// for I/O (opening a device or FIFO could block or act).
+    pub fn source(&self, path: &str) -> io::Result<Source> {
         let fd = self
-            .open_in(path, libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY, 0)
+            .open_in(path, libc::O_PATH, 0)
             .map_err(sys::context(format_args!("{path} in the sandbox")))?;
-        let file = File::from(fd);
-        let meta = file.metadata()?;
-        if meta.is_dir() {
-            return Err(io::Error::other(format!(
-                "{path} in the sandbox is a directory; copying directories out of a native sandbox is not supported yet: `agentkernel exec NAME -- tar -cf - {path}` streams it"
-            )));
-        }
-        if !meta.is_file() {
-            return Err(io::Error::other(format!(
-                "{path} in the sandbox is not a regular file (a FIFO, socket or device); only regular files are copied"
-            )));
-        }
-        Ok((file, meta.permissions().mode() & 0o777))
+        Source::of(fd).map_err(sys::context(format_args!("{path} in the sandbox")))
     }
 
     /// Creates (or truncates) the regular file at `path`, mode `mode` if new.
     pub fn create_file(&self, path: &str, mode: u32) -> io::Result<File> {
-        // No O_TRUNC yet: the file is checked to be regular first.
-        let fd = self
-            .open_in(
-                path,
-                libc::O_WRONLY | libc::O_CREAT | libc::O_NONBLOCK | libc::O_NOCTTY,
-                mode & 0o777,
-            )
-            .map_err(sys::context(format_args!("{path} in the sandbox")))?;
-        let file = File::from(fd);
-        if !file.metadata()?.is_file() {
-            return Err(io::Error::other(format!(
-                "{path} in the sandbox is not a regular file; only regular files are written"
-            )));
-        }
-        file.set_len(0)?;
-        Ok(file)
+        let (parent, name) = split(path);
+        let dir = self
+            .open_in(parent, libc::O_PATH | libc::O_DIRECTORY, 0)
+            .map_err(sys::context(format_args!("{parent} in the sandbox")))?;
+        create_file_at(&dir, name, mode)
+            .map_err(sys::context(format_args!("{path} in the sandbox")))
     }
+
+    /// Creates the directory at `path` (or takes the one there) and returns it.
+    pub fn create_dir(&self, path: &str, mode: u32) -> io::Result<OwnedFd> {
+        let (parent, name) = split(path);
+        let dir = self
+            .open_in(parent, libc::O_PATH | libc::O_DIRECTORY, 0)
+            .map_err(sys::context(format_args!("{parent} in the sandbox")))?;
+        create_dir_at(&dir, name, mode).map_err(sys::context(format_args!("{path} in the sandbox")))
+    }
+}
+
+/// A copy's source in the sandbox.
+pub enum Source {
+    /// A regular file, open for reading, and its permission bits.
+    File(File, u32),
+    /// A directory (an `O_PATH` descriptor) and its permission bits.
+    Dir(OwnedFd, u32),
+}
+
+impl Source {
+    /// `fd` is an `O_PATH` descriptor: it is classified without being opened
+    /// for I/O, and a regular file is then reopened through it (the same
+    /// inode, whatever has been renamed meanwhile).
+    fn of(fd: OwnedFd) -> io::Result<Source> {
+        let meta = fstat(&fd)?;
+        let mode = meta.st_mode & 0o777;
+        match meta.st_mode & libc::S_IFMT {
+            libc::S_IFREG => Ok(Source::File(reopen(&fd, libc::O_RDONLY)?, mode)),
+            libc::S_IFDIR => Ok(Source::Dir(fd, mode)),
+            _ => Err(io::Error::other(
+                "not a regular file or directory (a symlink, FIFO, socket or device); not copied",
+            )),
+        }
+    }
+}
+
+/// Copies the sandbox directory `dir` to the host path `host` (created with
+/// `mode`, or an existing directory), recursively: files and directories
+/// only, never following a symlink; names what it skipped in `skipped`.
+pub fn copy_dir_out(
+    dir: &OwnedFd,
+    mode: u32,
+    host: &Path,
+    skipped: &mut Vec<String>,
+) -> io::Result<()> {
+    match std::fs::DirBuilder::new().mode(mode).create(host) {
+        Err(e) if !(e.kind() == io::ErrorKind::AlreadyExists && host.is_dir()) => {
+            return Err(sys::context(format_args!("create {}", host.display()))(e))
+        }
+        _ => {}
+    }
+    for name in entries(dir)? {
+        let target = host.join(&name);
+        let Ok(fd) = openat(dir, &name, libc::O_PATH | libc::O_NOFOLLOW, 0) else {
+            skipped.push(target.display().to_string());
+            continue;
+        };
+        match Source::of(fd) {
+            Ok(Source::File(mut file, mode)) => {
+                let mut out = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(mode)
+                    .open(&target)
+                    .map_err(sys::context(format_args!("create {}", target.display())))?;
+                io::copy(&mut file, &mut out)?;
+            }
+            Ok(Source::Dir(sub, mode)) => copy_dir_out(&sub, mode, &target, skipped)?,
+            Err(_) => skipped.push(target.display().to_string()),
+        }
+    }
+    Ok(())
+}
+
+/// Copies the host directory `host` into the sandbox directory `dir`,
+/// recursively: files, directories and symlinks (made as symlinks: inside
+/// the sandbox they can only name the sandbox's own files); names what it
+/// skipped in `skipped`.
+pub fn copy_dir_in(host: &Path, dir: &OwnedFd, skipped: &mut Vec<String>) -> io::Result<()> {
+    let listing =
+        std::fs::read_dir(host).map_err(sys::context(format_args!("read {}", host.display())))?;
+    for entry in listing {
+        let entry = entry?;
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let meta = entry.metadata()?;
+        let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions());
+        if meta.is_file() {
+            let mut from = File::open(&path)?;
+            let mut to = create_file_at(dir, &name, mode)?;
+            io::copy(&mut from, &mut to)?;
+        } else if meta.is_dir() {
+            let sub = create_dir_at(dir, &name, mode)?;
+            copy_dir_in(&path, &sub, skipped)?;
+        } else if meta.file_type().is_symlink() {
+            let target = sys::cpath(&std::fs::read_link(&path)?);
+            let link = sys::cstr(&name);
+            // SAFETY: a valid directory fd and C strings.
+            if unsafe { libc::symlinkat(target.as_ptr(), dir.as_raw_fd(), link.as_ptr()) } != 0 {
+                skipped.push(path.display().to_string());
+            }
+        } else {
+            skipped.push(path.display().to_string());
+        }
+    }
+    Ok(())
+}
+
+/// `(parent, last component)` of an absolute sandbox path.
+fn split(path: &str) -> (&str, &str) {
+    let trimmed = path.trim_end_matches('/');
+    match trimmed.rsplit_once('/') {
+        Some(("", name)) => ("/", name),
+        Some((parent, name)) => (parent, name),
+        None => ("/", trimmed),
+    }
+}
+
+/// Creates `name` in `dir` as a regular file, or truncates the regular file
+/// there; never follows a symlink or opens anything else for writing.
+fn create_file_at(dir: &OwnedFd, name: &str, mode: u32) -> io::Result<File> {
+    check_name(name)?;
+    match openat(
+        dir,
+        name,
+        libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW,
+        mode & 0o777,
+    ) {
+        Ok(fd) => Ok(File::from(fd)),
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+            let fd = openat(dir, name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
+            if fstat(&fd)?.st_mode & libc::S_IFMT != libc::S_IFREG {
+                return Err(io::Error::other(
+                    "exists and is not a regular file (a symlink, directory, FIFO or device); not written",
+                ));
+            }
+            let file = reopen(&fd, libc::O_WRONLY)?;
+            file.set_len(0)?;
+            Ok(file)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Creates directory `name` in `dir` (or takes the directory there, never a
+/// symlink) and returns it.
+fn create_dir_at(dir: &OwnedFd, name: &str, mode: u32) -> io::Result<OwnedFd> {
+    check_name(name)?;
+    let c = sys::cstr(name);
+    // SAFETY: a valid directory fd and C string.
+    if unsafe { libc::mkdirat(dir.as_raw_fd(), c.as_ptr(), mode & 0o777) } != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EEXIST) {
+            return Err(e);
+        }
+    }
+    openat(
+        dir,
+        name,
+        libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+        0,
+    )
+}
+
+fn check_name(name: &str) -> io::Result<()> {
+    if name.is_empty() || name == "." || name == ".." || name.contains('/') {
+        return Err(io::Error::other(format!("`{name}` names no file")));
+    }
+    Ok(())
+}
+
+/// The names in directory `dir` (an `O_PATH` descriptor).
+fn entries(dir: &OwnedFd) -> io::Result<Vec<String>> {
+    let listing = reopen_path(dir, libc::O_RDONLY | libc::O_DIRECTORY)?;
+    std::fs::read_dir(format!("/proc/self/fd/{}", listing.as_raw_fd()))?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect()
+}
+
+fn fstat(fd: &OwnedFd) -> io::Result<libc::stat> {
+    // SAFETY: stat is plain data; fstat fills it for a valid fd.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st)
+}
+
+/// Opens the inode an `O_PATH` descriptor names for I/O.
+fn reopen(fd: &OwnedFd, flags: i32) -> io::Result<File> {
+    reopen_path(fd, flags | libc::O_NOCTTY).map(File::from)
+}
+
+fn reopen_path(fd: &OwnedFd, flags: i32) -> io::Result<OwnedFd> {
+    let path = sys::cstr(&format!("/proc/self/fd/{}", fd.as_raw_fd()));
+    // SAFETY: a valid C string; the result is checked.
+    let new = unsafe { libc::open(path.as_ptr(), flags | libc::O_CLOEXEC) };
+    if new < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor returned by open.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
 }
 
 /// `struct open_how` of openat2(2) (libc's is non-exhaustive).

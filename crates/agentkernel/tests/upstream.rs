@@ -94,6 +94,38 @@ fn upstream_session_create_start_exec_cp_stop_remove() {
         "from the sandbox\n"
     );
 
+    // Directories both ways; a symlink inside is never made on the host.
+    let tree = host.join("tree");
+    std::fs::create_dir_all(tree.join("sub")).unwrap();
+    std::fs::write(tree.join("sub/deep.txt"), "deep\n").unwrap();
+    let into_tmp = format!("{name}:/tmp/");
+    assert_code(
+        &env.run(&["sandbox", "cp", tree.to_str().unwrap(), &into_tmp]),
+        0,
+    );
+    assert_code(
+        &sh(
+            &env,
+            &name,
+            "cat /tmp/tree/sub/deep.txt && ln -s /etc/passwd /tmp/tree/link",
+        ),
+        0,
+    );
+    let back = host.join("back");
+    let from_tree = format!("{name}:/tmp/tree");
+    assert_code(
+        &env.run(&["sandbox", "cp", &from_tree, back.to_str().unwrap()]),
+        0,
+    );
+    assert_eq!(
+        std::fs::read_to_string(back.join("sub/deep.txt")).unwrap(),
+        "deep\n"
+    );
+    assert!(
+        std::fs::symlink_metadata(back.join("link")).is_err(),
+        "a sandbox symlink was made on the host"
+    );
+
     // stop: processes end, files stay; exec waits for start.
     let out = env.run(&["sandbox", "stop", &name]);
     assert_code(&out, 0);
@@ -164,6 +196,14 @@ fn cp_never_reaches_the_host_through_sandbox_paths() {
             stderr(&out)
         );
     }
+
+    // A FIFO would block a reader forever: refused, at once.
+    assert_code(&sh(&env, &name, "mkfifo /tmp/fifo"), 0);
+    let started = Instant::now();
+    let fifo = format!("{name}:/tmp/fifo");
+    let out = env.run(&["sandbox", "cp", &fifo, host.join("fifo").to_str().unwrap()]);
+    assert_one_line_error(&out);
+    assert!(started.elapsed() < Duration::from_secs(30));
 
     let payload = host.join("payload");
     std::fs::write(&payload, "from the attacker\n").unwrap();

@@ -110,12 +110,6 @@ fn base_name(path: &str) -> Result<&str> {
 
 fn native_in(root: &agentkernel_native::copy::SandboxRoot, host: &Path, path: &str) -> Result<()> {
     let meta = std::fs::metadata(host).map_err(|e| host_error(host, e))?;
-    if !meta.is_file() {
-        return Err(Error::not_supported_hint(
-            "copying a directory or special file into a native sandbox",
-            "copy regular files one by one, or a tar archive and unpack it with `agentkernel exec`",
-        ));
-    }
     let target = if path.ends_with('/') || root.is_dir(path) {
         format!(
             "{}/{}",
@@ -125,28 +119,62 @@ fn native_in(root: &agentkernel_native::copy::SandboxRoot, host: &Path, path: &s
     } else {
         path.to_string()
     };
-    let mut from = std::fs::File::open(host).map_err(|e| host_error(host, e))?;
     let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions());
+    if meta.is_dir() {
+        let dir = root.create_dir(&target, mode).map_err(native)?;
+        let mut skipped = Vec::new();
+        agentkernel_native::copy::copy_dir_in(host, &dir, &mut skipped).map_err(native)?;
+        return report_skipped(&skipped, "not a file, directory or symlink");
+    }
+    if !meta.is_file() {
+        return Err(Error::invalid(
+            "host path",
+            host.to_string_lossy(),
+            "is not a regular file or directory",
+        ));
+    }
+    let mut from = std::fs::File::open(host).map_err(|e| host_error(host, e))?;
     let mut to = root.create_file(&target, mode).map_err(native)?;
     std::io::copy(&mut from, &mut to).map_err(native)?;
     Ok(())
 }
 
 fn native_out(root: &agentkernel_native::copy::SandboxRoot, path: &str, host: &Path) -> Result<()> {
-    let (mut from, mode) = root.read_file(path).map_err(native)?;
+    use agentkernel_native::copy::Source;
     let target = if host.is_dir() {
         host.join(base_name(path)?)
     } else {
         host.to_path_buf()
     };
-    let mut to = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&target)
-        .map_err(|e| host_error(&target, e))?;
-    std::io::copy(&mut from, &mut to).map_err(|e| host_error(&target, e))?;
+    match root.source(path).map_err(native)? {
+        Source::File(mut from, mode) => {
+            let mut to = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(mode)
+                .open(&target)
+                .map_err(|e| host_error(&target, e))?;
+            std::io::copy(&mut from, &mut to).map_err(|e| host_error(&target, e))?;
+            Ok(())
+        }
+        Source::Dir(dir, mode) => {
+            let mut skipped = Vec::new();
+            agentkernel_native::copy::copy_dir_out(&dir, mode, &target, &mut skipped)
+                .map_err(native)?;
+            report_skipped(
+                &skipped,
+                "only files and directories are copied out of a sandbox",
+            )
+        }
+    }
+}
+
+/// One notice line per entry a directory copy left out.
+fn report_skipped(skipped: &[String], why: &str) -> Result<()> {
+    for path in skipped {
+        eprintln!("agentkernel: notice: {path} skipped: {why}");
+    }
     Ok(())
 }
 
@@ -270,6 +298,11 @@ fn unpack(archive: &[u8], dir: &Path) -> Result<()> {
                 .unwrap_or_default();
             return Err(Error::Conflict(format!(
                 "{name} is a symlink in the sandbox (to {target}); copy the path it points to"
+            )));
+        }
+        if first && !(kind.is_file() || kind.is_dir()) {
+            return Err(Error::Conflict(format!(
+                "{name} in the sandbox is not a regular file or directory (a FIFO, socket or device); not copied"
             )));
         }
         first = false;
