@@ -363,3 +363,20 @@ fn choices_match_in_any_case_and_missing_arguments_are_named() {
     let line = assert_one_line_error(&env.run(&["sandbox", "cp", "x"]));
     assert!(line.contains("<DEST>"), "{line}");
 }
+
+#[test]
+fn create_takes_its_name_from_the_config() {
+    let env = TestEnv::new();
+    let name = upstream_name("Cfg");
+    let _guard = KeptGuard::new(&name);
+    std::fs::write(
+        env.project_dir().join("agentkernel.toml"),
+        format!("[sandbox]\nname = \"{name}\"\nbase_image = \"{BUSYBOX}\"\n"),
+    )
+    .unwrap();
+    assert_code(&env.run(&["sandbox", "create"]), 0);
+    assert_eq!(ok(&env.run(&["exec", &name, "--", "echo", "hi"])), "hi\n");
+    // The name is taken: a second create says so and leaves the first alone.
+    assert_one_line_error(&env.run(&["sandbox", "create"]));
+    assert_eq!(ok(&env.run(&["exec", &name, "--", "echo", "hi"])), "hi\n");
+}

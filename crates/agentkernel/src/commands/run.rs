@@ -45,6 +45,10 @@ pub async fn run(args: RunArgs) -> Result<i32> {
     }
 
     let store = Store::open_default();
+    if let Some(keep) = spec.keep.as_ref().filter(|k| k.reuse) {
+        // `--branch` reusing a stopped sandbox starts it again.
+        super::sandbox_lifecycle::clear_stopped(&store, &keep.name)?;
+    }
     if backend == backend::BackendKind::Native {
         return super::native::run(&spec, &config, &store).await;
     }

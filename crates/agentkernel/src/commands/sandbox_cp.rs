@@ -239,24 +239,14 @@ const GO_MODE_DIR: u32 = 1 << 31;
 
 async fn engine_out(engine: &Engine, container: &str, path: &str, host: &Path) -> Result<()> {
     use bollard::query_parameters::DownloadFromContainerOptions;
-    let archive: Vec<u8> = engine
-        .docker
-        .download_from_container(
-            container,
-            Some(DownloadFromContainerOptions {
-                path: path.to_string(),
-            }),
-        )
-        .map_ok(|chunk| chunk.to_vec())
-        .try_concat()
-        .await
-        .map_err(|e| engine.error("copying out of the sandbox", e))?;
     let top = base_name(path)?;
-    if host.is_dir() {
-        return unpack(&archive, host);
-    }
-    // Unpack beside the destination, then move the one top entry into place.
+    // The archive is streamed to disk beside the destination (never held in
+    // memory: a sandbox decides its size), unpacked there, and the one top
+    // entry moved into place (or, into an existing directory, unpacked there).
     let parent = match host.parent() {
+        // Only the archive goes there: the entries are unpacked into `host`.
+        _ if host.is_dir() => std::env::temp_dir(),
+        // The same filesystem as `host`, for the final rename.
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
@@ -265,8 +255,35 @@ async fn engine_out(engine: &Engine, container: &str, path: &str, host: &Path) -
         .mode(0o700)
         .create(&staging)
         .map_err(|e| host_error(&staging, e))?;
-    let result = unpack(&archive, &staging)
-        .and_then(|()| std::fs::rename(staging.join(top), host).map_err(|e| host_error(host, e)));
+    let result = async {
+        let archive_path = staging.join("archive.tar");
+        let mut archive =
+            std::fs::File::create_new(&archive_path).map_err(|e| host_error(&archive_path, e))?;
+        let mut stream = engine.docker.download_from_container(
+            container,
+            Some(DownloadFromContainerOptions {
+                path: path.to_string(),
+            }),
+        );
+        while let Some(chunk) = stream
+            .try_next()
+            .await
+            .map_err(|e| engine.error("copying out of the sandbox", e))?
+        {
+            std::io::Write::write_all(&mut archive, &chunk)
+                .map_err(|e| host_error(&archive_path, e))?;
+        }
+        let archive =
+            std::fs::File::open(&archive_path).map_err(|e| host_error(&archive_path, e))?;
+        if host.is_dir() {
+            return unpack(archive, host);
+        }
+        let out = staging.join("out");
+        std::fs::create_dir(&out).map_err(|e| host_error(&out, e))?;
+        unpack(archive, &out)?;
+        std::fs::rename(out.join(top), host).map_err(|e| host_error(host, e))
+    }
+    .await;
     let _ = std::fs::remove_dir_all(&staging);
     result
 }
@@ -274,7 +291,7 @@ async fn engine_out(engine: &Engine, container: &str, path: &str, host: &Path) -
 /// Unpacks `archive` beneath `dir`: files and directories only (never
 /// symlinks, device nodes, FIFOs or hard links); an entry whose path would
 /// leave `dir` fails. A top entry that is a symlink is refused, naming it.
-fn unpack(archive: &[u8], dir: &Path) -> Result<()> {
+fn unpack(archive: std::fs::File, dir: &Path) -> Result<()> {
     let mut tar = tar::Archive::new(archive);
     tar.set_preserve_permissions(false);
     tar.set_preserve_mtime(true);
