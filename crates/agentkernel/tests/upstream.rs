@@ -380,3 +380,18 @@ fn create_takes_its_name_from_the_config() {
     assert_one_line_error(&env.run(&["sandbox", "create"]));
     assert_eq!(ok(&env.run(&["exec", &name, "--", "echo", "hi"])), "hi\n");
 }
+
+#[test]
+fn no_start_creates_it_stopped() {
+    let env = TestEnv::new();
+    let name = upstream_name("Later");
+    let _guard = KeptGuard::new(&name);
+    assert_code(
+        &env.run(&["sandbox", "create", "--no-start", &name, "-i", BUSYBOX]),
+        0,
+    );
+    assert_eq!(info_json(&env, &name)["status"], "stopped");
+    assert_one_line_error(&env.run(&["exec", &name, "--", "true"]));
+    assert_code(&env.run(&["sandbox", "start", &name]), 0);
+    assert_eq!(ok(&env.run(&["exec", &name, "--", "echo", "up"])), "up\n");
+}

@@ -40,14 +40,26 @@ pub async fn run(spec: &SandboxSpec, config: &Config, store: &Store) -> Result<i
 }
 
 /// `sandbox create` on native: the kept sandbox without a first command
-/// (the helper sees an empty argv). Never returns on success.
-pub async fn create(spec: &SandboxSpec, config: &Config, store: &Store) -> Result<i32> {
+/// (the helper sees an empty argv). `mark` runs once the name is reserved
+/// (`--no-start` marks it stopped: with no command, only its init runs,
+/// which is what a stopped sandbox is). Never returns on success.
+pub async fn create(
+    spec: &SandboxSpec,
+    config: &Config,
+    store: &Store,
+    mark: impl FnOnce() -> Result<()>,
+) -> Result<i32> {
     if rootless::UserMap::for_caller().is_some() {
         prepare::check_rootless_spec(spec)?;
     }
     let image = image_root(spec, config).await?;
     let mut plan = prepare::plan(spec, &image, store)?;
     plan.argv.clear();
+    if let Err(e) = mark() {
+        let _ = std::fs::remove_dir_all(&plan.scratch);
+        let _ = store.forget(&spec.keep.as_ref().expect("kept").name);
+        return Err(e);
+    }
     hand_over(plan, store)
 }
 

@@ -45,24 +45,25 @@ pub async fn create(args: CreateArgs) -> Result<i32> {
     let (spec, _) = super::run::resolve(run_args(args), &config, &cwd)?;
     let keep = spec.keep.clone().expect("create always keeps");
     let store = Store::open_default();
-    if backend == BackendKind::Native {
+    // `--no-start`: created stopped. A new sandbox runs no command, so only
+    // what holds it runs: stopped is a matter of marking it.
+    let mark = || {
         if no_start {
-            // The native helper replaces this process: stopping afterwards
-            // would need a second command, so say how instead of pretending.
-            return Err(Error::not_supported_hint(
-                "--no-start on the native backend",
-                format!("create it, then `agentkernel sandbox stop {}`", keep.name),
-            ));
+            super::sandbox_lifecycle::mark_stopped(&store, &keep.name)?;
         }
-        return super::native::create(&spec, &config, &store).await;
+        Ok(())
+    };
+    if backend == BackendKind::Native {
+        return super::native::create(&spec, &config, &store, mark).await;
     }
     super::run::refuse_uncappable_disk(&spec, backend)?;
     let engine = backend::connect(backend)?;
     kept::create(&engine, &spec, &store).await?;
-    eprintln!("{}", kept_message(&keep.name, keep.ttl, false));
-    if no_start {
-        super::sandbox_lifecycle::stop(&store, &keep.name).await?;
+    if let Err(e) = mark() {
+        let _ = kept::remove(&engine, &store, &keep.name).await;
+        return Err(e);
     }
+    eprintln!("{}", kept_message(&keep.name, keep.ttl, false));
     Ok(0)
 }
 

@@ -66,8 +66,13 @@ pub async fn stop(store: &Store, name: &str) -> Result<usize> {
         let engine = backend::connect_named(&record.backend)?;
         agentkernel_docker::stop::stop(&engine, store, name).await?
     };
-    agentkernel_core::state::write_atomic(&marker(store, name), b"")?;
+    mark_stopped(store, name)?;
     Ok(killed)
+}
+
+/// Records that `name` is stopped: `exec` refuses until `sandbox start`.
+pub fn mark_stopped(store: &Store, name: &str) -> Result<()> {
+    agentkernel_core::state::write_atomic(&marker(store, name), b"")
 }
 
 pub async fn stop_command(store: &Store, name: &str) -> Result<i32> {
