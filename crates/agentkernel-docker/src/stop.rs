@@ -59,14 +59,23 @@ pub async fn stop(engine: &Engine, store: &Store, name: &str) -> Result<usize, E
     let mut keep = vec![Some(init), keep_alive];
     keep.extend(keep_alive.iter().flat_map(|k| children(*k)).map(Some));
     let victims = in_namespace_except(init, &keep);
+    let mut denied = false;
     for pid in &victims {
         // SAFETY: kill takes plain integers; the pids share the container's pid namespace.
-        unsafe { libc::kill(*pid, libc::SIGKILL) };
+        if unsafe { libc::kill(*pid, libc::SIGKILL) } != 0 {
+            denied |= std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+        }
     }
     match engine.docker.unpause_container(&container).await {
         Ok(()) => {}
         Err(e) if crate::engine::is_conflict(&e) => {}
         Err(e) => return Err(engine.error("stopping the sandbox", e)),
+    }
+    if denied {
+        return Err(Error::Conflict(format!(
+            "cannot stop {name}: its processes belong to another user (the {} engine's); run agentkernel as root, or `agentkernel sandbox pause {name}` freezes it",
+            engine.name()
+        )));
     }
     let start = Instant::now();
     loop {
