@@ -27,6 +27,14 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Run a command in a kept sandbox
     Exec(ExecArgs),
+    /// Open an interactive shell (/bin/sh) in a kept sandbox: `exec NAME -- /bin/sh`
+    Attach {
+        /// Set an environment variable (KEY=VALUE, or KEY to copy it from here). Repeatable
+        #[arg(short = 'e', long, value_name = "KEY=VALUE")]
+        env: Vec<String>,
+        /// The kept sandbox's name
+        name: String,
+    },
     /// Manage kept sandboxes (alias: sb)
     #[command(subcommand, visible_alias = "sb")]
     Sandbox(SandboxCommand),

@@ -395,3 +395,19 @@ fn no_start_creates_it_stopped() {
     assert_code(&env.run(&["sandbox", "start", &name]), 0);
     assert_eq!(ok(&env.run(&["exec", &name, "--", "echo", "up"])), "up\n");
 }
+
+#[test]
+fn attach_is_a_shell_in_the_sandbox() {
+    let env = TestEnv::new();
+    let name = upstream_name("Shell");
+    let _guard = KeptGuard::new(&name);
+    assert_code(&env.run(&["sb", "create", &name, "-i", BUSYBOX]), 0);
+    let out = env
+        .cmd()
+        .args(["attach", "-e", "GREETING=hi", &name])
+        .write_stdin("echo $GREETING from $(hostname); exit 3\n")
+        .output()
+        .unwrap();
+    assert_code(&out, 3);
+    assert!(stdout(&out).starts_with("hi from "), "{}", stdout(&out));
+}

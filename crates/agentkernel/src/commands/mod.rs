@@ -24,6 +24,18 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::Run(args) => run::run(*args).await,
         Command::Exec(args) => exec::exec(args).await,
+        Command::Attach { env, name } => {
+            exec::exec(crate::cli::ExecArgs {
+                env,
+                workdir: None,
+                timeout: None,
+                sudo: false,
+                detach: false,
+                name,
+                command: vec!["/bin/sh".into()],
+            })
+            .await
+        }
         Command::Sandbox(cmd) => sandbox::sandbox(cmd).await,
         Command::Init(args) => init::init(args),
         Command::Trust(args) => trust::trust(args),
