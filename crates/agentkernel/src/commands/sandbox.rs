@@ -66,23 +66,30 @@ pub async fn sandbox(cmd: SandboxCommand) -> Result<i32> {
             Ok(0)
         }
         SandboxCommand::Gc { expire: None } => {
-            let (mut containers, mut dirs) = (0, 0);
-            dirs += agentkernel_native::gc::orphaned_runs(&store);
-            dirs += agentkernel_native::kept::collect(&store);
-            for engine in backend::engines_in_use(&store) {
-                engine.ping().await?;
-                let c = gc::collect_orphans(engine, store.clone()).await;
-                containers += c.containers.len();
-                dirs += c.directories;
-            }
-            eprintln!(
-                "agentkernel: removed {} and {}",
-                super::counted(containers, "container", "containers"),
-                super::counted(dirs, "leftover directory", "leftover directories")
-            );
+            collect_garbage(&store).await?;
             Ok(0)
         }
     }
+}
+
+/// `sandbox gc`: removes expired sandboxes and what killed agentkernel
+/// processes left, and says how much.
+pub(super) async fn collect_garbage(store: &Store) -> Result<()> {
+    let (mut containers, mut dirs) = (0, 0);
+    dirs += agentkernel_native::gc::orphaned_runs(store);
+    dirs += agentkernel_native::kept::collect(store);
+    for engine in backend::engines_in_use(store) {
+        engine.ping().await?;
+        let c = gc::collect_orphans(engine, store.clone()).await;
+        containers += c.containers.len();
+        dirs += c.directories;
+    }
+    eprintln!(
+        "agentkernel: removed {} and {}",
+        super::counted(containers, "container", "containers"),
+        super::counted(dirs, "leftover directory", "leftover directories")
+    );
+    Ok(())
 }
 
 /// Removes one kept sandbox, on whichever backend holds it.

@@ -139,6 +139,8 @@ pub async fn clean(store: &Store, force: bool, all: bool) -> Result<i32> {
             "agentkernel: notice: --all: images are not removed here; `agentkernel image prune` (native) or `docker image prune` does that"
         );
     }
+    // Expired sandboxes and leftovers first (that line counts them).
+    super::sandbox::collect_garbage(store).await?;
     let rows = super::sandbox::rows(store).await?;
     let mut removed = 0;
     for row in rows {
