@@ -8,9 +8,9 @@
 //! The processes are killed from the engine's host by pid (as an exec's
 //! timeout is, see `exec.rs`).
 
-use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use agentkernel_core::procs;
 use agentkernel_core::state::{proc_stat_field, Store};
 use agentkernel_core::Error;
 
@@ -41,8 +41,9 @@ pub async fn stop(engine: &Engine, store: &Store, name: &str) -> Result<usize, E
         .state
         .and_then(|s| s.pid)
         .filter(|p| *p > 0)
-        .and_then(|p| i32::try_from(p).ok())
-        .filter(|p| pid_namespace(*p).is_some())
+        .and_then(|p| i32::try_from(p).ok());
+    let (init, ns) = init
+        .and_then(|p| Some((p, procs::pid_namespace(p)?)))
         .ok_or_else(|| {
             Error::Conflict(format!(
                 "cannot stop {name}: its processes are not visible from here (the {} engine runs on another host); `agentkernel sandbox pause {name}` freezes it",
@@ -56,16 +57,10 @@ pub async fn stop(engine: &Engine, store: &Store, name: &str) -> Result<usize, E
     }
     let keep_alive = keep_alive(init);
     // The keep-alive's own `sleep` is not the sandbox's: leave it too.
-    let mut keep = vec![Some(init), keep_alive];
-    keep.extend(keep_alive.iter().flat_map(|k| children(*k)).map(Some));
-    let victims = in_namespace_except(init, &keep);
-    let mut denied = false;
-    for pid in &victims {
-        // SAFETY: kill takes plain integers; the pids share the container's pid namespace.
-        if unsafe { libc::kill(*pid, libc::SIGKILL) } != 0 {
-            denied |= std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
-        }
-    }
+    let mut keep: Vec<i32> = [init].into_iter().chain(keep_alive).collect();
+    keep.extend(keep_alive.iter().flat_map(|k| procs::children(*k)));
+    let victims = procs::in_namespace_except(&ns, &keep);
+    let denied = procs::kill_all(&victims);
     match engine.docker.unpause_container(&container).await {
         Ok(()) => {}
         Err(e) if crate::engine::is_conflict(&e) => {}
@@ -79,7 +74,7 @@ pub async fn stop(engine: &Engine, store: &Store, name: &str) -> Result<usize, E
     }
     let start = Instant::now();
     loop {
-        let left = in_namespace_except(init, &keep);
+        let left = procs::in_namespace_except(&ns, &keep);
         if left.is_empty() {
             return Ok(victims.len());
         }
@@ -90,49 +85,17 @@ pub async fn stop(engine: &Engine, store: &Store, name: &str) -> Result<usize, E
                 SETTLE.as_secs()
             )));
         }
-        for pid in &left {
-            // SAFETY: as above.
-            unsafe { libc::kill(*pid, libc::SIGKILL) };
-        }
+        procs::kill_all(&left);
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-}
-
-/// The pid namespace `pid` is in (the link's target names it).
-fn pid_namespace(pid: i32) -> Option<std::path::PathBuf> {
-    std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok()
 }
 
 /// The keep-alive loop: init's first child, so the oldest (an orphan
 /// reparented to init later started later).
 fn keep_alive(init: i32) -> Option<i32> {
-    children(init)
+    procs::children(init)
         .into_iter()
         .filter_map(|pid| Some((proc_stat_field(pid as u32, 22)?, pid)))
         .min()
         .map(|(_, pid)| pid)
-}
-
-fn children(parent: i32) -> Vec<i32> {
-    processes()
-        .filter(|pid| proc_stat_field(*pid as u32, 4) == Some(parent as u64))
-        .collect()
-}
-
-fn in_namespace_except(init: i32, keep: &[Option<i32>]) -> BTreeSet<i32> {
-    let Some(ns) = pid_namespace(init) else {
-        return BTreeSet::new();
-    };
-    processes()
-        .filter(|pid| !keep.contains(&Some(*pid)))
-        .filter(|pid| pid_namespace(*pid).as_ref() == Some(&ns))
-        .collect()
-}
-
-fn processes() -> impl Iterator<Item = i32> {
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
 }

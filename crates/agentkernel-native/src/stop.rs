@@ -8,6 +8,7 @@ use std::collections::BTreeSet;
 use std::io;
 use std::time::{Duration, Instant};
 
+use agentkernel_core::procs;
 use agentkernel_core::state::Store;
 
 use crate::cgroup::Cgroup;
@@ -21,23 +22,47 @@ const SETTLE: Duration = Duration::from_secs(10);
 pub fn stop(store: &Store, name: &str) -> io::Result<usize> {
     let held = Held::live(store, name)?;
     if held.cgroup.dirs.is_empty() {
-        return Err(io::Error::other(format!(
-            "sandbox {name} is rootless: stopping it race-free needs a freezer cgroup, which only root can create here; `agentkernel sandbox remove {name}` ends it"
-        )));
+        return stop_by_namespace(&held, name);
     }
     held.cgroup.set_frozen(true)?;
     let victims = others(&held.cgroup, held.init_pid);
-    for pid in &victims {
-        // SAFETY: kill takes plain integers; the pids are in the sandbox's
-        // cgroup, which only the sandbox's processes can be in.
-        unsafe { libc::kill(*pid, libc::SIGKILL) };
-    }
+    // The pids are in the sandbox's cgroup, which only its processes can be in.
+    procs::kill_all(&victims);
     held.cgroup.set_frozen(false)?;
+    kill_until_none_left(name, || others(&held.cgroup, held.init_pid))?;
+    Ok(victims.len())
+}
+
+/// Rootless: no cgroup lists the sandbox's processes or freezes them, so
+/// they are found by pid namespace (the anchor's `pid_for_children`: init's
+/// own /proc entry is closed to us) and killed round after round until none
+/// is left; `RLIMIT_NPROC` bounds what a fork loop can add meanwhile. The
+/// scan is complete because the profiles' seccomp filters deny new
+/// namespaces, so no process can hide in a nested pid namespace.
+fn stop_by_namespace(held: &Held, name: &str) -> io::Result<usize> {
+    let ns = held
+        .anchor_pid
+        .and_then(procs::pid_namespace_for_children)
+        .ok_or_else(|| {
+            io::Error::other(format!(
+                "sandbox {name} is gone; `agentkernel sandbox gc` removes what it left"
+            ))
+        })?;
+    kill_until_none_left(name, || procs::in_namespace_except(&ns, &[held.init_pid]))
+}
+
+/// SIGKILLs what `find` lists until it lists nothing; returns how many
+/// distinct processes it killed.
+fn kill_until_none_left(
+    name: &str,
+    mut find: impl FnMut() -> BTreeSet<libc::pid_t>,
+) -> io::Result<usize> {
+    let mut killed = BTreeSet::new();
     let start = Instant::now();
     loop {
-        let left = others(&held.cgroup, held.init_pid);
+        let left = find();
         if left.is_empty() {
-            return Ok(victims.len());
+            return Ok(killed.len());
         }
         if start.elapsed() > SETTLE {
             return Err(io::Error::other(format!(
@@ -46,10 +71,8 @@ pub fn stop(store: &Store, name: &str) -> io::Result<usize> {
                 SETTLE.as_secs()
             )));
         }
-        for pid in &left {
-            // SAFETY: as above.
-            unsafe { libc::kill(*pid, libc::SIGKILL) };
-        }
+        procs::kill_all(&left);
+        killed.extend(left);
         std::thread::sleep(Duration::from_millis(10));
     }
 }

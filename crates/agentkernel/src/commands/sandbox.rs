@@ -106,17 +106,26 @@ pub(super) async fn remove_one(store: &Store, name: &str) -> Result<()> {
 
 /// Thaws a paused sandbox (a running one is left as it is).
 async fn thaw(store: &Store, name: &str) -> Result<()> {
-    if !native_set_stopped(store, name, false)? {
-        let engine = engine_of(store, name)?;
-        match kept::status(&engine, name).await? {
-            Some(bollard::models::ContainerStateStatusEnum::PAUSED) | None => {
-                // kept::start also says when the sandbox is gone.
-                kept::start(&engine, store, name).await?;
-            }
-            Some(_) => {}
-        }
+    names::validate(name)?;
+    if is_native(store, name)? {
+        // The holder reports a frozen sandbox as "stopped"; a rootless one
+        // (no freezer) is never frozen.
+        return match agentkernel_native::kept::status(store, name) {
+            Some("stopped") => native_set_stopped(store, name, false).map(|_| ()),
+            Some(_) => Ok(()),
+            None => Err(Error::NoSuchSandbox(format!(
+                "{name} (it expired or was removed)"
+            ))),
+        };
     }
-    Ok(())
+    let engine = engine_of(store, name)?;
+    match kept::status(&engine, name).await? {
+        // kept::start also says when the sandbox is gone.
+        Some(bollard::models::ContainerStateStatusEnum::PAUSED) | None => {
+            kept::start(&engine, store, name).await
+        }
+        Some(_) => Ok(()),
+    }
 }
 
 fn is_native(store: &Store, name: &str) -> Result<bool> {
