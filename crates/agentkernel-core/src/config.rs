@@ -317,7 +317,7 @@ impl Config {
             self.profile = Some(profile);
         }
         if let Some(t) = s.ttl {
-            self.ttl = Some(parse::duration("ttl", &t).map_err(|e| val("sandbox.ttl", e))?);
+            self.ttl = Some(parse::ttl("ttl", &t).map_err(|e| val("sandbox.ttl", e))?);
         }
         if let Some(t) = s.timeout {
             self.timeout =

@@ -14,6 +14,7 @@ pub mod names;
 pub mod parse;
 pub mod paths;
 pub mod policy;
+pub mod procs;
 pub mod seccomp;
 pub mod spec;
 pub mod state;

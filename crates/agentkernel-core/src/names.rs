@@ -1,5 +1,10 @@
 //! Sandbox names: generated `run-<8 hex>`, git-derived `<project>-<branch>`,
-//! and the rule every name obeys (`[a-z0-9-]`, at most 63 chars, DNS-label-like).
+//! and the rule every name given by a user obeys: upstream's (letters of
+//! either case, digits, `-` and `_`, starting and ending with a letter or
+//! digit, at most 63 characters). Such a name is always one safe path
+//! component (no `/`, never `.` or `..`, no NUL, no leading `.` that would
+//! look like the state store's temporaries) and a valid Docker/Podman
+//! container name and hostname.
 
 use crate::{Error, Result};
 
@@ -58,23 +63,22 @@ pub fn for_branch(project: &str, branch: &str) -> Result<String> {
 
 /// Checks a name given by the user (e.g. to `exec`).
 pub fn validate(name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= MAX_LEN
+    let alnum = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    let ok = name.len() <= MAX_LEN
+        && alnum(name.chars().next())
+        && alnum(name.chars().last())
         && name
             .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-        && !name.starts_with('-')
-        && !name.ends_with('-');
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
     if ok {
         Ok(())
     } else {
-        Err(Error::invalid(
-            "sandbox name",
-            name,
-            "use lowercase letters, digits and inner dashes, at most 63 characters",
-        ))
+        Err(Error::invalid("sandbox name", name, RULE))
     }
 }
+
+/// The rule, as error messages state it.
+pub const RULE: &str = "use letters, digits, `-` and `_`, starting and ending with a letter or digit, at most 63 characters";
 
 #[cfg(test)]
 mod tests {
@@ -110,10 +114,22 @@ mod tests {
 
     #[test]
     fn validation() {
-        for ok in ["run-abcd1234", "a", "myapp-main"] {
+        for ok in [
+            "run-abcd1234",
+            "a",
+            "myapp-main",
+            "My_Project",
+            "A",
+            "a_b",
+            "x--y",
+        ] {
             validate(ok).unwrap();
         }
-        for bad in ["", "-a", "a-", "A", "a_b", &"x".repeat(64)] {
+        let too_long = "x".repeat(64);
+        for bad in [
+            "", "-a", "a-", "_a", "a_", ".", "..", ".a", "a.b", "a/b", "a\0b", "a b", "ä",
+            &too_long,
+        ] {
             assert!(validate(bad).is_err(), "{bad}");
         }
     }

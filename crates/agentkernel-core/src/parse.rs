@@ -45,6 +45,36 @@ pub fn duration(what: &'static str, text: &str) -> Result<Duration> {
     Ok(Duration::from_secs(total))
 }
 
+/// A kept sandbox's TTL: a [`duration`], or upstream's forms — bare seconds
+/// (`3600`) and `0`, which means no expiry ([`Duration::ZERO`]).
+pub fn ttl(what: &'static str, text: &str) -> Result<Duration> {
+    let trimmed = text.trim();
+    if !trimmed.is_empty() && trimmed.bytes().all(|b| b.is_ascii_digit()) {
+        return trimmed.parse().map(Duration::from_secs).map_err(|_| {
+            Error::invalid(
+                what,
+                text,
+                "too large (examples: 3600, 90s, 30m, 0 for no expiry)",
+            )
+        });
+    }
+    if let Some(zero) = trimmed.strip_suffix(['s', 'm', 'h', 'd']) {
+        if !zero.is_empty() && zero.bytes().all(|b| b == b'0') {
+            return Ok(Duration::ZERO);
+        }
+    }
+    duration(what, text)
+}
+
+/// A TTL as [`ttl`] parses it: `never` for no expiry.
+pub fn format_ttl(ttl: Duration) -> String {
+    if ttl.is_zero() {
+        "never".into()
+    } else {
+        format_duration(ttl)
+    }
+}
+
 /// Renders a duration the way [`duration`] parses it, largest units first.
 pub fn format_duration(d: Duration) -> String {
     let mut secs = d.as_secs();
@@ -376,6 +406,18 @@ mod tests {
             assert!(duration("--ttl", bad).is_err(), "{bad} should be rejected");
         }
         assert_eq!(format_duration(Duration::from_secs(5400)), "1h30m");
+    }
+
+    #[test]
+    fn ttls_take_upstream_forms() {
+        assert_eq!(ttl("--ttl", "3600").unwrap(), Duration::from_secs(3600));
+        assert_eq!(ttl("--ttl", "0").unwrap(), Duration::ZERO);
+        assert_eq!(ttl("--ttl", "0s").unwrap(), Duration::ZERO);
+        assert_eq!(ttl("--ttl", "1h30m").unwrap(), Duration::from_secs(5400));
+        for bad in ["", "1x", "-1", "99999999999999999999999", "1h30"] {
+            assert!(ttl("--ttl", bad).is_err(), "{bad} should be rejected");
+        }
+        assert_eq!(format_ttl(Duration::ZERO), "never");
     }
 
     #[test]

@@ -38,10 +38,11 @@ impl fmt::Display for Profile {
     }
 }
 
+/// Case-insensitive, as upstream's files and users write it (`Moderate`).
 impl FromStr for Profile {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        match s {
+        match s.to_ascii_lowercase().as_str() {
             "permissive" => Ok(Profile::Permissive),
             "moderate" => Ok(Profile::Moderate),
             "restrictive" => Ok(Profile::Restrictive),
@@ -284,5 +285,10 @@ mod tests {
             assert_eq!(name.parse::<Profile>().unwrap().as_str(), name);
         }
         assert!("strict".parse::<Profile>().is_err());
+        assert_eq!("Moderate".parse::<Profile>().unwrap(), Profile::Moderate);
+        assert_eq!(
+            "RESTRICTIVE".parse::<Profile>().unwrap(),
+            Profile::Restrictive
+        );
     }
 }

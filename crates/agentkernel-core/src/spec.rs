@@ -16,10 +16,11 @@ pub enum PullPolicy {
     Never,
 }
 
+/// Case-insensitive, like every other choice of a value.
 impl std::str::FromStr for PullPolicy {
     type Err = crate::Error;
     fn from_str(s: &str) -> crate::Result<Self> {
-        match s {
+        match s.to_ascii_lowercase().as_str() {
             "missing" => Ok(PullPolicy::Missing),
             "always" => Ok(PullPolicy::Always),
             "never" => Ok(PullPolicy::Never),
@@ -85,6 +86,9 @@ pub struct ExecRequest {
     pub workdir: Option<String>,
     pub tty: bool,
     pub timeout: Option<Duration>,
+    /// Run as this user (`exec --sudo`: `0:0`) instead of the image's.
+    #[serde(default)]
+    pub user: Option<String>,
 }
 
 /// How a command ended, before it becomes agentkernel's exit code.
@@ -110,8 +114,15 @@ impl Outcome {
 /// What `run` says on stderr after the first command of a kept sandbox.
 pub fn kept_message(name: &str, ttl: Duration, reused: bool) -> String {
     format!(
-        "agentkernel: sandbox {name} kept{} (expires {} after last use); `agentkernel exec {name} -- CMD` runs in it",
+        "agentkernel: sandbox {name} kept{} ({}); `agentkernel exec {name} -- CMD` runs in it",
         if reused { ", reused" } else { "" },
-        crate::parse::format_duration(ttl),
+        if ttl.is_zero() {
+            "never expires".to_string()
+        } else {
+            format!(
+                "expires {} after last use",
+                crate::parse::format_duration(ttl)
+            )
+        },
     )
 }

@@ -45,6 +45,19 @@ pub struct SandboxRecord {
     pub memory_bytes: Option<u64>,
 }
 
+/// The deadline of a sandbox that never expires (9999-12-31): far beyond any
+/// clock, and small enough for the keep-alive shell's arithmetic.
+pub const NO_EXPIRY: u64 = 253_402_300_799;
+
+/// The deadline a use with this TTL sets: now + ttl, or [`NO_EXPIRY`] for a zero TTL.
+pub fn deadline_after(ttl: Duration) -> u64 {
+    if ttl.is_zero() {
+        NO_EXPIRY
+    } else {
+        now_unix().saturating_add(ttl.as_secs()).min(NO_EXPIRY)
+    }
+}
+
 pub fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -102,9 +115,13 @@ pub fn boot_id() -> String {
 
 /// Field `n` (1-based, as in proc(5)) of /proc/PID/stat, for n >= 3.
 pub fn proc_stat_field(pid: u32, n: usize) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_field(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?, n)
+}
+
+/// Field `n` (1-based, as in proc(5)) of the text of a `/proc/<pid>/stat`.
+pub fn stat_field(stat: &str, n: usize) -> Option<u64> {
     // The command name may contain spaces and parentheses: skip past the last ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
     rest.split(' ').nth(n.checked_sub(3)?)?.parse().ok()
 }
 
@@ -281,8 +298,9 @@ impl Store {
     /// Sets the expiry to now + ttl (called on every use). Readable by
     /// all: the sandbox's keep-alive reads it through a mount, possibly as
     /// a non-root user; its 0700 parents keep other host users out.
+    /// A zero TTL (upstream's `--ttl 0`) never expires: [`NO_EXPIRY`].
     pub fn touch(&self, name: &str, ttl: Duration) -> Result<u64> {
-        let deadline = now_unix() + ttl.as_secs();
+        let deadline = deadline_after(ttl);
         write_atomic_mode(
             &self.control_dir(name).join("deadline"),
             deadline.to_string().as_bytes(),

@@ -15,17 +15,22 @@ pub fn spawn(state_dir: &Path, args: &[&str]) {
     let mut cmd = Command::new(exe);
     cmd.args(args)
         .env("AGENTKERNEL_HOME", state_dir)
-        .current_dir("/")
-        .stdin(Stdio::null())
+        .current_dir("/");
+    let _ = spawn_command(&mut cmd);
+}
+
+/// Starts `cmd` in its own session with no stdio, so it survives our exit
+/// and never gets the user's Ctrl-C; does not wait for it.
+pub fn spawn_command(cmd: &mut Command) -> std::io::Result<std::process::Child> {
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    // SAFETY: setsid is async-signal-safe; the process must survive our exit
-    // and not receive the user's Ctrl-C.
+    // SAFETY: setsid is async-signal-safe.
     unsafe {
         cmd.pre_exec(|| {
             libc::setsid();
             Ok(())
         });
     }
-    let _ = cmd.spawn();
+    cmd.spawn()
 }

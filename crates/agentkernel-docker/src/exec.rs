@@ -153,6 +153,7 @@ pub async fn run(
                 env: (!env.is_empty()).then_some(env),
                 cmd: Some(cmd),
                 working_dir: req.workdir.clone(),
+                user: req.user.clone(),
                 ..Default::default()
             },
         )

@@ -79,6 +79,10 @@ pub async fn collect_orphans(engine: Engine, store: Store) -> Collected {
                 let Some(sandbox) = labels_of.get(labels::NAME).cloned() else {
                     continue;
                 };
+                // The name becomes a path under the state directory: only ever a valid one.
+                if agentkernel_core::names::validate(&sandbox).is_err() {
+                    continue;
+                }
                 // Another state directory's sandbox: its records are not ours to judge by.
                 if labels_of.get(labels::STATE).map(String::as_str) != store.root().to_str() {
                     continue;

@@ -132,6 +132,7 @@ fn plain_name(name: &str) -> bool {
 /// the image's environment (the shell's own, which it must not have changed).
 pub fn suits(req: &ExecRequest, image_env: &[String]) -> bool {
     !req.tty
+        && req.user.is_none()
         && req.workdir.as_deref().is_none_or(|w| w.starts_with('/'))
         && req.env.iter().all(|(k, _)| plain_name(k))
         && image_env.iter().all(|e| {

@@ -116,7 +116,8 @@ async fn reuse_existing(engine: &Engine, store: &Store, name: &str) -> Result<bo
     }
 }
 
-async fn create(engine: &Engine, spec: &SandboxSpec, store: &Store) -> Result<(), Error> {
+/// Creates the kept sandbox (also `sandbox create`, which runs no first command).
+pub async fn create(engine: &Engine, spec: &SandboxSpec, store: &Store) -> Result<(), Error> {
     let keep = spec.keep.as_ref().expect("kept run without keep settings");
     // Reserve first: a bad image must not leave a name behind, but two racers must not both get it.
     let dir = store.reserve(&keep.name)?;

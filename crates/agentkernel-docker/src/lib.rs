@@ -39,5 +39,6 @@ pub mod pool_stats;
 pub mod pull;
 pub mod seccomp;
 pub mod stdio;
+pub mod stop;
 
 pub use engine::Engine;

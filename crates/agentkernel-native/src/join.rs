@@ -149,7 +149,7 @@ pub fn exec(plan: &Plan) -> io::Result<Outcome> {
 /// Moves the deadline through the control directory's fd (its path is not
 /// visible from inside the sandbox's mount namespace).
 fn touch_at(control: &OwnedFd, ttl: std::time::Duration) {
-    let deadline = (now_unix() + ttl.as_secs()).to_string();
+    let deadline = agentkernel_core::state::deadline_after(ttl).to_string();
     let tmp = sys::cstr(&format!("deadline.tmp{}", std::process::id()));
     let name = sys::cstr("deadline");
     // SAFETY: openat/renameat on a directory fd we own, with valid C strings.

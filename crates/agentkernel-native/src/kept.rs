@@ -40,6 +40,17 @@ impl Held {
         serde_json::from_slice(&data).ok()
     }
 
+    /// The sandbox's parts while its holder lives; else the error to show.
+    pub fn live(store: &Store, name: &str) -> io::Result<Held> {
+        Held::load(store, name)
+            .filter(Held::holder_alive)
+            .ok_or_else(|| {
+                io::Error::other(format!(
+                    "sandbox {name} is gone; `agentkernel sandbox gc` removes what it left"
+                ))
+            })
+    }
+
     pub fn holder_alive(&self) -> bool {
         !Owner(self.holder.clone()).is_dead()
     }
@@ -414,13 +425,7 @@ pub fn status(store: &Store, name: &str) -> Option<&'static str> {
 /// `sandbox stop` (freeze: processes and files kept, no CPU used; the TTL
 /// still runs) and `sandbox start` (thaw).
 pub fn set_stopped(store: &Store, name: &str, stopped: bool) -> io::Result<()> {
-    let held = Held::load(store, name)
-        .filter(Held::holder_alive)
-        .ok_or_else(|| {
-            io::Error::other(format!(
-                "sandbox {name} is gone; `agentkernel sandbox gc` removes what it left"
-            ))
-        })?;
+    let held = Held::live(store, name)?;
     if held.cgroup.dirs.is_empty() {
         return Err(io::Error::other(format!(
             "sandbox {name} is rootless: stopping it needs a freezer cgroup, which only root can create here; `agentkernel sandbox remove {name}` ends it"

@@ -10,6 +10,7 @@
 mod caps;
 pub mod cgroup;
 mod command;
+pub mod copy;
 pub mod disk;
 pub mod gc;
 pub mod host;
@@ -23,6 +24,7 @@ pub mod rootless;
 pub mod sandbox;
 mod seccomp;
 pub mod slirp;
+pub mod stop;
 mod sys;
 pub mod trace;
 mod user;

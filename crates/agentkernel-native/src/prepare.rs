@@ -334,6 +334,9 @@ pub fn for_command(sandbox: &Plan, request: &ExecRequest) -> Plan {
     }
     plan.tty = request.tty;
     plan.timeout = request.timeout;
+    if request.user.is_some() {
+        plan.user = request.user.clone();
+    }
     plan
 }
 

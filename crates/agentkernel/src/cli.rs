@@ -27,8 +27,16 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Run a command in a kept sandbox
     Exec(ExecArgs),
-    /// Manage kept sandboxes
-    #[command(subcommand)]
+    /// Open an interactive shell (/bin/sh) in a kept sandbox: `exec NAME -- /bin/sh`
+    Attach {
+        /// Set an environment variable (KEY=VALUE, or KEY to copy it from here). Repeatable
+        #[arg(short = 'e', long, value_name = "KEY=VALUE")]
+        env: Vec<String>,
+        /// The kept sandbox's name
+        name: String,
+    },
+    /// Manage kept sandboxes (alias: sb)
+    #[command(subcommand, visible_alias = "sb")]
     Sandbox(SandboxCommand),
     /// Verify or replay execution receipts (not supported yet)
     #[command(subcommand)]
@@ -50,6 +58,8 @@ pub enum Command {
         /// The kept sandbox's name
         name: String,
     },
+    /// Write ./agentkernel.toml (upstream's schema) for this project; --force replaces an existing one
+    Init(InitArgs),
     /// Let DIR's agentkernel.toml loosen the sandbox (records its sha256; a changed file needs trust again)
     Trust(TrustArgs),
     /// Start a sandbox on each backend and check registry access: what works here, and how to fix the rest
@@ -183,6 +193,25 @@ pub struct RunArgs {
     pub command: Vec<std::ffi::OsString>,
 }
 
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// The sandbox's name (default: the directory's name)
+    #[arg(short = 'n', long, value_name = "NAME")]
+    pub name: Option<String>,
+
+    /// Upstream's agent type, recorded as [agent] preferred: claude, gemini, codex, opencode
+    #[arg(short = 'a', long, value_name = "AGENT")]
+    pub agent: Option<String>,
+
+    /// Start from a template (not supported yet)
+    #[arg(short = 't', long, value_name = "NAME")]
+    pub template: Option<String>,
+
+    /// Replace an existing agentkernel.toml
+    #[arg(long)]
+    pub force: bool,
+}
+
 /// A project's `./agentkernel.toml` may tighten the sandbox on its own; a
 /// weaker profile, host paths outside the project, published ports or higher
 /// limits take effect only once you trust that exact file.
@@ -229,6 +258,14 @@ pub struct ExecArgs {
     #[arg(long, value_name = "DURATION")]
     pub timeout: Option<String>,
 
+    /// Run as root (uid 0) where the image's user is not root; the profile's capabilities and seccomp filter still apply
+    #[arg(long)]
+    pub sudo: bool,
+
+    /// Start the command and return at once (exit 0); it runs on in the sandbox, output discarded
+    #[arg(short = 'd', long)]
+    pub detach: bool,
+
     /// The kept sandbox (its name, as `sandbox list` shows it)
     pub name: String,
 
@@ -237,8 +274,126 @@ pub struct ExecArgs {
     pub command: Vec<std::ffi::OsString>,
 }
 
+/// `sandbox create`: the options of `run` that describe a sandbox, with
+/// upstream's spelling where it differs (`-p` publishes a port here, as
+/// upstream's `sandbox create` has it; the profile is `--profile`).
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// The sandbox's name (default: `[sandbox] name` from the config, else run-<8 hex>)
+    #[arg(value_name = "NAME")]
+    pub name: Option<String>,
+
+    /// Image to use (auto-detected from the project files if not given)
+    #[arg(short = 'i', long, value_name = "IMAGE")]
+    pub image: Option<String>,
+
+    /// Security profile: permissive, moderate (default), restrictive
+    #[arg(long, value_name = "PROFILE", ignore_case = true,
+          value_parser = lowercase_choice(&["permissive", "moderate", "restrictive"]))]
+    pub profile: Option<String>,
+
+    /// Backend: native, docker, podman (default as for `run`)
+    #[arg(short = 'B', long, value_name = "BACKEND")]
+    pub backend: Option<String>,
+
+    /// Config file, applied over the standard ones
+    #[arg(short = 'c', long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Project directory mounted at /workspace (default: the current directory)
+    #[arg(short = 'd', long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+
+    /// Expiry after last use (e.g. 3600, 90s, 30m, 3d; 0 = never; default 1h)
+    #[arg(long, value_name = "DURATION")]
+    pub ttl: Option<String>,
+
+    /// Name the sandbox <project>-<branch> from git
+    #[arg(long, conflicts_with = "name")]
+    pub branch: bool,
+
+    /// Publish a port: [IP:][HOST:]CONTAINER[/udp]; binds 127.0.0.1 unless an IP is given. Repeatable
+    #[arg(short = 'p', short_alias = 'P', long, value_name = "PORT")]
+    pub publish: Vec<String>,
+
+    /// Mount a host path: HOST:PATH[:ro]. Repeatable
+    #[arg(short = 'v', long, value_name = "HOST:PATH[:ro]")]
+    pub volume: Vec<String>,
+
+    /// Set an environment variable for every command (KEY=VALUE, or KEY to copy it from here). Repeatable
+    #[arg(short = 'e', long, value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+
+    /// Working directory of commands inside the sandbox
+    #[arg(short = 'w', long, value_name = "DIR")]
+    pub workdir: Option<String>,
+
+    /// Memory limit (e.g. 512m, 2g); overrides the profile's
+    #[arg(long, value_name = "SIZE")]
+    pub memory: Option<String>,
+
+    /// CPU limit (e.g. 0.5, 2); overrides the profile's
+    #[arg(long, value_name = "CPUS")]
+    pub cpus: Option<String>,
+
+    /// Cap of each writable layer (native; see `run --help`)
+    #[arg(long, value_name = "SIZE")]
+    pub disk: Option<String>,
+
+    /// Disable network access (loopback only), under any profile
+    #[arg(long)]
+    pub no_network: bool,
+
+    /// When to pull the image: missing (default), always, never
+    #[arg(long, value_name = "POLICY", ignore_case = true,
+          value_parser = lowercase_choice(&["missing", "always", "never"]))]
+    pub pull: Option<String>,
+
+    /// Create it stopped (`sandbox start NAME` starts it)
+    #[arg(long)]
+    pub no_start: bool,
+
+    /// Upstream's agent type: accepted, has no effect here (use --image)
+    #[arg(short = 'a', long, value_name = "AGENT")]
+    pub agent: Option<String>,
+
+    /// Use a template (not supported yet)
+    #[arg(long, value_name = "NAME")]
+    pub template: Option<String>,
+
+    /// Enable SSH access (not supported yet)
+    #[arg(long)]
+    pub ssh: bool,
+
+    /// Clone a git repository into the sandbox (not supported yet)
+    #[arg(long, value_name = "URL")]
+    pub source: Option<String>,
+
+    /// Git ref to check out after --source (not supported yet)
+    #[arg(long, value_name = "REF")]
+    pub git_ref: Option<String>,
+
+    /// Bind a secret to a host via proxy (not supported yet)
+    #[arg(short = 'S', long, value_name = "BINDING")]
+    pub secret: Vec<String>,
+
+    /// Inject a vault secret as a file (not supported yet)
+    #[arg(long, value_name = "KEY")]
+    pub secret_file: Vec<String>,
+
+    /// Placeholder tokens for --secret-file (not supported yet)
+    #[arg(long)]
+    pub placeholder_secrets: bool,
+
+    /// Add a label key=value (not supported yet)
+    #[arg(short = 'l', long, value_name = "KEY=VALUE")]
+    pub label: Vec<String>,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum SandboxCommand {
+    /// Create a kept sandbox without running a command (then `exec NAME -- CMD`)
+    Create(Box<CreateArgs>),
     /// List kept sandboxes
     List {
         /// Print a JSON array instead of a table (fields: docs/json.md)
@@ -253,15 +408,55 @@ pub enum SandboxCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Freeze a kept sandbox (its processes and files are kept)
+    /// Stop a kept sandbox: its processes end, its files stay (it still expires at its TTL)
     Stop {
         /// The kept sandbox's name
         name: String,
     },
-    /// Thaw a stopped sandbox
+    /// Start a stopped (or paused) sandbox: commands run in it again
     Start {
         /// The kept sandbox's name
         name: String,
+        /// Accepted for upstream compatibility; the sandbox stays on the backend it was created on
+        #[arg(short = 'B', long, value_name = "BACKEND", hide = true)]
+        backend: Option<String>,
+    },
+    /// Freeze a kept sandbox (its processes and files are kept, no CPU used)
+    Pause {
+        /// The kept sandbox's name
+        name: String,
+    },
+    /// Thaw a paused sandbox
+    Resume {
+        /// The kept sandbox's name
+        name: String,
+    },
+    /// Lengthen a kept sandbox's TTL and its current expiry
+    ExtendTtl {
+        /// The kept sandbox's name
+        name: String,
+        /// How much longer (e.g. 30m, 2h, 3d; default 1h)
+        #[arg(value_name = "DURATION", conflicts_with = "by")]
+        duration: Option<String>,
+        /// The same as DURATION (upstream's spelling)
+        #[arg(long, value_name = "DURATION")]
+        by: Option<String>,
+    },
+    /// Remove stopped, paused and expired sandboxes (with --force the running ones too), naming each
+    Clean {
+        /// Remove running sandboxes too
+        #[arg(short = 'f', long)]
+        force: bool,
+        /// Upstream also removes images and build cache: not here (says how)
+        #[arg(long)]
+        all: bool,
+    },
+    /// Copy a file or directory into or out of a kept sandbox: `cp FILE NAME:/path`, `cp NAME:/path FILE`
+    Cp {
+        /// Source: a host path, or NAME:/path in the sandbox
+        src: String,
+        /// Destination: a host path, or NAME:/path in the sandbox
+        dest: String,
     },
     /// Remove kept sandboxes
     #[command(alias = "rm")]

@@ -233,7 +233,7 @@ fn bad_values_are_125_with_one_line() {
     let env = TestEnv::new();
     let cases: &[(&str, &str, &str)] = &[
         ("--ttl", "forever", "--ttl"),
-        ("--ttl", "10", "--ttl"),
+        ("--ttl", "10x", "--ttl"),
         ("--memory", "lots", "--memory"),
         ("--memory", "0", "--memory"),
         ("--cpus", "abc", "--cpus"),

@@ -371,7 +371,7 @@ fn primary_address() -> String {
 }
 
 #[test]
-fn rootless_kept_sandbox_exec_stop_refused_remove() {
+fn rootless_kept_sandbox_exec_cp_stop_pause_refused_remove() {
     let user = User::new(4307);
     let out = user.run(&[
         "run",
@@ -388,7 +388,54 @@ fn rootless_kept_sandbox_exec_stop_refused_remove() {
     let out = user.run(&["exec", "rl", "--", "sh", "-c", "cat /tmp/state; exit 5"]);
     assert_code(&out, 5);
     assert_eq!(stdout(&out), "kept\n");
-    let out = user.run(&["sandbox", "stop", "rl"]);
+    // cp both ways, through the namespace anchor (init is non-dumpable).
+    let project = user.project();
+    std::fs::write(project.join("in.txt"), "in\n").unwrap();
+    user.chown_all();
+    let host_in = project.join("in.txt");
+    assert_code(
+        &user.run(&["sandbox", "cp", host_in.to_str().unwrap(), "rl:/tmp/in.txt"]),
+        0,
+    );
+    let host_out = project.join("out.txt");
+    assert_code(
+        &user.run(&["sandbox", "cp", "rl:/tmp/state", host_out.to_str().unwrap()]),
+        0,
+    );
+    assert_eq!(std::fs::read_to_string(&host_out).unwrap(), "kept\n");
+    let out = user.run(&["exec", "rl", "--", "cat", "/tmp/in.txt"]);
+    assert_eq!(ok(&out), "in\n");
+    // stop ends its processes (found by pid namespace: no cgroup), files stay.
+    assert_code(
+        &user.run(&["exec", "--detach", "rl", "--", "sleep", "300"]),
+        0,
+    );
+    let sleepers = || {
+        ok(&user.run(&[
+            "exec",
+            "rl",
+            "--",
+            "sh",
+            "-c",
+            "ps | grep -c '[s]leep 300' || true",
+        ]))
+    };
+    let start = std::time::Instant::now();
+    while sleepers() != "1\n" {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "the detached sleep never ran"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_code(&user.run(&["sandbox", "stop", "rl"]), 0);
+    assert_one_line_error(&user.run(&["exec", "rl", "--", "true"]));
+    assert_code(&user.run(&["sandbox", "start", "rl"]), 0);
+    assert_eq!(sleepers(), "0\n", "the detached sleep survived stop");
+    let out = user.run(&["exec", "rl", "--", "cat", "/tmp/state"]);
+    assert_eq!(ok(&out), "kept\n");
+    // Freezing needs a freezer cgroup, which only root can create here.
+    let out = user.run(&["sandbox", "pause", "rl"]);
     assert_code(&out, 125);
     assert!(stderr(&out).contains("rootless"), "{}", stderr(&out));
     let listed = ok(&user.run(&["sandbox", "list"]));

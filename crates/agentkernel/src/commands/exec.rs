@@ -33,13 +33,18 @@ pub async fn exec(args: ExecArgs) -> Result<i32> {
         argv: super::utf8_command(args.command)?,
         env,
         workdir: args.workdir,
-        tty: super::wants_tty(),
+        tty: super::wants_tty() && !args.detach,
         timeout,
+        user: args.sudo.then(|| "0:0".to_string()),
     };
     let store = Store::open_default();
     let record = store
         .load(&args.name)?
         .ok_or_else(|| agentkernel_core::Error::NoSuchSandbox(args.name.clone()))?;
+    super::sandbox_lifecycle::refuse_if_stopped(&store, &args.name)?;
+    if args.detach {
+        return super::exec_detach::detach(&args.name, &req);
+    }
     if record.backend == "native" {
         // Never returns on success: the process becomes the helper.
         return super::native::exec_in(&store, &args.name, &req, None, false);

@@ -3,13 +3,18 @@
 mod cli_child;
 mod doctor;
 mod exec;
+mod exec_detach;
 mod image;
+mod init;
 mod mcp;
 pub mod native;
 mod openapi;
 mod pool;
 mod run;
 mod sandbox;
+mod sandbox_cp;
+mod sandbox_create;
+mod sandbox_lifecycle;
 mod serve;
 mod template;
 mod trust;
@@ -24,7 +29,20 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::Run(args) => run::run(*args).await,
         Command::Exec(args) => exec::exec(args).await,
+        Command::Attach { env, name } => {
+            exec::exec(crate::cli::ExecArgs {
+                env,
+                workdir: None,
+                timeout: None,
+                sudo: false,
+                detach: false,
+                name,
+                command: vec!["/bin/sh".into()],
+            })
+            .await
+        }
         Command::Sandbox(cmd) => sandbox::sandbox(cmd).await,
+        Command::Init(args) => init::init(args),
         Command::Trust(args) => trust::trust(args),
         Command::Doctor { json } => doctor::doctor(json).await,
         Command::Pool(cmd) => pool::pool(cmd).await,

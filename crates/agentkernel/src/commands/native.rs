@@ -36,6 +36,35 @@ pub async fn run(spec: &SandboxSpec, config: &Config, store: &Store) -> Result<i
     }
     let image = image_root(spec, config).await?;
     let plan = prepare::plan(spec, &image, store)?;
+    hand_over(plan, store)
+}
+
+/// `sandbox create` on native: the kept sandbox without a first command
+/// (the helper sees an empty argv). `mark` runs once the name is reserved
+/// (`--no-start` marks it stopped: with no command, only its init runs,
+/// which is what a stopped sandbox is). Never returns on success.
+pub async fn create(
+    spec: &SandboxSpec,
+    config: &Config,
+    store: &Store,
+    mark: impl FnOnce() -> Result<()>,
+) -> Result<i32> {
+    if rootless::UserMap::for_caller().is_some() {
+        prepare::check_rootless_spec(spec)?;
+    }
+    let image = image_root(spec, config).await?;
+    let mut plan = prepare::plan(spec, &image, store)?;
+    plan.argv.clear();
+    if let Err(e) = mark() {
+        let _ = std::fs::remove_dir_all(&plan.scratch);
+        let _ = store.forget(&spec.keep.as_ref().expect("kept").name);
+        return Err(e);
+    }
+    hand_over(plan, store)
+}
+
+/// Execs the helper with `plan`; on failure removes what the plan reserved.
+fn hand_over(plan: Plan, store: &Store) -> Result<i32> {
     let err = exec_helper(&plan);
     let _ = std::fs::remove_dir_all(&plan.scratch);
     if let Some(keep) = &plan.keep {
@@ -178,6 +207,10 @@ pub fn helper(fd_arg: Option<String>) -> i32 {
         Action::Run => sandbox::run(&plan),
         Action::CreateKept => kept::create(&plan).and_then(|()| {
             super::template::native_setup(&plan);
+            if plan.argv.is_empty() {
+                // `sandbox create`: no first command.
+                return Ok(agentkernel_core::spec::Outcome::Exited(0));
+            }
             let mut first = plan.clone();
             first.action = Action::Exec;
             join::exec(&first)

@@ -58,6 +58,10 @@ pub async fn run(args: RunArgs) -> Result<i32> {
     }
 
     let store = Store::open_default();
+    if let Some(keep) = spec.keep.as_ref().filter(|k| k.reuse) {
+        // `--branch` reusing a stopped sandbox starts it again.
+        super::sandbox_lifecycle::clear_stopped(&store, &keep.name)?;
+    }
     if backend == backend::BackendKind::Native {
         return super::native::run(&spec, &config, &store).await;
     }
@@ -88,7 +92,10 @@ pub async fn run(args: RunArgs) -> Result<i32> {
 /// ignore is refused. Under restrictive every writable place is a sized tmpfs,
 /// so the cap holds there. (The profiles' own defaults are documented as not
 /// enforced on these backends.)
-fn refuse_uncappable_disk(spec: &SandboxSpec, backend: backend::BackendKind) -> Result<()> {
+pub(crate) fn refuse_uncappable_disk(
+    spec: &SandboxSpec,
+    backend: backend::BackendKind,
+) -> Result<()> {
     let policy = &spec.policy;
     let writable_layers = !policy.read_only_root || policy.workspace == WorkspaceMode::CopyOnWrite;
     if policy.user_limits.disk_bytes.is_some() && writable_layers {
@@ -265,6 +272,7 @@ pub fn resolve(args: RunArgs, config: &Config, cwd: &Path) -> Result<(SandboxSpe
             workdir,
             tty: super::wants_tty(),
             timeout,
+            user: None,
         },
     };
     Ok((spec, source))
@@ -412,7 +420,7 @@ fn resolve_keep(
     config: &Config,
     cwd: &Path,
 ) -> Result<Option<Keep>> {
-    let explicit_ttl = ttl.map(|t| parse::duration("--ttl", t)).transpose()?;
+    let explicit_ttl = ttl.map(|t| parse::ttl("--ttl", t)).transpose()?;
     if !(keep || branch || name.is_some() || explicit_ttl.is_some()) {
         return Ok(None);
     }
@@ -437,7 +445,7 @@ fn resolve_keep(
                     Error::invalid(
                         "[sandbox] name",
                         n.clone(),
-                        "a kept sandbox's name uses lowercase letters, digits and inner dashes (at most 63 characters); change it or pass --name",
+                        format!("{}; change it or pass --name", names::RULE),
                     )
                 })?;
                 n.clone()

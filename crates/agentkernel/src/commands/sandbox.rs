@@ -14,23 +14,40 @@ pub async fn sandbox(cmd: SandboxCommand) -> Result<i32> {
     match cmd {
         SandboxCommand::List { json } => list(&store, json).await,
         SandboxCommand::Info { name, json } => info(&store, &name, json).await,
+        SandboxCommand::Create(args) => super::sandbox_create::create(*args).await,
         SandboxCommand::Stop { name } => {
+            super::sandbox_lifecycle::stop_command(&store, &name).await
+        }
+        SandboxCommand::ExtendTtl { name, duration, by } => super::sandbox_lifecycle::extend_ttl(
+            &store,
+            &name,
+            duration.or(by).as_deref().unwrap_or("1h"),
+        ),
+        SandboxCommand::Clean { force, all } => {
+            super::sandbox_lifecycle::clean(&store, force, all).await
+        }
+        SandboxCommand::Cp { src, dest } => super::sandbox_cp::cp(&store, &src, &dest).await,
+        SandboxCommand::Pause { name } => {
             if !native_set_stopped(&store, &name, true)? {
                 let engine = engine_of(&store, &name)?;
                 kept::stop(&engine, &store, &name).await?;
             }
             eprintln!(
-                "agentkernel: stopped {name}: its processes are frozen, its files kept; \
-                 `agentkernel sandbox start {name}` resumes it (it still expires at its TTL)"
+                "agentkernel: paused {name}: its processes are frozen, its files kept; \
+                 `agentkernel sandbox resume {name}` resumes it (it still expires at its TTL)"
             );
             Ok(0)
         }
-        SandboxCommand::Start { name } => {
-            if !native_set_stopped(&store, &name, false)? {
-                let engine = engine_of(&store, &name)?;
-                kept::start(&engine, &store, &name).await?;
-            }
-            eprintln!("agentkernel: started {name}: its processes run again");
+        SandboxCommand::Start { name, .. } => {
+            names::validate(&name)?;
+            super::sandbox_lifecycle::clear_stopped(&store, &name)?;
+            thaw(&store, &name).await?;
+            eprintln!("agentkernel: started {name}: commands run in it again");
+            Ok(0)
+        }
+        SandboxCommand::Resume { name } => {
+            thaw(&store, &name).await?;
+            eprintln!("agentkernel: resumed {name}: its processes run again");
             Ok(0)
         }
         SandboxCommand::Remove { names: list } => {
@@ -38,16 +55,7 @@ pub async fn sandbox(cmd: SandboxCommand) -> Result<i32> {
                 names::validate(name)?;
             }
             for name in &list {
-                if is_native(&store, name)? {
-                    agentkernel_native::kept::remove(&store, name).map_err(|e| Error::Backend {
-                        backend: "native",
-                        message: e.to_string(),
-                    })?;
-                    eprintln!("agentkernel: removed {name}");
-                    continue;
-                }
-                let engine = engine_of(&store, name)?;
-                kept::remove(&engine, &store, name).await?;
+                remove_one(&store, name).await?;
                 eprintln!("agentkernel: removed {name}");
             }
             Ok(0)
@@ -58,22 +66,65 @@ pub async fn sandbox(cmd: SandboxCommand) -> Result<i32> {
             Ok(0)
         }
         SandboxCommand::Gc { expire: None } => {
-            let (mut containers, mut dirs) = (0, 0);
-            dirs += agentkernel_native::gc::orphaned_runs(&store);
-            dirs += agentkernel_native::kept::collect(&store);
-            for engine in backend::engines_in_use(&store) {
-                engine.ping().await?;
-                let c = gc::collect_orphans(engine, store.clone()).await;
-                containers += c.containers.len();
-                dirs += c.directories;
-            }
-            eprintln!(
-                "agentkernel: removed {} and {}",
-                super::counted(containers, "container", "containers"),
-                super::counted(dirs, "leftover directory", "leftover directories")
-            );
+            collect_garbage(&store).await?;
             Ok(0)
         }
+    }
+}
+
+/// `sandbox gc`: removes expired sandboxes and what killed agentkernel
+/// processes left, and says how much.
+pub(super) async fn collect_garbage(store: &Store) -> Result<()> {
+    let (mut containers, mut dirs) = (0, 0);
+    dirs += agentkernel_native::gc::orphaned_runs(store);
+    dirs += agentkernel_native::kept::collect(store);
+    for engine in backend::engines_in_use(store) {
+        engine.ping().await?;
+        let c = gc::collect_orphans(engine, store.clone()).await;
+        containers += c.containers.len();
+        dirs += c.directories;
+    }
+    eprintln!(
+        "agentkernel: removed {} and {}",
+        super::counted(containers, "container", "containers"),
+        super::counted(dirs, "leftover directory", "leftover directories")
+    );
+    Ok(())
+}
+
+/// Removes one kept sandbox, on whichever backend holds it.
+pub(super) async fn remove_one(store: &Store, name: &str) -> Result<()> {
+    if is_native(store, name)? {
+        return agentkernel_native::kept::remove(store, name).map_err(|e| Error::Backend {
+            backend: "native",
+            message: e.to_string(),
+        });
+    }
+    let engine = engine_of(store, name)?;
+    kept::remove(&engine, store, name).await
+}
+
+/// Thaws a paused sandbox (a running one is left as it is).
+async fn thaw(store: &Store, name: &str) -> Result<()> {
+    names::validate(name)?;
+    if is_native(store, name)? {
+        // The holder reports a frozen sandbox as "stopped"; a rootless one
+        // (no freezer) is never frozen.
+        return match agentkernel_native::kept::status(store, name) {
+            Some("stopped") => native_set_stopped(store, name, false).map(|_| ()),
+            Some(_) => Ok(()),
+            None => Err(Error::NoSuchSandbox(format!(
+                "{name} (it expired or was removed)"
+            ))),
+        };
+    }
+    let engine = engine_of(store, name)?;
+    match kept::status(&engine, name).await? {
+        // kept::start also says when the sandbox is gone.
+        Some(bollard::models::ContainerStateStatusEnum::PAUSED) | None => {
+            kept::start(&engine, store, name).await
+        }
+        Some(_) => Ok(()),
     }
 }
 
@@ -107,9 +158,9 @@ fn engine_of(store: &Store, name: &str) -> Result<Engine> {
     backend::connect_named(&record.backend)
 }
 
-struct Row {
-    record: SandboxRecord,
-    status: String,
+pub(super) struct Row {
+    pub(super) record: SandboxRecord,
+    pub(super) status: String,
     expires_in: Option<u64>,
 }
 
@@ -131,7 +182,7 @@ impl Row {
 }
 
 /// Live kept sandboxes of every engine in use, after collecting expired ones.
-async fn rows(store: &Store) -> Result<Vec<Row>> {
+pub(super) async fn rows(store: &Store) -> Result<Vec<Row>> {
     let mut out = Vec::new();
     agentkernel_native::kept::collect(store);
     for record in store.list().into_iter().filter(|r| r.backend == "native") {
@@ -141,9 +192,15 @@ async fn rows(store: &Store) -> Result<Vec<Row>> {
         let expires_in = store
             .deadline(&record.name)
             .map(|d| d.saturating_sub(now_unix()));
+        // The native holder reports a frozen sandbox as "stopped".
+        let status = if status == "stopped" {
+            "paused"
+        } else {
+            status
+        };
         out.push(Row {
+            status: super::sandbox_lifecycle::shown_status(store, &record.name, status),
             record,
-            status: status.to_string(),
             expires_in,
         });
     }
@@ -157,10 +214,7 @@ async fn rows(store: &Store) -> Result<Vec<Row>> {
         {
             let status = match kept::status(&engine, &record.name).await? {
                 None => continue,
-                Some(s) => match s.to_string().as_str() {
-                    "paused" => "stopped".to_string(),
-                    other => other.to_string(),
-                },
+                Some(s) => super::sandbox_lifecycle::shown_status(store, &record.name, s.as_ref()),
             };
             let expires_in = store
                 .deadline(&record.name)
@@ -223,7 +277,7 @@ async fn info(store: &Store, name: &str, as_json: bool) -> Result<i32> {
     println!("profile:    {}", r.profile);
     println!(
         "ttl:        {}",
-        parse::format_duration(std::time::Duration::from_secs(r.ttl_secs))
+        parse::format_ttl(std::time::Duration::from_secs(r.ttl_secs))
     );
     println!("expires in: {}", expires(row.expires_in));
     if let Some(w) = &r.workspace {
@@ -235,6 +289,7 @@ async fn info(store: &Store, name: &str, as_json: bool) -> Result<i32> {
 
 fn expires(secs: Option<u64>) -> String {
     match secs {
+        Some(s) if s >= agentkernel_core::state::NO_EXPIRY - now_unix() => "never".into(),
         Some(0) => "now".into(),
         Some(s) => parse::format_duration(std::time::Duration::from_secs(s)),
         None => "-".into(),

@@ -1,0 +1,101 @@
+//! `agentkernel sandbox create [NAME]`: upstream's create step of
+//! create → exec → stop → remove. The sandbox is resolved exactly as
+//! `run --keep` resolves one (same flags, config, trust and checks), then
+//! built without a first command.
+
+use std::path::PathBuf;
+
+use agentkernel_core::config::Config;
+use agentkernel_core::spec::kept_message;
+use agentkernel_core::state::Store;
+use agentkernel_core::{Error, Result};
+use agentkernel_docker::kept;
+
+use crate::backend::{self, BackendKind};
+use crate::cli::{CreateArgs, RunArgs};
+
+pub async fn create(args: CreateArgs) -> Result<i32> {
+    let unsupported = [
+        (args.source.is_some(), "--source"),
+        (args.git_ref.is_some(), "--git-ref"),
+        (!args.label.is_empty(), "--label"),
+    ];
+    if let Some((_, flag)) = unsupported.iter().find(|(given, _)| *given) {
+        return Err(Error::not_supported(*flag));
+    }
+    let cwd = match &args.dir {
+        Some(dir) => dir.clone(),
+        None => std::env::current_dir()
+            .map_err(|e| Error::invalid("current directory", ".", e.to_string()))?,
+    };
+    let cwd = cwd
+        .canonicalize()
+        .map_err(|e| Error::invalid("--dir", cwd.to_string_lossy(), e.to_string()))?;
+    let config = Config::load(&cwd, args.config.as_deref())?;
+    for notice in &config.notices {
+        eprintln!("agentkernel: notice: {notice}");
+    }
+    if let Some(agent) = &args.agent {
+        eprintln!(
+            "agentkernel: notice: --agent {agent} has no effect: the image is what the sandbox runs (--image)"
+        );
+    }
+    let backend = backend::choose(args.backend.as_deref(), config.backend.as_deref())?;
+    let no_start = args.no_start;
+    let (spec, _) = super::run::resolve(run_args(args), &config, &cwd)?;
+    let keep = spec.keep.clone().expect("create always keeps");
+    let store = Store::open_default();
+    // `--no-start`: created stopped. A new sandbox runs no command, so only
+    // what holds it runs: stopped is a matter of marking it.
+    let mark = || {
+        if no_start {
+            super::sandbox_lifecycle::mark_stopped(&store, &keep.name)?;
+        }
+        Ok(())
+    };
+    if backend == BackendKind::Native {
+        return super::native::create(&spec, &config, &store, mark).await;
+    }
+    super::run::refuse_uncappable_disk(&spec, backend)?;
+    let engine = backend::connect(backend)?;
+    kept::create(&engine, &spec, &store).await?;
+    if let Err(e) = mark() {
+        let _ = kept::remove(&engine, &store, &keep.name).await;
+        return Err(e);
+    }
+    eprintln!("{}", kept_message(&keep.name, keep.ttl, false));
+    Ok(0)
+}
+
+/// The `run --keep` arguments `create` stands for: no command.
+fn run_args(args: CreateArgs) -> RunArgs {
+    RunArgs {
+        image: args.image,
+        profile: args.profile,
+        keep: true,
+        fast: None,
+        config: args.config,
+        backend: args.backend,
+        template: args.template,
+        ttl: args.ttl,
+        branch: args.branch,
+        name: args.name,
+        no_network: args.no_network,
+        publish: args.publish,
+        ssh: args.ssh,
+        secret: args.secret,
+        secret_file: args.secret_file,
+        placeholder_secrets: args.placeholder_secrets,
+        receipt: None::<PathBuf>,
+        env: args.env,
+        workdir: args.workdir,
+        volume: args.volume,
+        memory: args.memory,
+        cpus: args.cpus,
+        disk: args.disk,
+        timeout: None,
+        pull: args.pull,
+        dry_run: false,
+        command: Vec::new(),
+    }
+}
