@@ -22,6 +22,7 @@
 //!
 //! [`SandboxSpec`]: agentkernel_core::spec::SandboxSpec
 
+pub mod backend;
 pub mod create;
 pub mod detached;
 pub mod engine;
@@ -40,4 +41,5 @@ pub mod pull;
 pub mod seccomp;
 pub mod stdio;
 
+pub use backend::EngineBackend;
 pub use engine::Engine;

@@ -187,7 +187,7 @@ fn hold(plan: &Plan, cgroup: &Cgroup, store: &Store, report: OwnedFd) -> ! {
     exec_plan.action = Action::Exec;
     exec_plan.argv.clear();
     let mut record = keep.record.clone();
-    record.container_id = format!("native pid {}", started.pid);
+    record.handle = format!("native pid {}", started.pid);
     let recorded = (|| -> agentkernel_core::Result<()> {
         let write =
             |path: PathBuf, data: Vec<u8>| agentkernel_core::state::write_atomic(&path, &data);
@@ -388,7 +388,11 @@ fn teardown(store: &Store, name: &str, held: Option<&Held>) {
 /// Kept native sandboxes whose holder died: removed. Returns how many.
 pub fn collect(store: &Store) -> usize {
     let mut n = 0;
-    for record in store.list().into_iter().filter(|r| r.backend == "native") {
+    for record in store
+        .list()
+        .into_iter()
+        .filter(|r| r.backend == agentkernel_core::backend::BackendKind::Native)
+    {
         match Held::load(store, &record.name) {
             Some(held) if held.holder_alive() => {}
             held => {

@@ -3,8 +3,9 @@
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
+use agentkernel_core::backend::BackendKind;
 use agentkernel_core::parse::Protocol;
-use agentkernel_core::policy::{Capabilities, Limits, Seccomp, WorkspaceMode};
+use agentkernel_core::policy::{Capabilities, Seccomp, WorkspaceMode};
 use agentkernel_core::spec::{ExecRequest, SandboxSpec};
 use agentkernel_core::state::{now_unix, SandboxRecord, Store};
 use agentkernel_core::{names, Error, Result};
@@ -34,14 +35,13 @@ pub struct ImageRoot {
 /// an error or, for the profile's default limits, a notice printed here.
 pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<Plan> {
     let rootless = UserMap::for_caller();
-    let (limits, notice) = match rootless {
-        Some(_) => {
-            let enforceable = check_rootless_spec(spec)?;
-            check_rootless_image(image)?;
-            enforceable
-        }
-        None => (spec.policy.limits, None),
-    };
+    // What this backend cannot enforce was refused or dropped by
+    // `backend::admit` (see `NativeBackend::capabilities`); the image's
+    // user is the one check that needs the image.
+    if rootless.is_some() {
+        check_rootless_image(image)?;
+    }
+    let limits = spec.policy.limits;
     let ports = spec
         .ports
         .iter()
@@ -137,21 +137,15 @@ pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<Plan
     let has_cow_workspace = mounts
         .iter()
         .any(|m| matches!(m.kind, MountKind::CopyOnWrite));
-    let mut notice = notice;
+    let mut notice = None;
     if let (Some(bytes), Some(_), true) =
         (spec.policy.limits.disk_bytes, rootless, has_cow_workspace)
     {
-        let cap = format!(
-            "disk cap ({}) covers the root filesystem but not the copy-on-write workspace, which needs root for it",
+        notice = Some(format!(
+            "agentkernel: rootless: the {} profile's disk cap ({}) covers the root filesystem but not the copy-on-write workspace, which needs root for it",
+            spec.policy.profile.as_str(),
             agentkernel_core::parse::format_bytes(bytes)
-        );
-        notice = Some(match notice {
-            Some(n) => format!("{n}; its {cap}"),
-            None => format!(
-                "agentkernel: rootless: the {} profile's {cap}",
-                spec.policy.profile.as_str()
-            ),
-        });
+        ));
     }
     let disk_template = match (spec.policy.limits.disk_bytes, rootless) {
         (Some(bytes), None) if has_cow_workspace => {
@@ -169,8 +163,8 @@ pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<Plan
                 state_root: store.root().to_path_buf(),
                 record: SandboxRecord {
                     name: k.name.clone(),
-                    backend: "native".into(),
-                    container_id: String::new(),
+                    backend: BackendKind::Native,
+                    handle: String::new(),
                     image: spec.image.clone(),
                     profile: spec.policy.profile.as_str().into(),
                     created_unix: now_unix(),
@@ -266,34 +260,6 @@ pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<Plan
         timeout: spec.exec.timeout,
         rootless,
     })
-}
-
-/// What a rootless sandbox cannot do whatever the image: refused before the
-/// image is looked up (or pulled), so a refused run costs no download.
-/// Returns the limits it can enforce and the notice for the dropped ones.
-pub fn check_rootless_spec(spec: &SandboxSpec) -> Result<(Limits, Option<String>)> {
-    if !spec.ports.is_empty() {
-        return Err(Error::not_supported_hint(
-            "publishing ports (-P) from a rootless native sandbox",
-            "run agentkernel as root, or use -B podman / -B docker",
-        ));
-    }
-    if spec.policy.network {
-        if let Err(why) = crate::slirp::usable() {
-            return Err(Error::Conflict(format!(
-                "no network for a rootless native sandbox here: {why}; or pass --no-network"
-            )));
-        }
-    }
-    let cow_workspace =
-        spec.workspace.is_some() && spec.policy.workspace == WorkspaceMode::CopyOnWrite;
-    if cow_workspace && spec.policy.user_limits.disk_bytes.is_some() {
-        return Err(Error::not_supported_hint(
-            "--disk for the copy-on-write workspace of a rootless native sandbox (the cap needs a loop-mounted filesystem)",
-            "run agentkernel as root, or use --profile restrictive (read-only workspace)",
-        ));
-    }
-    crate::rootless::enforceable_limits(&spec.policy)
 }
 
 /// What a rootless sandbox cannot do with this image, refused before

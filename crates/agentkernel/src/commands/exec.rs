@@ -3,7 +3,6 @@
 use agentkernel_core::spec::ExecRequest;
 use agentkernel_core::state::Store;
 use agentkernel_core::{names, parse, Result};
-use agentkernel_docker::kept;
 
 use crate::cli::ExecArgs;
 
@@ -37,14 +36,7 @@ pub async fn exec(args: ExecArgs) -> Result<i32> {
         timeout,
     };
     let store = Store::open_default();
-    let record = store
-        .load(&args.name)?
-        .ok_or_else(|| agentkernel_core::Error::NoSuchSandbox(args.name.clone()))?;
-    if record.backend == "native" {
-        // Never returns on success: the process becomes the helper.
-        return super::native::exec_in(&store, &args.name, &req, None, false);
-    }
-    let engine = crate::backend::connect_named(&record.backend)?;
-    let outcome = kept::exec(&engine, &store, &args.name, &req).await?;
+    let (backend, record) = crate::backend::holding(&store, &args.name)?;
+    let outcome = backend.exec(&record, &req).await?;
     Ok(super::finish(outcome, record.memory_bytes, timeout))
 }

@@ -4,15 +4,15 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use agentkernel_core::backend::{BackendKind, Capabilities, RunOptions};
 use agentkernel_core::config::Config;
 use agentkernel_core::image::{self, ImageSource};
-use agentkernel_core::policy::{Limits, Policy, Seccomp, WorkspaceMode};
+use agentkernel_core::policy::{Limits, Policy, Seccomp};
 use agentkernel_core::spec::{
     ExecRequest, Keep, PullPolicy, SandboxSpec, Workspace, WORKSPACE_PATH,
 };
 use agentkernel_core::state::Store;
 use agentkernel_core::{git, names, parse, paths, Error, Result};
-use agentkernel_docker::{kept, oneshot, pool};
 
 use crate::backend;
 use crate::cli::RunArgs;
@@ -28,40 +28,27 @@ pub async fn run(args: RunArgs) -> Result<i32> {
     for notice in &config.notices {
         eprintln!("agentkernel: notice: {notice}");
     }
-    let backend = backend::choose(args.backend.as_deref(), config.backend.as_deref())?;
+    let kind = backend::choose(args.backend.as_deref(), config.backend.as_deref())?;
+    let store = Store::open_default();
+    let backend = backend::open(kind, &store)?;
+    let capabilities = backend.capabilities();
     // The pool serves one-shot runs without published ports; those take the
     // normal path (explicit combinations are refused in `reject_unsupported`).
     let fast = args.fast.or(config.fast).unwrap_or(true);
     let dry_run = args.dry_run;
-    let (spec, image_source) = resolve(args, &config, &cwd)?;
-    let use_pool = fast
-        && spec.keep.is_none()
-        && spec.ports.is_empty()
-        && backend != backend::BackendKind::Native;
+    let (spec, image_source, notice) = resolve(args, &config, &cwd, &capabilities)?;
+    let warm_pool = fast && spec.keep.is_none() && spec.ports.is_empty() && capabilities.warm_pool;
     if dry_run {
-        let resolved = dry_run_json(&spec, image_source, backend, use_pool);
+        let resolved = dry_run_json(&spec, image_source, kind, warm_pool);
         super::print_stdout(format!("{resolved:#}\n").as_bytes())?;
         return Ok(0);
     }
-
-    let store = Store::open_default();
-    if backend == backend::BackendKind::Native {
-        return super::native::run(&spec, &config, &store).await;
-    }
-    refuse_uncappable_disk(&spec, backend)?;
-    let engine = backend::connect(backend)?;
-    let outcome = if spec.keep.is_some() {
-        kept::run(&engine, &spec, &store).await?
-    } else if use_pool {
-        let settings = pool::Settings {
-            size: config.pool_size.unwrap_or(pool::DEFAULT_SIZE),
-            idle_ttl: config.pool_idle_ttl.unwrap_or(pool::DEFAULT_IDLE_TTL),
-            max_total: config.pool_max_total.unwrap_or(pool::DEFAULT_MAX_TOTAL),
-        };
-        pool::run(&engine, &spec, &store, settings).await?
-    } else {
-        oneshot::run(&engine, &spec, &store).await?
+    let options = RunOptions {
+        config: &config,
+        warm_pool,
+        notice,
     };
+    let outcome = backend.run(&spec, &options).await?;
     Ok(super::finish(
         outcome,
         spec.policy.limits.memory_bytes,
@@ -69,27 +56,17 @@ pub async fn run(args: RunArgs) -> Result<i32> {
     ))
 }
 
-/// Docker and Podman cannot cap a container's writable layer on common
-/// storage set-ups (overlay2 needs XFS with project quotas), nor the
-/// copy-on-write workspace's upper layer: an explicit `--disk` they would
-/// ignore is refused. Under restrictive every writable place is a sized tmpfs,
-/// so the cap holds there. (The profiles' own defaults are documented as not
-/// enforced on these backends.)
-fn refuse_uncappable_disk(spec: &SandboxSpec, backend: backend::BackendKind) -> Result<()> {
-    let policy = &spec.policy;
-    let writable_layers = !policy.read_only_root || policy.workspace == WorkspaceMode::CopyOnWrite;
-    if policy.user_limits.disk_bytes.is_some() && writable_layers {
-        return Err(Error::not_supported_hint(
-            format!("--disk on the {} backend (the engine cannot cap a container's writable layers here)", backend.name()),
-            "use the native backend (-B native), or --profile restrictive, whose writable places are size-capped tmpfs",
-        ));
-    }
-    Ok(())
-}
-
 /// Turns flags and config into a spec, rejecting every invalid or
 /// not-yet-supported combination before anything is created.
-pub fn resolve(args: RunArgs, config: &Config, cwd: &Path) -> Result<(SandboxSpec, ImageSource)> {
+/// Last, the backend's `capabilities` decide what it cannot honour here
+/// (`backend::admit`: refused when asked for; a profile default is dropped,
+/// with the notice returned for the backend to print once the run goes ahead).
+pub fn resolve(
+    args: RunArgs,
+    config: &Config,
+    cwd: &Path,
+    capabilities: &Capabilities,
+) -> Result<(SandboxSpec, ImageSource, Option<String>)> {
     reject_unsupported(&args)?;
 
     let argv = super::utf8_command(args.command)?;
@@ -235,7 +212,7 @@ pub fn resolve(args: RunArgs, config: &Config, cwd: &Path) -> Result<(SandboxSpe
         cwd,
     )?;
 
-    let spec = SandboxSpec {
+    let mut spec = SandboxSpec {
         image,
         pull,
         policy,
@@ -253,7 +230,8 @@ pub fn resolve(args: RunArgs, config: &Config, cwd: &Path) -> Result<(SandboxSpe
             timeout,
         },
     };
-    Ok((spec, source))
+    let notice = agentkernel_core::backend::admit(capabilities, &mut spec)?;
+    Ok((spec, source, notice))
 }
 
 /// `run --dry-run`: what would run, as JSON. Environment values are left out
@@ -261,7 +239,7 @@ pub fn resolve(args: RunArgs, config: &Config, cwd: &Path) -> Result<(SandboxSpe
 fn dry_run_json(
     spec: &SandboxSpec,
     image_source: ImageSource,
-    backend: backend::BackendKind,
+    backend: BackendKind,
     use_pool: bool,
 ) -> serde_json::Value {
     use serde_json::json;

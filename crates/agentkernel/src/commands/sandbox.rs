@@ -3,7 +3,6 @@
 
 use agentkernel_core::state::{now_unix, SandboxRecord, Store};
 use agentkernel_core::{names, parse, Error, Result};
-use agentkernel_docker::{gc, kept, Engine};
 use serde_json::json;
 
 use crate::backend;
@@ -15,10 +14,8 @@ pub async fn sandbox(cmd: SandboxCommand) -> Result<i32> {
         SandboxCommand::List { json } => list(&store, json).await,
         SandboxCommand::Info { name, json } => info(&store, &name, json).await,
         SandboxCommand::Stop { name } => {
-            if !native_set_stopped(&store, &name, true)? {
-                let engine = engine_of(&store, &name)?;
-                kept::stop(&engine, &store, &name).await?;
-            }
+            let (backend, _) = backend::holding(&store, &name)?;
+            backend.stop(&name).await?;
             eprintln!(
                 "agentkernel: stopped {name}: its processes are frozen, its files kept; \
                  `agentkernel sandbox start {name}` resumes it (it still expires at its TTL)"
@@ -26,10 +23,8 @@ pub async fn sandbox(cmd: SandboxCommand) -> Result<i32> {
             Ok(0)
         }
         SandboxCommand::Start { name } => {
-            if !native_set_stopped(&store, &name, false)? {
-                let engine = engine_of(&store, &name)?;
-                kept::start(&engine, &store, &name).await?;
-            }
+            let (backend, _) = backend::holding(&store, &name)?;
+            backend.start(&name).await?;
             eprintln!("agentkernel: started {name}: its processes run again");
             Ok(0)
         }
@@ -38,33 +33,22 @@ pub async fn sandbox(cmd: SandboxCommand) -> Result<i32> {
                 names::validate(name)?;
             }
             for name in &list {
-                if is_native(&store, name)? {
-                    agentkernel_native::kept::remove(&store, name).map_err(|e| Error::Backend {
-                        backend: "native",
-                        message: e.to_string(),
-                    })?;
-                    eprintln!("agentkernel: removed {name}");
-                    continue;
-                }
-                let engine = engine_of(&store, name)?;
-                kept::remove(&engine, &store, name).await?;
+                let (backend, _) = backend::holding(&store, name)?;
+                backend.remove(name).await?;
                 eprintln!("agentkernel: removed {name}");
             }
             Ok(0)
         }
         SandboxCommand::Gc { expire: Some(name) } => {
-            let engine = engine_of(&store, &name)?;
-            kept::expire_when_due(&engine, &store, &name).await;
+            let (backend, _) = backend::holding(&store, &name)?;
+            backend.expire_when_due(&name).await?;
             Ok(0)
         }
         SandboxCommand::Gc { expire: None } => {
             let (mut containers, mut dirs) = (0, 0);
-            dirs += agentkernel_native::gc::orphaned_runs(&store);
-            dirs += agentkernel_native::kept::collect(&store);
-            for engine in backend::engines_in_use(&store) {
-                engine.ping().await?;
-                let c = gc::collect_orphans(engine, store.clone()).await;
-                containers += c.containers.len();
+            for backend in backend::in_use(&store) {
+                let c = backend.gc().await?;
+                containers += c.containers;
                 dirs += c.directories;
             }
             eprintln!(
@@ -75,36 +59,6 @@ pub async fn sandbox(cmd: SandboxCommand) -> Result<i32> {
             Ok(0)
         }
     }
-}
-
-fn is_native(store: &Store, name: &str) -> Result<bool> {
-    Ok(store
-        .load(name)?
-        .ok_or_else(|| Error::NoSuchSandbox(name.to_string()))?
-        .backend
-        == "native")
-}
-
-/// `stop`/`start` of a native sandbox (freeze/thaw); false for other backends.
-fn native_set_stopped(store: &Store, name: &str, stopped: bool) -> Result<bool> {
-    names::validate(name)?;
-    if !is_native(store, name)? {
-        return Ok(false);
-    }
-    agentkernel_native::kept::set_stopped(store, name, stopped).map_err(|e| Error::Backend {
-        backend: "native",
-        message: e.to_string(),
-    })?;
-    Ok(true)
-}
-
-/// The engine holding `name`, from its record.
-fn engine_of(store: &Store, name: &str) -> Result<Engine> {
-    names::validate(name)?;
-    let record = store
-        .load(name)?
-        .ok_or_else(|| Error::NoSuchSandbox(name.to_string()))?;
-    backend::connect_named(&record.backend)
 }
 
 struct Row {
@@ -125,42 +79,20 @@ impl Row {
             "ttl_secs": self.record.ttl_secs,
             "expires_in_secs": self.expires_in,
             "workspace": self.record.workspace,
-            "container_id": self.record.container_id,
+            "container_id": self.record.handle,
         })
     }
 }
 
-/// Live kept sandboxes of every engine in use, after collecting expired ones.
+/// Live kept sandboxes of every backend in use, after collecting expired ones.
 async fn rows(store: &Store) -> Result<Vec<Row>> {
     let mut out = Vec::new();
-    agentkernel_native::kept::collect(store);
-    for record in store.list().into_iter().filter(|r| r.backend == "native") {
-        let Some(status) = agentkernel_native::kept::status(store, &record.name) else {
-            continue;
-        };
-        let expires_in = store
-            .deadline(&record.name)
-            .map(|d| d.saturating_sub(now_unix()));
-        out.push(Row {
-            record,
-            status: status.to_string(),
-            expires_in,
-        });
-    }
-    for engine in backend::engines_in_use(store) {
-        engine.ping().await?;
-        gc::collect_orphans(engine.clone(), store.clone()).await;
-        for record in store
-            .list()
-            .into_iter()
-            .filter(|r| r.backend == engine.name())
-        {
-            let status = match kept::status(&engine, &record.name).await? {
-                None => continue,
-                Some(s) => match s.to_string().as_str() {
-                    "paused" => "stopped".to_string(),
-                    other => other.to_string(),
-                },
+    for backend in backend::in_use(store) {
+        backend.gc().await?;
+        let kind = backend.kind();
+        for record in store.list().into_iter().filter(|r| r.backend == kind) {
+            let Some(status) = backend.status(&record).await? else {
+                continue;
             };
             let expires_in = store
                 .deadline(&record.name)
@@ -229,7 +161,7 @@ async fn info(store: &Store, name: &str, as_json: bool) -> Result<i32> {
     if let Some(w) = &r.workspace {
         println!("workspace:  {}", w.display());
     }
-    println!("container:  {}", r.container_id);
+    println!("container:  {}", r.handle);
     Ok(0)
 }
 
