@@ -20,16 +20,11 @@ pub struct NativeBackend {
 }
 
 impl NativeBackend {
-    /// The native backend, when this machine can run it.
-    pub fn open(store: Store) -> Result<NativeBackend> {
-        if let Err(why) = crate::host::check() {
-            return Err(Error::BackendUnavailable {
-                backend: "native".into(),
-                why,
-                fix: "`agentkernel doctor` explains each backend".into(),
-            });
-        }
-        Ok(NativeBackend { store })
+    /// The native backend over this state store. Whether this machine can
+    /// run new sandboxes is `host::check` (asked when a run chooses it, and
+    /// by `probe`); existing ones can always be listed, stopped and removed.
+    pub fn new(store: Store) -> NativeBackend {
+        NativeBackend { store }
     }
 
     /// For `--branch`: the sandbox's record, waiting for a concurrent

@@ -13,7 +13,7 @@ use agentkernel_native::NativeBackend;
 pub fn open(kind: BackendKind, store: &Store) -> Result<Box<dyn Backend>> {
     let store = store.clone();
     match kind {
-        BackendKind::Native => Ok(Box::new(NativeBackend::open(store)?)),
+        BackendKind::Native => Ok(Box::new(NativeBackend::new(store))),
         BackendKind::Docker => Ok(Box::new(EngineBackend::docker(store))),
         BackendKind::Podman => Ok(Box::new(EngineBackend::podman(store))),
         BackendKind::Firecracker | BackendKind::Qemu | BackendKind::Apple => {
@@ -54,6 +54,15 @@ pub fn choose(flag: Option<&str>, configured: Option<&str>) -> Result<BackendKin
     let kind = BackendKind::parse(name)?;
     if unbuilt_reason(kind).is_some() {
         return Err(not_built(name));
+    }
+    if kind == BackendKind::Native {
+        if let Err(why) = agentkernel_native::host::check() {
+            return Err(Error::BackendUnavailable {
+                backend: "native".into(),
+                why,
+                fix: "`agentkernel doctor` explains each backend".into(),
+            });
+        }
     }
     Ok(kind)
 }
@@ -96,14 +105,12 @@ pub fn holding(
     Ok((open(record.backend, store)?, record))
 }
 
-/// Backends that may hold our sandboxes: native when it works here, Docker
-/// when reachable without a request, Podman when it has kept sandboxes or a
-/// service is listening. (Never starts a Podman service just to look.)
+/// Backends that may hold our sandboxes: native (its state is ours alone),
+/// Docker when reachable without a request, Podman when it has kept
+/// sandboxes or a service is listening. (Never starts a Podman service just
+/// to look.)
 pub fn in_use(store: &Store) -> Vec<Box<dyn Backend>> {
-    let mut found: Vec<Box<dyn Backend>> = Vec::new();
-    if let Ok(native) = NativeBackend::open(store.clone()) {
-        found.push(Box::new(native));
-    }
+    let mut found: Vec<Box<dyn Backend>> = vec![Box::new(NativeBackend::new(store.clone()))];
     found.extend(
         engines_in_use(store)
             .into_iter()
