@@ -44,10 +44,7 @@ impl NativeBackend {
 }
 
 fn backend_error(e: std::io::Error) -> Error {
-    Error::Backend {
-        backend: "native",
-        message: e.to_string(),
-    }
+    crate::Error::from(e).into()
 }
 
 #[async_trait::async_trait(?Send)]
@@ -108,18 +105,13 @@ impl Backend for NativeBackend {
             }
         }
         let image = images::image_root(spec, options.config).await?;
-        let plan = prepare::plan(spec, &image, &self.store)?;
+        let (plan, _claim) = prepare::plan(spec, &image, &self.store)?;
         if let Some(notice) = &options.notice {
             eprintln!("{notice}");
         }
         // On success the process becomes the helper, which exits with the
-        // command's code.
-        let err = helper::exec_helper(&plan);
-        let _ = std::fs::remove_dir_all(&plan.scratch);
-        if let Some(keep) = &plan.keep {
-            let _ = self.store.forget(&keep.name);
-        }
-        Err(err)
+        // command's code; on failure `_claim` releases the name and scratch.
+        Err(crate::Error::from(helper::exec_helper(&plan)).into())
     }
 
     async fn exec(&self, record: &SandboxRecord, request: &ExecRequest) -> Result<Outcome> {
@@ -151,7 +143,8 @@ impl Backend for NativeBackend {
     async fn probe(&self) -> Result<Probe> {
         let found = crate::host::check().map_err(|why| Error::BackendUnavailable {
             backend: "native".into(),
-            why,
+            why: why.to_string(),
+            // doctor is what the usual fix points to: say nothing more.
             fix: String::new(),
         })?;
         Ok(Probe::Ready {

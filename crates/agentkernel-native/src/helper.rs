@@ -8,10 +8,10 @@ use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::os::unix::process::CommandExt;
 
+use crate::error::{Error, HandoffError};
 use agentkernel_core::exit::{finish, AGENTKERNEL_ERROR};
 use agentkernel_core::spec::ExecRequest;
 use agentkernel_core::state::Store;
-use agentkernel_core::Error;
 
 use crate::plan::Action;
 use crate::{join, kept, prepare, rootless, sandbox, Plan, HELPER_SUBCOMMAND};
@@ -24,44 +24,40 @@ pub fn exec_in(
     request: &ExecRequest,
     ttl: Option<std::time::Duration>,
     reused: bool,
-) -> Error {
+) -> agentkernel_core::Error {
     let path = kept::plan_file(store, name);
     let sandbox: Plan = match std::fs::read(&path)
         .and_then(|data| serde_json::from_slice(&data).map_err(std::io::Error::other))
     {
         Ok(plan) => plan,
-        Err(e) => return Error::state(&path, e),
+        Err(e) => return agentkernel_core::Error::state(&path, e),
     };
     let mut plan = prepare::for_command(&sandbox, request);
     if let Some(keep) = plan.keep.as_mut() {
         keep.ttl = ttl.unwrap_or(keep.ttl);
         keep.reused = reused;
     }
-    exec_helper(&plan)
+    Error::from(exec_helper(&plan)).into()
 }
 
 /// Hands the plan to a fresh copy of ourselves on an inherited memfd.
 /// Returns only on failure.
-pub fn exec_helper(plan: &Plan) -> Error {
-    let fail = |why: String| Error::Backend {
-        backend: "native",
-        message: why,
-    };
+pub fn exec_helper(plan: &Plan) -> HandoffError {
     let json = match serde_json::to_vec(plan) {
         Ok(j) => j,
-        Err(e) => return fail(format!("cannot encode the sandbox plan: {e}")),
+        Err(e) => return HandoffError::Encode(e),
     };
     let name = c"agentkernel-plan";
     // SAFETY: a valid C string; the new fd is owned by `file` below. No
     // MFD_CLOEXEC: the helper inherits it across exec.
     let fd = unsafe { libc::memfd_create(name.as_ptr(), 0) };
     if fd < 0 {
-        return fail(format!("memfd_create: {}", std::io::Error::last_os_error()));
+        return HandoffError::Memfd(std::io::Error::last_os_error());
     }
     // SAFETY: just created, ours.
     let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
     if let Err(e) = file.write_all(&json) {
-        return fail(format!("cannot write the sandbox plan: {e}"));
+        return HandoffError::Write(e);
     }
     let fd = file.into_raw_fd();
     let _ = std::io::stdout().flush();
@@ -71,7 +67,7 @@ pub fn exec_helper(plan: &Plan) -> Error {
         .arg(HELPER_SUBCOMMAND)
         .arg(fd.to_string())
         .exec();
-    fail(format!("cannot start the sandbox helper: {e}"))
+    HandoffError::Exec(e)
 }
 
 /// `agentkernel __native-sandbox <fd>`: the helper's entry point, reached
@@ -120,17 +116,17 @@ pub fn main(fd_arg: Option<String>) -> i32 {
     }
 }
 
-fn read_plan(fd_arg: Option<String>) -> std::result::Result<Plan, String> {
+fn read_plan(fd_arg: Option<String>) -> Result<Plan, HandoffError> {
     let fd: i32 = fd_arg
         .and_then(|f| f.parse().ok())
         .filter(|fd| *fd > 2)
-        .ok_or("the sandbox helper is internal; use `agentkernel run -B native`")?;
+        .ok_or(HandoffError::NotInherited)?;
     // SAFETY: the fd was inherited from the run process that exec'd us and is
     // used only here.
     let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
     let mut json = Vec::new();
     std::io::Seek::rewind(&mut file)
         .and_then(|_| file.read_to_end(&mut json))
-        .map_err(|e| format!("cannot read the sandbox plan: {e}"))?;
-    serde_json::from_slice(&json).map_err(|e| format!("bad sandbox plan: {e}"))
+        .map_err(HandoffError::Read)?;
+    serde_json::from_slice(&json).map_err(HandoffError::Decode)
 }

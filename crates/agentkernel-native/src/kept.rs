@@ -64,26 +64,44 @@ pub fn plan_file(store: &Store, name: &str) -> PathBuf {
     store.sandbox_dir(name).join("plan.json")
 }
 
+/// Until the holder exists: the name's reservation and the cgroup, released
+/// on drop (every early return of `create`).
+struct Unwind<'a> {
+    store: &'a Store,
+    name: &'a str,
+    cgroup: Option<&'a Cgroup>,
+}
+
+impl Drop for Unwind<'_> {
+    fn drop(&mut self) {
+        if let Some(cgroup) = self.cgroup {
+            cgroup.remove();
+        }
+        let _ = self.store.forget(self.name);
+    }
+}
+
 /// Builds the sandbox under a detached holder and returns once it runs (or
 /// with the reason it could not be built). Call from a single-threaded process.
 pub fn create(plan: &Plan) -> io::Result<()> {
     let keep = plan.keep.as_ref().expect("kept plan");
     let store = Store::new(keep.state_root.clone());
-    let forget = || {
-        let _ = store.forget(&keep.name);
+    let name_only = Unwind {
+        store: &store,
+        name: &keep.name,
+        cgroup: None,
     };
-    let cgroup = match Cgroup::for_plan(plan) {
-        Ok(c) => c,
-        Err(e) => {
-            forget();
-            return Err(sys::context("cannot create the sandbox's cgroup")(e));
-        }
+    let cgroup =
+        Cgroup::for_plan(plan).map_err(sys::context("cannot create the sandbox's cgroup"))?;
+    std::mem::forget(name_only);
+    let unwind = Unwind {
+        store: &store,
+        name: &keep.name,
+        cgroup: Some(&cgroup),
     };
     let mut fds = [0; 2];
     // SAFETY: pipe2 writes two fds into the array.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        cgroup.remove();
-        forget();
         return Err(io::Error::last_os_error());
     }
     // SAFETY: both fds were just created and are ours.
@@ -95,10 +113,11 @@ pub fn create(plan: &Plan) -> io::Result<()> {
     // SAFETY: single-threaded process (the helper); the child only forks again.
     let middle = unsafe { libc::fork() };
     if middle < 0 {
-        cgroup.remove();
-        forget();
         return Err(io::Error::last_os_error());
     }
+    // From here the holder owns the name and the cgroup (and releases them
+    // itself if it fails).
+    std::mem::forget(unwind);
     if middle == 0 {
         drop(report_r);
         // SAFETY: new session, then the holder; the middle process just exits.

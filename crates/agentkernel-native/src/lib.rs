@@ -12,6 +12,7 @@ mod caps;
 pub mod cgroup;
 mod command;
 pub mod disk;
+pub mod error;
 pub mod gc;
 pub mod helper;
 pub mod host;
@@ -31,6 +32,7 @@ pub mod trace;
 mod user;
 
 pub use backend::NativeBackend;
+pub use error::Error;
 pub use plan::Plan;
 
 /// PATH for images that set none (Docker's default).

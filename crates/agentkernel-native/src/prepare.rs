@@ -33,7 +33,29 @@ pub struct ImageRoot {
 /// Builds the plan and the run's scratch directory. Without root, the plan
 /// is a rootless one (see rootless.rs), and what it cannot enforce is either
 /// an error or, for the profile's default limits, a notice printed here.
-pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<Plan> {
+/// What a plan holds on the host until the helper takes it over: the kept
+/// sandbox's name reservation and the scratch directory. Released when
+/// dropped — on every error path, and when the helper cannot be started; a
+/// successful hand-off replaces the process, so it is never dropped then.
+pub struct HostClaim {
+    store: Store,
+    name: Option<String>,
+    scratch: Option<PathBuf>,
+}
+
+impl Drop for HostClaim {
+    fn drop(&mut self) {
+        if let Some(scratch) = &self.scratch {
+            let _ = std::fs::remove_dir_all(scratch);
+        }
+        if let Some(name) = &self.name {
+            let _ = self.store.forget(name);
+        }
+    }
+}
+
+/// The plan for `spec`, and the claim on the host it holds.
+pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<(Plan, HostClaim)> {
     let rootless = UserMap::for_caller();
     // What this backend cannot enforce was refused or dropped by
     // `backend::admit` (see `NativeBackend::capabilities`); the image's
@@ -153,10 +175,16 @@ pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<Plan
         }
         _ => None,
     };
+    let mut claim = HostClaim {
+        store: store.clone(),
+        name: None,
+        scratch: None,
+    };
     let keep = match &spec.keep {
         Some(k) => {
             // The atomic name reservation: a clash is an error naming the fix.
             store.reserve(&k.name)?;
+            claim.name = Some(k.name.clone());
             Some(KeepPlan {
                 name: k.name.clone(),
                 ttl: k.ttl,
@@ -192,29 +220,20 @@ pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<Plan
         }
         None => store.run_scratch(&id, &["layer"])?,
     };
+    claim.scratch = Some(scratch.clone());
     crate::trace::phase("cli: scratch dir made");
     let workspace_disk = match disk_template {
         Some((template, bytes)) => {
             let image = crate::disk::create_workspace_image(&template, &scratch, bytes);
             crate::trace::phase("cli: workspace disk image made");
-            match image {
-                Ok(image) => Some(image),
-                Err(e) => {
-                    // Nothing left behind: the scratch dir and the name.
-                    let _ = std::fs::remove_dir_all(&scratch);
-                    if let Some(k) = &keep {
-                        let _ = store.forget(&k.name);
-                    }
-                    return Err(e);
-                }
-            }
+            Some(image?)
         }
         None => None,
     };
     if let Some(notice) = notice {
         eprintln!("{notice}");
     }
-    Ok(Plan {
+    let plan = Plan {
         action: if keep.is_some() {
             Action::CreateKept
         } else {
@@ -259,7 +278,8 @@ pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<Plan
         tty: spec.exec.tty,
         timeout: spec.exec.timeout,
         rootless,
-    })
+    };
+    Ok((plan, claim))
 }
 
 /// What a rootless sandbox cannot do with this image, refused before

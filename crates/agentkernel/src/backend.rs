@@ -56,13 +56,7 @@ pub fn choose(flag: Option<&str>, configured: Option<&str>) -> Result<BackendKin
         return Err(not_built(name));
     }
     if kind == BackendKind::Native {
-        if let Err(why) = agentkernel_native::host::check() {
-            return Err(Error::BackendUnavailable {
-                backend: "native".into(),
-                why,
-                fix: "`agentkernel doctor` explains each backend".into(),
-            });
-        }
+        agentkernel_native::host::check().map_err(agentkernel_native::Error::from)?;
     }
     Ok(kind)
 }
@@ -77,7 +71,10 @@ fn auto() -> Result<BackendKind> {
     if std::env::var_os("CONTAINER_HOST").is_some_and(|h| !h.is_empty()) || podman::installed() {
         return Ok(BackendKind::Podman);
     }
-    let native_why = agentkernel_native::host::check().err().unwrap_or_default();
+    let native_why = agentkernel_native::host::check()
+        .err()
+        .map(|why| why.to_string())
+        .unwrap_or_default();
     Err(Error::BackendUnavailable {
         backend: "any".into(),
         why: format!(
