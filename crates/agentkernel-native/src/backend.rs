@@ -43,7 +43,7 @@ impl NativeBackend {
     }
 }
 
-fn backend_error(e: std::io::Error) -> Error {
+fn backend_error(e: crate::error::KeptError) -> Error {
     crate::Error::from(e).into()
 }
 

@@ -59,6 +59,39 @@ pub enum HandoffError {
     Exec(#[source] io::Error),
 }
 
+/// A kept native sandbox cannot be used, stopped or removed.
+#[derive(Debug, thiserror::Error)]
+pub enum KeptError {
+    #[error("sandbox {0} is gone; `agentkernel sandbox gc` removes what it left")]
+    Gone(String),
+    #[error(
+        "sandbox {0} is gone (its holder exited); `agentkernel sandbox gc` removes what it left"
+    )]
+    HolderExited(String),
+    #[error("sandbox {0} is stopped; `agentkernel sandbox start {0}` resumes it")]
+    Stopped(String),
+    #[error("sandbox {0} is rootless: stopping it needs a freezer cgroup, which only root can create here; `agentkernel sandbox remove {0}` ends it")]
+    NoFreezer(String),
+    #[error(
+        "cannot remove sandbox {0}: permission denied; run agentkernel as its owner (or root)"
+    )]
+    RemoveDenied(String),
+    #[error("sandbox {name} could not be removed: {} is still there; run agentkernel as its owner (or root), then `agentkernel sandbox gc`", dir.display())]
+    StillThere {
+        name: String,
+        dir: std::path::PathBuf,
+    },
+    #[error("the sandbox's holder exited during setup")]
+    HolderDiedInSetup,
+    /// The holder's own one-line report of why setup failed.
+    #[error("{0}")]
+    Setup(String),
+    #[error(transparent)]
+    State(#[from] agentkernel_core::Error),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
 /// Any native backend failure.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -68,6 +101,8 @@ pub enum Error {
     Slirp(#[from] SlirpUnusable),
     #[error(transparent)]
     Handoff(#[from] HandoffError),
+    #[error(transparent)]
+    Kept(#[from] KeptError),
     /// The runtime (namespaces, cgroups, mounts) failed; the message says where.
     #[error(transparent)]
     Runtime(#[from] io::Error),
@@ -81,6 +116,7 @@ impl From<Error> for agentkernel_core::Error {
                 why: why.to_string(),
                 fix: "`agentkernel doctor` explains each backend".into(),
             },
+            Error::Kept(KeptError::State(e)) => e,
             other => agentkernel_core::Error::Backend {
                 backend: "native",
                 message: other.to_string(),

@@ -89,14 +89,16 @@ pub fn main(fd_arg: Option<String>) -> i32 {
             return AGENTKERNEL_ERROR;
         }
     }
-    let outcome = match plan.action {
-        Action::Run => sandbox::run(&plan),
-        Action::CreateKept => kept::create(&plan).and_then(|()| {
-            let mut first = plan.clone();
-            first.action = Action::Exec;
-            join::exec(&first)
-        }),
-        Action::Exec => join::exec(&plan),
+    let outcome: Result<_, Error> = match plan.action {
+        Action::Run => sandbox::run(&plan).map_err(Error::from),
+        Action::CreateKept => kept::create(&plan)
+            .and_then(|()| {
+                let mut first = plan.clone();
+                first.action = Action::Exec;
+                join::exec(&first)
+            })
+            .map_err(Error::from),
+        Action::Exec => join::exec(&plan).map_err(Error::from),
     };
     if let (Some(keep), Action::CreateKept | Action::Exec) = (&plan.keep, &plan.action) {
         let reused = keep.reused;

@@ -16,6 +16,7 @@ use agentkernel_core::state::{now_unix, proc_stat_field, Owner, Store};
 use serde::{Deserialize, Serialize};
 
 use crate::cgroup::Cgroup;
+use crate::error::KeptError;
 use crate::plan::{Action, Plan};
 use crate::sandbox::{self, kill, wait_for};
 use crate::sys;
@@ -83,7 +84,7 @@ impl Drop for Unwind<'_> {
 
 /// Builds the sandbox under a detached holder and returns once it runs (or
 /// with the reason it could not be built). Call from a single-threaded process.
-pub fn create(plan: &Plan) -> io::Result<()> {
+pub fn create(plan: &Plan) -> Result<(), KeptError> {
     let keep = plan.keep.as_ref().expect("kept plan");
     let store = Store::new(keep.state_root.clone());
     let name_only = Unwind {
@@ -102,7 +103,7 @@ pub fn create(plan: &Plan) -> io::Result<()> {
     let mut fds = [0; 2];
     // SAFETY: pipe2 writes two fds into the array.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(io::Error::last_os_error());
+        return Err(io::Error::last_os_error().into());
     }
     // SAFETY: both fds were just created and are ours.
     let (report_r, report_w) =
@@ -113,7 +114,7 @@ pub fn create(plan: &Plan) -> io::Result<()> {
     // SAFETY: single-threaded process (the helper); the child only forks again.
     let middle = unsafe { libc::fork() };
     if middle < 0 {
-        return Err(io::Error::last_os_error());
+        return Err(io::Error::last_os_error().into());
     }
     // From here the holder owns the name and the cgroup (and releases them
     // itself if it fails).
@@ -145,10 +146,8 @@ pub fn create(plan: &Plan) -> io::Result<()> {
     let answer = String::from_utf8_lossy(&answer);
     match answer.strip_prefix("ok") {
         Some(_) => Ok(()),
-        None if answer.is_empty() => {
-            Err(io::Error::other("the sandbox's holder exited during setup"))
-        }
-        None => Err(io::Error::other(answer.trim().to_string())),
+        None if answer.is_empty() => Err(KeptError::HolderDiedInSetup),
+        None => Err(KeptError::Setup(answer.trim().to_string())),
     }
 }
 
@@ -350,13 +349,8 @@ fn detach_stdio() {
 /// `sandbox remove`: asks the holder to end the sandbox and waits for it;
 /// if the holder is gone, removes what it left. Fails (rather than claiming
 /// success) when the sandbox is another user's or its directory stays.
-pub fn remove(store: &Store, name: &str) -> io::Result<()> {
-    let denied = || {
-        io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            format!("cannot remove sandbox {name}: permission denied; run agentkernel as its owner (or root)"),
-        )
-    };
+pub fn remove(store: &Store, name: &str) -> Result<(), KeptError> {
+    let denied = || KeptError::RemoveDenied(name.to_string());
     match Held::load(store, name) {
         Some(held) if held.holder_alive() => {
             if let Some(pid) = held.holder_pid() {
@@ -380,11 +374,11 @@ pub fn remove(store: &Store, name: &str) -> io::Result<()> {
     match std::fs::symlink_metadata(store.sandbox_dir(name)) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::PermissionDenied => Err(denied()),
-        Err(e) => Err(e),
-        Ok(_) => Err(io::Error::other(format!(
-            "sandbox {name} could not be removed: {} is still there; run agentkernel as its owner (or root), then `agentkernel sandbox gc`",
-            store.sandbox_dir(name).display()
-        ))),
+        Err(e) => Err(e.into()),
+        Ok(_) => Err(KeptError::StillThere {
+            name: name.to_string(),
+            dir: store.sandbox_dir(name),
+        }),
     }
 }
 
@@ -436,18 +430,12 @@ pub fn status(store: &Store, name: &str) -> Option<&'static str> {
 
 /// `sandbox stop` (freeze: processes and files kept, no CPU used; the TTL
 /// still runs) and `sandbox start` (thaw).
-pub fn set_stopped(store: &Store, name: &str, stopped: bool) -> io::Result<()> {
+pub fn set_stopped(store: &Store, name: &str, stopped: bool) -> Result<(), KeptError> {
     let held = Held::load(store, name)
         .filter(Held::holder_alive)
-        .ok_or_else(|| {
-            io::Error::other(format!(
-                "sandbox {name} is gone; `agentkernel sandbox gc` removes what it left"
-            ))
-        })?;
+        .ok_or_else(|| KeptError::Gone(name.to_string()))?;
     if held.cgroup.dirs.is_empty() {
-        return Err(io::Error::other(format!(
-            "sandbox {name} is rootless: stopping it needs a freezer cgroup, which only root can create here; `agentkernel sandbox remove {name}` ends it"
-        )));
+        return Err(KeptError::NoFreezer(name.to_string()));
     }
-    held.cgroup.set_frozen(stopped)
+    Ok(held.cgroup.set_frozen(stopped)?)
 }
