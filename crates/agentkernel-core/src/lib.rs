@@ -3,11 +3,14 @@
 //! Everything a backend needs to know about a sandbox is resolved here into a
 //! [`spec::SandboxSpec`]; backends only translate it, they never decide policy.
 
+pub mod backend;
 pub mod cgroup;
 pub mod config;
 mod config_keys;
+pub mod copy;
 pub mod egress;
 pub mod error;
+pub mod exit;
 pub mod git;
 pub mod image;
 pub mod names;

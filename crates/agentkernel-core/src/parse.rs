@@ -377,6 +377,11 @@ pub fn port(text: &str) -> Result<PortMapping> {
     })
 }
 
+/// "1 layer", "2 layers".
+pub fn counted(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

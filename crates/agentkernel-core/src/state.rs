@@ -27,13 +27,18 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use crate::backend::BackendKind;
 use crate::{Error, Result};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct SandboxRecord {
     pub name: String,
-    pub backend: String,
-    pub container_id: String,
+    pub backend: BackendKind,
+    /// The backend's own handle on the sandbox (a container id, a holder
+    /// pid): opaque to everything but that backend. Records written before
+    /// it was renamed call it `container_id`.
+    #[serde(alias = "container_id")]
+    pub handle: String,
     pub image: String,
     pub profile: String,
     pub created_unix: u64,
@@ -592,8 +597,8 @@ mod tests {
     fn record(name: &str) -> SandboxRecord {
         SandboxRecord {
             name: name.into(),
-            backend: "docker".into(),
-            container_id: "abc".into(),
+            backend: BackendKind::Docker,
+            handle: "abc".into(),
             image: "alpine:3.20".into(),
             profile: "moderate".into(),
             created_unix: 1,
@@ -601,6 +606,17 @@ mod tests {
             workspace: None,
             memory_bytes: None,
         }
+    }
+
+    #[test]
+    fn records_written_before_the_typed_backend_still_read() {
+        let old = r#"{"name":"a","backend":"podman","container_id":"c0ffee","image":"alpine",
+            "profile":"moderate","created_unix":1,"ttl_secs":60,"workspace":null}"#;
+        let r: SandboxRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(
+            (r.backend, r.handle.as_str()),
+            (BackendKind::Podman, "c0ffee")
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Connection to a Docker-API engine (Docker itself, or Podman's compatible
 //! API), and the mapping of its errors to user-facing ones.
 
+use agentkernel_core::backend::BackendKind;
 use agentkernel_core::Error;
 use bollard::errors::Error as BollardError;
 use bollard::{ClientVersion, Docker};
@@ -84,6 +85,14 @@ impl Engine {
 
     pub fn name(&self) -> &'static str {
         self.flavor.name()
+    }
+
+    /// Which backend this engine is.
+    pub fn kind(&self) -> BackendKind {
+        match self.flavor {
+            Flavor::Docker => BackendKind::Docker,
+            Flavor::Podman => BackendKind::Podman,
+        }
     }
 
     /// Checks the engine answers.

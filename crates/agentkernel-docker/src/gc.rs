@@ -103,7 +103,7 @@ pub async fn collect_orphans(engine: Engine, store: Store) -> Collected {
 
     // Records whose container is gone expired on their own (the engine removed them).
     for record in store.list() {
-        if record.backend != engine.name() || kept_names.contains(&record.name) {
+        if record.backend != engine.kind() || kept_names.contains(&record.name) {
             continue;
         }
         // Created after our listing? Ask the engine about this one before forgetting it.

@@ -168,8 +168,8 @@ pub async fn create(engine: &Engine, spec: &SandboxSpec, store: &Store) -> Resul
         print_ports(engine, &name, spec).await;
         store.commit(&SandboxRecord {
             name: keep.name.clone(),
-            backend: engine.name().into(),
-            container_id,
+            backend: engine.kind(),
+            handle: container_id,
             image: spec.image.clone(),
             profile: spec.policy.profile.to_string(),
             created_unix: now_unix(),

@@ -22,6 +22,8 @@
 //!
 //! [`SandboxSpec`]: agentkernel_core::spec::SandboxSpec
 
+pub mod backend;
+pub mod copy;
 pub mod create;
 pub mod detached;
 pub mod engine;
@@ -41,4 +43,5 @@ pub mod seccomp;
 pub mod stdio;
 pub mod stop;
 
+pub use backend::EngineBackend;
 pub use engine::Engine;

@@ -67,7 +67,7 @@ impl Default for Settings {
 /// What `pool refill` needs to create more containers of a key.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct KeyFile {
-    pub backend: String,
+    pub backend: agentkernel_core::backend::BackendKind,
     pub image: String,
     /// The spec with the image replaced by its ID and no per-run parts.
     pub spec: SandboxSpec,
@@ -151,7 +151,7 @@ pub async fn run(
     // (Re)written when the settings changed, so the refill follows the config.
     if load_key_file(store, &key).ok().map(|f| f.settings) != Some(settings) {
         let file = KeyFile {
-            backend: engine.name().into(),
+            backend: engine.kind(),
             image: spec.image.clone(),
             spec: warm,
             settings,
@@ -735,7 +735,7 @@ pub async fn status(engine: &Engine, store: &Store) -> Vec<KeyStatus> {
             let Ok(file) = load_key_file(store, key) else {
                 continue;
             };
-            if file.backend != engine.name() {
+            if file.backend != engine.kind() {
                 continue;
             }
             let entry = by_key

@@ -16,6 +16,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 
+use agentkernel_core::copy::{base_name, host_error, report_skipped};
 use agentkernel_core::state::{proc_stat_field, stat_field, Store};
 
 use crate::kept::Held;
@@ -331,4 +332,81 @@ fn openat(dir: &OwnedFd, name: &str, flags: i32, mode: u32) -> io::Result<OwnedF
     }
     // SAFETY: a fresh descriptor returned by openat.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn native_error(e: io::Error) -> agentkernel_core::Error {
+    crate::Error::from(e).into()
+}
+
+/// `sandbox cp HOST NAME:PATH`: into the kept sandbox `name` (into `path`
+/// when it is a directory there).
+pub fn copy_in(store: &Store, name: &str, host: &Path, path: &str) -> agentkernel_core::Result<()> {
+    let root = SandboxRoot::open(store, name).map_err(native_error)?;
+    let meta = std::fs::metadata(host).map_err(|e| host_error(host, e))?;
+    let target = if path.ends_with('/') || root.is_dir(path) {
+        format!(
+            "{}/{}",
+            path.trim_end_matches('/'),
+            base_name(&host.to_string_lossy())?
+        )
+    } else {
+        path.to_string()
+    };
+    let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions());
+    if meta.is_dir() {
+        let dir = root.create_dir(&target, mode).map_err(native_error)?;
+        let mut skipped = Vec::new();
+        copy_dir_in(host, &dir, &mut skipped).map_err(native_error)?;
+        report_skipped(&skipped, "not a file, directory or symlink");
+        return Ok(());
+    }
+    if !meta.is_file() {
+        return Err(agentkernel_core::Error::invalid(
+            "host path",
+            host.to_string_lossy(),
+            "is not a regular file or directory",
+        ));
+    }
+    let mut from = File::open(host).map_err(|e| host_error(host, e))?;
+    let mut to = root.create_file(&target, mode).map_err(native_error)?;
+    io::copy(&mut from, &mut to).map_err(native_error)?;
+    Ok(())
+}
+
+/// `sandbox cp NAME:PATH HOST`: out of the kept sandbox `name` (into `host`
+/// when it is a directory).
+pub fn copy_out(
+    store: &Store,
+    name: &str,
+    path: &str,
+    host: &Path,
+) -> agentkernel_core::Result<()> {
+    let root = SandboxRoot::open(store, name).map_err(native_error)?;
+    let target = if host.is_dir() {
+        host.join(base_name(path)?)
+    } else {
+        host.to_path_buf()
+    };
+    match root.source(path).map_err(native_error)? {
+        Source::File(mut from, mode) => {
+            let mut to = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(mode)
+                .open(&target)
+                .map_err(|e| host_error(&target, e))?;
+            io::copy(&mut from, &mut to).map_err(|e| host_error(&target, e))?;
+            Ok(())
+        }
+        Source::Dir(dir, mode) => {
+            let mut skipped = Vec::new();
+            copy_dir_out(&dir, mode, &target, &mut skipped).map_err(native_error)?;
+            report_skipped(
+                &skipped,
+                "only files and directories are copied out of a sandbox",
+            );
+            Ok(())
+        }
+    }
 }

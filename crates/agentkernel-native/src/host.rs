@@ -3,6 +3,8 @@
 
 use std::fs;
 
+use crate::error::HostUnsupported;
+
 /// What the native runtime found on this host.
 #[derive(Debug, Clone)]
 pub struct Support {
@@ -13,7 +15,7 @@ pub struct Support {
 
 /// `Ok` with what was found, or the reason native sandboxes cannot run here
 /// (one line, with the fix).
-pub fn check() -> Result<Support, String> {
+pub fn check() -> Result<Support, HostUnsupported> {
     // SAFETY: geteuid has no preconditions.
     let rootless = unsafe { libc::geteuid() } != 0;
     if rootless {
@@ -21,14 +23,11 @@ pub fn check() -> Result<Support, String> {
     }
     let filesystems = fs::read_to_string("/proc/filesystems").unwrap_or_default();
     if !filesystems.lines().any(|l| l.ends_with("\toverlay")) {
-        return Err(
-            "the kernel has no overlayfs (try `modprobe overlay`), which the sandbox root needs"
-                .into(),
-        );
+        return Err(HostUnsupported::NoOverlayfs);
     }
     for ns in ["pid", "net", "mnt", "uts", "ipc", "cgroup"] {
         if fs::metadata(format!("/proc/self/ns/{ns}")).is_err() {
-            return Err(format!("the kernel has no {ns} namespaces"));
+            return Err(HostUnsupported::NoNamespace(ns));
         }
     }
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
@@ -38,9 +37,7 @@ pub fn check() -> Result<Support, String> {
         // overlayfs in a user namespace: 5.11; RLIMIT_NPROC counted per
         // user namespace (the rootless pids limit): 5.14.
         if kernel_version(&kernel) < (5, 14) {
-            return Err(format!(
-                "rootless native sandboxes need Linux 5.14 or later (this is {kernel}); run as root or use -B podman"
-            ));
+            return Err(HostUnsupported::RootlessKernelTooOld { kernel });
         }
         let network = match crate::slirp::usable() {
             Ok(_) => "network via slirp4netns".to_string(),
@@ -53,7 +50,7 @@ pub fn check() -> Result<Support, String> {
     }
     let cgroup = if crate::cgroup::host_is_v1() {
         if !crate::cgroup::v1_controllers_mounted() {
-            return Err("cgroup v1 without the memory, cpu and pids controllers mounted; mount them or boot with cgroup v2".into());
+            return Err(HostUnsupported::CgroupV1ControllersMissing);
         }
         "cgroup v1"
     } else {
@@ -61,7 +58,7 @@ pub fn check() -> Result<Support, String> {
             fs::read_to_string("/sys/fs/cgroup/cgroup.controllers").unwrap_or_default();
         for c in ["memory", "cpu", "pids"] {
             if !controllers.split_whitespace().any(|x| x == c) {
-                return Err(format!("cgroup v2 without the {c} controller"));
+                return Err(HostUnsupported::CgroupV2ControllerMissing(c));
             }
         }
         "cgroup v2"
@@ -74,21 +71,20 @@ pub fn check() -> Result<Support, String> {
 
 /// Whether an unprivileged process may create user namespaces here: the
 /// switches distributions use to turn that off, each named with its fix.
-fn check_user_namespaces() -> Result<(), String> {
+fn check_user_namespaces() -> Result<(), HostUnsupported> {
     let sysctl = |name: &str| {
         fs::read_to_string(format!("/proc/sys/{}", name.replace('.', "/")))
             .ok()
             .map(|v| v.trim().to_string())
     };
-    let fix = "run agentkernel as root, or use -B podman / -B docker";
     if sysctl("kernel.unprivileged_userns_clone").as_deref() == Some("0") {
-        return Err(format!("rootless native sandboxes need unprivileged user namespaces, which this kernel disables (sysctl kernel.unprivileged_userns_clone=0; set it to 1), or {fix}"));
+        return Err(HostUnsupported::UnprivilegedUsernsDisabled);
     }
     if sysctl("user.max_user_namespaces").as_deref() == Some("0") {
-        return Err(format!("rootless native sandboxes need user namespaces, and sysctl user.max_user_namespaces is 0 (raise it), or {fix}"));
+        return Err(HostUnsupported::NoUserNamespacesAllowed);
     }
     if sysctl("kernel.apparmor_restrict_unprivileged_userns").as_deref() == Some("1") {
-        return Err(format!("AppArmor restricts unprivileged user namespaces here (sysctl kernel.apparmor_restrict_unprivileged_userns=1; set it to 0 or give agentkernel an AppArmor profile that allows userns), or {fix}"));
+        return Err(HostUnsupported::AppArmorRestrictsUserns);
     }
     Ok(())
 }

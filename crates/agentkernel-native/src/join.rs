@@ -11,6 +11,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use agentkernel_core::spec::Outcome;
 use agentkernel_core::state::{now_unix, Store};
 
+use crate::error::KeptError;
 use crate::kept::Held;
 use crate::plan::Plan;
 use crate::sandbox::{self, wait_for};
@@ -21,28 +22,18 @@ pub(crate) const NAMESPACES: [&str; 6] = ["cgroup", "ipc", "uts", "net", "pid", 
 
 /// Runs `plan.argv` in the kept sandbox `plan.keep.name`. Call from a
 /// single-threaded process: entering a mount namespace requires it.
-pub fn exec(plan: &Plan) -> io::Result<Outcome> {
+pub fn exec(plan: &Plan) -> Result<Outcome, KeptError> {
     let keep = plan.keep.as_ref().expect("kept plan");
     let store = Store::new(keep.state_root.clone());
-    let gone = || {
-        io::Error::other(format!(
-            "sandbox {} is gone (its holder exited); `agentkernel sandbox gc` removes what it left",
-            keep.name
-        ))
-    };
+    let gone = || KeptError::HolderExited(keep.name.clone());
     let held = Held::load(&store, &keep.name).ok_or_else(gone)?;
     if !held.holder_alive() || !held.init_alive() {
         return Err(gone());
     }
     if held.cgroup.is_frozen() {
-        return Err(io::Error::other(format!(
-            "sandbox {} is stopped; `agentkernel sandbox start {}` resumes it",
-            keep.name, keep.name
-        )));
+        return Err(KeptError::Stopped(keep.name.clone()));
     }
-    store
-        .touch(&keep.name, keep.ttl)
-        .map_err(|e| io::Error::other(e.to_string()))?;
+    store.touch(&keep.name, keep.ttl)?;
 
     // Everything on the host side is opened before we enter: paths resolve
     // differently afterwards.
@@ -81,9 +72,12 @@ pub fn exec(plan: &Plan) -> io::Result<Outcome> {
     for (ns, file) in names.iter().zip(&namespaces) {
         // SAFETY: setns with an fd of a namespace file we opened.
         if unsafe { libc::setns(file.as_raw_fd(), 0) } != 0 {
-            return Err(sys::context(format_args!(
-                "enter the sandbox's {ns} namespace"
-            ))(io::Error::last_os_error()));
+            return Err(
+                sys::context(format_args!("enter the sandbox's {ns} namespace"))(
+                    io::Error::last_os_error(),
+                )
+                .into(),
+            );
         }
     }
     drop(namespaces);
@@ -96,7 +90,7 @@ pub fn exec(plan: &Plan) -> io::Result<Outcome> {
     // SAFETY: single-threaded; the child only execs (via command::exec).
     let child = unsafe { libc::fork() };
     if child < 0 {
-        return Err(io::Error::last_os_error());
+        return Err(io::Error::last_os_error().into());
     }
     if child == 0 {
         if let Err(e) = crate::cgroup::move_self(&self_move) {
@@ -131,7 +125,7 @@ pub fn exec(plan: &Plan) -> io::Result<Outcome> {
         Ok(r) => r,
         Err(e) => {
             wait_for(child);
-            return Err(e);
+            return Err(e.into());
         }
     };
     let oom_after = oom_counter

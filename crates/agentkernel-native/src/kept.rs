@@ -16,6 +16,7 @@ use agentkernel_core::state::{now_unix, proc_stat_field, Owner, Store};
 use serde::{Deserialize, Serialize};
 
 use crate::cgroup::Cgroup;
+use crate::error::KeptError;
 use crate::plan::{Action, Plan};
 use crate::sandbox::{self, kill, wait_for};
 use crate::sys;
@@ -75,27 +76,45 @@ pub fn plan_file(store: &Store, name: &str) -> PathBuf {
     store.sandbox_dir(name).join("plan.json")
 }
 
+/// Until the holder exists: the name's reservation and the cgroup, released
+/// on drop (every early return of `create`).
+struct Unwind<'a> {
+    store: &'a Store,
+    name: &'a str,
+    cgroup: Option<&'a Cgroup>,
+}
+
+impl Drop for Unwind<'_> {
+    fn drop(&mut self) {
+        if let Some(cgroup) = self.cgroup {
+            cgroup.remove();
+        }
+        let _ = self.store.forget(self.name);
+    }
+}
+
 /// Builds the sandbox under a detached holder and returns once it runs (or
 /// with the reason it could not be built). Call from a single-threaded process.
-pub fn create(plan: &Plan) -> io::Result<()> {
+pub fn create(plan: &Plan) -> Result<(), KeptError> {
     let keep = plan.keep.as_ref().expect("kept plan");
     let store = Store::new(keep.state_root.clone());
-    let forget = || {
-        let _ = store.forget(&keep.name);
+    let name_only = Unwind {
+        store: &store,
+        name: &keep.name,
+        cgroup: None,
     };
-    let cgroup = match Cgroup::for_plan(plan) {
-        Ok(c) => c,
-        Err(e) => {
-            forget();
-            return Err(sys::context("cannot create the sandbox's cgroup")(e));
-        }
+    let cgroup =
+        Cgroup::for_plan(plan).map_err(sys::context("cannot create the sandbox's cgroup"))?;
+    std::mem::forget(name_only);
+    let unwind = Unwind {
+        store: &store,
+        name: &keep.name,
+        cgroup: Some(&cgroup),
     };
     let mut fds = [0; 2];
     // SAFETY: pipe2 writes two fds into the array.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        cgroup.remove();
-        forget();
-        return Err(io::Error::last_os_error());
+        return Err(io::Error::last_os_error().into());
     }
     // SAFETY: both fds were just created and are ours.
     let (report_r, report_w) =
@@ -106,10 +125,11 @@ pub fn create(plan: &Plan) -> io::Result<()> {
     // SAFETY: single-threaded process (the helper); the child only forks again.
     let middle = unsafe { libc::fork() };
     if middle < 0 {
-        cgroup.remove();
-        forget();
-        return Err(io::Error::last_os_error());
+        return Err(io::Error::last_os_error().into());
     }
+    // From here the holder owns the name and the cgroup (and releases them
+    // itself if it fails).
+    std::mem::forget(unwind);
     if middle == 0 {
         drop(report_r);
         // SAFETY: new session, then the holder; the middle process just exits.
@@ -137,10 +157,8 @@ pub fn create(plan: &Plan) -> io::Result<()> {
     let answer = String::from_utf8_lossy(&answer);
     match answer.strip_prefix("ok") {
         Some(_) => Ok(()),
-        None if answer.is_empty() => {
-            Err(io::Error::other("the sandbox's holder exited during setup"))
-        }
-        None => Err(io::Error::other(answer.trim().to_string())),
+        None if answer.is_empty() => Err(KeptError::HolderDiedInSetup),
+        None => Err(KeptError::Setup(answer.trim().to_string())),
     }
 }
 
@@ -198,7 +216,7 @@ fn hold(plan: &Plan, cgroup: &Cgroup, store: &Store, report: OwnedFd) -> ! {
     exec_plan.action = Action::Exec;
     exec_plan.argv.clear();
     let mut record = keep.record.clone();
-    record.container_id = format!("native pid {}", started.pid);
+    record.handle = format!("native pid {}", started.pid);
     let recorded = (|| -> agentkernel_core::Result<()> {
         let write =
             |path: PathBuf, data: Vec<u8>| agentkernel_core::state::write_atomic(&path, &data);
@@ -342,13 +360,8 @@ fn detach_stdio() {
 /// `sandbox remove`: asks the holder to end the sandbox and waits for it;
 /// if the holder is gone, removes what it left. Fails (rather than claiming
 /// success) when the sandbox is another user's or its directory stays.
-pub fn remove(store: &Store, name: &str) -> io::Result<()> {
-    let denied = || {
-        io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            format!("cannot remove sandbox {name}: permission denied; run agentkernel as its owner (or root)"),
-        )
-    };
+pub fn remove(store: &Store, name: &str) -> Result<(), KeptError> {
+    let denied = || KeptError::RemoveDenied(name.to_string());
     match Held::load(store, name) {
         Some(held) if held.holder_alive() => {
             if let Some(pid) = held.holder_pid() {
@@ -372,11 +385,11 @@ pub fn remove(store: &Store, name: &str) -> io::Result<()> {
     match std::fs::symlink_metadata(store.sandbox_dir(name)) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::PermissionDenied => Err(denied()),
-        Err(e) => Err(e),
-        Ok(_) => Err(io::Error::other(format!(
-            "sandbox {name} could not be removed: {} is still there; run agentkernel as its owner (or root), then `agentkernel sandbox gc`",
-            store.sandbox_dir(name).display()
-        ))),
+        Err(e) => Err(e.into()),
+        Ok(_) => Err(KeptError::StillThere {
+            name: name.to_string(),
+            dir: store.sandbox_dir(name),
+        }),
     }
 }
 
@@ -399,7 +412,11 @@ fn teardown(store: &Store, name: &str, held: Option<&Held>) {
 /// Kept native sandboxes whose holder died: removed. Returns how many.
 pub fn collect(store: &Store) -> usize {
     let mut n = 0;
-    for record in store.list().into_iter().filter(|r| r.backend == "native") {
+    for record in store
+        .list()
+        .into_iter()
+        .filter(|r| r.backend == agentkernel_core::backend::BackendKind::Native)
+    {
         match Held::load(store, &record.name) {
             Some(held) if held.holder_alive() => {}
             held => {
@@ -424,12 +441,12 @@ pub fn status(store: &Store, name: &str) -> Option<&'static str> {
 
 /// `sandbox stop` (freeze: processes and files kept, no CPU used; the TTL
 /// still runs) and `sandbox start` (thaw).
-pub fn set_stopped(store: &Store, name: &str, stopped: bool) -> io::Result<()> {
-    let held = Held::live(store, name)?;
+pub fn set_stopped(store: &Store, name: &str, stopped: bool) -> Result<(), KeptError> {
+    let held = Held::load(store, name)
+        .filter(Held::holder_alive)
+        .ok_or_else(|| KeptError::Gone(name.to_string()))?;
     if held.cgroup.dirs.is_empty() {
-        return Err(io::Error::other(format!(
-            "sandbox {name} is rootless: stopping it needs a freezer cgroup, which only root can create here; `agentkernel sandbox remove {name}` ends it"
-        )));
+        return Err(KeptError::NoFreezer(name.to_string()));
     }
-    held.cgroup.set_frozen(stopped)
+    Ok(held.cgroup.set_frozen(stopped)?)
 }

@@ -7,13 +7,17 @@
 //! single-threaded helper that runs [`sandbox::run`]. See `sandbox.rs` for the
 //! process structure and `rootfs.rs` for the filesystem.
 
+pub mod backend;
 mod caps;
 pub mod cgroup;
 mod command;
 pub mod copy;
 pub mod disk;
+pub mod error;
 pub mod gc;
+pub mod helper;
 pub mod host;
+pub mod images;
 pub mod join;
 pub mod kept;
 pub mod net;
@@ -29,6 +33,8 @@ mod sys;
 pub mod trace;
 mod user;
 
+pub use backend::NativeBackend;
+pub use error::Error;
 pub use plan::Plan;
 
 /// PATH for images that set none (Docker's default).

@@ -11,7 +11,7 @@ use crate::plan::Plan;
 
 /// Brings up `lo` in the current network namespace (a new one starts with it down).
 pub fn loopback_up() -> io::Result<()> {
-    agentkernel_net::loopback_up().map_err(|e| io::Error::other(e.to_string()))
+    agentkernel_net::loopback_up().map_err(io::Error::other)
 }
 
 /// Addresses and port rules are machine-wide (one bridge), so their leases
@@ -102,8 +102,7 @@ fn attach(plan: &Plan, pid: libc::pid_t) -> io::Result<Lease> {
             protocol: if p.udp { Protocol::Udp } else { Protocol::Tcp },
         })
         .collect();
-    agentkernel_net::attach(&config(), &lease_id(plan), pid, &ports)
-        .map_err(|e| io::Error::other(e.to_string()))
+    agentkernel_net::attach(&config(), &lease_id(plan), pid, &ports).map_err(io::Error::other)
 }
 
 /// After the sandbox ended: its namespace, and with it the veth, is going away.

@@ -3,8 +3,9 @@
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
+use agentkernel_core::backend::BackendKind;
 use agentkernel_core::parse::Protocol;
-use agentkernel_core::policy::{Capabilities, Limits, Seccomp, WorkspaceMode};
+use agentkernel_core::policy::{Capabilities, Seccomp, WorkspaceMode};
 use agentkernel_core::spec::{ExecRequest, SandboxSpec};
 use agentkernel_core::state::{now_unix, SandboxRecord, Store};
 use agentkernel_core::{names, Error, Result};
@@ -32,16 +33,37 @@ pub struct ImageRoot {
 /// Builds the plan and the run's scratch directory. Without root, the plan
 /// is a rootless one (see rootless.rs), and what it cannot enforce is either
 /// an error or, for the profile's default limits, a notice printed here.
-pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<Plan> {
-    let rootless = UserMap::for_caller();
-    let (limits, notice) = match rootless {
-        Some(_) => {
-            let enforceable = check_rootless_spec(spec)?;
-            check_rootless_image(image)?;
-            enforceable
+/// What a plan holds on the host until the helper takes it over: the kept
+/// sandbox's name reservation and the scratch directory. Released when
+/// dropped — on every error path, and when the helper cannot be started; a
+/// successful hand-off replaces the process, so it is never dropped then.
+pub struct HostClaim {
+    store: Store,
+    name: Option<String>,
+    scratch: Option<PathBuf>,
+}
+
+impl Drop for HostClaim {
+    fn drop(&mut self) {
+        if let Some(scratch) = &self.scratch {
+            let _ = std::fs::remove_dir_all(scratch);
         }
-        None => (spec.policy.limits, None),
-    };
+        if let Some(name) = &self.name {
+            let _ = self.store.forget(name);
+        }
+    }
+}
+
+/// The plan for `spec`, and the claim on the host it holds.
+pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<(Plan, HostClaim)> {
+    let rootless = UserMap::for_caller();
+    // What this backend cannot enforce was refused or dropped by
+    // `backend::admit` (see `NativeBackend::capabilities`); the image's
+    // user is the one check that needs the image.
+    if rootless.is_some() {
+        check_rootless_image(image)?;
+    }
+    let limits = spec.policy.limits;
     let ports = spec
         .ports
         .iter()
@@ -137,21 +159,15 @@ pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<Plan
     let has_cow_workspace = mounts
         .iter()
         .any(|m| matches!(m.kind, MountKind::CopyOnWrite));
-    let mut notice = notice;
+    let mut notice = None;
     if let (Some(bytes), Some(_), true) =
         (spec.policy.limits.disk_bytes, rootless, has_cow_workspace)
     {
-        let cap = format!(
-            "disk cap ({}) covers the root filesystem but not the copy-on-write workspace, which needs root for it",
+        notice = Some(format!(
+            "agentkernel: rootless: the {} profile's disk cap ({}) covers the root filesystem but not the copy-on-write workspace, which needs root for it",
+            spec.policy.profile.as_str(),
             agentkernel_core::parse::format_bytes(bytes)
-        );
-        notice = Some(match notice {
-            Some(n) => format!("{n}; its {cap}"),
-            None => format!(
-                "agentkernel: rootless: the {} profile's {cap}",
-                spec.policy.profile.as_str()
-            ),
-        });
+        ));
     }
     let disk_template = match (spec.policy.limits.disk_bytes, rootless) {
         (Some(bytes), None) if has_cow_workspace => {
@@ -159,18 +175,24 @@ pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<Plan
         }
         _ => None,
     };
+    let mut claim = HostClaim {
+        store: store.clone(),
+        name: None,
+        scratch: None,
+    };
     let keep = match &spec.keep {
         Some(k) => {
             // The atomic name reservation: a clash is an error naming the fix.
             store.reserve(&k.name)?;
+            claim.name = Some(k.name.clone());
             Some(KeepPlan {
                 name: k.name.clone(),
                 ttl: k.ttl,
                 state_root: store.root().to_path_buf(),
                 record: SandboxRecord {
                     name: k.name.clone(),
-                    backend: "native".into(),
-                    container_id: String::new(),
+                    backend: BackendKind::Native,
+                    handle: String::new(),
                     image: spec.image.clone(),
                     profile: spec.policy.profile.as_str().into(),
                     created_unix: now_unix(),
@@ -199,29 +221,20 @@ pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<Plan
         }
         None => store.run_scratch(&id, &["layer"])?,
     };
+    claim.scratch = Some(scratch.clone());
     crate::trace::phase("cli: scratch dir made");
     let workspace_disk = match disk_template {
         Some((template, bytes)) => {
             let image = crate::disk::create_workspace_image(&template, &scratch, bytes);
             crate::trace::phase("cli: workspace disk image made");
-            match image {
-                Ok(image) => Some(image),
-                Err(e) => {
-                    // Nothing left behind: the scratch dir and the name.
-                    let _ = std::fs::remove_dir_all(&scratch);
-                    if let Some(k) = &keep {
-                        let _ = store.forget(&k.name);
-                    }
-                    return Err(e);
-                }
-            }
+            Some(image?)
         }
         None => None,
     };
     if let Some(notice) = notice {
         eprintln!("{notice}");
     }
-    Ok(Plan {
+    let plan = Plan {
         action: if keep.is_some() {
             Action::CreateKept
         } else {
@@ -266,35 +279,8 @@ pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<Plan
         tty: spec.exec.tty,
         timeout: spec.exec.timeout,
         rootless,
-    })
-}
-
-/// What a rootless sandbox cannot do whatever the image: refused before the
-/// image is looked up (or pulled), so a refused run costs no download.
-/// Returns the limits it can enforce and the notice for the dropped ones.
-pub fn check_rootless_spec(spec: &SandboxSpec) -> Result<(Limits, Option<String>)> {
-    if !spec.ports.is_empty() {
-        return Err(Error::not_supported_hint(
-            "publishing ports (-P) from a rootless native sandbox",
-            "run agentkernel as root, or use -B podman / -B docker",
-        ));
-    }
-    if spec.policy.network {
-        if let Err(why) = crate::slirp::usable() {
-            return Err(Error::Conflict(format!(
-                "no network for a rootless native sandbox here: {why}; or pass --no-network"
-            )));
-        }
-    }
-    let cow_workspace =
-        spec.workspace.is_some() && spec.policy.workspace == WorkspaceMode::CopyOnWrite;
-    if cow_workspace && spec.policy.user_limits.disk_bytes.is_some() {
-        return Err(Error::not_supported_hint(
-            "--disk for the copy-on-write workspace of a rootless native sandbox (the cap needs a loop-mounted filesystem)",
-            "run agentkernel as root, or use --profile restrictive (read-only workspace)",
-        ));
-    }
-    crate::rootless::enforceable_limits(&spec.policy)
+    };
+    Ok((plan, claim))
 }
 
 /// What a rootless sandbox cannot do with this image, refused before

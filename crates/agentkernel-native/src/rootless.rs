@@ -23,9 +23,6 @@ use std::io;
 
 use serde::{Deserialize, Serialize};
 
-use agentkernel_core::policy::{Limits, Policy};
-use agentkernel_core::{Error, Result};
-
 /// The caller's ids, mapped to root in the sandbox's user namespace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserMap {
@@ -60,55 +57,6 @@ pub fn enter_user_namespace(map: &UserMap) -> io::Result<()> {
     write("uid_map", format!("0 {} 1\n", map.uid))?;
     write("gid_map", format!("0 {} 1\n", map.gid))?;
     Ok(())
-}
-
-/// The limits a rootless sandbox can enforce: pids only. A memory or CPU
-/// limit the user set is an error; the profile's own defaults are dropped,
-/// and the returned notice says so.
-pub fn enforceable_limits(policy: &Policy) -> Result<(Limits, Option<String>)> {
-    let limits = policy.limits;
-    let refuse = |what: &str| {
-        Err(Error::not_supported_hint(
-            format!("a {what} limit on a rootless native sandbox (no cgroup delegation here)"),
-            "run agentkernel as root, or use -B podman / -B docker",
-        ))
-    };
-    if policy.user_limits.memory_bytes.is_some() {
-        return refuse("memory");
-    }
-    if policy.user_limits.cpus.is_some() {
-        return refuse("CPU");
-    }
-    let dropped: Vec<String> = [
-        limits
-            .memory_bytes
-            .map(|m| format!("memory ({} MiB)", m >> 20)),
-        limits.cpus.map(|c| format!("CPU ({c})")),
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
-    let notice = (!dropped.is_empty()).then(|| {
-        let (limits, are) = match dropped.len() {
-            1 => ("limit", "is"),
-            _ => ("limits", "are"),
-        };
-        format!(
-            "agentkernel: rootless: the {} profile's {} {limits} {are} not enforced without cgroups (its pids limit is); run as root to enforce {}",
-            policy.profile.as_str(),
-            dropped.join(" and "),
-            if dropped.len() == 1 { "it" } else { "them" }
-        )
-    });
-    Ok((
-        Limits {
-            memory_bytes: None,
-            cpus: None,
-            pids: limits.pids,
-            disk_bytes: limits.disk_bytes,
-        },
-        notice,
-    ))
 }
 
 /// Caps the sandbox's processes at `max` (see the module doc): set in the

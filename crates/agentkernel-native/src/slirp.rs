@@ -15,6 +15,7 @@ use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
+use crate::error::{SlirpUnusable, TUN};
 use crate::sys;
 
 /// slirp4netns's DNS forwarder, at its fixed address in 10.0.2.0/24.
@@ -29,23 +30,18 @@ fn binary() -> Option<PathBuf> {
 }
 
 /// `Ok` when a rootless sandbox can have a network here; else why not, with the fix.
-pub fn usable() -> Result<PathBuf, String> {
-    let binary = binary().ok_or(
-        "slirp4netns is not installed (apt-get install slirp4netns), which a rootless sandbox's network needs",
-    )?;
+pub fn usable() -> Result<PathBuf, SlirpUnusable> {
+    let binary = binary().ok_or(SlirpUnusable::NotInstalled)?;
     // The tap device: world-accessible on every udev-managed system.
     let c = std::ffi::CString::new(TUN).expect("no NUL");
     // SAFETY: a valid C string; access(2) only checks.
     if unsafe { libc::access(c.as_ptr(), libc::R_OK | libc::W_OK) } != 0 {
-        return Err(format!(
-            "{TUN} is not accessible to you ({}), which slirp4netns needs; `chmod 0666 {TUN}` as root (udev's default mode)",
-            io::Error::last_os_error()
-        ));
+        return Err(SlirpUnusable::TunInaccessible {
+            source: io::Error::last_os_error(),
+        });
     }
     Ok(binary)
 }
-
-const TUN: &str = "/dev/net/tun";
 
 /// A running slirp4netns serving one sandbox.
 #[derive(Debug)]

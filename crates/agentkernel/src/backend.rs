@@ -1,64 +1,42 @@
-//! Backend selection. Native (namespaces, no daemon), Docker and Podman (one
-//! client, two engines) exist today; the others are named so that choosing one
-//! is a clear "not supported yet", never a silent fallback.
+//! The backend registry: the one place that maps a [`BackendKind`] to its
+//! implementation, chooses the backend of a run, and finds the backends that
+//! hold sandboxes. Everything else holds a `Box<dyn Backend>` and never asks
+//! which one it is (see ARCHITECTURE.md, "Where to add a backend").
 
+use agentkernel_core::backend::{Backend, BackendKind};
+use agentkernel_core::state::Store;
 use agentkernel_core::{Error, Result};
-use agentkernel_docker::{podman, Engine};
+use agentkernel_docker::{podman, Engine, EngineBackend};
+use agentkernel_native::NativeBackend;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BackendKind {
-    Native,
-    Docker,
-    Podman,
-    Firecracker,
-    Qemu,
-    Apple,
+/// The implementation of `kind`, connected (or checked usable) here.
+pub fn open(kind: BackendKind, store: &Store) -> Result<Box<dyn Backend>> {
+    let store = store.clone();
+    match kind {
+        BackendKind::Native => Ok(Box::new(NativeBackend::new(store))),
+        BackendKind::Docker => Ok(Box::new(EngineBackend::docker(store))),
+        BackendKind::Podman => Ok(Box::new(EngineBackend::podman(store))),
+        BackendKind::Firecracker | BackendKind::Qemu | BackendKind::Apple => {
+            Err(not_built(kind.name()))
+        }
+    }
 }
 
-impl BackendKind {
-    pub const ALL: [BackendKind; 6] = [
-        BackendKind::Native,
-        BackendKind::Docker,
-        BackendKind::Podman,
-        BackendKind::Firecracker,
-        BackendKind::Qemu,
-        BackendKind::Apple,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            BackendKind::Native => "native",
-            BackendKind::Docker => "docker",
-            BackendKind::Podman => "podman",
-            BackendKind::Firecracker => "firecracker",
-            BackendKind::Qemu => "qemu",
-            BackendKind::Apple => "apple",
-        }
+/// Why a backend cannot be used by this build, if it cannot.
+pub fn unbuilt_reason(kind: BackendKind) -> Option<&'static str> {
+    match kind {
+        BackendKind::Docker | BackendKind::Podman | BackendKind::Native => None,
+        BackendKind::Firecracker => Some("the firecracker backend is not built yet"),
+        BackendKind::Qemu => Some("the qemu backend is not built yet"),
+        BackendKind::Apple => Some("the apple backend runs only on macOS and is not built yet"),
     }
+}
 
-    /// A backend by name, in any case (`-B Docker` is docker).
-    pub fn parse(name: &str) -> Result<BackendKind> {
-        BackendKind::ALL
-            .into_iter()
-            .find(|b| b.name().eq_ignore_ascii_case(name))
-            .ok_or_else(|| {
-                Error::invalid(
-                    "backend",
-                    name,
-                    "choose one of native, docker, podman, firecracker, qemu, apple",
-                )
-            })
-    }
-
-    /// Why a backend cannot be used by this build, if it cannot.
-    pub fn unbuilt_reason(self) -> Option<&'static str> {
-        match self {
-            BackendKind::Docker | BackendKind::Podman | BackendKind::Native => None,
-            BackendKind::Firecracker => Some("the firecracker backend is not built yet"),
-            BackendKind::Qemu => Some("the qemu backend is not built yet"),
-            BackendKind::Apple => Some("the apple backend runs only on macOS and is not built yet"),
-        }
-    }
+fn not_built(name: &str) -> Error {
+    Error::not_supported_hint(
+        format!("backend {name}"),
+        "use -B native, -B docker or -B podman (`agentkernel doctor` lists what works here)",
+    )
 }
 
 /// `-B`, else `$AGENTKERNEL_BACKEND`, else config, else the first available
@@ -74,20 +52,11 @@ pub fn choose(flag: Option<&str>, configured: Option<&str>) -> Result<BackendKin
         return auto();
     };
     let kind = BackendKind::parse(name)?;
-    if kind.unbuilt_reason().is_some() {
-        return Err(Error::not_supported_hint(
-            format!("backend {name}"),
-            "use -B native, -B docker or -B podman (`agentkernel doctor` lists what works here)",
-        ));
+    if unbuilt_reason(kind).is_some() {
+        return Err(not_built(name));
     }
     if kind == BackendKind::Native {
-        if let Err(why) = agentkernel_native::host::check() {
-            return Err(Error::BackendUnavailable {
-                backend: "native".into(),
-                why,
-                fix: "`agentkernel doctor` explains each backend".into(),
-            });
-        }
+        agentkernel_native::host::check().map_err(agentkernel_native::Error::from)?;
     }
     Ok(kind)
 }
@@ -96,14 +65,16 @@ fn auto() -> Result<BackendKind> {
     if agentkernel_native::host::check().is_ok() {
         return Ok(BackendKind::Native);
     }
-    let docker_host = std::env::var_os("DOCKER_HOST").is_some_and(|h| !h.is_empty());
-    if docker_host || podman::listening(std::path::Path::new("/var/run/docker.sock")) {
+    if docker_reachable() {
         return Ok(BackendKind::Docker);
     }
     if std::env::var_os("CONTAINER_HOST").is_some_and(|h| !h.is_empty()) || podman::installed() {
         return Ok(BackendKind::Podman);
     }
-    let native_why = agentkernel_native::host::check().err().unwrap_or_default();
+    let native_why = agentkernel_native::host::check()
+        .err()
+        .map(|why| why.to_string())
+        .unwrap_or_default();
     Err(Error::BackendUnavailable {
         backend: "any".into(),
         why: format!(
@@ -113,30 +84,49 @@ fn auto() -> Result<BackendKind> {
     })
 }
 
-/// Connects to the engine behind a container backend.
-pub fn connect(kind: BackendKind) -> Result<Engine> {
-    match kind {
-        BackendKind::Docker => Engine::connect(),
-        BackendKind::Podman => Engine::connect_podman(),
-        other => Err(Error::not_supported(format!("backend {}", other.name()))),
-    }
+/// Docker answers without a request: `$DOCKER_HOST` is set or its socket listens.
+fn docker_reachable() -> bool {
+    std::env::var_os("DOCKER_HOST").is_some_and(|h| !h.is_empty())
+        || podman::listening(std::path::Path::new("/var/run/docker.sock"))
 }
 
-/// The engine that holds a kept sandbox, from its record.
-pub fn connect_named(backend: &str) -> Result<Engine> {
-    connect(BackendKind::parse(backend)?)
+/// The backend that holds the kept sandbox `name`, from its record.
+pub fn holding(
+    store: &Store,
+    name: &str,
+) -> Result<(Box<dyn Backend>, agentkernel_core::state::SandboxRecord)> {
+    agentkernel_core::names::validate(name)?;
+    let record = store
+        .load(name)?
+        .ok_or_else(|| Error::NoSuchSandbox(name.to_string()))?;
+    Ok((open(record.backend, store)?, record))
 }
 
-/// Engines that may hold our sandboxes: Docker when reachable without a
-/// request, Podman when it has kept sandboxes or a service is listening.
-/// (Never starts a Podman service just to look.)
-pub fn engines_in_use(store: &agentkernel_core::state::Store) -> Vec<Engine> {
+/// Backends that may hold our sandboxes: native (its state is ours alone),
+/// Docker when reachable without a request, Podman when it has kept
+/// sandboxes or a service is listening. (Never starts a Podman service just
+/// to look.)
+pub fn in_use(store: &Store) -> Vec<Box<dyn Backend>> {
+    let mut found: Vec<Box<dyn Backend>> = vec![Box::new(NativeBackend::new(store.clone()))];
+    found.extend(
+        engines_in_use(store)
+            .into_iter()
+            .map(|e| Box::new(EngineBackend::from_engine(e, store.clone())) as Box<dyn Backend>),
+    );
+    found
+}
+
+/// The engines behind Docker and Podman that may hold our containers (the
+/// warm pool's `status`/`prune` work on these).
+pub fn engines_in_use(store: &Store) -> Vec<Engine> {
     let mut engines = Vec::new();
-    let docker_host = std::env::var_os("DOCKER_HOST").is_some_and(|h| !h.is_empty());
-    if docker_host || podman::listening(std::path::Path::new("/var/run/docker.sock")) {
+    if docker_reachable() {
         engines.extend(Engine::connect().ok());
     }
-    let podman_records = store.list().iter().any(|r| r.backend == "podman");
+    let podman_records = store
+        .list()
+        .iter()
+        .any(|r| r.backend == BackendKind::Podman);
     let podman_listening = std::env::var_os("CONTAINER_HOST").is_some_and(|h| !h.is_empty())
         || podman::well_known_sockets()
             .iter()
@@ -146,4 +136,15 @@ pub fn engines_in_use(store: &agentkernel_core::state::Store) -> Vec<Engine> {
         engines.extend(Engine::connect_podman().ok());
     }
     engines
+}
+
+/// The engine of a container backend (the warm pool's `refill`).
+pub fn engine(kind: BackendKind) -> Result<Engine> {
+    match kind {
+        BackendKind::Docker => Engine::connect(),
+        BackendKind::Podman => Engine::connect_podman(),
+        other => Err(Error::not_supported(format!(
+            "a warm pool on the {other} backend"
+        ))),
+    }
 }

@@ -13,7 +13,7 @@ use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::Parser;
 
 /// agentkernel's own failures (SPEC.md exit codes).
-pub const EXIT_AGENTKERNEL_ERROR: i32 = 125;
+pub const EXIT_AGENTKERNEL_ERROR: i32 = agentkernel_core::exit::AGENTKERNEL_ERROR;
 
 fn main() {
     // The native sandbox helper runs before clap and tokio: it must stay
@@ -27,7 +27,7 @@ fn main() {
     {
         agentkernel_native::trace::phase("helper started");
         let fd_arg = args.next().map(|a| a.to_string_lossy().into_owned());
-        std::process::exit(commands::native::helper(fd_arg));
+        std::process::exit(agentkernel_native::helper::main(fd_arg));
     }
     agentkernel_native::trace::phase("cli started");
     let cli = match cli::Cli::try_parse() {

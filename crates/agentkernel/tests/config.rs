@@ -22,7 +22,7 @@ fn which_image(env: &TestEnv, extra: &[&str]) -> std::process::Output {
 fn project_config_error(toml: &str) -> String {
     let env = TestEnv::new();
     std::fs::write(env.project_dir().join("agentkernel.toml"), toml).unwrap();
-    assert_one_line_error(&env.run(&["run", "-i", BUSYBOX, "true"]))
+    assert_one_line_error(&env.run_with().output(&["true"]))
 }
 
 #[test]
@@ -119,18 +119,18 @@ fn config_sets_env_and_profile_and_flags_win() {
     )
     .unwrap();
     let script = "echo \"$GREETING\"; cat /proc/net/dev | tail -n +3 | cut -d: -f1 | tr -d ' '";
-    let out = env.run(&["run", "sh", "-c", script]);
+    let out = env
+        .run_with()
+        .detected_image()
+        .output(&["sh", "-c", script]);
     assert_code(&out, 0);
     assert_eq!(stdout(&out), "from-config\nlo\n");
 
-    let out = env.run(&[
-        "run",
-        "-e",
-        "GREETING=from-flag",
-        "sh",
-        "-c",
-        "echo \"$GREETING\"",
-    ]);
+    let out = env
+        .run_with()
+        .env("GREETING=from-flag")
+        .detected_image()
+        .output(&["sh", "-c", "echo \"$GREETING\""]);
     assert_code(&out, 0);
     assert_eq!(stdout(&out), "from-flag\n");
 }
@@ -158,7 +158,7 @@ fn bad_value_in_config_flag_file_is_125() {
     let env = TestEnv::new();
     let file = env.home_dir().join("bad.toml");
     std::fs::write(&file, "[resources]\nmemory = \"lots\"\n").unwrap();
-    let out = env.run(&["run", "-c", file.to_str().unwrap(), "-i", BUSYBOX, "true"]);
+    let out = env.run_with().config(&file).output(&["true"]);
     let line = assert_one_line_error(&out);
     assert!(line.contains("resources.memory"), "{line}");
 }
@@ -166,7 +166,7 @@ fn bad_value_in_config_flag_file_is_125() {
 #[test]
 fn missing_config_file_is_125() {
     let env = TestEnv::new();
-    let out = env.run(&["run", "--config", "missing.toml", "-i", BUSYBOX, "true"]);
+    let out = env.run_with().config("missing.toml").output(&["true"]);
     let line = assert_one_line_error(&out);
     assert!(line.contains("missing.toml"), "{line}");
 }
@@ -287,7 +287,11 @@ fn dry_run_shows_the_resolved_sandbox_and_creates_nothing() {
     assert!(!stdout(&list).contains(&name), "{}", stdout(&list));
     assert!(env.leftover_runs().is_empty());
     // Invalid input is still refused, as without --dry-run.
-    let out = env.run(&["run", "--dry-run", "--memory", "lots", "true"]);
+    let out = env
+        .run_with()
+        .flags(&["--dry-run", "--memory", "lots"])
+        .detected_image()
+        .output(&["true"]);
     assert_one_line_error(&out);
 }
 
@@ -359,14 +363,12 @@ fn naming_the_project_config_with_config_flag_is_consent() {
     let outside = env.home_dir().join("outside");
     std::fs::create_dir(&outside).unwrap();
     write_hostile_project_config(&env, &outside);
-    let out = env.run(&[
-        "run",
-        "-c",
-        "./agentkernel.toml",
-        "--fast=false",
-        "touch",
-        "/hostroot/written",
-    ]);
+    let out = env
+        .run_with()
+        .config("./agentkernel.toml")
+        .flags(&["--fast=false"])
+        .detected_image()
+        .output(&["touch", "/hostroot/written"]);
     assert_code(&out, 0);
     assert!(outside.join("written").exists());
 }
@@ -416,7 +418,10 @@ fn tightening_project_config_applies_without_trust() {
     .unwrap();
     let script = "cat /proc/net/dev | tail -n +3 | cut -d: -f1 | tr -d ' '; \
                   if touch /rootfs-write 2>/dev/null; then echo root-writable; else echo root-read-only; fi";
-    let out = env.run(&["run", "sh", "-c", script]);
+    let out = env
+        .run_with()
+        .detected_image()
+        .output(&["sh", "-c", script]);
     assert_code(&out, 0);
     assert_eq!(stdout(&out), "lo\nroot-read-only\n");
     assert!(stderr(&out).is_empty(), "{}", stderr(&out));
@@ -438,17 +443,9 @@ fn free_port() -> u16 {
 fn run_with_config_file(env: &TestEnv, toml: &str, script: &str) -> std::process::Output {
     let file = env.home_dir().join("upstream.toml");
     std::fs::write(&file, toml).unwrap();
-    env.run(&[
-        "run",
-        "-c",
-        file.to_str().unwrap(),
-        "-i",
-        BUSYBOX,
-        "--",
-        "sh",
-        "-c",
-        script,
-    ])
+    env.run_with()
+        .config(&file)
+        .output(&["--", "sh", "-c", script])
 }
 
 #[test]
@@ -658,15 +655,7 @@ fn sandbox_name_names_the_kept_sandbox() {
     let name = unique_name("cfg");
     let file = env.home_dir().join("named.toml");
     std::fs::write(&file, format!("[sandbox]\nname = \"{name}\"\n")).unwrap();
-    let out = env.run(&[
-        "run",
-        "--keep",
-        "-c",
-        file.to_str().unwrap(),
-        "-i",
-        BUSYBOX,
-        "true",
-    ]);
+    let out = env.run_with().keep().config(&file).output(&["true"]);
     assert_code(&out, 0);
     assert!(
         env.state_dir().join("sandboxes").join(&name).is_dir(),
@@ -699,13 +688,16 @@ fn project_file_cannot_switch_the_users_network_back_on() {
         "[security]\nnetwork = true\n",
     ] {
         std::fs::write(env.project_dir().join("agentkernel.toml"), body).unwrap();
-        let line = assert_one_line_error(&env.run(&["run", "-i", BUSYBOX, "true"]));
+        let line = assert_one_line_error(&env.run_with().output(&["true"]));
         assert!(
             line.contains("network.enabled = true") && line.contains("agentkernel trust"),
             "{body}: {line}"
         );
         // --no-network keeps the user's promise whatever the file says.
-        assert_code(&env.run(&["run", "--no-network", "-i", BUSYBOX, "true"]), 0);
+        assert_code(
+            &env.run_with().flags(&["--no-network"]).output(&["true"]),
+            0,
+        );
     }
 }
 
@@ -716,9 +708,8 @@ fn sandbox_name_outside_the_rules_is_125_when_kept() {
     // A name no sandbox may have (a path, not one component): fine while unused.
     std::fs::write(&file, "[sandbox]\nname = \"../My_Project\"\n").unwrap();
     let config = file.to_str().unwrap();
-    assert_code(&env.run(&["run", "-c", config, "-i", BUSYBOX, "true"]), 0);
-    let line =
-        assert_one_line_error(&env.run(&["run", "--keep", "-c", config, "-i", BUSYBOX, "true"]));
+    assert_code(&env.run_with().config(config).output(&["true"]), 0);
+    let line = assert_one_line_error(&env.run_with().keep().config(config).output(&["true"]));
     assert!(
         line.contains("[sandbox] name") && line.contains("--name"),
         "{line}"

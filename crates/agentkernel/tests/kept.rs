@@ -24,11 +24,7 @@ fn generated_name(stderr: &str) -> Option<String> {
 #[test]
 fn keep_prints_the_name_and_exec_sees_the_state() {
     let env = TestEnv::new();
-    let out = env.run(&[
-        "run",
-        "--keep",
-        "-i",
-        BUSYBOX,
+    let out = env.run_with().keep().output(&[
         "sh",
         "-c",
         "echo kept-state > /tmp/state; echo ws-state > /workspace/w.txt",
@@ -40,7 +36,7 @@ fn keep_prints_the_name_and_exec_sees_the_state() {
     let name = name.unwrap_or_else(|| panic!("no run-<8 hex> name on stderr: {}", stderr(&out)));
     assert!(container_exists(&kept_object(&name)));
 
-    let out = env.run(&["exec", &name, "--", "cat", "/tmp/state", "/workspace/w.txt"]);
+    let out = env.exec(&name, &["cat", "/tmp/state", "/workspace/w.txt"]);
     assert_code(&out, 0);
     assert_eq!(stdout(&out), "kept-state\nws-state\n");
     // Moderate: the kept sandbox's workspace is still copy-on-write.
@@ -109,7 +105,7 @@ fn exec_timeout_kills_the_whole_tree() {
     ]);
     assert_code(&out, 124);
     // The sandbox lives on; nothing the timed-out command started may.
-    let out = env.run(&["exec", &name, "--", "ps", "-o", "args"]);
+    let out = env.exec(&name, &["ps", "-o", "args"]);
     assert_code(&out, 0);
     let ps = stdout(&out);
     assert!(
@@ -121,7 +117,7 @@ fn exec_timeout_kills_the_whole_tree() {
 #[test]
 fn exec_unknown_sandbox_is_125() {
     let env = TestEnv::new();
-    let out = env.run(&["exec", &unique_name("nosuch"), "--", "true"]);
+    let out = env.exec(&unique_name("nosuch"), &["true"]);
     assert_one_line_error(&out);
 }
 
@@ -156,7 +152,7 @@ fn list_info_stop_start_remove() {
         .unwrap_or_else(|| panic!("{name} missing from {list}"));
     assert_eq!(entry["status"], "running", "{entry}");
 
-    let out = env.run(&["sandbox", "info", &name]);
+    let out = env.sandbox("info", &name);
     assert_code(&out, 0);
     let info = stdout(&out);
     assert!(info.contains(&name) && info.contains("running"), "{info}");
@@ -165,7 +161,7 @@ fn list_info_stop_start_remove() {
     let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(info["name"], name.as_str());
 
-    let out = env.run(&["sandbox", "stop", &name]);
+    let out = env.sandbox("stop", &name);
     assert_code(&out, 0);
     assert!(out.stdout.is_empty());
     assert!(
@@ -173,7 +169,7 @@ fn list_info_stop_start_remove() {
         "`sandbox stop` should say what it did: {:?}",
         stderr(&out)
     );
-    let out = env.run(&["exec", &name, "--", "true"]);
+    let out = env.exec(&name, &["true"]);
     let line = assert_one_line_error(&out);
     assert!(line.contains("stopped"), "{line}");
     let out = env.run(&["sandbox", "list", "--json"]);
@@ -187,18 +183,18 @@ fn list_info_stop_start_remove() {
         .unwrap_or_else(|| panic!("stopped sandbox vanished from the list: {list}"));
     assert_eq!(entry["status"], "stopped");
 
-    let out = env.run(&["sandbox", "start", &name]);
+    let out = env.sandbox("start", &name);
     assert_code(&out, 0);
     assert!(
         stderr(&out).contains(&format!("started {name}")),
         "{}",
         stderr(&out)
     );
-    let out = env.run(&["exec", &name, "--", "cat", "/tmp/x"]);
+    let out = env.exec(&name, &["cat", "/tmp/x"]);
     assert_code(&out, 0);
     assert_eq!(stdout(&out), "x\n", "state survives stop/start");
 
-    let out = env.run(&["sandbox", "remove", &name]);
+    let out = env.sandbox("remove", &name);
     assert_code(&out, 0);
     assert!(
         !container_exists(&kept_object(&name)),
@@ -214,11 +210,11 @@ fn list_info_stop_start_remove() {
             .any(|e| e["name"] == name.as_str()),
         "{list}"
     );
-    let out = env.run(&["sandbox", "remove", &name]);
+    let out = env.sandbox("remove", &name);
     assert_one_line_error(&out);
-    let out = env.run(&["exec", &name, "--", "true"]);
+    let out = env.exec(&name, &["true"]);
     assert_one_line_error(&out);
-    let out = env.run(&["sandbox", "info", &name]);
+    let out = env.sandbox("info", &name);
     assert_one_line_error(&out);
 }
 
@@ -233,7 +229,7 @@ fn name_clash_is_125() {
     let line = assert_one_line_error(&out);
     assert!(line.contains(&name), "{line}");
     // The existing sandbox is untouched.
-    let out = env.run(&["exec", &name, "--", "cat", "/tmp/f"]);
+    let out = env.exec(&name, &["cat", "/tmp/f"]);
     assert_code(&out, 0);
     assert_eq!(stdout(&out), "first\n");
 }
@@ -252,16 +248,12 @@ fn failed_creation_leaves_no_name_behind() {
     let env = TestEnv::new();
     let name = unique_name("badimg");
     let _guard = KeptGuard::new(&name);
-    let out = env.run(&[
-        "run",
-        "--name",
-        &name,
-        "-i",
-        "agentkernel-test/nope:1",
-        "--pull",
-        "never",
-        "true",
-    ]);
+    let out = env
+        .run_with()
+        .name(&name)
+        .image("agentkernel-test/nope:1")
+        .flags(&["--pull", "never"])
+        .output(&["true"]);
     assert_one_line_error(&out);
     assert!(!container_exists(&kept_object(&name)));
     // The name is free again.
@@ -296,7 +288,7 @@ fn a_paused_sandbox_still_expires_without_a_later_command() {
     let guard = KeptGuard::new(&name);
     let out = env.run_kept(&name, &["--ttl", "5s"], &["true"]);
     assert_code(&out, 0);
-    assert_code(&env.run(&["sandbox", "pause", &name]), 0);
+    assert_code(&env.sandbox("pause", &name), 0);
     let container = guard.container();
     assert!(
         container_exists(&container),
@@ -324,10 +316,10 @@ fn ttl_counts_from_last_use() {
     let guard = KeptGuard::new(&name);
     assert_code(&env.run_kept(&name, &["--ttl", "6s"], &["true"]), 0);
     // A command longer than the TTL is not cut off, and the sandbox outlives it.
-    let out = env.run(&["exec", &name, "--", "sh", "-c", "sleep 8; echo done"]);
+    let out = env.exec(&name, &["sh", "-c", "sleep 8; echo done"]);
     assert_code(&out, 0);
     assert_eq!(stdout(&out), "done\n");
-    let out = env.run(&["exec", &name, "--", "true"]);
+    let out = env.exec(&name, &["true"]);
     assert_code(&out, 0);
     poll_until(
         Duration::from_secs(40),
@@ -392,7 +384,7 @@ fn branch_names_and_reuses_the_sandbox() {
 #[test]
 fn branch_outside_git_is_125() {
     let env = TestEnv::new();
-    let out = env.run(&["run", "--branch", "-i", BUSYBOX, "true"]);
+    let out = env.run_with().flags(&["--branch"]).output(&["true"]);
     let line = assert_one_line_error(&out);
     assert!(line.contains("git"), "{line}");
 }
@@ -403,7 +395,7 @@ fn racing_creators_of_one_name_have_one_winner() {
     let name = unique_name("race");
     let _guard = KeptGuard::new(&name);
     let mut children: Vec<_> = (0..8)
-        .map(|_| env.spawn(&["run", "--name", &name, "--keep", "-i", BUSYBOX, "true"]))
+        .map(|_| env.run_with().name(&name).keep().spawn(&["true"]))
         .collect();
     let outs: Vec<_> = children
         .drain(..)
@@ -420,7 +412,7 @@ fn racing_creators_of_one_name_have_one_winner() {
     for o in outs.iter().filter(|o| code(o) == AK_ERROR) {
         assert_one_line_error(o);
     }
-    let out = env.run(&["exec", &name, "--", "true"]);
+    let out = env.exec(&name, &["true"]);
     assert_code(&out, 0);
 }
 
@@ -461,7 +453,7 @@ fn ttl_implies_keep_and_first_command_gets_stdin() {
     assert_code(&out, 0);
     assert_eq!(stdout(&out), "b\na\n");
     let name = name.unwrap_or_else(|| panic!("--ttl did not keep a sandbox: {}", stderr(&out)));
-    assert_code(&env.run(&["exec", &name, "--", "true"]), 0);
+    assert_code(&env.exec(&name, &["true"]), 0);
 }
 
 #[test]
@@ -470,14 +462,11 @@ fn exec_exit_codes() {
     let name = unique_name("excodes");
     let _guard = KeptGuard::new(&name);
     assert_code(&env.run_kept(&name, &[], &["true"]), 0);
-    assert_code(&env.run(&["exec", &name, "--", "no-such-command-xyz"]), 127);
-    assert_code(&env.run(&["exec", &name, "--", "/etc/passwd"]), 126);
-    assert_code(
-        &env.run(&["exec", &name, "--", "sh", "-c", "kill -TERM $$"]),
-        143,
-    );
+    assert_code(&env.exec(&name, &["no-such-command-xyz"]), 127);
+    assert_code(&env.exec(&name, &["/etc/passwd"]), 126);
+    assert_code(&env.exec(&name, &["sh", "-c", "kill -TERM $$"]), 143);
     // The sandbox itself is unharmed by its commands' failures.
-    assert_code(&env.run(&["exec", &name, "--", "true"]), 0);
+    assert_code(&env.exec(&name, &["true"]), 0);
 }
 
 /// A SIGTERM sent to `agentkernel exec` as soon as the command is running
@@ -526,7 +515,7 @@ fn exec_forwards_sigterm() {
             Ok("got-term")
         );
     }
-    assert_code(&env.run(&["exec", &name, "--", "true"]), 0);
+    assert_code(&env.exec(&name, &["true"]), 0);
 }
 
 /// Every path under `root` (not following symlinks: the shared image store
@@ -560,18 +549,15 @@ fn state_is_private_to_its_owner() {
     let _guard = KeptGuard::new(&name);
     let token = format!("tok-{}", unique_name("s3cret"));
     let written = format!("written-{}", unique_name("cow"));
-    let out = env.run(&[
-        "run",
-        "--name",
-        &name,
-        "-e",
-        &format!("API_TOKEN={token}"),
-        "-i",
-        BUSYBOX,
-        "sh",
-        "-c",
-        &format!("echo {written} > /workspace/planted.txt"),
-    ]);
+    let out = env
+        .run_with()
+        .name(&name)
+        .env(&format!("API_TOKEN={token}"))
+        .output(&[
+            "sh",
+            "-c",
+            &format!("echo {written} > /workspace/planted.txt"),
+        ]);
     assert_code(&out, 0);
     assert!(!env.project_dir().join("planted.txt").exists());
 

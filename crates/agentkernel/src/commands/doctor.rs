@@ -9,11 +9,12 @@ use std::time::{Duration, Instant};
 
 use agentkernel_core::config::Config;
 use agentkernel_core::Result;
-use agentkernel_docker::{podman, Engine};
 use agentkernel_image as images;
 use serde_json::{json, Value};
 
-use crate::backend::{self, BackendKind};
+use agentkernel_core::backend::{BackendKind, Probe};
+
+use crate::backend;
 
 /// How long a registry gets to answer `GET /v2/`.
 const REGISTRY_TIMEOUT: Duration = Duration::from_secs(3);
@@ -108,42 +109,26 @@ async fn check(kind: BackendKind) -> BackendReport {
         fix,
         run: None,
     };
-    if let Some(why) = kind.unbuilt_reason() {
+    if let Some(why) = backend::unbuilt_reason(kind) {
         return report(
             "not built",
             why.to_string(),
             Some("nothing to install: this version of agentkernel has no such backend".into()),
         );
     }
-    let (detail, image) = if kind == BackendKind::Native {
-        match agentkernel_native::host::check() {
-            Ok(found) => (
-                format!("Linux {} ({}), no daemon", found.kernel, found.detail),
-                agentkernel_native::prepare::HOST_IMAGE.to_string(),
-            ),
-            Err(why) => return report("unavailable", why, None),
-        }
-    } else {
-        let engine = match backend::connect(kind) {
-            Ok(engine) => engine,
-            Err(e) => return unavailable(kind, e),
-        };
-        let detail = match engine_status(kind, &engine).await {
-            Ok(detail) => detail,
-            Err(e) => return unavailable(kind, e),
-        };
-        match agentkernel_docker::pull::small_local_image(&engine).await {
-            Ok(Some(image)) => (detail, image),
-            Ok(None) => {
-                let fix = format!(
-                    "it has no image to try a sandbox in: `{} pull alpine` (or `{} load`), then run doctor again",
-                    kind.name(),
-                    kind.name()
-                );
-                return report("untested", detail, Some(fix));
-            }
-            Err(e) => return report("failed", detail, Some(e.to_string())),
-        }
+    let store = agentkernel_core::state::Store::open_default();
+    let probe = match backend::open(kind, &store) {
+        Ok(backend) => backend.probe().await,
+        Err(e) => Err(e),
+    };
+    let (detail, image) = match probe {
+        Ok(Probe::Ready {
+            detail,
+            trial_image,
+        }) => (detail, trial_image),
+        Ok(Probe::Untested { detail, fix }) => return report("untested", detail, Some(fix)),
+        Ok(Probe::Failed { detail, why }) => return report("failed", detail, Some(why)),
+        Err(e) => return unavailable(kind, e),
     };
     let run = trial_run(kind, &image, true);
     if run.exit_code != 0 {
@@ -179,7 +164,11 @@ async fn check(kind: BackendKind) -> BackendReport {
 /// An unusable backend: its reason and, apart, the fix for it.
 fn unavailable(kind: BackendKind, e: agentkernel_core::Error) -> BackendReport {
     let (detail, fix) = match e {
-        agentkernel_core::Error::BackendUnavailable { why, fix, .. } => (why, Some(fix)),
+        // A fix that sends the reader to doctor is no use here: they are reading it.
+        agentkernel_core::Error::BackendUnavailable { why, fix, .. } => (
+            why,
+            Some(fix).filter(|f| !f.is_empty() && !f.contains("agentkernel doctor")),
+        ),
         other => (other.to_string(), None),
     };
     BackendReport {
@@ -249,34 +238,12 @@ fn run_summary(run: &TrialRun) -> String {
     }
 }
 
-async fn engine_status(kind: BackendKind, engine: &Engine) -> Result<String> {
-    let version = engine.ping().await?;
-    let mut status = format!("{version} at {}", engine.address);
-    if kind == BackendKind::Podman {
-        let private = format!("{}/podman.sock", podman::private_dir().display());
-        if engine.address.ends_with(&private) {
-            status.push_str(&format!(
-                " (agentkernel's private `podman system service`, exits after {}s idle",
-                podman::SERVICE_IDLE_SECS
-            ));
-            if let Some(init) = podman::private_service_init_path() {
-                status.push_str(&format!("; container init {}", init.display()));
-            }
-            status.push(')');
-        }
-        if podman::needs_runc() {
-            status.push_str("; hybrid cgroups: containers use runc");
-        }
-    }
-    Ok(status)
-}
-
 /// Docker Hub and each configured mirror, asked `GET /v2/` concurrently.
 async fn registries() -> Vec<RegistryReport> {
     let cwd = std::env::current_dir().unwrap_or_else(|_| "/".into());
     let config = Config::load(&cwd, None).unwrap_or_default();
     let mut endpoints: Vec<(String, &'static str, &'static str)> = Vec::new();
-    if let Ok(mirrors) = super::image::mirrors(&config) {
+    if let Ok(mirrors) = agentkernel_native::images::mirrors(&config) {
         for m in mirrors {
             if let Ok(base) = images::api_base(Some(&m.url)) {
                 endpoints.push((base, "mirror", m.source));

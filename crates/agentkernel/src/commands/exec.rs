@@ -3,7 +3,6 @@
 use agentkernel_core::spec::ExecRequest;
 use agentkernel_core::state::Store;
 use agentkernel_core::{names, parse, Result};
-use agentkernel_docker::kept;
 
 use crate::cli::ExecArgs;
 
@@ -38,18 +37,12 @@ pub async fn exec(args: ExecArgs) -> Result<i32> {
         user: args.sudo.then(|| "0:0".to_string()),
     };
     let store = Store::open_default();
-    let record = store
-        .load(&args.name)?
-        .ok_or_else(|| agentkernel_core::Error::NoSuchSandbox(args.name.clone()))?;
+    let (backend, record) = crate::backend::holding(&store, &args.name)?;
     super::sandbox_lifecycle::refuse_if_stopped(&store, &args.name)?;
     if args.detach {
         return super::exec_detach::detach(&args.name, &req);
     }
-    if record.backend == "native" {
-        // Never returns on success: the process becomes the helper.
-        return super::native::exec_in(&store, &args.name, &req, None, false);
-    }
-    let engine = crate::backend::connect_named(&record.backend)?;
-    let outcome = kept::exec(&engine, &store, &args.name, &req).await?;
+    // Native never returns on success: the process becomes the helper.
+    let outcome = backend.exec(&record, &req).await?;
     Ok(super::finish(outcome, record.memory_bytes, timeout))
 }

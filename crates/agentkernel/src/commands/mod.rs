@@ -7,7 +7,6 @@ mod exec_detach;
 mod image;
 mod init;
 mod mcp;
-pub mod native;
 mod openapi;
 mod pool;
 mod run;
@@ -83,28 +82,7 @@ pub(crate) fn wants_tty() -> bool {
     agentkernel_core::terminal::is_tty(0) && agentkernel_core::terminal::is_tty(1)
 }
 
-/// Prints a message about how the command ended, when there is one to say, and
-/// returns the exit code.
-pub(crate) fn finish(
-    outcome: agentkernel_core::spec::Outcome,
-    memory: Option<u64>,
-    timeout: Option<std::time::Duration>,
-) -> i32 {
-    use agentkernel_core::parse::{format_bytes, format_duration};
-    use agentkernel_core::spec::Outcome;
-    match outcome {
-        Outcome::OutOfMemory => eprintln!(
-            "agentkernel: the command was killed: out of memory (limit {}); raise it with --memory",
-            memory.map(format_bytes).unwrap_or_else(|| "unknown".into())
-        ),
-        Outcome::TimedOut => eprintln!(
-            "agentkernel: timed out after {}; the command and everything it started were killed",
-            timeout.map(format_duration).unwrap_or_default()
-        ),
-        Outcome::Exited(_) => {}
-    }
-    outcome.exit_code()
-}
+pub(crate) use agentkernel_core::exit::finish;
 
 /// Writes a command's output to stdout. A reader that stopped reading
 /// (`| head -1`) is not an error: the rest is simply not wanted.
@@ -119,7 +97,4 @@ pub(crate) fn print_stdout(data: &[u8]) -> Result<()> {
     }
 }
 
-/// "1 layer", "2 layers".
-pub(crate) fn counted(n: usize, one: &str, many: &str) -> String {
-    format!("{n} {}", if n == 1 { one } else { many })
-}
+pub(crate) use agentkernel_core::parse::counted;

@@ -14,7 +14,7 @@ pub async fn pool(cmd: PoolCommand) -> Result<i32> {
     match cmd {
         PoolCommand::Refill { key, used } => {
             let file = pool::load_key_file(&store, &key)?;
-            let engine = backend::connect_named(&file.backend)?;
+            let engine = backend::engine(file.backend)?;
             pool::refill(&engine, &store, &key, used.as_deref()).await?;
             Ok(0)
         }

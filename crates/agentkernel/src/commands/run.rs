@@ -4,15 +4,15 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use agentkernel_core::backend::{BackendKind, Capabilities, RunOptions};
 use agentkernel_core::config::Config;
 use agentkernel_core::image::{self, ImageSource};
-use agentkernel_core::policy::{Limits, Policy, Seccomp, WorkspaceMode};
+use agentkernel_core::policy::{Limits, Policy, Seccomp};
 use agentkernel_core::spec::{
     ExecRequest, Keep, PullPolicy, SandboxSpec, Workspace, WORKSPACE_PATH,
 };
 use agentkernel_core::state::Store;
 use agentkernel_core::{git, names, parse, paths, Error, Result};
-use agentkernel_docker::{kept, oneshot, pool};
 
 use crate::backend;
 use crate::cli::RunArgs;
@@ -33,52 +33,35 @@ pub async fn run(args: RunArgs) -> Result<i32> {
     for notice in &config.notices {
         eprintln!("agentkernel: notice: {notice}");
     }
-    let backend = backend::choose(args.backend.as_deref(), config.backend.as_deref())?;
+    let kind = backend::choose(args.backend.as_deref(), config.backend.as_deref())?;
+    let store = Store::open_default();
+    let backend = backend::open(kind, &store)?;
+    let capabilities = backend.capabilities();
     // The pool serves one-shot runs without published ports; those take the
     // normal path (explicit combinations are refused in `reject_unsupported`).
     let fast = args.fast.or(config.fast).unwrap_or(true);
     let dry_run = args.dry_run;
-    let limit_flags = (args.memory.is_some(), args.cpus.is_some());
-    let (mut spec, image_source) = resolve(args, &config, &cwd)?;
     let image_from_template = template.as_ref().is_some_and(|t| t.sets_image);
-    if let Some(applied) = template {
-        super::template::attach(&mut spec, applied, limit_flags);
-    }
-    let use_pool = fast
-        && spec.keep.is_none()
-        && spec.ports.is_empty()
-        && backend != backend::BackendKind::Native;
+    let (spec, image_source, notice) = resolve(args, &config, &cwd, &capabilities, template)?;
+    let warm_pool = fast && spec.keep.is_none() && spec.ports.is_empty() && capabilities.warm_pool;
     if dry_run {
-        let mut resolved = dry_run_json(&spec, image_source, backend, use_pool);
+        let mut resolved = dry_run_json(&spec, image_source, kind, warm_pool);
         if image_from_template && image_source == ImageSource::Config {
             resolved["image_source"] = "template".into();
         }
         super::print_stdout(format!("{resolved:#}\n").as_bytes())?;
         return Ok(0);
     }
-
-    let store = Store::open_default();
     if let Some(keep) = spec.keep.as_ref().filter(|k| k.reuse) {
         // `--branch` reusing a stopped sandbox starts it again.
         super::sandbox_lifecycle::clear_stopped(&store, &keep.name)?;
     }
-    if backend == backend::BackendKind::Native {
-        return super::native::run(&spec, &config, &store).await;
-    }
-    refuse_uncappable_disk(&spec, backend)?;
-    let engine = backend::connect(backend)?;
-    let outcome = if spec.keep.is_some() {
-        kept::run(&engine, &spec, &store).await?
-    } else if use_pool {
-        let settings = pool::Settings {
-            size: config.pool_size.unwrap_or(pool::DEFAULT_SIZE),
-            idle_ttl: config.pool_idle_ttl.unwrap_or(pool::DEFAULT_IDLE_TTL),
-            max_total: config.pool_max_total.unwrap_or(pool::DEFAULT_MAX_TOTAL),
-        };
-        pool::run(&engine, &spec, &store, settings).await?
-    } else {
-        oneshot::run(&engine, &spec, &store).await?
+    let options = RunOptions {
+        config: &config,
+        warm_pool,
+        notice,
     };
+    let outcome = backend.run(&spec, &options).await?;
     Ok(super::finish(
         outcome,
         spec.policy.limits.memory_bytes,
@@ -86,31 +69,22 @@ pub async fn run(args: RunArgs) -> Result<i32> {
     ))
 }
 
-/// Docker and Podman cannot cap a container's writable layer on common
-/// storage set-ups (overlay2 needs XFS with project quotas), nor the
-/// copy-on-write workspace's upper layer: an explicit `--disk` they would
-/// ignore is refused. Under restrictive every writable place is a sized tmpfs,
-/// so the cap holds there. (The profiles' own defaults are documented as not
-/// enforced on these backends.)
-pub(crate) fn refuse_uncappable_disk(
-    spec: &SandboxSpec,
-    backend: backend::BackendKind,
-) -> Result<()> {
-    let policy = &spec.policy;
-    let writable_layers = !policy.read_only_root || policy.workspace == WorkspaceMode::CopyOnWrite;
-    if policy.user_limits.disk_bytes.is_some() && writable_layers {
-        return Err(Error::not_supported_hint(
-            format!("--disk on the {} backend (the engine cannot cap a container's writable layers here)", backend.name()),
-            "use the native backend (-B native), or --profile restrictive, whose writable places are size-capped tmpfs",
-        ));
-    }
-    Ok(())
-}
-
 /// Turns flags and config into a spec, rejecting every invalid or
 /// not-yet-supported combination before anything is created.
-pub fn resolve(args: RunArgs, config: &Config, cwd: &Path) -> Result<(SandboxSpec, ImageSource)> {
+/// The template (`--template`, already laid over `config`) is attached
+/// next; last, the backend's `capabilities` decide what it cannot honour here
+/// (`backend::admit`: refused when asked for; a profile default, or a
+/// template's limit, is dropped, with the notice returned for the backend to
+/// print once the run goes ahead).
+pub fn resolve(
+    args: RunArgs,
+    config: &Config,
+    cwd: &Path,
+    capabilities: &Capabilities,
+    template: Option<super::template::Applied>,
+) -> Result<(SandboxSpec, ImageSource, Option<String>)> {
     reject_unsupported(&args)?;
+    let limit_flags = (args.memory.is_some(), args.cpus.is_some());
 
     let argv = super::utf8_command(args.command)?;
     let profile = match args.profile.as_deref() {
@@ -255,7 +229,7 @@ pub fn resolve(args: RunArgs, config: &Config, cwd: &Path) -> Result<(SandboxSpe
         cwd,
     )?;
 
-    let spec = SandboxSpec {
+    let mut spec = SandboxSpec {
         image,
         pull,
         policy,
@@ -275,7 +249,11 @@ pub fn resolve(args: RunArgs, config: &Config, cwd: &Path) -> Result<(SandboxSpe
             user: None,
         },
     };
-    Ok((spec, source))
+    if let Some(applied) = template {
+        super::template::attach(&mut spec, applied, limit_flags);
+    }
+    let notice = agentkernel_core::backend::admit(capabilities, &mut spec)?;
+    Ok((spec, source, notice))
 }
 
 /// `run --dry-run`: what would run, as JSON. Environment values are left out
@@ -283,7 +261,7 @@ pub fn resolve(args: RunArgs, config: &Config, cwd: &Path) -> Result<(SandboxSpe
 fn dry_run_json(
     spec: &SandboxSpec,
     image_source: ImageSource,
-    backend: backend::BackendKind,
+    backend: BackendKind,
     use_pool: bool,
 ) -> serde_json::Value {
     use serde_json::json;

@@ -1,9 +1,9 @@
-//! `agentkernel sandbox list|info|stop|start|remove|gc`, across every engine
-//! that holds kept sandboxes.
+//! `agentkernel sandbox list|info|pause|resume|start|remove|gc`, across
+//! every backend that holds kept sandboxes (`stop`, `extend-ttl`, `clean`:
+//! `sandbox_lifecycle.rs`; `create`, `cp`: their own modules).
 
 use agentkernel_core::state::{now_unix, SandboxRecord, Store};
 use agentkernel_core::{names, parse, Error, Result};
-use agentkernel_docker::{gc, kept, Engine};
 use serde_json::json;
 
 use crate::backend;
@@ -28,10 +28,8 @@ pub async fn sandbox(cmd: SandboxCommand) -> Result<i32> {
         }
         SandboxCommand::Cp { src, dest } => super::sandbox_cp::cp(&store, &src, &dest).await,
         SandboxCommand::Pause { name } => {
-            if !native_set_stopped(&store, &name, true)? {
-                let engine = engine_of(&store, &name)?;
-                kept::stop(&engine, &store, &name).await?;
-            }
+            let (backend, _) = backend::holding(&store, &name)?;
+            backend.pause(&name).await?;
             eprintln!(
                 "agentkernel: paused {name}: its processes are frozen, its files kept; \
                  `agentkernel sandbox resume {name}` resumes it (it still expires at its TTL)"
@@ -61,8 +59,8 @@ pub async fn sandbox(cmd: SandboxCommand) -> Result<i32> {
             Ok(0)
         }
         SandboxCommand::Gc { expire: Some(name) } => {
-            let engine = engine_of(&store, &name)?;
-            kept::expire_when_due(&engine, &store, &name).await;
+            let (backend, _) = backend::holding(&store, &name)?;
+            backend.expire_when_due(&name).await?;
             Ok(0)
         }
         SandboxCommand::Gc { expire: None } => {
@@ -76,12 +74,9 @@ pub async fn sandbox(cmd: SandboxCommand) -> Result<i32> {
 /// processes left, and says how much.
 pub(super) async fn collect_garbage(store: &Store) -> Result<()> {
     let (mut containers, mut dirs) = (0, 0);
-    dirs += agentkernel_native::gc::orphaned_runs(store);
-    dirs += agentkernel_native::kept::collect(store);
-    for engine in backend::engines_in_use(store) {
-        engine.ping().await?;
-        let c = gc::collect_orphans(engine, store.clone()).await;
-        containers += c.containers.len();
+    for backend in backend::in_use(store) {
+        let c = backend.gc().await?;
+        containers += c.containers;
         dirs += c.directories;
     }
     eprintln!(
@@ -94,68 +89,19 @@ pub(super) async fn collect_garbage(store: &Store) -> Result<()> {
 
 /// Removes one kept sandbox, on whichever backend holds it.
 pub(super) async fn remove_one(store: &Store, name: &str) -> Result<()> {
-    if is_native(store, name)? {
-        return agentkernel_native::kept::remove(store, name).map_err(|e| Error::Backend {
-            backend: "native",
-            message: e.to_string(),
-        });
-    }
-    let engine = engine_of(store, name)?;
-    kept::remove(&engine, store, name).await
+    let (backend, _) = backend::holding(store, name)?;
+    backend.remove(name).await
 }
 
-/// Thaws a paused sandbox (a running one is left as it is).
+/// Thaws a paused sandbox (a running one is left as it is; a rootless
+/// native one, with no freezer, is never paused).
 async fn thaw(store: &Store, name: &str) -> Result<()> {
-    names::validate(name)?;
-    if is_native(store, name)? {
-        // The holder reports a frozen sandbox as "stopped"; a rootless one
-        // (no freezer) is never frozen.
-        return match agentkernel_native::kept::status(store, name) {
-            Some("stopped") => native_set_stopped(store, name, false).map(|_| ()),
-            Some(_) => Ok(()),
-            None => Err(Error::NoSuchSandbox(format!(
-                "{name} (it expired or was removed)"
-            ))),
-        };
-    }
-    let engine = engine_of(store, name)?;
-    match kept::status(&engine, name).await? {
-        // kept::start also says when the sandbox is gone.
-        Some(bollard::models::ContainerStateStatusEnum::PAUSED) | None => {
-            kept::start(&engine, store, name).await
-        }
+    let (backend, record) = backend::holding(store, name)?;
+    match backend.status(&record).await?.as_deref() {
+        // The backend's resume also says when the sandbox is gone.
+        Some("paused") | None => backend.resume(name).await,
         Some(_) => Ok(()),
     }
-}
-
-fn is_native(store: &Store, name: &str) -> Result<bool> {
-    Ok(store
-        .load(name)?
-        .ok_or_else(|| Error::NoSuchSandbox(name.to_string()))?
-        .backend
-        == "native")
-}
-
-/// `stop`/`start` of a native sandbox (freeze/thaw); false for other backends.
-fn native_set_stopped(store: &Store, name: &str, stopped: bool) -> Result<bool> {
-    names::validate(name)?;
-    if !is_native(store, name)? {
-        return Ok(false);
-    }
-    agentkernel_native::kept::set_stopped(store, name, stopped).map_err(|e| Error::Backend {
-        backend: "native",
-        message: e.to_string(),
-    })?;
-    Ok(true)
-}
-
-/// The engine holding `name`, from its record.
-fn engine_of(store: &Store, name: &str) -> Result<Engine> {
-    names::validate(name)?;
-    let record = store
-        .load(name)?
-        .ok_or_else(|| Error::NoSuchSandbox(name.to_string()))?;
-    backend::connect_named(&record.backend)
 }
 
 pub(super) struct Row {
@@ -176,52 +122,27 @@ impl Row {
             "ttl_secs": self.record.ttl_secs,
             "expires_in_secs": self.expires_in,
             "workspace": self.record.workspace,
-            "container_id": self.record.container_id,
+            "container_id": self.record.handle,
         })
     }
 }
 
-/// Live kept sandboxes of every engine in use, after collecting expired ones.
+/// Live kept sandboxes of every backend in use, after collecting expired ones.
 pub(super) async fn rows(store: &Store) -> Result<Vec<Row>> {
     let mut out = Vec::new();
-    agentkernel_native::kept::collect(store);
-    for record in store.list().into_iter().filter(|r| r.backend == "native") {
-        let Some(status) = agentkernel_native::kept::status(store, &record.name) else {
-            continue;
-        };
-        let expires_in = store
-            .deadline(&record.name)
-            .map(|d| d.saturating_sub(now_unix()));
-        // The native holder reports a frozen sandbox as "stopped".
-        let status = if status == "stopped" {
-            "paused"
-        } else {
-            status
-        };
-        out.push(Row {
-            status: super::sandbox_lifecycle::shown_status(store, &record.name, status),
-            record,
-            expires_in,
-        });
-    }
-    for engine in backend::engines_in_use(store) {
-        engine.ping().await?;
-        gc::collect_orphans(engine.clone(), store.clone()).await;
-        for record in store
-            .list()
-            .into_iter()
-            .filter(|r| r.backend == engine.name())
-        {
-            let status = match kept::status(&engine, &record.name).await? {
-                None => continue,
-                Some(s) => super::sandbox_lifecycle::shown_status(store, &record.name, s.as_ref()),
+    for backend in backend::in_use(store) {
+        backend.gc().await?;
+        let kind = backend.kind();
+        for record in store.list().into_iter().filter(|r| r.backend == kind) {
+            let Some(status) = backend.status(&record).await? else {
+                continue;
             };
             let expires_in = store
                 .deadline(&record.name)
                 .map(|d| d.saturating_sub(now_unix()));
             out.push(Row {
+                status: super::sandbox_lifecycle::shown_status(store, &record.name, &status),
                 record,
-                status,
                 expires_in,
             });
         }
@@ -283,7 +204,7 @@ async fn info(store: &Store, name: &str, as_json: bool) -> Result<i32> {
     if let Some(w) = &r.workspace {
         println!("workspace:  {}", w.display());
     }
-    println!("container:  {}", r.container_id);
+    println!("container:  {}", r.handle);
     Ok(0)
 }
 

@@ -5,13 +5,13 @@
 
 use std::path::PathBuf;
 
+use agentkernel_core::backend::RunOptions;
 use agentkernel_core::config::Config;
 use agentkernel_core::spec::kept_message;
 use agentkernel_core::state::Store;
 use agentkernel_core::{Error, Result};
-use agentkernel_docker::kept;
 
-use crate::backend::{self, BackendKind};
+use crate::backend;
 use crate::cli::{CreateArgs, RunArgs};
 
 pub async fn create(args: CreateArgs) -> Result<i32> {
@@ -40,11 +40,13 @@ pub async fn create(args: CreateArgs) -> Result<i32> {
             "agentkernel: notice: --agent {agent} has no effect: the image is what the sandbox runs (--image)"
         );
     }
-    let backend = backend::choose(args.backend.as_deref(), config.backend.as_deref())?;
-    let no_start = args.no_start;
-    let (spec, _) = super::run::resolve(run_args(args), &config, &cwd)?;
-    let keep = spec.keep.clone().expect("create always keeps");
+    let kind = backend::choose(args.backend.as_deref(), config.backend.as_deref())?;
     let store = Store::open_default();
+    let backend = backend::open(kind, &store)?;
+    let no_start = args.no_start;
+    let (spec, _, notice) =
+        super::run::resolve(run_args(args), &config, &cwd, &backend.capabilities(), None)?;
+    let keep = spec.keep.clone().expect("create always keeps");
     // `--no-start`: created stopped. A new sandbox runs no command, so only
     // what holds it runs: stopped is a matter of marking it.
     let mark = || {
@@ -53,16 +55,13 @@ pub async fn create(args: CreateArgs) -> Result<i32> {
         }
         Ok(())
     };
-    if backend == BackendKind::Native {
-        return super::native::create(&spec, &config, &store, mark).await;
-    }
-    super::run::refuse_uncappable_disk(&spec, backend)?;
-    let engine = backend::connect(backend)?;
-    kept::create(&engine, &spec, &store).await?;
-    if let Err(e) = mark() {
-        let _ = kept::remove(&engine, &store, &keep.name).await;
-        return Err(e);
-    }
+    let options = RunOptions {
+        config: &config,
+        warm_pool: false,
+        notice,
+    };
+    // Native never returns on success: its helper creates the sandbox.
+    backend.create(&spec, &options, &mark).await?;
     eprintln!("{}", kept_message(&keep.name, keep.ttl, false));
     Ok(0)
 }

@@ -53,19 +53,8 @@ pub fn shown_status(store: &Store, name: &str, backend_status: &str) -> String {
 
 /// `sandbox stop NAME`: ends every process in it but the one holding it.
 pub async fn stop(store: &Store, name: &str) -> Result<usize> {
-    names::validate(name)?;
-    let record = store
-        .load(name)?
-        .ok_or_else(|| Error::NoSuchSandbox(name.to_string()))?;
-    let killed = if record.backend == "native" {
-        agentkernel_native::stop::stop(store, name).map_err(|e| Error::Backend {
-            backend: "native",
-            message: e.to_string(),
-        })?
-    } else {
-        let engine = backend::connect_named(&record.backend)?;
-        agentkernel_docker::stop::stop(&engine, store, name).await?
-    };
+    let (backend, _) = backend::holding(store, name)?;
+    let killed = backend.stop(name).await?;
     mark_stopped(store, name)?;
     Ok(killed)
 }
@@ -90,26 +79,13 @@ pub async fn stop_command(store: &Store, name: &str) -> Result<i32> {
 pub fn extend_ttl(store: &Store, name: &str, by: &str) -> Result<i32> {
     names::validate(name)?;
     let by = parse::duration("extend-ttl DURATION", by)?;
-    let mut record = store
-        .load(name)?
-        .ok_or_else(|| Error::NoSuchSandbox(name.to_string()))?;
+    let (backend, mut record) = backend::holding(store, name)?;
     if record.ttl_secs == 0 {
         eprintln!("agentkernel: {name} never expires (--ttl 0); nothing to extend");
         return Ok(0);
     }
     record.ttl_secs = record.ttl_secs.saturating_add(by.as_secs());
-    if record.backend == "native" {
-        // Native commands take their TTL from the sandbox's plan.
-        let path = agentkernel_native::kept::plan_file(store, name);
-        let data = std::fs::read(&path).map_err(|e| Error::state(&path, e))?;
-        let mut plan: agentkernel_native::Plan = serde_json::from_slice(&data)
-            .map_err(|e| Error::state(&path, std::io::Error::other(e)))?;
-        if let Some(keep) = plan.keep.as_mut() {
-            keep.ttl = Duration::from_secs(record.ttl_secs);
-        }
-        let data = serde_json::to_vec(&plan).expect("plan serializes");
-        agentkernel_core::state::write_atomic(&path, &data)?;
-    }
+    backend.set_ttl(name, Duration::from_secs(record.ttl_secs))?;
     store.commit(&record)?;
     let deadline = store
         .deadline(name)

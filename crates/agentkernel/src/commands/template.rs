@@ -154,51 +154,6 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     cause.to_string()
 }
 
-/// The native helper, right after it created a kept sandbox: runs the
-/// template's setup there, in a child (entering the sandbox's namespaces is
-/// one-way, and the first command still has to enter them). On failure the
-/// sandbox is removed and the helper exits 125.
-pub fn native_setup(plan: &agentkernel_native::Plan) {
-    let Some(keep) = plan.keep.as_ref().filter(|k| !k.setup.is_empty()) else {
-        return;
-    };
-    let mut setup = plan.clone();
-    setup.action = agentkernel_native::plan::Action::Exec;
-    setup.argv = template::setup_argv(&keep.setup);
-    setup.tty = false;
-    // SAFETY: the helper is single-threaded; the child runs the setup and exits.
-    let child = unsafe { libc::fork() };
-    if child == 0 {
-        let code = match agentkernel_native::join::exec(&setup) {
-            Ok(outcome) => outcome.exit_code(),
-            Err(e) => {
-                eprintln!("agentkernel: native: {e}");
-                crate::EXIT_AGENTKERNEL_ERROR
-            }
-        };
-        // SAFETY: ends the forked child without running the parent's exit handlers.
-        unsafe { libc::_exit(code) }
-    }
-    let code = if child < 0 {
-        -1
-    } else {
-        let mut status = 0;
-        // SAFETY: waits for our own child.
-        unsafe { libc::waitpid(child, &mut status, 0) };
-        if libc::WIFEXITED(status) {
-            libc::WEXITSTATUS(status)
-        } else {
-            128 + libc::WTERMSIG(status)
-        }
-    };
-    if code != 0 {
-        let store = Store::new(keep.state_root.clone());
-        let _ = agentkernel_native::kept::remove(&store, &keep.name);
-        eprintln!("agentkernel: {}", template::setup_failed(&keep.name, code));
-        std::process::exit(crate::EXIT_AGENTKERNEL_ERROR);
-    }
-}
-
 pub async fn template(cmd: TemplateCommand) -> Result<i32> {
     let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
     match cmd {

@@ -27,6 +27,8 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+mod commands;
+
 /// busybox applets (sh, nc, httpd, wget, unshare…), built offline.
 pub const BUSYBOX: &str = "agentkernel-test/busybox:1";
 /// The busybox image with `USER nobody` (scripts/build-test-images.sh).
@@ -358,13 +360,9 @@ impl TestEnv {
     }
 
     /// `agentkernel run --name NAME EXTRA… -i BUSYBOX CMD…`: creates the kept
-    /// sandbox NAME (or fails to) and runs CMD in it.
+    /// sandbox NAME and runs CMD in it.
     pub fn run_kept(&self, name: &str, extra: &[&str], cmd: &[&str]) -> Output {
-        let mut args = vec!["run", "--name", name];
-        args.extend_from_slice(extra);
-        args.extend(["-i", BUSYBOX]);
-        args.extend_from_slice(cmd);
-        self.run(&args)
+        self.run_with().name(name).flags(extra).output(cmd)
     }
 
     /// Spawns `agentkernel ARGS…` with piped stdout/stderr and null stdin,

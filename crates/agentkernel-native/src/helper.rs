@@ -1,0 +1,183 @@
+//! The hand-off from the `agentkernel run`/`exec` process to the sandbox
+//! helper: the plan is written to a memfd and the binary re-executes itself
+//! as `agentkernel __native-sandbox <fd>`, which `main()` routes to
+//! [`main`] before clap or tokio exist, so the helper is single-threaded and
+//! may fork safely.
+
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::os::unix::process::CommandExt;
+
+use crate::error::{Error, HandoffError};
+use agentkernel_core::exit::{finish, AGENTKERNEL_ERROR};
+use agentkernel_core::spec::ExecRequest;
+use agentkernel_core::state::Store;
+use agentkernel_core::template;
+
+use crate::plan::Action;
+use crate::{join, kept, prepare, rootless, sandbox, Plan, HELPER_SUBCOMMAND};
+
+/// One more command in the kept sandbox `name`: its plan with this command,
+/// run by the helper. Never returns on success.
+pub fn exec_in(
+    store: &Store,
+    name: &str,
+    request: &ExecRequest,
+    ttl: Option<std::time::Duration>,
+    reused: bool,
+) -> agentkernel_core::Error {
+    let path = kept::plan_file(store, name);
+    let sandbox: Plan = match std::fs::read(&path)
+        .and_then(|data| serde_json::from_slice(&data).map_err(std::io::Error::other))
+    {
+        Ok(plan) => plan,
+        Err(e) => return agentkernel_core::Error::state(&path, e),
+    };
+    let mut plan = prepare::for_command(&sandbox, request);
+    if let Some(keep) = plan.keep.as_mut() {
+        keep.ttl = ttl.unwrap_or(keep.ttl);
+        keep.reused = reused;
+    }
+    Error::from(exec_helper(&plan)).into()
+}
+
+/// Hands the plan to a fresh copy of ourselves on an inherited memfd.
+/// Returns only on failure.
+pub fn exec_helper(plan: &Plan) -> HandoffError {
+    let json = match serde_json::to_vec(plan) {
+        Ok(j) => j,
+        Err(e) => return HandoffError::Encode(e),
+    };
+    let name = c"agentkernel-plan";
+    // SAFETY: a valid C string; the new fd is owned by `file` below. No
+    // MFD_CLOEXEC: the helper inherits it across exec.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), 0) };
+    if fd < 0 {
+        return HandoffError::Memfd(std::io::Error::last_os_error());
+    }
+    // SAFETY: just created, ours.
+    let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
+    if let Err(e) = file.write_all(&json) {
+        return HandoffError::Write(e);
+    }
+    let fd = file.into_raw_fd();
+    let _ = std::io::stdout().flush();
+    crate::trace::phase("cli execs the helper");
+    let e = std::process::Command::new("/proc/self/exe")
+        .arg0("agentkernel")
+        .arg(HELPER_SUBCOMMAND)
+        .arg(fd.to_string())
+        .exec();
+    HandoffError::Exec(e)
+}
+
+/// `agentkernel __native-sandbox <fd>`: the helper's entry point, reached
+/// before any runtime or thread exists. Returns the exit code.
+pub fn main(fd_arg: Option<String>) -> i32 {
+    let plan = match read_plan(fd_arg) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("agentkernel: {e}");
+            return AGENTKERNEL_ERROR;
+        }
+    };
+    // A rootless sandbox is built inside a user namespace of its own (an
+    // `exec` joins the kept sandbox's one instead).
+    if let (Some(map), Action::Run | Action::CreateKept) = (&plan.rootless, &plan.action) {
+        if let Err(e) = rootless::enter_user_namespace(map) {
+            eprintln!("agentkernel: native (rootless): {e}");
+            let _ = std::fs::remove_dir_all(&plan.scratch);
+            return AGENTKERNEL_ERROR;
+        }
+    }
+    let outcome: Result<_, Error> = match plan.action {
+        Action::Run => sandbox::run(&plan).map_err(Error::from),
+        Action::CreateKept => kept::create(&plan).map_err(Error::from).and_then(|()| {
+            template_setup(&plan);
+            if plan.argv.is_empty() {
+                // `sandbox create`: no first command.
+                return Ok(agentkernel_core::spec::Outcome::Exited(0));
+            }
+            let mut first = plan.clone();
+            first.action = Action::Exec;
+            join::exec(&first).map_err(Error::from)
+        }),
+        Action::Exec => join::exec(&plan).map_err(Error::from),
+    };
+    if let (Some(keep), Action::CreateKept | Action::Exec) = (&plan.keep, &plan.action) {
+        let reused = keep.reused;
+        if plan.action == Action::CreateKept || reused {
+            eprintln!(
+                "{}",
+                agentkernel_core::spec::kept_message(&keep.name, keep.ttl, reused)
+            );
+        }
+    }
+    match outcome {
+        Ok(outcome) => finish(outcome, plan.limits.memory_bytes, plan.timeout),
+        Err(e) => {
+            eprintln!("agentkernel: native: {e}");
+            AGENTKERNEL_ERROR
+        }
+    }
+}
+
+/// Right after the helper created a kept sandbox: runs its template's
+/// setup there, in a child (entering the sandbox's namespaces is one-way,
+/// and the first command still has to enter them). On failure the sandbox
+/// is removed and the helper exits 125.
+fn template_setup(plan: &Plan) {
+    let Some(keep) = plan.keep.as_ref().filter(|k| !k.setup.is_empty()) else {
+        return;
+    };
+    let mut setup = plan.clone();
+    setup.action = Action::Exec;
+    setup.argv = template::setup_argv(&keep.setup);
+    setup.tty = false;
+    // SAFETY: the helper is single-threaded; the child runs the setup and exits.
+    let child = unsafe { libc::fork() };
+    if child == 0 {
+        let code = match join::exec(&setup) {
+            Ok(outcome) => outcome.exit_code(),
+            Err(e) => {
+                eprintln!("agentkernel: native: {e}");
+                AGENTKERNEL_ERROR
+            }
+        };
+        // SAFETY: ends the forked child without running the parent's exit handlers.
+        unsafe { libc::_exit(code) }
+    }
+    let code = if child < 0 {
+        -1
+    } else {
+        let mut status = 0;
+        // SAFETY: waits for our own child.
+        unsafe { libc::waitpid(child, &mut status, 0) };
+        if libc::WIFEXITED(status) {
+            libc::WEXITSTATUS(status)
+        } else {
+            128 + libc::WTERMSIG(status)
+        }
+    };
+    if code != 0 {
+        let store = Store::new(keep.state_root.clone());
+        let _ = kept::remove(&store, &keep.name);
+        eprintln!("agentkernel: {}", template::setup_failed(&keep.name, code));
+        std::process::exit(AGENTKERNEL_ERROR);
+    }
+}
+
+fn read_plan(fd_arg: Option<String>) -> Result<Plan, HandoffError> {
+    let fd: i32 = fd_arg
+        .and_then(|f| f.parse().ok())
+        .filter(|fd| *fd > 2)
+        .ok_or(HandoffError::NotInherited)?;
+    // SAFETY: the fd was inherited from the run process that exec'd us and is
+    // used only here.
+    let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
+    let mut json = Vec::new();
+    std::io::Seek::rewind(&mut file)
+        .and_then(|_| file.read_to_end(&mut json))
+        .map_err(HandoffError::Read)?;
+    serde_json::from_slice(&json).map_err(HandoffError::Decode)
+}
