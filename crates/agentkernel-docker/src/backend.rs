@@ -136,6 +136,7 @@ impl Backend for EngineBackend {
             eprintln!("{notice}");
         }
         kept::create(engine, spec, &self.store).await?;
+        kept::setup(engine, spec, &self.store).await?;
         if let Err(e) = reserved() {
             let name = &spec.keep.as_ref().expect("create always keeps").name;
             let _ = kept::remove(engine, &self.store, name).await;

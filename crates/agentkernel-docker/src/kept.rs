@@ -64,7 +64,7 @@ pub async fn run(engine: &Engine, spec: &SandboxSpec, store: &Store) -> Result<O
 
 /// A template's setup, once, in the sandbox just created; on failure the
 /// sandbox is removed (a half-set-up sandbox must not be reused).
-async fn setup(engine: &Engine, spec: &SandboxSpec, store: &Store) -> Result<(), Error> {
+pub async fn setup(engine: &Engine, spec: &SandboxSpec, store: &Store) -> Result<(), Error> {
     let Some(keep) = spec.keep.as_ref().filter(|k| !k.setup.is_empty()) else {
         return Ok(());
     };

@@ -357,7 +357,7 @@ pub struct CreateArgs {
     #[arg(short = 'a', long, value_name = "AGENT")]
     pub agent: Option<String>,
 
-    /// Use a template (not supported yet)
+    /// Apply a template over the config files, as `run --template` does; its setup runs once, now
     #[arg(long, value_name = "NAME")]
     pub template: Option<String>,
 

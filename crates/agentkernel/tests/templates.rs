@@ -486,17 +486,60 @@ fn setup_runs_once_per_kept_sandbox() {
         ])
         .output()
         .unwrap();
-    assert_code(&out, AK_ERROR);
     assert!(!stdout(&out).contains("command-ran") && !stderr(&out).contains("never"));
+    assert_setup_failed_and_gone(&env, &out, &bad);
+}
+
+/// `sandbox create --template`: the template is applied as for `run`, and
+/// its setup runs once in the new sandbox, though no first command runs; a
+/// failing setup is exit 125 and leaves no sandbox.
+#[test]
+fn sandbox_create_runs_the_template_setup_once() {
+    let env = TestEnv::new();
+    let create = |name: &str, template: &str, text: &str| {
+        write(&env.project_dir().join(template), text);
+        let template = format!("./{template}");
+        env.run(&[
+            "sandbox",
+            "create",
+            name,
+            "--template",
+            &template,
+            "-i",
+            BUSYBOX,
+        ])
+    };
+    let name = unique_name("tplcreate");
+    let _guard = KeptGuard::new(&name);
+    let out = create(
+        &name,
+        "s.toml",
+        "[template]\nsetup = [\"echo setup-output\", \"echo ran >> /tmp/setup-count\"]\n",
+    );
+    assert_code(&out, 0);
+    assert!(stderr(&out).contains("setup-output"), "{}", stderr(&out));
+    let out = env.run(&["exec", &name, "--", "cat", "/tmp/setup-count"]);
+    assert_code(&out, 0);
+    assert_eq!(stdout(&out), "ran\n", "setup runs once at creation");
+
+    let bad = unique_name("tplcreatebad");
+    let _bad_guard = KeptGuard::new(&bad);
+    let out = create(&bad, "f.toml", "[template]\nsetup = [\"false\"]\n");
+    assert_setup_failed_and_gone(&env, &out, &bad);
+}
+
+/// A setup that exited 1: exit 125, said so, and the sandbox `name` is gone.
+fn assert_setup_failed_and_gone(env: &TestEnv, out: &std::process::Output, name: &str) {
+    assert_code(out, AK_ERROR);
     assert!(
-        stderr(&out).contains("setup failed (exit 1)"),
+        stderr(out).contains("setup failed (exit 1)"),
         "{}",
-        stderr(&out)
+        stderr(out)
     );
     let list = env.run(&["sandbox", "list", "--json"]);
-    assert!(!stdout(&list).contains(&bad), "{}", stdout(&list));
+    assert!(!stdout(&list).contains(name), "{}", stdout(&list));
     if !is_native() {
-        assert!(!container_exists(&kept_object(&bad)));
+        assert!(!container_exists(&kept_object(name)));
     }
 }
 

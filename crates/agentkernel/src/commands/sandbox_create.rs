@@ -31,7 +31,12 @@ pub async fn create(args: CreateArgs) -> Result<i32> {
     let cwd = cwd
         .canonicalize()
         .map_err(|e| Error::invalid("--dir", cwd.to_string_lossy(), e.to_string()))?;
-    let config = Config::load(&cwd, args.config.as_deref())?;
+    let mut config = Config::load(&cwd, args.config.as_deref())?;
+    // config files < template < flags, as for `run`
+    let template = match args.template.as_deref() {
+        Some(t) => Some(super::template::apply(t, &mut config).await?),
+        None => None,
+    };
     for notice in &config.notices {
         eprintln!("agentkernel: notice: {notice}");
     }
@@ -44,8 +49,13 @@ pub async fn create(args: CreateArgs) -> Result<i32> {
     let store = Store::open_default();
     let backend = backend::open(kind, &store)?;
     let no_start = args.no_start;
-    let (spec, _, notice) =
-        super::run::resolve(run_args(args), &config, &cwd, &backend.capabilities(), None)?;
+    let (spec, _, notice) = super::run::resolve(
+        run_args(args),
+        &config,
+        &cwd,
+        &backend.capabilities(),
+        template,
+    )?;
     let keep = spec.keep.clone().expect("create always keeps");
     // `--no-start`: created stopped. A new sandbox runs no command, so only
     // what holds it runs: stopped is a matter of marking it.
