@@ -265,6 +265,7 @@ pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<Plan
         tty: spec.exec.tty,
         timeout: spec.exec.timeout,
         rootless,
+        secret_files: Vec::new(),
     })
 }
 

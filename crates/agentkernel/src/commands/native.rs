@@ -18,7 +18,12 @@ use agentkernel_native::{join, kept, rootless, sandbox, Plan, HELPER_SUBCOMMAND}
 
 /// Runs a one-shot sandbox. On success this never returns: the process
 /// becomes the helper.
-pub async fn run(spec: &SandboxSpec, config: &Config, store: &Store) -> Result<i32> {
+pub async fn run(
+    spec: &SandboxSpec,
+    config: &Config,
+    store: &Store,
+    secret_files: Vec<agentkernel_native::plan::SecretFile>,
+) -> Result<i32> {
     if let Some(keep) = spec.keep.as_ref().filter(|k| k.reuse) {
         if let Some(record) = existing(store, &keep.name).await? {
             if record.backend != "native" {
@@ -35,7 +40,8 @@ pub async fn run(spec: &SandboxSpec, config: &Config, store: &Store) -> Result<i
         prepare::check_rootless_spec(spec)?;
     }
     let image = image_root(spec, config).await?;
-    let plan = prepare::plan(spec, &image, store)?;
+    let mut plan = prepare::plan(spec, &image, store)?;
+    plan.secret_files = secret_files;
     let err = exec_helper(&plan);
     let _ = std::fs::remove_dir_all(&plan.scratch);
     if let Some(keep) = &plan.keep {
