@@ -62,8 +62,10 @@ pub struct EgressSpec {
 #[derive(Default)]
 pub struct SecretValues {
     pub values: BTreeMap<String, String>,
-    /// `AGENTKERNEL_PLACEHOLDER_` + 32 random hex, new per run; empty unless
-    /// `--placeholder-secrets`.
+    /// `AGENTKERNEL_PLACEHOLDER_` + 32 random hex, new per run: every bound
+    /// key's (its environment variable in the sandbox holds it), and with
+    /// `--placeholder-secrets` every `--secret-file` key's too (each such key
+    /// is bound to a host: resolution refuses one that is not).
     pub placeholders: BTreeMap<String, String>,
 }
 
