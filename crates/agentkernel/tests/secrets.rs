@@ -388,27 +388,33 @@ fn secret_files_are_the_users_read_only_tmpfs_files() {
     let value = "file-secret-b8e0 with spaces\nand a second line";
     set_secret(&env, "DB_PASSWORD", value);
     set_secret(&env, "OTHER", "other-secret-31aa");
-    let out = env.run(&[
-        "run",
-        "-i",
-        NOBODY,
-        "--secret-file",
-        "DB_PASSWORD",
-        "--secret-file",
-        "OTHER",
-        "--",
-        "sh",
-        "-c",
-        "d=$AGENTKERNEL_SECRETS_PATH; id -un; stat -c '%a %U' $d/DB_PASSWORD $d/OTHER; \
-         awk '$2 == \"/run/agentkernel/secrets\" {print $3}' /proc/mounts; \
-         echo x > $d/DB_PASSWORD 2>/dev/null && echo WRITABLE; \
-         echo ---; cat $d/DB_PASSWORD",
-    ]);
-    assert_code(&out, 0);
-    assert_eq!(
-        stdout(&out),
-        format!("nobody\n400 nobody\n400 nobody\ntmpfs\n---\n{value}")
-    );
+    // Restrictive: read-only root and no capabilities to chown with.
+    for profile in ["moderate", "restrictive"] {
+        let out = env.run(&[
+            "run",
+            "-p",
+            profile,
+            "-i",
+            NOBODY,
+            "--secret-file",
+            "DB_PASSWORD",
+            "--secret-file",
+            "OTHER",
+            "--",
+            "sh",
+            "-c",
+            "d=$AGENTKERNEL_SECRETS_PATH; id -un; stat -c '%a %U' $d/DB_PASSWORD $d/OTHER; \
+             awk '$2 == \"/run/agentkernel/secrets\" {print $3}' /proc/mounts; \
+             echo x > $d/DB_PASSWORD 2>/dev/null && echo WRITABLE; \
+             echo ---; cat $d/DB_PASSWORD",
+        ]);
+        assert_code(&out, 0);
+        assert_eq!(
+            stdout(&out),
+            format!("nobody\n400 nobody\n400 nobody\ntmpfs\n---\n{value}"),
+            "{profile}"
+        );
+    }
 }
 
 /// Without placeholders the value is in its file, and nowhere else the
