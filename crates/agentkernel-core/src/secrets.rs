@@ -287,6 +287,18 @@ pub fn resolve(
         };
         values.values.insert(key.to_string(), value);
     }
+    // A bound value goes into an HTTP header: refuse now what the proxy
+    // could never send (a newline would also split the request).
+    for key in &bound {
+        let sendable = values.values[*key]
+            .bytes()
+            .all(|b| b == b'\t' || (0x20..0x7f).contains(&b));
+        if !sendable {
+            return Err(Error::Conflict(format!(
+                "secret {key} cannot be sent in an HTTP header: its value has a control or non-ASCII character (a trailing newline?); set it again with `agentkernel secret set {key}`"
+            )));
+        }
+    }
     for key in &keys {
         if bound.contains(key) || request.placeholders {
             values.placeholders.insert(key.to_string(), placeholder()?);
@@ -496,6 +508,14 @@ mod tests {
             "INL=x:a.example".to_string(),
         ];
         assert!(resolve(&request(&clash, &[], false), &vault, &mut vec![]).is_err());
+
+        vault.set("MULTILINE", "a\nb").unwrap();
+        let multiline = vec!["MULTILINE:a.example".to_string()];
+        let e = resolve(&request(&multiline, &[], false), &vault, &mut vec![]).unwrap_err();
+        assert!(e.to_string().contains("HTTP header"), "{e}");
+        // As a file it is fine.
+        let file = vec!["MULTILINE".to_string()];
+        assert!(resolve(&request(&[], &file, false), &vault, &mut vec![]).is_ok());
 
         let mut leaking = vec![("STORED".to_string(), "x".to_string())];
         assert!(resolve(&request(&flags, &[], false), &vault, &mut leaking).is_err());

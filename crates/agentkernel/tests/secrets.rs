@@ -221,6 +221,21 @@ fn every_bad_binding_is_125_in_one_line() {
         .unwrap();
     let line = assert_one_line_error(&out);
     assert!(line.contains("K"), "{line}");
+    // A value that cannot be an HTTP header value could never be sent.
+    set_secret(&env, "MULTILINE", "line one\nline two");
+    let line = assert_one_line_error(&env.run(&[
+        "run",
+        "--dry-run",
+        "-S",
+        "MULTILINE:h.example",
+        "-i",
+        BUSYBOX,
+        "true",
+    ]));
+    assert!(
+        line.contains("MULTILINE") && !line.contains("line one"),
+        "{line}"
+    );
     // Under --no-network a binding could never be used.
     assert_one_line_error(&env.run(&[
         "run",
