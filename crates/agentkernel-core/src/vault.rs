@@ -116,7 +116,11 @@ impl Vault {
 
     /// Read-modify-write under the lock; `change` says whether to write.
     fn update(&self, change: impl FnOnce(&mut BTreeMap<String, Entry>) -> bool) -> Result<()> {
-        crate::state::create_private_dir_all(&self.dir).map_err(|e| Error::state(&self.dir, e))?;
+        // The state root (when this creates it) is private too, as every
+        // command makes it.
+        for dir in self.dir.parent().into_iter().chain([self.dir.as_path()]) {
+            crate::state::create_private_dir_all(dir).map_err(|e| Error::state(dir, e))?;
+        }
         let _lock = self.lock()?;
         let mut entries = self.entries()?;
         if !change(&mut entries) {
@@ -259,6 +263,9 @@ mod tests {
         assert_eq!(mode(&vault.file()), 0o600);
         assert_eq!(mode(&vault.key_file()), 0o600);
         assert_eq!(mode(&tmp.path().join("secrets")), 0o700);
+        let fresh = Vault::new(tmp.path().join("new-state/secrets"));
+        fresh.set("K", "v").unwrap();
+        assert_eq!(mode(&tmp.path().join("new-state")), 0o700);
         assert!(vault.remove("API_KEY").unwrap());
         assert!(!vault.remove("API_KEY").unwrap());
         assert_eq!(vault.get("API_KEY").unwrap(), None);

@@ -28,8 +28,6 @@ pub fn secret(cmd: SecretCommand) -> Result<i32> {
                     "it is empty; give the value as an argument or on stdin",
                 ));
             }
-            // The state root must exist (and be private) before the vault's directory.
-            agentkernel_core::state::Store::open_default();
             vault.set(&key, &value)?;
             eprintln!("agentkernel: secret {key} set");
             Ok(0)
