@@ -555,3 +555,59 @@ fn a_run_with_secret_files_keeps_stdin_exit_codes_and_timeouts() {
     assert_code(&out, 124);
     assert!(containers_of_owner(&owner).is_empty());
 }
+
+/// On a terminal `secret set` prompts and turns echo off: what is typed is
+/// stored, and never shows in the terminal's output.
+#[test]
+fn secret_set_on_a_terminal_does_not_echo() {
+    use std::io::{Read, Write};
+    let env = TestEnv::new();
+    let inner = format!("{} secret set TYPED", binary().display());
+    let mut cmd = std::process::Command::new("script");
+    env.configure(&mut cmd);
+    cmd.args(["-qec", &inner, "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 256];
+        while let Ok(n) = out.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains("(not shown)") {
+        let chunk = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("no prompt: {:?}", String::from_utf8_lossy(&seen)));
+        seen.extend(chunk);
+    }
+    stdin.write_all(b"typed-secret-0c4e\r").unwrap();
+    assert!(wait_child(&mut child, std::time::Duration::from_secs(30)).success());
+    while let Ok(chunk) = rx.recv_timeout(std::time::Duration::from_secs(1)) {
+        seen.extend(chunk);
+    }
+    let transcript = String::from_utf8_lossy(&seen);
+    assert!(
+        !transcript.contains("typed-secret"),
+        "echoed: {transcript:?}"
+    );
+    drop(stdin);
+    let out = env.run(&[
+        "run",
+        "--secret-file",
+        "TYPED",
+        "-i",
+        BUSYBOX,
+        "cat",
+        "/run/agentkernel/secrets/TYPED",
+    ]);
+    assert_code(&out, 0);
+    assert_eq!(stdout(&out), "typed-secret-0c4e");
+}
