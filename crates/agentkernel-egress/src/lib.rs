@@ -138,7 +138,7 @@ pub fn pattern_matches(pattern: &HostPattern, host: &str, port: u16) -> bool {
 pub fn parse_host_pattern(text: &str) -> Result<HostPattern, String> {
     let fail = |why: &str| {
         Err(format!(
-            "{text:?}: {why} (expected HOST, *.DOMAIN or either with :PORT)"
+            "{why} (expected HOST, *.DOMAIN or either with :PORT)"
         ))
     };
     let (host, port) = match text.rsplit_once(':') {

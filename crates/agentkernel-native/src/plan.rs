@@ -140,6 +140,9 @@ pub struct Plan {
     /// user namespace mapping these ids to root (see rootless.rs).
     #[serde(default)]
     pub rootless: Option<crate::rootless::UserMap>,
+    /// The egress proxy of this run (`None`: no secrets, no allow-list).
+    #[serde(default)]
+    pub egress: Option<crate::egress::EgressPlan>,
 }
 
 impl Plan {

@@ -44,9 +44,12 @@ pub async fn run(args: RunArgs) -> Result<i32> {
         return Ok(0);
     }
 
+    super::egress::check_backend(&spec, backend)?;
     let store = Store::open_default();
     if backend == backend::BackendKind::Native {
-        return super::native::run(&spec, &config, &store).await;
+        // Values for `-S` bindings come from secret resolution (the vault).
+        let secrets = agentkernel_core::egress::SecretValues::default();
+        return super::native::run(&spec, &secrets, &config, &store).await;
     }
     refuse_uncappable_disk(&spec, backend)?;
     let engine = backend::connect(backend)?;
@@ -235,6 +238,14 @@ pub fn resolve(args: RunArgs, config: &Config, cwd: &Path) -> Result<(SandboxSpe
         cwd,
     )?;
 
+    let egress = super::egress::resolve(
+        &args.allow_host,
+        args.egress_log.as_deref(),
+        config,
+        &policy,
+        &ports,
+        cwd,
+    )?;
     let spec = SandboxSpec {
         image,
         pull,
@@ -244,7 +255,7 @@ pub fn resolve(args: RunArgs, config: &Config, cwd: &Path) -> Result<(SandboxSpe
         volumes,
         ports,
         keep,
-        egress: None,
+        egress,
         exec: ExecRequest {
             argv,
             env,
@@ -319,6 +330,7 @@ fn dry_run_json(
             "name": k.name, "ttl_secs": k.ttl.as_secs(), "reuse": k.reuse,
         })),
         "pool": use_pool,
+        "egress": spec.egress,
     })
 }
 
