@@ -130,6 +130,8 @@ struct ResourcesSection {
 struct NetworkSection {
     enabled: Option<bool>,
     ports: Option<Vec<String>>,
+    /// The egress allow-list (hosts, `*.domain`, optional `:port`).
+    allow: Option<Vec<String>>,
     /// Firecracker's vsock CID upstream; no backend here uses one.
     vsock_cid: Option<u32>,
 }
@@ -193,6 +195,13 @@ pub struct Config {
     /// allow-list-only mode), as `file: key`: refused when the sandbox has a
     /// network, a notice when it has none.
     pub unenforced_egress_rules: Vec<String>,
+    /// `[network] allow` and upstream's `[security.domains] allow` (with
+    /// `allowlist_only`): the egress allow-list, as written (parsed in `run`).
+    pub egress_allow: Vec<String>,
+    /// `[proxy] ca_file`: roots the egress proxy trusts upstream, besides the system's.
+    pub proxy_ca_file: Option<PathBuf>,
+    /// `[proxy] resolve`: host → `ADDRESS:PORT` for the egress proxy.
+    pub proxy_resolve: BTreeMap<String, String>,
     /// `[security.transport] require_encrypted`: refused with published ports.
     pub require_encrypted_ports: Option<PathBuf>,
     /// One line each: keys accepted for compatibility but not acted on.
@@ -276,9 +285,10 @@ impl Config {
                 ),
             ));
         }
-        let file: FileSchema = toml::from_str(text).map_err(syntax)?;
+        let mut file: FileSchema = toml::from_str(text).map_err(syntax)?;
         let base = path.parent().unwrap_or(Path::new("."));
         let val = |key: &str, e: Error| config_err(path, format!("{key}: {e}"));
+        self.apply_proxy(path, base, &mut file)?;
 
         self.apply_security(path, &file)?;
         self.note_ignored(path, &file);
@@ -386,6 +396,8 @@ impl Config {
         if let Some(enabled) = network {
             self.network = Some(enabled);
         }
+        self.egress_allow
+            .extend(file.network.allow.unwrap_or_default());
         for p in file.network.ports.unwrap_or_default() {
             self.ports
                 .push(parse::port(&p).map_err(|e| val("network.ports", e))?);
@@ -461,7 +473,10 @@ impl Config {
             ));
         }
         if let Some(domains) = &sec.domains {
-            if domains.allowlist_only {
+            if domains.allowlist_only && !domains.allow.is_empty() {
+                // Upstream documents this allow-list; here the proxy enforces it.
+                self.egress_allow.extend(domains.allow.iter().cloned());
+            } else if domains.allowlist_only {
                 self.unenforced_egress_rules
                     .push(format!("{at}: security.domains.allowlist_only = true"));
             }
@@ -517,6 +532,34 @@ impl Config {
         Ok(())
     }
 
+    /// `[proxy] ca_file` and `[proxy] resolve` (the egress proxy's); the
+    /// section's other keys (upstream's hooks) stay noticed as ignored.
+    fn apply_proxy(&mut self, path: &Path, base: &Path, file: &mut FileSchema) -> Result<()> {
+        let Some(proxy) = file.proxy.as_mut() else {
+            return Ok(());
+        };
+        if let Some(ca_file) = proxy.remove("ca_file") {
+            let ca_file = ca_file.as_str().ok_or_else(|| {
+                config_err(path, "proxy.ca_file: expected a path (string)".into())
+            })?;
+            self.proxy_ca_file = Some(base.join(ca_file));
+        }
+        if let Some(resolve) = proxy.remove("resolve") {
+            let bad = || {
+                config_err(
+                    path,
+                    "proxy.resolve: expected a table of \"host\" = \"ADDRESS:PORT\"".into(),
+                )
+            };
+            for (host, address) in resolve.as_table().ok_or_else(bad)? {
+                let address = address.as_str().ok_or_else(bad)?;
+                self.proxy_resolve
+                    .insert(host.to_ascii_lowercase(), address.to_string());
+            }
+        }
+        Ok(())
+    }
+
     /// One notice per key we accept for compatibility but do not act on.
     fn note_ignored(&mut self, path: &Path, file: &FileSchema) {
         let at = path.display();
@@ -552,7 +595,7 @@ impl Config {
             ),
             ("enterprise", &file.enterprise, "no policy server"),
             ("api", &file.api, "no HTTP API server"),
-            ("proxy", &file.proxy, "no egress proxy"),
+            ("proxy", &file.proxy, "no request hooks"),
             ("llm_keys", &file.llm_keys, "no secret injection"),
             ("ssh", &file.ssh, "no SSH access"),
             ("template", &file.template, "template metadata"),

@@ -56,6 +56,14 @@ pub struct EgressSpec {
     pub resolve: BTreeMap<String, String>,
 }
 
+impl EgressSpec {
+    /// Whether this plan needs the proxy: secret files alone do not (they
+    /// are written into the sandbox's tmpfs as it starts).
+    pub fn needs_proxy(&self) -> bool {
+        !self.bindings.is_empty() || !self.allow_hosts.is_empty() || self.log.is_some()
+    }
+}
+
 /// Secret values by key, plus each key's per-run placeholder. Deliberately not
 /// `Serialize` and redacted in `Debug`: values reach only the proxy (through
 /// a pipe, never argv or the environment) and `--secret-file`'s tmpfs.

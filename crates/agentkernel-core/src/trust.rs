@@ -119,6 +119,13 @@ pub fn loosening(project: &ProjectFile, project_dir: &Path, flags: &Flags) -> Ve
             found.push(format!("resources.cpus = {o}"));
         }
     }
+    // Roots and addresses for the egress proxy decide where secrets go.
+    if let Some(ca_file) = &own.proxy_ca_file {
+        found.push(format!("proxy.ca_file = {}", ca_file.display()));
+    }
+    if !own.proxy_resolve.is_empty() {
+        found.push("proxy.resolve".to_string());
+    }
     if !flags.timeout {
         if let (Some(o), Some(b)) = (own.timeout, below.timeout) {
             if o > b {

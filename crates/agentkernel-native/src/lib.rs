@@ -11,6 +11,7 @@ mod caps;
 pub mod cgroup;
 mod command;
 pub mod disk;
+pub mod egress;
 pub mod gc;
 pub mod host;
 pub mod join;

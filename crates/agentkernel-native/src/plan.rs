@@ -140,6 +140,9 @@ pub struct Plan {
     /// user namespace mapping these ids to root (see rootless.rs).
     #[serde(default)]
     pub rootless: Option<crate::rootless::UserMap>,
+    /// The egress proxy of this run (`None`: no secrets, no allow-list).
+    #[serde(default)]
+    pub egress: Option<crate::egress::EgressPlan>,
     /// `--secret-file`: written to a tmpfs at `/run/agentkernel/secrets`
     /// as the sandbox is built. Travels only in memory (the plan's memfd);
     /// a kept sandbox's stored `plan.json` never has it.

@@ -102,6 +102,11 @@ pub fn build(
         )?;
     }
 
+    // Before any user mount: the CA goes into the root's own layer only.
+    if let Some(egress) = &plan.egress {
+        crate::egress::install_ca(&root, &egress.ca_pem)
+            .map_err(context("install the egress proxy's CA"))?;
+    }
     if let Some(image) = &plan.workspace_disk {
         let target = plan.scratch.join(crate::disk::MOUNT_NAME);
         match workspace_disk() {

@@ -133,6 +133,14 @@ pub struct RunArgs {
     #[arg(long)]
     pub placeholder_secrets: bool,
 
+    /// Egress allow-list: the sandbox reaches only these hosts, through agentkernel's proxy (HOST, *.DOMAIN, optional :PORT). Repeatable
+    #[arg(long, value_name = "HOST")]
+    pub allow_host: Vec<String>,
+
+    /// Log each connection and request through the egress proxy as one JSON line (secret names, never values)
+    #[arg(long, value_name = "FILE")]
+    pub egress_log: Option<PathBuf>,
+
     /// Write a signed execution receipt for this run (not supported yet)
     #[arg(long, value_name = "FILE")]
     pub receipt: Option<PathBuf>,

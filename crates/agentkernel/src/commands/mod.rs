@@ -1,6 +1,7 @@
 //! One module per command.
 
 mod doctor;
+pub mod egress;
 mod exec;
 mod image;
 pub mod native;

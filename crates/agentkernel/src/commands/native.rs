@@ -8,6 +8,7 @@ use std::os::fd::{FromRawFd, IntoRawFd};
 use std::os::unix::process::CommandExt;
 
 use agentkernel_core::config::Config;
+use agentkernel_core::egress::SecretValues;
 use agentkernel_core::spec::{ExecRequest, PullPolicy, SandboxSpec};
 use agentkernel_core::state::Store;
 use agentkernel_core::{Error, Result};
@@ -20,9 +21,9 @@ use agentkernel_native::{join, kept, rootless, sandbox, Plan, HELPER_SUBCOMMAND}
 /// becomes the helper.
 pub async fn run(
     spec: &SandboxSpec,
+    secrets: &SecretValues,
     config: &Config,
     store: &Store,
-    secret_files: Vec<agentkernel_native::plan::SecretFile>,
 ) -> Result<i32> {
     if let Some(keep) = spec.keep.as_ref().filter(|k| k.reuse) {
         if let Some(record) = existing(store, &keep.name).await? {
@@ -41,7 +42,21 @@ pub async fn run(
     }
     let image = image_root(spec, config).await?;
     let mut plan = prepare::plan(spec, &image, store)?;
-    plan.secret_files = secret_files;
+    plan.secret_files = agentkernel_core::secrets::file_contents(spec.egress.as_ref(), secrets)
+        .into_iter()
+        .map(|(name, content)| agentkernel_native::plan::SecretFile { name, content })
+        .collect();
+    if let Some(egress) = spec.egress.as_ref().filter(|e| e.needs_proxy()) {
+        // Last, just before the helper: nothing after it can fail but the
+        // exec, and the proxy ends with this process if that fails.
+        let started = super::egress::start(egress, secrets).inspect_err(|_| {
+            let _ = std::fs::remove_dir_all(&plan.scratch);
+        })?;
+        plan.egress = Some(started.into_plan().map_err(|e| Error::Backend {
+            backend: "egress proxy",
+            message: e.to_string(),
+        })?);
+    }
     let err = exec_helper(&plan);
     let _ = std::fs::remove_dir_all(&plan.scratch);
     if let Some(keep) = &plan.keep {

@@ -46,23 +46,12 @@ pub async fn run(args: RunArgs) -> Result<i32> {
         return Ok(0);
     }
 
-    // Until the proxy is wired in here, a binding cannot be honoured: refuse
-    // rather than run without it.
-    if spec.egress.as_ref().is_some_and(|e| !e.bindings.is_empty()) {
-        return Err(Error::not_supported_hint(
-            "-S / [secrets] on the run path (the egress proxy)",
-            "use --secret-file KEY, or --dry-run to check the bindings",
-        ));
-    }
+    super::egress::check_backend(&spec, backend)?;
     let store = Store::open_default();
     let secret_files =
         agentkernel_core::secrets::file_contents(spec.egress.as_ref(), &secret_values);
     if backend == backend::BackendKind::Native {
-        let files = secret_files
-            .into_iter()
-            .map(|(name, content)| agentkernel_native::plan::SecretFile { name, content })
-            .collect();
-        return super::native::run(&spec, &config, &store, files).await;
+        return super::native::run(&spec, &secret_values, &config, &store).await;
     }
     refuse_uncappable_disk(&spec, backend)?;
     let engine = backend::connect(backend)?;
@@ -222,7 +211,7 @@ pub fn resolve(
         placeholders: args.placeholder_secrets,
         network: policy.network,
     };
-    let (egress, secret_values) = super::secret::for_run(&secret_request, &mut env)?;
+    let (secret_egress, secret_values) = super::secret::for_run(&secret_request, &mut env)?;
     let mut volumes = config.volumes.clone();
     volumes.retain(|v| !flag_volumes.contains(v));
     volumes.extend(flag_volumes);
@@ -263,6 +252,18 @@ pub fn resolve(
         cwd,
     )?;
 
+    let egress = super::secret::with_secrets(
+        super::egress::resolve(
+            &args.allow_host,
+            args.egress_log.as_deref(),
+            config,
+            &policy,
+            &ports,
+            cwd,
+        )?,
+        secret_egress,
+        config,
+    );
     let spec = SandboxSpec {
         image,
         pull,

@@ -1,0 +1,413 @@
+//! The egress proxy and allow-list from inside a sandbox (docs/security.md,
+//! "Egress"): a loopback HTTPS upstream on the host with its own CA (given
+//! to the proxy with `[proxy] ca_file`, its name pointed at it with
+//! `[proxy] resolve`), then attacks from the sandbox — a direct connection,
+//! a proxied request to an unlisted host, DNS, another sandbox reaching for
+//! the proxy, `/proc` — each checked to fail beside a request that works.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const API: &str = "api.example.test";
+
+/// A Python HTTPS server on the host's loopback with a CA of its own; it
+/// answers "ok" and appends each request's head to `seen`.
+struct Upstream {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const SERVER: &str = r#"
+import http.server, ssl, sys
+d = sys.argv[1]
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        with open(d + "/seen", "a") as f:
+            f.write(self.requestline + "\n" + str(self.headers) + "\n")
+        self.send_response(200)
+        self.send_header("Content-Length", "3")
+        self.end_headers()
+        self.wfile.write(b"ok\n")
+    def log_message(self, *a):
+        pass
+s = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+c = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+c.load_cert_chain(d + "/leaf.pem", d + "/leaf.key")
+s.socket = c.wrap_socket(s.socket, server_side=True)
+print(s.server_address[1], flush=True)
+s.serve_forever()
+"#;
+
+/// Starts `command` and returns it with the first line it prints.
+fn spawn_for_first_line(command: &mut Command) -> (Child, String) {
+    let mut child = command.stdout(Stdio::piped()).spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    (child, line)
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "openssl {args:?}: {}", stderr(&out));
+}
+
+fn start_upstream() -> Upstream {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    openssl(
+        d,
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=egress test CA",
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign",
+            ],
+        ]
+        .concat(),
+    );
+    openssl(
+        d,
+        &[
+            &["req"][..],
+            &ec,
+            &[
+                "-keyout",
+                "leaf.key",
+                "-out",
+                "leaf.csr",
+                "-subj",
+                "/CN=api.example.test",
+            ],
+        ]
+        .concat(),
+    );
+    std::fs::write(
+        d.join("leaf.ext"),
+        "subjectAltName=DNS:api.example.test,DNS:other.example.test\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(
+        d,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "leaf.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "leaf.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "leaf.ext",
+        ],
+    );
+    let (child, line) =
+        spawn_for_first_line(Command::new("python3").args(["-c", SERVER, d.to_str().unwrap()]));
+    Upstream {
+        port: line.trim().parse().unwrap(),
+        child,
+        dir,
+    }
+}
+
+impl Upstream {
+    fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    fn seen(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("seen")).unwrap_or_default()
+    }
+
+    /// A config file: the upstream's CA for the proxy, its name pointed at it.
+    fn config(&self, env: &TestEnv, extra: &str) -> PathBuf {
+        let file = env.home_dir().join("egress.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "[proxy]\nca_file = \"{}\"\nresolve = {{ \"{API}\" = \"127.0.0.1:{}\", \"other.example.test\" = \"127.0.0.1:{}\" }}\n{extra}",
+                self.ca().display(),
+                self.port,
+                self.port
+            ),
+        )
+        .unwrap();
+        file
+    }
+}
+
+/// Processes whose environment names this test's state directory and whose
+/// command line is the egress proxy.
+fn proxies_of(env: &TestEnv) -> Vec<u32> {
+    let marker = format!("AGENTKERNEL_HOME={}", env.state_dir().display());
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            String::from_utf8_lossy(&cmdline).contains("__egress-proxy")
+                && environ.split(|b| *b == 0).any(|v| v == marker.as_bytes())
+        })
+        .collect()
+}
+
+fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    done()
+}
+
+/// A host address that is not loopback (the sandbox's direct target).
+fn host_address() -> String {
+    let out = Command::new("hostname").arg("-I").output().unwrap();
+    stdout(&out)
+        .split_whitespace()
+        .next()
+        .expect("the host has a non-loopback address")
+        .to_string()
+}
+
+/// In the first sandbox: its proxy answers on its loopback; then it stays.
+const FIRST: &str = "import socket, time
+socket.create_connection(('127.0.0.1', 3128), 2)
+print('proxy-here', flush=True)
+time.sleep(30)";
+
+/// In the second sandbox: the same port on its loopback and on its gateway.
+const PROBE: &str = "import socket, struct
+gw = [socket.inet_ntoa(struct.pack('<I', int(f[2], 16))) for f in
+      (l.split() for l in open('/proc/net/route').read().splitlines()[1:]) if f[1] == '00000000'][0]
+for host in ['127.0.0.1', gw]:
+    try:
+        socket.create_connection((host, 3128), 2)
+        print('reached', host)
+    except OSError:
+        print('refused', host)";
+
+mod native_only {
+    use super::*;
+
+    /// With an allow-list: the listed host is reached through the proxy
+    /// (uninspected: the sandbox verifies the upstream itself), an unlisted
+    /// one gets the proxy's 403 naming the flag, and a direct connection, a
+    /// name lookup and the proxy's /proc all fail.
+    #[test]
+    fn with_an_allow_list_only_listed_hosts_are_reachable_and_only_through_the_proxy() {
+        let env = TestEnv::new();
+        let upstream = start_upstream();
+        let config = upstream.config(&env, "");
+        let log = env.project_dir().join("egress.jsonl");
+        let listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+        let direct = format!(
+            "{}:{}",
+            host_address(),
+            listener.local_addr().unwrap().port()
+        );
+        let script = format!(
+            r#"
+import os, socket, ssl, urllib.request
+ctx = ssl.create_default_context(cafile="/upstream-ca.pem")
+print("listed", urllib.request.urlopen("https://{API}/listed", context=ctx, timeout=10).read())
+try:
+    urllib.request.urlopen("https://evil.example.test/", context=ctx, timeout=10)
+except Exception as e:
+    print("unlisted", e)
+try:
+    urllib.request.urlopen("http://evil.example.test/", timeout=10)
+except urllib.error.HTTPError as e:
+    print("unlisted-http", e.code, e.read().decode().strip())
+h, p = "{direct}".rsplit(":", 1)
+try:
+    socket.create_connection((h, int(p)), timeout=3)
+    print("direct CONNECTED")
+except OSError as e:
+    print("direct failed", e.errno)
+try:
+    socket.getaddrinfo("example.com", 443)
+    print("dns RESOLVED")
+except OSError as e:
+    print("dns failed")
+cmdlines = [open("/proc/%s/cmdline" % p, "rb").read() for p in os.listdir("/proc") if p.isdigit()]
+needle = b"__egress" + b"-proxy"  # split: this script's own cmdline must not match
+print("proxy visible" if any(needle in c for c in cmdlines) else "proxy not visible", len(cmdlines) > 0)
+"#
+        );
+        let out = env.run(&[
+            "run",
+            "-c",
+            config.to_str().unwrap(),
+            "--image",
+            PYTHON,
+            "--allow-host",
+            API,
+            "--egress-log",
+            log.to_str().unwrap(),
+            "-v",
+            &format!("{}:/upstream-ca.pem:ro", upstream.ca().display()),
+            "--",
+            "python3",
+            "-c",
+            &script,
+        ]);
+        assert_code(&out, 0);
+        let text = stdout(&out);
+        assert!(text.contains("listed b'ok\\n'"), "{text}");
+        assert!(
+            text.contains("unlisted <urlopen error Tunnel connection failed: 403"),
+            "{text}"
+        );
+        assert!(
+            text.contains("unlisted-http 403 agentkernel: egress to evil.example.test is not allowed; add --allow-host evil.example.test to allow it"),
+            "{text}"
+        );
+        assert!(text.contains("direct failed"), "{text}");
+        assert!(text.contains("dns failed"), "{text}");
+        assert!(text.contains("proxy not visible True"), "{text}");
+        assert!(
+            upstream.seen().contains("GET /listed"),
+            "{}",
+            upstream.seen()
+        );
+        assert!(!upstream.seen().contains("evil"));
+        let log = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            log.lines()
+                .any(|l| l.contains("\"kind\":\"tunnel\"") && l.contains(API)),
+            "{log}"
+        );
+        assert_eq!(
+            log.lines()
+                .filter(|l| l.contains("\"kind\":\"deny\""))
+                .count(),
+            2,
+            "{log}"
+        );
+        // The proxy ends with the run.
+        assert!(wait_until(Duration::from_secs(5), || proxies_of(&env).is_empty()));
+    }
+
+    /// The proxy listens on the first sandbox's own loopback: a second
+    /// sandbox (with a network) and the host find nothing there.
+    #[test]
+    fn another_sandbox_and_the_host_cannot_reach_a_sandbox_proxy() {
+        let env = TestEnv::new();
+        let upstream = start_upstream();
+        let config = upstream.config(&env, "");
+        let (mut first, line) = spawn_for_first_line(
+            env.std_cmd()
+                .args(["run", "-c", config.to_str().unwrap(), "--image", PYTHON])
+                .args(["--allow-host", API, "--", "python3", "-c", FIRST]),
+        );
+        assert_eq!(line.trim(), "proxy-here");
+        assert_eq!(proxies_of(&env).len(), 1);
+        let second = env.run(&["run", "--image", PYTHON, "--", "python3", "-c", PROBE]);
+        assert_code(&second, 0);
+        let text = stdout(&second);
+        assert!(!text.contains("reached"), "{text}");
+        assert_eq!(text.matches("refused").count(), 2, "{text}");
+        assert!(std::net::TcpStream::connect("127.0.0.1:3128").is_err());
+        // kill -9 of the sandbox's owner: the lifeline closes, the proxy exits.
+        let _ = first.kill();
+        let _ = first.wait();
+        assert!(
+            wait_until(Duration::from_secs(10), || proxies_of(&env).is_empty()),
+            "the proxy outlived its sandbox's owner"
+        );
+    }
+
+    #[test]
+    fn bad_egress_options_are_one_line_errors() {
+        let env = TestEnv::new();
+        for (args, needle) in [
+            (vec!["--allow-host", "bad host"], "--allow-host"),
+            (vec!["--allow-host", "example.com:0"], "bad port"),
+            (
+                vec!["--allow-host", "example.com", "--no-network"],
+                "need a network",
+            ),
+            (
+                vec!["--allow-host", "example.com", "-P", "8080:80"],
+                "--publish",
+            ),
+            (
+                vec!["--allow-host", "example.com", "--keep"],
+                "kept native sandbox",
+            ),
+        ] {
+            let out = env.run(&[&["run"][..], &args, &["--image", BUSYBOX, "true"]].concat());
+            let line = assert_one_line_error(&out);
+            assert!(line.contains(needle), "{args:?}: {line}");
+            assert!(env.leftover_runs().is_empty(), "{args:?}");
+            assert!(proxies_of(&env).is_empty(), "{args:?}");
+        }
+    }
+}
+
+mod engine_only {
+    use super::*;
+
+    /// Docker and Podman cannot yet give a proxy that only their sandbox
+    /// reaches: egress options are refused, never run without it.
+    #[test]
+    fn egress_options_are_refused_fail_closed() {
+        let env = TestEnv::new();
+        for args in [
+            vec!["--allow-host", "example.com"],
+            vec!["--egress-log", "x.jsonl"],
+        ] {
+            let out = env.run(&[&["run"][..], &args, &["--image", BUSYBOX, "true"]].concat());
+            let line = assert_one_line_error(&out);
+            assert!(line.contains("egress proxy"), "{line}");
+            assert!(env.labelled_containers(None).is_empty());
+        }
+    }
+}
