@@ -374,7 +374,11 @@ print("proxy visible" if any(needle in c for c in cmdlines) else "proxy not visi
     fn a_bound_secret_reaches_its_host_and_never_the_sandbox() {
         let env = TestEnv::new();
         let upstream = start_upstream();
-        let config = upstream.config(&env, "");
+        // One key from `-S`, one from `[secrets]` (upstream's template form).
+        let config = upstream.config(
+            &env,
+            &format!("[secrets]\nHDR_KEY = {{ hosts = [\"{API}\"], header = \"x-api-key\" }}\n"),
+        );
         let (head, tail) = ("sk-e2e-real-", "6b1f9a");
         let value = format!("{head}{tail}");
         let out = env
@@ -434,8 +438,6 @@ print("found", found)
                 PYTHON,
                 "-S",
                 &format!("API_KEY:{API}"),
-                "-S",
-                &format!("HDR_KEY:{API}:x-api-key"),
                 "--secret-file",
                 "API_KEY",
                 "--placeholder-secrets",
