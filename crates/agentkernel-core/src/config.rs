@@ -207,6 +207,9 @@ pub struct Config {
     /// One line each: keys accepted for compatibility but not acted on.
     pub notices: Vec<String>,
     pub pool_max_total: Option<u32>,
+    /// `[secrets]`: keys the proxy adds to requests to their hosts. A later
+    /// file's entry for a key replaces the earlier files' for that key.
+    pub secret_bindings: Vec<crate::egress::SecretBinding>,
     /// The files that contributed, in the order applied.
     pub sources: Vec<PathBuf>,
     /// `./agentkernel.toml`, when it was read as the project's file (not via `--config`).
@@ -422,6 +425,12 @@ impl Config {
             self.pool_idle_ttl =
                 Some(parse::duration("idle_ttl", &t).map_err(|e| val("pool.idle_ttl", e))?);
         }
+        if let Some(table) = &file.secrets {
+            let bindings =
+                crate::secrets::parse_config(table).map_err(|why| config_err(path, why))?;
+            self.secret_bindings.retain(|b| !table.contains_key(&b.key));
+            self.secret_bindings.extend(bindings);
+        }
         self.sources.push(path.to_path_buf());
         Ok(())
     }
@@ -587,11 +596,6 @@ impl Config {
             ("enterprise", &file.enterprise, "no policy server"),
             ("api", &file.api, "no HTTP API server"),
             ("proxy", &file.proxy, "no request hooks"),
-            (
-                "secrets",
-                &file.secrets,
-                "no secret injection; the variables are not set",
-            ),
             ("llm_keys", &file.llm_keys, "no secret injection"),
             ("ssh", &file.ssh, "no SSH access"),
             ("template", &file.template, "template metadata"),
@@ -758,13 +762,15 @@ description = "d"
         assert_eq!(c.ports.len(), 1);
         assert_eq!(c.ports[0].host_port, 5432);
         assert_eq!(c.unenforced_egress_rules.len(), 1);
+        // `[secrets]` is honoured, not noticed.
+        assert_eq!(c.secret_bindings.len(), 1);
+        assert_eq!(c.secret_bindings[0].host, "api.example.com");
         let notices = c.notices.join("\n");
         for key in [
             "sandbox.runtime",
             "sandbox.init_script",
             "agent.preferred",
             "security.domains.allow",
-            "secrets.KEY",
             "template.description",
         ] {
             assert!(notices.contains(key), "{key} not in {notices}");

@@ -15,9 +15,11 @@ pub mod parse;
 pub mod paths;
 pub mod policy;
 pub mod seccomp;
+pub mod secrets;
 pub mod spec;
 pub mod state;
 pub mod terminal;
 pub mod trust;
+pub mod vault;
 
 pub use error::{Error, Result};

@@ -274,6 +274,7 @@ pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<Plan
         rootless,
         // The proxy is started by the caller, which holds the secret values.
         egress: None,
+        secret_files: Vec::new(),
     })
 }
 
@@ -361,7 +362,7 @@ fn environment(spec: &SandboxSpec, image: &ImageRoot, hostname: &str) -> Vec<Str
     if spec.exec.tty && !has(&env, "TERM") {
         env.push("TERM=xterm".to_string());
     }
-    if spec.egress.is_some() {
+    if spec.egress.as_ref().is_some_and(|e| e.needs_proxy()) {
         for (key, value) in crate::egress::environment() {
             set_env(&mut env, key, &value);
         }

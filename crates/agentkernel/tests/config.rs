@@ -469,14 +469,13 @@ fn upstream_config_files_run() {
             "[sandbox]\nname = \"claude-sandbox\"\nbase_image = \"node:22-alpine\"\n\
              init_script = \"\"\"\nset -e\nnpm install -g x\n\"\"\"\n\
              [agent]\npreferred = \"claude\"\ncompatibility_mode = \"claude\"\n\
-             [resources]\nvcpus = 1\nmemory_mb = 1024\n[secrets]\nANTHROPIC_API_KEY = \"api.anthropic.com\"\n\
+             [resources]\nvcpus = 1\nmemory_mb = 1024\n\
              [security]\nprofile = \"moderate\"\n[security.domains]\nallow = [\"api.anthropic.com\"]\n\
              [template]\ndescription = \"d\"\ncategory = \"Agent Sandboxes\"\nhelp_text = \"h\"\n"
                 .into(),
             &[
                 "sandbox.init_script",
                 "agent.compatibility_mode",
-                "secrets.ANTHROPIC_API_KEY",
                 "security.domains.allow",
                 "template.help_text",
             ],

@@ -8,6 +8,7 @@ pub mod native;
 mod pool;
 mod run;
 mod sandbox;
+mod secret;
 mod trust;
 
 use agentkernel_core::{Error, Result};
@@ -33,7 +34,7 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
         Command::Receipt(_) => Err(Error::not_supported("`agentkernel receipt`")),
         Command::Image(cmd) => image::image(cmd).await,
         Command::Template(_) => Err(Error::not_supported("`agentkernel template`")),
-        Command::Secret(_) => Err(Error::not_supported("`agentkernel secret`")),
+        Command::Secret(cmd) => secret::secret(cmd),
         Command::Ssh { .. } => Err(Error::not_supported("`agentkernel ssh`")),
     }
 }
