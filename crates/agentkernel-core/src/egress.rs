@@ -57,8 +57,8 @@ pub struct EgressSpec {
 }
 
 impl EgressSpec {
-    /// Whether this plan needs the proxy: secret files alone do not (they
-    /// are written into the sandbox's tmpfs as it starts).
+    /// Whether a proxy must run: a binding, an allow-list or a log
+    /// (`--secret-file` alone needs none).
     pub fn needs_proxy(&self) -> bool {
         !self.bindings.is_empty() || !self.allow_hosts.is_empty() || self.log.is_some()
     }

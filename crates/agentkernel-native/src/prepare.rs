@@ -272,9 +272,9 @@ pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<Plan
         tty: spec.exec.tty,
         timeout: spec.exec.timeout,
         rootless,
-        secret_files: Vec::new(),
         // The proxy is started by the caller, which holds the secret values.
         egress: None,
+        secret_files: Vec::new(),
     })
 }
 

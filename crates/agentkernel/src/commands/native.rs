@@ -21,9 +21,10 @@ use agentkernel_native::{join, kept, rootless, sandbox, Plan, HELPER_SUBCOMMAND}
 /// becomes the helper.
 pub async fn run(
     spec: &SandboxSpec,
-    secrets: &SecretValues,
     config: &Config,
     store: &Store,
+    secrets: &SecretValues,
+    secret_files: Vec<agentkernel_native::plan::SecretFile>,
 ) -> Result<i32> {
     if let Some(keep) = spec.keep.as_ref().filter(|k| k.reuse) {
         if let Some(record) = existing(store, &keep.name).await? {
@@ -42,10 +43,7 @@ pub async fn run(
     }
     let image = image_root(spec, config).await?;
     let mut plan = prepare::plan(spec, &image, store)?;
-    plan.secret_files = agentkernel_core::secrets::file_contents(spec.egress.as_ref(), secrets)
-        .into_iter()
-        .map(|(name, content)| agentkernel_native::plan::SecretFile { name, content })
-        .collect();
+    plan.secret_files = secret_files;
     if let Some(egress) = spec.egress.as_ref().filter(|e| e.needs_proxy()) {
         // Last, just before the helper: nothing after it can fail but the
         // exec, and the proxy ends with this process if that fails.

@@ -51,7 +51,11 @@ pub async fn run(args: RunArgs) -> Result<i32> {
     let secret_files =
         agentkernel_core::secrets::file_contents(spec.egress.as_ref(), &secret_values);
     if backend == backend::BackendKind::Native {
-        return super::native::run(&spec, &secret_values, &config, &store).await;
+        let files = secret_files
+            .into_iter()
+            .map(|(name, content)| agentkernel_native::plan::SecretFile { name, content })
+            .collect();
+        return super::native::run(&spec, &config, &store, &secret_values, files).await;
     }
     refuse_uncappable_disk(&spec, backend)?;
     let engine = backend::connect(backend)?;
@@ -211,7 +215,7 @@ pub fn resolve(
         placeholders: args.placeholder_secrets,
         network: policy.network,
     };
-    let (secret_egress, secret_values) = super::secret::for_run(&secret_request, &mut env)?;
+    let (egress, secret_values) = super::secret::for_run(&secret_request, &mut env)?;
     let mut volumes = config.volumes.clone();
     volumes.retain(|v| !flag_volumes.contains(v));
     volumes.extend(flag_volumes);
@@ -252,18 +256,15 @@ pub fn resolve(
         cwd,
     )?;
 
-    let egress = super::secret::with_secrets(
-        super::egress::resolve(
-            &args.allow_host,
-            args.egress_log.as_deref(),
-            config,
-            &policy,
-            &ports,
-            cwd,
-        )?,
-        secret_egress,
+    let egress = super::egress::resolve(
+        egress,
+        &args.allow_host,
+        args.egress_log.as_deref(),
         config,
-    );
+        &policy,
+        &ports,
+        cwd,
+    )?;
     let spec = SandboxSpec {
         image,
         pull,

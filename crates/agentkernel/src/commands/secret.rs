@@ -181,25 +181,3 @@ pub(crate) fn for_run(
         },
     )
 }
-
-/// The allow-list half of the egress plan (`commands/egress.rs`) with the
-/// secrets half laid in: bindings, secret files, placeholders. Bindings
-/// alone still take the proxy's settings (`[proxy] ca_file`, `resolve`).
-pub(crate) fn with_secrets(
-    proxy: Option<EgressSpec>,
-    secrets: Option<EgressSpec>,
-    config: &Config,
-) -> Option<EgressSpec> {
-    let Some(secrets) = secrets else {
-        return proxy;
-    };
-    let mut merged = proxy.unwrap_or_else(|| EgressSpec {
-        upstream_ca_file: config.proxy_ca_file.clone(),
-        resolve: config.proxy_resolve.clone(),
-        ..EgressSpec::default()
-    });
-    merged.bindings = secrets.bindings;
-    merged.secret_files = secrets.secret_files;
-    merged.placeholders = secrets.placeholders;
-    Some(merged)
-}
