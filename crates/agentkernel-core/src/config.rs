@@ -132,6 +132,8 @@ struct ResourcesSection {
 struct NetworkSection {
     enabled: Option<bool>,
     ports: Option<Vec<String>>,
+    /// The egress allow-list (hosts, `*.domain`, optional `:port`).
+    allow: Option<Vec<String>>,
     /// Firecracker's vsock CID upstream; no backend here uses one.
     vsock_cid: Option<u32>,
 }
@@ -203,6 +205,13 @@ pub struct Config {
     /// allow-list-only mode), as `file: key`: refused when the sandbox has a
     /// network, a notice when it has none.
     pub unenforced_egress_rules: Vec<String>,
+    /// `[network] allow` and upstream's `[security.domains] allow` (with
+    /// `allowlist_only`): the egress allow-list, as written (parsed in `run`).
+    pub egress_allow: Vec<String>,
+    /// `[proxy] ca_file`: roots the egress proxy trusts upstream, besides the system's.
+    pub proxy_ca_file: Option<PathBuf>,
+    /// `[proxy] resolve`: host → `ADDRESS:PORT` for the egress proxy.
+    pub proxy_resolve: BTreeMap<String, String>,
     /// `[security.transport] require_encrypted`: refused with published ports.
     pub require_encrypted_ports: Option<PathBuf>,
     /// One line each: keys accepted for compatibility but not acted on.
@@ -213,6 +222,9 @@ pub struct Config {
     pub template_github_base: Option<String>,
     /// `[templates] ca_file`: PEM roots trusted for `github:` fetches, besides the system's.
     pub template_ca_file: Option<PathBuf>,
+    /// `[secrets]`: keys the proxy adds to requests to their hosts. A later
+    /// file's entry for a key replaces the earlier files' for that key.
+    pub secret_bindings: Vec<crate::egress::SecretBinding>,
     /// The files that contributed, in the order applied.
     pub sources: Vec<PathBuf>,
     /// `./agentkernel.toml`, when it was read as the project's file (not via `--config`).
@@ -288,9 +300,10 @@ impl Config {
                 ),
             ));
         }
-        let file: FileSchema = toml::from_str(text).map_err(syntax)?;
+        let mut file: FileSchema = toml::from_str(text).map_err(syntax)?;
         let base = path.parent().unwrap_or(Path::new("."));
         let val = |key: &str, e: Error| config_err(path, format!("{key}: {e}"));
+        self.apply_proxy(path, base, &mut file)?;
 
         self.apply_security(path, &file)?;
         self.note_ignored(path, &file);
@@ -398,6 +411,8 @@ impl Config {
         if let Some(enabled) = network {
             self.network = Some(enabled);
         }
+        self.egress_allow
+            .extend(file.network.allow.unwrap_or_default());
         for p in file.network.ports.unwrap_or_default() {
             self.ports
                 .push(parse::port(&p).map_err(|e| val("network.ports", e))?);
@@ -436,6 +451,12 @@ impl Config {
         }
         if let Some(ca) = file.templates.ca_file {
             self.template_ca_file = Some(base.join(ca));
+        }
+        if let Some(table) = &file.secrets {
+            let bindings =
+                crate::secrets::parse_config(table).map_err(|why| config_err(path, why))?;
+            self.secret_bindings.retain(|b| !table.contains_key(&b.key));
+            self.secret_bindings.extend(bindings);
         }
         self.sources.push(path.to_path_buf());
         Ok(())
@@ -479,7 +500,10 @@ impl Config {
             ));
         }
         if let Some(domains) = &sec.domains {
-            if domains.allowlist_only {
+            if domains.allowlist_only && !domains.allow.is_empty() {
+                // Upstream documents this allow-list; here the proxy enforces it.
+                self.egress_allow.extend(domains.allow.iter().cloned());
+            } else if domains.allowlist_only {
                 self.unenforced_egress_rules
                     .push(format!("{at}: security.domains.allowlist_only = true"));
             }
@@ -535,6 +559,34 @@ impl Config {
         Ok(())
     }
 
+    /// `[proxy] ca_file` and `[proxy] resolve` (the egress proxy's); the
+    /// section's other keys (upstream's hooks) stay noticed as ignored.
+    fn apply_proxy(&mut self, path: &Path, base: &Path, file: &mut FileSchema) -> Result<()> {
+        let Some(proxy) = file.proxy.as_mut() else {
+            return Ok(());
+        };
+        if let Some(ca_file) = proxy.remove("ca_file") {
+            let ca_file = ca_file.as_str().ok_or_else(|| {
+                config_err(path, "proxy.ca_file: expected a path (string)".into())
+            })?;
+            self.proxy_ca_file = Some(base.join(ca_file));
+        }
+        if let Some(resolve) = proxy.remove("resolve") {
+            let bad = || {
+                config_err(
+                    path,
+                    "proxy.resolve: expected a table of \"host\" = \"ADDRESS:PORT\"".into(),
+                )
+            };
+            for (host, address) in resolve.as_table().ok_or_else(bad)? {
+                let address = address.as_str().ok_or_else(bad)?;
+                self.proxy_resolve
+                    .insert(host.to_ascii_lowercase(), address.to_string());
+            }
+        }
+        Ok(())
+    }
+
     /// One notice per key we accept for compatibility but do not act on.
     fn note_ignored(&mut self, path: &Path, file: &FileSchema) {
         let at = path.display();
@@ -570,12 +622,7 @@ impl Config {
             ),
             ("enterprise", &file.enterprise, "no policy server"),
             ("api", &file.api, "no HTTP API server"),
-            ("proxy", &file.proxy, "no egress proxy"),
-            (
-                "secrets",
-                &file.secrets,
-                "no secret injection; the variables are not set",
-            ),
+            ("proxy", &file.proxy, "no request hooks"),
             ("llm_keys", &file.llm_keys, "no secret injection"),
             ("ssh", &file.ssh, "no SSH access"),
             ("template", &file.template, "template metadata"),
@@ -742,13 +789,15 @@ description = "d"
         assert_eq!(c.ports.len(), 1);
         assert_eq!(c.ports[0].host_port, 5432);
         assert_eq!(c.unenforced_egress_rules.len(), 1);
+        // `[secrets]` is honoured, not noticed.
+        assert_eq!(c.secret_bindings.len(), 1);
+        assert_eq!(c.secret_bindings[0].host, "api.example.com");
         let notices = c.notices.join("\n");
         for key in [
             "sandbox.runtime",
             "sandbox.init_script",
             "agent.preferred",
             "security.domains.allow",
-            "secrets.KEY",
             "template.description",
         ] {
             assert!(notices.contains(key), "{key} not in {notices}");

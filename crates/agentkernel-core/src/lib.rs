@@ -16,10 +16,12 @@ pub mod paths;
 pub mod policy;
 pub mod procs;
 pub mod seccomp;
+pub mod secrets;
 pub mod spec;
 pub mod state;
 pub mod template;
 pub mod terminal;
 pub mod trust;
+pub mod vault;
 
 pub use error::{Error, Result};

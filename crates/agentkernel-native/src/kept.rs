@@ -197,6 +197,8 @@ fn hold(plan: &Plan, cgroup: &Cgroup, store: &Store, report: OwnedFd) -> ! {
     let mut exec_plan = plan.clone();
     exec_plan.action = Action::Exec;
     exec_plan.argv.clear();
+    // Never on disk: secret files were written when the sandbox was built.
+    exec_plan.secret_files.clear();
     let mut record = keep.record.clone();
     record.container_id = format!("native pid {}", started.pid);
     let recorded = (|| -> agentkernel_core::Result<()> {

@@ -12,6 +12,7 @@ pub mod cgroup;
 mod command;
 pub mod copy;
 pub mod disk;
+pub mod egress;
 pub mod gc;
 pub mod host;
 pub mod join;

@@ -221,6 +221,13 @@ pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<Plan
     if let Some(notice) = notice {
         eprintln!("{notice}");
     }
+    // With an egress allow-list the sandbox has loopback only: the proxy,
+    // listening there, is its one way out (and resolves names for it).
+    let network = spec.policy.network
+        && spec
+            .egress
+            .as_ref()
+            .is_none_or(|egress| egress.allow_hosts.is_empty());
     Ok(Plan {
         action: if keep.is_some() {
             Action::CreateKept
@@ -239,9 +246,9 @@ pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<Plan
         tmp_size_bytes: spec.policy.tmp_size_bytes,
         mounts,
         hostname,
-        network: spec.policy.network,
+        network,
         ports,
-        resolv_conf: match (spec.policy.network, rootless) {
+        resolv_conf: match (network, rootless) {
             (false, _) => None,
             (true, None) => Some(agentkernel_net::resolv_conf()),
             (true, Some(_)) => Some(crate::slirp::RESOLV_CONF.to_string()),
@@ -266,6 +273,9 @@ pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<Plan
         tty: spec.exec.tty,
         timeout: spec.exec.timeout,
         rootless,
+        // The proxy is started by the caller, which holds the secret values.
+        egress: None,
+        secret_files: Vec::new(),
     })
 }
 
@@ -355,6 +365,11 @@ fn environment(spec: &SandboxSpec, image: &ImageRoot, hostname: &str) -> Vec<Str
     }
     if spec.exec.tty && !has(&env, "TERM") {
         env.push("TERM=xterm".to_string());
+    }
+    if spec.egress.as_ref().is_some_and(|e| e.needs_proxy()) {
+        for (key, value) in crate::egress::environment() {
+            set_env(&mut env, key, &value);
+        }
     }
     env
 }

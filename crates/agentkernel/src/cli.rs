@@ -47,7 +47,7 @@ pub enum Command {
     /// Templates for --template: list, show, add, remove, update, save
     #[command(subcommand)]
     Template(TemplateCommand),
-    /// Manage the local secret vault (not supported yet)
+    /// Manage the local secret vault (encrypted; values are never printed)
     #[command(subcommand)]
     Secret(SecretCommand),
     /// Inspect or empty the warm container pool behind --fast
@@ -135,17 +135,25 @@ pub struct RunArgs {
     #[arg(long)]
     pub ssh: bool,
 
-    /// Bind a secret to a host via proxy: KEY:host, KEY=value:host, KEY:host:header (not supported yet)
+    /// Send secret KEY to HOST through the host-side proxy: KEY:HOST (Authorization: Bearer), KEY:HOST:HEADER, or KEY=VALUE:HOST (inline, never stored). Value from the vault, else this environment; inside, $KEY holds a placeholder. Repeatable
     #[arg(short = 'S', long, value_name = "BINDING")]
     pub secret: Vec<String>,
 
-    /// Inject a vault secret as a file inside the sandbox (not supported yet)
+    /// Put secret KEY at /run/agentkernel/secrets/KEY (tmpfs, mode 0400, owned by the command's user; AGENTKERNEL_SECRETS_PATH names the directory). Repeatable
     #[arg(long, value_name = "KEY")]
     pub secret_file: Vec<String>,
 
-    /// Placeholder tokens instead of real values for --secret-file (not supported yet)
+    /// --secret-file files hold a per-run placeholder instead of the value; the proxy swaps it back only for the key's bound hosts
     #[arg(long)]
     pub placeholder_secrets: bool,
+
+    /// Egress allow-list: the sandbox reaches only these hosts, through agentkernel's proxy (HOST, *.DOMAIN, optional :PORT). Repeatable
+    #[arg(long, value_name = "HOST")]
+    pub allow_host: Vec<String>,
+
+    /// Log each connection and request through the egress proxy as one JSON line (secret names, never values)
+    #[arg(long, value_name = "FILE")]
+    pub egress_log: Option<PathBuf>,
 
     /// Write a signed execution receipt for this run (not supported yet)
     #[arg(long, value_name = "FILE")]
@@ -578,10 +586,28 @@ pub enum TemplateCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum SecretCommand {
-    Set { key: String },
+    /// Store a secret (VALUE, else read from stdin without echo; a trailing newline is dropped)
+    Set {
+        /// The secret's name, like an environment variable (OPENAI_API_KEY)
+        key: String,
+        /// The value; leave it out to keep it off the command line and shell history
+        value: Option<String>,
+    },
+    /// Refused: agentkernel never prints a secret's value
+    #[command(hide = true)]
     Get { key: String },
-    List,
-    Rm { key: String },
+    /// The stored secrets' names, when each was set, and the hosts config binds it to (never values)
+    List {
+        /// Print a JSON array instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a secret from the vault
+    #[command(alias = "remove")]
+    Rm {
+        /// The secret's name
+        key: String,
+    },
 }
 
 /// One of `choices`, matched case-insensitively (with `ignore_case`) and

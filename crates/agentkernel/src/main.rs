@@ -29,6 +29,12 @@ fn main() {
         let fd_arg = args.next().map(|a| a.to_string_lossy().into_owned());
         std::process::exit(commands::native::helper(fd_arg));
     }
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == commands::egress::PROXY_SUBCOMMAND)
+    {
+        std::process::exit(commands::egress::proxy_main());
+    }
     agentkernel_native::trace::phase("cli started");
     let cli = match cli::Cli::try_parse() {
         Ok(cli) => cli,

@@ -2,6 +2,7 @@
 
 mod cli_child;
 mod doctor;
+pub mod egress;
 mod exec;
 mod exec_detach;
 mod image;
@@ -15,6 +16,7 @@ mod sandbox;
 mod sandbox_cp;
 mod sandbox_create;
 mod sandbox_lifecycle;
+mod secret;
 mod serve;
 mod template;
 mod trust;
@@ -57,7 +59,7 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
         Command::Receipt(_) => Err(Error::not_supported("`agentkernel receipt`")),
         Command::Image(cmd) => image::image(cmd).await,
         Command::Template(cmd) => template::template(cmd).await,
-        Command::Secret(_) => Err(Error::not_supported("`agentkernel secret`")),
+        Command::Secret(cmd) => secret::secret(cmd),
         Command::Ssh { .. } => Err(Error::not_supported("`agentkernel ssh`")),
     }
 }

@@ -8,6 +8,7 @@ use std::os::fd::{FromRawFd, IntoRawFd};
 use std::os::unix::process::CommandExt;
 
 use agentkernel_core::config::Config;
+use agentkernel_core::egress::SecretValues;
 use agentkernel_core::spec::{ExecRequest, PullPolicy, SandboxSpec};
 use agentkernel_core::state::Store;
 use agentkernel_core::{Error, Result};
@@ -18,7 +19,13 @@ use agentkernel_native::{join, kept, rootless, sandbox, Plan, HELPER_SUBCOMMAND}
 
 /// Runs a one-shot sandbox. On success this never returns: the process
 /// becomes the helper.
-pub async fn run(spec: &SandboxSpec, config: &Config, store: &Store) -> Result<i32> {
+pub async fn run(
+    spec: &SandboxSpec,
+    config: &Config,
+    store: &Store,
+    secrets: &SecretValues,
+    secret_files: Vec<agentkernel_native::plan::SecretFile>,
+) -> Result<i32> {
     if let Some(keep) = spec.keep.as_ref().filter(|k| k.reuse) {
         if let Some(record) = existing(store, &keep.name).await? {
             if record.backend != "native" {
@@ -35,7 +42,19 @@ pub async fn run(spec: &SandboxSpec, config: &Config, store: &Store) -> Result<i
         prepare::check_rootless_spec(spec)?;
     }
     let image = image_root(spec, config).await?;
-    let plan = prepare::plan(spec, &image, store)?;
+    let mut plan = prepare::plan(spec, &image, store)?;
+    plan.secret_files = secret_files;
+    if let Some(egress) = spec.egress.as_ref().filter(|e| e.needs_proxy()) {
+        // Last, just before the helper: nothing after it can fail but the
+        // exec, and the proxy ends with this process if that fails.
+        let started = super::egress::start(egress, secrets).inspect_err(|_| {
+            let _ = std::fs::remove_dir_all(&plan.scratch);
+        })?;
+        plan.egress = Some(started.into_plan().map_err(|e| Error::Backend {
+            backend: "egress proxy",
+            message: e.to_string(),
+        })?);
+    }
     hand_over(plan, store)
 }
 

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use agentkernel_core::config::Config;
+use agentkernel_core::egress::SecretValues;
 use agentkernel_core::image::{self, ImageSource};
 use agentkernel_core::policy::{Limits, Policy, Seccomp, WorkspaceMode};
 use agentkernel_core::spec::{
@@ -39,13 +40,14 @@ pub async fn run(args: RunArgs) -> Result<i32> {
     let fast = args.fast.or(config.fast).unwrap_or(true);
     let dry_run = args.dry_run;
     let limit_flags = (args.memory.is_some(), args.cpus.is_some());
-    let (mut spec, image_source) = resolve(args, &config, &cwd)?;
+    let (mut spec, image_source, secret_values) = resolve(args, &config, &cwd)?;
     let image_from_template = template.as_ref().is_some_and(|t| t.sets_image);
     if let Some(applied) = template {
         super::template::attach(&mut spec, applied, limit_flags);
     }
     let use_pool = fast
         && spec.keep.is_none()
+        && spec.egress.is_none()
         && spec.ports.is_empty()
         && backend != backend::BackendKind::Native;
     if dry_run {
@@ -57,18 +59,25 @@ pub async fn run(args: RunArgs) -> Result<i32> {
         return Ok(0);
     }
 
+    super::egress::check_backend(&spec, backend)?;
     let store = Store::open_default();
     if let Some(keep) = spec.keep.as_ref().filter(|k| k.reuse) {
         // `--branch` reusing a stopped sandbox starts it again.
         super::sandbox_lifecycle::clear_stopped(&store, &keep.name)?;
     }
+    let secret_files =
+        agentkernel_core::secrets::file_contents(spec.egress.as_ref(), &secret_values);
     if backend == backend::BackendKind::Native {
-        return super::native::run(&spec, &config, &store).await;
+        let files = secret_files
+            .into_iter()
+            .map(|(name, content)| agentkernel_native::plan::SecretFile { name, content })
+            .collect();
+        return super::native::run(&spec, &config, &store, &secret_values, files).await;
     }
     refuse_uncappable_disk(&spec, backend)?;
     let engine = backend::connect(backend)?;
     let outcome = if spec.keep.is_some() {
-        kept::run(&engine, &spec, &store).await?
+        kept::run(&engine, &spec, &store, &secret_files).await?
     } else if use_pool {
         let settings = pool::Settings {
             size: config.pool_size.unwrap_or(pool::DEFAULT_SIZE),
@@ -77,7 +86,7 @@ pub async fn run(args: RunArgs) -> Result<i32> {
         };
         pool::run(&engine, &spec, &store, settings).await?
     } else {
-        oneshot::run(&engine, &spec, &store).await?
+        oneshot::run_with_secret_files(&engine, &spec, &store, &secret_files).await?
     };
     Ok(super::finish(
         outcome,
@@ -109,7 +118,11 @@ pub(crate) fn refuse_uncappable_disk(
 
 /// Turns flags and config into a spec, rejecting every invalid or
 /// not-yet-supported combination before anything is created.
-pub fn resolve(args: RunArgs, config: &Config, cwd: &Path) -> Result<(SandboxSpec, ImageSource)> {
+pub fn resolve(
+    args: RunArgs,
+    config: &Config,
+    cwd: &Path,
+) -> Result<(SandboxSpec, ImageSource, SecretValues)> {
     reject_unsupported(&args)?;
 
     let argv = super::utf8_command(args.command)?;
@@ -215,6 +228,14 @@ pub fn resolve(args: RunArgs, config: &Config, cwd: &Path) -> Result<(SandboxSpe
         env.retain(|(old, _)| *old != k);
         env.push((k, v));
     }
+    let secret_request = agentkernel_core::secrets::Request {
+        flags: &args.secret,
+        config: &config.secret_bindings,
+        files: &args.secret_file,
+        placeholders: args.placeholder_secrets,
+        network: policy.network,
+    };
+    let (egress, secret_values) = super::secret::for_run(&secret_request, &mut env)?;
     let mut volumes = config.volumes.clone();
     volumes.retain(|v| !flag_volumes.contains(v));
     volumes.extend(flag_volumes);
@@ -255,6 +276,15 @@ pub fn resolve(args: RunArgs, config: &Config, cwd: &Path) -> Result<(SandboxSpe
         cwd,
     )?;
 
+    let egress = super::egress::resolve(
+        egress,
+        &args.allow_host,
+        args.egress_log.as_deref(),
+        config,
+        &policy,
+        &ports,
+        cwd,
+    )?;
     let spec = SandboxSpec {
         image,
         pull,
@@ -264,7 +294,7 @@ pub fn resolve(args: RunArgs, config: &Config, cwd: &Path) -> Result<(SandboxSpe
         volumes,
         ports,
         keep,
-        egress: None,
+        egress,
         template: None,
         exec: ExecRequest {
             argv,
@@ -275,7 +305,7 @@ pub fn resolve(args: RunArgs, config: &Config, cwd: &Path) -> Result<(SandboxSpe
             user: None,
         },
     };
-    Ok((spec, source))
+    Ok((spec, source, secret_values))
 }
 
 /// `run --dry-run`: what would run, as JSON. Environment values are left out
@@ -342,6 +372,7 @@ fn dry_run_json(
         })),
         "template": spec.template,
         "pool": use_pool,
+        "egress": spec.egress,
     })
 }
 
@@ -525,13 +556,6 @@ fn reject_unsupported(args: &RunArgs) -> Result<()> {
             "--fast (the container pool) serves one-shot runs; a kept sandbox is always created afresh, so drop --fast".into(),
         ));
     }
-    for binding in &args.secret {
-        validate_secret_binding(binding)?;
-    }
-    for key in &args.secret_file {
-        parse::env_pair(&format!("{key}=x"))
-            .map_err(|_| Error::invalid("--secret-file", key, "expected a vault KEY"))?;
-    }
     if let Some(receipt) = &args.receipt {
         let parent = receipt
             .parent()
@@ -545,38 +569,9 @@ fn reject_unsupported(args: &RunArgs) -> Result<()> {
             ));
         }
     }
-    let unsupported = [
-        (args.ssh, "--ssh"),
-        (!args.secret.is_empty(), "--secret"),
-        (!args.secret_file.is_empty(), "--secret-file"),
-        (args.placeholder_secrets, "--placeholder-secrets"),
-        (args.receipt.is_some(), "--receipt"),
-    ];
+    let unsupported = [(args.ssh, "--ssh"), (args.receipt.is_some(), "--receipt")];
     if let Some((_, flag)) = unsupported.iter().find(|(given, _)| *given) {
         return Err(Error::not_supported(*flag));
-    }
-    Ok(())
-}
-
-/// `KEY:host`, `KEY=value:host` or `KEY:host:header`.
-fn validate_secret_binding(binding: &str) -> Result<()> {
-    let bad = || {
-        Error::invalid(
-            "--secret",
-            binding,
-            "expected KEY:host, KEY=value:host or KEY:host:header",
-        )
-    };
-    let (key_part, rest) = binding.split_once(':').ok_or_else(bad)?;
-    let key = key_part.split_once('=').map(|(k, _)| k).unwrap_or(key_part);
-    parse::env_pair(&format!("{key}=x")).map_err(|_| bad())?;
-    let mut rest = rest.splitn(2, ':');
-    let host = rest.next().unwrap_or("");
-    if host.is_empty() || host.contains('/') {
-        return Err(bad());
-    }
-    if rest.next().is_some_and(|h| h.is_empty()) {
-        return Err(bad());
     }
     Ok(())
 }
@@ -585,20 +580,6 @@ fn validate_secret_binding(binding: &str) -> Result<()> {
 mod tests {
     use super::*;
     use agentkernel_core::policy::Profile;
-
-    #[test]
-    fn secret_bindings() {
-        for ok in [
-            "GH_TOKEN:api.github.com",
-            "K=v:host",
-            "K:host:Authorization",
-        ] {
-            validate_secret_binding(ok).unwrap();
-        }
-        for bad in ["", "K", ":host", "K:", "1K:host", "K:host:"] {
-            assert!(validate_secret_binding(bad).is_err(), "{bad}");
-        }
-    }
 
     #[test]
     fn home_and_root_are_not_mounted() {

@@ -42,7 +42,15 @@ pub async fn create(args: CreateArgs) -> Result<i32> {
     }
     let backend = backend::choose(args.backend.as_deref(), config.backend.as_deref())?;
     let no_start = args.no_start;
-    let (spec, _) = super::run::resolve(run_args(args), &config, &cwd)?;
+    let (spec, _, _) = super::run::resolve(run_args(args), &config, &cwd)?;
+    if spec.egress.is_some() {
+        // Secret files are written by the first command's start-up and the
+        // proxy by the run path; a command-less create has neither yet.
+        return Err(agentkernel_core::Error::not_supported_hint(
+            "secrets and egress options on `sandbox create`",
+            "create it with `agentkernel run --keep --name NAME …` instead",
+        ));
+    }
     let keep = spec.keep.clone().expect("create always keeps");
     let store = Store::open_default();
     // `--no-start`: created stopped. A new sandbox runs no command, so only
@@ -58,7 +66,7 @@ pub async fn create(args: CreateArgs) -> Result<i32> {
     }
     super::run::refuse_uncappable_disk(&spec, backend)?;
     let engine = backend::connect(backend)?;
-    kept::create(&engine, &spec, &store).await?;
+    kept::create(&engine, &spec, &store, &[]).await?;
     if let Err(e) = mark() {
         let _ = kept::remove(&engine, &store, &keep.name).await;
         return Err(e);
@@ -86,6 +94,8 @@ fn run_args(args: CreateArgs) -> RunArgs {
         secret: args.secret,
         secret_file: args.secret_file,
         placeholder_secrets: args.placeholder_secrets,
+        allow_host: Vec::new(),
+        egress_log: None,
         receipt: None::<PathBuf>,
         env: args.env,
         workdir: args.workdir,
