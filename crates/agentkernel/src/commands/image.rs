@@ -156,6 +156,24 @@ pub(crate) fn mirrors(config: &Config) -> Result<Vec<Mirror>> {
     Ok(out)
 }
 
+/// A run's image from agentkernel's own store (the native and VM
+/// backends), pulled as the run's pull policy allows.
+pub(crate) async fn fetch_for_run(
+    spec: &agentkernel_core::spec::SandboxSpec,
+    config: &Config,
+) -> Result<store::Image> {
+    use agentkernel_core::spec::PullPolicy;
+    let reference = store::Reference::parse(&spec.image)
+        .map_err(|e| Error::invalid("image", spec.image.clone(), e.to_string()))?;
+    let policy = match spec.pull {
+        PullPolicy::Missing => store::PullPolicy::Missing,
+        PullPolicy::Always => store::PullPolicy::Always,
+        PullPolicy::Never => store::PullPolicy::Never,
+    };
+    let (image, _) = fetch(&open_store()?, &reference, policy, config).await?;
+    Ok(image)
+}
+
 /// Pulls (or finds) an image with the configured mirrors. A pull says so
 /// on stderr once the registry has resolved the image (so a name the
 /// registry does not know stays a one-line error) and when it is done, as

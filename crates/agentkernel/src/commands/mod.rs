@@ -5,6 +5,7 @@ mod exec;
 mod image;
 pub mod native;
 mod pool;
+mod qemu;
 mod run;
 mod sandbox;
 mod template;

@@ -47,7 +47,8 @@ pub async fn run(args: RunArgs) -> Result<i32> {
     let use_pool = fast
         && spec.keep.is_none()
         && spec.ports.is_empty()
-        && backend != backend::BackendKind::Native;
+        && backend != backend::BackendKind::Native
+        && backend != backend::BackendKind::Qemu;
     if dry_run {
         let mut resolved = dry_run_json(&spec, image_source, backend, use_pool);
         if image_from_template && image_source == ImageSource::Config {
@@ -60,6 +61,9 @@ pub async fn run(args: RunArgs) -> Result<i32> {
     let store = Store::open_default();
     if backend == backend::BackendKind::Native {
         return super::native::run(&spec, &config, &store).await;
+    }
+    if backend == backend::BackendKind::Qemu {
+        return super::qemu::run(&spec, &config).await;
     }
     refuse_uncappable_disk(&spec, backend)?;
     let engine = backend::connect(backend)?;
