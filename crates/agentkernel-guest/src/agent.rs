@@ -35,6 +35,7 @@ pub fn main() -> ! {
 
 fn agent() -> io::Result<()> {
     mount_kernel_filesystems()?;
+    let started_ms = uptime_ms();
     load_modules()?;
     // The OOM killer must pick the command, never the agent.
     let _ = std::fs::write("/proc/self/oom_score_adj", "-1000");
@@ -44,6 +45,7 @@ fn agent() -> io::Result<()> {
     send(
         &port,
         &GuestMessage::Ready {
+            started_ms,
             uptime_ms: uptime_ms(),
         },
     )?;

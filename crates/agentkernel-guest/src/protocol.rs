@@ -65,8 +65,10 @@ pub enum HostMessage {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum GuestMessage {
-    /// The agent is up; `uptime_ms` is the guest kernel's uptime then (boot time).
+    /// The agent is up: the guest kernel's uptime when the agent started
+    /// (the kernel's boot) and when it was ready (modules loaded, port open).
     Ready {
+        started_ms: u64,
         uptime_ms: u64,
     },
     /// The command was started (its root and mounts are in place).

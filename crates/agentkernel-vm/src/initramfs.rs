@@ -83,11 +83,27 @@ pub fn ensure(cache_dir: &Path, agent: &Path, kernel: &Kernel) -> Result<PathBuf
     std::fs::File::create(&tmp)
         .and_then(|mut f| f.write_all(&archive.finish()))
         .and_then(|()| std::fs::rename(&tmp, &path))
+        .map(|()| remove_others(cache_dir, &path))
         .or_else(|e| {
             let _ = std::fs::remove_file(&tmp);
             fail(format!("cannot write {}: {e}", path.display()))
         })?;
     Ok(path)
+}
+
+/// Initramfs files of other agents or kernels: a rebuilt or upgraded
+/// agentkernel does not need them again (one still running has its VM's
+/// copy open, which outlives the name).
+fn remove_others(cache_dir: &Path, keep: &Path) {
+    let Ok(entries) = std::fs::read_dir(cache_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("initramfs-") && name.ends_with(".cpio") && entry.path() != keep {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// The libraries (and loader) a dynamic binary needs, at their real paths.

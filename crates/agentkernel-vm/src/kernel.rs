@@ -50,6 +50,77 @@ fn version_key(v: &str) -> Vec<u64> {
         .collect()
 }
 
+/// The kernel as an uncompressed ELF with a PVH entry, cached in
+/// `cache_dir`, when it can be made: QEMU then jumps straight into it
+/// instead of running the bzImage's real-mode set-up and decompressor,
+/// which under TCG is most of a boot (here: 3.3 s to the kernel's panic
+/// instead of 6 s). `None` (boot the bzImage) when the kernel has no PVH
+/// entry (`CONFIG_PVH`) or its payload cannot be decompressed here.
+pub fn uncompressed(cache_dir: &Path, kernel: &Kernel) -> Option<PathBuf> {
+    let path = cache_dir.join(format!("vmlinux-{}", kernel.version));
+    if path.is_file() {
+        return Some(path);
+    }
+    let config = kernel
+        .image
+        .with_file_name(format!("config-{}", kernel.version));
+    let config = std::fs::read_to_string(config).ok()?;
+    if !config.lines().any(|l| l == "CONFIG_PVH=y") {
+        return None;
+    }
+    let image = std::fs::read(&kernel.image).ok()?;
+    // The payload's format, by its magic, and the tool that unpacks one
+    // stream of it (the bzImage has more after the payload).
+    let formats: [(&[u8], &[&str]); 3] = [
+        (b"\xfd7zXZ\x00", &["xz", "-dc", "--single-stream"]),
+        (b"\x28\xb5\x2f\xfd", &["zstd", "-dcq"]),
+        (b"\x1f\x8b\x08", &["gzip", "-dc"]),
+    ];
+    let (offset, tool) = formats.iter().find_map(|(magic, tool)| {
+        image
+            .windows(magic.len())
+            .position(|w| w == *magic)
+            .map(|at| (at, *tool))
+    })?;
+    let _ = std::fs::create_dir_all(cache_dir);
+    let tmp = cache_dir.join(format!(
+        ".vmlinux-{}.{}",
+        kernel.version,
+        std::process::id()
+    ));
+    let made = decompress(tool, &image[offset..], &tmp)
+        .filter(|()| is_elf(&tmp))
+        .and_then(|()| std::fs::rename(&tmp, &path).ok());
+    let _ = std::fs::remove_file(&tmp);
+    made.map(|()| path)
+}
+
+fn decompress(tool: &[&str], data: &[u8], out: &Path) -> Option<()> {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(tool[0])
+        .args(&tool[1..])
+        .stdin(Stdio::piped())
+        .stdout(std::fs::File::create(out).ok()?)
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    // gzip and zstd complain about the bytes after their stream; the
+    // output is whole all the same, and checked as ELF below.
+    let _ = child.stdin.take()?.write_all(data);
+    let _ = child.wait();
+    Some(())
+}
+
+fn is_elf(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && magic == *b"\x7fELF"
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -77,9 +77,12 @@ fn converse(stream: UnixStream, request: RunRequest, vm: &mut VmProcess) -> Resu
     let mut writer = stream;
     let _ = reader.set_read_timeout(Some(BOOT_TIMEOUT));
     match read_frame::<_, GuestMessage>(&mut reader) {
-        Ok(Some(GuestMessage::Ready { uptime_ms })) => {
-            trace(&format!("agent ready (guest kernel up {uptime_ms} ms)"))
-        }
+        Ok(Some(GuestMessage::Ready {
+            started_ms,
+            uptime_ms,
+        })) => trace(&format!(
+            "agent ready (guest uptime: agent started at {started_ms} ms, ready at {uptime_ms} ms)"
+        )),
         other => {
             return vm.failure(format!(
                 "the guest agent did not start ({})",

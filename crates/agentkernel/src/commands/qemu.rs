@@ -46,8 +46,10 @@ pub async fn run(spec: &SandboxSpec, config: &Config) -> Result<i32> {
         let share_read_only = spec.policy.workspace != WorkspaceMode::ReadWrite;
         (w.host.clone(), share_read_only)
     });
+    let boot_kernel =
+        kernel::uncompressed(&vm_dir, &host.kernel).unwrap_or_else(|| host.kernel.image.clone());
     let vm = VmConfig {
-        kernel: host.kernel.image.clone(),
+        kernel: boot_kernel,
         initramfs,
         disk,
         memory_mib: memory >> 20,
