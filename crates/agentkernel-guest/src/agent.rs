@@ -394,6 +394,11 @@ fn run_command(request: &RunRequest, port: &Port, mut reader: File) -> io::Resul
                     }
                 }
                 HostMessage::StdinClosed => stdin = None,
+                // SAFETY: kill has no memory preconditions; the command
+                // leads its own session, so its group is -pid.
+                HostMessage::Signal(signo) => unsafe {
+                    libc::kill(-pid, signo);
+                },
                 HostMessage::Run(_) => {}
             }
         }

@@ -61,6 +61,8 @@ pub enum HostMessage {
     Run(RunRequest),
     Stdin(Vec<u8>),
     StdinClosed,
+    /// A signal agentkernel received, for the command's process group.
+    Signal(i32),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -5,12 +5,13 @@
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
 use std::process::{Child, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::protocol::{read_frame, write_frame, GuestMessage, HostMessage, RunRequest};
 use crate::vmm::{VmConfig, Vmm};
@@ -30,51 +31,57 @@ pub enum Ended {
 /// Runs `request` in a VM booted by `vmm` from `vm`. The command's output
 /// goes to our stdout/stderr as it arrives; our stdin goes to it.
 pub fn run(vmm: &dyn Vmm, vm: &VmConfig, request: RunRequest) -> Result<Ended> {
-    let socket_dir = vm
-        .agent_socket
-        .parent()
-        .map(PathBuf::from)
-        .unwrap_or_default();
-    let listener = UnixListener::bind(&vm.agent_socket).or_else(|e| {
-        fail(format!(
-            "cannot listen on {}: {e}",
-            vm.agent_socket.display()
-        ))
-    })?;
-    let mut command = vmm.command(vm);
+    // The agent's port is one end of a socket pair that QEMU inherits: no
+    // path anyone else could connect to, nothing on disk to clean up.
+    let (ours, theirs) =
+        UnixStream::pair().or_else(|e| fail(format!("cannot make a socket pair: {e}")))?;
+    let agent_fd = theirs.as_raw_fd();
+    let mut command = vmm.command(vm, agent_fd);
     command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    // SAFETY: prctl is async-signal-safe.
+    // SAFETY: prctl, setpgid and fcntl are async-signal-safe.
     unsafe {
-        command.pre_exec(|| {
+        command.pre_exec(move || {
             // The VM dies with us, even on kill -9.
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Out of the terminal's process group: a Ctrl-C is ours to
+            // forward to the command, not QEMU's to die of.
+            if libc::setpgid(0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // QEMU keeps its end of the pair across exec.
+            if libc::fcntl(agent_fd, libc::F_SETFD, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
         });
     }
+    // Caught from before the boot, forwarded once the command runs.
+    let signals = catch_signals();
     trace("vmm start");
     let child = command
         .spawn()
         .or_else(|e| fail(format!("cannot start {}: {e}", vmm.name())))?;
+    // Only QEMU holds its end now: if it dies, our reads see the end.
+    drop(theirs);
     let mut vm_process = VmProcess::new(child);
-    let stream = accept(&listener, &mut vm_process);
-    // The socket has done its job; leave nothing on disk.
-    let _ = std::fs::remove_file(&vm.agent_socket);
-    let _ = std::fs::remove_dir(&socket_dir);
-    let stream = stream?;
-    trace("vmm connected");
-    converse(stream, request, &mut vm_process)
+    converse(ours, request, &mut vm_process, signals)
 }
 
-fn converse(stream: UnixStream, request: RunRequest, vm: &mut VmProcess) -> Result<Ended> {
+fn converse(
+    stream: UnixStream,
+    request: RunRequest,
+    vm: &mut VmProcess,
+    signals: Option<std::fs::File>,
+) -> Result<Ended> {
     let mut reader = stream
         .try_clone()
         .or_else(|e| fail(format!("socket: {e}")))?;
-    let mut writer = stream;
+    let writer = Arc::new(Mutex::new(stream));
     let _ = reader.set_read_timeout(Some(BOOT_TIMEOUT));
     match read_frame::<_, GuestMessage>(&mut reader) {
         Ok(Some(GuestMessage::Ready {
@@ -91,8 +98,11 @@ fn converse(stream: UnixStream, request: RunRequest, vm: &mut VmProcess) -> Resu
         }
     }
     let _ = reader.set_read_timeout(None);
-    if let Err(e) = write_frame(&mut writer, &HostMessage::Run(request)) {
+    if let Err(e) = send(&writer, &HostMessage::Run(request)) {
         return vm.failure(format!("cannot send the command to the guest: {e}"));
+    }
+    if let Some(pipe) = signals {
+        forward_signals(pipe, writer.clone());
     }
     // Our stdin, forwarded until it ends (never joined: a terminal's read
     // may block past the command's end; the process exits anyway).
@@ -103,13 +113,13 @@ fn converse(stream: UnixStream, request: RunRequest, vm: &mut VmProcess) -> Resu
             match stdin.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    if write_frame(&mut writer, &HostMessage::Stdin(buf[..n].to_vec())).is_err() {
+                    if send(&writer, &HostMessage::Stdin(buf[..n].to_vec())).is_err() {
                         return;
                     }
                 }
             }
         }
-        let _ = write_frame(&mut writer, &HostMessage::StdinClosed);
+        let _ = send(&writer, &HostMessage::StdinClosed);
     });
     let mut stdout = std::io::stdout();
     let mut stderr = std::io::stderr();
@@ -157,37 +167,77 @@ fn converse(stream: UnixStream, request: RunRequest, vm: &mut VmProcess) -> Resu
     }
 }
 
+fn send(writer: &Mutex<UnixStream>, message: &HostMessage) -> std::io::Result<()> {
+    let mut stream = writer.lock().unwrap_or_else(|p| p.into_inner());
+    write_frame(&mut *stream, message)
+}
+
+/// The signals a user sends agentkernel to stop or poke its command.
+const FORWARDED: [libc::c_int; 6] = [
+    libc::SIGINT,
+    libc::SIGTERM,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+];
+
+/// The write end of the self-pipe the signal handler reports to.
+static SIGNAL_PIPE: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_signal(signo: libc::c_int) {
+    let fd = SIGNAL_PIPE.load(Ordering::Relaxed);
+    if fd >= 0 {
+        let byte = signo as u8;
+        // SAFETY: write(2) is async-signal-safe; one byte from our stack.
+        unsafe { libc::write(fd, (&byte as *const u8).cast(), 1) };
+    }
+}
+
+/// From now on the signals in [`FORWARDED`] are written to a pipe, whose
+/// read end is returned, replacing the async runtime's handlers, which this
+/// blocking session would never poll. `None` if no pipe can be made.
+fn catch_signals() -> Option<std::fs::File> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two fds into our array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return None;
+    }
+    SIGNAL_PIPE.store(fds[1], Ordering::Relaxed);
+    for signo in FORWARDED {
+        // SAFETY: a zeroed sigaction with our handler, which only writes
+        // to the pipe.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;
+            action.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(signo, &action, std::ptr::null_mut());
+        }
+    }
+    // SAFETY: the read end is ours alone from here.
+    Some(unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fds[0]) })
+}
+
+/// Sends each caught signal to the command in the VM (its exit then says
+/// how it took them).
+fn forward_signals(mut pipe: std::fs::File, writer: Arc<Mutex<UnixStream>>) {
+    std::thread::spawn(move || {
+        let mut byte = [0u8; 1];
+        while pipe.read_exact(&mut byte).is_ok() {
+            if send(&writer, &HostMessage::Signal(i32::from(byte[0]))).is_err() {
+                return;
+            }
+        }
+    });
+}
+
 fn describe(frame: std::io::Result<Option<GuestMessage>>) -> String {
     match frame {
         Ok(None) => "the connection closed".into(),
         Ok(Some(m)) => format!("unexpected {m:?}"),
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => "timed out".into(),
         Err(e) => e.to_string(),
-    }
-}
-
-/// Waits for the VMM to connect to the agent's socket, or to die trying.
-fn accept(listener: &UnixListener, vm: &mut VmProcess) -> Result<UnixStream> {
-    listener
-        .set_nonblocking(true)
-        .or_else(|e| fail(format!("socket: {e}")))?;
-    let started = Instant::now();
-    loop {
-        match listener.accept() {
-            Ok((stream, _)) => {
-                let _ = stream.set_nonblocking(false);
-                return Ok(stream);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => return vm.failure(format!("socket: {e}")),
-        }
-        if vm.exited() {
-            return vm.failure("the VMM exited at start".into());
-        }
-        if started.elapsed() > BOOT_TIMEOUT {
-            return vm.failure("the VMM did not connect to the agent's socket".into());
-        }
-        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
@@ -235,10 +285,6 @@ impl VmProcess {
             console,
             readers,
         }
-    }
-
-    fn exited(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(Some(_)))
     }
 
     fn kill(&mut self) {

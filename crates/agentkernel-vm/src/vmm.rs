@@ -3,6 +3,7 @@
 //! be another [`Vmm`] (API socket instead of a command line, vsock instead
 //! of virtio-serial) with the same [`VmConfig`].
 
+use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -39,16 +40,15 @@ pub struct VmConfig {
     /// The host directory shared as the workspace, and whether the share
     /// itself is read-only (read-only and copy-on-write workspaces).
     pub workspace: Option<(PathBuf, bool)>,
-    /// The unix socket the host listens on for the agent's port.
-    pub agent_socket: PathBuf,
     pub accel: Accel,
 }
 
 pub trait Vmm {
     fn name(&self) -> &'static str;
     /// The process that runs the VM: its serial console on stdout, errors
-    /// on stderr, the agent's port connected to `agent_socket`.
-    fn command(&self, vm: &VmConfig) -> Command;
+    /// on stderr, the agent's port connected to the socket `agent_fd`
+    /// (inherited).
+    fn command(&self, vm: &VmConfig, agent_fd: RawFd) -> Command;
 }
 
 pub struct Qemu {
@@ -77,7 +77,7 @@ impl Vmm for Qemu {
         "qemu"
     }
 
-    fn command(&self, vm: &VmConfig) -> Command {
+    fn command(&self, vm: &VmConfig, agent_fd: RawFd) -> Command {
         let mut c = Command::new(&self.binary);
         // No defaults: no NIC, no VGA, no floppy; only what is listed here.
         c.args([
@@ -104,10 +104,8 @@ impl Vmm for Qemu {
         ));
         c.args(["-device", "virtio-blk-pci,drive=root"]);
         c.args(["-device", "virtio-serial-pci"]);
-        c.arg("-chardev").arg(format!(
-            "socket,id=agent,path={}",
-            qemu_escape(&vm.agent_socket)
-        ));
+        c.arg("-chardev")
+            .arg(format!("socket,id=agent,fd={agent_fd}"));
         c.arg("-device")
             .arg(format!("virtserialport,chardev=agent,name={PORT_NAME}"));
         if let Some((dir, read_only)) = &vm.workspace {

@@ -174,35 +174,62 @@ mod qemu_only {
         assert!(vms_of(&env).is_empty(), "a VM outlived its run");
     }
 
-    #[test]
-    fn kill_9_of_agentkernel_takes_its_vm_with_it() {
-        let env = TestEnv::new();
-        let mut child = env
+    /// `agentkernel run … sleep 600`, spawned, once its VM is up.
+    fn spawn_sleeper(env: &TestEnv) -> (std::process::Child, Vec<u32>) {
+        let child = env
             .std_cmd()
             .args(["run", "--no-network", "-i", BUSYBOX, "sleep", "600"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        poll_until(VM_LIMIT, "a VM for this run", || !vms_of(&env).is_empty());
-        let vms = vms_of(&env);
+        poll_until(VM_LIMIT, "a VM for this run", || !vms_of(env).is_empty());
+        (child, vms_of(env))
+    }
+
+    fn assert_gone(vms: &[u32]) {
+        poll_until(Duration::from_secs(10), "the VM dies with its run", || {
+            vms.iter()
+                .all(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
+        });
+    }
+
+    #[test]
+    fn sigterm_reaches_the_command_and_kill_9_takes_the_vm_with_it() {
+        let env = TestEnv::new();
+        // SIGTERM is forwarded to the command in the guest: sleep dies of
+        // it (143), and the VM with the run.
+        let (mut child, vms) = spawn_sleeper(&env);
+        // The VM is up; give the agent time to start the command.
+        std::thread::sleep(Duration::from_secs(2));
+        // SAFETY: kill has no memory preconditions; our own child.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        let status = wait_child(&mut child, VM_LIMIT);
+        assert_eq!(status.code(), Some(143), "{status:?}");
+        assert_gone(&vms);
+
+        // kill -9 of agentkernel: QEMU dies with it (PR_SET_PDEATHSIG) and
+        // leaves nothing in the store.
+        let (mut child, vms) = spawn_sleeper(&env);
         child.kill().unwrap();
         child.wait().unwrap();
-        poll_until(
-            Duration::from_secs(10),
-            "the VM dies with agentkernel",
-            || {
-                vms.iter()
-                    .all(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
-            },
-        );
+        assert_gone(&vms);
+        // Only the caches (disks, initramfs, kernel, accel; a dot file is
+        // one another test is writing) are in the store's VM directory: a
+        // run keeps nothing of its own there.
         let vm_dir = env.state_dir().join("images/vm");
-        let prefix = format!("run-{}-", child.id());
         let left: Vec<_> = std::fs::read_dir(&vm_dir)
             .unwrap()
             .flatten()
-            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| {
+                !(name.starts_with('.')
+                    || name == "disks"
+                    || name == "accel"
+                    || name.starts_with("initramfs-")
+                    || name.starts_with("vmlinux-"))
+            })
             .collect();
         assert!(left.is_empty(), "left behind: {left:?}");
     }

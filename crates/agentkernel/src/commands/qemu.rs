@@ -41,7 +41,6 @@ pub async fn run(spec: &SandboxSpec, config: &Config) -> Result<i32> {
     let disk = disk::ensure(&vm_dir.join("disks"), &id, &image.layers).map_err(backend_error)?;
     let initramfs = initramfs::ensure(&vm_dir, &host.agent, &host.kernel).map_err(backend_error)?;
     let (accel, _) = vmm::choose_accel(&vm_dir, &host.qemu, &host.kernel.image);
-    let socket_dir = run_dir(&vm_dir)?;
     let workspace = spec.workspace.as_ref().map(|w| {
         let share_read_only = spec.policy.workspace != WorkspaceMode::ReadWrite;
         (w.host.clone(), share_read_only)
@@ -59,12 +58,10 @@ pub async fn run(spec: &SandboxSpec, config: &Config) -> Result<i32> {
             .cpus
             .map_or(1, |c| c.ceil().max(1.0) as u32),
         workspace,
-        agent_socket: socket_dir.join("agent.sock"),
         accel,
     };
     let request = request(spec, &image.config);
     let ended = session::run(&host.qemu, &vm, request);
-    let _ = std::fs::remove_dir_all(&socket_dir);
     let outcome = match ended.map_err(backend_error)? {
         Ended::Exited(code) => Outcome::Exited(code),
         Ended::Signaled(signal) => Outcome::Exited(128 + signal),
@@ -204,21 +201,6 @@ async fn fetch_image(spec: &SandboxSpec, config: &Config) -> Result<images::Imag
         });
     }
     Ok(image)
-}
-
-/// A private directory for this run's agent socket.
-fn run_dir(vm_dir: &std::path::Path) -> Result<std::path::PathBuf> {
-    use std::os::unix::fs::DirBuilderExt;
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    let dir = vm_dir.join(format!("run-{}-{nanos}", std::process::id()));
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&dir)
-        .map_err(|e| Error::state(&dir, e))?;
-    Ok(dir)
 }
 
 /// The agent's request: Docker's entrypoint/cmd rules, the image's
