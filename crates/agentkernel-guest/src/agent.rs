@@ -15,6 +15,8 @@ use std::process::{Command, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
+use agentkernel_native::{caps, seccomp};
+
 use crate::protocol::{
     read_frame, write_frame, GuestMessage, HostMessage, RootMode, RunRequest, WorkspaceMode,
     PORT_NAME, WORKSPACE_TAG,
@@ -334,7 +336,14 @@ fn run_command(request: &RunRequest, port: &Port, mut reader: File) -> io::Resul
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let no_new_privileges = request.no_new_privileges;
-    // SAFETY: only async-signal-safe calls between fork and exec.
+    let seccomp_restrictive = request.seccomp_restrictive;
+    let keep: Vec<u32> = request
+        .capabilities
+        .iter()
+        .filter_map(|c| caps::number(c))
+        .collect();
+    // SAFETY: the agent has no other thread yet, so the child may allocate
+    // (the seccomp program, /proc reads); the rest is plain syscalls.
     unsafe {
         command.pre_exec(move || {
             // The agent's OOM immunity is inherited: give it back, or the
@@ -344,6 +353,17 @@ fn run_command(request: &RunRequest, port: &Port, mut reader: File) -> io::Resul
                 return Err(io::Error::last_os_error());
             }
             libc::close(fd);
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // As the native backend does it (command.rs): no_new_privs, its
+            // seccomp filter while we may still install it, the bounding
+            // set, the user, then the kept capabilities for root.
+            if no_new_privileges && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            seccomp::install(seccomp_restrictive)?;
+            caps::limit_bounding_set(&keep)?;
             // The user last (Command's own uid/gid would come before this
             // closure, and /proc/self is root's after a uid change).
             if libc::setgroups(0, std::ptr::null()) != 0
@@ -352,11 +372,8 @@ fn run_command(request: &RunRequest, port: &Port, mut reader: File) -> io::Resul
             {
                 return Err(io::Error::last_os_error());
             }
-            if libc::setsid() < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if no_new_privileges && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
-                return Err(io::Error::last_os_error());
+            if uid == 0 {
+                caps::set(&keep)?;
             }
             Ok(())
         });

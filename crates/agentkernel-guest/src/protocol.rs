@@ -54,6 +54,12 @@ pub struct RunRequest {
     pub tmp_bytes: u64,
     pub workspace: Option<Workspace>,
     pub no_new_privileges: bool,
+    /// The capabilities the command keeps, by name (without `CAP_`); the
+    /// bounding set loses the rest.
+    pub capabilities: Vec<String>,
+    /// The native backend's seccomp filter: its restrictive variant, or
+    /// the default one.
+    pub seccomp_restrictive: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -62,7 +62,12 @@ mod qemu_only {
     #[test]
     fn a_vm_runs_the_command_with_its_own_kernel_and_the_stdio_and_exit_code() {
         let env = TestEnv::new();
-        let script = "cat; uname -r; cat /proc/version; echo to-stderr >&2; exit 7";
+        // The guest's root user holds the profile's capabilities, no more:
+        // mounting (CAP_SYS_ADMIN) fails as on native; seccomp and
+        // no_new_privs are on.
+        let script = "cat; uname -r; cat /proc/version; echo to-stderr >&2; \
+                      mount -t tmpfs none /tmp 2>/dev/null && echo MOUNTED; \
+                      grep -E '^(NoNewPrivs|Seccomp):' /proc/self/status; exit 7";
         let out = run_with_stdin(
             &env,
             &["run", "--no-network", "-i", BUSYBOX, "sh", "-c", script],
@@ -85,6 +90,8 @@ mod qemu_only {
             host_version.trim(),
             "{text}"
         );
+        assert_eq!(lines.next(), Some("NoNewPrivs:\t1"), "{text}");
+        assert_eq!(lines.next(), Some("Seccomp:\t2"), "{text}");
         assert!(stderr(&out).contains("to-stderr"), "{}", stderr(&out));
         assert!(vms_of(&env).is_empty(), "a VM outlived its run");
     }
@@ -103,8 +110,10 @@ mod qemu_only {
         assert_eq!(std::fs::read_to_string(&file).unwrap(), "host\n");
 
         // restrictive: neither the workspace nor the root can be written
+        // ...and root in it has no capabilities at all.
         let attempt =
-            "echo x > /workspace/file.txt; echo x > /etc/new; echo tmp > /tmp/t; cat /tmp/t";
+            "echo x > /workspace/file.txt; echo x > /etc/new; echo tmp > /tmp/t; cat /tmp/t; \
+                       grep -E '^Cap(Eff|Bnd):' /proc/self/status";
         let out = env.run(&[
             "run",
             "-p",
@@ -116,7 +125,12 @@ mod qemu_only {
             attempt,
         ]);
         assert_code(&out, 0);
-        assert_eq!(stdout(&out), "tmp\n", "{}", stderr(&out));
+        assert_eq!(
+            stdout(&out),
+            "tmp\nCapEff:\t0000000000000000\nCapBnd:\t0000000000000000\n",
+            "{}",
+            stderr(&out)
+        );
         assert_eq!(
             stderr(&out).matches("Read-only file system").count(),
             2,

@@ -243,5 +243,7 @@ fn request(spec: &SandboxSpec, image: &images::ImageConfig) -> RunRequest {
             },
         }),
         no_new_privileges: policy.no_new_privileges,
+        capabilities: agentkernel_native::caps::kept(&policy.capabilities),
+        seccomp_restrictive: policy.seccomp == agentkernel_core::policy::Seccomp::Restrictive,
     }
 }
