@@ -55,12 +55,20 @@ fn agent() -> io::Result<()> {
         Some(HostMessage::Run(r)) => r,
         other => return Err(io::Error::other(format!("expected Run, got {other:?}"))),
     };
-    if let Err(e) = build_root(&request).and_then(|()| switch_root()) {
-        let why = format!("cannot build the sandbox's root: {e}");
-        let _ = send(&port, &GuestMessage::Failed(why.clone()));
-        return Err(io::Error::other(why));
-    }
-    run_command(&request, &port, reader)
+    let built = sandbox_cgroup(request.pids_max).and_then(|cgroup| {
+        build_root(&request)
+            .and_then(|()| switch_root())
+            .map(|()| cgroup)
+    });
+    let cgroup = match built {
+        Ok(cgroup) => cgroup,
+        Err(e) => {
+            let why = format!("cannot build the sandbox's root: {e}");
+            let _ = send(&port, &GuestMessage::Failed(why.clone()));
+            return Err(io::Error::other(why));
+        }
+    };
+    run_command(&request, &port, reader, cgroup)
 }
 
 fn send(port: &Port, message: &GuestMessage) -> io::Result<()> {
@@ -301,6 +309,26 @@ fn private_dev(dev: &str) -> io::Result<()> {
     Ok(())
 }
 
+/// A cgroup for the command with the profile's pids limit, on a cgroup2
+/// mount in the initramfs: once the agent has switched roots the command
+/// cannot reach it by any path (its /sys/fs/cgroup is empty), only through
+/// the returned `cgroup.procs`, which the command's process writes itself
+/// into before exec.
+fn sandbox_cgroup(pids_max: Option<u64>) -> io::Result<Option<File>> {
+    let Some(max) = pids_max else {
+        return Ok(None);
+    };
+    std::fs::create_dir_all("/cgroup")?;
+    mount(Some("cgroup2"), "/cgroup", Some("cgroup2"), 0, None)?;
+    std::fs::write("/cgroup/cgroup.subtree_control", "+pids")?;
+    std::fs::create_dir("/cgroup/sandbox")?;
+    std::fs::write("/cgroup/sandbox/pids.max", max.to_string())?;
+    File::options()
+        .write(true)
+        .open("/cgroup/sandbox/cgroup.procs")
+        .map(Some)
+}
+
 /// The initramfs cannot be pivoted away from: move the new root over `/`
 /// and chroot into it, as switch_root does. The agent's open port survives.
 fn switch_root() -> io::Result<()> {
@@ -314,7 +342,13 @@ fn switch_root() -> io::Result<()> {
     std::env::set_current_dir("/")
 }
 
-fn run_command(request: &RunRequest, port: &Port, mut reader: File) -> io::Result<()> {
+fn run_command(
+    request: &RunRequest,
+    port: &Port,
+    mut reader: File,
+    cgroup: Option<File>,
+) -> io::Result<()> {
+    let cgroup_fd = cgroup.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
     let (uid, gid) = match resolve_user(request.user.as_deref()) {
         Ok(ids) => ids,
         Err(why) => {
@@ -353,6 +387,12 @@ fn run_command(request: &RunRequest, port: &Port, mut reader: File) -> io::Resul
                 return Err(io::Error::last_os_error());
             }
             libc::close(fd);
+            if let Some(procs) = cgroup_fd {
+                // "0": the writing process itself.
+                if libc::write(procs, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
             if libc::setsid() < 0 {
                 return Err(io::Error::last_os_error());
             }

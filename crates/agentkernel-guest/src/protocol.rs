@@ -54,6 +54,8 @@ pub struct RunRequest {
     pub tmp_bytes: u64,
     pub workspace: Option<Workspace>,
     pub no_new_privileges: bool,
+    /// The most processes the command may have at once (a cgroup in the guest).
+    pub pids_max: Option<u64>,
     /// The capabilities the command keeps, by name (without `CAP_`); the
     /// bounding set loses the rest.
     pub capabilities: Vec<String>,

@@ -156,7 +156,7 @@ mod qemu_only {
     }
 
     #[test]
-    fn timeout_is_124_and_a_memory_bomb_is_137() {
+    fn timeout_is_124_a_memory_bomb_137_and_a_fork_bomb_meets_the_pids_limit() {
         let env = TestEnv::new();
         let out = env.run(&[
             "run",
@@ -185,6 +185,21 @@ mod qemu_only {
         ]);
         assert_code(&out, 137);
         assert!(stderr(&out).contains("out of memory"), "{}", stderr(&out));
+        // restrictive: pids.max 512 in a cgroup the command cannot see
+        let out = env.run(&[
+            "run",
+            "-p",
+            "restrictive",
+            "--timeout",
+            "120s",
+            "-i",
+            BUSYBOX,
+            "sh",
+            "-c",
+            &format!("ls /sys/fs/cgroup; {FORK_BOMB}"),
+        ]);
+        assert_fork_bomb_contained(&out);
+        assert!(!stdout(&out).contains("pids.max"), "{}", stdout(&out));
         assert!(vms_of(&env).is_empty(), "a VM outlived its run");
     }
 

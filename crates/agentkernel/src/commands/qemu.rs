@@ -243,6 +243,8 @@ fn request(spec: &SandboxSpec, image: &images::ImageConfig) -> RunRequest {
             },
         }),
         no_new_privileges: policy.no_new_privileges,
+        // Negative means unlimited, as in the native backend.
+        pids_max: policy.limits.pids.and_then(|p| u64::try_from(p).ok()),
         capabilities: agentkernel_native::caps::kept(&policy.capabilities),
         seccomp_restrictive: policy.seccomp == agentkernel_core::policy::Seccomp::Restrictive,
     }
