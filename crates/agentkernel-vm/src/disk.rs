@@ -39,6 +39,38 @@ pub fn ensure(cache_dir: &Path, id: &str, layers: &[PathBuf]) -> Result<PathBuf>
     built.map(|()| path)
 }
 
+/// Removes the disks of images no longer in the store (`live`: the ids
+/// [`ensure`] was given for the images that remain) and what an interrupted
+/// build left; returns how many disks and bytes. A VM still running from a
+/// removed disk keeps reading it: the file goes when QEMU closes it.
+pub fn prune(cache_dir: &Path, live: &[String]) -> (usize, u64) {
+    let (mut count, mut bytes) = (0, 0);
+    let Ok(entries) = std::fs::read_dir(cache_dir) else {
+        return (0, 0);
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let keep = name
+            .strip_suffix(".ext4")
+            .is_some_and(|id| live.iter().any(|l| l == id));
+        if keep {
+            continue;
+        }
+        let path = entry.path();
+        let size = std::fs::symlink_metadata(&path).map_or(0, |m| m.len());
+        let removed = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        if removed.is_ok() && name.ends_with(".ext4") && !name.starts_with('.') {
+            count += 1;
+            bytes += size;
+        }
+    }
+    (count, bytes)
+}
+
 fn build(staging: &Path, disk: &Path, layers: &[PathBuf]) -> Result<()> {
     std::fs::create_dir(staging)
         .or_else(|e| fail(format!("cannot create {}: {e}", staging.display())))?;
@@ -178,6 +210,21 @@ fn usage(dir: &Path) -> std::io::Result<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prune_keeps_the_live_images_disks_only() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["live.ext4", "gone.ext4", ".gone.1.ext4"] {
+            std::fs::write(dir.path().join(name), "disk").unwrap();
+        }
+        std::fs::create_dir(dir.path().join(".gone.1.d")).unwrap();
+        assert_eq!(prune(dir.path(), &["live".into()]), (1, 4));
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["live.ext4"]);
+    }
 
     #[test]
     fn upper_layers_replace_and_whiteouts_delete() {
