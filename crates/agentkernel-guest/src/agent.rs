@@ -39,6 +39,7 @@ fn agent() -> io::Result<()> {
     mount_kernel_filesystems()?;
     let started_ms = uptime_ms();
     load_modules()?;
+    let modules_ms = uptime_ms();
     // The OOM killer must pick the command, never the agent.
     let _ = std::fs::write("/proc/self/oom_score_adj", "-1000");
     let port = open_port()?;
@@ -48,6 +49,7 @@ fn agent() -> io::Result<()> {
         &port,
         &GuestMessage::Ready {
             started_ms,
+            modules_ms,
             uptime_ms: uptime_ms(),
         },
     )?;

@@ -76,9 +76,11 @@ pub enum HostMessage {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum GuestMessage {
     /// The agent is up: the guest kernel's uptime when the agent started
-    /// (the kernel's boot) and when it was ready (modules loaded, port open).
+    /// (the kernel's boot), when its modules were loaded and when it was
+    /// ready (port open).
     Ready {
         started_ms: u64,
+        modules_ms: u64,
         uptime_ms: u64,
     },
     /// The command was started (its root and mounts are in place).

@@ -86,9 +86,10 @@ fn converse(
     match read_frame::<_, GuestMessage>(&mut reader) {
         Ok(Some(GuestMessage::Ready {
             started_ms,
+            modules_ms,
             uptime_ms,
         })) => trace(&format!(
-            "agent ready (guest uptime: agent started at {started_ms} ms, ready at {uptime_ms} ms)"
+            "agent ready (guest uptime: agent started at {started_ms} ms, modules loaded at {modules_ms} ms, ready at {uptime_ms} ms)"
         )),
         other => {
             return vm.failure(format!(
