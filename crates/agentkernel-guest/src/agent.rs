@@ -362,6 +362,15 @@ fn run_command(
         send(port, &GuestMessage::Failed("no command".into()))?;
         return Ok(());
     };
+    // Checked first, so that a failed spawn below is about the program.
+    if !Path::new(&request.workdir).is_dir() {
+        let why = format!(
+            "the working directory {} does not exist in the image; choose another with --workdir",
+            request.workdir
+        );
+        send(port, &GuestMessage::Failed(why.clone()))?;
+        return Err(io::Error::other(why));
+    }
     let mut command = Command::new(program);
     command
         .args(args)
@@ -424,9 +433,29 @@ fn run_command(
     let mut child = match command.spawn() {
         Ok(c) => c,
         Err(e) => {
-            let why = format!("cannot run {program}: {e}");
-            send(port, &GuestMessage::Failed(why.clone()))?;
-            return Err(io::Error::other(why));
+            // The command's failure, not ours: 127 and 126 as a shell (and
+            // every other backend) says them.
+            let (code, what) = match e.kind() {
+                io::ErrorKind::NotFound => (127, "command not found"),
+                io::ErrorKind::PermissionDenied => (126, "permission denied"),
+                _ if e.raw_os_error() == Some(libc::ENOEXEC) => (126, "cannot execute"),
+                _ => {
+                    let why = format!("cannot run {program}: {e}");
+                    send(port, &GuestMessage::Failed(why.clone()))?;
+                    return Err(io::Error::other(why));
+                }
+            };
+            let line = format!("agentkernel: {program}: {what}\n");
+            send(port, &GuestMessage::Stderr(line.into_bytes()))?;
+            return send(
+                port,
+                &GuestMessage::Exited {
+                    code: Some(code),
+                    signal: None,
+                    timed_out: false,
+                    out_of_memory: false,
+                },
+            );
         }
     };
     send(port, &GuestMessage::Started)?;

@@ -93,6 +93,14 @@ mod qemu_only {
         assert_eq!(lines.next(), Some("NoNewPrivs:\t1"), "{text}");
         assert_eq!(lines.next(), Some("Seccomp:\t2"), "{text}");
         assert!(stderr(&out).contains("to-stderr"), "{}", stderr(&out));
+        // A command that is not there is the command's failure: 127.
+        let out = env.run(&["run", "--no-network", "-i", BUSYBOX, "no-such-command-xyz"]);
+        assert_code(&out, 127);
+        assert!(
+            stderr(&out).contains("no-such-command-xyz"),
+            "{}",
+            stderr(&out)
+        );
         assert!(vms_of(&env).is_empty(), "a VM outlived its run");
     }
 
