@@ -17,6 +17,9 @@ use crate::protocol::{read_frame, write_frame, GuestMessage, HostMessage, RunReq
 use crate::vmm::{VmConfig, Vmm};
 use crate::{fail, Result};
 
+/// How long past the command's timeout a silent guest is given.
+const AGENT_GRACE: Duration = Duration::from_secs(30);
+
 /// How long a VM may take from start to its agent's hello.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -98,7 +101,12 @@ fn converse(
             ))
         }
     }
-    let _ = reader.set_read_timeout(None);
+    // The agent enforces the timeout; this is the backstop for a guest
+    // that stops answering: no frame for that long ends the run.
+    let backstop = request
+        .timeout_ms
+        .map(|ms| Duration::from_millis(ms) + AGENT_GRACE);
+    let _ = reader.set_read_timeout(backstop);
     if let Err(e) = send(&writer, &HostMessage::Run(request)) {
         return vm.failure(format!("cannot send the command to the guest: {e}"));
     }
@@ -157,6 +165,18 @@ fn converse(
             Ok(Some(GuestMessage::Failed(why))) => {
                 vm.kill();
                 return fail(why);
+            }
+            // The backstop: the command had its time and the agent went
+            // silent; the VM goes, and the run ends as a timeout.
+            Err(e)
+                if backstop.is_some()
+                    && matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+            {
+                vm.kill();
+                return Ok(Ended::TimedOut);
             }
             other => {
                 return vm.failure(format!(
