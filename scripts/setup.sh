@@ -49,6 +49,22 @@ if [ -c /dev/net/tun ] && [ "$(stat -c %a /dev/net/tun)" != 666 ]; then
   chmod 0666 /dev/net/tun
 fi
 
+# Python tools the tests drive, in one venv (Debian's pip is externally
+# managed): the official MCP client SDK (`mcp`) for tests/mcp_client.py.
+# Appends to the venv, never replaces it: other tools share it.
+pytools=/opt/agentkernel-pytools
+if [ ! -x "$pytools/bin/pip" ]; then
+  python3 -c 'import ensurepip' 2>/dev/null || {
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+  }
+  python3 -m venv "$pytools"
+fi
+if ! "$pytools/bin/python" -c 'import mcp' 2>/dev/null; then
+  echo "setup: installing the MCP Python SDK into $pytools" >&2
+  "$pytools/bin/pip" install -q mcp
+fi
+
 if ! docker info >/dev/null 2>&1; then
   echo "setup: starting dockerd (log: /var/log/agentkernel-dockerd.log)" >&2
   dockerd >/var/log/agentkernel-dockerd.log 2>&1 &

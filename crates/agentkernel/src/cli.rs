@@ -54,10 +54,14 @@ pub enum Command {
     Trust(TrustArgs),
     /// Start a sandbox on each backend and check registry access: what works here, and how to fix the rest
     Doctor {
-        /// Print the findings as JSON (field names documented in docs/config.md)
+        /// Print the findings as JSON (field names: docs/json.md)
         #[arg(long)]
         json: bool,
     },
+    /// Serve the HTTP API (docs/api.md): on a unix socket in the state directory, or on TCP with a bearer token
+    Serve(ServeArgs),
+    /// Serve the Model Context Protocol on stdin/stdout, for AI agents (docs/mcp.md)
+    Mcp,
     /// Print shell completions
     Completions {
         /// The shell to complete for
@@ -197,6 +201,20 @@ pub struct TrustArgs {
     pub revoke: bool,
 }
 
+/// Each request runs this binary's CLI, so options, validation and messages
+/// are the CLI's. Without --listen the API is on a unix socket (mode 0600)
+/// in the state directory, printed on stderr.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Listen on TCP ADDR:PORT instead (e.g. 127.0.0.1:8880); requires --token-file
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: Option<String>,
+
+    /// File (mode 0600) holding the bearer token every request must send as `Authorization: Bearer TOKEN`
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+}
+
 #[derive(Debug, Args)]
 pub struct ExecArgs {
     /// Set an environment variable (KEY=VALUE, or KEY to copy it from here). Repeatable
@@ -223,7 +241,7 @@ pub struct ExecArgs {
 pub enum SandboxCommand {
     /// List kept sandboxes
     List {
-        /// Print a JSON array instead of a table
+        /// Print a JSON array instead of a table (fields: docs/json.md)
         #[arg(long)]
         json: bool,
     },
@@ -231,7 +249,7 @@ pub enum SandboxCommand {
     Info {
         /// The kept sandbox's name
         name: String,
-        /// Print a JSON object instead of text
+        /// Print a JSON object instead of text (fields: docs/json.md)
         #[arg(long)]
         json: bool,
     },
@@ -264,7 +282,7 @@ pub enum SandboxCommand {
 pub enum PoolCommand {
     /// Warm and in-use containers, targets and hit rates per pool key, and the cap
     Status {
-        /// Print a JSON object instead of a table
+        /// Print a JSON object instead of a table (fields: docs/json.md)
         #[arg(long)]
         json: bool,
     },
@@ -299,7 +317,7 @@ pub enum ImageCommand {
     },
     /// List stored images
     List {
-        /// Print a JSON array instead of a table
+        /// Print a JSON array instead of a table (fields: docs/json.md)
         #[arg(long)]
         json: bool,
     },

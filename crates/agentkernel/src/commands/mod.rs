@@ -1,13 +1,17 @@
 //! One module per command.
 
+mod cli_child;
 mod doctor;
 mod exec;
 mod image;
+mod mcp;
 pub mod native;
+mod openapi;
 mod pool;
 mod qemu;
 mod run;
 mod sandbox;
+mod serve;
 mod template;
 mod trust;
 
@@ -25,6 +29,8 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
         Command::Trust(args) => trust::trust(args),
         Command::Doctor { json } => doctor::doctor(json).await,
         Command::Pool(cmd) => pool::pool(cmd).await,
+        Command::Serve(args) => serve::serve(args).await,
+        Command::Mcp => mcp::mcp().await,
         Command::Completions { shell } => {
             let mut script = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "agentkernel", &mut script);
