@@ -166,19 +166,38 @@ mod qemu_only {
     #[test]
     fn timeout_is_124_a_memory_bomb_137_and_a_fork_bomb_meets_the_pids_limit() {
         let env = TestEnv::new();
-        let out = env.run(&[
-            "run",
-            "--no-network",
-            "--timeout",
-            "2s",
-            "-i",
-            BUSYBOX,
-            "sh",
-            "-c",
-            "sleep 60 & sleep 60",
-        ]);
+        // The guest's clock is the host's: the command really had its 2 s
+        // (measured from its start, which the trace marks).
+        let out = env
+            .cmd()
+            .env("AGENTKERNEL_TRACE_STARTUP", "1")
+            .args([
+                "run",
+                "--no-network",
+                "--timeout",
+                "2s",
+                "-i",
+                BUSYBOX,
+                "sh",
+                "-c",
+                "sleep 60 & sleep 60",
+            ])
+            .output()
+            .unwrap();
         assert_code(&out, 124);
-        assert!(stderr(&out).contains("timed out"), "{}", stderr(&out));
+        let err = stderr(&out);
+        assert!(err.contains("timed out"), "{err}");
+        let at = |phase: &str| -> u64 {
+            err.lines()
+                .find(|l| l.starts_with("agentkernel-trace ") && l.ends_with(phase))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+                .unwrap_or_else(|| panic!("no {phase} in {err}"))
+        };
+        let ran_ms = (at("exit seen") - at("command started")) / 1000;
+        assert!(
+            (1900..30_000).contains(&ran_ms),
+            "the 2 s timeout took {ran_ms} ms of host time"
+        );
         let bomb = "x=a; while :; do x=$x$x; done";
         let out = env.run(&[
             "run",
