@@ -30,6 +30,10 @@ command -v docker-registry >/dev/null || need+=(docker-registry)
 command -v skopeo >/dev/null || need+=(skopeo)
 command -v bwrap >/dev/null || need+=(bubblewrap)   # bench/native.sh compares with it
 command -v slirp4netns >/dev/null || need+=(slirp4netns)   # rootless native networking
+# -B qemu: QEMU, a guest kernel with its modules, mkfs.ext4 for image disks
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+ls /boot/vmlinuz-* >/dev/null 2>&1 || need+=(linux-image-amd64)
+command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive

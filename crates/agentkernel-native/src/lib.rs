@@ -7,7 +7,7 @@
 //! single-threaded helper that runs [`sandbox::run`]. See `sandbox.rs` for the
 //! process structure and `rootfs.rs` for the filesystem.
 
-mod caps;
+pub mod caps;
 pub mod cgroup;
 mod command;
 pub mod copy;
@@ -23,7 +23,7 @@ pub mod prepare;
 mod rootfs;
 pub mod rootless;
 pub mod sandbox;
-mod seccomp;
+pub mod seccomp;
 pub mod slirp;
 pub mod stop;
 mod sys;

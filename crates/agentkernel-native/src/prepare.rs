@@ -4,7 +4,7 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use agentkernel_core::parse::Protocol;
-use agentkernel_core::policy::{Capabilities, Limits, Seccomp, WorkspaceMode};
+use agentkernel_core::policy::{Limits, Seccomp, WorkspaceMode};
 use agentkernel_core::spec::{ExecRequest, SandboxSpec};
 use agentkernel_core::state::{now_unix, SandboxRecord, Store};
 use agentkernel_core::{names, Error, Result};
@@ -119,18 +119,7 @@ pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<Plan
         .clone()
         .or_else(|| image.working_dir.clone().filter(|w| w.starts_with('/')))
         .unwrap_or_else(|| "/".to_string());
-    let capabilities = match &spec.policy.capabilities {
-        Capabilities::EngineDefault => crate::caps::ENGINE_DEFAULT
-            .iter()
-            .map(|c| c.to_string())
-            .collect(),
-        Capabilities::DefaultWithout(drop) => crate::caps::ENGINE_DEFAULT
-            .iter()
-            .filter(|c| !drop.iter().any(|d| d == *c))
-            .map(|c| c.to_string())
-            .collect(),
-        Capabilities::None => Vec::new(),
-    };
+    let capabilities = crate::caps::kept(&spec.policy.capabilities);
     // The disk cap of a copy-on-write workspace needs a loop-mounted
     // filesystem (disk.rs), which a user namespace cannot mount. Its
     // template is formatted (once per size) before anything is reserved.

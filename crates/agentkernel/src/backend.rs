@@ -53,9 +53,12 @@ impl BackendKind {
     /// Why a backend cannot be used by this build, if it cannot.
     pub fn unbuilt_reason(self) -> Option<&'static str> {
         match self {
-            BackendKind::Docker | BackendKind::Podman | BackendKind::Native => None,
-            BackendKind::Firecracker => Some("the firecracker backend is not built yet"),
-            BackendKind::Qemu => Some("the qemu backend is not built yet"),
+            BackendKind::Docker | BackendKind::Podman | BackendKind::Native | BackendKind::Qemu => {
+                None
+            }
+            BackendKind::Firecracker => Some(
+                "the firecracker backend is not built yet: it needs the firecracker binary and a working KVM (-B qemu runs VMs without them)",
+            ),
             BackendKind::Apple => Some("the apple backend runs only on macOS and is not built yet"),
         }
     }
@@ -74,10 +77,10 @@ pub fn choose(flag: Option<&str>, configured: Option<&str>) -> Result<BackendKin
         return auto();
     };
     let kind = BackendKind::parse(name)?;
-    if kind.unbuilt_reason().is_some() {
+    if let Some(why) = kind.unbuilt_reason() {
         return Err(Error::not_supported_hint(
             format!("backend {name}"),
-            "use -B native, -B docker or -B podman (`agentkernel doctor` lists what works here)",
+            format!("{why}; use -B native, -B docker, -B podman or -B qemu (`agentkernel doctor` lists what works here)"),
         ));
     }
     if kind == BackendKind::Native {

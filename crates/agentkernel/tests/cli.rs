@@ -207,7 +207,7 @@ fn not_yet_supported_options_are_125() {
 fn unbuilt_backends_are_not_supported_yet() {
     let env = TestEnv::new();
     // podman and native were on this list until their backends landed.
-    for backend in ["firecracker", "qemu", "apple"] {
+    for backend in ["firecracker", "apple"] {
         let out = env.run(&["run", "-B", backend, "-i", BUSYBOX, "true"]);
         let line = assert_one_line_error(&out);
         assert!(

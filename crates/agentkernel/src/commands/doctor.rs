@@ -115,6 +115,17 @@ async fn check(kind: BackendKind) -> BackendReport {
             Some("nothing to install: this version of agentkernel has no such backend".into()),
         );
     }
+    if kind == BackendKind::Qemu {
+        // A trial VM costs seconds under TCG: say what a run would use.
+        return match super::qemu::doctor() {
+            Ok(detail) => report(
+                "untested",
+                detail,
+                Some("try it: agentkernel run -B qemu --no-network -i IMAGE true".into()),
+            ),
+            Err(e) => unavailable(kind, e),
+        };
+    }
     let (detail, image) = if kind == BackendKind::Native {
         match agentkernel_native::host::check() {
             Ok(found) => (

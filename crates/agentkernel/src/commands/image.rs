@@ -84,6 +84,22 @@ pub async fn image(cmd: ImageCommand) -> Result<i32> {
                 super::counted(report.layers, "layer", "layers"),
                 format_bytes(report.bytes)
             );
+            // The qemu backend's disks of images no longer in the store.
+            let live: Vec<String> = images
+                .list()
+                .map_err(store_error)?
+                .iter()
+                .map(|i| i.config_digest.hex().to_string())
+                .collect();
+            let disks = images.root().join("vm").join("disks");
+            let (count, bytes) = agentkernel_vm::disk::prune(&disks, &live);
+            if count > 0 {
+                eprintln!(
+                    "agentkernel: removed {} of the qemu backend, {} freed",
+                    super::counted(count, "VM disk", "VM disks"),
+                    format_bytes(bytes)
+                );
+            }
             Ok(0)
         }
     }
@@ -154,6 +170,24 @@ pub(crate) fn mirrors(config: &Config) -> Result<Vec<Mirror>> {
         }
     }
     Ok(out)
+}
+
+/// A run's image from agentkernel's own store (the native and VM
+/// backends), pulled as the run's pull policy allows.
+pub(crate) async fn fetch_for_run(
+    spec: &agentkernel_core::spec::SandboxSpec,
+    config: &Config,
+) -> Result<store::Image> {
+    use agentkernel_core::spec::PullPolicy;
+    let reference = store::Reference::parse(&spec.image)
+        .map_err(|e| Error::invalid("image", spec.image.clone(), e.to_string()))?;
+    let policy = match spec.pull {
+        PullPolicy::Missing => store::PullPolicy::Missing,
+        PullPolicy::Always => store::PullPolicy::Always,
+        PullPolicy::Never => store::PullPolicy::Never,
+    };
+    let (image, _) = fetch(&open_store()?, &reference, policy, config).await?;
+    Ok(image)
 }
 
 /// Pulls (or finds) an image with the configured mirrors. A pull says so

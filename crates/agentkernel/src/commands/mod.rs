@@ -11,6 +11,7 @@ mod mcp;
 pub mod native;
 mod openapi;
 mod pool;
+mod qemu;
 mod run;
 mod sandbox;
 mod sandbox_cp;

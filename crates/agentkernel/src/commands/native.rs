@@ -9,10 +9,9 @@ use std::os::unix::process::CommandExt;
 
 use agentkernel_core::config::Config;
 use agentkernel_core::egress::SecretValues;
-use agentkernel_core::spec::{ExecRequest, PullPolicy, SandboxSpec};
+use agentkernel_core::spec::{ExecRequest, SandboxSpec};
 use agentkernel_core::state::Store;
 use agentkernel_core::{Error, Result};
-use agentkernel_image as images;
 use agentkernel_native::plan::Action;
 use agentkernel_native::prepare::{self, ImageRoot, HOST_IMAGE};
 use agentkernel_native::{join, kept, rootless, sandbox, Plan, HELPER_SUBCOMMAND};
@@ -136,15 +135,7 @@ async fn image_root(spec: &SandboxSpec, config: &Config) -> Result<ImageRoot> {
     if spec.image == HOST_IMAGE {
         return Ok(ImageRoot::default());
     }
-    let reference = images::Reference::parse(&spec.image)
-        .map_err(|e| Error::invalid("image", spec.image.clone(), e.to_string()))?;
-    let store = super::image::open_store()?;
-    let policy = match spec.pull {
-        PullPolicy::Missing => images::PullPolicy::Missing,
-        PullPolicy::Always => images::PullPolicy::Always,
-        PullPolicy::Never => images::PullPolicy::Never,
-    };
-    let (image, _) = super::image::fetch(&store, &reference, policy, config).await?;
+    let image = super::image::fetch_for_run(spec, config).await?;
     // Rootless overlayfs reads opaque directories from the `user.*` xattrs
     // an unprivileged unpack leaves; whiteouts it cannot do without.
     let rootless = rootless::UserMap::for_caller().is_some();

@@ -49,7 +49,8 @@ pub async fn run(args: RunArgs) -> Result<i32> {
         && spec.keep.is_none()
         && spec.egress.is_none()
         && spec.ports.is_empty()
-        && backend != backend::BackendKind::Native;
+        && backend != backend::BackendKind::Native
+        && backend != backend::BackendKind::Qemu;
     if dry_run {
         let mut resolved = dry_run_json(&spec, image_source, backend, use_pool);
         if image_from_template && image_source == ImageSource::Config {
@@ -73,6 +74,9 @@ pub async fn run(args: RunArgs) -> Result<i32> {
             .map(|(name, content)| agentkernel_native::plan::SecretFile { name, content })
             .collect();
         return super::native::run(&spec, &config, &store, &secret_values, files).await;
+    }
+    if backend == backend::BackendKind::Qemu {
+        return super::qemu::run(&spec, &config).await;
     }
     refuse_uncappable_disk(&spec, backend)?;
     let engine = backend::connect(backend)?;
