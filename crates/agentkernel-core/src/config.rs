@@ -32,6 +32,8 @@ struct FileSchema {
     images: ImagesSection,
     #[serde(default)]
     pool: PoolSection,
+    #[serde(default)]
+    receipts: ReceiptsSection,
     /// Upstream's templates: `NAME = "value"`, the same as `sandbox.env`.
     #[serde(default)]
     environment: BTreeMap<String, String>,
@@ -143,6 +145,14 @@ struct ImagesSection {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct ReceiptsSection {
+    /// Public keys (base64) or files holding one.
+    #[serde(default)]
+    trusted_keys: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct PoolSection {
     size: Option<u32>,
     idle_ttl: Option<String>,
@@ -198,6 +208,11 @@ pub struct Config {
     /// One line each: keys accepted for compatibility but not acted on.
     pub notices: Vec<String>,
     pub pool_max_total: Option<u32>,
+    /// `[receipts] trusted_keys`, each with the file that named it (a
+    /// project's file may not add signers: `receipt verify` takes them only
+    /// from the user's and the system's files). Relative paths are resolved
+    /// against the file's directory.
+    pub receipt_trusted_keys: Vec<(PathBuf, String)>,
     /// The files that contributed, in the order applied.
     pub sources: Vec<PathBuf>,
     /// `./agentkernel.toml`, when it was read as the project's file (not via `--config`).
@@ -399,6 +414,16 @@ impl Config {
                 parse::byte_size("max_layer_size", &size)
                     .map_err(|e| val("images.max_layer_size", e))?,
             );
+        }
+        for key in &file.receipts.trusted_keys {
+            let dir = path.parent().unwrap_or(Path::new("/"));
+            let resolved = if key.contains('/') && !key.starts_with('/') {
+                dir.join(key).to_string_lossy().into_owned()
+            } else {
+                key.clone()
+            };
+            self.receipt_trusted_keys
+                .push((path.to_path_buf(), resolved));
         }
         if let Some(size) = file.pool.size {
             self.pool_size = Some(size);

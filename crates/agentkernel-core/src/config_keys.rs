@@ -191,6 +191,7 @@ const SCHEMA: &[(&str, Shape)] = &[
         "pool",
         Table(&[("size", Value), ("idle_ttl", Value), ("max_total", Value)]),
     ),
+    ("receipts", Table(&[("trusted_keys", Value)])),
 ];
 
 const RULE_LIST: &[(&str, Shape)] = &[

@@ -4,7 +4,9 @@ mod doctor;
 mod exec;
 mod image;
 pub mod native;
+mod native_observed;
 mod pool;
+mod receipt;
 mod run;
 mod sandbox;
 mod trust;
@@ -29,7 +31,7 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
             print_stdout(&script)?;
             Ok(0)
         }
-        Command::Receipt(_) => Err(Error::not_supported("`agentkernel receipt`")),
+        Command::Receipt(cmd) => receipt::receipt(cmd).await,
         Command::Image(cmd) => image::image(cmd).await,
         Command::Template(_) => Err(Error::not_supported("`agentkernel template`")),
         Command::Secret(_) => Err(Error::not_supported("`agentkernel secret`")),
@@ -67,6 +69,7 @@ pub(crate) fn finish(
 ) -> i32 {
     use agentkernel_core::parse::{format_bytes, format_duration};
     use agentkernel_core::spec::Outcome;
+    agentkernel_core::observe::outcome(outcome);
     match outcome {
         Outcome::OutOfMemory => eprintln!(
             "agentkernel: the command was killed: out of memory (limit {}); raise it with --memory",

@@ -33,6 +33,10 @@ pub async fn run(args: RunArgs) -> Result<i32> {
     // normal path (explicit combinations are refused in `reject_unsupported`).
     let fast = args.fast.or(config.fast).unwrap_or(true);
     let dry_run = args.dry_run;
+    let receipt = args.receipt.clone().map(|path| crate::receipt::Request {
+        path,
+        dsse: args.receipt_format.as_deref() == Some("dsse"),
+    });
     let (spec, image_source) = resolve(args, &config, &cwd)?;
     let use_pool = fast
         && spec.keep.is_none()
@@ -43,24 +47,45 @@ pub async fn run(args: RunArgs) -> Result<i32> {
         super::print_stdout(format!("{resolved:#}\n").as_bytes())?;
         return Ok(0);
     }
+    let Some(request) = receipt else {
+        return execute(&spec, &config, backend, use_pool).await;
+    };
+    // From here on the sandbox is requested: whatever happens, a receipt.
+    let invocation = crate::receipt::Invocation::for_run(&spec, backend.name(), use_pool)?;
+    let recording = crate::receipt::Recording::start(request, invocation);
+    let result = execute(&spec, &config, backend, use_pool).await;
+    recording.finish(result)
+}
 
+async fn execute(
+    spec: &SandboxSpec,
+    config: &Config,
+    backend: backend::BackendKind,
+    use_pool: bool,
+) -> Result<i32> {
     let store = Store::open_default();
     if backend == backend::BackendKind::Native {
-        return super::native::run(&spec, &config, &store).await;
+        return super::native::run(spec, config, &store).await;
     }
-    refuse_uncappable_disk(&spec, backend)?;
+    refuse_uncappable_disk(spec, backend)?;
     let engine = backend::connect(backend)?;
+    if agentkernel_core::observe::enabled() {
+        // A receipt names the image by content: resolve (and pull) it first.
+        let digest =
+            agentkernel_docker::pull::ensure_image(&engine, &spec.image, spec.pull).await?;
+        agentkernel_core::observe::image_digest(digest);
+    }
     let outcome = if spec.keep.is_some() {
-        kept::run(&engine, &spec, &store).await?
+        kept::run(&engine, spec, &store).await?
     } else if use_pool {
         let settings = pool::Settings {
             size: config.pool_size.unwrap_or(pool::DEFAULT_SIZE),
             idle_ttl: config.pool_idle_ttl.unwrap_or(pool::DEFAULT_IDLE_TTL),
             max_total: config.pool_max_total.unwrap_or(pool::DEFAULT_MAX_TOTAL),
         };
-        pool::run(&engine, &spec, &store, settings).await?
+        pool::run(&engine, spec, &store, settings).await?
     } else {
-        oneshot::run(&engine, &spec, &store).await?
+        oneshot::run(&engine, spec, &store).await?
     };
     Ok(super::finish(
         outcome,
@@ -527,7 +552,6 @@ fn reject_unsupported(args: &RunArgs) -> Result<()> {
         (!args.secret.is_empty(), "--secret"),
         (!args.secret_file.is_empty(), "--secret-file"),
         (args.placeholder_secrets, "--placeholder-secrets"),
-        (args.receipt.is_some(), "--receipt"),
     ];
     if let Some((_, flag)) = unsupported.iter().find(|(given, _)| *given) {
         return Err(Error::not_supported(*flag));
