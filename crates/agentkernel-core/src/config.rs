@@ -210,8 +210,8 @@ pub struct Config {
     pub pool_max_total: Option<u32>,
     /// `[receipts] trusted_keys`, each with the file that named it (a
     /// project's file may not add signers: `receipt verify` takes them only
-    /// from the user's and the system's files). Relative paths are resolved
-    /// against the file's directory.
+    /// from the user's and the system's files). A relative file path is
+    /// relative to the naming file's directory.
     pub receipt_trusted_keys: Vec<(PathBuf, String)>,
     /// The files that contributed, in the order applied.
     pub sources: Vec<PathBuf>,
@@ -416,14 +416,8 @@ impl Config {
             );
         }
         for key in &file.receipts.trusted_keys {
-            let dir = path.parent().unwrap_or(Path::new("/"));
-            let resolved = if key.contains('/') && !key.starts_with('/') {
-                dir.join(key).to_string_lossy().into_owned()
-            } else {
-                key.clone()
-            };
             self.receipt_trusted_keys
-                .push((path.to_path_buf(), resolved));
+                .push((path.to_path_buf(), key.clone()));
         }
         if let Some(size) = file.pool.size {
             self.pool_size = Some(size);

@@ -90,11 +90,6 @@ pub async fn run(mut helper: Command, tty: bool) -> Result<i32> {
         });
     }
     drop(done_tx);
-    let reader = std::thread::spawn(move || {
-        let mut json = Vec::new();
-        let _ = std::fs::File::from(report_read).read_to_end(&mut json);
-        serde_json::from_slice::<HelperReport>(&json).ok()
-    });
 
     let waiter = tokio::task::spawn_blocking(move || child.wait());
     let status = forward_signals_until(waiter, pid, tty).await;
@@ -110,7 +105,7 @@ pub async fn run(mut helper: Command, tty: bool) -> Result<i32> {
     let code = status.code().unwrap_or_else(|| {
         128 + std::os::unix::process::ExitStatusExt::signal(&status).unwrap_or(0)
     });
-    match reader.join().ok().flatten() {
+    match read_report(report_read) {
         Some(HelperReport::Ended(outcome)) => {
             observe::outcome(outcome);
             Ok(code)
@@ -125,6 +120,26 @@ pub async fn run(mut helper: Command, tty: bool) -> Result<i32> {
             "the sandbox helper ended ({status}) without saying how the command ended"
         ))),
     }
+}
+
+/// The report the helper wrote before it exited. Read without waiting for
+/// EOF: a kept sandbox's holder, forked by the helper, may hold the pipe's
+/// write end for its whole life.
+fn read_report(pipe: OwnedFd) -> Option<HelperReport> {
+    // SAFETY: fcntl on an fd we own.
+    unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+    let mut file = std::fs::File::from(pipe);
+    let mut json = Vec::new();
+    let mut buffer = [0u8; 4096];
+    loop {
+        match file.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => json.extend_from_slice(&buffer[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        }
+    }
+    serde_json::from_slice(&json).ok()
 }
 
 /// Forwards the signals agentkernel is asked to pass on until the helper exits.

@@ -46,7 +46,8 @@ fn trusted_keys(flags: &[String]) -> Result<Vec<VerifyingKey>> {
     let user_files = paths::user_config_files();
     for (source, spec) in &config.receipt_trusted_keys {
         if user_files.contains(source) {
-            trusted.push(keys::parse_trusted(spec)?);
+            let dir = source.parent().unwrap_or(Path::new("/"));
+            trusted.push(keys::parse_trusted(spec, dir)?);
         } else {
             eprintln!(
                 "agentkernel: notice: {}: [receipts] trusted_keys is ignored in a project's file; put it in {}",
@@ -56,7 +57,7 @@ fn trusted_keys(flags: &[String]) -> Result<Vec<VerifyingKey>> {
         }
     }
     for spec in flags {
-        trusted.push(keys::parse_trusted(spec)?);
+        trusted.push(keys::parse_trusted(spec, &cwd)?);
     }
     Ok(trusted)
 }

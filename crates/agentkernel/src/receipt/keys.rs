@@ -109,12 +109,12 @@ pub fn local_public() -> Result<Option<VerifyingKey>> {
 }
 
 /// A public key given as base64 text, or as a file holding it (the output of
-/// `receipt key`, plain or `--json`).
-pub fn parse_trusted(spec: &str) -> Result<VerifyingKey> {
+/// `receipt key`, plain or `--json`); a relative path is relative to `base`.
+pub fn parse_trusted(spec: &str, base: &Path) -> Result<VerifyingKey> {
     if let Some(key) = decode_public(spec) {
         return Ok(key);
     }
-    let text = std::fs::read_to_string(spec).map_err(|e| {
+    let text = std::fs::read_to_string(base.join(spec)).map_err(|e| {
         Error::invalid(
             "trusted receipt key",
             spec,
