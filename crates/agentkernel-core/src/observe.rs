@@ -25,12 +25,16 @@ pub enum Stream {
 pub struct Observed {
     stdout: Hashing,
     stderr: Hashing,
-    combined: Hashing,
+    /// The stream that wrote first. While it is the only one, the combined
+    /// hash is its hash: `combined` starts (as a copy of it) only when the
+    /// other stream writes, so single-stream output is hashed once, not twice.
+    first: Option<Stream>,
+    combined: Option<Hashing>,
     pub image_digest: Option<String>,
     pub outcome: Option<Outcome>,
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Hashing {
     hash: Sha256,
     bytes: u64,
@@ -50,19 +54,37 @@ impl Hashing {
 }
 
 impl Observed {
-    pub fn output(&mut self, stream: Stream, data: &[u8]) {
+    fn stream(&mut self, stream: Stream) -> &mut Hashing {
         match stream {
-            Stream::Stdout => self.stdout.update(data),
-            Stream::Stderr => self.stderr.update(data),
+            Stream::Stdout => &mut self.stdout,
+            Stream::Stderr => &mut self.stderr,
         }
-        self.combined.update(data);
     }
 
-    pub fn digests(self) -> OutputDigests {
+    pub fn output(&mut self, stream: Stream, data: &[u8]) {
+        match self.first {
+            None => self.first = Some(stream),
+            Some(first) if first != stream && self.combined.is_none() => {
+                self.combined = Some(self.stream(first).clone());
+            }
+            _ => {}
+        }
+        self.stream(stream).update(data);
+        if let Some(combined) = self.combined.as_mut() {
+            combined.update(data);
+        }
+    }
+
+    pub fn digests(mut self) -> OutputDigests {
+        let combined = match (self.combined.take(), self.first) {
+            (Some(combined), _) => combined,
+            (None, Some(only)) => self.stream(only).clone(),
+            (None, None) => Hashing::default(),
+        };
         OutputDigests {
             stdout: self.stdout.finish(),
             stderr: self.stderr.finish(),
-            combined: self.combined.finish(),
+            combined: combined.finish(),
         }
     }
 }
@@ -113,6 +135,20 @@ pub fn take() -> Option<Observed> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_stream_alone_is_also_the_combined_output() {
+        let sha = |b: &[u8]| hex::encode(Sha256::digest(b));
+        for stream in [Stream::Stdout, Stream::Stderr] {
+            let mut o = Observed::default();
+            o.output(stream, b"ab");
+            o.output(stream, b"c");
+            let d = o.digests();
+            assert_eq!((d.combined.sha256, d.combined.bytes), (sha(b"abc"), 3));
+        }
+        let d = Observed::default().digests();
+        assert_eq!((d.combined.sha256, d.combined.bytes), (sha(b""), 0));
+    }
 
     #[test]
     fn streams_are_hashed_each_and_combined() {

@@ -585,3 +585,62 @@ fn exec_in_a_kept_sandbox_writes_one_receipt_per_command() {
         assert_code(&verify(&env, &file, &[]), 0);
     }
 }
+
+/// With --receipt the native helper is agentkernel's child, not agentkernel
+/// itself: a SIGTERM to agentkernel must still reach the command.
+#[test]
+fn a_signal_to_agentkernel_reaches_the_command_of_a_receipted_run() {
+    use std::io::BufRead;
+    let env = TestEnv::new();
+    let file = env.project_dir().join("term.json");
+    let mut run = env.spawn(&[
+        "run",
+        "--receipt",
+        file.to_str().unwrap(),
+        "-i",
+        BUSYBOX,
+        "sh",
+        "-c",
+        "trap 'echo got-term; exit 7' TERM; echo ready; while :; do sleep 1; done",
+    ]);
+    let mut stdout = std::io::BufReader::new(run.child().stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    run.signal(libc::SIGTERM);
+    let out = run.wait_output(std::time::Duration::from_secs(30));
+    assert_code(&out, 7);
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    assert_eq!(rest, "got-term\n");
+    let r = read_json(&file);
+    assert_eq!(r["outcome"]["exit_code"], 7);
+    assert_eq!(
+        r["outcome"]["stdout"]["sha256"],
+        sha256_hex(b"ready\ngot-term\n")
+    );
+}
+
+mod native_only {
+    use super::*;
+
+    /// `--image host` has no image digest; the receipt says so and replays.
+    #[test]
+    fn host_image_receipt_has_no_digest_and_replays() {
+        let env = TestEnv::new();
+        let (out, file) =
+            run_with_receipt(&env, "host.json", &["--image", "host", "echo", "on-host"]);
+        assert_code(&out, 0);
+        let r = read_json(&file);
+        assert_eq!(r["sandbox"]["image"]["reference"], "host");
+        assert!(r["sandbox"]["image"]["digest"].is_null());
+        assert_code(&verify(&env, &file, &[]), 0);
+        let out = replay(&env, &file, &[]);
+        assert_code(&out, 0);
+        assert!(
+            stderr(&out).contains("replay: stdout: match"),
+            "{}",
+            stderr(&out)
+        );
+    }
+}

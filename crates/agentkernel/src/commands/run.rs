@@ -69,12 +69,21 @@ async fn execute(
     }
     refuse_uncappable_disk(spec, backend)?;
     let engine = backend::connect(backend)?;
-    if agentkernel_core::observe::enabled() {
-        // A receipt names the image by content: resolve (and pull) it first.
+    let resolved;
+    let spec = if agentkernel_core::observe::enabled() {
+        // A receipt names the image by content: resolve (and pull) it first;
+        // it is then in the engine, so the run does not pull it again.
         let digest =
             agentkernel_docker::pull::ensure_image(&engine, &spec.image, spec.pull).await?;
         agentkernel_core::observe::image_digest(digest);
-    }
+        resolved = SandboxSpec {
+            pull: PullPolicy::Missing,
+            ..spec.clone()
+        };
+        &resolved
+    } else {
+        spec
+    };
     let outcome = if spec.keep.is_some() {
         kept::run(&engine, spec, &store).await?
     } else if use_pool {
