@@ -22,6 +22,7 @@ command -v tini-static >/dev/null || need+=(tini)
 command -v hyperfine >/dev/null || need+=(hyperfine)
 command -v git >/dev/null || need+=(git)
 command -v python3 >/dev/null || need+=(python3)
+python3 -c 'import ensurepip' 2>/dev/null || need+=(python3-venv)   # the receipts' DSSE check (below)
 command -v ip >/dev/null || need+=(iproute2)
 command -v iptables >/dev/null || need+=(iptables)
 command -v curl >/dev/null || need+=(curl)
@@ -126,3 +127,13 @@ for image in agentkernel-test/busybox:1 agentkernel-test/nobody:1 agentkernel-te
     skopeo copy --quiet --dest-tls-verify=false "docker-daemon:$image" "docker://$registry/$image"
   fi
 done
+
+# The receipts' DSSE envelopes are checked by standard tooling (PyPI's
+# securesystemslib and in-toto) in its own venv: Debian's pip is externally
+# managed.
+pytools=/opt/agentkernel-pytools
+if ! "$pytools/bin/python" -c 'import securesystemslib.dsse, in_toto' 2>/dev/null; then
+  echo "setup: installing securesystemslib and in-toto into $pytools" >&2
+  python3 -m venv "$pytools"
+  "$pytools/bin/pip" install --quiet securesystemslib in-toto
+fi

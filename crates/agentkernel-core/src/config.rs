@@ -34,6 +34,7 @@ struct FileSchema {
     pool: PoolSection,
     #[serde(default)]
     templates: TemplatesSection,
+    receipts: ReceiptsSection,
     /// Upstream's templates: `NAME = "value"`, the same as `sandbox.env`.
     #[serde(default)]
     environment: BTreeMap<String, String>,
@@ -147,6 +148,14 @@ struct ImagesSection {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct ReceiptsSection {
+    /// Public keys (base64) or files holding one.
+    #[serde(default)]
+    trusted_keys: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct PoolSection {
     size: Option<u32>,
     idle_ttl: Option<String>,
@@ -225,6 +234,11 @@ pub struct Config {
     /// `[secrets]`: keys the proxy adds to requests to their hosts. A later
     /// file's entry for a key replaces the earlier files' for that key.
     pub secret_bindings: Vec<crate::egress::SecretBinding>,
+    /// `[receipts] trusted_keys`, each with the file that named it (a
+    /// project's file may not add signers: `receipt verify` takes them only
+    /// from the user's and the system's files). A relative file path is
+    /// relative to the naming file's directory.
+    pub receipt_trusted_keys: Vec<(PathBuf, String)>,
     /// The files that contributed, in the order applied.
     pub sources: Vec<PathBuf>,
     /// `./agentkernel.toml`, when it was read as the project's file (not via `--config`).
@@ -429,6 +443,10 @@ impl Config {
                 parse::byte_size("max_layer_size", &size)
                     .map_err(|e| val("images.max_layer_size", e))?,
             );
+        }
+        for key in &file.receipts.trusted_keys {
+            self.receipt_trusted_keys
+                .push((path.to_path_buf(), key.clone()));
         }
         if let Some(size) = file.pool.size {
             self.pool_size = Some(size);

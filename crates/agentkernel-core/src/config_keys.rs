@@ -205,6 +205,7 @@ const SCHEMA: &[(&str, Shape)] = &[
         "templates",
         Table(&[("github_base", Value), ("ca_file", Value)]),
     ),
+    ("receipts", Table(&[("trusted_keys", Value)])),
 ];
 
 const RULE_LIST: &[(&str, Shape)] = &[

@@ -11,6 +11,7 @@ pub mod error;
 pub mod git;
 pub mod image;
 pub mod names;
+pub mod observe;
 pub mod parse;
 pub mod paths;
 pub mod policy;

@@ -38,7 +38,7 @@ pub enum Command {
     /// Manage kept sandboxes (alias: sb)
     #[command(subcommand, visible_alias = "sb")]
     Sandbox(SandboxCommand),
-    /// Verify or replay execution receipts (not supported yet)
+    /// Verify or replay signed execution receipts (--receipt), print the signing key
     #[command(subcommand)]
     Receipt(ReceiptCommand),
     /// Manage the native backend's image store (pull, list, rm, prune)
@@ -155,9 +155,13 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE")]
     pub egress_log: Option<PathBuf>,
 
-    /// Write a signed execution receipt for this run (not supported yet)
+    /// Write a signed execution receipt of this run to FILE (also when it fails; see docs/receipts.md)
     #[arg(long, value_name = "FILE")]
     pub receipt: Option<PathBuf>,
+
+    /// Receipt format: json (default), or dsse to also write FILE.dsse.json, an in-toto Statement in a DSSE envelope
+    #[arg(long, value_name = "FORMAT", value_parser = ["json", "dsse"], requires = "receipt")]
+    pub receipt_format: Option<String>,
 
     /// Set an environment variable (KEY=VALUE, or KEY to copy it from here). Repeatable
     #[arg(short = 'e', long, value_name = "KEY=VALUE")]
@@ -273,6 +277,14 @@ pub struct ExecArgs {
     /// Start the command and return at once (exit 0); it runs on in the sandbox, output discarded
     #[arg(short = 'd', long)]
     pub detach: bool,
+
+    /// Write a signed execution receipt of this command to FILE (see docs/receipts.md)
+    #[arg(long, value_name = "FILE")]
+    pub receipt: Option<PathBuf>,
+
+    /// Receipt format: json (default), or dsse to also write FILE.dsse.json
+    #[arg(long, value_name = "FORMAT", value_parser = ["json", "dsse"], requires = "receipt")]
+    pub receipt_format: Option<String>,
 
     /// The kept sandbox (its name, as `sandbox list` shows it)
     pub name: String,
@@ -502,10 +514,34 @@ pub enum PoolCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum ReceiptCommand {
-    /// Verify a receipt's integrity
-    Verify { file: PathBuf },
-    /// Replay the recorded invocation and compare
-    Replay { file: PathBuf },
+    /// Print this machine's receipt signing key (public half) and its id; created on first use
+    Key {
+        /// Print {"algorithm", "public_key", "key_id"} as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check a receipt's hash, signature and signer; exit 0 only when all three hold
+    Verify {
+        /// The receipt (or its .dsse.json envelope)
+        file: PathBuf,
+        /// Also trust this public key (a file with `receipt key` output, or base64). Repeatable
+        #[arg(long, value_name = "PUBFILE")]
+        key: Vec<String>,
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the receipt's command again on its image pinned by digest and compare: exit 0 all match, 1 not, 125 cannot replay
+    Replay {
+        /// The receipt
+        file: PathBuf,
+        /// Value of a recorded environment variable (KEY=VALUE, or KEY to copy it from here); others come from this environment. Repeatable
+        #[arg(short = 'e', long, value_name = "KEY=VALUE")]
+        env: Vec<String>,
+        /// Also trust this public key for the receipt's signer. Repeatable
+        #[arg(long, value_name = "PUBFILE")]
+        key: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -6,6 +6,7 @@
 mod backend;
 mod cli;
 mod commands;
+mod receipt;
 
 use std::io::Write;
 
@@ -27,7 +28,8 @@ fn main() {
     {
         agentkernel_native::trace::phase("helper started");
         let fd_arg = args.next().map(|a| a.to_string_lossy().into_owned());
-        std::process::exit(commands::native::helper(fd_arg));
+        let report_fd = args.next().map(|a| a.to_string_lossy().into_owned());
+        std::process::exit(commands::native::helper(fd_arg, report_fd));
     }
     if std::env::args_os()
         .nth(1)

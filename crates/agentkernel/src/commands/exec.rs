@@ -43,13 +43,40 @@ pub async fn exec(args: ExecArgs) -> Result<i32> {
         .ok_or_else(|| agentkernel_core::Error::NoSuchSandbox(args.name.clone()))?;
     super::sandbox_lifecycle::refuse_if_stopped(&store, &args.name)?;
     if args.detach {
+        if args.receipt.is_some() {
+            return Err(agentkernel_core::Error::invalid(
+                "--receipt",
+                "with --detach",
+                "a receipt needs the command's end, which --detach does not wait for; drop one of them",
+            ));
+        }
         return super::exec_detach::detach(&args.name, &req);
     }
+    let Some(path) = args.receipt else {
+        return run_in(&store, &record, &req).await;
+    };
+    let request = crate::receipt::Request {
+        path,
+        dsse: args.receipt_format.as_deref() == Some("dsse"),
+    };
+    let invocation = crate::receipt::Invocation::for_exec(&store, &record, &req);
+    let recording = crate::receipt::Recording::start(request, invocation);
+    let result = run_in(&store, &record, &req).await;
+    recording.finish(result)
+}
+
+async fn run_in(
+    store: &Store,
+    record: &agentkernel_core::state::SandboxRecord,
+    req: &ExecRequest,
+) -> Result<i32> {
+    let args_name = &record.name;
+    let timeout = req.timeout;
     if record.backend == "native" {
         // Never returns on success: the process becomes the helper.
-        return super::native::exec_in(&store, &args.name, &req, None, false);
+        return super::native::exec_in(store, args_name, req, None, false).await;
     }
     let engine = crate::backend::connect_named(&record.backend)?;
-    let outcome = kept::exec(&engine, &store, &args.name, &req).await?;
+    let outcome = kept::exec(&engine, store, args_name, req).await?;
     Ok(super::finish(outcome, record.memory_bytes, timeout))
 }

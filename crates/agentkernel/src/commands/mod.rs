@@ -9,9 +9,11 @@ mod image;
 mod init;
 mod mcp;
 pub mod native;
+mod native_observed;
 mod openapi;
 mod pool;
 mod qemu;
+mod receipt;
 mod run;
 mod sandbox;
 mod sandbox_cp;
@@ -39,6 +41,8 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
                 timeout: None,
                 sudo: false,
                 detach: false,
+                receipt: None,
+                receipt_format: None,
                 name,
                 command: vec!["/bin/sh".into()],
             })
@@ -57,7 +61,7 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
             print_stdout(&script)?;
             Ok(0)
         }
-        Command::Receipt(_) => Err(Error::not_supported("`agentkernel receipt`")),
+        Command::Receipt(cmd) => receipt::receipt(cmd).await,
         Command::Image(cmd) => image::image(cmd).await,
         Command::Template(cmd) => template::template(cmd).await,
         Command::Secret(cmd) => secret::secret(cmd),
@@ -95,6 +99,7 @@ pub(crate) fn finish(
 ) -> i32 {
     use agentkernel_core::parse::{format_bytes, format_duration};
     use agentkernel_core::spec::Outcome;
+    agentkernel_core::observe::outcome(outcome);
     match outcome {
         Outcome::OutOfMemory => eprintln!(
             "agentkernel: the command was killed: out of memory (limit {}); raise it with --memory",

@@ -33,7 +33,7 @@ pub async fn run(
                     keep.name, record.backend, record.backend
                 )));
             }
-            return exec_in(store, &keep.name, &spec.exec, Some(keep.ttl), true);
+            return exec_in(store, &keep.name, &spec.exec, Some(keep.ttl), true).await;
         }
     }
     if rootless::UserMap::for_caller().is_some() {
@@ -54,7 +54,7 @@ pub async fn run(
             message: e.to_string(),
         })?);
     }
-    hand_over(plan, store)
+    hand_over(plan, store).await
 }
 
 /// `sandbox create` on native: the kept sandbox without a first command
@@ -78,17 +78,20 @@ pub async fn create(
         let _ = store.forget(&spec.keep.as_ref().expect("kept").name);
         return Err(e);
     }
-    hand_over(plan, store)
+    hand_over(plan, store).await
 }
 
-/// Execs the helper with `plan`; on failure removes what the plan reserved.
-fn hand_over(plan: Plan, store: &Store) -> Result<i32> {
-    let err = exec_helper(&plan);
-    let _ = std::fs::remove_dir_all(&plan.scratch);
-    if let Some(keep) = &plan.keep {
-        let _ = store.forget(&keep.name);
+/// Hands `plan` to the helper (see `exec_helper`); on failure removes what
+/// the plan reserved.
+async fn hand_over(plan: Plan, store: &Store) -> Result<i32> {
+    let result = exec_helper(&plan).await;
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&plan.scratch);
+        if let Some(keep) = &plan.keep {
+            let _ = store.forget(&keep.name);
+        }
     }
-    Err(err)
+    result
 }
 
 /// For `--branch`: the sandbox's record, waiting for a concurrent creator
@@ -112,7 +115,7 @@ async fn existing(
 /// `agentkernel exec NAME` (and `run --branch` reusing NAME): the kept
 /// sandbox's plan with this command, run by the helper. Never returns on
 /// success.
-pub fn exec_in(
+pub async fn exec_in(
     store: &Store,
     name: &str,
     request: &ExecRequest,
@@ -128,7 +131,7 @@ pub fn exec_in(
         keep.ttl = ttl.unwrap_or(keep.ttl);
         keep.reused = reused;
     }
-    Err(exec_helper(&plan))
+    exec_helper(&plan).await
 }
 
 async fn image_root(spec: &SandboxSpec, config: &Config) -> Result<ImageRoot> {
@@ -136,6 +139,10 @@ async fn image_root(spec: &SandboxSpec, config: &Config) -> Result<ImageRoot> {
         return Ok(ImageRoot::default());
     }
     let image = super::image::fetch_for_run(spec, config).await?;
+    agentkernel_core::observe::image_digest(agentkernel_core::image::pinned(
+        &spec.image,
+        image.manifest_digest.as_str(),
+    ));
     // Rootless overlayfs reads opaque directories from the `user.*` xattrs
     // an unprivileged unpack leaves; whiteouts it cannot do without.
     let rootless = rootless::UserMap::for_caller().is_some();
@@ -161,11 +168,15 @@ async fn image_root(spec: &SandboxSpec, config: &Config) -> Result<ImageRoot> {
     })
 }
 
-/// Hands the plan to a fresh copy of ourselves on an inherited memfd.
-fn exec_helper(plan: &Plan) -> Error {
-    let fail = |why: String| Error::Backend {
-        backend: "native",
-        message: why,
+/// Hands the plan to a fresh copy of ourselves on an inherited memfd: by
+/// exec (never returns on success), or, when a receipt observes the run, as
+/// a child whose output passes through us (`native_observed`).
+async fn exec_helper(plan: &Plan) -> Result<i32> {
+    let fail = |why: String| {
+        Err(Error::Backend {
+            backend: "native",
+            message: why,
+        })
     };
     let json = match serde_json::to_vec(plan) {
         Ok(j) => j,
@@ -185,22 +196,36 @@ fn exec_helper(plan: &Plan) -> Error {
     }
     let fd = file.into_raw_fd();
     let _ = std::io::stdout().flush();
-    agentkernel_native::trace::phase("cli execs the helper");
-    let e = std::process::Command::new("/proc/self/exe")
+    let mut helper = std::process::Command::new("/proc/self/exe");
+    helper
         .arg0("agentkernel")
         .arg(HELPER_SUBCOMMAND)
-        .arg(fd.to_string())
-        .exec();
+        .arg(fd.to_string());
+    if agentkernel_core::observe::enabled() {
+        return super::native_observed::run(helper, plan.tty).await;
+    }
+    agentkernel_native::trace::phase("cli execs the helper");
+    let e = helper.exec();
     fail(format!("cannot start the sandbox helper: {e}"))
 }
 
 /// `agentkernel __native-sandbox <fd>`: the helper's entry point, reached
 /// before any runtime or thread exists. Returns the exit code.
-pub fn helper(fd_arg: Option<String>) -> i32 {
+pub fn helper(fd_arg: Option<String>, report_fd: Option<String>) -> i32 {
+    run_helper(fd_arg, &mut |report| {
+        super::native_observed::send_report(report_fd.as_deref(), report)
+    })
+}
+
+fn run_helper(
+    fd_arg: Option<String>,
+    report: &mut dyn FnMut(super::native_observed::HelperReport),
+) -> i32 {
     let plan = match read_plan(fd_arg) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("agentkernel: {e}");
+            report(super::native_observed::HelperReport::Failed(e));
             return crate::EXIT_AGENTKERNEL_ERROR;
         }
     };
@@ -209,6 +234,9 @@ pub fn helper(fd_arg: Option<String>) -> i32 {
     if let (Some(map), Action::Run | Action::CreateKept) = (&plan.rootless, &plan.action) {
         if let Err(e) = rootless::enter_user_namespace(map) {
             eprintln!("agentkernel: native (rootless): {e}");
+            report(super::native_observed::HelperReport::Failed(format!(
+                "native (rootless): {e}"
+            )));
             let _ = std::fs::remove_dir_all(&plan.scratch);
             return crate::EXIT_AGENTKERNEL_ERROR;
         }
@@ -237,9 +265,15 @@ pub fn helper(fd_arg: Option<String>) -> i32 {
         }
     }
     match outcome {
-        Ok(outcome) => super::finish(outcome, plan.limits.memory_bytes, plan.timeout),
+        Ok(outcome) => {
+            report(super::native_observed::HelperReport::Ended(outcome));
+            super::finish(outcome, plan.limits.memory_bytes, plan.timeout)
+        }
         Err(e) => {
             eprintln!("agentkernel: native: {e}");
+            report(super::native_observed::HelperReport::Failed(format!(
+                "native: {e}"
+            )));
             crate::EXIT_AGENTKERNEL_ERROR
         }
     }

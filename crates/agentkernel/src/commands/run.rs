@@ -39,6 +39,10 @@ pub async fn run(args: RunArgs) -> Result<i32> {
     // normal path (explicit combinations are refused in `reject_unsupported`).
     let fast = args.fast.or(config.fast).unwrap_or(true);
     let dry_run = args.dry_run;
+    let receipt = args.receipt.clone().map(|path| crate::receipt::Request {
+        path,
+        dsse: args.receipt_format.as_deref() == Some("dsse"),
+    });
     let limit_flags = (args.memory.is_some(), args.cpus.is_some());
     let (mut spec, image_source, secret_values) = resolve(args, &config, &cwd)?;
     let image_from_template = template.as_ref().is_some_and(|t| t.sets_image);
@@ -61,36 +65,68 @@ pub async fn run(args: RunArgs) -> Result<i32> {
     }
 
     super::egress::check_backend(&spec, backend)?;
+    let Some(request) = receipt else {
+        return execute(&spec, &config, backend, use_pool, &secret_values).await;
+    };
+    // From here on the sandbox is requested: whatever happens, a receipt.
+    let invocation = crate::receipt::Invocation::for_run(&spec, backend.name(), use_pool)?;
+    let recording = crate::receipt::Recording::start(request, invocation);
+    let result = execute(&spec, &config, backend, use_pool, &secret_values).await;
+    recording.finish(result)
+}
+
+async fn execute(
+    spec: &SandboxSpec,
+    config: &Config,
+    backend: backend::BackendKind,
+    use_pool: bool,
+    secret_values: &agentkernel_core::egress::SecretValues,
+) -> Result<i32> {
     let store = Store::open_default();
     if let Some(keep) = spec.keep.as_ref().filter(|k| k.reuse) {
         // `--branch` reusing a stopped sandbox starts it again.
         super::sandbox_lifecycle::clear_stopped(&store, &keep.name)?;
     }
     let secret_files =
-        agentkernel_core::secrets::file_contents(spec.egress.as_ref(), &secret_values);
+        agentkernel_core::secrets::file_contents(spec.egress.as_ref(), secret_values);
     if backend == backend::BackendKind::Native {
         let files = secret_files
             .into_iter()
             .map(|(name, content)| agentkernel_native::plan::SecretFile { name, content })
             .collect();
-        return super::native::run(&spec, &config, &store, &secret_values, files).await;
+        return super::native::run(spec, config, &store, secret_values, files).await;
     }
     if backend == backend::BackendKind::Qemu {
-        return super::qemu::run(&spec, &config).await;
+        return super::qemu::run(spec, config).await;
     }
-    refuse_uncappable_disk(&spec, backend)?;
+    refuse_uncappable_disk(spec, backend)?;
     let engine = backend::connect(backend)?;
+    let resolved;
+    let spec = if agentkernel_core::observe::enabled() {
+        // A receipt names the image by content: resolve (and pull) it first;
+        // it is then in the engine, so the run does not pull it again.
+        let digest =
+            agentkernel_docker::pull::ensure_image(&engine, &spec.image, spec.pull).await?;
+        agentkernel_core::observe::image_digest(digest);
+        resolved = SandboxSpec {
+            pull: PullPolicy::Missing,
+            ..spec.clone()
+        };
+        &resolved
+    } else {
+        spec
+    };
     let outcome = if spec.keep.is_some() {
-        kept::run(&engine, &spec, &store, &secret_files).await?
+        kept::run(&engine, spec, &store, &secret_files).await?
     } else if use_pool {
         let settings = pool::Settings {
             size: config.pool_size.unwrap_or(pool::DEFAULT_SIZE),
             idle_ttl: config.pool_idle_ttl.unwrap_or(pool::DEFAULT_IDLE_TTL),
             max_total: config.pool_max_total.unwrap_or(pool::DEFAULT_MAX_TOTAL),
         };
-        pool::run(&engine, &spec, &store, settings).await?
+        pool::run(&engine, spec, &store, settings).await?
     } else {
-        oneshot::run_with_secret_files(&engine, &spec, &store, &secret_files).await?
+        oneshot::run_with_secret_files(&engine, spec, &store, &secret_files).await?
     };
     Ok(super::finish(
         outcome,
@@ -573,7 +609,7 @@ fn reject_unsupported(args: &RunArgs) -> Result<()> {
             ));
         }
     }
-    let unsupported = [(args.ssh, "--ssh"), (args.receipt.is_some(), "--receipt")];
+    let unsupported = [(args.ssh, "--ssh")];
     if let Some((_, flag)) = unsupported.iter().find(|(given, _)| *given) {
         return Err(Error::not_supported(*flag));
     }

@@ -97,6 +97,7 @@ fn run_args(args: CreateArgs) -> RunArgs {
         allow_host: Vec::new(),
         egress_log: None,
         receipt: None::<PathBuf>,
+        receipt_format: None,
         env: args.env,
         workdir: args.workdir,
         volume: args.volume,
