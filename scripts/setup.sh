@@ -30,6 +30,8 @@ command -v docker-registry >/dev/null || need+=(docker-registry)
 command -v skopeo >/dev/null || need+=(skopeo)
 command -v bwrap >/dev/null || need+=(bubblewrap)   # bench/native.sh compares with it
 command -v slirp4netns >/dev/null || need+=(slirp4netns)   # rootless native networking
+command -v ssh >/dev/null || need+=(openssh-client)   # tests/ssh.rs drives --ssh with the real client
+command -v script >/dev/null || need+=(bsdutils)   # `script` gives ssh a terminal in tests/ssh.rs
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive

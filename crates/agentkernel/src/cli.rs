@@ -45,11 +45,16 @@ pub enum Command {
     /// Inspect or empty the warm container pool behind --fast
     #[command(subcommand)]
     Pool(PoolCommand),
-    /// SSH into a sandbox started with --ssh (not supported yet)
-    Ssh {
+    /// SSH into a sandbox started with --ssh (runs the system's ssh with its key, port and pinned host key)
+    Ssh(SshArgs),
+    /// Print an OpenSSH `Host` block for a sandbox started with --ssh (for ~/.ssh/config and editors)
+    SshConfig {
         /// The kept sandbox's name
         name: String,
     },
+    /// The SSH server of a sandbox started with --ssh (internal)
+    #[command(name = "__ssh-server", hide = true)]
+    SshServer { name: String, creator: String },
     /// Let DIR's agentkernel.toml loosen the sandbox (records its sha256; a changed file needs trust again)
     Trust(TrustArgs),
     /// Start a sandbox on each backend and check registry access: what works here, and how to fix the rest
@@ -117,9 +122,21 @@ pub struct RunArgs {
     #[arg(short = 'P', long, value_name = "PORT")]
     pub publish: Vec<String>,
 
-    /// Enable SSH access to the sandbox (not supported yet)
+    /// Make the kept sandbox reachable over SSH on 127.0.0.1 (a server on the host side; nothing is installed in the image). Implies --keep; `agentkernel ssh NAME` connects
     #[arg(long)]
     pub ssh: bool,
+
+    /// The port for --ssh (default: a free one, printed on stderr)
+    #[arg(long, value_name = "PORT", requires = "ssh")]
+    pub ssh_port: Option<u16>,
+
+    /// Also accept the public keys in FILE for --ssh (e.g. ~/.ssh/authorized_keys)
+    #[arg(long, value_name = "FILE", requires = "ssh")]
+    pub ssh_authorized_keys: Option<PathBuf>,
+
+    /// An environment variable SSH clients may send (SendEnv/SetEnv) for --ssh; NAME* matches a prefix. Others are refused. Repeatable
+    #[arg(long, value_name = "NAME", requires = "ssh")]
+    pub ssh_accept_env: Vec<String>,
 
     /// Bind a secret to a host via proxy: KEY:host, KEY=value:host, KEY:host:header (not supported yet)
     #[arg(short = 'S', long, value_name = "BINDING")]
@@ -195,6 +212,20 @@ pub struct TrustArgs {
     /// Withdraw the trust instead
     #[arg(long)]
     pub revoke: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SshArgs {
+    /// The kept sandbox's name
+    pub name: String,
+
+    /// Print an OpenSSH `Host` block instead of connecting (same as `agentkernel ssh-config NAME`)
+    #[arg(long)]
+    pub config: bool,
+
+    /// A command to run instead of a shell (its exit status is ssh's)
+    #[arg(value_name = "CMD", last = true)]
+    pub command: Vec<std::ffi::OsString>,
 }
 
 #[derive(Debug, Args)]

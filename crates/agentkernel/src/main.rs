@@ -6,6 +6,7 @@
 mod backend;
 mod cli;
 mod commands;
+mod ssh;
 
 use std::io::Write;
 

@@ -183,7 +183,6 @@ fn not_yet_supported_options_are_125() {
     let receipt = env.project_dir().join("receipt.json");
     let receipt = receipt.to_str().unwrap();
     let cases: Vec<(&str, Vec<&str>)> = vec![
-        ("--ssh", vec!["--ssh"]),
         ("--secret", vec!["-S", "GH_TOKEN:api.github.com"]),
         ("--secret-file", vec!["--secret-file", "K"]),
         ("--placeholder-secrets", vec!["--placeholder-secrets"]),

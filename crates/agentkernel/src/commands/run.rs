@@ -39,6 +39,11 @@ pub async fn run(args: RunArgs) -> Result<i32> {
     let fast = args.fast.or(config.fast).unwrap_or(true);
     let dry_run = args.dry_run;
     let limit_flags = (args.memory.is_some(), args.cpus.is_some());
+    let ssh = args.ssh.then(|| crate::ssh::SshOptions {
+        port: args.ssh_port,
+        authorized_keys: args.ssh_authorized_keys.clone(),
+        accept_env: args.ssh_accept_env.clone(),
+    });
     let (mut spec, image_source) = resolve(args, &config, &cwd)?;
     let image_from_template = template.as_ref().is_some_and(|t| t.sets_image);
     if let Some(applied) = template {
@@ -58,6 +63,9 @@ pub async fn run(args: RunArgs) -> Result<i32> {
     }
 
     let store = Store::open_default();
+    if let (Some(ssh), Some(keep)) = (&ssh, &spec.keep) {
+        crate::ssh::launch(&store, &keep.name, ssh)?;
+    }
     if backend == backend::BackendKind::Native {
         return super::native::run(&spec, &config, &store).await;
     }
@@ -240,7 +248,7 @@ pub fn resolve(args: RunArgs, config: &Config, cwd: &Path) -> Result<(SandboxSpe
         None => config.pull.unwrap_or(PullPolicy::Missing),
     };
     let keep = resolve_keep(
-        args.keep,
+        args.keep || args.ssh,
         args.ttl.as_deref(),
         args.branch,
         args.name,
@@ -512,7 +520,9 @@ fn reject_unsupported(args: &RunArgs) -> Result<()> {
             "--publish cannot be used with --fast (the container pool); use --fast=false or leave --fast out".into(),
         ));
     }
-    if fast_requested && (args.keep || args.branch || args.name.is_some() || args.ttl.is_some()) {
+    if fast_requested
+        && (args.keep || args.ssh || args.branch || args.name.is_some() || args.ttl.is_some())
+    {
         return Err(Error::Conflict(
             "--fast (the container pool) serves one-shot runs; a kept sandbox is always created afresh, so drop --fast".into(),
         ));
@@ -538,7 +548,6 @@ fn reject_unsupported(args: &RunArgs) -> Result<()> {
         }
     }
     let unsupported = [
-        (args.ssh, "--ssh"),
         (!args.secret.is_empty(), "--secret"),
         (!args.secret_file.is_empty(), "--secret-file"),
         (args.placeholder_secrets, "--placeholder-secrets"),

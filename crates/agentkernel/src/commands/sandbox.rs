@@ -43,11 +43,13 @@ pub async fn sandbox(cmd: SandboxCommand) -> Result<i32> {
                         backend: "native",
                         message: e.to_string(),
                     })?;
+                    crate::ssh::stop(&store, name);
                     eprintln!("agentkernel: removed {name}");
                     continue;
                 }
                 let engine = engine_of(&store, name)?;
                 kept::remove(&engine, &store, name).await?;
+                crate::ssh::stop(&store, name);
                 eprintln!("agentkernel: removed {name}");
             }
             Ok(0)
@@ -67,6 +69,7 @@ pub async fn sandbox(cmd: SandboxCommand) -> Result<i32> {
                 containers += c.containers.len();
                 dirs += c.directories;
             }
+            dirs += crate::ssh::collect(&store);
             eprintln!(
                 "agentkernel: removed {} and {}",
                 super::counted(containers, "container", "containers"),
