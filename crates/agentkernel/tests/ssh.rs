@@ -89,9 +89,10 @@ fn port_open(port: u16) -> bool {
     .is_ok()
 }
 
-/// Runs `sh -c SCRIPT` under `script`, which gives it a terminal, feeding
-/// INPUT to that terminal; returns what the terminal showed and the status.
-fn on_terminal(env: &TestEnv, shell: &str, input: &str) -> Output {
+/// Runs `sh -c SCRIPT` under `script`, which gives it a terminal, typing
+/// each of INPUT into that terminal a second apart; returns what the
+/// terminal showed and the status.
+fn on_terminal(env: &TestEnv, shell: &str, input: &[&str]) -> Output {
     let mut cmd = Command::new("script");
     env.configure(&mut cmd);
     cmd.args(["-qec", shell, "/dev/null"])
@@ -103,7 +104,11 @@ fn on_terminal(env: &TestEnv, shell: &str, input: &str) -> Output {
     // Give the remote shell time to start before it reads, then keep the
     // terminal open until it exits.
     std::thread::sleep(Duration::from_millis(1500));
-    stdin.write_all(input.as_bytes()).unwrap();
+    for typed in input {
+        stdin.write_all(typed.as_bytes()).unwrap();
+        stdin.flush().unwrap();
+        std::thread::sleep(Duration::from_secs(1));
+    }
     let status = wait_child(&mut child, Duration::from_secs(60));
     drop(stdin);
     let mut stdout = Vec::new();
@@ -175,8 +180,23 @@ fn interactive_shell_and_window_size_on_a_terminal() {
 
     // A login shell on a terminal: it reads what is typed, and its exit
     // status is ssh's.
-    let out = on_terminal(&env, &ssh, "tty; echo $((6*7))x; exit 3\n");
+    // Ctrl-C reaches the command in the sandbox (not ssh, not the server).
+    let started = Instant::now();
+    let out = on_terminal(
+        &env,
+        &ssh,
+        &[
+            "sleep 30; echo not-$((1+1))-interrupted\n",
+            "\x03",
+            "tty; echo $((6*7))x; exit 3\n",
+        ],
+    );
     let shown = stdout(&out);
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "Ctrl-C did not interrupt: {shown}"
+    );
+    assert!(!shown.contains("not-2-interrupted"), "{shown}");
     assert!(shown.contains("42x"), "{shown}");
     assert!(
         shown.contains("/dev/pts/"),
@@ -190,7 +210,7 @@ fn interactive_shell_and_window_size_on_a_terminal() {
         "stty cols 123 rows 45; {ssh_tt} 'sleep 0.5; stty size; sleep 3; stty size' < /dev/tty & sleep 2; stty cols 77 rows 21; kill -WINCH $!; wait $!",
         ssh_tt = ssh.replace("ssh -F", "ssh -tt -F"),
     );
-    let out = on_terminal(&env, &resize, "");
+    let out = on_terminal(&env, &resize, &[]);
     let shown = stdout(&out);
     assert!(shown.contains("45 123"), "{shown}");
     assert!(
@@ -369,6 +389,17 @@ fn wrong_key_and_unlisted_environment_are_refused() {
         "{}",
         stderr(&out)
     );
+
+    // Remote forwarding (a port on the host, fed from the sandbox) is refused.
+    let out = sandbox
+        .openssh("ssh")
+        .args(["-o", "ExitOnForwardFailure=yes", "-R", "0:127.0.0.1:9"])
+        .arg(&sandbox.name)
+        .arg("echo forwarded")
+        .output()
+        .unwrap();
+    assert_code(&out, 255);
+    assert!(!stdout(&out).contains("forwarded"));
 
     // SendEnv/SetEnv: only the listed names reach the command.
     let out = sandbox
