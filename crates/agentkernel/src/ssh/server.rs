@@ -63,7 +63,7 @@ impl Shared {
 pub async fn serve(name: String, creator: String) -> i32 {
     let store = Store::open_default();
     let dir = super::state_dir(&store, &name);
-    let started = start(&store, &name, &dir).await;
+    let started = start(&name, &dir);
     let (listener, config, shared) = match started {
         Ok(s) => s,
         Err(_) => {
@@ -71,13 +71,15 @@ pub async fn serve(name: String, creator: String) -> i32 {
             return crate::EXIT_AGENTKERNEL_ERROR;
         }
     };
-    let mut server = Server {
-        shared: shared.clone(),
-    };
-    let running = server.run_on_socket(config, &listener);
-    tokio::select! {
-        _ = running => {}
-        () = watch(&store, &name, Owner(creator)) => {}
+    // Connections wait in the listen backlog until the sandbox exists.
+    let creator = Owner(creator);
+    if created(&store, &name, &creator).await {
+        let mut server = Server { shared };
+        let running = server.run_on_socket(config, &listener);
+        tokio::select! {
+            _ = running => {}
+            () = gone(&store, &name) => {}
+        }
     }
     // Sessions end with us: their `exec` children get SIGHUP (PDEATHSIG).
     let _ = std::fs::remove_dir_all(&dir);
@@ -90,7 +92,7 @@ type Started = (
     Arc<Shared>,
 );
 
-async fn start(store: &Store, name: &str, dir: &std::path::Path) -> std::io::Result<Started> {
+fn start(name: &str, dir: &std::path::Path) -> std::io::Result<Started> {
     agentkernel_core::state::write_atomic(&dir.join("server"), Owner::current().0.as_bytes())
         .map_err(std::io::Error::other)?;
     // SAFETY: fd 3 was handed to us by `launch` and is used only here.
@@ -124,25 +126,38 @@ async fn start(store: &Store, name: &str, dir: &std::path::Path) -> std::io::Res
         accept_env,
         backend: std::sync::Mutex::new(None),
     });
-    let _ = store;
     Ok((listener, Arc::new(config), shared))
 }
 
-/// Returns when the server must end: the sandbox was removed (or its native
-/// holder died), or it never appeared and the `run` creating it is gone.
-async fn watch(store: &Store, name: &str, creator: Owner) {
-    let mut seen = false;
+fn exists(store: &Store, name: &str) -> bool {
+    matches!(store.load(name), Ok(Some(_)))
+}
+
+/// Whether the sandbox came to exist (false: the `run` creating it is gone
+/// and it never did).
+async fn created(store: &Store, name: &str, creator: &Owner) -> bool {
     loop {
-        let exists = matches!(store.load(name), Ok(Some(_)));
-        if exists {
-            seen = true;
-            if let Some(held) = agentkernel_native::kept::Held::load(store, name) {
-                if !held.holder_alive() {
-                    return;
-                }
-            }
-        } else if seen || creator.is_dead() {
+        if exists(store, name) {
+            return true;
+        }
+        if creator.is_dead() {
+            return exists(store, name);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Returns when the sandbox is gone: its record removed (`sandbox remove`,
+/// expiry, gc) or, native, its holder dead.
+async fn gone(store: &Store, name: &str) {
+    loop {
+        if !exists(store, name) {
             return;
+        }
+        if let Some(held) = agentkernel_native::kept::Held::load(store, name) {
+            if !held.holder_alive() {
+                return;
+            }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
