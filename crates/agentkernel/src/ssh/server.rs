@@ -438,6 +438,13 @@ fn exec_command(
     }
     command.arg(&shared.name).arg("--").args(argv);
     command.kill_on_drop(true);
+    // SAFETY: prctl only, between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGHUP as libc::c_ulong);
+            Ok(())
+        });
+    }
     command
 }
 
@@ -455,13 +462,6 @@ async fn run_piped(
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    // SAFETY: prctl only, between fork and exec.
-    unsafe {
-        command.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGHUP as libc::c_ulong);
-            Ok(())
-        });
-    }
     let mut child = command.spawn()?;
     let pid = child.id();
     let mut stdin = child.stdin.take();
@@ -471,10 +471,11 @@ async fn run_piped(
     let err_writer = channel.make_writer_ext(Some(1));
     let pump_out = tokio::spawn(pump(stdout, out_writer));
     let pump_err = tokio::spawn(pump(stderr, err_writer));
+    let mut open = true;
     let status = loop {
         tokio::select! {
             status = child.wait() => break status?,
-            msg = channel.wait() => match msg {
+            msg = channel.wait(), if open => match msg {
                 Some(ChannelMsg::Data { data }) => {
                     if let Some(s) = stdin.as_mut() {
                         if s.write_all(&data).await.is_err() {
@@ -486,8 +487,10 @@ async fn run_piped(
                 Some(ChannelMsg::Signal { signal }) => send_signal(pid, &signal),
                 Some(_) => {}
                 None => {
+                    // The client is gone: hang up, as sshd does.
                     send_signal(pid, &Sig::HUP);
                     stdin = None;
+                    open = false;
                 }
             },
         }
@@ -548,19 +551,17 @@ async fn run_on_pty(
 ) -> std::io::Result<i32> {
     let (master, slave) = open_pty(cols, rows)?;
     let mut command = exec_command(shared, env, argv);
-    let slave_fd = slave.as_raw_fd();
     command
         .stdin(slave.try_clone()?)
         .stdout(slave.try_clone()?)
         .stderr(slave.try_clone()?);
-    // SAFETY: setsid/ioctl/prctl only, between fork and exec.
+    // SAFETY: setsid/ioctl only, between fork and exec: the terminal
+    // becomes exec's controlling terminal (window changes reach it).
     unsafe {
         command.pre_exec(move || {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGHUP as libc::c_ulong);
             if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            let _ = slave_fd;
             Ok(())
         });
     }
@@ -573,10 +574,11 @@ async fn run_on_pty(
     let out_writer = channel.make_writer();
     // Reading the master fails with EIO once the child side is closed.
     let pump_out = tokio::spawn(pump(reader, out_writer));
+    let mut open = true;
     let status = loop {
         tokio::select! {
             status = child.wait() => break status?,
-            msg = channel.wait() => match msg {
+            msg = channel.wait(), if open => match msg {
                 Some(ChannelMsg::Data { data }) => {
                     let _ = writer.write_all(&data).await;
                     let _ = writer.flush().await;
@@ -586,7 +588,10 @@ async fn run_on_pty(
                 }
                 Some(ChannelMsg::Signal { signal }) => send_signal(pid, &signal),
                 Some(_) => {}
-                None => send_signal(pid, &Sig::HUP),
+                None => {
+                    send_signal(pid, &Sig::HUP);
+                    open = false;
+                }
             },
         }
     };
