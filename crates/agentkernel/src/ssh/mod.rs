@@ -318,6 +318,14 @@ pub fn connect(name: &str, command: &[std::ffi::OsString]) -> Result<i32> {
     for option in options {
         ssh.arg("-o").arg(option);
     }
+    // One connection, reused: the first `agentkernel ssh` becomes the
+    // master (in the background, for a minute after its last session, or
+    // until the server ends), and later ones skip the SSH handshake, most of
+    // a round trip's time. The socket is in the sandbox's 0700 directory.
+    let mux = state_dir(&store, name).join("mux");
+    ssh.args(["-o", "ControlMaster=auto", "-o", "ControlPersist=60"])
+        .arg("-o")
+        .arg(format!("ControlPath={}", mux.display()));
     ssh.arg("-p")
         .arg(port.to_string())
         .arg(format!("{SSH_USER}@127.0.0.1"));
