@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # An SSH exec round trip beside `agentkernel exec`, into the same kept
-# sandbox: `agentkernel ssh NAME -- true` (the system's OpenSSH client, a
-# full handshake, the host-side server running `exec` for the session)
-# against `agentkernel exec NAME -- true`. In blocks of ten, so the host's
+# sandbox: `agentkernel ssh NAME -- true` (the system's OpenSSH client over
+# the shared connection `agentkernel ssh` keeps, the host-side server
+# running `exec` for the session) and plain `ssh` with the `ssh-config`
+# block (a full handshake every time), against `agentkernel exec NAME --
+# true`. In blocks of ten, so the host's
 # drift lands on both alike (bench/compare.py): medians, p95, p99 and the
 # ratio to exec (target: ssh at most 2x exec).
 #   bench/ssh.sh [RUNS] [BACKEND]     (defaults: 200, native)
@@ -27,8 +29,12 @@ cleanup() {
 trap cleanup EXIT
 cd "$project"
 "$ak" run --ssh --name "$name" -i "$image" true 2>/dev/null
-# The user's own ~/.ssh/config must not change what is measured.
+"$ak" ssh-config "$name" > "$home/ssh-config"
+# Open the shared connection here: its background ssh must not become a
+# leftover of a measured run (compare.py, a subreaper, would wait for it).
+"$ak" ssh "$name" -- true
 echo "== ssh exec vs agentkernel exec, backend $backend ($runs runs each, in blocks of 10; load: $(cut -d' ' -f1-3 /proc/loadavg))"
 "$root/bench/compare.py" --warmup 5 --runs "$runs" --block 10 \
   -n "agentkernel exec NAME -- true" "$ak exec $name -- true" \
-  -n "agentkernel ssh NAME -- true" "$ak ssh $name -- true"
+  -n "agentkernel ssh NAME -- true" "$ak ssh $name -- true" \
+  -n "ssh -F ssh-config NAME true (new connection)" "ssh -F $home/ssh-config $name true"
