@@ -35,6 +35,8 @@ command -v slirp4netns >/dev/null || need+=(slirp4netns)   # rootless native net
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 ls /boot/vmlinuz-* >/dev/null 2>&1 || need+=(linux-image-amd64)
 command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
+command -v ssh >/dev/null || need+=(openssh-client)   # tests/ssh.rs drives --ssh with the real client
+command -v script >/dev/null || need+=(bsdutils)   # `script` gives ssh a terminal in tests/ssh.rs
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive

@@ -562,7 +562,7 @@ impl Config {
             ];
             for (_, key) in set.iter().filter(|(given, _)| *given) {
                 self.notices.push(format!(
-                    "{at}: security.transport.{key} is not supported yet (no SSH access); ignored"
+                    "{at}: security.transport.{key} is not supported yet (no SSH certificates: run --ssh uses per-sandbox keys); ignored"
                 ));
             }
         }
@@ -642,7 +642,11 @@ impl Config {
             ("api", &file.api, "no HTTP API server"),
             ("proxy", &file.proxy, "no request hooks"),
             ("llm_keys", &file.llm_keys, "no secret injection"),
-            ("ssh", &file.ssh, "no SSH access"),
+            (
+                "ssh",
+                &file.ssh,
+                "SSH is asked per run: run --ssh [--ssh-port N]",
+            ),
             ("template", &file.template, "template metadata"),
         ];
         for (section, table, why) in tables {

@@ -53,13 +53,19 @@ pub enum Command {
     /// Inspect or empty the warm container pool behind --fast
     #[command(subcommand)]
     Pool(PoolCommand),
-    /// SSH into a sandbox started with --ssh (not supported yet)
-    Ssh {
+    /// SSH into a sandbox started with --ssh (runs the system's ssh with its key, port and pinned host key)
+    Ssh(SshArgs),
+    /// Print an OpenSSH `Host` block for a sandbox started with --ssh (for ~/.ssh/config and editors)
+    SshConfig {
         /// The kept sandbox's name
         name: String,
     },
     /// Write ./agentkernel.toml (upstream's schema) for this project; --force replaces an existing one
     Init(InitArgs),
+
+    /// The SSH server of a sandbox started with --ssh (internal)
+    #[command(name = "__ssh-server", hide = true)]
+    SshServer { name: String, creator: String },
     /// Let DIR's agentkernel.toml loosen the sandbox (records its sha256; a changed file needs trust again)
     Trust(TrustArgs),
     /// Start a sandbox on each backend and check registry access: what works here, and how to fix the rest
@@ -131,9 +137,21 @@ pub struct RunArgs {
     #[arg(short = 'P', long, value_name = "PORT")]
     pub publish: Vec<String>,
 
-    /// Enable SSH access to the sandbox (not supported yet)
+    /// Make the kept sandbox reachable over SSH on 127.0.0.1 (a server on the host side; nothing is installed in the image). Implies --keep; `agentkernel ssh NAME` connects
     #[arg(long)]
     pub ssh: bool,
+
+    /// The port for --ssh (default: a free one, printed on stderr)
+    #[arg(long, value_name = "PORT", requires = "ssh")]
+    pub ssh_port: Option<u16>,
+
+    /// Also accept the public keys in FILE for --ssh (e.g. ~/.ssh/authorized_keys)
+    #[arg(long, value_name = "FILE", requires = "ssh")]
+    pub ssh_authorized_keys: Option<PathBuf>,
+
+    /// An environment variable SSH clients may send (SendEnv/SetEnv) for --ssh; NAME* matches a prefix. Others are refused. Repeatable
+    #[arg(long, value_name = "NAME", requires = "ssh")]
+    pub ssh_accept_env: Vec<String>,
 
     /// Send secret KEY to HOST through the host-side proxy: KEY:HOST (Authorization: Bearer), KEY:HOST:HEADER, or KEY=VALUE:HOST (inline, never stored). Value from the vault, else this environment; inside, $KEY holds a placeholder. Repeatable
     #[arg(short = 'S', long, value_name = "BINDING")]
@@ -254,6 +272,20 @@ pub struct ServeArgs {
     /// File (mode 0600) holding the bearer token every request must send as `Authorization: Bearer TOKEN`
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct SshArgs {
+    /// The kept sandbox's name
+    pub name: String,
+
+    /// Print an OpenSSH `Host` block instead of connecting (same as `agentkernel ssh-config NAME`)
+    #[arg(long)]
+    pub config: bool,
+
+    /// A command to run instead of a shell (its exit status is ssh's)
+    #[arg(value_name = "CMD", last = true)]
+    pub command: Vec<std::ffi::OsString>,
 }
 
 #[derive(Debug, Args)]

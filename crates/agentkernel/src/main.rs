@@ -7,6 +7,7 @@ mod backend;
 mod cli;
 mod commands;
 mod receipt;
+mod ssh;
 
 use std::io::Write;
 

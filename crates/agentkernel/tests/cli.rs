@@ -178,23 +178,6 @@ fn publish_with_fast_mentions_fast_false() {
 }
 
 #[test]
-fn not_yet_supported_options_are_125() {
-    let env = TestEnv::new();
-    let cases: Vec<(&str, Vec<&str>)> = vec![("--ssh", vec!["--ssh"])];
-    for (flag, opts) in cases {
-        let mut args = vec!["run"];
-        args.extend(opts.iter().copied());
-        args.extend(["-i", BUSYBOX, "true"]);
-        let out = env.run(&args);
-        let line = assert_one_line_error(&out);
-        assert!(
-            line.contains("not supported yet") && line.contains(flag),
-            "{args:?}: {line}"
-        );
-    }
-}
-
-#[test]
 fn unbuilt_backends_are_not_supported_yet() {
     let env = TestEnv::new();
     // podman and native were on this list until their backends landed.

@@ -65,7 +65,16 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
         Command::Image(cmd) => image::image(cmd).await,
         Command::Template(cmd) => template::template(cmd).await,
         Command::Secret(cmd) => secret::secret(cmd),
-        Command::Ssh { .. } => Err(Error::not_supported("`agentkernel ssh`")),
+        Command::Ssh(args) if args.config => {
+            print_stdout(crate::ssh::config_block(&args.name)?.as_bytes())?;
+            Ok(0)
+        }
+        Command::Ssh(args) => crate::ssh::connect(&args.name, &args.command),
+        Command::SshConfig { name } => {
+            print_stdout(crate::ssh::config_block(&name)?.as_bytes())?;
+            Ok(0)
+        }
+        Command::SshServer { name, creator } => Ok(crate::ssh::server::serve(name, creator).await),
     }
 }
 

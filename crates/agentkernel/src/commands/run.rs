@@ -44,6 +44,11 @@ pub async fn run(args: RunArgs) -> Result<i32> {
         dsse: args.receipt_format.as_deref() == Some("dsse"),
     });
     let limit_flags = (args.memory.is_some(), args.cpus.is_some());
+    let ssh = args.ssh.then(|| crate::ssh::SshOptions {
+        port: args.ssh_port,
+        authorized_keys: args.ssh_authorized_keys.clone(),
+        accept_env: args.ssh_accept_env.clone(),
+    });
     let (mut spec, image_source, secret_values) = resolve(args, &config, &cwd)?;
     let image_from_template = template.as_ref().is_some_and(|t| t.sets_image);
     if let Some(applied) = template {
@@ -66,12 +71,28 @@ pub async fn run(args: RunArgs) -> Result<i32> {
 
     super::egress::check_backend(&spec, backend)?;
     let Some(request) = receipt else {
-        return execute(&spec, &config, backend, use_pool, &secret_values).await;
+        return execute(
+            &spec,
+            &config,
+            backend,
+            use_pool,
+            &secret_values,
+            ssh.as_ref(),
+        )
+        .await;
     };
     // From here on the sandbox is requested: whatever happens, a receipt.
     let invocation = crate::receipt::Invocation::for_run(&spec, backend.name(), use_pool)?;
     let recording = crate::receipt::Recording::start(request, invocation);
-    let result = execute(&spec, &config, backend, use_pool, &secret_values).await;
+    let result = execute(
+        &spec,
+        &config,
+        backend,
+        use_pool,
+        &secret_values,
+        ssh.as_ref(),
+    )
+    .await;
     recording.finish(result)
 }
 
@@ -81,11 +102,15 @@ async fn execute(
     backend: backend::BackendKind,
     use_pool: bool,
     secret_values: &agentkernel_core::egress::SecretValues,
+    ssh: Option<&crate::ssh::SshOptions>,
 ) -> Result<i32> {
     let store = Store::open_default();
     if let Some(keep) = spec.keep.as_ref().filter(|k| k.reuse) {
         // `--branch` reusing a stopped sandbox starts it again.
         super::sandbox_lifecycle::clear_stopped(&store, &keep.name)?;
+    }
+    if let (Some(ssh), Some(keep)) = (ssh, &spec.keep) {
+        crate::ssh::launch(&store, &keep.name, ssh)?;
     }
     let secret_files =
         agentkernel_core::secrets::file_contents(spec.egress.as_ref(), secret_values);
@@ -308,7 +333,7 @@ pub fn resolve(
         None => config.pull.unwrap_or(PullPolicy::Missing),
     };
     let keep = resolve_keep(
-        args.keep,
+        args.keep || args.ssh,
         args.ttl.as_deref(),
         args.branch,
         args.name,
@@ -591,7 +616,9 @@ fn reject_unsupported(args: &RunArgs) -> Result<()> {
             "--publish cannot be used with --fast (the container pool); use --fast=false or leave --fast out".into(),
         ));
     }
-    if fast_requested && (args.keep || args.branch || args.name.is_some() || args.ttl.is_some()) {
+    if fast_requested
+        && (args.keep || args.ssh || args.branch || args.name.is_some() || args.ttl.is_some())
+    {
         return Err(Error::Conflict(
             "--fast (the container pool) serves one-shot runs; a kept sandbox is always created afresh, so drop --fast".into(),
         ));
@@ -608,10 +635,6 @@ fn reject_unsupported(args: &RunArgs) -> Result<()> {
                 "its directory does not exist",
             ));
         }
-    }
-    let unsupported = [(args.ssh, "--ssh")];
-    if let Some((_, flag)) = unsupported.iter().find(|(given, _)| *given) {
-        return Err(Error::not_supported(*flag));
     }
     Ok(())
 }

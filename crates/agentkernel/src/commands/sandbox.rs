@@ -84,6 +84,7 @@ pub(super) async fn collect_garbage(store: &Store) -> Result<()> {
         containers += c.containers.len();
         dirs += c.directories;
     }
+    dirs += crate::ssh::collect(store);
     eprintln!(
         "agentkernel: removed {} and {}",
         super::counted(containers, "container", "containers"),
@@ -95,13 +96,17 @@ pub(super) async fn collect_garbage(store: &Store) -> Result<()> {
 /// Removes one kept sandbox, on whichever backend holds it.
 pub(super) async fn remove_one(store: &Store, name: &str) -> Result<()> {
     if is_native(store, name)? {
-        return agentkernel_native::kept::remove(store, name).map_err(|e| Error::Backend {
+        agentkernel_native::kept::remove(store, name).map_err(|e| Error::Backend {
             backend: "native",
             message: e.to_string(),
-        });
+        })?;
+    } else {
+        let engine = engine_of(store, name)?;
+        kept::remove(&engine, store, name).await?;
     }
-    let engine = engine_of(store, name)?;
-    kept::remove(&engine, store, name).await
+    // Its SSH server (run --ssh), if any, goes with it.
+    crate::ssh::stop(store, name);
+    Ok(())
 }
 
 /// Thaws a paused sandbox (a running one is left as it is).

@@ -42,6 +42,13 @@ pub async fn create(args: CreateArgs) -> Result<i32> {
     }
     let backend = backend::choose(args.backend.as_deref(), config.backend.as_deref())?;
     let no_start = args.no_start;
+    if args.ssh {
+        // The SSH server is started by the run path; create has none yet.
+        return Err(agentkernel_core::Error::not_supported_hint(
+            "--ssh on `sandbox create`",
+            "create it with `agentkernel run --ssh --name NAME -- true` instead",
+        ));
+    }
     let (spec, _, _) = super::run::resolve(run_args(args), &config, &cwd)?;
     if spec.egress.is_some() {
         // Secret files are written by the first command's start-up and the
@@ -91,6 +98,9 @@ fn run_args(args: CreateArgs) -> RunArgs {
         no_network: args.no_network,
         publish: args.publish,
         ssh: args.ssh,
+        ssh_port: None,
+        ssh_authorized_keys: None,
+        ssh_accept_env: Vec::new(),
         secret: args.secret,
         secret_file: args.secret_file,
         placeholder_secrets: args.placeholder_secrets,
