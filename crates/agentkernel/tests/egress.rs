@@ -201,6 +201,25 @@ fn proxies_of(env: &TestEnv) -> Vec<u32> {
         .collect()
 }
 
+/// The holder of this test's kept sandbox: its native helper process
+/// that was reparented (the sandbox's init is its child).
+fn holder_of(env: &TestEnv) -> u32 {
+    let marker = format!("AGENTKERNEL_HOME={}", env.state_dir().display());
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let ppid = stat.rsplit(") ").next().and_then(|r| r.split(' ').nth(1));
+            String::from_utf8_lossy(&cmdline).contains("__native-sandbox")
+                && environ.split(|b| *b == 0).any(|v| v == marker.as_bytes())
+                && ppid == Some("1")
+        })
+        .expect("the kept sandbox's holder")
+}
+
 fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
     while start.elapsed() < limit {
@@ -441,6 +460,67 @@ print("proxy visible" if any(needle in c for c in cmdlines) else "proxy not visi
         }
     }
 
+    /// A kept sandbox's proxy serves its later commands and ends with its
+    /// holder: on `sandbox rm`, and on `kill -9` of the holder.
+    #[test]
+    fn a_kept_sandboxs_proxy_lives_exactly_as_long_as_the_sandbox() {
+        const REFUSED: &str = "import urllib.request, urllib.error
+try:
+    urllib.request.urlopen('http://evil.example.test/', timeout=10)
+except urllib.error.HTTPError as e:
+    print('refused', e.code)";
+        let env = TestEnv::new();
+        let upstream = start_upstream();
+        let config = upstream.config(&env, "");
+        for name in ["egress-rm", "egress-kill"] {
+            let out = env.run(&[
+                "run",
+                "-c",
+                config.to_str().unwrap(),
+                "--name",
+                name,
+                "--image",
+                PYTHON,
+                "--allow-host",
+                API,
+                "--",
+                "python3",
+                "-c",
+                REFUSED,
+            ]);
+            assert_code(&out, 0);
+            assert_eq!(stdout(&out).trim(), "refused 403");
+            let out = env.run(&["exec", name, "--", "python3", "-c", REFUSED]);
+            assert_code(&out, 0);
+            assert_eq!(stdout(&out).trim(), "refused 403");
+            assert_eq!(proxies_of(&env).len(), 1);
+            // Reusing it with egress options would not apply them: refused.
+            let out = env.run(&[
+                "run",
+                "--branch",
+                "--name",
+                name,
+                "--image",
+                PYTHON,
+                "--allow-host",
+                "x.test",
+                "true",
+            ]);
+            assert_one_line_error(&out);
+            if name == "egress-rm" {
+                assert_code(&env.run(&["sandbox", "rm", name]), 0);
+            } else {
+                let holder = holder_of(&env);
+                // SAFETY: kill(2) of a process this test started.
+                assert_eq!(unsafe { libc::kill(holder as i32, libc::SIGKILL) }, 0);
+            }
+            assert!(
+                wait_until(Duration::from_secs(10), || proxies_of(&env).is_empty()),
+                "{name}: the proxy outlived its sandbox"
+            );
+        }
+    }
+
     #[test]
     fn bad_egress_options_are_one_line_errors() {
         let env = TestEnv::new();
@@ -454,10 +534,6 @@ print("proxy visible" if any(needle in c for c in cmdlines) else "proxy not visi
             (
                 vec!["--allow-host", "example.com", "-P", "8080:80"],
                 "--publish",
-            ),
-            (
-                vec!["--allow-host", "example.com", "--keep"],
-                "kept native sandbox",
             ),
         ] {
             let out = env.run(&[&["run"][..], &args, &["--image", BUSYBOX, "true"]].concat());
