@@ -185,39 +185,40 @@ impl Upstream {
     }
 }
 
-/// Processes whose environment names this test's state directory and whose
-/// command line is the egress proxy.
-fn proxies_of(env: &TestEnv) -> Vec<u32> {
+/// This test's agentkernel processes running `subcommand` (their
+/// environment names the test's state directory), with their parent PIDs.
+fn processes_of(env: &TestEnv, subcommand: &str) -> Vec<(u32, String)> {
     let marker = format!("AGENTKERNEL_HOME={}", env.state_dir().display());
     std::fs::read_dir("/proc")
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-            String::from_utf8_lossy(&cmdline).contains("__egress-proxy")
-                && environ.split(|b| *b == 0).any(|v| v == marker.as_bytes())
+        .filter_map(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let ppid = stat.rsplit(") ").next()?.split(' ').nth(1)?.to_string();
+            (String::from_utf8_lossy(&cmdline).contains(subcommand)
+                && environ.split(|b| *b == 0).any(|v| v == marker.as_bytes()))
+            .then_some((pid, ppid))
         })
         .collect()
 }
 
-/// The holder of this test's kept sandbox: its native helper process
-/// that was reparented (the sandbox's init is its child).
+fn proxies_of(env: &TestEnv) -> Vec<u32> {
+    processes_of(env, "__egress-proxy")
+        .into_iter()
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+/// The holder of this test's kept sandbox: its native helper process that
+/// was reparented (the sandbox's init is its child).
 fn holder_of(env: &TestEnv) -> u32 {
-    let marker = format!("AGENTKERNEL_HOME={}", env.state_dir().display());
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .find(|pid| {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let ppid = stat.rsplit(") ").next().and_then(|r| r.split(' ').nth(1));
-            String::from_utf8_lossy(&cmdline).contains("__native-sandbox")
-                && environ.split(|b| *b == 0).any(|v| v == marker.as_bytes())
-                && ppid == Some("1")
-        })
+    processes_of(env, "__native-sandbox")
+        .into_iter()
+        .find(|(_, ppid)| ppid == "1")
         .expect("the kept sandbox's holder")
+        .0
 }
 
 fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
