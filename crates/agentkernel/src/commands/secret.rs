@@ -13,6 +13,9 @@ use zeroize::Zeroizing;
 use crate::cli::SecretCommand;
 
 pub fn secret(cmd: SecretCommand) -> Result<i32> {
+    // Creates the state root private, or closes one left readable, as
+    // every command does.
+    agentkernel_core::state::Store::open_default();
     let vault = Vault::open_default();
     match cmd {
         SecretCommand::Set { key, value } => {
