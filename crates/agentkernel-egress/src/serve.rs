@@ -23,6 +23,8 @@ use crate::upstream::Upstream;
 use crate::{header_for, normalize_host, route, Error, ProxyConfig, Route, BODY_SCAN_LIMIT};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+const TUNNEL_BUFFER: usize = 256 * 1024;
 type Body = BoxBody<Bytes, BoxError>;
 
 /// A started proxy: its CA exists; `serve` accepts connections.
@@ -187,8 +189,15 @@ impl Shared {
                         return;
                     };
                     let mut client = TokioIo::new(upgraded);
-                    if let Ok((sent, received)) =
-                        tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+                    // Larger buffers than tokio's 8 KiB default: a bulk
+                    // download then moves in fewer, larger reads and writes.
+                    if let Ok((sent, received)) = tokio::io::copy_bidirectional_with_sizes(
+                        &mut client,
+                        &mut upstream,
+                        TUNNEL_BUFFER,
+                        TUNNEL_BUFFER,
+                    )
+                    .await
                     {
                         done.bytes_sent = sent;
                         done.bytes_received = received;

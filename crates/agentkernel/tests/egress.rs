@@ -185,20 +185,40 @@ impl Upstream {
     }
 }
 
-/// Processes whose environment names this test's state directory and whose
-/// command line is the egress proxy.
-fn proxies_of(env: &TestEnv) -> Vec<u32> {
+/// This test's agentkernel processes running `subcommand` (their
+/// environment names the test's state directory), with their parent PIDs.
+fn processes_of(env: &TestEnv, subcommand: &str) -> Vec<(u32, String)> {
     let marker = format!("AGENTKERNEL_HOME={}", env.state_dir().display());
     std::fs::read_dir("/proc")
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-            String::from_utf8_lossy(&cmdline).contains("__egress-proxy")
-                && environ.split(|b| *b == 0).any(|v| v == marker.as_bytes())
+        .filter_map(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let ppid = stat.rsplit(") ").next()?.split(' ').nth(1)?.to_string();
+            (String::from_utf8_lossy(&cmdline).contains(subcommand)
+                && environ.split(|b| *b == 0).any(|v| v == marker.as_bytes()))
+            .then_some((pid, ppid))
         })
         .collect()
+}
+
+fn proxies_of(env: &TestEnv) -> Vec<u32> {
+    processes_of(env, "__egress-proxy")
+        .into_iter()
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+/// The holder of this test's kept sandbox: its native helper process that
+/// was reparented (the sandbox's init is its child).
+fn holder_of(env: &TestEnv) -> u32 {
+    processes_of(env, "__native-sandbox")
+        .into_iter()
+        .find(|(_, ppid)| ppid == "1")
+        .expect("the kept sandbox's holder")
+        .0
 }
 
 fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
@@ -374,7 +394,7 @@ print("proxy visible" if any(needle in c for c in cmdlines) else "proxy not visi
     /// else: not the sandbox (env, files, /proc), not a spoofed Host, not a
     /// redirect's target, not another host through a placeholder.
     #[test]
-    fn a_bound_secret_reaches_only_its_host_and_never_the_sandbox() {
+    fn a_bound_secret_skips_spoofed_hosts_redirects_and_other_hosts() {
         const VALUE: &str = "sk-e2e-4f1d2c3b5a697887";
         let env = TestEnv::new();
         let upstream = start_upstream();
@@ -437,6 +457,67 @@ print("proxy visible" if any(needle in c for c in cmdlines) else "proxy not visi
                     .to_ascii_lowercase()
                     .contains("host: api.example.test"),
                 "{request}"
+            );
+        }
+    }
+
+    /// A kept sandbox's proxy serves its later commands and ends with its
+    /// holder: on `sandbox rm`, and on `kill -9` of the holder.
+    #[test]
+    fn a_kept_sandboxs_proxy_lives_exactly_as_long_as_the_sandbox() {
+        const REFUSED: &str = "import urllib.request, urllib.error
+try:
+    urllib.request.urlopen('http://evil.example.test/', timeout=10)
+except urllib.error.HTTPError as e:
+    print('refused', e.code)";
+        let env = TestEnv::new();
+        let upstream = start_upstream();
+        let config = upstream.config(&env, "");
+        for name in ["egress-rm", "egress-kill"] {
+            let out = env.run(&[
+                "run",
+                "-c",
+                config.to_str().unwrap(),
+                "--name",
+                name,
+                "--image",
+                PYTHON,
+                "--allow-host",
+                API,
+                "--",
+                "python3",
+                "-c",
+                REFUSED,
+            ]);
+            assert_code(&out, 0);
+            assert_eq!(stdout(&out).trim(), "refused 403");
+            let out = env.run(&["exec", name, "--", "python3", "-c", REFUSED]);
+            assert_code(&out, 0);
+            assert_eq!(stdout(&out).trim(), "refused 403");
+            assert_eq!(proxies_of(&env).len(), 1);
+            // Reusing it with egress options would not apply them: refused.
+            let out = env.run(&[
+                "run",
+                "--branch",
+                "--name",
+                name,
+                "--image",
+                PYTHON,
+                "--allow-host",
+                "x.test",
+                "true",
+            ]);
+            assert_one_line_error(&out);
+            if name == "egress-rm" {
+                assert_code(&env.run(&["sandbox", "rm", name]), 0);
+            } else {
+                let holder = holder_of(&env);
+                // SAFETY: kill(2) of a process this test started.
+                assert_eq!(unsafe { libc::kill(holder as i32, libc::SIGKILL) }, 0);
+            }
+            assert!(
+                wait_until(Duration::from_secs(10), || proxies_of(&env).is_empty()),
+                "{name}: the proxy outlived its sandbox"
             );
         }
     }
@@ -556,14 +637,6 @@ print("found", found)
             (
                 vec!["--allow-host", "example.com", "-P", "8080:80"],
                 "--publish",
-            ),
-            (
-                vec!["--allow-host", "example.com", "--keep"],
-                "kept native sandbox",
-            ),
-            (
-                vec!["-S", "K=v:example.com", "--keep"],
-                "kept native sandbox",
             ),
         ] {
             let out = env.run(&[&["run"][..], &args, &["--image", BUSYBOX, "true"]].concat());

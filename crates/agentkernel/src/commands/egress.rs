@@ -100,10 +100,6 @@ pub fn check_backend(spec: &SandboxSpec, backend: BackendKind) -> Result<()> {
                 "run agentkernel as root (-B native)",
             )
         }
-        BackendKind::Native if spec.keep.is_some() => refuse(
-            "the egress proxy (--allow-host, -S, --egress-log) with a kept native sandbox".into(),
-            "run the command one-shot (drop --keep, --name, --branch)",
-        ),
         BackendKind::Native => Ok(()),
         other => refuse(
             format!(
@@ -113,6 +109,17 @@ pub fn check_backend(spec: &SandboxSpec, backend: BackendKind) -> Result<()> {
             "use -B native as root, whose proxy only its own sandbox can reach",
         ),
     }
+}
+
+/// `--branch` reusing a sandbox: its proxy (or none) was set when it was
+/// created; egress options given now would silently not apply.
+pub fn refuse_on_reuse(spec: &SandboxSpec, name: &str) -> Result<()> {
+    if spec.egress.as_ref().is_some_and(EgressSpec::needs_proxy) {
+        return Err(Error::Conflict(format!(
+            "sandbox {name} exists: -S, --allow-host and --egress-log apply when a sandbox is created; drop them, or remove {name} first"
+        )));
+    }
+    Ok(())
 }
 
 /// A started proxy process, waiting for its listening socket.
@@ -160,7 +167,10 @@ pub fn start(egress: &EgressSpec, secrets: &SecretValues) -> Result<StartedProxy
         .arg0("agentkernel")
         .arg(PROXY_SUBCOMMAND)
         .stdin(Stdio::null())
-        .stdout(Stdio::piped());
+        .stdout(Stdio::piped())
+        // It may outlive this command (a kept sandbox's): holding the
+        // caller's stderr would keep a `$(agentkernel run …)` waiting.
+        .stderr(Stdio::null());
     // SAFETY: only async-signal-safe calls (fcntl, dup2, setsid) between
     // fork and exec.
     unsafe {

@@ -33,6 +33,7 @@ pub async fn run(
                     keep.name, record.backend, record.backend
                 )));
             }
+            super::egress::refuse_on_reuse(spec, &keep.name)?;
             return exec_in(store, &keep.name, &spec.exec, Some(keep.ttl), true).await;
         }
     }
