@@ -22,6 +22,7 @@ command -v tini-static >/dev/null || need+=(tini)
 command -v hyperfine >/dev/null || need+=(hyperfine)
 command -v git >/dev/null || need+=(git)
 command -v python3 >/dev/null || need+=(python3)
+python3 -c 'import ensurepip' 2>/dev/null || need+=(python3-venv)   # the receipts' DSSE check (below)
 command -v ip >/dev/null || need+=(iproute2)
 command -v iptables >/dev/null || need+=(iptables)
 command -v curl >/dev/null || need+=(curl)
@@ -30,6 +31,12 @@ command -v docker-registry >/dev/null || need+=(docker-registry)
 command -v skopeo >/dev/null || need+=(skopeo)
 command -v bwrap >/dev/null || need+=(bubblewrap)   # bench/native.sh compares with it
 command -v slirp4netns >/dev/null || need+=(slirp4netns)   # rootless native networking
+# -B qemu: QEMU, a guest kernel with its modules, mkfs.ext4 for image disks
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+ls /boot/vmlinuz-* >/dev/null 2>&1 || need+=(linux-image-amd64)
+command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
+command -v ssh >/dev/null || need+=(openssh-client)   # tests/ssh.rs drives --ssh with the real client
+command -v script >/dev/null || need+=(bsdutils)   # `script` gives ssh a terminal in tests/ssh.rs
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive
@@ -122,3 +129,13 @@ for image in agentkernel-test/busybox:1 agentkernel-test/nobody:1 agentkernel-te
     skopeo copy --quiet --dest-tls-verify=false "docker-daemon:$image" "docker://$registry/$image"
   fi
 done
+
+# The receipts' DSSE envelopes are checked by standard tooling (PyPI's
+# securesystemslib and in-toto) in its own venv: Debian's pip is externally
+# managed.
+pytools=/opt/agentkernel-pytools
+if ! "$pytools/bin/python" -c 'import securesystemslib.dsse, in_toto' 2>/dev/null; then
+  echo "setup: installing securesystemslib and in-toto into $pytools" >&2
+  python3 -m venv "$pytools"
+  "$pytools/bin/pip" install --quiet securesystemslib in-toto
+fi

@@ -13,7 +13,7 @@
 #
 # Backend scopes: every integration test file runs against every backend;
 # tests in `mod native_only`, `mod engine_only` (docker and podman),
-# `mod docker_only` and `mod podman_only` are skipped by name (`--skip
+# `mod docker_only`, `mod podman_only` and `mod qemu_only` are skipped by name (`--skip
 # native_only::`) on the backends they do not apply to, so they count as
 # "filtered out", never as passed. The scope names must match
 # BACKEND_SCOPES in crates/agentkernel/tests/common/mod.rs, whose check makes
@@ -25,9 +25,9 @@ set -uo pipefail
 # `--skip` arguments for the scopes that do not apply to backend $1.
 scope_skips() {
   local scope applies
-  for scope in native_only engine_only docker_only podman_only; do
+  for scope in native_only engine_only docker_only podman_only qemu_only; do
     case "$scope:$1" in
-      native_only:native | engine_only:docker | engine_only:podman | docker_only:docker | podman_only:podman) applies=1 ;;
+      native_only:native | engine_only:docker | engine_only:podman | docker_only:docker | podman_only:podman | qemu_only:qemu) applies=1 ;;
       *) applies=0 ;;
     esac
     [ "$applies" = 1 ] || printf -- '--skip %s:: ' "$scope"
@@ -170,6 +170,12 @@ main() {
   # Most users' hosts have cgroup v2, this one (and CI) v1: the v2 paths —
   # clone3 into the cgroup, limits, OOM, fork bomb, freezer, cleanup — are
   # tested in a QEMU VM booting Debian's kernel with pure cgroup v2.
+  # -B qemu: VMs under TCG boot in seconds each, so only the VM's own
+  # tests (tests/qemu.rs) run on it, two at a time.
+  # shellcheck disable=SC2046
+  AGENTKERNEL_TEST_BACKEND=qemu run_pass qemu qemu \
+    cargo test -p agentkernel --test qemu --no-fail-fast -- \
+    --test-threads 2 $(scope_skips qemu)
   run_pass cgroup2-vm native \
     "$root/scripts/cgroup2-vm.sh" "${CARGO_TARGET_DIR:-$root/target}/debug/agentkernel"
   print_summary

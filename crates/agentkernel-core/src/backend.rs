@@ -15,6 +15,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
+use crate::egress::{EgressSpec, SecretValues};
 use crate::policy::WorkspaceMode;
 use crate::spec::{ExecRequest, Outcome, SandboxSpec};
 use crate::state::SandboxRecord;
@@ -110,6 +111,17 @@ impl Support {
     }
 }
 
+/// The egress proxy, where the spec needs one: refused (one line) on a
+/// backend without it. Apart from `admit` because `run --dry-run` shows the
+/// bindings and allow-list it would use on any backend.
+pub fn admit_egress(caps: &Capabilities, spec: &SandboxSpec) -> Result<()> {
+    if spec.egress.as_ref().is_some_and(EgressSpec::needs_proxy) {
+        caps.egress_proxy
+            .require("the egress proxy (--allow-host, -S, --egress-log)")?;
+    }
+    Ok(())
+}
+
 /// What a backend can enforce on this machine, as data. `admit` turns it
 /// into refusals (what the user asked for and cannot have) and notices
 /// (a profile default that is not enforced here).
@@ -171,9 +183,6 @@ pub fn admit(caps: &Capabilities, spec: &mut SandboxSpec) -> Result<Option<Strin
             return Err(Error::Conflict(format!("no network {why}; {fix}")));
         }
     }
-    if spec.egress.is_some() {
-        caps.egress_proxy.require("the egress proxy (--secret)")?;
-    }
     if policy.user_limits.disk_bytes.is_some() {
         let cow_workspace =
             spec.workspace.is_some() && policy.workspace == WorkspaceMode::CopyOnWrite;
@@ -226,6 +235,10 @@ pub struct RunOptions<'a> {
     pub warm_pool: bool,
     /// What `admit` dropped, printed once nothing more can refuse the run.
     pub notice: Option<String>,
+    /// The values `-S`/`[secrets]` bind, for the egress proxy.
+    pub secrets: &'a SecretValues,
+    /// `--secret-file`s: (name, content), written where the sandbox reads them.
+    pub secret_files: Vec<(String, String)>,
 }
 
 /// What a garbage collection removed.

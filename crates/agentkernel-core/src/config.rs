@@ -34,6 +34,8 @@ struct FileSchema {
     pool: PoolSection,
     #[serde(default)]
     templates: TemplatesSection,
+    #[serde(default)]
+    receipts: ReceiptsSection,
     /// Upstream's templates: `NAME = "value"`, the same as `sandbox.env`.
     #[serde(default)]
     environment: BTreeMap<String, String>,
@@ -132,6 +134,8 @@ struct ResourcesSection {
 struct NetworkSection {
     enabled: Option<bool>,
     ports: Option<Vec<String>>,
+    /// The egress allow-list (hosts, `*.domain`, optional `:port`).
+    allow: Option<Vec<String>>,
     /// Firecracker's vsock CID upstream; no backend here uses one.
     vsock_cid: Option<u32>,
 }
@@ -141,6 +145,14 @@ struct NetworkSection {
 struct ImagesSection {
     mirrors: Option<Vec<String>>,
     max_layer_size: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReceiptsSection {
+    /// Public keys (base64) or files holding one.
+    #[serde(default)]
+    trusted_keys: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -203,6 +215,13 @@ pub struct Config {
     /// allow-list-only mode), as `file: key`: refused when the sandbox has a
     /// network, a notice when it has none.
     pub unenforced_egress_rules: Vec<String>,
+    /// `[network] allow` and upstream's `[security.domains] allow` (with
+    /// `allowlist_only`): the egress allow-list, as written (parsed in `run`).
+    pub egress_allow: Vec<String>,
+    /// `[proxy] ca_file`: roots the egress proxy trusts upstream, besides the system's.
+    pub proxy_ca_file: Option<PathBuf>,
+    /// `[proxy] resolve`: host → `ADDRESS:PORT` for the egress proxy.
+    pub proxy_resolve: BTreeMap<String, String>,
     /// `[security.transport] require_encrypted`: refused with published ports.
     pub require_encrypted_ports: Option<PathBuf>,
     /// One line each: keys accepted for compatibility but not acted on.
@@ -213,6 +232,14 @@ pub struct Config {
     pub template_github_base: Option<String>,
     /// `[templates] ca_file`: PEM roots trusted for `github:` fetches, besides the system's.
     pub template_ca_file: Option<PathBuf>,
+    /// `[secrets]`: keys the proxy adds to requests to their hosts. A later
+    /// file's entry for a key replaces the earlier files' for that key.
+    pub secret_bindings: Vec<crate::egress::SecretBinding>,
+    /// `[receipts] trusted_keys`, each with the file that named it (a
+    /// project's file may not add signers: `receipt verify` takes them only
+    /// from the user's and the system's files). A relative file path is
+    /// relative to the naming file's directory.
+    pub receipt_trusted_keys: Vec<(PathBuf, String)>,
     /// The files that contributed, in the order applied.
     pub sources: Vec<PathBuf>,
     /// `./agentkernel.toml`, when it was read as the project's file (not via `--config`).
@@ -288,9 +315,10 @@ impl Config {
                 ),
             ));
         }
-        let file: FileSchema = toml::from_str(text).map_err(syntax)?;
+        let mut file: FileSchema = toml::from_str(text).map_err(syntax)?;
         let base = path.parent().unwrap_or(Path::new("."));
         let val = |key: &str, e: Error| config_err(path, format!("{key}: {e}"));
+        self.apply_proxy(path, base, &mut file)?;
 
         self.apply_security(path, &file)?;
         self.note_ignored(path, &file);
@@ -398,6 +426,8 @@ impl Config {
         if let Some(enabled) = network {
             self.network = Some(enabled);
         }
+        self.egress_allow
+            .extend(file.network.allow.unwrap_or_default());
         for p in file.network.ports.unwrap_or_default() {
             self.ports
                 .push(parse::port(&p).map_err(|e| val("network.ports", e))?);
@@ -414,6 +444,10 @@ impl Config {
                 parse::byte_size("max_layer_size", &size)
                     .map_err(|e| val("images.max_layer_size", e))?,
             );
+        }
+        for key in &file.receipts.trusted_keys {
+            self.receipt_trusted_keys
+                .push((path.to_path_buf(), key.clone()));
         }
         if let Some(size) = file.pool.size {
             self.pool_size = Some(size);
@@ -436,6 +470,12 @@ impl Config {
         }
         if let Some(ca) = file.templates.ca_file {
             self.template_ca_file = Some(base.join(ca));
+        }
+        if let Some(table) = &file.secrets {
+            let bindings =
+                crate::secrets::parse_config(table).map_err(|why| config_err(path, why))?;
+            self.secret_bindings.retain(|b| !table.contains_key(&b.key));
+            self.secret_bindings.extend(bindings);
         }
         self.sources.push(path.to_path_buf());
         Ok(())
@@ -479,7 +519,10 @@ impl Config {
             ));
         }
         if let Some(domains) = &sec.domains {
-            if domains.allowlist_only {
+            if domains.allowlist_only && !domains.allow.is_empty() {
+                // Upstream documents this allow-list; here the proxy enforces it.
+                self.egress_allow.extend(domains.allow.iter().cloned());
+            } else if domains.allowlist_only {
                 self.unenforced_egress_rules
                     .push(format!("{at}: security.domains.allowlist_only = true"));
             }
@@ -520,7 +563,7 @@ impl Config {
             ];
             for (_, key) in set.iter().filter(|(given, _)| *given) {
                 self.notices.push(format!(
-                    "{at}: security.transport.{key} is not supported yet (no SSH access); ignored"
+                    "{at}: security.transport.{key} is not supported yet (no SSH certificates: run --ssh uses per-sandbox keys); ignored"
                 ));
             }
         }
@@ -530,6 +573,34 @@ impl Config {
                     format!("{at}: enterprise.enabled = true (a policy server)"),
                     "remove it: its policies could only restrict, and running without them would be weaker than the file asks",
                 ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `[proxy] ca_file` and `[proxy] resolve` (the egress proxy's); the
+    /// section's other keys (upstream's hooks) stay noticed as ignored.
+    fn apply_proxy(&mut self, path: &Path, base: &Path, file: &mut FileSchema) -> Result<()> {
+        let Some(proxy) = file.proxy.as_mut() else {
+            return Ok(());
+        };
+        if let Some(ca_file) = proxy.remove("ca_file") {
+            let ca_file = ca_file.as_str().ok_or_else(|| {
+                config_err(path, "proxy.ca_file: expected a path (string)".into())
+            })?;
+            self.proxy_ca_file = Some(base.join(ca_file));
+        }
+        if let Some(resolve) = proxy.remove("resolve") {
+            let bad = || {
+                config_err(
+                    path,
+                    "proxy.resolve: expected a table of \"host\" = \"ADDRESS:PORT\"".into(),
+                )
+            };
+            for (host, address) in resolve.as_table().ok_or_else(bad)? {
+                let address = address.as_str().ok_or_else(bad)?;
+                self.proxy_resolve
+                    .insert(host.to_ascii_lowercase(), address.to_string());
             }
         }
         Ok(())
@@ -570,14 +641,13 @@ impl Config {
             ),
             ("enterprise", &file.enterprise, "no policy server"),
             ("api", &file.api, "no HTTP API server"),
-            ("proxy", &file.proxy, "no egress proxy"),
-            (
-                "secrets",
-                &file.secrets,
-                "no secret injection; the variables are not set",
-            ),
+            ("proxy", &file.proxy, "no request hooks"),
             ("llm_keys", &file.llm_keys, "no secret injection"),
-            ("ssh", &file.ssh, "no SSH access"),
+            (
+                "ssh",
+                &file.ssh,
+                "SSH is asked per run: run --ssh [--ssh-port N]",
+            ),
             ("template", &file.template, "template metadata"),
         ];
         for (section, table, why) in tables {
@@ -742,13 +812,15 @@ description = "d"
         assert_eq!(c.ports.len(), 1);
         assert_eq!(c.ports[0].host_port, 5432);
         assert_eq!(c.unenforced_egress_rules.len(), 1);
+        // `[secrets]` is honoured, not noticed.
+        assert_eq!(c.secret_bindings.len(), 1);
+        assert_eq!(c.secret_bindings[0].host, "api.example.com");
         let notices = c.notices.join("\n");
         for key in [
             "sandbox.runtime",
             "sandbox.init_script",
             "agent.preferred",
             "security.domains.allow",
-            "secrets.KEY",
             "template.description",
         ] {
             assert!(notices.contains(key), "{key} not in {notices}");

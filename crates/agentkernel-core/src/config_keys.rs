@@ -54,7 +54,12 @@ const SCHEMA: &[(&str, Shape)] = &[
     ),
     (
         "network",
-        Table(&[("enabled", Value), ("ports", Value), ("vsock_cid", Value)]),
+        Table(&[
+            ("enabled", Value),
+            ("ports", Value),
+            ("allow", Value),
+            ("vsock_cid", Value),
+        ]),
     ),
     (
         "security",
@@ -146,17 +151,21 @@ const SCHEMA: &[(&str, Shape)] = &[
     ),
     (
         "proxy",
-        Table(&[(
-            "hooks",
-            TableArray(&[
-                ("name", Value),
-                ("event", Value),
-                (
-                    "target",
-                    Table(&[("type", Value), ("url", Value), ("path", Value)]),
-                ),
-            ]),
-        )]),
+        Table(&[
+            ("ca_file", Value),
+            ("resolve", FreeTable),
+            (
+                "hooks",
+                TableArray(&[
+                    ("name", Value),
+                    ("event", Value),
+                    (
+                        "target",
+                        Table(&[("type", Value), ("url", Value), ("path", Value)]),
+                    ),
+                ]),
+            ),
+        ]),
     ),
     ("secrets", FreeTable),
     ("llm_keys", FreeTable),
@@ -196,6 +205,7 @@ const SCHEMA: &[(&str, Shape)] = &[
         "templates",
         Table(&[("github_base", Value), ("ca_file", Value)]),
     ),
+    ("receipts", Table(&[("trusted_keys", Value)])),
 ];
 
 const RULE_LIST: &[(&str, Shape)] = &[

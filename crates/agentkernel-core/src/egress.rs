@@ -56,14 +56,24 @@ pub struct EgressSpec {
     pub resolve: BTreeMap<String, String>,
 }
 
+impl EgressSpec {
+    /// Whether a proxy must run: a binding, an allow-list or a log
+    /// (`--secret-file` alone needs none).
+    pub fn needs_proxy(&self) -> bool {
+        !self.bindings.is_empty() || !self.allow_hosts.is_empty() || self.log.is_some()
+    }
+}
+
 /// Secret values by key, plus each key's per-run placeholder. Deliberately not
 /// `Serialize` and redacted in `Debug`: values reach only the proxy (through
 /// a pipe, never argv or the environment) and `--secret-file`'s tmpfs.
 #[derive(Default)]
 pub struct SecretValues {
     pub values: BTreeMap<String, String>,
-    /// `AGENTKERNEL_PLACEHOLDER_` + 32 random hex, new per run; empty unless
-    /// `--placeholder-secrets`.
+    /// `AGENTKERNEL_PLACEHOLDER_` + 32 random hex, new per run: every bound
+    /// key's (its environment variable in the sandbox holds it), and with
+    /// `--placeholder-secrets` every `--secret-file` key's too (each such key
+    /// is bound to a host: resolution refuses one that is not).
     pub placeholders: BTreeMap<String, String>,
 }
 

@@ -185,3 +185,33 @@ mod tests {
         }
     }
 }
+
+/// `reference` with its tag replaced by `digest` (`alpine:3.20` +
+/// `sha256:…` → `alpine@sha256:…`): the same repository, pinned to content.
+pub fn pinned(reference: &str, digest: &str) -> String {
+    let name = reference.split_once('@').map_or(reference, |(n, _)| n);
+    let last_slash = name.rfind('/').map_or(0, |i| i + 1);
+    let name = match name[last_slash..].rfind(':') {
+        Some(colon) => &name[..last_slash + colon],
+        None => name,
+    };
+    format!("{name}@{digest}")
+}
+
+#[cfg(test)]
+mod pinned_tests {
+    #[test]
+    fn tag_becomes_digest() {
+        let d = "sha256:ab";
+        assert_eq!(super::pinned("alpine:3.20", d), "alpine@sha256:ab");
+        assert_eq!(
+            super::pinned("localhost:5000/x:1", d),
+            "localhost:5000/x@sha256:ab"
+        );
+        assert_eq!(
+            super::pinned("localhost:5000/x", d),
+            "localhost:5000/x@sha256:ab"
+        );
+        assert_eq!(super::pinned("x@sha256:cd", d), "x@sha256:ab");
+    }
+}

@@ -14,15 +14,18 @@ pub mod exit;
 pub mod git;
 pub mod image;
 pub mod names;
+pub mod observe;
 pub mod parse;
 pub mod paths;
 pub mod policy;
 pub mod procs;
 pub mod seccomp;
+pub mod secrets;
 pub mod spec;
 pub mod state;
 pub mod template;
 pub mod terminal;
 pub mod trust;
+pub mod vault;
 
 pub use error::{Error, Result};

@@ -92,7 +92,7 @@ pub struct ExecRequest {
 }
 
 /// How a command ended, before it becomes agentkernel's exit code.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
     Exited(i32),
     /// Killed by the memory limit (exit 137, named on stderr).
@@ -109,6 +109,47 @@ impl Outcome {
             Outcome::TimedOut => 124,
         }
     }
+
+    /// The signal that ended the command, as every backend's init reports
+    /// one: exit status 128+N (tini, catatonit, native's init). A command
+    /// that itself exits with 128+N reads the same; the status is the fact.
+    pub fn signal(self) -> Option<i32> {
+        match self {
+            Outcome::Exited(c) if c > 128 && c <= 128 + 64 => Some(c - 128),
+            Outcome::OutOfMemory => Some(9),
+            _ => None,
+        }
+    }
+}
+
+/// Everything observed about one command's run, beyond how it ended: what a
+/// receipt signs. Gathered only when asked for (`crate::observe`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// `None` when agentkernel failed before the command ended.
+    pub outcome: Option<Outcome>,
+    /// The image's resolved content address (`name@sha256:…` from a
+    /// registry, else the engine's image ID); `None` for `--image host`.
+    pub image_digest: Option<String>,
+    pub started_at: std::time::SystemTime,
+    pub ended_at: std::time::SystemTime,
+    pub output: Option<OutputDigests>,
+}
+
+/// sha256 and length of a byte stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamDigest {
+    pub sha256: String,
+    pub bytes: u64,
+}
+
+/// The command's stdout and stderr, each and as written in turn (a terminal
+/// run has only stdout: the terminal merges them).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputDigests {
+    pub stdout: StreamDigest,
+    pub stderr: StreamDigest,
+    pub combined: StreamDigest,
 }
 
 /// What `run` says on stderr after the first command of a kept sandbox.

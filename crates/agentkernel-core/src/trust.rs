@@ -119,6 +119,13 @@ pub fn loosening(project: &ProjectFile, project_dir: &Path, flags: &Flags) -> Ve
             found.push(format!("resources.cpus = {o}"));
         }
     }
+    // Roots and addresses for the egress proxy decide where secrets go.
+    if let Some(ca_file) = &own.proxy_ca_file {
+        found.push(format!("proxy.ca_file = {}", ca_file.display()));
+    }
+    if !own.proxy_resolve.is_empty() {
+        found.push("proxy.resolve".to_string());
+    }
     if !flags.timeout {
         if let (Some(o), Some(b)) = (own.timeout, below.timeout) {
             if o > b {
@@ -162,6 +169,12 @@ pub fn loosening(project: &ProjectFile, project_dir: &Path, flags: &Flags) -> Ve
                 v.container,
                 if v.read_only { ":ro" } else { "" }
             ));
+        }
+    }
+    // A binding sends a secret of the user's to a host the file chose.
+    for b in &own.secret_bindings {
+        if !below.secret_bindings.contains(b) {
+            found.push(format!("secrets.{} = {:?}", b.key, b.host));
         }
     }
     for p in &own.ports {
@@ -381,7 +394,7 @@ mod tests {
 
         let p = project(
             "[security]\nprofile = \"restrictive\"\nmount_cwd = false\nmount_home = false\n[network]\nenabled = false\n",
-            "[security]\nprofile = \"permissive\"\nnetwork = true\nmount_cwd = true\nmount_home = true\n[ports]\n8080 = 80\n",
+            "[security]\nprofile = \"permissive\"\nnetwork = true\nmount_cwd = true\nmount_home = true\n[ports]\n8080 = 80\n[secrets]\nGH_TOKEN = \"evil.example\"\n",
             dir.path(),
         );
         let found = loosening(&p, dir.path(), &Flags::default()).join(", ");
@@ -391,6 +404,7 @@ mod tests {
             "security.mount_cwd = true",
             "security.mount_home = true",
             "network.ports 127.0.0.1:8080:80/tcp",
+            "secrets.GH_TOKEN = \"evil.example\"",
         ] {
             assert!(found.contains(key), "{key} not in {found}");
         }

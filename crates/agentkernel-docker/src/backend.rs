@@ -6,7 +6,7 @@
 use agentkernel_core::backend::{
     Backend, BackendKind, Capabilities, Collected, Probe, RunOptions, Support,
 };
-use agentkernel_core::spec::{ExecRequest, Outcome, SandboxSpec};
+use agentkernel_core::spec::{ExecRequest, Outcome, PullPolicy, SandboxSpec};
 use agentkernel_core::state::{SandboxRecord, Store};
 use std::cell::OnceCell;
 use std::path::Path;
@@ -94,7 +94,7 @@ impl Backend for EngineBackend {
             disk_cap_workspace: no_disk_cap,
             egress_proxy: Support::no(
                 format!("on the {} backend", self.flavor.name()),
-                "leave the secrets out for now",
+                "use -B native as root, whose proxy only its own sandbox can reach",
             ),
             warm_pool: true,
             ..Capabilities::all()
@@ -106,8 +106,22 @@ impl Backend for EngineBackend {
         if let Some(notice) = &options.notice {
             eprintln!("{notice}");
         }
+        let resolved;
+        let spec = if agentkernel_core::observe::enabled() {
+            // A receipt names the image by content: resolve (and pull) it
+            // first; it is then in the engine, so the run does not pull it again.
+            let digest = crate::pull::ensure_image(engine, &spec.image, spec.pull).await?;
+            agentkernel_core::observe::image_digest(digest);
+            resolved = SandboxSpec {
+                pull: PullPolicy::Missing,
+                ..spec.clone()
+            };
+            &resolved
+        } else {
+            spec
+        };
         if spec.keep.is_some() {
-            return kept::run(engine, spec, store).await;
+            return kept::run(engine, spec, store, &options.secret_files).await;
         }
         if options.warm_pool {
             let config = options.config;
@@ -118,7 +132,7 @@ impl Backend for EngineBackend {
             };
             return pool::run(engine, spec, store, settings).await;
         }
-        oneshot::run(engine, spec, store).await
+        oneshot::run_with_secret_files(engine, spec, store, &options.secret_files).await
     }
 
     async fn exec(&self, record: &SandboxRecord, request: &ExecRequest) -> Result<Outcome> {
@@ -135,7 +149,7 @@ impl Backend for EngineBackend {
         if let Some(notice) = &options.notice {
             eprintln!("{notice}");
         }
-        kept::create(engine, spec, &self.store).await?;
+        kept::create(engine, spec, &self.store, &[]).await?;
         kept::setup(engine, spec, &self.store).await?;
         if let Err(e) = reserved() {
             let name = &spec.keep.as_ref().expect("create always keeps").name;

@@ -197,12 +197,14 @@ pub fn container_body(
             .to_string(),
     };
     security_opt.push(format!("seccomp={value}"));
-    let tmpfs = policy.read_only_root.then(|| {
-        HashMap::from([(
+    let mut tmpfs: HashMap<String, String> = HashMap::new();
+    if policy.read_only_root {
+        tmpfs.insert(
             "/tmp".to_string(),
             format!("rw,nosuid,nodev,size={}", policy.tmp_size_bytes),
-        )])
-    });
+        );
+    }
+    tmpfs.extend(crate::secret_files::tmpfs(spec));
 
     let mut exposed = Vec::new();
     let mut bindings: HashMap<String, Option<Vec<PortBinding>>> = HashMap::new();
@@ -239,7 +241,7 @@ pub fn container_body(
             .to_string(),
         ),
         readonly_rootfs: Some(policy.read_only_root),
-        tmpfs,
+        tmpfs: (!tmpfs.is_empty()).then_some(tmpfs),
         mounts: Some(mounts),
         cap_add,
         cap_drop,

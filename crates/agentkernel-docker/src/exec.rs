@@ -141,35 +141,15 @@ pub async fn run(
     let mut cmd: Vec<String> = exec_prefix(engine).iter().map(|s| s.to_string()).collect();
     cmd.extend(req.argv.iter().cloned());
     let env: Vec<String> = req.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    let created = engine
-        .docker
-        .create_exec(
-            container,
-            CreateExecOptions {
-                attach_stdin: Some(true),
-                attach_stdout: Some(true),
-                attach_stderr: Some(true),
-                tty: Some(req.tty),
-                env: (!env.is_empty()).then_some(env),
-                cmd: Some(cmd),
-                working_dir: req.workdir.clone(),
-                user: req.user.clone(),
-                ..Default::default()
-            },
-        )
-        .await
-        .map_err(|e| engine.error("creating the command", e))?;
-    let started = engine
-        .docker
-        .start_exec(
-            &created.id,
-            Some(StartExecOptions {
-                detach: false,
-                tty: req.tty,
-                output_capacity: None,
-            }),
-        )
-        .await;
+    let options = CreateExecOptions {
+        tty: Some(req.tty),
+        env: (!env.is_empty()).then_some(env),
+        cmd: Some(cmd),
+        working_dir: req.workdir.clone(),
+        user: req.user.clone(),
+        ..Default::default()
+    };
+    let (exec_id, started) = start_attached(engine, container, options).await?;
     let (output, input) = match started {
         Ok(StartExecResults::Attached { output, input }) => (output, input),
         Ok(StartExecResults::Detached) => unreachable!("started attached"),
@@ -178,32 +158,15 @@ pub async fn run(
     let process = ExecProcess {
         engine,
         container,
-        exec_id: created.id.clone(),
+        exec_id: exec_id.clone(),
         scope,
     };
     let done = Arc::new(Notify::new());
     let wait = {
         let done = done.clone();
-        let id = created.id.clone();
         async move {
             done.notified().await;
-            // The stream closes as the process exits; the engine records the code a moment later.
-            for _ in 0..500 {
-                let info = match engine.docker.inspect_exec(&id).await {
-                    Ok(info) => info,
-                    // The container was killed and removed under it (timeout in
-                    // a pooled run): the command died with SIGKILL.
-                    Err(e) if crate::engine::is_not_found(&e) => {
-                        return Ok(128 + i64::from(libc::SIGKILL))
-                    }
-                    Err(e) => return Err(engine.error("inspecting the command", e)),
-                };
-                if info.running != Some(true) {
-                    return Ok(info.exit_code.unwrap_or(0));
-                }
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-            Err(engine.failure("the command's output ended but it did not exit"))
+            exit_code(engine, &exec_id).await
         }
     };
     let finished = stdio::supervise(
@@ -222,6 +185,79 @@ pub async fn run(
     let code = stdio::init_exec_failure(engine.flavor, &finished, &req.argv[0])
         .unwrap_or(finished.exit_code as i32);
     Ok(Outcome::Exited(code))
+}
+
+/// Creates an exec of `options` (stdio attached) in `container` and starts
+/// it attached; the engine's refusal to start it is the second result.
+pub(crate) async fn start_attached(
+    engine: &Engine,
+    container: &str,
+    options: CreateExecOptions<String>,
+) -> Result<(String, Result<StartExecResults, bollard::errors::Error>), Error> {
+    let tty = options.tty.unwrap_or(false);
+    let created = engine
+        .docker
+        .create_exec(
+            container,
+            CreateExecOptions {
+                attach_stdin: Some(true),
+                attach_stdout: Some(true),
+                attach_stderr: Some(true),
+                ..options
+            },
+        )
+        .await
+        .map_err(|e| engine.error("creating the command", e))?;
+    let started = engine
+        .docker
+        .start_exec(
+            &created.id,
+            Some(StartExecOptions {
+                detach: false,
+                tty,
+                output_capacity: None,
+            }),
+        )
+        .await;
+    Ok((created.id, started))
+}
+
+/// An exec's exit code, once its output has ended.
+pub(crate) async fn exit_code(engine: &Engine, exec_id: &str) -> Result<i64, Error> {
+    // The stream closes as the process exits; the engine records the code a moment later.
+    for _ in 0..500 {
+        let info = match engine.docker.inspect_exec(exec_id).await {
+            Ok(info) => info,
+            // The container was killed and removed under it (timeout in
+            // a pooled run): the command died with SIGKILL.
+            Err(e) if crate::engine::is_not_found(&e) => return Ok(128 + i64::from(libc::SIGKILL)),
+            Err(e) => return Err(engine.error("inspecting the command", e)),
+        };
+        if info.running != Some(true) {
+            return Ok(info.exit_code.unwrap_or(0));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    Err(engine.failure("the command's output ended but it did not exit"))
+}
+
+/// [`run`], with an exit by SIGKILL that the OOM killer caused (counted in
+/// the container's memory cgroup) reported as such.
+pub async fn run_counting_oom(
+    engine: &Engine,
+    container: &str,
+    req: &ExecRequest,
+    scope: KillScope,
+) -> Result<Outcome, Error> {
+    let ooms_before = oom_kills(engine, container).await;
+    let result = run(engine, container, req, scope).await;
+    // The engine's OOMKilled describes the main process only; count the cgroup's kills.
+    if let (Ok(Outcome::Exited(137)), Some(before)) = (&result, ooms_before) {
+        if oom_kills(engine, container).await.unwrap_or(0) > before {
+            return Ok(Outcome::OutOfMemory);
+        }
+    }
+    result
 }
 
 /// OOM kills so far in `container`'s memory cgroup, read on the engine's host

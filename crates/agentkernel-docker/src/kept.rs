@@ -47,11 +47,17 @@ pub async fn status(
 }
 
 /// `run --keep/--ttl/--branch`: create (or, for `--branch`, reuse) and run the first command.
-pub async fn run(engine: &Engine, spec: &SandboxSpec, store: &Store) -> Result<Outcome, Error> {
+/// `secret_files` (`--secret-file`) are written when the sandbox is created.
+pub async fn run(
+    engine: &Engine,
+    spec: &SandboxSpec,
+    store: &Store,
+    secret_files: &[(String, String)],
+) -> Result<Outcome, Error> {
     let keep = spec.keep.as_ref().expect("kept run without keep settings");
     let reused = keep.reuse && reuse_existing(engine, store, &keep.name).await?;
     if !reused {
-        create(engine, spec, store).await?;
+        create(engine, spec, store, secret_files).await?;
         setup(engine, spec, store).await?;
     }
     let outcome = exec(engine, store, &keep.name, &spec.exec).await;
@@ -117,7 +123,12 @@ async fn reuse_existing(engine: &Engine, store: &Store, name: &str) -> Result<bo
 }
 
 /// Creates the kept sandbox (also `sandbox create`, which runs no first command).
-pub async fn create(engine: &Engine, spec: &SandboxSpec, store: &Store) -> Result<(), Error> {
+pub async fn create(
+    engine: &Engine,
+    spec: &SandboxSpec,
+    store: &Store,
+    secret_files: &[(String, String)],
+) -> Result<(), Error> {
     let keep = spec.keep.as_ref().expect("kept run without keep settings");
     // Reserve first: a bad image must not leave a name behind, but two racers must not both get it.
     let dir = store.reserve(&keep.name)?;
@@ -134,6 +145,7 @@ pub async fn create(engine: &Engine, spec: &SandboxSpec, store: &Store) -> Resul
             (labels::STATE.to_string(), store.root().display().to_string()),
         ]);
         let ctl = store.control_dir(&keep.name);
+        crate::secret_files::make_mount_point(&ctl, spec)?;
         let body = container_body(
             engine.flavor,
             spec,
@@ -166,6 +178,7 @@ pub async fn create(engine: &Engine, spec: &SandboxSpec, store: &Store) -> Resul
             return Err(engine.failure("starting the kept sandbox failed"));
         }
         print_ports(engine, &name, spec).await;
+        crate::secret_files::write(engine, &name, secret_files).await?;
         store.commit(&SandboxRecord {
             name: keep.name.clone(),
             backend: engine.kind(),
@@ -225,19 +238,9 @@ pub async fn exec(
         })
     };
     let container = container_name(name);
-    let ooms_before = crate::exec::oom_kills(engine, &container).await;
-    let mut result =
-        crate::exec::run(engine, &container, req, crate::exec::KillScope::ProcessTree).await;
-    // The engine's OOMKilled describes the main process only; count the cgroup's kills.
-    if let (Ok(Outcome::Exited(137)), Some(before)) = (&result, ooms_before) {
-        if crate::exec::oom_kills(engine, &container)
-            .await
-            .unwrap_or(0)
-            > before
-        {
-            result = Ok(Outcome::OutOfMemory);
-        }
-    }
+    let result =
+        crate::exec::run_counting_oom(engine, &container, req, crate::exec::KillScope::ProcessTree)
+            .await;
     refresher.abort();
     store.touch(name, ttl)?;
     result

@@ -40,6 +40,7 @@ pub mod pool;
 pub mod pool_stats;
 pub mod pull;
 pub mod seccomp;
+pub mod secret_files;
 pub mod stdio;
 pub mod stop;
 

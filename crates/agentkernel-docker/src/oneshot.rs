@@ -19,6 +19,17 @@ use crate::stdio::{self, Process};
 use crate::{labels, Engine};
 
 pub async fn run(engine: &Engine, spec: &SandboxSpec, store: &Store) -> Result<Outcome, Error> {
+    run_with_secret_files(engine, spec, store, &[]).await
+}
+
+/// [`run`]; with `secret_files` (`--secret-file`), the command is exec'd
+/// once they are written (see [`crate::secret_files`]).
+pub async fn run_with_secret_files(
+    engine: &Engine,
+    spec: &SandboxSpec,
+    store: &Store,
+    secret_files: &[(String, String)],
+) -> Result<Outcome, Error> {
     // Orphans of earlier, killed runs are collected while this one starts.
     let gc = tokio::spawn(crate::gc::collect_orphans(engine.clone(), store.clone()));
 
@@ -41,15 +52,20 @@ pub async fn run(engine: &Engine, spec: &SandboxSpec, store: &Store) -> Result<O
         label_map.insert(labels::SCRATCH.to_string(), s.display().to_string());
     }
 
+    let exec_after_files = !secret_files.is_empty();
     let result = async {
         let body = container_body(
             engine.flavor,
             spec,
             Shape {
-                command: spec.exec.argv.clone(),
+                command: if exec_after_files {
+                    crate::secret_files::idle_command()
+                } else {
+                    spec.exec.argv.clone()
+                },
                 labels: label_map,
-                stdin: true,
-                tty: spec.exec.tty,
+                stdin: !exec_after_files,
+                tty: spec.exec.tty && !exec_after_files,
                 scratch: scratch.as_deref(),
                 control_dir: None,
                 auto_remove: false,
@@ -59,6 +75,9 @@ pub async fn run(engine: &Engine, spec: &SandboxSpec, store: &Store) -> Result<O
             engine.error("creating the sandbox", e)
         })
         .await?;
+        if exec_after_files {
+            return crate::secret_files::drive(engine, &container_name, spec, secret_files).await;
+        }
         drive(engine, &container_name, spec).await
     }
     .await;

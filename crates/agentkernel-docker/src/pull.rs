@@ -56,10 +56,17 @@ pub async fn create_container(
     }
 }
 
-pub async fn ensure_image(engine: &Engine, image: &str, policy: PullPolicy) -> Result<(), Error> {
+/// Makes sure the image is in the engine and returns its content address:
+/// `name@sha256:…` when it came from a registry, else the engine's image ID
+/// (a locally built or loaded image has no registry digest).
+pub async fn ensure_image(
+    engine: &Engine,
+    image: &str,
+    policy: PullPolicy,
+) -> Result<String, Error> {
     if policy != PullPolicy::Always {
         match engine.docker.inspect_image(image).await {
-            Ok(_) => return Ok(()),
+            Ok(found) => return Ok(content_address(image, found)),
             Err(e) if is_not_found(&e) => {}
             Err(e) => return Err(engine.error("inspecting the image", e)),
         }
@@ -74,7 +81,29 @@ pub async fn ensure_image(engine: &Engine, image: &str, policy: PullPolicy) -> R
             });
         }
     }
-    pull(engine, image).await
+    pull(engine, image).await?;
+    let found = engine
+        .docker
+        .inspect_image(image)
+        .await
+        .map_err(|e| engine.error("inspecting the image", e))?;
+    Ok(content_address(image, found))
+}
+
+/// The registry digest of `image`'s repository, else the image ID.
+fn content_address(image: &str, found: bollard::models::ImageInspect) -> String {
+    let repository = split_tag(image).0;
+    let repo_digests = found.repo_digests.unwrap_or_default();
+    repo_digests
+        .iter()
+        .find(|d| {
+            d.split_once('@')
+                .is_some_and(|(name, _)| name == repository)
+        })
+        .or(repo_digests.first())
+        .cloned()
+        .or(found.id)
+        .unwrap_or_default()
 }
 
 /// Pulls with a one-line progress display on a terminal; nothing on stdout.

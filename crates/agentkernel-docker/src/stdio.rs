@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use agentkernel_core::{terminal, Error};
+use agentkernel_core::{observe, terminal, Error};
 use bollard::container::LogOutput;
 use futures_util::{Stream, StreamExt};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
@@ -207,6 +207,7 @@ async fn pump_output(mut output: Output) -> Vec<u8> {
     while let Some(Ok(chunk)) = output.next().await {
         match chunk {
             LogOutput::StdOut { message } | LogOutput::Console { message } => {
+                observe::output(observe::Stream::Stdout, &message);
                 // A closed stdout (`| head -1`) stops our copying, not the command.
                 if stdout_open {
                     stdout_open =
@@ -214,6 +215,7 @@ async fn pump_output(mut output: Output) -> Vec<u8> {
                 }
             }
             LogOutput::StdErr { message } => {
+                observe::output(observe::Stream::Stderr, &message);
                 if stderr_head.len() < STDERR_HEAD_LEN {
                     let take = (STDERR_HEAD_LEN - stderr_head.len()).min(message.len());
                     stderr_head.extend_from_slice(&message[..take]);

@@ -14,7 +14,8 @@ use agentkernel_core::spec::{ExecRequest, Outcome, SandboxSpec};
 use agentkernel_core::state::{SandboxRecord, Store};
 use agentkernel_core::{Error, Result};
 
-use crate::{copy, gc, helper, images, kept, prepare, rootless};
+use crate::plan::SecretFile;
+use crate::{copy, egress, gc, helper, images, kept, prepare, rootless};
 
 pub struct NativeBackend {
     store: Store,
@@ -61,7 +62,6 @@ impl Backend for NativeBackend {
                 "on the native backend",
                 "use an IPv4 address such as 127.0.0.1 or 0.0.0.0",
             ),
-            egress_proxy: Support::no("on the native backend", "leave the secrets out for now"),
             ..Capabilities::all()
         };
         if rootless::UserMap::for_caller().is_none() {
@@ -87,6 +87,7 @@ impl Backend for NativeBackend {
                     "or pass --no-network",
                 ),
             },
+            egress_proxy: Support::no("on rootless native", "run agentkernel as root (-B native)"),
             rootless: true,
             ..native
         }
@@ -101,28 +102,46 @@ impl Backend for NativeBackend {
                         keep.name, record.backend, record.backend
                     )));
                 }
-                let e = helper::exec_in(&self.store, &keep.name, &spec.exec, Some(keep.ttl), true);
-                return Err(e);
+                egress::refuse_on_reuse(spec, &keep.name)?;
+                let code =
+                    helper::exec_in(&self.store, &keep.name, &spec.exec, Some(keep.ttl), true)
+                        .await?;
+                return Ok(Outcome::Exited(code));
             }
         }
         let image = images::image_root(spec, options.config).await?;
-        let (plan, _claim) = prepare::plan(spec, &image, &self.store)?;
+        let (mut plan, claim) = prepare::plan(spec, &image, &self.store)?;
+        plan.secret_files = options
+            .secret_files
+            .iter()
+            .map(|(name, content)| SecretFile {
+                name: name.clone(),
+                content: content.clone(),
+            })
+            .collect();
         if let Some(notice) = &options.notice {
             eprintln!("{notice}");
         }
+        if let Some(spec_egress) = spec.egress.as_ref().filter(|e| e.needs_proxy()) {
+            // Last, just before the helper: nothing after it can fail but the
+            // exec, and the proxy ends with this process if that fails.
+            let started = egress::start(spec_egress, options.secrets)?;
+            plan.egress = Some(started.into_plan().map_err(|e| Error::Backend {
+                backend: "egress proxy",
+                message: e.to_string(),
+            })?);
+        }
         // On success the process becomes the helper, which exits with the
-        // command's code; on failure `_claim` releases the name and scratch.
-        Err(crate::Error::from(helper::exec_helper(&plan)).into())
+        // command's code (or, observed, the helper was our child and now
+        // owns the name and scratch); on failure `claim` releases them.
+        let code = helper::exec_helper(&plan).await?;
+        claim.hand_over();
+        Ok(Outcome::Exited(code))
     }
 
     async fn exec(&self, record: &SandboxRecord, request: &ExecRequest) -> Result<Outcome> {
-        Err(helper::exec_in(
-            &self.store,
-            &record.name,
-            request,
-            None,
-            false,
-        ))
+        let code = helper::exec_in(&self.store, &record.name, request, None, false).await?;
+        Ok(Outcome::Exited(code))
     }
 
     async fn create(
@@ -132,16 +151,18 @@ impl Backend for NativeBackend {
         reserved: &dyn Fn() -> Result<()>,
     ) -> Result<()> {
         let image = images::image_root(spec, options.config).await?;
-        let (mut plan, _claim) = prepare::plan(spec, &image, &self.store)?;
+        let (mut plan, claim) = prepare::plan(spec, &image, &self.store)?;
         // No first command: the helper creates the sandbox (and runs its
         // template's setup) and exits.
         plan.argv.clear();
-        // On failure `_claim` releases the name and scratch.
+        // On failure `claim` releases the name and scratch.
         reserved()?;
         if let Some(notice) = &options.notice {
             eprintln!("{notice}");
         }
-        Err(crate::Error::from(helper::exec_helper(&plan)).into())
+        helper::exec_helper(&plan).await?;
+        claim.hand_over();
+        Ok(())
     }
 
     async fn stop(&self, name: &str) -> Result<usize> {

@@ -62,6 +62,21 @@ const NAMES: [&str; 41] = [
     "CHECKPOINT_RESTORE",
 ];
 
+/// The capabilities a profile keeps, by name (without `CAP_`): the VM
+/// backends' guest agent applies the same set.
+pub fn kept(policy: &agentkernel_core::policy::Capabilities) -> Vec<String> {
+    use agentkernel_core::policy::Capabilities;
+    match policy {
+        Capabilities::EngineDefault => ENGINE_DEFAULT.iter().map(|c| c.to_string()).collect(),
+        Capabilities::DefaultWithout(drop) => ENGINE_DEFAULT
+            .iter()
+            .filter(|c| !drop.iter().any(|d| d == *c))
+            .map(|c| c.to_string())
+            .collect(),
+        Capabilities::None => Vec::new(),
+    }
+}
+
 /// The capability number of a name (without `CAP_`).
 pub fn number(name: &str) -> Option<u32> {
     NAMES.iter().position(|n| *n == name).map(|i| i as u32)

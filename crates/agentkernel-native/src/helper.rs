@@ -14,70 +14,91 @@ use agentkernel_core::spec::ExecRequest;
 use agentkernel_core::state::Store;
 use agentkernel_core::template;
 
+use crate::observed::HelperReport;
 use crate::plan::Action;
 use crate::{join, kept, prepare, rootless, sandbox, Plan, HELPER_SUBCOMMAND};
 
 /// One more command in the kept sandbox `name`: its plan with this command,
-/// run by the helper. Never returns on success.
-pub fn exec_in(
+/// run by the helper. Never returns on success unless a receipt observes it
+/// (see `exec_helper`).
+pub async fn exec_in(
     store: &Store,
     name: &str,
     request: &ExecRequest,
     ttl: Option<std::time::Duration>,
     reused: bool,
-) -> agentkernel_core::Error {
+) -> agentkernel_core::Result<i32> {
     let path = kept::plan_file(store, name);
-    let sandbox: Plan = match std::fs::read(&path)
+    let sandbox: Plan = std::fs::read(&path)
         .and_then(|data| serde_json::from_slice(&data).map_err(std::io::Error::other))
-    {
-        Ok(plan) => plan,
-        Err(e) => return agentkernel_core::Error::state(&path, e),
-    };
+        .map_err(|e| agentkernel_core::Error::state(&path, e))?;
     let mut plan = prepare::for_command(&sandbox, request);
     if let Some(keep) = plan.keep.as_mut() {
         keep.ttl = ttl.unwrap_or(keep.ttl);
         keep.reused = reused;
     }
-    Error::from(exec_helper(&plan)).into()
+    exec_helper(&plan).await
 }
 
-/// Hands the plan to a fresh copy of ourselves on an inherited memfd.
-/// Returns only on failure.
-pub fn exec_helper(plan: &Plan) -> HandoffError {
-    let json = match serde_json::to_vec(plan) {
-        Ok(j) => j,
-        Err(e) => return HandoffError::Encode(e),
-    };
+/// Hands the plan to a fresh copy of ourselves on an inherited memfd: by
+/// exec (never returns on success), or, when a receipt observes the run, as
+/// a child whose output passes through us (`observed`), returning its exit
+/// code.
+pub async fn exec_helper(plan: &Plan) -> agentkernel_core::Result<i32> {
+    let helper = memfd_command(plan).map_err(Error::from)?;
+    exec_or_observe(helper, plan.tty).await
+}
+
+async fn exec_or_observe(
+    mut helper: std::process::Command,
+    tty: bool,
+) -> agentkernel_core::Result<i32> {
+    if agentkernel_core::observe::enabled() {
+        return crate::observed::run(helper, tty).await;
+    }
+    crate::trace::phase("cli execs the helper");
+    Err(Error::from(HandoffError::Exec(helper.exec())).into())
+}
+
+/// The helper's command line, with the plan on an inherited memfd.
+fn memfd_command(plan: &Plan) -> Result<std::process::Command, HandoffError> {
+    let json = serde_json::to_vec(plan).map_err(HandoffError::Encode)?;
     let name = c"agentkernel-plan";
     // SAFETY: a valid C string; the new fd is owned by `file` below. No
     // MFD_CLOEXEC: the helper inherits it across exec.
     let fd = unsafe { libc::memfd_create(name.as_ptr(), 0) };
     if fd < 0 {
-        return HandoffError::Memfd(std::io::Error::last_os_error());
+        return Err(HandoffError::Memfd(std::io::Error::last_os_error()));
     }
     // SAFETY: just created, ours.
     let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
-    if let Err(e) = file.write_all(&json) {
-        return HandoffError::Write(e);
-    }
+    file.write_all(&json).map_err(HandoffError::Write)?;
     let fd = file.into_raw_fd();
     let _ = std::io::stdout().flush();
-    crate::trace::phase("cli execs the helper");
-    let e = std::process::Command::new("/proc/self/exe")
+    let mut helper = std::process::Command::new("/proc/self/exe");
+    helper
         .arg0("agentkernel")
         .arg(HELPER_SUBCOMMAND)
-        .arg(fd.to_string())
-        .exec();
-    HandoffError::Exec(e)
+        .arg(fd.to_string());
+    Ok(helper)
 }
 
-/// `agentkernel __native-sandbox <fd>`: the helper's entry point, reached
-/// before any runtime or thread exists. Returns the exit code.
-pub fn main(fd_arg: Option<String>) -> i32 {
+/// `agentkernel __native-sandbox <fd> [<report fd>]`: the helper's entry
+/// point, reached before any runtime or thread exists. Returns the exit
+/// code. An observing parent (`observed`) passes the fd to report how the
+/// command ended on.
+pub fn main(fd_arg: Option<String>, report_fd: Option<String>) -> i32 {
+    run_helper(fd_arg, &mut |report| {
+        crate::observed::send_report(report_fd.as_deref(), report)
+    })
+}
+
+fn run_helper(fd_arg: Option<String>, report: &mut dyn FnMut(HelperReport)) -> i32 {
     let plan = match read_plan(fd_arg) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("agentkernel: {e}");
+            report(HelperReport::Failed(e.to_string()));
             return AGENTKERNEL_ERROR;
         }
     };
@@ -86,6 +107,7 @@ pub fn main(fd_arg: Option<String>) -> i32 {
     if let (Some(map), Action::Run | Action::CreateKept) = (&plan.rootless, &plan.action) {
         if let Err(e) = rootless::enter_user_namespace(map) {
             eprintln!("agentkernel: native (rootless): {e}");
+            report(HelperReport::Failed(format!("native (rootless): {e}")));
             let _ = std::fs::remove_dir_all(&plan.scratch);
             return AGENTKERNEL_ERROR;
         }
@@ -114,9 +136,13 @@ pub fn main(fd_arg: Option<String>) -> i32 {
         }
     }
     match outcome {
-        Ok(outcome) => finish(outcome, plan.limits.memory_bytes, plan.timeout),
+        Ok(outcome) => {
+            report(HelperReport::Ended(outcome));
+            finish(outcome, plan.limits.memory_bytes, plan.timeout)
+        }
         Err(e) => {
             eprintln!("agentkernel: native: {e}");
+            report(HelperReport::Failed(format!("native: {e}")));
             AGENTKERNEL_ERROR
         }
     }

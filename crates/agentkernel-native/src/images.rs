@@ -31,15 +31,11 @@ pub async fn image_root(spec: &SandboxSpec, config: &Config) -> Result<ImageRoot
     if spec.image == HOST_IMAGE {
         return Ok(ImageRoot::default());
     }
-    let reference = store::Reference::parse(&spec.image)
-        .map_err(|e| Error::invalid("image", spec.image.clone(), e.to_string()))?;
-    let images = open_store()?;
-    let policy = match spec.pull {
-        PullPolicy::Missing => store::PullPolicy::Missing,
-        PullPolicy::Always => store::PullPolicy::Always,
-        PullPolicy::Never => store::PullPolicy::Never,
-    };
-    let (image, _) = fetch(&images, &reference, policy, config).await?;
+    let image = fetch_for_run(spec, config).await?;
+    agentkernel_core::observe::image_digest(agentkernel_core::image::pinned(
+        &spec.image,
+        image.manifest_digest.as_str(),
+    ));
     // Rootless overlayfs reads opaque directories from the `user.*` xattrs
     // an unprivileged unpack leaves; whiteouts it cannot do without.
     let rootless = rootless::UserMap::for_caller().is_some();
@@ -63,6 +59,20 @@ pub async fn image_root(spec: &SandboxSpec, config: &Config) -> Result<ImageRoot
         working_dir: image.config.working_dir,
         user: image.config.user,
     })
+}
+
+/// A run's image from agentkernel's own store (the native and VM
+/// backends), pulled as the run's pull policy allows.
+pub async fn fetch_for_run(spec: &SandboxSpec, config: &Config) -> Result<store::Image> {
+    let reference = store::Reference::parse(&spec.image)
+        .map_err(|e| Error::invalid("image", spec.image.clone(), e.to_string()))?;
+    let policy = match spec.pull {
+        PullPolicy::Missing => store::PullPolicy::Missing,
+        PullPolicy::Always => store::PullPolicy::Always,
+        PullPolicy::Never => store::PullPolicy::Never,
+    };
+    let (image, _) = fetch(&open_store()?, &reference, policy, config).await?;
+    Ok(image)
 }
 
 /// The image store at `<state>/images`.

@@ -215,6 +215,11 @@ fn hold(plan: &Plan, cgroup: &Cgroup, store: &Store, report: OwnedFd) -> ! {
     let mut exec_plan = plan.clone();
     exec_plan.action = Action::Exec;
     exec_plan.argv.clear();
+    // Never on disk: secret files were written when the sandbox was built.
+    exec_plan.secret_files.clear();
+    // The proxy serves every later command already (its descriptors are
+    // this holder's, and the proxy ends when the holder does).
+    exec_plan.egress = None;
     let mut record = keep.record.clone();
     record.handle = format!("native pid {}", started.pid);
     let recorded = (|| -> agentkernel_core::Result<()> {

@@ -8,11 +8,12 @@
 //! process structure and `rootfs.rs` for the filesystem.
 
 pub mod backend;
-mod caps;
+pub mod caps;
 pub mod cgroup;
 mod command;
 pub mod copy;
 pub mod disk;
+pub mod egress;
 pub mod error;
 pub mod gc;
 pub mod helper;
@@ -21,12 +22,13 @@ pub mod images;
 pub mod join;
 pub mod kept;
 pub mod net;
+pub mod observed;
 pub mod plan;
 pub mod prepare;
 mod rootfs;
 pub mod rootless;
 pub mod sandbox;
-mod seccomp;
+pub mod seccomp;
 pub mod slirp;
 pub mod stop;
 mod sys;

@@ -143,6 +143,30 @@ pub struct Plan {
     /// user namespace mapping these ids to root (see rootless.rs).
     #[serde(default)]
     pub rootless: Option<crate::rootless::UserMap>,
+    /// The egress proxy of this run (`None`: no secrets, no allow-list).
+    #[serde(default)]
+    pub egress: Option<crate::egress::EgressPlan>,
+    /// `--secret-file`: written to a tmpfs at `/run/agentkernel/secrets`
+    /// as the sandbox is built. Travels only in memory (the plan's memfd);
+    /// a kept sandbox's stored `plan.json` never has it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secret_files: Vec<SecretFile>,
+}
+
+/// One `--secret-file`: its name and what the file holds (the value, or a
+/// placeholder). Redacted in `Debug`.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct SecretFile {
+    pub name: String,
+    pub content: String,
+}
+
+impl std::fmt::Debug for SecretFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecretFile")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Plan {

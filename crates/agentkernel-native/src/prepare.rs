@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use agentkernel_core::backend::BackendKind;
 use agentkernel_core::parse::Protocol;
-use agentkernel_core::policy::{Capabilities, Seccomp, WorkspaceMode};
+use agentkernel_core::policy::{Seccomp, WorkspaceMode};
 use agentkernel_core::spec::{ExecRequest, SandboxSpec};
 use agentkernel_core::state::{now_unix, SandboxRecord, Store};
 use agentkernel_core::{names, Error, Result};
@@ -41,6 +41,15 @@ pub struct HostClaim {
     store: Store,
     name: Option<String>,
     scratch: Option<PathBuf>,
+}
+
+impl HostClaim {
+    /// The helper ran and owns the name and scratch now (an observed run's
+    /// helper is a child that returned): nothing to release.
+    pub fn hand_over(mut self) {
+        self.scratch = None;
+        self.name = None;
+    }
 }
 
 impl Drop for HostClaim {
@@ -141,18 +150,7 @@ pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<(Pla
         .clone()
         .or_else(|| image.working_dir.clone().filter(|w| w.starts_with('/')))
         .unwrap_or_else(|| "/".to_string());
-    let capabilities = match &spec.policy.capabilities {
-        Capabilities::EngineDefault => crate::caps::ENGINE_DEFAULT
-            .iter()
-            .map(|c| c.to_string())
-            .collect(),
-        Capabilities::DefaultWithout(drop) => crate::caps::ENGINE_DEFAULT
-            .iter()
-            .filter(|c| !drop.iter().any(|d| d == *c))
-            .map(|c| c.to_string())
-            .collect(),
-        Capabilities::None => Vec::new(),
-    };
+    let capabilities = crate::caps::kept(&spec.policy.capabilities);
     // The disk cap of a copy-on-write workspace needs a loop-mounted
     // filesystem (disk.rs), which a user namespace cannot mount. Its
     // template is formatted (once per size) before anything is reserved.
@@ -234,6 +232,13 @@ pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<(Pla
     if let Some(notice) = notice {
         eprintln!("{notice}");
     }
+    // With an egress allow-list the sandbox has loopback only: the proxy,
+    // listening there, is its one way out (and resolves names for it).
+    let network = spec.policy.network
+        && spec
+            .egress
+            .as_ref()
+            .is_none_or(|egress| egress.allow_hosts.is_empty());
     let plan = Plan {
         action: if keep.is_some() {
             Action::CreateKept
@@ -252,9 +257,9 @@ pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<(Pla
         tmp_size_bytes: spec.policy.tmp_size_bytes,
         mounts,
         hostname,
-        network: spec.policy.network,
+        network,
         ports,
-        resolv_conf: match (spec.policy.network, rootless) {
+        resolv_conf: match (network, rootless) {
             (false, _) => None,
             (true, None) => Some(agentkernel_net::resolv_conf()),
             (true, Some(_)) => Some(crate::slirp::RESOLV_CONF.to_string()),
@@ -279,6 +284,9 @@ pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<(Pla
         tty: spec.exec.tty,
         timeout: spec.exec.timeout,
         rootless,
+        // The proxy is started by the caller, which holds the secret values.
+        egress: None,
+        secret_files: Vec::new(),
     };
     Ok((plan, claim))
 }
@@ -341,6 +349,11 @@ fn environment(spec: &SandboxSpec, image: &ImageRoot, hostname: &str) -> Vec<Str
     }
     if spec.exec.tty && !has(&env, "TERM") {
         env.push("TERM=xterm".to_string());
+    }
+    if spec.egress.as_ref().is_some_and(|e| e.needs_proxy()) {
+        for (key, value) in crate::egress::environment() {
+            set_env(&mut env, key, &value);
+        }
     }
     env
 }

@@ -13,6 +13,8 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
+use agentkernel_core::secrets::SECRETS_DIR;
+
 use crate::plan::{MountKind, Plan, RootSource};
 use crate::sys::{self, context, cstr, fd_path, mount, open_beneath, Leaf};
 
@@ -100,6 +102,11 @@ pub fn build(
         )?;
     }
 
+    // Before any user mount: the CA goes into the root's own layer only.
+    if let Some(egress) = &plan.egress {
+        crate::egress::install_ca(&root, &egress.ca_pem)
+            .map_err(context("install the egress proxy's CA"))?;
+    }
     if let Some(image) = &plan.workspace_disk {
         let target = plan.scratch.join(crate::disk::MOUNT_NAME);
         match workspace_disk() {
@@ -149,6 +156,9 @@ pub fn enter(plan: &Plan) -> io::Result<()> {
         mount_cgroups(&root_str)?;
     }
     pivot_into(&root_str)?;
+    if !plan.secret_files.is_empty() {
+        write_secret_files(plan).map_err(context("--secret-file"))?;
+    }
     if plan.read_only_root {
         mount(
             "",
@@ -159,6 +169,38 @@ pub fn enter(plan: &Plan) -> io::Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// `--secret-file`: a tmpfs at [`SECRETS_DIR`] (in the sandbox's mount
+/// namespace only: nothing reaches the host's disk), owned by the command's
+/// user, mode 0500, each file 0400. Runs after `pivot_root`, so the image's
+/// own `/etc/passwd` names the user and no path can lead out of the root.
+fn write_secret_files(plan: &Plan) -> io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let identity = crate::user::resolve(plan.user.as_deref())?;
+    std::fs::create_dir_all(SECRETS_DIR)?;
+    let bytes: usize = plan.secret_files.iter().map(|f| f.content.len()).sum();
+    // Room for the files and their inodes; charged to the sandbox's memory.
+    let size = (bytes + 4096 * plan.secret_files.len()).max(64 * 1024);
+    mount(
+        "tmpfs",
+        SECRETS_DIR,
+        "tmpfs",
+        NOSUID_NODEV_NOEXEC,
+        Some(&format!("mode=0700,size={size}")),
+    )?;
+    for file in &plan.secret_files {
+        let path = format!("{SECRETS_DIR}/{}", file.name);
+        let mut out = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o400)
+            .open(&path)?;
+        std::io::Write::write_all(&mut out, file.content.as_bytes())?;
+        std::os::unix::fs::fchown(&out, Some(identity.uid), Some(identity.gid))?;
+    }
+    std::os::unix::fs::chown(SECRETS_DIR, Some(identity.uid), Some(identity.gid))?;
+    std::fs::set_permissions(SECRETS_DIR, std::fs::Permissions::from_mode(0o500))
 }
 
 /// The root's writable layer is a tmpfs private to the sandbox's mount

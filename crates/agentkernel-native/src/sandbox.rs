@@ -263,12 +263,18 @@ pub(crate) fn start(
     // thread hands it to init, which joins it.
     let netns = {
         let sock = ours.try_clone()?;
+        let egress = plan.egress.clone();
         std::thread::spawn(move || -> io::Result<()> {
             // SAFETY: unshare of this thread's own network namespace.
             if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
                 return Err(sys::context("create the network namespace")(
                     io::Error::last_os_error(),
                 ));
+            }
+            // The egress proxy's socket, bound here: only this sandbox
+            // can reach it.
+            if let Some(egress) = &egress {
+                crate::egress::listen_here(egress)?;
             }
             let ns = std::fs::File::open("/proc/thread-self/ns/net")?;
             send_message(&sock, NETNS, &[ns.as_raw_fd()])
@@ -748,7 +754,7 @@ fn read(fd: RawFd, buf: &mut [u8]) -> Option<usize> {
     (n >= 0).then_some(n as usize)
 }
 
-fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
+pub(crate) fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
     // SAFETY: socketpair writes two fds into the array.
     if unsafe {
@@ -807,7 +813,7 @@ impl Message {
 }
 
 /// Sends one byte with `fds` attached (at most [`MAX_FDS`]).
-fn send_message(sock: &OwnedFd, byte: u8, fds: &[RawFd]) -> io::Result<()> {
+pub(crate) fn send_message(sock: &OwnedFd, byte: u8, fds: &[RawFd]) -> io::Result<()> {
     if fds.len() > MAX_FDS {
         return Err(io::Error::other("too many fds for one message"));
     }
@@ -843,7 +849,7 @@ fn send_message(sock: &OwnedFd, byte: u8, fds: &[RawFd]) -> io::Result<()> {
 
 /// Receives one message: its byte and the fds attached to it. An error
 /// when the other side is gone.
-fn recv_message(sock: &OwnedFd) -> io::Result<(u8, Vec<OwnedFd>)> {
+pub(crate) fn recv_message(sock: &OwnedFd) -> io::Result<(u8, Vec<OwnedFd>)> {
     let mut message = Message::new(0);
     let room = message.control.len();
     let (n, fds) = message.with_header(room, |msg| loop {

@@ -16,26 +16,29 @@ pub fn open(kind: BackendKind, store: &Store) -> Result<Box<dyn Backend>> {
         BackendKind::Native => Ok(Box::new(NativeBackend::new(store))),
         BackendKind::Docker => Ok(Box::new(EngineBackend::docker(store))),
         BackendKind::Podman => Ok(Box::new(EngineBackend::podman(store))),
-        BackendKind::Firecracker | BackendKind::Qemu | BackendKind::Apple => {
-            Err(not_built(kind.name()))
-        }
+        BackendKind::Qemu => Ok(Box::new(crate::commands::qemu::QemuBackend)),
+        BackendKind::Firecracker | BackendKind::Apple => Err(not_built(kind)),
     }
 }
 
 /// Why a backend cannot be used by this build, if it cannot.
 pub fn unbuilt_reason(kind: BackendKind) -> Option<&'static str> {
     match kind {
-        BackendKind::Docker | BackendKind::Podman | BackendKind::Native => None,
-        BackendKind::Firecracker => Some("the firecracker backend is not built yet"),
-        BackendKind::Qemu => Some("the qemu backend is not built yet"),
+        BackendKind::Docker | BackendKind::Podman | BackendKind::Native | BackendKind::Qemu => {
+            None
+        }
+        BackendKind::Firecracker => Some(
+            "the firecracker backend is not built yet: it needs the firecracker binary and a working KVM (-B qemu runs VMs without them)",
+        ),
         BackendKind::Apple => Some("the apple backend runs only on macOS and is not built yet"),
     }
 }
 
-fn not_built(name: &str) -> Error {
+fn not_built(kind: BackendKind) -> Error {
+    let why = unbuilt_reason(kind).unwrap_or("it is not built");
     Error::not_supported_hint(
-        format!("backend {name}"),
-        "use -B native, -B docker or -B podman (`agentkernel doctor` lists what works here)",
+        format!("backend {}", kind.name()),
+        format!("{why}; use -B native, -B docker, -B podman or -B qemu (`agentkernel doctor` lists what works here)"),
     )
 }
 
@@ -53,7 +56,7 @@ pub fn choose(flag: Option<&str>, configured: Option<&str>) -> Result<BackendKin
     };
     let kind = BackendKind::parse(name)?;
     if unbuilt_reason(kind).is_some() {
-        return Err(not_built(name));
+        return Err(not_built(kind));
     }
     if kind == BackendKind::Native {
         agentkernel_native::host::check().map_err(agentkernel_native::Error::from)?;
@@ -138,7 +141,8 @@ pub fn engines_in_use(store: &Store) -> Vec<Engine> {
     engines
 }
 
-/// The engine of a container backend (the warm pool's `refill`).
+/// The engine of a container backend (the warm pool's `refill`, an SSH
+/// forward into a container).
 pub fn engine(kind: BackendKind) -> Result<Engine> {
     match kind {
         BackendKind::Docker => Engine::connect(),

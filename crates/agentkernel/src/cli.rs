@@ -38,7 +38,7 @@ pub enum Command {
     /// Manage kept sandboxes (alias: sb)
     #[command(subcommand, visible_alias = "sb")]
     Sandbox(SandboxCommand),
-    /// Verify or replay execution receipts (not supported yet)
+    /// Verify or replay signed execution receipts (--receipt), print the signing key
     #[command(subcommand)]
     Receipt(ReceiptCommand),
     /// Manage the native backend's image store (pull, list, rm, prune)
@@ -47,19 +47,25 @@ pub enum Command {
     /// Templates for --template: list, show, add, remove, update, save
     #[command(subcommand)]
     Template(TemplateCommand),
-    /// Manage the local secret vault (not supported yet)
+    /// Manage the local secret vault (encrypted; values are never printed)
     #[command(subcommand)]
     Secret(SecretCommand),
     /// Inspect or empty the warm container pool behind --fast
     #[command(subcommand)]
     Pool(PoolCommand),
-    /// SSH into a sandbox started with --ssh (not supported yet)
-    Ssh {
+    /// SSH into a sandbox started with --ssh (runs the system's ssh with its key, port and pinned host key)
+    Ssh(SshArgs),
+    /// Print an OpenSSH `Host` block for a sandbox started with --ssh (for ~/.ssh/config and editors)
+    SshConfig {
         /// The kept sandbox's name
         name: String,
     },
     /// Write ./agentkernel.toml (upstream's schema) for this project; --force replaces an existing one
     Init(InitArgs),
+
+    /// The SSH server of a sandbox started with --ssh (internal)
+    #[command(name = "__ssh-server", hide = true)]
+    SshServer { name: String, creator: String },
     /// Let DIR's agentkernel.toml loosen the sandbox (records its sha256; a changed file needs trust again)
     Trust(TrustArgs),
     /// Start a sandbox on each backend and check registry access: what works here, and how to fix the rest
@@ -131,25 +137,49 @@ pub struct RunArgs {
     #[arg(short = 'P', long, value_name = "PORT")]
     pub publish: Vec<String>,
 
-    /// Enable SSH access to the sandbox (not supported yet)
+    /// Make the kept sandbox reachable over SSH on 127.0.0.1 (a server on the host side; nothing is installed in the image). Implies --keep; `agentkernel ssh NAME` connects
     #[arg(long)]
     pub ssh: bool,
 
-    /// Bind a secret to a host via proxy: KEY:host, KEY=value:host, KEY:host:header (not supported yet)
+    /// The port for --ssh (default: a free one, printed on stderr)
+    #[arg(long, value_name = "PORT", requires = "ssh")]
+    pub ssh_port: Option<u16>,
+
+    /// Also accept the public keys in FILE for --ssh (e.g. ~/.ssh/authorized_keys)
+    #[arg(long, value_name = "FILE", requires = "ssh")]
+    pub ssh_authorized_keys: Option<PathBuf>,
+
+    /// An environment variable SSH clients may send (SendEnv/SetEnv) for --ssh; NAME* matches a prefix. Others are refused. Repeatable
+    #[arg(long, value_name = "NAME", requires = "ssh")]
+    pub ssh_accept_env: Vec<String>,
+
+    /// Send secret KEY to HOST through the host-side proxy: KEY:HOST (Authorization: Bearer), KEY:HOST:HEADER, or KEY=VALUE:HOST (inline, never stored). Value from the vault, else this environment; inside, $KEY holds a placeholder. Repeatable
     #[arg(short = 'S', long, value_name = "BINDING")]
     pub secret: Vec<String>,
 
-    /// Inject a vault secret as a file inside the sandbox (not supported yet)
+    /// Put secret KEY at /run/agentkernel/secrets/KEY (tmpfs, mode 0400, owned by the command's user; AGENTKERNEL_SECRETS_PATH names the directory). Repeatable
     #[arg(long, value_name = "KEY")]
     pub secret_file: Vec<String>,
 
-    /// Placeholder tokens instead of real values for --secret-file (not supported yet)
+    /// --secret-file files hold a per-run placeholder instead of the value; the proxy swaps it back only for the key's bound hosts
     #[arg(long)]
     pub placeholder_secrets: bool,
 
-    /// Write a signed execution receipt for this run (not supported yet)
+    /// Egress allow-list: the sandbox reaches only these hosts, through agentkernel's proxy (HOST, *.DOMAIN, optional :PORT). Repeatable
+    #[arg(long, value_name = "HOST")]
+    pub allow_host: Vec<String>,
+
+    /// Log each connection and request through the egress proxy as one JSON line (secret names, never values)
+    #[arg(long, value_name = "FILE")]
+    pub egress_log: Option<PathBuf>,
+
+    /// Write a signed execution receipt of this run to FILE (also when it fails; see docs/receipts.md)
     #[arg(long, value_name = "FILE")]
     pub receipt: Option<PathBuf>,
+
+    /// Receipt format: json (default), or dsse to also write FILE.dsse.json, an in-toto Statement in a DSSE envelope
+    #[arg(long, value_name = "FORMAT", value_parser = ["json", "dsse"], requires = "receipt")]
+    pub receipt_format: Option<String>,
 
     /// Set an environment variable (KEY=VALUE, or KEY to copy it from here). Repeatable
     #[arg(short = 'e', long, value_name = "KEY=VALUE")]
@@ -245,6 +275,20 @@ pub struct ServeArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct SshArgs {
+    /// The kept sandbox's name
+    pub name: String,
+
+    /// Print an OpenSSH `Host` block instead of connecting (same as `agentkernel ssh-config NAME`)
+    #[arg(long)]
+    pub config: bool,
+
+    /// A command to run instead of a shell (its exit status is ssh's)
+    #[arg(value_name = "CMD", last = true)]
+    pub command: Vec<std::ffi::OsString>,
+}
+
+#[derive(Debug, Args)]
 pub struct ExecArgs {
     /// Set an environment variable (KEY=VALUE, or KEY to copy it from here). Repeatable
     #[arg(short = 'e', long, value_name = "KEY=VALUE")]
@@ -265,6 +309,14 @@ pub struct ExecArgs {
     /// Start the command and return at once (exit 0); it runs on in the sandbox, output discarded
     #[arg(short = 'd', long)]
     pub detach: bool,
+
+    /// Write a signed execution receipt of this command to FILE (see docs/receipts.md)
+    #[arg(long, value_name = "FILE")]
+    pub receipt: Option<PathBuf>,
+
+    /// Receipt format: json (default), or dsse to also write FILE.dsse.json
+    #[arg(long, value_name = "FORMAT", value_parser = ["json", "dsse"], requires = "receipt")]
+    pub receipt_format: Option<String>,
 
     /// The kept sandbox (its name, as `sandbox list` shows it)
     pub name: String,
@@ -494,10 +546,34 @@ pub enum PoolCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum ReceiptCommand {
-    /// Verify a receipt's integrity
-    Verify { file: PathBuf },
-    /// Replay the recorded invocation and compare
-    Replay { file: PathBuf },
+    /// Print this machine's receipt signing key (public half) and its id; created on first use
+    Key {
+        /// Print {"algorithm", "public_key", "key_id"} as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check a receipt's hash, signature and signer; exit 0 only when all three hold
+    Verify {
+        /// The receipt (or its .dsse.json envelope)
+        file: PathBuf,
+        /// Also trust this public key (a file with `receipt key` output, or base64). Repeatable
+        #[arg(long, value_name = "PUBFILE")]
+        key: Vec<String>,
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the receipt's command again on its image pinned by digest and compare: exit 0 all match, 1 not, 125 cannot replay
+    Replay {
+        /// The receipt
+        file: PathBuf,
+        /// Value of a recorded environment variable (KEY=VALUE, or KEY to copy it from here); others come from this environment. Repeatable
+        #[arg(short = 'e', long, value_name = "KEY=VALUE")]
+        env: Vec<String>,
+        /// Also trust this public key for the receipt's signer. Repeatable
+        #[arg(long, value_name = "PUBFILE")]
+        key: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -578,10 +654,28 @@ pub enum TemplateCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum SecretCommand {
-    Set { key: String },
+    /// Store a secret (VALUE, else read from stdin without echo; a trailing newline is dropped)
+    Set {
+        /// The secret's name, like an environment variable (OPENAI_API_KEY)
+        key: String,
+        /// The value; leave it out to keep it off the command line and shell history
+        value: Option<String>,
+    },
+    /// Refused: agentkernel never prints a secret's value
+    #[command(hide = true)]
     Get { key: String },
-    List,
-    Rm { key: String },
+    /// The stored secrets' names, when each was set, and the hosts config binds it to (never values)
+    List {
+        /// Print a JSON array instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a secret from the vault
+    #[command(alias = "remove")]
+    Rm {
+        /// The secret's name
+        key: String,
+    },
 }
 
 /// One of `choices`, matched case-insensitively (with `ignore_case`) and

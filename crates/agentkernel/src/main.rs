@@ -6,6 +6,8 @@
 mod backend;
 mod cli;
 mod commands;
+mod receipt;
+mod ssh;
 
 use std::io::Write;
 
@@ -27,7 +29,14 @@ fn main() {
     {
         agentkernel_native::trace::phase("helper started");
         let fd_arg = args.next().map(|a| a.to_string_lossy().into_owned());
-        std::process::exit(agentkernel_native::helper::main(fd_arg));
+        let report_fd = args.next().map(|a| a.to_string_lossy().into_owned());
+        std::process::exit(agentkernel_native::helper::main(fd_arg, report_fd));
+    }
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == agentkernel_native::egress::PROXY_SUBCOMMAND)
+    {
+        std::process::exit(commands::egress::proxy_main());
     }
     agentkernel_native::trace::phase("cli started");
     let cli = match cli::Cli::try_parse() {

@@ -178,39 +178,10 @@ fn publish_with_fast_mentions_fast_false() {
 }
 
 #[test]
-fn not_yet_supported_options_are_125() {
-    let env = TestEnv::new();
-    let receipt = env.project_dir().join("receipt.json");
-    let receipt = receipt.to_str().unwrap();
-    let cases: Vec<(&str, Vec<&str>)> = vec![
-        ("--ssh", vec!["--ssh"]),
-        ("--secret", vec!["-S", "GH_TOKEN:api.github.com"]),
-        ("--secret-file", vec!["--secret-file", "K"]),
-        ("--placeholder-secrets", vec!["--placeholder-secrets"]),
-        ("--receipt", vec!["--receipt", receipt]),
-    ];
-    for (flag, opts) in cases {
-        let mut args = vec!["run"];
-        args.extend(opts.iter().copied());
-        args.extend(["-i", BUSYBOX, "true"]);
-        let out = env.run(&args);
-        let line = assert_one_line_error(&out);
-        assert!(
-            line.contains("not supported yet") && line.contains(flag),
-            "{args:?}: {line}"
-        );
-    }
-    assert!(
-        !std::path::Path::new(receipt).exists(),
-        "a receipt was written"
-    );
-}
-
-#[test]
 fn unbuilt_backends_are_not_supported_yet() {
     let env = TestEnv::new();
     // podman and native were on this list until their backends landed.
-    for backend in ["firecracker", "qemu", "apple"] {
+    for backend in ["firecracker", "apple"] {
         let out = env.run(&["run", "-B", backend, "-i", BUSYBOX, "true"]);
         let line = assert_one_line_error(&out);
         assert!(

@@ -550,3 +550,58 @@ fn rootless_kill_9_of_a_kept_holder_takes_the_sandbox_with_it() {
     let out = user.run(&["exec", "held", "--", "true"]);
     assert_code(&out, 125);
 }
+
+/// A user's vault is theirs (under their own state directory, 0600), and
+/// `--secret-file` works rootless: a tmpfs in the sandbox, the file owned
+/// by the sandbox's root (the user outside).
+#[test]
+fn rootless_secret_files_and_a_private_vault() {
+    use std::io::Write;
+    use std::os::unix::fs::MetadataExt;
+    let user = User::new(4313);
+    let mut set = user
+        .cmd()
+        .args(["secret", "set", "TOKEN"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    set.stdin
+        .take()
+        .unwrap()
+        .write_all(b"rootless-secret-1f\n")
+        .unwrap();
+    assert_code(&set.wait_with_output().unwrap(), 0);
+    let vault = user.state().join("secrets/vault");
+    let meta = std::fs::metadata(&vault).unwrap();
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (4313, 0o600));
+
+    let out = user.run(&[
+        "run",
+        "--no-network",
+        "-i",
+        BUSYBOX,
+        "--secret-file",
+        "TOKEN",
+        "--",
+        "sh",
+        "-c",
+        "stat -c '%a %u' /run/agentkernel/secrets/TOKEN; \
+         awk '$2 == \"/run/agentkernel/secrets\" {print $3}' /proc/mounts; \
+         cat /run/agentkernel/secrets/TOKEN",
+    ]);
+    assert_eq!(ok(&out), "400 0\ntmpfs\nrootless-secret-1f");
+
+    // Another user cannot read it, even pointed at it.
+    let other = User::new(4314);
+    let out = other
+        .cmd()
+        .env("AGENTKERNEL_HOME", user.state())
+        .args(["secret", "list"])
+        .output()
+        .unwrap();
+    let line = assert_one_line_error(&out);
+    assert!(line.contains("permission denied"), "{line}");
+    user.assert_no_processes();
+}

@@ -40,9 +40,35 @@ pub async fn exec(args: ExecArgs) -> Result<i32> {
     let (backend, record) = crate::backend::holding(&store, &args.name)?;
     super::sandbox_lifecycle::refuse_if_stopped(&store, &args.name)?;
     if args.detach {
+        if args.receipt.is_some() {
+            return Err(agentkernel_core::Error::invalid(
+                "--receipt",
+                "with --detach",
+                "a receipt needs the command's end, which --detach does not wait for; drop one of them",
+            ));
+        }
         return super::exec_detach::detach(&args.name, &req);
     }
-    // Native never returns on success: the process becomes the helper.
-    let outcome = backend.exec(&record, &req).await?;
-    Ok(super::finish(outcome, record.memory_bytes, timeout))
+    let Some(path) = args.receipt else {
+        return run_in(backend.as_ref(), &record, &req).await;
+    };
+    let request = crate::receipt::Request {
+        path,
+        dsse: args.receipt_format.as_deref() == Some("dsse"),
+    };
+    let invocation = crate::receipt::Invocation::for_exec(&store, &record, &req);
+    let recording = crate::receipt::Recording::start(request, invocation);
+    let result = run_in(backend.as_ref(), &record, &req).await;
+    recording.finish(result)
+}
+
+async fn run_in(
+    backend: &dyn agentkernel_core::backend::Backend,
+    record: &agentkernel_core::state::SandboxRecord,
+    req: &ExecRequest,
+) -> Result<i32> {
+    // Native never returns on success unless a receipt observes it: the
+    // process becomes the helper.
+    let outcome = backend.exec(record, req).await?;
+    Ok(super::finish(outcome, record.memory_bytes, req.timeout))
 }

@@ -74,6 +74,22 @@ pub async fn image(cmd: ImageCommand) -> Result<i32> {
                 super::counted(report.layers, "layer", "layers"),
                 format_bytes(report.bytes)
             );
+            // The qemu backend's disks of images no longer in the store.
+            let live: Vec<String> = images
+                .list()
+                .map_err(store_error)?
+                .iter()
+                .map(|i| i.config_digest.hex().to_string())
+                .collect();
+            let disks = images.root().join("vm").join("disks");
+            let (count, bytes) = agentkernel_vm::disk::prune(&disks, &live);
+            if count > 0 {
+                eprintln!(
+                    "agentkernel: removed {} of the qemu backend, {} freed",
+                    super::counted(count, "VM disk", "VM disks"),
+                    format_bytes(bytes)
+                );
+            }
             Ok(0)
         }
     }

@@ -2,6 +2,7 @@
 
 mod cli_child;
 mod doctor;
+pub mod egress;
 mod exec;
 mod exec_detach;
 mod image;
@@ -9,11 +10,14 @@ mod init;
 mod mcp;
 mod openapi;
 mod pool;
+pub mod qemu;
+mod receipt;
 mod run;
 mod sandbox;
 mod sandbox_cp;
 mod sandbox_create;
 mod sandbox_lifecycle;
+mod secret;
 mod serve;
 mod template;
 mod trust;
@@ -35,6 +39,8 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
                 timeout: None,
                 sudo: false,
                 detach: false,
+                receipt: None,
+                receipt_format: None,
                 name,
                 command: vec!["/bin/sh".into()],
             })
@@ -53,11 +59,20 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
             print_stdout(&script)?;
             Ok(0)
         }
-        Command::Receipt(_) => Err(Error::not_supported("`agentkernel receipt`")),
+        Command::Receipt(cmd) => receipt::receipt(cmd).await,
         Command::Image(cmd) => image::image(cmd).await,
         Command::Template(cmd) => template::template(cmd).await,
-        Command::Secret(_) => Err(Error::not_supported("`agentkernel secret`")),
-        Command::Ssh { .. } => Err(Error::not_supported("`agentkernel ssh`")),
+        Command::Secret(cmd) => secret::secret(cmd),
+        Command::Ssh(args) if args.config => {
+            print_stdout(crate::ssh::config_block(&args.name)?.as_bytes())?;
+            Ok(0)
+        }
+        Command::Ssh(args) => crate::ssh::connect(&args.name, &args.command),
+        Command::SshConfig { name } => {
+            print_stdout(crate::ssh::config_block(&name)?.as_bytes())?;
+            Ok(0)
+        }
+        Command::SshServer { name, creator } => Ok(crate::ssh::server::serve(name, creator).await),
     }
 }
 
@@ -82,7 +97,16 @@ pub(crate) fn wants_tty() -> bool {
     agentkernel_core::terminal::is_tty(0) && agentkernel_core::terminal::is_tty(1)
 }
 
-pub(crate) use agentkernel_core::exit::finish;
+/// Records how the command ended for a receipt, prints a message about it
+/// when there is one to say, and returns the exit code.
+pub(crate) fn finish(
+    outcome: agentkernel_core::spec::Outcome,
+    memory: Option<u64>,
+    timeout: Option<std::time::Duration>,
+) -> i32 {
+    agentkernel_core::observe::outcome(outcome);
+    agentkernel_core::exit::finish(outcome, memory, timeout)
+}
 
 /// Writes a command's output to stdout. A reader that stopped reading
 /// (`| head -1`) is not an error: the rest is simply not wanted.

@@ -4,8 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use agentkernel_core::backend::{BackendKind, Capabilities, RunOptions};
+use agentkernel_core::backend::{Backend, BackendKind, Capabilities, RunOptions};
 use agentkernel_core::config::Config;
+use agentkernel_core::egress::SecretValues;
 use agentkernel_core::image::{self, ImageSource};
 use agentkernel_core::policy::{Limits, Policy, Seccomp};
 use agentkernel_core::spec::{
@@ -41,9 +42,23 @@ pub async fn run(args: RunArgs) -> Result<i32> {
     // normal path (explicit combinations are refused in `reject_unsupported`).
     let fast = args.fast.or(config.fast).unwrap_or(true);
     let dry_run = args.dry_run;
+    let receipt = args.receipt.clone().map(|path| crate::receipt::Request {
+        path,
+        dsse: args.receipt_format.as_deref() == Some("dsse"),
+    });
+    let ssh = args.ssh.then(|| crate::ssh::SshOptions {
+        port: args.ssh_port,
+        authorized_keys: args.ssh_authorized_keys.clone(),
+        accept_env: args.ssh_accept_env.clone(),
+    });
     let image_from_template = template.as_ref().is_some_and(|t| t.sets_image);
-    let (spec, image_source, notice) = resolve(args, &config, &cwd, &capabilities, template)?;
-    let warm_pool = fast && spec.keep.is_none() && spec.ports.is_empty() && capabilities.warm_pool;
+    let (spec, image_source, notice, secret_values) =
+        resolve(args, &config, &cwd, &capabilities, template)?;
+    let warm_pool = fast
+        && spec.keep.is_none()
+        && spec.egress.is_none()
+        && spec.ports.is_empty()
+        && capabilities.warm_pool;
     if dry_run {
         let mut resolved = dry_run_json(&spec, image_source, kind, warm_pool);
         if image_from_template && image_source == ImageSource::Config {
@@ -52,16 +67,41 @@ pub async fn run(args: RunArgs) -> Result<i32> {
         super::print_stdout(format!("{resolved:#}\n").as_bytes())?;
         return Ok(0);
     }
-    if let Some(keep) = spec.keep.as_ref().filter(|k| k.reuse) {
-        // `--branch` reusing a stopped sandbox starts it again.
-        super::sandbox_lifecycle::clear_stopped(&store, &keep.name)?;
-    }
+    agentkernel_core::backend::admit_egress(&capabilities, &spec)?;
     let options = RunOptions {
         config: &config,
         warm_pool,
         notice,
+        secrets: &secret_values,
+        secret_files: Vec::new(),
     };
-    let outcome = backend.run(&spec, &options).await?;
+    let Some(request) = receipt else {
+        return execute(&spec, backend.as_ref(), options, &store, ssh.as_ref()).await;
+    };
+    // From here on the sandbox is requested: whatever happens, a receipt.
+    let invocation = crate::receipt::Invocation::for_run(&spec, kind.name(), warm_pool)?;
+    let recording = crate::receipt::Recording::start(request, invocation);
+    let result = execute(&spec, backend.as_ref(), options, &store, ssh.as_ref()).await;
+    recording.finish(result)
+}
+
+async fn execute(
+    spec: &SandboxSpec,
+    backend: &dyn Backend,
+    mut options: RunOptions<'_>,
+    store: &Store,
+    ssh: Option<&crate::ssh::SshOptions>,
+) -> Result<i32> {
+    if let Some(keep) = spec.keep.as_ref().filter(|k| k.reuse) {
+        // `--branch` reusing a stopped sandbox starts it again.
+        super::sandbox_lifecycle::clear_stopped(store, &keep.name)?;
+    }
+    if let (Some(ssh), Some(keep)) = (ssh, &spec.keep) {
+        crate::ssh::launch(store, &keep.name, ssh)?;
+    }
+    options.secret_files =
+        agentkernel_core::secrets::file_contents(spec.egress.as_ref(), options.secrets);
+    let outcome = backend.run(spec, &options).await?;
     Ok(super::finish(
         outcome,
         spec.policy.limits.memory_bytes,
@@ -82,7 +122,7 @@ pub fn resolve(
     cwd: &Path,
     capabilities: &Capabilities,
     template: Option<super::template::Applied>,
-) -> Result<(SandboxSpec, ImageSource, Option<String>)> {
+) -> Result<(SandboxSpec, ImageSource, Option<String>, SecretValues)> {
     reject_unsupported(&args)?;
     let limit_flags = (args.memory.is_some(), args.cpus.is_some());
 
@@ -189,6 +229,14 @@ pub fn resolve(
         env.retain(|(old, _)| *old != k);
         env.push((k, v));
     }
+    let secret_request = agentkernel_core::secrets::Request {
+        flags: &args.secret,
+        config: &config.secret_bindings,
+        files: &args.secret_file,
+        placeholders: args.placeholder_secrets,
+        network: policy.network,
+    };
+    let (egress, secret_values) = super::secret::for_run(&secret_request, &mut env)?;
     let mut volumes = config.volumes.clone();
     volumes.retain(|v| !flag_volumes.contains(v));
     volumes.extend(flag_volumes);
@@ -221,7 +269,7 @@ pub fn resolve(
         None => config.pull.unwrap_or(PullPolicy::Missing),
     };
     let keep = resolve_keep(
-        args.keep,
+        args.keep || args.ssh,
         args.ttl.as_deref(),
         args.branch,
         args.name,
@@ -229,6 +277,15 @@ pub fn resolve(
         cwd,
     )?;
 
+    let egress = super::egress::resolve(
+        egress,
+        &args.allow_host,
+        args.egress_log.as_deref(),
+        config,
+        &policy,
+        &ports,
+        cwd,
+    )?;
     let mut spec = SandboxSpec {
         image,
         pull,
@@ -238,7 +295,7 @@ pub fn resolve(
         volumes,
         ports,
         keep,
-        egress: None,
+        egress,
         template: None,
         exec: ExecRequest {
             argv,
@@ -253,7 +310,7 @@ pub fn resolve(
         super::template::attach(&mut spec, applied, limit_flags);
     }
     let notice = agentkernel_core::backend::admit(capabilities, &mut spec)?;
-    Ok((spec, source, notice))
+    Ok((spec, source, notice, secret_values))
 }
 
 /// `run --dry-run`: what would run, as JSON. Environment values are left out
@@ -320,6 +377,7 @@ fn dry_run_json(
         })),
         "template": spec.template,
         "pool": use_pool,
+        "egress": spec.egress,
     })
 }
 
@@ -498,17 +556,12 @@ fn reject_unsupported(args: &RunArgs) -> Result<()> {
             "--publish cannot be used with --fast (the container pool); use --fast=false or leave --fast out".into(),
         ));
     }
-    if fast_requested && (args.keep || args.branch || args.name.is_some() || args.ttl.is_some()) {
+    if fast_requested
+        && (args.keep || args.ssh || args.branch || args.name.is_some() || args.ttl.is_some())
+    {
         return Err(Error::Conflict(
             "--fast (the container pool) serves one-shot runs; a kept sandbox is always created afresh, so drop --fast".into(),
         ));
-    }
-    for binding in &args.secret {
-        validate_secret_binding(binding)?;
-    }
-    for key in &args.secret_file {
-        parse::env_pair(&format!("{key}=x"))
-            .map_err(|_| Error::invalid("--secret-file", key, "expected a vault KEY"))?;
     }
     if let Some(receipt) = &args.receipt {
         let parent = receipt
@@ -523,39 +576,6 @@ fn reject_unsupported(args: &RunArgs) -> Result<()> {
             ));
         }
     }
-    let unsupported = [
-        (args.ssh, "--ssh"),
-        (!args.secret.is_empty(), "--secret"),
-        (!args.secret_file.is_empty(), "--secret-file"),
-        (args.placeholder_secrets, "--placeholder-secrets"),
-        (args.receipt.is_some(), "--receipt"),
-    ];
-    if let Some((_, flag)) = unsupported.iter().find(|(given, _)| *given) {
-        return Err(Error::not_supported(*flag));
-    }
-    Ok(())
-}
-
-/// `KEY:host`, `KEY=value:host` or `KEY:host:header`.
-fn validate_secret_binding(binding: &str) -> Result<()> {
-    let bad = || {
-        Error::invalid(
-            "--secret",
-            binding,
-            "expected KEY:host, KEY=value:host or KEY:host:header",
-        )
-    };
-    let (key_part, rest) = binding.split_once(':').ok_or_else(bad)?;
-    let key = key_part.split_once('=').map(|(k, _)| k).unwrap_or(key_part);
-    parse::env_pair(&format!("{key}=x")).map_err(|_| bad())?;
-    let mut rest = rest.splitn(2, ':');
-    let host = rest.next().unwrap_or("");
-    if host.is_empty() || host.contains('/') {
-        return Err(bad());
-    }
-    if rest.next().is_some_and(|h| h.is_empty()) {
-        return Err(bad());
-    }
     Ok(())
 }
 
@@ -563,20 +583,6 @@ fn validate_secret_binding(binding: &str) -> Result<()> {
 mod tests {
     use super::*;
     use agentkernel_core::policy::Profile;
-
-    #[test]
-    fn secret_bindings() {
-        for ok in [
-            "GH_TOKEN:api.github.com",
-            "K=v:host",
-            "K:host:Authorization",
-        ] {
-            validate_secret_binding(ok).unwrap();
-        }
-        for bad in ["", "K", ":host", "K:", "1K:host", "K:host:"] {
-            assert!(validate_secret_binding(bad).is_err(), "{bad}");
-        }
-    }
 
     #[test]
     fn home_and_root_are_not_mounted() {

@@ -79,6 +79,7 @@ pub(super) async fn collect_garbage(store: &Store) -> Result<()> {
         containers += c.containers;
         dirs += c.directories;
     }
+    dirs += crate::ssh::collect(store);
     eprintln!(
         "agentkernel: removed {} and {}",
         super::counted(containers, "container", "containers"),
@@ -90,7 +91,10 @@ pub(super) async fn collect_garbage(store: &Store) -> Result<()> {
 /// Removes one kept sandbox, on whichever backend holds it.
 pub(super) async fn remove_one(store: &Store, name: &str) -> Result<()> {
     let (backend, _) = backend::holding(store, name)?;
-    backend.remove(name).await
+    backend.remove(name).await?;
+    // Its SSH server (run --ssh), if any, goes with it.
+    crate::ssh::stop(store, name);
+    Ok(())
 }
 
 /// Thaws a paused sandbox (a running one is left as it is; a rootless

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use agentkernel_core::backend::RunOptions;
 use agentkernel_core::config::Config;
+use agentkernel_core::egress::SecretValues;
 use agentkernel_core::spec::kept_message;
 use agentkernel_core::state::Store;
 use agentkernel_core::{Error, Result};
@@ -46,16 +47,31 @@ pub async fn create(args: CreateArgs) -> Result<i32> {
         );
     }
     let kind = backend::choose(args.backend.as_deref(), config.backend.as_deref())?;
+    if args.ssh {
+        // The SSH server is started by the run path; create has none yet.
+        return Err(agentkernel_core::Error::not_supported_hint(
+            "--ssh on `sandbox create`",
+            "create it with `agentkernel run --ssh --name NAME -- true` instead",
+        ));
+    }
     let store = Store::open_default();
     let backend = backend::open(kind, &store)?;
     let no_start = args.no_start;
-    let (spec, _, notice) = super::run::resolve(
+    let (spec, _, notice, _) = super::run::resolve(
         run_args(args),
         &config,
         &cwd,
         &backend.capabilities(),
         template,
     )?;
+    if spec.egress.is_some() {
+        // Secret files are written by the first command's start-up and the
+        // proxy by the run path; a command-less create has neither yet.
+        return Err(agentkernel_core::Error::not_supported_hint(
+            "secrets and egress options on `sandbox create`",
+            "create it with `agentkernel run --keep --name NAME …` instead",
+        ));
+    }
     let keep = spec.keep.clone().expect("create always keeps");
     // `--no-start`: created stopped. A new sandbox runs no command, so only
     // what holds it runs: stopped is a matter of marking it.
@@ -69,6 +85,8 @@ pub async fn create(args: CreateArgs) -> Result<i32> {
         config: &config,
         warm_pool: false,
         notice,
+        secrets: &SecretValues::default(),
+        secret_files: Vec::new(),
     };
     // Native never returns on success: its helper creates the sandbox.
     backend.create(&spec, &options, &mark).await?;
@@ -92,10 +110,16 @@ fn run_args(args: CreateArgs) -> RunArgs {
         no_network: args.no_network,
         publish: args.publish,
         ssh: args.ssh,
+        ssh_port: None,
+        ssh_authorized_keys: None,
+        ssh_accept_env: Vec::new(),
         secret: args.secret,
         secret_file: args.secret_file,
         placeholder_secrets: args.placeholder_secrets,
+        allow_host: Vec::new(),
+        egress_log: None,
         receipt: None::<PathBuf>,
+        receipt_format: None,
         env: args.env,
         workdir: args.workdir,
         volume: args.volume,

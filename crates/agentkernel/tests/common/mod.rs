@@ -75,8 +75,9 @@ pub fn backend() -> &'static str {
             Err(_) | Ok("") | Ok("docker") => "docker",
             Ok("podman") => "podman",
             Ok("native") => "native",
+            Ok("qemu") => "qemu",
             Ok(other) => {
-                panic!("AGENTKERNEL_TEST_BACKEND={other}: expected docker, podman or native")
+                panic!("AGENTKERNEL_TEST_BACKEND={other}: expected docker, podman, native or qemu")
             }
         },
     )
@@ -86,16 +87,23 @@ pub fn is_native() -> bool {
     backend() == "native"
 }
 
+/// Backends that run images from agentkernel's own store (pulled from the
+/// test registry), not an engine's.
+pub fn uses_own_image_store() -> bool {
+    matches!(backend(), "native" | "qemu")
+}
+
 /// Backend scopes. A test inside a module of one of these names applies
 /// only to those backends; scripts/test.sh runs every test file against
 /// every backend and skips the other scopes by name (`--skip native_only::`),
 /// so they are counted as "filtered out", never as passed. Tests outside
 /// any of them run on every backend.
-pub const BACKEND_SCOPES: [(&str, &[&str]); 4] = [
+pub const BACKEND_SCOPES: [(&str, &[&str]); 5] = [
     ("native_only::", &["native"]),
     ("engine_only::", &["docker", "podman"]),
     ("docker_only::", &["docker"]),
     ("podman_only::", &["podman"]),
+    ("qemu_only::", &["qemu"]),
 ];
 
 /// Panics when the running test sits in a scope that excludes the backend
@@ -174,7 +182,7 @@ pub fn engine_ok(args: &[&str]) -> String {
 pub fn ensure_prerequisites() {
     static READY: OnceLock<()> = OnceLock::new();
     READY.get_or_init(|| {
-        if is_native() {
+        if uses_own_image_store() {
             return prepare_native_images();
         }
         let engine_name = backend();
@@ -279,7 +287,7 @@ impl TestEnv {
                 .tempdir()
                 .unwrap(),
         };
-        if is_native() {
+        if uses_own_image_store() {
             std::os::unix::fs::symlink(
                 shared_image_state().join("images"),
                 env.state.path().join("images"),
@@ -310,7 +318,7 @@ impl TestEnv {
             .env_remove("XDG_CONFIG_HOME")
             .env_remove("XDG_DATA_HOME")
             .current_dir(self.project.path());
-        if is_native() {
+        if uses_own_image_store() {
             cmd.env("AGENTKERNEL_REGISTRY_MIRRORS", TEST_REGISTRY);
         }
     }
@@ -544,6 +552,10 @@ impl Drop for TestEnv {
                 let _ = self.run(&["sandbox", "remove", &name]);
             }
             let _ = self.run(&["sandbox", "gc"]);
+            return;
+        }
+        if backend() == "qemu" {
+            // One-shot VMs only, no engine: each test checks no VM is left.
             return;
         }
         self.wait_for_refills(Duration::from_secs(60));

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# -B qemu beside native, in one go:
+#   1. RUNS runs each of `agentkernel -B native --no-network true` and
+#      `agentkernel -B qemu --fast=false --no-network true` (every VM boots
+#      cold: there is no VM pool yet), alternated; min and median wall time;
+#   2. the phase timeline of one cold VM run (AGENTKERNEL_TRACE_STARTUP=1):
+#      QEMU started, QEMU connected to the agent's socket, agent ready (with
+#      the guest kernel's own uptime then), command started, exit seen.
+# The first qemu run (not counted) builds the image's disk and the
+# initramfs, which are cached. Needs the test registry (scripts/setup.sh).
+#   bench/qemu.sh [RUNS]            (default 5)
+#   AK=path/to/agentkernel          (default: target/release, built if missing)
+set -euo pipefail
+runs=${1:-5}
+root=$(cd "$(dirname "$0")/.." && pwd)
+image=agentkernel-test/busybox:1
+ak=${AK:-$root/target/release/agentkernel}
+if [ -z "${AK:-}" ]; then
+  cargo build --release --quiet --manifest-path "$root/Cargo.toml" -p agentkernel
+fi
+home=$(mktemp -d)
+project=$(mktemp -d)
+trap 'rm -rf "$home" "$project"' EXIT
+export AGENTKERNEL_HOME="$home"
+export AGENTKERNEL_REGISTRY_MIRRORS=${AGENTKERNEL_REGISTRY_MIRRORS:-http://127.0.0.1:5055}
+"$ak" image pull "$image" >/dev/null 2>&1
+cd "$project"
+
+native=(-B native --no-network -i "$image" true)
+qemu=(-B qemu --fast=false --no-network -i "$image" true)
+"$ak" run "${qemu[@]}"   # builds and caches the disk and the initramfs
+
+ms() { echo $(( $(date +%s%N) / 1000000 )); }
+declare -a native_ms qemu_ms
+for _ in $(seq 1 "$runs"); do
+  t=$(ms); "$ak" run "${native[@]}"; native_ms+=($(( $(ms) - t )))
+  t=$(ms); "$ak" run "${qemu[@]}"; qemu_ms+=($(( $(ms) - t )))
+done
+stats() { # NAME VALUES...: min and median
+  local name=$1; shift
+  sorted=$(printf '%s\n' "$@" | sort -n)
+  min=$(echo "$sorted" | head -1)
+  median=$(echo "$sorted" | sed -n "$(( ($# + 1) / 2 ))p")
+  printf '%-34s min %6s ms   median %6s ms\n' "$name" "$min" "$median"
+}
+echo "== $runs runs each (load: $(cut -d' ' -f1-3 /proc/loadavg); accel: $(sed -n 2p "$home/images/vm/accel"))"
+stats "native --no-network true" "${native_ms[@]}"
+stats "qemu --fast=false --no-network true" "${qemu_ms[@]}"
+
+echo "== phase timeline of one cold VM run (ms since agentkernel started)"
+AGENTKERNEL_TRACE_STARTUP=1 "$ak" run "${qemu[@]}" 2>&1 >/dev/null |
+  awk '/^agentkernel-trace / {
+         t = $2; $1 = ""; $2 = ""; sub(/^  /, "")
+         if (start == "") start = t
+         printf "%8.1f  %s\n", (t - start) / 1000, $0
+       }'

@@ -1,0 +1,662 @@
+//! PID 1 in a sandbox VM. Mounts the kernel's filesystems, loads the modules
+//! the initramfs carries (virtio, ext4, overlay, 9p), finds the host's
+//! virtio-serial port, builds the command's root from the image disk, runs
+//! the one command the host sends, streams its I/O, reports how it ended and
+//! powers the VM off. Anything that goes wrong is one line on the port (when
+//! it is open) and on the console, then power-off: the host never waits on a
+//! guest that gave up.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use agentkernel_native::{caps, seccomp};
+
+use crate::protocol::{
+    read_frame, write_frame, GuestMessage, HostMessage, RootMode, RunRequest, WorkspaceMode,
+    PORT_NAME, WORKSPACE_TAG,
+};
+
+/// Where the command's root is assembled before the agent switches into it.
+const NEW_ROOT: &str = "/newroot";
+const MODULE_LIST: &str = "/lib/modules/load-order";
+
+type Port = Arc<Mutex<File>>;
+
+pub fn main() -> ! {
+    if let Err(e) = agent() {
+        eprintln!("agentkernel-guest: {e}");
+    }
+    power_off()
+}
+
+fn agent() -> io::Result<()> {
+    mount_kernel_filesystems()?;
+    let started_ms = uptime_ms();
+    load_modules()?;
+    let modules_ms = uptime_ms();
+    // The OOM killer must pick the command, never the agent.
+    let _ = std::fs::write("/proc/self/oom_score_adj", "-1000");
+    let port = open_port()?;
+    let mut reader = port.try_clone()?;
+    let port: Port = Arc::new(Mutex::new(port));
+    send(
+        &port,
+        &GuestMessage::Ready {
+            started_ms,
+            modules_ms,
+            uptime_ms: uptime_ms(),
+        },
+    )?;
+    let request = match read_frame::<_, HostMessage>(&mut reader)? {
+        Some(HostMessage::Run(r)) => r,
+        other => return Err(io::Error::other(format!("expected Run, got {other:?}"))),
+    };
+    let built = sandbox_cgroup(request.pids_max).and_then(|cgroup| {
+        build_root(&request)
+            .and_then(|()| switch_root())
+            .map(|()| cgroup)
+    });
+    let cgroup = match built {
+        Ok(cgroup) => cgroup,
+        Err(e) => {
+            let why = format!("cannot build the sandbox's root: {e}");
+            let _ = send(&port, &GuestMessage::Failed(why.clone()));
+            return Err(io::Error::other(why));
+        }
+    };
+    run_command(&request, &port, reader, cgroup)
+}
+
+fn send(port: &Port, message: &GuestMessage) -> io::Result<()> {
+    let mut port = port.lock().unwrap_or_else(|p| p.into_inner());
+    write_frame(&mut *port, message)
+}
+
+fn mount_kernel_filesystems() -> io::Result<()> {
+    mount(Some("proc"), "/proc", Some("proc"), 0, None)?;
+    mount(Some("sysfs"), "/sys", Some("sysfs"), 0, None)?;
+    mount(Some("devtmpfs"), "/dev", Some("devtmpfs"), 0, None)
+}
+
+/// The modules the host listed, in dependency order (plain `.ko` files).
+fn load_modules() -> io::Result<()> {
+    let list = match std::fs::read_to_string(MODULE_LIST) {
+        Ok(l) => l,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for name in list.lines().filter(|l| !l.is_empty()) {
+        let path = format!("/lib/modules/{name}");
+        let file = File::open(&path)?;
+        // SAFETY: a valid fd and an empty, NUL-terminated parameter string.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_finit_module,
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                c"".as_ptr(),
+                0,
+            )
+        };
+        let err = io::Error::last_os_error();
+        if rc != 0 && err.raw_os_error() != Some(libc::EEXIST) {
+            return Err(io::Error::other(format!("loading {name}: {err}")));
+        }
+    }
+    Ok(())
+}
+
+/// The virtio-serial port named [`PORT_NAME`] (its device node appears
+/// when the driver has probed it; give it a moment).
+fn open_port() -> io::Result<File> {
+    for _ in 0..500 {
+        if let Ok(entries) = std::fs::read_dir("/sys/class/virtio-ports") {
+            for entry in entries.flatten() {
+                let name = std::fs::read_to_string(entry.path().join("name")).unwrap_or_default();
+                if name.trim() == PORT_NAME {
+                    let dev = Path::new("/dev").join(entry.file_name());
+                    if let Ok(f) = File::options().read(true).write(true).open(&dev) {
+                        return Ok(f);
+                    }
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Err(io::Error::other(format!(
+        "no virtio-serial port named {PORT_NAME}"
+    )))
+}
+
+fn uptime_ms() -> u64 {
+    let uptime = std::fs::read_to_string("/proc/uptime").unwrap_or_default();
+    let seconds: f64 = uptime
+        .split_whitespace()
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0.0);
+    (seconds * 1000.0) as u64
+}
+
+/// The image disk (read-only, with a tmpfs overlay unless the root stays
+/// read-only), the kernel's filesystems, a private /dev, /tmp and the
+/// workspace, all under [`NEW_ROOT`].
+fn build_root(request: &RunRequest) -> io::Result<()> {
+    for dir in ["/image", "/scratch", NEW_ROOT] {
+        std::fs::create_dir_all(dir)?;
+    }
+    mount(
+        Some("/dev/vda"),
+        "/image",
+        Some("ext4"),
+        libc::MS_RDONLY,
+        None,
+    )?;
+    // Writable layers live in RAM: the guest's memory bounds them.
+    mount(
+        Some("scratch"),
+        "/scratch",
+        Some("tmpfs"),
+        0,
+        Some("mode=0755"),
+    )?;
+    match request.root {
+        RootMode::Overlay => {
+            for dir in ["/scratch/root", "/scratch/root-work"] {
+                std::fs::create_dir(dir)?;
+            }
+            mount(
+                Some("overlay"),
+                NEW_ROOT,
+                Some("overlay"),
+                0,
+                Some("lowerdir=/image,upperdir=/scratch/root,workdir=/scratch/root-work"),
+            )?;
+        }
+        RootMode::ReadOnly => {
+            mount(Some("/image"), NEW_ROOT, None, libc::MS_BIND, None)?;
+            mount(
+                None,
+                NEW_ROOT,
+                None,
+                libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+                None,
+            )?;
+        }
+    }
+    let at = |p: &str| format!("{NEW_ROOT}{p}");
+    let nosuid = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    mount(Some("proc"), &at("/proc"), Some("proc"), nosuid, None)?;
+    mount(
+        Some("sysfs"),
+        &at("/sys"),
+        Some("sysfs"),
+        nosuid | libc::MS_RDONLY,
+        None,
+    )?;
+    private_dev(&at("/dev"))?;
+    let tmp = match request.root {
+        RootMode::ReadOnly => format!("mode=1777,size={}", request.tmp_bytes.max(1 << 20)),
+        RootMode::Overlay => "mode=1777".to_string(),
+    };
+    mount(
+        Some("tmpfs"),
+        &at("/tmp"),
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some(&tmp),
+    )?;
+    if let Some(workspace) = &request.workspace {
+        let target = at(&workspace.path);
+        let read_only = workspace.mode != WorkspaceMode::ReadWrite;
+        let options = format!(
+            "trans=virtio,version=9p2000.L,msize=262144,cache=none{}",
+            if read_only { ",ro" } else { "" }
+        );
+        let flags = if read_only { libc::MS_RDONLY } else { 0 };
+        if workspace.mode == WorkspaceMode::CopyOnWrite {
+            std::fs::create_dir_all("/share")?;
+            mount(
+                Some(WORKSPACE_TAG),
+                "/share",
+                Some("9p"),
+                flags,
+                Some(&options),
+            )?;
+            for dir in ["/scratch/ws", "/scratch/ws-work"] {
+                std::fs::create_dir(dir)?;
+            }
+            mount(
+                Some("overlay"),
+                &target,
+                Some("overlay"),
+                0,
+                Some("lowerdir=/share,upperdir=/scratch/ws,workdir=/scratch/ws-work"),
+            )?;
+        } else {
+            mount(
+                Some(WORKSPACE_TAG),
+                &target,
+                Some("9p"),
+                flags,
+                Some(&options),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// A tmpfs /dev with the usual nodes: the guest's devtmpfs (with the host's
+/// port in it) stays out of the command's sight.
+fn private_dev(dev: &str) -> io::Result<()> {
+    mount(
+        Some("tmpfs"),
+        dev,
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        Some("mode=0755"),
+    )?;
+    for (name, major, minor) in [
+        ("null", 1, 3),
+        ("zero", 1, 5),
+        ("full", 1, 7),
+        ("random", 1, 8),
+        ("urandom", 1, 9),
+        ("tty", 5, 0),
+    ] {
+        let path = cstring(&format!("{dev}/{name}"))?;
+        // SAFETY: a valid path; mknod only creates the node.
+        let rc = unsafe {
+            libc::mknod(
+                path.as_ptr(),
+                libc::S_IFCHR | 0o666,
+                libc::makedev(major, minor),
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    for dir in ["pts", "shm"] {
+        std::fs::create_dir(format!("{dev}/{dir}"))?;
+    }
+    mount(
+        Some("devpts"),
+        &format!("{dev}/pts"),
+        Some("devpts"),
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620"),
+    )?;
+    mount(
+        Some("shm"),
+        &format!("{dev}/shm"),
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some("mode=1777"),
+    )?;
+    for (link, target) in [
+        ("ptmx", "pts/ptmx"),
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        std::os::unix::fs::symlink(target, format!("{dev}/{link}"))?;
+    }
+    Ok(())
+}
+
+/// A cgroup for the command with the profile's pids limit, on a cgroup2
+/// mount in the initramfs: once the agent has switched roots the command
+/// cannot reach it by any path (its /sys/fs/cgroup is empty), only through
+/// the returned `cgroup.procs`, which the command's process writes itself
+/// into before exec.
+fn sandbox_cgroup(pids_max: Option<u64>) -> io::Result<Option<File>> {
+    let Some(max) = pids_max else {
+        return Ok(None);
+    };
+    std::fs::create_dir_all("/cgroup")?;
+    mount(Some("cgroup2"), "/cgroup", Some("cgroup2"), 0, None)?;
+    std::fs::write("/cgroup/cgroup.subtree_control", "+pids")?;
+    std::fs::create_dir("/cgroup/sandbox")?;
+    std::fs::write("/cgroup/sandbox/pids.max", max.to_string())?;
+    File::options()
+        .write(true)
+        .open("/cgroup/sandbox/cgroup.procs")
+        .map(Some)
+}
+
+/// The initramfs cannot be pivoted away from: move the new root over `/`
+/// and chroot into it, as switch_root does. The agent's open port survives.
+fn switch_root() -> io::Result<()> {
+    std::env::set_current_dir(NEW_ROOT)?;
+    mount(Some("."), "/", None, libc::MS_MOVE, None)?;
+    let dot = cstring(".")?;
+    // SAFETY: a valid path.
+    if unsafe { libc::chroot(dot.as_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    std::env::set_current_dir("/")
+}
+
+fn run_command(
+    request: &RunRequest,
+    port: &Port,
+    mut reader: File,
+    cgroup: Option<File>,
+) -> io::Result<()> {
+    let cgroup_fd = cgroup.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
+    let (uid, gid) = match resolve_user(request.user.as_deref()) {
+        Ok(ids) => ids,
+        Err(why) => {
+            send(port, &GuestMessage::Failed(why.clone()))?;
+            return Err(io::Error::other(why));
+        }
+    };
+    let Some((program, args)) = request.argv.split_first() else {
+        send(port, &GuestMessage::Failed("no command".into()))?;
+        return Ok(());
+    };
+    // Checked first, so that a failed spawn below is about the program.
+    if !Path::new(&request.workdir).is_dir() {
+        let why = format!(
+            "the working directory {} does not exist in the image; choose another with --workdir",
+            request.workdir
+        );
+        send(port, &GuestMessage::Failed(why.clone()))?;
+        return Err(io::Error::other(why));
+    }
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .env_clear()
+        .envs(request.env.iter().filter_map(|kv| kv.split_once('=')))
+        .current_dir(&request.workdir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let no_new_privileges = request.no_new_privileges;
+    let seccomp_restrictive = request.seccomp_restrictive;
+    let keep: Vec<u32> = request
+        .capabilities
+        .iter()
+        .filter_map(|c| caps::number(c))
+        .collect();
+    // SAFETY: the agent has no other thread yet, so the child may allocate
+    // (the seccomp program, /proc reads); the rest is plain syscalls.
+    unsafe {
+        command.pre_exec(move || {
+            // The agent's OOM immunity is inherited: give it back, or the
+            // OOM killer finds no one to kill and the kernel panics.
+            let fd = libc::open(c"/proc/self/oom_score_adj".as_ptr(), libc::O_WRONLY);
+            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                return Err(io::Error::last_os_error());
+            }
+            libc::close(fd);
+            if let Some(procs) = cgroup_fd {
+                // "0": the writing process itself.
+                if libc::write(procs, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // As the native backend does it (command.rs): no_new_privs, its
+            // seccomp filter while we may still install it, the bounding
+            // set, the user, then the kept capabilities for root.
+            if no_new_privileges && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            seccomp::install(seccomp_restrictive)?;
+            caps::limit_bounding_set(&keep)?;
+            // The user last (Command's own uid/gid would come before this
+            // closure, and /proc/self is root's after a uid change).
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(gid) != 0
+                || libc::setuid(uid) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            if uid == 0 {
+                caps::set(&keep)?;
+            }
+            Ok(())
+        });
+    }
+    let oom_kills_before = oom_kills();
+    let mut child = match command.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            // The command's failure, not ours: 127 and 126 as a shell (and
+            // every other backend) says them.
+            let (code, what) = match e.kind() {
+                io::ErrorKind::NotFound => (127, "command not found"),
+                io::ErrorKind::PermissionDenied => (126, "permission denied"),
+                _ if e.raw_os_error() == Some(libc::ENOEXEC) => (126, "cannot execute"),
+                _ => {
+                    let why = format!("cannot run {program}: {e}");
+                    send(port, &GuestMessage::Failed(why.clone()))?;
+                    return Err(io::Error::other(why));
+                }
+            };
+            let line = format!("agentkernel: {program}: {what}\n");
+            send(port, &GuestMessage::Stderr(line.into_bytes()))?;
+            return send(
+                port,
+                &GuestMessage::Exited {
+                    code: Some(code),
+                    signal: None,
+                    timed_out: false,
+                    out_of_memory: false,
+                },
+            );
+        }
+    };
+    send(port, &GuestMessage::Started)?;
+    let pid = child.id() as libc::pid_t;
+    let mut stdin = child.stdin.take();
+    let stdout = child
+        .stdout
+        .take()
+        .map(|s| pump(s, port.clone(), GuestMessage::Stdout));
+    let stderr = child
+        .stderr
+        .take()
+        .map(|s| pump(s, port.clone(), GuestMessage::Stderr));
+    // Stdin: the host's frames into the command's pipe until it closes it.
+    // (Never joined: after the exit the port's reader may block forever.)
+    std::thread::spawn(move || {
+        while let Ok(Some(message)) = read_frame::<_, HostMessage>(&mut reader) {
+            match message {
+                HostMessage::Stdin(data) => {
+                    if let Some(pipe) = stdin.as_mut() {
+                        if pipe.write_all(&data).is_err() {
+                            stdin = None;
+                        }
+                    }
+                }
+                HostMessage::StdinClosed => stdin = None,
+                // SAFETY: kill has no memory preconditions; the command
+                // leads its own session, so its group is -pid.
+                HostMessage::Signal(signo) => unsafe {
+                    libc::kill(-pid, signo);
+                },
+                HostMessage::Run(_) => {}
+            }
+        }
+    });
+    let status = wait_for(pid, request.timeout_ms.map(Duration::from_millis));
+    // Whatever the command left running dies with it (PID 1 is spared),
+    // which also closes every copy of its output pipes.
+    // SAFETY: kill(-1) signals every process but ourselves.
+    unsafe { libc::kill(-1, libc::SIGKILL) };
+    for pump in [stdout, stderr].into_iter().flatten() {
+        let _ = pump.join();
+    }
+    let message = match status {
+        None => GuestMessage::Exited {
+            code: None,
+            signal: Some(libc::SIGKILL),
+            timed_out: true,
+            out_of_memory: false,
+        },
+        Some(status) => {
+            let signal = libc::WIFSIGNALED(status).then(|| libc::WTERMSIG(status));
+            GuestMessage::Exited {
+                code: libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status)),
+                signal,
+                timed_out: false,
+                out_of_memory: signal == Some(libc::SIGKILL) && oom_kills() > oom_kills_before,
+            }
+        }
+    };
+    send(port, &message)
+}
+
+fn pump(
+    mut source: impl Read + Send + 'static,
+    port: Port,
+    frame: fn(Vec<u8>) -> GuestMessage,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            match source.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if send(&port, &frame(buf[..n].to_vec())).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// The command's wait status, or `None` when the timeout came first. As
+/// PID 1 this also reaps every orphan the command leaves.
+fn wait_for(pid: libc::pid_t, timeout: Option<Duration>) -> Option<libc::c_int> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || loop {
+        let mut status = 0;
+        // SAFETY: waitpid writes into our status.
+        let reaped = unsafe { libc::waitpid(-1, &mut status, 0) };
+        if reaped == pid {
+            let _ = tx.send(status);
+        } else if reaped < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ECHILD) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    match timeout {
+        Some(t) => rx.recv_timeout(t).ok(),
+        None => rx.recv().ok(),
+    }
+}
+
+/// The guest kernel's count of OOM kills so far.
+fn oom_kills() -> u64 {
+    std::fs::read_to_string("/proc/vmstat")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("oom_kill "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// `user[:group]` from the image's /etc/passwd and /etc/group (we are in the
+/// new root by now), or numeric ids.
+fn resolve_user(spec: Option<&str>) -> Result<(u32, u32), String> {
+    let Some(spec) = spec.filter(|s| !s.is_empty()) else {
+        return Ok((0, 0));
+    };
+    let (user, group) = match spec.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (spec, None),
+    };
+    let lookup = |file: &str, name: &str| -> Option<(u32, u32)> {
+        let text = std::fs::read_to_string(file).ok()?;
+        text.lines().find_map(|line| {
+            let fields: Vec<&str> = line.split(':').collect();
+            (fields.first() == Some(&name) && fields.len() > 3).then(|| {
+                (
+                    fields[2].parse().unwrap_or(u32::MAX),
+                    fields[3].parse().unwrap_or(u32::MAX),
+                )
+            })
+        })
+    };
+    let (uid, primary_gid) = match user.parse::<u32>() {
+        Ok(uid) => (uid, lookup_by_uid(uid).unwrap_or(uid)),
+        Err(_) => lookup("/etc/passwd", user)
+            .ok_or_else(|| format!("user {user} is not in the image's /etc/passwd"))?,
+    };
+    let gid = match group {
+        None => primary_gid,
+        Some(g) => match g.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) => lookup("/etc/group", g)
+                .map(|(gid, _)| gid)
+                .ok_or_else(|| format!("group {g} is not in the image's /etc/group"))?,
+        },
+    };
+    Ok((uid, gid))
+}
+
+fn lookup_by_uid(uid: u32) -> Option<u32> {
+    let text = std::fs::read_to_string("/etc/passwd").ok()?;
+    text.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(':').collect();
+        (fields.len() > 3 && fields[2].parse() == Ok(uid))
+            .then(|| fields[3].parse().ok())
+            .flatten()
+    })
+}
+
+fn cstring(s: &str) -> io::Result<CString> {
+    CString::new(s).map_err(io::Error::other)
+}
+
+fn mount(
+    source: Option<&str>,
+    target: &str,
+    fstype: Option<&str>,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> io::Result<()> {
+    let source = source.map(cstring).transpose()?;
+    let target_c = cstring(target)?;
+    let fstype = fstype.map(cstring).transpose()?;
+    let data = data.map(cstring).transpose()?;
+    let ptr = |c: &Option<CString>| c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
+    // SAFETY: valid C strings or nulls, as mount(2) accepts.
+    let rc = unsafe {
+        libc::mount(
+            ptr(&source),
+            target_c.as_ptr(),
+            ptr(&fstype),
+            flags,
+            ptr(&data).cast(),
+        )
+    };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(e.kind(), format!("mount {target}: {e}")));
+    }
+    Ok(())
+}
+
+/// Flushes nothing (every filesystem that matters is in RAM or read-only)
+/// and powers off; the host sees QEMU exit.
+fn power_off() -> ! {
+    // SAFETY: reboot(2) with POWER_OFF; we are PID 1.
+    unsafe { libc::reboot(libc::RB_POWER_OFF) };
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}

@@ -1,0 +1,162 @@
+//! Host ⇄ guest messages: each is one frame, a 4-byte big-endian length and
+//! that many bytes of JSON. The host speaks first after [`GuestMessage::Ready`]
+//! with exactly one [`HostMessage::Run`]; then stdin flows one way, output
+//! the other, and [`GuestMessage::Exited`] ends the conversation.
+
+use std::io::{self, Read, Write};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// The name of the virtio-serial port the agent looks for.
+pub const PORT_NAME: &str = "agentkernel";
+/// The 9p mount tag of the workspace share.
+pub const WORKSPACE_TAG: &str = "workspace";
+/// A frame larger than this is a protocol error, not an allocation.
+const MAX_FRAME: u32 = 16 << 20;
+
+/// How the image's root filesystem is shown to the command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RootMode {
+    /// Writable: a tmpfs overlay on the read-only image disk; writes die with the VM.
+    Overlay,
+    /// The image disk as it is, read-only (with a writable tmpfs at /tmp).
+    ReadOnly,
+}
+
+/// How the workspace share is shown at its path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WorkspaceMode {
+    ReadWrite,
+    /// A tmpfs overlay on the share mounted read-only: the host copy never changes.
+    CopyOnWrite,
+    ReadOnly,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Workspace {
+    pub path: String,
+    pub mode: WorkspaceMode,
+}
+
+/// The one command a VM runs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunRequest {
+    pub argv: Vec<String>,
+    /// `KEY=value`, image environment first, the run's after (later wins).
+    pub env: Vec<String>,
+    pub workdir: String,
+    /// `user[:group]`, names (looked up in the image) or ids; root when absent.
+    pub user: Option<String>,
+    pub timeout_ms: Option<u64>,
+    pub root: RootMode,
+    /// Size of /tmp under a read-only root, in bytes.
+    pub tmp_bytes: u64,
+    pub workspace: Option<Workspace>,
+    pub no_new_privileges: bool,
+    /// The most processes the command may have at once (a cgroup in the guest).
+    pub pids_max: Option<u64>,
+    /// The capabilities the command keeps, by name (without `CAP_`); the
+    /// bounding set loses the rest.
+    pub capabilities: Vec<String>,
+    /// The native backend's seccomp filter: its restrictive variant, or
+    /// the default one.
+    pub seccomp_restrictive: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum HostMessage {
+    Run(RunRequest),
+    Stdin(Vec<u8>),
+    StdinClosed,
+    /// A signal agentkernel received, for the command's process group.
+    Signal(i32),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum GuestMessage {
+    /// The agent is up: the guest kernel's uptime when the agent started
+    /// (the kernel's boot), when its modules were loaded and when it was
+    /// ready (port open).
+    Ready {
+        started_ms: u64,
+        modules_ms: u64,
+        uptime_ms: u64,
+    },
+    /// The command was started (its root and mounts are in place).
+    Started,
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+    /// The command ended: an exit code, or the signal that killed it.
+    Exited {
+        code: Option<i32>,
+        signal: Option<i32>,
+        timed_out: bool,
+        out_of_memory: bool,
+    },
+    /// The agent could not run the command; a one-line reason.
+    Failed(String),
+}
+
+pub fn write_frame<W: Write, T: Serialize>(writer: &mut W, message: &T) -> io::Result<()> {
+    let body = serde_json::to_vec(message).map_err(io::Error::other)?;
+    let len = u32::try_from(body.len())
+        .ok()
+        .filter(|l| *l <= MAX_FRAME)
+        .ok_or_else(|| io::Error::other("frame too large"))?;
+    let mut frame = Vec::with_capacity(body.len() + 4);
+    frame.extend_from_slice(&len.to_be_bytes());
+    frame.extend_from_slice(&body);
+    writer.write_all(&frame)?;
+    writer.flush()
+}
+
+/// The next message, or `None` at a clean end of stream.
+pub fn read_frame<R: Read, T: DeserializeOwned>(reader: &mut R) -> io::Result<Option<T>> {
+    let mut len = [0u8; 4];
+    match reader.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_be_bytes(len);
+    if len > MAX_FRAME {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes"),
+        ));
+    }
+    let mut body = vec![0u8; len as usize];
+    reader.read_exact(&mut body)?;
+    serde_json::from_slice(&body)
+        .map(Some)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_end_cleanly() {
+        let mut wire = Vec::new();
+        write_frame(&mut wire, &GuestMessage::Stdout(b"hi\n".to_vec())).unwrap();
+        write_frame(&mut wire, &HostMessage::StdinClosed).unwrap();
+        let mut reader = wire.as_slice();
+        match read_frame::<_, GuestMessage>(&mut reader).unwrap() {
+            Some(GuestMessage::Stdout(b)) => assert_eq!(b, b"hi\n"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            read_frame::<_, HostMessage>(&mut reader).unwrap(),
+            Some(HostMessage::StdinClosed)
+        ));
+        assert!(read_frame::<_, HostMessage>(&mut reader).unwrap().is_none());
+    }
+
+    #[test]
+    fn oversized_frames_are_refused() {
+        let wire = (MAX_FRAME + 1).to_be_bytes();
+        assert!(read_frame::<_, HostMessage>(&mut wire.as_slice()).is_err());
+    }
+}

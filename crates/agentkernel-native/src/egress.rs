@@ -1,0 +1,307 @@
+//! The sandbox's side of the egress proxy (see the `agentkernel-egress`
+//! crate): the proxy's listening socket is created *inside* the sandbox's
+//! network namespace — bound to its loopback, so nothing else on the machine
+//! can reach it — and handed to the proxy process, which runs on the host;
+//! the proxy's CA is added to the root's trust stores.
+
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::process::Stdio;
+
+use agentkernel_core::egress::{EgressSpec, SecretValues};
+use agentkernel_core::spec::SandboxSpec;
+use agentkernel_core::{Error, Result};
+use agentkernel_egress::ProxyConfig;
+
+use serde::{Deserialize, Serialize};
+
+use crate::sys;
+
+/// Where the proxy listens inside the sandbox (its own loopback).
+pub const PROXY_PORT: u16 = 3128;
+
+/// Everything the sandbox's trust store needs and the `*_CA_*` variables name.
+pub const CA_FILE: &str = "/etc/agentkernel/egress-ca.crt";
+pub const BUNDLE_FILE: &str = "/etc/agentkernel/ca-bundle.crt";
+
+/// The system bundles the CA is appended to when the image has them
+/// (Debian/Alpine, RHEL/Fedora); tools that ignore the variables read these.
+const SYSTEM_BUNDLES: &[&str] = &[
+    "etc/ssl/certs/ca-certificates.crt",
+    "etc/pki/tls/certs/ca-bundle.crt",
+];
+
+const LISTENER: u8 = b'l';
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EgressPlan {
+    /// The proxy's CA certificate (public; its key stays in the proxy).
+    pub ca_pem: String,
+    /// Our end of a socket pair with the proxy process: the listening
+    /// socket goes to it over SCM_RIGHTS. Inherited across the exec into the
+    /// helper; init closes it with every other inherited fd.
+    pub handoff_fd: RawFd,
+    /// The write end of a pipe whose read end the proxy watches: the proxy
+    /// exits when the last holder (the supervisor) is gone.
+    pub lifeline_fd: RawFd,
+}
+
+/// The variables every common client reads: the proxy, and the bundle.
+pub fn environment() -> Vec<(&'static str, String)> {
+    let proxy = format!("http://127.0.0.1:{PROXY_PORT}");
+    let mut env = Vec::new();
+    for key in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
+        env.push((key, proxy.clone()));
+    }
+    env.push(("NO_PROXY", "localhost,127.0.0.1".to_string()));
+    env.push(("no_proxy", "localhost,127.0.0.1".to_string()));
+    env.push(("NODE_USE_ENV_PROXY", "1".to_string()));
+    for key in [
+        "SSL_CERT_FILE",
+        "REQUESTS_CA_BUNDLE",
+        "CURL_CA_BUNDLE",
+        "GIT_SSL_CAINFO",
+    ] {
+        env.push((key, BUNDLE_FILE.to_string()));
+    }
+    env.push(("NODE_EXTRA_CA_CERTS", CA_FILE.to_string()));
+    env
+}
+
+/// In a thread that is in the sandbox's (new) network namespace: brings up
+/// loopback, binds the proxy's port on it and sends the socket to the proxy.
+pub(crate) fn listen_here(egress: &EgressPlan) -> io::Result<()> {
+    crate::net::loopback_up()?;
+    let listener = std::net::TcpListener::bind(("127.0.0.1", PROXY_PORT))
+        .map_err(sys::context("bind the egress proxy's port in the sandbox"))?;
+    // SAFETY: the fd was inherited for this purpose (see `EgressPlan`) and
+    // is only borrowed here; the supervisor closes it after.
+    let handoff = unsafe { std::os::fd::BorrowedFd::borrow_raw(egress.handoff_fd) };
+    let handoff = handoff.try_clone_to_owned()?;
+    crate::sandbox::send_message(&handoff, LISTENER, &[listener.as_raw_fd()]).map_err(sys::context(
+        "hand the listening socket to the egress proxy",
+    ))
+}
+
+/// The proxy process's end: the listening socket, once the sandbox exists.
+pub fn receive_listener(handoff: &OwnedFd) -> io::Result<std::net::TcpListener> {
+    match crate::sandbox::recv_message(handoff)? {
+        (LISTENER, mut fds) if fds.len() == 1 => Ok(std::net::TcpListener::from(fds.remove(0))),
+        _ => Err(io::Error::other("no listening socket from the sandbox")),
+    }
+}
+
+/// Adds the CA to the root being built (its copy-on-write layer: never the
+/// host's or the image store's files): `/etc/agentkernel/egress-ca.crt`,
+/// `/etc/agentkernel/ca-bundle.crt` (the system bundle plus the CA), and
+/// appended to each system bundle the image has.
+pub(crate) fn install_ca(root: &OwnedFd, ca_pem: &str) -> io::Result<()> {
+    let mut system = String::new();
+    for bundle in SYSTEM_BUNDLES {
+        let Some(file) = open_in_root(root, bundle, libc::O_RDWR | libc::O_APPEND)? else {
+            continue;
+        };
+        let mut file = std::fs::File::from(file);
+        if system.is_empty() {
+            file.read_to_string(&mut system)
+                .map_err(sys::context(format_args!("read /{bundle}")))?;
+        }
+        io::Write::write_all(&mut file, format!("\n{ca_pem}").as_bytes())
+            .map_err(sys::context(format_args!("add the egress CA to /{bundle}")))?;
+    }
+    let ca_rel = CA_FILE.trim_start_matches('/');
+    let bundle_rel = BUNDLE_FILE.trim_start_matches('/');
+    sys::write_beneath(root, ca_rel, ca_pem)?;
+    sys::write_beneath(root, bundle_rel, &format!("{system}\n{ca_pem}"))
+}
+
+/// Opens `rel` with every symlink resolved inside `root` and on the root's
+/// own filesystem (a bundle that links into /proc or a mount is skipped
+/// with an error, never written through); `None` when it does not exist.
+fn open_in_root(root: &OwnedFd, rel: &str, flags: i32) -> io::Result<Option<OwnedFd>> {
+    #[repr(C)]
+    struct OpenHow {
+        flags: u64,
+        mode: u64,
+        resolve: u64,
+    }
+    const RESOLVE_NO_XDEV: u64 = 0x01;
+    const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
+    const RESOLVE_IN_ROOT: u64 = 0x10;
+    let how = OpenHow {
+        flags: (flags | libc::O_CLOEXEC) as u64,
+        mode: 0,
+        resolve: RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV,
+    };
+    let path = sys::cstr(rel);
+    // SAFETY: valid dir fd, C string and open_how of the size passed.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            root.as_raw_fd(),
+            path.as_ptr(),
+            &how as *const OpenHow,
+            std::mem::size_of::<OpenHow>(),
+        )
+    };
+    if fd < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENOENT) | Some(libc::ENOTDIR) => Ok(None),
+            _ => Err(sys::context(format_args!("open /{rel}"))(e)),
+        };
+    }
+    // SAFETY: just opened, ours.
+    Ok(Some(unsafe { OwnedFd::from_raw_fd(fd as RawFd) }))
+}
+
+/// The two ends of the socket the listening socket travels over: ours
+/// (kept through the exec into the helper) and the proxy's.
+pub fn handoff_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    crate::sandbox::socketpair()
+}
+
+/// Caught in `main()` before clap, like the native helper.
+pub const PROXY_SUBCOMMAND: &str = "__egress-proxy";
+
+/// The proxy process's descriptors: its configuration (a pipe), the socket
+/// its listening socket arrives on, and the lifeline (EOF: the sandbox's
+/// owner is gone).
+pub const CONFIG_FD: RawFd = 3;
+pub const HANDOFF_FD: RawFd = 4;
+pub const LIFELINE_FD: RawFd = 5;
+
+/// `--branch` reusing a sandbox: its proxy (or none) was set when it was
+/// created; egress options given now would silently not apply.
+pub fn refuse_on_reuse(spec: &SandboxSpec, name: &str) -> Result<()> {
+    if spec.egress.as_ref().is_some_and(EgressSpec::needs_proxy) {
+        return Err(Error::Conflict(format!(
+            "sandbox {name} exists: -S, --allow-host and --egress-log apply when a sandbox is created; drop them, or remove {name} first"
+        )));
+    }
+    Ok(())
+}
+
+/// A started proxy process, waiting for its listening socket.
+pub struct StartedProxy {
+    pub ca_pem: String,
+    /// Where the listening socket goes (see `receive_listener`).
+    pub handoff: OwnedFd,
+    /// Held while the sandbox lives; its closing ends the proxy.
+    pub lifeline: OwnedFd,
+}
+
+fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two fds into the array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both were just created and are ours.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Starts `agentkernel __egress-proxy` on the host: configuration and values
+/// through a pipe, the CA certificate back on its stdout. Fails closed: any
+/// error is the run's error, and the process is gone.
+pub fn start(egress: &EgressSpec, secrets: &SecretValues) -> Result<StartedProxy> {
+    let fail = |why: String| Error::Backend {
+        backend: "egress proxy",
+        message: why,
+    };
+    let config = ProxyConfig::new(egress, secrets);
+    // Before a process exists: a bad configuration is the caller's one line.
+    config.validate().map_err(|e| fail(e.to_string()))?;
+    let io = |what: &'static str| move |e: std::io::Error| fail(format!("{what}: {e}"));
+    let (config_read, config_write) = pipe().map_err(io("pipe"))?;
+    let (lifeline_read, lifeline) = pipe().map_err(io("pipe"))?;
+    let (handoff, proxy_handoff) = handoff_pair().map_err(io("socketpair"))?;
+    let inherited = [
+        config_read.as_raw_fd(),
+        proxy_handoff.as_raw_fd(),
+        lifeline_read.as_raw_fd(),
+    ];
+    let mut command = std::process::Command::new("/proc/self/exe");
+    command
+        .arg0("agentkernel")
+        .arg(PROXY_SUBCOMMAND)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        // It may outlive this command (a kept sandbox's): holding the
+        // caller's stderr would keep a `$(agentkernel run …)` waiting.
+        .stderr(Stdio::null());
+    // SAFETY: only async-signal-safe calls (fcntl, dup2, setsid) between
+    // fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            // Out of the way first (a source may be 3..5 itself), then into place.
+            let mut high = [0; 3];
+            for (i, fd) in inherited.iter().enumerate() {
+                high[i] = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 10);
+                if high[i] < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            for (i, fd) in high.iter().enumerate() {
+                if libc::dup2(*fd, CONFIG_FD + i as RawFd) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            // Its own session: the terminal's Ctrl-C is the sandbox's, and
+            // the proxy must serve until the sandbox is gone.
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().map_err(io("cannot start it"))?;
+    drop((config_read, proxy_handoff, lifeline_read));
+    let result = (|| {
+        let json = serde_json::to_vec(&config).map_err(|e| fail(e.to_string()))?;
+        std::fs::File::from(config_write)
+            .write_all(&json)
+            .map_err(io("cannot send its configuration"))?;
+        let mut out = String::new();
+        child
+            .stdout
+            .take()
+            .expect("piped")
+            .read_to_string(&mut out)
+            .map_err(io("cannot read its CA"))?;
+        match out.strip_prefix("error: ") {
+            None if out.starts_with("-----BEGIN CERTIFICATE-----") => Ok(out),
+            Some(why) => Err(fail(why.trim().to_string())),
+            None => Err(fail("it exited during start-up".into())),
+        }
+    })();
+    match result {
+        Ok(ca_pem) => Ok(StartedProxy {
+            ca_pem,
+            handoff,
+            lifeline,
+        }),
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(e)
+        }
+    }
+}
+
+impl StartedProxy {
+    /// Makes the two descriptors survive the exec into the native helper
+    /// and hands their numbers to the plan.
+    pub fn into_plan(self) -> std::io::Result<EgressPlan> {
+        for fd in [&self.handoff, &self.lifeline] {
+            // SAFETY: clears FD_CLOEXEC on an fd we own.
+            if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, 0) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(EgressPlan {
+            ca_pem: self.ca_pem,
+            handoff_fd: self.handoff.into_raw_fd(),
+            lifeline_fd: self.lifeline.into_raw_fd(),
+        })
+    }
+}

@@ -1,0 +1,301 @@
+//! The guest's initramfs: the agent as `/init` (with the shared libraries
+//! it links, if it is not static), the kernel modules it loads and their
+//! load order. Built once per (agent binary, kernel) and cached; an
+//! uncompressed newc cpio, which the kernel unpacks fastest.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
+
+use crate::kernel::Kernel;
+use crate::{fail, Result};
+
+/// What the agent needs from the kernel, by module name: the PCI transport,
+/// the image disk, the host's port, the image's filesystem (and the checksum
+/// ext4 asks for by name at mount time), the overlays, the workspace share.
+pub const MODULES: &[&str] = &[
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_console",
+    "crc32c_generic",
+    "ext4",
+    "overlay",
+    "9pnet_virtio",
+    "9p",
+];
+
+/// The cached initramfs for this agent and kernel, built if missing.
+pub fn ensure(cache_dir: &Path, agent: &Path, kernel: &Kernel) -> Result<PathBuf> {
+    let binary = std::fs::read(agent).or_else(|e| {
+        fail(format!(
+            "cannot read the guest agent {}: {e}; build it (`cargo build -p agentkernel`) next to agentkernel",
+            agent.display()
+        ))
+    })?;
+    let mut hash = Sha256::new();
+    hash.update(&binary);
+    hash.update(kernel.version.as_bytes());
+    hash.update(MODULES.join(",").as_bytes());
+    let key: String = hash.finalize()[..12]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let path = cache_dir.join(format!("initramfs-{key}.cpio"));
+    if path.is_file() {
+        return Ok(path);
+    }
+    std::fs::create_dir_all(cache_dir)
+        .or_else(|e| fail(format!("cannot create {}: {e}", cache_dir.display())))?;
+    let mut archive = Cpio::default();
+    for dir in ["dev", "proc", "sys", "lib", "lib/modules"] {
+        archive.dir(dir);
+    }
+    // The kernel opens /dev/console for init's stdio before anything is mounted.
+    archive.node("dev/console", libc::S_IFCHR | 0o600, (5, 1));
+    archive.file("init", 0o755, &binary);
+    for lib in shared_libraries(agent)? {
+        let data =
+            std::fs::read(&lib).or_else(|e| fail(format!("cannot read {}: {e}", lib.display())))?;
+        let relative = lib.strip_prefix("/").unwrap_or(&lib);
+        let mut parent = PathBuf::new();
+        for part in relative.parent().into_iter().flat_map(|p| p.components()) {
+            parent.push(part);
+            archive.dir(&parent.to_string_lossy());
+        }
+        archive.file(&relative.to_string_lossy(), 0o755, &data);
+    }
+    let mut order = String::new();
+    for module in load_order(kernel)? {
+        let name = module_name(&module) + ".ko";
+        archive.file(
+            &format!("lib/modules/{name}"),
+            0o644,
+            &read_module(&module)?,
+        );
+        order.push_str(&name);
+        order.push('\n');
+    }
+    archive.file("lib/modules/load-order", 0o644, order.as_bytes());
+    let tmp = cache_dir.join(format!(".initramfs-{key}.{}", std::process::id()));
+    std::fs::File::create(&tmp)
+        .and_then(|mut f| f.write_all(&archive.finish()))
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map(|()| remove_others(cache_dir, &path))
+        .or_else(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            fail(format!("cannot write {}: {e}", path.display()))
+        })?;
+    Ok(path)
+}
+
+/// Initramfs files of other agents or kernels: a rebuilt or upgraded
+/// agentkernel does not need them again (one still running has its VM's
+/// copy open, which outlives the name).
+fn remove_others(cache_dir: &Path, keep: &Path) {
+    let Ok(entries) = std::fs::read_dir(cache_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("initramfs-") && name.ends_with(".cpio") && entry.path() != keep {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// The libraries (and loader) a dynamic binary needs, at their real paths.
+fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>> {
+    let Ok(output) = Command::new("ldd").arg(binary).output() else {
+        return Ok(Vec::new()); // no ldd: only a static agent can work, and then it does
+    };
+    let text = String::from_utf8_lossy(&output.stdout);
+    let mut libs = BTreeSet::new();
+    for word in text.split_whitespace().filter(|w| w.starts_with('/')) {
+        let path = Path::new(word);
+        libs.insert(path.to_path_buf());
+    }
+    Ok(libs.into_iter().collect())
+}
+
+/// [`MODULES`] and their dependencies from modules.dep, dependencies first;
+/// modules built into the kernel are skipped.
+fn load_order(kernel: &Kernel) -> Result<Vec<PathBuf>> {
+    let read = |name: &str| std::fs::read_to_string(kernel.modules.join(name)).unwrap_or_default();
+    let deps_text = read("modules.dep");
+    let builtin: BTreeSet<String> = read("modules.builtin")
+        .lines()
+        .map(module_name_of)
+        .collect();
+    let mut deps = std::collections::BTreeMap::new();
+    for line in deps_text.lines() {
+        if let Some((module, rest)) = line.split_once(':') {
+            let list: Vec<String> = rest.split_whitespace().map(str::to_owned).collect();
+            deps.insert(module_name_of(module), (module.to_string(), list));
+        }
+    }
+    let mut order = Vec::new();
+    let mut seen = BTreeSet::new();
+    fn visit(
+        name: &str,
+        deps: &std::collections::BTreeMap<String, (String, Vec<String>)>,
+        seen: &mut BTreeSet<String>,
+        order: &mut Vec<String>,
+    ) -> bool {
+        if !seen.insert(name.to_string()) {
+            return true;
+        }
+        let Some((path, needs)) = deps.get(name) else {
+            return false;
+        };
+        for dep in needs {
+            visit(&module_name_of(dep), deps, seen, order);
+        }
+        order.push(path.clone());
+        true
+    }
+    for name in MODULES {
+        if builtin.contains(*name) {
+            continue;
+        }
+        if !visit(name, &deps, &mut seen, &mut order) {
+            return fail(format!(
+                "the guest kernel {} has no {name} module (not in {}/modules.dep)",
+                kernel.version,
+                kernel.modules.display()
+            ));
+        }
+    }
+    Ok(order.into_iter().map(|p| kernel.modules.join(p)).collect())
+}
+
+/// `kernel/fs/9p/9p.ko.xz` → `9p` (dashes as underscores, as the kernel does).
+fn module_name_of(path: &str) -> String {
+    let base = path.rsplit('/').next().unwrap_or(path);
+    base.split(".ko").next().unwrap_or(base).replace('-', "_")
+}
+
+fn module_name(path: &Path) -> String {
+    module_name_of(&path.to_string_lossy())
+}
+
+/// A module as plain ELF (the agent's finit_module takes no compression flags).
+fn read_module(path: &Path) -> Result<Vec<u8>> {
+    let name = path.to_string_lossy();
+    let tool = if name.ends_with(".ko.xz") {
+        Some("xz")
+    } else if name.ends_with(".ko.zst") {
+        Some("zstd")
+    } else if name.ends_with(".ko.gz") {
+        Some("gzip")
+    } else {
+        None
+    };
+    match tool {
+        None => std::fs::read(path).or_else(|e| fail(format!("cannot read {name}: {e}"))),
+        Some(tool) => match Command::new(tool).arg("-dc").arg(path).output() {
+            Ok(out) if out.status.success() => Ok(out.stdout),
+            _ => fail(format!("cannot decompress {name}: install {tool}")),
+        },
+    }
+}
+
+/// A newc ("070701") cpio archive in memory.
+#[derive(Default)]
+struct Cpio {
+    data: Vec<u8>,
+    inode: u32,
+    dirs: BTreeSet<String>,
+}
+
+impl Cpio {
+    fn dir(&mut self, path: &str) {
+        if self.dirs.insert(path.to_string()) {
+            self.entry(path, libc::S_IFDIR | 0o755, (0, 0), &[]);
+        }
+    }
+
+    fn file(&mut self, path: &str, mode: u32, data: &[u8]) {
+        self.entry(path, libc::S_IFREG | mode, (0, 0), data);
+    }
+
+    fn node(&mut self, path: &str, mode: u32, rdev: (u32, u32)) {
+        self.entry(path, mode, rdev, &[]);
+    }
+
+    fn entry(&mut self, path: &str, mode: u32, rdev: (u32, u32), data: &[u8]) {
+        self.inode += 1;
+        let nlink = if mode & libc::S_IFMT == libc::S_IFDIR {
+            2
+        } else {
+            1
+        };
+        let fields = [
+            self.inode,
+            mode,
+            0,
+            0,
+            nlink,
+            0,
+            data.len() as u32,
+            0,
+            0,
+            rdev.0,
+            rdev.1,
+            path.len() as u32 + 1,
+            0,
+        ];
+        self.data.extend_from_slice(b"070701");
+        for field in fields {
+            self.data
+                .extend_from_slice(format!("{field:08x}").as_bytes());
+        }
+        self.data.extend_from_slice(path.as_bytes());
+        self.data.push(0);
+        self.pad();
+        self.data.extend_from_slice(data);
+        self.pad();
+    }
+
+    fn pad(&mut self) {
+        while !self.data.len().is_multiple_of(4) {
+            self.data.push(0);
+        }
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        self.entry("TRAILER!!!", 0, (0, 0), &[]);
+        self.data
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn module_names_are_normalised() {
+        assert_eq!(module_name_of("kernel/fs/9p/9p.ko.xz"), "9p");
+        assert_eq!(
+            module_name_of("kernel/net/9p/9pnet_virtio.ko"),
+            "9pnet_virtio"
+        );
+        assert_eq!(
+            module_name_of("kernel/x/crc32c-generic.ko"),
+            "crc32c_generic"
+        );
+    }
+
+    #[test]
+    fn cpio_entries_are_aligned_and_terminated() {
+        let mut c = Cpio::default();
+        c.dir("dev");
+        c.file("init", 0o755, b"abc");
+        let data = c.finish();
+        assert_eq!(data.len() % 4, 0);
+        assert!(data.starts_with(b"070701"));
+        assert!(data.windows(10).any(|w| w == b"TRAILER!!!"));
+    }
+}

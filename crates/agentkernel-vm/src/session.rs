@@ -1,0 +1,353 @@
+//! One VM, one command: start the VMM, wait for the agent, send the command,
+//! stream stdin to it and its output back, and return how it ended. The VM
+//! is killed as soon as the command's end is seen (nothing in it outlives
+//! the run), and with us if we are killed (PR_SET_PDEATHSIG).
+
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::protocol::{read_frame, write_frame, GuestMessage, HostMessage, RunRequest};
+use crate::vmm::{VmConfig, Vmm};
+use crate::{fail, Result};
+
+/// How long past the command's timeout a silent guest is given.
+const AGENT_GRACE: Duration = Duration::from_secs(30);
+
+/// How long a VM may take from start to its agent's hello.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    Exited(i32),
+    Signaled(i32),
+    TimedOut,
+    OutOfMemory,
+}
+
+/// Runs `request` in a VM booted by `vmm` from `vm`. The command's output
+/// goes to our stdout/stderr as it arrives; our stdin goes to it.
+pub fn run(vmm: &dyn Vmm, vm: &VmConfig, request: RunRequest) -> Result<Ended> {
+    // The agent's port is one end of a socket pair that QEMU inherits: no
+    // path anyone else could connect to, nothing on disk to clean up.
+    let (ours, theirs) =
+        UnixStream::pair().or_else(|e| fail(format!("cannot make a socket pair: {e}")))?;
+    let agent_fd = theirs.as_raw_fd();
+    let mut command = vmm.command(vm, agent_fd);
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: prctl, setpgid and fcntl are async-signal-safe.
+    unsafe {
+        command.pre_exec(move || {
+            // The VM dies with us, even on kill -9.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Out of the terminal's process group: a Ctrl-C is ours to
+            // forward to the command, not QEMU's to die of.
+            if libc::setpgid(0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // QEMU keeps its end of the pair across exec.
+            if libc::fcntl(agent_fd, libc::F_SETFD, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    // Caught from before the boot, forwarded once the command runs.
+    let signals = catch_signals();
+    trace("vmm start");
+    let child = command
+        .spawn()
+        .or_else(|e| fail(format!("cannot start {}: {e}", vmm.name())))?;
+    // Only QEMU holds its end now: if it dies, our reads see the end.
+    drop(theirs);
+    let mut vm_process = VmProcess::new(child);
+    converse(ours, request, &mut vm_process, signals)
+}
+
+fn converse(
+    stream: UnixStream,
+    request: RunRequest,
+    vm: &mut VmProcess,
+    signals: Option<std::fs::File>,
+) -> Result<Ended> {
+    let mut reader = stream
+        .try_clone()
+        .or_else(|e| fail(format!("socket: {e}")))?;
+    let writer = Arc::new(Mutex::new(stream));
+    let _ = reader.set_read_timeout(Some(BOOT_TIMEOUT));
+    match read_frame::<_, GuestMessage>(&mut reader) {
+        Ok(Some(GuestMessage::Ready {
+            started_ms,
+            modules_ms,
+            uptime_ms,
+        })) => trace(&format!(
+            "agent ready (guest uptime: agent started at {started_ms} ms, modules loaded at {modules_ms} ms, ready at {uptime_ms} ms)"
+        )),
+        other => {
+            return vm.failure(format!(
+                "the guest agent did not start ({})",
+                describe(other)
+            ))
+        }
+    }
+    // The agent enforces the timeout; this is the backstop for a guest
+    // that stops answering: no frame for that long ends the run.
+    let backstop = request
+        .timeout_ms
+        .map(|ms| Duration::from_millis(ms) + AGENT_GRACE);
+    let _ = reader.set_read_timeout(backstop);
+    if let Err(e) = send(&writer, &HostMessage::Run(request)) {
+        return vm.failure(format!("cannot send the command to the guest: {e}"));
+    }
+    if let Some(pipe) = signals {
+        forward_signals(pipe, writer.clone());
+    }
+    // Our stdin, forwarded until it ends (never joined: a terminal's read
+    // may block past the command's end; the process exits anyway).
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin();
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            match stdin.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if send(&writer, &HostMessage::Stdin(buf[..n].to_vec())).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        let _ = send(&writer, &HostMessage::StdinClosed);
+    });
+    let mut stdout = std::io::stdout();
+    let mut stderr = std::io::stderr();
+    loop {
+        match read_frame::<_, GuestMessage>(&mut reader) {
+            Ok(Some(GuestMessage::Started)) => trace("command started"),
+            Ok(Some(GuestMessage::Stdout(data))) => {
+                // A reader that went away (`| head -1`) only stops wanting output.
+                let _ = stdout.write_all(&data).and_then(|()| stdout.flush());
+            }
+            Ok(Some(GuestMessage::Stderr(data))) => {
+                let _ = stderr.write_all(&data);
+            }
+            Ok(Some(GuestMessage::Exited {
+                code,
+                signal,
+                timed_out,
+                out_of_memory,
+            })) => {
+                trace("exit seen");
+                vm.kill();
+                return Ok(if timed_out {
+                    Ended::TimedOut
+                } else if out_of_memory {
+                    Ended::OutOfMemory
+                } else {
+                    match (code, signal) {
+                        (Some(c), _) => Ended::Exited(c),
+                        (None, Some(s)) => Ended::Signaled(s),
+                        (None, None) => Ended::Exited(255),
+                    }
+                });
+            }
+            Ok(Some(GuestMessage::Failed(why))) => {
+                vm.kill();
+                return fail(why);
+            }
+            // The backstop: the command had its time and the agent went
+            // silent; the VM goes, and the run ends as a timeout.
+            Err(e)
+                if backstop.is_some()
+                    && matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+            {
+                vm.kill();
+                return Ok(Ended::TimedOut);
+            }
+            other => {
+                return vm.failure(format!(
+                    "the VM stopped before the command finished ({})",
+                    describe(other)
+                ))
+            }
+        }
+    }
+}
+
+fn send(writer: &Mutex<UnixStream>, message: &HostMessage) -> std::io::Result<()> {
+    let mut stream = writer.lock().unwrap_or_else(|p| p.into_inner());
+    write_frame(&mut *stream, message)
+}
+
+/// The signals a user sends agentkernel to stop or poke its command.
+const FORWARDED: [libc::c_int; 6] = [
+    libc::SIGINT,
+    libc::SIGTERM,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+];
+
+/// The write end of the self-pipe the signal handler reports to.
+static SIGNAL_PIPE: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_signal(signo: libc::c_int) {
+    let fd = SIGNAL_PIPE.load(Ordering::Relaxed);
+    if fd >= 0 {
+        let byte = signo as u8;
+        // SAFETY: write(2) is async-signal-safe; one byte from our stack.
+        unsafe { libc::write(fd, (&byte as *const u8).cast(), 1) };
+    }
+}
+
+/// From now on the signals in [`FORWARDED`] are written to a pipe, whose
+/// read end is returned, replacing the async runtime's handlers, which this
+/// blocking session would never poll. `None` if no pipe can be made.
+fn catch_signals() -> Option<std::fs::File> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two fds into our array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return None;
+    }
+    SIGNAL_PIPE.store(fds[1], Ordering::Relaxed);
+    for signo in FORWARDED {
+        // SAFETY: a zeroed sigaction with our handler, which only writes
+        // to the pipe.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;
+            action.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(signo, &action, std::ptr::null_mut());
+        }
+    }
+    // SAFETY: the read end is ours alone from here.
+    Some(unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fds[0]) })
+}
+
+/// Sends each caught signal to the command in the VM (its exit then says
+/// how it took them).
+fn forward_signals(mut pipe: std::fs::File, writer: Arc<Mutex<UnixStream>>) {
+    std::thread::spawn(move || {
+        let mut byte = [0u8; 1];
+        while pipe.read_exact(&mut byte).is_ok() {
+            if send(&writer, &HostMessage::Signal(i32::from(byte[0]))).is_err() {
+                return;
+            }
+        }
+    });
+}
+
+fn describe(frame: std::io::Result<Option<GuestMessage>>) -> String {
+    match frame {
+        Ok(None) => "the connection closed".into(),
+        Ok(Some(m)) => format!("unexpected {m:?}"),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => "timed out".into(),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// The VMM process, killed and reaped when dropped; its console and error
+/// output kept (the last few KiB) to explain a failure.
+struct VmProcess {
+    child: Child,
+    console: Arc<Mutex<VecDeque<u8>>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+}
+
+const CONSOLE_KEPT: usize = 16 << 10;
+
+impl VmProcess {
+    fn new(mut child: Child) -> VmProcess {
+        let console = Arc::new(Mutex::new(VecDeque::new()));
+        let mut readers = Vec::new();
+        let outputs: [Option<Box<dyn Read + Send>>; 2] = [
+            child
+                .stdout
+                .take()
+                .map(|o| Box::new(o) as Box<dyn Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|o| Box::new(o) as Box<dyn Read + Send>),
+        ];
+        for mut output in outputs.into_iter().flatten() {
+            let console = console.clone();
+            readers.push(std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = output.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    let mut kept = console.lock().unwrap_or_else(|p| p.into_inner());
+                    kept.extend(&buf[..n]);
+                    let excess = kept.len().saturating_sub(CONSOLE_KEPT);
+                    kept.drain(..excess);
+                }
+            }));
+        }
+        VmProcess {
+            child,
+            console,
+            readers,
+        }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
+        }
+    }
+
+    /// A failure, with the last line of the VM's console (the kernel's or
+    /// QEMU's last word) when it said anything.
+    fn failure<T>(&mut self, why: String) -> Result<T> {
+        self.kill();
+        let console = self.console.lock().unwrap_or_else(|p| p.into_inner());
+        let text =
+            String::from_utf8_lossy(&console.iter().copied().collect::<Vec<u8>>()).into_owned();
+        // AGENTKERNEL_QEMU_CONSOLE=1: all of it, for debugging a guest.
+        if std::env::var_os("AGENTKERNEL_QEMU_CONSOLE").is_some_and(|v| v == "1") {
+            eprintln!("{text}");
+        }
+        let last = text
+            .lines()
+            .map(str::trim)
+            .rfind(|l| !l.is_empty())
+            .unwrap_or("")
+            .to_string();
+        if last.is_empty() {
+            fail(why)
+        } else {
+            fail(format!("{why}; its console said: {last}"))
+        }
+    }
+}
+
+impl Drop for VmProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `AGENTKERNEL_TRACE_STARTUP=1`: the native backend's phase lines.
+fn trace(phase: &str) {
+    agentkernel_native::trace::phase(phase);
+}

@@ -1,0 +1,243 @@
+//! The VMM-specific part of a VM backend: what to boot and how to say it to
+//! one hypervisor. QEMU is the one driver today; a Firecracker driver would
+//! be another [`Vmm`] (API socket instead of a command line, vsock instead
+//! of virtio-serial) with the same [`VmConfig`].
+
+use std::os::fd::RawFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::protocol::{PORT_NAME, WORKSPACE_TAG};
+
+/// How the guest's CPU is run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// Hardware virtualization.
+    Kvm,
+    /// QEMU's emulation (works everywhere; 10-50x slower).
+    Tcg,
+}
+
+impl Accel {
+    pub fn name(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
+/// One VM, independent of the hypervisor.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    /// The image's read-only root disk.
+    pub disk: PathBuf,
+    pub memory_mib: u64,
+    pub vcpus: u32,
+    /// The host directory shared as the workspace, and whether the share
+    /// itself is read-only (read-only and copy-on-write workspaces).
+    pub workspace: Option<(PathBuf, bool)>,
+    pub accel: Accel,
+}
+
+pub trait Vmm {
+    fn name(&self) -> &'static str;
+    /// The process that runs the VM: its serial console on stdout, errors
+    /// on stderr, the agent's port connected to the socket `agent_fd`
+    /// (inherited).
+    fn command(&self, vm: &VmConfig, agent_fd: RawFd) -> Command;
+}
+
+pub struct Qemu {
+    pub binary: PathBuf,
+}
+
+impl Qemu {
+    /// `qemu-system-x86_64` on PATH.
+    pub fn find() -> crate::Result<Qemu> {
+        let found = std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join("qemu-system-x86_64"))
+                .find(|p| p.is_file())
+        });
+        match found {
+            Some(binary) => Ok(Qemu { binary }),
+            None => crate::fail(
+                "qemu-system-x86_64 is not installed; install it (Debian: apt-get install qemu-system-x86)",
+            ),
+        }
+    }
+}
+
+impl Vmm for Qemu {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    fn command(&self, vm: &VmConfig, agent_fd: RawFd) -> Command {
+        let mut c = Command::new(&self.binary);
+        // No defaults: no NIC, no VGA, no floppy; only what is listed here.
+        c.args([
+            "-nodefaults",
+            "-no-user-config",
+            "-no-reboot",
+            "-display",
+            "none",
+        ]);
+        c.args(["-monitor", "none", "-serial", "stdio"]);
+        match vm.accel {
+            // `-M pc`: microvm hung under TCG here; pc boots in ~2 s.
+            Accel::Tcg => c.args(["-accel", "tcg", "-M", "pc", "-cpu", "max"]),
+            Accel::Kvm => c.args(["-accel", "kvm", "-M", "pc", "-cpu", "host"]),
+        };
+        c.arg("-smp").arg(vm.vcpus.max(1).to_string());
+        c.arg("-m").arg(format!("{}M", vm.memory_mib));
+        c.arg("-kernel").arg(&vm.kernel);
+        c.arg("-initrd").arg(&vm.initramfs);
+        c.arg("-append").arg(KERNEL_COMMAND_LINE);
+        c.arg("-drive").arg(format!(
+            "file={},if=none,id=root,format=raw,readonly=on",
+            qemu_escape(&vm.disk)
+        ));
+        c.args(["-device", "virtio-blk-pci,drive=root"]);
+        c.args(["-device", "virtio-serial-pci"]);
+        c.arg("-chardev")
+            .arg(format!("socket,id=agent,fd={agent_fd}"));
+        c.arg("-device")
+            .arg(format!("virtserialport,chardev=agent,name={PORT_NAME}"));
+        if let Some((dir, read_only)) = &vm.workspace {
+            c.arg("-fsdev").arg(format!(
+                "local,id=ws,path={},security_model=passthrough{}",
+                qemu_escape(dir),
+                if *read_only { ",readonly=on" } else { "" }
+            ));
+            c.arg("-device")
+                .arg(format!("virtio-9p-pci,fsdev=ws,mount_tag={WORKSPACE_TAG}"));
+        }
+        // No network device at all (networking is not built for VMs yet).
+        c.args(["-nic", "none"]);
+        c
+    }
+}
+
+/// The guest kernel's command line: its console on the first serial port
+/// (read by the host only to explain a failure), the agent as init, no
+/// reboot on panic (QEMU exits); and what a sandbox VM does not need, each
+/// worth tenths of a second under TCG: probing a PS/2 controller, checking
+/// the timer, slow RCU grace periods, patching SMP alternatives, the crypto
+/// self-tests. (Not `tsc=reliable`: on a starved TCG host the TSC
+/// calibrates wrong, and without the clocksource watchdog the guest's clock
+/// ran twice as fast as the host's — and with it `--timeout`.)
+const KERNEL_COMMAND_LINE: &str = "console=ttyS0 quiet loglevel=3 panic=-1 rdinit=/init \
+    i8042.noaux i8042.nomux i8042.nopnp i8042.nokbd no_timer_check \
+    rcupdate.rcu_expedited=1 noreplace-smp cryptomgr.notests";
+
+/// QEMU option values escape a comma by doubling it.
+fn qemu_escape(path: &Path) -> String {
+    path.to_string_lossy().replace(',', ",,")
+}
+
+/// `$AGENTKERNEL_QEMU_ACCEL` (kvm or tcg), else KVM if a real KVM guest
+/// boots here, else TCG; with the reason. The device node is not trusted:
+/// nested virtualization can offer /dev/kvm whose guests hang. The probe's
+/// verdict is cached per host boot in `cache_dir`.
+pub fn choose_accel(cache_dir: &Path, qemu: &Qemu, kernel: &Path) -> (Accel, String) {
+    match std::env::var("AGENTKERNEL_QEMU_ACCEL").as_deref() {
+        Ok("kvm") => return (Accel::Kvm, "AGENTKERNEL_QEMU_ACCEL=kvm".into()),
+        Ok("tcg") => return (Accel::Tcg, "AGENTKERNEL_QEMU_ACCEL=tcg".into()),
+        _ => {}
+    }
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let cache = cache_dir.join("accel");
+    if let Ok(text) = std::fs::read_to_string(&cache) {
+        if let Some((id, verdict)) = text.split_once('\n') {
+            if id == boot_id.trim() {
+                let (accel, why) = verdict.split_once(' ').unwrap_or((verdict, ""));
+                let accel = if accel == "kvm" {
+                    Accel::Kvm
+                } else {
+                    Accel::Tcg
+                };
+                return (accel, why.trim().to_string());
+            }
+        }
+    }
+    let (accel, why) = probe_kvm(qemu, kernel);
+    let _ = std::fs::create_dir_all(cache_dir);
+    let _ = std::fs::write(
+        &cache,
+        format!("{}\n{} {why}\n", boot_id.trim(), accel.name()),
+    );
+    (accel, why)
+}
+
+/// Boots the kernel under KVM with no root: it panics at once and, with
+/// `panic=-1` and `-no-reboot`, QEMU exits. A guest that does not get that
+/// far in a few seconds is a KVM that does not work.
+fn probe_kvm(qemu: &Qemu, kernel: &Path) -> (Accel, String) {
+    const PROBE: Duration = Duration::from_secs(5);
+    if std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        return (Accel::Tcg, "/dev/kvm cannot be opened".into());
+    }
+    let child = Command::new(&qemu.binary)
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-no-reboot",
+            "-display",
+            "none",
+        ])
+        .args([
+            "-monitor", "none", "-serial", "none", "-accel", "kvm", "-M", "pc",
+        ])
+        .args(["-cpu", "host", "-m", "128M", "-kernel"])
+        .arg(kernel)
+        .args([
+            "-append",
+            "panic=-1 rdinit=/nonexistent root=/dev/nonexistent",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let Ok(mut child) = child else {
+        return (Accel::Tcg, "cannot start QEMU with KVM".into());
+    };
+    let started = Instant::now();
+    while started.elapsed() < PROBE {
+        match child.try_wait() {
+            // -no-reboot: the guest's panic reboot is a clean exit.
+            Ok(Some(status)) if status.success() => {
+                let ms = started.elapsed().as_millis();
+                return (Accel::Kvm, format!("a KVM guest booted in {ms} ms"));
+            }
+            Ok(Some(_)) => {
+                let mut said = String::new();
+                if let Some(mut err) = child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut err, &mut said);
+                }
+                let first = said.lines().next().unwrap_or("").trim().to_string();
+                return (Accel::Tcg, format!("QEMU cannot use KVM here: {first}"));
+            }
+            _ => {}
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    (
+        Accel::Tcg,
+        format!(
+            "/dev/kvm exists but a KVM guest did not boot within {} s (nested virtualization?)",
+            PROBE.as_secs()
+        ),
+    )
+}

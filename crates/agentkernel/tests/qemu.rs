@@ -1,0 +1,328 @@
+//! `-B qemu`: each sandbox is a VM with its own kernel. Every test here
+//! boots real VMs (TCG where KVM does not work, seconds each), so they are
+//! few and each checks several things; they run only in the qemu pass
+//! (`AGENTKERNEL_TEST_BACKEND=qemu`, scripts/test.sh).
+
+mod common;
+
+mod qemu_only {
+    use std::io::Write;
+    use std::process::Stdio;
+    use std::time::Duration;
+
+    use super::common::*;
+
+    /// Under TCG with a busy host a boot can take tens of seconds.
+    const VM_LIMIT: Duration = Duration::from_secs(180);
+
+    fn host_kernel() -> String {
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    /// QEMU processes started for this test's state dir (the agent's socket
+    /// path, on their command line, is under it).
+    fn vms_of(env: &TestEnv) -> Vec<u32> {
+        let marker = env.state_dir().to_string_lossy().into_owned();
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let cmdline = String::from_utf8_lossy(&cmdline);
+                cmdline.starts_with("qemu-system") || cmdline.contains("/qemu-system")
+            })
+            .filter(|pid| {
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                String::from_utf8_lossy(&cmdline).contains(&marker)
+            })
+            .collect()
+    }
+
+    fn run_with_stdin(env: &TestEnv, args: &[&str], input: &[u8]) -> std::process::Output {
+        let mut child = env
+            .std_cmd()
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        let mut tracked_wait = child;
+        let status = wait_child(&mut tracked_wait, VM_LIMIT);
+        let mut out = tracked_wait.wait_with_output().unwrap();
+        out.status = status;
+        out
+    }
+
+    #[test]
+    fn a_vm_runs_the_command_with_its_own_kernel_and_the_stdio_and_exit_code() {
+        let env = TestEnv::new();
+        // The guest's root user holds the profile's capabilities, no more:
+        // mounting (CAP_SYS_ADMIN) fails as on native; seccomp and
+        // no_new_privs are on.
+        let script = "cat; uname -r; cat /proc/version; echo to-stderr >&2; \
+                      mount -t tmpfs none /tmp 2>/dev/null && echo MOUNTED; \
+                      grep -E '^(NoNewPrivs|Seccomp):' /proc/self/status; exit 7";
+        let out = run_with_stdin(
+            &env,
+            &["run", "--no-network", "-i", BUSYBOX, "sh", "-c", script],
+            b"from-stdin\n",
+        );
+        assert_code(&out, 7);
+        let text = stdout(&out);
+        let mut lines = text.lines();
+        assert_eq!(lines.next(), Some("from-stdin"), "{text}");
+        let guest_kernel = lines.next().unwrap_or_default();
+        assert!(!guest_kernel.is_empty(), "{text}");
+        assert_ne!(
+            guest_kernel,
+            host_kernel(),
+            "the guest runs the host's kernel: {text}"
+        );
+        let host_version = std::fs::read_to_string("/proc/version").unwrap();
+        assert_ne!(
+            lines.next().unwrap_or_default(),
+            host_version.trim(),
+            "{text}"
+        );
+        assert_eq!(lines.next(), Some("NoNewPrivs:\t1"), "{text}");
+        assert_eq!(lines.next(), Some("Seccomp:\t2"), "{text}");
+        assert!(stderr(&out).contains("to-stderr"), "{}", stderr(&out));
+        // A command that is not there is the command's failure: 127.
+        let out = env.run(&["run", "--no-network", "-i", BUSYBOX, "no-such-command-xyz"]);
+        assert_code(&out, 127);
+        assert!(
+            stderr(&out).contains("no-such-command-xyz"),
+            "{}",
+            stderr(&out)
+        );
+        assert!(vms_of(&env).is_empty(), "a VM outlived its run");
+    }
+
+    #[test]
+    fn the_workspace_is_copy_on_write_read_write_or_read_only_per_profile() {
+        let env = TestEnv::new();
+        let file = env.project_dir().join("file.txt");
+        std::fs::write(&file, "host\n").unwrap();
+        let write = "echo changed > /workspace/file.txt && cat /workspace/file.txt";
+
+        // moderate: the sandbox sees its change, the host copy never changes
+        let out = env.run(&["run", "--no-network", "-i", BUSYBOX, "sh", "-c", write]);
+        assert_code(&out, 0);
+        assert_eq!(stdout(&out), "changed\n");
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "host\n");
+
+        // restrictive: neither the workspace nor the root can be written
+        // ...and root in it has no capabilities at all.
+        let attempt =
+            "echo x > /workspace/file.txt; echo x > /etc/new; echo tmp > /tmp/t; cat /tmp/t; \
+                       grep -E '^Cap(Eff|Bnd):' /proc/self/status";
+        let out = env.run(&[
+            "run",
+            "-p",
+            "restrictive",
+            "-i",
+            BUSYBOX,
+            "sh",
+            "-c",
+            attempt,
+        ]);
+        assert_code(&out, 0);
+        assert_eq!(
+            stdout(&out),
+            "tmp\nCapEff:\t0000000000000000\nCapBnd:\t0000000000000000\n",
+            "{}",
+            stderr(&out)
+        );
+        assert_eq!(
+            stderr(&out).matches("Read-only file system").count(),
+            2,
+            "{}",
+            stderr(&out)
+        );
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "host\n");
+
+        // permissive: writes reach the host
+        let out = env.run(&[
+            "run",
+            "-p",
+            "permissive",
+            "--no-network",
+            "-i",
+            BUSYBOX,
+            "sh",
+            "-c",
+            write,
+        ]);
+        assert_code(&out, 0);
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "changed\n");
+    }
+
+    #[test]
+    fn timeout_is_124_a_memory_bomb_137_and_a_fork_bomb_meets_the_pids_limit() {
+        let env = TestEnv::new();
+        // The guest's clock is the host's: the command really had its 2 s
+        // (measured from its start, which the trace marks).
+        let out = env
+            .cmd()
+            .env("AGENTKERNEL_TRACE_STARTUP", "1")
+            .args([
+                "run",
+                "--no-network",
+                "--timeout",
+                "2s",
+                "-i",
+                BUSYBOX,
+                "sh",
+                "-c",
+                "sleep 60 & sleep 60",
+            ])
+            .output()
+            .unwrap();
+        assert_code(&out, 124);
+        let err = stderr(&out);
+        assert!(err.contains("timed out"), "{err}");
+        let at = |phase: &str| -> u64 {
+            err.lines()
+                .find(|l| l.starts_with("agentkernel-trace ") && l.ends_with(phase))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+                .unwrap_or_else(|| panic!("no {phase} in {err}"))
+        };
+        let ran_ms = (at("exit seen") - at("command started")) / 1000;
+        assert!(
+            (1900..30_000).contains(&ran_ms),
+            "the 2 s timeout took {ran_ms} ms of host time"
+        );
+        let bomb = "x=a; while :; do x=$x$x; done";
+        let out = env.run(&[
+            "run",
+            "--no-network",
+            "--memory",
+            "256m",
+            "-i",
+            BUSYBOX,
+            "sh",
+            "-c",
+            bomb,
+        ]);
+        assert_code(&out, 137);
+        assert!(stderr(&out).contains("out of memory"), "{}", stderr(&out));
+        // restrictive: pids.max 512 in a cgroup the command cannot see
+        let out = env.run(&[
+            "run",
+            "-p",
+            "restrictive",
+            "--timeout",
+            "120s",
+            "-i",
+            BUSYBOX,
+            "sh",
+            "-c",
+            &format!("ls /sys/fs/cgroup; {FORK_BOMB}"),
+        ]);
+        assert_fork_bomb_contained(&out);
+        assert!(!stdout(&out).contains("pids.max"), "{}", stdout(&out));
+        assert!(vms_of(&env).is_empty(), "a VM outlived its run");
+    }
+
+    /// `agentkernel run … sleep 600`, spawned, once its VM is up.
+    fn spawn_sleeper(env: &TestEnv) -> (std::process::Child, Vec<u32>) {
+        let child = env
+            .std_cmd()
+            .args(["run", "--no-network", "-i", BUSYBOX, "sleep", "600"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        poll_until(VM_LIMIT, "a VM for this run", || !vms_of(env).is_empty());
+        (child, vms_of(env))
+    }
+
+    fn assert_gone(vms: &[u32]) {
+        poll_until(Duration::from_secs(10), "the VM dies with its run", || {
+            vms.iter()
+                .all(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
+        });
+    }
+
+    #[test]
+    fn sigterm_reaches_the_command_and_kill_9_takes_the_vm_with_it() {
+        let env = TestEnv::new();
+        // SIGTERM is forwarded to the command in the guest: sleep dies of
+        // it (143), and the VM with the run.
+        let (mut child, vms) = spawn_sleeper(&env);
+        // The VM is up; give the agent time to start the command.
+        std::thread::sleep(Duration::from_secs(2));
+        // SAFETY: kill has no memory preconditions; our own child.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        let status = wait_child(&mut child, VM_LIMIT);
+        assert_eq!(status.code(), Some(143), "{status:?}");
+        assert_gone(&vms);
+
+        // kill -9 of agentkernel: QEMU dies with it (PR_SET_PDEATHSIG) and
+        // leaves nothing in the store.
+        let (mut child, vms) = spawn_sleeper(&env);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_gone(&vms);
+        // Only the caches (disks, initramfs, kernel, accel; a dot file is
+        // one another test is writing) are in the store's VM directory: a
+        // run keeps nothing of its own there.
+        let vm_dir = env.state_dir().join("images/vm");
+        let left: Vec<_> = std::fs::read_dir(&vm_dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| {
+                !(name.starts_with('.')
+                    || name == "disks"
+                    || name == "accel"
+                    || name.starts_with("initramfs-")
+                    || name.starts_with("vmlinux-"))
+            })
+            .collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
+    }
+
+    #[test]
+    fn what_a_vm_cannot_do_yet_is_refused_in_one_line() {
+        let env = TestEnv::new();
+        for (args, names) in [
+            (
+                &["run", "-i", "host", "--no-network", "true"][..],
+                "--image host",
+            ),
+            (&["run", "-i", BUSYBOX, "true"][..], "--no-network"),
+            (
+                &["run", "--no-network", "--name", "k1", "-i", BUSYBOX, "true"][..],
+                "kept",
+            ),
+            (
+                &[
+                    "run",
+                    "--no-network",
+                    "--cpus",
+                    "0.5",
+                    "-i",
+                    BUSYBOX,
+                    "true",
+                ][..],
+                "whole",
+            ),
+            (
+                &["run", "-B", "firecracker", "-i", BUSYBOX, "true"][..],
+                "KVM",
+            ),
+        ] {
+            let line = assert_one_line_error(&env.run(args));
+            assert!(line.contains(names), "{args:?}: {line}");
+        }
+        assert!(vms_of(&env).is_empty());
+    }
+}
