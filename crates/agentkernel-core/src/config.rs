@@ -34,6 +34,7 @@ struct FileSchema {
     pool: PoolSection,
     #[serde(default)]
     templates: TemplatesSection,
+    #[serde(default)]
     receipts: ReceiptsSection,
     /// Upstream's templates: `NAME = "value"`, the same as `sandbox.env`.
     #[serde(default)]
