@@ -644,3 +644,35 @@ mod native_only {
         );
     }
 }
+
+#[test]
+fn receipt_names_the_template_and_its_digest() {
+    let env = TestEnv::new();
+    let template = env.project_dir().join("team.toml");
+    let text = "[sandbox]\nname = \"team\"\n[environment]\nTEAM = \"yes\"\n[template]\ndescription = \"ours\"\n";
+    std::fs::write(&template, text).unwrap();
+    let (out, file) = run_with_receipt(
+        &env,
+        "t.json",
+        &[
+            "--template",
+            template.to_str().unwrap(),
+            "-i",
+            BUSYBOX,
+            "sh",
+            "-c",
+            "test \"$TEAM\" = yes",
+        ],
+    );
+    assert_code(&out, 0);
+    let t = &read_json(&file)["sandbox"]["template"];
+    assert_eq!(t["sha256"], sha256_hex(text.as_bytes()), "{t}");
+    assert!(
+        t["location"]
+            .as_str()
+            .unwrap_or_default()
+            .ends_with("team.toml"),
+        "{t}"
+    );
+    assert_code(&verify(&env, &file, &[]), 0);
+}

@@ -79,7 +79,10 @@ pub fn sandbox_facts(spec: &SandboxSpec, backend: &str) -> Result<Value> {
             }).collect::<Vec<_>>(),
         },
         "secrets": egress.bindings.iter().map(|b| json!({"name": b.key, "host": b.host})).collect::<Vec<_>>(),
-        "template": {"name": Value::Null, "sha256": Value::Null},
+        "template": match &spec.template {
+            Some(t) => json!({"name": t.name, "location": t.location, "sha256": t.sha256, "commit": t.commit}),
+            None => json!({"name": Value::Null, "sha256": Value::Null}),
+        },
         "ports": spec.ports.iter().map(|p| json!({
             "host_ip": p.host_ip, "host_port": p.host_port,
             "container_port": p.container_port, "protocol": p.protocol.as_str(),
