@@ -168,6 +168,8 @@ fn paths_and_local_directories_resolve_in_upstreams_order() {
 #[test]
 fn builtins_set_what_upstreams_do() {
     let env = TestEnv::new();
+    // The agent templates bind a key: a run without it is refused (125).
+    set_agent_keys(&env);
     let cases: &[(&str, &str, &str, u64)] = &[
         ("python", "python:3.12-alpine", "moderate", 512),
         ("node", "node:22-alpine", "moderate", 512),
@@ -245,18 +247,6 @@ fn every_builtin_runs_its_sample_command() {
         ("go", 512, 2, ""),
         ("ruby", 512, 1, ""),
         ("rust-ci", 2048, 4, ""),
-        (
-            "claude-sandbox",
-            1024,
-            2,
-            "ls -la /workspace >/dev/null && echo listed",
-        ),
-        (
-            "codex-sandbox",
-            1024,
-            2,
-            "ls -la /workspace >/dev/null && echo listed",
-        ),
     ] {
         let script = format!("{limits}; {sample}");
         let out = env.run(&[
@@ -798,6 +788,96 @@ fn github_templates_are_fetched_once_pinned_and_updated() {
     // remove forgets the cached copy.
     assert_code(&env.run(&["template", "remove", "github:acme/tpls/py"]), 0);
     assert!(!cached.exists());
+}
+
+/// Exit 125 with one error line after the template's notices; that line.
+fn error_after_notices(out: &std::process::Output) -> String {
+    assert_code(out, 125);
+    let err = stderr(out);
+    let errors: Vec<&str> = err
+        .lines()
+        .filter(|l| !l.starts_with("agentkernel: notice: "))
+        .collect();
+    assert_eq!(errors.len(), 1, "one error line expected:\n{err}");
+    errors[0].to_string()
+}
+
+/// The keys the agent templates bind, in the test's own vault.
+fn set_agent_keys(env: &TestEnv) {
+    for key in ["ANTHROPIC_API_KEY", "OPENAI_API_KEY"] {
+        assert_code(&env.run(&["secret", "set", key, "test-value-not-real"]), 0);
+    }
+}
+
+/// The agent templates' sample command, with their limits; their key's
+/// variable holds a placeholder, never the value.
+fn run_agent_builtin(env: &TestEnv, name: &str, key: &str) -> std::process::Output {
+    let script = format!(
+        "cat /sys/fs/cgroup/memory.max 2>/dev/null || cat /sys/fs/cgroup/memory/memory.limit_in_bytes; \
+         echo \"${key}\" | cut -c1-23; ls -la /workspace >/dev/null && echo listed"
+    );
+    env.run(&[
+        "run",
+        "--template",
+        name,
+        "-i",
+        BUSYBOX,
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ])
+}
+
+mod agent_builtins_native_only {
+    use super::*;
+
+    /// claude-sandbox and codex-sandbox run on native: their key goes
+    /// through the egress proxy, the sandbox sees a placeholder.
+    #[test]
+    fn agent_builtins_run_with_a_placeholder_for_their_key() {
+        let env = TestEnv::new();
+        set_agent_keys(&env);
+        for (name, key) in [
+            ("claude-sandbox", "ANTHROPIC_API_KEY"),
+            ("codex-sandbox", "OPENAI_API_KEY"),
+        ] {
+            let out = run_agent_builtin(&env, name, key);
+            assert_code(&out, 0);
+            assert_eq!(
+                stdout(&out),
+                format!("{}\nAGENTKERNEL_PLACEHOLDER\nlisted\n", 1024u64 << 20),
+                "{name}"
+            );
+        }
+    }
+
+    /// Without the key, the run is refused naming it: never a run without it.
+    #[test]
+    fn agent_builtin_without_its_key_is_125_naming_it() {
+        let env = TestEnv::new();
+        let out = run_agent_builtin(&env, "claude-sandbox", "ANTHROPIC_API_KEY");
+        let line = error_after_notices(&out);
+        assert!(
+            line.contains("ANTHROPIC_API_KEY") && line.contains("secret set"),
+            "{line}"
+        );
+    }
+}
+
+mod agent_builtins_engine_only {
+    use super::*;
+
+    /// The engines have no egress proxy yet: a template that binds a key is
+    /// refused (fail closed), not run without it.
+    #[test]
+    fn agent_builtins_are_refused_without_the_proxy() {
+        let env = TestEnv::new();
+        set_agent_keys(&env);
+        let out = run_agent_builtin(&env, "claude-sandbox", "ANTHROPIC_API_KEY");
+        let line = error_after_notices(&out);
+        assert!(line.contains(backend()), "{line}");
+    }
 }
 
 mod native_only {
