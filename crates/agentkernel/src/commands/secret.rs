@@ -64,8 +64,10 @@ fn read_value(key: &str) -> Result<Zeroizing<String>> {
         ))
     };
     if terminal::is_tty(0) {
-        eprint!("Value for {key} (not shown): ");
+        // Echo goes off before the prompt appears: input typed (or pasted)
+        // the moment the prompt shows must not be echoed.
         let _quiet = NoEcho::new(0);
+        eprint!("Value for {key} (not shown): ");
         std::io::stdin().read_line(&mut value).map_err(read_err)?;
         eprintln!();
     } else {
