@@ -233,7 +233,7 @@ pub struct InitArgs {
     #[arg(short = 'a', long, value_name = "AGENT")]
     pub agent: Option<String>,
 
-    /// Start from a template (not supported yet)
+    /// Lay a template over the config, as for `run --template` (its setup runs once, in the new sandbox)
     #[arg(short = 't', long, value_name = "NAME")]
     pub template: Option<String>,
 
