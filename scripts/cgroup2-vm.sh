@@ -372,20 +372,31 @@ fi
 if [ -z "$problems" ]; then pass kept-exec; else fail kept-exec "$problems"; fi
 
 frozen() { grep -qx "frozen $1" $K/cgroup.events 2>/dev/null; }
+only_init() { [ "$(tr '\n' ' ' <$K/cgroup.procs)" = "$kinit " ]; }
+# stop really stops: every process but the sandbox's init ends, files stay.
+ak exec --detach k1 sleep 300
 ak sandbox stop k1
 problems=
 [ $rc = 0 ] || problems="stop: $(show);"
-until_true 30 frozen 1 || problems="$problems cgroup.events: $(tr '\n' ' ' <$K/cgroup.events 2>&1);"
+until_true 30 only_init || problems="$problems left in $K/cgroup.procs: $(tr '\n' ' ' <$K/cgroup.procs 2>&1);"
 ak sandbox list
 echo "$out" | grep '^k1 ' | grep -q stopped || problems="$problems list: $(show);"
 ak exec k1 true
 [ $rc = 125 ] && echo "$err" | grep -q stopped || problems="$problems exec while stopped: $(show);"
 if [ -z "$problems" ]; then pass kept-stop; else fail kept-stop "$problems"; fi
 
+# start lets commands in again; pause/resume freeze and thaw through cgroup v2's freezer.
 ak sandbox start k1
 problems=
 [ $rc = 0 ] || problems="start: $(show);"
-until_true 30 frozen 0 || problems="$problems cgroup.events: $(tr '\n' ' ' <$K/cgroup.events 2>&1);"
+ak exec k1 echo started
+[ $rc = 0 ] && [ "$out" = started ] || problems="$problems exec after start: $(show);"
+ak sandbox pause k1
+[ $rc = 0 ] || problems="$problems pause: $(show);"
+until_true 30 frozen 1 || problems="$problems paused, cgroup.events: $(tr '\n' ' ' <$K/cgroup.events 2>&1);"
+ak sandbox resume k1
+[ $rc = 0 ] || problems="$problems resume: $(show);"
+until_true 30 frozen 0 || problems="$problems resumed, cgroup.events: $(tr '\n' ' ' <$K/cgroup.events 2>&1);"
 ak exec k1 echo thawed
 [ $rc = 0 ] && [ "$out" = thawed ] || problems="$problems exec: $(show);"
 if [ -z "$problems" ]; then pass kept-start; else fail kept-start "$problems"; fi
