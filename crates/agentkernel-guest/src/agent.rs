@@ -57,7 +57,7 @@ fn agent() -> io::Result<()> {
         Some(HostMessage::Run(r)) => r,
         other => return Err(io::Error::other(format!("expected Run, got {other:?}"))),
     };
-    let built = sandbox_cgroup(request.pids_max).and_then(|cgroup| {
+    let built = sandbox_cgroup(request.pids_max, request.memory_max).and_then(|cgroup| {
         build_root(&request)
             .and_then(|()| switch_root())
             .map(|()| cgroup)
@@ -311,20 +311,27 @@ fn private_dev(dev: &str) -> io::Result<()> {
     Ok(())
 }
 
-/// A cgroup for the command with the profile's pids limit, on a cgroup2
-/// mount in the initramfs: once the agent has switched roots the command
-/// cannot reach it by any path (its /sys/fs/cgroup is empty), only through
-/// the returned `cgroup.procs`, which the command's process writes itself
-/// into before exec.
-fn sandbox_cgroup(pids_max: Option<u64>) -> io::Result<Option<File>> {
-    let Some(max) = pids_max else {
+/// A cgroup for the command with the profile's pids limit and the memory
+/// limit, on a cgroup2 mount in the initramfs: once the agent has switched
+/// roots the command cannot reach it by any path (its /sys/fs/cgroup is
+/// empty), only through the returned `cgroup.procs`, which the command's
+/// process writes itself into before exec.
+fn sandbox_cgroup(pids_max: Option<u64>, memory_max: Option<u64>) -> io::Result<Option<File>> {
+    if pids_max.is_none() && memory_max.is_none() {
         return Ok(None);
-    };
+    }
     std::fs::create_dir_all("/cgroup")?;
     mount(Some("cgroup2"), "/cgroup", Some("cgroup2"), 0, None)?;
-    std::fs::write("/cgroup/cgroup.subtree_control", "+pids")?;
+    std::fs::write("/cgroup/cgroup.subtree_control", "+pids +memory")?;
     std::fs::create_dir("/cgroup/sandbox")?;
-    std::fs::write("/cgroup/sandbox/pids.max", max.to_string())?;
+    if let Some(max) = pids_max {
+        std::fs::write("/cgroup/sandbox/pids.max", max.to_string())?;
+    }
+    if let Some(max) = memory_max {
+        std::fs::write("/cgroup/sandbox/memory.max", max.to_string())?;
+        // No swap in the guest, but say so: the limit is the whole budget.
+        let _ = std::fs::write("/cgroup/sandbox/memory.swap.max", "0");
+    }
     File::options()
         .write(true)
         .open("/cgroup/sandbox/cgroup.procs")

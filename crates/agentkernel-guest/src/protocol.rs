@@ -56,6 +56,10 @@ pub struct RunRequest {
     pub no_new_privileges: bool,
     /// The most processes the command may have at once (a cgroup in the guest).
     pub pids_max: Option<u64>,
+    /// The most memory the command may use, in bytes (a cgroup in the
+    /// guest): the VM has this plus room for its own kernel and agent.
+    #[serde(default)]
+    pub memory_max: Option<u64>,
     /// The capabilities the command keeps, by name (without `CAP_`); the
     /// bounding set loses the rest.
     pub capabilities: Vec<String>,

@@ -24,6 +24,10 @@ use agentkernel_vm::{disk, initramfs, kernel};
 const DEFAULT_MEMORY: u64 = 2 << 30;
 /// Below this Debian's kernel and the agent do not boot.
 const MIN_MEMORY: u64 = 128 << 20;
+/// Guest RAM beyond `--memory` for the guest's own kernel, initramfs and
+/// agent: the command's limit is a memory cgroup in the guest, so a memory
+/// bomb meets that limit (exit 137) instead of starving the guest's boot.
+const GUEST_OVERHEAD: u64 = 192 << 20;
 const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// The qemu backend behind the `Backend` trait: one-shot runs only; every
@@ -148,7 +152,7 @@ pub async fn run(spec: &SandboxSpec, config: &Config) -> Result<Outcome> {
         kernel: boot_kernel,
         initramfs,
         disk,
-        memory_mib: memory >> 20,
+        memory_mib: (memory + GUEST_OVERHEAD) >> 20,
         vcpus: spec
             .policy
             .limits
@@ -338,6 +342,7 @@ fn request(spec: &SandboxSpec, image: &images::ImageConfig) -> RunRequest {
         no_new_privileges: policy.no_new_privileges,
         // Negative means unlimited, as in the native backend.
         pids_max: policy.limits.pids.and_then(|p| u64::try_from(p).ok()),
+        memory_max: Some(policy.limits.memory_bytes.unwrap_or(DEFAULT_MEMORY)),
         capabilities: agentkernel_native::caps::kept(&policy.capabilities),
         seccomp_restrictive: policy.seccomp == agentkernel_core::policy::Seccomp::Restrictive,
     }
