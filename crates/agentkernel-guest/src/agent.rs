@@ -299,13 +299,7 @@ fn private_dev(dev: &str) -> io::Result<()> {
         libc::MS_NOSUID | libc::MS_NODEV,
         Some("mode=1777"),
     )?;
-    for (link, target) in [
-        ("ptmx", "pts/ptmx"),
-        ("fd", "/proc/self/fd"),
-        ("stdin", "/proc/self/fd/0"),
-        ("stdout", "/proc/self/fd/1"),
-        ("stderr", "/proc/self/fd/2"),
-    ] {
+    for (link, target) in agentkernel_native::rootfs::DEV_SYMLINKS {
         std::os::unix::fs::symlink(target, format!("{dev}/{link}"))?;
     }
     Ok(())

@@ -25,7 +25,7 @@ pub mod net;
 pub mod observed;
 pub mod plan;
 pub mod prepare;
-mod rootfs;
+pub mod rootfs;
 pub mod rootless;
 pub mod sandbox;
 pub mod seccomp;

@@ -18,6 +18,16 @@ use agentkernel_core::secrets::SECRETS_DIR;
 use crate::plan::{MountKind, Plan, RootSource};
 use crate::sys::{self, context, cstr, fd_path, mount, open_beneath, Leaf};
 
+/// The symlinks every sandbox's `/dev` has (as Docker's): the pty
+/// multiplexer and the standard streams. The VM guest's `/dev` uses them too.
+pub const DEV_SYMLINKS: [(&str, &str); 5] = [
+    ("ptmx", "pts/ptmx"),
+    ("fd", "/proc/self/fd"),
+    ("stdin", "/proc/self/fd/0"),
+    ("stdout", "/proc/self/fd/1"),
+    ("stderr", "/proc/self/fd/2"),
+];
+
 /// Paths the OCI runtime spec masks by default: kernel memory, keys, timers,
 /// firmware — information or controls a sandbox has no business with.
 const MASKED_PATHS: [&str; 11] = [
@@ -335,13 +345,7 @@ fn build_dev(root: &OwnedFd, rootless: bool) -> io::Result<()> {
         NOSUID_NODEV_NOEXEC,
         None,
     )?;
-    for (link, target) in [
-        ("ptmx", "pts/ptmx"),
-        ("fd", "/proc/self/fd"),
-        ("stdin", "/proc/self/fd/0"),
-        ("stdout", "/proc/self/fd/1"),
-        ("stderr", "/proc/self/fd/2"),
-    ] {
+    for (link, target) in DEV_SYMLINKS {
         let (l, t) = (cstr(link), cstr(target));
         // SAFETY: valid C strings and dir fd.
         if unsafe { libc::symlinkat(t.as_ptr(), dev.as_raw_fd(), l.as_ptr()) } != 0 {
