@@ -56,10 +56,7 @@ pub async fn stop(engine: &Engine, store: &Store, name: &str) -> Result<usize, E
         Err(e) => return Err(engine.error("stopping the sandbox", e)),
     }
     let keep_alive = keep_alive(init);
-    // The keep-alive's own `sleep` is not the sandbox's: leave it too.
-    let mut keep: Vec<i32> = [init].into_iter().chain(keep_alive).collect();
-    keep.extend(keep_alive.iter().flat_map(|k| procs::children(*k)));
-    let victims = procs::in_namespace_except(&ns, &keep);
+    let victims = procs::in_namespace_except(&ns, &spared(init, keep_alive));
     let denied = procs::kill_all(&victims);
     match engine.docker.unpause_container(&container).await {
         Ok(()) => {}
@@ -74,7 +71,11 @@ pub async fn stop(engine: &Engine, store: &Store, name: &str) -> Result<usize, E
     }
     let start = Instant::now();
     loop {
-        let left = procs::in_namespace_except(&ns, &keep);
+        // Re-read every round: the keep-alive starts a new `date`, `cat` or
+        // `sleep` every two seconds, and one started after the first scan
+        // is still the keep-alive's, not the sandbox's (killing it would
+        // only make the loop start another, and this chase never end).
+        let left = procs::in_namespace_except(&ns, &spared(init, keep_alive));
         if left.is_empty() {
             return Ok(victims.len());
         }
@@ -88,6 +89,15 @@ pub async fn stop(engine: &Engine, store: &Store, name: &str) -> Result<usize, E
         procs::kill_all(&left);
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// What stop leaves running: init, the keep-alive loop and the loop's own
+/// helpers (its `date`, `cat` and `sleep`). Sandbox processes cannot be among
+/// the helpers: execs are started by the engine and orphans go to init.
+fn spared(init: i32, keep_alive: Option<i32>) -> Vec<i32> {
+    let mut spared: Vec<i32> = [init].into_iter().chain(keep_alive).collect();
+    spared.extend(keep_alive.iter().flat_map(|k| procs::children(*k)));
+    spared
 }
 
 /// The keep-alive loop: init's first child, so the oldest (an orphan
