@@ -50,6 +50,28 @@ pub struct SandboxRecord {
     pub memory_bytes: Option<u64>,
 }
 
+impl SandboxRecord {
+    /// The record of the kept sandbox `spec` describes, created now.
+    pub fn for_kept(
+        spec: &crate::spec::SandboxSpec,
+        backend: BackendKind,
+        handle: String,
+    ) -> SandboxRecord {
+        let keep = spec.keep.as_ref().expect("a kept sandbox's spec");
+        SandboxRecord {
+            name: keep.name.clone(),
+            backend,
+            handle,
+            image: spec.image.clone(),
+            profile: spec.policy.profile.as_str().into(),
+            created_unix: now_unix(),
+            ttl_secs: keep.ttl.as_secs(),
+            workspace: spec.workspace.as_ref().map(|w| w.host.clone()),
+            memory_bytes: spec.policy.limits.memory_bytes,
+        }
+    }
+}
+
 /// The deadline of a sandbox that never expires (9999-12-31): far beyond any
 /// clock, and small enough for the keep-alive shell's arithmetic.
 pub const NO_EXPIRY: u64 = 253_402_300_799;
@@ -270,6 +292,13 @@ impl Store {
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out
+    }
+
+    /// The sandboxes `backend` holds.
+    pub fn list_of(&self, backend: BackendKind) -> Vec<SandboxRecord> {
+        let mut all = self.list();
+        all.retain(|r| r.backend == backend);
+        all
     }
 
     /// Reservations whose creating process died before committing.

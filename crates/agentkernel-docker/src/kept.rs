@@ -179,17 +179,7 @@ pub async fn create(
         }
         print_ports(engine, &name, spec).await;
         crate::secret_files::write(engine, &name, secret_files).await?;
-        store.commit(&SandboxRecord {
-            name: keep.name.clone(),
-            backend: engine.kind(),
-            handle: container_id,
-            image: spec.image.clone(),
-            profile: spec.policy.profile.to_string(),
-            created_unix: now_unix(),
-            ttl_secs: keep.ttl.as_secs(),
-            workspace: spec.workspace.as_ref().map(|w| w.host.clone()),
-            memory_bytes: spec.policy.limits.memory_bytes,
-        })
+        store.commit(&SandboxRecord::for_kept(spec, engine.kind(), container_id))
     }
     .await;
     if result.is_err() {

@@ -2,10 +2,12 @@
 //! the initramfs carries (virtio, ext4, overlay, 9p), finds the host's
 //! virtio-serial port, builds the command's root from the image disk, runs
 //! the one command the host sends, streams its I/O, reports how it ended and
-//! powers the VM off. Anything that goes wrong is one line on the port (when
-//! it is open) and on the console, then power-off: the host never waits on a
-//! guest that gave up.
+//! powers the VM off. A kept VM's agent instead serves the commands the
+//! host sends, each under its id, until the host closes the port.
+//! Anything that goes wrong is one line on the port (when it is open) and on
+//! the console, then power-off: the host never waits on a guest that gave up.
 
+use std::collections::HashMap;
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -53,8 +55,9 @@ fn agent() -> io::Result<()> {
             uptime_ms: uptime_ms(),
         },
     )?;
-    let request = match read_frame::<_, HostMessage>(&mut reader)? {
-        Some(HostMessage::Run(r)) => r,
+    let (request, kept) = match read_frame::<_, HostMessage>(&mut reader)? {
+        Some(HostMessage::Run(r)) => (r, false),
+        Some(HostMessage::Keep(r)) => (r, true),
         other => return Err(io::Error::other(format!("expected Run, got {other:?}"))),
     };
     let built = sandbox_cgroup(request.pids_max, request.memory_max).and_then(|cgroup| {
@@ -70,6 +73,10 @@ fn agent() -> io::Result<()> {
             return Err(io::Error::other(why));
         }
     };
+    if kept {
+        send(&port, &GuestMessage::Kept)?;
+        return serve(&request, &port, reader, cgroup);
+    }
     run_command(&request, &port, reader, cgroup)
 }
 
@@ -345,32 +352,203 @@ fn switch_root() -> io::Result<()> {
     std::env::set_current_dir("/")
 }
 
+/// Where a command's messages go: the port, wrapped in `From { id }` for a
+/// kept VM's commands.
+#[derive(Clone)]
+struct Out {
+    port: Port,
+    id: Option<u64>,
+}
+
+impl Out {
+    fn send(&self, message: GuestMessage) -> io::Result<()> {
+        match self.id {
+            Some(id) => send(
+                &self.port,
+                &GuestMessage::From {
+                    id,
+                    message: Box::new(message),
+                },
+            ),
+            None => send(&self.port, &message),
+        }
+    }
+}
+
+/// A started command: the leader of its own session, the channel to its
+/// stdin (`None` closes it) and the threads pumping its output.
+struct Launched {
+    pid: libc::pid_t,
+    stdin: mpsc::Sender<Option<Vec<u8>>>,
+    pumps: Vec<std::thread::JoinHandle<()>>,
+    oom_kills_before: u64,
+}
+
+/// Why a command did not start; the host has been told already.
+enum NotStarted {
+    /// The agent could not run it (`Failed` sent): a one-shot VM gives up.
+    Failed(String),
+    /// The command's own failure (127/126, as a shell says it), reported as its exit.
+    Reported,
+}
+
+/// The one-shot VM's command: started, fed the host's stdin and signals,
+/// waited for; then every other process in the guest is killed.
 fn run_command(
     request: &RunRequest,
     port: &Port,
     mut reader: File,
     cgroup: Option<File>,
 ) -> io::Result<()> {
+    let out = Out {
+        port: port.clone(),
+        id: None,
+    };
     let cgroup_fd = cgroup.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
+    let launched = match launch(request, &out, cgroup_fd)? {
+        Ok(launched) => launched,
+        Err(NotStarted::Failed(why)) => return Err(io::Error::other(why)),
+        Err(NotStarted::Reported) => return Ok(()),
+    };
+    let (pid, stdin) = (launched.pid, launched.stdin.clone());
+    // Stdin and signals: the host's frames until it stops sending.
+    // (Never joined: after the exit the port's reader may block forever.)
+    std::thread::spawn(move || {
+        while let Ok(Some(message)) = read_frame::<_, HostMessage>(&mut reader) {
+            deliver(message, pid, &stdin);
+        }
+    });
+    finish(launched, request.timeout_ms, &out, true)
+}
+
+/// A host message for a running command: stdin, its end, or a signal.
+fn deliver(message: HostMessage, pid: libc::pid_t, stdin: &mpsc::Sender<Option<Vec<u8>>>) {
+    match message {
+        HostMessage::Stdin(data) => {
+            let _ = stdin.send(Some(data));
+        }
+        HostMessage::StdinClosed => {
+            let _ = stdin.send(None);
+        }
+        // SAFETY: kill has no memory preconditions; the command leads its
+        // own session, so its group is -pid.
+        HostMessage::Signal(signo) => unsafe {
+            libc::kill(-pid, signo);
+        },
+        _ => {}
+    }
+}
+
+/// A kept VM: the root is built; runs each command the host sends under its
+/// id, concurrently, until the host closes the port.
+fn serve(base: &RunRequest, port: &Port, mut reader: File, cgroup: Option<File>) -> io::Result<()> {
+    type Running = HashMap<u64, (libc::pid_t, mpsc::Sender<Option<Vec<u8>>>)>;
+    let running: Arc<Mutex<Running>> = Arc::default();
+    // Kept open as long as the agent lives: every command joins it.
+    let cgroup_fd = cgroup.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
+    while let Some(message) = read_frame::<_, HostMessage>(&mut reader)? {
+        match message {
+            HostMessage::For { id, message } => match *message {
+                HostMessage::Run(command) => {
+                    let out = Out {
+                        port: port.clone(),
+                        id: Some(id),
+                    };
+                    let command = within_sandbox(base, command);
+                    let launched = match launch(&command, &out, cgroup_fd)? {
+                        Ok(launched) => launched,
+                        Err(_) => continue,
+                    };
+                    lock(&running).insert(id, (launched.pid, launched.stdin.clone()));
+                    let running = running.clone();
+                    std::thread::spawn(move || {
+                        let _ = finish(launched, command.timeout_ms, &out, false);
+                        lock(&running).remove(&id);
+                    });
+                }
+                other => {
+                    let target = lock(&running).get(&id).cloned();
+                    if let Some((pid, stdin)) = target {
+                        deliver(other, pid, &stdin);
+                    }
+                }
+            },
+            HostMessage::EndAll => {
+                let count = processes_but_the_agent();
+                // SAFETY: kill(-1) signals every process but ourselves.
+                unsafe { libc::kill(-1, libc::SIGKILL) };
+                send(port, &GuestMessage::EndedAll(count))?;
+            }
+            _ => {}
+        }
+    }
+    // The host closed the port: the sandbox ends.
+    Ok(())
+}
+
+/// A kept VM's command takes its argv, environment, working directory,
+/// user and timeout from the host; what confines it stays the sandbox's.
+fn within_sandbox(base: &RunRequest, command: RunRequest) -> RunRequest {
+    RunRequest {
+        argv: command.argv,
+        env: command.env,
+        workdir: command.workdir,
+        user: command.user,
+        timeout_ms: command.timeout_ms,
+        ..base.clone()
+    }
+}
+
+/// User processes in the guest other than the agent (kernel threads are
+/// kthreadd's, pid 2, and its children).
+fn processes_but_the_agent() -> u64 {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| *pid > 2)
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // The ppid is the second field after the parenthesised name.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            ppid.is_some_and(|p| p != 2)
+        })
+        .count() as u64
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Starts `request`'s command as the profile says (user, capabilities,
+/// seccomp, its cgroup), its output pumped to `out`.
+fn launch(
+    request: &RunRequest,
+    out: &Out,
+    cgroup_fd: Option<std::os::fd::RawFd>,
+) -> io::Result<Result<Launched, NotStarted>> {
+    let failed = |why: String| -> io::Result<Result<Launched, NotStarted>> {
+        out.send(GuestMessage::Failed(why.clone()))?;
+        Ok(Err(NotStarted::Failed(why)))
+    };
     let (uid, gid) = match resolve_user(request.user.as_deref()) {
         Ok(ids) => ids,
-        Err(why) => {
-            send(port, &GuestMessage::Failed(why.clone()))?;
-            return Err(io::Error::other(why));
-        }
+        Err(why) => return failed(why),
     };
     let Some((program, args)) = request.argv.split_first() else {
-        send(port, &GuestMessage::Failed("no command".into()))?;
-        return Ok(());
+        return failed("no command".into());
     };
     // Checked first, so that a failed spawn below is about the program.
     if !Path::new(&request.workdir).is_dir() {
-        let why = format!(
+        return failed(format!(
             "the working directory {} does not exist in the image; choose another with --workdir",
             request.workdir
-        );
-        send(port, &GuestMessage::Failed(why.clone()))?;
-        return Err(io::Error::other(why));
+        ));
     }
     let mut command = Command::new(program);
     command
@@ -388,8 +566,9 @@ fn run_command(
         .iter()
         .filter_map(|c| caps::number(c))
         .collect();
-    // SAFETY: the agent has no other thread yet, so the child may allocate
-    // (the seccomp program, /proc reads); the rest is plain syscalls.
+    // SAFETY: the child may allocate (the seccomp program, /proc reads)
+    // although the agent has other threads: the C library's fork leaves
+    // its allocator usable in the child. The rest is plain syscalls.
     unsafe {
         command.pre_exec(move || {
             // The agent's OOM immunity is inherited: give it back, or the
@@ -431,7 +610,7 @@ fn run_command(
         });
     }
     let oom_kills_before = oom_kills();
-    let mut child = match command.spawn() {
+    let mut child = match reaper::spawn(&mut command) {
         Ok(c) => c,
         Err(e) => {
             // The command's failure, not ours: 127 and 126 as a shell (and
@@ -440,64 +619,77 @@ fn run_command(
                 io::ErrorKind::NotFound => (127, "command not found"),
                 io::ErrorKind::PermissionDenied => (126, "permission denied"),
                 _ if e.raw_os_error() == Some(libc::ENOEXEC) => (126, "cannot execute"),
-                _ => {
-                    let why = format!("cannot run {program}: {e}");
-                    send(port, &GuestMessage::Failed(why.clone()))?;
-                    return Err(io::Error::other(why));
-                }
+                _ => return failed(format!("cannot run {program}: {e}")),
             };
             let line = format!("agentkernel: {program}: {what}\n");
-            send(port, &GuestMessage::Stderr(line.into_bytes()))?;
-            return send(
-                port,
-                &GuestMessage::Exited {
-                    code: Some(code),
-                    signal: None,
-                    timed_out: false,
-                    out_of_memory: false,
-                },
-            );
+            out.send(GuestMessage::Stderr(line.into_bytes()))?;
+            out.send(GuestMessage::Exited {
+                code: Some(code),
+                signal: None,
+                timed_out: false,
+                out_of_memory: false,
+            })?;
+            return Ok(Err(NotStarted::Reported));
         }
     };
-    send(port, &GuestMessage::Started)?;
+    out.send(GuestMessage::Started)?;
     let pid = child.id() as libc::pid_t;
-    let mut stdin = child.stdin.take();
-    let stdout = child
-        .stdout
-        .take()
-        .map(|s| pump(s, port.clone(), GuestMessage::Stdout));
-    let stderr = child
-        .stderr
-        .take()
-        .map(|s| pump(s, port.clone(), GuestMessage::Stderr));
-    // Stdin: the host's frames into the command's pipe until it closes it.
-    // (Never joined: after the exit the port's reader may block forever.)
+    let pumps = [
+        child
+            .stdout
+            .take()
+            .map(|s| pump(s, out.clone(), GuestMessage::Stdout)),
+        child
+            .stderr
+            .take()
+            .map(|s| pump(s, out.clone(), GuestMessage::Stderr)),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    // Stdin through a thread of its own: a command that does not read it
+    // must not stall the port's reader (or, in a kept VM, other commands).
+    let (stdin, frames) = mpsc::channel::<Option<Vec<u8>>>();
+    let mut pipe = child.stdin.take();
     std::thread::spawn(move || {
-        while let Ok(Some(message)) = read_frame::<_, HostMessage>(&mut reader) {
-            match message {
-                HostMessage::Stdin(data) => {
-                    if let Some(pipe) = stdin.as_mut() {
-                        if pipe.write_all(&data).is_err() {
-                            stdin = None;
-                        }
-                    }
+        while let Ok(Some(data)) = frames.recv() {
+            if let Some(p) = pipe.as_mut() {
+                if p.write_all(&data).is_err() {
+                    pipe = None;
                 }
-                HostMessage::StdinClosed => stdin = None,
-                // SAFETY: kill has no memory preconditions; the command
-                // leads its own session, so its group is -pid.
-                HostMessage::Signal(signo) => unsafe {
-                    libc::kill(-pid, signo);
-                },
-                HostMessage::Run(_) => {}
             }
         }
     });
-    let status = wait_for(pid, request.timeout_ms.map(Duration::from_millis));
-    // Whatever the command left running dies with it (PID 1 is spared),
-    // which also closes every copy of its output pipes.
-    // SAFETY: kill(-1) signals every process but ourselves.
-    unsafe { libc::kill(-1, libc::SIGKILL) };
-    for pump in [stdout, stderr].into_iter().flatten() {
+    Ok(Ok(Launched {
+        pid,
+        stdin,
+        pumps,
+        oom_kills_before,
+    }))
+}
+
+/// Waits for the command until its timeout, ends what it left (every
+/// process in the guest for a one-shot VM; its process group in a kept
+/// one), and reports how it ended.
+fn finish(launched: Launched, timeout_ms: Option<u64>, out: &Out, end_all: bool) -> io::Result<()> {
+    let pid = launched.pid;
+    let status = reaper::wait(pid, timeout_ms.map(Duration::from_millis));
+    let leftovers = if end_all { -1 } else { -pid };
+    // SAFETY: kill has no memory preconditions. At a timeout the command
+    // itself first (it may have left its group), then what it leaves.
+    unsafe {
+        if status.is_none() {
+            libc::kill(pid, libc::SIGKILL);
+        }
+        // kill(-1) spares PID 1; either way this closes every copy of the
+        // command's output pipes.
+        libc::kill(leftovers, libc::SIGKILL);
+    }
+    if status.is_none() {
+        reaper::wait(pid, None);
+    }
+    drop(launched.stdin);
+    for pump in launched.pumps {
         let _ = pump.join();
     }
     let message = match status {
@@ -513,16 +705,17 @@ fn run_command(
                 code: libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status)),
                 signal,
                 timed_out: false,
-                out_of_memory: signal == Some(libc::SIGKILL) && oom_kills() > oom_kills_before,
+                out_of_memory: signal == Some(libc::SIGKILL)
+                    && oom_kills() > launched.oom_kills_before,
             }
         }
     };
-    send(port, &message)
+    out.send(message)
 }
 
 fn pump(
     mut source: impl Read + Send + 'static,
-    port: Port,
+    out: Out,
     frame: fn(Vec<u8>) -> GuestMessage,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
@@ -531,7 +724,7 @@ fn pump(
             match source.read(&mut buf) {
                 Ok(0) | Err(_) => return,
                 Ok(n) => {
-                    if send(&port, &frame(buf[..n].to_vec())).is_err() {
+                    if out.send(frame(buf[..n].to_vec())).is_err() {
                         return;
                     }
                 }
@@ -540,23 +733,82 @@ fn pump(
     })
 }
 
-/// The command's wait status, or `None` when the timeout came first. As
-/// PID 1 this also reaps every orphan the command leaves.
-fn wait_for(pid: libc::pid_t, timeout: Option<Duration>) -> Option<libc::c_int> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || loop {
-        let mut status = 0;
-        // SAFETY: waitpid writes into our status.
-        let reaped = unsafe { libc::waitpid(-1, &mut status, 0) };
-        if reaped == pid {
-            let _ = tx.send(status);
-        } else if reaped < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ECHILD) {
-            std::thread::sleep(Duration::from_millis(50));
+/// PID 1 reaps every process whose parent died. Commands' exits go to
+/// whoever waits for them; orphans' are discarded.
+mod reaper {
+    use std::io;
+    use std::process::{Child, Command};
+    use std::sync::{Condvar, Mutex, Once};
+    use std::time::{Duration, Instant};
+
+    /// Commands being waited for, and their wait status once reaped.
+    static WAITING: Mutex<Vec<(libc::pid_t, Option<libc::c_int>)>> = Mutex::new(Vec::new());
+    static REAPED: Condvar = Condvar::new();
+    static STARTED: Once = Once::new();
+
+    /// Spawns `command` registered for [`wait`]: under the lock the reaper
+    /// takes before reaping, so its exit cannot be reaped unregistered.
+    pub(super) fn spawn(command: &mut Command) -> io::Result<Child> {
+        STARTED.call_once(|| {
+            std::thread::spawn(reap_forever);
+        });
+        let mut waiting = super::lock(&WAITING);
+        let child = command.spawn()?;
+        waiting.push((child.id() as libc::pid_t, None));
+        Ok(child)
+    }
+
+    fn reap_forever() {
+        loop {
+            // Look first, reap under the lock: a child whose exec failed is
+            // reaped by `Command::spawn` itself (which would panic had we
+            // taken it), and spawn holds the lock until then.
+            // SAFETY: siginfo_t is plain data; all zeroes is a valid value.
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            // SAFETY: waitid writes into our siginfo.
+            let looked =
+                unsafe { libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOWAIT) };
+            if looked != 0 {
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+            // SAFETY: waitid filled a child's exit in.
+            let pid = unsafe { info.si_pid() };
+            let mut waiting = super::lock(&WAITING);
+            let mut status = 0;
+            // SAFETY: waitpid writes into our status.
+            if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } != pid {
+                continue;
+            }
+            if let Some(entry) = waiting.iter_mut().find(|(p, _)| *p == pid) {
+                entry.1 = Some(status);
+                REAPED.notify_all();
+            }
         }
-    });
-    match timeout {
-        Some(t) => rx.recv_timeout(t).ok(),
-        None => rx.recv().ok(),
+    }
+
+    /// `pid`'s wait status, or `None` when `timeout` came first.
+    pub(super) fn wait(pid: libc::pid_t, timeout: Option<Duration>) -> Option<libc::c_int> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut waiting = super::lock(&WAITING);
+        loop {
+            if let Some(i) = waiting.iter().position(|(p, s)| *p == pid && s.is_some()) {
+                return waiting.remove(i).1;
+            }
+            waiting = match deadline {
+                None => REAPED.wait(waiting).unwrap_or_else(|p| p.into_inner()),
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return None;
+                    }
+                    REAPED
+                        .wait_timeout(waiting, left)
+                        .map(|(g, _)| g)
+                        .unwrap_or_else(|p| p.into_inner().0)
+                }
+            };
+        }
     }
 }
 

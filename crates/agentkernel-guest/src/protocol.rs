@@ -1,7 +1,15 @@
 //! Host ⇄ guest messages: each is one frame, a 4-byte big-endian length and
-//! that many bytes of JSON. The host speaks first after [`GuestMessage::Ready`]
-//! with exactly one [`HostMessage::Run`]; then stdin flows one way, output
-//! the other, and [`GuestMessage::Exited`] ends the conversation.
+//! that many bytes of JSON. The host speaks first after [`GuestMessage::Ready`].
+//!
+//! A one-shot VM gets exactly one [`HostMessage::Run`]; then stdin flows one
+//! way, output the other, and [`GuestMessage::Exited`] ends the conversation.
+//!
+//! A kept VM gets [`HostMessage::Keep`] instead: the agent builds the
+//! sandbox's root once, answers [`GuestMessage::Kept`] and then serves any
+//! number of commands, concurrently, each under an id the host chooses:
+//! [`HostMessage::For`] carries a command's `Run`, stdin and signals, and
+//! [`GuestMessage::From`] its output and end. [`HostMessage::EndAll`] ends
+//! every process in the sandbox (`sandbox stop`): files stay.
 
 use std::io::{self, Read, Write};
 
@@ -75,6 +83,16 @@ pub enum HostMessage {
     StdinClosed,
     /// A signal agentkernel received, for the command's process group.
     Signal(i32),
+    /// Kept VM: build the sandbox's root from this request (its argv,
+    /// timeout and environment are unused) and serve commands.
+    Keep(RunRequest),
+    /// Kept VM: `Run`, `Stdin`, `StdinClosed` or `Signal` for command `id`.
+    For {
+        id: u64,
+        message: Box<HostMessage>,
+    },
+    /// Kept VM: kill every process but the agent; answered by `EndedAll`.
+    EndAll,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -100,6 +118,15 @@ pub enum GuestMessage {
     },
     /// The agent could not run the command; a one-line reason.
     Failed(String),
+    /// Kept VM: the sandbox's root is built; commands may come.
+    Kept,
+    /// Kept VM: a `Started`, `Stdout`, `Stderr`, `Exited` or `Failed` of command `id`.
+    From {
+        id: u64,
+        message: Box<GuestMessage>,
+    },
+    /// Kept VM: every process but the agent was killed; how many there were.
+    EndedAll(u64),
 }
 
 pub fn write_frame<W: Write, T: Serialize>(writer: &mut W, message: &T) -> io::Result<()> {

@@ -345,7 +345,9 @@ fn wait_until_done(store: &Store, name: &str, sfd: &OwnedFd, init: libc::pid_t) 
     }
 }
 
-fn detach_stdio() {
+/// Makes /dev/null our stdio and / our directory: a holder has no terminal
+/// (and closes its creator's report pipe).
+pub fn detach_stdio() {
     let null = sys::cstr("/dev/null");
     // SAFETY: opens /dev/null and makes it our stdio; the holder has no terminal.
     unsafe {
@@ -417,11 +419,7 @@ fn teardown(store: &Store, name: &str, held: Option<&Held>) {
 /// Kept native sandboxes whose holder died: removed. Returns how many.
 pub fn collect(store: &Store) -> usize {
     let mut n = 0;
-    for record in store
-        .list()
-        .into_iter()
-        .filter(|r| r.backend == agentkernel_core::backend::BackendKind::Native)
-    {
+    for record in store.list_of(agentkernel_core::backend::BackendKind::Native) {
         match Held::load(store, &record.name) {
             Some(held) if held.holder_alive() => {}
             held => {

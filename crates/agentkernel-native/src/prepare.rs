@@ -7,7 +7,7 @@ use agentkernel_core::backend::BackendKind;
 use agentkernel_core::parse::Protocol;
 use agentkernel_core::policy::{Seccomp, WorkspaceMode};
 use agentkernel_core::spec::{ExecRequest, SandboxSpec};
-use agentkernel_core::state::{now_unix, SandboxRecord, Store};
+use agentkernel_core::state::{SandboxRecord, Store};
 use agentkernel_core::{names, Error, Result};
 
 use crate::plan::{
@@ -187,17 +187,7 @@ pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<(Pla
                 name: k.name.clone(),
                 ttl: k.ttl,
                 state_root: store.root().to_path_buf(),
-                record: SandboxRecord {
-                    name: k.name.clone(),
-                    backend: BackendKind::Native,
-                    handle: String::new(),
-                    image: spec.image.clone(),
-                    profile: spec.policy.profile.as_str().into(),
-                    created_unix: now_unix(),
-                    ttl_secs: k.ttl.as_secs(),
-                    workspace: spec.workspace.as_ref().map(|w| w.host.clone()),
-                    memory_bytes: spec.policy.limits.memory_bytes,
-                },
+                record: SandboxRecord::for_kept(spec, BackendKind::Native, String::new()),
                 reused: false,
                 setup: k.setup.clone(),
             })

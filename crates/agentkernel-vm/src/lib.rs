@@ -2,10 +2,12 @@
 //! kernel ([`kernel`]), an initramfs holding the guest agent and the modules
 //! it loads ([`initramfs`]), the image as a read-only disk ([`disk`]), a VMM
 //! that boots them ([`vmm`]: QEMU today; Firecracker is meant to be one more
-//! [`vmm::Vmm`]), and a conversation with the agent ([`session`]).
+//! [`vmm::Vmm`]), and a conversation with the agent ([`session`]); a kept
+//! sandbox's VM lives under a holder process ([`kept`]).
 
 pub mod disk;
 pub mod initramfs;
+pub mod kept;
 pub mod kernel;
 pub mod session;
 pub mod vmm;

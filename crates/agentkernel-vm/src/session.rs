@@ -5,7 +5,7 @@
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Stdio};
@@ -34,12 +34,28 @@ pub enum Ended {
 /// Runs `request` in a VM booted by `vmm` from `vm`. The command's output
 /// goes to our stdout/stderr as it arrives; our stdin goes to it.
 pub fn run(vmm: &dyn Vmm, vm: &VmConfig, request: RunRequest) -> Result<Ended> {
+    // Caught from before the boot, forwarded once the command runs.
+    let signals = catch_signals();
+    let (stream, mut vm_process) = boot(vmm, vm, None)?;
+    converse(stream, request, &mut vm_process, signals)
+}
+
+/// Starts the VMM and returns our end of the agent's port. `control`, if
+/// given, is a socket QEMU inherits for its control protocol (QMP).
+pub(crate) fn boot(
+    vmm: &dyn Vmm,
+    vm: &VmConfig,
+    control: Option<RawFd>,
+) -> Result<(UnixStream, VmProcess)> {
     // The agent's port is one end of a socket pair that QEMU inherits: no
     // path anyone else could connect to, nothing on disk to clean up.
     let (ours, theirs) =
         UnixStream::pair().or_else(|e| fail(format!("cannot make a socket pair: {e}")))?;
     let agent_fd = theirs.as_raw_fd();
     let mut command = vmm.command(vm, agent_fd);
+    if let Some(fd) = control {
+        vmm.control(&mut command, fd);
+    }
     command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -56,23 +72,43 @@ pub fn run(vmm: &dyn Vmm, vm: &VmConfig, request: RunRequest) -> Result<Ended> {
             if libc::setpgid(0, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            // QEMU keeps its end of the pair across exec.
-            if libc::fcntl(agent_fd, libc::F_SETFD, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
+            // QEMU keeps its ends of the pairs across exec.
+            for fd in [Some(agent_fd), control].into_iter().flatten() {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             Ok(())
         });
     }
-    // Caught from before the boot, forwarded once the command runs.
-    let signals = catch_signals();
     trace("vmm start");
     let child = command
         .spawn()
         .or_else(|e| fail(format!("cannot start {}: {e}", vmm.name())))?;
     // Only QEMU holds its end now: if it dies, our reads see the end.
     drop(theirs);
-    let mut vm_process = VmProcess::new(child);
-    converse(ours, request, &mut vm_process, signals)
+    Ok((ours, VmProcess::new(child)))
+}
+
+/// Waits for the agent's hello.
+pub(crate) fn await_ready(reader: &mut UnixStream, vm: &mut VmProcess) -> Result<()> {
+    let _ = reader.set_read_timeout(Some(BOOT_TIMEOUT));
+    match read_frame::<_, GuestMessage>(reader) {
+        Ok(Some(GuestMessage::Ready {
+            started_ms,
+            modules_ms,
+            uptime_ms,
+        })) => {
+            trace(&format!(
+                "agent ready (guest uptime: agent started at {started_ms} ms, modules loaded at {modules_ms} ms, ready at {uptime_ms} ms)"
+            ));
+            Ok(())
+        }
+        other => vm.failure(format!(
+            "the guest agent did not start ({})",
+            describe(other)
+        )),
+    }
 }
 
 fn converse(
@@ -85,31 +121,49 @@ fn converse(
         .try_clone()
         .or_else(|e| fail(format!("socket: {e}")))?;
     let writer = Arc::new(Mutex::new(stream));
-    let _ = reader.set_read_timeout(Some(BOOT_TIMEOUT));
-    match read_frame::<_, GuestMessage>(&mut reader) {
-        Ok(Some(GuestMessage::Ready {
-            started_ms,
-            modules_ms,
-            uptime_ms,
-        })) => trace(&format!(
-            "agent ready (guest uptime: agent started at {started_ms} ms, modules loaded at {modules_ms} ms, ready at {uptime_ms} ms)"
-        )),
-        other => {
-            return vm.failure(format!(
-                "the guest agent did not start ({})",
-                describe(other)
-            ))
-        }
-    }
+    await_ready(&mut reader, vm)?;
     // The agent enforces the timeout; this is the backstop for a guest
     // that stops answering: no frame for that long ends the run.
     let backstop = request
         .timeout_ms
         .map(|ms| Duration::from_millis(ms) + AGENT_GRACE);
-    let _ = reader.set_read_timeout(backstop);
     if let Err(e) = send(&writer, &HostMessage::Run(request)) {
         return vm.failure(format!("cannot send the command to the guest: {e}"));
     }
+    match stream_command(reader, writer, backstop, signals) {
+        Streamed::Ended(ended) => {
+            vm.kill();
+            Ok(ended)
+        }
+        Streamed::Failed(why) => {
+            vm.kill();
+            fail(why)
+        }
+        Streamed::Broken(how) => vm.failure(format!(
+            "the VM stopped before the command finished ({how})"
+        )),
+    }
+}
+
+/// How a command's stream ended.
+pub(crate) enum Streamed {
+    Ended(Ended),
+    /// The agent could not run it (its one-line reason).
+    Failed(String),
+    /// The stream broke before the command's end (how).
+    Broken(String),
+}
+
+/// Once the command is sent: our stdin and signals to it, its output to our
+/// stdout/stderr, until its end. `backstop`: no frame for that long (a
+/// guest that stopped answering) ends it as a timeout.
+pub(crate) fn stream_command(
+    mut reader: UnixStream,
+    writer: Arc<Mutex<UnixStream>>,
+    backstop: Option<Duration>,
+    signals: Option<std::fs::File>,
+) -> Streamed {
+    let _ = reader.set_read_timeout(backstop);
     if let Some(pipe) = signals {
         forward_signals(pipe, writer.clone());
     }
@@ -149,8 +203,7 @@ fn converse(
                 out_of_memory,
             })) => {
                 trace("exit seen");
-                vm.kill();
-                return Ok(if timed_out {
+                return Streamed::Ended(if timed_out {
                     Ended::TimedOut
                 } else if out_of_memory {
                     Ended::OutOfMemory
@@ -162,12 +215,9 @@ fn converse(
                     }
                 });
             }
-            Ok(Some(GuestMessage::Failed(why))) => {
-                vm.kill();
-                return fail(why);
-            }
+            Ok(Some(GuestMessage::Failed(why))) => return Streamed::Failed(why),
             // The backstop: the command had its time and the agent went
-            // silent; the VM goes, and the run ends as a timeout.
+            // silent; the run ends as a timeout.
             Err(e)
                 if backstop.is_some()
                     && matches!(
@@ -175,20 +225,14 @@ fn converse(
                         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                     ) =>
             {
-                vm.kill();
-                return Ok(Ended::TimedOut);
+                return Streamed::Ended(Ended::TimedOut)
             }
-            other => {
-                return vm.failure(format!(
-                    "the VM stopped before the command finished ({})",
-                    describe(other)
-                ))
-            }
+            other => return Streamed::Broken(describe(other)),
         }
     }
 }
 
-fn send(writer: &Mutex<UnixStream>, message: &HostMessage) -> std::io::Result<()> {
+pub(crate) fn send(writer: &Mutex<UnixStream>, message: &HostMessage) -> std::io::Result<()> {
     let mut stream = writer.lock().unwrap_or_else(|p| p.into_inner());
     write_frame(&mut *stream, message)
 }
@@ -218,7 +262,7 @@ extern "C" fn on_signal(signo: libc::c_int) {
 /// From now on the signals in [`FORWARDED`] are written to a pipe, whose
 /// read end is returned, replacing the async runtime's handlers, which this
 /// blocking session would never poll. `None` if no pipe can be made.
-fn catch_signals() -> Option<std::fs::File> {
+pub(crate) fn catch_signals() -> Option<std::fs::File> {
     let mut fds = [0; 2];
     // SAFETY: pipe2 writes two fds into our array.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -253,7 +297,7 @@ fn forward_signals(mut pipe: std::fs::File, writer: Arc<Mutex<UnixStream>>) {
     });
 }
 
-fn describe(frame: std::io::Result<Option<GuestMessage>>) -> String {
+pub(crate) fn describe(frame: std::io::Result<Option<GuestMessage>>) -> String {
     match frame {
         Ok(None) => "the connection closed".into(),
         Ok(Some(m)) => format!("unexpected {m:?}"),
@@ -264,7 +308,7 @@ fn describe(frame: std::io::Result<Option<GuestMessage>>) -> String {
 
 /// The VMM process, killed and reaped when dropped; its console and error
 /// output kept (the last few KiB) to explain a failure.
-struct VmProcess {
+pub(crate) struct VmProcess {
     child: Child,
     console: Arc<Mutex<VecDeque<u8>>>,
     readers: Vec<std::thread::JoinHandle<()>>,
@@ -308,7 +352,11 @@ impl VmProcess {
         }
     }
 
-    fn kill(&mut self) {
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub(crate) fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
         for reader in self.readers.drain(..) {
@@ -318,7 +366,7 @@ impl VmProcess {
 
     /// A failure, with the last line of the VM's console (the kernel's or
     /// QEMU's last word) when it said anything.
-    fn failure<T>(&mut self, why: String) -> Result<T> {
+    pub(crate) fn failure<T>(&mut self, why: String) -> Result<T> {
         self.kill();
         let console = self.console.lock().unwrap_or_else(|p| p.into_inner());
         let text =

@@ -8,10 +8,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
+
 use crate::protocol::{PORT_NAME, WORKSPACE_TAG};
 
 /// How the guest's CPU is run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Accel {
     /// Hardware virtualization.
     Kvm,
@@ -29,7 +31,7 @@ impl Accel {
 }
 
 /// One VM, independent of the hypervisor.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VmConfig {
     pub kernel: PathBuf,
     pub initramfs: PathBuf,
@@ -49,6 +51,9 @@ pub trait Vmm {
     /// on stderr, the agent's port connected to the socket `agent_fd`
     /// (inherited).
     fn command(&self, vm: &VmConfig, agent_fd: RawFd) -> Command;
+    /// Adds the VMM's control channel (pause and resume) on the socket
+    /// `fd` (inherited) to `command`.
+    fn control(&self, command: &mut Command, fd: RawFd);
 }
 
 pub struct Qemu {
@@ -120,6 +125,15 @@ impl Vmm for Qemu {
         // No network device at all (networking is not built for VMs yet).
         c.args(["-nic", "none"]);
         c
+    }
+
+    fn control(&self, command: &mut Command, fd: RawFd) {
+        // QMP, QEMU's JSON control protocol, on an inherited socket: as
+        // with the agent's port, nothing another process could connect to.
+        command
+            .arg("-chardev")
+            .arg(format!("socket,id=control,fd={fd}"));
+        command.args(["-mon", "chardev=control,mode=control"]);
     }
 }
 

@@ -16,7 +16,7 @@ pub fn open(kind: BackendKind, store: &Store) -> Result<Box<dyn Backend>> {
         BackendKind::Native => Ok(Box::new(NativeBackend::new(store))),
         BackendKind::Docker => Ok(Box::new(EngineBackend::docker(store))),
         BackendKind::Podman => Ok(Box::new(EngineBackend::podman(store))),
-        BackendKind::Qemu => Ok(Box::new(crate::commands::qemu::QemuBackend)),
+        BackendKind::Qemu => Ok(Box::new(crate::commands::qemu::QemuBackend::new(store))),
         BackendKind::Firecracker | BackendKind::Apple => Err(not_built(kind)),
     }
 }
@@ -110,7 +110,11 @@ pub fn holding(
 /// sandboxes or a service is listening. (Never starts a Podman service just
 /// to look.)
 pub fn in_use(store: &Store) -> Vec<Box<dyn Backend>> {
-    let mut found: Vec<Box<dyn Backend>> = vec![Box::new(NativeBackend::new(store.clone()))];
+    let mut found: Vec<Box<dyn Backend>> = vec![
+        Box::new(NativeBackend::new(store.clone())),
+        // Kept VMs are known from the state directory alone (cheap).
+        Box::new(crate::commands::qemu::QemuBackend::new(store.clone())),
+    ];
     found.extend(
         engines_in_use(store)
             .into_iter()

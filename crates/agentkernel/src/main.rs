@@ -38,6 +38,17 @@ fn main() {
     {
         std::process::exit(commands::egress::proxy_main());
     }
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == agentkernel_vm::kept::HOLDER_SUBCOMMAND)
+    {
+        // A kept VM's holder: threads, no async runtime, no CLI.
+        let args: Vec<String> = std::env::args().skip(2).collect();
+        let [state, name] = args.as_slice() else {
+            std::process::exit(EXIT_AGENTKERNEL_ERROR);
+        };
+        std::process::exit(agentkernel_vm::kept::holder_main(state, name));
+    }
     agentkernel_native::trace::phase("cli started");
     let cli = match cli::Cli::try_parse() {
         Ok(cli) => cli,

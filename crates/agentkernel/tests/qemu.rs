@@ -22,24 +22,33 @@ mod qemu_only {
             .to_string()
     }
 
-    /// QEMU processes started for this test's state dir (the agent's socket
-    /// path, on their command line, is under it).
-    fn vms_of(env: &TestEnv) -> Vec<u32> {
-        let marker = env.state_dir().to_string_lossy().into_owned();
+    /// Processes whose arguments (`/proc/PID/cmdline`) satisfy `wanted`.
+    fn processes_with(wanted: impl Fn(&[String]) -> bool) -> Vec<u32> {
         std::fs::read_dir("/proc")
             .unwrap()
             .flatten()
             .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
             .filter(|pid| {
                 let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                let cmdline = String::from_utf8_lossy(&cmdline);
-                cmdline.starts_with("qemu-system") || cmdline.contains("/qemu-system")
-            })
-            .filter(|pid| {
-                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                String::from_utf8_lossy(&cmdline).contains(&marker)
+                let args: Vec<String> = cmdline
+                    .split(|b| *b == 0)
+                    .filter(|a| !a.is_empty())
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect();
+                wanted(&args)
             })
             .collect()
+    }
+
+    /// QEMU processes started for this test's state dir (the image disk's
+    /// path, on their command line, is under it).
+    fn vms_of(env: &TestEnv) -> Vec<u32> {
+        let marker = env.state_dir().to_string_lossy().into_owned();
+        processes_with(|args| {
+            args.first()
+                .is_some_and(|a| a.starts_with("qemu-system") || a.contains("/qemu-system"))
+                && args.iter().any(|a| a.contains(&marker))
+        })
     }
 
     fn run_with_stdin(env: &TestEnv, args: &[&str], input: &[u8]) -> std::process::Output {
@@ -300,8 +309,16 @@ mod qemu_only {
             ),
             (&["run", "-i", BUSYBOX, "true"][..], "--no-network"),
             (
-                &["run", "--no-network", "--name", "k1", "-i", BUSYBOX, "true"][..],
-                "kept",
+                &[
+                    "run",
+                    "--no-network",
+                    "-v",
+                    "/tmp:/host-tmp",
+                    "-i",
+                    BUSYBOX,
+                    "true",
+                ][..],
+                "volumes",
             ),
             (
                 &[
@@ -324,5 +341,197 @@ mod qemu_only {
             assert!(line.contains(names), "{args:?}: {line}");
         }
         assert!(vms_of(&env).is_empty());
+    }
+
+    /// A kept VM's holder process (`agentkernel __vm-holder STATE NAME`).
+    fn holder_of(env: &TestEnv, name: &str) -> Option<u32> {
+        let state = env.state_dir().to_string_lossy().into_owned();
+        processes_with(|args| {
+            args.iter().any(|a| a == "__vm-holder")
+                && args.contains(&state)
+                && args.last().is_some_and(|a| a == name)
+        })
+        .first()
+        .copied()
+    }
+
+    /// The QEMU whose parent is `holder`.
+    fn vm_of_holder(env: &TestEnv, holder: u32) -> u32 {
+        vms_of(env)
+            .into_iter()
+            .find(|pid| {
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                let ppid = stat
+                    .rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1).map(str::to_string));
+                ppid == Some(holder.to_string())
+            })
+            .expect("the holder's QEMU")
+    }
+
+    fn status_in_list(env: &TestEnv, name: &str) -> Option<String> {
+        let out = env.run(&["sandbox", "list", "--json"]);
+        assert_code(&out, 0);
+        let rows: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == name)
+            .map(|r| r["status"].as_str().unwrap().to_string())
+    }
+
+    #[test]
+    fn a_kept_vm_serves_commands_and_stops_pauses_and_is_removed() {
+        let env = TestEnv::new();
+        let name = unique_name("vm");
+        // Permissive: the workspace is the host's directory, so the host
+        // can watch a command in the VM work (or not, while paused).
+        let ticks = env.project_dir().join("ticks");
+        // The first command gets stdin; the VM stays up after it.
+        let out = run_with_stdin(
+            &env,
+            &[
+                "run",
+                "--keep",
+                "--name",
+                &name,
+                "-p",
+                "permissive",
+                "--no-network",
+                "--memory",
+                "256m",
+                "-i",
+                BUSYBOX,
+                "sh",
+                "-c",
+                "echo kept > /root/file; cat",
+            ],
+            b"first-stdin\n",
+        );
+        assert_code(&out, 0);
+        assert_eq!(stdout(&out), "first-stdin\n", "{}", stderr(&out));
+        assert!(stderr(&out).contains(&format!("agentkernel exec {name}")));
+        let holder = holder_of(&env, &name).expect("a holder for the kept VM");
+        let vm = vm_of_holder(&env, holder);
+
+        // exec: the root's files persist, stdio and exit codes are the
+        // command's, -e and --workdir apply.
+        let out = run_with_stdin(
+            &env,
+            &[
+                "exec",
+                "-e",
+                "GREETING=hi",
+                "--workdir",
+                "/root",
+                &name,
+                "--",
+                "sh",
+                "-c",
+                "cat; cat file; echo $GREETING; pwd; echo oops >&2; exit 3",
+            ],
+            b"exec-stdin\n",
+        );
+        assert_code(&out, 3);
+        assert_eq!(stdout(&out), "exec-stdin\nkept\nhi\n/root\n");
+        assert_eq!(stderr(&out), "oops\n");
+        let out = env.run(&["exec", &name, "--", "no-such-command-xyz"]);
+        assert_code(&out, 127);
+
+        // Commands run side by side, each with its own timeout.
+        let counter = "i=0; while :; do i=$((i+1)); echo $i > /workspace/ticks; sleep 0.2; done";
+        let mut long = env
+            .std_cmd()
+            .args(["exec", &name, "--", "sh", "-c", counter])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let out = env.run(&["exec", "--timeout", "1s", &name, "--", "sleep", "30"]);
+        assert_code(&out, 124);
+        let out = env.run(&["exec", &name, "--", "echo", "beside"]);
+        assert_eq!(stdout(&out), "beside\n");
+        let read_ticks = || std::fs::read_to_string(&ticks).unwrap_or_default();
+        poll_until(VM_LIMIT, "the counter runs", || !read_ticks().is_empty());
+
+        // pause freezes the VM (QMP stop): listed as paused, exec refused
+        // in one line, the counter holds still; resume runs it again.
+        assert_code(&env.run(&["sandbox", "pause", &name]), 0);
+        assert_eq!(status_in_list(&env, &name).as_deref(), Some("paused"));
+        let line = assert_one_line_error(&env.run(&["exec", &name, "--", "true"]));
+        assert!(line.contains("resume"), "{line}");
+        let paused_at = read_ticks();
+        std::thread::sleep(Duration::from_secs(2));
+        assert_eq!(read_ticks(), paused_at, "the guest ran while paused");
+        assert_code(&env.run(&["sandbox", "resume", &name]), 0);
+        poll_until(Duration::from_secs(30), "the counter runs again", || {
+            read_ticks() != paused_at
+        });
+
+        // stop: every process in the guest ends (the counter's exec with
+        // it, 137), files stay; exec is refused until start.
+        let out = env.run(&["sandbox", "stop", &name]);
+        assert_code(&out, 0);
+        assert_eq!(wait_child(&mut long, VM_LIMIT).code(), Some(137));
+        assert_eq!(status_in_list(&env, &name).as_deref(), Some("stopped"));
+        assert_one_line_error(&env.run(&["exec", &name, "--", "true"]));
+        assert_code(&env.run(&["sandbox", "start", &name]), 0);
+        let out = env.run(&["exec", &name, "--", "cat", "/root/file"]);
+        assert_eq!(stdout(&out), "kept\n", "{}", stderr(&out));
+
+        // rm: the VM, its holder and its state go.
+        assert_code(&env.run(&["sandbox", "rm", &name]), 0);
+        assert_gone(&[vm, holder]);
+        assert!(!env.state_dir().join("sandboxes").join(&name).exists());
+        assert_one_line_error(&env.run(&["exec", &name, "--", "true"]));
+    }
+
+    #[test]
+    fn kill_9_of_a_holder_or_its_qemu_and_the_ttl_leave_nothing() {
+        let env = TestEnv::new();
+        let names: Vec<String> = (0..3).map(|_| unique_name("vmgc")).collect();
+        for (name, ttl) in names.iter().zip(["1h", "1h", "3s"]) {
+            let out = env.run(&[
+                "sandbox",
+                "create",
+                "-B",
+                "qemu",
+                "--no-network",
+                "--memory",
+                "256m",
+                "--ttl",
+                ttl,
+                "-i",
+                BUSYBOX,
+                name,
+            ]);
+            assert_code(&out, 0);
+        }
+        let holders: Vec<u32> = names[..2]
+            .iter()
+            .map(|n| holder_of(&env, n).expect("a holder"))
+            .collect();
+        let vms: Vec<u32> = holders.iter().map(|h| vm_of_holder(&env, *h)).collect();
+        // SAFETY: kill has no memory preconditions; pids found just now.
+        unsafe {
+            libc::kill(holders[0] as libc::pid_t, libc::SIGKILL);
+            libc::kill(vms[1] as libc::pid_t, libc::SIGKILL);
+        }
+        // QEMU dies with its holder; a holder ends when its QEMU dies; the
+        // third expires at its TTL with no agentkernel command run.
+        assert_gone(&[holders[0], vms[0], holders[1], vms[1]]);
+        poll_until(Duration::from_secs(30), "the TTL ends the VM", || {
+            vms_of(&env).is_empty()
+        });
+        let out = env.run(&["sandbox", "gc"]);
+        assert_code(&out, 0);
+        let left: Vec<_> = std::fs::read_dir(env.state_dir().join("sandboxes"))
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "left behind: {left:?}");
+        for name in &names {
+            assert!(holder_of(&env, name).is_none());
+        }
     }
 }

@@ -11,6 +11,7 @@ mod mcp;
 mod openapi;
 mod pool;
 pub mod qemu;
+pub mod qemu_kept;
 mod receipt;
 mod run;
 mod sandbox;

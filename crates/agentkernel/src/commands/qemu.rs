@@ -12,13 +12,13 @@ use agentkernel_core::backend::{
 use agentkernel_core::config::Config;
 use agentkernel_core::policy::WorkspaceMode;
 use agentkernel_core::spec::{ExecRequest, Outcome, SandboxSpec};
-use agentkernel_core::state::SandboxRecord;
+use agentkernel_core::state::{SandboxRecord, Store};
 use agentkernel_core::{Error, Result};
 use agentkernel_image as images;
 use agentkernel_vm::protocol::{self, RootMode, RunRequest};
 use agentkernel_vm::session::{self, Ended};
 use agentkernel_vm::vmm::{self, Qemu, VmConfig};
-use agentkernel_vm::{disk, initramfs, kernel};
+use agentkernel_vm::{disk, initramfs, kept, kernel};
 
 /// The guest's RAM when no limit applies (permissive profile).
 const DEFAULT_MEMORY: u64 = 2 << 30;
@@ -30,15 +30,16 @@ const MIN_MEMORY: u64 = 128 << 20;
 const GUEST_OVERHEAD: u64 = 192 << 20;
 const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// The qemu backend behind the `Backend` trait: one-shot runs only; every
-/// kept-sandbox operation is refused as not supported.
-pub struct QemuBackend;
+/// The qemu backend behind the `Backend` trait: one-shot runs, and kept
+/// sandboxes whose VM lives under a holder process (`qemu_kept.rs`).
+pub struct QemuBackend {
+    store: Store,
+}
 
-fn one_shot_only(what: &str) -> Error {
-    Error::not_supported_hint(
-        format!("{what} on the qemu backend"),
-        "it runs one-shot sandboxes only; use -B native, -B docker or -B podman",
-    )
+impl QemuBackend {
+    pub fn new(store: Store) -> QemuBackend {
+        QemuBackend { store }
+    }
 }
 
 #[async_trait::async_trait(?Send)]
@@ -64,52 +65,63 @@ impl Backend for QemuBackend {
         if let Some(notice) = &options.notice {
             eprintln!("{notice}");
         }
+        if spec.keep.is_some() {
+            return super::qemu_kept::run(&self.store, spec, options.config).await;
+        }
         run(spec, options.config).await
     }
 
-    async fn exec(&self, _record: &SandboxRecord, _request: &ExecRequest) -> Result<Outcome> {
-        Err(one_shot_only("exec"))
+    async fn exec(&self, record: &SandboxRecord, request: &ExecRequest) -> Result<Outcome> {
+        super::qemu_kept::exec(&self.store, &record.name, request)
     }
 
     async fn create(
         &self,
-        _spec: &SandboxSpec,
-        _options: &RunOptions<'_>,
-        _reserved: &dyn Fn() -> Result<()>,
+        spec: &SandboxSpec,
+        options: &RunOptions<'_>,
+        reserved: &dyn Fn() -> Result<()>,
     ) -> Result<()> {
-        Err(one_shot_only("sandbox create"))
+        if let Some(notice) = &options.notice {
+            eprintln!("{notice}");
+        }
+        super::qemu_kept::create(&self.store, spec, options.config, reserved).await?;
+        Ok(())
     }
 
-    async fn stop(&self, _name: &str) -> Result<usize> {
-        Err(one_shot_only("sandbox stop"))
+    async fn stop(&self, name: &str) -> Result<usize> {
+        let ended = kept::stop(&self.store, name).map_err(backend_error)?;
+        Ok(ended as usize)
     }
 
-    async fn pause(&self, _name: &str) -> Result<()> {
-        Err(one_shot_only("sandbox pause"))
+    async fn pause(&self, name: &str) -> Result<()> {
+        kept::set_paused(&self.store, name, true).map_err(backend_error)
     }
 
-    async fn resume(&self, _name: &str) -> Result<()> {
-        Err(one_shot_only("sandbox resume"))
+    async fn resume(&self, name: &str) -> Result<()> {
+        kept::set_paused(&self.store, name, false).map_err(backend_error)
     }
 
     async fn copy_in(&self, _name: &str, _host: &Path, _path: &str) -> Result<()> {
-        Err(one_shot_only("sandbox cp"))
+        Err(no_copy())
     }
 
     async fn copy_out(&self, _name: &str, _path: &str, _host: &Path) -> Result<()> {
-        Err(one_shot_only("sandbox cp"))
+        Err(no_copy())
     }
 
-    async fn remove(&self, _name: &str) -> Result<()> {
-        Err(one_shot_only("sandbox rm"))
+    async fn remove(&self, name: &str) -> Result<()> {
+        kept::remove(&self.store, name).map_err(backend_error)
     }
 
-    async fn status(&self, _record: &SandboxRecord) -> Result<Option<String>> {
-        Ok(None)
+    async fn status(&self, record: &SandboxRecord) -> Result<Option<String>> {
+        Ok(kept::status(&self.store, &record.name).map(str::to_string))
     }
 
     async fn gc(&self) -> Result<Collected> {
-        Ok(Collected::default())
+        Ok(Collected {
+            containers: 0,
+            directories: kept::collect(&self.store),
+        })
     }
 
     async fn probe(&self) -> Result<Probe> {
@@ -121,7 +133,40 @@ impl Backend for QemuBackend {
     }
 }
 
+fn no_copy() -> Error {
+    Error::not_supported_hint(
+        "sandbox cp on the qemu backend",
+        "copy through the workspace (-B qemu shares it with the VM), or use -B native",
+    )
+}
+
 pub async fn run(spec: &SandboxSpec, config: &Config) -> Result<Outcome> {
+    let (host, vm, request) = prepare(spec, config).await?;
+    let ended = session::run(&host.qemu, &vm, request).map_err(backend_error)?;
+    Ok(outcome(ended))
+}
+
+pub(super) fn backend_error(e: agentkernel_vm::Error) -> Error {
+    Error::Backend {
+        backend: "qemu",
+        message: e.0,
+    }
+}
+
+pub(super) fn outcome(ended: Ended) -> Outcome {
+    match ended {
+        Ended::Exited(code) => Outcome::Exited(code),
+        Ended::Signaled(signal) => Outcome::Exited(128 + signal),
+        Ended::TimedOut => Outcome::TimedOut,
+        Ended::OutOfMemory => Outcome::OutOfMemory,
+    }
+}
+
+/// What a VM for `spec` boots, and the agent's request for its command.
+pub(super) async fn prepare(
+    spec: &SandboxSpec,
+    config: &Config,
+) -> Result<(Host, VmConfig, RunRequest)> {
     refuse_unsupported(spec)?;
     let memory = spec.policy.limits.memory_bytes.unwrap_or(DEFAULT_MEMORY);
     if memory < MIN_MEMORY {
@@ -134,10 +179,6 @@ pub async fn run(spec: &SandboxSpec, config: &Config) -> Result<Outcome> {
     let host = Host::find()?;
     let image = fetch_image(spec, config).await?;
     let vm_dir = agentkernel_native::images::open_store()?.root().join("vm");
-    let backend_error = |e: agentkernel_vm::Error| Error::Backend {
-        backend: "qemu",
-        message: e.0,
-    };
     let id = image.config_digest.hex().to_string();
     let disk = disk::ensure(&vm_dir.join("disks"), &id, &image.layers).map_err(backend_error)?;
     let initramfs = initramfs::ensure(&vm_dir, &host.agent, &host.kernel).map_err(backend_error)?;
@@ -162,19 +203,12 @@ pub async fn run(spec: &SandboxSpec, config: &Config) -> Result<Outcome> {
         accel,
     };
     let request = request(spec, &image.config);
-    let ended = session::run(&host.qemu, &vm, request);
-    let outcome = match ended.map_err(backend_error)? {
-        Ended::Exited(code) => Outcome::Exited(code),
-        Ended::Signaled(signal) => Outcome::Exited(128 + signal),
-        Ended::TimedOut => Outcome::TimedOut,
-        Ended::OutOfMemory => Outcome::OutOfMemory,
-    };
-    Ok(outcome)
+    Ok((host, vm, request))
 }
 
 /// What every VM needs from the host.
-struct Host {
-    qemu: Qemu,
+pub(super) struct Host {
+    pub(super) qemu: Qemu,
     kernel: kernel::Kernel,
     agent: std::path::PathBuf,
 }
@@ -254,12 +288,6 @@ fn refuse_unsupported(spec: &SandboxSpec) -> Result<()> {
         return refuse(
             "networking",
             "VMs have no network yet: pass --no-network (or --profile restrictive), or use -B native",
-        );
-    }
-    if spec.keep.is_some() {
-        return refuse(
-            "kept sandboxes",
-            "VMs are one-shot for now: drop --keep/--name/--branch/--ttl, or use -B native",
         );
     }
     if !spec.volumes.is_empty() {

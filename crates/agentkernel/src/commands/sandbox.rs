@@ -137,7 +137,7 @@ pub(super) async fn rows(store: &Store) -> Result<Vec<Row>> {
     for backend in backend::in_use(store) {
         backend.gc().await?;
         let kind = backend.kind();
-        for record in store.list().into_iter().filter(|r| r.backend == kind) {
+        for record in store.list_of(kind) {
             let Some(status) = backend.status(&record).await? else {
                 continue;
             };

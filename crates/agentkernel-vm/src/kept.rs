@@ -1,0 +1,594 @@
+//! Kept VMs without a daemon: a detached **holder** process per sandbox
+//! (`agentkernel __vm-holder STATE NAME`) owns the VM — QEMU is its child
+//! and dies with it (PDEATHSIG), even on `kill -9` — and serves the
+//! sandbox's commands on a socket in the sandbox's private state directory.
+//! Each connection is one request: a command (its stdio, signals and end
+//! streamed back), `stop` (end every process in the guest), pause/resume
+//! (QMP `stop`/`cont`) or remove. The holder enforces the TTL (moved by every
+//! use and kept ahead while a command runs), and ends the sandbox when it
+//! expires, is removed or its VM dies; a holder that was killed leaves a
+//! state directory `collect` removes.
+//!
+//! Files in `<sandbox dir>`: `vm.json` (what to boot and the sandbox's base
+//! request, written by the creator), `vm-held.json` (who holds it),
+//! `vm.sock`, and `vm-paused` while paused.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use agentkernel_core::state::{now_unix, write_atomic, Owner, SandboxRecord, Store};
+use serde::{Deserialize, Serialize};
+
+use crate::protocol::{read_frame, write_frame, GuestMessage, HostMessage, RunRequest};
+use crate::session::{self, Ended, Streamed, VmProcess, BOOT_TIMEOUT};
+use crate::vmm::{Qemu, VmConfig};
+use crate::{fail, Result};
+
+/// The hidden subcommand the holder runs as (handled before the CLI parses).
+pub const HOLDER_SUBCOMMAND: &str = "__vm-holder";
+
+const SPEC_FILE: &str = "vm.json";
+const HELD_FILE: &str = "vm-held.json";
+const SOCKET: &str = "vm.sock";
+const PAUSED: &str = "vm-paused";
+
+/// What the holder boots, and the sandbox it makes of it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KeptVm {
+    pub qemu: PathBuf,
+    pub vm: VmConfig,
+    /// The sandbox's root, workspace and confinement (its argv is unused);
+    /// every command's request is based on it.
+    pub sandbox: RunRequest,
+    /// Committed by the holder once the VM serves commands.
+    pub record: SandboxRecord,
+}
+
+impl KeptVm {
+    /// The kept VM `name` of `store`, as its creator described it.
+    pub fn load(store: &Store, name: &str) -> Result<KeptVm> {
+        let path = store.sandbox_dir(name).join(SPEC_FILE);
+        let data = std::fs::read(&path)
+            .or_else(|e| fail(format!("cannot read {}: {e}", path.display())))?;
+        serde_json::from_slice(&data)
+            .or_else(|e| fail(format!("cannot read {}: {e}", path.display())))
+    }
+}
+
+/// Who holds a kept VM.
+#[derive(Debug, Serialize, Deserialize)]
+struct Held {
+    /// The holder (`<boot>:<pid>:<start>`).
+    holder: String,
+    qemu_pid: u32,
+}
+
+impl Held {
+    fn load(store: &Store, name: &str) -> Option<Held> {
+        let data = std::fs::read(store.sandbox_dir(name).join(HELD_FILE)).ok()?;
+        serde_json::from_slice(&data).ok()
+    }
+
+    fn alive(&self) -> bool {
+        !Owner(self.holder.clone()).is_dead()
+    }
+}
+
+/// A request on the holder's socket; the first frame of a connection.
+#[derive(Debug, Serialize, Deserialize)]
+enum Request {
+    /// A command; then stdin and signals (`HostMessage`s) one way, its
+    /// output and end (`GuestMessage`s) the other.
+    Exec(Box<RunRequest>),
+    /// End every process in the guest; answered with how many there were.
+    EndAll,
+    Pause,
+    Resume,
+    Remove,
+}
+
+type Reply = std::result::Result<u64, String>;
+
+/// Builds the kept VM `name` (already reserved in `store`) under a new
+/// holder, and returns once it serves commands — or with why it could not
+/// be built, its name released.
+pub fn create(store: &Store, name: &str, kept: &KeptVm) -> Result<()> {
+    let built = (|| {
+        let spec = serde_json::to_vec(kept).or_else(|e| fail(e.to_string()))?;
+        write_atomic(&store.sandbox_dir(name).join(SPEC_FILE), &spec)
+            .or_else(|e| fail(e.to_string()))?;
+        let exe = std::env::current_exe()
+            .or_else(|e| fail(format!("cannot find agentkernel itself: {e}")))?;
+        let mut holder = Command::new(exe);
+        holder
+            .arg(HOLDER_SUBCOMMAND)
+            .arg(store.root())
+            .arg(name)
+            .current_dir("/")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        // SAFETY: setsid is async-signal-safe. Its own session: the user's
+        // Ctrl-C or a closed terminal does not end the sandbox.
+        unsafe {
+            holder.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        let mut holder = holder
+            .spawn()
+            .or_else(|e| fail(format!("cannot start the VM's holder: {e}")))?;
+        // "ok" once the VM serves commands, else why not; then EOF.
+        let mut answer = String::new();
+        if let Some(mut report) = holder.stdout.take() {
+            let _ = report.read_to_string(&mut answer);
+        }
+        match answer.trim() {
+            "ok" => Ok(()),
+            "" => fail("the VM's holder died while starting it"),
+            why => fail(why.to_string()),
+        }
+    })();
+    if built.is_err() {
+        let _ = store.forget(name);
+    }
+    built
+}
+
+/// The holder: `agentkernel __vm-holder STATE NAME`. Returns its exit code.
+pub fn holder_main(state_root: &str, name: &str) -> i32 {
+    let store = Store::new(PathBuf::from(state_root));
+    let mut report = std::io::stdout();
+    let holder = match start(&store, name) {
+        Ok(holder) => holder,
+        Err(e) => {
+            let _ = write!(report, "{e}");
+            let _ = store.forget(name);
+            return 1;
+        }
+    };
+    let _ = write!(report, "ok").and_then(|()| report.flush());
+    agentkernel_native::kept::detach_stdio();
+    let held = Arc::new(holder);
+    held.serve();
+    0
+}
+
+/// A running kept VM, as its holder sees it.
+struct Holder {
+    store: Store,
+    name: String,
+    ttl: Duration,
+    vm: Mutex<VmProcess>,
+    port: Arc<Mutex<UnixStream>>,
+    port_reader: Mutex<Option<UnixStream>>,
+    listener: UnixListener,
+    qmp: Mutex<Qmp>,
+    /// Connections of running commands, by id.
+    clients: Mutex<HashMap<u64, UnixStream>>,
+    next_id: AtomicU64,
+    /// Where the guest's `EndedAll` goes (the `stop` waiting for it).
+    ended_all: Mutex<Option<mpsc::Sender<u64>>>,
+}
+
+/// Why the holder ends the sandbox.
+enum End {
+    VmGone,
+    Removed,
+}
+
+fn start(store: &Store, name: &str) -> Result<Holder> {
+    let kept = KeptVm::load(store, name)?;
+    let qemu = Qemu {
+        binary: kept.qemu.clone(),
+    };
+    let (control, qemu_end) =
+        UnixStream::pair().or_else(|e| fail(format!("cannot make a socket pair: {e}")))?;
+    let (port, mut vm) = session::boot(&qemu, &kept.vm, Some(qemu_end.as_raw_fd()))?;
+    drop(qemu_end);
+    let mut reader = port.try_clone().or_else(|e| fail(format!("socket: {e}")))?;
+    session::await_ready(&mut reader, &mut vm)?;
+    let port = Arc::new(Mutex::new(port));
+    if let Err(e) = session::send(&port, &HostMessage::Keep(kept.sandbox.clone())) {
+        return vm.failure(format!("cannot send the sandbox to the guest: {e}"));
+    }
+    match read_frame::<_, GuestMessage>(&mut reader) {
+        Ok(Some(GuestMessage::Kept)) => {}
+        Ok(Some(GuestMessage::Failed(why))) => {
+            vm.kill();
+            return fail(why);
+        }
+        other => {
+            return vm.failure(format!(
+                "the guest agent did not build the sandbox ({})",
+                session::describe(other)
+            ))
+        }
+    }
+    let _ = reader.set_read_timeout(None);
+    let qmp = match Qmp::connect(control) {
+        Ok(q) => q,
+        Err(e) => return vm.failure(format!("QEMU's control channel: {e}")),
+    };
+    let dir = store.sandbox_dir(name);
+    let socket = dir.join(SOCKET);
+    let _ = std::fs::remove_file(&socket);
+    // The sandbox directory is 0700: only its owner can connect.
+    let listener = UnixListener::bind(&socket)
+        .or_else(|e| fail(format!("cannot listen on {}: {e}", socket.display())))?;
+    let held = Held {
+        holder: Owner::current().0,
+        qemu_pid: vm.pid(),
+    };
+    let ttl = Duration::from_secs(kept.record.ttl_secs);
+    let mut record = kept.record.clone();
+    record.handle = format!("qemu pid {}", held.qemu_pid);
+    let recorded = write_atomic(
+        &dir.join(HELD_FILE),
+        &serde_json::to_vec(&held).unwrap_or_default(),
+    )
+    .and_then(|()| store.touch(name, ttl).map(|_| ()))
+    .and_then(|()| store.commit(&record));
+    if let Err(e) = recorded {
+        vm.kill();
+        return fail(e.to_string());
+    }
+    Ok(Holder {
+        store: store.clone(),
+        name: name.to_string(),
+        ttl,
+        vm: Mutex::new(vm),
+        port,
+        port_reader: Mutex::new(Some(reader)),
+        listener,
+        qmp: Mutex::new(qmp),
+        clients: Mutex::default(),
+        next_id: AtomicU64::new(1),
+        ended_all: Mutex::default(),
+    })
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Holder {
+    /// Serves until the TTL passes (no command running), the sandbox is
+    /// removed or the VM dies; then ends the VM and removes the sandbox.
+    fn serve(self: Arc<Self>) {
+        let (end_tx, ends) = mpsc::channel::<End>();
+        if let Some(reader) = lock(&self.port_reader).take() {
+            let holder = self.clone();
+            let end = end_tx.clone();
+            std::thread::spawn(move || holder.route_guest(reader, end));
+        }
+        {
+            let holder = self.clone();
+            std::thread::spawn(move || {
+                for client in holder.listener.incoming().flatten() {
+                    let holder = holder.clone();
+                    let end = end_tx.clone();
+                    std::thread::spawn(move || holder.handle(client, end));
+                }
+            });
+        }
+        loop {
+            match ends.recv_timeout(Duration::from_secs(1)) {
+                Ok(End::VmGone | End::Removed) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
+            if !lock(&self.clients).is_empty() {
+                // A running command is a use: the sandbox lives past it.
+                let _ = self.store.touch(&self.name, self.ttl);
+                continue;
+            }
+            match self.store.deadline(&self.name) {
+                Some(deadline) if now_unix() < deadline => {}
+                _ => break,
+            }
+        }
+        lock(&self.vm).kill();
+        let _ = self.store.forget(&self.name);
+    }
+
+    /// The guest's messages, each to the connection of its command.
+    fn route_guest(&self, mut reader: UnixStream, end: mpsc::Sender<End>) {
+        while let Ok(Some(message)) = read_frame::<_, GuestMessage>(&mut reader) {
+            match message {
+                GuestMessage::From { id, message } => {
+                    let finished = matches!(
+                        *message,
+                        GuestMessage::Exited { .. } | GuestMessage::Failed(_)
+                    );
+                    let mut clients = lock(&self.clients);
+                    if let Some(client) = clients.get_mut(&id) {
+                        let _ = write_frame(client, &*message);
+                    }
+                    if finished {
+                        if let Some(client) = clients.remove(&id) {
+                            let _ = client.shutdown(std::net::Shutdown::Both);
+                        }
+                        let _ = self.store.touch(&self.name, self.ttl);
+                    }
+                }
+                GuestMessage::EndedAll(count) => {
+                    if let Some(waiting) = lock(&self.ended_all).take() {
+                        let _ = waiting.send(count);
+                    }
+                }
+                _ => {}
+            }
+        }
+        // The VM is gone (QEMU died or the guest powered off): every
+        // connection ends with it.
+        for (_, client) in lock(&self.clients).drain() {
+            let _ = client.shutdown(std::net::Shutdown::Both);
+        }
+        let _ = end.send(End::VmGone);
+    }
+
+    fn handle(&self, mut client: UnixStream, end: mpsc::Sender<End>) {
+        let request = match read_frame::<_, Request>(&mut client) {
+            Ok(Some(r)) => r,
+            _ => return,
+        };
+        let reply: Reply = match request {
+            Request::Exec(command) => return self.exec(client, *command),
+            Request::EndAll => self.end_all(),
+            Request::Pause => self.set_paused(true),
+            Request::Resume => self.set_paused(false),
+            Request::Remove => {
+                let _ = end.send(End::Removed);
+                Ok(0)
+            }
+        };
+        let _ = write_frame(&mut client, &reply);
+    }
+
+    fn exec(&self, mut client: UnixStream, command: RunRequest) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let Ok(replies) = client.try_clone() else {
+            return;
+        };
+        lock(&self.clients).insert(id, replies);
+        let _ = self.store.touch(&self.name, self.ttl);
+        let to_guest = |message: HostMessage| {
+            session::send(
+                &self.port,
+                &HostMessage::For {
+                    id,
+                    message: Box::new(message),
+                },
+            )
+        };
+        if to_guest(HostMessage::Run(command)).is_err() {
+            lock(&self.clients).remove(&id);
+            return;
+        }
+        while let Ok(Some(message)) = read_frame::<_, HostMessage>(&mut client) {
+            if matches!(
+                message,
+                HostMessage::Stdin(_) | HostMessage::StdinClosed | HostMessage::Signal(_)
+            ) && to_guest(message).is_err()
+            {
+                break;
+            }
+        }
+        // The caller went away (killed, or its command ended): a command
+        // still running has no one to report to and is killed.
+        if lock(&self.clients).remove(&id).is_some() {
+            let _ = to_guest(HostMessage::Signal(libc::SIGKILL));
+        }
+    }
+
+    fn end_all(&self) -> Reply {
+        let (tx, rx) = mpsc::channel();
+        *lock(&self.ended_all) = Some(tx);
+        session::send(&self.port, &HostMessage::EndAll).map_err(|e| e.to_string())?;
+        rx.recv_timeout(Duration::from_secs(30))
+            .map_err(|_| "the guest did not answer".to_string())
+    }
+
+    fn set_paused(&self, paused: bool) -> Reply {
+        let marker = self.store.sandbox_dir(&self.name).join(PAUSED);
+        lock(&self.qmp)
+            .execute(if paused { "stop" } else { "cont" })
+            .map_err(|e| {
+                format!(
+                    "QEMU did not {}: {e}",
+                    if paused { "pause" } else { "resume" }
+                )
+            })?;
+        let marked = if paused {
+            write_atomic(&marker, b"").map_err(|e| e.to_string())
+        } else {
+            match std::fs::remove_file(&marker) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.to_string()),
+                _ => Ok(()),
+            }
+        };
+        marked.map(|()| 0)
+    }
+}
+
+/// QEMU's control protocol: one JSON object a line.
+struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Qmp {
+    /// Reads the greeting and leaves capabilities negotiation.
+    fn connect(stream: UnixStream) -> std::io::Result<Qmp> {
+        let _ = stream.set_read_timeout(Some(BOOT_TIMEOUT));
+        let writer = stream.try_clone()?;
+        let mut qmp = Qmp {
+            reader: BufReader::new(stream),
+            writer,
+        };
+        let mut greeting = String::new();
+        qmp.reader.read_line(&mut greeting)?;
+        qmp.execute("qmp_capabilities")?;
+        Ok(qmp)
+    }
+
+    /// Runs `command` and waits for its answer (events on the way are skipped).
+    fn execute(&mut self, command: &str) -> std::io::Result<()> {
+        writeln!(self.writer, "{}", serde_json::json!({ "execute": command }))?;
+        loop {
+            let mut line = String::new();
+            if self.reader.read_line(&mut line)? == 0 {
+                return Err(std::io::Error::other("QEMU closed its control channel"));
+            }
+            let answer: serde_json::Value =
+                serde_json::from_str(&line).map_err(std::io::Error::other)?;
+            if answer.get("return").is_some() {
+                return Ok(());
+            }
+            if let Some(error) = answer.get("error") {
+                return Err(std::io::Error::other(error.to_string()));
+            }
+        }
+    }
+}
+
+/// Connects to the holder of `name`, or says the sandbox is gone.
+fn connect(store: &Store, name: &str) -> Result<UnixStream> {
+    UnixStream::connect(store.sandbox_dir(name).join(SOCKET)).or_else(|_| {
+        fail(format!(
+            "sandbox {name} is gone (its VM stopped); `agentkernel sandbox gc` removes what it left"
+        ))
+    })
+}
+
+/// One request that is answered with a [`Reply`].
+fn ask(store: &Store, name: &str, request: &Request) -> Result<u64> {
+    let mut stream = connect(store, name)?;
+    write_frame(&mut stream, request).or_else(|e| fail(format!("sandbox {name}: {e}")))?;
+    match read_frame::<_, Reply>(&mut stream) {
+        Ok(Some(Ok(n))) => Ok(n),
+        Ok(Some(Err(why))) => fail(why),
+        _ => fail(format!("sandbox {name}: its holder did not answer")),
+    }
+}
+
+/// Runs `command` in the kept VM `name`: our stdin and signals to it, its
+/// output to our stdout/stderr.
+pub fn exec(store: &Store, name: &str, command: RunRequest) -> Result<Ended> {
+    if is_paused(store, name) {
+        return fail(format!(
+            "sandbox {name} is paused; resume it with `agentkernel sandbox resume {name}`"
+        ));
+    }
+    let signals = session::catch_signals();
+    let mut stream = connect(store, name)?;
+    let backstop = command
+        .timeout_ms
+        .map(|ms| Duration::from_millis(ms) + Duration::from_secs(30));
+    write_frame(&mut stream, &Request::Exec(Box::new(command)))
+        .or_else(|e| fail(format!("sandbox {name}: {e}")))?;
+    let reader = stream
+        .try_clone()
+        .or_else(|e| fail(format!("socket: {e}")))?;
+    match session::stream_command(reader, Arc::new(Mutex::new(stream)), backstop, signals) {
+        Streamed::Ended(ended) => Ok(ended),
+        Streamed::Failed(why) => fail(why),
+        Streamed::Broken(how) => fail(format!(
+            "sandbox {name}'s VM stopped before the command finished ({how})"
+        )),
+    }
+}
+
+/// `sandbox stop`: every process in the guest ends; its files stay.
+pub fn stop(store: &Store, name: &str) -> Result<u64> {
+    ask(store, name, &Request::EndAll)
+}
+
+/// `sandbox pause|resume`: QEMU stops or continues the guest's CPUs.
+pub fn set_paused(store: &Store, name: &str, paused: bool) -> Result<()> {
+    let request = if paused {
+        Request::Pause
+    } else {
+        Request::Resume
+    };
+    ask(store, name, &request).map(|_| ())
+}
+
+fn is_paused(store: &Store, name: &str) -> bool {
+    store.sandbox_dir(name).join(PAUSED).exists()
+}
+
+/// `running` or `paused` while the holder lives; `None` when it is gone.
+pub fn status(store: &Store, name: &str) -> Option<&'static str> {
+    Held::load(store, name).filter(Held::alive).map(|_| {
+        if is_paused(store, name) {
+            "paused"
+        } else {
+            "running"
+        }
+    })
+}
+
+/// `sandbox rm`: the holder ends the VM and removes the sandbox; if it is
+/// gone, what it left is removed here.
+pub fn remove(store: &Store, name: &str) -> Result<()> {
+    if Held::load(store, name).is_some_and(|h| h.alive())
+        && ask(store, name, &Request::Remove).is_ok()
+    {
+        for _ in 0..400 {
+            if !store.sandbox_dir(name).exists() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+    teardown(store, name);
+    match store.sandbox_dir(name).exists() {
+        false => Ok(()),
+        true => fail(format!(
+            "sandbox {name}: cannot remove {}",
+            store.sandbox_dir(name).display()
+        )),
+    }
+}
+
+/// Removes what a dead (or unresponsive) holder left. Its QEMU dies with
+/// it (PDEATHSIG), so a holder still alive is killed, never its QEMU by a
+/// pid that may have been reused.
+fn teardown(store: &Store, name: &str) {
+    if let Some(held) = Held::load(store, name).filter(Held::alive) {
+        if let Some(pid) = held.holder.split(':').nth(1).and_then(|p| p.parse().ok()) {
+            // SAFETY: kill has no memory preconditions; `alive` checked
+            // that this pid is still the holder (its start time).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+    let _ = store.forget(name);
+}
+
+/// Kept VMs whose holder died: removed. Returns how many.
+pub fn collect(store: &Store) -> usize {
+    let mut n = 0;
+    for record in store.list_of(agentkernel_core::backend::BackendKind::Qemu) {
+        if Held::load(store, &record.name).is_some_and(|h| h.alive()) {
+            continue;
+        }
+        teardown(store, &record.name);
+        n += 1;
+    }
+    n
+}
+
+/// Where a kept VM's base request lives, for `exec` to build on.
+pub fn sandbox_request(store: &Store, name: &str) -> Result<RunRequest> {
+    KeptVm::load(store, name).map(|k| k.sandbox)
+}

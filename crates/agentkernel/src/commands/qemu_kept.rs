@@ -1,0 +1,130 @@
+//! Kept sandboxes on `-B qemu` (`run --keep`, `sandbox create`, `exec`):
+//! the VM stays up under a holder process (`agentkernel_vm::kept`) and each
+//! command is one more conversation with its guest agent.
+
+use std::time::Duration;
+
+use agentkernel_core::backend::BackendKind;
+use agentkernel_core::config::Config;
+use agentkernel_core::spec::{kept_message, ExecRequest, Outcome, SandboxSpec};
+use agentkernel_core::state::{SandboxRecord, Store};
+use agentkernel_core::{Error, Result};
+use agentkernel_vm::kept::{self, KeptVm};
+use agentkernel_vm::protocol::RunRequest;
+
+use super::qemu::{backend_error, outcome, prepare};
+
+/// `run --keep` (and `--branch`, reusing the sandbox when it exists): the
+/// kept VM, then its first command.
+pub async fn run(store: &Store, spec: &SandboxSpec, config: &Config) -> Result<Outcome> {
+    let keep = spec.keep.as_ref().expect("a kept run");
+    if keep.reuse {
+        if let Some(record) = existing(store, &keep.name).await? {
+            if record.backend != BackendKind::Qemu {
+                return Err(Error::Conflict(format!(
+                    "sandbox {} exists on the {} backend; use -B {} to reuse it, or remove it first",
+                    keep.name, record.backend, record.backend
+                )));
+            }
+            let outcome = exec(store, &keep.name, &spec.exec);
+            eprintln!("{}", kept_message(&keep.name, keep.ttl, true));
+            return outcome;
+        }
+    }
+    let first = create(store, spec, config, &|| Ok(())).await?;
+    let ended = kept::exec(store, &keep.name, first).map_err(backend_error);
+    eprintln!("{}", kept_message(&keep.name, keep.ttl, false));
+    Ok(outcome(ended?))
+}
+
+/// For `--branch`: the sandbox's record, waiting for a concurrent creator
+/// that holds the name but has not committed yet (a VM boots in seconds).
+async fn existing(store: &Store, name: &str) -> Result<Option<SandboxRecord>> {
+    for _ in 0..600 {
+        if let Some(record) = store.load(name)? {
+            return Ok(Some(record));
+        }
+        if !store.sandbox_dir(name).exists() {
+            return Ok(None);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(None)
+}
+
+/// Reserves the name, boots the kept VM under its holder and runs the
+/// template's setup; returns the request of the spec's own command. On any
+/// failure nothing is left.
+pub async fn create(
+    store: &Store,
+    spec: &SandboxSpec,
+    config: &Config,
+    reserved: &dyn Fn() -> Result<()>,
+) -> Result<RunRequest> {
+    let keep = spec.keep.as_ref().expect("a kept sandbox");
+    store.reserve(&keep.name)?;
+    let built = async {
+        reserved()?;
+        let (host, vm, request) = prepare(spec, config).await?;
+        let record = SandboxRecord::for_kept(spec, BackendKind::Qemu, String::new());
+        let described = KeptVm {
+            qemu: host.qemu.binary.clone(),
+            vm,
+            sandbox: request.clone(),
+            record,
+        };
+        kept::create(store, &keep.name, &described).map_err(backend_error)?;
+        Ok(request)
+    }
+    .await;
+    let request = match built {
+        Ok(request) => request,
+        Err(e) => {
+            let _ = store.forget(&keep.name);
+            return Err(e);
+        }
+    };
+    if !keep.setup.is_empty() {
+        let setup = ExecRequest {
+            argv: agentkernel_core::template::setup_argv(&keep.setup),
+            tty: false,
+            ..spec.exec.clone()
+        };
+        let code = match exec(store, &keep.name, &setup) {
+            Ok(outcome) => outcome.exit_code(),
+            Err(e) => {
+                let _ = kept::remove(store, &keep.name);
+                return Err(e);
+            }
+        };
+        if code != 0 {
+            let _ = kept::remove(store, &keep.name);
+            return Err(Error::Conflict(agentkernel_core::template::setup_failed(
+                &keep.name, code,
+            )));
+        }
+    }
+    Ok(request)
+}
+
+/// One more command in the kept VM: the sandbox's environment, working
+/// directory and user unless the request names its own.
+pub fn exec(store: &Store, name: &str, request: &ExecRequest) -> Result<Outcome> {
+    let base = kept::sandbox_request(store, name).map_err(|_| gone(name))?;
+    let mut env = base.env.clone();
+    env.extend(request.env.iter().map(|(k, v)| format!("{k}={v}")));
+    let command = RunRequest {
+        argv: request.argv.clone(),
+        env,
+        workdir: request.workdir.clone().unwrap_or(base.workdir.clone()),
+        user: request.user.clone().or(base.user.clone()),
+        timeout_ms: request.timeout.map(|t| t.as_millis() as u64),
+        ..base
+    };
+    let ended = kept::exec(store, name, command).map_err(backend_error)?;
+    Ok(outcome(ended))
+}
+
+fn gone(name: &str) -> Error {
+    Error::NoSuchSandbox(format!("{name} (it expired or was removed)"))
+}
