@@ -27,16 +27,31 @@ pub const MODULES: &[&str] = &[
     "9p",
 ];
 
-/// The cached initramfs for this agent and kernel, built if missing.
+/// The cached initramfs for this agent and kernel, built if missing. The
+/// agent is known by its file's identity (device, inode, size, mtime), not
+/// its content: hashing megabytes on every run cost more than the rest of
+/// a warm VM run, and any new build of the agent changes its identity.
 pub fn ensure(cache_dir: &Path, agent: &Path, kernel: &Kernel) -> Result<PathBuf> {
-    let binary = std::fs::read(agent).or_else(|e| {
-        fail(format!(
+    let cannot_read = |e: std::io::Error| {
+        crate::Error(format!(
             "cannot read the guest agent {}: {e}; build it (`cargo build -p agentkernel`) next to agentkernel",
             agent.display()
         ))
-    })?;
+    };
+    let identity = std::fs::metadata(agent).map_err(cannot_read)?;
     let mut hash = Sha256::new();
-    hash.update(&binary);
+    {
+        use std::os::unix::fs::MetadataExt;
+        for n in [
+            identity.dev(),
+            identity.ino(),
+            identity.size(),
+            identity.mtime() as u64,
+            identity.mtime_nsec() as u64,
+        ] {
+            hash.update(n.to_le_bytes());
+        }
+    }
     hash.update(kernel.version.as_bytes());
     hash.update(MODULES.join(",").as_bytes());
     let key: String = hash.finalize()[..12]
@@ -47,6 +62,7 @@ pub fn ensure(cache_dir: &Path, agent: &Path, kernel: &Kernel) -> Result<PathBuf
     if path.is_file() {
         return Ok(path);
     }
+    let binary = std::fs::read(agent).map_err(cannot_read)?;
     std::fs::create_dir_all(cache_dir)
         .or_else(|e| fail(format!("cannot create {}: {e}", cache_dir.display())))?;
     let mut archive = Cpio::default();

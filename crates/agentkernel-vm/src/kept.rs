@@ -35,8 +35,8 @@ use crate::{fail, Result};
 /// The hidden subcommand the holder runs as (handled before the CLI parses).
 pub const HOLDER_SUBCOMMAND: &str = "__vm-holder";
 
-const SPEC_FILE: &str = "vm.json";
-const HELD_FILE: &str = "vm-held.json";
+pub(crate) const SPEC_FILE: &str = "vm.json";
+pub(crate) const HELD_FILE: &str = "vm-held.json";
 const SOCKET: &str = "vm.sock";
 const PAUSED: &str = "vm-paused";
 
@@ -48,14 +48,19 @@ pub struct KeptVm {
     /// The sandbox's root, workspace and confinement (its argv is unused);
     /// every command's request is based on it.
     pub sandbox: RunRequest,
-    /// Committed by the holder once the VM serves commands.
-    pub record: SandboxRecord,
+    /// A kept sandbox's record, committed by the holder once the VM serves
+    /// commands; `None` for a warm pool VM.
+    pub record: Option<SandboxRecord>,
 }
 
 impl KeptVm {
     /// The kept VM `name` of `store`, as its creator described it.
     pub fn load(store: &Store, name: &str) -> Result<KeptVm> {
-        let path = store.sandbox_dir(name).join(SPEC_FILE);
+        KeptVm::load_from(&store.sandbox_dir(name))
+    }
+
+    fn load_from(dir: &std::path::Path) -> Result<KeptVm> {
+        let path = dir.join(SPEC_FILE);
         let data = std::fs::read(&path)
             .or_else(|e| fail(format!("cannot read {}: {e}", path.display())))?;
         serde_json::from_slice(&data)
@@ -65,7 +70,7 @@ impl KeptVm {
 
 /// Who holds a kept VM.
 #[derive(Debug, Serialize, Deserialize)]
-struct Held {
+pub(crate) struct Held {
     /// The holder (`<boot>:<pid>:<start>`).
     holder: String,
     qemu_pid: u32,
@@ -73,11 +78,15 @@ struct Held {
 
 impl Held {
     fn load(store: &Store, name: &str) -> Option<Held> {
-        let data = std::fs::read(store.sandbox_dir(name).join(HELD_FILE)).ok()?;
+        Held::load_from(&store.sandbox_dir(name))
+    }
+
+    pub(crate) fn load_from(dir: &std::path::Path) -> Option<Held> {
+        let data = std::fs::read(dir.join(HELD_FILE)).ok()?;
         serde_json::from_slice(&data).ok()
     }
 
-    fn alive(&self) -> bool {
+    pub(crate) fn alive(&self) -> bool {
         !Owner(self.holder.clone()).is_dead()
     }
 }
@@ -105,28 +114,7 @@ pub fn create(store: &Store, name: &str, kept: &KeptVm) -> Result<()> {
         let spec = serde_json::to_vec(kept).or_else(|e| fail(e.to_string()))?;
         write_atomic(&store.sandbox_dir(name).join(SPEC_FILE), &spec)
             .or_else(|e| fail(e.to_string()))?;
-        let exe = std::env::current_exe()
-            .or_else(|e| fail(format!("cannot find agentkernel itself: {e}")))?;
-        let mut holder = Command::new(exe);
-        holder
-            .arg(HOLDER_SUBCOMMAND)
-            .arg(store.root())
-            .arg(name)
-            .current_dir("/")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
-        // SAFETY: setsid is async-signal-safe. Its own session: the user's
-        // Ctrl-C or a closed terminal does not end the sandbox.
-        unsafe {
-            holder.pre_exec(|| {
-                libc::setsid();
-                Ok(())
-            });
-        }
-        let mut holder = holder
-            .spawn()
-            .or_else(|e| fail(format!("cannot start the VM's holder: {e}")))?;
+        let mut holder = spawn_holder(&[store.root().as_os_str(), name.as_ref()], Stdio::piped())?;
         // "ok" once the VM serves commands, else why not; then EOF.
         let mut answer = String::new();
         if let Some(mut report) = holder.stdout.take() {
@@ -144,15 +132,60 @@ pub fn create(store: &Store, name: &str, kept: &KeptVm) -> Result<()> {
     built
 }
 
-/// The holder: `agentkernel __vm-holder STATE NAME`. Returns its exit code.
-pub fn holder_main(state_root: &str, name: &str) -> i32 {
-    let store = Store::new(PathBuf::from(state_root));
+/// Starts `agentkernel __vm-holder ARGS` in its own session (the user's
+/// Ctrl-C or a closed terminal does not end the VM), its stdout `report`.
+pub(crate) fn spawn_holder(
+    args: &[&std::ffi::OsStr],
+    report: Stdio,
+) -> Result<std::process::Child> {
+    let exe = std::env::current_exe()
+        .or_else(|e| fail(format!("cannot find agentkernel itself: {e}")))?;
+    let mut holder = Command::new(exe);
+    holder
+        .arg(HOLDER_SUBCOMMAND)
+        .args(args)
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(report)
+        .stderr(Stdio::null());
+    // SAFETY: setsid is async-signal-safe.
+    unsafe {
+        holder.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    holder
+        .spawn()
+        .or_else(|e| fail(format!("cannot start the VM's holder: {e}")))
+}
+
+/// The holder: `agentkernel __vm-holder STATE NAME` (a kept sandbox, its
+/// creator waiting on our stdout) or `agentkernel __vm-holder --warm DIR`
+/// (a warm pool VM, `crate::pool`). Returns its exit code.
+pub fn holder_main(args: &[String]) -> i32 {
+    let place = match args {
+        [flag, dir] if flag == "--warm" => {
+            let dir = PathBuf::from(dir);
+            // Who is booting it, for gc, until `vm-held.json` says who holds it.
+            let _ = write_atomic(
+                &dir.join(crate::pool::BOOTING),
+                Owner::current().0.as_bytes(),
+            );
+            Place::Warm { dir }
+        }
+        [state, name] => Place::Kept {
+            store: Store::new(PathBuf::from(state)),
+            name: name.clone(),
+        },
+        _ => return 125,
+    };
     let mut report = std::io::stdout();
-    let holder = match start(&store, name) {
+    let holder = match start(place) {
         Ok(holder) => holder,
-        Err(e) => {
+        Err((place, e)) => {
             let _ = write!(report, "{e}");
-            let _ = store.forget(name);
+            place.forget();
             return 1;
         }
     };
@@ -163,10 +196,60 @@ pub fn holder_main(state_root: &str, name: &str) -> i32 {
     0
 }
 
+/// Where a holder's VM belongs.
+pub(crate) enum Place {
+    /// The kept sandbox `name`: TTL, record, `sandbox …` commands.
+    Kept { store: Store, name: String },
+    /// A warm pool VM in `dir`: serves one command, then ends.
+    Warm { dir: PathBuf },
+}
+
+impl Place {
+    fn dir(&self) -> PathBuf {
+        match self {
+            Place::Kept { store, name } => store.sandbox_dir(name),
+            Place::Warm { dir } => dir.clone(),
+        }
+    }
+
+    /// A use: a kept sandbox's deadline moves.
+    fn used(&self, ttl: Duration) {
+        if let Place::Kept { store, name } = self {
+            let _ = store.touch(name, ttl);
+        }
+    }
+
+    /// True once the VM should end with no command running: a kept
+    /// sandbox's deadline passed (or it was removed), a warm VM's directory
+    /// went (pruned, or its state dir removed) or it idled past its TTL.
+    fn over(&self) -> bool {
+        match self {
+            Place::Kept { store, name } => store
+                .deadline(name)
+                .is_none_or(|deadline| now_unix() >= deadline),
+            Place::Warm { dir } => crate::pool::is_over(dir),
+        }
+    }
+
+    fn single_use(&self) -> bool {
+        matches!(self, Place::Warm { .. })
+    }
+
+    fn forget(&self) {
+        match self {
+            Place::Kept { store, name } => {
+                let _ = store.forget(name);
+            }
+            Place::Warm { dir } => {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+    }
+}
+
 /// A running kept VM, as its holder sees it.
 struct Holder {
-    store: Store,
-    name: String,
+    place: Place,
     ttl: Duration,
     vm: Mutex<VmProcess>,
     port: Arc<Mutex<UnixStream>>,
@@ -186,8 +269,43 @@ enum End {
     Removed,
 }
 
-fn start(store: &Store, name: &str) -> Result<Holder> {
-    let kept = KeptVm::load(store, name)?;
+fn start(place: Place) -> std::result::Result<Holder, (Place, crate::Error)> {
+    match boot_and_hold(&place) {
+        Ok(parts) => Ok(parts.into_holder(place)),
+        Err(e) => Err((place, e)),
+    }
+}
+
+/// What `start` made, before it is a `Holder`.
+struct Parts {
+    ttl: Duration,
+    vm: VmProcess,
+    port: Arc<Mutex<UnixStream>>,
+    reader: UnixStream,
+    listener: UnixListener,
+    qmp: Qmp,
+}
+
+impl Parts {
+    fn into_holder(self, place: Place) -> Holder {
+        Holder {
+            place,
+            ttl: self.ttl,
+            vm: Mutex::new(self.vm),
+            port: self.port,
+            port_reader: Mutex::new(Some(self.reader)),
+            listener: self.listener,
+            qmp: Mutex::new(self.qmp),
+            clients: Mutex::default(),
+            next_id: AtomicU64::new(1),
+            ended_all: Mutex::default(),
+        }
+    }
+}
+
+fn boot_and_hold(place: &Place) -> Result<Parts> {
+    let dir = place.dir();
+    let kept = KeptVm::load_from(&dir)?;
     let qemu = Qemu {
         binary: kept.qemu.clone(),
     };
@@ -219,7 +337,6 @@ fn start(store: &Store, name: &str) -> Result<Holder> {
         Ok(q) => q,
         Err(e) => return vm.failure(format!("QEMU's control channel: {e}")),
     };
-    let dir = store.sandbox_dir(name);
     let socket = dir.join(SOCKET);
     let _ = std::fs::remove_file(&socket);
     // The sandbox directory is 0700: only its owner can connect.
@@ -229,31 +346,34 @@ fn start(store: &Store, name: &str) -> Result<Holder> {
         holder: Owner::current().0,
         qemu_pid: vm.pid(),
     };
-    let ttl = Duration::from_secs(kept.record.ttl_secs);
-    let mut record = kept.record.clone();
-    record.handle = format!("qemu pid {}", held.qemu_pid);
-    let recorded = write_atomic(
-        &dir.join(HELD_FILE),
-        &serde_json::to_vec(&held).unwrap_or_default(),
-    )
-    .and_then(|()| store.touch(name, ttl).map(|_| ()))
-    .and_then(|()| store.commit(&record));
+    let ttl = Duration::from_secs(kept.record.as_ref().map_or(0, |r| r.ttl_secs));
+    let held_json = serde_json::to_vec(&held).unwrap_or_default();
+    let recorded = match place {
+        Place::Kept { store, name } => {
+            let Some(mut record) = kept.record.clone() else {
+                vm.kill();
+                return fail("a kept VM without its record");
+            };
+            record.handle = format!("qemu pid {}", held.qemu_pid);
+            write_atomic(&dir.join(HELD_FILE), &held_json)
+                .and_then(|()| store.touch(name, ttl).map(|_| ()))
+                .and_then(|()| store.commit(&record))
+        }
+        // Ready last: a run claims only a VM that serves.
+        Place::Warm { .. } => write_atomic(&dir.join(HELD_FILE), &held_json)
+            .and_then(|()| write_atomic(&dir.join(crate::pool::READY), b"")),
+    };
     if let Err(e) = recorded {
         vm.kill();
         return fail(e.to_string());
     }
-    Ok(Holder {
-        store: store.clone(),
-        name: name.to_string(),
+    Ok(Parts {
         ttl,
-        vm: Mutex::new(vm),
+        vm,
         port,
-        port_reader: Mutex::new(Some(reader)),
+        reader,
         listener,
-        qmp: Mutex::new(qmp),
-        clients: Mutex::default(),
-        next_id: AtomicU64::new(1),
-        ended_all: Mutex::default(),
+        qmp,
     })
 }
 
@@ -288,20 +408,20 @@ impl Holder {
             }
             if !lock(&self.clients).is_empty() {
                 // A running command is a use: the sandbox lives past it.
-                let _ = self.store.touch(&self.name, self.ttl);
+                self.place.used(self.ttl);
                 continue;
             }
-            match self.store.deadline(&self.name) {
-                Some(deadline) if now_unix() < deadline => {}
-                _ => break,
+            if self.place.over() {
+                break;
             }
         }
         lock(&self.vm).kill();
-        let _ = self.store.forget(&self.name);
+        self.place.forget();
     }
 
     /// The guest's messages, each to the connection of its command.
     fn route_guest(&self, mut reader: UnixStream, end: mpsc::Sender<End>) {
+        let single_use = self.place.single_use();
         while let Ok(Some(message)) = read_frame::<_, GuestMessage>(&mut reader) {
             match message {
                 GuestMessage::From { id, message } => {
@@ -317,7 +437,11 @@ impl Holder {
                         if let Some(client) = clients.remove(&id) {
                             let _ = client.shutdown(std::net::Shutdown::Both);
                         }
-                        let _ = self.store.touch(&self.name, self.ttl);
+                        self.place.used(self.ttl);
+                        if single_use {
+                            // A warm VM serves one command, then ends.
+                            let _ = end.send(End::Removed);
+                        }
                     }
                 }
                 GuestMessage::EndedAll(count) => {
@@ -360,7 +484,7 @@ impl Holder {
             return;
         };
         lock(&self.clients).insert(id, replies);
-        let _ = self.store.touch(&self.name, self.ttl);
+        self.place.used(self.ttl);
         let to_guest = |message: HostMessage| {
             session::send(
                 &self.port,
@@ -399,7 +523,7 @@ impl Holder {
     }
 
     fn set_paused(&self, paused: bool) -> Reply {
-        let marker = self.store.sandbox_dir(&self.name).join(PAUSED);
+        let marker = self.place.dir().join(PAUSED);
         lock(&self.qmp)
             .execute(if paused { "stop" } else { "cont" })
             .map_err(|e| {
@@ -470,6 +594,11 @@ fn connect(store: &Store, name: &str) -> Result<UnixStream> {
     })
 }
 
+/// Connects to the holder whose VM's files are in `dir`.
+pub(crate) fn connect_at(dir: &std::path::Path) -> std::io::Result<UnixStream> {
+    UnixStream::connect(dir.join(SOCKET))
+}
+
 /// One request that is answered with a [`Reply`].
 fn ask(store: &Store, name: &str, request: &Request) -> Result<u64> {
     let mut stream = connect(store, name)?;
@@ -490,12 +619,20 @@ pub fn exec(store: &Store, name: &str, command: RunRequest) -> Result<Ended> {
         ));
     }
     let signals = session::catch_signals();
-    let mut stream = connect(store, name)?;
+    let stream = connect(store, name)?;
+    exec_on(stream, command, signals).map_err(|e| crate::Error(format!("sandbox {name}: {e}")))
+}
+
+/// Sends `command` to the holder on `stream` and streams it to its end.
+pub(crate) fn exec_on(
+    mut stream: UnixStream,
+    command: RunRequest,
+    signals: Option<std::fs::File>,
+) -> Result<Ended> {
     let backstop = command
         .timeout_ms
         .map(|ms| Duration::from_millis(ms) + Duration::from_secs(30));
-    write_frame(&mut stream, &Request::Exec(Box::new(command)))
-        .or_else(|e| fail(format!("sandbox {name}: {e}")))?;
+    write_frame(&mut stream, &Request::Exec(Box::new(command))).or_else(|e| fail(e.to_string()))?;
     let reader = stream
         .try_clone()
         .or_else(|e| fail(format!("socket: {e}")))?;
@@ -503,7 +640,7 @@ pub fn exec(store: &Store, name: &str, command: RunRequest) -> Result<Ended> {
         Streamed::Ended(ended) => Ok(ended),
         Streamed::Failed(why) => fail(why),
         Streamed::Broken(how) => fail(format!(
-            "sandbox {name}'s VM stopped before the command finished ({how})"
+            "its VM stopped before the command finished ({how})"
         )),
     }
 }

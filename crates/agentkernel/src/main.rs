@@ -44,10 +44,7 @@ fn main() {
     {
         // A kept VM's holder: threads, no async runtime, no CLI.
         let args: Vec<String> = std::env::args().skip(2).collect();
-        let [state, name] = args.as_slice() else {
-            std::process::exit(EXIT_AGENTKERNEL_ERROR);
-        };
-        std::process::exit(agentkernel_vm::kept::holder_main(state, name));
+        std::process::exit(agentkernel_vm::kept::holder_main(&args));
     }
     agentkernel_native::trace::phase("cli started");
     let cli = match cli::Cli::try_parse() {

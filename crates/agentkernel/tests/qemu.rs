@@ -103,6 +103,7 @@ mod qemu_only {
         assert_eq!(lines.next(), Some("Seccomp:\t2"), "{text}");
         assert!(stderr(&out).contains("to-stderr"), "{}", stderr(&out));
         // A command that is not there is the command's failure: 127.
+        // (This run is served by the VM the first one left warm.)
         let out = env.run(&["run", "--no-network", "-i", BUSYBOX, "no-such-command-xyz"]);
         assert_code(&out, 127);
         assert!(
@@ -110,7 +111,31 @@ mod qemu_only {
             "{}",
             stderr(&out)
         );
-        assert!(vms_of(&env).is_empty(), "a VM outlived its run");
+        // Only the pool's warm VMs (one booting for the next run) remain.
+        let warm = warm_holders(&env);
+        let outliving: Vec<u32> = vms_of(&env)
+            .into_iter()
+            .filter(|vm| !warm.iter().any(|h| parent_of(*vm) == Some(*h)))
+            .collect();
+        assert!(outliving.is_empty(), "a VM outlived its run: {outliving:?}");
+    }
+
+    /// Holders of this test's warm pool VMs.
+    fn warm_holders(env: &TestEnv) -> Vec<u32> {
+        let state = env.state_dir().to_string_lossy().into_owned();
+        processes_with(|args| {
+            args.iter().any(|a| a == "--warm") && args.iter().any(|a| a.contains(&state))
+        })
+    }
+
+    fn parent_of(pid: u32) -> Option<u32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
     }
 
     #[test]
@@ -121,7 +146,16 @@ mod qemu_only {
         let write = "echo changed > /workspace/file.txt && cat /workspace/file.txt";
 
         // moderate: the sandbox sees its change, the host copy never changes
-        let out = env.run(&["run", "--no-network", "-i", BUSYBOX, "sh", "-c", write]);
+        let out = env.run(&[
+            "run",
+            "--fast=false",
+            "--no-network",
+            "-i",
+            BUSYBOX,
+            "sh",
+            "-c",
+            write,
+        ]);
         assert_code(&out, 0);
         assert_eq!(stdout(&out), "changed\n");
         assert_eq!(std::fs::read_to_string(&file).unwrap(), "host\n");
@@ -133,6 +167,7 @@ mod qemu_only {
                        grep -E '^Cap(Eff|Bnd):' /proc/self/status";
         let out = env.run(&[
             "run",
+            "--fast=false",
             "-p",
             "restrictive",
             "-i",
@@ -159,6 +194,7 @@ mod qemu_only {
         // permissive: writes reach the host
         let out = env.run(&[
             "run",
+            "--fast=false",
             "-p",
             "permissive",
             "--no-network",
@@ -182,6 +218,7 @@ mod qemu_only {
             .env("AGENTKERNEL_TRACE_STARTUP", "1")
             .args([
                 "run",
+                "--fast=false",
                 "--no-network",
                 "--timeout",
                 "2s",
@@ -210,6 +247,7 @@ mod qemu_only {
         let bomb = "x=a; while :; do x=$x$x; done";
         let out = env.run(&[
             "run",
+            "--fast=false",
             "--no-network",
             "--memory",
             "256m",
@@ -224,6 +262,7 @@ mod qemu_only {
         // restrictive: pids.max 512 in a cgroup the command cannot see
         let out = env.run(&[
             "run",
+            "--fast=false",
             "-p",
             "restrictive",
             "--timeout",
@@ -243,7 +282,15 @@ mod qemu_only {
     fn spawn_sleeper(env: &TestEnv) -> (std::process::Child, Vec<u32>) {
         let child = env
             .std_cmd()
-            .args(["run", "--no-network", "-i", BUSYBOX, "sleep", "600"])
+            .args([
+                "run",
+                "--fast=false",
+                "--no-network",
+                "-i",
+                BUSYBOX,
+                "sleep",
+                "600",
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -359,13 +406,7 @@ mod qemu_only {
     fn vm_of_holder(env: &TestEnv, holder: u32) -> u32 {
         vms_of(env)
             .into_iter()
-            .find(|pid| {
-                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-                let ppid = stat
-                    .rsplit_once(')')
-                    .and_then(|(_, rest)| rest.split_whitespace().nth(1).map(str::to_string));
-                ppid == Some(holder.to_string())
-            })
+            .find(|pid| parent_of(*pid) == Some(holder))
             .expect("the holder's QEMU")
     }
 
@@ -533,5 +574,99 @@ mod qemu_only {
         for name in &names {
             assert!(holder_of(&env, name).is_none());
         }
+    }
+
+    fn warm_dirs(env: &TestEnv) -> Vec<std::path::PathBuf> {
+        let root = env.state_dir().join("vm-pool");
+        std::fs::read_dir(root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .flat_map(|key| {
+                std::fs::read_dir(key.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+            })
+            .map(|e| e.path())
+            .collect()
+    }
+
+    #[test]
+    fn a_pooled_run_gets_a_fresh_vm_and_the_same_result_as_a_cold_one() {
+        let env = TestEnv::new();
+        // What the run sees of its VM: a root no earlier run wrote to, its
+        // environment, user, capabilities, stdin and exit code.
+        let script = "cat /root/mark 2>/dev/null || echo fresh; echo used > /root/mark; \
+                      echo $FOO; id; grep -E '^Cap(Eff|Bnd):' /proc/self/status; cat; exit 5";
+        let run = |fast: &str| {
+            let mut child = env
+                .std_cmd()
+                .env("AGENTKERNEL_TRACE_STARTUP", "1")
+                .args([
+                    "run",
+                    fast,
+                    "--no-network",
+                    "-e",
+                    "FOO=bar",
+                    "-i",
+                    BUSYBOX,
+                    "sh",
+                    "-c",
+                    script,
+                ])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            child.stdin.take().unwrap().write_all(b"in\n").unwrap();
+            let status = wait_child(&mut child, VM_LIMIT);
+            let mut out = child.wait_with_output().unwrap();
+            out.status = status;
+            out
+        };
+        // The first pooled run finds no VM: it boots one (the normal path)
+        // and leaves one booting for the next run of this key.
+        let cold = run("--fast=true");
+        assert_code(&cold, 5);
+        assert!(!stderr(&cold).contains("warm VM claimed"));
+        poll_until(VM_LIMIT, "a warm VM ready", || {
+            warm_dirs(&env).iter().any(|d| d.join("ready").exists())
+        });
+        let warm = run("--fast=true");
+        assert_code(&warm, 5);
+        assert!(
+            stderr(&warm).contains("warm VM claimed"),
+            "{}",
+            stderr(&warm)
+        );
+        let unpooled = run("--fast=false");
+        assert_code(&unpooled, 5);
+        assert!(
+            stdout(&cold).starts_with("fresh\nbar\nuid=0(root)"),
+            "{}",
+            stdout(&cold)
+        );
+        assert!(stdout(&cold).ends_with("\nin\n"), "{}", stdout(&cold));
+        assert_eq!(stdout(&warm), stdout(&cold));
+        assert_eq!(stdout(&unpooled), stdout(&cold));
+
+        // The claimed VM served that one command and is gone; a new one boots.
+        poll_until(Duration::from_secs(30), "the used warm VM ends", || {
+            warm_dirs(&env).iter().all(|d| !d.join("claimed").exists())
+        });
+        poll_until(VM_LIMIT, "the pool refilled", || {
+            warm_dirs(&env).iter().any(|d| d.join("ready").exists())
+        });
+        // kill -9 of a warm VM's holder takes its QEMU; gc removes the rest.
+        let holders = warm_holders(&env);
+        assert_eq!(holders.len(), 1, "{holders:?}");
+        let vm = vm_of_holder(&env, holders[0]);
+        // SAFETY: kill has no memory preconditions; the pid was found just now.
+        unsafe { libc::kill(holders[0] as libc::pid_t, libc::SIGKILL) };
+        assert_gone(&[holders[0], vm]);
+        assert_code(&env.run(&["sandbox", "gc"]), 0);
+        assert!(warm_dirs(&env).is_empty(), "{:?}", warm_dirs(&env));
     }
 }

@@ -12,6 +12,7 @@ mod openapi;
 mod pool;
 pub mod qemu;
 pub mod qemu_kept;
+pub mod qemu_pool;
 mod receipt;
 mod run;
 mod sandbox;

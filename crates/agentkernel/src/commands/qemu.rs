@@ -57,6 +57,7 @@ impl Backend for QemuBackend {
                 "on the qemu backend",
                 "use -B native as root, whose proxy only its own sandbox can reach",
             ),
+            warm_pool: true,
             ..Capabilities::all()
         }
     }
@@ -67,6 +68,9 @@ impl Backend for QemuBackend {
         }
         if spec.keep.is_some() {
             return super::qemu_kept::run(&self.store, spec, options.config).await;
+        }
+        if options.warm_pool {
+            return super::qemu_pool::run(&self.store, spec, options.config).await;
         }
         run(spec, options.config).await
     }
@@ -120,7 +124,7 @@ impl Backend for QemuBackend {
     async fn gc(&self) -> Result<Collected> {
         Ok(Collected {
             containers: 0,
-            directories: kept::collect(&self.store),
+            directories: kept::collect(&self.store) + super::qemu_pool::collect(&self.store),
         })
     }
 
@@ -178,11 +182,13 @@ pub(super) async fn prepare(
     }
     let host = Host::find()?;
     let image = fetch_image(spec, config).await?;
+    agentkernel_native::trace::phase("image resolved");
     let vm_dir = agentkernel_native::images::open_store()?.root().join("vm");
     let id = image.config_digest.hex().to_string();
     let disk = disk::ensure(&vm_dir.join("disks"), &id, &image.layers).map_err(backend_error)?;
     let initramfs = initramfs::ensure(&vm_dir, &host.agent, &host.kernel).map_err(backend_error)?;
     let (accel, _) = vmm::choose_accel(&vm_dir, &host.qemu, &host.kernel.image);
+    agentkernel_native::trace::phase("disk, initramfs and accelerator ready");
     let workspace = spec.workspace.as_ref().map(|w| {
         let share_read_only = spec.policy.workspace != WorkspaceMode::ReadWrite;
         (w.host.clone(), share_read_only)

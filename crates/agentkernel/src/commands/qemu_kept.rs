@@ -71,7 +71,7 @@ pub async fn create(
             qemu: host.qemu.binary.clone(),
             vm,
             sandbox: request.clone(),
-            record,
+            record: Some(record),
         };
         kept::create(store, &keep.name, &described).map_err(backend_error)?;
         Ok(request)
