@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # -B qemu beside native, in one go:
-#   1. RUNS runs each of `agentkernel -B native --no-network true` and
-#      `agentkernel -B qemu --fast=false --no-network true` (every VM boots
-#      cold: there is no VM pool yet), alternated; min and median wall time;
+#   1. RUNS runs each of `agentkernel -B native --no-network true`,
+#      `agentkernel -B qemu --fast=false --no-network true` (the VM boots
+#      cold) and `agentkernel -B qemu --no-network true` (a pooled run: each
+#      waits until the pool has a warm VM ready, as a run that is not back
+#      to back with the previous one finds it), alternated; then RUNS
+#      `agentkernel exec NAME -- true` in a kept VM; min and median wall time;
 #   2. the phase timeline of one cold VM run (AGENTKERNEL_TRACE_STARTUP=1):
 #      QEMU started, QEMU connected to the agent's socket, agent ready (with
 #      the guest kernel's own uptime then), command started, exit seen.
@@ -20,6 +23,7 @@ if [ -z "${AK:-}" ]; then
 fi
 home=$(mktemp -d)
 project=$(mktemp -d)
+# Removing the state directory ends the warm VMs (their holders watch it).
 trap 'rm -rf "$home" "$project"' EXIT
 export AGENTKERNEL_HOME="$home"
 export AGENTKERNEL_REGISTRY_MIRRORS=${AGENTKERNEL_REGISTRY_MIRRORS:-http://127.0.0.1:5055}
@@ -28,14 +32,33 @@ cd "$project"
 
 native=(-B native --no-network -i "$image" true)
 qemu=(-B qemu --fast=false --no-network -i "$image" true)
+pooled=(-B qemu --no-network -i "$image" true)
 "$ak" run "${qemu[@]}"   # builds and caches the disk and the initramfs
+"$ak" run "${pooled[@]}" # warms the pool's key
+# True when the pool has a VM that serves and no run claimed.
+warm_ready() {
+  local d
+  for d in "$home"/vm-pool/*/*/; do
+    [ -e "$d/ready" ] && [ ! -e "$d/claimed" ] && return 0
+  done
+  return 1
+}
 
 ms() { echo $(( $(date +%s%N) / 1000000 )); }
-declare -a native_ms qemu_ms
+declare -a native_ms qemu_ms pooled_ms exec_ms
 for _ in $(seq 1 "$runs"); do
+  until warm_ready; do sleep 0.2; done
+  t=$(ms); "$ak" run "${pooled[@]}"; pooled_ms+=($(( $(ms) - t )))
+  # The pooled run's refill boots a VM: let it finish before timing more.
+  until warm_ready; do sleep 0.2; done
   t=$(ms); "$ak" run "${native[@]}"; native_ms+=($(( $(ms) - t )))
   t=$(ms); "$ak" run "${qemu[@]}"; qemu_ms+=($(( $(ms) - t )))
 done
+"$ak" sandbox create -B qemu --no-network -i "$image" bench-kept 2>/dev/null
+for _ in $(seq 1 "$runs"); do
+  t=$(ms); "$ak" exec bench-kept -- true; exec_ms+=($(( $(ms) - t )))
+done
+"$ak" sandbox rm bench-kept 2>/dev/null
 stats() { # NAME VALUES...: min and median
   local name=$1; shift
   sorted=$(printf '%s\n' "$@" | sort -n)
@@ -46,6 +69,8 @@ stats() { # NAME VALUES...: min and median
 echo "== $runs runs each (load: $(cut -d' ' -f1-3 /proc/loadavg); accel: $(sed -n 2p "$home/images/vm/accel"))"
 stats "native --no-network true" "${native_ms[@]}"
 stats "qemu --fast=false --no-network true" "${qemu_ms[@]}"
+stats "qemu --no-network true (pooled)" "${pooled_ms[@]}"
+stats "exec in a kept qemu VM: true" "${exec_ms[@]}"
 
 echo "== phase timeline of one cold VM run (ms since agentkernel started)"
 AGENTKERNEL_TRACE_STARTUP=1 "$ak" run "${qemu[@]}" 2>&1 >/dev/null |
