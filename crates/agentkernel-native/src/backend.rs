@@ -87,7 +87,6 @@ impl Backend for NativeBackend {
                     "or pass --no-network",
                 ),
             },
-            egress_proxy: Support::no("on rootless native", "run agentkernel as root (-B native)"),
             rootless: true,
             ..native
         }
