@@ -183,10 +183,25 @@ impl Drop for Active {
     }
 }
 
+/// Hosts counted one by one; past this many, a sandbox asking for ever new
+/// names (which costs it nothing) would grow the proxy's memory on the
+/// host without bound, so the rest share one entry, `OTHER_HOSTS`.
+pub const MAX_HOSTS: usize = 1000;
+/// The entry of the hosts past `MAX_HOSTS` (not a host name: it has spaces).
+pub const OTHER_HOSTS: &str = "(other hosts)";
+
 impl Tally {
     pub(crate) fn host(&self, host: &str) -> Arc<Counters> {
         let mut hosts = self.hosts.lock().unwrap_or_else(|p| p.into_inner());
-        hosts.entry(host.to_string()).or_default().clone()
+        if let Some(counters) = hosts.get(host) {
+            return counters.clone();
+        }
+        let key = if hosts.len() < MAX_HOSTS {
+            host
+        } else {
+            OTHER_HOSTS
+        };
+        hosts.entry(key.to_string()).or_default().clone()
     }
 
     pub(crate) fn active(&self) -> Active {
@@ -337,6 +352,20 @@ pub fn request_report(socket: &Path) -> Option<Summary> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn hosts_past_the_limit_share_one_entry() {
+        let tally = Tally::default();
+        for i in 0..MAX_HOSTS + 50 {
+            tally.host(&format!("h{i}.example")).connection();
+        }
+        tally.host("h0.example").connection();
+        let summary = tally.drained(Duration::ZERO).await;
+        assert_eq!(summary.hosts.len(), MAX_HOSTS + 1);
+        assert_eq!(summary.hosts[OTHER_HOSTS].connections, 50);
+        assert_eq!(summary.hosts["h0.example"].connections, 2);
+        assert_eq!(summary.totals.connections, MAX_HOSTS as u64 + 51);
+    }
 
     fn host(connections: u64, injected: &[(&str, u64)]) -> HostSummary {
         HostSummary {
