@@ -375,3 +375,33 @@ async fn the_report_counts_each_host_and_names_the_injected_secrets() {
     assert_eq!(report.totals.refused, 1);
     assert_eq!(report.totals.injected, api.injected);
 }
+
+/// A connection still open when the report is taken (a kept sandbox's
+/// background process): the report waits at most the drain limit, says it
+/// is incomplete, and has the bytes so far.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_with_a_connection_still_open_is_marked_incomplete() {
+    let setup = start(&[], &[], &[]).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = listener.local_addr().unwrap();
+    let mut tunnel = connect(setup.proxy_addr, &target.to_string())
+        .await
+        .unwrap();
+    let (mut far, _) = listener.accept().await.unwrap();
+    tunnel.write_all(b"hello").await.unwrap();
+    let mut got = [0u8; 5];
+    far.read_exact(&mut got).await.unwrap();
+    let started = std::time::Instant::now();
+    let report = setup.proxy.report().await;
+    let waited = started.elapsed();
+    assert!(!report.complete, "{report:?}");
+    assert!(
+        waited >= agentkernel_egress::summary::DRAIN_LIMIT && waited.as_secs() < 5,
+        "{waited:?}"
+    );
+    let host = &report.hosts["127.0.0.1"];
+    assert_eq!((host.connections, host.bytes_up), (1, 5), "{host:?}");
+    // Once it closes, the report is complete again.
+    drop((tunnel, far));
+    assert!(setup.proxy.report().await.complete);
+}
