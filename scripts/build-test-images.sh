@@ -5,6 +5,7 @@
 #   agentkernel-test/busybox:1  busybox-static and its applets (sh, sleep, cat…)
 #   agentkernel-test/nobody:1   the busybox image whose USER is nobody (65534)
 #   agentkernel-test/python:3   the above plus the host's python3 and its libraries
+#   agentkernel-test/curl:1     the busybox image plus the host's curl and its libraries
 # Usage: scripts/build-test-images.sh [docker|podman]   (default docker)
 set -euo pipefail
 engine=${1:-docker}
@@ -64,3 +65,13 @@ if [ -n "$dynload" ] && [ -d "$dynload" ]; then
   for so in "$dynload"/*.so; do for lib in $(ldd "$so" 2>/dev/null | grep -o '/[^ ]*'); do [ -e "$root$lib" ] || copy "$lib"; done; done
 fi
 import "$root" agentkernel-test/python:3
+
+# curl: a real HTTP client for the egress proxy's tests (it honours
+# HTTPS_PROXY and CURL_CA_BUNDLE like users' tools do).
+curl_bin=$(readlink -f "$(command -v curl)")
+root="$work/curl"
+make_busybox_root "$root"
+copy "$curl_bin"
+[ "$curl_bin" = /usr/bin/curl ] || ln -sf "$curl_bin" "$root/usr/bin/curl"
+for lib in $(ldd "$curl_bin" | grep -o '/[^ ]*'); do copy "$lib"; done
+import "$root" agentkernel-test/curl:1
