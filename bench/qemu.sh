@@ -35,22 +35,26 @@ qemu=(-B qemu --fast=false --no-network -i "$image" true)
 pooled=(-B qemu --no-network -i "$image" true)
 "$ak" run "${qemu[@]}"   # builds and caches the disk and the initramfs
 "$ak" run "${pooled[@]}" # warms the pool's key
-# True when the pool has a VM that serves and no run claimed.
-warm_ready() {
-  local d
-  for d in "$home"/vm-pool/*/*/; do
-    [ -e "$d/ready" ] && [ ! -e "$d/claimed" ] && return 0
+# Waits (up to 2 minutes) until the pool has a VM that serves and no run claimed.
+wait_warm() {
+  local d tries=600
+  while [ $((tries -= 1)) -gt 0 ]; do
+    for d in "$home"/vm-pool/*/*/; do
+      [ -e "$d/ready" ] && [ ! -e "$d/claimed" ] && return 0
+    done
+    sleep 0.2
   done
-  return 1
+  echo "bench/qemu.sh: no warm VM became ready in 2 minutes" >&2
+  exit 1
 }
 
 ms() { echo $(( $(date +%s%N) / 1000000 )); }
 declare -a native_ms qemu_ms pooled_ms exec_ms
 for _ in $(seq 1 "$runs"); do
-  until warm_ready; do sleep 0.2; done
+  wait_warm
   t=$(ms); "$ak" run "${pooled[@]}"; pooled_ms+=($(( $(ms) - t )))
   # The pooled run's refill boots a VM: let it finish before timing more.
-  until warm_ready; do sleep 0.2; done
+  wait_warm
   t=$(ms); "$ak" run "${native[@]}"; native_ms+=($(( $(ms) - t )))
   t=$(ms); "$ak" run "${qemu[@]}"; qemu_ms+=($(( $(ms) - t )))
 done

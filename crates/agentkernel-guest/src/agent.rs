@@ -74,6 +74,7 @@ fn agent() -> io::Result<()> {
         }
     };
     if kept {
+        warm_up(&request);
         send(&port, &GuestMessage::Kept)?;
         return serve(&request, &port, reader, cgroup);
     }
@@ -350,6 +351,53 @@ fn switch_root() -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     std::env::set_current_dir("/")
+}
+
+/// The argument that makes the agent's binary exit at once.
+pub const WARM_UP: &str = "--warm-up";
+
+/// Under TCG the guest's code is translated the first time it runs: a
+/// kept (or warm pool) VM's first command paid ~100 ms for the kernel's
+/// fork, seccomp and exec paths. So before the VM is declared ready, a
+/// child goes through the same set-up as a command (its own session,
+/// no_new_privs, the seccomp filter, the bounding set) and execs the
+/// agent's own binary, which exits (a dynamically linked agent cannot
+/// start in the image's root: the exec fails, after the kernel's part).
+/// It runs nothing of the image and leaves nothing behind; it is not in
+/// the command's cgroup. Measured: a warm VM's `true` went from ~150 ms
+/// to ~90 ms (`bench/qemu.sh`).
+fn warm_up(request: &RunRequest) {
+    let keep: Vec<u32> = request
+        .capabilities
+        .iter()
+        .filter_map(|c| caps::number(c))
+        .collect();
+    let mut command = Command::new("/proc/self/exe");
+    command
+        .arg(WARM_UP)
+        .env_clear()
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let no_new_privileges = request.no_new_privileges;
+    let seccomp_restrictive = request.seccomp_restrictive;
+    // SAFETY: no other thread runs yet; the rest is plain syscalls.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if no_new_privileges && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            seccomp::install(seccomp_restrictive)?;
+            caps::limit_bounding_set(&keep)
+        });
+    }
+    // A failure costs only the speed-up.
+    if let Ok(child) = reaper::spawn(&mut command) {
+        reaper::wait(child.id() as libc::pid_t, Some(Duration::from_secs(10)));
+    }
 }
 
 /// Where a command's messages go: the port, wrapped in `From { id }` for a
