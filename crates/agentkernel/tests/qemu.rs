@@ -521,6 +521,26 @@ mod qemu_only {
         let out = env.run(&["exec", &name, "--", "cat", "/root/file"]);
         assert_eq!(stdout(&out), "kept\n", "{}", stderr(&out));
 
+        // An exec killed with -9 takes its command with it.
+        let mut orphan = env
+            .std_cmd()
+            .args(["exec", &name, "--", "sleep", "600"])
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let sleeping = || {
+            let out = env.run(&["exec", &name, "--", "ps", "-o", "args"]);
+            stdout(&out).lines().any(|l| l.trim() == "sleep 600")
+        };
+        poll_until(Duration::from_secs(30), "the exec's sleep runs", sleeping);
+        orphan.kill().unwrap();
+        orphan.wait().unwrap();
+        poll_until(
+            Duration::from_secs(10),
+            "the killed exec's sleep ends",
+            || !sleeping(),
+        );
+
         // rm: the VM, its holder and its state go.
         assert_code(&env.run(&["sandbox", "rm", &name]), 0);
         assert_gone(&[vm, holder]);
