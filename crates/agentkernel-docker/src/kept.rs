@@ -13,6 +13,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use agentkernel_core::egress::SecretValues;
 use agentkernel_core::spec::{ExecRequest, Outcome, SandboxSpec};
 use agentkernel_core::state::{now_unix, SandboxRecord, Store};
 use agentkernel_core::Error;
@@ -47,17 +48,22 @@ pub async fn status(
 }
 
 /// `run --keep/--ttl/--branch`: create (or, for `--branch`, reuse) and run the first command.
-/// `secret_files` (`--secret-file`) are written when the sandbox is created.
+/// `secret_files` (`--secret-file`) are written and the egress proxy (its
+/// values in `secrets`) started when the sandbox is created.
 pub async fn run(
     engine: &Engine,
     spec: &SandboxSpec,
     store: &Store,
     secret_files: &[(String, String)],
+    secrets: &SecretValues,
 ) -> Result<Outcome, Error> {
     let keep = spec.keep.as_ref().expect("kept run without keep settings");
+    if keep.reuse && store.load(&keep.name)?.is_some() {
+        agentkernel_native::egress::refuse_on_reuse(spec, &keep.name)?;
+    }
     let reused = keep.reuse && reuse_existing(engine, store, &keep.name).await?;
     if !reused {
-        create(engine, spec, store, secret_files).await?;
+        create(engine, spec, store, secret_files, secrets).await?;
         setup(engine, spec, store).await?;
     }
     let outcome = exec(engine, store, &keep.name, &spec.exec).await;
@@ -128,11 +134,14 @@ pub async fn create(
     spec: &SandboxSpec,
     store: &Store,
     secret_files: &[(String, String)],
+    secrets: &SecretValues,
 ) -> Result<(), Error> {
     let keep = spec.keep.as_ref().expect("kept run without keep settings");
     // Reserve first: a bad image must not leave a name behind, but two racers must not both get it.
     let dir = store.reserve(&keep.name)?;
     let result = async {
+        let proxy = crate::egress::start(spec, secrets)?;
+        let spec = &*crate::egress::container_spec(spec);
         store.touch(&keep.name, keep.ttl)?;
         let cow = crate::create::needs_scratch(engine.flavor, spec);
         let scratch = dir.join("workspace");
@@ -178,6 +187,10 @@ pub async fn create(
             return Err(engine.failure("starting the kept sandbox failed"));
         }
         print_ports(engine, &name, spec).await;
+        if let Some(started) = proxy {
+            // Lives as long as the container from here on.
+            crate::egress::attach(engine, &name, started, true).await?;
+        }
         crate::secret_files::write(engine, &name, secret_files).await?;
         store.commit(&SandboxRecord {
             name: keep.name.clone(),

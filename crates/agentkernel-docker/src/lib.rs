@@ -11,6 +11,7 @@
 //! - [`network`]: agentkernel's own engine network (no traffic between sandboxes)
 //! - [`seccomp`]: the restrictive profile's filter
 //! - [`pull`]: making sure the image is present
+//! - [`egress`]: the egress proxy, bound inside the container's network namespace
 //! - [`stdio`]: streaming stdin/stdout/stderr, TTY, signals, resize
 //! - [`oneshot`]: `run` without `--keep`
 //! - [`exec`]: one command in an existing container (kept sandboxes, pool)
@@ -26,6 +27,7 @@ pub mod backend;
 pub mod copy;
 pub mod create;
 pub mod detached;
+pub mod egress;
 pub mod engine;
 pub mod exec;
 pub mod gc;

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 
+use agentkernel_core::egress::SecretValues;
 use agentkernel_core::names;
 use agentkernel_core::spec::{Outcome, SandboxSpec};
 use agentkernel_core::state::{self, Owner, Store};
@@ -19,17 +20,22 @@ use crate::stdio::{self, Process};
 use crate::{labels, Engine};
 
 pub async fn run(engine: &Engine, spec: &SandboxSpec, store: &Store) -> Result<Outcome, Error> {
-    run_with_secret_files(engine, spec, store, &[]).await
+    run_with_secrets(engine, spec, store, &[], &SecretValues::default()).await
 }
 
-/// [`run`]; with `secret_files` (`--secret-file`), the command is exec'd
-/// once they are written (see [`crate::secret_files`]).
-pub async fn run_with_secret_files(
+/// [`run`]; with `secret_files` (`--secret-file`) or an egress proxy (its
+/// values in `secrets`), the command is exec'd once the files are written
+/// and the proxy listens (see [`crate::secret_files`], [`crate::egress`]).
+pub async fn run_with_secrets(
     engine: &Engine,
     spec: &SandboxSpec,
     store: &Store,
     secret_files: &[(String, String)],
+    secrets: &SecretValues,
 ) -> Result<Outcome, Error> {
+    // First: a proxy that cannot start leaves nothing behind.
+    let proxy = crate::egress::start(spec, secrets)?;
+    let spec = &*crate::egress::container_spec(spec);
     // Orphans of earlier, killed runs are collected while this one starts.
     let gc = tokio::spawn(crate::gc::collect_orphans(engine.clone(), store.clone()));
 
@@ -52,7 +58,7 @@ pub async fn run_with_secret_files(
         label_map.insert(labels::SCRATCH.to_string(), s.display().to_string());
     }
 
-    let exec_after_files = !secret_files.is_empty();
+    let exec_after_files = !secret_files.is_empty() || proxy.is_some();
     let result = async {
         let body = container_body(
             engine.flavor,
@@ -76,7 +82,8 @@ pub async fn run_with_secret_files(
         })
         .await?;
         if exec_after_files {
-            return crate::secret_files::drive(engine, &container_name, spec, secret_files).await;
+            return crate::secret_files::drive(engine, &container_name, spec, secret_files, proxy)
+                .await;
         }
         drive(engine, &container_name, spec).await
     }

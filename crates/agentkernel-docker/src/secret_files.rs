@@ -114,23 +114,35 @@ pub async fn write(
 }
 
 /// A one-shot container created with [`idle_command`]: start it, write the
-/// files, then run the command by exec; the container is its kill scope.
+/// files and attach the egress proxy (`proxy`, see [`crate::egress`]), then
+/// run the command by exec; the container is its kill scope.
 pub async fn drive(
     engine: &Engine,
     container: &str,
     spec: &SandboxSpec,
     files: &[(String, String)],
+    proxy: Option<agentkernel_native::egress::StartedProxy>,
 ) -> Result<Outcome, Error> {
     if let Err(e) = engine.docker.start_container(container, None).await {
         if start_failure(engine, e, "/bin/sh").is_ok() {
+            let needs = if files.is_empty() {
+                "the egress proxy needs to start the command once it listens"
+            } else {
+                "--secret-file needs to fill the secrets' tmpfs"
+            };
             return Err(Error::Conflict(format!(
-                "image {} has no /bin/sh, which --secret-file needs to fill the secrets' tmpfs; use an image with a shell",
+                "image {} has no /bin/sh, which {needs}; use an image with a shell",
                 spec.image
             )));
         }
         return Err(engine.failure("starting the sandbox failed"));
     }
     crate::oneshot::print_ports(engine, container, spec).await;
+    // Held until the command ends: the proxy ends with this run.
+    let _lifeline = match proxy {
+        Some(started) => Some(crate::egress::attach(engine, container, started, false).await?),
+        None => None,
+    };
     write(engine, container, files).await?;
     let ooms_before = crate::exec::oom_kills(engine, container).await;
     let request: &ExecRequest = &spec.exec;
