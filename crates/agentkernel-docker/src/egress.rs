@@ -127,11 +127,11 @@ pub async fn attach(
     })
 }
 
-/// A pidfd of the container's init, checked to be that container's (its
-/// cgroup names the container's ID): with a remote engine the PID the engine
-/// reports is some other process here, or none.
+/// A pidfd of the container's init, checked to be that container's: with a
+/// remote engine the PID the engine reports is some other process here, or
+/// none.
 fn container_init(engine: &Engine, pid: i32, id: &str) -> Result<OwnedFd, Error> {
-    let remote = || {
+    process_of_container(pid, id).ok_or_else(|| {
         Error::not_supported_hint(
             format!(
                 "the egress proxy with a {} engine whose containers are not on this machine ({})",
@@ -140,20 +140,22 @@ fn container_init(engine: &Engine, pid: i32, id: &str) -> Result<OwnedFd, Error>
             ),
             "use the local engine, or -B native: the proxy must bind inside the container's network namespace",
         )
-    };
+    })
+}
+
+/// A pidfd of process `pid` when its cgroup names container `id` (every
+/// engine's cgroup path for a container holds its full ID).
+fn process_of_container(pid: i32, id: &str) -> Option<OwnedFd> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     if fd < 0 {
-        return Err(remote());
+        return None;
     }
     // SAFETY: just returned by pidfd_open; ours.
     let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
     // The pidfd pins the process: what its cgroup says now is about it.
-    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
-    if id.len() < 12 || !cgroup.contains(id) {
-        return Err(remote());
-    }
-    Ok(pidfd)
+    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    (id.len() == 64 && cgroup.contains(id)).then_some(pidfd)
 }
 
 /// Binds the proxy's port on the loopback of `init`'s network namespace, in
@@ -429,4 +431,21 @@ async fn read_file(
     let mut content = Vec::new();
     std::io::Read::read_to_end(&mut entry, &mut content).map_err(bad)?;
     Ok(Some((mode, content)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a remote engine's PID means here: some process that is not the
+    /// container's, or none at all. Neither is joined.
+    #[test]
+    fn a_process_outside_the_container_is_not_taken_for_its_init() {
+        let id = "ab".repeat(32);
+        assert!(process_of_container(std::process::id() as i32, &id).is_none());
+        assert!(process_of_container(1, &id).is_none());
+        assert!(process_of_container(i32::MAX, &id).is_none());
+        // The positive case — the engine's PID for a local container — is
+        // what every engine test in tests/egress.rs goes through.
+    }
 }
