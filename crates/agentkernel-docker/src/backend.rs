@@ -142,7 +142,8 @@ impl Backend for EngineBackend {
     }
 
     async fn exec(&self, record: &SandboxRecord, request: &ExecRequest) -> Result<Outcome> {
-        kept::exec(self.engine()?, &self.store, &record.name, request).await
+        let command = kept::exec(self.engine()?, &self.store, &record.name, request);
+        agentkernel_native::egress::observing_kept(&self.store, &record.name, command).await
     }
 
     async fn create(

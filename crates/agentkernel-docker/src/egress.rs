@@ -31,6 +31,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use agentkernel_core::egress::{EgressSpec, SecretValues};
 use agentkernel_core::spec::SandboxSpec;
+use agentkernel_core::state::Store;
 use agentkernel_core::Error;
 use agentkernel_native::egress::{self as proxy, StartedProxy};
 use bollard::query_parameters::{
@@ -68,11 +69,32 @@ pub fn container_spec(spec: &SandboxSpec) -> Cow<'_, SandboxSpec> {
 }
 
 /// Starts the proxy process when the spec needs one (before the container
-/// exists: a configuration it refuses leaves nothing behind).
-pub fn start(spec: &SandboxSpec, secrets: &SecretValues) -> Result<Option<StartedProxy>, Error> {
-    egress_of(spec)
-        .map(|egress| proxy::start(egress, secrets))
-        .transpose()
+/// exists: a configuration it refuses leaves nothing behind). As on native,
+/// a kept sandbox's proxy answers report requests on a socket in its state
+/// directory, and a receipt's one-shot run gets a final report.
+pub fn start(
+    spec: &SandboxSpec,
+    secrets: &SecretValues,
+    store: &Store,
+) -> Result<Option<StartedProxy>, Error> {
+    let Some(egress) = egress_of(spec) else {
+        return Ok(None);
+    };
+    let reports = proxy::Reports {
+        socket: spec
+            .keep
+            .as_ref()
+            .map(|k| proxy::report_socket(store, &k.name)),
+        final_report: spec.keep.is_none() && agentkernel_core::observe::enabled(),
+    };
+    proxy::start(egress, secrets, reports).map(Some)
+}
+
+/// A receipt's one-shot run: records the proxy's final report, read from
+/// `pipe` once the proxy has ended with the run.
+pub async fn record_final_report(pipe: OwnedFd) {
+    let report = tokio::task::spawn_blocking(move || proxy::read_final_report(pipe)).await;
+    agentkernel_core::observe::egress(proxy::report_json(report.ok().flatten()));
 }
 
 /// Held by a one-shot run until its command ends: the proxy exits when it

@@ -66,7 +66,8 @@ pub async fn run(
         create(engine, spec, store, secret_files, secrets).await?;
         setup(engine, spec, store).await?;
     }
-    let outcome = exec(engine, store, &keep.name, &spec.exec).await;
+    let command = exec(engine, store, &keep.name, &spec.exec);
+    let outcome = agentkernel_native::egress::observing_kept(store, &keep.name, command).await;
     eprintln!(
         "{}",
         agentkernel_core::spec::kept_message(&keep.name, keep.ttl, reused)
@@ -140,7 +141,7 @@ pub async fn create(
     // Reserve first: a bad image must not leave a name behind, but two racers must not both get it.
     let dir = store.reserve(&keep.name)?;
     let result = async {
-        let proxy = crate::egress::start(spec, secrets)?;
+        let proxy = crate::egress::start(spec, secrets, store)?;
         let spec = &*crate::egress::container_spec(spec);
         store.touch(&keep.name, keep.ttl)?;
         let cow = crate::create::needs_scratch(engine.flavor, spec);

@@ -34,7 +34,8 @@ pub async fn run_with_secrets(
     secrets: &SecretValues,
 ) -> Result<Outcome, Error> {
     // First: a proxy that cannot start leaves nothing behind.
-    let proxy = crate::egress::start(spec, secrets)?;
+    let mut proxy = crate::egress::start(spec, secrets, store)?;
+    let final_report = proxy.as_mut().and_then(|p| p.final_report.take());
     let spec = &*crate::egress::container_spec(spec);
     // Orphans of earlier, killed runs are collected while this one starts.
     let gc = tokio::spawn(crate::gc::collect_orphans(engine.clone(), store.clone()));
@@ -92,6 +93,9 @@ pub async fn run_with_secrets(
     remove_container(engine, &container_name).await;
     if let Some(s) = &scratch {
         let _ = state::remove_tree(s);
+    }
+    if let Some(pipe) = final_report {
+        crate::egress::record_final_report(pipe).await;
     }
     let _ = gc.await;
     result
