@@ -683,6 +683,38 @@ mod bundles_engine_only {
     }
 }
 
+mod nonroot_engine_only {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+
+    /// Binding inside a container's network namespace takes root: a
+    /// non-root caller is refused before anything starts, one line.
+    #[test]
+    fn without_root_the_engines_refuse_egress_options() {
+        assert_backend_in_scope();
+        let dir = tempfile::tempdir().unwrap();
+        let project = dir.path().join("project");
+        std::fs::create_dir(&project).unwrap();
+        for d in [dir.path(), &project] {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o777)).unwrap();
+        }
+        let out = Command::new(binary())
+            .uid(4391)
+            .gid(4391)
+            .env("HOME", dir.path())
+            .env("AGENTKERNEL_HOME", dir.path().join("state"))
+            .env("AGENTKERNEL_BACKEND", backend())
+            .current_dir(&project)
+            .stdin(std::process::Stdio::null())
+            .args(["run", "--allow-host", API, "-i", BUSYBOX, "true"])
+            .output()
+            .unwrap();
+        let line = assert_one_line_error(&out);
+        assert!(line.contains("without root"), "{line}");
+    }
+}
+
 // Every test above holds on each backend with an egress proxy.
 on_every_proxy_backend!(
     native_only, engine_only:
