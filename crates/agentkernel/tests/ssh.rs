@@ -70,6 +70,29 @@ impl<'a> SshSandbox<'a> {
         self.openssh("scp").arg(from).arg(to).output().unwrap()
     }
 
+    /// The system's ssh with the Host block but KEY instead of the
+    /// sandbox's client key (-F's IdentityFile would still be offered after
+    /// -i: the block is used without it).
+    fn ssh_with_key(&self, key: &std::path::Path, command: &str) -> Output {
+        let without_key = self.env.home_dir().join(format!("{}.no-key", self.name));
+        let config = std::fs::read_to_string(&self.config).unwrap();
+        let kept: Vec<&str> = config
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("IdentityFile"))
+            .collect();
+        std::fs::write(&without_key, kept.join("\n")).unwrap();
+        let mut cmd = Command::new("ssh");
+        self.env.configure(&mut cmd);
+        cmd.arg("-F")
+            .arg(&without_key)
+            .args(["-o", "BatchMode=yes", "-i"])
+            .arg(key)
+            .arg(&self.name)
+            .arg(command)
+            .output()
+            .unwrap()
+    }
+
     fn state(&self) -> PathBuf {
         self.env.state_dir().join("ssh").join(&self.name)
     }
@@ -79,6 +102,18 @@ impl Drop for SshSandbox<'_> {
     fn drop(&mut self) {
         let _ = self.env.run(&["sandbox", "remove", &self.name]);
     }
+}
+
+/// A new ed25519 key pair in the test's home (FILE and FILE.pub).
+fn new_key(env: &TestEnv, file: &str) -> PathBuf {
+    let key = env.home_dir().join(file);
+    let out = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert_code(&out, 0);
+    key
 }
 
 fn port_open(port: u16) -> bool {
@@ -135,13 +170,34 @@ fn exec_over_ssh_is_agentkernel_exec_with_exit_status_and_streams() {
     assert_eq!(stdout(&out), "state\n");
     assert!(stderr(&out).contains("to-err"), "{}", stderr(&out));
 
-    // Same user, working directory and environment as `agentkernel exec`.
-    let probe = "id -u; id -g; pwd; echo $PATH; echo $HOME";
-    let by_ssh = sandbox.ssh(probe);
-    let by_exec = sandbox.exec(&["sh", "-c", probe]);
+    // Same user, working directory, environment, open files, cgroup and
+    // namespaces as `agentkernel exec`: the session is in the sandbox, and
+    // nothing of the server's (its listening socket, a plan) reaches it.
+    let namespaces =
+        "/proc/self/ns/mnt /proc/self/ns/pid /proc/self/ns/net /proc/self/ns/uts /proc/self/ns/ipc";
+    let probe = format!(
+        "id -u; id -g; pwd; echo $PATH; echo $HOME; env | grep -v '^_=' | sort; \
+         ls /proc/self/fd; cat /proc/self/cgroup; for n in {namespaces}; do readlink $n; done"
+    );
+    let by_ssh = sandbox.ssh(&probe);
+    let by_exec = sandbox.exec(&["/bin/sh", "-c", &probe]);
     assert_code(&by_ssh, 0);
     assert_code(&by_exec, 0);
     assert_eq!(stdout(&by_ssh), stdout(&by_exec));
+    // Only stdio (and `ls`'s own directory, 3) is open in a session.
+    let fds = sandbox.ssh("ls /proc/self/fd");
+    assert_code(&fds, 0);
+    assert_eq!(stdout(&fds), "0\n1\n2\n3\n");
+    for ns in namespaces
+        .split(' ')
+        .map(|n| std::fs::read_link(n).unwrap())
+    {
+        let ns = ns.to_string_lossy().into_owned();
+        assert!(
+            !stdout(&by_ssh).contains(&ns),
+            "the session shares the host's {ns}"
+        );
+    }
 
     // stdin reaches the command, EOF included.
     let mut child = env
@@ -352,36 +408,8 @@ fn wrong_key_and_unlisted_environment_are_refused() {
     let sandbox = SshSandbox::start(&env, "sshauth", &["--ssh-accept-env", "OK_*"], &["true"]);
 
     // A key the server never saw.
-    let other = env.home_dir().join("other_key");
-    let out = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-        .arg(&other)
-        .output()
-        .unwrap();
-    assert_code(&out, 0);
-    // -F's IdentityFile is still offered after -i: use a config without it.
-    let without_key = env.home_dir().join("without-key.config");
-    let config = std::fs::read_to_string(&sandbox.config).unwrap();
-    std::fs::write(
-        &without_key,
-        config
-            .lines()
-            .filter(|l| !l.trim_start().starts_with("IdentityFile"))
-            .collect::<Vec<_>>()
-            .join("\n"),
-    )
-    .unwrap();
-    let mut cmd = Command::new("ssh");
-    env.configure(&mut cmd);
-    let out = cmd
-        .arg("-F")
-        .arg(&without_key)
-        .args(["-o", "BatchMode=yes", "-i"])
-        .arg(&other)
-        .arg(&sandbox.name)
-        .arg("echo got-in")
-        .output()
-        .unwrap();
+    let other = new_key(&env, "other_key");
+    let out = sandbox.ssh_with_key(&other, "echo got-in");
     assert_code(&out, 255);
     assert!(!stdout(&out).contains("got-in"));
     assert!(
@@ -463,4 +491,68 @@ fn a_killed_server_is_collected_and_a_taken_port_is_refused() {
     let out = env.run(&["sandbox", "info", &name]);
     assert_ne!(out.status.code(), Some(0), "a sandbox was made");
     assert!(!env.state_dir().join("ssh").join(&name).exists());
+}
+
+#[test]
+fn chosen_port_callers_keys_config_flag_and_a_stopped_sandbox() {
+    let env = TestEnv::new();
+    // The caller's own key, as in ~/.ssh/authorized_keys.
+    let own = new_key(&env, "own_key");
+    let authorized = env.home_dir().join("authorized_keys");
+    let public = std::fs::read_to_string(own.with_extension("pub")).unwrap();
+    std::fs::write(&authorized, format!("# mine\n\n{public}")).unwrap();
+
+    // A line with key options is refused: one line, 125, nothing made.
+    let with_options = env.home_dir().join("authorized_keys.options");
+    std::fs::write(&with_options, format!("no-pty {public}")).unwrap();
+    let name = unique_name("sshopts");
+    let out = env.run_kept(
+        &name,
+        &[
+            "--ssh",
+            "--ssh-authorized-keys",
+            with_options.to_str().unwrap(),
+        ],
+        &["true"],
+    );
+    let line = assert_one_line_error(&out);
+    assert!(line.contains("--ssh-authorized-keys"), "{line}");
+    assert_ne!(env.run(&["sandbox", "info", &name]).status.code(), Some(0));
+    assert!(!env.state_dir().join("ssh").join(&name).exists());
+
+    let port = free_port();
+    let sandbox = SshSandbox::start(
+        &env,
+        "sshkeys",
+        &[
+            "--ssh-port",
+            &port.to_string(),
+            "--ssh-authorized-keys",
+            authorized.to_str().unwrap(),
+        ],
+        &["true"],
+    );
+    assert_eq!(sandbox.port, port);
+
+    // `ssh NAME --config` is `ssh-config NAME`.
+    let out = env.run(&["ssh", &sandbox.name, "--config"]);
+    assert_code(&out, 0);
+    assert_eq!(out.stdout, std::fs::read(&sandbox.config).unwrap());
+
+    // The caller's key gets in (with the pinned host key of the Host block).
+    let out = sandbox.ssh_with_key(&own, "echo own-key");
+    assert_code(&out, 0);
+    assert_eq!(stdout(&out), "own-key\n");
+
+    // A stopped sandbox runs nothing over SSH either, as `exec` refuses;
+    // started again, it does.
+    assert_code(&env.run(&["sandbox", "stop", &sandbox.name]), 0);
+    let out = sandbox.ssh("echo ran");
+    assert_code(&out, 125);
+    assert!(!stdout(&out).contains("ran"));
+    assert!(stderr(&out).contains("is stopped"), "{}", stderr(&out));
+    assert_code(&env.run(&["sandbox", "start", &sandbox.name]), 0);
+    let out = sandbox.ssh("echo ran");
+    assert_code(&out, 0);
+    assert_eq!(stdout(&out), "ran\n");
 }

@@ -1,8 +1,9 @@
 //! `run --ssh`: an SSH server on the host side of a kept sandbox. Nothing is
-//! installed in the image: each SSH session channel becomes an
-//! `agentkernel exec` of this same binary, so a session gets exactly what
-//! `agentkernel exec` gets (user, environment, working directory, policy,
-//! cgroup, namespaces).
+//! installed in the image: each SSH session channel runs its command the way
+//! `agentkernel exec` does (on native, the server starts the sandbox helper
+//! `exec` would become, with the same plan: `exec.rs`), so a session gets
+//! exactly what `agentkernel exec` gets (user, environment, working
+//! directory, policy, cgroup, namespaces).
 //!
 //! Layout, under `<state>/ssh/<sandbox>/` (0700, every file 0600):
 //! `host_key`, `client_key` (+ `.pub`), `authorized_keys` (the client key and,
@@ -12,6 +13,7 @@
 //! (see [`server::watch`]) and removes the directory when it ends; `sandbox
 //! gc` removes the directories of servers that were killed.
 
+mod exec;
 mod forward;
 pub mod server;
 mod sftp;
