@@ -213,6 +213,32 @@ fn exec_over_ssh_is_agentkernel_exec_with_exit_status_and_streams() {
     assert_code(&out, 0);
     assert_eq!(stdout(&out).trim(), "5");
 
+    // Over the shared connection (`agentkernel ssh` asks the background
+    // master for the session itself): all output is written by the time it
+    // exits, even to a file; and when that master is gone, the next call
+    // starts a new one.
+    let file = env.home_dir().join("big-output");
+    let status = env
+        .std_cmd()
+        .args(["ssh", &sandbox.name, "--", "head -c 3000000 /dev/zero"])
+        .stdout(std::fs::File::create(&file).unwrap())
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), 3_000_000);
+    let mux = sandbox.state().join("mux");
+    assert!(mux.exists(), "no shared connection");
+    let out = Command::new("ssh")
+        .arg("-o")
+        .arg(format!("ControlPath={}", mux.display()))
+        .args(["-O", "exit", "sandbox"])
+        .output()
+        .unwrap();
+    assert_code(&out, 0);
+    let out = sandbox.ssh("echo again; exit 3");
+    assert_code(&out, 3);
+    assert_eq!(stdout(&out), "again\n");
+
     // Keys and state are private.
     for file in ["host_key", "client_key", "authorized_keys", "known_hosts"] {
         let mode = std::fs::metadata(sandbox.state().join(file))
