@@ -70,6 +70,18 @@ impl<'a> SshSandbox<'a> {
         self.openssh("scp").arg(from).arg(to).output().unwrap()
     }
 
+    /// `ssh -N FLAG SPEC` (a forwarding, no command) in the background.
+    fn forward(&self, flag: &str, spec: &str) -> std::process::Child {
+        self.openssh("ssh")
+            .args(["-N", "-o", "ExitOnForwardFailure=yes", flag, spec])
+            .arg(&self.name)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
     /// The system's ssh with the Host block but KEY instead of the
     /// sandbox's client key (-F's IdentityFile would still be offered after
     /// -i: the block is used without it).
@@ -404,16 +416,7 @@ fn local_forward_reaches_a_server_on_the_sandbox_loopback() {
         ],
     );
     let local = free_port();
-    let mut forward = sandbox
-        .openssh("ssh")
-        .args(["-N", "-o", "ExitOnForwardFailure=yes", "-L"])
-        .arg(format!("{local}:127.0.0.1:8080"))
-        .arg(&sandbox.name)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut forward = sandbox.forward("-L", &format!("{local}:127.0.0.1:8080"));
     let deadline = Instant::now() + Duration::from_secs(10);
     let body = loop {
         match http_get(local) {
@@ -426,6 +429,57 @@ fn local_forward_reaches_a_server_on_the_sandbox_loopback() {
     unsafe { libc::kill(forward.id() as i32, libc::SIGTERM) };
     let _ = forward.wait();
     assert!(body.contains("hello-from-inside"), "{body}");
+
+    // Dynamic forwarding (`ssh -D`, a SOCKS proxy: what VS Code Remote-SSH
+    // uses by default to reach its server) goes the same way: the sandbox's
+    // loopback is reachable, the host's is not.
+    let host_only = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    host_only.set_nonblocking(true).unwrap();
+    let host_port = host_only.local_addr().unwrap().port();
+    let socks = free_port();
+    let mut dynamic = sandbox.forward("-D", &format!("127.0.0.1:{socks}"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut stream = loop {
+        match socks_connect(socks, 8080) {
+            Ok(stream) => break stream,
+            _ if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
+            Err(e) => panic!("no connection through ssh -D: {e}"),
+        }
+    };
+    stream.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let mut body = String::new();
+    let _ = stream.read_to_string(&mut body);
+    drop(stream);
+    let to_host = socks_connect(socks, host_port);
+    let accepted = host_only.accept();
+    // SIGKILL: with a forwarded connection open, ssh waits on SIGTERM.
+    let _ = dynamic.kill();
+    let _ = dynamic.wait();
+    assert!(body.contains("hello-from-inside"), "{body}");
+    assert!(to_host.is_err(), "ssh -D reached the host's loopback");
+    assert!(accepted.is_err(), "the host's listener got a connection");
+}
+
+/// Opens a connection through the SOCKS5 proxy on 127.0.0.1:PROXY to
+/// 127.0.0.1:PORT as the proxy's far side sees it; Err if it refuses.
+fn socks_connect(proxy: u16, port: u16) -> std::io::Result<std::net::TcpStream> {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", proxy))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(&[5, 1, 0])?; // version 5, one method: no auth
+    let mut choice = [0u8; 2];
+    stream.read_exact(&mut choice)?;
+    let mut request = vec![5, 1, 0, 1, 127, 0, 0, 1]; // CONNECT to IPv4 127.0.0.1
+    request.extend_from_slice(&port.to_be_bytes());
+    stream.write_all(&request)?;
+    let mut reply = [0u8; 10];
+    stream.read_exact(&mut reply)?;
+    if reply[1] != 0 {
+        return Err(std::io::Error::other(format!(
+            "SOCKS refused: {}",
+            reply[1]
+        )));
+    }
+    Ok(stream)
 }
 
 #[test]
