@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
 mod commands;
+pub mod upstream;
 
 /// busybox applets (sh, nc, httpd, wget, unshare…), built offline.
 pub const BUSYBOX: &str = "agentkernel-test/busybox:1";
@@ -36,6 +37,12 @@ pub const BUSYBOX: &str = "agentkernel-test/busybox:1";
 pub const NOBODY: &str = "agentkernel-test/nobody:1";
 /// The above plus the host's python3.
 pub const PYTHON: &str = "agentkernel-test/python:3";
+/// The busybox image plus the host's curl: a real client for the egress proxy.
+#[allow(dead_code)]
+pub const CURL: &str = "agentkernel-test/curl:1";
+/// The busybox image plus Node.js 24 (its fetch honours the proxy variables).
+#[allow(dead_code)]
+pub const NODE: &str = "agentkernel-test/node:24";
 
 /// Starts 2000 sleeping processes: a pids limit must make fork fail first.
 pub const FORK_BOMB: &str = "for i in $(seq 1 2000); do sleep 30 & done; echo spawned";
@@ -1018,4 +1025,16 @@ pub fn native_leases_of(id: &str) -> Vec<PathBuf> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// Polls `done` until it holds or `limit` passes; its last answer.
+pub fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    done()
 }
