@@ -66,11 +66,25 @@ socket.create_connection(('127.0.0.1', 3128), 2)
 print('proxy-here', flush=True)
 time.sleep(30)";
 
-/// In the second sandbox: the same port on its loopback and on its gateway.
-const PROBE: &str = "import socket, struct
+/// The sandbox's default gateway (Python, from /proc/net/route).
+const GATEWAY: &str = "import socket, struct
 gw = [socket.inet_ntoa(struct.pack('<I', int(f[2], 16))) for f in
       (l.split() for l in open('/proc/net/route').read().splitlines()[1:]) if f[1] == '00000000'][0]
-for host in ['127.0.0.1', gw]:
+";
+
+/// In a sandbox with secrets only (its network kept): its proxy answers on
+/// its loopback; it prints its own address on the network; then it stays.
+const FIRST_ON_THE_NETWORK: &str = "import socket, time
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.connect((gw, 9))
+socket.create_connection(('127.0.0.1', 3128), 2)
+print('proxy-here', u.getsockname()[0], flush=True)
+time.sleep(30)";
+
+/// In the second sandbox: the same port on its loopback, on its gateway
+/// and at the addresses given as arguments.
+const PROBE: &str = "import sys
+for host in ['127.0.0.1', gw] + sys.argv[1:]:
     try:
         socket.create_connection((host, 3128), 2)
         print('reached', host)
@@ -184,7 +198,8 @@ fn another_sandbox_and_the_host_cannot_reach_a_sandbox_proxy() {
     assert_eq!(line.trim(), "proxy-here");
     let owner = owner_label(first.id()).unwrap();
     assert_eq!(proxies_of(&env).len(), 1);
-    let second = env.run(&["run", "--image", PYTHON, "--", "python3", "-c", PROBE]);
+    let probe = format!("{GATEWAY}{PROBE}");
+    let second = env.run(&["run", "--image", PYTHON, "--", "python3", "-c", &probe]);
     assert_code(&second, 0);
     let text = stdout(&second);
     assert!(!text.contains("reached"), "{text}");
@@ -200,6 +215,31 @@ fn another_sandbox_and_the_host_cannot_reach_a_sandbox_proxy() {
     // What the killed run left, gc removes.
     assert_code(&env.run(&["sandbox", "gc"]), 0);
     assert!(containers_of_owner(&owner).is_empty());
+}
+
+/// With secrets only, the sandbox keeps its network and an address on it:
+/// a second sandbox on the same network finds no proxy there either (it
+/// listens on the first one's loopback alone).
+fn another_sandbox_cannot_reach_a_proxy_at_its_sandboxs_address() {
+    let env = TestEnv::new();
+    let first_script = format!("{GATEWAY}{FIRST_ON_THE_NETWORK}");
+    let (mut first, line) = spawn_for_first_line(
+        env.std_cmd()
+            .args(["run", "--image", PYTHON, "-S", "K=v:api.example.test"])
+            .args(["--", "python3", "-c", &first_script]),
+    );
+    let address = line.trim().strip_prefix("proxy-here ").unwrap().to_string();
+    let probe = format!("{GATEWAY}{PROBE}");
+    let second = env.run(&[
+        "run", "--image", PYTHON, "--", "python3", "-c", &probe, &address,
+    ]);
+    let _ = first.kill();
+    let _ = first.wait();
+    assert_code(&second, 0);
+    let text = stdout(&second);
+    assert!(!text.contains("reached"), "{text}");
+    assert!(text.contains(&format!("refused {address}")), "{text}");
+    assert!(wait_until(Duration::from_secs(10), || proxies_of(&env).is_empty()));
 }
 
 /// The value reaches its host as `Authorization: Bearer`, and nothing
@@ -720,6 +760,7 @@ on_every_proxy_backend!(
     native_only, engine_only:
     with_an_allow_list_only_listed_hosts_are_reachable_and_only_through_the_proxy,
     another_sandbox_and_the_host_cannot_reach_a_sandbox_proxy,
+    another_sandbox_cannot_reach_a_proxy_at_its_sandboxs_address,
     a_bound_secret_skips_spoofed_hosts_redirects_and_other_hosts,
     a_kept_sandboxs_proxy_lives_exactly_as_long_as_the_sandbox,
     a_bound_secret_reaches_its_host_and_never_the_sandbox,
