@@ -52,9 +52,14 @@ pub async fn run(args: RunArgs) -> Result<i32> {
         accept_env: args.ssh_accept_env.clone(),
     });
     let image_from_template = template.as_ref().is_some_and(|t| t.sets_image);
-    let (spec, image_source, notice, secret_values) =
+    let build = super::image_build::plan(&mut config, args.image.is_some(), kind)?;
+    let (mut spec, image_source, notice, secret_values) =
         resolve(args, &config, &cwd, &capabilities, template)?;
+    super::image_build::pin(&build, &mut spec);
+    // A warm container has neither a fresh build nor the `[[files]]`.
     let warm_pool = fast
+        && build.is_none()
+        && config.files.is_empty()
         && spec.keep.is_none()
         && spec.egress.is_none()
         && spec.ports.is_empty()
@@ -68,12 +73,14 @@ pub async fn run(args: RunArgs) -> Result<i32> {
         return Ok(0);
     }
     agentkernel_core::backend::admit_egress(&capabilities, &spec)?;
+    let files = super::image_build::prepare(&build, &config, backend.as_ref()).await?;
     let options = RunOptions {
         config: &config,
         warm_pool,
         notice,
         secrets: &secret_values,
         secret_files: Vec::new(),
+        files,
     };
     let Some(request) = receipt else {
         return execute(&spec, backend.as_ref(), options, &store, ssh.as_ref()).await;

@@ -1,0 +1,63 @@
+//! `[build]` and `[[files]]` on the command's side (`run`, `sandbox create`):
+//! what a config asks to build or copy in is decided before the spec is
+//! resolved, and done only after it passed every check (trust first), so a
+//! refused run builds and reads nothing.
+
+use agentkernel_core::backend::{Backend, BackendKind};
+use agentkernel_core::config::Config;
+use agentkernel_core::files::InjectedFile;
+use agentkernel_core::image_build::BuildSpec;
+use agentkernel_core::spec::{PullPolicy, SandboxSpec};
+use agentkernel_core::{Error, Result};
+
+/// A build this run will make: the section, and the tag the spec runs.
+pub struct Planned {
+    build: BuildSpec,
+    tag: String,
+}
+
+/// Before `resolve`: when the config has `[build]` and `-i` names no image,
+/// the config's image becomes the build's tag (`[build]` wins over
+/// `base_image`, as upstream documents). Only Docker and Podman build.
+pub fn plan(config: &mut Config, image_flag: bool, kind: BackendKind) -> Result<Option<Planned>> {
+    let Some(build) = config.build.clone() else {
+        return Ok(None);
+    };
+    if image_flag {
+        eprintln!(
+            "agentkernel: notice: {}: [build] skipped: -i names the image",
+            build.config.display()
+        );
+        return Ok(None);
+    }
+    if !matches!(kind, BackendKind::Docker | BackendKind::Podman) {
+        return Err(Error::not_supported_hint(
+            format!("[build] ({}) on the {kind} backend", build.config.display()),
+            "images are built by Docker or Podman: run with -B docker (or -B podman), or build the image yourself and set base_image (or -i)",
+        ));
+    }
+    let tag = build.tag(config.name.as_deref());
+    config.image = Some(tag.clone());
+    Ok(Some(Planned { build, tag }))
+}
+
+/// After `resolve`: the built tag is local, never pulled.
+pub fn pin(planned: &Option<Planned>, spec: &mut SandboxSpec) {
+    if planned.is_some() {
+        spec.pull = PullPolicy::Never;
+    }
+}
+
+/// Once the run is admitted: builds the image, then reads the `[[files]]`
+/// sources (a missing one is one line, before any sandbox exists).
+pub async fn prepare(
+    planned: &Option<Planned>,
+    config: &Config,
+    backend: &dyn Backend,
+) -> Result<Vec<InjectedFile>> {
+    let files = agentkernel_core::files::read_all(&config.files)?;
+    if let Some(p) = planned {
+        backend.build_image(&p.build, &p.tag).await?;
+    }
+    Ok(files)
+}
