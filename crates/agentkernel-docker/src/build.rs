@@ -2,9 +2,10 @@
 //! Engine API's `/build`, the same call `docker build` makes), tagged as
 //! `BuildSpec::tag` says. The context is sent as a tar that never follows a
 //! symlink: a link in the project to a host file is sent as the link, not as
-//! the file it names.
+//! the file it names. What the context's `.dockerignore` excludes is not sent.
 
 use std::collections::HashMap;
+use std::path::Path;
 
 use agentkernel_core::image_build::BuildSpec;
 use agentkernel_core::Error;
@@ -112,17 +113,57 @@ fn failed(engine: &Engine, at: &dyn std::fmt::Display, why: &str, log: &[String]
     ))
 }
 
-/// The context directory as a tar, symlinks as symlinks; a Dockerfile
-/// outside the context is added as [`OUTSIDE_DOCKERFILE`].
-fn context_tar(
-    context: &std::path::Path,
-    dockerfile: &std::path::Path,
-) -> std::io::Result<Vec<u8>> {
+/// The context directory as a tar, symlinks as symlinks, without what its
+/// `.dockerignore` leaves out (the Dockerfile itself always goes, as with
+/// the Docker CLI); a Dockerfile outside the context is added as
+/// [`OUTSIDE_DOCKERFILE`].
+fn context_tar(context: &Path, dockerfile: &Path) -> std::io::Result<Vec<u8>> {
+    let rules = crate::dockerignore::Rules::read(context)?;
     let mut builder = tar::Builder::new(Vec::new());
     builder.follow_symlinks(false);
-    builder.append_dir_all(".", context)?;
-    if dockerfile.strip_prefix(context).is_err() {
+    let keep = dockerfile
+        .strip_prefix(context)
+        .ok()
+        .map(|p| p.to_string_lossy().into_owned());
+    add_tree(&mut builder, context, "", &rules, keep.as_deref())?;
+    if keep.is_none() {
         builder.append_path_with_name(dockerfile, OUTSIDE_DOCKERFILE)?;
     }
     builder.into_inner()
+}
+
+/// Adds the entries of `dir` (at `prefix` in the context), recursively.
+fn add_tree(
+    builder: &mut tar::Builder<Vec<u8>>,
+    dir: &Path,
+    prefix: &str,
+    rules: &crate::dockerignore::Rules,
+    keep: Option<&str>,
+) -> std::io::Result<()> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let relative = if prefix.is_empty() {
+            name
+        } else {
+            format!("{prefix}/{name}")
+        };
+        let path = entry.path();
+        let is_dir = entry.file_type()?.is_dir();
+        let excluded = rules.excludes(&relative)
+            && !keep.is_some_and(|k| k == relative || k.starts_with(&format!("{relative}/")));
+        if is_dir {
+            if !excluded {
+                builder.append_dir(&relative, &path)?;
+            }
+            // An excluded directory may still hold a `!` exception.
+            if !excluded || rules.has_exceptions() {
+                add_tree(builder, &path, &relative, rules, keep)?;
+            }
+        } else if !excluded {
+            builder.append_path_with_name(&path, &relative)?;
+        }
+    }
+    Ok(())
 }

@@ -29,6 +29,7 @@ pub mod build;
 pub mod copy;
 pub mod create;
 pub mod detached;
+pub mod dockerignore;
 pub mod engine;
 pub mod exec;
 pub mod gc;

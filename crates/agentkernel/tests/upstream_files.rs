@@ -283,11 +283,17 @@ fn build_project(env: &TestEnv) -> String {
         &env.project_dir().join("docker/Dockerfile.dev"),
         &format!(
             "FROM {BUSYBOX} AS base\nARG GREETING=none\nRUN echo \"$GREETING\" > /built\n\
-             FROM base AS dev\nCOPY conf/app.env /from-context.env\n\
+             FROM base AS dev\nCOPY conf/app.env /from-context.env\nCOPY conf/ /conf/\n\
              FROM base AS other\nRUN echo wrong-target > /built\n"
         ),
     );
     write(&env.project_dir().join("conf/app.env"), "A=1\n");
+    // The context's .dockerignore is honoured, as `docker build` does.
+    write(&env.project_dir().join("conf/local.secret"), "never sent\n");
+    write(
+        &env.project_dir().join(".dockerignore"),
+        "# local only\n**/*.secret\n",
+    );
     let file = env.project_dir().join("build.toml");
     write(&file, BUILD_CONFIG);
     file.to_string_lossy().into_owned()
@@ -309,10 +315,10 @@ mod engine_only {
         let out = env.run_with().detected_image().config(file).output(&[
             "sh",
             "-c",
-            "cat /built /from-context.env",
+            "cat /built /from-context.env; ls /conf",
         ]);
         assert_code(&out, 0);
-        assert_eq!(stdout(&out), "hello\nA=1\n");
+        assert_eq!(stdout(&out), "hello\nA=1\napp.env\n");
         let tag = env.dry_run(&["-c", file, "--", "true"])["image"]
             .as_str()
             .unwrap()
