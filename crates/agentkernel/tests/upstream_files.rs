@@ -77,6 +77,13 @@ fn files_are_in_place_before_the_command_with_their_modes() {
     );
     // The workspace is copy-on-write under moderate: the project is unchanged.
     assert!(!env.project_dir().join("copied.env").exists());
+    let resolved = env.dry_run(&["-c", &file, "--", "true"]);
+    assert_eq!(
+        resolved["files"][0]["dest"], "/app/config/.env",
+        "{resolved}"
+    );
+    assert_eq!(resolved["files"][0]["mode"], "0600", "{resolved}");
+    assert_eq!(resolved["pool"], false, "a warm container has no [[files]]");
     assert!(env.leftover_runs().is_empty());
 }
 

@@ -61,3 +61,25 @@ pub async fn prepare(
     }
     Ok(files)
 }
+
+/// `run --dry-run`: the `[[files]]` that would be copied in and the build
+/// that would run (sources are named, never read).
+pub fn describe(planned: &Option<Planned>, config: &Config, resolved: &mut serde_json::Value) {
+    use serde_json::json;
+    resolved["files"] = config
+        .files
+        .iter()
+        .map(|f| json!({"source": f.source, "dest": f.dest, "mode": format!("{:04o}", f.mode)}))
+        .collect();
+    resolved["build"] = match planned {
+        Some(p) => json!({
+            "dockerfile": p.build.dockerfile,
+            "context": p.build.context,
+            "target": p.build.target,
+            "args": p.build.args,
+            "no_cache": p.build.no_cache,
+            "tag": p.tag,
+        }),
+        None => serde_json::Value::Null,
+    };
+}

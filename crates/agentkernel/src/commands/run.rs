@@ -66,6 +66,7 @@ pub async fn run(args: RunArgs) -> Result<i32> {
         && capabilities.warm_pool;
     if dry_run {
         let mut resolved = dry_run_json(&spec, image_source, kind, warm_pool);
+        super::image_build::describe(&build, &config, &mut resolved);
         if image_from_template && image_source == ImageSource::Config {
             resolved["image_source"] = "template".into();
         }
