@@ -425,7 +425,22 @@ impl Config {
             );
         }
         if let Some(c) = r.cpus {
-            self.cpus = Some(parse::cpus(&c.to_string()).map_err(|e| val("resources.cpus", e))?);
+            let mut cpus = parse::cpus(&c.to_string()).map_err(|e| val("resources.cpus", e))?;
+            // Upstream's `vcpus` sizes a VM, which runs on fewer host CPUs:
+            // "at most", like a profile's count (our `cpus` stays exact).
+            let vcpus = table
+                .get("resources")
+                .and_then(toml::Value::as_table)
+                .is_some_and(|t| t.contains_key("vcpus"));
+            let online = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+            if vcpus && cpus > online {
+                self.notices.push(format!(
+                    "{}: resources.vcpus = {cpus} is more than this machine's {online} CPUs; {online} are used",
+                    path.display()
+                ));
+                cpus = online;
+            }
+            self.cpus = Some(cpus);
         }
         if let Some(p) = r.pids {
             if p < 1 {
@@ -778,6 +793,24 @@ max_total = 5
         assert_eq!(c.network, Some(false));
         assert_eq!(c.ports.len(), 1);
         assert_eq!(c.env.get("A").map(String::as_str), Some("1"));
+    }
+
+    #[test]
+    fn upstream_vcpus_means_at_most_cpus_is_exact() {
+        let online = std::thread::available_parallelism().unwrap().get() as f64;
+        let c = parse_one("[resources]\nvcpus = 4096\n").unwrap();
+        assert_eq!(c.cpus, Some(online));
+        assert!(
+            c.notices[0].contains("resources.vcpus = 4096"),
+            "{:?}",
+            c.notices
+        );
+        let c = parse_one("[resources]\ncpus = 4096\n").unwrap();
+        assert_eq!(
+            c.cpus,
+            Some(4096.0),
+            "refused later, naming the host's count"
+        );
     }
 
     #[test]

@@ -503,7 +503,7 @@ pub fn apply(config: &mut Config, template: &Template) -> Result<Vec<String>> {
     let own: Vec<String> = ["description", "category", "help_text", "setup"]
         .iter()
         .map(|k| format!("template.{k} "))
-        .chain(["sandbox.init_script ".to_string()])
+        .chain(["sandbox.init_script ", "resources.vcpus "].map(String::from))
         .map(|key| format!("{}: {key}", reference.location))
         .collect();
     let mut index = 0;

@@ -450,7 +450,7 @@ fn run_with_config_file(env: &TestEnv, toml: &str, script: &str) -> std::process
 
 #[test]
 fn upstream_config_files_run() {
-    let (port_a, port_b) = (free_port(), free_port());
+    let (port_a, port_b, port_c) = (free_port(), free_port(), free_port());
     let cases: Vec<(&str, String, &[&str])> = vec![
         ("minimal", "[sandbox]\nname = \"my-project\"\n".into(), &[]),
         (
@@ -518,6 +518,18 @@ fn upstream_config_files_run() {
                 "proxy.hooks",
                 "llm_keys.api.openai.com",
             ],
+        ),
+        (
+            "the documented full example",
+            format!(
+                "[sandbox]\nname = \"my-fullstack-app\"\n\
+                 [build]\ndockerfile = \"Dockerfile.dev\"\ncontext = \".\"\n[build.args]\nNODE_VERSION = \"22\"\n\
+                 [agent]\npreferred = \"claude\"\n[resources]\nvcpus = 4\nmemory_mb = 2048\n\
+                 [security]\nprofile = \"moderate\"\nnetwork = true\nmount_cwd = true\n\
+                 [network]\nports = [\"{port_c}:3000\"]\n[ssh]\nenabled = true\ncert_ttl = \"1h\"\n\
+                 [[files]]\nsource = \".env\"\ndest = \"/app/.env\"\nmode = \"0600\"\n"
+            ),
+            &["[build] skipped: -i names the image", "ssh.enabled"],
         ),
         (
             "domain rules without a network",
