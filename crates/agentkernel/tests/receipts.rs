@@ -480,6 +480,41 @@ fn replay(env: &TestEnv, file: &Path, extra: &[&str]) -> Output {
     env.run(&args)
 }
 
+/// `[[files]]` are inputs of the run: recorded by digest, and a replay
+/// whose copies differ says so.
+#[test]
+fn files_are_recorded_by_digest_and_replay_compares_them() {
+    let env = TestEnv::new();
+    let project = env.project_dir();
+    std::fs::write(project.join("app.env"), "A=1\n").unwrap();
+    std::fs::write(
+        project.join("agentkernel.toml"),
+        "[[files]]\nsource = \"app.env\"\ndest = \"/app/.env\"\nmode = \"0600\"\n",
+    )
+    .unwrap();
+    let (out, file) = run_with_receipt(&env, "files.json", &["-i", BUSYBOX, "cat", "/app/.env"]);
+    assert_code(&out, 0);
+    assert_eq!(
+        read_json(&file)["sandbox"]["files"],
+        json!([{"dest": "/app/.env", "mode": "0600", "sha256": sha256_hex(b"A=1\n")}])
+    );
+    let out = replay(&env, &file, &[]);
+    assert_code(&out, 0);
+    assert!(
+        stderr(&out).contains("replay: [[files]]: match"),
+        "{}",
+        stderr(&out)
+    );
+    std::fs::write(project.join("app.env"), "A=2\n").unwrap();
+    let out = replay(&env, &file, &[]);
+    assert_code(&out, 1);
+    assert!(
+        stderr(&out).contains("replay: [[files]]: mismatch"),
+        "{}",
+        stderr(&out)
+    );
+}
+
 #[test]
 fn replay_matches_a_deterministic_command_and_reports_what_differs() {
     let env = TestEnv::new();

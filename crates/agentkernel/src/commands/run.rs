@@ -87,7 +87,10 @@ pub async fn run(args: RunArgs) -> Result<i32> {
         return execute(&spec, backend.as_ref(), options, &store, ssh.as_ref()).await;
     };
     // From here on the sandbox is requested: whatever happens, a receipt.
-    let invocation = crate::receipt::Invocation::for_run(&spec, kind.name(), warm_pool)?;
+    let mut invocation = crate::receipt::Invocation::for_run(&spec, kind.name(), warm_pool)?;
+    if !options.files.is_empty() {
+        invocation.sandbox["files"] = crate::receipt::files_facts(&options.files);
+    }
     let recording = crate::receipt::Recording::start(request, invocation);
     let result = execute(&spec, backend.as_ref(), options, &store, ssh.as_ref()).await;
     recording.finish(result)
