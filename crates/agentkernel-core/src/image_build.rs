@@ -11,8 +11,9 @@
 //! NODE_VERSION = "22"
 //! ```
 //!
-//! `--image` wins over `[build]` (as upstream: the flag names the image, so
-//! nothing is built); `[build]` wins over the files' `base_image`.
+//! `--image` (and a `--template` naming an image) wins over `[build]` (as
+//! upstream: the flag names the image, so nothing is built); `[build]` wins
+//! over the files' `base_image`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -350,6 +350,14 @@ mod engine_only {
         assert_code(&out, 0);
         assert_eq!(stdout(&out), "plain\n");
         assert!(stderr(&out).contains("[build] skipped"), "{}", stderr(&out));
+        // So does a template's image (a layer above the files).
+        write(
+            &env.project_dir().join("t.toml"),
+            &format!("[sandbox]\nbase_image = \"{BUSYBOX}\"\n"),
+        );
+        let resolved = env.dry_run(&["-c", file, "--template", "./t.toml", "--", "true"]);
+        assert_eq!(resolved["image"], BUSYBOX, "{resolved}");
+        assert_eq!(resolved["build"], serde_json::Value::Null, "{resolved}");
     }
 
     #[test]

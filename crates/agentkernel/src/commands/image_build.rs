@@ -16,16 +16,29 @@ pub struct Planned {
     tag: String,
 }
 
-/// Before `resolve`: when the config has `[build]` and `-i` names no image,
-/// the config's image becomes the build's tag (`[build]` wins over
+/// Before `resolve`: when the config has `[build]` and neither `-i` nor the
+/// `--template` (a layer above the files) names the image, the config's
+/// image becomes the build's tag (`[build]` wins over the files'
 /// `base_image`, as upstream documents). Only Docker and Podman build.
-pub fn plan(config: &mut Config, image_flag: bool, kind: BackendKind) -> Result<Option<Planned>> {
+pub fn plan(
+    config: &mut Config,
+    image_flag: bool,
+    template: Option<&super::template::Applied>,
+    kind: BackendKind,
+) -> Result<Option<Planned>> {
     let Some(build) = config.build.clone() else {
         return Ok(None);
     };
-    if image_flag {
+    let named_by = if image_flag {
+        Some("-i names the image")
+    } else if template.is_some_and(|t| t.sets_image) {
+        Some("the template names the image")
+    } else {
+        None
+    };
+    if let Some(why) = named_by {
         eprintln!(
-            "agentkernel: notice: {}: [build] skipped: -i names the image",
+            "agentkernel: notice: {}: [build] skipped: {why}",
             build.config.display()
         );
         return Ok(None);

@@ -52,7 +52,8 @@ pub async fn run(args: RunArgs) -> Result<i32> {
         accept_env: args.ssh_accept_env.clone(),
     });
     let image_from_template = template.as_ref().is_some_and(|t| t.sets_image);
-    let build = super::image_build::plan(&mut config, args.image.is_some(), kind)?;
+    let build =
+        super::image_build::plan(&mut config, args.image.is_some(), template.as_ref(), kind)?;
     let (mut spec, image_source, notice, secret_values) =
         resolve(args, &config, &cwd, &capabilities, template)?;
     super::image_build::pin(&build, &mut spec);

@@ -57,7 +57,8 @@ pub async fn create(args: CreateArgs) -> Result<i32> {
     let store = Store::open_default();
     let backend = backend::open(kind, &store)?;
     let no_start = args.no_start;
-    let build = super::image_build::plan(&mut config, args.image.is_some(), kind)?;
+    let build =
+        super::image_build::plan(&mut config, args.image.is_some(), template.as_ref(), kind)?;
     let (mut spec, _, notice, _) = super::run::resolve(
         run_args(args),
         &config,
