@@ -74,10 +74,13 @@ pub async fn build(engine: &Engine, build: &BuildSpec, tag: &str) -> Result<(), 
         forcerm: true,
         ..Default::default()
     };
-    let mut stream =
-        engine
-            .docker
-            .build_image(options, None, Some(bollard::body_full(archive.into())));
+    let mut stream = engine.docker.build_image(
+        options,
+        None,
+        Some(bollard::body_try_stream(
+            file_body(archive).map(|chunk| chunk.map(Into::into)),
+        )),
+    );
     // The engine's log is kept, not shown: on failure its last lines say why.
     let mut log: Vec<String> = Vec::new();
     while let Some(item) = stream.next().await {
@@ -117,9 +120,19 @@ fn failed(engine: &Engine, at: &dyn std::fmt::Display, why: &str, log: &[String]
 /// `.dockerignore` leaves out (the Dockerfile itself always goes, as with
 /// the Docker CLI); a Dockerfile outside the context is added as
 /// [`OUTSIDE_DOCKERFILE`].
-fn context_tar(context: &Path, dockerfile: &Path) -> std::io::Result<Vec<u8>> {
+/// The tar goes to an unnamed temporary file (never the whole context in
+/// memory), rewound for streaming.
+fn context_tar(context: &Path, dockerfile: &Path) -> std::io::Result<std::fs::File> {
+    use std::io::Seek as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
     let rules = crate::dockerignore::Rules::read(context)?;
-    let mut builder = tar::Builder::new(Vec::new());
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_TMPFILE)
+        .open(std::env::temp_dir())?;
+    let mut builder = tar::Builder::new(file);
     builder.follow_symlinks(false);
     let keep = dockerfile
         .strip_prefix(context)
@@ -129,12 +142,31 @@ fn context_tar(context: &Path, dockerfile: &Path) -> std::io::Result<Vec<u8>> {
     if keep.is_none() {
         builder.append_path_with_name(dockerfile, OUTSIDE_DOCKERFILE)?;
     }
-    builder.into_inner()
+    let mut file = builder.into_inner()?;
+    file.rewind()?;
+    Ok(file)
+}
+
+/// `file`, read in chunks as the request body.
+fn file_body(file: std::fs::File) -> impl futures_util::Stream<Item = std::io::Result<Vec<u8>>> {
+    futures_util::stream::unfold(Some(file), |file| async move {
+        use std::io::Read as _;
+        let mut file = file?;
+        let mut chunk = vec![0u8; 1 << 20];
+        match file.read(&mut chunk) {
+            Ok(0) => None,
+            Ok(n) => {
+                chunk.truncate(n);
+                Some((Ok(chunk), Some(file)))
+            }
+            Err(e) => Some((Err(e), None)),
+        }
+    })
 }
 
 /// Adds the entries of `dir` (at `prefix` in the context), recursively.
 fn add_tree(
-    builder: &mut tar::Builder<Vec<u8>>,
+    builder: &mut tar::Builder<std::fs::File>,
     dir: &Path,
     prefix: &str,
     rules: &crate::dockerignore::Rules,
