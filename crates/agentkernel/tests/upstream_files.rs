@@ -314,11 +314,29 @@ const BUILD_CONFIG: &str =
 mod engine_only {
     use super::*;
 
+    /// The image a config builds, removed from the engine when the test ends.
+    struct BuiltImage(String);
+
+    impl BuiltImage {
+        /// The tag `run -c FILE` builds (a dry run builds nothing).
+        fn of(env: &TestEnv, file: &str) -> BuiltImage {
+            let resolved = env.dry_run(&["-c", file, "--", "true"]);
+            BuiltImage(resolved["image"].as_str().unwrap().to_string())
+        }
+    }
+
+    impl Drop for BuiltImage {
+        fn drop(&mut self) {
+            let _ = engine(&["rmi", "-f", &self.0]);
+        }
+    }
+
     #[test]
     fn build_makes_the_image_the_sandbox_runs() {
         let env = TestEnv::new();
         let file = build_project(&env);
         let file = file.as_str();
+        let built = BuiltImage::of(&env, file);
         let out = env.run_with().detected_image().config(file).output(&[
             "sh",
             "-c",
@@ -326,12 +344,9 @@ mod engine_only {
         ]);
         assert_code(&out, 0);
         assert_eq!(stdout(&out), "hello\nA=1\napp.env\n");
-        let tag = env.dry_run(&["-c", file, "--", "true"])["image"]
-            .as_str()
-            .unwrap()
-            .to_string();
+        let tag = &built.0;
         assert!(tag.starts_with("agentkernel-build/build-test:"), "{tag}");
-        assert!(engine(&["image", "inspect", &tag]).status.success());
+        assert!(engine(&["image", "inspect", tag]).status.success());
 
         // A kept sandbox runs it too.
         let name = unique_name("built");
@@ -406,7 +421,10 @@ mod engine_only {
     fn a_project_build_needs_trust() {
         let env = TestEnv::new();
         build_project(&env);
-        write(&env.project_dir().join("agentkernel.toml"), BUILD_CONFIG);
+        let project_file = env.project_dir().join("agentkernel.toml");
+        write(&project_file, BUILD_CONFIG);
+        // Naming the file with -c is consent: the dry run learns the tag.
+        let _built = BuiltImage::of(&env, project_file.to_str().unwrap());
         let out = env.run_with().detected_image().output(&["cat", "/built"]);
         let line = assert_one_line_error(&out);
         assert!(
