@@ -17,7 +17,7 @@ mod run;
 mod sandbox;
 mod sandbox_cp;
 mod sandbox_create;
-mod sandbox_lifecycle;
+pub(crate) mod sandbox_lifecycle;
 mod secret;
 mod serve;
 mod template;
