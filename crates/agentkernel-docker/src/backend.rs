@@ -6,6 +6,7 @@
 use agentkernel_core::backend::{
     Backend, BackendKind, Capabilities, Collected, Probe, RunOptions, Support,
 };
+use agentkernel_core::image_build::BuildSpec;
 use agentkernel_core::spec::{ExecRequest, Outcome, PullPolicy, SandboxSpec};
 use agentkernel_core::state::{SandboxRecord, Store};
 use std::cell::OnceCell;
@@ -127,7 +128,15 @@ impl Backend for EngineBackend {
             spec
         };
         if spec.keep.is_some() {
-            return kept::run(engine, spec, store, &options.secret_files, options.secrets).await;
+            return kept::run(
+                engine,
+                spec,
+                store,
+                &options.secret_files,
+                &options.files,
+                options.secrets,
+            )
+            .await;
         }
         if options.warm_pool {
             let config = options.config;
@@ -138,7 +147,15 @@ impl Backend for EngineBackend {
             };
             return pool::run(engine, spec, store, settings).await;
         }
-        oneshot::run_with_secrets(engine, spec, store, &options.secret_files, options.secrets).await
+        oneshot::run_with_secrets(
+            engine,
+            spec,
+            store,
+            &options.secret_files,
+            &options.files,
+            options.secrets,
+        )
+        .await
     }
 
     async fn exec(&self, record: &SandboxRecord, request: &ExecRequest) -> Result<Outcome> {
@@ -156,7 +173,15 @@ impl Backend for EngineBackend {
         if let Some(notice) = &options.notice {
             eprintln!("{notice}");
         }
-        kept::create(engine, spec, &self.store, &[], options.secrets).await?;
+        kept::create(
+            engine,
+            spec,
+            &self.store,
+            &[],
+            &options.files,
+            options.secrets,
+        )
+        .await?;
         kept::setup(engine, spec, &self.store).await?;
         if let Err(e) = reserved() {
             let name = &spec.keep.as_ref().expect("create always keeps").name;
@@ -237,6 +262,10 @@ impl Backend for EngineBackend {
     async fn expire_when_due(&self, name: &str) -> Result<()> {
         kept::expire_when_due(self.engine()?, &self.store, name).await;
         Ok(())
+    }
+
+    async fn build_image(&self, build: &BuildSpec, tag: &str) -> Result<()> {
+        crate::build::build(self.engine()?, build, tag).await
     }
 }
 

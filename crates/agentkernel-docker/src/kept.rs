@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use agentkernel_core::egress::SecretValues;
+use agentkernel_core::files::InjectedFile;
 use agentkernel_core::spec::{ExecRequest, Outcome, SandboxSpec};
 use agentkernel_core::state::{now_unix, SandboxRecord, Store};
 use agentkernel_core::Error;
@@ -48,13 +49,15 @@ pub async fn status(
 }
 
 /// `run --keep/--ttl/--branch`: create (or, for `--branch`, reuse) and run the first command.
-/// `secret_files` (`--secret-file`) are written and the egress proxy (its
-/// values in `secrets`) started when the sandbox is created.
+/// `secret_files` (`--secret-file`) and `files` (`[[files]]`) are written
+/// and the egress proxy (its values in `secrets`) started when the sandbox
+/// is created.
 pub async fn run(
     engine: &Engine,
     spec: &SandboxSpec,
     store: &Store,
     secret_files: &[(String, String)],
+    files: &[InjectedFile],
     secrets: &SecretValues,
 ) -> Result<Outcome, Error> {
     let keep = spec.keep.as_ref().expect("kept run without keep settings");
@@ -63,7 +66,7 @@ pub async fn run(
     }
     let reused = keep.reuse && reuse_existing(engine, store, &keep.name).await?;
     if !reused {
-        create(engine, spec, store, secret_files, secrets).await?;
+        create(engine, spec, store, secret_files, files, secrets).await?;
         setup(engine, spec, store).await?;
     }
     let command = exec(engine, store, &keep.name, &spec.exec);
@@ -129,12 +132,14 @@ async fn reuse_existing(engine: &Engine, store: &Store, name: &str) -> Result<bo
     }
 }
 
-/// Creates the kept sandbox (also `sandbox create`, which runs no first command).
+/// Creates the kept sandbox (also `sandbox create`, which runs no first
+/// command); `files` (`[[files]]`) are copied in before anything runs in it.
 pub async fn create(
     engine: &Engine,
     spec: &SandboxSpec,
     store: &Store,
     secret_files: &[(String, String)],
+    files: &[InjectedFile],
     secrets: &SecretValues,
 ) -> Result<(), Error> {
     let keep = spec.keep.as_ref().expect("kept run without keep settings");
@@ -188,8 +193,11 @@ pub async fn create(
             return Err(engine.failure("starting the kept sandbox failed"));
         }
         print_ports(engine, &name, spec).await;
+        // Running: the engine writes through the container's own mounts.
+        crate::copy::put_files(engine, &name, files).await?;
         if let Some(started) = proxy {
-            // Lives as long as the container from here on.
+            // After `[[files]]`, which could replace a bundle; lives as
+            // long as the container from here on.
             crate::egress::attach(engine, &name, started, true).await?;
         }
         crate::secret_files::write(engine, &name, secret_files).await?;

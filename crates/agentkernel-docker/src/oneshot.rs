@@ -20,17 +20,20 @@ use crate::stdio::{self, Process};
 use crate::{labels, Engine};
 
 pub async fn run(engine: &Engine, spec: &SandboxSpec, store: &Store) -> Result<Outcome, Error> {
-    run_with_secrets(engine, spec, store, &[], &SecretValues::default()).await
+    run_with_secrets(engine, spec, store, &[], &[], &SecretValues::default()).await
 }
 
 /// [`run`]; with `secret_files` (`--secret-file`) or an egress proxy (its
 /// values in `secrets`), the command is exec'd once the files are written
-/// and the proxy listens (see [`crate::secret_files`], [`crate::egress`]).
+/// and the proxy listens (see [`crate::secret_files`], [`crate::egress`]);
+/// `files` (`[[files]]`) are copied into the created container before it
+/// starts.
 pub async fn run_with_secrets(
     engine: &Engine,
     spec: &SandboxSpec,
     store: &Store,
     secret_files: &[(String, String)],
+    files: &[agentkernel_core::files::InjectedFile],
     secrets: &SecretValues,
 ) -> Result<Outcome, Error> {
     // First: a proxy that cannot start leaves nothing behind.
@@ -59,7 +62,11 @@ pub async fn run_with_secrets(
         label_map.insert(labels::SCRATCH.to_string(), s.display().to_string());
     }
 
-    let exec_after_files = !secret_files.is_empty() || proxy.is_some();
+    // Podman writes into a created container's root only, not through the
+    // mounts it will have (the workspace): there `[[files]]` wait until it
+    // runs, like secret files, and the command is exec'd after them.
+    let files_after_start = engine.flavor == crate::engine::Flavor::Podman && !files.is_empty();
+    let exec_after_files = !secret_files.is_empty() || files_after_start || proxy.is_some();
     let result = async {
         let body = container_body(
             engine.flavor,
@@ -83,9 +90,22 @@ pub async fn run_with_secrets(
         })
         .await?;
         if exec_after_files {
-            return crate::secret_files::drive(engine, &container_name, spec, secret_files, proxy)
-                .await;
+            // Docker writes them into the created container, as below.
+            if !files_after_start {
+                crate::copy::put_files(engine, &container_name, files).await?;
+            }
+            let files = if files_after_start { files } else { &[] };
+            return crate::secret_files::drive(
+                engine,
+                &container_name,
+                spec,
+                secret_files,
+                files,
+                proxy,
+            )
+            .await;
         }
+        crate::copy::put_files(engine, &container_name, files).await?;
         drive(engine, &container_name, spec).await
     }
     .await;

@@ -6,6 +6,7 @@ pub mod egress;
 mod exec;
 mod exec_detach;
 mod image;
+mod image_build;
 mod init;
 mod mcp;
 mod openapi;
