@@ -103,8 +103,7 @@ pub fn create(plan: &Plan) -> Result<(), KeptError> {
         name: &keep.name,
         cgroup: None,
     };
-    let cgroup =
-        Cgroup::for_plan(plan).map_err(sys::context("cannot create the sandbox's cgroup"))?;
+    let cgroup = Cgroup::for_plan(plan)?;
     std::mem::forget(name_only);
     let unwind = Unwind {
         store: &store,
@@ -178,12 +177,12 @@ fn hold(plan: &Plan, cgroup: &Cgroup, store: &Store, report: OwnedFd) -> ! {
     };
     let sfd = match sandbox::supervisor_signalfd() {
         Ok(s) => s,
-        Err(e) => fail(e.to_string()),
+        Err(e) => fail(crate::error::with_fix(&e)),
     };
     let started = match sandbox::start(plan, &mut Some(cgroup.clone()), &[&sfd, &report]) {
         Ok(Ok(s)) => s,
         Ok(Err(status)) => fail(format!("the sandbox's setup failed (status {status})")),
-        Err(e) => fail(e.to_string()),
+        Err(e) => fail(crate::error::with_fix(&e)),
     };
     let anchor = match plan.rootless {
         Some(_) => match spawn_anchor(started.pid) {

@@ -28,9 +28,39 @@ use std::time::Instant;
 
 use agentkernel_core::spec::Outcome;
 
-use crate::cgroup::Cgroup;
+use crate::cgroup::{Cgroup, CgroupError};
 use crate::plan::Plan;
 use crate::{caps, rootfs, sys};
+
+/// Why the supervisor could not set up or watch a sandbox. (Init reports
+/// its own failures itself, on stderr, and exits 125.)
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    #[error("cannot create the sandbox's {0} namespace: {1}")]
+    Namespace(&'static str, #[source] io::Error),
+    #[error("cannot create the sandbox's network: {0}")]
+    Network(#[source] io::Error),
+    #[error("cannot connect the sandbox's network: {0}")]
+    Connect(#[source] io::Error),
+    #[error("cannot talk to the sandbox's init: {0}")]
+    Channel(#[source] io::Error),
+    #[error("cannot watch the sandbox: {0}")]
+    Supervise(#[source] io::Error),
+}
+
+impl crate::error::Fix for SandboxError {
+    fn fix(&self) -> Option<&'static str> {
+        match self {
+            SandboxError::Cgroup(e) => crate::error::Fix::fix(e),
+            SandboxError::Namespace(..) | SandboxError::Network(_) | SandboxError::Connect(_) => {
+                Some("`agentkernel doctor` checks what native sandboxes need here")
+            }
+            SandboxError::Channel(_) | SandboxError::Supervise(_) => None,
+        }
+    }
+}
 
 const NETNS_READY: u8 = b'n';
 const NETNS: u8 = b'e';
@@ -65,17 +95,13 @@ fn supervisor_signals() -> libc::sigset_t {
 
 /// Runs the plan to completion and cleans up. Must be called from a
 /// single-threaded process (it forks).
-pub fn run(plan: &Plan) -> io::Result<Outcome> {
+pub fn run(plan: &Plan) -> Result<Outcome, SandboxError> {
     // v1: created by `start` while init builds its namespaces (see there).
     let mut cgroup = None;
     if !Cgroup::created_after_init(plan) {
-        match Cgroup::for_plan(plan) {
-            Ok(c) => cgroup = Some(c),
-            Err(e) => {
-                remove_scratch(plan);
-                return Err(sys::context("cannot create the sandbox's cgroup")(e));
-            }
-        }
+        let scratch = ScratchGuard(plan);
+        cgroup = Some(Cgroup::for_plan(plan)?);
+        std::mem::forget(scratch);
     }
     // After a crash, `gc` finds this cgroup by the scratch dir's name (the id).
     let mut workspace_disk = None;
@@ -176,19 +202,25 @@ fn detach_from_caller() {
     }
 }
 
-fn remove_scratch(plan: &Plan) {
-    let _ = std::fs::remove_dir_all(&plan.scratch);
+/// Removes the run's scratch directory when an error ends the run before
+/// `clean_up_after_exit` owns it (forgotten once it does).
+struct ScratchGuard<'a>(&'a Plan);
+
+impl Drop for ScratchGuard<'_> {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0.scratch);
+    }
 }
 
 /// A signalfd for the signals a supervisor handles (blocked first).
-pub(crate) fn supervisor_signalfd() -> io::Result<OwnedFd> {
+pub(crate) fn supervisor_signalfd() -> Result<OwnedFd, SandboxError> {
     let signals = supervisor_signals();
     // SAFETY: blocking signals in our own (single) thread.
     unsafe { libc::sigprocmask(libc::SIG_BLOCK, &signals, std::ptr::null_mut()) };
     // SAFETY: creates a new fd from a valid set; owned below.
     let sfd = unsafe { libc::signalfd(-1, &signals, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
     if sfd < 0 {
-        return Err(sys::context("signalfd")(io::Error::last_os_error()));
+        return Err(SandboxError::Supervise(io::Error::last_os_error()));
     }
     // SAFETY: just created, ours.
     Ok(unsafe { OwnedFd::from_raw_fd(sfd) })
@@ -200,7 +232,7 @@ fn supervise(
     plan: &Plan,
     cgroup: &mut Option<Cgroup>,
     workspace_disk: &mut Option<OwnedFd>,
-) -> io::Result<Outcome> {
+) -> Result<Outcome, SandboxError> {
     let sfd = supervisor_signalfd()?;
     let mut started = match start(plan, cgroup, &[&sfd])? {
         Ok(started) => started,
@@ -242,10 +274,10 @@ pub(crate) fn start(
     plan: &Plan,
     cgroup: &mut Option<Cgroup>,
     close_in_child: &[&OwnedFd],
-) -> io::Result<Result<Started, i32>> {
-    let (ours, theirs) = socketpair()?;
+) -> Result<Result<Started, i32>, SandboxError> {
+    let (ours, theirs) = socketpair().map_err(SandboxError::Channel)?;
     crate::trace::phase("forking init");
-    let pid = fork_init(cgroup.as_ref())?;
+    let pid = fork_init(cgroup.as_ref()).map_err(|e| SandboxError::Namespace("pid", e))?;
     if pid.id == 0 {
         drop(ours);
         for fd in close_in_child {
@@ -257,19 +289,19 @@ pub(crate) fn start(
     drop(theirs);
     let born_in_cgroup = pid.born_in_cgroup;
     let pid = pid.id;
+    // Until init is ready or reaped, an error of ours ends it.
+    let init = UnreapedInit(pid);
 
     // Init's network namespace, the costliest of its namespaces to create
     // (~1 ms), is made by a thread of ours while init makes the others; the
     // thread hands it to init, which joins it.
     let netns = {
-        let sock = ours.try_clone()?;
+        let sock = ours.try_clone().map_err(SandboxError::Channel)?;
         let egress = plan.egress.clone();
         std::thread::spawn(move || -> io::Result<()> {
             // SAFETY: unshare of this thread's own network namespace.
             if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-                return Err(sys::context("create the network namespace")(
-                    io::Error::last_os_error(),
-                ));
+                return Err(io::Error::last_os_error());
             }
             // The egress proxy's socket, bound here: only this sandbox
             // can reach it.
@@ -303,9 +335,7 @@ pub(crate) fn start(
     if cgroup.is_none() {
         match Cgroup::for_plan(plan) {
             Ok(created) => *cgroup = Some(created),
-            Err(e) => {
-                return failed_during_setup(pid, None, "cannot create the sandbox's cgroup", e)
-            }
+            Err(e) => return failed_during_setup(init, e.into()),
         }
     }
     // Init reads the network namespace first, then the cgroup.
@@ -313,26 +343,26 @@ pub(crate) fn start(
         .join()
         .unwrap_or_else(|_| Err(io::Error::other("the network namespace thread panicked")));
     if let Err(e) = netns {
-        return failed_during_setup(pid, None, "cannot create the sandbox's network", e);
+        return failed_during_setup(init, SandboxError::Network(e));
     }
     // (A rootless sandbox's cgroup has no directories: nothing to move into.)
     let self_move = match cgroup.as_ref() {
         Some(c) if !born_in_cgroup => c.self_move_files(),
         _ => Ok(Vec::new()),
     };
-    let handed_over = self_move.and_then(|files| {
+    let handed_over = self_move.map_err(SandboxError::from).and_then(|files| {
         let fds: Vec<RawFd> = files.iter().map(|f| f.as_raw_fd()).collect();
-        send_message(&ours, CGROUP, &fds)
+        send_message(&ours, CGROUP, &fds).map_err(SandboxError::Channel)
     });
     if let Err(e) = handed_over {
-        return failed_during_setup(pid, None, "cannot move the sandbox into its cgroup", e);
+        return failed_during_setup(init, e);
     }
 
     // With a network, init says when its namespace exists; the veth is set
     // up while init builds the root filesystem (the two take about as long).
     let link = if plan.network {
         if sys::read_byte(ours.as_raw_fd()).ok().flatten() != Some(NETNS_READY) {
-            return Ok(Err(wait_for(pid)));
+            return Ok(Err(init.wait()));
         }
         crate::trace::phase("network: init's namespace exists");
         match crate::net::connect(plan, pid) {
@@ -343,7 +373,7 @@ pub(crate) fn start(
                 Some(link)
             }
             Err(e) => {
-                return failed_during_setup(pid, None, "cannot connect the sandbox's network", e);
+                return failed_during_setup(init, SandboxError::Connect(e));
             }
         }
     } else {
@@ -354,14 +384,14 @@ pub(crate) fn start(
     let workspace_disk = disk.and_then(|d| d.join().ok().flatten());
     match ready {
         Ok(master) => Ok(Ok(Started {
-            pid,
+            pid: init.ready(),
             sock: ours,
             link,
             master,
             workspace_disk,
         })),
         Err(_) => {
-            let status = wait_for(pid);
+            let status = init.wait();
             if let Some(link) = &link {
                 link.release();
             }
@@ -441,9 +471,7 @@ fn fork_init(cgroup: Option<&Cgroup>) -> io::Result<Forked> {
         )
     } as libc::pid_t;
     if id < 0 {
-        return Err(sys::context("cannot create the sandbox's pid namespace")(
-            io::Error::last_os_error(),
-        ));
+        return Err(io::Error::last_os_error());
     }
     Ok(Forked {
         id,
@@ -451,36 +479,49 @@ fn fork_init(cgroup: Option<&Cgroup>) -> io::Result<Forked> {
     })
 }
 
+/// Init, forked and not yet ready: ended (SIGKILL, then reaped) when
+/// dropped, so an error of ours during setup leaves no sandbox behind.
+struct UnreapedInit(libc::pid_t);
+
+impl UnreapedInit {
+    /// Init is ready: its pid is the caller's to wait for from here.
+    fn ready(self) -> libc::pid_t {
+        let pid = self.0;
+        std::mem::forget(self);
+        pid
+    }
+
+    /// Init exits by itself (it printed why): its status.
+    fn wait(self) -> i32 {
+        wait_for(self.ready())
+    }
+}
+
+impl Drop for UnreapedInit {
+    fn drop(&mut self) {
+        kill(self.0, libc::SIGKILL);
+        wait_for(self.0);
+    }
+}
+
 /// A step of ours failed while init was setting up. If init itself failed
 /// first (it printed why, and took its namespaces with it), its status is
-/// the outcome and our error is only a consequence; otherwise ours is the error.
+/// the outcome and our error is only a consequence; otherwise ours is the
+/// error (and dropping `init` ends it).
 fn failed_during_setup(
-    pid: libc::pid_t,
-    link: Option<&crate::net::Link>,
-    what: &str,
-    e: io::Error,
-) -> io::Result<Result<Started, i32>> {
-    let mut exited = None;
+    init: UnreapedInit,
+    e: SandboxError,
+) -> Result<Result<Started, i32>, SandboxError> {
     for _ in 0..40 {
         let mut status = 0;
         // SAFETY: non-blocking wait for our own child.
-        if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == pid {
-            exited = Some(decode_status(status));
-            break;
+        if unsafe { libc::waitpid(init.0, &mut status, libc::WNOHANG) } == init.0 {
+            init.ready();
+            return Ok(Err(decode_status(status)));
         }
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    if let Some(link) = link {
-        link.release();
-    }
-    match exited {
-        Some(status) => Ok(Err(status)),
-        None => {
-            kill(pid, libc::SIGKILL);
-            wait_for(pid);
-            Err(sys::context(what)(e))
-        }
-    }
+    Err(e)
 }
 
 /// From "go" to the command's end.
@@ -489,8 +530,13 @@ fn run_command(
     cgroup: &Cgroup,
     started: &Started,
     sfd: &OwnedFd,
-) -> io::Result<Outcome> {
-    let master = started.master.as_ref().map(|m| m.try_clone()).transpose()?;
+) -> Result<Outcome, SandboxError> {
+    let master = started
+        .master
+        .as_ref()
+        .map(|m| m.try_clone())
+        .transpose()
+        .map_err(SandboxError::Supervise)?;
     let _raw = match (&master, plan.tty) {
         (Some(m), true) => {
             copy_window_size(m.as_raw_fd());
@@ -501,8 +547,9 @@ fn run_command(
     // Traced before the write: once "go" is sent, init's own phases may be
     // stamped before this thread runs again.
     crate::trace::phase("go");
-    sys::write_all_fd(started.sock.as_raw_fd(), &[GO])?;
-    let (code, timed_out) = watch(sfd, started.pid, master, plan.timeout, &mut || {})?;
+    sys::write_all_fd(started.sock.as_raw_fd(), &[GO]).map_err(SandboxError::Channel)?;
+    let (code, timed_out) = watch(sfd, started.pid, master, plan.timeout, &mut || {})
+        .map_err(SandboxError::Supervise)?;
     crate::trace::phase("init exited");
     Ok(if timed_out {
         Outcome::TimedOut
@@ -896,7 +943,7 @@ fn recv_ready(sock: &OwnedFd) -> io::Result<Option<OwnedFd>> {
 
 // ---------------------------------------------------------------- init
 
-fn die(what: &str, e: io::Error) -> ! {
+fn die(what: &str, e: impl std::fmt::Display) -> ! {
     eprintln!("agentkernel: sandbox setup failed: {what}: {e}");
     // SAFETY: ends the forked child without unwinding into the parent's state.
     unsafe { libc::_exit(125) }
