@@ -79,14 +79,14 @@ pub(crate) fn listen_here(egress: &EgressPlan) -> io::Result<()> {
     // is only borrowed here; the supervisor closes it after.
     let handoff = unsafe { std::os::fd::BorrowedFd::borrow_raw(egress.handoff_fd) };
     let handoff = handoff.try_clone_to_owned()?;
-    crate::sandbox::send_message(&handoff, LISTENER, &[listener.as_raw_fd()]).map_err(sys::context(
-        "hand the listening socket to the egress proxy",
-    ))
+    crate::process::channel::send_message(&handoff, LISTENER, &[listener.as_raw_fd()]).map_err(
+        sys::context("hand the listening socket to the egress proxy"),
+    )
 }
 
 /// The proxy process's end: the listening socket, once the sandbox exists.
 pub fn receive_listener(handoff: &OwnedFd) -> io::Result<std::net::TcpListener> {
-    match crate::sandbox::recv_message(handoff)? {
+    match crate::process::channel::recv_message(handoff)? {
         (LISTENER, mut fds) if fds.len() == 1 => Ok(std::net::TcpListener::from(fds.remove(0))),
         _ => Err(io::Error::other("no listening socket from the sandbox")),
     }
@@ -159,7 +159,7 @@ fn open_in_root(root: &OwnedFd, rel: &str, flags: i32) -> io::Result<Option<Owne
 /// The two ends of the socket the listening socket travels over: ours
 /// (kept through the exec into the helper) and the proxy's.
 pub fn handoff_pair() -> io::Result<(OwnedFd, OwnedFd)> {
-    crate::sandbox::socketpair()
+    crate::process::channel::socketpair()
 }
 
 /// Caught in `main()` before clap, like the native helper.

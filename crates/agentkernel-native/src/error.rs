@@ -6,7 +6,7 @@
 use std::io;
 
 pub use crate::cgroup::CgroupError;
-pub use crate::sandbox::SandboxError;
+pub use crate::process::SandboxError;
 
 /// What to do about an error, kept apart from what went wrong: leaf errors
 /// say the problem in their message and the fix here, and [`with_fix`]
