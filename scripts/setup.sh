@@ -26,6 +26,7 @@ python3 -c 'import ensurepip' 2>/dev/null || need+=(python3-venv)   # the receip
 command -v ip >/dev/null || need+=(iproute2)
 command -v iptables >/dev/null || need+=(iptables)
 command -v curl >/dev/null || need+=(curl)
+command -v openssl >/dev/null || need+=(openssl)   # build-test-images.sh checks the node tarball
 command -v file >/dev/null || need+=(file)
 command -v docker-registry >/dev/null || need+=(docker-registry)
 command -v skopeo >/dev/null || need+=(skopeo)
@@ -79,14 +80,14 @@ if ! docker info >/dev/null 2>&1; then
   docker info >/dev/null 2>&1 || { echo "setup: dockerd did not start; see /var/log/agentkernel-dockerd.log" >&2; exit 1; }
 fi
 
-for image in agentkernel-test/busybox:1 agentkernel-test/nobody:1 agentkernel-test/python:3; do
+for image in agentkernel-test/busybox:1 agentkernel-test/nobody:1 agentkernel-test/python:3 agentkernel-test/curl:1 agentkernel-test/node:24; do
   if ! docker image inspect "$image" >/dev/null 2>&1; then
     "$root/scripts/build-test-images.sh" docker
     break
   fi
 done
 # The same images for Podman, which keeps its own store.
-for image in agentkernel-test/busybox:1 agentkernel-test/nobody:1 agentkernel-test/python:3; do
+for image in agentkernel-test/busybox:1 agentkernel-test/nobody:1 agentkernel-test/python:3 agentkernel-test/curl:1 agentkernel-test/node:24; do
   if ! podman image exists "$image" 2>/dev/null; then
     docker save "$image" | podman load -q >/dev/null
   fi
@@ -120,7 +121,7 @@ YML
   done
   curl -fsS "http://$registry/v2/" >/dev/null || { echo "setup: docker-registry did not start; see /var/log/agentkernel-registry.log" >&2; exit 1; }
 fi
-for image in agentkernel-test/busybox:1 agentkernel-test/nobody:1 agentkernel-test/python:3; do
+for image in agentkernel-test/busybox:1 agentkernel-test/nobody:1 agentkernel-test/python:3 agentkernel-test/curl:1 agentkernel-test/node:24; do
   # Push only when the registry's copy is not this build (same config digest).
   want=$(docker image inspect -f '{{.Id}}' "$image")
   have=$(skopeo inspect --tls-verify=false --raw "docker://$registry/$image" 2>/dev/null \

@@ -649,8 +649,7 @@ print("found", found)
 }
 
 /// Inside a sandbox with `-S API_KEY=…:api.example.test`: Python's urllib
-/// (the test images have neither curl nor node; curl is driven through the
-/// proxy in agentkernel-egress's own tests) through the proxy.
+/// through the proxy (curl and Node's fetch: `mod clients` below).
 const INJECTION: &str = r#"
 import os, ssl, urllib.request, urllib.error
 # The system bundle (with the proxy's CA, via SSL_CERT_FILE) plus the test
@@ -691,6 +690,71 @@ mod engine_only {
             let line = assert_one_line_error(&out);
             assert!(line.contains("egress proxy"), "{line}");
             assert!(env.labelled_containers(None).is_empty());
+        }
+    }
+}
+
+/// The clients users' code actually calls, unmodified: each reaches the bound
+/// host through the proxy (the proxy variables, the CA bundle variables) and
+/// the upstream sees the real value while the command had only `$API_KEY`'s
+/// placeholder.
+mod clients {
+    use super::*;
+
+    fn gets_the_secret_injected(image: &str, command: &[&str], path: &str) {
+        let env = TestEnv::new();
+        let upstream = start_upstream();
+        let config = upstream.config(&env, "");
+        let value = "sk-client-3e9d1c";
+        let out = env.run(
+            &[
+                &[
+                    "run",
+                    "-c",
+                    config.to_str().unwrap(),
+                    "--image",
+                    image,
+                    "-S",
+                    &format!("API_KEY={value}:{API}"),
+                    "--",
+                ][..],
+                command,
+            ]
+            .concat(),
+        );
+        assert_code(&out, 0);
+        assert_eq!(stdout(&out).trim(), "ok", "{}", stderr(&out));
+        let seen = upstream.seen().to_ascii_lowercase();
+        assert!(seen.contains(&format!("get {path} ")), "{seen}");
+        assert!(
+            seen.contains(&format!("authorization: bearer {value}")),
+            "{seen}"
+        );
+    }
+
+    mod native_only {
+        use super::*;
+
+        #[test]
+        fn curl_gets_the_secret_injected() {
+            gets_the_secret_injected(
+                CURL,
+                &["curl", "-sSf", "https://api.example.test/curl"],
+                "/curl",
+            );
+        }
+
+        #[test]
+        fn node_fetch_gets_the_secret_injected() {
+            gets_the_secret_injected(
+                NODE,
+                &[
+                    "node",
+                    "-e",
+                    "fetch('https://api.example.test/node').then(r => r.text()).then(t => console.log(t.trim()))",
+                ],
+                "/node",
+            );
         }
     }
 }

@@ -36,6 +36,12 @@ pub const BUSYBOX: &str = "agentkernel-test/busybox:1";
 pub const NOBODY: &str = "agentkernel-test/nobody:1";
 /// The above plus the host's python3.
 pub const PYTHON: &str = "agentkernel-test/python:3";
+/// The busybox image plus the host's curl: a real client for the egress proxy.
+#[allow(dead_code)]
+pub const CURL: &str = "agentkernel-test/curl:1";
+/// The busybox image plus Node.js 24 (its fetch honours the proxy variables).
+#[allow(dead_code)]
+pub const NODE: &str = "agentkernel-test/node:24";
 
 /// Starts 2000 sleeping processes: a pids limit must make fork fail first.
 pub const FORK_BOMB: &str = "for i in $(seq 1 2000); do sleep 30 & done; echo spawned";
