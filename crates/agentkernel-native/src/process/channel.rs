@@ -1,5 +1,5 @@
-//! The socketpair between the supervisor and init: one byte naming the
-//! message, and the descriptors it carries (SCM_RIGHTS).
+//! The socketpair between the supervisor and init, and the typed
+//! [`Message`]s they exchange over it (with descriptors, SCM_RIGHTS).
 //!
 //! The supervisor sends the network namespace, then the cgroup's files
 //! (v1); with a network, init says when it has joined the namespace (the
@@ -7,22 +7,112 @@
 //! (passing the terminal's master side when there is one), and the
 //! supervisor answers "go".
 
+use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use crate::sys;
 
-pub(crate) const NETNS_READY: u8 = b'n';
+/// What the supervisor and init say to each other. On the wire: one byte
+/// naming the message ([`Message::kind`]) and the descriptors it carries;
+/// [`Message::recv`] rejects a message whose descriptors do not match its
+/// kind, so neither side acts on a malformed one.
+#[derive(Debug)]
+pub enum Message {
+    /// Supervisor → init: the network namespace a supervisor thread made.
+    Netns(OwnedFd),
+    /// Supervisor → init: the workspace's disk, mounted detached; `None`
+    /// when init is to mount it itself (a kernel without the new mount API).
+    Disk(Option<OwnedFd>),
+    /// Supervisor → init: the files init writes to move into its cgroup
+    /// (v1; none when init was born inside it).
+    Cgroup(Vec<File>),
+    /// Init → supervisor: init is in its network namespace, which the
+    /// supervisor now connects.
+    NetnsJoined,
+    /// Init → supervisor: the root is built; the terminal's master side
+    /// when the command has one.
+    Ready(Option<OwnedFd>),
+    /// Supervisor → init: run the command.
+    Go,
+}
 
-pub(crate) const NETNS: u8 = b'e';
+/// Which [`Message`] a received one is, for waiting on one kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    Netns = b'e',
+    Disk = b'd',
+    Cgroup = b'c',
+    NetnsJoined = b'n',
+    Ready = b'r',
+    Go = b'g',
+}
 
-pub(crate) const CGROUP: u8 = b'c';
+impl Message {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Message::Netns(_) => Kind::Netns,
+            Message::Disk(_) => Kind::Disk,
+            Message::Cgroup(_) => Kind::Cgroup,
+            Message::NetnsJoined => Kind::NetnsJoined,
+            Message::Ready(_) => Kind::Ready,
+            Message::Go => Kind::Go,
+        }
+    }
 
-pub(crate) const DISK: u8 = b'd';
+    /// Sends the message (its descriptors stay ours: the kernel dups them).
+    pub fn send(&self, sock: &OwnedFd) -> io::Result<()> {
+        let fds: Vec<RawFd> = match self {
+            Message::Netns(fd) => vec![fd.as_raw_fd()],
+            Message::Disk(fd) | Message::Ready(fd) => fd.iter().map(|f| f.as_raw_fd()).collect(),
+            Message::Cgroup(files) => files.iter().map(|f| f.as_raw_fd()).collect(),
+            Message::NetnsJoined | Message::Go => Vec::new(),
+        };
+        send_message(sock, self.kind() as u8, &fds)
+    }
 
-pub(crate) const READY: u8 = b'r';
+    /// Receives the next message; an error when the other side is gone or
+    /// sent something malformed.
+    pub fn recv(sock: &OwnedFd) -> io::Result<Message> {
+        let (tag, fds) = recv_message(sock)?;
+        Message::decode(tag, fds)
+    }
 
-pub(crate) const GO: u8 = b'g';
+    fn decode(tag: u8, mut fds: Vec<OwnedFd>) -> io::Result<Message> {
+        let malformed = || {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("malformed message from the other side (tag {tag:#x})"),
+            )
+        };
+        let at_most_one = |fds: &mut Vec<OwnedFd>| match fds.len() {
+            0 | 1 => Ok(fds.pop()),
+            _ => Err(malformed()),
+        };
+        let none = |fds: &Vec<OwnedFd>| fds.is_empty().then_some(()).ok_or_else(malformed);
+        let kind = [
+            Kind::Netns,
+            Kind::Disk,
+            Kind::Cgroup,
+            Kind::NetnsJoined,
+            Kind::Ready,
+            Kind::Go,
+        ]
+        .into_iter()
+        .find(|k| *k as u8 == tag)
+        .ok_or_else(malformed)?;
+        Ok(match kind {
+            Kind::Netns if fds.len() == 1 => Message::Netns(fds.remove(0)),
+            Kind::Netns => return Err(malformed()),
+            Kind::Disk => Message::Disk(at_most_one(&mut fds)?),
+            Kind::Cgroup => Message::Cgroup(fds.into_iter().map(File::from).collect()),
+            Kind::NetnsJoined => none(&fds).map(|()| Message::NetnsJoined)?,
+            Kind::Ready => Message::Ready(at_most_one(&mut fds)?),
+            Kind::Go => none(&fds).map(|()| Message::Go)?,
+        })
+    }
+}
 
 pub(crate) fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
@@ -44,20 +134,20 @@ pub(crate) fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
 
 /// Most fds one message carries: a v1 cgroup's `tasks` files, one per
 /// hierarchy (four at most today).
-pub(crate) const MAX_FDS: usize = 8;
+const MAX_FDS: usize = 8;
 
-/// The socketpair's message: one byte, and room for fds (SCM_RIGHTS).
-pub(crate) struct Message {
+/// One message's buffers: its byte, and room for fds (SCM_RIGHTS).
+struct Frame {
     byte: [u8; 1],
     control: Vec<u8>,
 }
 
-impl Message {
-    fn new(byte: u8) -> Message {
+impl Frame {
+    fn new(byte: u8) -> Frame {
         // SAFETY: CMSG_SPACE is a pure size computation.
         let space =
             unsafe { libc::CMSG_SPACE((MAX_FDS * std::mem::size_of::<RawFd>()) as u32) } as usize;
-        Message {
+        Frame {
             byte: [byte],
             control: vec![0u8; space],
         }
@@ -94,9 +184,9 @@ pub(crate) fn send_message(sock: &OwnedFd, byte: u8, fds: &[RawFd]) -> io::Resul
         // SAFETY: CMSG_SPACE is a pure size computation.
         unsafe { libc::CMSG_SPACE(bytes as u32) as usize }
     };
-    Message::new(byte).with_header(room, |msg| {
+    Frame::new(byte).with_header(room, |msg| {
         if !fds.is_empty() {
-            // SAFETY: the control buffer has room for MAX_FDS fds (Message::new).
+            // SAFETY: the control buffer has room for MAX_FDS fds (Frame::new).
             unsafe {
                 let cmsg = libc::CMSG_FIRSTHDR(msg);
                 (*cmsg).cmsg_level = libc::SOL_SOCKET;
@@ -120,7 +210,7 @@ pub(crate) fn send_message(sock: &OwnedFd, byte: u8, fds: &[RawFd]) -> io::Resul
 /// Receives one message: its byte and the fds attached to it. An error
 /// when the other side is gone.
 pub(crate) fn recv_message(sock: &OwnedFd) -> io::Result<(u8, Vec<OwnedFd>)> {
-    let mut message = Message::new(0);
+    let mut message = Frame::new(0);
     let room = message.control.len();
     let (n, fds) = message.with_header(room, |msg| loop {
         // SAFETY: msg points at live buffers.
@@ -156,10 +246,57 @@ pub(crate) fn recv_message(sock: &OwnedFd) -> io::Result<(u8, Vec<OwnedFd>)> {
     Ok((message.byte[0], fds))
 }
 
-/// Waits for init's READY; returns the terminal master it passed, if any.
-pub(crate) fn recv_ready(sock: &OwnedFd) -> io::Result<Option<OwnedFd>> {
-    match recv_message(sock)? {
-        (READY, fds) => Ok(fds.into_iter().next()),
-        _ => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "init exited")),
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every message crosses a real socketpair with its descriptors.
+    #[test]
+    fn messages_cross_with_their_descriptors() {
+        let (a, b) = socketpair().unwrap();
+        let file = || File::open("/proc/self/exe").unwrap();
+        let sent = [
+            Message::Netns(OwnedFd::from(file())),
+            Message::Disk(None),
+            Message::Disk(Some(OwnedFd::from(file()))),
+            Message::Cgroup(vec![file(), file(), file()]),
+            Message::NetnsJoined,
+            Message::Ready(Some(OwnedFd::from(file()))),
+            Message::Go,
+        ];
+        for message in &sent {
+            message.send(&a).unwrap();
+            let got = Message::recv(&b).unwrap();
+            assert_eq!(got.kind(), message.kind());
+            let count = |m: &Message| match m {
+                Message::Netns(_) => 1,
+                Message::Disk(fd) | Message::Ready(fd) => fd.iter().count(),
+                Message::Cgroup(files) => files.len(),
+                Message::NetnsJoined | Message::Go => 0,
+            };
+            assert_eq!(count(&got), count(message), "{got:?}");
+        }
+    }
+
+    /// A tag nobody sends, or descriptors that do not fit the kind, are refused.
+    #[test]
+    fn malformed_messages_are_refused() {
+        let (a, b) = socketpair().unwrap();
+        let fd = File::open("/proc/self/exe").unwrap();
+        for (tag, fds) in [
+            (b'x', vec![]),
+            (Kind::Netns as u8, vec![]),
+            (Kind::Go as u8, vec![fd.as_raw_fd()]),
+            (Kind::Ready as u8, vec![fd.as_raw_fd(), fd.as_raw_fd()]),
+        ] {
+            send_message(&a, tag, &fds).unwrap();
+            let e = Message::recv(&b).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidData, "tag {tag}");
+        }
+        drop(a);
+        assert_eq!(
+            Message::recv(&b).unwrap_err().kind(),
+            io::ErrorKind::UnexpectedEof
+        );
     }
 }

@@ -178,7 +178,8 @@ fn hold(plan: &Plan, cgroup: &Cgroup, store: &Store, report: OwnedFd) -> ! {
         store.commit(&record)
     })();
     if let Err(e) = recorded.and_then(|()| {
-        sys::write_all_fd(started.sock.as_raw_fd(), &[super::channel::GO])
+        super::channel::Message::Go
+            .send(&started.sock)
             .map_err(|e| agentkernel_core::Error::state(store.sandbox_dir(&keep.name), e))
     }) {
         kill(started.pid, libc::SIGKILL);

@@ -3,7 +3,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 
-use super::channel::{recv_message, send_message, CGROUP, DISK, GO, NETNS, NETNS_READY, READY};
+use super::channel::{Kind, Message};
 use super::command::become_command;
 use super::relay::open_terminal;
 use super::{decode_status, kill, signal_set, FORWARDED};
@@ -21,18 +21,19 @@ pub(crate) fn die(what: &str, e: impl std::fmt::Display) -> ! {
 /// here until asked for.
 pub(crate) struct Inbox {
     sock: OwnedFd,
-    early: Vec<(u8, Vec<OwnedFd>)>,
+    early: Vec<Message>,
 }
 
 impl Inbox {
-    /// The fds of the message `kind`; None when the supervisor is gone.
-    fn take(&mut self, kind: u8) -> Option<Vec<OwnedFd>> {
-        if let Some(i) = self.early.iter().position(|(k, _)| *k == kind) {
-            return Some(self.early.remove(i).1);
+    /// The next message of `kind`; None when the supervisor is gone (or
+    /// sent something malformed).
+    fn take(&mut self, kind: Kind) -> Option<Message> {
+        if let Some(i) = self.early.iter().position(|m| m.kind() == kind) {
+            return Some(self.early.remove(i));
         }
         loop {
-            match recv_message(&self.sock) {
-                Ok((k, fds)) if k == kind => return Some(fds),
+            match Message::recv(&self.sock) {
+                Ok(m) if m.kind() == kind => return Some(m),
                 Ok(other) => self.early.push(other),
                 Err(_) => return None,
             }
@@ -67,10 +68,10 @@ pub(crate) fn init(plan: &Plan, sock: OwnedFd) -> ! {
         early: Vec::new(),
     };
     // The network namespace the supervisor made meanwhile (see `start`).
-    match inbox.take(NETNS) {
-        Some(fds) if fds.len() == 1 => {
+    match inbox.take(Kind::Netns) {
+        Some(Message::Netns(netns)) => {
             // SAFETY: setns with the fd of a network namespace we were sent.
-            if unsafe { libc::setns(fds[0].as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                 die("joining the network namespace", io::Error::last_os_error());
             }
         }
@@ -84,23 +85,25 @@ pub(crate) fn init(plan: &Plan, sock: OwnedFd) -> ! {
     }
     if plan.network {
         // The supervisor connects the namespace (lo and eth0) meanwhile.
-        if let Err(e) = sys::write_all_fd(inbox.sock.as_raw_fd(), &[NETNS_READY]) {
+        if let Err(e) = Message::NetnsJoined.send(&inbox.sock) {
             die("talking to agentkernel", e);
         }
     } else if let Err(e) = crate::net::loopback_up() {
         die("bringing up loopback", e);
     }
     crate::trace::phase("init: namespaces created");
-    let mut workspace_disk = || inbox.take(DISK).and_then(|fds| fds.into_iter().next());
+    let mut workspace_disk = || match inbox.take(Kind::Disk) {
+        Some(Message::Disk(mount)) => mount,
+        _ => None,
+    };
     if let Err(e) = rootfs::build(plan, &mut workspace_disk) {
         die("building the root filesystem", e);
     }
     crate::trace::phase("init: root built");
     // Into the sandbox's cgroup before anything is forked, and before the
     // cgroup namespace is created (so it is rooted at the sandbox's cgroup).
-    match inbox.take(CGROUP) {
-        Some(files) => {
-            let files: Vec<std::fs::File> = files.into_iter().map(std::fs::File::from).collect();
+    match inbox.take(Kind::Cgroup) {
+        Some(Message::Cgroup(files)) => {
             if let Err(e) = crate::cgroup::move_self(&files) {
                 die("joining the sandbox's cgroup", e);
             }
@@ -127,15 +130,13 @@ pub(crate) fn init(plan: &Plan, sock: OwnedFd) -> ! {
     };
     crate::trace::phase("init: ready");
     let sock = inbox.sock;
-    if let Err(e) = send_message(
-        &sock,
-        READY,
-        terminal.as_ref().map(|(m, _)| m.as_raw_fd()).as_slice(),
-    ) {
+    // The master side goes to the supervisor; init keeps the slave for the command.
+    let (master, slave) = terminal.unzip();
+    if let Err(e) = Message::Ready(master).send(&sock) {
         die("talking to agentkernel", e);
     }
-    match sys::read_byte(sock.as_raw_fd()) {
-        Ok(Some(GO)) => {}
+    match Message::recv(&sock) {
+        Ok(Message::Go) => {}
         // The supervisor is gone or said no: nothing to run.
         _ => {
             // SAFETY: ends the forked child.
@@ -152,9 +153,9 @@ pub(crate) fn init(plan: &Plan, sock: OwnedFd) -> ! {
             die("fork", io::Error::last_os_error());
         }
         if child == 0 {
-            become_command(plan, terminal.map(|(_, slave)| slave));
+            become_command(plan, slave);
         }
-        drop(terminal);
+        drop(slave);
         Some(child)
     } else {
         None

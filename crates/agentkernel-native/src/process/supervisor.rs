@@ -3,11 +3,11 @@
 //! `--timeout`, and cleans up when the sandbox ends.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use agentkernel_core::spec::Outcome;
 
-use super::channel::{recv_ready, send_message, socketpair, CGROUP, DISK, GO, NETNS, NETNS_READY};
+use super::channel::{socketpair, Message};
 use super::init::init;
 use super::relay::copy_window_size;
 use super::{decode_status, kill, supervisor_signalfd, wait_for, watch};
@@ -251,7 +251,7 @@ pub(crate) fn start(
                 crate::egress::listen_here(egress)?;
             }
             let ns = std::fs::File::open("/proc/thread-self/ns/net")?;
-            send_message(&sock, NETNS, &[ns.as_raw_fd()])
+            Message::Netns(ns.into()).send(&sock)
         })
     };
 
@@ -263,10 +263,13 @@ pub(crate) fn start(
         let sock = ours.try_clone();
         std::thread::spawn(move || -> Option<OwnedFd> {
             let sock = sock.ok()?;
-            let mount = crate::disk::mount_detached(&image).ok();
+            let message = Message::Disk(crate::disk::mount_detached(&image).ok());
             crate::trace::phase("disk: workspace mounted (detached)");
-            let fds: Vec<RawFd> = mount.iter().map(|m| m.as_raw_fd()).collect();
-            send_message(&sock, DISK, &fds).ok()?;
+            message.send(&sock).ok()?;
+            // Ours too: see `Started::workspace_disk`.
+            let Message::Disk(mount) = message else {
+                return None;
+            };
             mount
         })
     });
@@ -293,8 +296,9 @@ pub(crate) fn start(
         _ => Ok(Vec::new()),
     };
     let handed_over = self_move.map_err(SandboxError::from).and_then(|files| {
-        let fds: Vec<RawFd> = files.iter().map(|f| f.as_raw_fd()).collect();
-        send_message(&ours, CGROUP, &fds).map_err(SandboxError::Channel)
+        Message::Cgroup(files)
+            .send(&ours)
+            .map_err(SandboxError::Channel)
     });
     if let Err(e) = handed_over {
         return failed_during_setup(init, e);
@@ -303,7 +307,7 @@ pub(crate) fn start(
     // With a network, init says when its namespace exists; the veth is set
     // up while init builds the root filesystem (the two take about as long).
     let link = if plan.network {
-        if sys::read_byte(ours.as_raw_fd()).ok().flatten() != Some(NETNS_READY) {
+        if !matches!(Message::recv(&ours), Ok(Message::NetnsJoined)) {
             return Ok(Err(init.wait()));
         }
         crate::trace::phase("network: init's namespace exists");
@@ -322,17 +326,17 @@ pub(crate) fn start(
         None
     };
     crate::trace::phase("network and cgroup ready");
-    let ready = recv_ready(&ours);
+    let ready = Message::recv(&ours);
     let workspace_disk = disk.and_then(|d| d.join().ok().flatten());
     match ready {
-        Ok(master) => Ok(Ok(Started {
+        Ok(Message::Ready(master)) => Ok(Ok(Started {
             pid: init.ready(),
             sock: ours,
             link,
             master,
             workspace_disk,
         })),
-        Err(_) => {
+        _ => {
             let status = init.wait();
             if let Some(link) = &link {
                 link.release();
@@ -489,7 +493,9 @@ pub(crate) fn run_command(
     // Traced before the write: once "go" is sent, init's own phases may be
     // stamped before this thread runs again.
     crate::trace::phase("go");
-    sys::write_all_fd(started.sock.as_raw_fd(), &[GO]).map_err(SandboxError::Channel)?;
+    Message::Go
+        .send(&started.sock)
+        .map_err(SandboxError::Channel)?;
     let (code, timed_out) = watch(sfd, started.pid, master, plan.timeout, &mut || {})
         .map_err(SandboxError::Supervise)?;
     crate::trace::phase("init exited");
