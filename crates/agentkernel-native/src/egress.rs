@@ -134,7 +134,7 @@ fn open_in_root(root: &OwnedFd, rel: &str, flags: i32) -> io::Result<Option<Owne
         mode: 0,
         resolve: RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV,
     };
-    let path = sys::cstr(rel);
+    let path = sys::cstr(rel)?;
     // SAFETY: valid dir fd, C string and open_how of the size passed.
     let fd = unsafe {
         libc::syscall(

@@ -144,8 +144,10 @@ pub fn exec(plan: &Plan) -> Result<Outcome, KeptError> {
 /// visible from inside the sandbox's mount namespace).
 fn touch_at(control: &OwnedFd, ttl: std::time::Duration) {
     let deadline = agentkernel_core::state::deadline_after(ttl).to_string();
-    let tmp = sys::cstr(&format!("deadline.tmp{}", std::process::id()));
-    let name = sys::cstr("deadline");
+    let Ok(tmp) = sys::cstr(&format!("deadline.tmp{}", std::process::id())) else {
+        return;
+    };
+    let name = c"deadline";
     // SAFETY: openat/renameat on a directory fd we own, with valid C strings.
     unsafe {
         let fd = libc::openat(

@@ -90,8 +90,13 @@ fn prepare_and_exec(plan: &Plan) -> Result<std::convert::Infallible, Failure> {
         ))(e))
     })?;
 
-    let argv: Vec<CString> = plan.argv.iter().map(|a| sys::cstr(a)).collect();
-    let envp: Vec<CString> = env.iter().map(|e| sys::cstr(e)).collect();
+    let strings = |all: &[String]| -> Result<Vec<CString>, Failure> {
+        all.iter()
+            .map(|s| sys::cstr(s).map_err(|e| Failure::Setup(sys::context("the command")(e))))
+            .collect()
+    };
+    let argv = strings(&plan.argv)?;
+    let envp = strings(&env)?;
     crate::trace::phase("command: execs");
     execvpe(&argv, &envp, &path)
 }

@@ -288,7 +288,7 @@ fn wait_until_done(store: &Store, name: &str, sfd: &OwnedFd, init: libc::pid_t) 
 }
 
 fn detach_stdio() {
-    let null = sys::cstr("/dev/null");
+    let null = c"/dev/null";
     // SAFETY: opens /dev/null and makes it our stdio; the holder has no terminal.
     unsafe {
         let fd = libc::open(null.as_ptr(), libc::O_RDWR);

@@ -78,7 +78,7 @@ pub(crate) fn init(plan: &Plan, sock: OwnedFd) -> ! {
         // SAFETY: ends the forked child: the supervisor is gone or failed.
         _ => unsafe { libc::_exit(125) },
     }
-    let host = sys::cstr(&plan.hostname);
+    let host = sys::cstr(&plan.hostname).unwrap_or_else(|e| die("setting the hostname", e));
     // SAFETY: pointer and length of a valid C string.
     if unsafe { libc::sethostname(host.as_ptr(), plan.hostname.len()) } != 0 {
         die("setting the hostname", io::Error::last_os_error());
