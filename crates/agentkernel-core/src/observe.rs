@@ -32,6 +32,8 @@ pub struct Observed {
     combined: Option<Hashing>,
     pub image_digest: Option<String>,
     pub outcome: Option<Outcome>,
+    /// The egress proxy's summary of this command's traffic, when one ran.
+    pub egress: Option<serde_json::Value>,
 }
 
 #[derive(Default, Clone)]
@@ -128,6 +130,11 @@ pub fn outcome(outcome: Outcome) {
     with(|o| {
         o.outcome.get_or_insert(outcome);
     });
+}
+
+/// What went through the egress proxy during the command.
+pub fn egress(summary: serde_json::Value) {
+    with(|o| o.egress = Some(summary));
 }
 
 /// Everything observed, and observing stops.

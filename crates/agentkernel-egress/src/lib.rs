@@ -11,6 +11,7 @@ mod ca;
 mod log;
 mod placeholders;
 mod serve;
+pub mod summary;
 mod upstream;
 
 use std::collections::BTreeMap;
@@ -44,6 +45,14 @@ pub struct ProxyConfig {
     pub egress: EgressSpec,
     pub values: BTreeMap<String, String>,
     pub placeholders: BTreeMap<String, String>,
+    /// Where to answer report requests (a kept sandbox's, for the receipts
+    /// of its commands); see `summary`.
+    #[serde(default)]
+    pub report_socket: Option<std::path::PathBuf>,
+    /// Whether the run reads a final report at the proxy's end (one-shot
+    /// with `--receipt`), on the descriptor the starter passes for it.
+    #[serde(default)]
+    pub final_report: bool,
 }
 
 impl ProxyConfig {
@@ -52,6 +61,8 @@ impl ProxyConfig {
             egress: egress.clone(),
             values: secrets.values.clone(),
             placeholders: secrets.placeholders.clone(),
+            report_socket: None,
+            final_report: false,
         }
     }
 

@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 use crate::ca::CertificateAuthority;
 use crate::log::{Counted, EgressLog, Entry};
 use crate::placeholders::{Foreign, Placeholders};
+use crate::summary::{CountedIo, Counters, Summary, Tally, DRAIN_LIMIT};
 use crate::upstream::Upstream;
 use crate::{header_for, normalize_host, route, Error, ProxyConfig, Route, BODY_SCAN_LIMIT};
 
@@ -38,6 +39,7 @@ struct Shared {
     ca: CertificateAuthority,
     upstream: Upstream,
     log: Option<Arc<EgressLog>>,
+    tally: Arc<Tally>,
 }
 
 impl Proxy {
@@ -60,6 +62,7 @@ impl Proxy {
                 config,
                 upstream,
                 log,
+                tally: Arc::default(),
             }),
         })
     }
@@ -67,6 +70,26 @@ impl Proxy {
     /// The CA certificate (PEM) the sandbox must trust.
     pub fn ca_cert_pem(&self) -> String {
         self.shared.ca.cert_pem()
+    }
+
+    /// What went through so far, once open connections ended (or at the
+    /// drain limit): the proxy's report (see `summary`).
+    pub async fn report(&self) -> Summary {
+        self.shared.tally.drained(DRAIN_LIMIT).await
+    }
+
+    /// Answers report requests on a kept sandbox's socket (`summary::bind_reports`).
+    pub async fn serve_reports(&self, listener: std::os::unix::net::UnixListener) {
+        let listener = listener
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::UnixListener::from_std(listener));
+        match listener {
+            Ok(listener) => {
+                crate::summary::serve_reports(listener, self.shared.tally.clone()).await
+            }
+            // Nobody can ask: keep serving the sandbox.
+            Err(_) => std::future::pending().await,
+        }
     }
 
     /// Accepts connections until the listener fails.
@@ -82,7 +105,9 @@ impl Proxy {
             };
             let _ = stream.set_nodelay(true);
             let shared = self.shared.clone();
+            let active = shared.tally.active();
             tokio::spawn(async move {
+                let _active = active;
                 let service = service_fn(move |req| {
                     let shared = shared.clone();
                     async move { Ok::<_, Infallible>(shared.handle(req).await) }
@@ -153,6 +178,8 @@ impl Shared {
         };
         let host = normalize_host(authority.host());
         let port = authority.port_u16().unwrap_or(443);
+        let counters = self.tally.host(&host);
+        counters.connection();
         let entry = |kind, status: StatusCode| Entry {
             kind,
             host: host.clone(),
@@ -164,6 +191,7 @@ impl Shared {
         match route(&self.config.egress, &host, port) {
             Route::Deny => {
                 self.log(entry("deny", StatusCode::FORBIDDEN));
+                counters.status(403);
                 let mut response = refusal(StatusCode::FORBIDDEN, not_allowed(&host));
                 response
                     .headers_mut()
@@ -177,6 +205,7 @@ impl Shared {
                         let mut failed = entry("tunnel", StatusCode::BAD_GATEWAY);
                         failed.error = Some(e.to_string());
                         self.log(failed);
+                        counters.status(502);
                         return refusal(
                             StatusCode::BAD_GATEWAY,
                             format!("agentkernel: cannot connect to {host}:{port}: {e}"),
@@ -184,11 +213,13 @@ impl Shared {
                     }
                 };
                 let mut done = entry("tunnel", StatusCode::OK);
+                let active = self.tally.active();
                 tokio::spawn(async move {
+                    let _active = active;
                     let Ok(upgraded) = hyper::upgrade::on(req).await else {
                         return;
                     };
-                    let mut client = TokioIo::new(upgraded);
+                    let mut client = CountedIo::new(TokioIo::new(upgraded), counters);
                     // Larger buffers than tokio's 8 KiB default: a bulk
                     // download then moves in fewer, larger reads and writes.
                     if let Ok((sent, received)) = tokio::io::copy_bidirectional_with_sizes(
@@ -211,11 +242,14 @@ impl Shared {
                     Ok(config) => tokio_rustls::TlsAcceptor::from(config),
                     Err(e) => return refusal(StatusCode::BAD_GATEWAY, format!("agentkernel: {e}")),
                 };
+                let active = self.tally.active();
                 tokio::spawn(async move {
+                    let _active = active;
                     let Ok(upgraded) = hyper::upgrade::on(req).await else {
                         return;
                     };
-                    let Ok(stream) = tls.accept(TokioIo::new(upgraded)).await else {
+                    let client = CountedIo::new(TokioIo::new(upgraded), counters.clone());
+                    let Ok(stream) = tls.accept(client).await else {
                         return;
                     };
                     let client_h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
@@ -225,6 +259,7 @@ impl Shared {
                         port,
                         client_h2,
                         upstream: tokio::sync::Mutex::new(Pool::default()),
+                        counters,
                     });
                     let service = service_fn(move |req| {
                         let connection = connection.clone();
@@ -259,19 +294,24 @@ impl Shared {
             path: Some(uri.path().to_string()),
             ..Default::default()
         };
+        let counters = self.tally.host(&host);
+        counters.connection();
+        counters.request();
         if route(&self.config.egress, &host, port) == Route::Deny {
             entry.kind = "deny";
             entry.status = 403;
             self.log(entry);
+            counters.status(403);
             return refusal(StatusCode::FORBIDDEN, not_allowed(&host));
         }
         let placeholders = Placeholders::for_host(&self.config, &host, false);
         let (mut parts, body) = req.into_parts();
         let body = match scrub_request(&placeholders, &mut parts, body).await {
-            Ok((body, _)) => body,
+            Ok((body, _)) => count_frames(body, &counters, true),
             Err(Scrub::Foreign(Foreign(key))) => {
                 entry.status = 403;
                 self.log(entry);
+                counters.status(403);
                 return refusal(StatusCode::FORBIDDEN, foreign_placeholder(&key, &host));
             }
             Err(Scrub::Body(e)) => {
@@ -295,27 +335,35 @@ impl Shared {
             )
         }
         .await;
-        self.respond(result, entry, &host, port)
+        self.respond(result, entry, &host, port, Some(&counters))
     }
 
+    /// `plain_http`: the request's counters, for the response body's bytes
+    /// (an intercepted connection counts its bytes itself).
     fn respond(
         &self,
         result: Result<Response<Incoming>, BoxError>,
         mut entry: Entry,
         host: &str,
         port: u16,
+        plain_http: Option<&Arc<Counters>>,
     ) -> Response<Body> {
         match result {
             Ok(response) => {
                 entry.status = response.status().as_u16();
-                match &self.log {
-                    Some(log) => {
-                        response.map(|b| Counted::new(incoming(b), log.clone(), entry).boxed())
-                    }
+                let response = match plain_http {
+                    Some(counters) => response.map(|b| count_frames(incoming(b), counters, false)),
                     None => response.map(incoming),
+                };
+                match &self.log {
+                    Some(log) => response.map(|b| Counted::new(b, log.clone(), entry).boxed()),
+                    None => response,
                 }
             }
             Err(e) => {
+                if let Some(counters) = plain_http {
+                    counters.status(502);
+                }
                 entry.status = 502;
                 entry.error = Some(e.to_string());
                 self.log(entry);
@@ -326,6 +374,24 @@ impl Shared {
             }
         }
     }
+}
+
+/// A plain-HTTP body whose data counts toward its host: `up` the
+/// request's, else the response's.
+fn count_frames(body: Body, counters: &Arc<Counters>, up: bool) -> Body {
+    let counters = counters.clone();
+    body.map_frame(move |frame| {
+        if let Some(data) = frame.data_ref() {
+            let total = if up {
+                &counters.bytes_up
+            } else {
+                &counters.bytes_down
+            };
+            total.fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        frame
+    })
+    .boxed()
 }
 
 enum Scrub {
@@ -482,6 +548,8 @@ struct Intercepted {
     port: u16,
     client_h2: bool,
     upstream: tokio::sync::Mutex<Pool>,
+    /// The host's counters (its bytes are counted on the connection itself).
+    counters: Arc<Counters>,
 }
 
 impl Intercepted {
@@ -528,9 +596,11 @@ impl Intercepted {
             path: Some(req.uri().path().to_string()),
             ..Default::default()
         };
+        self.counters.request();
         if !self.names_connect_host(&req) {
             entry.status = 421;
             shared.log(entry);
+            self.counters.status(421);
             return refusal(
                 StatusCode::MISDIRECTED_REQUEST,
                 format!(
@@ -546,6 +616,7 @@ impl Intercepted {
             Err(Scrub::Foreign(Foreign(key))) => {
                 entry.status = 403;
                 shared.log(entry);
+                self.counters.status(403);
                 return refusal(StatusCode::FORBIDDEN, foreign_placeholder(&key, &self.host));
             }
             Err(Scrub::Body(e)) => {
@@ -574,6 +645,7 @@ impl Intercepted {
             injected.insert(binding.key.clone());
         }
         entry.injected = injected.into_iter().collect();
+        self.counters.injected(&entry.injected);
         if upgrade {
             let client_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
             parts
@@ -583,10 +655,22 @@ impl Intercepted {
                 parts.headers.insert(header::UPGRADE, protocol);
             }
             let result = self.upgrade(parts, body, client_upgrade).await;
-            return shared.respond(result, entry, &self.host, self.port);
+            return self.respond(result, entry);
         }
         let result = self.send(parts, body).await;
-        shared.respond(result, entry, &self.host, self.port)
+        self.respond(result, entry)
+    }
+
+    fn respond(
+        &self,
+        result: Result<Response<Incoming>, BoxError>,
+        entry: Entry,
+    ) -> Response<Body> {
+        if result.is_err() {
+            self.counters.status(502);
+        }
+        self.shared
+            .respond(result, entry, &self.host, self.port, None)
     }
 
     async fn sender(&self) -> Result<Sender, BoxError> {
@@ -674,7 +758,9 @@ impl Intercepted {
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             let upstream_upgrade = hyper::upgrade::on(&mut response);
             if let Some(client_upgrade) = client_upgrade {
+                let active = self.shared.tally.active();
                 tokio::spawn(async move {
+                    let _active = active;
                     if let (Ok(client), Ok(upstream)) =
                         (client_upgrade.await, upstream_upgrade.await)
                     {

@@ -317,7 +317,7 @@ async fn an_upstream_the_proxy_cannot_verify_gets_nothing() {
             ..Default::default()
         },
         values: [("API_KEY".to_string(), VALUE.to_string())].into(),
-        placeholders: Default::default(),
+        ..Default::default()
     };
     let proxy = agentkernel_egress::Proxy::new(config).unwrap();
     let ca = proxy.ca_cert_pem();
@@ -332,4 +332,76 @@ async fn an_upstream_the_proxy_cannot_verify_gets_nothing() {
         .unwrap();
     assert!(read_head(&mut stream).await.starts_with("HTTP/1.1 502"));
     assert!(upstream.seen().is_empty());
+}
+
+/// The proxy's report (a receipt's egress summary): per host its
+/// connections, requests, refusals and the names of the secrets injected;
+/// a tunnel's bytes are exactly those the sandbox's side sent and received.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_report_counts_each_host_and_names_the_injected_secrets() {
+    let setup = start(&[api_key()], &[OTHER], &[]).await;
+    for path in ["a", "b"] {
+        assert_eq!(
+            curl(&setup, &[&format!("https://{API}/{path}")]).await.0,
+            200
+        );
+    }
+    assert_eq!(curl(&setup, &[&format!("https://{EVIL}/")]).await.0, 403);
+    // Not TLS: the upstream answers with an alert and closes.
+    let mut tunnel = connect(setup.proxy_addr, &format!("{OTHER}:443"))
+        .await
+        .unwrap();
+    tunnel.write_all(b"hello\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tunnel.read_to_end(&mut answer).await;
+    drop(tunnel);
+    let report = setup.proxy.report().await;
+    assert!(report.complete, "{report:?}");
+    let api = &report.hosts[API];
+    assert_eq!((api.connections, api.requests, api.refused), (2, 2, 0));
+    assert_eq!(api.injected, [("API_KEY".to_string(), 2)].into());
+    assert!(api.bytes_up > 0 && api.bytes_down > 0, "{api:?}");
+    let evil = &report.hosts[EVIL];
+    assert_eq!((evil.connections, evil.refused), (1, 1));
+    let other = &report.hosts[OTHER];
+    assert_eq!(other.connections, 1);
+    assert_eq!(other.requests, 0, "a tunnel's requests are not seen");
+    assert_eq!(
+        (other.bytes_up, other.bytes_down),
+        (9, answer.len() as u64),
+        "{other:?}"
+    );
+    assert_eq!(report.totals.connections, 4);
+    assert_eq!(report.totals.refused, 1);
+    assert_eq!(report.totals.injected, api.injected);
+}
+
+/// A connection still open when the report is taken (a kept sandbox's
+/// background process): the report waits at most the drain limit, says it
+/// is incomplete, and has the bytes so far.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_with_a_connection_still_open_is_marked_incomplete() {
+    let setup = start(&[], &[], &[]).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = listener.local_addr().unwrap();
+    let mut tunnel = connect(setup.proxy_addr, &target.to_string())
+        .await
+        .unwrap();
+    let (mut far, _) = listener.accept().await.unwrap();
+    tunnel.write_all(b"hello").await.unwrap();
+    let mut got = [0u8; 5];
+    far.read_exact(&mut got).await.unwrap();
+    let started = std::time::Instant::now();
+    let report = setup.proxy.report().await;
+    let waited = started.elapsed();
+    assert!(!report.complete, "{report:?}");
+    assert!(
+        waited >= agentkernel_egress::summary::DRAIN_LIMIT && waited.as_secs() < 5,
+        "{waited:?}"
+    );
+    let host = &report.hosts["127.0.0.1"];
+    assert_eq!((host.connections, host.bytes_up), (1, 5), "{host:?}");
+    // Once it closes, the report is complete again.
+    drop((tunnel, far));
+    assert!(setup.proxy.report().await.complete);
 }

@@ -87,7 +87,6 @@ impl Backend for NativeBackend {
                     "or pass --no-network",
                 ),
             },
-            egress_proxy: Support::no("on rootless native", "run agentkernel as root (-B native)"),
             rootless: true,
             ..native
         }
@@ -103,9 +102,9 @@ impl Backend for NativeBackend {
                     )));
                 }
                 egress::refuse_on_reuse(spec, &keep.name)?;
-                let code =
-                    helper::exec_in(&self.store, &keep.name, &spec.exec, Some(keep.ttl), true)
-                        .await?;
+                let command =
+                    helper::exec_in(&self.store, &keep.name, &spec.exec, Some(keep.ttl), true);
+                let code = egress::observing_kept(&self.store, &keep.name, command).await?;
                 return Ok(Outcome::Exited(code));
             }
         }
@@ -122,10 +121,19 @@ impl Backend for NativeBackend {
         if let Some(notice) = &options.notice {
             eprintln!("{notice}");
         }
+        let mut final_report = None;
         if let Some(spec_egress) = spec.egress.as_ref().filter(|e| e.needs_proxy()) {
             // Last, just before the helper: nothing after it can fail but the
             // exec, and the proxy ends with this process if that fails.
-            let started = egress::start(spec_egress, options.secrets)?;
+            let reports = egress::Reports {
+                socket: spec
+                    .keep
+                    .as_ref()
+                    .map(|k| egress::report_socket(&self.store, &k.name)),
+                final_report: spec.keep.is_none() && agentkernel_core::observe::enabled(),
+            };
+            let mut started = egress::start(spec_egress, options.secrets, reports)?;
+            final_report = started.final_report.take();
             plan.egress = Some(started.into_plan().map_err(|e| Error::Backend {
                 backend: "egress proxy",
                 message: e.to_string(),
@@ -136,11 +144,30 @@ impl Backend for NativeBackend {
         // owns the name and scratch); on failure `claim` releases them.
         let code = helper::exec_helper(&plan).await?;
         claim.hand_over();
+        // Observed (a receipt): the helper was our child and has ended.
+        if let Some(plan_egress) = &plan.egress {
+            plan_egress.close_ours();
+            let report = match (final_report, &spec.keep) {
+                (Some(pipe), _) => {
+                    tokio::task::spawn_blocking(move || egress::read_final_report(pipe)).await
+                }
+                (None, Some(keep)) => {
+                    let socket = egress::report_socket(&self.store, &keep.name);
+                    tokio::task::spawn_blocking(move || {
+                        agentkernel_egress::summary::request_report(&socket)
+                    })
+                    .await
+                }
+                (None, None) => Ok(None),
+            };
+            agentkernel_core::observe::egress(egress::report_json(report.ok().flatten()));
+        }
         Ok(Outcome::Exited(code))
     }
 
     async fn exec(&self, record: &SandboxRecord, request: &ExecRequest) -> Result<Outcome> {
-        let code = helper::exec_in(&self.store, &record.name, request, None, false).await?;
+        let command = helper::exec_in(&self.store, &record.name, request, None, false);
+        let code = egress::observing_kept(&self.store, &record.name, command).await?;
         Ok(Outcome::Exited(code))
     }
 

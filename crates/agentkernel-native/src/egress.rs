@@ -171,6 +171,23 @@ pub const PROXY_SUBCOMMAND: &str = "__egress-proxy";
 pub const CONFIG_FD: RawFd = 3;
 pub const HANDOFF_FD: RawFd = 4;
 pub const LIFELINE_FD: RawFd = 5;
+/// The proxy's final report (`ProxyConfig::final_report`), when asked for.
+pub const REPORT_FD: RawFd = 6;
+
+/// The kept sandbox's socket its proxy answers report requests on (its
+/// state directory is private to its owner and hidden from every sandbox).
+pub fn report_socket(store: &agentkernel_core::state::Store, name: &str) -> std::path::PathBuf {
+    store.sandbox_dir(name).join("egress-report.sock")
+}
+
+/// What the run wants to learn from the proxy (only with `--receipt`).
+#[derive(Debug, Default)]
+pub struct Reports {
+    /// A kept sandbox's report socket.
+    pub socket: Option<std::path::PathBuf>,
+    /// A one-shot run's final report, read once the proxy has drained.
+    pub final_report: bool,
+}
 
 /// `--branch` reusing a sandbox: its proxy (or none) was set when it was
 /// created; egress options given now would silently not apply.
@@ -190,6 +207,8 @@ pub struct StartedProxy {
     pub handoff: OwnedFd,
     /// Held while the sandbox lives; its closing ends the proxy.
     pub lifeline: OwnedFd,
+    /// Where the final report arrives (`Reports::final_report`).
+    pub final_report: Option<OwnedFd>,
 }
 
 fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
@@ -205,23 +224,37 @@ fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
 /// Starts `agentkernel __egress-proxy` on the host: configuration and values
 /// through a pipe, the CA certificate back on its stdout. Fails closed: any
 /// error is the run's error, and the process is gone.
-pub fn start(egress: &EgressSpec, secrets: &SecretValues) -> Result<StartedProxy> {
+pub fn start(
+    egress: &EgressSpec,
+    secrets: &SecretValues,
+    reports: Reports,
+) -> Result<StartedProxy> {
     let fail = |why: String| Error::Backend {
         backend: "egress proxy",
         message: why,
     };
-    let config = ProxyConfig::new(egress, secrets);
+    let mut config = ProxyConfig::new(egress, secrets);
+    config.report_socket = reports.socket;
+    config.final_report = reports.final_report;
     // Before a process exists: a bad configuration is the caller's one line.
     config.validate().map_err(|e| fail(e.to_string()))?;
     let io = |what: &'static str| move |e: std::io::Error| fail(format!("{what}: {e}"));
     let (config_read, config_write) = pipe().map_err(io("pipe"))?;
     let (lifeline_read, lifeline) = pipe().map_err(io("pipe"))?;
     let (handoff, proxy_handoff) = handoff_pair().map_err(io("socketpair"))?;
-    let inherited = [
+    let (final_report, report_write) = match reports.final_report {
+        true => {
+            let (read, write) = pipe().map_err(io("pipe"))?;
+            (Some(read), Some(write))
+        }
+        false => (None, None),
+    };
+    let mut inherited = vec![
         config_read.as_raw_fd(),
         proxy_handoff.as_raw_fd(),
         lifeline_read.as_raw_fd(),
     ];
+    inherited.extend(report_write.as_ref().map(AsRawFd::as_raw_fd));
     let mut command = std::process::Command::new("/proc/self/exe");
     command
         .arg0("agentkernel")
@@ -236,14 +269,14 @@ pub fn start(egress: &EgressSpec, secrets: &SecretValues) -> Result<StartedProxy
     unsafe {
         command.pre_exec(move || {
             // Out of the way first (a source may be 3..5 itself), then into place.
-            let mut high = [0; 3];
+            let mut high = [0; 4];
             for (i, fd) in inherited.iter().enumerate() {
                 high[i] = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 10);
                 if high[i] < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
             }
-            for (i, fd) in high.iter().enumerate() {
+            for (i, fd) in high[..inherited.len()].iter().enumerate() {
                 if libc::dup2(*fd, CONFIG_FD + i as RawFd) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
@@ -255,7 +288,7 @@ pub fn start(egress: &EgressSpec, secrets: &SecretValues) -> Result<StartedProxy
         });
     }
     let mut child = command.spawn().map_err(io("cannot start it"))?;
-    drop((config_read, proxy_handoff, lifeline_read));
+    drop((config_read, proxy_handoff, lifeline_read, report_write));
     let result = (|| {
         let json = serde_json::to_vec(&config).map_err(|e| fail(e.to_string()))?;
         std::fs::File::from(config_write)
@@ -279,11 +312,94 @@ pub fn start(egress: &EgressSpec, secrets: &SecretValues) -> Result<StartedProxy
             ca_pem,
             handoff,
             lifeline,
+            final_report,
         }),
         Err(e) => {
             let _ = child.kill();
             let _ = child.wait();
             Err(e)
+        }
+    }
+}
+
+/// The proxy's final report: read from `pipe` once it has drained (it
+/// ends when the sandbox does, drains for at most `DRAIN_LIMIT`). `None`
+/// when it ended without one.
+pub fn read_final_report(pipe: OwnedFd) -> Option<agentkernel_egress::summary::Summary> {
+    let limit = agentkernel_egress::summary::DRAIN_LIMIT + std::time::Duration::from_secs(3);
+    let deadline = std::time::Instant::now() + limit;
+    let mut json = Vec::new();
+    let mut file = std::fs::File::from(pipe);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let mut poll = libc::pollfd {
+            fd: file.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut poll, 1, left.as_millis() as i32) } <= 0 {
+            return None;
+        }
+        let mut buffer = [0u8; 8192];
+        match file.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => json.extend_from_slice(&buffer[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
+    serde_json::from_slice(&json).ok()
+}
+
+/// A report as a receipt records it; a proxy that ended without one is
+/// said so, never shown as no traffic.
+pub fn report_json(summary: Option<agentkernel_egress::summary::Summary>) -> serde_json::Value {
+    match summary.map(serde_json::to_value) {
+        Some(Ok(value)) => value,
+        _ => serde_json::json!({
+            "complete": false,
+            "error": "the egress proxy ended without reporting",
+        }),
+    }
+}
+
+/// Runs one command in the kept sandbox `name` and, when a receipt observes
+/// it and the sandbox has a proxy, records the proxy's traffic during the
+/// command: the difference of its reports before and after.
+pub async fn observing_kept<T>(
+    store: &agentkernel_core::state::Store,
+    name: &str,
+    command: impl std::future::Future<Output = T>,
+) -> T {
+    if !agentkernel_core::observe::enabled() {
+        return command.await;
+    }
+    let socket = report_socket(store, name);
+    let ask = |socket: std::path::PathBuf| async move {
+        tokio::task::spawn_blocking(move || agentkernel_egress::summary::request_report(&socket))
+            .await
+            .ok()
+            .flatten()
+    };
+    let before = ask(socket.clone()).await;
+    let result = command.await;
+    if let Some(before) = before {
+        let after = ask(socket).await;
+        agentkernel_core::observe::egress(report_json(after.map(|a| a.since(&before))));
+    }
+    result
+}
+
+impl EgressPlan {
+    /// The run process's own copies of the descriptors the helper took
+    /// over: closed once the helper (an observed run's child) has ended, so
+    /// the proxy's lifeline is held by the sandbox alone.
+    pub fn close_ours(&self) {
+        for fd in [self.handoff_fd, self.lifeline_fd] {
+            // SAFETY: these were released from `StartedProxy` by `into_plan`
+            // for the helper; the helper has its own copies.
+            unsafe { libc::close(fd) };
         }
     }
 }

@@ -18,6 +18,9 @@
 //!   which is also where image layers pulled without root keep opaque dirs).
 //! - Only uid 0 exists inside: an image whose USER is someone else is refused.
 //! - No freezer: `sandbox stop` is refused.
+//! - The egress proxy is the same process as root's (started by the run, as
+//!   the user, outside every namespace of the sandbox); with an allow-list
+//!   the sandbox gets no slirp4netns, only the proxy on its loopback.
 
 use std::io;
 

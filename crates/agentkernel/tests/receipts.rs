@@ -93,6 +93,12 @@ fn receipt_records_the_run_and_verifies() {
     assert_eq!(stdout(&out), "out\n");
     let r = read_json(&file);
     assert_eq!(r["version"], 2);
+    // No secrets, no allow-list: no proxy ran, nothing to summarise.
+    assert!(
+        r["sandbox"]["egress"].is_null(),
+        "{}",
+        r["sandbox"]["egress"]
+    );
     assert_eq!(r["invocation"]["mode"], "run");
     assert_eq!(r["invocation"]["input"]["backend"], backend());
     let o = &r["outcome"];
@@ -623,6 +629,106 @@ fn a_signal_to_agentkernel_reaches_the_command_of_a_receipted_run() {
 
 mod native_only {
     use super::*;
+    use common::upstream::{start_upstream, API};
+
+    /// Through the egress proxy: two requests that get the secret, one
+    /// with a spoofed Host (421) and one to an unlisted host (403).
+    const EGRESS: &str = r#"
+import sys, urllib.request, urllib.error
+for i in range(int(sys.argv[1])):
+    print("ok", urllib.request.urlopen("https://api.example.test/r%d" % i, timeout=10).read())
+if sys.argv[2] == "refused":
+    r = urllib.request.Request("https://api.example.test/spoof", headers={"Host": "other.example.test"})
+    try:
+        urllib.request.urlopen(r, timeout=10)
+    except urllib.error.HTTPError as e:
+        print("spoofed", e.code)
+    try:
+        urllib.request.urlopen("http://evil.example.test/", timeout=10)
+    except urllib.error.HTTPError as e:
+        print("unlisted", e.code)
+"#;
+
+    /// With the egress proxy the receipt's `sandbox.egress` counts each
+    /// host's connections, requests, bytes and refusals and names the secrets
+    /// injected (never their values), and still verifies; in a kept sandbox
+    /// an `exec --receipt` counts its own command's traffic only.
+    #[test]
+    fn a_proxied_run_records_its_egress_summary() {
+        const VALUE: &str = "sk-receipt-7a1c93e5";
+        let env = TestEnv::new();
+        let upstream = start_upstream();
+        let config = upstream.config(&env, "");
+        let binding = format!("API_KEY={VALUE}:{API}");
+        let proxied = |receipt: &str, name: Option<&str>, requests: &str, refused: &str| {
+            let mut args = vec!["-c", config.to_str().unwrap(), "-i", PYTHON];
+            if let Some(name) = name {
+                args.extend(["--name", name]);
+            }
+            args.extend(["-S", &binding, "--allow-host", API]);
+            args.extend(["--", "python3", "-c", EGRESS, requests, refused]);
+            run_with_receipt(&env, receipt, &args)
+        };
+        let (out, file) = proxied("one-shot.json", None, "2", "refused");
+        assert_code(&out, 0);
+        let text = stdout(&out);
+        assert!(
+            text.contains("spoofed 421") && text.contains("unlisted 403"),
+            "{text}"
+        );
+        let r = read_json(&file);
+        let egress = &r["sandbox"]["egress"];
+        let api = &egress["hosts"][API];
+        assert_eq!(api["connections"], 3, "{egress}");
+        assert_eq!(api["requests"], 3, "{egress}");
+        assert_eq!(api["refused"], 1, "{egress}");
+        assert_eq!(api["injected"], json!({"API_KEY": 2}), "{egress}");
+        assert!(api["bytes_up"].as_u64().unwrap() > 0, "{egress}");
+        assert!(api["bytes_down"].as_u64().unwrap() > 0, "{egress}");
+        let evil = &egress["hosts"]["evil.example.test"];
+        assert_eq!(
+            (evil["requests"].clone(), evil["refused"].clone()),
+            (json!(1), json!(1))
+        );
+        assert_eq!(egress["totals"]["requests"], 4, "{egress}");
+        assert_eq!(egress["totals"]["refused"], 2, "{egress}");
+        assert_eq!(egress["complete"], true, "{egress}");
+        assert!(!std::fs::read_to_string(&file).unwrap().contains(VALUE));
+        assert_code(&verify(&env, &file, &[]), 0);
+
+        // A kept sandbox: the first command's traffic, then an exec's own.
+        let (out, file) = proxied("kept.json", Some("egress-kept"), "1", "refused");
+        assert_code(&out, 0);
+        let egress = &read_json(&file)["sandbox"]["egress"];
+        assert_eq!(egress["hosts"][API]["requests"], 2, "{egress}");
+        assert_eq!(egress["totals"]["refused"], 2, "{egress}");
+        let exec = env.project_dir().join("exec.json");
+        let out = env.run(&[
+            "exec",
+            "--receipt",
+            exec.to_str().unwrap(),
+            "egress-kept",
+            "--",
+            "python3",
+            "-c",
+            EGRESS,
+            "1",
+            "none",
+        ]);
+        assert_code(&out, 0);
+        let egress = &read_json(&exec)["sandbox"]["egress"];
+        let hosts: Vec<&String> = egress["hosts"].as_object().unwrap().keys().collect();
+        assert_eq!(hosts, [API], "{egress}");
+        assert_eq!(egress["hosts"][API]["requests"], 1, "{egress}");
+        assert_eq!(
+            egress["hosts"][API]["injected"],
+            json!({"API_KEY": 1}),
+            "{egress}"
+        );
+        assert_eq!(egress["totals"]["refused"], 0, "{egress}");
+        assert_code(&verify(&env, &exec, &[]), 0);
+        assert_code(&env.run(&["sandbox", "rm", "egress-kept"]), 0);
+    }
 
     /// `--image host` has no image digest; the receipt says so and replays.
     #[test]

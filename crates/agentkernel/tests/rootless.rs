@@ -16,9 +16,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::upstream::{listening_on, start_upstream, API, FIND_NEEDLE};
 use common::{
     assert_code, assert_fork_bomb_contained, assert_one_line_error, binary, stderr, stdout,
-    BUSYBOX, FORK_BOMB, NOBODY, PYTHON, TEST_REGISTRY,
+    wait_until, BUSYBOX, FORK_BOMB, NOBODY, PYTHON, TEST_REGISTRY,
 };
 
 /// A user of its own (`uid` = gid), with a home, state dir and project.
@@ -119,6 +120,25 @@ impl User {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// What the holder of the kept sandbox `name` recorded.
+    fn held(&self, name: &str) -> serde_json::Value {
+        let path = self
+            .state()
+            .join("sandboxes")
+            .join(name)
+            .join("native.json");
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+
+    /// The PID of the kept sandbox `name`'s holder.
+    fn holder(&self, name: &str) -> i32 {
+        self.held(name)["holder"]
+            .as_str()
+            .and_then(|h| h.split(':').nth(1))
+            .and_then(|p| p.parse().ok())
+            .unwrap()
     }
 
     fn runs_left(&self) -> Vec<PathBuf> {
@@ -533,13 +553,8 @@ fn rootless_kill_9_of_a_kept_holder_takes_the_sandbox_with_it() {
         &user.run(&["run", "--keep", "--name", "held", "-i", BUSYBOX, "true"]),
         0,
     );
-    let held = std::fs::read_to_string(user.state().join("sandboxes/held/native.json")).unwrap();
-    let held: serde_json::Value = serde_json::from_str(&held).unwrap();
-    let holder: i32 = held["holder"]
-        .as_str()
-        .and_then(|h| h.split(':').nth(1))
-        .and_then(|p| p.parse().ok())
-        .unwrap();
+    let held = user.held("held");
+    let holder = user.holder("held");
     assert!(held["anchor_pid"].as_i64().is_some(), "{held}");
     // SAFETY: signalling the holder this test created, by PID.
     assert_eq!(unsafe { libc::kill(holder, libc::SIGKILL) }, 0);
@@ -603,5 +618,234 @@ fn rootless_secret_files_and_a_private_vault() {
         .unwrap();
     let line = assert_one_line_error(&out);
     assert!(line.contains("permission denied"), "{line}");
+    user.assert_no_processes();
+}
+
+/// This user's egress proxy processes.
+fn proxies(user: &User) -> Vec<u32> {
+    user.processes()
+        .into_iter()
+        .filter(|(_, cmdline)| cmdline.contains("__egress-proxy"))
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+/// `-S` rootless: the bound host gets the real value (from agentkernel's
+/// environment), the sandbox only a placeholder and nothing it can read —
+/// files, every process's environment and command line — holds the value.
+/// The proxy runs as the user, outside the sandbox, non-dumpable (its /proc
+/// files are root's), and its summary lands in the receipt.
+#[test]
+fn rootless_egress_injects_a_secret_the_sandbox_never_sees() {
+    use std::os::unix::fs::MetadataExt;
+    let user = User::new(4315);
+    let upstream = start_upstream();
+    let config = upstream.config_in(user.dir.path(), "");
+    let (head, tail) = ("sk-rootless-", "9d2e71");
+    let script = format!(
+        r#"
+import os, urllib.request
+key = os.environ["API_KEY"]
+print("env", key.startswith("AGENTKERNEL_PLACEHOLDER_"))
+req = urllib.request.Request("https://{API}/bound", headers={{"Authorization": "Bearer " + key}})
+print("bound", urllib.request.urlopen(req, timeout=10).read())
+pids = [p for p in os.listdir("/proc") if p.isdigit()]
+proxy = b"__egress" + b"-proxy"
+print("proxy visible" if any(proxy in open("/proc/%s/cmdline" % p, "rb").read() for p in pids) else "proxy not visible")
+needle = b"{head}" + b"{tail}"
+{FIND_NEEDLE}
+import sys, time; sys.stdout.flush()
+for _ in range(300):
+    if os.path.exists("/sig/go"):
+        break
+    time.sleep(0.1)
+"#
+    );
+    let receipt = user.project().join("r.json");
+    // The sandbox waits for /sig/go while the test looks at the proxy.
+    let signal = user.dir.path().join("sig");
+    std::fs::create_dir(&signal).unwrap();
+    user.chown_all();
+    let mut child = user
+        .cmd()
+        .env("API_KEY", format!("{head}{tail}"))
+        .args(["run", "-c", config.to_str().unwrap(), "-i", PYTHON])
+        .args(["-S", &format!("API_KEY:{API}"), "--placeholder-secrets"])
+        .args(["--receipt", receipt.to_str().unwrap()])
+        .args(["-v", &format!("{}:/sig", signal.display())])
+        .args(["--", "python3", "-c", &script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // While the sandbox waits on its stdin: the proxy as the host sees it.
+    let mut reader = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut text = String::new();
+    while !text.contains("found") {
+        let mut line = String::new();
+        if std::io::BufRead::read_line(&mut reader, &mut line).unwrap() == 0 {
+            break;
+        }
+        text.push_str(&line);
+    }
+    let proxy = proxies(&user);
+    assert_eq!(proxy.len(), 1, "{:?}", user.processes());
+    let environ = std::fs::metadata(format!("/proc/{}/environ", proxy[0])).unwrap();
+    assert_eq!(environ.uid(), 0, "the proxy is dumpable");
+    std::fs::write(signal.join("go"), "").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_code(&out, 0);
+    for line in [
+        "env True",
+        "bound b'ok\\n'",
+        "proxy not visible",
+        "found []",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
+    }
+    let seen = upstream.seen().to_ascii_lowercase();
+    assert!(
+        seen.contains(&format!("authorization: bearer {head}{tail}")),
+        "{seen}"
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&receipt).unwrap()).unwrap();
+    let egress = &r["sandbox"]["egress"];
+    assert_eq!(egress["hosts"][API]["requests"], 1, "{egress}");
+    assert_eq!(egress["hosts"][API]["injected"]["API_KEY"], 1, "{egress}");
+    // The value itself (the script names it only in two halves).
+    assert!(!std::fs::read_to_string(&receipt)
+        .unwrap()
+        .contains(&format!("{head}{tail}")));
+    assert_code(
+        &user.run(&["receipt", "verify", receipt.to_str().unwrap()]),
+        0,
+    );
+    user.assert_no_processes();
+}
+
+/// With an allow-list a rootless sandbox has loopback only: the listed host
+/// through the proxy, nothing direct, no DNS. Another sandbox of the same
+/// user (with slirp4netns's network) and the host find no proxy; a one-shot
+/// sandbox's proxy ends on `kill -9` of its run, a kept sandbox's serves its
+/// later commands and ends with it, on `rm` and on `kill -9` of the holder.
+#[test]
+fn rootless_egress_allow_list_is_the_only_way_out_and_private() {
+    let user = User::new(4316);
+    let upstream = start_upstream();
+    let config = upstream.config_in(user.dir.path(), "");
+    let (_listener, direct) = listening_on(&primary_address());
+    let script = format!(
+        r#"
+import socket, ssl, urllib.request, urllib.error
+ctx = ssl.create_default_context(cafile="/upstream-ca.pem")
+print("listed", urllib.request.urlopen("https://{API}/listed", context=ctx, timeout=10).read())
+try:
+    urllib.request.urlopen("http://evil.example.test/", timeout=10)
+except urllib.error.HTTPError as e:
+    print("unlisted", e.code)
+h, p = "{direct}".rsplit(":", 1)
+try:
+    socket.create_connection((h, int(p)), timeout=3)
+    print("direct CONNECTED")
+except OSError:
+    print("direct failed")
+try:
+    socket.getaddrinfo("example.com", 443)
+    print("dns RESOLVED")
+except OSError:
+    print("dns failed")
+print("routes", len(open("/proc/net/route").read().splitlines()) - 1)
+"#
+    );
+    // A one-shot sandbox whose proxy answers, while another sandbox of this
+    // user (with a network) and the host look for it.
+    let mut first = user
+        .cmd()
+        .args(["run", "-c", config.to_str().unwrap(), "-i", PYTHON])
+        .args(["--allow-host", API, "--", "python3", "-c"])
+        .arg(
+            "import socket, time\n\
+             socket.create_connection(('127.0.0.1', 3128), 2)\n\
+             print('proxy-here', flush=True)\n\
+             time.sleep(30)",
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(first.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "proxy-here");
+    assert_eq!(proxies(&user).len(), 1);
+    let probe = "import socket
+for host in ['127.0.0.1', '10.0.2.2']:
+    try:
+        socket.create_connection((host, 3128), 2)
+        print('reached', host)
+    except OSError:
+        print('refused', host)";
+    let text = ok(&user.run(&["run", "-i", PYTHON, "python3", "-c", probe]));
+    assert_eq!(text.matches("refused").count(), 2, "{text}");
+    assert!(std::net::TcpStream::connect("127.0.0.1:3128").is_err());
+    // SAFETY: kill(2) of the run this test started.
+    assert_eq!(unsafe { libc::kill(first.id() as i32, libc::SIGKILL) }, 0);
+    let _ = first.wait();
+    user.assert_no_processes();
+
+    let ca = format!("{}:/upstream-ca.pem:ro", upstream.ca().display());
+    let kept = |name: &str| {
+        user.run(&[
+            "run",
+            "-c",
+            config.to_str().unwrap(),
+            "--name",
+            name,
+            "-i",
+            PYTHON,
+            "--allow-host",
+            API,
+            "-v",
+            &ca,
+            "--",
+            "python3",
+            "-c",
+            &script,
+        ])
+    };
+    for name in ["egress-rm", "egress-kill"] {
+        let text = ok(&kept(name));
+        for line in [
+            "listed b'ok\\n'",
+            "unlisted 403",
+            "direct failed",
+            "dns failed",
+            "routes 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
+        }
+        // A later command goes through the same proxy.
+        let text = ok(&user.run(&["exec", name, "--", "python3", "-c", &script]));
+        assert!(text.contains("unlisted 403"), "{text}");
+        assert_eq!(proxies(&user).len(), 1);
+        if name == "egress-rm" {
+            assert_code(&user.run(&["sandbox", "rm", name]), 0);
+        } else {
+            let holder = user.holder(name);
+            // SAFETY: signalling the holder this test created, by PID.
+            assert_eq!(unsafe { libc::kill(holder, libc::SIGKILL) }, 0);
+        }
+        assert!(
+            wait_until(Duration::from_secs(10), || proxies(&user).is_empty()),
+            "{name}: the proxy outlived its sandbox"
+        );
+    }
+    assert!(upstream.seen().contains("GET /listed"));
+    assert!(!upstream.seen().contains("evil"));
+    assert_code(&user.run(&["sandbox", "gc"]), 0);
     user.assert_no_processes();
 }

@@ -187,6 +187,7 @@ pub struct Bound {
 }
 
 pub struct Setup {
+    pub proxy: Proxy,
     pub upstream: Upstream,
     pub proxy_addr: SocketAddr,
     pub dir: tempfile::TempDir,
@@ -261,6 +262,7 @@ pub async fn start(bound: &[Bound], allow: &[&str], placeholders: &[(&str, &str)
             .iter()
             .map(|(k, p)| (k.to_string(), p.to_string()))
             .collect(),
+        ..Default::default()
     };
     let proxy = Proxy::new(config).unwrap();
     let sandbox_ca = dir.path().join("sandbox-ca.pem");
@@ -273,8 +275,10 @@ pub async fn start(bound: &[Bound], allow: &[&str], placeholders: &[(&str, &str)
     .unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let proxy_addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { proxy.serve(listener).await });
+    let serving = proxy.clone();
+    tokio::spawn(async move { serving.serve(listener).await });
     Setup {
+        proxy,
         upstream,
         proxy_addr,
         dir,

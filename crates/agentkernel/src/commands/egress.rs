@@ -14,7 +14,7 @@ use agentkernel_core::parse::PortMapping;
 use agentkernel_core::policy::Policy;
 use agentkernel_core::{Error, Result};
 use agentkernel_egress::{parse_host_pattern, Proxy, ProxyConfig};
-use agentkernel_native::egress::{CONFIG_FD, HANDOFF_FD, LIFELINE_FD};
+use agentkernel_native::egress::{CONFIG_FD, HANDOFF_FD, LIFELINE_FD, REPORT_FD};
 
 /// The allow-list half of `SandboxSpec::egress` (flags, `[network] allow`,
 /// upstream's `[security.domains] allow`) with the proxy's own settings,
@@ -100,6 +100,19 @@ pub fn proxy_main() -> i32 {
         Err(e) => return report(format!("bad configuration: {e}")),
     };
     json.fill(0);
+    // SAFETY: `start` passes fd 6 for the final report exactly when it asks for one.
+    let final_report = config
+        .final_report
+        .then(|| unsafe { std::fs::File::from_raw_fd(REPORT_FD) });
+    let reports = match config
+        .report_socket
+        .as_deref()
+        .map(agentkernel_egress::summary::bind_reports)
+        .transpose()
+    {
+        Ok(r) => r,
+        Err(e) => return report(format!("cannot create the report socket: {e}")),
+    };
     let proxy = match Proxy::new(config) {
         Ok(p) => p,
         Err(e) => return report(e.to_string()),
@@ -155,10 +168,24 @@ pub fn proxy_main() -> i32 {
                 Ok(s) => s,
                 Err(_) => return crate::EXIT_AGENTKERNEL_ERROR,
             };
+        let reports = async {
+            match reports {
+                Some(listener) => proxy.serve_reports(listener).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
+            () = reports => {}
             _ = proxy.serve(listener) => {}
             () = lifeline => {}
             _ = term.recv() => {}
+        }
+        // Accepting has stopped; what is open drains into the report.
+        if let Some(mut out) = final_report {
+            let summary = proxy.report().await;
+            if let Ok(json) = serde_json::to_vec(&summary) {
+                let _ = out.write_all(&json);
+            }
         }
         0
     })

@@ -153,10 +153,13 @@ impl Recording {
         let key = keys::signing_key()?;
         let payload = self.payload(observed, ended_at, error)?;
         if let (Some(name), "run") = (&self.invocation.name, self.invocation.mode) {
-            // A kept sandbox: later `exec --receipt`s sign the same facts.
+            // A kept sandbox: later `exec --receipt`s sign the same facts
+            // (but each its own command's egress).
             let store = agentkernel_core::state::Store::open_default();
             if store.sandbox_dir(name).is_dir() {
-                let _ = write_atomically(&facts_file(&store, name), &pretty(&payload["sandbox"])?);
+                let mut facts = payload["sandbox"].clone();
+                facts["egress"] = Value::Null;
+                let _ = write_atomically(&facts_file(&store, name), &pretty(&facts)?);
             }
         }
         let receipt = sign(payload, &key)?;
@@ -176,6 +179,7 @@ impl Recording {
     ) -> Result<Value> {
         let inv = &self.invocation;
         let image_digest = observed.image_digest.clone();
+        let egress = observed.egress.clone().unwrap_or(Value::Null);
         let outcome = if error.is_some() {
             None
         } else {
@@ -204,6 +208,7 @@ impl Recording {
             .map(|(k, v)| json!({"name": k, "sha256": sha256_hex(v.as_bytes())}))
             .collect::<Vec<_>>());
         sandbox["timeout_secs"] = json!(inv.timeout_secs);
+        sandbox["egress"] = egress;
         let no_network = !sandbox["network"]["enabled"].as_bool().unwrap_or(false);
         Ok(json!({
             "version": VERSION,

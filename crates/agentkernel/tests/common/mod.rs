@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
 mod commands;
+pub mod upstream;
 
 /// busybox applets (sh, nc, httpd, wget, unshare…), built offline.
 pub const BUSYBOX: &str = "agentkernel-test/busybox:1";
@@ -1024,4 +1025,16 @@ pub fn native_leases_of(id: &str) -> Vec<PathBuf> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// Polls `done` until it holds or `limit` passes; its last answer.
+pub fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    done()
 }
