@@ -1,16 +1,18 @@
-//! Thin, checked wrappers over the syscalls the runtime uses. Each returns an
-//! `io::Error` that names what was being done, so a failed setup is one clear
-//! line.
+//! Thin, checked wrappers over the syscalls the runtime uses (over
+//! agentkernel-sys, and rustix where it covers a call). Each returns an
+//! `io::Error` that names what was being done, so a failed setup is one
+//! clear line.
 
 use std::ffi::CString;
 use std::io;
 use std::os::fd::AsFd;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use agentkernel_sys::beneath::{self, Walk, WalkError};
 pub use agentkernel_sys::syscall::{Host, Syscall};
+use rustix::fs::{AtFlags, Mode, OFlags};
 
 /// The one C-string rule (agentkernel-sys): a NUL byte is an error.
 pub fn cstr(s: &str) -> io::Result<CString> {
@@ -42,20 +44,9 @@ pub fn fd_path(fd: &OwnedFd) -> String {
 
 pub fn open_dir(path: &Path) -> io::Result<OwnedFd> {
     let c = cpath(path)?;
-    // SAFETY: `c` is a valid C string; the returned fd is owned below.
-    let fd = unsafe {
-        libc::open(
-            c.as_ptr(),
-            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(context(format_args!("open {}", path.display()))(
-            io::Error::last_os_error(),
-        ));
-    }
-    // SAFETY: `fd` was just returned by open and is ours.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    rustix::fs::open(&*c, flags, Mode::empty())
+        .map_err(|e| context(format_args!("open {}", path.display()))(e.into()))
 }
 
 /// What to create at the end of a path that does not exist yet.
@@ -95,37 +86,21 @@ pub fn open_beneath(root: &OwnedFd, rel: &str, leaf: Leaf) -> io::Result<OwnedFd
     };
     let dir = beneath::open_dir(root.as_fd(), &parent, dirs).map_err(refused)?;
     let name = agentkernel_sys::c_string(name.as_bytes())?;
-    let flags = libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC;
-    // SAFETY: `dir` is a valid directory fd and `name` a valid C string.
-    let mut fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags) };
-    if fd < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOENT) {
-        // SAFETY: as above; creating the missing file.
-        let f = unsafe {
-            libc::openat(
-                dir.as_raw_fd(),
-                name.as_ptr(),
-                libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-                0o644,
-            )
-        };
-        if f >= 0 {
-            // SAFETY: just opened, ours.
-            unsafe { libc::close(f) };
-        } else if io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST) {
-            return Err(context(format_args!("create {rel}"))(
-                io::Error::last_os_error(),
-            ));
+    let flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let open = || rustix::fs::openat(&dir, &*name, flags, Mode::empty());
+    let opened = match open() {
+        Err(rustix::io::Errno::NOENT) => {
+            let create =
+                OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+            match rustix::fs::openat(&dir, &*name, create, Mode::from_raw_mode(0o644)) {
+                Ok(_) | Err(rustix::io::Errno::EXIST) => {}
+                Err(e) => return Err(context(format_args!("create {rel}"))(e.into())),
+            }
+            open()
         }
-        // SAFETY: as above.
-        fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags) };
-    }
-    if fd < 0 {
-        return Err(context(format_args!("open {rel}"))(
-            io::Error::last_os_error(),
-        ));
-    }
-    // SAFETY: `fd` was just returned by openat and is ours.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+        other => other,
+    };
+    opened.map_err(|e| context(format_args!("open {rel}"))(e.into()))
 }
 
 /// Writes a small file at `rel` beneath `root` without following symlinks
@@ -136,42 +111,21 @@ pub fn write_beneath(root: &OwnedFd, rel: &str, contents: &str) -> io::Result<()
     let cname = cstr(name)?;
     // O_PATH fds cannot be used for writes: reopen the directory for real.
     let real = reopen_dir(&dir)?;
-    // SAFETY: valid dir fd and C string; a symlink or other non-file is removed first.
-    unsafe { libc::unlinkat(real.as_raw_fd(), cname.as_ptr(), 0) };
-    // SAFETY: valid dir fd and C string; the fd is owned below.
-    let fd = unsafe {
-        libc::openat(
-            real.as_raw_fd(),
-            cname.as_ptr(),
-            libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-            0o644,
-        )
-    };
-    if fd < 0 {
-        return Err(context(format_args!("write {rel}"))(
-            io::Error::last_os_error(),
-        ));
-    }
-    // SAFETY: `fd` was just returned by openat and is ours.
-    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    // A symlink or other non-file is removed first (ENOENT: nothing there).
+    let _ = rustix::fs::unlinkat(&real, &*cname, AtFlags::empty());
+    let create =
+        OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let file = rustix::fs::openat(&real, &*cname, create, Mode::from_raw_mode(0o644))
+        .map(std::fs::File::from)
+        .map_err(|e| context(format_args!("write {rel}"))(e.into()))?;
     io::Write::write_all(&mut &file, contents.as_bytes())
         .map_err(context(format_args!("write {rel}")))
 }
 
 fn reopen_dir(dir: &OwnedFd) -> io::Result<OwnedFd> {
     let path = cstr(&fd_path(dir))?;
-    // SAFETY: valid C string; the fd is owned below.
-    let fd = unsafe {
-        libc::open(
-            path.as_ptr(),
-            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: just opened, ours.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    Ok(rustix::fs::open(&*path, flags, Mode::empty())?)
 }
 
 pub fn write_all_fd(fd: RawFd, data: &[u8]) -> io::Result<()> {
