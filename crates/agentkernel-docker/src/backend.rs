@@ -6,6 +6,7 @@
 use agentkernel_core::backend::{
     Backend, BackendKind, Capabilities, Collected, Probe, RunOptions, Support,
 };
+use agentkernel_core::image_build::BuildSpec;
 use agentkernel_core::spec::{ExecRequest, Outcome, PullPolicy, SandboxSpec};
 use agentkernel_core::state::{SandboxRecord, Store};
 use std::cell::OnceCell;
@@ -121,7 +122,7 @@ impl Backend for EngineBackend {
             spec
         };
         if spec.keep.is_some() {
-            return kept::run(engine, spec, store, &options.secret_files).await;
+            return kept::run(engine, spec, store, &options.secret_files, &options.files).await;
         }
         if options.warm_pool {
             let config = options.config;
@@ -132,7 +133,8 @@ impl Backend for EngineBackend {
             };
             return pool::run(engine, spec, store, settings).await;
         }
-        oneshot::run_with_secret_files(engine, spec, store, &options.secret_files).await
+        oneshot::run_with_secret_files(engine, spec, store, &options.secret_files, &options.files)
+            .await
     }
 
     async fn exec(&self, record: &SandboxRecord, request: &ExecRequest) -> Result<Outcome> {
@@ -149,7 +151,7 @@ impl Backend for EngineBackend {
         if let Some(notice) = &options.notice {
             eprintln!("{notice}");
         }
-        kept::create(engine, spec, &self.store, &[]).await?;
+        kept::create(engine, spec, &self.store, &[], &options.files).await?;
         kept::setup(engine, spec, &self.store).await?;
         if let Err(e) = reserved() {
             let name = &spec.keep.as_ref().expect("create always keeps").name;
@@ -230,6 +232,10 @@ impl Backend for EngineBackend {
     async fn expire_when_due(&self, name: &str) -> Result<()> {
         kept::expire_when_due(self.engine()?, &self.store, name).await;
         Ok(())
+    }
+
+    async fn build_image(&self, build: &BuildSpec, tag: &str) -> Result<()> {
+        crate::build::build(self.engine()?, build, tag).await
     }
 }
 

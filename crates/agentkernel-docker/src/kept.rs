@@ -13,6 +13,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use agentkernel_core::files::InjectedFile;
 use agentkernel_core::spec::{ExecRequest, Outcome, SandboxSpec};
 use agentkernel_core::state::{now_unix, SandboxRecord, Store};
 use agentkernel_core::Error;
@@ -47,17 +48,18 @@ pub async fn status(
 }
 
 /// `run --keep/--ttl/--branch`: create (or, for `--branch`, reuse) and run the first command.
-/// `secret_files` (`--secret-file`) are written when the sandbox is created.
+/// `secret_files` (`--secret-file`) and `files` (`[[files]]`) are written when the sandbox is created.
 pub async fn run(
     engine: &Engine,
     spec: &SandboxSpec,
     store: &Store,
     secret_files: &[(String, String)],
+    files: &[InjectedFile],
 ) -> Result<Outcome, Error> {
     let keep = spec.keep.as_ref().expect("kept run without keep settings");
     let reused = keep.reuse && reuse_existing(engine, store, &keep.name).await?;
     if !reused {
-        create(engine, spec, store, secret_files).await?;
+        create(engine, spec, store, secret_files, files).await?;
         setup(engine, spec, store).await?;
     }
     let outcome = exec(engine, store, &keep.name, &spec.exec).await;
@@ -122,12 +124,14 @@ async fn reuse_existing(engine: &Engine, store: &Store, name: &str) -> Result<bo
     }
 }
 
-/// Creates the kept sandbox (also `sandbox create`, which runs no first command).
+/// Creates the kept sandbox (also `sandbox create`, which runs no first
+/// command); `files` (`[[files]]`) are copied in before anything runs in it.
 pub async fn create(
     engine: &Engine,
     spec: &SandboxSpec,
     store: &Store,
     secret_files: &[(String, String)],
+    files: &[InjectedFile],
 ) -> Result<(), Error> {
     let keep = spec.keep.as_ref().expect("kept run without keep settings");
     // Reserve first: a bad image must not leave a name behind, but two racers must not both get it.
@@ -178,6 +182,8 @@ pub async fn create(
             return Err(engine.failure("starting the kept sandbox failed"));
         }
         print_ports(engine, &name, spec).await;
+        // Running: the engine writes through the container's own mounts.
+        crate::copy::put_files(engine, &name, files).await?;
         crate::secret_files::write(engine, &name, secret_files).await?;
         store.commit(&SandboxRecord {
             name: keep.name.clone(),

@@ -19,16 +19,18 @@ use crate::stdio::{self, Process};
 use crate::{labels, Engine};
 
 pub async fn run(engine: &Engine, spec: &SandboxSpec, store: &Store) -> Result<Outcome, Error> {
-    run_with_secret_files(engine, spec, store, &[]).await
+    run_with_secret_files(engine, spec, store, &[], &[]).await
 }
 
 /// [`run`]; with `secret_files` (`--secret-file`), the command is exec'd
-/// once they are written (see [`crate::secret_files`]).
+/// once they are written (see [`crate::secret_files`]); `files`
+/// (`[[files]]`) are copied into the created container before it starts.
 pub async fn run_with_secret_files(
     engine: &Engine,
     spec: &SandboxSpec,
     store: &Store,
     secret_files: &[(String, String)],
+    files: &[agentkernel_core::files::InjectedFile],
 ) -> Result<Outcome, Error> {
     // Orphans of earlier, killed runs are collected while this one starts.
     let gc = tokio::spawn(crate::gc::collect_orphans(engine.clone(), store.clone()));
@@ -52,7 +54,11 @@ pub async fn run_with_secret_files(
         label_map.insert(labels::SCRATCH.to_string(), s.display().to_string());
     }
 
-    let exec_after_files = !secret_files.is_empty();
+    // Podman writes into a created container's root only, not through the
+    // mounts it will have (the workspace): there `[[files]]` wait until it
+    // runs, like secret files, and the command is exec'd after them.
+    let files_after_start = engine.flavor == crate::engine::Flavor::Podman && !files.is_empty();
+    let exec_after_files = !secret_files.is_empty() || files_after_start;
     let result = async {
         let body = container_body(
             engine.flavor,
@@ -76,8 +82,11 @@ pub async fn run_with_secret_files(
         })
         .await?;
         if exec_after_files {
-            return crate::secret_files::drive(engine, &container_name, spec, secret_files).await;
+            let files = if files_after_start { files } else { &[] };
+            return crate::secret_files::drive(engine, &container_name, spec, secret_files, files)
+                .await;
         }
+        crate::copy::put_files(engine, &container_name, files).await?;
         drive(engine, &container_name, spec).await
     }
     .await;

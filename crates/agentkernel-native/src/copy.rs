@@ -17,6 +17,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 
 use agentkernel_core::copy::{base_name, host_error, report_skipped};
+use agentkernel_core::files::InjectedFile;
 use agentkernel_core::state::{proc_stat_field, stat_field, Store};
 
 use crate::kept::Held;
@@ -51,6 +52,14 @@ impl SandboxRoot {
             sys::context(format_args!("open the root of sandbox {name}")),
         )?;
         Ok(SandboxRoot { root })
+    }
+
+    /// The root of the sandbox this process is building, once it has
+    /// pivoted into it (`[[files]]` are written from there).
+    pub fn current() -> io::Result<SandboxRoot> {
+        Ok(SandboxRoot {
+            root: sys::open_dir(Path::new("/"))?,
+        })
     }
 
     /// Opens `path` (absolute, as the sandbox sees it) with `flags`.
@@ -332,6 +341,28 @@ fn openat(dir: &OwnedFd, name: &str, flags: i32, mode: u32) -> io::Result<OwnedF
     }
     // SAFETY: a fresh descriptor returned by openat.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `[[files]]`: each file written at its path, resolved inside `root` like
+/// every `sandbox cp` path; missing parent directories are made (0755), and
+/// the file gets exactly its mode (whatever the umask, and over an existing
+/// file's). A later entry for the same path replaces an earlier one.
+pub fn inject(root: &SandboxRoot, files: &[InjectedFile]) -> io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::PermissionsExt as _;
+    for file in files {
+        let at = |e: io::Error| sys::context(format_args!("[[files]] {}", file.dest))(e);
+        for dir in agentkernel_core::files::parent_dirs(&file.dest) {
+            if !root.is_dir(dir) {
+                root.create_dir(dir, 0o755).map_err(at)?;
+            }
+        }
+        let mut out = root.create_file(&file.dest, file.mode).map_err(at)?;
+        out.write_all(&file.content).map_err(at)?;
+        out.set_permissions(std::fs::Permissions::from_mode(file.mode))
+            .map_err(at)?;
+    }
+    Ok(())
 }
 
 fn native_error(e: io::Error) -> agentkernel_core::Error {

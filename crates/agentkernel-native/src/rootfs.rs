@@ -171,6 +171,11 @@ pub fn enter(plan: &Plan) -> io::Result<()> {
     if !plan.secret_files.is_empty() {
         write_secret_files(plan).map_err(context("--secret-file"))?;
     }
+    if !plan.files.is_empty() {
+        // After pivot_root: "/" is the sandbox's root, and every path is
+        // resolved inside it.
+        crate::copy::inject(&crate::copy::SandboxRoot::current()?, &plan.files)?;
+    }
     if plan.read_only_root {
         mount(
             "",

@@ -382,11 +382,16 @@ print(statement["subject"][0]["name"], statement["subject"][0]["digest"]["sha256
     let out = python(&envelope);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out), format!("stdout {}\n", sha256_hex(b"hi\n")));
-    // A changed payload byte fails there too.
+    // A changed payload byte fails there too: a digit of the stdout digest,
+    // so the payload stays well-formed JSON and only the signature can tell.
     let mut e = read_json(&envelope);
     let mut body = BASE64.decode(e["payload"].as_str().unwrap()).unwrap();
-    let at = body.len() / 2;
-    body[at] ^= 1;
+    let digest = sha256_hex(b"hi\n");
+    let at = body
+        .windows(digest.len())
+        .position(|w| w == digest.as_bytes())
+        .expect("the statement names the stdout digest");
+    body[at] = if body[at] == b'0' { b'1' } else { b'0' };
     e["payload"] = json!(BASE64.encode(body));
     std::fs::write(&envelope, serde_json::to_vec(&e).unwrap()).unwrap();
     assert!(!python(&envelope).status.success());
@@ -484,6 +489,41 @@ fn replay(env: &TestEnv, file: &Path, extra: &[&str]) -> Output {
     let mut args = vec!["receipt", "replay", file.to_str().unwrap()];
     args.extend_from_slice(extra);
     env.run(&args)
+}
+
+/// `[[files]]` are inputs of the run: recorded by digest, and a replay
+/// whose copies differ says so.
+#[test]
+fn files_are_recorded_by_digest_and_replay_compares_them() {
+    let env = TestEnv::new();
+    let project = env.project_dir();
+    std::fs::write(project.join("app.env"), "A=1\n").unwrap();
+    std::fs::write(
+        project.join("agentkernel.toml"),
+        "[[files]]\nsource = \"app.env\"\ndest = \"/app/.env\"\nmode = \"0600\"\n",
+    )
+    .unwrap();
+    let (out, file) = run_with_receipt(&env, "files.json", &["-i", BUSYBOX, "cat", "/app/.env"]);
+    assert_code(&out, 0);
+    assert_eq!(
+        read_json(&file)["sandbox"]["files"],
+        json!([{"dest": "/app/.env", "mode": "0600", "sha256": sha256_hex(b"A=1\n")}])
+    );
+    let out = replay(&env, &file, &[]);
+    assert_code(&out, 0);
+    assert!(
+        stderr(&out).contains("replay: [[files]]: match"),
+        "{}",
+        stderr(&out)
+    );
+    std::fs::write(project.join("app.env"), "A=2\n").unwrap();
+    let out = replay(&env, &file, &[]);
+    assert_code(&out, 1);
+    assert!(
+        stderr(&out).contains("replay: [[files]]: mismatch"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]

@@ -158,6 +158,8 @@ fn hold(plan: &Plan, cgroup: &Cgroup, store: &Store, report: OwnedFd) -> ! {
     exec_plan.argv.clear();
     // Never on disk: secret files were written when the sandbox was built.
     exec_plan.secret_files.clear();
+    // Copied in once, when the sandbox was built.
+    exec_plan.files.clear();
     // The proxy serves every later command already (its descriptors are
     // this holder's, and the proxy ends when the holder does).
     exec_plan.egress = None;
