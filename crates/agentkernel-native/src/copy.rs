@@ -69,7 +69,7 @@ impl SandboxRoot {
             mode: u64::from(mode),
             resolve: libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS,
         };
-        let c = sys::cstr(path);
+        let c = sys::cstr(path)?;
         loop {
             // SAFETY: a valid directory fd, C string and open_how of the size passed.
             let fd = unsafe {
@@ -214,8 +214,8 @@ pub fn copy_dir_in(host: &Path, dir: &OwnedFd, skipped: &mut Vec<String>) -> io:
             let sub = create_dir_at(dir, &name, mode)?;
             copy_dir_in(&path, &sub, skipped)?;
         } else if meta.file_type().is_symlink() {
-            let target = sys::cpath(&std::fs::read_link(&path)?);
-            let link = sys::cstr(&name);
+            let target = sys::cpath(&std::fs::read_link(&path)?)?;
+            let link = sys::cstr(&name)?;
             // SAFETY: a valid directory fd and C strings.
             if unsafe { libc::symlinkat(target.as_ptr(), dir.as_raw_fd(), link.as_ptr()) } != 0 {
                 skipped.push(path.display().to_string());
@@ -267,7 +267,7 @@ fn create_file_at(dir: &OwnedFd, name: &str, mode: u32) -> io::Result<File> {
 /// symlink) and returns it.
 fn create_dir_at(dir: &OwnedFd, name: &str, mode: u32) -> io::Result<OwnedFd> {
     check_name(name)?;
-    let c = sys::cstr(name);
+    let c = sys::cstr(name)?;
     // SAFETY: a valid directory fd and C string.
     if unsafe { libc::mkdirat(dir.as_raw_fd(), c.as_ptr(), mode & 0o777) } != 0 {
         let e = io::Error::last_os_error();
@@ -314,7 +314,7 @@ fn reopen(fd: &OwnedFd, flags: i32) -> io::Result<File> {
 }
 
 fn reopen_path(fd: &OwnedFd, flags: i32) -> io::Result<OwnedFd> {
-    let path = sys::cstr(&format!("/proc/self/fd/{}", fd.as_raw_fd()));
+    let path = sys::cstr(&format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
     // SAFETY: a valid C string; the result is checked.
     let new = unsafe { libc::open(path.as_ptr(), flags | libc::O_CLOEXEC) };
     if new < 0 {
@@ -333,7 +333,7 @@ struct OpenHow {
 }
 
 fn openat(dir: &OwnedFd, name: &str, flags: i32, mode: u32) -> io::Result<OwnedFd> {
-    let c = sys::cstr(name);
+    let c = sys::cstr(name)?;
     // SAFETY: a valid directory fd and C string.
     let fd = unsafe { libc::openat(dir.as_raw_fd(), c.as_ptr(), flags | libc::O_CLOEXEC, mode) };
     if fd < 0 {

@@ -95,13 +95,13 @@ pub fn send_listener(
 ) -> io::Result<()> {
     let mut fds = vec![listener.as_raw_fd()];
     fds.extend(sandbox_process.map(AsRawFd::as_raw_fd));
-    crate::sandbox::send_message(handoff, LISTENER, &fds)
+    crate::process::channel::send_message(handoff, LISTENER, &fds)
 }
 
 /// The proxy process's end: the listening socket, once the sandbox exists,
 /// and the sandbox's process to outlive no longer than, if one was sent.
 pub fn receive_listener(handoff: &OwnedFd) -> io::Result<(std::net::TcpListener, Option<OwnedFd>)> {
-    match crate::sandbox::recv_message(handoff)? {
+    match crate::process::channel::recv_message(handoff)? {
         (LISTENER, fds) if (1..=2).contains(&fds.len()) => {
             let mut fds = fds.into_iter();
             let listener = std::net::TcpListener::from(fds.next().expect("one fd"));
@@ -153,7 +153,7 @@ fn open_in_root(root: &OwnedFd, rel: &str, flags: i32) -> io::Result<Option<Owne
         mode: 0,
         resolve: RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV,
     };
-    let path = sys::cstr(rel);
+    let path = sys::cstr(rel)?;
     // SAFETY: valid dir fd, C string and open_how of the size passed.
     let fd = unsafe {
         libc::syscall(
@@ -178,7 +178,7 @@ fn open_in_root(root: &OwnedFd, rel: &str, flags: i32) -> io::Result<Option<Owne
 /// The two ends of the socket the listening socket travels over: ours
 /// (kept through the exec into the helper) and the proxy's.
 pub fn handoff_pair() -> io::Result<(OwnedFd, OwnedFd)> {
-    crate::sandbox::socketpair()
+    crate::process::channel::socketpair()
 }
 
 /// Caught in `main()` before clap, like the native helper.

@@ -16,7 +16,7 @@ use agentkernel_core::template;
 
 use crate::observed::HelperReport;
 use crate::plan::Action;
-use crate::{join, kept, prepare, rootless, sandbox, Plan, HELPER_SUBCOMMAND};
+use crate::{join, kept, prepare, process, rootless, Plan, HELPER_SUBCOMMAND};
 
 /// One more command in the kept sandbox `name`: its plan with this command,
 /// run by the helper. Never returns on success unless a receipt observes it
@@ -157,17 +157,19 @@ fn run_helper(fd_arg: Option<String>, report: &mut dyn FnMut(HelperReport)) -> i
         }
     }
     let outcome: Result<_, Error> = match plan.action {
-        Action::Run => sandbox::run(&plan).map_err(Error::from),
-        Action::CreateKept => kept::create(&plan).map_err(Error::from).and_then(|()| {
-            template_setup(&plan);
-            if plan.argv.is_empty() {
-                // `sandbox create`: no first command.
-                return Ok(agentkernel_core::spec::Outcome::Exited(0));
-            }
-            let mut first = plan.clone();
-            first.action = Action::Exec;
-            join::exec(&first).map_err(Error::from)
-        }),
+        Action::Run => process::run(&plan).map_err(Error::from),
+        Action::CreateKept => process::holder::create(&plan)
+            .map_err(Error::from)
+            .and_then(|()| {
+                template_setup(&plan);
+                if plan.argv.is_empty() {
+                    // `sandbox create`: no first command.
+                    return Ok(agentkernel_core::spec::Outcome::Exited(0));
+                }
+                let mut first = plan.clone();
+                first.action = Action::Exec;
+                join::exec(&first).map_err(Error::from)
+            }),
         Action::Exec => join::exec(&plan).map_err(Error::from),
     };
     if let (Some(keep), Action::CreateKept | Action::Exec) = (&plan.keep, &plan.action) {
