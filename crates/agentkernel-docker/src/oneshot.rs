@@ -177,6 +177,7 @@ async fn drive(engine: &Engine, name: &str, spec: &SandboxSpec) -> Result<Outcom
         .await
         .map_err(|e| engine.error("attaching to the sandbox", e))?;
 
+    let started = crate::exec::unix_now() - 1;
     if let Err(e) = engine.docker.start_container(name, None).await {
         return start_failure(engine, e, &spec.exec.argv[0]);
     }
@@ -212,10 +213,12 @@ async fn drive(engine: &Engine, name: &str, spec: &SandboxSpec) -> Result<Outcom
     let code = stdio::init_exec_failure(engine.flavor, &finished, &spec.exec.argv[0])
         .unwrap_or(finished.exit_code as i32);
     if code == 137 && spec.policy.limits.memory_bytes.is_some() {
-        if let Ok(info) = engine.docker.inspect_container(name, None).await {
-            if info.state.and_then(|s| s.oom_killed) == Some(true) {
-                return Ok(Outcome::OutOfMemory);
-            }
+        let flagged = match engine.docker.inspect_container(name, None).await {
+            Ok(info) => info.state.and_then(|s| s.oom_killed) == Some(true),
+            Err(_) => false,
+        };
+        if flagged || crate::exec::oom_event_since(engine, name, started).await {
+            return Ok(Outcome::OutOfMemory);
         }
     }
     Ok(Outcome::Exited(code))
