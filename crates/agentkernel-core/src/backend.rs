@@ -239,6 +239,9 @@ pub struct RunOptions<'a> {
     pub secrets: &'a SecretValues,
     /// `--secret-file`s: (name, content), written where the sandbox reads them.
     pub secret_files: Vec<(String, String)>,
+    /// `[[files]]`, read from the host: written into a new sandbox before
+    /// its first command (a reused kept sandbox already has them).
+    pub files: Vec<crate::files::InjectedFile>,
 }
 
 /// What a garbage collection removed.
@@ -331,6 +334,16 @@ pub trait Backend {
     /// detached `sandbox gc --expire NAME` a stop leaves behind).
     async fn expire_when_due(&self, _name: &str) -> Result<()> {
         Ok(())
+    }
+
+    /// `[build]`: builds `build` into the image `tag`. Only an engine
+    /// (Docker, Podman) builds images; the others refuse.
+    async fn build_image(&self, build: &crate::image_build::BuildSpec, _tag: &str) -> Result<()> {
+        Err(Error::not_supported(format!(
+            "[build] ({}) on the {} backend",
+            build.config.display(),
+            self.kind()
+        )))
     }
 }
 

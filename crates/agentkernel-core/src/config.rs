@@ -43,8 +43,8 @@ struct FileSchema {
     #[serde(default)]
     ports: BTreeMap<String, u16>,
     agent: Option<toml::Table>,
-    build: Option<toml::Table>,
-    files: Option<Vec<toml::Table>>,
+    build: Option<BuildSection>,
+    files: Option<Vec<FileEntry>>,
     orchestrator: Option<toml::Table>,
     enterprise: Option<toml::Table>,
     api: Option<toml::Table>,
@@ -74,6 +74,28 @@ struct SandboxSection {
     fast: Option<bool>,
     env: Option<BTreeMap<String, String>>,
     volumes: Option<Vec<String>>,
+}
+
+/// Upstream's `[build]`: the engine builds the image (see `image_build`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BuildSection {
+    dockerfile: Option<String>,
+    context: Option<String>,
+    target: Option<String>,
+    #[serde(default)]
+    args: BTreeMap<String, String>,
+    #[serde(default)]
+    no_cache: bool,
+}
+
+/// One upstream `[[files]]` entry (see `files`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileEntry {
+    source: String,
+    dest: String,
+    mode: Option<String>,
 }
 
 /// Upstream's `[security]`.
@@ -240,6 +262,11 @@ pub struct Config {
     /// from the user's and the system's files). A relative file path is
     /// relative to the naming file's directory.
     pub receipt_trusted_keys: Vec<(PathBuf, String)>,
+    /// `[[files]]`: host files copied in when the sandbox is created, in
+    /// order (every file's entries; a later copy to the same path wins).
+    pub files: Vec<crate::files::FileCopy>,
+    /// `[build]`: the last file's section.
+    pub build: Option<crate::image_build::BuildSpec>,
     /// The files that contributed, in the order applied.
     pub sources: Vec<PathBuf>,
     /// `./agentkernel.toml`, when it was read as the project's file (not via `--config`).
@@ -398,7 +425,22 @@ impl Config {
             );
         }
         if let Some(c) = r.cpus {
-            self.cpus = Some(parse::cpus(&c.to_string()).map_err(|e| val("resources.cpus", e))?);
+            let mut cpus = parse::cpus(&c.to_string()).map_err(|e| val("resources.cpus", e))?;
+            // Upstream's `vcpus` sizes a VM, which runs on fewer host CPUs:
+            // "at most", like a profile's count (our `cpus` stays exact).
+            let vcpus = table
+                .get("resources")
+                .and_then(toml::Value::as_table)
+                .is_some_and(|t| t.contains_key("vcpus"));
+            let online = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+            if vcpus && cpus > online {
+                self.notices.push(format!(
+                    "{}: resources.vcpus = {cpus} is more than this machine's {online} CPUs; {online} are used",
+                    path.display()
+                ));
+                cpus = online;
+            }
+            self.cpus = Some(cpus);
         }
         if let Some(p) = r.pids {
             if p < 1 {
@@ -470,6 +512,23 @@ impl Config {
         }
         if let Some(ca) = file.templates.ca_file {
             self.template_ca_file = Some(base.join(ca));
+        }
+        for f in file.files.take().unwrap_or_default() {
+            self.files.push(
+                crate::files::entry(base, &f.source, &f.dest, f.mode.as_deref())
+                    .map_err(|why| config_err(path, why))?,
+            );
+        }
+        if let Some(b) = file.build.take() {
+            self.build = Some(crate::image_build::BuildSpec::new(
+                path,
+                base,
+                b.dockerfile.as_deref(),
+                b.context.as_deref(),
+                b.target,
+                b.args,
+                b.no_cache,
+            ));
         }
         if let Some(table) = &file.secrets {
             let bindings =
@@ -633,7 +692,6 @@ impl Config {
         }
         let tables = [
             ("agent", &file.agent, "agent profiles are not built in"),
-            ("build", &file.build, "build the image and set base_image"),
             (
                 "orchestrator",
                 &file.orchestrator,
@@ -657,12 +715,6 @@ impl Config {
                 }
                 note(format!("{section}.{key}"), why);
             }
-        }
-        if let Some(files) = &file.files {
-            note(
-                format!("[[files]] ({} entries)", files.len()),
-                "copy files in with -v HOST:PATH:ro",
-            );
         }
     }
 }
@@ -741,6 +793,24 @@ max_total = 5
         assert_eq!(c.network, Some(false));
         assert_eq!(c.ports.len(), 1);
         assert_eq!(c.env.get("A").map(String::as_str), Some("1"));
+    }
+
+    #[test]
+    fn upstream_vcpus_means_at_most_cpus_is_exact() {
+        let online = std::thread::available_parallelism().unwrap().get() as f64;
+        let c = parse_one("[resources]\nvcpus = 4096\n").unwrap();
+        assert_eq!(c.cpus, Some(online));
+        assert!(
+            c.notices[0].contains("resources.vcpus = 4096"),
+            "{:?}",
+            c.notices
+        );
+        let c = parse_one("[resources]\ncpus = 4096\n").unwrap();
+        assert_eq!(
+            c.cpus,
+            Some(4096.0),
+            "refused later, naming the host's count"
+        );
     }
 
     #[test]

@@ -469,6 +469,19 @@ pub fn apply(config: &mut Config, template: &Template) -> Result<Vec<String>> {
         template: reference.location.clone(),
         message: format!("not TOML: {}", e.message().replace('\n', " ")),
     })?;
+    // A template may be fetched from anywhere (`github:`): it names no host
+    // file to copy in and runs no build on the host.
+    if let Some(key) = ["files", "build"]
+        .into_iter()
+        .find(|k| table.contains_key(*k))
+    {
+        return Err(Error::Template {
+            template: reference.location.clone(),
+            message: format!(
+                "[{key}] is not taken from a template (it would read host files or build on the host); put it in agentkernel.toml or a --config file"
+            ),
+        });
+    }
     let setup = setup_lines(&table).map_err(|message| Error::Template {
         template: reference.location.clone(),
         message,
@@ -490,7 +503,7 @@ pub fn apply(config: &mut Config, template: &Template) -> Result<Vec<String>> {
     let own: Vec<String> = ["description", "category", "help_text", "setup"]
         .iter()
         .map(|k| format!("template.{k} "))
-        .chain(["sandbox.init_script ".to_string()])
+        .chain(["sandbox.init_script ", "resources.vcpus "].map(String::from))
         .map(|key| format!("{}: {key}", reference.location))
         .collect();
     let mut index = 0;

@@ -171,6 +171,20 @@ pub fn loosening(project: &ProjectFile, project_dir: &Path, flags: &Flags) -> Ve
             ));
         }
     }
+    // A copied file is a read-only view of one host file: inside the
+    // project (after symlinks) it shows nothing the workspace does not.
+    let inside = |p: &Path| matches!((p.canonicalize(), project_dir.canonicalize()), (Ok(p), Ok(d)) if p.starts_with(&d));
+    for f in &own.files {
+        // A missing source is refused by the read itself (nothing is copied).
+        if f.source.exists() && !inside(&f.source) {
+            found.push(format!("files.source {}", f.source.display()));
+        }
+    }
+    // The engine's build runs the Dockerfile's steps on the host's engine,
+    // with its network and none of the profile's limits.
+    if own.build.is_some() {
+        found.push("[build] (the engine builds the file's Dockerfile)".to_string());
+    }
     // A binding sends a secret of the user's to a host the file chose.
     for b in &own.secret_bindings {
         if !below.secret_bindings.contains(b) {
@@ -377,6 +391,35 @@ mod tests {
             vec!["pool.max_total = 50".to_string()],
             "no flag sets the pool's cap"
         );
+    }
+
+    #[test]
+    fn files_from_outside_the_project_and_builds_need_trust() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let key = outside.path().join("id_ed25519");
+        std::fs::write(&key, "host secret").unwrap();
+        std::fs::write(dir.path().join("app.env"), "A=1").unwrap();
+        // A symlink in the project to the host file counts as the host file.
+        std::os::unix::fs::symlink(&key, dir.path().join("innocent")).unwrap();
+        let dir_real = dir.path().canonicalize().unwrap();
+        let files = |source: &str| {
+            let own = format!("[[files]]\nsource = {source:?}\ndest = \"/x\"\n");
+            loosening(&project("", &own, dir.path()), &dir_real, &Flags::default())
+        };
+        assert!(files("app.env").is_empty());
+        assert!(files("./missing").is_empty(), "refused when read, not here");
+        for source in [
+            key.to_str().unwrap(),
+            "innocent",
+            "../../../../../../etc/hostname",
+        ] {
+            let found = files(source).join(", ");
+            assert!(found.contains("files.source"), "{source}: {found}");
+        }
+        let build = project("", "[build]\n", dir.path());
+        let found = loosening(&build, &dir_real, &Flags::default()).join(", ");
+        assert!(found.contains("[build]"), "{found}");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 use agentkernel_core::backend::{
     Backend, BackendKind, Capabilities, Collected, Probe, RunOptions, Support,
 };
+use agentkernel_core::image_build::BuildSpec;
 use agentkernel_core::spec::{ExecRequest, Outcome, PullPolicy, SandboxSpec};
 use agentkernel_core::state::{SandboxRecord, Store};
 use std::cell::OnceCell;
@@ -92,10 +93,16 @@ impl Backend for EngineBackend {
         Capabilities {
             disk_cap_root: no_disk_cap.clone(),
             disk_cap_workspace: no_disk_cap,
-            egress_proxy: Support::no(
-                format!("on the {} backend", self.flavor.name()),
-                "use -B native as root, whose proxy only its own sandbox can reach",
-            ),
+            // The proxy's socket is bound inside the container's network
+            // namespace (`egress.rs`), which takes root.
+            egress_proxy: if is_root() {
+                Support::Yes
+            } else {
+                Support::no(
+                    format!("on the {} backend without root", self.flavor.name()),
+                    "run agentkernel as root: the proxy's socket is bound inside the container's network namespace",
+                )
+            },
             warm_pool: true,
             ..Capabilities::all()
         }
@@ -121,7 +128,15 @@ impl Backend for EngineBackend {
             spec
         };
         if spec.keep.is_some() {
-            return kept::run(engine, spec, store, &options.secret_files).await;
+            return kept::run(
+                engine,
+                spec,
+                store,
+                &options.secret_files,
+                &options.files,
+                options.secrets,
+            )
+            .await;
         }
         if options.warm_pool {
             let config = options.config;
@@ -132,11 +147,20 @@ impl Backend for EngineBackend {
             };
             return pool::run(engine, spec, store, settings).await;
         }
-        oneshot::run_with_secret_files(engine, spec, store, &options.secret_files).await
+        oneshot::run_with_secrets(
+            engine,
+            spec,
+            store,
+            &options.secret_files,
+            &options.files,
+            options.secrets,
+        )
+        .await
     }
 
     async fn exec(&self, record: &SandboxRecord, request: &ExecRequest) -> Result<Outcome> {
-        kept::exec(self.engine()?, &self.store, &record.name, request).await
+        let command = kept::exec(self.engine()?, &self.store, &record.name, request);
+        agentkernel_native::egress::observing_kept(&self.store, &record.name, command).await
     }
 
     async fn create(
@@ -149,7 +173,15 @@ impl Backend for EngineBackend {
         if let Some(notice) = &options.notice {
             eprintln!("{notice}");
         }
-        kept::create(engine, spec, &self.store, &[]).await?;
+        kept::create(
+            engine,
+            spec,
+            &self.store,
+            &[],
+            &options.files,
+            options.secrets,
+        )
+        .await?;
         kept::setup(engine, spec, &self.store).await?;
         if let Err(e) = reserved() {
             let name = &spec.keep.as_ref().expect("create always keeps").name;
@@ -231,6 +263,10 @@ impl Backend for EngineBackend {
         kept::expire_when_due(self.engine()?, &self.store, name).await;
         Ok(())
     }
+
+    async fn build_image(&self, build: &BuildSpec, tag: &str) -> Result<()> {
+        crate::build::build(self.engine()?, build, tag).await
+    }
 }
 
 /// The engine's version and address, and for Podman how agentkernel runs it.
@@ -254,4 +290,9 @@ async fn engine_status(engine: &Engine) -> Result<String> {
         }
     }
     Ok(status)
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
 }

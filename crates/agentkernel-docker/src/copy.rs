@@ -27,10 +27,19 @@ fn tar_of(host: &Path, entry: &str) -> Result<Vec<u8>> {
         .map_err(|e| host_error(host, e))
 }
 
-pub async fn copy_in(engine: &Engine, container: &str, host: &Path, path: &str) -> Result<()> {
-    use bollard::query_parameters::{ContainerArchiveInfoOptions, UploadToContainerOptions};
-    let upload = |dir: String, archive: Vec<u8>| {
-        engine.docker.upload_to_container(
+/// Unpacks `archive` at the container directory `dir`, by the engine,
+/// which resolves `dir` and every entry inside the container's root and
+/// never replaces a directory with a file.
+async fn upload(
+    engine: &Engine,
+    container: &str,
+    dir: String,
+    archive: Vec<u8>,
+) -> std::result::Result<(), bollard::errors::Error> {
+    use bollard::query_parameters::UploadToContainerOptions;
+    engine
+        .docker
+        .upload_to_container(
             container,
             Some(UploadToContainerOptions {
                 path: dir,
@@ -39,7 +48,58 @@ pub async fn copy_in(engine: &Engine, container: &str, host: &Path, path: &str) 
             }),
             bollard::body_full(archive.into()),
         )
-    };
+        .await
+}
+
+/// `[[files]]`, into a container whose first command has not run (created,
+/// or running its keep-alive): one archive entry per file, at its path under `/`,
+/// owned by root with exactly its mode. The engine makes missing parent
+/// directories (0755) and resolves the path inside the container's root.
+pub async fn put_files(
+    engine: &Engine,
+    container: &str,
+    files: &[agentkernel_core::files::InjectedFile],
+) -> Result<()> {
+    for file in files {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(file.content.len() as u64);
+        header.set_mode(file.mode);
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_mtime(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        );
+        header.set_entry_type(tar::EntryType::Regular);
+        let mut builder = tar::Builder::new(Vec::new());
+        let entry = file.dest.trim_start_matches('/');
+        let archive = builder
+            .append_data(&mut header, entry, file.content.as_slice())
+            .and_then(|()| builder.into_inner())
+            .map_err(|e| Error::Conflict(format!("[[files]] {}: {e}", file.dest)))?;
+        upload(engine, container, "/".into(), archive)
+            .await
+            .map_err(|e| {
+                let why = crate::engine::message_of(&e);
+                let hint = if why.to_ascii_lowercase().contains("read-only") {
+                    "the restrictive profile's root and workspace are read-only (and on Docker /tmp cannot be written from outside): choose another dest or profile, or mount it with -v HOST:PATH:ro"
+                } else {
+                    "check that its directory is not a file in the image"
+                };
+                Error::Conflict(format!(
+                    "[[files]] {}: the {} engine could not write it ({why}); {hint}",
+                    file.dest,
+                    engine.flavor.name()
+                ))
+            })?;
+    }
+    Ok(())
+}
+
+pub async fn copy_in(engine: &Engine, container: &str, host: &Path, path: &str) -> Result<()> {
+    use bollard::query_parameters::ContainerArchiveInfoOptions;
+    let upload = |dir: String, archive: Vec<u8>| upload(engine, container, dir, archive);
     // Into PATH when it is a directory there; else as PATH itself (in its
     // parent). Asked first: Podman makes a missing upload path a directory.
     let is_dir = path.ends_with('/')

@@ -260,6 +260,45 @@ pub async fn run_counting_oom(
     result
 }
 
+/// Seconds since the epoch, for the engine's event log.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Whether the engine recorded an `oom` event for `container` since `since`
+/// (Unix seconds). The fallback for a 137 whose container no longer shows
+/// it: an auto-removed pool container may be gone before it is inspected,
+/// and under load the engine can process the exit before the OOM event that
+/// sets `OOMKilled`. The event log keeps both; it is asked three times over
+/// a fifth of a second, since the event can trail the exit.
+pub async fn oom_event_since(engine: &Engine, container: &str, since: i64) -> bool {
+    use futures_util::StreamExt;
+    let filters = HashMap::from([("container", vec![container]), ("event", vec!["oom"])]);
+    for attempt in 0..3 {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // `until` now, with nanoseconds: the engine answers from its log and
+        // ends the stream instead of waiting for new events.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let options = bollard::query_parameters::EventsOptionsBuilder::new()
+            .since(&since.to_string())
+            .until(&format!("{}.{:09}", now.as_secs(), now.subsec_nanos()))
+            .filters(&filters)
+            .build();
+        let mut events = engine.docker.events(Some(options));
+        let first = tokio::time::timeout(Duration::from_millis(300), events.next()).await;
+        if matches!(first, Ok(Some(Ok(_)))) {
+            return true;
+        }
+    }
+    false
+}
+
 /// OOM kills so far in `container`'s memory cgroup, read on the engine's host
 /// (exec'd processes killed by the OOM killer do not set the engine's
 /// `OOMKilled`, which describes the main process only).

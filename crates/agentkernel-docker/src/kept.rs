@@ -13,6 +13,8 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use agentkernel_core::egress::SecretValues;
+use agentkernel_core::files::InjectedFile;
 use agentkernel_core::spec::{ExecRequest, Outcome, SandboxSpec};
 use agentkernel_core::state::{now_unix, SandboxRecord, Store};
 use agentkernel_core::Error;
@@ -47,20 +49,28 @@ pub async fn status(
 }
 
 /// `run --keep/--ttl/--branch`: create (or, for `--branch`, reuse) and run the first command.
-/// `secret_files` (`--secret-file`) are written when the sandbox is created.
+/// `secret_files` (`--secret-file`) and `files` (`[[files]]`) are written
+/// and the egress proxy (its values in `secrets`) started when the sandbox
+/// is created.
 pub async fn run(
     engine: &Engine,
     spec: &SandboxSpec,
     store: &Store,
     secret_files: &[(String, String)],
+    files: &[InjectedFile],
+    secrets: &SecretValues,
 ) -> Result<Outcome, Error> {
     let keep = spec.keep.as_ref().expect("kept run without keep settings");
+    if keep.reuse && store.load(&keep.name)?.is_some() {
+        agentkernel_native::egress::refuse_on_reuse(spec, &keep.name)?;
+    }
     let reused = keep.reuse && reuse_existing(engine, store, &keep.name).await?;
     if !reused {
-        create(engine, spec, store, secret_files).await?;
+        create(engine, spec, store, secret_files, files, secrets).await?;
         setup(engine, spec, store).await?;
     }
-    let outcome = exec(engine, store, &keep.name, &spec.exec).await;
+    let command = exec(engine, store, &keep.name, &spec.exec);
+    let outcome = agentkernel_native::egress::observing_kept(store, &keep.name, command).await;
     eprintln!(
         "{}",
         agentkernel_core::spec::kept_message(&keep.name, keep.ttl, reused)
@@ -122,17 +132,22 @@ async fn reuse_existing(engine: &Engine, store: &Store, name: &str) -> Result<bo
     }
 }
 
-/// Creates the kept sandbox (also `sandbox create`, which runs no first command).
+/// Creates the kept sandbox (also `sandbox create`, which runs no first
+/// command); `files` (`[[files]]`) are copied in before anything runs in it.
 pub async fn create(
     engine: &Engine,
     spec: &SandboxSpec,
     store: &Store,
     secret_files: &[(String, String)],
+    files: &[InjectedFile],
+    secrets: &SecretValues,
 ) -> Result<(), Error> {
     let keep = spec.keep.as_ref().expect("kept run without keep settings");
     // Reserve first: a bad image must not leave a name behind, but two racers must not both get it.
     let dir = store.reserve(&keep.name)?;
     let result = async {
+        let proxy = crate::egress::start(spec, secrets, store)?;
+        let spec = &*crate::egress::container_spec(spec);
         store.touch(&keep.name, keep.ttl)?;
         let cow = crate::create::needs_scratch(engine.flavor, spec);
         let scratch = dir.join("workspace");
@@ -178,6 +193,13 @@ pub async fn create(
             return Err(engine.failure("starting the kept sandbox failed"));
         }
         print_ports(engine, &name, spec).await;
+        // Running: the engine writes through the container's own mounts.
+        crate::copy::put_files(engine, &name, files).await?;
+        if let Some(started) = proxy {
+            // After `[[files]]`, which could replace a bundle; lives as
+            // long as the container from here on.
+            crate::egress::attach(engine, &name, started, true).await?;
+        }
         crate::secret_files::write(engine, &name, secret_files).await?;
         store.commit(&SandboxRecord::for_kept(spec, engine.kind(), container_id))
     }

@@ -11,6 +11,9 @@
 //! - [`network`]: agentkernel's own engine network (no traffic between sandboxes)
 //! - [`seccomp`]: the restrictive profile's filter
 //! - [`pull`]: making sure the image is present
+//! - [`build`]: `[build]`, the image built from a Dockerfile
+//! - [`copy`]: `sandbox cp` and `[[files]]`, by the archive API
+//! - [`egress`]: the egress proxy, bound inside the container's network namespace
 //! - [`stdio`]: streaming stdin/stdout/stderr, TTY, signals, resize
 //! - [`oneshot`]: `run` without `--keep`
 //! - [`exec`]: one command in an existing container (kept sandboxes, pool)
@@ -23,9 +26,12 @@
 //! [`SandboxSpec`]: agentkernel_core::spec::SandboxSpec
 
 pub mod backend;
+pub mod build;
 pub mod copy;
 pub mod create;
 pub mod detached;
+pub mod dockerignore;
+pub mod egress;
 pub mod engine;
 pub mod exec;
 pub mod gc;

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 
+use agentkernel_core::egress::SecretValues;
 use agentkernel_core::names;
 use agentkernel_core::spec::{Outcome, SandboxSpec};
 use agentkernel_core::state::{self, Owner, Store};
@@ -19,17 +20,26 @@ use crate::stdio::{self, Process};
 use crate::{labels, Engine};
 
 pub async fn run(engine: &Engine, spec: &SandboxSpec, store: &Store) -> Result<Outcome, Error> {
-    run_with_secret_files(engine, spec, store, &[]).await
+    run_with_secrets(engine, spec, store, &[], &[], &SecretValues::default()).await
 }
 
-/// [`run`]; with `secret_files` (`--secret-file`), the command is exec'd
-/// once they are written (see [`crate::secret_files`]).
-pub async fn run_with_secret_files(
+/// [`run`]; with `secret_files` (`--secret-file`) or an egress proxy (its
+/// values in `secrets`), the command is exec'd once the files are written
+/// and the proxy listens (see [`crate::secret_files`], [`crate::egress`]);
+/// `files` (`[[files]]`) are copied into the created container before it
+/// starts.
+pub async fn run_with_secrets(
     engine: &Engine,
     spec: &SandboxSpec,
     store: &Store,
     secret_files: &[(String, String)],
+    files: &[agentkernel_core::files::InjectedFile],
+    secrets: &SecretValues,
 ) -> Result<Outcome, Error> {
+    // First: a proxy that cannot start leaves nothing behind.
+    let mut proxy = crate::egress::start(spec, secrets, store)?;
+    let final_report = proxy.as_mut().and_then(|p| p.final_report.take());
+    let spec = &*crate::egress::container_spec(spec);
     // Orphans of earlier, killed runs are collected while this one starts.
     let gc = tokio::spawn(crate::gc::collect_orphans(engine.clone(), store.clone()));
 
@@ -52,7 +62,11 @@ pub async fn run_with_secret_files(
         label_map.insert(labels::SCRATCH.to_string(), s.display().to_string());
     }
 
-    let exec_after_files = !secret_files.is_empty();
+    // Podman writes into a created container's root only, not through the
+    // mounts it will have (the workspace): there `[[files]]` wait until it
+    // runs, like secret files, and the command is exec'd after them.
+    let files_after_start = engine.flavor == crate::engine::Flavor::Podman && !files.is_empty();
+    let exec_after_files = !secret_files.is_empty() || files_after_start || proxy.is_some();
     let result = async {
         let body = container_body(
             engine.flavor,
@@ -76,8 +90,22 @@ pub async fn run_with_secret_files(
         })
         .await?;
         if exec_after_files {
-            return crate::secret_files::drive(engine, &container_name, spec, secret_files).await;
+            // Docker writes them into the created container, as below.
+            if !files_after_start {
+                crate::copy::put_files(engine, &container_name, files).await?;
+            }
+            let files = if files_after_start { files } else { &[] };
+            return crate::secret_files::drive(
+                engine,
+                &container_name,
+                spec,
+                secret_files,
+                files,
+                proxy,
+            )
+            .await;
         }
+        crate::copy::put_files(engine, &container_name, files).await?;
         drive(engine, &container_name, spec).await
     }
     .await;
@@ -85,6 +113,9 @@ pub async fn run_with_secret_files(
     remove_container(engine, &container_name).await;
     if let Some(s) = &scratch {
         let _ = state::remove_tree(s);
+    }
+    if let Some(pipe) = final_report {
+        crate::egress::record_final_report(pipe).await;
     }
     let _ = gc.await;
     result
@@ -146,6 +177,7 @@ async fn drive(engine: &Engine, name: &str, spec: &SandboxSpec) -> Result<Outcom
         .await
         .map_err(|e| engine.error("attaching to the sandbox", e))?;
 
+    let started = crate::exec::unix_now() - 1;
     if let Err(e) = engine.docker.start_container(name, None).await {
         return start_failure(engine, e, &spec.exec.argv[0]);
     }
@@ -181,10 +213,12 @@ async fn drive(engine: &Engine, name: &str, spec: &SandboxSpec) -> Result<Outcom
     let code = stdio::init_exec_failure(engine.flavor, &finished, &spec.exec.argv[0])
         .unwrap_or(finished.exit_code as i32);
     if code == 137 && spec.policy.limits.memory_bytes.is_some() {
-        if let Ok(info) = engine.docker.inspect_container(name, None).await {
-            if info.state.and_then(|s| s.oom_killed) == Some(true) {
-                return Ok(Outcome::OutOfMemory);
-            }
+        let flagged = match engine.docker.inspect_container(name, None).await {
+            Ok(info) => info.state.and_then(|s| s.oom_killed) == Some(true),
+            Err(_) => false,
+        };
+        if flagged || crate::exec::oom_event_since(engine, name, started).await {
+            return Ok(Outcome::OutOfMemory);
         }
     }
     Ok(Outcome::Exited(code))

@@ -206,6 +206,7 @@ async fn run_claimed(
 ) -> Result<Outcome, Error> {
     use crate::handoff::Handoff;
     let dir = container_dir(store, container);
+    let started = crate::exec::unix_now() - 1;
     let handed = match crate::handoff::recorded(&dir) {
         Some(shell) if crate::handoff::suits(&spec.exec, image_env) => {
             crate::handoff::run(engine, container, &dir.join("ctl"), shell, &spec.exec).await?
@@ -228,10 +229,15 @@ async fn run_claimed(
         Handoff::Lost => return crate::oneshot::run(engine, spec, store).await,
     };
     // A fresh container: any OOM kill in it was this command's.
-    if outcome == Outcome::Exited(137)
-        && crate::exec::oom_kills(engine, container).await.unwrap_or(0) > 0
-    {
-        return Ok(Outcome::OutOfMemory);
+    if outcome == Outcome::Exited(137) {
+        let oom = match crate::exec::oom_kills(engine, container).await {
+            Some(kills) => kills > 0,
+            // Gone already (auto-removed): the engine's event log still knows.
+            None => crate::exec::oom_event_since(engine, container, started).await,
+        };
+        if oom {
+            return Ok(Outcome::OutOfMemory);
+        }
     }
     Ok(outcome)
 }

@@ -113,25 +113,41 @@ pub async fn write(
     Ok(())
 }
 
-/// A one-shot container created with [`idle_command`]: start it, write the
-/// files, then run the command by exec; the container is its kill scope.
+/// A one-shot container created with [`idle_command`]: start it, copy the
+/// `[[files]]` in, write the secret files and attach the egress proxy
+/// (`proxy`, see [`crate::egress`]), then run the command by exec; the
+/// container is its kill scope.
 pub async fn drive(
     engine: &Engine,
     container: &str,
     spec: &SandboxSpec,
-    files: &[(String, String)],
+    secret_files: &[(String, String)],
+    files: &[agentkernel_core::files::InjectedFile],
+    proxy: Option<agentkernel_native::egress::StartedProxy>,
 ) -> Result<Outcome, Error> {
     if let Err(e) = engine.docker.start_container(container, None).await {
         if start_failure(engine, e, "/bin/sh").is_ok() {
+            let needs = if secret_files.is_empty() && files.is_empty() {
+                "the egress proxy needs to start the command once it listens"
+            } else {
+                "--secret-file (and [[files]] on Podman) need before the command starts"
+            };
             return Err(Error::Conflict(format!(
-                "image {} has no /bin/sh, which --secret-file needs to fill the secrets' tmpfs; use an image with a shell",
+                "image {} has no /bin/sh, which {needs}; use an image with a shell",
                 spec.image
             )));
         }
         return Err(engine.failure("starting the sandbox failed"));
     }
     crate::oneshot::print_ports(engine, container, spec).await;
-    write(engine, container, files).await?;
+    crate::copy::put_files(engine, container, files).await?;
+    // After `[[files]]`, which could replace a bundle. Held until the
+    // command ends: the proxy ends with this run.
+    let _lifeline = match proxy {
+        Some(started) => Some(crate::egress::attach(engine, container, started, false).await?),
+        None => None,
+    };
+    write(engine, container, secret_files).await?;
     let ooms_before = crate::exec::oom_kills(engine, container).await;
     let request: &ExecRequest = &spec.exec;
     let result = crate::exec::run(

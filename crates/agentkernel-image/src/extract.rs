@@ -22,10 +22,11 @@ use std::collections::HashMap;
 use std::ffi::{CStr, CString, OsStr};
 use std::fs::File;
 use std::io::{self, BufReader, Cursor, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
+use agentkernel_sys::beneath::{self, Walk, WalkError};
 use sha2::{Digest as _, Sha256};
 
 use crate::error::{Error, Result};
@@ -590,60 +591,43 @@ impl<'a> Extractor<'a> {
     }
 
     fn walk(&self, raw: &[u8], rel: &Path, create: bool) -> Result<OwnedFd> {
-        let mut cur = self
-            .root
-            .try_clone()
-            .map_err(|e| self.io(Path::new(""), e))?;
-        let mut so_far = PathBuf::new();
-        for comp in rel.components() {
-            let Component::Normal(c) = comp else {
+        let how = Walk {
+            path_only: false,
+            // A parent the tar never listed: like tar, create it, 0755
+            // whatever the umask (overlayfs shows the topmost layer's
+            // directory attributes).
+            create: create.then_some(0o755),
+            exact_mode: true,
+        };
+        beneath::open_dir(self.root.as_fd(), rel, how).map_err(|e| match e {
+            WalkError::Missing { at } => self.bad(format!(
+                "entry `{}` needs `{}`, which is not in this layer",
+                String::from_utf8_lossy(raw),
+                at.display()
+            )),
+            WalkError::Symlink { at } => self.unsafe_entry(
+                raw,
+                format!(
+                    "goes through the symlink `{}` (possible path-escape attack)",
+                    at.display()
+                ),
+            ),
+            WalkError::NotADirectory { at } => self.unsafe_entry(
+                raw,
+                format!(
+                    "has `{}` as a parent, which is not a directory",
+                    at.display()
+                ),
+            ),
+            WalkError::NotBeneath => {
                 unreachable!("sanitized paths have only normal components")
-            };
-            so_far.push(c);
-            let cname = c_path(c).map_err(|e| self.io(&so_far, e))?;
-            match open_dir_at(cur.as_raw_fd(), &cname) {
-                Ok(fd) => cur = fd,
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                    if !create {
-                        return Err(self.bad(format!(
-                            "entry `{}` needs `{}`, which is not in this layer",
-                            String::from_utf8_lossy(raw),
-                            so_far.display()
-                        )));
-                    }
-                    // A parent the tar never listed: like tar, create it.
-                    // SAFETY: valid dir fd and C string.
-                    cvt(unsafe { libc::mkdirat(cur.as_raw_fd(), cname.as_ptr(), 0o755) })
-                        .map_err(|e| self.io(&so_far, e))?;
-                    let fd =
-                        open_dir_at(cur.as_raw_fd(), &cname).map_err(|e| self.io(&so_far, e))?;
-                    // 0755 whatever the umask: overlayfs shows the topmost
-                    // layer's directory attributes.
-                    // SAFETY: valid fd.
-                    cvt(unsafe { libc::fchmod(fd.as_raw_fd(), 0o755) })
-                        .map_err(|e| self.io(&so_far, e))?;
-                    cur = fd;
-                }
-                Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) => {
-                    let st = fstatat(cur.as_raw_fd(), &cname).ok().flatten();
-                    let reason = if st.is_some_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFLNK)
-                    {
-                        format!(
-                            "goes through the symlink `{}` (possible path-escape attack)",
-                            so_far.display()
-                        )
-                    } else {
-                        format!(
-                            "has `{}` as a parent, which is not a directory",
-                            so_far.display()
-                        )
-                    };
-                    return Err(self.unsafe_entry(raw, reason));
-                }
-                Err(e) => return Err(self.io(&so_far, e)),
             }
-        }
-        Ok(cur)
+            WalkError::Name { at } => self.io(
+                &at,
+                io::Error::new(io::ErrorKind::InvalidInput, "name contains NUL"),
+            ),
+            WalkError::Io { at, source } => self.io(&at, source),
+        })
     }
 
     /// Ownership first (chown clears set-id bits and file capabilities),
@@ -813,9 +797,9 @@ fn make_writable(path: &Path) {
     }
 }
 
+/// The one C-string rule (agentkernel-sys): a NUL byte is an error.
 fn c_path(name: &OsStr) -> io::Result<CString> {
-    CString::new(name.as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "name contains NUL"))
+    agentkernel_sys::c_string(name.as_bytes())
 }
 
 fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
@@ -830,18 +814,6 @@ fn owned(fd: libc::c_int) -> io::Result<OwnedFd> {
     let fd = cvt(fd)?;
     // SAFETY: `fd` was just returned by the kernel and is owned by no one else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// Opens the directory `name` in `dir` without following a symlink.
-fn open_dir_at(dir: RawFd, name: &CStr) -> io::Result<OwnedFd> {
-    // SAFETY: `dir` is an open directory fd and `name` a valid C string.
-    owned(unsafe {
-        libc::openat(
-            dir,
-            name.as_ptr(),
-            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-        )
-    })
 }
 
 /// `lstat` relative to `dir`; `None` if the name does not exist.

@@ -57,6 +57,7 @@ mod error;
 mod extract;
 mod manifest;
 mod platform;
+mod pull;
 mod reference;
 mod registry;
 mod store;
@@ -64,14 +65,13 @@ mod store;
 pub use error::{Error, Result};
 pub use extract::LayerMarkers;
 pub use platform::Platform;
+pub use pull::{Progress, ProgressFn, PullOptions, PullPolicy};
 pub use reference::{Digest, Reference, DOCKER_HUB, DOCKER_HUB_REGISTRY};
 pub use registry::{
     api_base, is_loopback_host, mirrors_from_dockerd, mirrors_from_env, probe, Probe,
     DOCKERD_CONFIG, MIRRORS_ENV,
 };
-pub use store::{
-    Image, ImageConfig, Progress, ProgressFn, PruneReport, PullOptions, PullPolicy, Store,
-};
+pub use store::{Image, ImageConfig, PruneReport, Store};
 
 /// Checks a mirror URL the way a pull will (scheme, loopback rule), so a
 /// bad config can be reported before anything runs.

@@ -118,6 +118,7 @@ impl Backend for NativeBackend {
                 content: content.clone(),
             })
             .collect();
+        plan.files = options.files.clone();
         if let Some(notice) = &options.notice {
             eprintln!("{notice}");
         }
@@ -179,9 +180,10 @@ impl Backend for NativeBackend {
     ) -> Result<()> {
         let image = images::image_root(spec, options.config).await?;
         let (mut plan, claim) = prepare::plan(spec, &image, &self.store)?;
-        // No first command: the helper creates the sandbox (and runs its
-        // template's setup) and exits.
+        // No first command: the helper creates the sandbox (copies its
+        // files in, runs its template's setup) and exits.
         plan.argv.clear();
+        plan.files = options.files.clone();
         // On failure `claim` releases the name and scratch.
         reserved()?;
         if let Some(notice) = &options.notice {

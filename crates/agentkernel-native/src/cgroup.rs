@@ -14,6 +14,52 @@ use std::path::{Path, PathBuf};
 
 use crate::plan::CgroupLimits;
 
+/// Why the sandbox's cgroup could not be made, used or frozen.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("cannot create the cgroup {}: {source}", dir.display())]
+    Create { dir: PathBuf, source: io::Error },
+    #[error("cannot write {}: {source}", file.display())]
+    Write { file: PathBuf, source: io::Error },
+    #[error("cannot open {}: {source}", file.display())]
+    Open { file: PathBuf, source: io::Error },
+    #[error("the cgroup v1 {0} controller is not mounted")]
+    V1ControllerNotMounted(&'static str),
+    /// A limit file is missing because its controller could not be enabled.
+    #[error("{missing}: the memory, cpu and pids controllers cannot be enabled below /sys/fs/cgroup ({why})")]
+    ControllersNotEnabled {
+        missing: Box<CgroupError>,
+        why: io::Error,
+    },
+    #[error("cannot move into the sandbox's cgroup: {0}")]
+    Join(#[source] io::Error),
+    #[error("this sandbox has no freezer cgroup")]
+    NoFreezer,
+}
+
+impl crate::error::Fix for CgroupError {
+    fn fix(&self) -> Option<&'static str> {
+        Some(match self {
+            CgroupError::Create { .. } | CgroupError::Write { .. } | CgroupError::Open { .. } | CgroupError::Join(_) => {
+                "run agentkernel as root; `agentkernel doctor` checks what native sandboxes need here"
+            }
+            CgroupError::V1ControllerNotMounted(_) => {
+                "mount the memory, cpu, pids and freezer controllers, or boot with cgroup v2"
+            }
+            CgroupError::ControllersNotEnabled { .. } => {
+                "in a container, first move its processes out of the root cgroup into a child group (as Docker-in-Docker's entrypoint does)"
+            }
+            CgroupError::NoFreezer => return None,
+        })
+    }
+}
+
+impl CgroupError {
+    fn is_missing_file(&self) -> bool {
+        matches!(self, CgroupError::Write { source, .. } if source.kind() == io::ErrorKind::NotFound)
+    }
+}
+
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 const CPU_PERIOD_US: u64 = 100_000;
 /// memory, cpu and pids for the limits; freezer for `sandbox stop`.
@@ -118,21 +164,53 @@ pub fn read_oom_kills(file: &fs::File) -> u64 {
 /// Moves the calling process into the cgroup through files from
 /// [`Cgroup::self_move_files`]. The caller must be single-threaded: on v1
 /// only the calling thread moves.
-pub fn move_self(files: &[fs::File]) -> io::Result<()> {
+pub fn move_self(files: &[fs::File]) -> Result<(), CgroupError> {
     for file in files {
-        io::Write::write_all(&mut &*file, b"0")?;
+        io::Write::write_all(&mut &*file, b"0").map_err(CgroupError::Join)?;
     }
     Ok(())
 }
 
-fn write(path: &Path, value: &str) -> io::Result<()> {
-    fs::write(path, value).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
+    fs::write(path, value).map_err(|source| CgroupError::Write {
+        file: path.to_path_buf(),
+        source,
+    })
+}
+
+fn create_dir(dir: &Path, create: impl FnOnce(&Path) -> io::Result<()>) -> Result<(), CgroupError> {
+    create(dir).map_err(|source| CgroupError::Create {
+        dir: dir.to_path_buf(),
+        source,
+    })
+}
+
+/// A cgroup being created: removed again when dropped before
+/// [`Unfinished::done`], so no error path leaves half a cgroup behind.
+struct Unfinished(Option<Cgroup>);
+
+impl Unfinished {
+    fn cgroup(&mut self) -> &mut Cgroup {
+        self.0.as_mut().expect("not done")
+    }
+
+    fn done(mut self) -> Cgroup {
+        self.0.take().expect("not done")
+    }
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if let Some(cgroup) = self.0.take() {
+            cgroup.remove();
+        }
+    }
 }
 
 impl Cgroup {
     /// The sandbox's cgroup: none for a rootless sandbox (which cannot
     /// create one; see rootless.rs), else a new one with the plan's limits.
-    pub fn for_plan(plan: &crate::Plan) -> io::Result<Cgroup> {
+    pub fn for_plan(plan: &crate::Plan) -> Result<Cgroup, CgroupError> {
         if plan.rootless.is_some() {
             return Ok(Cgroup {
                 v2: false,
@@ -149,7 +227,7 @@ impl Cgroup {
     }
 
     /// Creates the sandbox's cgroup with its limits.
-    pub fn create(id: &str, limits: &CgroupLimits) -> io::Result<Cgroup> {
+    pub fn create(id: &str, limits: &CgroupLimits) -> Result<Cgroup, CgroupError> {
         let cgroup = if is_cgroup2("/sys/fs/cgroup") {
             Cgroup::create_v2(id, limits)?
         } else {
@@ -158,7 +236,7 @@ impl Cgroup {
         Ok(cgroup)
     }
 
-    fn create_v2(id: &str, limits: &CgroupLimits) -> io::Result<Cgroup> {
+    fn create_v2(id: &str, limits: &CgroupLimits) -> Result<Cgroup, CgroupError> {
         let root = Path::new("/sys/fs/cgroup");
         let parent = root.join("agentkernel");
         // Controllers must be enabled on the path down to the sandbox. One
@@ -166,28 +244,21 @@ impl Cgroup {
         // whose cgroup has processes of its own: "no internal processes")
         // surfaces below as a missing limit file, reported with this error.
         let enabling = fs::write(root.join("cgroup.subtree_control"), "+memory +cpu +pids");
-        match fs::create_dir(&parent) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => {
-                return Err(io::Error::new(
-                    e.kind(),
-                    format!("{}: {e}", parent.display()),
-                ))
-            }
-        }
+        create_dir(&parent, |dir| match fs::create_dir(dir) {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+            other => other,
+        })?;
         let enabling = enabling.and(fs::write(
             parent.join("cgroup.subtree_control"),
             "+memory +cpu +pids",
         ));
         let dir = parent.join(id);
-        fs::create_dir(&dir)
-            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?;
-        let cgroup = Cgroup {
+        create_dir(&dir, |dir| fs::create_dir(dir))?;
+        let cgroup = Unfinished(Some(Cgroup {
             v2: true,
             dirs: vec![dir.clone()],
-        };
-        let apply = || -> io::Result<()> {
+        }));
+        let apply = || -> Result<(), CgroupError> {
             if let Some(m) = limits.memory_bytes {
                 write(&dir.join("memory.max"), &m.to_string())?;
                 // No swap beyond the limit: a memory hog meets the OOM killer.
@@ -204,69 +275,55 @@ impl Cgroup {
             }
             Ok(())
         };
-        if let Err(e) = apply() {
-            cgroup.remove();
-            if let (io::ErrorKind::NotFound, Err(why)) = (e.kind(), &enabling) {
-                return Err(io::Error::other(format!(
-                    "{e}: the memory, cpu and pids controllers cannot be enabled below \
-                     /sys/fs/cgroup ({why}); in a container, first move its processes out of \
-                     the root cgroup into a child group (as Docker-in-Docker's entrypoint does)"
-                )));
+        match (apply(), enabling) {
+            (Ok(()), _) => Ok(cgroup.done()),
+            (Err(missing), Err(why)) if missing.is_missing_file() => {
+                Err(CgroupError::ControllersNotEnabled {
+                    missing: Box::new(missing),
+                    why,
+                })
             }
-            return Err(e);
+            (Err(e), _) => Err(e),
         }
-        Ok(cgroup)
     }
 
-    fn create_v1(id: &str, limits: &CgroupLimits) -> io::Result<Cgroup> {
-        let mut cgroup = Cgroup {
+    fn create_v1(id: &str, limits: &CgroupLimits) -> Result<Cgroup, CgroupError> {
+        let mut cgroup = Unfinished(Some(Cgroup {
             v2: false,
             dirs: Vec::new(),
-        };
-        let result = (|| -> io::Result<()> {
-            for controller in V1_CONTROLLERS {
-                let mount = v1_mount(controller).ok_or_else(|| {
-                    io::Error::new(
-                        io::ErrorKind::NotFound,
-                        format!("the cgroup v1 {controller} controller is not mounted"),
-                    )
-                })?;
-                let dir = mount.join("agentkernel").join(id);
-                fs::create_dir_all(&dir)
-                    .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?;
-                cgroup.dirs.push(dir.clone());
-                match controller {
-                    "memory" => {
-                        if let Some(m) = limits.memory_bytes {
-                            write(&dir.join("memory.limit_in_bytes"), &m.to_string())?;
-                            let memsw = dir.join("memory.memsw.limit_in_bytes");
-                            if memsw.exists() {
-                                write(&memsw, &m.to_string())?;
-                            }
+        }));
+        for controller in V1_CONTROLLERS {
+            let mount =
+                v1_mount(controller).ok_or(CgroupError::V1ControllerNotMounted(controller))?;
+            let dir = mount.join("agentkernel").join(id);
+            create_dir(&dir, |dir| fs::create_dir_all(dir))?;
+            cgroup.cgroup().dirs.push(dir.clone());
+            match controller {
+                "memory" => {
+                    if let Some(m) = limits.memory_bytes {
+                        write(&dir.join("memory.limit_in_bytes"), &m.to_string())?;
+                        let memsw = dir.join("memory.memsw.limit_in_bytes");
+                        if memsw.exists() {
+                            write(&memsw, &m.to_string())?;
                         }
                     }
-                    "cpu" => {
-                        if let Some(c) = limits.cpus {
-                            let quota = (c * CPU_PERIOD_US as f64).round() as u64;
-                            write(&dir.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
-                            write(&dir.join("cpu.cfs_quota_us"), &quota.to_string())?;
-                        }
-                    }
-                    "pids" => {
-                        if let Some(p) = limits.pids {
-                            write(&dir.join("pids.max"), &p.to_string())?;
-                        }
-                    }
-                    _ => {}
                 }
+                "cpu" => {
+                    if let Some(c) = limits.cpus {
+                        let quota = (c * CPU_PERIOD_US as f64).round() as u64;
+                        write(&dir.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
+                        write(&dir.join("cpu.cfs_quota_us"), &quota.to_string())?;
+                    }
+                }
+                "pids" => {
+                    if let Some(p) = limits.pids {
+                        write(&dir.join("pids.max"), &p.to_string())?;
+                    }
+                }
+                _ => {}
             }
-            Ok(())
-        })();
-        if let Err(e) = result {
-            cgroup.remove();
-            return Err(e);
         }
-        Ok(cgroup)
+        Ok(cgroup.done())
     }
 
     /// The cgroup sandbox `id` has (or had) on this host, for removing what
@@ -344,7 +401,7 @@ impl Cgroup {
     /// `tasks`) skips that lock, and costs well under a millisecond. v2 has
     /// no per-thread file outside threaded subtrees: there, `cgroup.procs`
     /// is the fallback for kernels without `CLONE_INTO_CGROUP` (< 5.7).
-    pub fn self_move_files(&self) -> io::Result<Vec<fs::File>> {
+    pub fn self_move_files(&self) -> Result<Vec<fs::File>, CgroupError> {
         let file = if self.v2 { "cgroup.procs" } else { "tasks" };
         self.dirs
             .iter()
@@ -353,7 +410,7 @@ impl Cgroup {
                 fs::OpenOptions::new()
                     .write(true)
                     .open(&path)
-                    .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+                    .map_err(|source| CgroupError::Open { file: path, source })
             })
             .collect()
     }
@@ -388,10 +445,8 @@ impl Cgroup {
     }
 
     /// Freezes (`true`) or thaws every process in the sandbox.
-    pub fn set_frozen(&self, frozen: bool) -> io::Result<()> {
-        let dir = self
-            .dir_of("freezer")
-            .ok_or_else(|| io::Error::other("this sandbox has no freezer cgroup"))?;
+    pub fn set_frozen(&self, frozen: bool) -> Result<(), CgroupError> {
+        let dir = self.dir_of("freezer").ok_or(CgroupError::NoFreezer)?;
         if self.v2 {
             write(&dir.join("cgroup.freeze"), if frozen { "1" } else { "0" })
         } else {

@@ -17,6 +17,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 
 use agentkernel_core::copy::{base_name, host_error, report_skipped};
+use agentkernel_core::files::InjectedFile;
 use agentkernel_core::state::{proc_stat_field, stat_field, Store};
 
 use crate::kept::Held;
@@ -53,6 +54,14 @@ impl SandboxRoot {
         Ok(SandboxRoot { root })
     }
 
+    /// The root of the sandbox this process is building, once it has
+    /// pivoted into it (`[[files]]` are written from there).
+    pub fn current() -> io::Result<SandboxRoot> {
+        Ok(SandboxRoot {
+            root: sys::open_dir(Path::new("/"))?,
+        })
+    }
+
     /// Opens `path` (absolute, as the sandbox sees it) with `flags`.
     fn open_in(&self, path: &str, flags: i32, mode: u32) -> io::Result<OwnedFd> {
         let how = OpenHow {
@@ -60,7 +69,7 @@ impl SandboxRoot {
             mode: u64::from(mode),
             resolve: libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS,
         };
-        let c = sys::cstr(path);
+        let c = sys::cstr(path)?;
         loop {
             // SAFETY: a valid directory fd, C string and open_how of the size passed.
             let fd = unsafe {
@@ -205,8 +214,8 @@ pub fn copy_dir_in(host: &Path, dir: &OwnedFd, skipped: &mut Vec<String>) -> io:
             let sub = create_dir_at(dir, &name, mode)?;
             copy_dir_in(&path, &sub, skipped)?;
         } else if meta.file_type().is_symlink() {
-            let target = sys::cpath(&std::fs::read_link(&path)?);
-            let link = sys::cstr(&name);
+            let target = sys::cpath(&std::fs::read_link(&path)?)?;
+            let link = sys::cstr(&name)?;
             // SAFETY: a valid directory fd and C strings.
             if unsafe { libc::symlinkat(target.as_ptr(), dir.as_raw_fd(), link.as_ptr()) } != 0 {
                 skipped.push(path.display().to_string());
@@ -258,7 +267,7 @@ fn create_file_at(dir: &OwnedFd, name: &str, mode: u32) -> io::Result<File> {
 /// symlink) and returns it.
 fn create_dir_at(dir: &OwnedFd, name: &str, mode: u32) -> io::Result<OwnedFd> {
     check_name(name)?;
-    let c = sys::cstr(name);
+    let c = sys::cstr(name)?;
     // SAFETY: a valid directory fd and C string.
     if unsafe { libc::mkdirat(dir.as_raw_fd(), c.as_ptr(), mode & 0o777) } != 0 {
         let e = io::Error::last_os_error();
@@ -305,7 +314,7 @@ fn reopen(fd: &OwnedFd, flags: i32) -> io::Result<File> {
 }
 
 fn reopen_path(fd: &OwnedFd, flags: i32) -> io::Result<OwnedFd> {
-    let path = sys::cstr(&format!("/proc/self/fd/{}", fd.as_raw_fd()));
+    let path = sys::cstr(&format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
     // SAFETY: a valid C string; the result is checked.
     let new = unsafe { libc::open(path.as_ptr(), flags | libc::O_CLOEXEC) };
     if new < 0 {
@@ -324,7 +333,7 @@ struct OpenHow {
 }
 
 fn openat(dir: &OwnedFd, name: &str, flags: i32, mode: u32) -> io::Result<OwnedFd> {
-    let c = sys::cstr(name);
+    let c = sys::cstr(name)?;
     // SAFETY: a valid directory fd and C string.
     let fd = unsafe { libc::openat(dir.as_raw_fd(), c.as_ptr(), flags | libc::O_CLOEXEC, mode) };
     if fd < 0 {
@@ -332,6 +341,28 @@ fn openat(dir: &OwnedFd, name: &str, flags: i32, mode: u32) -> io::Result<OwnedF
     }
     // SAFETY: a fresh descriptor returned by openat.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `[[files]]`: each file written at its path, resolved inside `root` like
+/// every `sandbox cp` path; missing parent directories are made (0755), and
+/// the file gets exactly its mode (whatever the umask, and over an existing
+/// file's). A later entry for the same path replaces an earlier one.
+pub fn inject(root: &SandboxRoot, files: &[InjectedFile]) -> io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::PermissionsExt as _;
+    for file in files {
+        let at = |e: io::Error| sys::context(format_args!("[[files]] {}", file.dest))(e);
+        for dir in agentkernel_core::files::parent_dirs(&file.dest) {
+            if !root.is_dir(dir) {
+                root.create_dir(dir, 0o755).map_err(at)?;
+            }
+        }
+        let mut out = root.create_file(&file.dest, file.mode).map_err(at)?;
+        out.write_all(&file.content).map_err(at)?;
+        out.set_permissions(std::fs::Permissions::from_mode(file.mode))
+            .map_err(at)?;
+    }
+    Ok(())
 }
 
 fn native_error(e: io::Error) -> agentkernel_core::Error {

@@ -233,7 +233,7 @@ pub fn mount_detached(image: &Path) -> io::Result<OwnedFd> {
     }
     // SAFETY: just created, ours.
     let fs = unsafe { OwnedFd::from_raw_fd(fs as RawFd) };
-    let source = crate::sys::cstr(&dev);
+    let source = crate::sys::cstr(&dev)?;
     let config = |cmd: libc::c_uint, key: Option<&std::ffi::CStr>, value: *const libc::c_char| {
         let key = key.map_or(std::ptr::null(), |k| k.as_ptr());
         // SAFETY: fsconfig on our fs context with valid C strings (or null).
@@ -264,7 +264,7 @@ pub fn mount_detached(image: &Path) -> io::Result<OwnedFd> {
 
 /// Attaches a mount from [`mount_detached`] on `target` (in init's mount namespace).
 pub fn attach_detached(mount: &OwnedFd, target: &Path) -> io::Result<()> {
-    let target = crate::sys::cstr(&target.to_string_lossy());
+    let target = crate::sys::cpath(target)?;
     // SAFETY: move_mount of our mount fd onto a path given as a C string.
     let rc = unsafe {
         libc::syscall(

@@ -27,7 +27,7 @@ pub const BUNDLE_FILE: &str = "/etc/agentkernel/ca-bundle.crt";
 
 /// The system bundles the CA is appended to when the image has them
 /// (Debian/Alpine, RHEL/Fedora); tools that ignore the variables read these.
-const SYSTEM_BUNDLES: &[&str] = &[
+pub const SYSTEM_BUNDLES: &[&str] = &[
     "etc/ssl/certs/ca-certificates.crt",
     "etc/pki/tls/certs/ca-bundle.crt",
 ];
@@ -79,15 +79,34 @@ pub(crate) fn listen_here(egress: &EgressPlan) -> io::Result<()> {
     // is only borrowed here; the supervisor closes it after.
     let handoff = unsafe { std::os::fd::BorrowedFd::borrow_raw(egress.handoff_fd) };
     let handoff = handoff.try_clone_to_owned()?;
-    crate::sandbox::send_message(&handoff, LISTENER, &[listener.as_raw_fd()]).map_err(sys::context(
+    send_listener(&handoff, &listener, None).map_err(sys::context(
         "hand the listening socket to the egress proxy",
     ))
 }
 
-/// The proxy process's end: the listening socket, once the sandbox exists.
-pub fn receive_listener(handoff: &OwnedFd) -> io::Result<std::net::TcpListener> {
-    match crate::sandbox::recv_message(handoff)? {
-        (LISTENER, mut fds) if fds.len() == 1 => Ok(std::net::TcpListener::from(fds.remove(0))),
+/// Sends the listening socket to the proxy process. With `sandbox_process`
+/// (a pidfd: an engine's kept container, which no agentkernel process
+/// holds), the proxy ends when that process does instead of at the
+/// lifeline's end.
+pub fn send_listener(
+    handoff: &OwnedFd,
+    listener: &std::net::TcpListener,
+    sandbox_process: Option<&OwnedFd>,
+) -> io::Result<()> {
+    let mut fds = vec![listener.as_raw_fd()];
+    fds.extend(sandbox_process.map(AsRawFd::as_raw_fd));
+    crate::process::channel::send_message(handoff, LISTENER, &fds)
+}
+
+/// The proxy process's end: the listening socket, once the sandbox exists,
+/// and the sandbox's process to outlive no longer than, if one was sent.
+pub fn receive_listener(handoff: &OwnedFd) -> io::Result<(std::net::TcpListener, Option<OwnedFd>)> {
+    match crate::process::channel::recv_message(handoff)? {
+        (LISTENER, fds) if (1..=2).contains(&fds.len()) => {
+            let mut fds = fds.into_iter();
+            let listener = std::net::TcpListener::from(fds.next().expect("one fd"));
+            Ok((listener, fds.next()))
+        }
         _ => Err(io::Error::other("no listening socket from the sandbox")),
     }
 }
@@ -134,7 +153,7 @@ fn open_in_root(root: &OwnedFd, rel: &str, flags: i32) -> io::Result<Option<Owne
         mode: 0,
         resolve: RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV,
     };
-    let path = sys::cstr(rel);
+    let path = sys::cstr(rel)?;
     // SAFETY: valid dir fd, C string and open_how of the size passed.
     let fd = unsafe {
         libc::syscall(
@@ -159,7 +178,7 @@ fn open_in_root(root: &OwnedFd, rel: &str, flags: i32) -> io::Result<Option<Owne
 /// The two ends of the socket the listening socket travels over: ours
 /// (kept through the exec into the helper) and the proxy's.
 pub fn handoff_pair() -> io::Result<(OwnedFd, OwnedFd)> {
-    crate::sandbox::socketpair()
+    crate::process::channel::socketpair()
 }
 
 /// Caught in `main()` before clap, like the native helper.

@@ -5,6 +5,24 @@
 
 use std::io;
 
+pub use crate::cgroup::CgroupError;
+pub use crate::process::SandboxError;
+
+/// What to do about an error, kept apart from what went wrong: leaf errors
+/// say the problem in their message and the fix here, and [`with_fix`]
+/// joins the two in the one place they are rendered.
+pub trait Fix: std::error::Error {
+    fn fix(&self) -> Option<&'static str>;
+}
+
+/// "problem; fix" (or the problem alone when there is nothing to do).
+pub fn with_fix(e: &dyn Fix) -> String {
+    match e.fix() {
+        Some(fix) => format!("{e}; {fix}"),
+        None => e.to_string(),
+    }
+}
+
 /// Why native sandboxes cannot run on this host (`host::check`).
 #[derive(Debug, thiserror::Error)]
 pub enum HostUnsupported {
@@ -88,6 +106,10 @@ pub enum KeptError {
     Setup(String),
     #[error(transparent)]
     State(#[from] agentkernel_core::Error),
+    #[error("{}", with_fix(.0))]
+    Sandbox(#[from] SandboxError),
+    #[error("{}", with_fix(.0))]
+    Cgroup(#[from] CgroupError),
     #[error(transparent)]
     Io(#[from] io::Error),
 }
@@ -103,6 +125,10 @@ pub enum Error {
     Handoff(#[from] HandoffError),
     #[error(transparent)]
     Kept(#[from] KeptError),
+    #[error("{}", with_fix(.0))]
+    Sandbox(#[from] SandboxError),
+    #[error("{}", with_fix(.0))]
+    Cgroup(#[from] CgroupError),
     /// The runtime (namespaces, cgroups, mounts) failed; the message says where.
     #[error(transparent)]
     Runtime(#[from] io::Error),
@@ -122,5 +148,33 @@ impl From<Error> for agentkernel_core::Error {
                 message: other.to_string(),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The one rendering: the leaf's problem, then its fix.
+    #[test]
+    fn runtime_errors_render_problem_then_fix() {
+        let e = Error::from(SandboxError::from(CgroupError::V1ControllerNotMounted(
+            "pids",
+        )));
+        assert_eq!(
+            e.to_string(),
+            "the cgroup v1 pids controller is not mounted; mount the memory, cpu, pids and \
+             freezer controllers, or boot with cgroup v2"
+        );
+        let core = agentkernel_core::Error::from(e);
+        assert!(
+            core.to_string().ends_with("or boot with cgroup v2"),
+            "{core}"
+        );
+        // Nothing to do: the problem alone.
+        assert_eq!(
+            Error::from(CgroupError::NoFreezer).to_string(),
+            "this sandbox has no freezer cgroup"
+        );
     }
 }

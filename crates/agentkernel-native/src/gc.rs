@@ -28,7 +28,7 @@ pub fn orphaned_runs(store: &Store) -> usize {
 
 /// Where a finished one-shot run's scratch dir waits for its cleanup
 /// process: `<state>/finished/<id>`, out of `runs/` (see
-/// `sandbox::clean_up_after_exit`). None for a kept sandbox's.
+/// `process::supervisor::clean_up_after_exit`). None for a kept sandbox's.
 pub fn finished_path(plan: &Plan) -> Option<PathBuf> {
     if plan.keep.is_some() {
         return None;

@@ -16,7 +16,7 @@ use agentkernel_core::template;
 
 use crate::observed::HelperReport;
 use crate::plan::Action;
-use crate::{join, kept, prepare, rootless, sandbox, Plan, HELPER_SUBCOMMAND};
+use crate::{join, kept, prepare, process, rootless, Plan, HELPER_SUBCOMMAND};
 
 /// One more command in the kept sandbox `name`: its plan with this command,
 /// run by the helper. Never returns on success unless a receipt observes it
@@ -28,6 +28,18 @@ pub async fn exec_in(
     ttl: Option<std::time::Duration>,
     reused: bool,
 ) -> agentkernel_core::Result<i32> {
+    let plan = command_plan(store, name, request, ttl, reused)?;
+    exec_helper(&plan).await
+}
+
+/// The kept sandbox's plan with this command in it.
+fn command_plan(
+    store: &Store,
+    name: &str,
+    request: &ExecRequest,
+    ttl: Option<std::time::Duration>,
+    reused: bool,
+) -> agentkernel_core::Result<Plan> {
     let path = kept::plan_file(store, name);
     let sandbox: Plan = std::fs::read(&path)
         .and_then(|data| serde_json::from_slice(&data).map_err(std::io::Error::other))
@@ -37,7 +49,35 @@ pub async fn exec_in(
         keep.ttl = ttl.unwrap_or(keep.ttl);
         keep.reused = reused;
     }
-    exec_helper(&plan).await
+    Ok(plan)
+}
+
+/// The helper that runs one command in the kept sandbox `name` — exactly
+/// what `agentkernel exec` becomes — as a command for a long-lived caller
+/// (the SSH server) to start as its child, saving the `exec` process in
+/// between. The plan's memfd is close-on-exec in the caller (no other child
+/// of a busy server inherits it) and made inheritable in the child only; the
+/// caller drops the returned fd once the command is spawned.
+pub fn exec_command(
+    store: &Store,
+    name: &str,
+    request: &ExecRequest,
+) -> agentkernel_core::Result<(std::process::Command, std::os::fd::OwnedFd)> {
+    let plan = command_plan(store, name, request, None, false)?;
+    let (mut helper, fd) = memfd_command(&plan, libc::MFD_CLOEXEC).map_err(Error::from)?;
+    // SAFETY: just created by memfd_command, ours.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+    // SAFETY: only fcntl between fork and exec.
+    unsafe {
+        helper.pre_exec(move || {
+            if libc::fcntl(raw, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok((helper, fd))
 }
 
 /// Hands the plan to a fresh copy of ourselves on an inherited memfd: by
@@ -45,7 +85,7 @@ pub async fn exec_in(
 /// a child whose output passes through us (`observed`), returning its exit
 /// code.
 pub async fn exec_helper(plan: &Plan) -> agentkernel_core::Result<i32> {
-    let helper = memfd_command(plan).map_err(Error::from)?;
+    let (helper, _fd) = memfd_command(plan, 0).map_err(Error::from)?;
     exec_or_observe(helper, plan.tty).await
 }
 
@@ -60,13 +100,17 @@ async fn exec_or_observe(
     Err(Error::from(HandoffError::Exec(helper.exec())).into())
 }
 
-/// The helper's command line, with the plan on an inherited memfd.
-fn memfd_command(plan: &Plan) -> Result<std::process::Command, HandoffError> {
+/// The helper's command line, with the plan on a memfd (and that fd, left
+/// open for the helper to inherit: without MFD_CLOEXEC in FLAGS, across our
+/// own exec).
+fn memfd_command(
+    plan: &Plan,
+    flags: libc::c_uint,
+) -> Result<(std::process::Command, i32), HandoffError> {
     let json = serde_json::to_vec(plan).map_err(HandoffError::Encode)?;
     let name = c"agentkernel-plan";
-    // SAFETY: a valid C string; the new fd is owned by `file` below. No
-    // MFD_CLOEXEC: the helper inherits it across exec.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), 0) };
+    // SAFETY: a valid C string; the new fd is owned by `file` below.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
     if fd < 0 {
         return Err(HandoffError::Memfd(std::io::Error::last_os_error()));
     }
@@ -80,7 +124,7 @@ fn memfd_command(plan: &Plan) -> Result<std::process::Command, HandoffError> {
         .arg0("agentkernel")
         .arg(HELPER_SUBCOMMAND)
         .arg(fd.to_string());
-    Ok(helper)
+    Ok((helper, fd))
 }
 
 /// `agentkernel __native-sandbox <fd> [<report fd>]`: the helper's entry
@@ -113,17 +157,19 @@ fn run_helper(fd_arg: Option<String>, report: &mut dyn FnMut(HelperReport)) -> i
         }
     }
     let outcome: Result<_, Error> = match plan.action {
-        Action::Run => sandbox::run(&plan).map_err(Error::from),
-        Action::CreateKept => kept::create(&plan).map_err(Error::from).and_then(|()| {
-            template_setup(&plan);
-            if plan.argv.is_empty() {
-                // `sandbox create`: no first command.
-                return Ok(agentkernel_core::spec::Outcome::Exited(0));
-            }
-            let mut first = plan.clone();
-            first.action = Action::Exec;
-            join::exec(&first).map_err(Error::from)
-        }),
+        Action::Run => process::run(&plan).map_err(Error::from),
+        Action::CreateKept => process::holder::create(&plan)
+            .map_err(Error::from)
+            .and_then(|()| {
+                template_setup(&plan);
+                if plan.argv.is_empty() {
+                    // `sandbox create`: no first command.
+                    return Ok(agentkernel_core::spec::Outcome::Exited(0));
+                }
+                let mut first = plan.clone();
+                first.action = Action::Exec;
+                join::exec(&first).map_err(Error::from)
+            }),
         Action::Exec => join::exec(&plan).map_err(Error::from),
     };
     if let (Some(keep), Action::CreateKept | Action::Exec) = (&plan.keep, &plan.action) {

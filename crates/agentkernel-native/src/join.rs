@@ -14,7 +14,7 @@ use agentkernel_core::state::{now_unix, Store};
 use crate::error::KeptError;
 use crate::kept::Held;
 use crate::plan::Plan;
-use crate::sandbox::{self, wait_for};
+use crate::process::{self, relay, wait_for};
 use crate::sys;
 
 /// Namespaces to enter, mount last (it changes our root and cwd).
@@ -67,7 +67,7 @@ pub fn exec(plan: &Plan) -> Result<Outcome, KeptError> {
         .as_ref()
         .map_or(0, crate::cgroup::read_oom_kills);
     let control = sys::open_dir(&store.control_dir(&keep.name))?;
-    let sfd = sandbox::supervisor_signalfd()?;
+    let sfd = process::supervisor_signalfd()?;
 
     for (ns, file) in names.iter().zip(&namespaces) {
         // SAFETY: setns with an fd of a namespace file we opened.
@@ -82,7 +82,7 @@ pub fn exec(plan: &Plan) -> Result<Outcome, KeptError> {
     }
     drop(namespaces);
     let terminal = if plan.tty {
-        Some(sandbox::open_terminal().map_err(sys::context("allocate a terminal"))?)
+        Some(relay::open_terminal().map_err(sys::context("allocate a terminal"))?)
     } else {
         None
     };
@@ -99,13 +99,13 @@ pub fn exec(plan: &Plan) -> Result<Outcome, KeptError> {
             unsafe { libc::_exit(125) }
         }
         drop(self_move);
-        sandbox::become_command(plan, terminal.map(|(_, slave)| slave));
+        process::command::become_command(plan, terminal.map(|(_, slave)| slave));
     }
     drop(self_move);
     let master = terminal.map(|(master, _slave)| master);
     let _raw = match &master {
         Some(m) => {
-            sandbox::copy_window_size(m.as_raw_fd());
+            relay::copy_window_size(m.as_raw_fd());
             agentkernel_core::terminal::RawMode::enable(0)
         }
         None => None,
@@ -119,7 +119,7 @@ pub fn exec(plan: &Plan) -> Result<Outcome, KeptError> {
             touch_at(&control, ttl);
         }
     };
-    let result = sandbox::watch(&sfd, child, master, plan.timeout, &mut tick);
+    let result = process::watch(&sfd, child, master, plan.timeout, &mut tick);
     touch_at(&control, ttl);
     let (code, timed_out) = match result {
         Ok(r) => r,
@@ -144,8 +144,10 @@ pub fn exec(plan: &Plan) -> Result<Outcome, KeptError> {
 /// visible from inside the sandbox's mount namespace).
 fn touch_at(control: &OwnedFd, ttl: std::time::Duration) {
     let deadline = agentkernel_core::state::deadline_after(ttl).to_string();
-    let tmp = sys::cstr(&format!("deadline.tmp{}", std::process::id()));
-    let name = sys::cstr("deadline");
+    let Ok(tmp) = sys::cstr(&format!("deadline.tmp{}", std::process::id())) else {
+        return;
+    };
+    let name = c"deadline";
     // SAFETY: openat/renameat on a directory fd we own, with valid C strings.
     unsafe {
         let fd = libc::openat(

@@ -4,13 +4,12 @@
 //!
 //! The `agentkernel run` process turns a [`SandboxSpec`](agentkernel_core::spec::SandboxSpec)
 //! and an image into a [`Plan`] ([`prepare`]), then re-executes itself as a
-//! single-threaded helper that runs [`sandbox::run`]. See `sandbox.rs` for the
+//! single-threaded helper that runs [`process::run`]. See `process/` for the
 //! process structure and `rootfs.rs` for the filesystem.
 
 pub mod backend;
 pub mod caps;
 pub mod cgroup;
-mod command;
 pub mod copy;
 pub mod disk;
 pub mod egress;
@@ -25,9 +24,9 @@ pub mod net;
 pub mod observed;
 pub mod plan;
 pub mod prepare;
+pub mod process;
 pub mod rootfs;
 pub mod rootless;
-pub mod sandbox;
 pub mod seccomp;
 pub mod slirp;
 pub mod stop;

@@ -151,6 +151,10 @@ pub struct Plan {
     /// a kept sandbox's stored `plan.json` never has it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub secret_files: Vec<SecretFile>,
+    /// `[[files]]`: written into the root as the sandbox is built, before
+    /// its first command (and before a read-only root is made read-only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<agentkernel_core::files::InjectedFile>,
 }
 
 /// One `--secret-file`: its name and what the file holds (the value, or a

@@ -277,6 +277,7 @@ pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<(Pla
         // The proxy is started by the caller, which holds the secret values.
         egress: None,
         secret_files: Vec::new(),
+        files: Vec::new(),
     };
     Ok((plan, claim))
 }

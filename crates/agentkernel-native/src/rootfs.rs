@@ -16,7 +16,8 @@ use std::path::{Path, PathBuf};
 use agentkernel_core::secrets::SECRETS_DIR;
 
 use crate::plan::{MountKind, Plan, RootSource};
-use crate::sys::{self, context, cstr, fd_path, mount, open_beneath, Leaf};
+use crate::sys::{self, context, cstr, fd_path, mount, open_beneath, Host, Leaf, Syscall};
+use agentkernel_sys::syscall::Kind;
 
 /// The symlinks every sandbox's `/dev` has (as Docker's): the pty
 /// multiplexer and the standard streams. The VM guest's `/dev` uses them too.
@@ -100,7 +101,7 @@ pub fn build(
         NOSUID_NODEV_NOEXEC | libc::MS_RDONLY,
         None,
     )?;
-    mask_kernel_paths(&root_str)?;
+    mask_kernel_paths(&Host, &root_str)?;
     for path in &plan.hidden {
         let dir = open_beneath(&root, path, Leaf::Dir)?;
         mount(
@@ -163,11 +164,17 @@ pub fn enter(plan: &Plan) -> io::Result<()> {
     // A rootless sandbox has no cgroup of its own to show (and may not mount
     // v1 hierarchies): its /sys/fs/cgroup stays sysfs's empty directory.
     if plan.rootless.is_none() {
-        mount_cgroups(&root_str)?;
+        let v1 = crate::cgroup::host_is_v1().then(crate::cgroup::v1_hierarchies);
+        mount_cgroups(&Host, &root_str, v1.as_deref())?;
     }
     pivot_into(&root_str)?;
     if !plan.secret_files.is_empty() {
         write_secret_files(plan).map_err(context("--secret-file"))?;
+    }
+    if !plan.files.is_empty() {
+        // After pivot_root: "/" is the sandbox's root, and every path is
+        // resolved inside it.
+        crate::copy::inject(&crate::copy::SandboxRoot::current()?, &plan.files)?;
     }
     if plan.read_only_root {
         mount(
@@ -291,7 +298,7 @@ fn build_dev(root: &OwnedFd, rootless: bool) -> io::Result<()> {
     // Reopen: the fd taken before the mount still points beneath it.
     let dev = open_beneath(root, "dev", Leaf::Dir)?;
     for (name, major, minor) in DEVICES {
-        let c = cstr(name);
+        let c = cstr(name)?;
         // SAFETY: valid dir fd and C string.
         let rc = unsafe {
             libc::mknodat(
@@ -346,7 +353,7 @@ fn build_dev(root: &OwnedFd, rootless: bool) -> io::Result<()> {
         None,
     )?;
     for (link, target) in DEV_SYMLINKS {
-        let (l, t) = (cstr(link), cstr(target));
+        let (l, t) = (cstr(link)?, cstr(target)?);
         // SAFETY: valid C strings and dir fd.
         if unsafe { libc::symlinkat(t.as_ptr(), dev.as_raw_fd(), l.as_ptr()) } != 0 {
             return Err(context(format_args!("symlink /dev/{link}"))(
@@ -360,48 +367,49 @@ fn build_dev(root: &OwnedFd, rootless: bool) -> io::Result<()> {
 /// The sandbox's own cgroup, read-only at `/sys/fs/cgroup` as Docker shows
 /// it: the cgroup namespace makes the sandbox's group the root of the view,
 /// so a program can read its limits and nothing above them.
-fn mount_cgroups(root: &str) -> io::Result<()> {
+/// `v1`: the host's v1 hierarchies as (directory, mount options), or
+/// None on cgroup v2.
+fn mount_cgroups(sys: &dyn Syscall, root: &str, v1: Option<&[(String, String)]>) -> io::Result<()> {
     let base = format!("{root}/sys/fs/cgroup");
     let ro = NOSUID_NODEV_NOEXEC | libc::MS_RDONLY;
-    if !crate::cgroup::host_is_v1() {
-        return mount("cgroup2", &base, "cgroup2", ro, None);
-    }
-    mount(
+    let Some(hierarchies) = v1 else {
+        return sys.mount("cgroup2", &base, "cgroup2", ro, None);
+    };
+    sys.mount(
         "tmpfs",
         &base,
         "tmpfs",
         NOSUID_NODEV_NOEXEC,
         Some("mode=755"),
     )?;
-    for (dir, options) in crate::cgroup::v1_hierarchies() {
+    for (dir, options) in hierarchies {
         let path = format!("{base}/{dir}");
-        std::fs::create_dir(&path).map_err(context(format_args!("create {path}")))?;
-        mount("cgroup", &path, "cgroup", ro, Some(&options))?;
+        sys.create_dir(&path)?;
+        sys.mount("cgroup", &path, "cgroup", ro, Some(options))?;
     }
-    mount("", &base, "", libc::MS_BIND | libc::MS_REMOUNT | ro, None)
+    sys.mount("", &base, "", libc::MS_BIND | libc::MS_REMOUNT | ro, None)
 }
 
 /// The new `/proc` and `/sys` are kernel filesystems we just mounted, so
 /// plain paths beneath the root are safe here.
-fn mask_kernel_paths(root: &str) -> io::Result<()> {
+fn mask_kernel_paths(sys: &dyn Syscall, root: &str) -> io::Result<()> {
     for rel in MASKED_PATHS {
         let path = format!("{root}/{rel}");
-        let Ok(meta) = std::fs::symlink_metadata(&path) else {
-            continue;
-        };
-        if meta.is_dir() {
-            mount("tmpfs", &path, "tmpfs", libc::MS_RDONLY, Some("size=0"))?;
-        } else {
-            mount("/dev/null", &path, "", libc::MS_BIND, None)?;
+        match sys.kind(&path) {
+            None => continue,
+            Some(Kind::Dir) => {
+                sys.mount("tmpfs", &path, "tmpfs", libc::MS_RDONLY, Some("size=0"))?
+            }
+            Some(Kind::Other) => sys.mount("/dev/null", &path, "", libc::MS_BIND, None)?,
         }
     }
     for rel in READ_ONLY_PATHS {
         let path = format!("{root}/{rel}");
-        if std::fs::symlink_metadata(&path).is_err() {
+        if sys.kind(&path).is_none() {
             continue;
         }
-        mount(&path, &path, "", libc::MS_BIND | libc::MS_REC, None)?;
-        mount(
+        sys.mount(&path, &path, "", libc::MS_BIND | libc::MS_REC, None)?;
+        sys.mount(
             "",
             &path,
             "",
@@ -618,7 +626,7 @@ fn locked_flags(mounted: &OwnedFd) -> libc::c_ulong {
 /// it leaves only the sandbox's tree (the runc idiom: no directory for the old root needed).
 fn pivot_into(root: &str) -> io::Result<()> {
     std::env::set_current_dir(root).map_err(context("chdir to the new root"))?;
-    let dot = cstr(".");
+    let dot = c".";
     // SAFETY: valid C strings; pivot_root has no other preconditions we break.
     if unsafe { libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) } != 0 {
         return Err(context("pivot_root")(io::Error::last_os_error()));
@@ -629,4 +637,112 @@ fn pivot_into(root: &str) -> io::Result<()> {
     }
     std::env::set_current_dir("/").map_err(context("chdir /"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agentkernel_sys::syscall::{Call, Recorder};
+
+    fn mount(
+        source: &str,
+        target: &str,
+        fstype: &str,
+        flags: libc::c_ulong,
+        data: Option<&str>,
+    ) -> Call {
+        Call::Mount {
+            source: source.into(),
+            target: target.into(),
+            fstype: fstype.into(),
+            flags,
+            data: data.map(Into::into),
+        }
+    }
+
+    /// Directories are hidden under an empty read-only tmpfs, files under
+    /// /dev/null; read-only paths are bound and remounted read-only with
+    /// nosuid, nodev, noexec; what the kernel does not have is skipped.
+    #[test]
+    fn kernel_paths_are_masked_and_made_read_only() {
+        let sys = Recorder::with(&[
+            ("/r/proc/kcore", Kind::Other),
+            ("/r/sys/firmware", Kind::Dir),
+            ("/r/proc/sys", Kind::Dir),
+        ]);
+        mask_kernel_paths(&sys, "/r").unwrap();
+        let ro_remount = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | NOSUID_NODEV_NOEXEC;
+        assert_eq!(
+            sys.calls(),
+            [
+                mount("/dev/null", "/r/proc/kcore", "", libc::MS_BIND, None),
+                mount(
+                    "tmpfs",
+                    "/r/sys/firmware",
+                    "tmpfs",
+                    libc::MS_RDONLY,
+                    Some("size=0")
+                ),
+                mount(
+                    "/r/proc/sys",
+                    "/r/proc/sys",
+                    "",
+                    libc::MS_BIND | libc::MS_REC,
+                    None
+                ),
+                mount("", "/r/proc/sys", "", ro_remount, None),
+            ]
+        );
+    }
+
+    /// v2: the one hierarchy, read-only. v1: a tmpfs with a directory and a
+    /// read-only mount per hierarchy (options as the host mounted them),
+    /// then the tmpfs itself remounted read-only.
+    #[test]
+    fn cgroups_are_mounted_read_only_on_v1_and_v2() {
+        let ro = NOSUID_NODEV_NOEXEC | libc::MS_RDONLY;
+        let v2 = Recorder::default();
+        mount_cgroups(&v2, "/r", None).unwrap();
+        assert_eq!(
+            v2.calls(),
+            [mount("cgroup2", "/r/sys/fs/cgroup", "cgroup2", ro, None)]
+        );
+
+        let v1 = Recorder::default();
+        let hierarchies = [
+            ("cpu,cpuacct".to_string(), "cpu,cpuacct".to_string()),
+            ("memory".to_string(), "memory".to_string()),
+        ];
+        mount_cgroups(&v1, "/r", Some(&hierarchies)).unwrap();
+        let base = "/r/sys/fs/cgroup";
+        assert_eq!(
+            v1.calls(),
+            [
+                mount(
+                    "tmpfs",
+                    base,
+                    "tmpfs",
+                    NOSUID_NODEV_NOEXEC,
+                    Some("mode=755")
+                ),
+                Call::CreateDir(format!("{base}/cpu,cpuacct")),
+                mount(
+                    "cgroup",
+                    &format!("{base}/cpu,cpuacct"),
+                    "cgroup",
+                    ro,
+                    Some("cpu,cpuacct")
+                ),
+                Call::CreateDir(format!("{base}/memory")),
+                mount(
+                    "cgroup",
+                    &format!("{base}/memory"),
+                    "cgroup",
+                    ro,
+                    Some("memory")
+                ),
+                mount("", base, "", libc::MS_BIND | libc::MS_REMOUNT | ro, None),
+            ]
+        );
+    }
 }

@@ -125,6 +125,6 @@ impl Slirp {
     pub fn stop(&self) {
         // SAFETY: signalling our own child, which we have not reaped yet.
         unsafe { libc::kill(self.pid, libc::SIGKILL) };
-        crate::sandbox::wait_for(self.pid);
+        crate::process::wait_for(self.pid);
     }
 }

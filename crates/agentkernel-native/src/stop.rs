@@ -12,6 +12,7 @@ use agentkernel_core::procs;
 use agentkernel_core::state::Store;
 
 use crate::cgroup::Cgroup;
+use crate::error::KeptError;
 use crate::kept::Held;
 
 /// How long the killed processes may take to go.
@@ -19,7 +20,7 @@ const SETTLE: Duration = Duration::from_secs(10);
 
 /// Ends every process of sandbox `name` except its init; returns how many
 /// were killed.
-pub fn stop(store: &Store, name: &str) -> io::Result<usize> {
+pub fn stop(store: &Store, name: &str) -> Result<usize, KeptError> {
     let held = Held::live(store, name)?;
     if held.cgroup.dirs.is_empty() {
         return stop_by_namespace(&held, name);
@@ -39,16 +40,14 @@ pub fn stop(store: &Store, name: &str) -> io::Result<usize> {
 /// is left; `RLIMIT_NPROC` bounds what a fork loop can add meanwhile. The
 /// scan is complete because the profiles' seccomp filters deny new
 /// namespaces, so no process can hide in a nested pid namespace.
-fn stop_by_namespace(held: &Held, name: &str) -> io::Result<usize> {
+fn stop_by_namespace(held: &Held, name: &str) -> Result<usize, KeptError> {
     let ns = held
         .anchor_pid
         .and_then(procs::pid_namespace_for_children)
-        .ok_or_else(|| {
-            io::Error::other(format!(
-                "sandbox {name} is gone; `agentkernel sandbox gc` removes what it left"
-            ))
-        })?;
-    kill_until_none_left(name, || procs::in_namespace_except(&ns, &[held.init_pid]))
+        .ok_or_else(|| KeptError::Gone(name.to_string()))?;
+    Ok(kill_until_none_left(name, || {
+        procs::in_namespace_except(&ns, &[held.init_pid])
+    })?)
 }
 
 /// SIGKILLs what `find` lists until it lists nothing; returns how many

@@ -1,31 +1,30 @@
-//! Thin, checked wrappers over the syscalls the runtime uses. Each returns an
-//! `io::Error` that names what was being done, so a failed setup is one clear
-//! line.
+//! Thin, checked wrappers over the syscalls the runtime uses (over
+//! agentkernel-sys, and rustix where it covers a call). Each returns an
+//! `io::Error` that names what was being done, so a failed setup is one
+//! clear line.
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::path::Path;
+use std::os::fd::AsFd;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 
-pub fn cstr(s: &str) -> CString {
-    CString::new(s).unwrap_or_else(|_| CString::new("?").expect("no NUL"))
+use agentkernel_sys::beneath::{self, Walk, WalkError};
+pub use agentkernel_sys::syscall::{Host, Syscall};
+use rustix::fs::{AtFlags, Mode, OFlags};
+
+/// The one C-string rule (agentkernel-sys): a NUL byte is an error.
+pub fn cstr(s: &str) -> io::Result<CString> {
+    agentkernel_sys::c_string(s.as_bytes())
 }
 
-pub fn cpath(p: &Path) -> CString {
-    use std::os::unix::ffi::OsStrExt;
-    CString::new(p.as_os_str().as_bytes()).unwrap_or_else(|_| cstr("?"))
+pub fn cpath(p: &Path) -> io::Result<CString> {
+    agentkernel_sys::c_path(p)
 }
 
 pub fn context(what: impl std::fmt::Display) -> impl FnOnce(io::Error) -> io::Error {
     move |e| io::Error::new(e.kind(), format!("{what}: {e}"))
-}
-
-fn check(rc: libc::c_int, what: impl std::fmt::Display) -> io::Result<()> {
-    if rc < 0 {
-        Err(context(what)(io::Error::last_os_error()))
-    } else {
-        Ok(())
-    }
 }
 
 pub fn mount(
@@ -35,24 +34,7 @@ pub fn mount(
     flags: libc::c_ulong,
     data: Option<&str>,
 ) -> io::Result<()> {
-    let (s, t, f) = (cstr(source), cstr(target), cstr(fstype));
-    let d = data.map(cstr);
-    // SAFETY: all pointers are valid C strings (or null) for the call's duration.
-    let rc = unsafe {
-        libc::mount(
-            s.as_ptr(),
-            t.as_ptr(),
-            if fstype.is_empty() {
-                std::ptr::null()
-            } else {
-                f.as_ptr()
-            },
-            flags,
-            d.as_ref()
-                .map_or(std::ptr::null(), |d| d.as_ptr() as *const libc::c_void),
-        )
-    };
-    check(rc, format_args!("mount {fstype} {source} on {target}"))
+    Host.mount(source, target, fstype, flags, data)
 }
 
 /// The path through which a mount can target an fd we opened safely.
@@ -61,21 +43,10 @@ pub fn fd_path(fd: &OwnedFd) -> String {
 }
 
 pub fn open_dir(path: &Path) -> io::Result<OwnedFd> {
-    let c = cpath(path);
-    // SAFETY: `c` is a valid C string; the returned fd is owned below.
-    let fd = unsafe {
-        libc::open(
-            c.as_ptr(),
-            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(context(format_args!("open {}", path.display()))(
-            io::Error::last_os_error(),
-        ));
-    }
-    // SAFETY: `fd` was just returned by open and is ours.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    let c = cpath(path)?;
+    let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    rustix::fs::open(&*c, flags, Mode::empty())
+        .map_err(|e| context(format_args!("open {}", path.display()))(e.into()))
 }
 
 /// What to create at the end of a path that does not exist yet.
@@ -90,82 +61,46 @@ pub enum Leaf {
 /// lead out of the sandbox's root (an image whose `/workspace` is a symlink to
 /// `/etc` must not get a host directory mounted over the host's `/etc`).
 pub fn open_beneath(root: &OwnedFd, rel: &str, leaf: Leaf) -> io::Result<OwnedFd> {
-    let parts: Vec<&str> = rel
-        .split('/')
-        .filter(|p| !p.is_empty() && *p != ".")
-        .collect();
-    if parts.contains(&"..") {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("{rel}: `..` is not allowed in a sandbox path"),
-        ));
-    }
-    // SAFETY: dup of a valid fd; checked before ownership is taken (EMFILE
-    // would otherwise make an OwnedFd of -1).
-    let duplicate = unsafe { libc::fcntl(root.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
-    if duplicate < 0 {
-        return Err(context(format_args!(
-            "{rel}: duplicate the root descriptor"
-        ))(io::Error::last_os_error()));
-    }
-    // SAFETY: a fresh descriptor nobody else owns.
-    let mut dir = unsafe { OwnedFd::from_raw_fd(duplicate) };
-    for (i, part) in parts.iter().enumerate() {
-        let last = i + 1 == parts.len();
-        let want_file = last && leaf == Leaf::File;
-        let name = cstr(part);
-        let flags = libc::O_PATH
-            | libc::O_NOFOLLOW
-            | libc::O_CLOEXEC
-            | if want_file { 0 } else { libc::O_DIRECTORY };
-        // SAFETY: `dir` is a valid directory fd and `name` a valid C string.
-        let mut fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags) };
-        if fd < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOENT) {
-            // SAFETY: as above; creating the missing component.
-            let rc = unsafe {
-                if want_file {
-                    let f = libc::openat(
-                        dir.as_raw_fd(),
-                        name.as_ptr(),
-                        libc::O_CREAT
-                            | libc::O_EXCL
-                            | libc::O_WRONLY
-                            | libc::O_NOFOLLOW
-                            | libc::O_CLOEXEC,
-                        0o644,
-                    );
-                    if f >= 0 {
-                        libc::close(f);
-                        0
-                    } else {
-                        -1
-                    }
-                } else {
-                    libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), 0o755)
-                }
-            };
-            if rc < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST) {
-                return Err(context(format_args!("create {rel}"))(
-                    io::Error::last_os_error(),
-                ));
+    let refused = |e: WalkError| {
+        let why = match &e {
+            WalkError::NotBeneath => format!("{rel}: `..` is not allowed in a sandbox path"),
+            WalkError::Symlink { at } | WalkError::NotADirectory { at } => format!(
+                "{rel}: `{}` is a symlink or not a directory in the sandbox's root; refusing to follow it",
+                at.display()
+            ),
+            other => format!("open {rel}: {other}"),
+        };
+        io::Error::new(io::Error::from(e).kind(), why)
+    };
+    // Sandbox paths are absolute in the sandbox: beneath its root here.
+    let path = Path::new(rel.trim_start_matches('/'));
+    let parts = beneath::components(path).map_err(refused)?;
+    let dirs = Walk {
+        path_only: true,
+        create: Some(0o755),
+        exact_mode: false,
+    };
+    let (parent, name) = match (leaf, parts.split_last()) {
+        (Leaf::File, Some((name, parents))) => (parents.iter().collect::<PathBuf>(), *name),
+        _ => return beneath::open_dir(root.as_fd(), path, dirs).map_err(refused),
+    };
+    let dir = beneath::open_dir(root.as_fd(), &parent, dirs).map_err(refused)?;
+    let name = agentkernel_sys::c_string(name.as_bytes())?;
+    let flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let open = || rustix::fs::openat(&dir, &*name, flags, Mode::empty());
+    let opened = match open() {
+        Err(rustix::io::Errno::NOENT) => {
+            let create =
+                OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+            match rustix::fs::openat(&dir, &*name, create, Mode::from_raw_mode(0o644)) {
+                Ok(_) | Err(rustix::io::Errno::EXIST) => {}
+                Err(e) => return Err(context(format_args!("create {rel}"))(e.into())),
             }
-            // SAFETY: as above.
-            fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags) };
+            open()
         }
-        if fd < 0 {
-            let e = io::Error::last_os_error();
-            let why = match e.raw_os_error() {
-                Some(libc::ELOOP) | Some(libc::ENOTDIR) => format!(
-                    "{rel}: `{part}` is a symlink or not a directory in the sandbox's root; refusing to follow it"
-                ),
-                _ => format!("open {rel}: {e}"),
-            };
-            return Err(io::Error::new(e.kind(), why));
-        }
-        // SAFETY: `fd` was just returned by openat and is ours.
-        dir = unsafe { OwnedFd::from_raw_fd(fd) };
-    }
-    Ok(dir)
+        other => other,
+    };
+    opened.map_err(|e| context(format_args!("open {rel}"))(e.into()))
 }
 
 /// Writes a small file at `rel` beneath `root` without following symlinks
@@ -173,45 +108,24 @@ pub fn open_beneath(root: &OwnedFd, rel: &str, leaf: Leaf) -> io::Result<OwnedFd
 pub fn write_beneath(root: &OwnedFd, rel: &str, contents: &str) -> io::Result<()> {
     let (parent, name) = rel.rsplit_once('/').unwrap_or(("", rel));
     let dir = open_beneath(root, parent, Leaf::Dir)?;
-    let cname = cstr(name);
+    let cname = cstr(name)?;
     // O_PATH fds cannot be used for writes: reopen the directory for real.
     let real = reopen_dir(&dir)?;
-    // SAFETY: valid dir fd and C string; a symlink or other non-file is removed first.
-    unsafe { libc::unlinkat(real.as_raw_fd(), cname.as_ptr(), 0) };
-    // SAFETY: valid dir fd and C string; the fd is owned below.
-    let fd = unsafe {
-        libc::openat(
-            real.as_raw_fd(),
-            cname.as_ptr(),
-            libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-            0o644,
-        )
-    };
-    if fd < 0 {
-        return Err(context(format_args!("write {rel}"))(
-            io::Error::last_os_error(),
-        ));
-    }
-    // SAFETY: `fd` was just returned by openat and is ours.
-    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    // A symlink or other non-file is removed first (ENOENT: nothing there).
+    let _ = rustix::fs::unlinkat(&real, &*cname, AtFlags::empty());
+    let create =
+        OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let file = rustix::fs::openat(&real, &*cname, create, Mode::from_raw_mode(0o644))
+        .map(std::fs::File::from)
+        .map_err(|e| context(format_args!("write {rel}"))(e.into()))?;
     io::Write::write_all(&mut &file, contents.as_bytes())
         .map_err(context(format_args!("write {rel}")))
 }
 
 fn reopen_dir(dir: &OwnedFd) -> io::Result<OwnedFd> {
-    let path = cstr(&fd_path(dir));
-    // SAFETY: valid C string; the fd is owned below.
-    let fd = unsafe {
-        libc::open(
-            path.as_ptr(),
-            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: just opened, ours.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    let path = cstr(&fd_path(dir))?;
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    Ok(rustix::fs::open(&*path, flags, Mode::empty())?)
 }
 
 pub fn write_all_fd(fd: RawFd, data: &[u8]) -> io::Result<()> {
@@ -245,5 +159,29 @@ pub fn read_byte(fd: RawFd) -> io::Result<Option<u8>> {
             return Err(e);
         }
         return Ok((n == 1).then_some(b));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sandbox paths are given absolute; they stay beneath the root, and a
+    /// symlink or `..` on the way is refused (the file is created only at
+    /// the end of a walk that followed nothing).
+    #[test]
+    fn open_beneath_takes_sandbox_paths_and_refuses_escapes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = open_dir(tmp.path()).unwrap();
+        open_beneath(&root, "/workspace/sub", Leaf::Dir).unwrap();
+        open_beneath(&root, "/etc/hosts", Leaf::File).unwrap();
+        assert!(tmp.path().join("workspace/sub").is_dir());
+        assert!(tmp.path().join("etc/hosts").is_file());
+        std::os::unix::fs::symlink("/etc", tmp.path().join("escape")).unwrap();
+        let e = open_beneath(&root, "/escape/x", Leaf::File).unwrap_err();
+        assert!(e.to_string().contains("refusing to follow it"), "{e}");
+        let e = open_beneath(&root, "/a/../../x", Leaf::Dir).unwrap_err();
+        assert!(e.to_string().contains("`..` is not allowed"), "{e}");
+        assert!(!Path::new("/etc/x").exists());
     }
 }

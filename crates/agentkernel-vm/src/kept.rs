@@ -190,7 +190,7 @@ pub fn holder_main(args: &[String]) -> i32 {
         }
     };
     let _ = write!(report, "ok").and_then(|()| report.flush());
-    agentkernel_native::kept::detach_stdio();
+    agentkernel_native::process::holder::detach_stdio();
     let held = Arc::new(holder);
     held.serve();
     0

@@ -450,7 +450,7 @@ fn run_with_config_file(env: &TestEnv, toml: &str, script: &str) -> std::process
 
 #[test]
 fn upstream_config_files_run() {
-    let (port_a, port_b) = (free_port(), free_port());
+    let (port_a, port_b, port_c) = (free_port(), free_port(), free_port());
     let cases: Vec<(&str, String, &[&str])> = vec![
         ("minimal", "[sandbox]\nname = \"my-project\"\n".into(), &[]),
         (
@@ -507,19 +507,29 @@ fn upstream_config_files_run() {
             ),
             &[
                 "sandbox.runtime",
-                "build.dockerfile",
-                "build.args",
+                "[build] skipped: -i names the image",
                 "network.vsock_cid",
                 "security.commands.allow",
                 "security.transport.ssh",
                 "ssh.enabled",
-                "[[files]]",
                 "orchestrator.provider",
                 "enterprise.policy_server",
                 "api.tls",
                 "proxy.hooks",
                 "llm_keys.api.openai.com",
             ],
+        ),
+        (
+            "the documented full example",
+            format!(
+                "[sandbox]\nname = \"my-fullstack-app\"\n\
+                 [build]\ndockerfile = \"Dockerfile.dev\"\ncontext = \".\"\n[build.args]\nNODE_VERSION = \"22\"\n\
+                 [agent]\npreferred = \"claude\"\n[resources]\nvcpus = 4\nmemory_mb = 2048\n\
+                 [security]\nprofile = \"moderate\"\nnetwork = true\nmount_cwd = true\n\
+                 [network]\nports = [\"{port_c}:3000\"]\n[ssh]\nenabled = true\ncert_ttl = \"1h\"\n\
+                 [[files]]\nsource = \".env\"\ndest = \"/app/.env\"\nmode = \"0600\"\n"
+            ),
+            &["[build] skipped: -i names the image", "ssh.enabled"],
         ),
         (
             "domain rules without a network",
@@ -531,6 +541,8 @@ fn upstream_config_files_run() {
     ];
     for (case, toml, notices) in cases {
         let env = TestEnv::new();
+        // `[[files]]` sources are relative to the config file (in home).
+        std::fs::write(env.home_dir().join(".env"), "A=1\n").unwrap();
         let out = run_with_config_file(&env, &toml, "true");
         assert_code(&out, 0);
         let err = stderr(&out);

@@ -1,6 +1,7 @@
 //! Signed execution receipts (docs/receipts.md): `--receipt` on run and exec,
 //! `receipt key | verify | replay`, on every backend.
 
+#[macro_use]
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -382,11 +383,16 @@ print(statement["subject"][0]["name"], statement["subject"][0]["digest"]["sha256
     let out = python(&envelope);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out), format!("stdout {}\n", sha256_hex(b"hi\n")));
-    // A changed payload byte fails there too.
+    // A changed payload byte fails there too: a digit of the stdout digest,
+    // so the payload stays well-formed JSON and only the signature can tell.
     let mut e = read_json(&envelope);
     let mut body = BASE64.decode(e["payload"].as_str().unwrap()).unwrap();
-    let at = body.len() / 2;
-    body[at] ^= 1;
+    let digest = sha256_hex(b"hi\n");
+    let at = body
+        .windows(digest.len())
+        .position(|w| w == digest.as_bytes())
+        .expect("the statement names the stdout digest");
+    body[at] = if body[at] == b'0' { b'1' } else { b'0' };
     e["payload"] = json!(BASE64.encode(body));
     std::fs::write(&envelope, serde_json::to_vec(&e).unwrap()).unwrap();
     assert!(!python(&envelope).status.success());
@@ -484,6 +490,41 @@ fn replay(env: &TestEnv, file: &Path, extra: &[&str]) -> Output {
     let mut args = vec!["receipt", "replay", file.to_str().unwrap()];
     args.extend_from_slice(extra);
     env.run(&args)
+}
+
+/// `[[files]]` are inputs of the run: recorded by digest, and a replay
+/// whose copies differ says so.
+#[test]
+fn files_are_recorded_by_digest_and_replay_compares_them() {
+    let env = TestEnv::new();
+    let project = env.project_dir();
+    std::fs::write(project.join("app.env"), "A=1\n").unwrap();
+    std::fs::write(
+        project.join("agentkernel.toml"),
+        "[[files]]\nsource = \"app.env\"\ndest = \"/app/.env\"\nmode = \"0600\"\n",
+    )
+    .unwrap();
+    let (out, file) = run_with_receipt(&env, "files.json", &["-i", BUSYBOX, "cat", "/app/.env"]);
+    assert_code(&out, 0);
+    assert_eq!(
+        read_json(&file)["sandbox"]["files"],
+        json!([{"dest": "/app/.env", "mode": "0600", "sha256": sha256_hex(b"A=1\n")}])
+    );
+    let out = replay(&env, &file, &[]);
+    assert_code(&out, 0);
+    assert!(
+        stderr(&out).contains("replay: [[files]]: match"),
+        "{}",
+        stderr(&out)
+    );
+    std::fs::write(project.join("app.env"), "A=2\n").unwrap();
+    let out = replay(&env, &file, &[]);
+    assert_code(&out, 1);
+    assert!(
+        stderr(&out).contains("replay: [[files]]: mismatch"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -627,13 +668,11 @@ fn a_signal_to_agentkernel_reaches_the_command_of_a_receipted_run() {
     );
 }
 
-mod native_only {
-    use super::*;
-    use common::upstream::{start_upstream, API};
+use common::upstream::{start_upstream, API};
 
-    /// Through the egress proxy: two requests that get the secret, one
-    /// with a spoofed Host (421) and one to an unlisted host (403).
-    const EGRESS: &str = r#"
+/// Through the egress proxy: two requests that get the secret, one
+/// with a spoofed Host (421) and one to an unlisted host (403).
+const EGRESS: &str = r#"
 import sys, urllib.request, urllib.error
 for i in range(int(sys.argv[1])):
     print("ok", urllib.request.urlopen("https://api.example.test/r%d" % i, timeout=10).read())
@@ -649,86 +688,95 @@ if sys.argv[2] == "refused":
         print("unlisted", e.code)
 "#;
 
-    /// With the egress proxy the receipt's `sandbox.egress` counts each
-    /// host's connections, requests, bytes and refusals and names the secrets
-    /// injected (never their values), and still verifies; in a kept sandbox
-    /// an `exec --receipt` counts its own command's traffic only.
-    #[test]
-    fn a_proxied_run_records_its_egress_summary() {
-        const VALUE: &str = "sk-receipt-7a1c93e5";
-        let env = TestEnv::new();
-        let upstream = start_upstream();
-        let config = upstream.config(&env, "");
-        let binding = format!("API_KEY={VALUE}:{API}");
-        let proxied = |receipt: &str, name: Option<&str>, requests: &str, refused: &str| {
-            let mut args = vec!["-c", config.to_str().unwrap(), "-i", PYTHON];
-            if let Some(name) = name {
-                args.extend(["--name", name]);
-            }
-            args.extend(["-S", &binding, "--allow-host", API]);
-            args.extend(["--", "python3", "-c", EGRESS, requests, refused]);
-            run_with_receipt(&env, receipt, &args)
-        };
-        let (out, file) = proxied("one-shot.json", None, "2", "refused");
-        assert_code(&out, 0);
-        let text = stdout(&out);
-        assert!(
-            text.contains("spoofed 421") && text.contains("unlisted 403"),
-            "{text}"
-        );
-        let r = read_json(&file);
-        let egress = &r["sandbox"]["egress"];
-        let api = &egress["hosts"][API];
-        assert_eq!(api["connections"], 3, "{egress}");
-        assert_eq!(api["requests"], 3, "{egress}");
-        assert_eq!(api["refused"], 1, "{egress}");
-        assert_eq!(api["injected"], json!({"API_KEY": 2}), "{egress}");
-        assert!(api["bytes_up"].as_u64().unwrap() > 0, "{egress}");
-        assert!(api["bytes_down"].as_u64().unwrap() > 0, "{egress}");
-        let evil = &egress["hosts"]["evil.example.test"];
-        assert_eq!(
-            (evil["requests"].clone(), evil["refused"].clone()),
-            (json!(1), json!(1))
-        );
-        assert_eq!(egress["totals"]["requests"], 4, "{egress}");
-        assert_eq!(egress["totals"]["refused"], 2, "{egress}");
-        assert_eq!(egress["complete"], true, "{egress}");
-        assert!(!std::fs::read_to_string(&file).unwrap().contains(VALUE));
-        assert_code(&verify(&env, &file, &[]), 0);
+/// With the egress proxy the receipt's `sandbox.egress` counts each
+/// host's connections, requests, bytes and refusals and names the secrets
+/// injected (never their values), and still verifies; in a kept sandbox
+/// an `exec --receipt` counts its own command's traffic only.
+fn a_proxied_run_records_its_egress_summary() {
+    const VALUE: &str = "sk-receipt-7a1c93e5";
+    let env = TestEnv::new();
+    let upstream = start_upstream();
+    let config = upstream.config(&env, "");
+    let binding = format!("API_KEY={VALUE}:{API}");
+    let proxied = |receipt: &str, name: Option<&str>, requests: &str, refused: &str| {
+        let mut args = vec!["-c", config.to_str().unwrap(), "-i", PYTHON];
+        if let Some(name) = name {
+            args.extend(["--name", name]);
+        }
+        args.extend(["-S", &binding, "--allow-host", API]);
+        args.extend(["--", "python3", "-c", EGRESS, requests, refused]);
+        run_with_receipt(&env, receipt, &args)
+    };
+    let (out, file) = proxied("one-shot.json", None, "2", "refused");
+    assert_code(&out, 0);
+    let text = stdout(&out);
+    assert!(
+        text.contains("spoofed 421") && text.contains("unlisted 403"),
+        "{text}"
+    );
+    let r = read_json(&file);
+    let egress = &r["sandbox"]["egress"];
+    let api = &egress["hosts"][API];
+    assert_eq!(api["connections"], 3, "{egress}");
+    assert_eq!(api["requests"], 3, "{egress}");
+    assert_eq!(api["refused"], 1, "{egress}");
+    assert_eq!(api["injected"], json!({"API_KEY": 2}), "{egress}");
+    assert!(api["bytes_up"].as_u64().unwrap() > 0, "{egress}");
+    assert!(api["bytes_down"].as_u64().unwrap() > 0, "{egress}");
+    let evil = &egress["hosts"]["evil.example.test"];
+    assert_eq!(
+        (evil["requests"].clone(), evil["refused"].clone()),
+        (json!(1), json!(1))
+    );
+    assert_eq!(egress["totals"]["requests"], 4, "{egress}");
+    assert_eq!(egress["totals"]["refused"], 2, "{egress}");
+    assert_eq!(egress["complete"], true, "{egress}");
+    assert!(!std::fs::read_to_string(&file).unwrap().contains(VALUE));
+    assert_code(&verify(&env, &file, &[]), 0);
 
-        // A kept sandbox: the first command's traffic, then an exec's own.
-        let (out, file) = proxied("kept.json", Some("egress-kept"), "1", "refused");
-        assert_code(&out, 0);
-        let egress = &read_json(&file)["sandbox"]["egress"];
-        assert_eq!(egress["hosts"][API]["requests"], 2, "{egress}");
-        assert_eq!(egress["totals"]["refused"], 2, "{egress}");
-        let exec = env.project_dir().join("exec.json");
-        let out = env.run(&[
-            "exec",
-            "--receipt",
-            exec.to_str().unwrap(),
-            "egress-kept",
-            "--",
-            "python3",
-            "-c",
-            EGRESS,
-            "1",
-            "none",
-        ]);
-        assert_code(&out, 0);
-        let egress = &read_json(&exec)["sandbox"]["egress"];
-        let hosts: Vec<&String> = egress["hosts"].as_object().unwrap().keys().collect();
-        assert_eq!(hosts, [API], "{egress}");
-        assert_eq!(egress["hosts"][API]["requests"], 1, "{egress}");
-        assert_eq!(
-            egress["hosts"][API]["injected"],
-            json!({"API_KEY": 1}),
-            "{egress}"
-        );
-        assert_eq!(egress["totals"]["refused"], 0, "{egress}");
-        assert_code(&verify(&env, &exec, &[]), 0);
-        assert_code(&env.run(&["sandbox", "rm", "egress-kept"]), 0);
-    }
+    // A kept sandbox: the first command's traffic, then an exec's own.
+    let kept = unique_name("egress-kept");
+    let _guard = KeptGuard::new(&kept);
+    let (out, file) = proxied("kept.json", Some(kept.as_str()), "1", "refused");
+    assert_code(&out, 0);
+    let egress = &read_json(&file)["sandbox"]["egress"];
+    assert_eq!(egress["hosts"][API]["requests"], 2, "{egress}");
+    assert_eq!(egress["totals"]["refused"], 2, "{egress}");
+    let exec = env.project_dir().join("exec.json");
+    let out = env.run(&[
+        "exec",
+        "--receipt",
+        exec.to_str().unwrap(),
+        &kept,
+        "--",
+        "python3",
+        "-c",
+        EGRESS,
+        "1",
+        "none",
+    ]);
+    assert_code(&out, 0);
+    let egress = &read_json(&exec)["sandbox"]["egress"];
+    let hosts: Vec<&String> = egress["hosts"].as_object().unwrap().keys().collect();
+    assert_eq!(hosts, [API], "{egress}");
+    assert_eq!(egress["hosts"][API]["requests"], 1, "{egress}");
+    assert_eq!(
+        egress["hosts"][API]["injected"],
+        json!({"API_KEY": 1}),
+        "{egress}"
+    );
+    assert_eq!(egress["totals"]["refused"], 0, "{egress}");
+    assert_code(&verify(&env, &exec, &[]), 0);
+    assert_code(&env.run(&["sandbox", "rm", &kept]), 0);
+}
+
+on_every_proxy_backend!(
+    egress_native_only, egress_engine_only:
+    a_proxied_run_records_its_egress_summary,
+);
+
+mod native_only {
+    use super::*;
 
     /// `--image host` has no image digest; the receipt says so and replays.
     #[test]

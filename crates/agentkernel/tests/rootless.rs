@@ -621,6 +621,62 @@ fn rootless_secret_files_and_a_private_vault() {
     user.assert_no_processes();
 }
 
+/// `[[files]]` on a rootless sandbox: written from inside it as its root
+/// (the caller outside), with their mode; a destination through a symlink
+/// the project planted toward the caller's own files lands in the sandbox.
+#[test]
+fn rootless_files_are_copied_in_and_stay_in_the_sandbox() {
+    let user = User::new(4320);
+    let project = user.project();
+    let outside = user.dir.path().join("home");
+    std::fs::write(outside.join("secret"), "user's file\n").unwrap();
+    std::os::unix::fs::symlink(&outside, project.join("homelink")).unwrap();
+    std::fs::write(project.join("app.env"), "A=1\n").unwrap();
+    std::fs::write(
+        project.join("f.toml"),
+        "[[files]]\nsource = \"app.env\"\ndest = \"/app/.env\"\nmode = \"0600\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        project.join("attack.toml"),
+        "[[files]]\nsource = \"app.env\"\ndest = \"/workspace/homelink/secret\"\n",
+    )
+    .unwrap();
+    user.chown_all();
+    let out = user.run(&[
+        "run",
+        "--no-network",
+        "-c",
+        "f.toml",
+        "-i",
+        BUSYBOX,
+        "stat",
+        "-c",
+        "%a %u %n",
+        "/app/.env",
+    ]);
+    assert_code(&out, 0);
+    assert_eq!(stdout(&out), "600 0 /app/.env\n");
+    // Inside the sandbox the link leads nowhere: refused, the file untouched.
+    let out = user.run(&[
+        "run",
+        "--no-network",
+        "-c",
+        "attack.toml",
+        "-i",
+        BUSYBOX,
+        "true",
+    ]);
+    assert_code(&out, 125);
+    assert!(stderr(&out).contains("[[files]]"), "{}", stderr(&out));
+    assert_eq!(
+        std::fs::read_to_string(outside.join("secret")).unwrap(),
+        "user's file\n"
+    );
+    assert!(user.runs_left().is_empty(), "{:?}", user.runs_left());
+    user.assert_no_processes();
+}
+
 /// This user's egress proxy processes.
 fn proxies(user: &User) -> Vec<u32> {
     user.processes()

@@ -70,6 +70,41 @@ impl<'a> SshSandbox<'a> {
         self.openssh("scp").arg(from).arg(to).output().unwrap()
     }
 
+    /// `ssh -N FLAG SPEC` (a forwarding, no command) in the background.
+    fn forward(&self, flag: &str, spec: &str) -> std::process::Child {
+        self.openssh("ssh")
+            .args(["-N", "-o", "ExitOnForwardFailure=yes", flag, spec])
+            .arg(&self.name)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
+    /// The system's ssh with the Host block but KEY instead of the
+    /// sandbox's client key (-F's IdentityFile would still be offered after
+    /// -i: the block is used without it).
+    fn ssh_with_key(&self, key: &std::path::Path, command: &str) -> Output {
+        let without_key = self.env.home_dir().join(format!("{}.no-key", self.name));
+        let config = std::fs::read_to_string(&self.config).unwrap();
+        let kept: Vec<&str> = config
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("IdentityFile"))
+            .collect();
+        std::fs::write(&without_key, kept.join("\n")).unwrap();
+        let mut cmd = Command::new("ssh");
+        self.env.configure(&mut cmd);
+        cmd.arg("-F")
+            .arg(&without_key)
+            .args(["-o", "BatchMode=yes", "-i"])
+            .arg(key)
+            .arg(&self.name)
+            .arg(command)
+            .output()
+            .unwrap()
+    }
+
     fn state(&self) -> PathBuf {
         self.env.state_dir().join("ssh").join(&self.name)
     }
@@ -79,6 +114,18 @@ impl Drop for SshSandbox<'_> {
     fn drop(&mut self) {
         let _ = self.env.run(&["sandbox", "remove", &self.name]);
     }
+}
+
+/// A new ed25519 key pair in the test's home (FILE and FILE.pub).
+fn new_key(env: &TestEnv, file: &str) -> PathBuf {
+    let key = env.home_dir().join(file);
+    let out = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert_code(&out, 0);
+    key
 }
 
 fn port_open(port: u16) -> bool {
@@ -135,13 +182,34 @@ fn exec_over_ssh_is_agentkernel_exec_with_exit_status_and_streams() {
     assert_eq!(stdout(&out), "state\n");
     assert!(stderr(&out).contains("to-err"), "{}", stderr(&out));
 
-    // Same user, working directory and environment as `agentkernel exec`.
-    let probe = "id -u; id -g; pwd; echo $PATH; echo $HOME";
-    let by_ssh = sandbox.ssh(probe);
-    let by_exec = sandbox.exec(&["sh", "-c", probe]);
+    // Same user, working directory, environment, open files, cgroup and
+    // namespaces as `agentkernel exec`: the session is in the sandbox, and
+    // nothing of the server's (its listening socket, a plan) reaches it.
+    let namespaces =
+        "/proc/self/ns/mnt /proc/self/ns/pid /proc/self/ns/net /proc/self/ns/uts /proc/self/ns/ipc";
+    let probe = format!(
+        "id -u; id -g; pwd; echo $PATH; echo $HOME; env | grep -v '^_=' | sort; \
+         ls /proc/self/fd; cat /proc/self/cgroup; for n in {namespaces}; do readlink $n; done"
+    );
+    let by_ssh = sandbox.ssh(&probe);
+    let by_exec = sandbox.exec(&["/bin/sh", "-c", &probe]);
     assert_code(&by_ssh, 0);
     assert_code(&by_exec, 0);
     assert_eq!(stdout(&by_ssh), stdout(&by_exec));
+    // Only stdio (and `ls`'s own directory, 3) is open in a session.
+    let fds = sandbox.ssh("ls /proc/self/fd");
+    assert_code(&fds, 0);
+    assert_eq!(stdout(&fds), "0\n1\n2\n3\n");
+    for ns in namespaces
+        .split(' ')
+        .map(|n| std::fs::read_link(n).unwrap())
+    {
+        let ns = ns.to_string_lossy().into_owned();
+        assert!(
+            !stdout(&by_ssh).contains(&ns),
+            "the session shares the host's {ns}"
+        );
+    }
 
     // stdin reaches the command, EOF included.
     let mut child = env
@@ -156,6 +224,32 @@ fn exec_over_ssh_is_agentkernel_exec_with_exit_status_and_streams() {
     let out = child.wait_with_output().unwrap();
     assert_code(&out, 0);
     assert_eq!(stdout(&out).trim(), "5");
+
+    // Over the shared connection (`agentkernel ssh` asks the background
+    // master for the session itself): all output is written by the time it
+    // exits, even to a file; and when that master is gone, the next call
+    // starts a new one.
+    let file = env.home_dir().join("big-output");
+    let status = env
+        .std_cmd()
+        .args(["ssh", &sandbox.name, "--", "head -c 3000000 /dev/zero"])
+        .stdout(std::fs::File::create(&file).unwrap())
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), 3_000_000);
+    let mux = sandbox.state().join("mux");
+    assert!(mux.exists(), "no shared connection");
+    let out = Command::new("ssh")
+        .arg("-o")
+        .arg(format!("ControlPath={}", mux.display()))
+        .args(["-O", "exit", "sandbox"])
+        .output()
+        .unwrap();
+    assert_code(&out, 0);
+    let out = sandbox.ssh("echo again; exit 3");
+    assert_code(&out, 3);
+    assert_eq!(stdout(&out), "again\n");
 
     // Keys and state are private.
     for file in ["host_key", "client_key", "authorized_keys", "known_hosts"] {
@@ -322,16 +416,7 @@ fn local_forward_reaches_a_server_on_the_sandbox_loopback() {
         ],
     );
     let local = free_port();
-    let mut forward = sandbox
-        .openssh("ssh")
-        .args(["-N", "-o", "ExitOnForwardFailure=yes", "-L"])
-        .arg(format!("{local}:127.0.0.1:8080"))
-        .arg(&sandbox.name)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut forward = sandbox.forward("-L", &format!("{local}:127.0.0.1:8080"));
     let deadline = Instant::now() + Duration::from_secs(10);
     let body = loop {
         match http_get(local) {
@@ -344,6 +429,57 @@ fn local_forward_reaches_a_server_on_the_sandbox_loopback() {
     unsafe { libc::kill(forward.id() as i32, libc::SIGTERM) };
     let _ = forward.wait();
     assert!(body.contains("hello-from-inside"), "{body}");
+
+    // Dynamic forwarding (`ssh -D`, a SOCKS proxy: what VS Code Remote-SSH
+    // uses by default to reach its server) goes the same way: the sandbox's
+    // loopback is reachable, the host's is not.
+    let host_only = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    host_only.set_nonblocking(true).unwrap();
+    let host_port = host_only.local_addr().unwrap().port();
+    let socks = free_port();
+    let mut dynamic = sandbox.forward("-D", &format!("127.0.0.1:{socks}"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut stream = loop {
+        match socks_connect(socks, 8080) {
+            Ok(stream) => break stream,
+            _ if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
+            Err(e) => panic!("no connection through ssh -D: {e}"),
+        }
+    };
+    stream.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let mut body = String::new();
+    let _ = stream.read_to_string(&mut body);
+    drop(stream);
+    let to_host = socks_connect(socks, host_port);
+    let accepted = host_only.accept();
+    // SIGKILL: with a forwarded connection open, ssh waits on SIGTERM.
+    let _ = dynamic.kill();
+    let _ = dynamic.wait();
+    assert!(body.contains("hello-from-inside"), "{body}");
+    assert!(to_host.is_err(), "ssh -D reached the host's loopback");
+    assert!(accepted.is_err(), "the host's listener got a connection");
+}
+
+/// Opens a connection through the SOCKS5 proxy on 127.0.0.1:PROXY to
+/// 127.0.0.1:PORT as the proxy's far side sees it; Err if it refuses.
+fn socks_connect(proxy: u16, port: u16) -> std::io::Result<std::net::TcpStream> {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", proxy))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(&[5, 1, 0])?; // version 5, one method: no auth
+    let mut choice = [0u8; 2];
+    stream.read_exact(&mut choice)?;
+    let mut request = vec![5, 1, 0, 1, 127, 0, 0, 1]; // CONNECT to IPv4 127.0.0.1
+    request.extend_from_slice(&port.to_be_bytes());
+    stream.write_all(&request)?;
+    let mut reply = [0u8; 10];
+    stream.read_exact(&mut reply)?;
+    if reply[1] != 0 {
+        return Err(std::io::Error::other(format!(
+            "SOCKS refused: {}",
+            reply[1]
+        )));
+    }
+    Ok(stream)
 }
 
 #[test]
@@ -352,36 +488,8 @@ fn wrong_key_and_unlisted_environment_are_refused() {
     let sandbox = SshSandbox::start(&env, "sshauth", &["--ssh-accept-env", "OK_*"], &["true"]);
 
     // A key the server never saw.
-    let other = env.home_dir().join("other_key");
-    let out = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-        .arg(&other)
-        .output()
-        .unwrap();
-    assert_code(&out, 0);
-    // -F's IdentityFile is still offered after -i: use a config without it.
-    let without_key = env.home_dir().join("without-key.config");
-    let config = std::fs::read_to_string(&sandbox.config).unwrap();
-    std::fs::write(
-        &without_key,
-        config
-            .lines()
-            .filter(|l| !l.trim_start().starts_with("IdentityFile"))
-            .collect::<Vec<_>>()
-            .join("\n"),
-    )
-    .unwrap();
-    let mut cmd = Command::new("ssh");
-    env.configure(&mut cmd);
-    let out = cmd
-        .arg("-F")
-        .arg(&without_key)
-        .args(["-o", "BatchMode=yes", "-i"])
-        .arg(&other)
-        .arg(&sandbox.name)
-        .arg("echo got-in")
-        .output()
-        .unwrap();
+    let other = new_key(&env, "other_key");
+    let out = sandbox.ssh_with_key(&other, "echo got-in");
     assert_code(&out, 255);
     assert!(!stdout(&out).contains("got-in"));
     assert!(
@@ -463,4 +571,68 @@ fn a_killed_server_is_collected_and_a_taken_port_is_refused() {
     let out = env.run(&["sandbox", "info", &name]);
     assert_ne!(out.status.code(), Some(0), "a sandbox was made");
     assert!(!env.state_dir().join("ssh").join(&name).exists());
+}
+
+#[test]
+fn chosen_port_callers_keys_config_flag_and_a_stopped_sandbox() {
+    let env = TestEnv::new();
+    // The caller's own key, as in ~/.ssh/authorized_keys.
+    let own = new_key(&env, "own_key");
+    let authorized = env.home_dir().join("authorized_keys");
+    let public = std::fs::read_to_string(own.with_extension("pub")).unwrap();
+    std::fs::write(&authorized, format!("# mine\n\n{public}")).unwrap();
+
+    // A line with key options is refused: one line, 125, nothing made.
+    let with_options = env.home_dir().join("authorized_keys.options");
+    std::fs::write(&with_options, format!("no-pty {public}")).unwrap();
+    let name = unique_name("sshopts");
+    let out = env.run_kept(
+        &name,
+        &[
+            "--ssh",
+            "--ssh-authorized-keys",
+            with_options.to_str().unwrap(),
+        ],
+        &["true"],
+    );
+    let line = assert_one_line_error(&out);
+    assert!(line.contains("--ssh-authorized-keys"), "{line}");
+    assert_ne!(env.run(&["sandbox", "info", &name]).status.code(), Some(0));
+    assert!(!env.state_dir().join("ssh").join(&name).exists());
+
+    let port = free_port();
+    let sandbox = SshSandbox::start(
+        &env,
+        "sshkeys",
+        &[
+            "--ssh-port",
+            &port.to_string(),
+            "--ssh-authorized-keys",
+            authorized.to_str().unwrap(),
+        ],
+        &["true"],
+    );
+    assert_eq!(sandbox.port, port);
+
+    // `ssh NAME --config` is `ssh-config NAME`.
+    let out = env.run(&["ssh", &sandbox.name, "--config"]);
+    assert_code(&out, 0);
+    assert_eq!(out.stdout, std::fs::read(&sandbox.config).unwrap());
+
+    // The caller's key gets in (with the pinned host key of the Host block).
+    let out = sandbox.ssh_with_key(&own, "echo own-key");
+    assert_code(&out, 0);
+    assert_eq!(stdout(&out), "own-key\n");
+
+    // A stopped sandbox runs nothing over SSH either, as `exec` refuses;
+    // started again, it does.
+    assert_code(&env.run(&["sandbox", "stop", &sandbox.name]), 0);
+    let out = sandbox.ssh("echo ran");
+    assert_code(&out, 125);
+    assert!(!stdout(&out).contains("ran"));
+    assert!(stderr(&out).contains("is stopped"), "{}", stderr(&out));
+    assert_code(&env.run(&["sandbox", "start", &sandbox.name]), 0);
+    let out = sandbox.ssh("echo ran");
+    assert_code(&out, 0);
+    assert_eq!(stdout(&out), "ran\n");
 }

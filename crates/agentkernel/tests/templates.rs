@@ -4,6 +4,7 @@
 //! < flags), built-ins running, `setup` once per kept sandbox, and bad
 //! templates (exit 125, one line).
 
+#[macro_use]
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -829,56 +830,41 @@ fn run_agent_builtin(env: &TestEnv, name: &str, key: &str) -> std::process::Outp
     ])
 }
 
-mod agent_builtins_native_only {
-    use super::*;
-
-    /// claude-sandbox and codex-sandbox run on native: their key goes
-    /// through the egress proxy, the sandbox sees a placeholder.
-    #[test]
-    fn agent_builtins_run_with_a_placeholder_for_their_key() {
-        let env = TestEnv::new();
-        set_agent_keys(&env);
-        for (name, key) in [
-            ("claude-sandbox", "ANTHROPIC_API_KEY"),
-            ("codex-sandbox", "OPENAI_API_KEY"),
-        ] {
-            let out = run_agent_builtin(&env, name, key);
-            assert_code(&out, 0);
-            assert_eq!(
-                stdout(&out),
-                format!("{}\nAGENTKERNEL_PLACEHOLDER\nlisted\n", 1024u64 << 20),
-                "{name}"
-            );
-        }
-    }
-
-    /// Without the key, the run is refused naming it: never a run without it.
-    #[test]
-    fn agent_builtin_without_its_key_is_125_naming_it() {
-        let env = TestEnv::new();
-        let out = run_agent_builtin(&env, "claude-sandbox", "ANTHROPIC_API_KEY");
-        let line = error_after_notices(&out);
-        assert!(
-            line.contains("ANTHROPIC_API_KEY") && line.contains("secret set"),
-            "{line}"
+/// claude-sandbox and codex-sandbox run where the egress proxy does: their
+/// key goes through it, the sandbox sees a placeholder.
+fn agent_builtins_run_with_a_placeholder_for_their_key() {
+    let env = TestEnv::new();
+    set_agent_keys(&env);
+    for (name, key) in [
+        ("claude-sandbox", "ANTHROPIC_API_KEY"),
+        ("codex-sandbox", "OPENAI_API_KEY"),
+    ] {
+        let out = run_agent_builtin(&env, name, key);
+        assert_code(&out, 0);
+        assert_eq!(
+            stdout(&out),
+            format!("{}\nAGENTKERNEL_PLACEHOLDER\nlisted\n", 1024u64 << 20),
+            "{name}"
         );
     }
 }
 
-mod agent_builtins_engine_only {
-    use super::*;
-
-    /// The engines have no egress proxy yet: a template that binds a key is
-    /// refused (fail closed), not run without it.
-    #[test]
-    fn agent_builtins_are_refused_without_the_proxy() {
-        let env = TestEnv::new();
-        set_agent_keys(&env);
-        let out = run_agent_builtin(&env, "claude-sandbox", "ANTHROPIC_API_KEY");
-        let line = error_after_notices(&out);
-        assert!(line.contains(backend()), "{line}");
-    }
+/// Without the key, the run is refused naming it: never a run without it.
+fn agent_builtin_without_its_key_is_125_naming_it() {
+    let env = TestEnv::new();
+    let out = run_agent_builtin(&env, "claude-sandbox", "ANTHROPIC_API_KEY");
+    let line = error_after_notices(&out);
+    assert!(
+        line.contains("ANTHROPIC_API_KEY") && line.contains("secret set"),
+        "{line}"
+    );
 }
+
+on_every_proxy_backend!(
+    agent_builtins_native_only, agent_builtins_engine_only:
+    agent_builtins_run_with_a_placeholder_for_their_key,
+    agent_builtin_without_its_key_is_125_naming_it,
+);
 
 mod native_only {
     use super::*;

@@ -142,7 +142,7 @@ pub fn proxy_main() -> i32 {
             agentkernel_native::egress::receive_listener(&handoff)
         })
         .await;
-        let Ok(Ok(listener)) = listener else {
+        let Ok(Ok((listener, sandbox_process))) = listener else {
             return 0;
         };
         let listener = match listener
@@ -152,15 +152,20 @@ pub fn proxy_main() -> i32 {
             Ok(l) => l,
             Err(_) => return crate::EXIT_AGENTKERNEL_ERROR,
         };
-        let lifeline = async {
-            match tokio::net::unix::pipe::Receiver::from_owned_fd(lifeline) {
-                Ok(mut pipe) => {
-                    let mut byte = [0u8; 1];
-                    let _ = tokio::io::AsyncReadExt::read(&mut pipe, &mut byte).await;
-                }
-                // Not a pipe we can watch: serve only as long as nothing
-                // else ends us.
-                Err(_) => std::future::pending().await,
+        // The end of the sandbox: the lifeline's EOF, or, for an engine's
+        // kept container (sent with the socket), its process's exit. Both
+        // fds turn readable then.
+        let end = sandbox_process.unwrap_or(lifeline);
+        let ended = async {
+            // An fd that cannot be watched could let the end go unnoticed:
+            // then serve nothing (fail closed).
+            // SAFETY: an OwnedFd, moved in: open and the same for the
+            // AsyncFd's whole life.
+            let registered = unsafe {
+                tokio::io::unix::AsyncFd::register_with_interest(end, tokio::io::Interest::READABLE)
+            };
+            if let Ok(fd) = registered {
+                let _ = fd.readable().await;
             }
         };
         let mut term =
@@ -177,7 +182,7 @@ pub fn proxy_main() -> i32 {
         tokio::select! {
             () = reports => {}
             _ = proxy.serve(listener) => {}
-            () = lifeline => {}
+            () = ended => {}
             _ = term.recv() => {}
         }
         // Accepting has stopped; what is open drains into the report.

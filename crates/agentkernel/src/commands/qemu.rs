@@ -63,6 +63,12 @@ impl Backend for QemuBackend {
     }
 
     async fn run(&self, spec: &SandboxSpec, options: &RunOptions<'_>) -> Result<Outcome> {
+        if !options.files.is_empty() {
+            return Err(Error::not_supported_hint(
+                "[[files]] on the qemu backend",
+                "use -B native, -B docker or -B podman, or -v HOST:PATH:ro",
+            ));
+        }
         if let Some(notice) = &options.notice {
             eprintln!("{notice}");
         }

@@ -260,6 +260,11 @@ fn replay(file: &Path, env_flags: &[String], key_flags: &[String]) -> Result<i32
         &sandbox["policy_sha256"],
         &new["sandbox"]["policy_sha256"],
     );
+    // Copied in from the config the replay finds (the project's, in the
+    // recorded directory): the same bytes at the same paths, or a mismatch.
+    if sandbox["files"].as_array().is_some_and(|f| !f.is_empty()) {
+        compare("[[files]]", &sandbox["files"], &new["sandbox"]["files"]);
+    }
     compare(
         "ending",
         &old["outcome"]["ending"],

@@ -52,15 +52,22 @@ pub async fn run(args: RunArgs) -> Result<i32> {
         accept_env: args.ssh_accept_env.clone(),
     });
     let image_from_template = template.as_ref().is_some_and(|t| t.sets_image);
-    let (spec, image_source, notice, secret_values) =
+    let build =
+        super::image_build::plan(&mut config, args.image.is_some(), template.as_ref(), kind)?;
+    let (mut spec, image_source, notice, secret_values) =
         resolve(args, &config, &cwd, &capabilities, template)?;
+    super::image_build::pin(&build, &mut spec);
+    // A warm container has neither a fresh build nor the `[[files]]`.
     let warm_pool = fast
+        && build.is_none()
+        && config.files.is_empty()
         && spec.keep.is_none()
         && spec.egress.is_none()
         && spec.ports.is_empty()
         && capabilities.warm_pool;
     if dry_run {
         let mut resolved = dry_run_json(&spec, image_source, kind, warm_pool);
+        super::image_build::describe(&build, &config, &mut resolved);
         if image_from_template && image_source == ImageSource::Config {
             resolved["image_source"] = "template".into();
         }
@@ -68,18 +75,23 @@ pub async fn run(args: RunArgs) -> Result<i32> {
         return Ok(0);
     }
     agentkernel_core::backend::admit_egress(&capabilities, &spec)?;
+    let files = super::image_build::prepare(&build, &config, backend.as_ref()).await?;
     let options = RunOptions {
         config: &config,
         warm_pool,
         notice,
         secrets: &secret_values,
         secret_files: Vec::new(),
+        files,
     };
     let Some(request) = receipt else {
         return execute(&spec, backend.as_ref(), options, &store, ssh.as_ref()).await;
     };
     // From here on the sandbox is requested: whatever happens, a receipt.
-    let invocation = crate::receipt::Invocation::for_run(&spec, kind.name(), warm_pool)?;
+    let mut invocation = crate::receipt::Invocation::for_run(&spec, kind.name(), warm_pool)?;
+    if !options.files.is_empty() {
+        invocation.sandbox["files"] = crate::receipt::files_facts(&options.files);
+    }
     let recording = crate::receipt::Recording::start(request, invocation);
     let result = execute(&spec, backend.as_ref(), options, &store, ssh.as_ref()).await;
     recording.finish(result)

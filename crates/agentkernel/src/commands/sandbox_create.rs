@@ -57,7 +57,9 @@ pub async fn create(args: CreateArgs) -> Result<i32> {
     let store = Store::open_default();
     let backend = backend::open(kind, &store)?;
     let no_start = args.no_start;
-    let (spec, _, notice, _) = super::run::resolve(
+    let build =
+        super::image_build::plan(&mut config, args.image.is_some(), template.as_ref(), kind)?;
+    let (mut spec, _, notice, _) = super::run::resolve(
         run_args(args),
         &config,
         &cwd,
@@ -72,6 +74,8 @@ pub async fn create(args: CreateArgs) -> Result<i32> {
             "create it with `agentkernel run --keep --name NAME …` instead",
         ));
     }
+    super::image_build::pin(&build, &mut spec);
+    let files = super::image_build::prepare(&build, &config, backend.as_ref()).await?;
     let keep = spec.keep.clone().expect("create always keeps");
     // `--no-start`: created stopped. A new sandbox runs no command, so only
     // what holds it runs: stopped is a matter of marking it.
@@ -87,6 +91,7 @@ pub async fn create(args: CreateArgs) -> Result<i32> {
         notice,
         secrets: &SecretValues::default(),
         secret_files: Vec::new(),
+        files,
     };
     // Native never returns on success: its helper creates the sandbox.
     backend.create(&spec, &options, &mark).await?;

@@ -98,6 +98,15 @@ pub fn sandbox_facts(spec: &SandboxSpec, backend: &str) -> Result<Value> {
     }))
 }
 
+/// `[[files]]` copied into the sandbox: `[{dest, mode, sha256}]` (the
+/// content only as its digest, like env values).
+pub fn files_facts(files: &[agentkernel_core::files::InjectedFile]) -> Value {
+    files
+        .iter()
+        .map(|f| json!({"dest": f.dest, "mode": format!("{:04o}", f.mode), "sha256": sha256_hex(&f.content)}))
+        .collect()
+}
+
 impl Invocation {
     pub fn for_run(spec: &SandboxSpec, backend: &str, fast: bool) -> Result<Invocation> {
         Ok(Invocation {

@@ -1,8 +1,9 @@
 //! `run --ssh`: an SSH server on the host side of a kept sandbox. Nothing is
-//! installed in the image: each SSH session channel becomes an
-//! `agentkernel exec` of this same binary, so a session gets exactly what
-//! `agentkernel exec` gets (user, environment, working directory, policy,
-//! cgroup, namespaces).
+//! installed in the image: each SSH session channel runs its command the way
+//! `agentkernel exec` does (on native, the server starts the sandbox helper
+//! `exec` would become, with the same plan: `exec.rs`), so a session gets
+//! exactly what `agentkernel exec` gets (user, environment, working
+//! directory, policy, cgroup, namespaces).
 //!
 //! Layout, under `<state>/ssh/<sandbox>/` (0700, every file 0600):
 //! `host_key`, `client_key` (+ `.pub`), `authorized_keys` (the client key and,
@@ -12,7 +13,9 @@
 //! (see [`server::watch`]) and removes the directory when it ends; `sandbox
 //! gc` removes the directories of servers that were killed.
 
+mod exec;
 mod forward;
+mod mux;
 pub mod server;
 mod sftp;
 
@@ -314,6 +317,12 @@ fn client_options(store: &Store, name: &str) -> Result<(u16, Vec<String>)> {
 pub fn connect(name: &str, command: &[std::ffi::OsString]) -> Result<i32> {
     let store = Store::open_default();
     let (port, options) = client_options(&store, name)?;
+    let dir = state_dir(&store, name);
+    // The mux socket of the shared connection (below).
+    let mux = dir.join("mux");
+    if let Some(code) = through_master(&dir, &mux, command) {
+        return Ok(code);
+    }
     let mut ssh = std::process::Command::new("ssh");
     for option in options {
         ssh.arg("-o").arg(option);
@@ -322,7 +331,6 @@ pub fn connect(name: &str, command: &[std::ffi::OsString]) -> Result<i32> {
     // master (in the background, for a minute after its last session, or
     // until the server ends), and later ones skip the SSH handshake, most of
     // a round trip's time. The socket is in the sandbox's 0700 directory.
-    let mux = state_dir(&store, name).join("mux");
     ssh.args(["-o", "ControlMaster=auto", "-o", "ControlPersist=60"])
         .arg("-o")
         .arg(format!("ControlPath={}", mux.display()));
@@ -341,6 +349,22 @@ pub fn connect(name: &str, command: &[std::ffi::OsString]) -> Result<i32> {
             format!("cannot run ssh: {e}")
         },
     ))
+}
+
+/// A command over the running master without starting `ssh` (`mux.rs`),
+/// when `ssh` would do nothing more: a command (no terminal) and no
+/// `--ssh-accept-env` (so no `SendEnv` of the user's ssh configuration could
+/// matter). None: use `ssh`.
+fn through_master(dir: &Path, mux: &Path, command: &[std::ffi::OsString]) -> Option<i32> {
+    use std::os::unix::ffi::OsStrExt;
+    // Joined with spaces, as `ssh` joins its command words.
+    let words: Vec<&[u8]> = command.iter().map(|w| w.as_bytes()).collect();
+    let joined = words.join(&b' ');
+    let accepts_env = std::fs::read(dir.join("accept_env")).map_or(true, |a| !a.is_empty());
+    if joined.is_empty() || accepts_env {
+        return None;
+    }
+    mux::run(mux, &joined)
 }
 
 /// `agentkernel ssh-config NAME`: an OpenSSH `Host` block for editors.

@@ -1,12 +1,13 @@
 //! The SSH server of one kept sandbox (russh). Each session channel becomes
-//! a child `agentkernel exec NAME -- …` (piped, or on a host pseudo-terminal
-//! for `pty-req`, which `exec` then bridges to a terminal of the sandbox's
-//! own); `sftp` is served here over commands run the same way (`sftp.rs`);
+//! a child that runs its command as `agentkernel exec NAME -- …` does
+//! (`exec.rs`: on native, the sandbox helper itself), piped, or on a host
+//! pseudo-terminal for `pty-req`, which the helper then bridges to a terminal
+//! of the sandbox's own; `sftp` is served here over commands run the same
+//! way (`sftp.rs`);
 //! `direct-tcpip` (`ssh -L`) connects from inside the sandbox's network
 //! namespace.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,11 +24,9 @@ pub const LISTEN_FD: i32 = 3;
 
 /// What every connection of one sandbox's server shares.
 struct Shared {
-    name: String,
-    exe: PathBuf,
+    sandbox: Arc<super::exec::Sandbox>,
     authorized: Vec<PublicKey>,
     accept_env: Vec<String>,
-    backend: std::sync::Mutex<Option<agentkernel_core::backend::BackendKind>>,
 }
 
 impl Shared {
@@ -46,15 +45,6 @@ impl Shared {
         self.authorized
             .iter()
             .any(|k| k.key_data() == key.key_data())
-    }
-
-    /// The sandbox's backend, from its record (cached once it exists).
-    fn backend(&self, store: &Store) -> Option<agentkernel_core::backend::BackendKind> {
-        let mut cached = self.backend.lock().ok()?;
-        if cached.is_none() {
-            *cached = store.load(&self.name).ok().flatten().map(|r| r.backend);
-        }
-        *cached
     }
 }
 
@@ -97,6 +87,12 @@ fn start(name: &str, dir: &std::path::Path) -> std::io::Result<Started> {
         .map_err(std::io::Error::other)?;
     // SAFETY: fd 3 was handed to us by `launch` and is used only here.
     let std_listener = unsafe { std::net::TcpListener::from_raw_fd(LISTEN_FD) };
+    // Inherited, so not close-on-exec: made so, or every session's helper
+    // (or `exec`) would hold the listening socket while it runs.
+    // SAFETY: fcntl on the fd we now own.
+    if unsafe { libc::fcntl(LISTEN_FD, libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
     std_listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(std_listener)?;
     let read = |f: &str| std::fs::read_to_string(dir.join(f));
@@ -120,11 +116,12 @@ fn start(name: &str, dir: &std::path::Path) -> std::io::Result<Started> {
         ..Default::default()
     };
     let shared = Arc::new(Shared {
-        name: name.to_string(),
-        exe: std::env::current_exe()?,
+        sandbox: Arc::new(super::exec::Sandbox::new(
+            name.to_string(),
+            std::env::current_exe()?,
+        )),
         authorized,
         accept_env,
-        backend: std::sync::Mutex::new(None),
     });
     Ok((listener, Arc::new(config), shared))
 }
@@ -229,9 +226,10 @@ impl russh::server::Handler for Connection {
             return Ok(false);
         };
         let store = Store::open_default();
-        let backend = self.shared.backend(&store);
+        let sandbox = &self.shared.sandbox;
+        let backend = sandbox.backend(&store);
         let connected =
-            super::forward::connect_inside(&store, &self.shared.name, backend, host, port).await;
+            super::forward::connect_inside(&store, &sandbox.name, backend, host, port).await;
         match connected {
             Ok(stream) => {
                 tokio::spawn(async move {
@@ -362,7 +360,7 @@ async fn session_channel(shared: Arc<Shared>, mut channel: Channel<Msg>) {
     let _ = channel.close().await;
 }
 
-/// Runs ARGV through `agentkernel exec`; its exit code (125 with a line on
+/// Runs ARGV in the sandbox; its exit code (125 with a line on
 /// stderr when it cannot be started).
 async fn run_command(
     shared: &Shared,
@@ -394,7 +392,7 @@ async fn run_command(
 /// we still own the channel to send exit-status 0, as OpenSSH's scp expects.
 async fn serve_sftp(shared: &Shared, channel: &mut Channel<Msg>) -> i32 {
     let (ours, theirs) = tokio::io::duplex(256 * 1024);
-    let handler = super::sftp::Sftp::new(shared.exe.clone(), shared.name.clone());
+    let handler = super::sftp::Sftp::new(shared.sandbox.clone());
     russh_sftp::server::run(theirs, handler).await;
     let (from_sftp, mut to_sftp) = tokio::io::split(ours);
     let pump_out = tokio::spawn(pump(from_sftp, channel.make_writer()));
@@ -419,29 +417,6 @@ fn clamp(n: u32) -> u16 {
     u16::try_from(n).unwrap_or(u16::MAX)
 }
 
-/// `agentkernel exec NAME [-e K=V…] -- ARGV`, ending with us (PDEATHSIG).
-fn exec_command(
-    shared: &Shared,
-    env: &[(String, String)],
-    argv: &[String],
-) -> tokio::process::Command {
-    let mut command = tokio::process::Command::new(&shared.exe);
-    command.arg("exec");
-    for (k, v) in env {
-        command.arg("-e").arg(format!("{k}={v}"));
-    }
-    command.arg(&shared.name).arg("--").args(argv);
-    command.kill_on_drop(true);
-    // SAFETY: prctl only, between fork and exec.
-    unsafe {
-        command.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGHUP as libc::c_ulong);
-            Ok(())
-        });
-    }
-    command
-}
-
 /// Runs ARGV in the sandbox with pipes: stdout as channel data, stderr as
 /// extended data, channel data to stdin (EOF closes it).
 async fn run_piped(
@@ -451,8 +426,9 @@ async fn run_piped(
     argv: &[String],
 ) -> std::io::Result<i32> {
     use std::process::Stdio;
-    let mut command = exec_command(shared, env, argv);
+    let mut command = shared.sandbox.command(env, argv, false)?;
     command
+        .command
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -526,14 +502,15 @@ fn send_signal(pid: Option<u32>, signal: &Sig) {
         Sig::Custom(_) => return,
     };
     if let Some(pid) = pid {
-        // SAFETY: kill has no memory-safety preconditions; `exec` forwards
-        // the signal to the command in the sandbox.
+        // SAFETY: kill has no memory-safety preconditions; the helper (or
+        // `exec`) forwards the signal to the command in the sandbox.
         unsafe { libc::kill(pid as i32, number) };
     }
 }
 
-/// Runs ARGV on a host pseudo-terminal: `agentkernel exec` sees a terminal,
-/// gives the command one of the sandbox's own and relays between them
+/// Runs ARGV on a host pseudo-terminal: the helper (or `agentkernel exec`)
+/// sees a terminal, gives the command one of the sandbox's own and relays
+/// between them
 /// (window size included: a window change here is a SIGWINCH for it).
 async fn run_on_pty(
     shared: &Shared,
@@ -544,15 +521,16 @@ async fn run_on_pty(
     rows: u16,
 ) -> std::io::Result<i32> {
     let (master, slave) = open_pty(cols, rows)?;
-    let mut command = exec_command(shared, env, argv);
+    let mut command = shared.sandbox.command(env, argv, true)?;
     command
+        .command
         .stdin(slave.try_clone()?)
         .stdout(slave.try_clone()?)
         .stderr(slave.try_clone()?);
     // SAFETY: setsid/ioctl only, between fork and exec: the terminal
     // becomes exec's controlling terminal (window changes reach it).
     unsafe {
-        command.pre_exec(move || {
+        command.command.pre_exec(move || {
             if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
                 return Err(std::io::Error::last_os_error());
             }

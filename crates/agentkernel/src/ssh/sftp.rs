@@ -1,6 +1,6 @@
 //! SFTP (and so OpenSSH 9's `scp`) for a sandbox whose image has no
 //! `sftp-server`: the protocol is spoken here, and every file operation is a
-//! small POSIX shell script run in the sandbox through `agentkernel exec`
+//! small POSIX shell script run in the sandbox as `agentkernel exec` runs it
 //! (paths are passed as arguments, never spliced into the script). The
 //! files are therefore opened by a process inside the sandbox, as its user,
 //! in its mount namespace: a symlink resolves inside the sandbox's root,
@@ -8,13 +8,15 @@
 //! held in memory between open and close (written back on close).
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::Arc;
 
 use russh_sftp::protocol::{
     Attrs, Data, File, FileAttributes, Handle, Name, OpenFlags, Status, StatusCode, Version,
 };
 use tokio::io::AsyncWriteExt;
+
+use super::exec::Sandbox;
 
 /// Exit codes of the scripts, mapped to SFTP status codes.
 const NO_SUCH_FILE: i32 = 2;
@@ -40,16 +42,14 @@ enum Open {
 }
 
 pub struct Sftp {
-    exe: PathBuf,
-    sandbox: String,
+    sandbox: Arc<Sandbox>,
     handles: HashMap<String, Open>,
     next_handle: u64,
 }
 
 impl Sftp {
-    pub fn new(exe: PathBuf, sandbox: String) -> Sftp {
+    pub fn new(sandbox: Arc<Sandbox>) -> Sftp {
         Sftp {
-            exe,
             sandbox,
             handles: HashMap::new(),
             next_handle: 0,
@@ -64,21 +64,24 @@ impl Sftp {
         args: &[&str],
         stdin: Option<&[u8]>,
     ) -> Result<Vec<u8>, StatusCode> {
-        let mut command = tokio::process::Command::new(&self.exe);
+        let argv: Vec<String> = ["/bin/sh", "-c", script, "sh"]
+            .iter()
+            .chain(args)
+            .map(|a| a.to_string())
+            .collect();
+        let mut command = self
+            .sandbox
+            .command(&[], &argv, false)
+            .map_err(|_| StatusCode::Failure)?;
         command
-            .arg("exec")
-            .arg(&self.sandbox)
-            .arg("--")
-            .args(["/bin/sh", "-c", script, "sh"])
-            .args(args)
+            .command
             .stdin(if stdin.is_some() {
                 Stdio::piped()
             } else {
                 Stdio::null()
             })
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true);
+            .stderr(Stdio::null());
         let mut child = command.spawn().map_err(|_| StatusCode::Failure)?;
         if let (Some(data), Some(mut pipe)) = (stdin, child.stdin.take()) {
             let write = pipe.write_all(data).await;

@@ -1038,3 +1038,25 @@ pub fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
     }
     done()
 }
+
+/// Tests that hold on every backend with an egress proxy — native, Docker
+/// and Podman (qemu has none): one body each, run by a `#[test]` wrapper in
+/// a native-scoped and an engine-scoped module (named by the caller, e.g.
+/// `native_only, engine_only`). Needs `#[macro_use] mod common;`.
+#[allow(unused_macros)]
+macro_rules! on_every_proxy_backend {
+    ($native:ident, $engine:ident: $($test:ident),* $(,)?) => {
+        mod $native {
+            $(#[test]
+            fn $test() {
+                super::$test()
+            })*
+        }
+        mod $engine {
+            $(#[test]
+            fn $test() {
+                super::$test()
+            })*
+        }
+    };
+}

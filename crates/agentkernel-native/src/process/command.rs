@@ -5,6 +5,9 @@
 use std::ffi::CString;
 use std::io;
 
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use super::signal_set;
 use crate::plan::{Plan, SeccompMode};
 use crate::{caps, sys, user};
 
@@ -87,8 +90,13 @@ fn prepare_and_exec(plan: &Plan) -> Result<std::convert::Infallible, Failure> {
         ))(e))
     })?;
 
-    let argv: Vec<CString> = plan.argv.iter().map(|a| sys::cstr(a)).collect();
-    let envp: Vec<CString> = env.iter().map(|e| sys::cstr(e)).collect();
+    let strings = |all: &[String]| -> Result<Vec<CString>, Failure> {
+        all.iter()
+            .map(|s| sys::cstr(s).map_err(|e| Failure::Setup(sys::context("the command")(e))))
+            .collect()
+    };
+    let argv = strings(&plan.argv)?;
+    let envp = strings(&env)?;
     crate::trace::phase("command: execs");
     execvpe(&argv, &envp, &path)
 }
@@ -153,4 +161,29 @@ fn execvpe(
         Some(e) => Failure::CannotExecute(e),
         None => Failure::NotFound,
     })
+}
+
+pub(crate) fn become_command(plan: &Plan, slave: Option<OwnedFd>) -> ! {
+    // SAFETY: resetting our own signal state before exec: the mask we
+    // inherited, and SIGPIPE, which Rust ignores and exec would keep ignored.
+    unsafe {
+        let empty = signal_set(&[]);
+        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        libc::setsid();
+    }
+    if let Some(slave) = slave {
+        let fd = slave.as_raw_fd();
+        // SAFETY: the slave becomes our controlling terminal and stdio.
+        unsafe {
+            libc::ioctl(fd, libc::TIOCSCTTY, 0);
+            libc::dup2(fd, 0);
+            libc::dup2(fd, 1);
+            libc::dup2(fd, 2);
+        }
+    }
+    // Nothing of ours beyond stdio reaches the command.
+    // SAFETY: closes every fd from 3 up in this process.
+    unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+    exec(plan)
 }

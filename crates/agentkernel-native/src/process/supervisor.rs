@@ -1,0 +1,509 @@
+//! The supervisor: creates the sandbox (init, its network and cgroup),
+//! says "go", waits for init while forwarding signals and enforcing
+//! `--timeout`, and cleans up when the sandbox ends.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use agentkernel_core::spec::Outcome;
+
+use super::channel::{socketpair, Message};
+use super::init::init;
+use super::relay::copy_window_size;
+use super::{decode_status, kill, supervisor_signalfd, wait_for, watch};
+use crate::cgroup::{Cgroup, CgroupError};
+use crate::plan::Plan;
+use crate::sys;
+
+/// Why the supervisor could not set up or watch a sandbox. (Init reports
+/// its own failures itself, on stderr, and exits 125.)
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    #[error("cannot create the sandbox's {0} namespace: {1}")]
+    Namespace(&'static str, #[source] io::Error),
+    #[error("cannot create the sandbox's network: {0}")]
+    Network(#[source] io::Error),
+    #[error("cannot connect the sandbox's network: {0}")]
+    Connect(#[source] io::Error),
+    #[error("cannot talk to the sandbox's init: {0}")]
+    Channel(#[source] io::Error),
+    #[error("cannot watch the sandbox: {0}")]
+    Supervise(#[source] io::Error),
+}
+
+impl crate::error::Fix for SandboxError {
+    fn fix(&self) -> Option<&'static str> {
+        match self {
+            SandboxError::Cgroup(e) => crate::error::Fix::fix(e),
+            SandboxError::Namespace(..) | SandboxError::Network(_) | SandboxError::Connect(_) => {
+                Some("`agentkernel doctor` checks what native sandboxes need here")
+            }
+            SandboxError::Channel(_) | SandboxError::Supervise(_) => None,
+        }
+    }
+}
+
+/// Runs the plan to completion and cleans up. Must be called from a
+/// single-threaded process (it forks).
+pub fn run(plan: &Plan) -> Result<Outcome, SandboxError> {
+    // v1: created by `start` while init builds its namespaces (see there).
+    let mut cgroup = None;
+    if !Cgroup::created_after_init(plan) {
+        let scratch = ScratchGuard(plan);
+        cgroup = Some(Cgroup::for_plan(plan)?);
+        std::mem::forget(scratch);
+    }
+    // After a crash, `gc` finds this cgroup by the scratch dir's name (the id).
+    let mut workspace_disk = None;
+    let result = supervise(plan, &mut cgroup, &mut workspace_disk);
+    clean_up_after_exit(plan, cgroup, workspace_disk);
+    result
+}
+
+/// What is left once init is gone and the network lease with its port
+/// rules is released (`supervise`): the cgroup and the scratch directory,
+/// both named by this run's unique id, so no later command can trip over
+/// them — the caller need not wait for their removal (rmdir of a cgroup
+/// waits for the kernel to let go of it; unlinking the scratch dir's files
+/// — the workspace's disk image, its upper layer — writes to the host's
+/// disk). The scratch dir leaves `runs/` at once (one rename into
+/// `finished/`), and a forked cleanup process removes it and the cgroup,
+/// then collects what killed runs left, while this process returns the
+/// command's exit code to its caller. The cleanup process outlives us
+/// (reparented); if it is killed, gc collects `finished/` and the cgroup
+/// like any dead run's.
+pub(crate) fn clean_up_after_exit(
+    plan: &Plan,
+    cgroup: Option<Cgroup>,
+    workspace_disk: Option<OwnedFd>,
+) {
+    let scratch = match crate::gc::finished_path(plan) {
+        Some(finished) if std::fs::rename(&plan.scratch, &finished).is_ok() => finished,
+        _ => plan.scratch.clone(),
+    };
+    // The workspace's disk is unmounted where its last fd closes: the
+    // cleanup process closes its copy only once ours is closed (the pipe's
+    // end of file), so the unmount is never on the caller's path.
+    let ours_closed = workspace_disk.as_ref().and_then(|_| pipe().ok());
+    let clean_up = || {
+        if let Some(cgroup) = &cgroup {
+            cgroup.remove();
+        }
+        let _ = agentkernel_core::state::remove_tree(&scratch);
+        crate::trace::phase("cleaned up");
+        // What killed runs left (cgroups, leases, scratch, dead kept sandboxes).
+        if let Some(root) = plan.state_root() {
+            let store = agentkernel_core::state::Store::new(root);
+            crate::gc::orphaned_runs(&store);
+            crate::kept::collect(&store);
+        }
+    };
+    // SAFETY: fork while the port relay's threads may run: the child only
+    // removes files and directories, takes no lock of ours those threads
+    // could hold (glibc's fork keeps malloc usable in the child; it prints
+    // nothing but trace lines) and ends with _exit.
+    match unsafe { libc::fork() } {
+        0 => {
+            if let Some((read_end, write_end)) = ours_closed {
+                drop(write_end);
+                let _ = sys::read_byte(read_end.as_raw_fd());
+            }
+            detach_from_caller(); // closes the workspace's disk: it unmounts
+            clean_up();
+            // SAFETY: ends the cleanup process without running our exit path.
+            unsafe { libc::_exit(0) }
+        }
+        pid if pid > 0 => {
+            drop(workspace_disk);
+            drop(ours_closed);
+            crate::trace::phase("cleanup forked");
+        }
+        _ => {
+            drop(workspace_disk);
+            clean_up();
+        }
+    }
+}
+
+pub(crate) fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two fds into the array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both fds were just created and are ours.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// The cleanup process holds nothing of the caller's: a pipe on its stdout
+/// or stderr would keep a `$(agentkernel run …)` waiting, and an inherited
+/// listening socket would keep a published port busy. (Tracing keeps stderr,
+/// so its last phase shows when the cleanup ended.)
+pub(crate) fn detach_from_caller() {
+    // SAFETY: plain fd calls on our own descriptors; a new session, so the
+    // caller's terminal signals (already blocked here) never reach us.
+    unsafe {
+        libc::setsid();
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+        if null >= 0 {
+            libc::dup2(null, 0);
+            libc::dup2(null, 1);
+            if !crate::trace::enabled() {
+                libc::dup2(null, 2);
+            }
+        }
+        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+    }
+}
+
+/// Removes the run's scratch directory when an error ends the run before
+/// `clean_up_after_exit` owns it (forgotten once it does).
+pub(crate) struct ScratchGuard<'a>(&'a Plan);
+
+impl Drop for ScratchGuard<'_> {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0.scratch);
+    }
+}
+
+/// Runs the sandbox until init exits; hands the workspace's disk mount
+/// back in `workspace_disk` (see `Started`).
+pub(crate) fn supervise(
+    plan: &Plan,
+    cgroup: &mut Option<Cgroup>,
+    workspace_disk: &mut Option<OwnedFd>,
+) -> Result<Outcome, SandboxError> {
+    let sfd = supervisor_signalfd()?;
+    let mut started = match start(plan, cgroup, &[&sfd])? {
+        Ok(started) => started,
+        // Init exited during setup (it printed why): its status is the outcome.
+        Err(status) => return Ok(Outcome::Exited(status)),
+    };
+    let cgroup = cgroup.as_ref().expect("start created the cgroup");
+    *workspace_disk = started.workspace_disk.take();
+    let result = run_command(plan, cgroup, &started, &sfd);
+    if let Some(link) = &started.link {
+        link.release();
+    }
+    crate::trace::phase("network released");
+    result
+}
+
+/// A sandbox whose init is ready and waiting for "go".
+pub(crate) struct Started {
+    /// Init's pid (in our, the host's, pid namespace).
+    pub pid: libc::pid_t,
+    pub sock: OwnedFd,
+    pub link: Option<crate::net::Link>,
+    /// The terminal's master side, when the plan asked for one.
+    pub master: Option<OwnedFd>,
+    /// The workspace's disk mount (see `disk::mount_detached`). Holding it
+    /// keeps the filesystem alive after init's mount namespace is gone, so
+    /// its unmount (and the loop device's release) happens where this fd is
+    /// closed last — in a one-shot run's cleanup process, not in init's
+    /// exit, which the caller waits for.
+    pub workspace_disk: Option<OwnedFd>,
+}
+
+/// Creates the sandbox up to init's "ready": `Ok(Err(status))` when init
+/// exited during setup (having printed why). `close_in_child` are fds of
+/// ours init must not keep. `cgroup` is the sandbox's cgroup, or None for
+/// `start` to create it once init exists (and leave it there for the
+/// caller to remove, whatever the outcome).
+pub(crate) fn start(
+    plan: &Plan,
+    cgroup: &mut Option<Cgroup>,
+    close_in_child: &[&OwnedFd],
+) -> Result<Result<Started, i32>, SandboxError> {
+    let (ours, theirs) = socketpair().map_err(SandboxError::Channel)?;
+    crate::trace::phase("forking init");
+    let pid = fork_init(cgroup.as_ref()).map_err(|e| SandboxError::Namespace("pid", e))?;
+    if pid.id == 0 {
+        drop(ours);
+        for fd in close_in_child {
+            // SAFETY: closing our copy of an fd the parent keeps owning.
+            unsafe { libc::close(fd.as_raw_fd()) };
+        }
+        init(plan, theirs);
+    }
+    drop(theirs);
+    let born_in_cgroup = pid.born_in_cgroup;
+    let pid = pid.id;
+    // Until init is ready or reaped, an error of ours ends it.
+    let init = UnreapedInit(pid);
+
+    // Init's network namespace, the costliest of its namespaces to create
+    // (~1 ms), is made by a thread of ours while init makes the others; the
+    // thread hands it to init, which joins it.
+    let netns = {
+        let sock = ours.try_clone().map_err(SandboxError::Channel)?;
+        let egress = plan.egress.clone();
+        std::thread::spawn(move || -> io::Result<()> {
+            // SAFETY: unshare of this thread's own network namespace.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The egress proxy's socket, bound here: only this sandbox
+            // can reach it.
+            if let Some(egress) = &egress {
+                crate::egress::listen_here(egress)?;
+            }
+            let ns = std::fs::File::open("/proc/thread-self/ns/net")?;
+            Message::Netns(ns.into()).send(&sock)
+        })
+    };
+
+    // The workspace's disk (loop device and ext4 mount: milliseconds of
+    // waiting on the block layer) is mounted by another thread meanwhile;
+    // it sends the mount to init, or nothing, for init to mount it itself
+    // (a kernel without the new mount API) and report what fails.
+    let disk = plan.workspace_disk.clone().map(|image| {
+        let sock = ours.try_clone();
+        std::thread::spawn(move || -> Option<OwnedFd> {
+            let sock = sock.ok()?;
+            let message = Message::Disk(crate::disk::mount_detached(&image).ok());
+            crate::trace::phase("disk: workspace mounted (detached)");
+            message.send(&sock).ok()?;
+            // Ours too: see `Started::workspace_disk`.
+            let Message::Disk(mount) = message else {
+                return None;
+            };
+            mount
+        })
+    });
+
+    // On v1 the cgroup is created now, while init creates its namespaces
+    // (creating it takes about a millisecond: a memory cgroup is costly);
+    // init moves itself in once its root is built, before it forks.
+    if cgroup.is_none() {
+        match Cgroup::for_plan(plan) {
+            Ok(created) => *cgroup = Some(created),
+            Err(e) => return failed_during_setup(init, e.into()),
+        }
+    }
+    // Init reads the network namespace first, then the cgroup.
+    let netns = netns
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("the network namespace thread panicked")));
+    if let Err(e) = netns {
+        return failed_during_setup(init, SandboxError::Network(e));
+    }
+    // (A rootless sandbox's cgroup has no directories: nothing to move into.)
+    let self_move = match cgroup.as_ref() {
+        Some(c) if !born_in_cgroup => c.self_move_files(),
+        _ => Ok(Vec::new()),
+    };
+    let handed_over = self_move.map_err(SandboxError::from).and_then(|files| {
+        Message::Cgroup(files)
+            .send(&ours)
+            .map_err(SandboxError::Channel)
+    });
+    if let Err(e) = handed_over {
+        return failed_during_setup(init, e);
+    }
+
+    // With a network, init says when its namespace exists; the veth is set
+    // up while init builds the root filesystem (the two take about as long).
+    let link = if plan.network {
+        if !matches!(Message::recv(&ours), Ok(Message::NetnsJoined)) {
+            return Ok(Err(init.wait()));
+        }
+        crate::trace::phase("network: init's namespace exists");
+        match crate::net::connect(plan, pid) {
+            Ok(link) => {
+                if plan.action == crate::plan::Action::Run {
+                    link.print_ports();
+                }
+                Some(link)
+            }
+            Err(e) => {
+                return failed_during_setup(init, SandboxError::Connect(e));
+            }
+        }
+    } else {
+        None
+    };
+    crate::trace::phase("network and cgroup ready");
+    let ready = Message::recv(&ours);
+    let workspace_disk = disk.and_then(|d| d.join().ok().flatten());
+    match ready {
+        Ok(Message::Ready(master)) => Ok(Ok(Started {
+            pid: init.ready(),
+            sock: ours,
+            link,
+            master,
+            workspace_disk,
+        })),
+        _ => {
+            let status = init.wait();
+            if let Some(link) = &link {
+                link.release();
+            }
+            Ok(Err(status))
+        }
+    }
+}
+
+/// A forked init: `id` is 0 in the child.
+pub(crate) struct Forked {
+    id: libc::pid_t,
+    /// Created inside the sandbox's cgroup (v2's `CLONE_INTO_CGROUP`), so
+    /// init need not move itself there.
+    born_in_cgroup: bool,
+}
+
+/// The arguments of `clone3` up to `cgroup` (the kernel's
+/// `CLONE_ARGS_SIZE_VER2`, 88 bytes).
+#[repr(C)]
+#[derive(Default)]
+pub(crate) struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+pub(crate) const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// Forks init straight into a new pid namespace (clone, not unshare: after
+/// unshare(CLONE_NEWPID) this process could no longer start threads, which
+/// the network setup uses to enter the sandbox's namespace) and, on cgroup
+/// v2, straight into the sandbox's cgroup. Kernels before 5.7 refuse
+/// `CLONE_INTO_CGROUP`; init then moves itself (see `cgroup::move_self`),
+/// as it always does on v1.
+pub(crate) fn fork_init(cgroup: Option<&Cgroup>) -> io::Result<Forked> {
+    if let Some(dir) = cgroup.and_then(Cgroup::v2_dir_fd) {
+        let mut args = CloneArgs {
+            flags: libc::CLONE_NEWPID as u64 | CLONE_INTO_CGROUP,
+            exit_signal: libc::SIGCHLD as u64,
+            cgroup: dir.as_raw_fd() as u64,
+            ..Default::default()
+        };
+        // SAFETY: clone3 without CLONE_VM and without a stack behaves as
+        // fork; this process is single-threaded (the helper re-exec
+        // guarantees it), so the child may run arbitrary code.
+        let id = unsafe {
+            libc::syscall(
+                libc::SYS_clone3,
+                &mut args as *mut CloneArgs,
+                std::mem::size_of::<CloneArgs>(),
+            )
+        } as libc::pid_t;
+        if id >= 0 {
+            return Ok(Forked {
+                id,
+                born_in_cgroup: true,
+            });
+        }
+    }
+    // SAFETY: as above, a fork-like clone of a single-threaded process.
+    let id = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            (libc::CLONE_NEWPID | libc::SIGCHLD) as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    } as libc::pid_t;
+    if id < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(Forked {
+        id,
+        born_in_cgroup: false,
+    })
+}
+
+/// Init, forked and not yet ready: ended (SIGKILL, then reaped) when
+/// dropped, so an error of ours during setup leaves no sandbox behind.
+pub(crate) struct UnreapedInit(libc::pid_t);
+
+impl UnreapedInit {
+    /// Init is ready: its pid is the caller's to wait for from here.
+    fn ready(self) -> libc::pid_t {
+        let pid = self.0;
+        std::mem::forget(self);
+        pid
+    }
+
+    /// Init exits by itself (it printed why): its status.
+    fn wait(self) -> i32 {
+        wait_for(self.ready())
+    }
+}
+
+impl Drop for UnreapedInit {
+    fn drop(&mut self) {
+        kill(self.0, libc::SIGKILL);
+        wait_for(self.0);
+    }
+}
+
+/// A step of ours failed while init was setting up. If init itself failed
+/// first (it printed why, and took its namespaces with it), its status is
+/// the outcome and our error is only a consequence; otherwise ours is the
+/// error (and dropping `init` ends it).
+pub(crate) fn failed_during_setup(
+    init: UnreapedInit,
+    e: SandboxError,
+) -> Result<Result<Started, i32>, SandboxError> {
+    for _ in 0..40 {
+        let mut status = 0;
+        // SAFETY: non-blocking wait for our own child.
+        if unsafe { libc::waitpid(init.0, &mut status, libc::WNOHANG) } == init.0 {
+            init.ready();
+            return Ok(Err(decode_status(status)));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    Err(e)
+}
+
+/// From "go" to the command's end.
+pub(crate) fn run_command(
+    plan: &Plan,
+    cgroup: &Cgroup,
+    started: &Started,
+    sfd: &OwnedFd,
+) -> Result<Outcome, SandboxError> {
+    let master = started
+        .master
+        .as_ref()
+        .map(|m| m.try_clone())
+        .transpose()
+        .map_err(SandboxError::Supervise)?;
+    let _raw = match (&master, plan.tty) {
+        (Some(m), true) => {
+            copy_window_size(m.as_raw_fd());
+            agentkernel_core::terminal::RawMode::enable(0)
+        }
+        _ => None,
+    };
+    // Traced before the write: once "go" is sent, init's own phases may be
+    // stamped before this thread runs again.
+    crate::trace::phase("go");
+    Message::Go
+        .send(&started.sock)
+        .map_err(SandboxError::Channel)?;
+    let (code, timed_out) = watch(sfd, started.pid, master, plan.timeout, &mut || {})
+        .map_err(SandboxError::Supervise)?;
+    crate::trace::phase("init exited");
+    Ok(if timed_out {
+        Outcome::TimedOut
+    } else if code == 137 && cgroup.oom_kills() > 0 {
+        Outcome::OutOfMemory
+    } else {
+        Outcome::Exited(code)
+    })
+}
