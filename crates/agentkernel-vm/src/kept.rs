@@ -647,6 +647,12 @@ pub(crate) fn exec_on(
 
 /// `sandbox stop`: every process in the guest ends; its files stay.
 pub fn stop(store: &Store, name: &str) -> Result<u64> {
+    // A paused guest cannot answer: say so instead of waiting for it.
+    if is_paused(store, name) {
+        return fail(format!(
+            "sandbox {name} is paused; resume it first with `agentkernel sandbox resume {name}`"
+        ));
+    }
     ask(store, name, &Request::EndAll)
 }
 

@@ -500,8 +500,13 @@ mod qemu_only {
         // in one line, the counter holds still; resume runs it again.
         assert_code(&env.run(&["sandbox", "pause", &name]), 0);
         assert_eq!(status_in_list(&env, &name).as_deref(), Some("paused"));
-        let line = assert_one_line_error(&env.run(&["exec", &name, "--", "true"]));
-        assert!(line.contains("resume"), "{line}");
+        for refused in [
+            &["exec", &name, "--", "true"][..],
+            &["sandbox", "stop", &name],
+        ] {
+            let line = assert_one_line_error(&env.run(refused));
+            assert!(line.contains("resume"), "{refused:?}: {line}");
+        }
         let paused_at = read_ticks();
         std::thread::sleep(Duration::from_secs(2));
         assert_eq!(read_ticks(), paused_at, "the guest ran while paused");
