@@ -213,6 +213,31 @@ fn builtins_set_what_upstreams_do() {
         let text = stdout(&env.run(&["template", "show", name]));
         assert!(text.contains(needle), "{name}: {text}");
     }
+    // Their allow-lists are enforced (`allowlist_only`): the run's egress
+    // allow-list is exactly the template's hosts.
+    for (name, hosts) in [
+        ("python", &["pypi.org", "files.pythonhosted.org"][..]),
+        ("node", &["registry.npmjs.org"]),
+        ("go", &["proxy.golang.org", "sum.golang.org"]),
+        ("ruby", &["rubygems.org"]),
+        (
+            "rust-ci",
+            &["crates.io", "static.crates.io", "index.crates.io"],
+        ),
+        ("claude-sandbox", &["api.anthropic.com", "sentry.io"]),
+        ("codex-sandbox", &["api.openai.com"]),
+    ] {
+        let r = env.dry_run(&["--template", name, "--", "true"]);
+        let allowed: Vec<&str> = r["egress"]["allow_hosts"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{name}: no allow-list in {}", r["egress"]))
+            .iter()
+            .map(|h| h["host"].as_str().unwrap())
+            .collect();
+        for host in hosts {
+            assert!(allowed.contains(host), "{name}: {host} not in {allowed:?}");
+        }
+    }
     // vcpus means "at most": rust-ci's 4 fit any host.
     let online = std::thread::available_parallelism().unwrap().get() as f64;
     let r = env.dry_run(&["--template", "rust-ci", "--", "true"]);
@@ -249,7 +274,11 @@ fn every_builtin_runs_its_sample_command() {
         ("ruby", 512, 1, ""),
         ("rust-ci", 2048, 4, ""),
     ] {
-        let script = format!("{limits}; {sample}");
+        // The allow-list holds inside: no interface but loopback (the
+        // proxy is the only way out) and the proxy variables set.
+        let script = format!(
+            "{limits}; {sample}tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '; echo \"${{HTTPS_PROXY:+proxy}}\""
+        );
         let out = env.run(&[
             "run",
             "--template",
@@ -270,6 +299,7 @@ fn every_builtin_runs_its_sample_command() {
         if !sample.is_empty() {
             expected.push_str("listed\n");
         }
+        expected.push_str("lo\nproxy\n");
         assert_eq!(stdout(&out), expected, "{name}");
     }
 
