@@ -32,10 +32,6 @@ pub async fn image_root(spec: &SandboxSpec, config: &Config) -> Result<ImageRoot
         return Ok(ImageRoot::default());
     }
     let image = fetch_for_run(spec, config).await?;
-    agentkernel_core::observe::image_digest(agentkernel_core::image::pinned(
-        &spec.image,
-        image.manifest_digest.as_str(),
-    ));
     // Rootless overlayfs reads opaque directories from the `user.*` xattrs
     // an unprivileged unpack leaves; whiteouts it cannot do without.
     let rootless = rootless::UserMap::for_caller().is_some();
@@ -72,6 +68,11 @@ pub async fn fetch_for_run(spec: &SandboxSpec, config: &Config) -> Result<store:
         PullPolicy::Never => store::PullPolicy::Never,
     };
     let (image, _) = fetch(&open_store()?, &reference, policy, config).await?;
+    // What a receipt pins the run to (every backend on this store: native, qemu).
+    agentkernel_core::observe::image_digest(agentkernel_core::image::pinned(
+        &spec.image,
+        image.manifest_digest.as_str(),
+    ));
     Ok(image)
 }
 

@@ -3,6 +3,7 @@
 //! is killed as soon as the command's end is seen (nothing in it outlives
 //! the run), and with us if we are killed (PR_SET_PDEATHSIG).
 
+use agentkernel_core::observe;
 use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
@@ -190,10 +191,13 @@ pub(crate) fn stream_command(
         match read_frame::<_, GuestMessage>(&mut reader) {
             Ok(Some(GuestMessage::Started)) => trace("command started"),
             Ok(Some(GuestMessage::Stdout(data))) => {
+                // What a receipt digests (nothing is kept without --receipt).
+                observe::output(observe::Stream::Stdout, &data);
                 // A reader that went away (`| head -1`) only stops wanting output.
                 let _ = stdout.write_all(&data).and_then(|()| stdout.flush());
             }
             Ok(Some(GuestMessage::Stderr(data))) => {
+                observe::output(observe::Stream::Stderr, &data);
                 let _ = stderr.write_all(&data);
             }
             Ok(Some(GuestMessage::Exited {

@@ -77,12 +77,41 @@ mod qemu_only {
         let script = "cat; uname -r; cat /proc/version; echo to-stderr >&2; \
                       mount -t tmpfs none /tmp 2>/dev/null && echo MOUNTED; \
                       grep -E '^(NoNewPrivs|Seccomp):' /proc/self/status; exit 7";
+        let receipt = env.home_dir().join("vm-receipt.json");
         let out = run_with_stdin(
             &env,
-            &["run", "--no-network", "-i", BUSYBOX, "sh", "-c", script],
+            &[
+                "run",
+                "--no-network",
+                "--receipt",
+                receipt.to_str().unwrap(),
+                "-i",
+                BUSYBOX,
+                "sh",
+                "-c",
+                script,
+            ],
             b"from-stdin\n",
         );
         assert_code(&out, 7);
+        // The receipt digests what the guest wrote and pins the image.
+        let r: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&receipt).unwrap()).unwrap();
+        use sha2::Digest;
+        let digest = format!("{:x}", sha2::Sha256::digest(&out.stdout));
+        assert_eq!(r["outcome"]["stdout"]["sha256"], digest.as_str(), "{r}");
+        assert_eq!(r["outcome"]["stdout"]["bytes"], out.stdout.len(), "{r}");
+        assert_eq!(r["outcome"]["exit_code"], 7, "{r}");
+        assert!(
+            r["sandbox"]["image"]["digest"]
+                .as_str()
+                .is_some_and(|d| d.starts_with("agentkernel-test/busybox@sha256:")),
+            "{r}"
+        );
+        assert_code(
+            &env.run(&["receipt", "verify", receipt.to_str().unwrap()]),
+            0,
+        );
         let text = stdout(&out);
         let mut lines = text.lines();
         assert_eq!(lines.next(), Some("from-stdin"), "{text}");
