@@ -31,7 +31,8 @@ out=$(mktemp -d)
 export AGENTKERNEL_HOME="$home"
 export AGENTKERNEL_REGISTRY_MIRRORS=${AGENTKERNEL_REGISTRY_MIRRORS:-http://127.0.0.1:5055}
 rootless=$(mktemp -d)
-trap 'rm -rf "$home" "$project" "$out" "$rootless"' EXIT
+# The workspace disks runs attached ahead (disk_pool.rs) go with the state dir.
+trap '"$ak" pool prune >/dev/null 2>&1; rm -rf "$home" "$project" "$out" "$rootless"' EXIT
 "$ak" image pull "$image" >/dev/null 2>&1   # cached: runs make no network request
 cd "$project"   # a project dir: the workspace is mounted as it would be for a user
 bwrap_cmd="bwrap --ro-bind / / --dev /dev --proc /proc --unshare-all true"
@@ -78,8 +79,12 @@ for p in "${pids[@]}"; do wait "$p" || failed=$((failed + 1)); done
 end=$(date +%s.%N)
 sleep 1   # the kernel deletes veths with their namespaces, and runs clean up, asynchronously
 echo "failed runs: $failed / 50 (all done in $(python3 -c "print(f'{$end-$start:.2f}')")s)"
+backed_under() {   # loop devices whose backing file is under $1
+  cat /sys/block/loop*/loop/backing_file 2>/dev/null | grep -c "^$1" || true
+}
+ahead=$(backed_under "$home/disk-pool/")
 echo "left behind: scratch dirs $(find "$home/runs" "$home/finished" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l)," \
-  "loop devices $(grep -ls "^$home/" /sys/block/loop*/loop/backing_file 2>/dev/null | wc -l)," \
+  "loop devices $(( $(backed_under "$home/") - ahead )) (+ $ahead attached ahead for the next runs, at most 2)," \
   "cgroups $(( $(count_cgroups) - cgroups_before ))," \
   "leases $(( $(count_leases) - leases_before ))," \
   "veths $(ip -o link 2>/dev/null | grep -c ': ak[0-9a-f]' || true)"

@@ -44,10 +44,31 @@ pub fn create_workspace_image(template: &Path, scratch: &Path, bytes: u64) -> Re
     Ok(image)
 }
 
+/// `<scratch>/workspace.ext4` and its mount point from the pool of devices
+/// attached ahead (disk_pool.rs): the image and its device, or None when
+/// the pool has none of this size.
+pub fn claim_workspace_image(
+    state_root: &Path,
+    scratch: &Path,
+    bytes: u64,
+) -> io::Result<Option<(PathBuf, String)>> {
+    let image = scratch.join(IMAGE_NAME);
+    let Some(device) = crate::disk_pool::claim(state_root, &image, bytes) else {
+        return Ok(None);
+    };
+    std::fs::create_dir(scratch.join(MOUNT_NAME))?;
+    Ok(Some((image, device)))
+}
+
+/// Where the template of this size is (made by [`template`]).
+pub fn template_path(state_root: &Path, bytes: u64) -> PathBuf {
+    state_root.join("disk-templates").join(format!("ext4-{bytes}"))
+}
+
 /// The formatted, empty template of this size, made once per state directory.
 pub fn template(state_root: &Path, bytes: u64) -> Result<PathBuf> {
+    let path = template_path(state_root, bytes);
     let dir = state_root.join("disk-templates");
-    let path = dir.join(format!("ext4-{bytes}"));
     if path.exists() {
         return Ok(path);
     }
@@ -110,7 +131,7 @@ fn format(path: &Path, bytes: u64) -> Result<()> {
 
 /// Copies `from` to a new file `to` of `len` bytes, copying only the data
 /// extents (SEEK_DATA/SEEK_HOLE): the holes stay holes.
-fn sparse_copy(from: &Path, to: &Path, len: u64) -> io::Result<()> {
+pub(crate) fn sparse_copy(from: &Path, to: &Path, len: u64) -> io::Result<()> {
     let src = File::open(from)?;
     let dst = std::fs::OpenOptions::new()
         .write(true)
@@ -156,25 +177,67 @@ fn sparse_copy(from: &Path, to: &Path, len: u64) -> io::Result<()> {
 const LOOP_SET_FD: libc::c_ulong = 0x4C00;
 const LOOP_SET_STATUS64: libc::c_ulong = 0x4C04;
 const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
+const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
+const LOOP_GET_STATUS64: libc::c_ulong = 0x4C05;
 const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
-const LO_FLAGS_AUTOCLEAR: u32 = 4;
+pub(crate) const LO_FLAGS_AUTOCLEAR: u32 = 4;
+const LO_NAME_SIZE: usize = 64;
 
 #[repr(C)]
-#[derive(Default)]
-struct LoopInfo64 {
-    device: u64,
-    inode: u64,
+pub(crate) struct LoopInfo64 {
+    pub device: u64,
+    pub inode: u64,
     rdevice: u64,
     offset: u64,
     size_limit: u64,
     number: u32,
     encrypt_type: u32,
     encrypt_key_size: u32,
-    flags: u32,
-    file_name: [[u8; 32]; 2],
-    crypt_name: [[u8; 32]; 2],
+    pub flags: u32,
+    pub file_name: [u8; LO_NAME_SIZE],
+    crypt_name: [u8; LO_NAME_SIZE],
     encrypt_key: [u8; 32],
     init: [u64; 2],
+}
+
+impl Default for LoopInfo64 {
+    fn default() -> Self {
+        LoopInfo64 {
+            device: 0,
+            inode: 0,
+            rdevice: 0,
+            offset: 0,
+            size_limit: 0,
+            number: 0,
+            encrypt_type: 0,
+            encrypt_key_size: 0,
+            flags: 0,
+            file_name: [0; LO_NAME_SIZE],
+            crypt_name: [0; LO_NAME_SIZE],
+            encrypt_key: [0; 32],
+            init: [0; 2],
+        }
+    }
+}
+
+/// What a bound loop device says about itself (`LOOP_GET_STATUS64`).
+pub(crate) fn loop_status(device: &File) -> io::Result<LoopInfo64> {
+    let mut info = LoopInfo64::default();
+    // SAFETY: LOOP_GET_STATUS64 writes a `struct loop_info64` we own.
+    if unsafe { libc::ioctl(device.as_raw_fd(), LOOP_GET_STATUS64 as _, &mut info) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(info)
+}
+
+/// `LOOP_CLR_FD`: the device lets its file go now if we are its only
+/// opener, else (a mount holds it) when its last opener goes.
+pub(crate) fn clear(device: &File) -> io::Result<()> {
+    // SAFETY: LOOP_CLR_FD takes no argument.
+    if unsafe { libc::ioctl(device.as_raw_fd(), LOOP_CLR_FD as _, 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 #[repr(C)]
@@ -224,8 +287,24 @@ const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
 /// namespace, so the host never sees it, and if everything dies first the
 /// mount and (AUTOCLEAR) the loop device go with the last fd. Mounted as
 /// [`mount_workspace_image`] mounts it: ext4, `noinit_itable`, nosuid, nodev.
-pub fn mount_detached(image: &Path) -> io::Result<OwnedFd> {
-    let (dev, loop_fd) = attach_loop(image)?;
+///
+/// `pooled` is a device the run claimed from the pool (`disk_pool.rs`),
+/// already bound to `image`: used if it still is (else one is attached as
+/// without a pool), and set to clear itself once mounted, or let go if the
+/// mount fails.
+pub fn mount_detached(image: &Path, pooled: Option<&str>) -> io::Result<OwnedFd> {
+    let claimed = pooled.and_then(|dev| {
+        crate::disk_pool::open_claimed(dev, image)
+            .ok()
+            .map(|fd| (dev.to_string(), PooledDevice(fd)))
+    });
+    let (dev, loop_fd) = match claimed {
+        Some((dev, pooled)) => (dev, LoopFd::Pooled(pooled)),
+        None => {
+            let (dev, fd) = attach_loop(image)?;
+            (dev, LoopFd::Attached(fd))
+        }
+    };
     // SAFETY: fsopen with a valid C string; the fd is owned below.
     let fs = unsafe { libc::syscall(libc::SYS_fsopen, c"ext4".as_ptr(), FSOPEN_CLOEXEC) };
     if fs < 0 {
@@ -262,6 +341,22 @@ pub fn mount_detached(image: &Path) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(mount as RawFd) })
 }
 
+/// Our fd of the loop device under a detached mount: one we attached
+/// (auto-clearing), or one from the pool, which is made to clear itself
+/// when we let it go — whether the mount holds it by then or not.
+enum LoopFd {
+    Attached(#[allow(dead_code)] File),
+    Pooled(#[allow(dead_code)] PooledDevice),
+}
+
+struct PooledDevice(File);
+
+impl Drop for PooledDevice {
+    fn drop(&mut self) {
+        let _ = crate::disk_pool::release(&self.0);
+    }
+}
+
 /// Attaches a mount from [`mount_detached`] on `target` (in init's mount namespace).
 pub fn attach_detached(mount: &OwnedFd, target: &Path) -> io::Result<()> {
     let target = crate::sys::cpath(target)?;
@@ -287,6 +382,16 @@ pub fn attach_detached(mount: &OwnedFd, target: &Path) -> io::Result<()> {
 /// `image` on a free loop device, configured to clear itself when its last
 /// user goes: the device's path and our fd of it.
 fn attach_loop(image: &Path) -> io::Result<(String, File)> {
+    attach_loop_with(image, LO_FLAGS_AUTOCLEAR, b"").map(|(dev, _, fd)| (dev, fd))
+}
+
+/// `image` on a free loop device with these flags and `lo_file_name`: the
+/// device's path, number and our fd of it.
+pub(crate) fn attach_loop_with(
+    image: &Path,
+    flags: u32,
+    name: &[u8],
+) -> io::Result<(String, u32, File)> {
     let backing = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -319,8 +424,8 @@ fn attach_loop(image: &Path) -> io::Result<(String, File)> {
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             Err(e) => return Err(context(format_args!("open {dev}"))(e)),
         };
-        match configure(&loop_fd, &backing) {
-            Ok(()) => return Ok((dev, loop_fd)),
+        match configure(&loop_fd, &backing, flags, name) {
+            Ok(()) => return Ok((dev, n as u32, loop_fd)),
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => continue,
             Err(e) => return Err(context(format_args!("attach {dev}"))(e)),
         }
@@ -331,13 +436,16 @@ fn attach_loop(image: &Path) -> io::Result<(String, File)> {
     ))
 }
 
-fn configure(loop_dev: &File, backing: &File) -> io::Result<()> {
+fn configure(loop_dev: &File, backing: &File, flags: u32, name: &[u8]) -> io::Result<()> {
+    let mut info = LoopInfo64 {
+        flags,
+        ..LoopInfo64::default()
+    };
+    let len = name.len().min(LO_NAME_SIZE - 1);
+    info.file_name[..len].copy_from_slice(&name[..len]);
     let config = LoopConfig {
         fd: backing.as_raw_fd() as u32,
-        info: LoopInfo64 {
-            flags: LO_FLAGS_AUTOCLEAR,
-            ..LoopInfo64::default()
-        },
+        info,
         ..LoopConfig::default()
     };
     // SAFETY: LOOP_CONFIGURE reads a `struct loop_config` we own.

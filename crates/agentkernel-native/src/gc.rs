@@ -23,6 +23,10 @@ pub fn orphaned_runs(store: &Store) -> usize {
             cleaned += 1;
         }
     }
+    // After the scratch dirs: a killed run's claimed pool device is swept
+    // once its image is gone with them.
+    cleaned += crate::disk_pool::collect(store.root());
+    crate::disk_pool::sweep();
     cleaned + crate::net::collect_dead()
 }
 

@@ -85,8 +85,131 @@ pub fn exec_command(
 /// a child whose output passes through us (`observed`), returning its exit
 /// code.
 pub async fn exec_helper(plan: &Plan) -> agentkernel_core::Result<i32> {
+    if can_become_helper(plan) {
+        become_helper(plan);
+    }
     let (helper, _fd) = memfd_command(plan, 0).map_err(Error::from)?;
     exec_or_observe(helper, plan.tty).await
+}
+
+/// Whether this process can be the helper of `plan` itself, skipping the
+/// exec (~1 ms: loading the binary again, the plan's round trip through
+/// JSON): a plain one-shot run (no receipt observing it, no egress proxy
+/// whose descriptors the exec hands over) from a process that is still
+/// single-threaded, as the helper must be (the CLI's runtime runs on this
+/// thread; a blocking task, e.g. a wait for the image store's lock, leaves
+/// threads behind, and then the helper is exec'd as always).
+fn can_become_helper(plan: &Plan) -> bool {
+    plan.action == Action::Run
+        && plan.egress.is_none()
+        && !agentkernel_core::observe::enabled()
+        && single_threaded()
+}
+
+fn single_threaded() -> bool {
+    // Field 20 of /proc/self/stat, after the parenthesised command name.
+    std::fs::read_to_string("/proc/self/stat").is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(17).map(|n| n == "1"))
+            .unwrap_or(false)
+    })
+}
+
+/// Becomes the helper without exec'ing it: leaves this process as an exec
+/// would (caught signals back to their default action, close-on-exec
+/// descriptors closed, the command line the helper's), runs the plan and
+/// exits with its code. Returns only when the command line cannot be
+/// replaced, having changed nothing: the caller then execs the helper.
+fn become_helper(plan: &Plan) {
+    // The sandbox sees its PID 1's command line: the helper's, never the
+    // caller's (which may carry values the sandbox must not see).
+    if !rewrite_command_line() {
+        return;
+    }
+    crate::trace::phase("cli becomes the helper");
+    let _ = std::io::stdout().flush();
+    reset_caught_signals();
+    close_on_exec_descriptors();
+    let code = run_plan(plan.clone(), &mut |_| {});
+    let _ = std::io::stdout().flush();
+    std::process::exit(code);
+}
+
+/// Overwrites this process's argument area (what /proc/PID/cmdline shows)
+/// with the helper's `agentkernel __native-sandbox`, NUL-filled to its end.
+fn rewrite_command_line() -> bool {
+    // arg_start and arg_end: fields 48 and 49 of /proc/self/stat (Linux 3.5).
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return false;
+    };
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return false;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let (Some(start), Some(end)) = (
+        fields.get(45).and_then(|f| f.parse::<usize>().ok()),
+        fields.get(46).and_then(|f| f.parse::<usize>().ok()),
+    ) else {
+        return false;
+    };
+    let words = format!("agentkernel\0{}\0", crate::HELPER_SUBCOMMAND);
+    if start == 0 || end <= start || end - start < words.len() {
+        return false;
+    }
+    // SAFETY: [start, end) is this process's own argument area on its
+    // stack, mapped and writable, which nothing reads any more: Rust copied
+    // the arguments at start-up (std::env::args) and clap parsed the copy.
+    unsafe {
+        let area = std::slice::from_raw_parts_mut(start as *mut u8, end - start);
+        area.fill(0);
+        area[..words.len()].copy_from_slice(words.as_bytes());
+    }
+    true
+}
+
+/// As exec does: every signal with a handler (the runtime's) back to its
+/// default action; ignored ones stay ignored.
+fn reset_caught_signals() {
+    for sig in 1..libc::SIGRTMIN() {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: sigaction queries and sets this process's own dispositions.
+        unsafe {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(sig, std::ptr::null(), &mut old) == 0
+                && old.sa_sigaction != libc::SIG_DFL
+                && old.sa_sigaction != libc::SIG_IGN
+            {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+        }
+    }
+}
+
+/// As exec does: closes every descriptor marked close-on-exec (the
+/// runtime's, the image store's); the caller's inherited ones stay, as they
+/// reach an exec'd helper. Their owners are never dropped: the process ends
+/// in [`become_helper`].
+fn close_on_exec_descriptors() {
+    let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    for fd in fds.into_iter().filter(|fd| *fd > 2) {
+        // SAFETY: fcntl and close on descriptors of this process nothing
+        // will use again (see above); a stale number (the directory's own
+        // fd, now closed) fails harmlessly.
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags >= 0 && flags & libc::FD_CLOEXEC != 0 {
+                libc::close(fd);
+            }
+        }
+    }
 }
 
 async fn exec_or_observe(
@@ -138,14 +261,17 @@ pub fn main(fd_arg: Option<String>, report_fd: Option<String>) -> i32 {
 }
 
 fn run_helper(fd_arg: Option<String>, report: &mut dyn FnMut(HelperReport)) -> i32 {
-    let plan = match read_plan(fd_arg) {
-        Ok(p) => p,
+    match read_plan(fd_arg) {
+        Ok(plan) => run_plan(plan, report),
         Err(e) => {
             eprintln!("agentkernel: {e}");
             report(HelperReport::Failed(e.to_string()));
-            return AGENTKERNEL_ERROR;
+            AGENTKERNEL_ERROR
         }
-    };
+    }
+}
+
+fn run_plan(plan: Plan, report: &mut dyn FnMut(HelperReport)) -> i32 {
     // A rootless sandbox is built inside a user namespace of its own (an
     // `exec` joins the kept sandbox's one instead).
     if let (Some(map), Action::Run | Action::CreateKept) = (&plan.rootless, &plan.action) {

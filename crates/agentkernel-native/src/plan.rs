@@ -137,6 +137,14 @@ pub struct Plan {
     /// layers, when their disk use is capped (see disk.rs).
     #[serde(default)]
     pub workspace_disk: Option<PathBuf>,
+    /// Its size (the cap), bytes: a one-shot run's cleanup process prepares
+    /// the next run's device of this size (disk_pool.rs).
+    #[serde(default)]
+    pub workspace_disk_bytes: Option<u64>,
+    /// The loop device claimed with the image from the pool of devices
+    /// attached ahead (disk_pool.rs); None: the supervisor attaches one.
+    #[serde(default)]
+    pub workspace_device: Option<String>,
     pub tty: bool,
     pub timeout: Option<Duration>,
     /// Set when agentkernel runs without root: the helper first enters a

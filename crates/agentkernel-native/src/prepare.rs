@@ -41,6 +41,8 @@ pub struct HostClaim {
     store: Store,
     name: Option<String>,
     scratch: Option<PathBuf>,
+    /// The scratch holds a device claimed from the disk pool.
+    pooled: bool,
 }
 
 impl HostClaim {
@@ -56,6 +58,10 @@ impl Drop for HostClaim {
     fn drop(&mut self) {
         if let Some(scratch) = &self.scratch {
             let _ = std::fs::remove_dir_all(scratch);
+            if self.pooled {
+                // Its image is gone with the scratch: let the device go.
+                crate::disk_pool::sweep();
+            }
         }
         if let Some(name) = &self.name {
             let _ = self.store.forget(name);
@@ -177,6 +183,7 @@ pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<(Pla
         store: store.clone(),
         name: None,
         scratch: None,
+        pooled: false,
     };
     let keep = match &spec.keep {
         Some(k) => {
@@ -211,9 +218,23 @@ pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<(Pla
     };
     claim.scratch = Some(scratch.clone());
     crate::trace::phase("cli: scratch dir made");
-    let workspace_disk = match disk_template {
+    let mut workspace_device = None;
+    let workspace_disk = match &disk_template {
         Some((template, bytes)) => {
-            let image = crate::disk::create_workspace_image(&template, &scratch, bytes);
+            // A one-shot run takes a device attached ahead, if one is ready.
+            let pooled = match &keep {
+                None => crate::disk::claim_workspace_image(store.root(), &scratch, *bytes)
+                    .map_err(|e| Error::state(&scratch, e))?,
+                Some(_) => None,
+            };
+            let image = match pooled {
+                Some((image, device)) => {
+                    workspace_device = Some(device);
+                    claim.pooled = true;
+                    Ok(image)
+                }
+                None => crate::disk::create_workspace_image(template, &scratch, *bytes),
+            };
             crate::trace::phase("cli: workspace disk image made");
             Some(image?)
         }
@@ -271,6 +292,8 @@ pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<(Pla
         },
         root_layer_bytes: spec.policy.limits.disk_bytes,
         workspace_disk,
+        workspace_disk_bytes: disk_template.as_ref().map(|(_, bytes)| *bytes),
+        workspace_device,
         tty: spec.exec.tty,
         timeout: spec.exec.timeout,
         rootless,

@@ -533,7 +533,7 @@ pub enum PoolCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Remove every warm container
+    /// Remove every warm container, and the workspace disks native runs attached ahead
     Prune,
     /// Remove a used container and top its key back up (run detached by `run`)
     #[command(hide = true)]

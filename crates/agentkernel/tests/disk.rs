@@ -68,17 +68,28 @@ mod native_only {
         TestEnv::new()
     }
 
-    /// Loop devices backed by a file under `dir` (the workspace images).
+    /// Loop devices backed by a file under `dir` (the workspace images), but
+    /// for the ones attached ahead for later runs (`<dir>/disk-pool/`,
+    /// bounded: see `the_disk_pool_is_bounded_never_reused_and_pruned`).
     fn loop_devices_under(dir: &std::path::Path) -> Vec<String> {
+        let pool = dir.join("disk-pool/");
+        all_loop_devices_under(dir)
+            .into_iter()
+            .filter(|(_, file)| !file.starts_with(&*pool.to_string_lossy()))
+            .map(|(dev, file)| format!("{dev}: {file}"))
+            .collect()
+    }
+
+    /// (device, backing file) of every loop device backed by a file under `dir`.
+    fn all_loop_devices_under(dir: &std::path::Path) -> Vec<(String, String)> {
         let mut found = Vec::new();
         for entry in std::fs::read_dir("/sys/block").unwrap().flatten() {
             let backing = entry.path().join("loop/backing_file");
             if let Ok(file) = std::fs::read_to_string(&backing) {
                 if file.trim().starts_with(&*dir.to_string_lossy()) {
-                    found.push(format!(
-                        "{}: {}",
-                        entry.file_name().to_string_lossy(),
-                        file.trim()
+                    found.push((
+                        entry.file_name().to_string_lossy().into_owned(),
+                        file.trim().to_string(),
                     ));
                 }
             }
@@ -213,5 +224,102 @@ mod native_only {
         let out = env.run(&["sandbox", "gc"]);
         assert_code(&out, 0);
         assert!(env.leftover_runs().is_empty(), "scratch left after gc");
+    }
+
+    /// The pool's devices (see `disk_pool.rs`), by device name.
+    fn pool_devices(env: &TestEnv) -> Vec<String> {
+        let pool = env.state_dir().join("disk-pool/");
+        all_loop_devices_under(env.state_dir())
+            .into_iter()
+            .filter(|(_, file)| file.starts_with(&*pool.to_string_lossy()))
+            .map(|(dev, _)| dev)
+            .collect()
+    }
+
+    /// Runs' cleanup processes attach the next runs' workspace disks ahead:
+    /// never more than two, each used by exactly one run (what one sandbox
+    /// wrote in its workspace never shows in the next), the run's device is
+    /// one of them, and `pool prune` lets them all go.
+    #[test]
+    fn the_disk_pool_is_bounded_never_reused_and_pruned() {
+        let env = native();
+        for round in 0..4 {
+            let script = format!(
+                "test -e /workspace/mark && echo REUSED; echo {round} > /workspace/mark; cat /workspace/mark"
+            );
+            let out = env.run(&["run", "--disk", "40m", "-i", BUSYBOX, "sh", "-c", &script]);
+            assert_code(&out, 0);
+            assert_eq!(stdout(&out), format!("{round}\n"), "{}", stderr(&out));
+            poll_until(
+                std::time::Duration::from_secs(10),
+                "the run's cleanup refilled the pool",
+                || pool_devices(&env).len() == 2 && env.leftover_runs().is_empty(),
+            );
+        }
+        assert!(
+            !env.project_dir().join("mark").exists(),
+            "a run wrote to the host's workspace"
+        );
+        // A running sandbox's disk is one the pool had ready.
+        let ready = pool_devices(&env);
+        let mut run = env.spawn(&["run", "--disk", "40m", "-i", BUSYBOX, "sleep", "30"]);
+        poll_until(
+            std::time::Duration::from_secs(20),
+            "the run's workspace disk is mounted",
+            || !loop_devices_under(env.state_dir()).is_empty(),
+        );
+        let used = all_loop_devices_under(env.state_dir())
+            .into_iter()
+            .find(|(_, file)| file.ends_with("/workspace.ext4"))
+            .expect("the run's workspace disk")
+            .0;
+        assert!(ready.contains(&used), "{used} was not from the pool {ready:?}");
+        run.signal(libc::SIGKILL);
+        let _ = run.child().wait();
+        poll_until(
+            std::time::Duration::from_secs(10),
+            "the killed run's loop device released",
+            || loop_devices_under(env.state_dir()).is_empty(),
+        );
+        assert!(pool_devices(&env).len() <= 2, "{:?}", pool_devices(&env));
+        let out = env.run(&["pool", "prune"]);
+        assert_code(&out, 0);
+        poll_until(
+            std::time::Duration::from_secs(10),
+            "every pool device released",
+            || all_loop_devices_under(env.state_dir()).is_empty(),
+        );
+    }
+
+    /// A pool whose state directory is deleted (rm -rf of AGENTKERNEL_HOME)
+    /// leaves devices bound to deleted files: the next native run anywhere
+    /// on the machine detaches them (its gc).
+    #[test]
+    fn a_deleted_pool_is_detached_by_the_next_run() {
+        let doomed = native();
+        for _ in 0..2 {
+            let out = doomed.run(&["run", "--disk", "24m", "-i", BUSYBOX, "true"]);
+            assert_code(&out, 0);
+        }
+        poll_until(
+            std::time::Duration::from_secs(10),
+            "the pool was filled",
+            || pool_devices(&doomed).len() == 2,
+        );
+        let devices = pool_devices(&doomed);
+        std::fs::remove_dir_all(doomed.state_dir().join("disk-pool")).unwrap();
+        let still_bound = |dev: &String| {
+            std::fs::read_to_string(format!("/sys/block/{dev}/loop/backing_file"))
+                .is_ok_and(|f| f.contains(&*doomed.state_dir().to_string_lossy()))
+        };
+        assert!(devices.iter().all(still_bound));
+        let other = native();
+        let out = other.run(&["run", "--disk", "24m", "-i", BUSYBOX, "true"]);
+        assert_code(&out, 0);
+        poll_until(
+            std::time::Duration::from_secs(10),
+            "the deleted pool's devices detached",
+            || !devices.iter().any(still_bound),
+        );
     }
 }

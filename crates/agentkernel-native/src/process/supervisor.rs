@@ -93,8 +93,16 @@ pub(crate) fn clean_up_after_exit(
         }
         let _ = agentkernel_core::state::remove_tree(&scratch);
         crate::trace::phase("cleaned up");
+        let root = plan.state_root();
+        // The next runs' workspace disks, attached here, off their path.
+        if let (Some(root), Some(bytes), None) = (&root, plan.workspace_disk_bytes, &plan.keep) {
+            let template = crate::disk::template_path(root, bytes);
+            if crate::disk_pool::refill(root, &template, bytes).is_ok() {
+                crate::trace::phase("disk pool refilled");
+            }
+        }
         // What killed runs left (cgroups, leases, scratch, dead kept sandboxes).
-        if let Some(root) = plan.state_root() {
+        if let Some(root) = root {
             let store = agentkernel_core::state::Store::new(root);
             crate::gc::orphaned_runs(&store);
             crate::kept::collect(&store);
@@ -165,6 +173,10 @@ pub(crate) struct ScratchGuard<'a>(&'a Plan);
 impl Drop for ScratchGuard<'_> {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0.scratch);
+        if self.0.workspace_device.is_some() {
+            // The claimed pool device's image went with the scratch.
+            crate::disk_pool::sweep();
+        }
     }
 }
 
@@ -261,9 +273,11 @@ pub(crate) fn start(
     // (a kernel without the new mount API) and report what fails.
     let disk = plan.workspace_disk.clone().map(|image| {
         let sock = ours.try_clone();
+        let pooled = plan.workspace_device.clone();
         std::thread::spawn(move || -> Option<OwnedFd> {
             let sock = sock.ok()?;
-            let message = Message::Disk(crate::disk::mount_detached(&image).ok());
+            let message =
+                Message::Disk(crate::disk::mount_detached(&image, pooled.as_deref()).ok());
             crate::trace::phase("disk: workspace mounted (detached)");
             message.send(&sock).ok()?;
             // Ours too: see `Started::workspace_disk`.

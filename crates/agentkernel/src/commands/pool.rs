@@ -20,6 +20,14 @@ pub async fn pool(cmd: PoolCommand) -> Result<i32> {
         }
         PoolCommand::Status { json } => status(&store, json).await,
         PoolCommand::Prune => {
+            // Native's workspace disks attached ahead (as root only).
+            let disks = agentkernel_native::disk_pool::drain(store.root());
+            if disks > 0 {
+                eprintln!(
+                    "agentkernel: released {}",
+                    super::counted(disks, "pre-attached workspace disk", "pre-attached workspace disks")
+                );
+            }
             let mut removed = 0;
             for engine in backend::engines_in_use(&store) {
                 engine.ping().await?;

@@ -559,6 +559,8 @@ impl Drop for TestEnv {
                 let _ = self.run(&["sandbox", "remove", &name]);
             }
             let _ = self.run(&["sandbox", "gc"]);
+            // The workspace disks runs attached ahead (disk_pool.rs).
+            let _ = self.run(&["pool", "prune"]);
             return;
         }
         if backend() == "qemu" {
