@@ -91,9 +91,23 @@ pub fn connect(plan: &Plan, pid: libc::pid_t) -> io::Result<Link> {
     attach(plan, pid).map(Link::Bridge)
 }
 
-fn attach(plan: &Plan, pid: libc::pid_t) -> io::Result<Lease> {
-    let ports: Vec<PortMapping> = plan
-        .ports
+/// Whether the supervisor connects the sandbox's network namespace as soon
+/// as it exists, by its nsfs file, without waiting for init to join it
+/// (a bridge lease, as root); slirp4netns (rootless) needs init's pid.
+pub fn connects_before_init_joins(plan: &Plan) -> bool {
+    plan.network && plan.rootless.is_none()
+}
+
+/// Connects the network namespace `netns` to the bridge (see
+/// [`connects_before_init_joins`]). Call it from the host's network namespace.
+pub fn connect_netns(plan: &Plan, netns: &std::fs::File) -> io::Result<Link> {
+    agentkernel_net::attach_netns(&config(), &lease_id(plan), netns, &port_mappings(plan))
+        .map(Link::Bridge)
+        .map_err(io::Error::other)
+}
+
+fn port_mappings(plan: &Plan) -> Vec<PortMapping> {
+    plan.ports
         .iter()
         .map(|p| PortMapping {
             host_ip: p.host_ip,
@@ -101,8 +115,12 @@ fn attach(plan: &Plan, pid: libc::pid_t) -> io::Result<Lease> {
             container_port: p.container_port,
             protocol: if p.udp { Protocol::Udp } else { Protocol::Tcp },
         })
-        .collect();
-    agentkernel_net::attach(&config(), &lease_id(plan), pid, &ports).map_err(io::Error::other)
+        .collect()
+}
+
+fn attach(plan: &Plan, pid: libc::pid_t) -> io::Result<Lease> {
+    agentkernel_net::attach(&config(), &lease_id(plan), pid, &port_mappings(plan))
+        .map_err(io::Error::other)
 }
 
 /// After the sandbox ended: its namespace, and with it the veth, is going away.

@@ -288,7 +288,20 @@ pub fn attach(
             pid: netns_pid,
             source,
         })?;
+    attach_netns(cfg, sandbox_id, &netns, ports)
+}
 
+/// [`attach`] for the network namespace `netns` (its `nsfs` file): no
+/// process needs to be in it yet.
+pub fn attach_netns(
+    cfg: &NetConfig,
+    sandbox_id: &str,
+    netns: &File,
+    ports: &[PortMapping],
+) -> Result<Lease> {
+    cfg.validate()?;
+    lease::validate_id(sandbox_id)?;
+    ports::validate(ports)?;
     let host = netlink::Socket::open().map_err(|e| Error::kernel("open a netlink socket", e))?;
     let bridge_index = bridge::ensure(&host, cfg)?;
 
@@ -303,7 +316,7 @@ pub fn attach(
             lease.ports = chosen;
             lease::store(cfg, &lease)?;
         }
-        veth::connect(&host, bridge_index, &netns, &lease)?;
+        veth::connect(&host, bridge_index, netns, &lease)?;
         if !published.is_empty() {
             let held = published
                 .into_iter()

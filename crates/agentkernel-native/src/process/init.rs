@@ -84,9 +84,13 @@ pub(crate) fn init(plan: &Plan, sock: OwnedFd) -> ! {
         die("setting the hostname", io::Error::last_os_error());
     }
     if plan.network {
-        // The supervisor connects the namespace (lo and eth0) meanwhile.
-        if let Err(e) = Message::NetnsJoined.send(&inbox.sock) {
-            die("talking to agentkernel", e);
+        // The supervisor connects the namespace (lo and eth0) meanwhile:
+        // a bridge from the moment the namespace exists, slirp4netns once
+        // we are in it.
+        if !crate::net::connects_before_init_joins(plan) {
+            if let Err(e) = Message::NetnsJoined.send(&inbox.sock) {
+                die("talking to agentkernel", e);
+            }
         }
     } else if let Err(e) = crate::net::loopback_up() {
         die("bringing up loopback", e);

@@ -249,21 +249,44 @@ pub(crate) fn start(
     // Init's network namespace, the costliest of its namespaces to create
     // (~1 ms), is made by a thread of ours while init makes the others; the
     // thread hands it to init, which joins it.
+    // With a bridge, the same thread then connects the namespace (veth,
+    // address, routes: ~3 ms) at once, from the host's namespace, by the
+    // namespace's file: init need not have joined it.
     let netns = {
         let sock = ours.try_clone().map_err(SandboxError::Channel)?;
         let egress = plan.egress.clone();
-        std::thread::spawn(move || -> io::Result<()> {
-            // SAFETY: unshare of this thread's own network namespace.
-            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-                return Err(io::Error::last_os_error());
+        let connect = if crate::net::connects_before_init_joins(plan) {
+            let host = std::fs::File::open("/proc/thread-self/ns/net");
+            Some((plan.clone(), host.map_err(SandboxError::Network)?))
+        } else {
+            None
+        };
+        std::thread::spawn(move || -> Result<Option<crate::net::Link>, SandboxError> {
+            let created = (|| -> io::Result<std::fs::File> {
+                // SAFETY: unshare of this thread's own network namespace.
+                if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // The egress proxy's socket, bound here: only this sandbox
+                // can reach it.
+                if let Some(egress) = &egress {
+                    crate::egress::listen_here(egress)?;
+                }
+                let ns = std::fs::File::open("/proc/thread-self/ns/net")?;
+                Message::Netns(ns.try_clone()?.into()).send(&sock)?;
+                Ok(ns)
+            })()
+            .map_err(SandboxError::Network)?;
+            let Some((plan, host)) = connect else {
+                return Ok(None);
+            };
+            // SAFETY: setns of this thread only, back to the host's namespace.
+            if unsafe { libc::setns(host.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(SandboxError::Network(io::Error::last_os_error()));
             }
-            // The egress proxy's socket, bound here: only this sandbox
-            // can reach it.
-            if let Some(egress) = &egress {
-                crate::egress::listen_here(egress)?;
-            }
-            let ns = std::fs::File::open("/proc/thread-self/ns/net")?;
-            Message::Netns(ns.into()).send(&sock)
+            let link = crate::net::connect_netns(&plan, &created).map_err(SandboxError::Connect)?;
+            crate::trace::phase("network: connected");
+            Ok(Some(link))
         })
     };
 
@@ -291,20 +314,24 @@ pub(crate) fn start(
     // On v1 the cgroup is created now, while init creates its namespaces
     // (creating it takes about a millisecond: a memory cgroup is costly);
     // init moves itself in once its root is built, before it forks.
+    // A failure before the thread is joined: the lease it may have taken
+    // is released here, not left for gc.
+    let abandon = |netns: std::thread::JoinHandle<Result<Option<crate::net::Link>, SandboxError>>| {
+        if let Ok(Ok(Some(link))) = netns.join() {
+            link.release();
+        }
+    };
     if cgroup.is_none() {
         match Cgroup::for_plan(plan) {
             Ok(created) => *cgroup = Some(created),
-            Err(e) => return failed_during_setup(init, e.into()),
+            Err(e) => {
+                abandon(netns);
+                return failed_during_setup(init, e.into());
+            }
         }
     }
-    // Init reads the network namespace first, then the cgroup.
-    let netns = netns
-        .join()
-        .unwrap_or_else(|_| Err(io::Error::other("the network namespace thread panicked")));
-    if let Err(e) = netns {
-        return failed_during_setup(init, SandboxError::Network(e));
-    }
     // (A rootless sandbox's cgroup has no directories: nothing to move into.)
+    // Init takes its messages in its own order (see `init::Inbox`).
     let self_move = match cgroup.as_ref() {
         Some(c) if !born_in_cgroup => c.self_move_files(),
         _ => Ok(Vec::new()),
@@ -315,30 +342,38 @@ pub(crate) fn start(
             .map_err(SandboxError::Channel)
     });
     if let Err(e) = handed_over {
+        abandon(netns);
         return failed_during_setup(init, e);
     }
+    let connected = netns.join().unwrap_or_else(|_| {
+        Err(SandboxError::Network(io::Error::other(
+            "the network namespace thread panicked",
+        )))
+    });
+    let connected = match connected {
+        Ok(connected) => connected,
+        Err(e) => return failed_during_setup(init, e),
+    };
 
-    // With a network, init says when its namespace exists; the veth is set
-    // up while init builds the root filesystem (the two take about as long).
-    let link = if plan.network {
+    // Rootless, init says when it is in its namespace, and slirp4netns is
+    // attached to it while init builds the root filesystem.
+    let link = if plan.network && connected.is_none() {
         if !matches!(Message::recv(&ours), Ok(Message::NetnsJoined)) {
             return Ok(Err(init.wait()));
         }
         crate::trace::phase("network: init's namespace exists");
         match crate::net::connect(plan, pid) {
-            Ok(link) => {
-                if plan.action == crate::plan::Action::Run {
-                    link.print_ports();
-                }
-                Some(link)
-            }
+            Ok(link) => Some(link),
             Err(e) => {
                 return failed_during_setup(init, SandboxError::Connect(e));
             }
         }
     } else {
-        None
+        connected
     };
+    if let (Some(link), crate::plan::Action::Run) = (&link, &plan.action) {
+        link.print_ports();
+    }
     crate::trace::phase("network and cgroup ready");
     let ready = Message::recv(&ours);
     let workspace_disk = disk.and_then(|d| d.join().ok().flatten());
