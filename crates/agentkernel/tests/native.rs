@@ -20,6 +20,28 @@ mod native_only {
         env.run(&args)
     }
 
+    /// A plain run's CLI becomes the sandbox's supervisor (and init's parent
+    /// image) without an exec: its command line, which the sandbox can read
+    /// as PID 1's, is replaced with the helper's first.
+    #[test]
+    fn pid_1_never_shows_the_callers_command_line() {
+        let env = TestEnv::new();
+        let out = sh(
+            &env,
+            &["-e", "MARK=zz-caller-only-zz"],
+            "tr '\\0' ' ' < /proc/1/cmdline; echo; echo ${#MARK}",
+        );
+        assert_code(&out, 0);
+        let text = stdout(&out);
+        assert!(
+            text.starts_with("agentkernel __native-sandbox"),
+            "PID 1's command line: {text:?}"
+        );
+        assert!(!text.contains("zz-caller"), "the caller's arguments leak: {text:?}");
+        // The value itself still reaches the command, through its environment.
+        assert!(text.ends_with("\n17\n"), "{text:?}");
+    }
+
     #[test]
     fn host_processes_are_invisible() {
         let env = TestEnv::new();
@@ -341,11 +363,16 @@ mod native_only {
                     .then(|| Some((parts.next()?.parse().ok()?, parts.next()?.to_string())))?
             })
             .collect();
+        let names: Vec<&str> = phases.iter().map(|(_, n)| n.as_str()).collect();
+        // A plain run's CLI becomes the helper in place when it is still
+        // single-threaded, and execs it otherwise.
+        let handoff: &[&str] = if names.contains(&"cli becomes the helper") {
+            &["cli becomes the helper"]
+        } else {
+            &["cli execs the helper", "helper started"]
+        };
         // The order processes pass these is fixed by the protocol between them.
-        let expected = [
-            "cli started",
-            "cli execs the helper",
-            "helper started",
+        let expected = [&["cli started"][..], handoff, &[
             "forking init",
             "init: namespaces created",
             "init: root built",
@@ -356,10 +383,10 @@ mod native_only {
             "command: execs",
             "init exited",
             "cleaned up",
-        ];
-        let names: Vec<&str> = phases.iter().map(|(_, n)| n.as_str()).collect();
+        ]]
+        .concat();
         let mut at = Vec::new();
-        for phase in expected {
+        for phase in &expected {
             let found = phases.iter().find(|(_, n)| n == phase);
             let (micros, _) = found.unwrap_or_else(|| panic!("no {phase:?} in {names:?}"));
             at.push(*micros);
