@@ -662,6 +662,7 @@ mod qemu_only {
                     .flatten()
                     .flatten()
             })
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
             .map(|e| e.path())
             .collect()
     }
@@ -733,6 +734,19 @@ mod qemu_only {
         poll_until(VM_LIMIT, "the pool refilled", || {
             warm_dirs(&env).iter().any(|d| d.join("ready").exists())
         });
+        // pool status counts the key's runs: the first booted, the second
+        // found a VM (--fast=false is not the pool's).
+        let out = env.run(&["pool", "status", "--json"]);
+        assert_code(&out, 0);
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let key = &status["vms"]["keys"][0];
+        assert_eq!(key["image"], BUSYBOX, "{status}");
+        assert_eq!(
+            (&key["hits"], &key["misses"]),
+            (&1.into(), &1.into()),
+            "{status}"
+        );
+        assert_eq!(key["warm"], 1, "{status}");
         // kill -9 of a warm VM's holder takes its QEMU; gc removes the rest.
         let holders = warm_holders(&env);
         assert_eq!(holders.len(), 1, "{holders:?}");
@@ -741,6 +755,20 @@ mod qemu_only {
         unsafe { libc::kill(holders[0] as libc::pid_t, libc::SIGKILL) };
         assert_gone(&[holders[0], vm]);
         assert_code(&env.run(&["sandbox", "gc"]), 0);
+        assert!(warm_dirs(&env).is_empty(), "{:?}", warm_dirs(&env));
+
+        // pool prune ends a warm VM, and no run can claim it meanwhile.
+        assert_code(&run("--fast=true"), 5);
+        poll_until(VM_LIMIT, "a warm VM ready", || {
+            warm_dirs(&env).iter().any(|d| d.join("ready").exists())
+        });
+        let holders = warm_holders(&env);
+        assert_eq!(holders.len(), 1, "{holders:?}");
+        let vm = vm_of_holder(&env, holders[0]);
+        let out = env.run(&["pool", "prune"]);
+        assert_code(&out, 0);
+        assert!(stderr(&out).contains("1 warm VM"), "{}", stderr(&out));
+        assert_gone(&[holders[0], vm]);
         assert!(warm_dirs(&env).is_empty(), "{:?}", warm_dirs(&env));
     }
 }
