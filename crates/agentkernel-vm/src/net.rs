@@ -93,7 +93,9 @@ fn mac_text(mac: [u8; 6]) -> String {
 pub(crate) fn attach(network: &Network) -> Result<(Attached, OwnedFd)> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        return fail("a VM's network needs root (a tap on agentkernel's bridge); pass --no-network");
+        return fail(
+            "a VM's network needs root (a tap on agentkernel's bridge); pass --no-network",
+        );
     }
     let ports: Vec<PortMapping> = network
         .ports

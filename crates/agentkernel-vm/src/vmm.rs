@@ -138,8 +138,10 @@ impl Vmm for Qemu {
             Some(nic) => {
                 c.arg("-netdev")
                     .arg(format!("tap,id=net0,fd={},vhost=off", nic.tap_fd));
-                c.arg("-device")
-                    .arg(format!("virtio-net-pci,netdev=net0,mac={},romfile=", nic.mac));
+                c.arg("-device").arg(format!(
+                    "virtio-net-pci,netdev=net0,mac={},romfile=",
+                    nic.mac
+                ));
             }
             // --no-network: no network device at all.
             None => {

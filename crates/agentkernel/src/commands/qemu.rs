@@ -234,9 +234,10 @@ pub(super) async fn prepare(
             .map_or(1, |c| c.ceil().max(1.0) as u32),
         workspace,
         accel,
-        network: spec.policy.network.then(|| agentkernel_vm::net::Network {
-            ports: ports(spec),
-        }),
+        network: spec
+            .policy
+            .network
+            .then(|| agentkernel_vm::net::Network { ports: ports(spec) }),
     };
     let request = request(spec, &image.config);
     Ok((host, vm, request))
