@@ -390,10 +390,6 @@ mod qemu_only {
                 "egress proxy",
             ),
             (
-                &["run", "-P", "[::1]:8080:80", "-i", BUSYBOX, "true"][..],
-                "IPv4",
-            ),
-            (
                 &[
                     "run",
                     "--no-network",
@@ -1044,7 +1040,15 @@ mod qemu_only {
             inet.server.port()
         );
 
-        let out = env.run(&["run", "--no-network", "-i", BUSYBOX, "ls", "/sys/class/net"]);
+        let out = env.run(&[
+            "run",
+            "--fast=false",
+            "--no-network",
+            "-i",
+            BUSYBOX,
+            "ls",
+            "/sys/class/net",
+        ]);
         assert_code(&out, 0);
         assert_eq!(stdout(&out), "lo\n");
 
@@ -1073,7 +1077,15 @@ mod qemu_only {
             &["run", "--fast=false", "-i", BUSYBOX, "sleep", "600"],
         );
         let lease = lease_of(run.id());
-        let vms = vms_of(&env);
+        let cli = run.id();
+        let of_run = || -> Vec<u32> {
+            vms_of(&env)
+                .into_iter()
+                .filter(|p| parent_of(*p) == Some(cli))
+                .collect()
+        };
+        poll_until(VM_LIMIT, "the run's VM", || !of_run().is_empty());
+        let vms = of_run();
         run.kill().unwrap();
         run.wait().unwrap();
         assert_gone(&vms);
