@@ -296,7 +296,7 @@ pub fn attach(
 
     // The lease records the requested ports before any rule exists, so a
     // crash after publishing still leaves gc a lease that names them.
-    let mut lease = lease::allocate(cfg, sandbox_id, ports)?;
+    let mut lease = lease::allocate(cfg, sandbox_id, ports, false)?;
     let result = (|| {
         let published = nat::setup_and_publish(cfg, &lease)?;
         let chosen: Vec<PortMapping> = published.iter().map(|p| p.mapping).collect();
@@ -329,7 +329,9 @@ pub fn attach(
 
 /// What [`attach`] does for a VM: leases an address, publishes `ports`, and
 /// creates a tap device on the bridge (its port isolated, as a veth's is)
-/// for the VM's NIC. Returns the lease and the tap's descriptor, which the
+/// for the VM's NIC, which accepts only frames from the lease's MAC
+/// ([`guest_mac`]) and address (`tap.rs`: a guest is a whole kernel that
+/// can forge either). Returns the lease and the tap's descriptor, which the
 /// caller hands to the VMM and then closes: the tap lives as long as the
 /// VMM holds it. The guest configures its own `eth0` from the lease
 /// ([`configure_interface`], MAC [`guest_mac`]). Published ports are relayed
@@ -345,7 +347,7 @@ pub fn attach_tap(
     ports::validate(ports)?;
     let host = netlink::Socket::open().map_err(|e| Error::kernel("open a netlink socket", e))?;
     let bridge_index = bridge::ensure(&host, cfg)?;
-    let mut lease = lease::allocate(cfg, sandbox_id, ports)?;
+    let mut lease = lease::allocate(cfg, sandbox_id, ports, true)?;
     let result = (|| {
         let published = nat::setup_and_publish(cfg, &lease)?;
         let chosen: Vec<PortMapping> = published.iter().map(|p| p.mapping).collect();
@@ -415,6 +417,9 @@ pub fn release(cfg: &NetConfig, lease: &Lease) -> Result<()> {
         return Ok(());
     }
     veth::disconnect(lease)?;
+    if tap::is_tap(&lease.host_veth) {
+        tap::unguard(lease)?;
+    }
     if owner == lease::Owner::This {
         lease::remove(cfg, lease)?;
     }

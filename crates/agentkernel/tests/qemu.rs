@@ -852,15 +852,46 @@ mod qemu_only {
     }
 
     /// `agentkernel ARGS` with piped output (not `TestEnv::spawn`, whose
-    /// clean-up is a container engine's).
-    fn spawn_piped(env: &TestEnv, args: &[&str]) -> std::process::Child {
-        env.std_cmd()
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
+    /// clean-up is a container engine's), killed if the test fails first.
+    fn spawn_piped(env: &TestEnv, args: &[&str]) -> Running {
+        Running(Some(
+            env.std_cmd()
+                .args(args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        ))
+    }
+
+    struct Running(Option<std::process::Child>);
+
+    impl Running {
+        fn child(&mut self) -> &mut std::process::Child {
+            self.0.as_mut().unwrap()
+        }
+
+        fn id(&self) -> u32 {
+            self.0.as_ref().unwrap().id()
+        }
+
+        fn into_output(mut self) -> std::process::Output {
+            let mut child = self.0.take().unwrap();
+            let status = wait_child(&mut child, VM_LIMIT);
+            let mut out = child.wait_with_output().unwrap();
+            out.status = status;
+            out
+        }
+    }
+
+    impl Drop for Running {
+        fn drop(&mut self) {
+            if let Some(mut child) = self.0.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
     }
 
     fn link_exists(name: &str) -> bool {
@@ -870,7 +901,11 @@ mod qemu_only {
     /// Waits for the one lease `pid` holds; checks its tap is a port of
     /// agentkernel's bridge.
     fn lease_of(pid: u32) -> (std::path::PathBuf, String) {
-        poll_until(VM_LIMIT, "the VM's lease", || leases_of(pid).len() == 1);
+        // The lease is taken first, then its tap is made.
+        poll_until(VM_LIMIT, "the VM's lease and tap", || {
+            let held = leases_of(pid);
+            held.len() == 1 && link_exists(&format!("{}/master", held[0].1))
+        });
         let (file, tap) = leases_of(pid).remove(0);
         let master = std::fs::read_link(format!("/sys/class/net/{tap}/master")).unwrap();
         assert!(master.ends_with("agentkernel0"), "{master:?}");
@@ -883,13 +918,17 @@ mod qemu_only {
         });
     }
 
+    /// An address of agentkernel's subnet that a VM claims as its own in a
+    /// forged ARP request.
+    const SPOOFED: &str = "10.209.255.254";
+
     /// A networked VM as native gives one: out through NAT to the world,
     /// its published port from the host, DNS config; and none of the host:
     /// not a service on its loopback (even with a hand-made packet to the
-    /// gateway's MAC, CVE-2020-8558), not one on the host's addresses. Its
-    /// lease and tap are gone when the run ends.
+    /// gateway's MAC, CVE-2020-8558), not one on the host's addresses, and
+    /// no forged ARP. Its lease and tap are gone when the run ends.
     #[test]
-    fn a_vm_reaches_out_through_nat_and_publishes_ports_but_never_reaches_the_host() {
+    fn a_vm_reaches_out_through_nat_and_publishes_ports_but_never_the_host_nor_forges_arp() {
         let env = TestEnv::new();
         let inet = internet();
         let secret = host_listener(Ipv4Addr::LOCALHOST);
@@ -919,6 +958,14 @@ mod qemu_only {
              for h in '{hosts}'.replace('GW', gw).split():\n\
              \x20   connect(h, {service_port})\n\
              subprocess.call(['python3', '-c', sys.argv[1], gw + ':{published}', '127.0.0.1:{secret}'])\n\
+             mac = open('/sys/class/net/eth0/address').read().strip()\n\
+             u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.connect((gw, 9))\n\
+             print('me', u.getsockname()[0], mac, flush=True)\n\
+             raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW); raw.bind(('eth0', 0))\n\
+             m = bytes.fromhex(mac.replace(':', ''))\n\
+             raw.send(b'\\xff' * 6 + m + b'\\x08\\x06' + struct.pack('!HHBBH', 1, 0x0800, 6, 4, 1)\n\
+             \x20        + m + socket.inet_aton('{spoofed}') + bytes(6) + socket.inet_aton(gw))\n\
+             import time; time.sleep(1)\n\
              print('done', flush=True)\n\
              served.wait(120)\n",
             inet_ip = inet.server.ip(),
@@ -926,6 +973,7 @@ mod qemu_only {
             hosts = hosts.join(" "),
             service_port = service.port,
             secret = secret.port,
+            spoofed = SPOOFED,
         );
         let publish = format!("0.0.0.0:{published}:8080");
         let mut run = spawn_piped(
@@ -946,7 +994,7 @@ mod qemu_only {
             ],
         );
         let lease = lease_of(run.id());
-        let out = run.stdout.take().unwrap();
+        let out = run.child().stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             use std::io::BufRead;
@@ -966,6 +1014,29 @@ mod qemu_only {
             text.push_str(&line);
             text.push('\n');
         }
+        // The VM's own ARP reached the host (it knows the VM's MAC), but
+        // its ARP request from another sandbox's address did not: the tap
+        // takes only the lease's MAC and address, so a guest cannot point
+        // the host at itself for another sandbox's traffic.
+        let me: Vec<&str> = text
+            .lines()
+            .find_map(|l| l.strip_prefix("me "))
+            .unwrap_or_else(|| panic!("{text}"))
+            .split(' ')
+            .collect();
+        let neighbour = |addr: &str| {
+            let out = std::process::Command::new("ip")
+                .args(["neigh", "show", addr, "dev", "agentkernel0"])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        assert!(neighbour(me[0]).contains(me[1]), "{}", neighbour(me[0]));
+        assert!(
+            !neighbour(SPOOFED).contains(me[1]),
+            "the host took the VM's forged ARP: {}",
+            neighbour(SPOOFED)
+        );
         // -P from the host: the published port reaches the VM's server.
         let mut c = TcpStream::connect_timeout(
             &SocketAddr::from((Ipv4Addr::LOCALHOST, published)),
@@ -976,9 +1047,8 @@ mod qemu_only {
         let mut greeting = String::new();
         std::io::Read::read_to_string(&mut c, &mut greeting).unwrap();
         assert_eq!(greeting, "hello\n");
-        let status = wait_child(&mut run, VM_LIMIT);
-        let output = run.wait_with_output().unwrap();
-        assert_eq!(status.code(), Some(0), "{}", stderr(&output));
+        let output = run.into_output();
+        assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
         assert!(
             stderr(&output).contains(&format!("port 0.0.0.0:{published} -> 8080/tcp")),
             "{}",
@@ -1086,8 +1156,8 @@ mod qemu_only {
         };
         poll_until(VM_LIMIT, "the run's VM", || !of_run().is_empty());
         let vms = of_run();
-        run.kill().unwrap();
-        run.wait().unwrap();
+        run.child().kill().unwrap();
+        run.child().wait().unwrap();
         assert_gone(&vms);
         poll_until(Duration::from_secs(10), "the tap goes with QEMU", || {
             !link_exists(&lease.1)
@@ -1118,6 +1188,9 @@ mod qemu_only {
         assert_eq!(stdout(&cold), stdout(&warm));
         // A warm VM's holder killed with -9: its QEMU and tap go, gc
         // releases its lease.
+        poll_until(Duration::from_secs(30), "the used warm VM ends", || {
+            warm_dirs(&env).iter().all(|d| !d.join("claimed").exists())
+        });
         poll_until(VM_LIMIT, "the pool refilled", || {
             warm_dirs(&env).iter().any(|d| d.join("ready").exists())
         });
