@@ -805,10 +805,8 @@ mod qemu_only {
         std::thread::spawn(move || {
             use std::os::fd::AsRawFd;
             // SAFETY: setns on this thread only, with a namespace fd we own.
-            assert_eq!(
-                unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) },
-                0
-            );
+            let entered = unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(entered, 0);
             let l = TcpListener::bind((server_ip, 0)).unwrap();
             tx.send(l.local_addr().unwrap()).unwrap();
             for mut c in l.incoming().flatten() {
