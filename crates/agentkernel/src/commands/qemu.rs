@@ -159,7 +159,7 @@ impl Backend for QemuBackend {
         // A trial VM costs seconds under TCG: say what a run would use.
         Ok(Probe::Untested {
             detail: doctor()?,
-            fix: "try it: agentkernel run -B qemu --no-network -i IMAGE true".into(),
+            fix: "try it: agentkernel run -B qemu -i IMAGE true".into(),
         })
     }
 }
