@@ -525,8 +525,28 @@ mod qemu_only {
             .unwrap();
         let out = env.run(&["exec", "--timeout", "1s", &name, "--", "sleep", "30"]);
         assert_code(&out, 124);
-        let out = env.run(&["exec", &name, "--", "echo", "beside"]);
+        let receipt = env.home_dir().join("exec-receipt.json");
+        let out = env.run(&[
+            "exec",
+            "--receipt",
+            receipt.to_str().unwrap(),
+            &name,
+            "--",
+            "echo",
+            "beside",
+        ]);
         assert_eq!(stdout(&out), "beside\n");
+        // One receipt per exec, digesting what the guest wrote.
+        let r: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&receipt).unwrap()).unwrap();
+        use sha2::Digest;
+        let digest = format!("{:x}", sha2::Sha256::digest(&out.stdout));
+        assert_eq!(r["outcome"]["stdout"]["sha256"], digest.as_str(), "{r}");
+        assert_eq!(r["outcome"]["exit_code"], 0, "{r}");
+        assert_code(
+            &env.run(&["receipt", "verify", receipt.to_str().unwrap()]),
+            0,
+        );
         let read_ticks = || std::fs::read_to_string(&ticks).unwrap_or_default();
         poll_until(VM_LIMIT, "the counter runs", || !read_ticks().is_empty());
 
