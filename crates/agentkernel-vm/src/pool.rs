@@ -58,6 +58,7 @@ pub fn key(vm: &KeptVm) -> String {
         workdir: String::new(),
         user: None,
         timeout_ms: None,
+        network: None,
         ..vm.sandbox.clone()
     };
     let text = serde_json::to_vec(&(&vm.qemu, &vm.vm, &fixed)).unwrap_or_default();

@@ -24,6 +24,11 @@ fn pool_root(store: &Store) -> std::path::PathBuf {
 }
 
 pub async fn run(store: &Store, spec: &SandboxSpec, config: &Config) -> Result<Outcome> {
+    // Published ports are bound when a VM boots: a warm VM would hold them
+    // while it waits. A run that publishes boots its own.
+    if !spec.ports.is_empty() {
+        return super::qemu::run(spec, config).await;
+    }
     let (host, vm, request) = prepare(spec, config).await?;
     let warm = KeptVm {
         qemu: host.qemu.binary.clone(),
