@@ -2,9 +2,10 @@
 # -B qemu beside native, in one go:
 #   1. RUNS runs each of `agentkernel -B native --no-network true`,
 #      `agentkernel -B qemu --fast=false --no-network true` (the VM boots
-#      cold) and `agentkernel -B qemu --no-network true` (a pooled run: each
+#      cold), `agentkernel -B qemu --no-network true` (a pooled run: each
 #      waits until the pool has a warm VM ready, as a run that is not back
-#      to back with the previous one finds it), alternated; then RUNS
+#      to back with the previous one finds it), and, as root, the same two
+#      qemu runs with a network (a tap on agentkernel0), alternated; then RUNS
 #      `agentkernel exec NAME -- true` in a kept VM; min and median wall time;
 #   2. the phase timeline of one cold VM run (AGENTKERNEL_TRACE_STARTUP=1):
 #      QEMU started, QEMU connected to the agent's socket, agent ready (with
@@ -33,15 +34,26 @@ cd "$project"
 native=(-B native --no-network -i "$image" true)
 qemu=(-B qemu --fast=false --no-network -i "$image" true)
 pooled=(-B qemu --no-network -i "$image" true)
+qemu_net=(-B qemu --fast=false -i "$image" true)
+pooled_net=(-B qemu -i "$image" true)
+net=$([ "$(id -u)" = 0 ] && echo 1 || echo 0)
 "$ak" run "${qemu[@]}"   # builds and caches the disk and the initramfs
 "$ak" run "${pooled[@]}" # warms the pool's key
-# Waits (up to 2 minutes) until the pool has a VM that serves and no run claimed.
+[ "$net" = 1 ] && "$ak" run "${pooled_net[@]}" # and the networked one's
+# Waits (up to 2 minutes) until every key of the pool has a VM that serves
+# and no run claimed.
 wait_warm() {
-  local d tries=600
+  local k d tries=600
   while [ $((tries -= 1)) -gt 0 ]; do
-    for d in "$home"/vm-pool/*/*/; do
-      [ -e "$d/ready" ] && [ ! -e "$d/claimed" ] && return 0
+    local all=1
+    for k in "$home"/vm-pool/*/; do
+      local this=0
+      for d in "$k"*/; do
+        [ -e "$d/ready" ] && [ ! -e "$d/claimed" ] && this=1
+      done
+      [ "$this" = 1 ] || all=0
     done
+    [ "$all" = 1 ] && return 0
     sleep 0.2
   done
   echo "bench/qemu.sh: no warm VM became ready in 2 minutes" >&2
@@ -49,12 +61,17 @@ wait_warm() {
 }
 
 ms() { echo $(( $(date +%s%N) / 1000000 )); }
-declare -a native_ms qemu_ms pooled_ms exec_ms
+declare -a native_ms qemu_ms pooled_ms exec_ms qemu_net_ms pooled_net_ms
 for _ in $(seq 1 "$runs"); do
   wait_warm
   t=$(ms); "$ak" run "${pooled[@]}"; pooled_ms+=($(( $(ms) - t )))
   # The pooled run's refill boots a VM: let it finish before timing more.
   wait_warm
+  if [ "$net" = 1 ]; then
+    t=$(ms); "$ak" run "${pooled_net[@]}"; pooled_net_ms+=($(( $(ms) - t )))
+    wait_warm
+    t=$(ms); "$ak" run "${qemu_net[@]}"; qemu_net_ms+=($(( $(ms) - t )))
+  fi
   t=$(ms); "$ak" run "${native[@]}"; native_ms+=($(( $(ms) - t )))
   t=$(ms); "$ak" run "${qemu[@]}"; qemu_ms+=($(( $(ms) - t )))
 done
@@ -74,6 +91,10 @@ echo "== $runs runs each (load: $(cut -d' ' -f1-3 /proc/loadavg); accel: $(sed -
 stats "native --no-network true" "${native_ms[@]}"
 stats "qemu --fast=false --no-network true" "${qemu_ms[@]}"
 stats "qemu --no-network true (pooled)" "${pooled_ms[@]}"
+if [ "$net" = 1 ]; then
+  stats "qemu --fast=false true (network)" "${qemu_net_ms[@]}"
+  stats "qemu true (pooled, network)" "${pooled_net_ms[@]}"
+fi
 stats "exec in a kept qemu VM: true" "${exec_ms[@]}"
 
 echo "== phase timeline of one cold VM run (ms since agentkernel started)"

@@ -60,10 +60,12 @@ fn agent() -> io::Result<()> {
         Some(HostMessage::Keep(r)) => (r, true),
         other => return Err(io::Error::other(format!("expected Run, got {other:?}"))),
     };
-    let built = sandbox_cgroup(request.pids_max, request.memory_max).and_then(|cgroup| {
-        build_root(&request)
-            .and_then(|()| switch_root())
-            .map(|()| cgroup)
+    let built = network(&request).and_then(|()| {
+        sandbox_cgroup(request.pids_max, request.memory_max).and_then(|cgroup| {
+            build_root(&request)
+                .and_then(|()| switch_root())
+                .map(|()| cgroup)
+        })
     });
     let cgroup = match built {
         Ok(cgroup) => cgroup,
@@ -117,6 +119,39 @@ fn load_modules() -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `lo` up, always (as native brings it up in a `--no-network` sandbox); and
+/// if the host gave the VM a NIC, the one with the lease's MAC gets the
+/// lease's address and the default route via agentkernel's bridge.
+fn network(request: &RunRequest) -> io::Result<()> {
+    agentkernel_net::loopback_up().map_err(|e| io::Error::other(e.to_string()))?;
+    let Some(net) = &request.network else {
+        return Ok(());
+    };
+    // The NIC appears once virtio-net has probed it: give it a moment.
+    let mut name = None;
+    for _ in 0..500 {
+        name = nic_with_mac(&net.mac);
+        if name.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let name = name.ok_or_else(|| io::Error::other(format!("no NIC with MAC {}", net.mac)))?;
+    agentkernel_net::configure_interface(&name, net.ip, net.prefix, net.gateway)
+        .map_err(|e| io::Error::other(format!("network: {e}")))
+}
+
+fn nic_with_mac(mac: &str) -> Option<String> {
+    std::fs::read_dir("/sys/class/net")
+        .ok()?
+        .flatten()
+        .find(|e| {
+            std::fs::read_to_string(e.path().join("address"))
+                .is_ok_and(|a| a.trim().eq_ignore_ascii_case(mac))
+        })
+        .map(|e| e.file_name().to_string_lossy().into_owned())
 }
 
 /// The virtio-serial port named [`PORT_NAME`] (its device node appears
@@ -219,6 +254,9 @@ fn build_root(request: &RunRequest) -> io::Result<()> {
         libc::MS_NOSUID | libc::MS_NODEV,
         Some(&tmp),
     )?;
+    if let Some(net) = &request.network {
+        resolv_conf(&net.resolv_conf, request.root)?;
+    }
     if let Some(workspace) = &request.workspace {
         let target = at(&workspace.path);
         let read_only = workspace.mode != WorkspaceMode::ReadWrite;
@@ -257,6 +295,33 @@ fn build_root(request: &RunRequest) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The command's `/etc/resolv.conf`, as native writes it: written into the
+/// root's overlay (an image's symlink replaced, not followed), or over a
+/// read-only root bind-mounted from the guest's scratch tmpfs.
+fn resolv_conf(text: &str, root: RootMode) -> io::Result<()> {
+    let etc = format!("{NEW_ROOT}/etc");
+    let target = format!("{etc}/resolv.conf");
+    match root {
+        RootMode::Overlay => {
+            std::fs::create_dir_all(&etc)?;
+            match std::fs::remove_file(&target) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+            std::fs::write(&target, text)
+        }
+        RootMode::ReadOnly => {
+            let file = "/scratch/resolv.conf";
+            std::fs::write(file, text)?;
+            // A read-only image without the file keeps its resolver.
+            match std::fs::symlink_metadata(&target) {
+                Ok(m) if m.is_file() => mount(Some(file), &target, None, libc::MS_BIND, None),
+                _ => Ok(()),
+            }
+        }
+    }
 }
 
 /// A tmpfs /dev with the usual nodes: the guest's devtmpfs (with the host's

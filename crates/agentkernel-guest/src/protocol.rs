@@ -74,6 +74,23 @@ pub struct RunRequest {
     /// The native backend's seccomp filter: its restrictive variant, or
     /// the default one.
     pub seccomp_restrictive: bool,
+    /// The VM's NIC and how to configure it; `None`: the VM has no NIC,
+    /// only `lo`. Filled in by the process that booted the VM (which holds
+    /// the lease), never part of a pool key.
+    #[serde(default)]
+    pub network: Option<GuestNetwork>,
+}
+
+/// The guest's `eth0`: the NIC with this MAC gets `ip/prefix` and a default
+/// route via `gateway` (agentkernel's bridge); `/etc/resolv.conf` in the
+/// command's root gets `resolv_conf`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestNetwork {
+    pub mac: String,
+    pub ip: std::net::Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: std::net::Ipv4Addr,
+    pub resolv_conf: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -23,6 +23,10 @@ pub enum Error {
     #[error("{command} failed: {detail}; install iptables (nf_tables or legacy backend) and run as root, or use --no-network")]
     Iptables { command: String, detail: String },
 
+    /// `nft` (a VM tap's ingress filter) failed or is missing.
+    #[error("{command} failed: {detail}; install nftables (the nft command) and run as root, or use --no-network")]
+    Nft { command: String, detail: String },
+
     /// A published host port is taken, by another program or another sandbox.
     #[error("host port {ip}:{port}/{protocol} is already in use{by}; choose another host port in --publish")]
     PortInUse {

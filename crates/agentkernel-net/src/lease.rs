@@ -170,8 +170,14 @@ fn tmp_path(dir: &Path) -> PathBuf {
     dir.join(format!(".tmp-{}-{n}", std::process::id()))
 }
 
-/// Leases a free address for `sandbox_id` and writes its lease file.
-pub(crate) fn allocate(cfg: &NetConfig, sandbox_id: &str, ports: &[PortMapping]) -> Result<Lease> {
+/// Leases a free address for `sandbox_id` and writes its lease file. `tap`:
+/// the host side is a VM's tap (named so, [`crate::tap::host_name`]), not a veth.
+pub(crate) fn allocate(
+    cfg: &NetConfig,
+    sandbox_id: &str,
+    ports: &[PortMapping],
+    tap: bool,
+) -> Result<Lease> {
     let dir = dir(cfg);
     make_private(&cfg.state_dir, &dir)?;
     let net = cfg.subnet;
@@ -196,7 +202,11 @@ pub(crate) fn allocate(cfg: &NetConfig, sandbox_id: &str, ports: &[PortMapping])
                 prefix: net.prefix,
                 gateway: net.gateway(),
                 bridge: cfg.bridge.clone(),
-                host_veth: veth::host_name(&cfg.bridge, sandbox_id, offset + 2),
+                host_veth: if tap {
+                    crate::tap::host_name(&cfg.bridge, sandbox_id, offset + 2)
+                } else {
+                    veth::host_name(&cfg.bridge, sandbox_id, offset + 2)
+                },
                 ports: ports.to_vec(),
             };
             write_file(&tmp, &lease.to_text())?;

@@ -91,6 +91,7 @@ mod nat;
 mod netlink;
 mod ports;
 mod resolv;
+mod tap;
 mod veth;
 
 use std::fmt;
@@ -102,6 +103,7 @@ use std::str::FromStr;
 pub use error::{Error, Result};
 pub use lease::Lease;
 pub use resolv::resolv_conf;
+pub use tap::guest_mac;
 
 /// An IPv4 subnet, `ADDR/PREFIX`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -307,7 +309,7 @@ pub fn attach_netns(
 
     // The lease records the requested ports before any rule exists, so a
     // crash after publishing still leaves gc a lease that names them.
-    let mut lease = lease::allocate(cfg, sandbox_id, ports)?;
+    let mut lease = lease::allocate(cfg, sandbox_id, ports, false)?;
     let result = (|| {
         let published = nat::setup_and_publish(cfg, &lease)?;
         let chosen: Vec<PortMapping> = published.iter().map(|p| p.mapping).collect();
@@ -338,6 +340,79 @@ pub fn attach_netns(
     }
 }
 
+/// What [`attach`] does for a VM: leases an address, publishes `ports`, and
+/// creates a tap device on the bridge (its port isolated, as a veth's is)
+/// for the VM's NIC, which accepts only frames from the lease's MAC
+/// ([`guest_mac`]) and address (`tap.rs`: a guest is a whole kernel that
+/// can forge either). Returns the lease and the tap's descriptor, which the
+/// caller hands to the VMM and then closes: the tap lives as long as the
+/// VMM holds it. The guest configures its own `eth0` from the lease
+/// ([`configure_interface`], MAC [`guest_mac`]). Published ports are relayed
+/// by threads of the calling process, as for [`attach`]. On error,
+/// everything done so far is undone.
+pub fn attach_tap(
+    cfg: &NetConfig,
+    sandbox_id: &str,
+    ports: &[PortMapping],
+) -> Result<(Lease, std::os::fd::OwnedFd)> {
+    cfg.validate()?;
+    lease::validate_id(sandbox_id)?;
+    ports::validate(ports)?;
+    let host = netlink::Socket::open().map_err(|e| Error::kernel("open a netlink socket", e))?;
+    let bridge_index = bridge::ensure(&host, cfg)?;
+    let mut lease = lease::allocate(cfg, sandbox_id, ports, true)?;
+    let result = (|| {
+        let published = nat::setup_and_publish(cfg, &lease)?;
+        let chosen: Vec<PortMapping> = published.iter().map(|p| p.mapping).collect();
+        if chosen != lease.ports {
+            lease.ports = chosen;
+            lease::store(cfg, &lease)?;
+        }
+        let fd = tap::create(&host, bridge_index, &lease)?;
+        if !published.is_empty() {
+            let held = published
+                .into_iter()
+                .map(|p| (p.socket, p.mapping.container_port))
+                .collect();
+            let fwd = forward::start(lease.ip, held)
+                .map_err(|e| Error::kernel("start the published ports' relay", e))?;
+            forwarders().push((nat::lease_tag(&lease), fwd));
+        }
+        Ok(fd)
+    })();
+    match result {
+        Ok(fd) => Ok((lease, fd)),
+        Err(e) => {
+            let _ = release(cfg, &lease);
+            Err(e)
+        }
+    }
+}
+
+/// Inside a VM (the calling thread's network namespace): gives interface
+/// `name` the address `ip/prefix`, brings it and `lo` up, and routes
+/// everything via `gateway` — what [`attach`] does to a container's `eth0`
+/// from the host.
+pub fn configure_interface(name: &str, ip: Ipv4Addr, prefix: u8, gateway: Ipv4Addr) -> Result<()> {
+    let s = netlink::Socket::open().map_err(|e| Error::kernel("open a netlink socket", e))?;
+    let link = s
+        .link(name)
+        .map_err(|e| Error::kernel(format!("find {name}"), e))?;
+    s.add_addr(link.index, ip, prefix)
+        .map_err(|e| Error::kernel(format!("add address {ip}/{prefix} to {name}"), e))?;
+    s.set_up(link.index)
+        .map_err(|e| Error::kernel(format!("bring up {name}"), e))?;
+    s.set_up(netlink::LOOPBACK_INDEX)
+        .map_err(|e| Error::kernel("bring up lo", e))?;
+    s.add_default_route(link.index, gateway)
+        .map_err(|e| Error::kernel(format!("add default route via {gateway}"), e))
+}
+
+/// Whether interface `name` exists in the calling thread's network namespace.
+pub fn interface_exists(name: &str) -> bool {
+    netlink::Socket::open().is_ok_and(|s| s.link(name).is_ok())
+}
+
 /// Undoes [`attach`]: removes the lease's port rules, its host veth and its
 /// lease file. Idempotent; safe to call from another process with a lease
 /// read back by [`Lease::parse`] or [`Lease::load`]. If the address has since
@@ -355,6 +430,9 @@ pub fn release(cfg: &NetConfig, lease: &Lease) -> Result<()> {
         return Ok(());
     }
     veth::disconnect(lease)?;
+    if tap::is_tap(&lease.host_veth) {
+        tap::unguard(lease)?;
+    }
     if owner == lease::Owner::This {
         lease::remove(cfg, lease)?;
     }

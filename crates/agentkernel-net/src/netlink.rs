@@ -248,6 +248,14 @@ impl Socket {
         self.ack(m)
     }
 
+    /// Enslaves interface `index` to the bridge `master` (it stays down).
+    pub fn set_master(&self, index: u32, master: u32) -> io::Result<()> {
+        let mut m = Msg::new(RTM_NEWLINK, NLM_F_REQUEST);
+        m.ifinfomsg(index, 0, 0);
+        m.attr(IFLA_MASTER, &master.to_ne_bytes());
+        self.ack(m)
+    }
+
     /// Deletes an interface by name (its veth peer goes with it).
     pub fn delete_link(&self, name: &str) -> io::Result<()> {
         let mut m = Msg::new(RTM_DELLINK, NLM_F_REQUEST);

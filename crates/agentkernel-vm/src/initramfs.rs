@@ -15,7 +15,8 @@ use crate::{fail, Result};
 
 /// What the agent needs from the kernel, by module name: the PCI transport,
 /// the image disk, the host's port, the image's filesystem (and the checksum
-/// ext4 asks for by name at mount time), the overlays, the workspace share.
+/// ext4 asks for by name at mount time), the overlays, the workspace share,
+/// the NIC (a VM with `--no-network` has none; the module is loaded anyway).
 pub const MODULES: &[&str] = &[
     "virtio_pci",
     "virtio_blk",
@@ -25,6 +26,7 @@ pub const MODULES: &[&str] = &[
     "overlay",
     "9pnet_virtio",
     "9p",
+    "virtio_net",
 ];
 
 /// The cached initramfs for this agent and kernel, built if missing. The

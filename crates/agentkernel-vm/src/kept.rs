@@ -120,10 +120,16 @@ pub fn create(store: &Store, name: &str, kept: &KeptVm) -> Result<()> {
         if let Some(mut report) = holder.stdout.take() {
             let _ = report.read_to_string(&mut answer);
         }
-        match answer.trim() {
-            "ok" => Ok(()),
+        let mut lines = answer.trim().lines();
+        match lines.next().unwrap_or("") {
+            "ok" => {
+                for line in lines {
+                    eprintln!("{line}");
+                }
+                Ok(())
+            }
             "" => fail("the VM's holder died while starting it"),
-            why => fail(why.to_string()),
+            _ => fail(answer.trim().to_string()),
         }
     })();
     if built.is_err() {
@@ -189,7 +195,14 @@ pub fn holder_main(args: &[String]) -> i32 {
             return 1;
         }
     };
-    let _ = write!(report, "ok").and_then(|()| report.flush());
+    // "ok", then where its published ports landed, for the creator to say.
+    let ports = lock(&holder.vm).port_lines();
+    let mut answer = String::from("ok");
+    for line in ports {
+        answer.push('\n');
+        answer.push_str(&line);
+    }
+    let _ = write!(report, "{answer}").and_then(|()| report.flush());
     agentkernel_native::process::holder::detach_stdio();
     let held = Arc::new(holder);
     held.serve();
@@ -316,7 +329,11 @@ fn boot_and_hold(place: &Place) -> Result<Parts> {
     let mut reader = port.try_clone().or_else(|e| fail(format!("socket: {e}")))?;
     session::await_ready(&mut reader, &mut vm)?;
     let port = Arc::new(Mutex::new(port));
-    if let Err(e) = session::send(&port, &HostMessage::Keep(kept.sandbox.clone())) {
+    let sandbox = RunRequest {
+        network: vm.guest_network(),
+        ..kept.sandbox.clone()
+    };
+    if let Err(e) = session::send(&port, &HostMessage::Keep(sandbox)) {
         return vm.failure(format!("cannot send the sandbox to the guest: {e}"));
     }
     match read_frame::<_, GuestMessage>(&mut reader) {

@@ -9,6 +9,7 @@ pub mod disk;
 pub mod initramfs;
 pub mod kept;
 pub mod kernel;
+pub mod net;
 pub mod pool;
 pub mod session;
 pub mod vmm;

@@ -16,9 +16,15 @@
 //!   never get the same VM. Unclaimed VMs end after the idle TTL; a VM whose
 //!   directory goes (its state directory removed) ends within a second.
 //!
+//! - `pool status` shows each key's warm and in-use VMs and how often a run
+//!   found one ready; `pool prune` ends the unclaimed ones. `[pool]
+//!   max_total` caps warm VMs across keys (as it caps warm containers per
+//!   engine): a refill over the cap ends the VM that idled longest first.
+//!
 //! Layout: `<state>/vm-pool/<key>/<id>/` with `vm.json` (what to boot),
 //! `idle-until`, `booting` (who boots it), `vm-held.json` and `ready` once it
-//! serves, `vm.sock`, and `claimed`.
+//! serves, `vm.sock`, and `claimed`; `<key>/about.json` says what the key is
+//! and counts its runs (for status).
 
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -26,6 +32,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use agentkernel_core::state::{create_private_dir_all, now_unix, write_atomic, Owner};
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::kept::{self, Held, KeptVm, SPEC_FILE};
@@ -37,6 +44,9 @@ pub(crate) const READY: &str = "ready";
 pub(crate) const BOOTING: &str = "booting";
 const CLAIMED: &str = "claimed";
 const IDLE_UNTIL: &str = "idle-until";
+const ABOUT: &str = "about.json";
+/// How long a key's record outlives its last VM.
+const KEY_RECORD_TTL: Duration = Duration::from_secs(24 * 3600);
 /// A claimed VM whose claimer never sent its command (it died) ends after this.
 const CLAIM_GRACE: Duration = Duration::from_secs(60);
 
@@ -48,6 +58,7 @@ pub fn key(vm: &KeptVm) -> String {
         workdir: String::new(),
         user: None,
         timeout_ms: None,
+        network: None,
         ..vm.sandbox.clone()
     };
     let text = serde_json::to_vec(&(&vm.qemu, &vm.vm, &fixed)).unwrap_or_default();
@@ -172,8 +183,16 @@ pub fn collect(root: &Path) -> usize {
                 removed += 1;
             }
         }
-        // Gone only when empty.
-        let _ = std::fs::remove_dir(key.path());
+        // A key with no VM left goes when its record is a day old (no run
+        // of it since): status keeps its counts until then.
+        let record_age = std::fs::metadata(key.path().join(ABOUT))
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok());
+        if vm_dirs(&key.path()).is_empty() && record_age.is_none_or(|age| age > KEY_RECORD_TTL) {
+            let _ = std::fs::remove_file(key.path().join(ABOUT));
+            let _ = std::fs::remove_dir(key.path());
+        }
     }
     removed
 }
@@ -193,4 +212,174 @@ pub fn warm(root: &Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+/// What a key is (for people) and how its runs went: `<key>/about.json`,
+/// rewritten by each run of the key.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct About {
+    pub image: String,
+    pub profile: String,
+    pub workspace: Option<String>,
+    /// Runs that found a VM ready, and runs that booted their own.
+    pub hits: u64,
+    pub misses: u64,
+}
+
+/// Counts a run of `key` (`hit`: it claimed a warm VM) and records what
+/// the key is. Concurrent runs of a key may lose a count: status only.
+pub fn record_run(root: &Path, key: &str, about: About, hit: bool) {
+    let dir = root.join(key);
+    if create_private_dir_all(&dir).is_err() {
+        return;
+    }
+    let before: About = std::fs::read(dir.join(ABOUT))
+        .ok()
+        .and_then(|data| serde_json::from_slice(&data).ok())
+        .unwrap_or_default();
+    let now = About {
+        hits: before.hits + u64::from(hit),
+        misses: before.misses + u64::from(!hit),
+        ..about
+    };
+    if let Ok(data) = serde_json::to_vec(&now) {
+        let _ = write_atomic(&dir.join(ABOUT), &data);
+    }
+}
+
+/// One key of the pool, for `pool status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct KeyStatus {
+    pub key: String,
+    #[serde(flatten)]
+    pub about: About,
+    /// Unclaimed VMs, ready or booting.
+    pub warm: usize,
+    /// Claimed VMs still running their command.
+    pub in_use: usize,
+}
+
+/// Every key that has VMs or a record of runs.
+pub fn status(root: &Path) -> Vec<KeyStatus> {
+    let mut out = Vec::new();
+    for key in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        let about = std::fs::read(key.path().join(ABOUT))
+            .ok()
+            .and_then(|data| serde_json::from_slice(&data).ok())
+            .unwrap_or_default();
+        let mut status = KeyStatus {
+            key: key.file_name().to_string_lossy().into_owned(),
+            about,
+            warm: 0,
+            in_use: 0,
+        };
+        for vm in vm_dirs(&key.path()) {
+            match (vm.join(CLAIMED).exists(), alive(&vm)) {
+                (false, true) => status.warm += 1,
+                (true, true) => status.in_use += 1,
+                _ => {}
+            }
+        }
+        out.push(status);
+    }
+    out.sort_by(|a, b| a.key.cmp(&b.key));
+    out
+}
+
+/// Ends every unclaimed warm VM (ready or booting): each is claimed first,
+/// so no run can take it meanwhile, then its directory is removed and its
+/// holder ends the VM within a second. Returns how many.
+pub fn prune(root: &Path) -> usize {
+    warm(root)
+        .into_iter()
+        .filter(|vm| end_unclaimed(vm))
+        .count()
+}
+
+/// Keeps the unclaimed warm VMs of all keys under `max_total` to make room
+/// for one more: those that idled longest end first.
+pub fn make_room(root: &Path, max_total: u32) {
+    let mut warm = warm(root);
+    let limit = (max_total as usize).saturating_sub(1);
+    if warm.len() <= limit {
+        return;
+    }
+    // The idle deadline is set at refill: the earliest is the oldest.
+    warm.sort_by_key(|vm| {
+        std::fs::read_to_string(vm.join(IDLE_UNTIL))
+            .ok()
+            .and_then(|t| t.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    });
+    let excess = warm.len() - limit;
+    for vm in warm.into_iter().take(excess) {
+        end_unclaimed(&vm);
+    }
+}
+
+/// Claims the warm VM in `dir` and removes its directory (its holder then
+/// ends it); false when a run claimed it first.
+fn end_unclaimed(dir: &Path) -> bool {
+    if std::fs::create_dir(dir.join(CLAIMED)).is_err() {
+        return false;
+    }
+    std::fs::remove_dir_all(dir).is_ok()
+}
+
+/// The VM directories of a key (its `about.json` is not one).
+fn vm_dirs(key_dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(key_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.path())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A warm VM directory as a refill leaves it while this process boots it.
+    fn booting_vm(root: &Path, key: &str, id: &str, idle_until: u64) -> PathBuf {
+        let dir = root.join(key).join(id);
+        create_private_dir_all(&dir).unwrap();
+        write_atomic(&dir.join(BOOTING), Owner::current().0.as_bytes()).unwrap();
+        write_atomic(&dir.join(IDLE_UNTIL), idle_until.to_string().as_bytes()).unwrap();
+        dir
+    }
+
+    #[test]
+    fn make_room_ends_the_longest_idle_vms_across_keys() {
+        let root = tempfile::tempdir().unwrap();
+        let oldest = booting_vm(root.path(), "a", "1", 100);
+        let newer = booting_vm(root.path(), "b", "1", 300);
+        let middle = booting_vm(root.path(), "a", "2", 200);
+        make_room(root.path(), 2);
+        // Room for one more under a cap of 2: only the newest stays.
+        assert!(!oldest.exists() && !middle.exists());
+        assert!(newer.exists());
+        assert_eq!(warm(root.path()), vec![newer]);
+    }
+
+    #[test]
+    fn prune_ends_unclaimed_vms_only_and_status_counts_both() {
+        let root = tempfile::tempdir().unwrap();
+        let unclaimed = booting_vm(root.path(), "k", "1", u64::MAX);
+        let claimed = booting_vm(root.path(), "k", "2", u64::MAX);
+        std::fs::create_dir(claimed.join(CLAIMED)).unwrap();
+        record_run(root.path(), "k", About::default(), true);
+        record_run(root.path(), "k", About::default(), false);
+        let before = status(root.path());
+        assert_eq!(before.len(), 1);
+        assert_eq!((before[0].warm, before[0].in_use), (1, 1));
+        assert_eq!((before[0].about.hits, before[0].about.misses), (1, 1));
+        assert_eq!(prune(root.path()), 1);
+        assert!(!unclaimed.exists());
+        assert!(claimed.exists(), "a run's VM must not be pruned");
+        // The key keeps its record while a VM runs, and after (for a day).
+        assert_eq!(collect(root.path()), 0);
+        assert!(root.path().join("k").join(ABOUT).exists());
+    }
 }

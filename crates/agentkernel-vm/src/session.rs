@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::protocol::{read_frame, write_frame, GuestMessage, HostMessage, RunRequest};
-use crate::vmm::{VmConfig, Vmm};
+use crate::vmm::{Nic, VmConfig, Vmm};
 use crate::{fail, Result};
 
 /// How long past the command's timeout a silent guest is given.
@@ -38,6 +38,13 @@ pub fn run(vmm: &dyn Vmm, vm: &VmConfig, request: RunRequest) -> Result<Ended> {
     // Caught from before the boot, forwarded once the command runs.
     let signals = catch_signals();
     let (stream, mut vm_process) = boot(vmm, vm, None)?;
+    for line in vm_process.port_lines() {
+        eprintln!("{line}");
+    }
+    let request = RunRequest {
+        network: vm_process.guest_network(),
+        ..request
+    };
     converse(stream, request, &mut vm_process, signals)
 }
 
@@ -53,7 +60,22 @@ pub(crate) fn boot(
     let (ours, theirs) =
         UnixStream::pair().or_else(|e| fail(format!("cannot make a socket pair: {e}")))?;
     let agent_fd = theirs.as_raw_fd();
-    let mut command = vmm.command(vm, agent_fd);
+    // The network first: a VM that cannot get the one it asked for does
+    // not start (never offline instead).
+    let (net, tap) = match &vm.network {
+        Some(network) => {
+            let (attached, tap) = crate::net::attach(network)?;
+            trace("network attached");
+            (Some(attached), Some(tap))
+        }
+        None => (None, None),
+    };
+    let tap_fd = tap.as_ref().map(|t| t.as_raw_fd());
+    let nic = net.as_ref().zip(tap_fd).map(|(n, fd)| Nic {
+        tap_fd: fd,
+        mac: n.mac(),
+    });
+    let mut command = vmm.command(vm, agent_fd, nic.as_ref());
     if let Some(fd) = control {
         vmm.control(&mut command, fd);
     }
@@ -74,7 +96,7 @@ pub(crate) fn boot(
                 return Err(std::io::Error::last_os_error());
             }
             // QEMU keeps its ends of the pairs across exec.
-            for fd in [Some(agent_fd), control].into_iter().flatten() {
+            for fd in [Some(agent_fd), control, tap_fd].into_iter().flatten() {
                 if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
@@ -83,12 +105,21 @@ pub(crate) fn boot(
         });
     }
     trace("vmm start");
-    let child = command
-        .spawn()
-        .or_else(|e| fail(format!("cannot start {}: {e}", vmm.name())))?;
-    // Only QEMU holds its end now: if it dies, our reads see the end.
+    let child = match command.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            drop(tap);
+            if let Some(net) = net {
+                net.release();
+            }
+            return fail(format!("cannot start {}: {e}", vmm.name()));
+        }
+    };
+    // Only QEMU holds its end now: if it dies, our reads see the end. The
+    // same for the tap: it goes when QEMU does.
     drop(theirs);
-    Ok((ours, VmProcess::new(child)))
+    drop(tap);
+    Ok((ours, VmProcess::new(child, net)))
 }
 
 /// Waits for the agent's hello.
@@ -314,6 +345,8 @@ pub(crate) fn describe(frame: std::io::Result<Option<GuestMessage>>) -> String {
 /// output kept (the last few KiB) to explain a failure.
 pub(crate) struct VmProcess {
     child: Child,
+    /// The VM's network lease, released once QEMU is reaped.
+    net: Option<crate::net::Attached>,
     console: Arc<Mutex<VecDeque<u8>>>,
     readers: Vec<std::thread::JoinHandle<()>>,
 }
@@ -321,7 +354,7 @@ pub(crate) struct VmProcess {
 const CONSOLE_KEPT: usize = 16 << 10;
 
 impl VmProcess {
-    fn new(mut child: Child) -> VmProcess {
+    fn new(mut child: Child, net: Option<crate::net::Attached>) -> VmProcess {
         let console = Arc::new(Mutex::new(VecDeque::new()));
         let mut readers = Vec::new();
         let outputs: [Option<Box<dyn Read + Send>>; 2] = [
@@ -351,6 +384,7 @@ impl VmProcess {
         }
         VmProcess {
             child,
+            net,
             console,
             readers,
         }
@@ -360,11 +394,28 @@ impl VmProcess {
         self.child.id()
     }
 
+    /// What the guest agent is told about its NIC (`None`: it has none).
+    pub(crate) fn guest_network(&self) -> Option<crate::protocol::GuestNetwork> {
+        self.net.as_ref().map(crate::net::Attached::guest)
+    }
+
+    /// Where its published ports landed, one line each.
+    pub(crate) fn port_lines(&self) -> Vec<String> {
+        self.net
+            .as_ref()
+            .map(crate::net::Attached::port_lines)
+            .unwrap_or_default()
+    }
+
     pub(crate) fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
         for reader in self.readers.drain(..) {
             let _ = reader.join();
+        }
+        // QEMU is gone, and its tap with it: free the lease.
+        if let Some(net) = self.net.take() {
+            net.release();
         }
     }
 

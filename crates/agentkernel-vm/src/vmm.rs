@@ -43,14 +43,24 @@ pub struct VmConfig {
     /// itself is read-only (read-only and copy-on-write workspaces).
     pub workspace: Option<(PathBuf, bool)>,
     pub accel: Accel,
+    /// A NIC on agentkernel's bridge (`crate::net`); `None`: no NIC at all.
+    #[serde(default)]
+    pub network: Option<crate::net::Network>,
+}
+
+/// The VM's NIC: the tap's descriptor (inherited) and the guest's MAC.
+#[derive(Debug, Clone)]
+pub struct Nic {
+    pub tap_fd: RawFd,
+    pub mac: String,
 }
 
 pub trait Vmm {
     fn name(&self) -> &'static str;
     /// The process that runs the VM: its serial console on stdout, errors
     /// on stderr, the agent's port connected to the socket `agent_fd`
-    /// (inherited).
-    fn command(&self, vm: &VmConfig, agent_fd: RawFd) -> Command;
+    /// (inherited); a virtio-net NIC on `nic`'s tap if given, else none.
+    fn command(&self, vm: &VmConfig, agent_fd: RawFd, nic: Option<&Nic>) -> Command;
     /// Adds the VMM's control channel (pause and resume) on the socket
     /// `fd` (inherited) to `command`.
     fn control(&self, command: &mut Command, fd: RawFd);
@@ -82,7 +92,7 @@ impl Vmm for Qemu {
         "qemu"
     }
 
-    fn command(&self, vm: &VmConfig, agent_fd: RawFd) -> Command {
+    fn command(&self, vm: &VmConfig, agent_fd: RawFd, nic: Option<&Nic>) -> Command {
         let mut c = Command::new(&self.binary);
         // No defaults: no NIC, no VGA, no floppy; only what is listed here.
         c.args([
@@ -122,8 +132,22 @@ impl Vmm for Qemu {
             c.arg("-device")
                 .arg(format!("virtio-9p-pci,fsdev=ws,mount_tag={WORKSPACE_TAG}"));
         }
-        // No network device at all (networking is not built for VMs yet).
-        c.args(["-nic", "none"]);
+        match nic {
+            // The tap agentkernel created on its bridge, already open: QEMU
+            // needs no privilege and no helper to use it.
+            Some(nic) => {
+                c.arg("-netdev")
+                    .arg(format!("tap,id=net0,fd={},vhost=off", nic.tap_fd));
+                c.arg("-device").arg(format!(
+                    "virtio-net-pci,netdev=net0,mac={},romfile=",
+                    nic.mac
+                ));
+            }
+            // --no-network: no network device at all.
+            None => {
+                c.args(["-nic", "none"]);
+            }
+        }
         c
     }
 

@@ -135,11 +135,23 @@ fn sigterm_reaches_the_command_and_the_sandbox_is_removed() {
     let owner = t.owner.clone();
     let out = t.wait_output(Duration::from_secs(30));
     assert_code(&out, 143);
-    assert!(
-        containers_of_owner(&owner).is_empty() && !container_exists(&containers[0]),
-        "container {} of the terminated run was left behind",
-        containers[0]
-    );
+    let gone = || containers_of_owner(&owner).is_empty() && !container_exists(&containers[0]);
+    if is_native() {
+        // Native hands the caller its exit code first and tears the sandbox
+        // down in a detached cleanup process (seen still running under load).
+        poll_until(
+            Duration::from_secs(30),
+            "the terminated run's sandbox should be cleaned up",
+            gone,
+        );
+    } else {
+        // An engine's container is removed before the CLI exits.
+        assert!(
+            gone(),
+            "container {} of the terminated run was left behind",
+            containers[0]
+        );
+    }
     assert!(env.leftover_runs().is_empty(), "{:?}", env.leftover_runs());
 }
 

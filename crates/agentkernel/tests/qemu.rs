@@ -383,7 +383,12 @@ mod qemu_only {
                 &["run", "-i", "host", "--no-network", "true"][..],
                 "--image host",
             ),
-            (&["run", "-i", BUSYBOX, "true"][..], "--no-network"),
+            // Allow-lists and secrets need the egress proxy, which VMs do
+            // not have: refused, never run unenforced.
+            (
+                &["run", "--allow-host", "example.com", "-i", BUSYBOX, "true"][..],
+                "egress proxy",
+            ),
             (
                 &[
                     "run",
@@ -520,8 +525,28 @@ mod qemu_only {
             .unwrap();
         let out = env.run(&["exec", "--timeout", "1s", &name, "--", "sleep", "30"]);
         assert_code(&out, 124);
-        let out = env.run(&["exec", &name, "--", "echo", "beside"]);
+        let receipt = env.home_dir().join("exec-receipt.json");
+        let out = env.run(&[
+            "exec",
+            "--receipt",
+            receipt.to_str().unwrap(),
+            &name,
+            "--",
+            "echo",
+            "beside",
+        ]);
         assert_eq!(stdout(&out), "beside\n");
+        // One receipt per exec, digesting what the guest wrote.
+        let r: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&receipt).unwrap()).unwrap();
+        use sha2::Digest;
+        let digest = format!("{:x}", sha2::Sha256::digest(&out.stdout));
+        assert_eq!(r["outcome"]["stdout"]["sha256"], digest.as_str(), "{r}");
+        assert_eq!(r["outcome"]["exit_code"], 0, "{r}");
+        assert_code(
+            &env.run(&["receipt", "verify", receipt.to_str().unwrap()]),
+            0,
+        );
         let read_ticks = || std::fs::read_to_string(&ticks).unwrap_or_default();
         poll_until(VM_LIMIT, "the counter runs", || !read_ticks().is_empty());
 
@@ -642,6 +667,7 @@ mod qemu_only {
                     .flatten()
                     .flatten()
             })
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
             .map(|e| e.path())
             .collect()
     }
@@ -713,6 +739,19 @@ mod qemu_only {
         poll_until(VM_LIMIT, "the pool refilled", || {
             warm_dirs(&env).iter().any(|d| d.join("ready").exists())
         });
+        // pool status counts the key's runs: the first booted, the second
+        // found a VM (--fast=false is not the pool's).
+        let out = env.run(&["pool", "status", "--json"]);
+        assert_code(&out, 0);
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let key = &status["vms"]["keys"][0];
+        assert_eq!(key["image"], BUSYBOX, "{status}");
+        assert_eq!(
+            (&key["hits"], &key["misses"]),
+            (&1.into(), &1.into()),
+            "{status}"
+        );
+        assert_eq!(key["warm"], 1, "{status}");
         // kill -9 of a warm VM's holder takes its QEMU; gc removes the rest.
         let holders = warm_holders(&env);
         assert_eq!(holders.len(), 1, "{holders:?}");
@@ -722,5 +761,494 @@ mod qemu_only {
         assert_gone(&[holders[0], vm]);
         assert_code(&env.run(&["sandbox", "gc"]), 0);
         assert!(warm_dirs(&env).is_empty(), "{:?}", warm_dirs(&env));
+
+        // pool prune ends a warm VM, and no run can claim it meanwhile.
+        assert_code(&run("--fast=true"), 5);
+        poll_until(VM_LIMIT, "a warm VM ready", || {
+            warm_dirs(&env).iter().any(|d| d.join("ready").exists())
+        });
+        let holders = warm_holders(&env);
+        assert_eq!(holders.len(), 1, "{holders:?}");
+        let vm = vm_of_holder(&env, holders[0]);
+        let out = env.run(&["pool", "prune"]);
+        assert_code(&out, 0);
+        assert!(stderr(&out).contains("1 warm VM"), "{}", stderr(&out));
+        assert_gone(&[holders[0], vm]);
+        assert!(warm_dirs(&env).is_empty(), "{:?}", warm_dirs(&env));
+    }
+
+    // ---- The VM's network (docs/qemu.md, "Network") ----
+
+    use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+    use std::sync::atomic::Ordering;
+    use std::sync::{mpsc, Arc, Mutex};
+
+    use super::common::netprobe::*;
+
+    /// A stand-in for the internet, reachable only by routing through the
+    /// host: a network namespace behind a veth pair on a /30 of 198.18/15,
+    /// with a TCP server that greets each client with "inet-hello" and
+    /// records the address it came from. Removed on drop.
+    struct Internet {
+        ns: String,
+        host_if: String,
+        /// The host's end of the veth: what NAT makes a VM's packets come from.
+        host_ip: Ipv4Addr,
+        server: SocketAddr,
+        peers: Arc<Mutex<Vec<Ipv4Addr>>>,
+    }
+
+    fn ip(args: &[&str]) {
+        let out = std::process::Command::new("ip")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn internet() -> Internet {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::SeqCst);
+        let id = std::process::id() % 100_000;
+        let ns = format!("akinet{id}x{n}");
+        let host_if = format!("akih{id}x{n}");
+        // A /30 per (process, internet): 198.18.A.B/30.
+        let slot = (id * 4 + n) % (128 * 64);
+        let base = Ipv4Addr::new(198, 18, (slot / 64) as u8, ((slot % 64) * 4) as u8);
+        let host_ip = Ipv4Addr::from(u32::from(base) + 1);
+        let server_ip = Ipv4Addr::from(u32::from(base) + 2);
+        ip(&["netns", "add", &ns]);
+        let mut inet = Internet {
+            ns: ns.clone(),
+            host_if: host_if.clone(),
+            host_ip,
+            server: SocketAddr::from((server_ip, 0)),
+            peers: Arc::default(),
+        };
+        ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+        ]);
+        ip(&["addr", "add", &format!("{host_ip}/30"), "dev", &host_if]);
+        ip(&["link", "set", &host_if, "up"]);
+        let (server_net, gateway) = (format!("{server_ip}/30"), host_ip.to_string());
+        for args in [
+            ["addr", "add", &server_net, "dev", "eth0"].as_slice(),
+            &["link", "set", "eth0", "up"],
+            &["link", "set", "lo", "up"],
+            &["route", "add", "default", "via", &gateway],
+        ] {
+            let mut all = vec!["-n", ns.as_str()];
+            all.extend_from_slice(args);
+            ip(&all);
+        }
+        // The server's socket is made in the namespace by a thread that
+        // enters it (it stays there; the socket stays bound to it).
+        let netns = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let peers = inet.peers.clone();
+        std::thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns on this thread only, with a namespace fd we own.
+            let entered = unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(entered, 0);
+            let l = TcpListener::bind((server_ip, 0)).unwrap();
+            tx.send(l.local_addr().unwrap()).unwrap();
+            for mut c in l.incoming().flatten() {
+                if let Ok(SocketAddr::V4(peer)) = c.peer_addr() {
+                    peers.lock().unwrap().push(*peer.ip());
+                }
+                let _ = std::io::Write::write_all(&mut c, b"inet-hello\n");
+            }
+        });
+        inet.server = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        inet
+    }
+
+    impl Drop for Internet {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip")
+                .args(["link", "del", &self.host_if])
+                .output();
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", &self.ns])
+                .output();
+        }
+    }
+
+    /// Network leases (`/run/agentkernel/net/leases/<ip>`) held by process
+    /// `pid` (a lease's id ends with its holder's `<boot>.<pid>.<start>`):
+    /// (lease file, tap name).
+    fn leases_of(pid: u32) -> Vec<(std::path::PathBuf, String)> {
+        let marker = format!(".{pid}.");
+        std::fs::read_dir("/run/agentkernel/net/leases")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let text = std::fs::read_to_string(e.path()).ok()?;
+                let id = text.lines().find_map(|l| l.strip_prefix("sandbox="))?;
+                let tap = text.lines().find_map(|l| l.strip_prefix("veth="))?;
+                (id.starts_with("vm-") && id.contains(&marker)).then(|| (e.path(), tap.to_string()))
+            })
+            .collect()
+    }
+
+    /// `agentkernel ARGS` with piped output (not `TestEnv::spawn`, whose
+    /// clean-up is a container engine's), killed if the test fails first.
+    fn spawn_piped(env: &TestEnv, args: &[&str]) -> Running {
+        Running(Some(
+            env.std_cmd()
+                .args(args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        ))
+    }
+
+    struct Running(Option<std::process::Child>);
+
+    impl Running {
+        fn child(&mut self) -> &mut std::process::Child {
+            self.0.as_mut().unwrap()
+        }
+
+        fn id(&self) -> u32 {
+            self.0.as_ref().unwrap().id()
+        }
+
+        fn into_output(mut self) -> std::process::Output {
+            let mut child = self.0.take().unwrap();
+            let status = wait_child(&mut child, VM_LIMIT);
+            let mut out = child.wait_with_output().unwrap();
+            out.status = status;
+            out
+        }
+    }
+
+    impl Drop for Running {
+        fn drop(&mut self) {
+            if let Some(mut child) = self.0.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+
+    fn link_exists(name: &str) -> bool {
+        std::path::Path::new("/sys/class/net").join(name).exists()
+    }
+
+    /// Waits for the one lease `pid` holds; checks its tap is a port of
+    /// agentkernel's bridge.
+    fn lease_of(pid: u32) -> (std::path::PathBuf, String) {
+        // The lease is taken first, then its tap is made.
+        poll_until(VM_LIMIT, "the VM's lease and tap", || {
+            let held = leases_of(pid);
+            held.len() == 1 && link_exists(&format!("{}/master", held[0].1))
+        });
+        let (file, tap) = leases_of(pid).remove(0);
+        let master = std::fs::read_link(format!("/sys/class/net/{tap}/master")).unwrap();
+        assert!(master.ends_with("agentkernel0"), "{master:?}");
+        (file, tap)
+    }
+
+    fn assert_released(lease: &(std::path::PathBuf, String)) {
+        poll_until(Duration::from_secs(30), "the lease is released", || {
+            !lease.0.exists() && !link_exists(&lease.1)
+        });
+    }
+
+    /// An address of agentkernel's subnet that a VM claims as its own in a
+    /// forged ARP request.
+    const SPOOFED: &str = "10.209.255.254";
+
+    /// A networked VM as native gives one: out through NAT to the world,
+    /// its published port from the host, DNS config; and none of the host:
+    /// not a service on its loopback (even with a hand-made packet to the
+    /// gateway's MAC, CVE-2020-8558), not one on the host's addresses, and
+    /// no forged ARP. Its lease and tap are gone when the run ends.
+    #[test]
+    fn a_vm_reaches_out_through_nat_and_publishes_ports_but_never_the_host_nor_forges_arp() {
+        let env = TestEnv::new();
+        let inet = internet();
+        let secret = host_listener(Ipv4Addr::LOCALHOST);
+        let service = host_listener(Ipv4Addr::UNSPECIFIED);
+        let published = free_port();
+        let mut hosts = host_ipv4_addresses();
+        assert!(hosts.contains(&inet.host_ip.to_string()), "{hosts:?}");
+        hosts.insert(0, "GW".into());
+        // Permissive keeps CAP_NET_RAW for the raw probe (RAW_SYN_PROBE).
+        let script = format!(
+            "{FIND_GATEWAY}import subprocess, sys, threading\n\
+             served = threading.Event()\n\
+             s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+             s.bind(('0.0.0.0', 8080)); s.listen(8)\n\
+             def serve():\n\
+             \x20   while True:\n\
+             \x20       c, _ = s.accept(); c.sendall(b'hello\\n'); c.close(); served.set()\n\
+             threading.Thread(target=serve, daemon=True).start()\n\
+             print('resolv', open('/etc/resolv.conf').readline().strip(), flush=True)\n\
+             def connect(host, port):\n\
+             \x20   try:\n\
+             \x20       c = socket.create_connection((host, port), 3)\n\
+             \x20       print(host, 'connected', c.recv(64).decode().strip(), flush=True)\n\
+             \x20   except OSError as e:\n\
+             \x20       print(host, 'refused', e, flush=True)\n\
+             connect('{inet_ip}', {inet_port})\n\
+             for h in '{hosts}'.replace('GW', gw).split():\n\
+             \x20   connect(h, {service_port})\n\
+             subprocess.call(['python3', '-c', sys.argv[1], gw + ':{published}', '127.0.0.1:{secret}'])\n\
+             mac = open('/sys/class/net/eth0/address').read().strip()\n\
+             u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.connect((gw, 9))\n\
+             print('me', u.getsockname()[0], mac, flush=True)\n\
+             raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW); raw.bind(('eth0', 0))\n\
+             m = bytes.fromhex(mac.replace(':', ''))\n\
+             raw.send(b'\\xff' * 6 + m + b'\\x08\\x06' + struct.pack('!HHBBH', 1, 0x0800, 6, 4, 1)\n\
+             \x20        + m + socket.inet_aton('{spoofed}') + bytes(6) + socket.inet_aton(gw))\n\
+             import time; time.sleep(1)\n\
+             print('done', flush=True)\n\
+             served.wait(120)\n",
+            inet_ip = inet.server.ip(),
+            inet_port = inet.server.port(),
+            hosts = hosts.join(" "),
+            service_port = service.port,
+            secret = secret.port,
+            spoofed = SPOOFED,
+        );
+        let publish = format!("0.0.0.0:{published}:8080");
+        let mut run = spawn_piped(
+            &env,
+            &[
+                "run",
+                "--fast=false",
+                "-p",
+                "permissive",
+                "-P",
+                &publish,
+                "-i",
+                PYTHON,
+                "python3",
+                "-c",
+                &script,
+                RAW_SYN_PROBE,
+            ],
+        );
+        let lease = lease_of(run.id());
+        let out = run.child().stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                let done = line == "done";
+                let _ = tx.send(line);
+                if done {
+                    break;
+                }
+            }
+        });
+        let mut text = String::new();
+        while !text.ends_with("done\n") {
+            let line = rx.recv_timeout(VM_LIMIT).unwrap_or_else(|_| {
+                panic!("the VM did not finish its probes: {text:?}");
+            });
+            text.push_str(&line);
+            text.push('\n');
+        }
+        // The VM's own ARP reached the host (it knows the VM's MAC), but
+        // its ARP request from another sandbox's address did not: the tap
+        // takes only the lease's MAC and address, so a guest cannot point
+        // the host at itself for another sandbox's traffic.
+        let me: Vec<&str> = text
+            .lines()
+            .find_map(|l| l.strip_prefix("me "))
+            .unwrap_or_else(|| panic!("{text}"))
+            .split(' ')
+            .collect();
+        let neighbour = |addr: &str| {
+            let out = std::process::Command::new("ip")
+                .args(["neigh", "show", addr, "dev", "agentkernel0"])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        assert!(neighbour(me[0]).contains(me[1]), "{}", neighbour(me[0]));
+        assert!(
+            !neighbour(SPOOFED).contains(me[1]),
+            "the host took the VM's forged ARP: {}",
+            neighbour(SPOOFED)
+        );
+        // -P from the host: the published port reaches the VM's server.
+        let mut c = TcpStream::connect_timeout(
+            &SocketAddr::from((Ipv4Addr::LOCALHOST, published)),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut greeting = String::new();
+        std::io::Read::read_to_string(&mut c, &mut greeting).unwrap();
+        assert_eq!(greeting, "hello\n");
+        let output = run.into_output();
+        assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+        assert!(
+            stderr(&output).contains(&format!("port 0.0.0.0:{published} -> 8080/tcp")),
+            "{}",
+            stderr(&output)
+        );
+
+        assert!(
+            text.starts_with("resolv # generated by agentkernel"),
+            "{text}"
+        );
+        // Out through the host, and NATed: the server saw the host's address.
+        assert!(
+            text.contains(&format!("{} connected inet-hello", inet.server.ip())),
+            "{text}"
+        );
+        assert_eq!(*inet.peers.lock().unwrap(), vec![inet.host_ip]);
+        // Nothing of the host: the gateway and every host address refuse.
+        let host_lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains(" connected") || l.contains(" refused"))
+            .filter(|l| !l.starts_with(&inet.server.ip().to_string()))
+            .collect();
+        assert_eq!(host_lines.len(), hosts.len(), "{text}");
+        assert!(
+            host_lines.iter().all(|l| l.contains(" refused ")),
+            "the VM reached a host service: {text}"
+        );
+        assert_eq!(service.accepted.load(Ordering::SeqCst), 0);
+        // The hand-made packet to the host's loopback: never answered;
+        // the same probe to the VM's published port is.
+        assert_eq!(
+            probe_result(&text, &format!("127.0.0.1:{}", secret.port)),
+            "silent",
+            "the host's loopback answered the VM: {text}"
+        );
+        let control = text
+            .lines()
+            .find(|l| l.ends_with(&format!(":{published} synack")))
+            .map(|_| "synack");
+        assert_eq!(control, Some("synack"), "the control probe failed: {text}");
+        assert_eq!(secret.accepted.load(Ordering::SeqCst), 0);
+
+        assert_released(&lease);
+        assert!(vms_of(&env).is_empty(), "a VM outlived its run");
+    }
+
+    /// `--no-network` is no NIC at all; a kept VM and a warm pool VM get
+    /// the network, and every exit path frees the tap and the lease: the
+    /// run's end, a QEMU killed with -9 (its holder releases), an
+    /// agentkernel or a holder killed with -9 (the tap goes with QEMU,
+    /// `sandbox gc` releases the lease).
+    #[test]
+    fn no_network_is_no_nic_and_kept_and_pooled_vms_get_one_freed_on_every_exit() {
+        let env = TestEnv::new();
+        let inet = internet();
+        let probe = format!(
+            "ls /sys/class/net | tr '\\n' ' '; echo; nc -w 5 {} {} </dev/null",
+            inet.server.ip(),
+            inet.server.port()
+        );
+
+        let out = env.run(&[
+            "run",
+            "--fast=false",
+            "--no-network",
+            "-i",
+            BUSYBOX,
+            "ls",
+            "/sys/class/net",
+        ]);
+        assert_code(&out, 0);
+        assert_eq!(stdout(&out), "lo\n");
+
+        // A kept VM: networked from its first command to its last.
+        let name = unique_name("vmnet");
+        let out = env.run(&[
+            "sandbox", "create", "--memory", "256m", "-i", BUSYBOX, &name,
+        ]);
+        assert_code(&out, 0);
+        let holder = holder_of(&env, &name).expect("a holder");
+        let lease = lease_of(holder);
+        let out = env.run(&["exec", &name, "--", "sh", "-c", &probe]);
+        assert_code(&out, 0);
+        assert_eq!(stdout(&out), "eth0 lo \ninet-hello\n");
+        // QEMU killed: the holder ends the sandbox and releases the lease.
+        let vm = vm_of_holder(&env, holder);
+        // SAFETY: kill has no memory preconditions; the pid was found just now.
+        unsafe { libc::kill(vm as libc::pid_t, libc::SIGKILL) };
+        assert_gone(&[vm, holder]);
+        assert_released(&lease);
+
+        // agentkernel killed with -9 mid-run: the tap goes with QEMU, gc
+        // releases the lease.
+        let mut run = spawn_piped(
+            &env,
+            &["run", "--fast=false", "-i", BUSYBOX, "sleep", "600"],
+        );
+        let lease = lease_of(run.id());
+        let cli = run.id();
+        let of_run = || -> Vec<u32> {
+            vms_of(&env)
+                .into_iter()
+                .filter(|p| parent_of(*p) == Some(cli))
+                .collect()
+        };
+        poll_until(VM_LIMIT, "the run's VM", || !of_run().is_empty());
+        let vms = of_run();
+        run.child().kill().unwrap();
+        run.child().wait().unwrap();
+        assert_gone(&vms);
+        poll_until(Duration::from_secs(10), "the tap goes with QEMU", || {
+            !link_exists(&lease.1)
+        });
+        assert_code(&env.run(&["sandbox", "gc"]), 0);
+        assert_released(&lease);
+
+        // The warm pool: the second run claims a VM booted with a network.
+        let pooled = || env.run(&["run", "-i", BUSYBOX, "sh", "-c", &probe]);
+        let cold = pooled();
+        assert_code(&cold, 0);
+        poll_until(VM_LIMIT, "a warm VM ready", || {
+            warm_dirs(&env).iter().any(|d| d.join("ready").exists())
+        });
+        let warm = env
+            .std_cmd()
+            .env("AGENTKERNEL_TRACE_STARTUP", "1")
+            .args(["run", "-i", BUSYBOX, "sh", "-c", &probe])
+            .output()
+            .unwrap();
+        assert_code(&warm, 0);
+        assert!(
+            stderr(&warm).contains("warm VM claimed"),
+            "{}",
+            stderr(&warm)
+        );
+        assert_eq!(stdout(&warm), "eth0 lo \ninet-hello\n");
+        assert_eq!(stdout(&cold), stdout(&warm));
+        // A warm VM's holder killed with -9: its QEMU and tap go, gc
+        // releases its lease.
+        poll_until(Duration::from_secs(30), "the used warm VM ends", || {
+            warm_dirs(&env).iter().all(|d| !d.join("claimed").exists())
+        });
+        poll_until(VM_LIMIT, "the pool refilled", || {
+            warm_dirs(&env).iter().any(|d| d.join("ready").exists())
+        });
+        let holders = warm_holders(&env);
+        assert_eq!(holders.len(), 1, "{holders:?}");
+        let lease = lease_of(holders[0]);
+        let vm = vm_of_holder(&env, holders[0]);
+        // SAFETY: as above.
+        unsafe { libc::kill(holders[0] as libc::pid_t, libc::SIGKILL) };
+        assert_gone(&[holders[0], vm]);
+        assert_code(&env.run(&["sandbox", "gc"]), 0);
+        assert_released(&lease);
+        assert!(vms_of(&env).is_empty());
     }
 }

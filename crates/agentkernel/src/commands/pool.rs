@@ -33,9 +33,11 @@ pub async fn pool(cmd: PoolCommand) -> Result<i32> {
                 engine.ping().await?;
                 removed += pool::prune(&engine, &store).await;
             }
+            let vms = super::qemu_pool::prune(&store);
             eprintln!(
-                "agentkernel: removed {}",
-                super::counted(removed, "warm container", "warm containers")
+                "agentkernel: removed {} and {}",
+                super::counted(removed, "warm container", "warm containers"),
+                super::counted(vms, "warm VM", "warm VMs")
             );
             Ok(0)
         }
@@ -48,14 +50,15 @@ async fn status(store: &Store, as_json: bool) -> Result<i32> {
     let cwd = std::env::current_dir()
         .map_err(|e| Error::invalid("current directory", ".", e.to_string()))?;
     // The cap the next run from here applies (runs record it for their refills).
-    let max_total = Config::load(&cwd, None)?
-        .pool_max_total
-        .unwrap_or(pool::DEFAULT_MAX_TOTAL);
+    let config = Config::load(&cwd, None)?;
+    let max_total = config.pool_max_total.unwrap_or(pool::DEFAULT_MAX_TOTAL);
+    let vm_target = super::qemu_pool::target(&config);
     let mut engines = Vec::new();
     for engine in backend::engines_in_use(store) {
         engine.ping().await?;
         engines.push((engine.name(), pool::status(&engine, store).await));
     }
+    let vms = super::qemu_pool::status(store);
     if as_json {
         let value = json!({
             "max_total": max_total,
@@ -64,6 +67,12 @@ async fn status(store: &Store, as_json: bool) -> Result<i32> {
                 "warm": keys.iter().map(|k| k.warm).sum::<usize>(),
                 "keys": keys,
             })).collect::<Vec<_>>(),
+            "vms": {
+                "backend": "qemu",
+                "warm": vms.iter().map(|k| k.warm).sum::<usize>(),
+                "target_per_key": vm_target,
+                "keys": vms,
+            },
         });
         super::print_stdout(format!("{value:#}\n").as_bytes())?;
         return Ok(0);
@@ -93,9 +102,32 @@ async fn status(store: &Store, as_json: bool) -> Result<i32> {
             );
         }
     }
+    for s in &vms {
+        let runs = s.about.hits + s.about.misses;
+        let hits = match runs {
+            0 => "-".to_string(),
+            _ => format!("{}% of {runs}", s.about.hits * 100 / runs),
+        };
+        text += &format!(
+            "{:<8} {:<17} {:<28} {:<12} {:>4} {:>6} {:>6} {:>13}  {}\n",
+            "qemu",
+            s.key,
+            s.about.image,
+            s.about.profile,
+            s.warm,
+            s.in_use,
+            vm_target,
+            hits,
+            s.about.workspace.as_deref().unwrap_or("-")
+        );
+    }
     for (name, keys) in &engines {
         let warm: usize = keys.iter().map(|k| k.warm).sum();
         text += &format!("{name}: {warm} warm of at most {max_total} ([pool] max_total)\n");
+    }
+    if !vms.is_empty() {
+        let warm: usize = vms.iter().map(|k| k.warm).sum();
+        text += &format!("qemu: {warm} warm VMs of at most {max_total} ([pool] max_total)\n");
     }
     super::print_stdout(text.as_bytes())?;
     Ok(0)

@@ -58,6 +58,24 @@ impl Backend for QemuBackend {
                 "use -B native as root, whose proxy only its own sandbox can reach",
             ),
             warm_pool: true,
+            // Published ports are relayed over IPv4 only, as on native.
+            ipv6_ports: Support::no(
+                "on the qemu backend",
+                "use an IPv4 address such as 127.0.0.1 or 0.0.0.0",
+            ),
+            // SAFETY: geteuid has no preconditions.
+            network: if unsafe { libc::geteuid() } == 0 {
+                Support::Yes
+            } else {
+                // A VM's NIC is a tap on agentkernel's bridge, which takes
+                // root. QEMU's user-mode network would show the guest the
+                // host's loopback (10.0.2.2): refused, never run with less
+                // isolation than a native sandbox gets.
+                Support::no(
+                    "for a VM without root (its NIC is a tap on agentkernel's bridge)",
+                    "run agentkernel as root, or pass --no-network",
+                )
+            },
             ..Capabilities::all()
         }
     }
@@ -130,7 +148,10 @@ impl Backend for QemuBackend {
     async fn gc(&self) -> Result<Collected> {
         Ok(Collected {
             containers: 0,
-            directories: kept::collect(&self.store) + super::qemu_pool::collect(&self.store),
+            // Leases (addresses, port rules) of VMs whose holder was killed.
+            directories: kept::collect(&self.store)
+                + super::qemu_pool::collect(&self.store)
+                + agentkernel_native::net::collect_dead(),
         })
     }
 
@@ -138,7 +159,7 @@ impl Backend for QemuBackend {
         // A trial VM costs seconds under TCG: say what a run would use.
         Ok(Probe::Untested {
             detail: doctor()?,
-            fix: "try it: agentkernel run -B qemu --no-network -i IMAGE true".into(),
+            fix: "try it: agentkernel run -B qemu -i IMAGE true".into(),
         })
     }
 }
@@ -213,6 +234,10 @@ pub(super) async fn prepare(
             .map_or(1, |c| c.ceil().max(1.0) as u32),
         workspace,
         accel,
+        network: spec
+            .policy
+            .network
+            .then(|| agentkernel_vm::net::Network { ports: ports(spec) }),
     };
     let request = request(spec, &image.config);
     Ok((host, vm, request))
@@ -296,12 +321,6 @@ fn refuse_unsupported(spec: &SandboxSpec) -> Result<()> {
             "a VM boots its own kernel and cannot show the host's root; choose an image with -i",
         );
     }
-    if spec.policy.network {
-        return refuse(
-            "networking",
-            "VMs have no network yet: pass --no-network (or --profile restrictive), or use -B native",
-        );
-    }
     if !spec.volumes.is_empty() {
         return refuse("volumes (-v)", "drop -v, or use -B native");
     }
@@ -325,6 +344,22 @@ fn refuse_unsupported(spec: &SandboxSpec) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `-P` as native takes it (checked by the CLI: IPv4, and only with a network).
+fn ports(spec: &SandboxSpec) -> Vec<agentkernel_native::plan::Port> {
+    spec.ports
+        .iter()
+        .filter_map(|p| {
+            // `admit` refused IPv6 addresses (`ipv6_ports`).
+            Some(agentkernel_native::plan::Port {
+                host_ip: p.host_ip.parse().ok()?,
+                host_port: p.host_port,
+                container_port: p.container_port,
+                udp: p.protocol == agentkernel_core::parse::Protocol::Udp,
+            })
+        })
+        .collect()
 }
 
 async fn fetch_image(spec: &SandboxSpec, config: &Config) -> Result<images::Image> {
@@ -385,5 +420,7 @@ fn request(spec: &SandboxSpec, image: &images::ImageConfig) -> RunRequest {
         memory_max: Some(policy.limits.memory_bytes.unwrap_or(DEFAULT_MEMORY)),
         capabilities: agentkernel_native::caps::kept(&policy.capabilities),
         seccomp_restrictive: policy.seccomp == agentkernel_core::policy::Seccomp::Restrictive,
+        // Filled in by whoever boots the VM and holds its lease.
+        network: None,
     }
 }

@@ -24,6 +24,11 @@ fn pool_root(store: &Store) -> std::path::PathBuf {
 }
 
 pub async fn run(store: &Store, spec: &SandboxSpec, config: &Config) -> Result<Outcome> {
+    // Published ports are bound when a VM boots: a warm VM would hold them
+    // while it waits. A run that publishes boots its own.
+    if !spec.ports.is_empty() {
+        return super::qemu::run(spec, config).await;
+    }
     let (host, vm, request) = prepare(spec, config).await?;
     let warm = KeptVm {
         qemu: host.qemu.binary.clone(),
@@ -33,7 +38,18 @@ pub async fn run(store: &Store, spec: &SandboxSpec, config: &Config) -> Result<O
     };
     let root = pool_root(store);
     let key = pool::key(&warm);
-    let ended = match pool::claim(&root, &key) {
+    let claimed = pool::claim(&root, &key);
+    let about = pool::About {
+        image: spec.image.clone(),
+        profile: spec.policy.profile.to_string(),
+        workspace: spec
+            .workspace
+            .as_ref()
+            .map(|w| w.host.display().to_string()),
+        ..pool::About::default()
+    };
+    pool::record_run(&root, &key, about, claimed.is_some());
+    let ended = match claimed {
         Some(claimed) => {
             agentkernel_native::trace::phase("warm VM claimed");
             pool::run_claimed(claimed, request)
@@ -42,10 +58,17 @@ pub async fn run(store: &Store, spec: &SandboxSpec, config: &Config) -> Result<O
     };
     // After the command: the next run of this key finds a VM ready. A
     // failure to start one only costs that run a boot.
-    let size = config.pool_size.unwrap_or(DEFAULT_SIZE);
+    let size = target(config);
     let idle = config.pool_idle_ttl.unwrap_or(DEFAULT_IDLE_TTL);
-    if let Err(e) = pool::refill(&root, &key, &warm, size, idle) {
-        eprintln!("agentkernel: notice: {e}");
+    let max_total = config
+        .pool_max_total
+        .unwrap_or(agentkernel_core::config::DEFAULT_POOL_MAX_TOTAL);
+    pool::make_room(&root, max_total);
+    // A cap of 0: no warm VMs at all, nothing more boots.
+    if max_total > 0 {
+        if let Err(e) = pool::refill(&root, &key, &warm, size, idle) {
+            eprintln!("agentkernel: notice: {e}");
+        }
     }
     Ok(outcome(ended.map_err(backend_error)?))
 }
@@ -53,4 +76,19 @@ pub async fn run(store: &Store, spec: &SandboxSpec, config: &Config) -> Result<O
 /// Warm VMs whose holder died: removed.
 pub fn collect(store: &Store) -> usize {
     pool::collect(&pool_root(store))
+}
+
+/// Warm VMs each key keeps ready (`[pool] size`).
+pub fn target(config: &Config) -> u32 {
+    config.pool_size.unwrap_or(DEFAULT_SIZE)
+}
+
+/// Each key's warm and in-use VMs and hits, for `pool status`.
+pub fn status(store: &Store) -> Vec<pool::KeyStatus> {
+    pool::status(&pool_root(store))
+}
+
+/// Ends every unclaimed warm VM (`pool prune`); returns how many.
+pub fn prune(store: &Store) -> usize {
+    pool::prune(&pool_root(store))
 }

@@ -327,6 +327,20 @@ fn checked_name(name: &str) -> std::result::Result<(), ApiError> {
     names::validate(name).map_err(|e| CliError::new(&e.to_string()).into())
 }
 
+/// A sandbox that has no record is answered 404 here, before a CLI starts:
+/// left to the CLI, a loaded machine could take longer than [`HOLD_BACK`]
+/// to say so, and the answer would be a 200 stream ending in the error.
+fn known_sandbox(name: &str) -> std::result::Result<(), ApiError> {
+    match agentkernel_core::state::Store::open_default().load(name) {
+        Ok(None) => {
+            let message = agentkernel_core::Error::NoSuchSandbox(name.to_string()).to_string();
+            Err(CliError::new(&message).into())
+        }
+        // A record, or a store that cannot be read: the CLI says which.
+        _ => Ok(()),
+    }
+}
+
 async fn run(State(api): State<Api>, body: Bytes) -> Answer {
     let options: RunOptions = parse_body(&body)?;
     let stdin = options.stdin.clone().map(String::into_bytes);
@@ -335,6 +349,7 @@ async fn run(State(api): State<Api>, body: Bytes) -> Answer {
 
 async fn exec(State(api): State<Api>, UrlPath(name): UrlPath<String>, body: Bytes) -> Answer {
     checked_name(&name)?;
+    known_sandbox(&name)?;
     let options: ExecOptions = parse_body(&body)?;
     let stdin = options.stdin.clone().map(String::into_bytes);
     stream_cli(options.cli_args(&name)?, stdin, &api).await

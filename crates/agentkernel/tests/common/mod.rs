@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
 mod commands;
+pub mod netprobe;
 pub mod upstream;
 
 /// busybox applets (sh, nc, httpd, wget, unshare…), built offline.
