@@ -62,7 +62,9 @@ pub fn claim_workspace_image(
 
 /// Where the template of this size is (made by [`template`]).
 pub fn template_path(state_root: &Path, bytes: u64) -> PathBuf {
-    state_root.join("disk-templates").join(format!("ext4-{bytes}"))
+    state_root
+        .join("disk-templates")
+        .join(format!("ext4-{bytes}"))
 }
 
 /// The formatted, empty template of this size, made once per state directory.

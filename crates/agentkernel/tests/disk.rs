@@ -273,7 +273,10 @@ mod native_only {
             .find(|(_, file)| file.ends_with("/workspace.ext4"))
             .expect("the run's workspace disk")
             .0;
-        assert!(ready.contains(&used), "{used} was not from the pool {ready:?}");
+        assert!(
+            ready.contains(&used),
+            "{used} was not from the pool {ready:?}"
+        );
         run.signal(libc::SIGKILL);
         let _ = run.child().wait();
         poll_until(

@@ -37,7 +37,10 @@ mod native_only {
             text.starts_with("agentkernel __native-sandbox"),
             "PID 1's command line: {text:?}"
         );
-        assert!(!text.contains("zz-caller"), "the caller's arguments leak: {text:?}");
+        assert!(
+            !text.contains("zz-caller"),
+            "the caller's arguments leak: {text:?}"
+        );
         // The value itself still reaches the command, through its environment.
         assert!(text.ends_with("\n17\n"), "{text:?}");
     }
@@ -372,18 +375,22 @@ mod native_only {
             &["cli execs the helper", "helper started"]
         };
         // The order processes pass these is fixed by the protocol between them.
-        let expected = [&["cli started"][..], handoff, &[
-            "forking init",
-            "init: namespaces created",
-            "init: root built",
-            "init: in the cgroup",
-            "init: ready",
-            "go",
-            "command: forked",
-            "command: execs",
-            "init exited",
-            "cleaned up",
-        ]]
+        let expected = [
+            &["cli started"][..],
+            handoff,
+            &[
+                "forking init",
+                "init: namespaces created",
+                "init: root built",
+                "init: in the cgroup",
+                "init: ready",
+                "go",
+                "command: forked",
+                "command: execs",
+                "init exited",
+                "cleaned up",
+            ],
+        ]
         .concat();
         let mut at = Vec::new();
         for phase in &expected {

@@ -316,11 +316,12 @@ pub(crate) fn start(
     // init moves itself in once its root is built, before it forks.
     // A failure before the thread is joined: the lease it may have taken
     // is released here, not left for gc.
-    let abandon = |netns: std::thread::JoinHandle<Result<Option<crate::net::Link>, SandboxError>>| {
-        if let Ok(Ok(Some(link))) = netns.join() {
-            link.release();
-        }
-    };
+    let abandon =
+        |netns: std::thread::JoinHandle<Result<Option<crate::net::Link>, SandboxError>>| {
+            if let Ok(Ok(Some(link))) = netns.join() {
+                link.release();
+            }
+        };
     if cgroup.is_none() {
         match Cgroup::for_plan(plan) {
             Ok(created) => *cgroup = Some(created),

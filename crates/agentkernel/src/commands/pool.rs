@@ -25,7 +25,11 @@ pub async fn pool(cmd: PoolCommand) -> Result<i32> {
             if disks > 0 {
                 eprintln!(
                     "agentkernel: released {}",
-                    super::counted(disks, "pre-attached workspace disk", "pre-attached workspace disks")
+                    super::counted(
+                        disks,
+                        "pre-attached workspace disk",
+                        "pre-attached workspace disks"
+                    )
                 );
             }
             let mut removed = 0;
