@@ -301,6 +301,24 @@ pub fn attach_netns(
     netns: &File,
     ports: &[PortMapping],
 ) -> Result<Lease> {
+    let (lease, ()) = lease_and_connect(cfg, sandbox_id, ports, false, |host, bridge, lease| {
+        veth::connect(host, bridge, netns, lease)
+    })?;
+    Ok(lease)
+}
+
+/// The steps every sandbox's network takes, in order: a lease for
+/// `sandbox_id` (a VM's when `for_vm`), `ports` published on the host,
+/// the sandbox connected to the bridge by `connect` (a veth into its
+/// namespace, or a VM's tap), then the published ports' relay. On error,
+/// everything done so far is undone.
+fn lease_and_connect<T>(
+    cfg: &NetConfig,
+    sandbox_id: &str,
+    ports: &[PortMapping],
+    for_vm: bool,
+    connect: impl FnOnce(&netlink::Socket, u32, &Lease) -> Result<T>,
+) -> Result<(Lease, T)> {
     cfg.validate()?;
     lease::validate_id(sandbox_id)?;
     ports::validate(ports)?;
@@ -309,7 +327,7 @@ pub fn attach_netns(
 
     // The lease records the requested ports before any rule exists, so a
     // crash after publishing still leaves gc a lease that names them.
-    let mut lease = lease::allocate(cfg, sandbox_id, ports, false)?;
+    let mut lease = lease::allocate(cfg, sandbox_id, ports, for_vm)?;
     let result = (|| {
         let published = nat::setup_and_publish(cfg, &lease)?;
         let chosen: Vec<PortMapping> = published.iter().map(|p| p.mapping).collect();
@@ -318,7 +336,7 @@ pub fn attach_netns(
             lease.ports = chosen;
             lease::store(cfg, &lease)?;
         }
-        veth::connect(&host, bridge_index, netns, &lease)?;
+        let connected = connect(&host, bridge_index, &lease)?;
         if !published.is_empty() {
             let held = published
                 .into_iter()
@@ -328,10 +346,10 @@ pub fn attach_netns(
                 .map_err(|e| Error::kernel("start the published ports' relay", e))?;
             forwarders().push((nat::lease_tag(&lease), fwd));
         }
-        Ok(())
+        Ok(connected)
     })();
     match result {
-        Ok(()) => Ok(lease),
+        Ok(connected) => Ok((lease, connected)),
         Err(e) => {
             // Best effort: the original error is the one worth reporting.
             let _ = release(cfg, &lease);
@@ -355,38 +373,9 @@ pub fn attach_tap(
     sandbox_id: &str,
     ports: &[PortMapping],
 ) -> Result<(Lease, std::os::fd::OwnedFd)> {
-    cfg.validate()?;
-    lease::validate_id(sandbox_id)?;
-    ports::validate(ports)?;
-    let host = netlink::Socket::open().map_err(|e| Error::kernel("open a netlink socket", e))?;
-    let bridge_index = bridge::ensure(&host, cfg)?;
-    let mut lease = lease::allocate(cfg, sandbox_id, ports, true)?;
-    let result = (|| {
-        let published = nat::setup_and_publish(cfg, &lease)?;
-        let chosen: Vec<PortMapping> = published.iter().map(|p| p.mapping).collect();
-        if chosen != lease.ports {
-            lease.ports = chosen;
-            lease::store(cfg, &lease)?;
-        }
-        let fd = tap::create(&host, bridge_index, &lease)?;
-        if !published.is_empty() {
-            let held = published
-                .into_iter()
-                .map(|p| (p.socket, p.mapping.container_port))
-                .collect();
-            let fwd = forward::start(lease.ip, held)
-                .map_err(|e| Error::kernel("start the published ports' relay", e))?;
-            forwarders().push((nat::lease_tag(&lease), fwd));
-        }
-        Ok(fd)
-    })();
-    match result {
-        Ok(fd) => Ok((lease, fd)),
-        Err(e) => {
-            let _ = release(cfg, &lease);
-            Err(e)
-        }
-    }
+    lease_and_connect(cfg, sandbox_id, ports, true, |host, bridge, lease| {
+        tap::create(host, bridge, lease)
+    })
 }
 
 /// Inside a VM (the calling thread's network namespace): gives interface
