@@ -101,13 +101,19 @@ pub fn connects_before_init_joins(plan: &Plan) -> bool {
 /// Connects the network namespace `netns` to the bridge (see
 /// [`connects_before_init_joins`]). Call it from the host's network namespace.
 pub fn connect_netns(plan: &Plan, netns: &std::fs::File) -> io::Result<Link> {
-    agentkernel_net::attach_netns(&config(), &lease_id(plan), netns, &port_mappings(plan))
-        .map(Link::Bridge)
-        .map_err(io::Error::other)
+    agentkernel_net::attach_netns(
+        &config(),
+        &lease_id(plan),
+        netns,
+        &port_mappings(&plan.ports),
+    )
+    .map(Link::Bridge)
+    .map_err(io::Error::other)
 }
 
-fn port_mappings(plan: &Plan) -> Vec<PortMapping> {
-    plan.ports
+/// `-P` mappings as the network layer takes them (a VM's too).
+pub fn port_mappings(ports: &[crate::plan::Port]) -> Vec<PortMapping> {
+    ports
         .iter()
         .map(|p| PortMapping {
             host_ip: p.host_ip,
@@ -119,7 +125,7 @@ fn port_mappings(plan: &Plan) -> Vec<PortMapping> {
 }
 
 fn attach(plan: &Plan, pid: libc::pid_t) -> io::Result<Lease> {
-    agentkernel_net::attach(&config(), &lease_id(plan), pid, &port_mappings(plan))
+    agentkernel_net::attach(&config(), &lease_id(plan), pid, &port_mappings(&plan.ports))
         .map_err(io::Error::other)
 }
 

@@ -22,7 +22,7 @@ use std::os::fd::OwnedFd;
 
 use agentkernel_core::state::Owner;
 use agentkernel_native::plan::Port;
-use agentkernel_net::{Lease, PortMapping, Protocol};
+use agentkernel_net::Lease;
 use serde::{Deserialize, Serialize};
 
 use crate::protocol::GuestNetwork;
@@ -97,16 +97,7 @@ pub(crate) fn attach(network: &Network) -> Result<(Attached, OwnedFd)> {
             "a VM's network needs root (a tap on agentkernel's bridge); pass --no-network",
         );
     }
-    let ports: Vec<PortMapping> = network
-        .ports
-        .iter()
-        .map(|p| PortMapping {
-            host_ip: p.host_ip,
-            host_port: p.host_port,
-            container_port: p.container_port,
-            protocol: if p.udp { Protocol::Udp } else { Protocol::Tcp },
-        })
-        .collect();
+    let ports = agentkernel_native::net::port_mappings(&network.ports);
     let id = lease_id();
     agentkernel_net::attach_tap(&agentkernel_native::net::config(), &id, &ports)
         .map(|(lease, tap)| (Attached { lease }, tap))
