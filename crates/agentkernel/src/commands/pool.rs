@@ -131,7 +131,8 @@ async fn status(store: &Store, as_json: bool) -> Result<i32> {
     }
     if !vms.is_empty() {
         let warm: usize = vms.iter().map(|k| k.warm).sum();
-        text += &format!("qemu: {warm} warm VMs of at most {max_total} ([pool] max_total)\n");
+        let warm = super::counted(warm, "warm VM", "warm VMs");
+        text += &format!("qemu: {warm} of at most {max_total} ([pool] max_total)\n");
     }
     super::print_stdout(text.as_bytes())?;
     Ok(0)
