@@ -199,19 +199,13 @@ pub fn collect(root: &Path) -> usize {
 
 /// The warm VMs of every key (ready or booting, unclaimed), for status.
 pub fn warm(root: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for key in std::fs::read_dir(root).into_iter().flatten().flatten() {
-        for entry in std::fs::read_dir(key.path())
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            if !entry.path().join(CLAIMED).exists() && alive(&entry.path()) {
-                out.push(entry.path());
-            }
-        }
-    }
-    out
+    std::fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|key| vm_dirs(&key.path()))
+        .filter(|vm| !vm.join(CLAIMED).exists() && alive(vm))
+        .collect()
 }
 
 /// What a key is (for people) and how its runs went: `<key>/about.json`,
@@ -360,7 +354,10 @@ mod tests {
         // Room for one more under a cap of 2: only the newest stays.
         assert!(!oldest.exists() && !middle.exists());
         assert!(newer.exists());
-        assert_eq!(warm(root.path()), vec![newer]);
+        assert_eq!(warm(root.path()), vec![newer.clone()]);
+        // A cap of 0 leaves none (and the run then boots no more).
+        make_room(root.path(), 0);
+        assert!(!newer.exists());
     }
 
     #[test]

@@ -81,50 +81,42 @@ async fn status(store: &Store, as_json: bool) -> Result<i32> {
         super::print_stdout(format!("{value:#}\n").as_bytes())?;
         return Ok(0);
     }
-    let mut text = format!(
-        "{:<8} {:<17} {:<28} {:<12} {:>4} {:>6} {:>6} {:>13}  WORKSPACE\n",
-        "BACKEND", "KEY", "IMAGE", "PROFILE", "WARM", "IN USE", "TARGET", "HITS"
-    );
+    let mut rows = vec![Row {
+        backend: "BACKEND",
+        key: "KEY",
+        image: "IMAGE",
+        profile: "PROFILE",
+        warm: "WARM".into(),
+        in_use: "IN USE".into(),
+        target: "TARGET".into(),
+        hits: "HITS".into(),
+        workspace: "WORKSPACE",
+    }];
     for (name, keys) in &engines {
-        for s in keys {
-            let runs = s.hits + s.waits + s.misses;
-            let hits = match runs {
-                0 => "-".to_string(),
-                _ => format!("{}% of {runs}", s.hits * 100 / runs),
-            };
-            text += &format!(
-                "{:<8} {:<17} {:<28} {:<12} {:>4} {:>6} {:>6} {:>13}  {}\n",
-                name,
-                s.key,
-                s.image,
-                s.profile,
-                s.warm,
-                s.in_use,
-                s.target,
-                hits,
-                s.workspace.as_deref().unwrap_or("-")
-            );
-        }
+        rows.extend(keys.iter().map(|s| Row {
+            backend: name,
+            key: &s.key,
+            image: &s.image,
+            profile: &s.profile,
+            warm: s.warm.to_string(),
+            in_use: s.in_use.to_string(),
+            target: s.target.to_string(),
+            hits: hit_rate(s.hits, s.hits + s.waits + s.misses),
+            workspace: s.workspace.as_deref().unwrap_or("-"),
+        }));
     }
-    for s in &vms {
-        let runs = s.about.hits + s.about.misses;
-        let hits = match runs {
-            0 => "-".to_string(),
-            _ => format!("{}% of {runs}", s.about.hits * 100 / runs),
-        };
-        text += &format!(
-            "{:<8} {:<17} {:<28} {:<12} {:>4} {:>6} {:>6} {:>13}  {}\n",
-            "qemu",
-            s.key,
-            s.about.image,
-            s.about.profile,
-            s.warm,
-            s.in_use,
-            vm_target,
-            hits,
-            s.about.workspace.as_deref().unwrap_or("-")
-        );
-    }
+    rows.extend(vms.iter().map(|s| Row {
+        backend: "qemu",
+        key: &s.key,
+        image: &s.about.image,
+        profile: &s.about.profile,
+        warm: s.warm.to_string(),
+        in_use: s.in_use.to_string(),
+        target: vm_target.to_string(),
+        hits: hit_rate(s.about.hits, s.about.hits + s.about.misses),
+        workspace: s.about.workspace.as_deref().unwrap_or("-"),
+    }));
+    let mut text: String = rows.iter().map(Row::line).collect();
     for (name, keys) in &engines {
         let warm: usize = keys.iter().map(|k| k.warm).sum();
         text += &format!("{name}: {warm} warm of at most {max_total} ([pool] max_total)\n");
@@ -136,4 +128,43 @@ async fn status(store: &Store, as_json: bool) -> Result<i32> {
     }
     super::print_stdout(text.as_bytes())?;
     Ok(0)
+}
+
+/// One line of `pool status`: a key of a container engine's pool or of
+/// the VM pool (or the header).
+struct Row<'a> {
+    backend: &'a str,
+    key: &'a str,
+    image: &'a str,
+    profile: &'a str,
+    warm: String,
+    in_use: String,
+    target: String,
+    hits: String,
+    workspace: &'a str,
+}
+
+impl Row<'_> {
+    fn line(&self) -> String {
+        format!(
+            "{:<8} {:<17} {:<28} {:<12} {:>4} {:>6} {:>6} {:>13}  {}\n",
+            self.backend,
+            self.key,
+            self.image,
+            self.profile,
+            self.warm,
+            self.in_use,
+            self.target,
+            self.hits,
+            self.workspace
+        )
+    }
+}
+
+/// `93% of 16`, or `-` before the first run.
+fn hit_rate(hits: u64, runs: u64) -> String {
+    match runs {
+        0 => "-".to_string(),
+        _ => format!("{}% of {runs}", hits * 100 / runs),
+    }
 }
