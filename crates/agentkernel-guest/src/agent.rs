@@ -20,8 +20,8 @@ use std::time::Duration;
 use agentkernel_native::{caps, seccomp};
 
 use crate::protocol::{
-    read_frame, write_frame, GuestMessage, HostMessage, RootMode, RunRequest, WorkspaceMode,
-    PORT_NAME, WORKSPACE_TAG,
+    read_frame, volume_tag, write_frame, GuestMessage, HostMessage, RootMode, RunRequest, Volume,
+    WorkspaceMode, PORT_NAME, WORKSPACE_TAG,
 };
 
 /// Where the command's root is assembled before the agent switches into it.
@@ -294,7 +294,37 @@ fn build_root(request: &RunRequest) -> io::Result<()> {
             )?;
         }
     }
+    for (n, volume) in request.volumes.iter().enumerate() {
+        mount_volume(n, volume, &at(&volume.path))?;
+    }
     Ok(())
+}
+
+/// Volume `n`'s share at `target` (made if missing: on a read-only root
+/// that fails, named).
+fn mount_volume(n: usize, volume: &Volume, target: &str) -> io::Result<()> {
+    std::fs::create_dir_all(target).map_err(|e| {
+        io::Error::other(format!(
+            "volume {}: cannot make its mount point: {e}",
+            volume.path
+        ))
+    })?;
+    let options = format!(
+        "trans=virtio,version=9p2000.L,msize=262144,cache=none{}",
+        if volume.read_only { ",ro" } else { "" }
+    );
+    let mut flags = libc::MS_NOSUID | libc::MS_NODEV;
+    if volume.read_only {
+        flags |= libc::MS_RDONLY;
+    }
+    mount(
+        Some(&volume_tag(n)),
+        target,
+        Some("9p"),
+        flags,
+        Some(&options),
+    )
+    .map_err(|e| io::Error::other(format!("volume {}: {e}", volume.path)))
 }
 
 /// The command's `/etc/resolv.conf`, as native writes it: written into the

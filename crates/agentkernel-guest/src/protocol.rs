@@ -41,6 +41,19 @@ pub enum WorkspaceMode {
     ReadOnly,
 }
 
+/// A host directory shared with the VM (`-v`), shown at `path`. The share
+/// of the `n`th volume has the mount tag [`volume_tag`]`(n)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Volume {
+    pub path: String,
+    pub read_only: bool,
+}
+
+/// The 9p mount tag of the `n`th volume's share.
+pub fn volume_tag(n: usize) -> String {
+    format!("volume{n}")
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Workspace {
     pub path: String,
@@ -61,6 +74,10 @@ pub struct RunRequest {
     /// Size of /tmp under a read-only root, in bytes.
     pub tmp_bytes: u64,
     pub workspace: Option<Workspace>,
+    /// Mounted after the workspace, in this order (a volume inside the
+    /// workspace shows over it, as on the other backends).
+    #[serde(default)]
+    pub volumes: Vec<Volume>,
     pub no_new_privileges: bool,
     /// The most processes the command may have at once (a cgroup in the guest).
     pub pids_max: Option<u64>,

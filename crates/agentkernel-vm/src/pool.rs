@@ -23,7 +23,7 @@
 //!
 //! Layout: `<state>/vm-pool/<key>/<id>/` with `vm.json` (what to boot),
 //! `idle-until`, `booting` (who boots it), `vm-held.json` and `ready` once it
-//! serves, `vm.sock`, and `claimed`; `<key>/about.json` says what the key is
+//! serves, `vm.sock`, and `claimed/` (with `by`, the claiming run's owner label); `<key>/about.json` says what the key is
 //! and counts its runs (for status).
 
 use std::os::unix::net::UnixStream;
@@ -43,6 +43,8 @@ use crate::{fail, Result};
 pub(crate) const READY: &str = "ready";
 pub(crate) const BOOTING: &str = "booting";
 const CLAIMED: &str = "claimed";
+/// In `claimed/`: the owner label of the run that claimed the VM.
+const CLAIMED_BY: &str = "by";
 const IDLE_UNTIL: &str = "idle-until";
 const ABOUT: &str = "about.json";
 /// How long a key's record outlives its last VM.
@@ -78,6 +80,12 @@ pub fn claim(root: &Path, key: &str) -> Option<UnixStream> {
         if std::fs::create_dir(dir.join(CLAIMED)).is_err() {
             continue;
         }
+        // Who claimed it: the run's owner label (the label its one-shot
+        // VMs and containers carry), so what a run used can be traced to it.
+        let _ = write_atomic(
+            &dir.join(CLAIMED).join(CLAIMED_BY),
+            Owner::current().0.as_bytes(),
+        );
         if let Ok(stream) = kept::connect_at(&dir) {
             return Some(stream);
         }

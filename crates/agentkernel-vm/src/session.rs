@@ -21,6 +21,12 @@ use crate::{fail, Result};
 /// How long past the command's timeout a silent guest is given.
 const AGENT_GRACE: Duration = Duration::from_secs(30);
 
+/// In the VMM process's environment: the owner label (`<boot>:<pid>:<start>`)
+/// of the process that started it — the run for a one-shot VM, the holder
+/// for a kept or warm one — as containers carry `agentkernel.owner`, so a
+/// VM can be traced to what started it (`/proc/PID/environ`, root only).
+pub const OWNER_ENV: &str = "AGENTKERNEL_OWNER";
+
 /// How long a VM may take from start to its agent's hello.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -80,6 +86,7 @@ pub(crate) fn boot(
         vmm.control(&mut command, fd);
     }
     command
+        .env(OWNER_ENV, agentkernel_core::state::Owner::current().0)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());

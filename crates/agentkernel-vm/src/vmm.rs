@@ -42,6 +42,10 @@ pub struct VmConfig {
     /// The host directory shared as the workspace, and whether the share
     /// itself is read-only (read-only and copy-on-write workspaces).
     pub workspace: Option<(PathBuf, bool)>,
+    /// Host directories shared as volumes (`-v`), each with whether the
+    /// share is read-only; the `n`th has the tag `protocol::volume_tag(n)`.
+    #[serde(default)]
+    pub volumes: Vec<(PathBuf, bool)>,
     pub accel: Accel,
     /// A NIC on agentkernel's bridge (`crate::net`); `None`: no NIC at all.
     #[serde(default)]
@@ -131,6 +135,17 @@ impl Vmm for Qemu {
             ));
             c.arg("-device")
                 .arg(format!("virtio-9p-pci,fsdev=ws,mount_tag={WORKSPACE_TAG}"));
+        }
+        for (n, (dir, read_only)) in vm.volumes.iter().enumerate() {
+            c.arg("-fsdev").arg(format!(
+                "local,id=vol{n},path={},security_model=passthrough{}",
+                qemu_escape(dir),
+                if *read_only { ",readonly=on" } else { "" }
+            ));
+            c.arg("-device").arg(format!(
+                "virtio-9p-pci,fsdev=vol{n},mount_tag={}",
+                crate::protocol::volume_tag(n)
+            ));
         }
         match nic {
             // The tap agentkernel created on its bridge, already open: QEMU

@@ -131,7 +131,7 @@ fn publish_binds_loopback_only_by_default() {
             );
         }
     }
-    if !is_native() {
+    if !uses_own_image_store() {
         let name = t.containers().pop().expect("server container");
         let ports = engine_ok(&["port", &name, "8080/tcp"]);
         assert!(

@@ -394,12 +394,12 @@ mod qemu_only {
                     "run",
                     "--no-network",
                     "-v",
-                    "/tmp:/host-tmp",
+                    "/etc/hostname:/hostname",
                     "-i",
                     BUSYBOX,
                     "true",
                 ][..],
-                "volumes",
+                "of a file",
             ),
             (
                 &[

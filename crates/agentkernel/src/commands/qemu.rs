@@ -22,8 +22,6 @@ use agentkernel_vm::{disk, initramfs, kept, kernel};
 
 /// The guest's RAM when no limit applies (permissive profile).
 const DEFAULT_MEMORY: u64 = 2 << 30;
-/// Below this Debian's kernel and the agent do not boot.
-const MIN_MEMORY: u64 = 128 << 20;
 /// Guest RAM beyond `--memory` for the guest's own kernel, initramfs and
 /// agent: the command's limit is a memory cgroup in the guest, so a memory
 /// bomb meets that limit (exit 137) instead of starving the guest's boot.
@@ -199,14 +197,9 @@ pub(super) async fn prepare(
     config: &Config,
 ) -> Result<(Host, VmConfig, RunRequest)> {
     refuse_unsupported(spec)?;
+    // The guest's kernel and agent live in GUEST_OVERHEAD: however small
+    // --memory is, it limits the command (a cgroup in the guest), not the boot.
     let memory = spec.policy.limits.memory_bytes.unwrap_or(DEFAULT_MEMORY);
-    if memory < MIN_MEMORY {
-        return Err(Error::invalid(
-            "--memory",
-            agentkernel_core::parse::format_bytes(memory),
-            "a VM needs at least 128M (its own kernel lives in it)",
-        ));
-    }
     let host = Host::find()?;
     let image = fetch_image(spec, config).await?;
     agentkernel_native::trace::phase("image resolved");
@@ -233,6 +226,9 @@ pub(super) async fn prepare(
             .cpus
             .map_or(1, |c| c.ceil().max(1.0) as u32),
         workspace,
+        volumes: shares(spec)
+            .map(|(host, _, read_only)| (host, read_only))
+            .collect(),
         accel,
         network: spec
             .policy
@@ -321,12 +317,13 @@ fn refuse_unsupported(spec: &SandboxSpec) -> Result<()> {
             "a VM boots its own kernel and cannot show the host's root; choose an image with -i",
         );
     }
-    if !spec.volumes.is_empty() {
-        return refuse("volumes (-v)", "drop -v, or use -B native");
-    }
-    if spec.home.is_some() {
-        // Less than the profile offers, never more: said, not refused.
-        eprintln!("agentkernel: notice: the qemu backend does not show your home directory (read-only) yet");
+    // A VM shares directories (9p); sharing a file's directory instead
+    // would show the guest its siblings.
+    if let Some(file) = spec.volumes.iter().find(|v| !v.host.is_dir()) {
+        return refuse(
+            &format!("-v of a file ({})", file.host.display()),
+            "a VM shares directories: mount the directory that holds it",
+        );
     }
     if spec.egress.is_some() {
         return refuse("secrets and the egress proxy", "use -B native");
@@ -344,6 +341,21 @@ fn refuse_unsupported(spec: &SandboxSpec) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The host directories a VM shares besides the workspace, in mount order:
+/// the home directory (read-only, where the profile shows it) and the
+/// volumes (`-v`), each as (host directory, path in the sandbox, read-only).
+fn shares(spec: &SandboxSpec) -> impl Iterator<Item = (std::path::PathBuf, String, bool)> + '_ {
+    let home = spec
+        .home
+        .iter()
+        .map(|home| (home.clone(), home.to_string_lossy().into_owned(), true));
+    let volumes = spec
+        .volumes
+        .iter()
+        .map(|v| (v.host.clone(), v.container.clone(), v.read_only));
+    home.chain(volumes)
 }
 
 /// `-P` as native takes it (checked by the CLI: IPv4, and only with a network).
@@ -406,6 +418,9 @@ fn request(spec: &SandboxSpec, image: &images::ImageConfig) -> RunRequest {
             RootMode::Overlay
         },
         tmp_bytes: policy.tmp_size_bytes,
+        volumes: shares(spec)
+            .map(|(_, path, read_only)| protocol::Volume { path, read_only })
+            .collect(),
         workspace: spec.workspace.as_ref().map(|w| protocol::Workspace {
             path: w.path_in_sandbox.clone(),
             mode: match policy.workspace {

@@ -148,8 +148,9 @@ fn shared_image_state() -> PathBuf {
 /// output (never panics on a non-zero exit).
 pub fn engine(args: &[&str]) -> Output {
     assert!(
-        !is_native(),
-        "engine CLI used under the native backend: put this test in `mod engine_only`"
+        !uses_own_image_store(),
+        "engine CLI used under the {} backend: put this test in `mod engine_only`",
+        backend()
     );
     std::process::Command::new(backend())
         .args(args)
@@ -545,10 +546,10 @@ impl Drop for TestEnv {
     /// refills the test's runs started, then removes every container
     /// labelled with this test's state directory.
     fn drop(&mut self) {
-        if is_native() {
-            // Kept native sandboxes live in detached holders: remove them
-            // (and let gc collect what killed runs left) before the state
-            // directory, which records them, is deleted.
+        if uses_own_image_store() {
+            // Kept native sandboxes and kept VMs live in detached holders:
+            // remove them (and let gc collect what killed runs left) before
+            // the state directory, which records them, is deleted.
             let names: Vec<String> = std::fs::read_dir(self.state.path().join("sandboxes"))
                 .map(|d| {
                     d.flatten()
@@ -560,12 +561,9 @@ impl Drop for TestEnv {
                 let _ = self.run(&["sandbox", "remove", &name]);
             }
             let _ = self.run(&["sandbox", "gc"]);
-            // The workspace disks runs attached ahead (disk_pool.rs).
+            // Native: the workspace disks runs attached ahead (disk_pool.rs);
+            // qemu: the warm VMs runs left booting for the next run.
             let _ = self.run(&["pool", "prune"]);
-            return;
-        }
-        if backend() == "qemu" {
-            // One-shot VMs only, no engine: each test checks no VM is left.
             return;
         }
         self.wait_for_refills(Duration::from_secs(60));
@@ -661,11 +659,17 @@ impl Tracked {
     pub fn wait_running(&mut self, limit: Duration) -> String {
         let start = Instant::now();
         loop {
-            if is_native() {
-                if let Some(id) = native_sandboxes_of_owner(&self.owner)
-                    .into_iter()
-                    .find(|id| native_sandbox_has_processes(id))
-                {
+            if uses_own_image_store() {
+                let running = if is_native() {
+                    native_sandboxes_of_owner(&self.owner)
+                        .into_iter()
+                        .find(|id| native_sandbox_has_processes(id))
+                } else {
+                    // A VM booted or claimed for this run (not yet proof
+                    // that its command started: callers wait for output).
+                    qemu_sandboxes_of_owner(&self.owner).into_iter().next()
+                };
+                if let Some(id) = running {
                     return id;
                 }
                 if let Some(status) = self.child().try_wait().unwrap() {
@@ -763,6 +767,9 @@ pub fn containers_of_owner(owner: &str) -> Vec<String> {
     if is_native() {
         return native_sandboxes_of_owner(owner);
     }
+    if backend() == "qemu" {
+        return qemu_sandboxes_of_owner(owner);
+    }
     engine_ok(&[
         "ps",
         "-a",
@@ -780,6 +787,9 @@ pub fn containers_of_owner(owner: &str) -> Vec<String> {
 pub fn container_exists(name: &str) -> bool {
     if is_native() {
         return native_sandbox_exists(name);
+    }
+    if backend() == "qemu" {
+        return qemu_sandbox_exists(name);
     }
     engine_ok(&[
         "ps",
@@ -809,23 +819,23 @@ impl KeptGuard {
     pub fn new(sandbox: &str) -> KeptGuard {
         KeptGuard(sandbox.to_string())
     }
-    /// The engine's container, or for native the sandbox itself (its
-    /// cgroup and directory carry its name).
+    /// The engine's container, or for native and qemu the sandbox itself
+    /// (its cgroup, directory or holder carry its name).
     pub fn container(&self) -> String {
         kept_object(&self.0)
     }
 
     /// Removes a leftover of an earlier, aborted test run.
     pub fn remove_leftover(&self) {
-        if !is_native() {
+        if !uses_own_image_store() {
             let _ = engine(&["rm", "-f", "-v", &self.container()]);
         }
     }
 }
 
-/// What holds kept sandbox `name`: its container, or (native) its own name.
+/// What holds kept sandbox `name`: its container, or (native, qemu) its own name.
 pub fn kept_object(name: &str) -> String {
-    if is_native() {
+    if uses_own_image_store() {
         name.to_string()
     } else {
         format!("agentkernel-{name}")
@@ -834,7 +844,7 @@ pub fn kept_object(name: &str) -> String {
 
 impl Drop for KeptGuard {
     fn drop(&mut self) {
-        // Native: TestEnv's drop removes the test's kept sandboxes.
+        // Native and qemu: TestEnv's drop removes the test's kept sandboxes.
         self.remove_leftover();
     }
 }
@@ -1062,4 +1072,97 @@ macro_rules! on_every_proxy_backend {
             })*
         }
     };
+}
+
+// ---------------------------------------------------------------- qemu
+//
+// A qemu sandbox, as the tests name it: `qemu:<pid>` for a VM process (its
+// environment carries the owner label of what started it, session.rs
+// OWNER_ENV), the directory of a warm pool VM a run claimed (`claimed/by`
+// names the run), or a kept sandbox's name.
+
+/// QEMU processes started by the process with owner label `owner`.
+pub fn qemu_vms_of_owner(owner: &str) -> Vec<u32> {
+    let want = format!("AGENTKERNEL_OWNER={owner}");
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.split(|b| *b == 0).any(|v| v == want.as_bytes()))
+        })
+        .collect()
+}
+
+/// Warm pool VMs (their directories, in any test's state dir) claimed by the
+/// run with owner label `owner`.
+fn qemu_claimed_by(owner: &str) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for state in all_test_state_dirs() {
+        let keys = std::fs::read_dir(state.join("vm-pool"))
+            .into_iter()
+            .flatten();
+        for key in keys.flatten() {
+            let vms = std::fs::read_dir(key.path()).into_iter().flatten();
+            for vm in vms.flatten() {
+                if std::fs::read_to_string(vm.path().join("claimed/by"))
+                    .is_ok_and(|by| by.trim() == owner)
+                {
+                    found.push(vm.path());
+                }
+            }
+        }
+    }
+    found
+}
+
+/// A run's VMs: the ones it booted and the warm ones it claimed.
+pub fn qemu_sandboxes_of_owner(owner: &str) -> Vec<String> {
+    let booted = qemu_vms_of_owner(owner)
+        .into_iter()
+        .map(|pid| format!("qemu:{pid}"));
+    let claimed = qemu_claimed_by(owner)
+        .into_iter()
+        .map(|dir| dir.to_string_lossy().into_owned());
+    booted.chain(claimed).collect()
+}
+
+/// True while the qemu sandbox `name` (see above) exists: its VM process,
+/// its claimed pool directory, or a kept sandbox's record or holder.
+pub fn qemu_sandbox_exists(name: &str) -> bool {
+    if let Some(pid) = name.strip_prefix("qemu:") {
+        return std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+            c.split(|b| *b == 0)
+                .next()
+                .is_some_and(|a| a.ends_with(b"qemu-system-x86_64"))
+        });
+    }
+    if name.starts_with('/') {
+        return Path::new(name).exists();
+    }
+    all_test_state_dirs()
+        .iter()
+        .any(|s| s.join("sandboxes").join(name).exists())
+        || qemu_holder_of(name).is_some()
+}
+
+/// The holder process of kept VM `name` (`agentkernel __vm-holder STATE NAME`).
+pub fn qemu_holder_of(name: &str) -> Option<u32> {
+    let entries = std::fs::read_dir("/proc").ok()?;
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmdline
+                .split(|b| *b == 0)
+                .filter(|a| !a.is_empty())
+                .collect();
+            args.contains(&&b"__vm-holder"[..])
+                && args.last() == Some(&name.as_bytes())
+                && args.iter().any(|a| a.windows(8).any(|w| w == b"ak-state"))
+        })
 }
