@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -21,7 +22,7 @@ use agentkernel_native::{caps, seccomp};
 
 use crate::protocol::{
     read_frame, volume_tag, write_frame, GuestMessage, HostMessage, RootMode, RunRequest, Volume,
-    WorkspaceMode, PORT_NAME, WORKSPACE_TAG,
+    WindowSize, WorkspaceMode, PORT_NAME, WORKSPACE_TAG,
 };
 
 /// Where the command's root is assembled before the agent switches into it.
@@ -518,11 +519,21 @@ impl Out {
     }
 }
 
+/// What the host sends a running command's input side.
+enum Input {
+    Data(Vec<u8>),
+    /// The host's stdin ended: a pipe closes (the command sees EOF); a
+    /// terminal stays (as a terminal does when nobody types).
+    Close,
+    /// The host's terminal changed size (ignored without a terminal).
+    Resize(WindowSize),
+}
+
 /// A started command: the leader of its own session, the channel to its
-/// stdin (`None` closes it) and the threads pumping its output.
+/// input and the threads pumping its output.
 struct Launched {
     pid: libc::pid_t,
-    stdin: mpsc::Sender<Option<Vec<u8>>>,
+    stdin: mpsc::Sender<Input>,
     pumps: Vec<std::thread::JoinHandle<()>>,
     oom_kills_before: u64,
 }
@@ -565,13 +576,16 @@ fn run_command(
 }
 
 /// A host message for a running command: stdin, its end, or a signal.
-fn deliver(message: HostMessage, pid: libc::pid_t, stdin: &mpsc::Sender<Option<Vec<u8>>>) {
+fn deliver(message: HostMessage, pid: libc::pid_t, stdin: &mpsc::Sender<Input>) {
     match message {
         HostMessage::Stdin(data) => {
-            let _ = stdin.send(Some(data));
+            let _ = stdin.send(Input::Data(data));
         }
         HostMessage::StdinClosed => {
-            let _ = stdin.send(None);
+            let _ = stdin.send(Input::Close);
+        }
+        HostMessage::Resize(size) => {
+            let _ = stdin.send(Input::Resize(size));
         }
         // SAFETY: kill has no memory preconditions; the command leads its
         // own session, so its group is -pid.
@@ -585,7 +599,7 @@ fn deliver(message: HostMessage, pid: libc::pid_t, stdin: &mpsc::Sender<Option<V
 /// A kept VM: the root is built; runs each command the host sends under its
 /// id, concurrently, until the host closes the port.
 fn serve(base: &RunRequest, port: &Port, mut reader: File, cgroup: Option<File>) -> io::Result<()> {
-    type Running = HashMap<u64, (libc::pid_t, mpsc::Sender<Option<Vec<u8>>>)>;
+    type Running = HashMap<u64, (libc::pid_t, mpsc::Sender<Input>)>;
     let running: Arc<Mutex<Running>> = Arc::default();
     // Kept open as long as the agent lives: every command joins it.
     let cgroup_fd = cgroup.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
@@ -630,7 +644,7 @@ fn serve(base: &RunRequest, port: &Port, mut reader: File, cgroup: Option<File>)
 }
 
 /// A kept VM's command takes its argv, environment, working directory,
-/// user and timeout from the host; what confines it stays the sandbox's.
+/// user, timeout and terminal from the host; what confines it stays the sandbox's.
 fn within_sandbox(base: &RunRequest, command: RunRequest) -> RunRequest {
     RunRequest {
         argv: command.argv,
@@ -638,6 +652,7 @@ fn within_sandbox(base: &RunRequest, command: RunRequest) -> RunRequest {
         workdir: command.workdir,
         user: command.user,
         timeout_ms: command.timeout_ms,
+        tty: command.tty,
         ..base.clone()
     }
 }
@@ -693,15 +708,36 @@ fn launch(
             request.workdir
         ));
     }
+    let terminal = match request
+        .tty
+        .map(|size| allocate_terminal(size, uid, gid))
+        .transpose()
+    {
+        Ok(t) => t,
+        Err(e) => return failed(format!("cannot allocate a terminal: {e}")),
+    };
     let mut command = Command::new(program);
     command
         .args(args)
         .env_clear()
         .envs(request.env.iter().filter_map(|kv| kv.split_once('=')))
-        .current_dir(&request.workdir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .current_dir(&request.workdir);
+    let with_terminal = terminal.is_some();
+    match &terminal {
+        // The slave is all three: a terminal merges stderr into stdout.
+        Some((_, slave)) => {
+            command
+                .stdin(slave.try_clone()?)
+                .stdout(slave.try_clone()?)
+                .stderr(slave.try_clone()?);
+        }
+        None => {
+            command
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+        }
+    }
     let no_new_privileges = request.no_new_privileges;
     let seccomp_restrictive = request.seccomp_restrictive;
     let keep: Vec<u32> = request
@@ -730,6 +766,11 @@ fn launch(
             if libc::setsid() < 0 {
                 return Err(io::Error::last_os_error());
             }
+            // The new session's controlling terminal: job control, ^C as
+            // SIGINT and /dev/tty work as on a login's terminal.
+            if with_terminal && libc::ioctl(0, libc::TIOCSCTTY, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
             // As the native backend does it (command.rs): no_new_privs, its
             // seccomp filter while we may still install it, the bounding
             // set, the user, then the kept capabilities for root.
@@ -753,7 +794,13 @@ fn launch(
         });
     }
     let oom_kills_before = oom_kills();
-    let mut child = match reaper::spawn(&mut command) {
+    let spawned = reaper::spawn(&mut command);
+    // Our copies of the slave closed: once the command and what it leaves
+    // have closed theirs, the master reads EIO and its pump ends.
+    drop(command);
+    let (master, slave) = terminal.unzip();
+    drop(slave);
+    let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
             // The command's failure, not ours: 127 and 126 as a shell (and
@@ -765,7 +812,11 @@ fn launch(
                 _ => return failed(format!("cannot run {program}: {e}")),
             };
             let line = format!("agentkernel: {program}: {what}\n");
-            out.send(GuestMessage::Stderr(line.into_bytes()))?;
+            // On a terminal, as the terminal would have shown it.
+            out.send(match master {
+                Some(_) => GuestMessage::Stdout(line.replace('\n', "\r\n").into_bytes()),
+                None => GuestMessage::Stderr(line.into_bytes()),
+            })?;
             out.send(GuestMessage::Exited {
                 code: Some(code),
                 signal: None,
@@ -777,28 +828,51 @@ fn launch(
     };
     out.send(GuestMessage::Started)?;
     let pid = child.id() as libc::pid_t;
-    let pumps = [
-        child
-            .stdout
-            .take()
-            .map(|s| pump(s, out.clone(), GuestMessage::Stdout)),
-        child
-            .stderr
-            .take()
-            .map(|s| pump(s, out.clone(), GuestMessage::Stderr)),
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
+    // With a terminal its master carries both ways (and takes resizes).
+    let (pumps, mut writer, master): (Vec<_>, Option<File>, Option<File>) = match master {
+        Some(master) => {
+            let master = File::from(master);
+            let reader = master.try_clone()?;
+            (
+                vec![pump(reader, out.clone(), GuestMessage::Stdout)],
+                Some(master.try_clone()?),
+                Some(master),
+            )
+        }
+        None => (
+            [
+                child
+                    .stdout
+                    .take()
+                    .map(|s| pump(s, out.clone(), GuestMessage::Stdout)),
+                child
+                    .stderr
+                    .take()
+                    .map(|s| pump(s, out.clone(), GuestMessage::Stderr)),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
+            child.stdin.take().map(|p| File::from(OwnedFd::from(p))),
+            None,
+        ),
+    };
     // Stdin through a thread of its own: a command that does not read it
     // must not stall the port's reader (or, in a kept VM, other commands).
-    let (stdin, frames) = mpsc::channel::<Option<Vec<u8>>>();
-    let mut pipe = child.stdin.take();
+    let (stdin, frames) = mpsc::channel::<Input>();
     std::thread::spawn(move || {
-        while let Ok(Some(data)) = frames.recv() {
-            if let Some(p) = pipe.as_mut() {
-                if p.write_all(&data).is_err() {
-                    pipe = None;
+        while let Ok(input) = frames.recv() {
+            match input {
+                Input::Data(data) => {
+                    if writer.as_mut().is_some_and(|w| w.write_all(&data).is_err()) {
+                        writer = None;
+                    }
+                }
+                Input::Close => writer = None,
+                Input::Resize(size) => {
+                    if let Some(m) = &master {
+                        set_window_size(m.as_raw_fd(), size);
+                    }
                 }
             }
         }
@@ -854,6 +928,28 @@ fn finish(launched: Launched, timeout_ms: Option<u64>, out: &Out, end_all: bool)
         }
     };
     out.send(message)
+}
+
+/// A terminal for a command running as `uid`:`gid`, in the command's
+/// devpts (the agent is in its root by now, so `tty` names it there):
+/// its master, and its slave, owned by the command's user as a login's
+/// terminal is.
+fn allocate_terminal(size: WindowSize, uid: u32, gid: u32) -> io::Result<(OwnedFd, OwnedFd)> {
+    let (master, slave) = agentkernel_native::process::open_terminal()?;
+    std::os::unix::fs::fchown(&slave, Some(uid), Some(gid))?;
+    set_window_size(master.as_raw_fd(), size);
+    Ok((master, slave))
+}
+
+fn set_window_size(master: std::os::fd::RawFd, size: WindowSize) {
+    let ws = libc::winsize {
+        ws_row: size.rows,
+        ws_col: size.cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads the winsize we pass.
+    unsafe { libc::ioctl(master, libc::TIOCSWINSZ, &ws) };
 }
 
 fn pump(

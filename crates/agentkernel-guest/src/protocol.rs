@@ -96,6 +96,18 @@ pub struct RunRequest {
     /// the lease), never part of a pool key.
     #[serde(default)]
     pub network: Option<GuestNetwork>,
+    /// A terminal for the command, of this size (`None`: pipes). Per
+    /// command, like `argv`: never part of a pool key.
+    #[serde(default)]
+    pub tty: Option<WindowSize>,
+}
+
+/// A terminal's size in character cells (0 × 0: unknown, as a new
+/// terminal starts).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WindowSize {
+    pub rows: u16,
+    pub cols: u16,
 }
 
 /// The guest's `eth0`: the NIC with this MAC gets `ip/prefix` and a default
@@ -117,10 +129,13 @@ pub enum HostMessage {
     StdinClosed,
     /// A signal agentkernel received, for the command's process group.
     Signal(i32),
+    /// The host's terminal changed size: the command's terminal follows
+    /// (and the command gets its SIGWINCH from the guest's kernel).
+    Resize(WindowSize),
     /// Kept VM: build the sandbox's root from this request (its argv,
     /// timeout and environment are unused) and serve commands.
     Keep(RunRequest),
-    /// Kept VM: `Run`, `Stdin`, `StdinClosed` or `Signal` for command `id`.
+    /// Kept VM: `Run`, `Stdin`, `StdinClosed`, `Signal` or `Resize` for command `id`.
     For {
         id: u64,
         message: Box<HostMessage>,
@@ -141,6 +156,8 @@ pub enum GuestMessage {
     },
     /// The command was started (its root and mounts are in place).
     Started,
+    /// The command's output; with a terminal, all of it (a terminal
+    /// merges stderr into it, as on every backend).
     Stdout(Vec<u8>),
     Stderr(Vec<u8>),
     /// The command ended: an exit code, or the signal that killed it.
@@ -217,6 +234,32 @@ mod tests {
             Some(HostMessage::StdinClosed)
         ));
         assert!(read_frame::<_, HostMessage>(&mut reader).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_request_without_a_terminal_field_parses_as_pipes() {
+        let mut request = serde_json::to_value(RunRequest {
+            argv: vec!["true".into()],
+            env: Vec::new(),
+            workdir: "/".into(),
+            user: None,
+            timeout_ms: None,
+            root: RootMode::Overlay,
+            tmp_bytes: 0,
+            workspace: None,
+            volumes: Vec::new(),
+            no_new_privileges: true,
+            pids_max: None,
+            memory_max: None,
+            capabilities: Vec::new(),
+            seccomp_restrictive: false,
+            network: None,
+            tty: Some(WindowSize { rows: 24, cols: 80 }),
+        })
+        .unwrap();
+        request.as_object_mut().unwrap().remove("tty");
+        let parsed: RunRequest = serde_json::from_value(request).unwrap();
+        assert_eq!(parsed.tty, None);
     }
 
     #[test]

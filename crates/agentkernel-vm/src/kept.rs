@@ -518,7 +518,10 @@ impl Holder {
         while let Ok(Some(message)) = read_frame::<_, HostMessage>(&mut client) {
             if matches!(
                 message,
-                HostMessage::Stdin(_) | HostMessage::StdinClosed | HostMessage::Signal(_)
+                HostMessage::Stdin(_)
+                    | HostMessage::StdinClosed
+                    | HostMessage::Signal(_)
+                    | HostMessage::Resize(_)
             ) && to_guest(message).is_err()
             {
                 break;
@@ -649,11 +652,12 @@ pub(crate) fn exec_on(
     let backstop = command
         .timeout_ms
         .map(|ms| Duration::from_millis(ms) + Duration::from_secs(30));
+    let tty = command.tty.is_some();
     write_frame(&mut stream, &Request::Exec(Box::new(command))).or_else(|e| fail(e.to_string()))?;
     let reader = stream
         .try_clone()
         .or_else(|e| fail(format!("socket: {e}")))?;
-    match session::stream_command(reader, Arc::new(Mutex::new(stream)), backstop, signals) {
+    match session::stream_command(reader, Arc::new(Mutex::new(stream)), backstop, signals, tty) {
         Streamed::Ended(ended) => Ok(ended),
         Streamed::Failed(why) => fail(why),
         Streamed::Broken(how) => fail(format!(

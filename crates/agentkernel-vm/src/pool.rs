@@ -61,6 +61,7 @@ pub fn key(vm: &KeptVm) -> String {
         user: None,
         timeout_ms: None,
         network: None,
+        tty: None,
         ..vm.sandbox.clone()
     };
     let text = serde_json::to_vec(&(&vm.qemu, &vm.vm, &fixed)).unwrap_or_default();
@@ -350,6 +351,61 @@ mod tests {
         write_atomic(&dir.join(BOOTING), Owner::current().0.as_bytes()).unwrap();
         write_atomic(&dir.join(IDLE_UNTIL), idle_until.to_string().as_bytes()).unwrap();
         dir
+    }
+
+    fn warm_vm(sandbox: RunRequest) -> KeptVm {
+        KeptVm {
+            qemu: PathBuf::from("/usr/bin/qemu-system-x86_64"),
+            vm: crate::vmm::VmConfig {
+                kernel: PathBuf::from("/boot/vmlinuz"),
+                initramfs: PathBuf::from("/initramfs"),
+                disk: PathBuf::from("/disk"),
+                memory_mib: 256,
+                vcpus: 1,
+                workspace: None,
+                volumes: Vec::new(),
+                accel: crate::vmm::Accel::Tcg,
+                network: None,
+            },
+            sandbox,
+            record: None,
+        }
+    }
+
+    #[test]
+    fn the_key_leaves_out_what_each_run_chooses_and_keeps_what_boots() {
+        let base = RunRequest {
+            argv: vec!["true".into()],
+            env: vec!["A=1".into()],
+            workdir: "/".into(),
+            user: None,
+            timeout_ms: None,
+            root: crate::protocol::RootMode::Overlay,
+            tmp_bytes: 0,
+            workspace: None,
+            volumes: Vec::new(),
+            no_new_privileges: true,
+            pids_max: None,
+            memory_max: None,
+            capabilities: Vec::new(),
+            seccomp_restrictive: false,
+            network: None,
+            tty: None,
+        };
+        let per_run = RunRequest {
+            argv: vec!["sh".into()],
+            env: vec!["TERM=xterm".into()],
+            workdir: "/tmp".into(),
+            timeout_ms: Some(1000),
+            tty: Some(crate::protocol::WindowSize { rows: 24, cols: 80 }),
+            ..base.clone()
+        };
+        assert_eq!(key(&warm_vm(base.clone())), key(&warm_vm(per_run)));
+        let confined = RunRequest {
+            seccomp_restrictive: true,
+            ..base.clone()
+        };
+        assert_ne!(key(&warm_vm(base)), key(&warm_vm(confined)));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::protocol::{read_frame, write_frame, GuestMessage, HostMessage, RunRequest};
+use crate::protocol::{read_frame, write_frame, GuestMessage, HostMessage, RunRequest, WindowSize};
 use crate::vmm::{Nic, VmConfig, Vmm};
 use crate::{fail, Result};
 
@@ -166,10 +166,11 @@ fn converse(
     let backstop = request
         .timeout_ms
         .map(|ms| Duration::from_millis(ms) + AGENT_GRACE);
+    let tty = request.tty.is_some();
     if let Err(e) = send(&writer, &HostMessage::Run(request)) {
         return vm.failure(format!("cannot send the command to the guest: {e}"));
     }
-    match stream_command(reader, writer, backstop, signals) {
+    match stream_command(reader, writer, backstop, signals, tty) {
         Streamed::Ended(ended) => {
             vm.kill();
             Ok(ended)
@@ -195,16 +196,24 @@ pub(crate) enum Streamed {
 
 /// Once the command is sent: our stdin and signals to it, its output to our
 /// stdout/stderr, until its end. `backstop`: no frame for that long (a
-/// guest that stopped answering) ends it as a timeout.
+/// guest that stopped answering) ends it as a timeout. `tty`: the command
+/// has a terminal in the guest, so ours is raw until it ends (keys, ^C
+/// included, are the guest terminal's to interpret) and follows our
+/// window's size.
 pub(crate) fn stream_command(
     mut reader: UnixStream,
     writer: Arc<Mutex<UnixStream>>,
     backstop: Option<Duration>,
     signals: Option<std::fs::File>,
+    tty: bool,
 ) -> Streamed {
     let _ = reader.set_read_timeout(backstop);
+    // Restored when this returns, however the command or the VM ended.
+    let _raw = tty
+        .then(|| agentkernel_core::terminal::RawMode::enable(0))
+        .flatten();
     if let Some(pipe) = signals {
-        forward_signals(pipe, writer.clone());
+        forward_signals(pipe, writer.clone(), tty);
     }
     // Our stdin, forwarded until it ends (never joined: a terminal's read
     // may block past the command's end; the process exits anyway).
@@ -279,8 +288,10 @@ pub(crate) fn send(writer: &Mutex<UnixStream>, message: &HostMessage) -> std::io
     write_frame(&mut *stream, message)
 }
 
-/// The signals a user sends agentkernel to stop or poke its command.
-const FORWARDED: [libc::c_int; 6] = [
+/// The signals a user sends agentkernel to stop or poke its command, and
+/// SIGWINCH (a terminal's new size, sent on as a resize, never as a signal).
+const CAUGHT: [libc::c_int; 7] = [
+    libc::SIGWINCH,
     libc::SIGINT,
     libc::SIGTERM,
     libc::SIGHUP,
@@ -301,7 +312,7 @@ extern "C" fn on_signal(signo: libc::c_int) {
     }
 }
 
-/// From now on the signals in [`FORWARDED`] are written to a pipe, whose
+/// From now on the signals in [`CAUGHT`] are written to a pipe, whose
 /// read end is returned, replacing the async runtime's handlers, which this
 /// blocking session would never poll. `None` if no pipe can be made.
 pub(crate) fn catch_signals() -> Option<std::fs::File> {
@@ -311,7 +322,7 @@ pub(crate) fn catch_signals() -> Option<std::fs::File> {
         return None;
     }
     SIGNAL_PIPE.store(fds[1], Ordering::Relaxed);
-    for signo in FORWARDED {
+    for signo in CAUGHT {
         // SAFETY: a zeroed sigaction with our handler, which only writes
         // to the pipe.
         unsafe {
@@ -327,16 +338,28 @@ pub(crate) fn catch_signals() -> Option<std::fs::File> {
 }
 
 /// Sends each caught signal to the command in the VM (its exit then says
-/// how it took them).
-fn forward_signals(mut pipe: std::fs::File, writer: Arc<Mutex<UnixStream>>) {
+/// how it took them); with a terminal, a SIGWINCH as our window's new size.
+fn forward_signals(mut pipe: std::fs::File, writer: Arc<Mutex<UnixStream>>, tty: bool) {
     std::thread::spawn(move || {
         let mut byte = [0u8; 1];
         while pipe.read_exact(&mut byte).is_ok() {
-            if send(&writer, &HostMessage::Signal(i32::from(byte[0]))).is_err() {
+            let message = match i32::from(byte[0]) {
+                libc::SIGWINCH => match window_size().filter(|_| tty) {
+                    Some(size) => HostMessage::Resize(size),
+                    None => continue,
+                },
+                signo => HostMessage::Signal(signo),
+            };
+            if send(&writer, &message).is_err() {
                 return;
             }
         }
     });
+}
+
+/// Our terminal's size (the one our stdin is), for the command's.
+pub fn window_size() -> Option<WindowSize> {
+    agentkernel_core::terminal::size(0).map(|(rows, cols)| WindowSize { rows, cols })
 }
 
 pub(crate) fn describe(frame: std::io::Result<Option<GuestMessage>>) -> String {

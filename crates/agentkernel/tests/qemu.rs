@@ -375,6 +375,137 @@ mod qemu_only {
         assert!(left.is_empty(), "left behind: {left:?}");
     }
 
+    /// `shell` run by `script`, which gives it a terminal: what the
+    /// terminal shows is collected as it comes, and the test types into it.
+    struct OnTerminal {
+        child: std::process::Child,
+        keys: std::process::ChildStdin,
+        shown: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    }
+
+    impl OnTerminal {
+        fn start(env: &TestEnv, shell: &str) -> OnTerminal {
+            let mut cmd = std::process::Command::new("script");
+            env.configure(&mut cmd);
+            cmd.env_remove("TERM")
+                .args(["-qec", shell, "/dev/null"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null());
+            let mut child = cmd.spawn().expect("script (bsdutils) is installed");
+            let keys = child.stdin.take().unwrap();
+            let mut screen = child.stdout.take().unwrap();
+            let shown = std::sync::Arc::<std::sync::Mutex<Vec<u8>>>::default();
+            let collected = shown.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = std::io::Read::read(&mut screen, &mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    collected.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            });
+            OnTerminal { child, keys, shown }
+        }
+
+        fn shown(&self) -> String {
+            String::from_utf8_lossy(&self.shown.lock().unwrap()).into_owned()
+        }
+
+        fn wait_for(&self, text: &str) {
+            poll_until(VM_LIMIT, &format!("{text:?} on the terminal"), || {
+                self.shown().contains(text)
+            });
+        }
+
+        fn type_keys(&mut self, keys: &[u8]) {
+            self.keys.write_all(keys).unwrap();
+            self.keys.flush().unwrap();
+        }
+
+        fn finish(mut self) -> (std::process::ExitStatus, String) {
+            let status = wait_child(&mut self.child, VM_LIMIT);
+            // The collector has the rest once script's output closes.
+            std::thread::sleep(Duration::from_millis(200));
+            (status, self.shown())
+        }
+    }
+
+    #[test]
+    fn a_command_gets_a_terminal_of_the_hosts_size_in_a_cold_and_a_claimed_vm() {
+        let env = TestEnv::new();
+        // In the guest: a terminal as stdin and stdout, stderr merged into
+        // it, TERM set; the typed line; the window size, then its change;
+        // ^C (a key, sent raw) interrupting a sleep through the guest
+        // terminal's SIGINT; and the exit code.
+        let inner = "trap 'echo got-int' INT; tty; [ -t 0 ] && [ -t 1 ] && echo in-tty; \
+                     echo to-stderr >&2; echo TERM=$TERM; stty size; \
+                     read line; echo got:$line; \
+                     i=0; while [ \"$(stty size)\" = '33 101' ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; \
+                     stty size; echo sleeping; sleep 30; echo after-sleep; exit 3";
+        let resize = env.home_dir().join("resize");
+        // Outside: our window is 33x101; agentkernel runs in the background
+        // (on the terminal still) so that this shell can resize the window
+        // when told to; the terminal's settings must be back as they were.
+        let outer = format!(
+            "stty rows 33 cols 101; before=$(stty -g); \
+             AGENTKERNEL_TRACE_STARTUP=1 {ak} run --fast=true --no-network -i {BUSYBOX} sh -c \"{inner}\" < /dev/tty & ak=$!; \
+             while [ ! -e {resize} ]; do sleep 0.1; done; stty rows 21 cols 77; kill -WINCH $ak; \
+             wait $ak; code=$?; [ \"$(stty -g)\" = \"$before\" ] && echo terminal-restored; exit $code",
+            ak = binary().display(),
+            inner = inner.replace('"', "\\\"").replace('$', "\\$"),
+            resize = resize.display(),
+        );
+        let session = |claimed: bool| {
+            let _ = std::fs::remove_file(&resize);
+            let mut term = OnTerminal::start(&env, &outer);
+            term.wait_for("33 101");
+            term.type_keys(b"hello\n");
+            term.wait_for("got:hello");
+            std::fs::write(&resize, "").unwrap();
+            term.wait_for("21 77");
+            term.wait_for("sleeping");
+            // ^C until the sleep is interrupted (one that comes before the
+            // sleep starts only runs the trap).
+            let typed = std::time::Instant::now();
+            while !term.shown().contains("after-sleep") {
+                assert!(
+                    typed.elapsed() < Duration::from_secs(15),
+                    "^C did not reach the command: {}",
+                    term.shown()
+                );
+                term.type_keys(b"\x03");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            let (status, shown) = term.finish();
+            assert_eq!(status.code(), Some(3), "{shown}");
+            for expected in [
+                "/dev/pts/",
+                "in-tty",
+                "to-stderr",
+                "TERM=xterm",
+                "got-int",
+                "terminal-restored",
+            ] {
+                assert!(shown.contains(expected), "no {expected:?}: {shown}");
+            }
+            assert_eq!(
+                shown.contains("warm VM claimed"),
+                claimed,
+                "claimed a warm VM: {}",
+                !claimed
+            );
+        };
+        // A cold VM (the one-shot path), then the warm VM it left (a
+        // holder's VM: the path of kept sandboxes' `exec -t` too).
+        session(false);
+        poll_until(VM_LIMIT, "a warm VM ready", || {
+            warm_dirs(&env).iter().any(|d| d.join("ready").exists())
+        });
+        session(true);
+    }
+
     #[test]
     fn what_a_vm_cannot_do_yet_is_refused_in_one_line() {
         let env = TestEnv::new();

@@ -35,6 +35,7 @@ mod init;
 pub(crate) mod relay;
 pub mod supervisor;
 
+pub use relay::open_terminal;
 pub use supervisor::{run, SandboxError};
 
 use relay::Relay;

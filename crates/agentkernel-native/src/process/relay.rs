@@ -102,7 +102,8 @@ pub(crate) fn read(fd: RawFd, buf: &mut [u8]) -> Option<usize> {
 
 /// The pseudo-terminal, allocated in the sandbox's own devpts so `tty` and
 /// `/proc/self/fd` show sandbox paths; the master goes to the supervisor.
-pub(crate) fn open_terminal() -> io::Result<(OwnedFd, OwnedFd)> {
+/// (The qemu guest agent allocates its commands' terminals with it too.)
+pub fn open_terminal() -> io::Result<(OwnedFd, OwnedFd)> {
     // SAFETY: plain libc calls on fds we own.
     unsafe {
         let master = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);

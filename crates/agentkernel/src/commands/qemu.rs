@@ -171,8 +171,21 @@ fn no_copy() -> Error {
 
 pub async fn run(spec: &SandboxSpec, config: &Config) -> Result<Outcome> {
     let (host, vm, request) = prepare(spec, config).await?;
+    let request = with_terminal(request, spec.exec.tty);
     let ended = session::run(&host.qemu, &vm, request).map_err(backend_error)?;
     Ok(outcome(ended))
+}
+
+/// `request` as one command's: with a terminal in the guest when `tty`
+/// (the CLI asks for one when it runs on a terminal) of our window's size,
+/// and TERM as native sets it. Per command, never in a sandbox's base
+/// request: a kept sandbox's later commands and a pool key do not inherit it.
+pub(super) fn with_terminal(mut request: RunRequest, tty: bool) -> RunRequest {
+    request.tty = tty.then(|| session::window_size().unwrap_or_default());
+    if tty && !request.env.iter().any(|e| e.starts_with("TERM=")) {
+        request.env.push("TERM=xterm".into());
+    }
+    request
 }
 
 pub(super) fn backend_error(e: agentkernel_vm::Error) -> Error {
@@ -437,5 +450,7 @@ fn request(spec: &SandboxSpec, image: &images::ImageConfig) -> RunRequest {
         seccomp_restrictive: policy.seccomp == agentkernel_core::policy::Seccomp::Restrictive,
         // Filled in by whoever boots the VM and holds its lease.
         network: None,
+        // Per command: `with_terminal`.
+        tty: None,
     }
 }

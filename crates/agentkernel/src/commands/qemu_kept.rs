@@ -12,7 +12,7 @@ use agentkernel_core::{Error, Result};
 use agentkernel_vm::kept::{self, KeptVm};
 use agentkernel_vm::protocol::RunRequest;
 
-use super::qemu::{backend_error, outcome, prepare};
+use super::qemu::{backend_error, outcome, prepare, with_terminal};
 
 /// `run --keep` (and `--branch`, reusing the sandbox when it exists): the
 /// kept VM, then its first command.
@@ -32,6 +32,7 @@ pub async fn run(store: &Store, spec: &SandboxSpec, config: &Config) -> Result<O
         }
     }
     let first = create(store, spec, config, &|| Ok(())).await?;
+    let first = with_terminal(first, spec.exec.tty);
     let ended = kept::exec(store, &keep.name, first).map_err(backend_error);
     eprintln!("{}", kept_message(&keep.name, keep.ttl, false));
     Ok(outcome(ended?))
@@ -121,6 +122,7 @@ pub fn exec(store: &Store, name: &str, request: &ExecRequest) -> Result<Outcome>
         timeout_ms: request.timeout.map(|t| t.as_millis() as u64),
         ..base
     };
+    let command = with_terminal(command, request.tty);
     let ended = kept::exec(store, name, command).map_err(backend_error)?;
     Ok(outcome(ended))
 }

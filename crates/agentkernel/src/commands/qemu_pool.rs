@@ -12,7 +12,7 @@ use agentkernel_core::Result;
 use agentkernel_vm::kept::KeptVm;
 use agentkernel_vm::{pool, session};
 
-use super::qemu::{backend_error, outcome, prepare};
+use super::qemu::{backend_error, outcome, prepare, with_terminal};
 
 /// Warm VMs a key keeps ready (each serves one run).
 const DEFAULT_SIZE: u32 = 1;
@@ -49,6 +49,7 @@ pub async fn run(store: &Store, spec: &SandboxSpec, config: &Config) -> Result<O
         ..pool::About::default()
     };
     pool::record_run(&root, &key, about, claimed.is_some());
+    let request = with_terminal(request, spec.exec.tty);
     let ended = match claimed {
         Some(claimed) => {
             agentkernel_native::trace::phase("warm VM claimed");
