@@ -62,7 +62,7 @@ fn agent() -> io::Result<()> {
         other => return Err(io::Error::other(format!("expected Run, got {other:?}"))),
     };
     let built = network(&request).and_then(|()| {
-        sandbox_cgroup(request.pids_max, request.memory_max).and_then(|cgroup| {
+        sandbox_cgroup(&request).and_then(|cgroup| {
             build_root(&request)
                 .and_then(|()| switch_root())
                 .map(|()| cgroup)
@@ -244,6 +244,20 @@ fn build_root(request: &RunRequest) -> io::Result<()> {
         None,
     )?;
     private_dev(&at("/dev"))?;
+    // The command's own cgroup at /sys/fs/cgroup, read-only, as a container
+    // shows it: its limits can be read (`cat /sys/fs/cgroup/memory.max`),
+    // nothing can be changed or escaped through it.
+    if Path::new(SANDBOX_CGROUP).is_dir() {
+        let view = at("/sys/fs/cgroup");
+        mount(Some(SANDBOX_CGROUP), &view, None, libc::MS_BIND, None)?;
+        mount(
+            None,
+            &view,
+            None,
+            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | nosuid,
+            None,
+        )?;
+    }
     let tmp = match request.root {
         RootMode::ReadOnly => format!("mode=1777,size={}", request.tmp_bytes.max(1 << 20)),
         RootMode::Overlay => "mode=1777".to_string(),
@@ -409,23 +423,35 @@ fn private_dev(dev: &str) -> io::Result<()> {
     Ok(())
 }
 
-/// A cgroup for the command with the profile's pids limit and the memory
-/// limit, on a cgroup2 mount in the initramfs: once the agent has switched
-/// roots the command cannot reach it by any path (its /sys/fs/cgroup is
-/// empty), only through the returned `cgroup.procs`, which the command's
-/// process writes itself into before exec.
-fn sandbox_cgroup(pids_max: Option<u64>, memory_max: Option<u64>) -> io::Result<Option<File>> {
-    if pids_max.is_none() && memory_max.is_none() {
+/// The command's cgroup in the guest's hierarchy.
+const SANDBOX_CGROUP: &str = "/cgroup/sandbox";
+/// The period of the command's `cpu.max`, as Docker and native use it.
+const CPU_PERIOD_US: u64 = 100_000;
+
+/// A cgroup for the command with the profile's pids, memory and CPU limits,
+/// on a cgroup2 mount in the initramfs: once the agent has switched roots
+/// the command reaches it only as the read-only view of its own cgroup at
+/// /sys/fs/cgroup (`build_root`), and through the returned `cgroup.procs`,
+/// which the command's process writes itself into before exec.
+fn sandbox_cgroup(request: &RunRequest) -> io::Result<Option<File>> {
+    if request.pids_max.is_none() && request.memory_max.is_none() && request.cpu_max.is_none() {
         return Ok(None);
     }
     std::fs::create_dir_all("/cgroup")?;
     mount(Some("cgroup2"), "/cgroup", Some("cgroup2"), 0, None)?;
-    std::fs::write("/cgroup/cgroup.subtree_control", "+pids +memory")?;
-    std::fs::create_dir("/cgroup/sandbox")?;
-    if let Some(max) = pids_max {
+    std::fs::write("/cgroup/cgroup.subtree_control", "+pids +memory +cpu")?;
+    std::fs::create_dir(SANDBOX_CGROUP)?;
+    if let Some(max) = request.pids_max {
         std::fs::write("/cgroup/sandbox/pids.max", max.to_string())?;
     }
-    if let Some(max) = memory_max {
+    if let Some(cpus) = request.cpu_max {
+        let quota = (cpus * CPU_PERIOD_US as f64).round() as u64;
+        std::fs::write(
+            "/cgroup/sandbox/cpu.max",
+            format!("{} {CPU_PERIOD_US}", quota.max(1000)),
+        )?;
+    }
+    if let Some(max) = request.memory_max {
         std::fs::write("/cgroup/sandbox/memory.max", max.to_string())?;
         // No swap in the guest, but say so: the limit is the whole budget.
         let _ = std::fs::write("/cgroup/sandbox/memory.swap.max", "0");

@@ -85,6 +85,11 @@ pub struct RunRequest {
     /// guest): the VM has this plus room for its own kernel and agent.
     #[serde(default)]
     pub memory_max: Option<u64>,
+    /// The CPU time the command may use, in CPUs (`cpu.max` of its cgroup
+    /// in the guest): a fraction of the VM's whole vCPUs (`--cpus 0.5`
+    /// boots one vCPU and gives the command half of it).
+    #[serde(default)]
+    pub cpu_max: Option<f64>,
     /// The capabilities the command keeps, by name (without `CAP_`); the
     /// bounding set loses the rest.
     pub capabilities: Vec<String>,
@@ -251,6 +256,7 @@ mod tests {
             no_new_privileges: true,
             pids_max: None,
             memory_max: None,
+            cpu_max: None,
             capabilities: Vec::new(),
             seccomp_restrictive: false,
             network: None,

@@ -387,6 +387,7 @@ mod tests {
             no_new_privileges: true,
             pids_max: None,
             memory_max: None,
+            cpu_max: None,
             capabilities: Vec::new(),
             seccomp_restrictive: false,
             network: None,

@@ -533,18 +533,6 @@ mod qemu_only {
                 "of a file",
             ),
             (
-                &[
-                    "run",
-                    "--no-network",
-                    "--cpus",
-                    "0.5",
-                    "-i",
-                    BUSYBOX,
-                    "true",
-                ][..],
-                "whole",
-            ),
-            (
                 &["run", "-B", "firecracker", "-i", BUSYBOX, "true"][..],
                 "KVM",
             ),

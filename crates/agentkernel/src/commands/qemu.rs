@@ -347,12 +347,6 @@ fn refuse_unsupported(spec: &SandboxSpec) -> Result<()> {
             "a VM's writable layers live in its RAM, bounded by --memory; drop --disk",
         );
     }
-    if let Some(cpus) = spec.policy.user_limits.cpus.filter(|c| c.fract() != 0.0) {
-        return refuse(
-            &format!("--cpus {cpus} (a fraction)"),
-            "a VM gets whole vCPUs: give a whole number",
-        );
-    }
     Ok(())
 }
 
@@ -446,6 +440,7 @@ fn request(spec: &SandboxSpec, image: &images::ImageConfig) -> RunRequest {
         // Negative means unlimited, as in the native backend.
         pids_max: policy.limits.pids.and_then(|p| u64::try_from(p).ok()),
         memory_max: Some(policy.limits.memory_bytes.unwrap_or(DEFAULT_MEMORY)),
+        cpu_max: policy.limits.cpus,
         capabilities: agentkernel_native::caps::kept(&policy.capabilities),
         seccomp_restrictive: policy.seccomp == agentkernel_core::policy::Seccomp::Restrictive,
         // Filled in by whoever boots the VM and holds its lease.
