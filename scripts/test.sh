@@ -2,7 +2,8 @@
 # The test command: sets up what the tests need (scripts/setup.sh), checks
 # formatting and lints (stopping at the first problem), then runs every test
 # pass — unit tests, the integration suite against Docker, Podman and native,
-# and native on cgroup v2 in a VM — whatever an earlier pass did, and ends
+# the VM tests and the backend-neutral suites against qemu, and native on
+# cgroup v2 in a VM — whatever an earlier pass did, and ends
 # with a summary: per pass and backend, how many tests passed, failed and were
 # ignored or filtered out, the failing tests by name, and a last line
 # `N passed, N failed`. Exits non-zero if anything failed. Run it as root,
@@ -31,6 +32,14 @@ scope_skips() {
       *) applies=0 ;;
     esac
     [ "$applies" = 1 ] || printf -- '--skip %s:: ' "$scope"
+  done
+}
+
+# The integration test files the qemu pass runs (`--test NAME` each).
+qemu_suites() {
+  local suite
+  for suite in qemu exit_codes io profiles cli config upstream_files ports kept cleanup; do
+    printf -- '--test %s ' "$suite"
   done
 }
 
@@ -170,11 +179,13 @@ main() {
   # Most users' hosts have cgroup v2, this one (and CI) v1: the v2 paths —
   # clone3 into the cgroup, limits, OOM, fork bomb, freezer, cleanup — are
   # tested in a QEMU VM booting Debian's kernel with pure cgroup v2.
-  # -B qemu: VMs under TCG boot in seconds each, so only the VM's own
-  # tests (tests/qemu.rs) run on it, two at a time.
+  # -B qemu: VMs under TCG boot in seconds each, so the VM's own tests
+  # (tests/qemu.rs) and the backend-neutral suites run on it, two at a
+  # time: exit codes, I/O, profiles, CLI, config and [[files]], ports,
+  # kept sandboxes, cleanup.
   # shellcheck disable=SC2046
   AGENTKERNEL_TEST_BACKEND=qemu run_pass qemu qemu \
-    cargo test -p agentkernel --test qemu --no-fail-fast -- \
+    cargo test -p agentkernel --no-fail-fast $(qemu_suites) -- \
     --test-threads 2 $(scope_skips qemu)
   run_pass cgroup2-vm native \
     "$root/scripts/cgroup2-vm.sh" "${CARGO_TARGET_DIR:-$root/target}/debug/agentkernel"

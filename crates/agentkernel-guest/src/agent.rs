@@ -65,6 +65,7 @@ fn agent() -> io::Result<()> {
         sandbox_cgroup(&request).and_then(|cgroup| {
             build_root(&request)
                 .and_then(|()| switch_root())
+                .and_then(|()| inject_files(&request))
                 .map(|()| cgroup)
         })
     });
@@ -473,6 +474,17 @@ fn switch_root() -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     std::env::set_current_dir("/")
+}
+
+/// `[[files]]`, once in the sandbox's root: each path is resolved inside
+/// it (the native backend's code), so an image's symlink leads to the
+/// sandbox's own files.
+fn inject_files(request: &RunRequest) -> io::Result<()> {
+    if request.files.is_empty() {
+        return Ok(());
+    }
+    let root = agentkernel_native::copy::SandboxRoot::current()?;
+    agentkernel_native::copy::inject(&root, &request.files)
 }
 
 /// The argument that makes the agent's binary exit at once.

@@ -20,8 +20,9 @@ use serde::{Deserialize, Serialize};
 pub const PORT_NAME: &str = "agentkernel";
 /// The 9p mount tag of the workspace share.
 pub const WORKSPACE_TAG: &str = "workspace";
-/// A frame larger than this is a protocol error, not an allocation.
-const MAX_FRAME: u32 = 16 << 20;
+/// A frame larger than this is a protocol error, not an allocation. Room
+/// for a request carrying `[[files]]` (at most 16 MiB, hex in JSON).
+const MAX_FRAME: u32 = 40 << 20;
 
 /// How the image's root filesystem is shown to the command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,6 +91,11 @@ pub struct RunRequest {
     /// boots one vCPU and gives the command half of it).
     #[serde(default)]
     pub cpu_max: Option<f64>,
+    /// `[[files]]`, written into the sandbox's root (resolved inside it)
+    /// before anything runs: before a one-shot VM's command, once when a
+    /// kept VM's sandbox is built.
+    #[serde(default)]
+    pub files: Vec<agentkernel_core::files::InjectedFile>,
     /// The capabilities the command keeps, by name (without `CAP_`); the
     /// bounding set loses the rest.
     pub capabilities: Vec<String>,
@@ -257,6 +263,7 @@ mod tests {
             pids_max: None,
             memory_max: None,
             cpu_max: None,
+            files: Vec::new(),
             capabilities: Vec::new(),
             seccomp_restrictive: false,
             network: None,

@@ -388,6 +388,7 @@ mod tests {
             pids_max: None,
             memory_max: None,
             cpu_max: None,
+            files: Vec::new(),
             capabilities: Vec::new(),
             seccomp_restrictive: false,
             network: None,

@@ -79,22 +79,18 @@ impl Backend for QemuBackend {
     }
 
     async fn run(&self, spec: &SandboxSpec, options: &RunOptions<'_>) -> Result<Outcome> {
-        if !options.files.is_empty() {
-            return Err(Error::not_supported_hint(
-                "[[files]] on the qemu backend",
-                "use -B native, -B docker or -B podman, or -v HOST:PATH:ro",
-            ));
-        }
         if let Some(notice) = &options.notice {
             eprintln!("{notice}");
         }
         if spec.keep.is_some() {
-            return super::qemu_kept::run(&self.store, spec, options.config).await;
+            return super::qemu_kept::run(&self.store, spec, options).await;
         }
-        if options.warm_pool {
+        // A warm VM's root is built before the run is known: a run that
+        // brings files boots its own.
+        if options.warm_pool && options.files.is_empty() {
             return super::qemu_pool::run(&self.store, spec, options.config).await;
         }
-        run(spec, options.config).await
+        run(spec, options.config, &options.files).await
     }
 
     async fn exec(&self, record: &SandboxRecord, request: &ExecRequest) -> Result<Outcome> {
@@ -110,7 +106,7 @@ impl Backend for QemuBackend {
         if let Some(notice) = &options.notice {
             eprintln!("{notice}");
         }
-        super::qemu_kept::create(&self.store, spec, options.config, reserved).await?;
+        super::qemu_kept::create(&self.store, spec, options, reserved).await?;
         Ok(())
     }
 
@@ -169,8 +165,13 @@ fn no_copy() -> Error {
     )
 }
 
-pub async fn run(spec: &SandboxSpec, config: &Config) -> Result<Outcome> {
-    let (host, vm, request) = prepare(spec, config).await?;
+/// A one-shot run in a VM booted for it.
+pub async fn run(
+    spec: &SandboxSpec,
+    config: &Config,
+    files: &[agentkernel_core::files::InjectedFile],
+) -> Result<Outcome> {
+    let (host, vm, request) = prepare(spec, config, files).await?;
     let request = with_terminal(request, spec.exec.tty);
     let ended = session::run(&host.qemu, &vm, request).map_err(backend_error)?;
     Ok(outcome(ended))
@@ -204,10 +205,12 @@ pub(super) fn outcome(ended: Ended) -> Outcome {
     }
 }
 
-/// What a VM for `spec` boots, and the agent's request for its command.
+/// What a VM for `spec` boots, and the agent's request for its command
+/// (with the `[[files]]` to write before it).
 pub(super) async fn prepare(
     spec: &SandboxSpec,
     config: &Config,
+    files: &[agentkernel_core::files::InjectedFile],
 ) -> Result<(Host, VmConfig, RunRequest)> {
     refuse_unsupported(spec)?;
     // The guest's kernel and agent live in GUEST_OVERHEAD: however small
@@ -248,7 +251,10 @@ pub(super) async fn prepare(
             .network
             .then(|| agentkernel_vm::net::Network { ports: ports(spec) }),
     };
-    let request = request(spec, &image.config);
+    let request = RunRequest {
+        files: files.to_vec(),
+        ..request(spec, &image.config)
+    };
     Ok((host, vm, request))
 }
 
@@ -441,6 +447,8 @@ fn request(spec: &SandboxSpec, image: &images::ImageConfig) -> RunRequest {
         pids_max: policy.limits.pids.and_then(|p| u64::try_from(p).ok()),
         memory_max: Some(policy.limits.memory_bytes.unwrap_or(DEFAULT_MEMORY)),
         cpu_max: policy.limits.cpus,
+        // Set by `prepare`.
+        files: Vec::new(),
         capabilities: agentkernel_native::caps::kept(&policy.capabilities),
         seccomp_restrictive: policy.seccomp == agentkernel_core::policy::Seccomp::Restrictive,
         // Filled in by whoever boots the VM and holds its lease.

@@ -4,8 +4,7 @@
 
 use std::time::Duration;
 
-use agentkernel_core::backend::BackendKind;
-use agentkernel_core::config::Config;
+use agentkernel_core::backend::{BackendKind, RunOptions};
 use agentkernel_core::spec::{kept_message, ExecRequest, Outcome, SandboxSpec};
 use agentkernel_core::state::{SandboxRecord, Store};
 use agentkernel_core::{Error, Result};
@@ -16,7 +15,7 @@ use super::qemu::{backend_error, outcome, prepare, with_terminal};
 
 /// `run --keep` (and `--branch`, reusing the sandbox when it exists): the
 /// kept VM, then its first command.
-pub async fn run(store: &Store, spec: &SandboxSpec, config: &Config) -> Result<Outcome> {
+pub async fn run(store: &Store, spec: &SandboxSpec, options: &RunOptions<'_>) -> Result<Outcome> {
     let keep = spec.keep.as_ref().expect("a kept run");
     if keep.reuse {
         if let Some(record) = existing(store, &keep.name).await? {
@@ -31,7 +30,7 @@ pub async fn run(store: &Store, spec: &SandboxSpec, config: &Config) -> Result<O
             return outcome;
         }
     }
-    let first = create(store, spec, config, &|| Ok(())).await?;
+    let first = create(store, spec, options, &|| Ok(())).await?;
     let first = with_terminal(first, spec.exec.tty);
     let ended = kept::exec(store, &keep.name, first).map_err(backend_error);
     eprintln!("{}", kept_message(&keep.name, keep.ttl, false));
@@ -59,14 +58,15 @@ async fn existing(store: &Store, name: &str) -> Result<Option<SandboxRecord>> {
 pub async fn create(
     store: &Store,
     spec: &SandboxSpec,
-    config: &Config,
+    options: &RunOptions<'_>,
     reserved: &dyn Fn() -> Result<()>,
 ) -> Result<RunRequest> {
     let keep = spec.keep.as_ref().expect("a kept sandbox");
     store.reserve(&keep.name)?;
     let built = async {
         reserved()?;
-        let (host, vm, request) = prepare(spec, config).await?;
+        // The files are written once, when the agent builds the sandbox.
+        let (host, vm, request) = prepare(spec, options.config, &options.files).await?;
         let record = SandboxRecord::for_kept(spec, BackendKind::Qemu, String::new());
         let described = KeptVm {
             qemu: host.qemu.binary.clone(),
@@ -75,7 +75,10 @@ pub async fn create(
             record: Some(record),
         };
         kept::create(store, &keep.name, &described).map_err(backend_error)?;
-        Ok(request)
+        Ok(RunRequest {
+            files: Vec::new(),
+            ..request
+        })
     }
     .await;
     let request = match built {
@@ -111,7 +114,11 @@ pub async fn create(
 /// One more command in the kept VM: the sandbox's environment, working
 /// directory and user unless the request names its own.
 pub fn exec(store: &Store, name: &str, request: &ExecRequest) -> Result<Outcome> {
-    let base = kept::sandbox_request(store, name).map_err(|_| gone(name))?;
+    let base = RunRequest {
+        // Written when the sandbox was built; not sent again.
+        files: Vec::new(),
+        ..kept::sandbox_request(store, name).map_err(|_| gone(name))?
+    };
     let mut env = base.env.clone();
     env.extend(request.env.iter().map(|(k, v)| format!("{k}={v}")));
     let command = RunRequest {

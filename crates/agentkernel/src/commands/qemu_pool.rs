@@ -27,9 +27,9 @@ pub async fn run(store: &Store, spec: &SandboxSpec, config: &Config) -> Result<O
     // Published ports are bound when a VM boots: a warm VM would hold them
     // while it waits. A run that publishes boots its own.
     if !spec.ports.is_empty() {
-        return super::qemu::run(spec, config).await;
+        return super::qemu::run(spec, config, &[]).await;
     }
-    let (host, vm, request) = prepare(spec, config).await?;
+    let (host, vm, request) = prepare(spec, config, &[]).await?;
     let warm = KeptVm {
         qemu: host.qemu.binary.clone(),
         vm,
