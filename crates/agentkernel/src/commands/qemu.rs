@@ -236,11 +236,7 @@ pub(super) async fn prepare(
         initramfs,
         disk,
         memory_mib: (memory + GUEST_OVERHEAD) >> 20,
-        vcpus: spec
-            .policy
-            .limits
-            .cpus
-            .map_or(1, |c| c.ceil().max(1.0) as u32),
+        vcpus: vcpus(accel, spec.policy.limits.cpus),
         workspace,
         volumes: shares(spec)
             .map(|(host, _, read_only)| (host, read_only))
@@ -256,6 +252,18 @@ pub(super) async fn prepare(
         ..request(spec, &image.config)
     };
     Ok((host, vm, request))
+}
+
+/// The VM's vCPUs: the CPU limit rounded up under KVM. Under TCG one: a
+/// second emulated CPU slowed every boot (its bring-up and the checks
+/// across CPUs are emulated too), and a guest with two vCPUs was seen
+/// spinning on both for good on a busy host; the command's CPU limit is
+/// `cpu.max` of its cgroup in the guest either way.
+fn vcpus(accel: vmm::Accel, cpus: Option<f64>) -> u32 {
+    match accel {
+        vmm::Accel::Tcg => 1,
+        vmm::Accel::Kvm => cpus.map_or(1, |c| c.ceil().max(1.0) as u32),
+    }
 }
 
 /// What every VM needs from the host.
