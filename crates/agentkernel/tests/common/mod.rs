@@ -58,6 +58,10 @@ pub fn assert_fork_bomb_contained(out: &Output) {
     assert_ne!(code(out), 124, "the fork bomb ran into the safety timeout");
 }
 
+/// The longest any one agentkernel command of a test may take ([`TestEnv::run`]):
+/// far beyond a VM's boot under TCG on a busy host.
+pub const RUN_LIMIT: Duration = Duration::from_secs(300);
+
 /// Exit code of agentkernel's own failures.
 pub const AK_ERROR: i32 = 125;
 
@@ -355,9 +359,15 @@ impl TestEnv {
             .unwrap()
     }
 
-    /// `agentkernel ARGS…` to completion, stdin closed.
+    /// `agentkernel ARGS…` to completion, stdin closed. A run that has not
+    /// ended after [`RUN_LIMIT`] is killed and fails the test (a hung run
+    /// must fail its test, never stall the whole suite).
     pub fn run(&self, args: &[&str]) -> Output {
-        self.cmd().args(args).output().unwrap()
+        self.cmd()
+            .args(args)
+            .timeout(RUN_LIMIT)
+            .output()
+            .unwrap_or_else(|e| panic!("agentkernel {args:?}: {e} (limit {RUN_LIMIT:?})"))
     }
 
     /// `agentkernel run --dry-run ARGS…`: the resolved sandbox as JSON
