@@ -462,7 +462,9 @@ impl TestEnv {
 
     /// Containers (any state) labelled with this state dir (kept and pool).
     pub fn labelled_containers(&self, kind: Option<&str>) -> Vec<String> {
-        if is_native() {
+        // Native and qemu have no containers: their runs' leftovers are
+        // checked through containers_of_owner and the state directory.
+        if uses_own_image_store() {
             return Vec::new();
         }
         let mut args = vec![
@@ -727,7 +729,9 @@ impl Drop for Tracked {
             let _ = child.kill();
             let _ = child.wait();
         }
-        if is_native() {
+        // Native sandboxes and one-shot VMs die with their process (a
+        // claimed warm VM with its holder, once the claim is over).
+        if uses_own_image_store() {
             return;
         }
         for name in containers_of_owner(&self.owner) {
