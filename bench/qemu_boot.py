@@ -1,0 +1,102 @@
+#!/usr/bin/env python3
+"""A/B of a qemu sandbox's cold boot: boots QEMU the way `-B qemu --no-network`
+does (same machine, devices, kernel, initramfs and image disk, taken from an
+agentkernel state directory) with variants of the guest kernel's command line,
+guest RAM or vCPUs, interleaved, and prints each variant's median and minimum
+wall time from QEMU's start to the guest agent's hello (its first frame on the
+agent port), with the guest's own marks (its uptime when the agent started,
+when its modules were loaded, when it was ready). Nothing of agentkernel runs:
+this isolates the boot.
+
+  bench/qemu_boot.py RUNS NAME=EXTRA_CMDLINE | NAME={"extra": "...", "mem": "400M", "smp": "2"} ...
+  e.g. bench/qemu_boot.py 5 base= noirq=acpi=noirq 'small={"extra":"","mem":"400M"}'
+
+The state directory is $AGENTKERNEL_HOME (default ~/.local/share/agentkernel);
+run one `agentkernel run -B qemu -i IMAGE true` first so that the initramfs and
+the image's disk exist. The guest's clock under TCG is only roughly right: judge
+by the wall times, over several runs, on a quiet host.
+"""
+import glob
+import json
+import os
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+# Keep in sync with KERNEL_COMMAND_LINE in crates/agentkernel-vm/src/vmm.rs.
+BASE = ("console=ttyS0 quiet loglevel=3 panic=-1 rdinit=/init i8042.noaux i8042.nomux "
+        "i8042.nopnp i8042.nokbd no_timer_check rcupdate.rcu_expedited=1 noreplace-smp "
+        "cryptomgr.notests acpi=noirq initcall_blacklist=init_kprobe_trace,crypto_kdf108_init")
+
+
+def newest(pattern):
+    found = glob.glob(pattern)
+    if not found:
+        sys.exit(f"qemu_boot: nothing matches {pattern}; run `agentkernel run -B qemu -i IMAGE true` first")
+    return max(found, key=os.path.getmtime)
+
+
+def boot(vm_dir, work, extra="", mem="2240M", smp="1"):
+    kernel = newest(f"{vm_dir}/vmlinux-*")
+    initrd = newest(f"{vm_dir}/initramfs-*.cpio")
+    disk = newest(f"{vm_dir}/disks/*.ext4")
+    path = os.path.join(work, "agent.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(1)
+    listener.settimeout(120)
+    command = [
+        "qemu-system-x86_64", "-nodefaults", "-no-user-config", "-no-reboot", "-display", "none",
+        "-monitor", "none", "-serial", "null", "-accel", "tcg", "-M", "pc", "-cpu", "max",
+        "-smp", smp, "-m", mem, "-kernel", kernel, "-initrd", initrd,
+        "-append", f"{BASE} {extra}".strip(),
+        "-drive", f"file={disk},if=none,id=root,format=raw,readonly=on",
+        "-device", "virtio-blk-pci,drive=root", "-device", "virtio-serial-pci",
+        "-chardev", f"socket,id=agent,path={path}",
+        "-device", "virtserialport,chardev=agent,name=agentkernel", "-nic", "none",
+    ]
+    start = time.monotonic()
+    qemu = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        conn, _ = listener.accept()
+        conn.settimeout(120)
+        header = conn.recv(4, socket.MSG_WAITALL)
+        if len(header) < 4:
+            raise RuntimeError("the agent's port closed before its hello")
+        body = conn.recv(struct.unpack(">I", header)[0], socket.MSG_WAITALL)
+        return (time.monotonic() - start) * 1000, json.loads(body)
+    finally:
+        qemu.kill()
+        qemu.wait()
+        listener.close()
+        os.unlink(path)
+
+
+def main():
+    if len(sys.argv) < 3:
+        sys.exit(__doc__)
+    runs = int(sys.argv[1])
+    variants = {}
+    for arg in sys.argv[2:]:
+        name, _, spec = arg.partition("=")
+        variants[name] = json.loads(spec) if spec.startswith("{") else {"extra": spec}
+    home = os.environ.get("AGENTKERNEL_HOME") or os.path.expanduser("~/.local/share/agentkernel")
+    vm_dir = os.path.join(home, "images", "vm")
+    results = {name: [] for name in variants}
+    with tempfile.TemporaryDirectory() as work:
+        for _ in range(runs):
+            for name, spec in variants.items():
+                results[name].append(boot(vm_dir, work, **spec))
+    for name, rows in results.items():
+        walls = sorted(wall for wall, _ in rows)
+        marks = rows[len(rows) // 2][1].get("Ready", {})
+        print(f"{name:12s} median {statistics.median(walls):6.0f} ms  min {walls[0]:6.0f} ms  "
+              f"guest: agent started {marks.get('started_ms')} ms, modules {marks.get('modules_ms')} ms")
+
+
+if __name__ == "__main__":
+    main()
