@@ -24,8 +24,10 @@ if [ -z "${AK:-}" ]; then
 fi
 home=$(mktemp -d)
 project=$(mktemp -d)
-# Removing the state directory ends the warm VMs (their holders watch it).
-trap 'rm -rf "$home" "$project"' EXIT
+# `pool prune` ends the warm VMs and detaches the workspace disks native
+# runs attached ahead (an rm -rf alone left two loop devices attached to
+# deleted files); removing the state directory ends any VM still booting.
+trap '"$ak" pool prune >/dev/null 2>&1; rm -rf "$home" "$project"' EXIT
 export AGENTKERNEL_HOME="$home"
 export AGENTKERNEL_REGISTRY_MIRRORS=${AGENTKERNEL_REGISTRY_MIRRORS:-http://127.0.0.1:5055}
 "$ak" image pull "$image" >/dev/null 2>&1
