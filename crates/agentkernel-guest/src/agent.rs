@@ -320,8 +320,13 @@ fn build_root(request: &RunRequest) -> io::Result<()> {
 /// that fails, named).
 fn mount_volume(n: usize, volume: &Volume, target: &str) -> io::Result<()> {
     std::fs::create_dir_all(target).map_err(|e| {
+        let fix = if e.raw_os_error() == Some(libc::EROFS) {
+            "the read-only root has no such directory: mount it at a path that exists in the image, or use a profile with a writable root"
+        } else {
+            "mount it at another path"
+        };
         io::Error::other(format!(
-            "volume {}: cannot make its mount point: {e}",
+            "volume {}: cannot make its mount point ({e}); {fix}",
             volume.path
         ))
     })?;

@@ -548,16 +548,69 @@ mod qemu_only {
         assert!(vms_of(&env).is_empty());
     }
 
+    /// `-v` shares the host directory and nothing beyond it: a symlink in it
+    /// to a host file resolves in the guest (to the guest's own files), a
+    /// `:ro` volume cannot be written even by the guest's root, a writable
+    /// one writes the host directory; a volume whose path cannot be made
+    /// (restrictive's read-only root) is one line and exit 125.
+    #[test]
+    fn a_volume_is_its_directory_only_and_ro_holds() {
+        let env = TestEnv::new();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), "host-secret\n").unwrap();
+        let shared = tempfile::tempdir().unwrap();
+        std::fs::write(shared.path().join("f"), "shared\n").unwrap();
+        std::os::unix::fs::symlink(outside.path().join("secret"), shared.path().join("link"))
+            .unwrap();
+        let written = tempfile::tempdir().unwrap();
+        let ro = format!("{}:/data:ro", shared.path().display());
+        let rw = format!("{}:/out", written.path().display());
+        let script = "cat /data/f; cat /data/link 2>/dev/null || echo no-secret; \
+            touch /data/new 2>/dev/null && echo RO-WRITTEN; echo made > /out/o";
+        let out = env.run(&[
+            "run",
+            "--fast=false",
+            "--no-network",
+            "-v",
+            &ro,
+            "-v",
+            &rw,
+            "-i",
+            BUSYBOX,
+            "sh",
+            "-c",
+            script,
+        ]);
+        assert_code(&out, 0);
+        assert_eq!(stdout(&out), "shared\nno-secret\n");
+        assert!(!shared.path().join("new").exists());
+        assert_eq!(
+            std::fs::read_to_string(written.path().join("o")).unwrap(),
+            "made\n"
+        );
+        let missing = format!("{}:/no-such-dir", shared.path().display());
+        let line = assert_one_line_error(&env.run(&[
+            "run",
+            "--fast=false",
+            "--no-network",
+            "-p",
+            "restrictive",
+            "-v",
+            &missing,
+            "-i",
+            BUSYBOX,
+            "true",
+        ]));
+        assert!(
+            line.contains("/no-such-dir") && line.contains("exists in the image"),
+            "{line}"
+        );
+        assert!(vms_of(&env).is_empty(), "a VM outlived its run");
+    }
+
     /// A kept VM's holder process (`agentkernel __vm-holder STATE NAME`).
     fn holder_of(env: &TestEnv, name: &str) -> Option<u32> {
-        let state = env.state_dir().to_string_lossy().into_owned();
-        processes_with(|args| {
-            args.iter().any(|a| a == "__vm-holder")
-                && args.contains(&state)
-                && args.last().is_some_and(|a| a == name)
-        })
-        .first()
-        .copied()
+        qemu_holder_of(&env.state_dir().to_string_lossy(), name)
     }
 
     /// The QEMU whose parent is `holder`.
@@ -780,20 +833,7 @@ mod qemu_only {
     }
 
     fn warm_dirs(env: &TestEnv) -> Vec<std::path::PathBuf> {
-        let root = env.state_dir().join("vm-pool");
-        std::fs::read_dir(root)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .flat_map(|key| {
-                std::fs::read_dir(key.path())
-                    .into_iter()
-                    .flatten()
-                    .flatten()
-            })
-            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-            .map(|e| e.path())
-            .collect()
+        qemu_pool_vm_dirs(env.state_dir())
     }
 
     #[test]

@@ -1111,26 +1111,34 @@ pub fn qemu_vms_of_owner(owner: &str) -> Vec<u32> {
         .collect()
 }
 
+/// The warm pool's VM directories under state dir `state`
+/// (`vm-pool/<key>/<id>/`; a key's `about.json` is not one).
+pub fn qemu_pool_vm_dirs(state: &Path) -> Vec<PathBuf> {
+    let keys = std::fs::read_dir(state.join("vm-pool"))
+        .into_iter()
+        .flatten();
+    keys.flatten()
+        .flat_map(|key| {
+            std::fs::read_dir(key.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+        })
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.path())
+        .collect()
+}
+
 /// Warm pool VMs (their directories, in any test's state dir) claimed by the
 /// run with owner label `owner`.
 fn qemu_claimed_by(owner: &str) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    for state in all_test_state_dirs() {
-        let keys = std::fs::read_dir(state.join("vm-pool"))
-            .into_iter()
-            .flatten();
-        for key in keys.flatten() {
-            let vms = std::fs::read_dir(key.path()).into_iter().flatten();
-            for vm in vms.flatten() {
-                if std::fs::read_to_string(vm.path().join("claimed/by"))
-                    .is_ok_and(|by| by.trim() == owner)
-                {
-                    found.push(vm.path());
-                }
-            }
-        }
-    }
-    found
+    all_test_state_dirs()
+        .iter()
+        .flat_map(|state| qemu_pool_vm_dirs(state))
+        .filter(|vm| {
+            std::fs::read_to_string(vm.join("claimed/by")).is_ok_and(|by| by.trim() == owner)
+        })
+        .collect()
 }
 
 /// A run's VMs: the ones it booted and the warm ones it claimed.
@@ -1160,23 +1168,25 @@ pub fn qemu_sandbox_exists(name: &str) -> bool {
     all_test_state_dirs()
         .iter()
         .any(|s| s.join("sandboxes").join(name).exists())
-        || qemu_holder_of(name).is_some()
+        || qemu_holder_of("ak-state", name).is_some()
 }
 
-/// The holder process of kept VM `name` (`agentkernel __vm-holder STATE NAME`).
-pub fn qemu_holder_of(name: &str) -> Option<u32> {
+/// The holder process of kept VM `name` (`agentkernel __vm-holder STATE
+/// NAME`) of a state dir whose path contains `state` (`ak-state`: any test's).
+pub fn qemu_holder_of(state: &str, name: &str) -> Option<u32> {
     let entries = std::fs::read_dir("/proc").ok()?;
     entries
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .find(|pid| {
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let args: Vec<&[u8]> = cmdline
+            let args: Vec<String> = cmdline
                 .split(|b| *b == 0)
                 .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
                 .collect();
-            args.contains(&&b"__vm-holder"[..])
-                && args.last() == Some(&name.as_bytes())
-                && args.iter().any(|a| a.windows(8).any(|w| w == b"ak-state"))
+            args.iter().any(|a| a == "__vm-holder")
+                && args.iter().any(|a| a.contains(state))
+                && args.last().is_some_and(|a| a == name)
         })
 }
