@@ -92,11 +92,16 @@ mod qemu_only {
             ),
         ] {
             std::fs::write(&file, &toml).unwrap();
+            // Without the environment's choice, which would replace the file's
+            // (the suite may run on another kernel that way).
             let out = env
-                .run_with()
-                .config(&file)
-                .flags(&["--fast=false", "--no-network"])
-                .output(&["true"]);
+                .cmd()
+                .env_remove("AGENTKERNEL_QEMU_KERNEL")
+                .env_remove("AGENTKERNEL_QEMU_MODULES")
+                .args(["run", "-c", file.to_str().unwrap(), "--fast=false"])
+                .args(["--no-network", "-i", BUSYBOX, "true"])
+                .output()
+                .unwrap();
             let line = assert_one_line_error(&out);
             assert!(
                 line.contains(named) && line.contains("qemu."),
