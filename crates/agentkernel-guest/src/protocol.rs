@@ -10,8 +10,14 @@
 //! [`HostMessage::For`] carries a command's `Run`, stdin and signals, and
 //! [`GuestMessage::From`] its output and end. [`HostMessage::EndAll`] ends
 //! every process in the sandbox (`sandbox stop`): files stay.
+//!
+//! From its `Ready` on, the agent also sends [`GuestMessage::Alive`] every
+//! [`HEARTBEAT_INTERVAL`], whatever else it is doing: a guest whose kernel
+//! hangs or spins goes silent, and the host can tell that from a command
+//! that merely prints nothing.
 
 use std::io::{self, Read, Write};
+use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -20,6 +26,10 @@ use serde::{Deserialize, Serialize};
 pub const PORT_NAME: &str = "agentkernel";
 /// The 9p mount tag of the workspace share.
 pub const WORKSPACE_TAG: &str = "workspace";
+/// How often the agent says it is alive. Small against the host's limit
+/// for silence, so that a guest slowed down by emulation on a busy host is
+/// not mistaken for a hung one.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
 /// A frame larger than this is a protocol error, not an allocation. Room
 /// for a request carrying `[[files]]` (at most 16 MiB, hex in JSON).
 const MAX_FRAME: u32 = 40 << 20;
@@ -189,6 +199,8 @@ pub enum GuestMessage {
     },
     /// Kept VM: every process but the agent was killed; how many there were.
     EndedAll(u64),
+    /// The heartbeat: the guest's kernel and agent still run.
+    Alive,
 }
 
 pub fn write_frame<W: Write, T: Serialize>(writer: &mut W, message: &T) -> io::Result<()> {
