@@ -77,12 +77,43 @@ fn agent() -> io::Result<()> {
             return Err(io::Error::other(why));
         }
     };
+    let tunnels = match request.egress_port.map(|p| egress_tunnels(p, &port)).transpose() {
+        Ok(t) => t,
+        Err(e) => {
+            let why = format!("cannot listen for the egress proxy: {e}");
+            let _ = send(&port, &GuestMessage::Failed(why.clone()));
+            return Err(io::Error::other(why));
+        }
+    };
     if kept {
         warm_up(&request);
         send(&port, &GuestMessage::Kept)?;
-        return serve(&request, &port, reader, cgroup);
+        return serve(&request, &port, reader, cgroup, tunnels);
     }
-    run_command(&request, &port, reader, cgroup)
+    run_command(&request, &port, reader, cgroup, tunnels)
+}
+
+type Tunnels = Arc<crate::tunnel::Tunnels<std::net::TcpStream>>;
+
+/// The egress proxy's port on the guest's loopback (the VM has no other
+/// network): each connection to it is carried to the host, which hands
+/// it to the proxy. Bound before the command exists, so nothing in the
+/// guest can take the port first.
+fn egress_tunnels(proxy_port: u16, port: &Port) -> io::Result<Tunnels> {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", proxy_port))?;
+    let port = port.clone();
+    let tunnels = crate::tunnel::Tunnels::new(
+        move |frame| send(&port, &GuestMessage::Tunnel(frame)),
+        None,
+    );
+    let accepting = tunnels.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let _ = stream.set_nodelay(true);
+            accepting.open(stream);
+        }
+    });
+    Ok(tunnels)
 }
 
 fn send(port: &Port, message: &GuestMessage) -> io::Result<()> {
@@ -223,6 +254,21 @@ fn build_root(request: &RunRequest) -> io::Result<()> {
                 Some("lowerdir=/image,upperdir=/scratch/root,workdir=/scratch/root-work"),
             )?;
         }
+        // The egress proxy's CA goes into the root's trust bundles: a
+        // read-only root is then an overlay too, made read-only once the
+        // CA is in (`install_egress_ca`).
+        RootMode::ReadOnly if request.egress_ca.is_some() => {
+            for dir in ["/scratch/root", "/scratch/root-work"] {
+                std::fs::create_dir(dir)?;
+            }
+            mount(
+                Some("overlay"),
+                NEW_ROOT,
+                Some("overlay"),
+                0,
+                Some("lowerdir=/image,upperdir=/scratch/root,workdir=/scratch/root-work"),
+            )?;
+        }
         RootMode::ReadOnly => {
             mount(Some("/image"), NEW_ROOT, None, libc::MS_BIND, None)?;
             mount(
@@ -273,6 +319,9 @@ fn build_root(request: &RunRequest) -> io::Result<()> {
     if let Some(net) = &request.network {
         resolv_conf(&net.resolv_conf, request.root)?;
     }
+    if let Some(ca) = &request.egress_ca {
+        install_egress_ca(ca, request.root)?;
+    }
     if let Some(workspace) = &request.workspace {
         let target = at(&workspace.path);
         let read_only = workspace.mode != WorkspaceMode::ReadWrite;
@@ -312,6 +361,25 @@ fn build_root(request: &RunRequest) -> io::Result<()> {
     }
     for (n, volume) in request.volumes.iter().enumerate() {
         mount_volume(n, volume, &at(&volume.path))?;
+    }
+    Ok(())
+}
+
+/// The egress proxy's CA in the root's bundles and /etc/agentkernel, as
+/// native adds it (its code, resolved inside the root); a read-only root
+/// is made read-only after.
+fn install_egress_ca(ca: &str, root: RootMode) -> io::Result<()> {
+    let dir: OwnedFd = File::open(NEW_ROOT)?.into();
+    agentkernel_native::egress::install_ca(&dir, ca)
+        .map_err(|e| io::Error::other(format!("install the egress proxy's CA: {e}")))?;
+    if root == RootMode::ReadOnly {
+        mount(
+            None,
+            NEW_ROOT,
+            None,
+            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+            None,
+        )?;
     }
     Ok(())
 }
@@ -596,6 +664,7 @@ fn run_command(
     port: &Port,
     mut reader: File,
     cgroup: Option<File>,
+    tunnels: Option<Tunnels>,
 ) -> io::Result<()> {
     let out = Out {
         port: port.clone(),
@@ -612,7 +681,14 @@ fn run_command(
     // (Never joined: after the exit the port's reader may block forever.)
     std::thread::spawn(move || {
         while let Ok(Some(message)) = read_frame::<_, HostMessage>(&mut reader) {
-            deliver(message, pid, &stdin);
+            match message {
+                HostMessage::Tunnel(frame) => {
+                    if let Some(tunnels) = &tunnels {
+                        tunnels.handle(frame);
+                    }
+                }
+                message => deliver(message, pid, &stdin),
+            }
         }
     });
     finish(launched, request.timeout_ms, &out, true)
@@ -641,7 +717,13 @@ fn deliver(message: HostMessage, pid: libc::pid_t, stdin: &mpsc::Sender<Input>) 
 
 /// A kept VM: the root is built; runs each command the host sends under its
 /// id, concurrently, until the host closes the port.
-fn serve(base: &RunRequest, port: &Port, mut reader: File, cgroup: Option<File>) -> io::Result<()> {
+fn serve(
+    base: &RunRequest,
+    port: &Port,
+    mut reader: File,
+    cgroup: Option<File>,
+    tunnels: Option<Tunnels>,
+) -> io::Result<()> {
     type Running = HashMap<u64, (libc::pid_t, mpsc::Sender<Input>)>;
     let running: Arc<Mutex<Running>> = Arc::default();
     // Kept open as long as the agent lives: every command joins it.
@@ -678,6 +760,11 @@ fn serve(base: &RunRequest, port: &Port, mut reader: File, cgroup: Option<File>)
                 // SAFETY: kill(-1) signals every process but ourselves.
                 unsafe { libc::kill(-1, libc::SIGKILL) };
                 send(port, &GuestMessage::EndedAll(count))?;
+            }
+            HostMessage::Tunnel(frame) => {
+                if let Some(tunnels) = &tunnels {
+                    tunnels.handle(frame);
+                }
             }
             _ => {}
         }

@@ -119,9 +119,11 @@ pub struct RunRequest {
     /// on `127.0.0.1:PORT` and carries each connection to the host (which
     /// hands it to the proxy) as [`TunnelFrame`]s. With `egress_ca`, the
     /// proxy's CA, added to the root's trust bundles before anything runs.
-    #[serde(default)]
+    /// Left out of the JSON when unset: a pool key (a hash of it) stays
+    /// what it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub egress_port: Option<u16>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub egress_ca: Option<String>,
 }
 

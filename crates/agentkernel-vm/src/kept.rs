@@ -657,7 +657,14 @@ pub(crate) fn exec_on(
     let reader = stream
         .try_clone()
         .or_else(|e| fail(format!("socket: {e}")))?;
-    match session::stream_command(reader, Arc::new(Mutex::new(stream)), backstop, signals, tty) {
+    match session::stream_command(
+        reader,
+        Arc::new(Mutex::new(stream)),
+        backstop,
+        signals,
+        tty,
+        None,
+    ) {
         Streamed::Ended(ended) => Ok(ended),
         Streamed::Failed(why) => fail(why),
         Streamed::Broken(how) => fail(format!(

@@ -393,6 +393,8 @@ mod tests {
             seccomp_restrictive: false,
             network: None,
             tty: None,
+            egress_port: None,
+            egress_ca: None,
         };
         let per_run = RunRequest {
             argv: vec!["sh".into()],

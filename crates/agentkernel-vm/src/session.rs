@@ -39,8 +39,16 @@ pub enum Ended {
 }
 
 /// Runs `request` in a VM booted by `vmm` from `vm`. The command's output
-/// goes to our stdout/stderr as it arrives; our stdin goes to it.
-pub fn run(vmm: &dyn Vmm, vm: &VmConfig, request: RunRequest) -> Result<Ended> {
+/// goes to our stdout/stderr as it arrives; our stdin goes to it. With
+/// `egress` (the handoff socket of a started egress proxy, and
+/// `request.egress_port` set), the guest's connections to the proxy's port
+/// are carried to the proxy.
+pub fn run(
+    vmm: &dyn Vmm,
+    vm: &VmConfig,
+    request: RunRequest,
+    egress: Option<std::os::fd::OwnedFd>,
+) -> Result<Ended> {
     // Caught from before the boot, forwarded once the command runs.
     let signals = catch_signals();
     let (stream, mut vm_process) = boot(vmm, vm, None)?;
@@ -51,7 +59,7 @@ pub fn run(vmm: &dyn Vmm, vm: &VmConfig, request: RunRequest) -> Result<Ended> {
         network: vm_process.guest_network(),
         ..request
     };
-    converse(stream, request, &mut vm_process, signals)
+    converse(stream, request, &mut vm_process, signals, egress)
 }
 
 /// Starts the VMM and returns our end of the agent's port. `control`, if
@@ -155,11 +163,13 @@ fn converse(
     request: RunRequest,
     vm: &mut VmProcess,
     signals: Option<std::fs::File>,
+    egress: Option<std::os::fd::OwnedFd>,
 ) -> Result<Ended> {
     let mut reader = stream
         .try_clone()
         .or_else(|e| fail(format!("socket: {e}")))?;
     let writer = Arc::new(Mutex::new(stream));
+    let tunnels = egress.map(|handoff| crate::tunnel::to_proxy(handoff, writer.clone()));
     await_ready(&mut reader, vm)?;
     // The agent enforces the timeout; this is the backstop for a guest
     // that stops answering: no frame for that long ends the run.
@@ -170,7 +180,7 @@ fn converse(
     if let Err(e) = send(&writer, &HostMessage::Run(request)) {
         return vm.failure(format!("cannot send the command to the guest: {e}"));
     }
-    match stream_command(reader, writer, backstop, signals, tty) {
+    match stream_command(reader, writer, backstop, signals, tty, tunnels.as_ref()) {
         Streamed::Ended(ended) => {
             vm.kill();
             Ok(ended)
@@ -199,13 +209,15 @@ pub(crate) enum Streamed {
 /// guest that stopped answering) ends it as a timeout. `tty`: the command
 /// has a terminal in the guest, so ours is raw until it ends (keys, ^C
 /// included, are the guest terminal's to interpret) and follows our
-/// window's size.
+/// window's size. `tunnels`: where the guest's egress connections go
+/// (frames for them are ignored without).
 pub(crate) fn stream_command(
     mut reader: UnixStream,
     writer: Arc<Mutex<UnixStream>>,
     backstop: Option<Duration>,
     signals: Option<std::fs::File>,
     tty: bool,
+    tunnels: Option<&crate::tunnel::Tunnels>,
 ) -> Streamed {
     let _ = reader.set_read_timeout(backstop);
     // Restored when this returns, however the command or the VM ended.
@@ -237,6 +249,11 @@ pub(crate) fn stream_command(
     loop {
         match read_frame::<_, GuestMessage>(&mut reader) {
             Ok(Some(GuestMessage::Started)) => trace("command started"),
+            Ok(Some(GuestMessage::Tunnel(frame))) => {
+                if let Some(tunnels) = tunnels {
+                    tunnels.handle(frame);
+                }
+            }
             Ok(Some(GuestMessage::Stdout(data))) => {
                 // What a receipt digests (nothing is kept without --receipt).
                 observe::output(observe::Stream::Stdout, &data);
