@@ -77,7 +77,11 @@ fn agent() -> io::Result<()> {
             return Err(io::Error::other(why));
         }
     };
-    let tunnels = match request.egress_port.map(|p| egress_tunnels(p, &port)).transpose() {
+    let tunnels = match request
+        .egress_port
+        .map(|p| egress_tunnels(p, &port))
+        .transpose()
+    {
         Ok(t) => t,
         Err(e) => {
             let why = format!("cannot listen for the egress proxy: {e}");
@@ -102,10 +106,8 @@ type Tunnels = Arc<crate::tunnel::Tunnels<std::net::TcpStream>>;
 fn egress_tunnels(proxy_port: u16, port: &Port) -> io::Result<Tunnels> {
     let listener = std::net::TcpListener::bind(("127.0.0.1", proxy_port))?;
     let port = port.clone();
-    let tunnels = crate::tunnel::Tunnels::new(
-        move |frame| send(&port, &GuestMessage::Tunnel(frame)),
-        None,
-    );
+    let tunnels =
+        crate::tunnel::Tunnels::new(move |frame| send(&port, &GuestMessage::Tunnel(frame)), None);
     let accepting = tunnels.clone();
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {

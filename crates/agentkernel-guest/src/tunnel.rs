@@ -115,8 +115,8 @@ impl<S: Socket> Tunnels<S> {
     pub fn handle(self: &Arc<Self>, frame: TunnelFrame) {
         match frame {
             TunnelFrame::Open { id } => {
-                let refused = lock(&self.open).len() >= MAX_CONNECTIONS
-                    || lock(&self.open).contains_key(&id);
+                let refused =
+                    lock(&self.open).len() >= MAX_CONNECTIONS || lock(&self.open).contains_key(&id);
                 let socket = match &self.connect {
                     Some(connect) if !refused => connect(),
                     _ => Err(io::Error::other("refused")),
@@ -132,8 +132,10 @@ impl<S: Socket> Tunnels<S> {
                 let Some(connection) = self.get(id) else {
                     return;
                 };
-                let pending =
-                    connection.pending.fetch_add(data.len() as u64, Ordering::SeqCst) + data.len() as u64;
+                let pending = connection
+                    .pending
+                    .fetch_add(data.len() as u64, Ordering::SeqCst)
+                    + data.len() as u64;
                 let queued = pending <= TUNNEL_WINDOW
                     && lock(&connection.writes)
                         .as_ref()
@@ -306,7 +308,11 @@ mod tests {
     use std::time::Duration;
 
     /// Two ends wired to each other directly (what the port carries).
-    fn pair() -> (Arc<Tunnels<UnixStream>>, Arc<Tunnels<UnixStream>>, mpsc::Receiver<UnixStream>) {
+    fn pair() -> (
+        Arc<Tunnels<UnixStream>>,
+        Arc<Tunnels<UnixStream>>,
+        mpsc::Receiver<UnixStream>,
+    ) {
         let (to_host, host_frames) = mpsc::channel::<TunnelFrame>();
         let (to_guest, guest_frames) = mpsc::channel::<TunnelFrame>();
         let (accepted_tx, accepted) = mpsc::channel();

@@ -33,6 +33,7 @@ pub const SYSTEM_BUNDLES: &[&str] = &[
 ];
 
 const LISTENER: u8 = b'l';
+const CONNECTIONS: u8 = b'C';
 const CONNECTION: u8 = b'c';
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -99,12 +100,22 @@ pub fn send_listener(
     crate::process::channel::send_message(handoff, LISTENER, &fds)
 }
 
-/// Sends the proxy one connection to serve, already accepted: a VM's
-/// (qemu), which has no network the proxy could listen in; the VM's
+/// Tells the proxy that connections will come one by one
+/// ([`send_connection`]) instead of a listening socket: a VM's (qemu),
+/// which has no network namespace the proxy could listen in. Sent before
+/// the VM boots, so the proxy serves (and reports) from then on.
+pub fn expect_connections(handoff: &OwnedFd) -> io::Result<()> {
+    crate::process::channel::send_message(handoff, CONNECTIONS, &[])
+}
+
+/// Sends the proxy one connection to serve, already accepted: the VM's
 /// agent listens in the guest and the run carries each connection to the
 /// proxy over a socket pair, whose other end is the caller's. No address
 /// anyone else could connect to exists on the host.
-pub fn send_connection(handoff: &OwnedFd, stream: &std::os::unix::net::UnixStream) -> io::Result<()> {
+pub fn send_connection(
+    handoff: &OwnedFd,
+    stream: &std::os::unix::net::UnixStream,
+) -> io::Result<()> {
     crate::process::channel::send_message(handoff, CONNECTION, &[stream.as_raw_fd()])
 }
 
@@ -114,8 +125,8 @@ pub enum Handed {
     /// The listening socket, and the sandbox's process to outlive no
     /// longer than, if one was sent.
     Listener(std::net::TcpListener, Option<OwnedFd>),
-    /// The first of the connections; the rest follow on the same socket.
-    Connection(std::os::unix::net::UnixStream),
+    /// Connections, each sent on the handoff socket ([`receive_connection`]).
+    Connections,
 }
 
 /// The proxy process's end: what it serves, once the sandbox exists.
@@ -126,13 +137,13 @@ pub fn receive_listener(handoff: &OwnedFd) -> io::Result<Handed> {
             let listener = std::net::TcpListener::from(fds.next().expect("one fd"));
             Ok(Handed::Listener(listener, fds.next()))
         }
-        (CONNECTION, fds) if fds.len() == 1 => Ok(Handed::Connection(fds.into_iter().next().expect("one fd").into())),
+        (CONNECTIONS, fds) if fds.is_empty() => Ok(Handed::Connections),
         _ => Err(io::Error::other("no listening socket from the sandbox")),
     }
 }
 
-/// The next connection after the first ([`Handed::Connection`]); `None`
-/// once the run has closed its end.
+/// The next connection ([`Handed::Connections`]); `None` once the run has
+/// closed its end.
 pub fn receive_connection(handoff: &OwnedFd) -> Option<std::os::unix::net::UnixStream> {
     match crate::process::channel::recv_message(handoff) {
         Ok((CONNECTION, fds)) if fds.len() == 1 => fds.into_iter().next().map(Into::into),

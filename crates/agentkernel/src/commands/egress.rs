@@ -153,8 +153,9 @@ pub fn proxy_main() -> i32 {
         Err(_) => return crate::EXIT_AGENTKERNEL_ERROR,
     };
     runtime.block_on(async move {
-        // Blocks until the sandbox's network namespace exists (or its
-        // supervisor is gone: then EOF, and we exit).
+        // Blocks until the sandbox's network namespace exists, or a VM's
+        // run says connections will follow (or the sandbox's owner is
+        // gone: then EOF, and we exit).
         let handoff = std::sync::Arc::new(handoff);
         let receiving = handoff.clone();
         let handed =
@@ -172,15 +173,13 @@ pub fn proxy_main() -> i32 {
             }
             // A VM's (qemu): connections come one by one over the handoff
             // socket, from the run, which only the run holds.
-            Ok(Ok(egress::Handed::Connection(first))) => {
+            Ok(Ok(egress::Handed::Connections)) => {
                 let (sender, connections) = tokio::sync::mpsc::channel(16);
                 std::thread::spawn(move || {
-                    let mut next = Some(first);
-                    while let Some(stream) = next {
+                    while let Some(stream) = egress::receive_connection(&handoff) {
                         if sender.blocking_send(stream).is_err() {
                             return;
                         }
-                        next = egress::receive_connection(&handoff);
                     }
                 });
                 (Serving::Connections(connections), None)

@@ -185,14 +185,19 @@ pub async fn run(
         final_report: agentkernel_core::observe::enabled(),
     };
     let proxy = agentkernel_native::egress::start(egress, secrets, reports)?;
+    agentkernel_native::egress::expect_connections(&proxy.handoff).map_err(|e| Error::Backend {
+        backend: "egress proxy",
+        message: format!("cannot reach it: {e}"),
+    })?;
     with_proxy(&mut vm, &mut request, egress, &proxy.ca_pem);
     let ended = session::run(&host.qemu, &vm, request, Some(proxy.handoff));
     // The proxy ends (and drains into its report) once this is closed.
     drop(proxy.lifeline);
     if let Some(pipe) = proxy.final_report {
-        let report =
-            tokio::task::spawn_blocking(move || agentkernel_native::egress::read_final_report(pipe))
-                .await;
+        let report = tokio::task::spawn_blocking(move || {
+            agentkernel_native::egress::read_final_report(pipe)
+        })
+        .await;
         agentkernel_core::observe::egress(agentkernel_native::egress::report_json(
             report.ok().flatten(),
         ));
@@ -409,7 +414,11 @@ fn refuse_unsupported(spec: &SandboxSpec) -> Result<()> {
             "a VM shares directories: mount the directory that holds it",
         );
     }
-    if spec.egress.as_ref().is_some_and(|e| !e.secret_files.is_empty()) {
+    if spec
+        .egress
+        .as_ref()
+        .is_some_and(|e| !e.secret_files.is_empty())
+    {
         return refuse(
             "--secret-file",
             "pass the secret with -S KEY:HOST (the egress proxy adds it), or use -B native",
