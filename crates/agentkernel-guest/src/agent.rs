@@ -256,21 +256,6 @@ fn build_root(request: &RunRequest) -> io::Result<()> {
                 Some("lowerdir=/image,upperdir=/scratch/root,workdir=/scratch/root-work"),
             )?;
         }
-        // The egress proxy's CA goes into the root's trust bundles: a
-        // read-only root is then an overlay too, made read-only once the
-        // CA is in (`install_egress_ca`).
-        RootMode::ReadOnly if request.egress_ca.is_some() => {
-            for dir in ["/scratch/root", "/scratch/root-work"] {
-                std::fs::create_dir(dir)?;
-            }
-            mount(
-                Some("overlay"),
-                NEW_ROOT,
-                Some("overlay"),
-                0,
-                Some("lowerdir=/image,upperdir=/scratch/root,workdir=/scratch/root-work"),
-            )?;
-        }
         RootMode::ReadOnly => {
             mount(Some("/image"), NEW_ROOT, None, libc::MS_BIND, None)?;
             mount(
@@ -322,7 +307,7 @@ fn build_root(request: &RunRequest) -> io::Result<()> {
         resolv_conf(&net.resolv_conf, request.root)?;
     }
     if let Some(ca) = &request.egress_ca {
-        install_egress_ca(ca, request.root)?;
+        install_egress_ca(ca)?;
     }
     if let Some(workspace) = &request.workspace {
         let target = at(&workspace.path);
@@ -368,22 +353,14 @@ fn build_root(request: &RunRequest) -> io::Result<()> {
 }
 
 /// The egress proxy's CA in the root's bundles and /etc/agentkernel, as
-/// native adds it (its code, resolved inside the root); a read-only root
-/// is made read-only after.
-fn install_egress_ca(ca: &str, root: RootMode) -> io::Result<()> {
+/// native adds it (its code, resolved inside the root), in the root's
+/// tmpfs overlay. (A read-only root never gets a proxy: only the
+/// restrictive profile has one, and it has no network for egress options;
+/// were it to, the write would fail and the run with it, never unproxied.)
+fn install_egress_ca(ca: &str) -> io::Result<()> {
     let dir: OwnedFd = File::open(NEW_ROOT)?.into();
     agentkernel_native::egress::install_ca(&dir, ca)
-        .map_err(|e| io::Error::other(format!("install the egress proxy's CA: {e}")))?;
-    if root == RootMode::ReadOnly {
-        mount(
-            None,
-            NEW_ROOT,
-            None,
-            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
-            None,
-        )?;
-    }
-    Ok(())
+        .map_err(|e| io::Error::other(format!("install the egress proxy's CA: {e}")))
 }
 
 /// Volume `n`'s share at `target` (made if missing: on a read-only root

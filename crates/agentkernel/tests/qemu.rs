@@ -519,10 +519,19 @@ mod qemu_only {
                 &["run", "-i", "host", "--no-network", "true"][..],
                 "--image host",
             ),
-            // Allow-lists and secrets need the egress proxy, which VMs do
-            // not have: refused, never run unenforced.
+            // The egress proxy serves one-shot VMs only (tests/egress.rs):
+            // a kept one is refused, never run unenforced.
             (
-                &["run", "--allow-host", "example.com", "-i", BUSYBOX, "true"][..],
+                &[
+                    "run",
+                    "--name",
+                    "egress-kept",
+                    "--allow-host",
+                    "example.com",
+                    "-i",
+                    BUSYBOX,
+                    "true",
+                ][..],
                 "egress proxy",
             ),
             (
