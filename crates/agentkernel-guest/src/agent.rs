@@ -22,7 +22,7 @@ use agentkernel_native::{caps, seccomp};
 
 use crate::protocol::{
     read_frame, volume_tag, write_frame, GuestMessage, HostMessage, RootMode, RunRequest, Volume,
-    WindowSize, WorkspaceMode, PORT_NAME, WORKSPACE_TAG,
+    WindowSize, WorkspaceMode, HEARTBEAT_INTERVAL, PORT_NAME, WORKSPACE_TAG,
 };
 
 /// Where the command's root is assembled before the agent switches into it.
@@ -56,6 +56,7 @@ fn agent() -> io::Result<()> {
             uptime_ms: uptime_ms(),
         },
     )?;
+    heartbeat(port.clone());
     let (request, kept) = match read_frame::<_, HostMessage>(&mut reader)? {
         Some(HostMessage::Run(r)) => (r, false),
         Some(HostMessage::Keep(r)) => (r, true),
@@ -116,6 +117,18 @@ fn egress_tunnels(proxy_port: u16, port: &Port) -> io::Result<Tunnels> {
         }
     });
     Ok(tunnels)
+}
+
+/// Says `Alive` every [`HEARTBEAT_INTERVAL`] until the port fails (the host
+/// went away) or the guest powers off. Its own thread: nothing the agent
+/// waits for (a command, a mount, a slow 9p read) may hold it up.
+fn heartbeat(port: Port) {
+    std::thread::spawn(move || loop {
+        std::thread::sleep(HEARTBEAT_INTERVAL);
+        if send(&port, &GuestMessage::Alive).is_err() {
+            return;
+        }
+    });
 }
 
 fn send(port: &Port, message: &GuestMessage) -> io::Result<()> {

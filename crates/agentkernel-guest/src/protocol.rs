@@ -11,11 +11,17 @@
 //! [`GuestMessage::From`] its output and end. [`HostMessage::EndAll`] ends
 //! every process in the sandbox (`sandbox stop`): files stay.
 //!
+//! From its `Ready` on, the agent also sends [`GuestMessage::Alive`] every
+//! [`HEARTBEAT_INTERVAL`], whatever else it is doing: a guest whose kernel
+//! hangs or spins goes silent, and the host can tell that from a command
+//! that merely prints nothing.
+//!
 //! A one-shot VM whose run has an egress proxy also carries the proxy's
 //! connections: [`HostMessage::Tunnel`] and [`GuestMessage::Tunnel`] hold a
 //! [`TunnelFrame`] (see `crate::tunnel`).
 
 use std::io::{self, Read, Write};
+use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -24,6 +30,10 @@ use serde::{Deserialize, Serialize};
 pub const PORT_NAME: &str = "agentkernel";
 /// The 9p mount tag of the workspace share.
 pub const WORKSPACE_TAG: &str = "workspace";
+/// How often the agent says it is alive. Small against the host's limit
+/// for silence, so that a guest slowed down by emulation on a busy host is
+/// not mistaken for a hung one.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
 /// A frame larger than this is a protocol error, not an allocation. Room
 /// for a request carrying `[[files]]` (at most 16 MiB, hex in JSON).
 const MAX_FRAME: u32 = 40 << 20;
@@ -227,6 +237,8 @@ pub enum GuestMessage {
     },
     /// Kept VM: every process but the agent was killed; how many there were.
     EndedAll(u64),
+    /// The heartbeat: the guest's kernel and agent still run.
+    Alive,
     /// A proxy connection's traffic (see [`TunnelFrame`]).
     Tunnel(TunnelFrame),
 }

@@ -22,7 +22,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use agentkernel_core::state::{now_unix, write_atomic, Owner, SandboxRecord, Store};
 use serde::{Deserialize, Serialize};
@@ -274,6 +274,9 @@ struct Holder {
     next_id: AtomicU64,
     /// Where the guest's `EndedAll` goes (the `stop` waiting for it).
     ended_all: Mutex<Option<mpsc::Sender<u64>>>,
+    /// When the guest last said anything (its heartbeat included), or was
+    /// resumed: a running guest that stays silent past the limit hung.
+    heard: Mutex<Instant>,
 }
 
 /// Why the holder ends the sandbox.
@@ -312,6 +315,7 @@ impl Parts {
             clients: Mutex::default(),
             next_id: AtomicU64::new(1),
             ended_all: Mutex::default(),
+            heard: Mutex::new(Instant::now()),
         }
     }
 }
@@ -336,7 +340,14 @@ fn boot_and_hold(place: &Place) -> Result<Parts> {
     if let Err(e) = session::send(&port, &HostMessage::Keep(sandbox)) {
         return vm.failure(format!("cannot send the sandbox to the guest: {e}"));
     }
-    match read_frame::<_, GuestMessage>(&mut reader) {
+    // The heartbeat may come first while the agent builds the root.
+    let built = loop {
+        match read_frame::<_, GuestMessage>(&mut reader) {
+            Ok(Some(GuestMessage::Alive)) => {}
+            other => break other,
+        }
+    };
+    match built {
         Ok(Some(GuestMessage::Kept)) => {}
         Ok(Some(GuestMessage::Failed(why))) => {
             vm.kill();
@@ -418,10 +429,17 @@ impl Holder {
                 }
             });
         }
+        let silence = session::silence_limit();
         loop {
             match ends.recv_timeout(Duration::from_secs(1)) {
                 Ok(End::VmGone | End::Removed) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
+            // A paused guest says nothing by design.
+            if !self.is_paused() && lock(&self.heard).elapsed() > silence {
+                // Ending the VM ends every command's connection with it.
+                eprintln!("agentkernel: {}", session::silent_guest(silence));
+                break;
             }
             if !lock(&self.clients).is_empty() {
                 // A running command is a use: the sandbox lives past it.
@@ -440,6 +458,7 @@ impl Holder {
     fn route_guest(&self, mut reader: UnixStream, end: mpsc::Sender<End>) {
         let single_use = self.place.single_use();
         while let Ok(Some(message)) = read_frame::<_, GuestMessage>(&mut reader) {
+            *lock(&self.heard) = Instant::now();
             match message {
                 GuestMessage::From { id, message } => {
                     let finished = matches!(
@@ -542,6 +561,10 @@ impl Holder {
             .map_err(|_| "the guest did not answer".to_string())
     }
 
+    fn is_paused(&self) -> bool {
+        self.place.dir().join(PAUSED).exists()
+    }
+
     fn set_paused(&self, paused: bool) -> Reply {
         let marker = self.place.dir().join(PAUSED);
         lock(&self.qmp)
@@ -555,6 +578,8 @@ impl Holder {
         let marked = if paused {
             write_atomic(&marker, b"").map_err(|e| e.to_string())
         } else {
+            // Its silence while paused is not the guest's: count afresh.
+            *lock(&self.heard) = Instant::now();
             match std::fs::remove_file(&marker) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.to_string()),
                 _ => Ok(()),
@@ -657,16 +682,13 @@ pub(crate) fn exec_on(
     let reader = stream
         .try_clone()
         .or_else(|e| fail(format!("socket: {e}")))?;
-    match session::stream_command(
-        reader,
-        Arc::new(Mutex::new(stream)),
-        backstop,
-        signals,
-        tty,
-        None,
-    ) {
+    // The holder watches the guest's heartbeat (it ends a silent VM, which
+    // ends this stream): nothing here to watch but the command's time.
+    let stream = Arc::new(Mutex::new(stream));
+    match session::stream_command(reader, stream, backstop, None, signals, tty, None) {
         Streamed::Ended(ended) => Ok(ended),
         Streamed::Failed(why) => fail(why),
+        Streamed::Silent(silence) => fail(session::silent_guest(silence)),
         Streamed::Broken(how) => fail(format!(
             "its VM stopped before the command finished ({how})"
         )),

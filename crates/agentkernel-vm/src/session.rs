@@ -12,7 +12,7 @@ use std::os::unix::process::CommandExt;
 use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::protocol::{read_frame, write_frame, GuestMessage, HostMessage, RunRequest, WindowSize};
 use crate::vmm::{Nic, VmConfig, Vmm};
@@ -20,6 +20,31 @@ use crate::{fail, Result};
 
 /// How long past the command's timeout a silent guest is given.
 const AGENT_GRACE: Duration = Duration::from_secs(30);
+
+/// How long a guest may say nothing, not even its heartbeat, before the
+/// host takes it for hung and ends its VM: thirty heartbeats. Emulation on
+/// a loaded host delays a guest by seconds, never by this much; a guest
+/// that spins or deadlocks would otherwise hold its run (or a kept
+/// sandbox's holder) forever. `AGENTKERNEL_VM_SILENCE_SECS` sets another.
+pub const SILENCE_LIMIT: Duration = Duration::from_secs(60);
+
+/// [`SILENCE_LIMIT`], or `AGENTKERNEL_VM_SILENCE_SECS` when it is a whole
+/// number of seconds (a slower host, or a test that must not wait a minute).
+pub fn silence_limit() -> Duration {
+    std::env::var("AGENTKERNEL_VM_SILENCE_SECS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|s| *s > 0)
+        .map_or(SILENCE_LIMIT, Duration::from_secs)
+}
+
+/// What a run or a holder says when it ends a silent guest.
+pub(crate) fn silent_guest(silence: Duration) -> String {
+    format!(
+        "the VM stopped answering (its guest agent said nothing for {} s: a hung guest) and was ended; run it again, and if it recurs set AGENTKERNEL_VM_SILENCE_SECS higher on a very slow host",
+        silence.as_secs()
+    )
+}
 
 /// In the VMM process's environment: the owner label (`<boot>:<pid>:<start>`)
 /// of the process that started it — the run for a one-shot VM, the holder
@@ -180,7 +205,15 @@ fn converse(
     if let Err(e) = send(&writer, &HostMessage::Run(request)) {
         return vm.failure(format!("cannot send the command to the guest: {e}"));
     }
-    match stream_command(reader, writer, backstop, signals, tty, tunnels.as_ref()) {
+    match stream_command(
+        reader,
+        writer,
+        backstop,
+        Some(silence_limit()),
+        signals,
+        tty,
+        tunnels.as_ref(),
+    ) {
         Streamed::Ended(ended) => {
             vm.kill();
             Ok(ended)
@@ -188,6 +221,10 @@ fn converse(
         Streamed::Failed(why) => {
             vm.kill();
             fail(why)
+        }
+        Streamed::Silent(silence) => {
+            vm.kill();
+            fail(silent_guest(silence))
         }
         Streamed::Broken(how) => vm.failure(format!(
             "the VM stopped before the command finished ({how})"
@@ -202,24 +239,31 @@ pub(crate) enum Streamed {
     Failed(String),
     /// The stream broke before the command's end (how).
     Broken(String),
+    /// The agent said nothing, not even `Alive`, for this long: the guest
+    /// hung (a spinning or stalled kernel).
+    Silent(Duration),
 }
 
 /// Once the command is sent: our stdin and signals to it, its output to our
-/// stdout/stderr, until its end. `backstop`: no frame for that long (a
-/// guest that stopped answering) ends it as a timeout. `tty`: the command
-/// has a terminal in the guest, so ours is raw until it ends (keys, ^C
-/// included, are the guest terminal's to interpret) and follows our
-/// window's size. `tunnels`: where the guest's egress connections go
+/// stdout/stderr, until its end. `backstop`: the command's end is not seen
+/// that long after it was sent (its timeout plus a grace: the agent enforces
+/// the timeout, this is for a guest that does not) ends it as a timeout.
+/// `silence`: on a stream straight from the agent, which says `Alive` every
+/// couple of seconds, nothing for that long means the guest hung. `tty`:
+/// the command has a terminal in the guest, so ours is raw until it ends
+/// (keys, ^C included, are the guest terminal's to interpret) and follows
+/// our window's size. `tunnels`: where the guest's egress connections go
 /// (frames for them are ignored without).
 pub(crate) fn stream_command(
     mut reader: UnixStream,
     writer: Arc<Mutex<UnixStream>>,
     backstop: Option<Duration>,
+    silence: Option<Duration>,
     signals: Option<std::fs::File>,
     tty: bool,
     tunnels: Option<&crate::tunnel::Tunnels>,
 ) -> Streamed {
-    let _ = reader.set_read_timeout(backstop);
+    let sent = Instant::now();
     // Restored when this returns, however the command or the VM ended.
     let _raw = tty
         .then(|| agentkernel_core::terminal::RawMode::enable(0))
@@ -247,7 +291,20 @@ pub(crate) fn stream_command(
     let mut stdout = std::io::stdout();
     let mut stderr = std::io::stderr();
     loop {
+        let elapsed = sent.elapsed();
+        if backstop.is_some_and(|b| elapsed >= b) {
+            return Streamed::Ended(Ended::TimedOut);
+        }
+        // Read no longer than the sooner of the two limits; a zero timeout
+        // would mean none at all.
+        let wait = [backstop.map(|b| b - elapsed), silence]
+            .into_iter()
+            .flatten()
+            .min()
+            .map(|w| w.max(Duration::from_millis(1)));
+        let _ = reader.set_read_timeout(wait);
         match read_frame::<_, GuestMessage>(&mut reader) {
+            Ok(Some(GuestMessage::Alive)) => {}
             Ok(Some(GuestMessage::Started)) => trace("command started"),
             Ok(Some(GuestMessage::Tunnel(frame))) => {
                 if let Some(tunnels) = tunnels {
@@ -284,16 +341,20 @@ pub(crate) fn stream_command(
                 });
             }
             Ok(Some(GuestMessage::Failed(why))) => return Streamed::Failed(why),
-            // The backstop: the command had its time and the agent went
-            // silent; the run ends as a timeout.
             Err(e)
-                if backstop.is_some()
-                    && matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
             {
-                return Streamed::Ended(Ended::TimedOut)
+                // The command had its time and more: a timeout.
+                if backstop.is_some_and(|b| sent.elapsed() >= b) {
+                    return Streamed::Ended(Ended::TimedOut);
+                }
+                if let Some(silence) = silence {
+                    return Streamed::Silent(silence);
+                }
+                // Woken a moment early for the backstop: read on.
             }
             other => return Streamed::Broken(describe(other)),
         }

@@ -841,6 +841,91 @@ mod qemu_only {
         }
     }
 
+    /// What the host sees of a guest whose kernel hangs or spins: nothing,
+    /// not even the agent's heartbeat. Stopping QEMU (SIGSTOP) makes exactly
+    /// that silence. A run and a kept sandbox's holder end such a VM after
+    /// the silence limit (6 s here, 60 s by default); a paused sandbox,
+    /// silent by design, is left alone.
+    #[test]
+    fn a_guest_that_goes_silent_is_ended_and_a_paused_one_is_not() {
+        const SILENCE: &str = "6";
+        let env = TestEnv::new();
+        let mut run = env
+            .std_cmd()
+            .env("AGENTKERNEL_VM_SILENCE_SECS", SILENCE)
+            .args([
+                "run",
+                "--fast=false",
+                "--no-network",
+                "-i",
+                BUSYBOX,
+                "sh",
+                "-c",
+                "echo up; sleep 600",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The command runs: every frame from here on is the agent's.
+        let mut up = String::new();
+        let mut out = std::io::BufReader::new(run.stdout.take().unwrap());
+        std::io::BufRead::read_line(&mut out, &mut up).unwrap();
+        assert_eq!(up, "up\n");
+        let vms = vms_of(&env);
+        assert_eq!(vms.len(), 1, "{vms:?}");
+        // A command that prints nothing for longer than the limit is not
+        // a silent guest: the heartbeat keeps its run going.
+        std::thread::sleep(Duration::from_secs(10));
+        assert!(
+            run.try_wait().unwrap().is_none(),
+            "a quiet command's run ended"
+        );
+        // SAFETY: kill has no memory preconditions; the run's own QEMU.
+        unsafe { libc::kill(vms[0] as libc::pid_t, libc::SIGSTOP) };
+        let status = wait_child(&mut run, Duration::from_secs(60));
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut run.stderr.take().unwrap(), &mut err).unwrap();
+        assert_eq!(status.code(), Some(125), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains("stopped answering"), "{err}");
+        assert_gone(&vms);
+
+        // A kept sandbox: paused past the limit, it lives on and serves.
+        let name = unique_name("vmsilent");
+        let created = env
+            .cmd()
+            .env("AGENTKERNEL_VM_SILENCE_SECS", SILENCE)
+            .args(["sandbox", "create", "-B", "qemu", "--no-network"])
+            .args(["-i", BUSYBOX, &name])
+            .timeout(VM_LIMIT)
+            .output()
+            .unwrap();
+        assert_code(&created, 0);
+        let holder = holder_of(&env, &name).expect("a holder");
+        let vm = vm_of_holder(&env, holder);
+        assert_code(&env.run(&["sandbox", "pause", &name]), 0);
+        std::thread::sleep(Duration::from_secs(10));
+        assert_code(&env.run(&["sandbox", "resume", &name]), 0);
+        let out = env.run(&["exec", &name, "--", "echo", "served"]);
+        assert_code(&out, 0);
+        assert_eq!(stdout(&out), "served\n");
+        // Silent without being paused: the holder ends it and the sandbox goes.
+        // SAFETY: as above; the holder's QEMU.
+        unsafe { libc::kill(vm as libc::pid_t, libc::SIGSTOP) };
+        poll_until(
+            Duration::from_secs(60),
+            "the holder ends its silent VM",
+            || {
+                [vm, holder]
+                    .iter()
+                    .all(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
+            },
+        );
+        assert_eq!(status_in_list(&env, &name), None);
+    }
+
     fn warm_dirs(env: &TestEnv) -> Vec<std::path::PathBuf> {
         qemu_pool_vm_dirs(env.state_dir())
     }
