@@ -137,7 +137,7 @@ pub fn refill(root: &Path, key: &str, vm: &KeptVm, size: u32, idle: Duration) ->
         let _ = std::fs::remove_dir_all(&dir);
         return fail(format!("cannot prepare a warm VM: {e}"));
     }
-    if let Err(e) = kept::spawn_holder(&["--warm".as_ref(), dir.as_os_str()], Stdio::null()) {
+    if let Err(e) = kept::spawn_holder(&["--warm".as_ref(), dir.as_os_str()], Stdio::null(), &[]) {
         let _ = std::fs::remove_dir_all(&dir);
         return Err(e);
     }

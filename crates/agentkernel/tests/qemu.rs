@@ -519,20 +519,19 @@ mod qemu_only {
                 &["run", "-i", "host", "--no-network", "true"][..],
                 "--image host",
             ),
-            // The egress proxy serves one-shot VMs only (tests/egress.rs):
-            // a kept one is refused, never run unenforced.
+            // No tmpfs of secrets in a VM yet (`-S` works: tests/egress.rs).
             (
                 &[
                     "run",
-                    "--name",
-                    "egress-kept",
-                    "--allow-host",
-                    "example.com",
+                    "-S",
+                    "K=v:api.example.test",
+                    "--secret-file",
+                    "K",
                     "-i",
                     BUSYBOX,
                     "true",
                 ][..],
-                "egress proxy",
+                "--secret-file",
             ),
             (
                 &[

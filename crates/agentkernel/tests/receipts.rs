@@ -735,10 +735,6 @@ fn a_proxied_run_records_its_egress_summary() {
     assert_code(&verify(&env, &file, &[]), 0);
 
     // A kept sandbox: the first command's traffic, then an exec's own.
-    // (A kept VM refuses the proxy: docs/qemu.md, tests/egress.rs.)
-    if backend() == "qemu" {
-        return;
-    }
     let kept = unique_name("egress-kept");
     let _guard = KeptGuard::new(&kept);
     let (out, file) = proxied("kept.json", Some(kept.as_str()), "1", "refused");
@@ -779,7 +775,7 @@ on_every_proxy_backend!(
     a_proxied_run_records_its_egress_summary,
 );
 
-/// A one-shot VM's proxy reports as native's does.
+/// A VM's proxy reports as native's does (one-shot and kept).
 mod egress_qemu_only {
     #[test]
     fn a_proxied_run_records_its_egress_summary() {

@@ -80,7 +80,6 @@ impl Backend for QemuBackend {
             eprintln!("{notice}");
         }
         if spec.keep.is_some() {
-            refuse_kept_egress(spec)?;
             return super::qemu_kept::run(&self.store, spec, options).await;
         }
         // A warm VM's root is built before the run is known: a run that
@@ -93,7 +92,9 @@ impl Backend for QemuBackend {
     }
 
     async fn exec(&self, record: &SandboxRecord, request: &ExecRequest) -> Result<Outcome> {
-        super::qemu_kept::exec(&self.store, &record.name, request)
+        // With --receipt and a proxy, the command's traffic goes into it.
+        let command = async { super::qemu_kept::exec(&self.store, &record.name, request) };
+        agentkernel_native::egress::observing_kept(&self.store, &record.name, command).await
     }
 
     async fn create(
@@ -102,7 +103,6 @@ impl Backend for QemuBackend {
         options: &RunOptions<'_>,
         reserved: &dyn Fn() -> Result<()>,
     ) -> Result<()> {
-        refuse_kept_egress(spec)?;
         if let Some(notice) = &options.notice {
             eprintln!("{notice}");
         }
@@ -206,7 +206,7 @@ pub async fn run(
 }
 
 /// The spec's egress plan when it needs the proxy (-S, --allow-host, --egress-log).
-fn proxied(spec: &SandboxSpec) -> Option<&EgressSpec> {
+pub(super) fn proxied(spec: &SandboxSpec) -> Option<&EgressSpec> {
     spec.egress.as_ref().filter(|e| e.needs_proxy())
 }
 
@@ -215,7 +215,12 @@ fn proxied(spec: &SandboxSpec) -> Option<&EgressSpec> {
 /// the proxy), the root trusts the proxy's CA, the command has native's
 /// proxy variables; under an allow-list the VM has no NIC, so the proxy is
 /// its only way out.
-fn with_proxy(vm: &mut VmConfig, request: &mut RunRequest, egress: &EgressSpec, ca_pem: &str) {
+pub(super) fn with_proxy(
+    vm: &mut VmConfig,
+    request: &mut RunRequest,
+    egress: &EgressSpec,
+    ca_pem: &str,
+) {
     if !egress.allow_hosts.is_empty() {
         vm.network = None;
     }
@@ -225,18 +230,6 @@ fn with_proxy(vm: &mut VmConfig, request: &mut RunRequest, egress: &EgressSpec, 
     for (key, value) in agentkernel_native::egress::environment() {
         request.env.push(format!("{key}={value}"));
     }
-}
-
-/// A kept VM has no process of ours to carry its connections between
-/// commands (its holder would have to): refused, one line.
-fn refuse_kept_egress(spec: &SandboxSpec) -> Result<()> {
-    if proxied(spec).is_some() {
-        return Err(Error::not_supported_hint(
-            "the egress proxy (-S, --allow-host, --egress-log) in a kept sandbox on the qemu backend",
-            "run it one-shot (without --keep, --branch or sandbox create), or use -B native",
-        ));
-    }
-    Ok(())
 }
 
 /// `request` as one command's: with a terminal in the guest when `tty`
