@@ -11,6 +11,14 @@ this isolates the boot.
   bench/qemu_boot.py RUNS NAME=EXTRA_CMDLINE | NAME={"extra": "...", "mem": "400M", "smp": "2"} ...
   e.g. bench/qemu_boot.py 5 base= noirq=acpi=noirq 'small={"extra":"","mem":"400M"}'
 
+A variant may also name the guest kernel and initramfs ("kernel", "initrd":
+a path or a glob, newest match; default the state directory's vmlinux-* and
+initramfs-*.cpio) and replace the base command line ("cmdline"), e.g. to
+compare Debian's kernel with one from scripts/guest-kernel.sh (whose
+initramfs, without modules, is the one a run with `[qemu] kernel` set
+builds; copy it aside, as building another initramfs removes it):
+  bench/qemu_boot.py 5 debian= 'own={"kernel":"/var/lib/agentkernel/guest-kernel/vmlinux","initrd":"/var/tmp/own.cpio"}'
+
 The state directory is $AGENTKERNEL_HOME (default ~/.local/share/agentkernel);
 run one `agentkernel run -B qemu -i IMAGE true` first so that the initramfs and
 the image's disk exist. The guest's clock under TCG is only roughly right: judge
@@ -40,9 +48,9 @@ def newest(pattern):
     return max(found, key=os.path.getmtime)
 
 
-def boot(vm_dir, work, extra="", mem="2240M", smp="1"):
-    kernel = newest(f"{vm_dir}/vmlinux-*")
-    initrd = newest(f"{vm_dir}/initramfs-*.cpio")
+def boot(vm_dir, work, extra="", mem="2240M", smp="1", kernel=None, initrd=None, cmdline=BASE):
+    kernel = newest(kernel or f"{vm_dir}/vmlinux-*")
+    initrd = newest(initrd or f"{vm_dir}/initramfs-*.cpio")
     disk = newest(f"{vm_dir}/disks/*.ext4")
     path = os.path.join(work, "agent.sock")
     listener = socket.socket(socket.AF_UNIX)
@@ -53,7 +61,7 @@ def boot(vm_dir, work, extra="", mem="2240M", smp="1"):
         "qemu-system-x86_64", "-nodefaults", "-no-user-config", "-no-reboot", "-display", "none",
         "-monitor", "none", "-serial", "null", "-accel", "tcg", "-M", "pc", "-cpu", "max",
         "-smp", smp, "-m", mem, "-kernel", kernel, "-initrd", initrd,
-        "-append", f"{BASE} {extra}".strip(),
+        "-append", f"{cmdline} {extra}".strip(),
         "-drive", f"file={disk},if=none,id=root,format=raw,readonly=on",
         "-device", "virtio-blk-pci,drive=root", "-device", "virtio-serial-pci",
         "-chardev", f"socket,id=agent,path={path}",

@@ -36,6 +36,8 @@ struct FileSchema {
     templates: TemplatesSection,
     #[serde(default)]
     receipts: ReceiptsSection,
+    #[serde(default)]
+    qemu: QemuSection,
     /// Upstream's templates: `NAME = "value"`, the same as `sandbox.env`.
     #[serde(default)]
     environment: BTreeMap<String, String>,
@@ -185,6 +187,15 @@ struct PoolSection {
     max_total: Option<u32>,
 }
 
+/// `[qemu]`: the guest kernel the qemu backend boots instead of Debian's.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QemuSection {
+    kernel: Option<String>,
+    modules: Option<String>,
+    initrd: Option<toml::Value>,
+}
+
 /// `[templates]`: where `--template github:…` is fetched from.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -249,6 +260,11 @@ pub struct Config {
     /// One line each: keys accepted for compatibility but not acted on.
     pub notices: Vec<String>,
     pub pool_max_total: Option<u32>,
+    /// `[qemu] kernel` and `[qemu] modules`: the guest kernel (bzImage or
+    /// an ELF vmlinux) and its modules directory (`/lib/modules/VERSION`);
+    /// no modules directory means the drivers the agent needs are built in.
+    /// Relative paths are relative to the naming file's directory.
+    pub qemu_kernel: Option<QemuKernel>,
     /// `[templates] github_base`: the raw-content endpoint `github:` templates
     /// are fetched from (a mirror, or a test server).
     pub template_github_base: Option<String>,
@@ -271,6 +287,14 @@ pub struct Config {
     pub sources: Vec<PathBuf>,
     /// `./agentkernel.toml`, when it was read as the project's file (not via `--config`).
     pub project: Option<ProjectFile>,
+}
+
+/// `[qemu] kernel` with its `modules`, set together by one file: a kernel
+/// named by one file and modules by another would be a mismatched pair.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QemuKernel {
+    pub image: PathBuf,
+    pub modules: Option<PathBuf>,
 }
 
 /// The project's `./agentkernel.toml` as it was applied: what it sets on its
@@ -500,6 +524,27 @@ impl Config {
         if let Some(t) = file.pool.idle_ttl {
             self.pool_idle_ttl =
                 Some(parse::duration("idle_ttl", &t).map_err(|e| val("pool.idle_ttl", e))?);
+        }
+        let q = file.qemu;
+        if q.initrd.is_some() {
+            return Err(config_err(
+                path,
+                "qemu.initrd: agentkernel builds the guest's initramfs itself (the agent is its /init); build the drivers into the kernel or name its modules directory with qemu.modules".into(),
+            ));
+        }
+        match (q.kernel, q.modules) {
+            (Some(kernel), modules) => {
+                self.qemu_kernel = Some(QemuKernel {
+                    image: base.join(kernel),
+                    modules: modules.map(|m| base.join(m)),
+                })
+            }
+            (None, Some(_)) => return Err(config_err(
+                path,
+                "qemu.modules: name the kernel they belong to with qemu.kernel in the same file"
+                    .into(),
+            )),
+            (None, None) => {}
         }
         if let Some(base) = file.templates.github_base {
             if !base.starts_with("https://") {
@@ -746,6 +791,39 @@ mod tests {
         let mut c = Config::default();
         c.apply_text(Path::new("/tmp/agentkernel.toml"), text)?;
         Ok(c)
+    }
+
+    #[test]
+    fn qemu_kernel_is_a_pair_relative_to_its_file() {
+        let path = Path::new("/etc/agentkernel/config.toml");
+        let mut c = Config::default();
+        c.apply_text(
+            path,
+            "[qemu]\nkernel = \"k/vmlinux\"\nmodules = \"/lib/modules/6.1\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.qemu_kernel,
+            Some(QemuKernel {
+                image: "/etc/agentkernel/k/vmlinux".into(),
+                modules: Some("/lib/modules/6.1".into()),
+            })
+        );
+        // A later file's kernel replaces the pair: its modules are its own.
+        c.apply_text(path, "[qemu]\nkernel = \"/k2\"\n").unwrap();
+        assert_eq!(c.qemu_kernel.as_ref().unwrap().modules, None);
+        let err = |text: &str| {
+            Config::default()
+                .apply_text(path, text)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err("[qemu]\nmodules = \"/m\"\n").contains("qemu.modules: name the kernel"));
+        let initrd = err("[qemu]\nkernel = \"/k\"\ninitrd = \"/i\"\n");
+        assert!(
+            initrd.contains("qemu.initrd:") && !initrd.contains('\n'),
+            "{initrd}"
+        );
     }
 
     #[test]

@@ -87,6 +87,10 @@ const SCHEMA: &[(&str, Shape)] = &[
         ]),
     ),
     (
+        "qemu",
+        Table(&[("kernel", Value), ("modules", Value), ("initrd", Value)]),
+    ),
+    (
         "build",
         Table(&[
             ("dockerfile", Value),

@@ -151,6 +151,18 @@ pub fn loosening(project: &ProjectFile, project_dir: &Path, flags: &Flags) -> Ve
             found.push(format!("{key} = true"));
         }
     }
+    // The guest kernel is half of a qemu sandbox's boundary: a repository
+    // could pick one with known holes, or modules that do anything.
+    if let Some(k) = own
+        .qemu_kernel
+        .as_ref()
+        .filter(|k| below.qemu_kernel.as_ref() != Some(*k))
+    {
+        found.push(format!("qemu.kernel = {}", k.image.display()));
+        if let Some(m) = &k.modules {
+            found.push(format!("qemu.modules = {}", m.display()));
+        }
+    }
     let cap_below = below
         .pool_max_total
         .unwrap_or(crate::config::DEFAULT_POOL_MAX_TOTAL);
@@ -391,6 +403,23 @@ mod tests {
             vec!["pool.max_total = 50".to_string()],
             "no flag sets the pool's cap"
         );
+    }
+
+    #[test]
+    fn choosing_the_guest_kernel_needs_trust() {
+        let dir = tempfile::tempdir().unwrap();
+        let own = "[qemu]\nkernel = \"/srv/k/vmlinux\"\nmodules = \"/srv/k/modules\"\n";
+        let found = loosening(&project("", own, dir.path()), dir.path(), &Flags::default());
+        assert_eq!(
+            found,
+            vec![
+                "qemu.kernel = /srv/k/vmlinux".to_string(),
+                "qemu.modules = /srv/k/modules".to_string()
+            ]
+        );
+        // The kernel the user's own file already chose is no loosening.
+        let same = project(own, own, dir.path());
+        assert!(loosening(&same, dir.path(), &Flags::default()).is_empty());
     }
 
     #[test]

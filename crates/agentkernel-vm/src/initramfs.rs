@@ -139,9 +139,13 @@ fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// [`MODULES`] and their dependencies from modules.dep, dependencies first;
-/// modules built into the kernel are skipped.
+/// modules built into the kernel are skipped, and a kernel without a
+/// modules directory has them all built in (the agent then loads none).
 fn load_order(kernel: &Kernel) -> Result<Vec<PathBuf>> {
-    let read = |name: &str| std::fs::read_to_string(kernel.modules.join(name)).unwrap_or_default();
+    let Some(dir) = &kernel.modules else {
+        return Ok(Vec::new());
+    };
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
     let deps_text = read("modules.dep");
     let builtin: BTreeSet<String> = read("modules.builtin")
         .lines()
@@ -182,11 +186,11 @@ fn load_order(kernel: &Kernel) -> Result<Vec<PathBuf>> {
             return fail(format!(
                 "the guest kernel {} has no {name} module (not in {}/modules.dep)",
                 kernel.version,
-                kernel.modules.display()
+                dir.display()
             ));
         }
     }
-    Ok(order.into_iter().map(|p| kernel.modules.join(p)).collect())
+    Ok(order.into_iter().map(|p| dir.join(p)).collect())
 }
 
 /// `kernel/fs/9p/9p.ko.xz` → `9p` (dashes as underscores, as the kernel does).
@@ -304,6 +308,65 @@ mod tests {
             module_name_of("kernel/x/crc32c-generic.ko"),
             "crc32c_generic"
         );
+    }
+
+    fn kernel(modules: Option<PathBuf>) -> Kernel {
+        Kernel {
+            image: PathBuf::from("/k"),
+            version: "test".into(),
+            modules,
+        }
+    }
+
+    #[test]
+    fn built_in_drivers_are_not_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        // Everything built in: modules.builtin lists them, modules.dep is empty.
+        let builtin: String = MODULES
+            .iter()
+            .map(|m| format!("kernel/x/{}.ko\n", m.replace('_', "-")))
+            .collect();
+        std::fs::write(dir.path().join("modules.builtin"), builtin).unwrap();
+        std::fs::write(dir.path().join("modules.dep"), "").unwrap();
+        let with_dir = kernel(Some(dir.path().to_path_buf()));
+        assert_eq!(load_order(&with_dir).unwrap(), Vec::<PathBuf>::new());
+        // No modules directory at all: nothing to load either.
+        assert_eq!(load_order(&kernel(None)).unwrap(), Vec::<PathBuf>::new());
+        // One module neither built in nor in modules.dep is an error naming it.
+        std::fs::write(
+            dir.path().join("modules.builtin"),
+            "kernel/fs/ext4/ext4.ko\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("modules.dep"),
+            "kernel/fs/overlayfs/overlay.ko:\n",
+        )
+        .unwrap();
+        let err = load_order(&with_dir).unwrap_err().0;
+        assert!(err.contains("no virtio_pci module"), "{err}");
+    }
+
+    #[test]
+    fn dependencies_load_first_and_built_ins_are_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let others: String = MODULES
+            .iter()
+            .filter(|m| !["9p", "9pnet_virtio"].contains(m))
+            .map(|m| format!("kernel/x/{m}.ko\n"))
+            .collect();
+        std::fs::write(dir.path().join("modules.builtin"), others).unwrap();
+        std::fs::write(
+            dir.path().join("modules.dep"),
+            "kernel/fs/9p/9p.ko.xz: kernel/net/9p/9pnet.ko.xz\nkernel/net/9p/9pnet.ko.xz:\nkernel/net/9p/9pnet_virtio.ko.xz: kernel/net/9p/9pnet.ko.xz\n",
+        )
+        .unwrap();
+        let order: Vec<String> = load_order(&kernel(Some(dir.path().to_path_buf())))
+            .unwrap()
+            .iter()
+            .map(|p| module_name(p))
+            .collect();
+        assert_eq!(order, ["9pnet", "9pnet_virtio", "9p"]);
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! The guest kernel: the newest `/boot/vmlinuz-*` whose modules are
-//! installed (Debian's `linux-image-amd64` provides both).
+//! The guest kernel: by default the newest `/boot/vmlinuz-*` whose modules
+//! are installed (Debian's `linux-image-amd64` provides both); or the one
+//! the user chose (`[qemu] kernel`, with or without a modules directory).
 
 use std::path::{Path, PathBuf};
 
@@ -8,8 +9,12 @@ use crate::{fail, Result};
 #[derive(Debug, Clone)]
 pub struct Kernel {
     pub image: PathBuf,
+    /// Names this kernel in the caches (its initramfs, its vmlinux): a
+    /// release for Debian's, an identity of the files for a chosen one.
     pub version: String,
-    pub modules: PathBuf,
+    /// `/lib/modules/VERSION`; `None`: the kernel has what the agent needs
+    /// built in, and the initramfs carries no modules.
+    pub modules: Option<PathBuf>,
 }
 
 pub fn find() -> Result<Kernel> {
@@ -38,8 +43,58 @@ fn find_in(boot: &Path, modules: &Path) -> Result<Kernel> {
     };
     Ok(Kernel {
         image: boot.join(format!("vmlinuz-{version}")),
-        modules: modules.join(&version),
+        modules: Some(modules.join(&version)),
         version,
+    })
+}
+
+/// The kernel the user chose: `image` (a bzImage, or an ELF vmlinux, which
+/// QEMU boots through its PVH entry without decompressing anything) and,
+/// when its drivers are modules, their directory. Its `version` is the
+/// files' identity (path, size, mtime), so that rebuilding the kernel in
+/// place makes a new initramfs.
+pub fn chosen(image: &Path, modules: Option<&Path>) -> Result<Kernel> {
+    use sha2::{Digest, Sha256};
+    use std::os::unix::fs::MetadataExt;
+    let mut hash = Sha256::new();
+    let meta = std::fs::metadata(image)
+        .and_then(|m| {
+            if m.is_file() {
+                Ok(m)
+            } else {
+                Err(std::io::Error::other("not a file"))
+            }
+        })
+        .or_else(|e| {
+            fail(format!(
+                "the guest kernel {} (qemu.kernel) cannot be used: {e}; fix [qemu] kernel in the config, or remove it to boot Debian's kernel",
+                image.display()
+            ))
+        })?;
+    hash.update(image.as_os_str().as_encoded_bytes());
+    hash.update(meta.size().to_le_bytes());
+    hash.update(meta.mtime().to_le_bytes());
+    hash.update(meta.mtime_nsec().to_le_bytes());
+    if let Some(dir) = modules {
+        let index = dir.join("modules.dep");
+        let meta = std::fs::metadata(&index).or_else(|e| {
+            fail(format!(
+                "the guest kernel's modules (qemu.modules) cannot be used: {}: {e}; name a /lib/modules/VERSION directory (run depmod for it), or remove qemu.modules if the drivers are built in",
+                index.display()
+            ))
+        })?;
+        hash.update(index.as_os_str().as_encoded_bytes());
+        hash.update(meta.size().to_le_bytes());
+        hash.update(meta.mtime().to_le_bytes());
+    }
+    let id: String = hash.finalize()[..6]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok(Kernel {
+        image: image.to_path_buf(),
+        version: format!("chosen-{id}"),
+        modules: modules.map(Path::to_path_buf),
     })
 }
 
@@ -56,7 +111,11 @@ fn version_key(v: &str) -> Vec<u64> {
 /// which under TCG is most of a boot (here: 3.3 s to the kernel's panic
 /// instead of 6 s). `None` (boot the bzImage) when the kernel has no PVH
 /// entry (`CONFIG_PVH`) or its payload cannot be decompressed here.
+/// A chosen kernel that is already an ELF is booted as it is.
 pub fn uncompressed(cache_dir: &Path, kernel: &Kernel) -> Option<PathBuf> {
+    if is_elf(&kernel.image) {
+        return Some(kernel.image.clone());
+    }
     let path = cache_dir.join(format!("vmlinux-{}", kernel.version));
     if path.is_file() {
         return Some(path);
@@ -139,5 +198,29 @@ mod tests {
         }
         assert_eq!(find_in(&boot, &mods).unwrap().version, "6.1.0-57-amd64");
         assert!(find_in(&dir.path().join("none"), &mods).is_err());
+    }
+
+    #[test]
+    fn a_chosen_kernel_is_checked_and_named_by_its_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("vmlinux");
+        std::fs::write(&image, "\x7fELF").unwrap();
+        let k = chosen(&image, None).unwrap();
+        assert!(k.version.starts_with("chosen-") && k.modules.is_none());
+        assert_eq!(
+            uncompressed(dir.path(), &k),
+            Some(image.clone()),
+            "an ELF boots as is"
+        );
+        // Rebuilt in place: another identity, so another initramfs.
+        std::fs::write(&image, "\x7fELF, rebuilt").unwrap();
+        assert_ne!(chosen(&image, None).unwrap().version, k.version);
+        let missing = chosen(&dir.path().join("nope"), None).unwrap_err().0;
+        assert!(
+            missing.contains("qemu.kernel") && !missing.contains('\n'),
+            "{missing}"
+        );
+        let no_index = chosen(&image, Some(dir.path())).unwrap_err().0;
+        assert!(no_index.contains("modules.dep"), "{no_index}");
     }
 }

@@ -689,6 +689,31 @@ fn untrusted_project_file_cannot_loosen_through_upstream_keys() {
 }
 
 #[test]
+fn untrusted_project_file_cannot_choose_the_guest_kernel() {
+    let line = project_config_error(
+        "[qemu]\nkernel = \"/srv/other/vmlinux\"\nmodules = \"/srv/other/modules\"\n",
+    );
+    for named in [
+        "qemu.kernel = /srv/other/vmlinux",
+        "qemu.modules = /srv/other/modules",
+        "agentkernel trust",
+    ] {
+        assert!(line.contains(named), "{named} not named: {line}");
+    }
+}
+
+#[test]
+fn qemu_initrd_is_refused_with_the_way_out() {
+    let line = project_config_error("[qemu]\nkernel = \"/k\"\ninitrd = \"/i\"\n");
+    assert!(
+        line.contains("qemu.initrd") && line.contains("qemu.modules"),
+        "{line}"
+    );
+    let line = project_config_error("[qemu]\nmodules = \"/lib/modules/6.1\"\n");
+    assert!(line.contains("qemu.kernel"), "{line}");
+}
+
+#[test]
 fn project_file_cannot_switch_the_users_network_back_on() {
     let env = TestEnv::new();
     let user_dir = env.home_dir().join(".config/agentkernel");

@@ -68,6 +68,58 @@ mod qemu_only {
         out
     }
 
+    /// `[qemu] kernel` naming what cannot boot: one line naming the path
+    /// and the key, exit 125, and no VM started.
+    #[test]
+    fn a_chosen_kernel_that_is_missing_is_125_before_any_vm() {
+        let env = TestEnv::new();
+        let file = env.home_dir().join("kernel.toml");
+        let modules = env.home_dir().join("modules");
+        std::fs::create_dir(&modules).unwrap();
+        for (toml, named) in [
+            (
+                "[qemu]\nkernel = \"/nonexistent/vmlinux\"\n".to_string(),
+                "/nonexistent/vmlinux",
+            ),
+            (
+                // A real kernel file, a modules directory without modules.dep.
+                format!(
+                    "[qemu]\nkernel = {:?}\nmodules = {:?}\n",
+                    file.display().to_string(),
+                    modules.display().to_string()
+                ),
+                "modules.dep",
+            ),
+        ] {
+            std::fs::write(&file, &toml).unwrap();
+            // Without the environment's choice, which would replace the file's
+            // (the suite may run on another kernel that way).
+            let out = env
+                .cmd()
+                .env_remove("AGENTKERNEL_QEMU_KERNEL")
+                .env_remove("AGENTKERNEL_QEMU_MODULES")
+                .args(["run", "-c", file.to_str().unwrap(), "--fast=false"])
+                .args(["--no-network", "-i", BUSYBOX, "true"])
+                .output()
+                .unwrap();
+            let line = assert_one_line_error(&out);
+            assert!(
+                line.contains(named) && line.contains("qemu."),
+                "{toml}: {line}"
+            );
+            assert!(vms_of(&env).is_empty(), "a VM was started");
+        }
+        // The environment's choice replaces the config's, and is checked the same way.
+        let out = env
+            .cmd()
+            .env("AGENTKERNEL_QEMU_KERNEL", "/nonexistent/bzImage")
+            .args(["run", "--fast=false", "--no-network", "-i", BUSYBOX, "true"])
+            .output()
+            .unwrap();
+        let line = assert_one_line_error(&out);
+        assert!(line.contains("/nonexistent/bzImage"), "{line}");
+    }
+
     #[test]
     fn a_vm_runs_the_command_with_its_own_kernel_and_the_stdio_and_exit_code() {
         let env = TestEnv::new();

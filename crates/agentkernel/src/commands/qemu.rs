@@ -9,7 +9,7 @@ use std::path::Path;
 use agentkernel_core::backend::{
     Backend, BackendKind, Capabilities, Collected, Probe, RunOptions, Support,
 };
-use agentkernel_core::config::Config;
+use agentkernel_core::config::{Config, QemuKernel};
 use agentkernel_core::egress::{EgressSpec, SecretValues};
 use agentkernel_core::policy::WorkspaceMode;
 use agentkernel_core::spec::{ExecRequest, Outcome, SandboxSpec};
@@ -271,7 +271,7 @@ pub(super) async fn prepare(
     // The guest's kernel and agent live in GUEST_OVERHEAD: however small
     // --memory is, it limits the command (a cgroup in the guest), not the boot.
     let memory = spec.policy.limits.memory_bytes.unwrap_or(DEFAULT_MEMORY);
-    let host = Host::find()?;
+    let host = Host::find(config.qemu_kernel.as_ref())?;
     let image = fetch_image(spec, config).await?;
     agentkernel_native::trace::phase("image resolved");
     let vm_dir = agentkernel_native::images::open_store()?.root().join("vm");
@@ -329,15 +329,34 @@ pub(super) struct Host {
 }
 
 impl Host {
-    fn find() -> Result<Host> {
+    /// `chosen`: `[qemu] kernel` from the config, which
+    /// `$AGENTKERNEL_QEMU_KERNEL` (and `$AGENTKERNEL_QEMU_MODULES`) replace.
+    fn find(chosen: Option<&QemuKernel>) -> Result<Host> {
         let unavailable = |e: agentkernel_vm::Error, fix: &str| Error::BackendUnavailable {
             backend: "qemu".into(),
             why: e.0,
             fix: fix.into(),
         };
         let qemu = Qemu::find().map_err(|e| unavailable(e, "or choose another backend with -B"))?;
-        let kernel =
-            kernel::find().map_err(|e| unavailable(e, "or choose another backend with -B"))?;
+        let from_env = std::env::var_os("AGENTKERNEL_QEMU_KERNEL")
+            .filter(|k| !k.is_empty())
+            .map(|k| QemuKernel {
+                image: k.into(),
+                modules: std::env::var_os("AGENTKERNEL_QEMU_MODULES")
+                    .filter(|m| !m.is_empty())
+                    .map(Into::into),
+            });
+        let kernel = match from_env.as_ref().or(chosen) {
+            Some(k) => {
+                kernel::chosen(&k.image, k.modules.as_deref()).map_err(|e| Error::Backend {
+                    backend: "qemu",
+                    message: e.0,
+                })?
+            }
+            None => {
+                kernel::find().map_err(|e| unavailable(e, "or choose another backend with -B"))?
+            }
+        };
         let agent = guest_agent()?;
         Ok(Host {
             qemu,
@@ -349,10 +368,13 @@ impl Host {
     /// One line for `doctor`.
     fn describe(&self, vm_dir: &std::path::Path) -> String {
         let (accel, why) = vmm::choose_accel(vm_dir, &self.qemu, &self.kernel.image);
+        let kernel = match self.kernel.version.starts_with("chosen-") {
+            true => self.kernel.image.display().to_string(),
+            false => self.kernel.version.clone(),
+        };
         format!(
-            "{}, guest kernel {}, {} ({why})",
+            "{}, guest kernel {kernel}, {} ({why})",
             self.qemu.binary.display(),
-            self.kernel.version,
             accel.name().to_uppercase()
         )
     }
@@ -380,7 +402,12 @@ fn guest_agent() -> Result<std::path::PathBuf> {
 
 /// `doctor`'s line for this backend: what it would use, or why it cannot.
 pub fn doctor() -> std::result::Result<String, Error> {
-    let host = Host::find()?;
+    // The kernel a run from here would boot: the config files' choice.
+    let config = std::env::current_dir()
+        .ok()
+        .and_then(|cwd| Config::load(&cwd, None).ok())
+        .unwrap_or_default();
+    let host = Host::find(config.qemu_kernel.as_ref())?;
     let vm_dir = agentkernel_native::images::open_store()?.root().join("vm");
     Ok(host.describe(&vm_dir))
 }
