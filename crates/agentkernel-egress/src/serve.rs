@@ -104,20 +104,45 @@ impl Proxy {
                 }
             };
             let _ = stream.set_nodelay(true);
-            let shared = self.shared.clone();
-            let active = shared.tally.active();
-            tokio::spawn(async move {
-                let _active = active;
-                let service = service_fn(move |req| {
-                    let shared = shared.clone();
-                    async move { Ok::<_, Infallible>(shared.handle(req).await) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .with_upgrades()
-                    .await;
-            });
+            self.spawn_connection(stream);
         }
+    }
+
+    /// Serves connections accepted elsewhere (a VM's, carried to us one by
+    /// one) until `connections` ends.
+    pub async fn serve_connections(
+        &self,
+        mut connections: tokio::sync::mpsc::Receiver<std::os::unix::net::UnixStream>,
+    ) {
+        while let Some(stream) = connections.recv().await {
+            let stream = stream
+                .set_nonblocking(true)
+                .and_then(|()| tokio::net::UnixStream::from_std(stream));
+            if let Ok(stream) = stream {
+                self.spawn_connection(stream);
+            }
+        }
+        // The run stopped sending: keep serving what is open until the end.
+        std::future::pending::<()>().await
+    }
+
+    fn spawn_connection<S>(&self, stream: S)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let shared = self.shared.clone();
+        let active = shared.tally.active();
+        tokio::spawn(async move {
+            let _active = active;
+            let service = service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(shared.handle(req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades()
+                .await;
+        });
     }
 }
 

@@ -78,12 +78,45 @@ fn agent() -> io::Result<()> {
             return Err(io::Error::other(why));
         }
     };
+    let tunnels = match request
+        .egress_port
+        .map(|p| egress_tunnels(p, &port))
+        .transpose()
+    {
+        Ok(t) => t,
+        Err(e) => {
+            let why = format!("cannot listen for the egress proxy: {e}");
+            let _ = send(&port, &GuestMessage::Failed(why.clone()));
+            return Err(io::Error::other(why));
+        }
+    };
     if kept {
         warm_up(&request);
         send(&port, &GuestMessage::Kept)?;
-        return serve(&request, &port, reader, cgroup);
+        return serve(&request, &port, reader, cgroup, tunnels);
     }
-    run_command(&request, &port, reader, cgroup)
+    run_command(&request, &port, reader, cgroup, tunnels)
+}
+
+type Tunnels = Arc<crate::tunnel::Tunnels<std::net::TcpStream>>;
+
+/// The egress proxy's port on the guest's loopback (the VM has no other
+/// network): each connection to it is carried to the host, which hands
+/// it to the proxy. Bound before the command exists, so nothing in the
+/// guest can take the port first.
+fn egress_tunnels(proxy_port: u16, port: &Port) -> io::Result<Tunnels> {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", proxy_port))?;
+    let port = port.clone();
+    let tunnels =
+        crate::tunnel::Tunnels::new(move |frame| send(&port, &GuestMessage::Tunnel(frame)), None);
+    let accepting = tunnels.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let _ = stream.set_nodelay(true);
+            accepting.open(stream);
+        }
+    });
+    Ok(tunnels)
 }
 
 /// Says `Alive` every [`HEARTBEAT_INTERVAL`] until the port fails (the host
@@ -286,6 +319,9 @@ fn build_root(request: &RunRequest) -> io::Result<()> {
     if let Some(net) = &request.network {
         resolv_conf(&net.resolv_conf, request.root)?;
     }
+    if let Some(ca) = &request.egress_ca {
+        install_egress_ca(ca)?;
+    }
     if let Some(workspace) = &request.workspace {
         let target = at(&workspace.path);
         let read_only = workspace.mode != WorkspaceMode::ReadWrite;
@@ -327,6 +363,17 @@ fn build_root(request: &RunRequest) -> io::Result<()> {
         mount_volume(n, volume, &at(&volume.path))?;
     }
     Ok(())
+}
+
+/// The egress proxy's CA in the root's bundles and /etc/agentkernel, as
+/// native adds it (its code, resolved inside the root), in the root's
+/// tmpfs overlay. (A read-only root never gets a proxy: only the
+/// restrictive profile has one, and it has no network for egress options;
+/// were it to, the write would fail and the run with it, never unproxied.)
+fn install_egress_ca(ca: &str) -> io::Result<()> {
+    let dir: OwnedFd = File::open(NEW_ROOT)?.into();
+    agentkernel_native::egress::install_ca(&dir, ca)
+        .map_err(|e| io::Error::other(format!("install the egress proxy's CA: {e}")))
 }
 
 /// Volume `n`'s share at `target` (made if missing: on a read-only root
@@ -665,6 +712,7 @@ fn run_command(
     port: &Port,
     mut reader: File,
     cgroup: Option<File>,
+    tunnels: Option<Tunnels>,
 ) -> io::Result<()> {
     let out = Out {
         port: port.clone(),
@@ -681,7 +729,14 @@ fn run_command(
     // (Never joined: after the exit the port's reader may block forever.)
     std::thread::spawn(move || {
         while let Ok(Some(message)) = read_frame::<_, HostMessage>(&mut reader) {
-            deliver(message, pid, &stdin);
+            match message {
+                HostMessage::Tunnel(frame) => {
+                    if let Some(tunnels) = &tunnels {
+                        tunnels.handle(frame);
+                    }
+                }
+                message => deliver(message, pid, &stdin),
+            }
         }
     });
     finish(launched, request.timeout_ms, &out, true)
@@ -710,7 +765,13 @@ fn deliver(message: HostMessage, pid: libc::pid_t, stdin: &mpsc::Sender<Input>) 
 
 /// A kept VM: the root is built; runs each command the host sends under its
 /// id, concurrently, until the host closes the port.
-fn serve(base: &RunRequest, port: &Port, mut reader: File, cgroup: Option<File>) -> io::Result<()> {
+fn serve(
+    base: &RunRequest,
+    port: &Port,
+    mut reader: File,
+    cgroup: Option<File>,
+    tunnels: Option<Tunnels>,
+) -> io::Result<()> {
     type Running = HashMap<u64, (libc::pid_t, mpsc::Sender<Input>)>;
     let running: Arc<Mutex<Running>> = Arc::default();
     // Kept open as long as the agent lives: every command joins it.
@@ -747,6 +808,11 @@ fn serve(base: &RunRequest, port: &Port, mut reader: File, cgroup: Option<File>)
                 // SAFETY: kill(-1) signals every process but ourselves.
                 unsafe { libc::kill(-1, libc::SIGKILL) };
                 send(port, &GuestMessage::EndedAll(count))?;
+            }
+            HostMessage::Tunnel(frame) => {
+                if let Some(tunnels) = &tunnels {
+                    tunnels.handle(frame);
+                }
             }
             _ => {}
         }

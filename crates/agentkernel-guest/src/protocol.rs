@@ -15,6 +15,10 @@
 //! [`HEARTBEAT_INTERVAL`], whatever else it is doing: a guest whose kernel
 //! hangs or spins goes silent, and the host can tell that from a command
 //! that merely prints nothing.
+//!
+//! A one-shot VM whose run has an egress proxy also carries the proxy's
+//! connections: [`HostMessage::Tunnel`] and [`GuestMessage::Tunnel`] hold a
+//! [`TunnelFrame`] (see `crate::tunnel`).
 
 use std::io::{self, Read, Write};
 use std::time::Duration;
@@ -121,7 +125,39 @@ pub struct RunRequest {
     /// command, like `argv`: never part of a pool key.
     #[serde(default)]
     pub tty: Option<WindowSize>,
+    /// The egress proxy's port on the guest's loopback: the agent listens
+    /// on `127.0.0.1:PORT` and carries each connection to the host (which
+    /// hands it to the proxy) as [`TunnelFrame`]s. With `egress_ca`, the
+    /// proxy's CA, added to the root's trust bundles before anything runs.
+    /// Left out of the JSON when unset: a pool key (a hash of it) stays
+    /// what it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_port: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_ca: Option<String>,
 }
+
+/// One connection's traffic through the agent's port, either way. The
+/// guest opens (a client connected to the proxy's port); then each side
+/// sends `Data` no more than [`TUNNEL_WINDOW`] bytes ahead of the other's
+/// `Ack`s (what it has written to its socket), so neither side ever holds
+/// more than that per connection; `Eof` says its sender's socket read its
+/// end (the other side shuts its socket's writing half once the data
+/// before it is written); `Close` ends the connection at once, both ways.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TunnelFrame {
+    Open { id: u64 },
+    Data { id: u64, data: Vec<u8> },
+    Ack { id: u64, bytes: u64 },
+    Eof { id: u64 },
+    Close { id: u64 },
+}
+
+/// How many bytes of one connection may be in flight each way (sent, not
+/// yet acknowledged): the most either side buffers for it.
+pub const TUNNEL_WINDOW: u64 = 256 << 10;
+/// The largest `Data` frame.
+pub const TUNNEL_CHUNK: usize = 32 << 10;
 
 /// A terminal's size in character cells (0 × 0: unknown, as a new
 /// terminal starts).
@@ -163,6 +199,8 @@ pub enum HostMessage {
     },
     /// Kept VM: kill every process but the agent; answered by `EndedAll`.
     EndAll,
+    /// A proxy connection's traffic (see [`TunnelFrame`]).
+    Tunnel(TunnelFrame),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -201,6 +239,8 @@ pub enum GuestMessage {
     EndedAll(u64),
     /// The heartbeat: the guest's kernel and agent still run.
     Alive,
+    /// A proxy connection's traffic (see [`TunnelFrame`]).
+    Tunnel(TunnelFrame),
 }
 
 pub fn write_frame<W: Write, T: Serialize>(writer: &mut W, message: &T) -> io::Result<()> {
@@ -280,6 +320,8 @@ mod tests {
             seccomp_restrictive: false,
             network: None,
             tty: Some(WindowSize { rows: 24, cols: 80 }),
+            egress_port: None,
+            egress_ca: None,
         })
         .unwrap();
         request.as_object_mut().unwrap().remove("tty");

@@ -33,6 +33,8 @@ pub const SYSTEM_BUNDLES: &[&str] = &[
 ];
 
 const LISTENER: u8 = b'l';
+const CONNECTIONS: u8 = b'C';
+const CONNECTION: u8 = b'c';
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EgressPlan {
@@ -98,16 +100,54 @@ pub fn send_listener(
     crate::process::channel::send_message(handoff, LISTENER, &fds)
 }
 
-/// The proxy process's end: the listening socket, once the sandbox exists,
-/// and the sandbox's process to outlive no longer than, if one was sent.
-pub fn receive_listener(handoff: &OwnedFd) -> io::Result<(std::net::TcpListener, Option<OwnedFd>)> {
+/// Tells the proxy that connections will come one by one
+/// ([`send_connection`]) instead of a listening socket: a VM's (qemu),
+/// which has no network namespace the proxy could listen in. Sent before
+/// the VM boots, so the proxy serves (and reports) from then on.
+pub fn expect_connections(handoff: &OwnedFd) -> io::Result<()> {
+    crate::process::channel::send_message(handoff, CONNECTIONS, &[])
+}
+
+/// Sends the proxy one connection to serve, already accepted: the VM's
+/// agent listens in the guest and the run carries each connection to the
+/// proxy over a socket pair, whose other end is the caller's. No address
+/// anyone else could connect to exists on the host.
+pub fn send_connection(
+    handoff: &OwnedFd,
+    stream: &std::os::unix::net::UnixStream,
+) -> io::Result<()> {
+    crate::process::channel::send_message(handoff, CONNECTION, &[stream.as_raw_fd()])
+}
+
+/// What the proxy serves: a listening socket (native, Docker, Podman) or
+/// connections sent one by one ([`send_connection`]).
+pub enum Handed {
+    /// The listening socket, and the sandbox's process to outlive no
+    /// longer than, if one was sent.
+    Listener(std::net::TcpListener, Option<OwnedFd>),
+    /// Connections, each sent on the handoff socket ([`receive_connection`]).
+    Connections,
+}
+
+/// The proxy process's end: what it serves, once the sandbox exists.
+pub fn receive_listener(handoff: &OwnedFd) -> io::Result<Handed> {
     match crate::process::channel::recv_message(handoff)? {
         (LISTENER, fds) if (1..=2).contains(&fds.len()) => {
             let mut fds = fds.into_iter();
             let listener = std::net::TcpListener::from(fds.next().expect("one fd"));
-            Ok((listener, fds.next()))
+            Ok(Handed::Listener(listener, fds.next()))
         }
+        (CONNECTIONS, fds) if fds.is_empty() => Ok(Handed::Connections),
         _ => Err(io::Error::other("no listening socket from the sandbox")),
+    }
+}
+
+/// The next connection ([`Handed::Connections`]); `None` once the run has
+/// closed its end.
+pub fn receive_connection(handoff: &OwnedFd) -> Option<std::os::unix::net::UnixStream> {
+    match crate::process::channel::recv_message(handoff) {
+        Ok((CONNECTION, fds)) if fds.len() == 1 => fds.into_iter().next().map(Into::into),
+        _ => None,
     }
 }
 
@@ -115,7 +155,7 @@ pub fn receive_listener(handoff: &OwnedFd) -> io::Result<(std::net::TcpListener,
 /// host's or the image store's files): `/etc/agentkernel/egress-ca.crt`,
 /// `/etc/agentkernel/ca-bundle.crt` (the system bundle plus the CA), and
 /// appended to each system bundle the image has.
-pub(crate) fn install_ca(root: &OwnedFd, ca_pem: &str) -> io::Result<()> {
+pub fn install_ca(root: &OwnedFd, ca_pem: &str) -> io::Result<()> {
     let mut system = String::new();
     for bundle in SYSTEM_BUNDLES {
         let Some(file) = open_in_root(root, bundle, libc::O_RDWR | libc::O_APPEND)? else {

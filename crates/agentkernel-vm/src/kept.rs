@@ -9,13 +9,19 @@
 //! expires, is removed or its VM dies; a holder that was killed leaves a
 //! state directory `collect` removes.
 //!
+//! A kept sandbox with an egress proxy: its creator starts the proxy and
+//! hands the holder the proxy's handoff socket and lifeline (inherited
+//! descriptors, `__vm-holder --egress H L STATE NAME`): the holder carries the guest's proxy
+//! connections to it (`crate::tunnel`) for every command, and the proxy
+//! ends when the holder does.
+//!
 //! Files in `<sandbox dir>`: `vm.json` (what to boot and the sandbox's base
 //! request, written by the creator), `vm-held.json` (who holds it),
 //! `vm.sock`, and `vm-paused` while paused.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -106,15 +112,34 @@ enum Request {
 
 type Reply = std::result::Result<u64, String>;
 
+/// A started egress proxy's handoff socket and lifeline, for the holder
+/// (`agentkernel_native::egress::StartedProxy`).
+pub struct Egress {
+    pub handoff: OwnedFd,
+    pub lifeline: OwnedFd,
+}
+
 /// Builds the kept VM `name` (already reserved in `store`) under a new
 /// holder, and returns once it serves commands — or with why it could not
-/// be built, its name released.
-pub fn create(store: &Store, name: &str, kept: &KeptVm) -> Result<()> {
+/// be built, its name released. With `egress`, the holder carries the
+/// guest's proxy connections (`kept.sandbox.egress_port` set); our copies
+/// of its descriptors close when this returns.
+pub fn create(store: &Store, name: &str, kept: &KeptVm, egress: Option<Egress>) -> Result<()> {
     let built = (|| {
         let spec = serde_json::to_vec(kept).or_else(|e| fail(e.to_string()))?;
         write_atomic(&store.sandbox_dir(name).join(SPEC_FILE), &spec)
             .or_else(|e| fail(e.to_string()))?;
-        let mut holder = spawn_holder(&[store.root().as_os_str(), name.as_ref()], Stdio::piped())?;
+        let mut args: Vec<std::ffi::OsString> = Vec::new();
+        let mut inherit = Vec::new();
+        if let Some(egress) = &egress {
+            inherit = vec![egress.handoff.as_raw_fd(), egress.lifeline.as_raw_fd()];
+            args.push(EGRESS_FLAG.into());
+            args.extend(inherit.iter().map(|fd| fd.to_string().into()));
+        }
+        // The name last: what finds a sandbox's holder by its arguments.
+        args.extend([store.root().as_os_str().to_owned(), name.into()]);
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+        let mut holder = spawn_holder(&args, Stdio::piped(), &inherit)?;
         // "ok" once the VM serves commands, else why not; then EOF.
         let mut answer = String::new();
         if let Some(mut report) = holder.stdout.take() {
@@ -138,12 +163,18 @@ pub fn create(store: &Store, name: &str, kept: &KeptVm) -> Result<()> {
     built
 }
 
+/// The holder's argument before the egress proxy's two descriptors.
+const EGRESS_FLAG: &str = "--egress";
+
 /// Starts `agentkernel __vm-holder ARGS` in its own session (the user's
-/// Ctrl-C or a closed terminal does not end the VM), its stdout `report`.
+/// Ctrl-C or a closed terminal does not end the VM), its stdout `report`,
+/// keeping the descriptors `inherit` open across the exec.
 pub(crate) fn spawn_holder(
     args: &[&std::ffi::OsStr],
     report: Stdio,
+    inherit: &[RawFd],
 ) -> Result<std::process::Child> {
+    let inherit = inherit.to_vec();
     let exe = std::env::current_exe()
         .or_else(|e| fail(format!("cannot find agentkernel itself: {e}")))?;
     let mut holder = Command::new(exe);
@@ -156,8 +187,14 @@ pub(crate) fn spawn_holder(
         .stderr(Stdio::null());
     // SAFETY: setsid is async-signal-safe.
     unsafe {
-        holder.pre_exec(|| {
+        holder.pre_exec(move || {
             libc::setsid();
+            for fd in &inherit {
+                // SAFETY (fcntl): clears FD_CLOEXEC in the child only.
+                if libc::fcntl(*fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             Ok(())
         });
     }
@@ -166,8 +203,8 @@ pub(crate) fn spawn_holder(
         .or_else(|e| fail(format!("cannot start the VM's holder: {e}")))
 }
 
-/// The holder: `agentkernel __vm-holder STATE NAME` (a kept sandbox, its
-/// creator waiting on our stdout) or `agentkernel __vm-holder --warm DIR`
+/// The holder: `agentkernel __vm-holder [--egress H L] STATE NAME` (a kept
+/// sandbox, its creator waiting on our stdout) or `agentkernel __vm-holder --warm DIR`
 /// (a warm pool VM, `crate::pool`). Returns its exit code.
 pub fn holder_main(args: &[String]) -> i32 {
     let place = match args {
@@ -180,14 +217,31 @@ pub fn holder_main(args: &[String]) -> i32 {
             );
             Place::Warm { dir }
         }
-        [state, name] => Place::Kept {
+        [state, name] | [_, _, _, state, name] => Place::Kept {
             store: Store::new(PathBuf::from(state)),
             name: name.clone(),
         },
         _ => return 125,
     };
+    let egress = match args {
+        [flag, handoff, lifeline, _, _] if flag == EGRESS_FLAG => {
+            match (handoff.parse::<RawFd>(), lifeline.parse::<RawFd>()) {
+                // SAFETY: the creator passed these two for us alone
+                // (`create`), open across the exec.
+                (Ok(h), Ok(l)) if h > 2 && l > 2 && h != l => unsafe {
+                    Some(Egress {
+                        handoff: OwnedFd::from_raw_fd(h),
+                        lifeline: OwnedFd::from_raw_fd(l),
+                    })
+                },
+                _ => return 125,
+            }
+        }
+        [_, _, _, _, _] => return 125,
+        _ => None,
+    };
     let mut report = std::io::stdout();
-    let holder = match start(place) {
+    let holder = match start(place, egress) {
         Ok(holder) => holder,
         Err((place, e)) => {
             let _ = write!(report, "{e}");
@@ -277,6 +331,10 @@ struct Holder {
     /// When the guest last said anything (its heartbeat included), or was
     /// resumed: a running guest that stays silent past the limit hung.
     heard: Mutex<Instant>,
+    /// The guest's egress proxy connections, carried to the proxy.
+    tunnels: Option<crate::tunnel::Tunnels>,
+    /// Held as long as we live: the proxy ends with us.
+    _lifeline: Option<OwnedFd>,
 }
 
 /// Why the holder ends the sandbox.
@@ -285,8 +343,11 @@ enum End {
     Removed,
 }
 
-fn start(place: Place) -> std::result::Result<Holder, (Place, crate::Error)> {
-    match boot_and_hold(&place) {
+fn start(
+    place: Place,
+    egress: Option<Egress>,
+) -> std::result::Result<Holder, (Place, crate::Error)> {
+    match boot_and_hold(&place, egress) {
         Ok(parts) => Ok(parts.into_holder(place)),
         Err(e) => Err((place, e)),
     }
@@ -300,6 +361,8 @@ struct Parts {
     reader: UnixStream,
     listener: UnixListener,
     qmp: Qmp,
+    tunnels: Option<crate::tunnel::Tunnels>,
+    lifeline: Option<OwnedFd>,
 }
 
 impl Parts {
@@ -316,11 +379,13 @@ impl Parts {
             next_id: AtomicU64::new(1),
             ended_all: Mutex::default(),
             heard: Mutex::new(Instant::now()),
+            tunnels: self.tunnels,
+            _lifeline: self.lifeline,
         }
     }
 }
 
-fn boot_and_hold(place: &Place) -> Result<Parts> {
+fn boot_and_hold(place: &Place, egress: Option<Egress>) -> Result<Parts> {
     let dir = place.dir();
     let kept = KeptVm::load_from(&dir)?;
     let qemu = Qemu {
@@ -333,6 +398,13 @@ fn boot_and_hold(place: &Place) -> Result<Parts> {
     let mut reader = port.try_clone().or_else(|e| fail(format!("socket: {e}")))?;
     session::await_ready(&mut reader, &mut vm)?;
     let port = Arc::new(Mutex::new(port));
+    let (tunnels, lifeline) = match egress {
+        Some(Egress { handoff, lifeline }) => (
+            Some(crate::tunnel::to_proxy(handoff, port.clone())),
+            Some(lifeline),
+        ),
+        None => (None, None),
+    };
     let sandbox = RunRequest {
         network: vm.guest_network(),
         ..kept.sandbox.clone()
@@ -402,6 +474,8 @@ fn boot_and_hold(place: &Place) -> Result<Parts> {
         reader,
         listener,
         qmp,
+        tunnels,
+        lifeline,
     })
 }
 
@@ -483,6 +557,11 @@ impl Holder {
                 GuestMessage::EndedAll(count) => {
                     if let Some(waiting) = lock(&self.ended_all).take() {
                         let _ = waiting.send(count);
+                    }
+                }
+                GuestMessage::Tunnel(frame) => {
+                    if let Some(tunnels) = &self.tunnels {
+                        tunnels.handle(frame);
                     }
                 }
                 _ => {}
@@ -685,7 +764,7 @@ pub(crate) fn exec_on(
     // The holder watches the guest's heartbeat (it ends a silent VM, which
     // ends this stream): nothing here to watch but the command's time.
     let stream = Arc::new(Mutex::new(stream));
-    match session::stream_command(reader, stream, backstop, None, signals, tty) {
+    match session::stream_command(reader, stream, backstop, None, signals, tty, None) {
         Streamed::Ended(ended) => Ok(ended),
         Streamed::Failed(why) => fail(why),
         Streamed::Silent(silence) => fail(session::silent_guest(silence)),

@@ -3,7 +3,8 @@
 //! it loads ([`initramfs`]), the image as a read-only disk ([`disk`]), a VMM
 //! that boots them ([`vmm`]: QEMU today; Firecracker is meant to be one more
 //! [`vmm::Vmm`]), and a conversation with the agent ([`session`]); a kept
-//! sandbox's VM lives under a holder process ([`kept`]).
+//! sandbox's VM lives under a holder process ([`kept`]); a run's egress
+//! proxy is reached through the agent's port ([`tunnel`]).
 
 pub mod disk;
 pub mod initramfs;
@@ -12,6 +13,7 @@ pub mod kernel;
 pub mod net;
 pub mod pool;
 pub mod session;
+pub mod tunnel;
 pub mod vmm;
 
 pub use agentkernel_guest::protocol;

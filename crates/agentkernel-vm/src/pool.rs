@@ -137,7 +137,7 @@ pub fn refill(root: &Path, key: &str, vm: &KeptVm, size: u32, idle: Duration) ->
         let _ = std::fs::remove_dir_all(&dir);
         return fail(format!("cannot prepare a warm VM: {e}"));
     }
-    if let Err(e) = kept::spawn_holder(&["--warm".as_ref(), dir.as_os_str()], Stdio::null()) {
+    if let Err(e) = kept::spawn_holder(&["--warm".as_ref(), dir.as_os_str()], Stdio::null(), &[]) {
         let _ = std::fs::remove_dir_all(&dir);
         return Err(e);
     }
@@ -393,6 +393,8 @@ mod tests {
             seccomp_restrictive: false,
             network: None,
             tty: None,
+            egress_port: None,
+            egress_ca: None,
         };
         let per_run = RunRequest {
             argv: vec!["sh".into()],

@@ -64,8 +64,16 @@ pub enum Ended {
 }
 
 /// Runs `request` in a VM booted by `vmm` from `vm`. The command's output
-/// goes to our stdout/stderr as it arrives; our stdin goes to it.
-pub fn run(vmm: &dyn Vmm, vm: &VmConfig, request: RunRequest) -> Result<Ended> {
+/// goes to our stdout/stderr as it arrives; our stdin goes to it. With
+/// `egress` (the handoff socket of a started egress proxy, and
+/// `request.egress_port` set), the guest's connections to the proxy's port
+/// are carried to the proxy.
+pub fn run(
+    vmm: &dyn Vmm,
+    vm: &VmConfig,
+    request: RunRequest,
+    egress: Option<std::os::fd::OwnedFd>,
+) -> Result<Ended> {
     // Caught from before the boot, forwarded once the command runs.
     let signals = catch_signals();
     let (stream, mut vm_process) = boot(vmm, vm, None)?;
@@ -76,7 +84,7 @@ pub fn run(vmm: &dyn Vmm, vm: &VmConfig, request: RunRequest) -> Result<Ended> {
         network: vm_process.guest_network(),
         ..request
     };
-    converse(stream, request, &mut vm_process, signals)
+    converse(stream, request, &mut vm_process, signals, egress)
 }
 
 /// Starts the VMM and returns our end of the agent's port. `control`, if
@@ -180,11 +188,13 @@ fn converse(
     request: RunRequest,
     vm: &mut VmProcess,
     signals: Option<std::fs::File>,
+    egress: Option<std::os::fd::OwnedFd>,
 ) -> Result<Ended> {
     let mut reader = stream
         .try_clone()
         .or_else(|e| fail(format!("socket: {e}")))?;
     let writer = Arc::new(Mutex::new(stream));
+    let tunnels = egress.map(|handoff| crate::tunnel::to_proxy(handoff, writer.clone()));
     await_ready(&mut reader, vm)?;
     // The agent enforces the timeout; this is the backstop for a guest
     // that stops answering: no frame for that long ends the run.
@@ -202,6 +212,7 @@ fn converse(
         Some(silence_limit()),
         signals,
         tty,
+        tunnels.as_ref(),
     ) {
         Streamed::Ended(ended) => {
             vm.kill();
@@ -241,7 +252,8 @@ pub(crate) enum Streamed {
 /// couple of seconds, nothing for that long means the guest hung. `tty`:
 /// the command has a terminal in the guest, so ours is raw until it ends
 /// (keys, ^C included, are the guest terminal's to interpret) and follows
-/// our window's size.
+/// our window's size. `tunnels`: where the guest's egress connections go
+/// (frames for them are ignored without).
 pub(crate) fn stream_command(
     mut reader: UnixStream,
     writer: Arc<Mutex<UnixStream>>,
@@ -249,6 +261,7 @@ pub(crate) fn stream_command(
     silence: Option<Duration>,
     signals: Option<std::fs::File>,
     tty: bool,
+    tunnels: Option<&crate::tunnel::Tunnels>,
 ) -> Streamed {
     let sent = Instant::now();
     // Restored when this returns, however the command or the VM ended.
@@ -293,6 +306,11 @@ pub(crate) fn stream_command(
         match read_frame::<_, GuestMessage>(&mut reader) {
             Ok(Some(GuestMessage::Alive)) => {}
             Ok(Some(GuestMessage::Started)) => trace("command started"),
+            Ok(Some(GuestMessage::Tunnel(frame))) => {
+                if let Some(tunnels) = tunnels {
+                    tunnels.handle(frame);
+                }
+            }
             Ok(Some(GuestMessage::Stdout(data))) => {
                 // What a receipt digests (nothing is kept without --receipt).
                 observe::output(observe::Stream::Stdout, &data);

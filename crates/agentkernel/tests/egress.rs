@@ -60,6 +60,12 @@ fn host_address() -> String {
         .to_string()
 }
 
+/// The upstream's CA at /upstream/ca.pem in the sandbox: its directory,
+/// read-only (a VM shares directories, not single files).
+fn ca_volume(upstream: &common::upstream::Upstream) -> String {
+    format!("{}:/upstream:ro", upstream.ca().parent().unwrap().display())
+}
+
 /// In the first sandbox: its proxy answers on its loopback; then it stays.
 const FIRST: &str = "import socket, time
 socket.create_connection(('127.0.0.1', 3128), 2)
@@ -104,7 +110,7 @@ fn with_an_allow_list_only_listed_hosts_are_reachable_and_only_through_the_proxy
     let script = format!(
         r#"
 import os, socket, ssl, urllib.request
-ctx = ssl.create_default_context(cafile="/upstream-ca.pem")
+ctx = ssl.create_default_context(cafile="/upstream/ca.pem")
 print("listed", urllib.request.urlopen("https://{API}/listed", context=ctx, timeout=10).read())
 try:
     urllib.request.urlopen("https://evil.example.test/", context=ctx, timeout=10)
@@ -141,7 +147,7 @@ print("proxy visible" if any(needle in c for c in cmdlines) else "proxy not visi
         "--egress-log",
         log.to_str().unwrap(),
         "-v",
-        &format!("{}:/upstream-ca.pem:ro", upstream.ca().display()),
+        &ca_volume(&upstream),
         "--",
         "python3",
         "-c",
@@ -265,7 +271,7 @@ fn a_bound_secret_skips_spoofed_hosts_redirects_and_other_hosts() {
         &binding,
         "--placeholder-secrets",
         "-v",
-        &format!("{}:/upstream-ca.pem:ro", upstream.ca().display()),
+        &ca_volume(&upstream),
         "--",
         "python3",
         "-c",
@@ -404,6 +410,10 @@ fn kept_sandbox_holder(env: &TestEnv, guard: &KeptGuard) -> u32 {
     if is_native() {
         return holder_of(env);
     }
+    if backend() == "qemu" {
+        let state = env.state_dir().to_str().unwrap();
+        return qemu_holder_of(state, &guard.container()).expect("the kept VM's holder");
+    }
     let pid = engine_ok(&["inspect", "-f", "{{.State.Pid}}", &guard.container()]);
     pid.trim().parse().unwrap()
 }
@@ -414,7 +424,7 @@ fn kept_sandbox_holder(env: &TestEnv, guard: &KeptGuard) -> u32 {
 /// engine's view of the container (config, env, labels, mounts).
 fn what_the_host_keeps_about(env: &TestEnv, guard: &KeptGuard) -> String {
     use std::os::unix::fs::MetadataExt;
-    if !is_native() {
+    if !uses_own_image_store() {
         return engine_ok(&["inspect", &guard.container()]);
     }
     let device = std::fs::metadata(env.state_dir()).unwrap().dev();
@@ -608,7 +618,7 @@ import os, ssl, urllib.request, urllib.error
 # upstream's own CA, for the redirect's unbound host (tunnelled, so the
 # sandbox verifies it itself).
 ctx = ssl.create_default_context()
-ctx.load_verify_locations("/upstream-ca.pem")
+ctx.load_verify_locations("/upstream/ca.pem")
 urllib.request.install_opener(urllib.request.build_opener(urllib.request.HTTPSHandler(context=ctx)))
 ph = os.environ["API_KEY"]
 print("env", ph.startswith("AGENTKERNEL_PLACEHOLDER_"))
@@ -806,7 +816,7 @@ mod clients {
         );
     }
 
-    fn curl_gets_the_secret_injected() {
+    pub(super) fn curl_gets_the_secret_injected() {
         gets_the_secret_injected(
             CURL,
             &["curl", "-sSf", "https://api.example.test/curl"],
@@ -831,4 +841,119 @@ mod clients {
         curl_gets_the_secret_injected,
         node_fetch_gets_the_secret_injected,
     );
+}
+
+/// The qemu backend (docs/qemu.md, "The egress proxy"): a one-shot VM's
+/// agent listens on the proxy's port on the guest's loopback and carries
+/// each connection over its port to the run, which hands it to the proxy on
+/// the host; under an allow-list the VM has no NIC. The tests above that
+/// hold for a one-shot VM, and the VM's own.
+mod qemu_only {
+    use super::*;
+
+    #[test]
+    fn with_an_allow_list_only_listed_hosts_are_reachable_and_only_through_the_proxy() {
+        super::with_an_allow_list_only_listed_hosts_are_reachable_and_only_through_the_proxy()
+    }
+
+    #[test]
+    fn another_sandbox_and_the_host_cannot_reach_a_sandbox_proxy() {
+        super::another_sandbox_and_the_host_cannot_reach_a_sandbox_proxy()
+    }
+
+    #[test]
+    fn another_sandbox_cannot_reach_a_proxy_at_its_sandboxs_address() {
+        super::another_sandbox_cannot_reach_a_proxy_at_its_sandboxs_address()
+    }
+
+    #[test]
+    fn a_bound_secret_skips_spoofed_hosts_redirects_and_other_hosts() {
+        super::a_bound_secret_skips_spoofed_hosts_redirects_and_other_hosts()
+    }
+
+    #[test]
+    fn bad_egress_options_are_one_line_errors() {
+        super::bad_egress_options_are_one_line_errors()
+    }
+
+    #[test]
+    fn a_kept_sandboxs_proxy_lives_exactly_as_long_as_the_sandbox() {
+        super::a_kept_sandboxs_proxy_lives_exactly_as_long_as_the_sandbox()
+    }
+
+    #[test]
+    fn a_proxied_run_keeps_stdin_exit_codes_timeouts_and_oom() {
+        super::a_proxied_run_keeps_stdin_exit_codes_timeouts_and_oom()
+    }
+
+    #[test]
+    fn curl_gets_the_secret_injected() {
+        super::clients::curl_gets_the_secret_injected()
+    }
+
+    /// Under an allow-list the VM's only interface is `lo`, and bulk
+    /// traffic on several connections at once crosses the tunnel whole
+    /// (its window: acknowledgements keep it moving, never unbounded).
+    #[test]
+    fn under_an_allow_list_the_vm_has_only_loopback_and_bulk_traffic_crosses_whole() {
+        let env = TestEnv::new();
+        let upstream = start_upstream();
+        let config = upstream.config(&env, "");
+        let script = format!(
+            r#"
+import hashlib, os, ssl, threading, urllib.request
+print("interfaces", sorted(os.listdir("/sys/class/net")))
+ctx = ssl.create_default_context(cafile="/upstream/ca.pem")
+want = hashlib.sha256(bytes(range(256)) * 8192).hexdigest()
+results = []
+def fetch():
+    body = urllib.request.urlopen("https://{API}/big", context=ctx, timeout=60).read()
+    results.append(hashlib.sha256(body).hexdigest() == want)
+threads = [threading.Thread(target=fetch) for _ in range(3)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print("whole", results)
+"#
+        );
+        let out = env.run(&[
+            "run",
+            "-c",
+            config.to_str().unwrap(),
+            "--image",
+            PYTHON,
+            "--allow-host",
+            API,
+            "-v",
+            &ca_volume(&upstream),
+            "--",
+            "python3",
+            "-c",
+            &script,
+        ]);
+        assert_code(&out, 0);
+        let text = stdout(&out);
+        assert!(text.contains("interfaces ['lo']"), "{text}");
+        assert!(text.contains("whole [True, True, True]"), "{text}");
+        assert!(wait_until(Duration::from_secs(5), || proxies_of(&env).is_empty()));
+    }
+
+    /// `--secret-file` (a tmpfs in the guest the host would have to
+    /// fill) is refused before anything starts, one line.
+    #[test]
+    fn secret_files_are_refused() {
+        let env = TestEnv::new();
+        let out = env.run(&[
+            "run",
+            "-S",
+            "K=v:api.example.test",
+            "--secret-file",
+            "K",
+            "-i",
+            BUSYBOX,
+            "true",
+        ]);
+        let line = assert_one_line_error(&out);
+        assert!(line.contains("--secret-file"), "{line}");
+        assert!(proxies_of(&env).is_empty());
+    }
 }

@@ -571,11 +571,19 @@ mod qemu_only {
                 &["run", "-i", "host", "--no-network", "true"][..],
                 "--image host",
             ),
-            // Allow-lists and secrets need the egress proxy, which VMs do
-            // not have: refused, never run unenforced.
+            // No tmpfs of secrets in a VM yet (`-S` works: tests/egress.rs).
             (
-                &["run", "--allow-host", "example.com", "-i", BUSYBOX, "true"][..],
-                "egress proxy",
+                &[
+                    "run",
+                    "-S",
+                    "K=v:api.example.test",
+                    "--secret-file",
+                    "K",
+                    "-i",
+                    BUSYBOX,
+                    "true",
+                ][..],
+                "--secret-file",
             ),
             (
                 &[

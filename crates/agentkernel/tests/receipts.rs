@@ -775,6 +775,14 @@ on_every_proxy_backend!(
     a_proxied_run_records_its_egress_summary,
 );
 
+/// A VM's proxy reports as native's does (one-shot and kept).
+mod egress_qemu_only {
+    #[test]
+    fn a_proxied_run_records_its_egress_summary() {
+        super::a_proxied_run_records_its_egress_summary()
+    }
+}
+
 mod native_only {
     use super::*;
 

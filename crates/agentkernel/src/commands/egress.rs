@@ -14,7 +14,7 @@ use agentkernel_core::parse::PortMapping;
 use agentkernel_core::policy::Policy;
 use agentkernel_core::{Error, Result};
 use agentkernel_egress::{parse_host_pattern, Proxy, ProxyConfig};
-use agentkernel_native::egress::{CONFIG_FD, HANDOFF_FD, LIFELINE_FD, REPORT_FD};
+use agentkernel_native::egress::{self, CONFIG_FD, HANDOFF_FD, LIFELINE_FD, REPORT_FD};
 
 /// The allow-list half of `SandboxSpec::egress` (flags, `[network] allow`,
 /// upstream's `[security.domains] allow`) with the proxy's own settings,
@@ -70,6 +70,23 @@ fn with_proxy_settings(mut egress: EgressSpec, config: &Config) -> EgressSpec {
     egress.upstream_ca_file = config.proxy_ca_file.clone();
     egress.resolve = config.proxy_resolve.clone();
     egress
+}
+
+/// What the proxy process serves (`egress::Handed`).
+enum Serving {
+    Listener(tokio::net::TcpListener),
+    Connections(tokio::sync::mpsc::Receiver<std::os::unix::net::UnixStream>),
+}
+
+impl Serving {
+    async fn serve(self, proxy: &Proxy) {
+        match self {
+            Serving::Listener(listener) => {
+                let _ = proxy.serve(listener).await;
+            }
+            Serving::Connections(connections) => proxy.serve_connections(connections).await,
+        }
+    }
 }
 
 /// `agentkernel __egress-proxy`: the proxy process. Returns its exit code.
@@ -136,21 +153,38 @@ pub fn proxy_main() -> i32 {
         Err(_) => return crate::EXIT_AGENTKERNEL_ERROR,
     };
     runtime.block_on(async move {
-        // Blocks until the sandbox's network namespace exists (or its
-        // supervisor is gone: then EOF, and we exit).
-        let listener = tokio::task::spawn_blocking(move || {
-            agentkernel_native::egress::receive_listener(&handoff)
-        })
-        .await;
-        let Ok(Ok((listener, sandbox_process))) = listener else {
-            return 0;
-        };
-        let listener = match listener
-            .set_nonblocking(true)
-            .and_then(|()| tokio::net::TcpListener::from_std(listener))
-        {
-            Ok(l) => l,
-            Err(_) => return crate::EXIT_AGENTKERNEL_ERROR,
+        // Blocks until the sandbox's network namespace exists, or a VM's
+        // run says connections will follow (or the sandbox's owner is
+        // gone: then EOF, and we exit).
+        let handoff = std::sync::Arc::new(handoff);
+        let receiving = handoff.clone();
+        let handed =
+            tokio::task::spawn_blocking(move || egress::receive_listener(&receiving)).await;
+        let (serving, sandbox_process) = match handed {
+            Ok(Ok(egress::Handed::Listener(listener, sandbox_process))) => {
+                let listener = match listener
+                    .set_nonblocking(true)
+                    .and_then(|()| tokio::net::TcpListener::from_std(listener))
+                {
+                    Ok(l) => l,
+                    Err(_) => return crate::EXIT_AGENTKERNEL_ERROR,
+                };
+                (Serving::Listener(listener), sandbox_process)
+            }
+            // A VM's (qemu): connections come one by one over the handoff
+            // socket, from the run, which only the run holds.
+            Ok(Ok(egress::Handed::Connections)) => {
+                let (sender, connections) = tokio::sync::mpsc::channel(16);
+                std::thread::spawn(move || {
+                    while let Some(stream) = egress::receive_connection(&handoff) {
+                        if sender.blocking_send(stream).is_err() {
+                            return;
+                        }
+                    }
+                });
+                (Serving::Connections(connections), None)
+            }
+            _ => return 0,
         };
         // The end of the sandbox: the lifeline's EOF, or, for an engine's
         // kept container (sent with the socket), its process's exit. Both
@@ -181,7 +215,7 @@ pub fn proxy_main() -> i32 {
         };
         tokio::select! {
             () = reports => {}
-            _ = proxy.serve(listener) => {}
+            _ = serving.serve(&proxy) => {}
             () = ended => {}
             _ = term.recv() => {}
         }

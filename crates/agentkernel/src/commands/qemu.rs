@@ -10,6 +10,7 @@ use agentkernel_core::backend::{
     Backend, BackendKind, Capabilities, Collected, Probe, RunOptions, Support,
 };
 use agentkernel_core::config::{Config, QemuKernel};
+use agentkernel_core::egress::{EgressSpec, SecretValues};
 use agentkernel_core::policy::WorkspaceMode;
 use agentkernel_core::spec::{ExecRequest, Outcome, SandboxSpec};
 use agentkernel_core::state::{SandboxRecord, Store};
@@ -48,13 +49,9 @@ impl Backend for QemuBackend {
 
     fn capabilities(&self) -> Capabilities {
         // What a VM cannot do yet is refused by `refuse_unsupported`, with
-        // its own hints; only the egress proxy is refused up front, as on
-        // every backend without it.
+        // its own hints. The egress proxy needs no root here: the VM's
+        // connections to it travel over the agent's port (`run`).
         Capabilities {
-            egress_proxy: Support::no(
-                "on the qemu backend",
-                "use -B native as root, whose proxy only its own sandbox can reach",
-            ),
             warm_pool: true,
             // Published ports are relayed over IPv4 only, as on native.
             ipv6_ports: Support::no(
@@ -86,15 +83,18 @@ impl Backend for QemuBackend {
             return super::qemu_kept::run(&self.store, spec, options).await;
         }
         // A warm VM's root is built before the run is known: a run that
-        // brings files boots its own.
-        if options.warm_pool && options.files.is_empty() {
+        // brings files boots its own (and one with an egress proxy: the
+        // CLI never offers it the pool).
+        if options.warm_pool && options.files.is_empty() && proxied(spec).is_none() {
             return super::qemu_pool::run(&self.store, spec, options.config).await;
         }
-        run(spec, options.config, &options.files).await
+        run(spec, options.config, &options.files, options.secrets).await
     }
 
     async fn exec(&self, record: &SandboxRecord, request: &ExecRequest) -> Result<Outcome> {
-        super::qemu_kept::exec(&self.store, &record.name, request)
+        // With --receipt and a proxy, the command's traffic goes into it.
+        let command = async { super::qemu_kept::exec(&self.store, &record.name, request) };
+        agentkernel_native::egress::observing_kept(&self.store, &record.name, command).await
     }
 
     async fn create(
@@ -170,11 +170,66 @@ pub async fn run(
     spec: &SandboxSpec,
     config: &Config,
     files: &[agentkernel_core::files::InjectedFile],
+    secrets: &SecretValues,
 ) -> Result<Outcome> {
-    let (host, vm, request) = prepare(spec, config, files).await?;
-    let request = with_terminal(request, spec.exec.tty);
-    let ended = session::run(&host.qemu, &vm, request).map_err(backend_error)?;
-    Ok(outcome(ended))
+    let (host, mut vm, request) = prepare(spec, config, files).await?;
+    let mut request = with_terminal(request, spec.exec.tty);
+    let Some(egress) = proxied(spec) else {
+        let ended = session::run(&host.qemu, &vm, request, None).map_err(backend_error)?;
+        return Ok(outcome(ended));
+    };
+    // Last before the boot, as on native: nothing after it fails but the
+    // VM, and the proxy ends with this process (its lifeline) either way.
+    let reports = agentkernel_native::egress::Reports {
+        socket: None,
+        final_report: agentkernel_core::observe::enabled(),
+    };
+    let proxy = agentkernel_native::egress::start(egress, secrets, reports)?;
+    agentkernel_native::egress::expect_connections(&proxy.handoff).map_err(|e| Error::Backend {
+        backend: "egress proxy",
+        message: format!("cannot reach it: {e}"),
+    })?;
+    with_proxy(&mut vm, &mut request, egress, &proxy.ca_pem);
+    let ended = session::run(&host.qemu, &vm, request, Some(proxy.handoff));
+    // The proxy ends (and drains into its report) once this is closed.
+    drop(proxy.lifeline);
+    if let Some(pipe) = proxy.final_report {
+        let report = tokio::task::spawn_blocking(move || {
+            agentkernel_native::egress::read_final_report(pipe)
+        })
+        .await;
+        agentkernel_core::observe::egress(agentkernel_native::egress::report_json(
+            report.ok().flatten(),
+        ));
+    }
+    Ok(outcome(ended.map_err(backend_error)?))
+}
+
+/// The spec's egress plan when it needs the proxy (-S, --allow-host, --egress-log).
+pub(super) fn proxied(spec: &SandboxSpec) -> Option<&EgressSpec> {
+    spec.egress.as_ref().filter(|e| e.needs_proxy())
+}
+
+/// A VM behind the egress proxy, as native's sandbox: the agent listens on
+/// the proxy's port on the guest's loopback (and carries what connects to
+/// the proxy), the root trusts the proxy's CA, the command has native's
+/// proxy variables; under an allow-list the VM has no NIC, so the proxy is
+/// its only way out.
+pub(super) fn with_proxy(
+    vm: &mut VmConfig,
+    request: &mut RunRequest,
+    egress: &EgressSpec,
+    ca_pem: &str,
+) {
+    if !egress.allow_hosts.is_empty() {
+        vm.network = None;
+    }
+    request.egress_port = Some(agentkernel_native::egress::PROXY_PORT);
+    request.egress_ca = Some(ca_pem.to_string());
+    // Later entries win in the guest, as the run's own variables do.
+    for (key, value) in agentkernel_native::egress::environment() {
+        request.env.push(format!("{key}={value}"));
+    }
 }
 
 /// `request` as one command's: with a terminal in the guest when `tty`
@@ -379,8 +434,15 @@ fn refuse_unsupported(spec: &SandboxSpec) -> Result<()> {
             "a VM shares directories: mount the directory that holds it",
         );
     }
-    if spec.egress.is_some() {
-        return refuse("secrets and the egress proxy", "use -B native");
+    if spec
+        .egress
+        .as_ref()
+        .is_some_and(|e| !e.secret_files.is_empty())
+    {
+        return refuse(
+            "--secret-file",
+            "pass the secret with -S KEY:HOST (the egress proxy adds it), or use -B native",
+        );
     }
     if spec.policy.user_limits.disk_bytes.is_some() {
         return refuse(
@@ -490,5 +552,8 @@ fn request(spec: &SandboxSpec, image: &images::ImageConfig) -> RunRequest {
         network: None,
         // Per command: `with_terminal`.
         tty: None,
+        // A one-shot run's, with its proxy: `with_proxy`.
+        egress_port: None,
+        egress_ca: None,
     }
 }

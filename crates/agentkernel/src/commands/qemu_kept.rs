@@ -25,14 +25,19 @@ pub async fn run(store: &Store, spec: &SandboxSpec, options: &RunOptions<'_>) ->
                     keep.name, record.backend, record.backend
                 )));
             }
-            let outcome = exec(store, &keep.name, &spec.exec);
+            agentkernel_native::egress::refuse_on_reuse(spec, &keep.name)?;
+            let command = async { exec(store, &keep.name, &spec.exec) };
+            let outcome =
+                agentkernel_native::egress::observing_kept(store, &keep.name, command).await;
             eprintln!("{}", kept_message(&keep.name, keep.ttl, true));
             return outcome;
         }
     }
     let first = create(store, spec, options, &|| Ok(())).await?;
     let first = with_terminal(first, spec.exec.tty);
-    let ended = kept::exec(store, &keep.name, first).map_err(backend_error);
+    // With --receipt and a proxy, the command's traffic goes into it.
+    let command = async { kept::exec(store, &keep.name, first).map_err(backend_error) };
+    let ended = agentkernel_native::egress::observing_kept(store, &keep.name, command).await;
     eprintln!("{}", kept_message(&keep.name, keep.ttl, false));
     Ok(outcome(ended?))
 }
@@ -66,7 +71,31 @@ pub async fn create(
     let built = async {
         reserved()?;
         // The files are written once, when the agent builds the sandbox.
-        let (host, vm, request) = prepare(spec, options.config, &options.files).await?;
+        let (host, mut vm, mut request) = prepare(spec, options.config, &options.files).await?;
+        // The proxy, as for a one-shot run, held by the VM's holder: it
+        // serves every command and ends with the sandbox. Started last, so
+        // nothing fails after it but the holder (whose end ends it).
+        let egress = match super::qemu::proxied(spec) {
+            Some(egress) => {
+                let reports = agentkernel_native::egress::Reports {
+                    socket: Some(agentkernel_native::egress::report_socket(store, &keep.name)),
+                    final_report: false,
+                };
+                let proxy = agentkernel_native::egress::start(egress, options.secrets, reports)?;
+                agentkernel_native::egress::expect_connections(&proxy.handoff).map_err(|e| {
+                    Error::Backend {
+                        backend: "egress proxy",
+                        message: format!("cannot reach it: {e}"),
+                    }
+                })?;
+                super::qemu::with_proxy(&mut vm, &mut request, egress, &proxy.ca_pem);
+                Some(kept::Egress {
+                    handoff: proxy.handoff,
+                    lifeline: proxy.lifeline,
+                })
+            }
+            None => None,
+        };
         let record = SandboxRecord::for_kept(spec, BackendKind::Qemu, String::new());
         let described = KeptVm {
             qemu: host.qemu.binary.clone(),
@@ -74,7 +103,7 @@ pub async fn create(
             sandbox: request.clone(),
             record: Some(record),
         };
-        kept::create(store, &keep.name, &described).map_err(backend_error)?;
+        kept::create(store, &keep.name, &described, egress).map_err(backend_error)?;
         Ok(RunRequest {
             files: Vec::new(),
             ..request

@@ -27,7 +27,7 @@ pub async fn run(store: &Store, spec: &SandboxSpec, config: &Config) -> Result<O
     // Published ports are bound when a VM boots: a warm VM would hold them
     // while it waits. A run that publishes boots its own.
     if !spec.ports.is_empty() {
-        return super::qemu::run(spec, config, &[]).await;
+        return super::qemu::run(spec, config, &[], &Default::default()).await;
     }
     let (host, vm, request) = prepare(spec, config, &[]).await?;
     let warm = KeptVm {
@@ -55,7 +55,7 @@ pub async fn run(store: &Store, spec: &SandboxSpec, config: &Config) -> Result<O
             agentkernel_native::trace::phase("warm VM claimed");
             pool::run_claimed(claimed, request)
         }
-        None => session::run(&host.qemu, &warm.vm, request),
+        None => session::run(&host.qemu, &warm.vm, request, None),
     };
     // After the command: the next run of this key finds a VM ready. A
     // failure to start one only costs that run a boot.

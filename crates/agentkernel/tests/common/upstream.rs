@@ -39,6 +39,14 @@ class H(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
+        if self.path == "/big":
+            # 2 MiB of a known pattern: bulk traffic through a tunnel.
+            body = bytes(range(256)) * 8192
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
         self.send_response(200)
         self.send_header("Content-Length", "3")
         self.end_headers()
