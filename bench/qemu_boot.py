@@ -48,7 +48,7 @@ def newest(pattern):
     return max(found, key=os.path.getmtime)
 
 
-def boot(vm_dir, work, extra="", mem="2240M", smp="1", kernel=None, initrd=None, cmdline=BASE):
+def boot(vm_dir, work, extra="", mem="2240M", smp="1", kernel=None, initrd=None, cmdline=BASE, cpu="max"):
     kernel = newest(kernel or f"{vm_dir}/vmlinux-*")
     initrd = newest(initrd or f"{vm_dir}/initramfs-*.cpio")
     disk = newest(f"{vm_dir}/disks/*.ext4")
@@ -59,7 +59,7 @@ def boot(vm_dir, work, extra="", mem="2240M", smp="1", kernel=None, initrd=None,
     listener.settimeout(120)
     command = [
         "qemu-system-x86_64", "-nodefaults", "-no-user-config", "-no-reboot", "-display", "none",
-        "-monitor", "none", "-serial", "null", "-accel", "tcg", "-M", "pc", "-cpu", "max",
+        "-monitor", "none", "-serial", "null", "-accel", "tcg", "-M", "pc", "-cpu", cpu,
         "-smp", smp, "-m", mem, "-kernel", kernel, "-initrd", initrd,
         "-append", f"{cmdline} {extra}".strip(),
         "-drive", f"file={disk},if=none,id=root,format=raw,readonly=on",

@@ -65,12 +65,14 @@ pub async fn run(store: &Store, spec: &SandboxSpec, config: &Config) -> Result<O
         .pool_max_total
         .unwrap_or(agentkernel_core::config::DEFAULT_POOL_MAX_TOTAL);
     pool::make_room(&root, max_total);
+    agentkernel_native::trace::phase("pool made room");
     // A cap of 0: no warm VMs at all, nothing more boots.
     if max_total > 0 {
         if let Err(e) = pool::refill(&root, &key, &warm, size, idle) {
             eprintln!("agentkernel: notice: {e}");
         }
     }
+    agentkernel_native::trace::phase("pool refill started");
     Ok(outcome(ended.map_err(backend_error)?))
 }
 
