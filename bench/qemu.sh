@@ -6,7 +6,9 @@
 #      waits until the pool has a warm VM ready, as a run that is not back
 #      to back with the previous one finds it), and, as root, the same two
 #      qemu runs with a network (a tap on agentkernel0), alternated; then RUNS
-#      `agentkernel exec NAME -- true` in a kept VM; min and median wall time;
+#      `agentkernel exec NAME -- true` in a kept VM, and `docker run --rm
+#      --network none IMAGE true` when dockerd answers (the image pulled from
+#      the test registry); min and median wall time;
 #   2. the phase timeline of one cold VM run (AGENTKERNEL_TRACE_STARTUP=1):
 #      QEMU started, QEMU connected to the agent's socket, agent ready (with
 #      the guest kernel's own uptime then), command started, exit seen.
@@ -63,7 +65,13 @@ wait_warm() {
 }
 
 ms() { echo $(( $(date +%s%N) / 1000000 )); }
-declare -a native_ms qemu_ms pooled_ms exec_ms qemu_net_ms pooled_net_ms
+declare -a native_ms qemu_ms pooled_ms exec_ms qemu_net_ms pooled_net_ms docker_ms
+mirror=${AGENTKERNEL_REGISTRY_MIRRORS#http://}
+docker_image="$mirror/$image"
+docker=0
+if docker info >/dev/null 2>&1 && docker pull -q "$docker_image" >/dev/null 2>&1; then
+  docker=1
+fi
 for _ in $(seq 1 "$runs"); do
   wait_warm
   t=$(ms); "$ak" run "${pooled[@]}"; pooled_ms+=($(( $(ms) - t )))
@@ -76,6 +84,9 @@ for _ in $(seq 1 "$runs"); do
   fi
   t=$(ms); "$ak" run "${native[@]}"; native_ms+=($(( $(ms) - t )))
   t=$(ms); "$ak" run "${qemu[@]}"; qemu_ms+=($(( $(ms) - t )))
+  if [ "$docker" = 1 ]; then
+    t=$(ms); docker run --rm --network none "$docker_image" true; docker_ms+=($(( $(ms) - t )))
+  fi
 done
 "$ak" sandbox create -B qemu --no-network -i "$image" bench-kept 2>/dev/null
 for _ in $(seq 1 "$runs"); do
@@ -98,6 +109,7 @@ if [ "$net" = 1 ]; then
   stats "qemu true (pooled, network)" "${pooled_net_ms[@]}"
 fi
 stats "exec in a kept qemu VM: true" "${exec_ms[@]}"
+[ "$docker" = 1 ] && stats "docker run --rm --network none true" "${docker_ms[@]}"
 
 echo "== phase timeline of one cold VM run (ms since agentkernel started)"
 AGENTKERNEL_TRACE_STARTUP=1 "$ak" run "${qemu[@]}" 2>&1 >/dev/null |
