@@ -571,20 +571,7 @@ mod qemu_only {
                 &["run", "-i", "host", "--no-network", "true"][..],
                 "--image host",
             ),
-            // No tmpfs of secrets in a VM yet (`-S` works: tests/egress.rs).
-            (
-                &[
-                    "run",
-                    "-S",
-                    "K=v:api.example.test",
-                    "--secret-file",
-                    "K",
-                    "-i",
-                    BUSYBOX,
-                    "true",
-                ][..],
-                "--secret-file",
-            ),
+            // `--secret-file`: tests/egress.rs (`secret_files_are_refused`).
             (
                 &[
                     "run",
