@@ -42,24 +42,10 @@ pub fn ensure(cache_dir: &Path, agent: &Path, kernel: &Kernel) -> Result<PathBuf
     };
     let identity = std::fs::metadata(agent).map_err(cannot_read)?;
     let mut hash = Sha256::new();
-    {
-        use std::os::unix::fs::MetadataExt;
-        for n in [
-            identity.dev(),
-            identity.ino(),
-            identity.size(),
-            identity.mtime() as u64,
-            identity.mtime_nsec() as u64,
-        ] {
-            hash.update(n.to_le_bytes());
-        }
-    }
+    crate::hash_identity(&mut hash, &identity);
     hash.update(kernel.version.as_bytes());
     hash.update(MODULES.join(",").as_bytes());
-    let key: String = hash.finalize()[..12]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let key = crate::short_key(hash, 12);
     let path = cache_dir.join(format!("initramfs-{key}.cpio"));
     if path.is_file() {
         return Ok(path);

@@ -55,7 +55,6 @@ fn find_in(boot: &Path, modules: &Path) -> Result<Kernel> {
 /// place makes a new initramfs.
 pub fn chosen(image: &Path, modules: Option<&Path>) -> Result<Kernel> {
     use sha2::{Digest, Sha256};
-    use std::os::unix::fs::MetadataExt;
     let mut hash = Sha256::new();
     let meta = std::fs::metadata(image)
         .and_then(|m| {
@@ -72,9 +71,7 @@ pub fn chosen(image: &Path, modules: Option<&Path>) -> Result<Kernel> {
             ))
         })?;
     hash.update(image.as_os_str().as_encoded_bytes());
-    hash.update(meta.size().to_le_bytes());
-    hash.update(meta.mtime().to_le_bytes());
-    hash.update(meta.mtime_nsec().to_le_bytes());
+    crate::hash_identity(&mut hash, &meta);
     if let Some(dir) = modules {
         let index = dir.join("modules.dep");
         let meta = std::fs::metadata(&index).or_else(|e| {
@@ -84,13 +81,9 @@ pub fn chosen(image: &Path, modules: Option<&Path>) -> Result<Kernel> {
             ))
         })?;
         hash.update(index.as_os_str().as_encoded_bytes());
-        hash.update(meta.size().to_le_bytes());
-        hash.update(meta.mtime().to_le_bytes());
+        crate::hash_identity(&mut hash, &meta);
     }
-    let id: String = hash.finalize()[..6]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let id = crate::short_key(hash, 6);
     Ok(Kernel {
         image: image.to_path_buf(),
         version: format!("chosen-{id}"),

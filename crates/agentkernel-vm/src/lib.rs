@@ -35,3 +35,29 @@ pub type Result<T> = std::result::Result<T, Error>;
 pub(crate) fn fail<T>(why: impl Into<String>) -> Result<T> {
     Err(Error(why.into()))
 }
+
+/// A file's identity (device, inode, size, modification time) into `hash`:
+/// it changes whenever the file is rewritten or replaced, and costs one
+/// `stat` where hashing the content would read megabytes on every run.
+pub(crate) fn hash_identity(hash: &mut sha2::Sha256, meta: &std::fs::Metadata) {
+    use sha2::Digest;
+    use std::os::unix::fs::MetadataExt;
+    for n in [
+        meta.dev(),
+        meta.ino(),
+        meta.size(),
+        meta.mtime() as u64,
+        meta.mtime_nsec() as u64,
+    ] {
+        hash.update(n.to_le_bytes());
+    }
+}
+
+/// The first `bytes` of `hash`'s digest, in hex: a cache file's key.
+pub(crate) fn short_key(hash: sha2::Sha256, bytes: usize) -> String {
+    use sha2::Digest;
+    hash.finalize()[..bytes]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
