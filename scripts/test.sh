@@ -13,7 +13,8 @@
 # under your ~/.cargo or target/ becomes root's.
 #
 # Backend scopes: every integration test file runs against every backend;
-# tests in `mod native_only`, `mod engine_only` (docker and podman),
+# tests in `mod native_only`, `mod own_root_only` (native and qemu: the
+# backends whose root agentkernel builds), `mod engine_only` (docker and podman),
 # `mod docker_only`, `mod podman_only` and `mod qemu_only` are skipped by name (`--skip
 # native_only::`) on the backends they do not apply to, so they count as
 # "filtered out", never as passed. The scope names must match
@@ -26,9 +27,9 @@ set -uo pipefail
 # `--skip` arguments for the scopes that do not apply to backend $1.
 scope_skips() {
   local scope applies
-  for scope in native_only engine_only docker_only podman_only qemu_only; do
+  for scope in native_only own_root_only engine_only docker_only podman_only qemu_only; do
     case "$scope:$1" in
-      native_only:native | engine_only:docker | engine_only:podman | docker_only:docker | podman_only:podman | qemu_only:qemu) applies=1 ;;
+      native_only:native | own_root_only:native | own_root_only:qemu | engine_only:docker | engine_only:podman | docker_only:docker | podman_only:podman | qemu_only:qemu) applies=1 ;;
       *) applies=0 ;;
     esac
     [ "$applies" = 1 ] || printf -- '--skip %s:: ' "$scope"

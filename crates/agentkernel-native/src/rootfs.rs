@@ -113,21 +113,15 @@ pub fn build(
         )?;
     }
 
-    // Before any user mount: the CA goes into the root's own layer only.
+    // Before any user mount, so that all of this lands in the root's own
+    // layer: written after them, a volume at /etc would have the files
+    // written into the host's directory, and a volume under /tmp would be
+    // hidden by the tmpfs. A volume over one of these paths shadows ours,
+    // as the user asked. (And the workspace's disk, mounted meanwhile by
+    // another thread, is not waited for before it is needed.)
     if let Some(egress) = &plan.egress {
         crate::egress::install_ca(&root, &egress.ca_pem)
             .map_err(context("install the egress proxy's CA"))?;
-    }
-    if let Some(image) = &plan.workspace_disk {
-        let target = plan.scratch.join(crate::disk::MOUNT_NAME);
-        match workspace_disk() {
-            Some(mount) => crate::disk::attach_detached(&mount, &target)?,
-            None => crate::disk::mount_workspace_image(image, &target)?,
-        }
-        crate::trace::phase("init: workspace disk mounted");
-    }
-    for (i, m) in plan.mounts.iter().enumerate() {
-        mount_user_path(plan, &root, i, m)?;
     }
     sys::write_beneath(&root, "etc/hostname", &format!("{}\n", plan.hostname))?;
     sys::write_beneath(
@@ -141,8 +135,6 @@ pub fn build(
     if let Some(resolv) = &plan.resolv_conf {
         sys::write_beneath(&root, "etc/resolv.conf", resolv)?;
     }
-    open_beneath(&root, &plan.workdir, Leaf::Dir)
-        .map_err(context(format_args!("working directory {}", plan.workdir)))?;
     if plan.read_only_root {
         let tmp = open_beneath(&root, "tmp", Leaf::Dir)?;
         mount(
@@ -153,6 +145,19 @@ pub fn build(
             Some(&format!("mode=1777,size={}", plan.tmp_size_bytes)),
         )?;
     }
+    if let Some(image) = &plan.workspace_disk {
+        let target = plan.scratch.join(crate::disk::MOUNT_NAME);
+        match workspace_disk() {
+            Some(mount) => crate::disk::attach_detached(&mount, &target)?,
+            None => crate::disk::mount_workspace_image(image, &target)?,
+        }
+        crate::trace::phase("init: workspace disk mounted");
+    }
+    for (i, m) in plan.mounts.iter().enumerate() {
+        mount_user_path(plan, &root, i, m)?;
+    }
+    open_beneath(&root, &plan.workdir, Leaf::Dir)
+        .map_err(context(format_args!("working directory {}", plan.workdir)))?;
     Ok(())
 }
 
@@ -456,8 +461,14 @@ fn mount_user_path(
             let upper = layers.join(format!("cow{index}-upper"));
             let work = layers.join(format!("cow{index}-work"));
             for dir in [&upper, &work] {
-                std::fs::create_dir(dir)
-                    .map_err(context(format_args!("create {}", dir.display())))?;
+                match std::fs::create_dir(dir) {
+                    // Made empty in the disk's template (disk::PREMADE_DIRS),
+                    // which nothing but this run has mounted.
+                    Err(e)
+                        if e.kind() == io::ErrorKind::AlreadyExists
+                            && plan.workspace_disk.is_some() => {}
+                    other => other.map_err(context(format_args!("create {}", dir.display())))?,
+                }
             }
             let options = format!(
                 "lowerdir={host},upperdir={},workdir={}{}",

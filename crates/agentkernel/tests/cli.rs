@@ -424,6 +424,65 @@ fn env_workdir_and_volume_options_apply() {
     );
 }
 
+/// A volume under /tmp stays visible when the root is read-only (restrictive):
+/// the sandbox's own /tmp tmpfs goes under the volumes, never over them.
+#[test]
+fn a_volume_under_tmp_is_visible_with_a_read_only_root() {
+    let env = TestEnv::new();
+    let data = env.home_dir().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::write(data.join("in.txt"), "mounted\n").unwrap();
+    let volume = format!("{}:/tmp/data", data.display());
+    let out = env.run(&[
+        "run",
+        "--profile",
+        "restrictive",
+        "-v",
+        &volume,
+        "-i",
+        BUSYBOX,
+        "cat",
+        "/tmp/data/in.txt",
+    ]);
+    assert_code(&out, 0);
+    assert_eq!(stdout(&out), "mounted\n");
+}
+
+/// Backends whose root agentkernel assembles itself (native; the qemu guest).
+/// Docker and podman make empty mount points for their own /etc/hosts and
+/// /etc/resolv.conf in a directory mounted at /etc (their runtime's doing).
+mod own_root_only {
+    use super::*;
+
+    /// The sandbox's /etc/hostname, /etc/hosts and /etc/resolv.conf go into
+    /// its own root layer, under the volumes: a host directory mounted at
+    /// /etc is neither written nor added to.
+    #[test]
+    fn a_volume_at_etc_is_not_written_by_the_sandbox_set_up() {
+        let env = TestEnv::new();
+        let etc = env.home_dir().join("etc");
+        std::fs::create_dir(&etc).unwrap();
+        std::fs::write(etc.join("hostname"), "the host's\n").unwrap();
+        let volume = format!("{}:/etc", etc.display());
+        let out = env.run(&["run", "-v", &volume, "-i", BUSYBOX, "cat", "/etc/hostname"]);
+        assert_code(&out, 0);
+        assert_eq!(stdout(&out), "the host's\n");
+        let names: Vec<String> = std::fs::read_dir(&etc)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            names,
+            ["hostname"],
+            "files were added to the host's directory"
+        );
+        assert_eq!(
+            std::fs::read_to_string(etc.join("hostname")).unwrap(),
+            "the host's\n"
+        );
+    }
+}
+
 #[test]
 fn pull_never_uses_a_local_image() {
     let env = TestEnv::new();

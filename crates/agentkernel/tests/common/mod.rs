@@ -110,8 +110,9 @@ pub fn uses_own_image_store() -> bool {
 /// every backend and skips the other scopes by name (`--skip native_only::`),
 /// so they are counted as "filtered out", never as passed. Tests outside
 /// any of them run on every backend.
-pub const BACKEND_SCOPES: [(&str, &[&str]); 5] = [
+pub const BACKEND_SCOPES: [(&str, &[&str]); 6] = [
     ("native_only::", &["native"]),
+    ("own_root_only::", &["native", "qemu"]),
     ("engine_only::", &["docker", "podman"]),
     ("docker_only::", &["docker"]),
     ("podman_only::", &["podman"]),
