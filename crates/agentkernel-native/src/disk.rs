@@ -86,10 +86,32 @@ pub fn template(state_root: &Path, bytes: u64) -> Result<PathBuf> {
     result.map(|()| path)
 }
 
+/// The directories of the copy-on-write workspace's overlay (its upper and
+/// work directories; see `rootfs::mount_user_path`), made in the template so
+/// that a run does not make them: a directory made in a freshly mounted ext4
+/// allocates its first block, and that first allocation loads the block
+/// allocator's state for the filesystem, on the sandbox's start-up path.
+pub const PREMADE_DIRS: [&str; 2] = ["cow0-upper", "cow0-work"];
+
 fn format(path: &Path, bytes: u64) -> Result<()> {
     let file = File::create(path).map_err(|e| Error::state(path, e))?;
     file.set_len(bytes).map_err(|e| Error::state(path, e))?;
     drop(file);
+    let contents = path.with_extension("contents");
+    let _ = std::fs::remove_dir_all(&contents);
+    let made = std::fs::create_dir(&contents).and_then(|()| {
+        PREMADE_DIRS
+            .iter()
+            .try_for_each(|d| std::fs::create_dir(contents.join(d)))
+    });
+    let result = made
+        .map_err(|e| Error::state(&contents, e))
+        .and_then(|()| run_mkfs(path, &contents));
+    let _ = std::fs::remove_dir_all(&contents);
+    result
+}
+
+fn run_mkfs(path: &Path, contents: &Path) -> Result<()> {
     // No journal (the layer is thrown away with the sandbox, and a journal
     // would be written on every run), lazily initialised inode tables (they
     // stay holes: the mount uses `noinit_itable`), no reserved blocks. Group
@@ -109,7 +131,9 @@ fn format(path: &Path, bytes: u64) -> Result<()> {
             "lazy_itable_init=1,nodiscard,root_owner=0:0",
             "-L",
             "agentkernel-ws",
+            "-d",
         ])
+        .arg(contents)
         .arg(path)
         .stdin(Stdio::null())
         .output();
@@ -307,6 +331,7 @@ pub fn mount_detached(image: &Path, pooled: Option<&str>) -> io::Result<OwnedFd>
             (dev, LoopFd::Attached(fd))
         }
     };
+    crate::trace::phase("disk: loop ready");
     // SAFETY: fsopen with a valid C string; the fd is owned below.
     let fs = unsafe { libc::syscall(libc::SYS_fsopen, c"ext4".as_ptr(), FSOPEN_CLOEXEC) };
     if fs < 0 {
@@ -326,6 +351,7 @@ pub fn mount_detached(image: &Path, pooled: Option<&str>) -> io::Result<OwnedFd>
     config(FSCONFIG_SET_STRING, Some(c"source"), source.as_ptr())?;
     config(FSCONFIG_SET_FLAG, Some(c"noinit_itable"), std::ptr::null())?;
     config(FSCONFIG_CMD_CREATE, None, std::ptr::null())?;
+    crate::trace::phase("disk: superblock read");
     // SAFETY: fsmount of a created fs context; the fd is owned below.
     let mount = unsafe {
         libc::syscall(

@@ -91,6 +91,7 @@ pub(crate) fn clean_up_after_exit(
         if let Some(cgroup) = &cgroup {
             cgroup.remove();
         }
+        crate::trace::phase("cleanup: cgroup removed");
         let _ = agentkernel_core::state::remove_tree(&scratch);
         crate::trace::phase("cleaned up");
         let root = plan.state_root();
@@ -106,6 +107,7 @@ pub(crate) fn clean_up_after_exit(
             let store = agentkernel_core::state::Store::new(root);
             crate::gc::orphaned_runs(&store);
             crate::kept::collect(&store);
+            crate::trace::phase("cleanup: gc swept");
         }
     };
     // SAFETY: fork while the port relay's threads may run: the child only
