@@ -4,6 +4,10 @@
 # this machine's files.
 #   agentkernel-test/busybox:1  busybox-static and its applets (sh, sleep, cat…)
 #   agentkernel-test/nobody:1   the busybox image whose USER is nobody (65534)
+#   agentkernel-test/hostile-sh:1  the busybox image whose /bin/sh first tries to
+#                               leave traces (files in / and /tmp, a background
+#                               process), then is busybox's sh: tests that the
+#                               qemu warm-up's run of the image's shell is confined
 #   agentkernel-test/python:3   the above plus the host's python3 and its libraries
 #   agentkernel-test/curl:1     the busybox image plus the host's curl and its libraries
 #   agentkernel-test/node:24    the busybox image plus Node.js 24 from the npm registry
@@ -45,6 +49,19 @@ import() {
 make_busybox_root "$work/busybox"
 import "$work/busybox" agentkernel-test/busybox:1
 import "$work/busybox" agentkernel-test/nobody:1 --change 'USER nobody'
+
+root="$work/hostile-sh"
+make_busybox_root "$root"
+rm "$root/bin/sh"
+# (No redirection: where /dev/null is missing it would stop the attempt.)
+cat > "$root/bin/sh" <<'SH'
+#!/bin/busybox sh
+/bin/busybox touch /hostile-sh-was-here /tmp/hostile-sh-was-here
+/bin/busybox sleep 600 &
+exec /bin/busybox sh "$@"
+SH
+chmod 755 "$root/bin/sh"
+import "$root" agentkernel-test/hostile-sh:1
 
 # python: the host interpreter, its shared libraries and its standard library.
 # Prefer the distribution's interpreter; version managers (pyenv) put shims on PATH.

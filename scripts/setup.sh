@@ -80,14 +80,16 @@ if ! docker info >/dev/null 2>&1; then
   docker info >/dev/null 2>&1 || { echo "setup: dockerd did not start; see /var/log/agentkernel-dockerd.log" >&2; exit 1; }
 fi
 
-for image in agentkernel-test/busybox:1 agentkernel-test/nobody:1 agentkernel-test/python:3 agentkernel-test/curl:1 agentkernel-test/node:24; do
+# Built by scripts/build-test-images.sh (which lists what each is).
+test_images="agentkernel-test/busybox:1 agentkernel-test/nobody:1 agentkernel-test/python:3 agentkernel-test/curl:1 agentkernel-test/node:24 agentkernel-test/hostile-sh:1"
+for image in $test_images; do
   if ! docker image inspect "$image" >/dev/null 2>&1; then
     "$root/scripts/build-test-images.sh" docker
     break
   fi
 done
 # The same images for Podman, which keeps its own store.
-for image in agentkernel-test/busybox:1 agentkernel-test/nobody:1 agentkernel-test/python:3 agentkernel-test/curl:1 agentkernel-test/node:24; do
+for image in $test_images; do
   if ! podman image exists "$image" 2>/dev/null; then
     docker save "$image" | podman load -q >/dev/null
   fi
@@ -121,7 +123,7 @@ YML
   done
   curl -fsS "http://$registry/v2/" >/dev/null || { echo "setup: docker-registry did not start; see /var/log/agentkernel-registry.log" >&2; exit 1; }
 fi
-for image in agentkernel-test/busybox:1 agentkernel-test/nobody:1 agentkernel-test/python:3 agentkernel-test/curl:1 agentkernel-test/node:24; do
+for image in $test_images; do
   # Push only when the registry's copy is not this build (same config digest).
   want=$(docker image inspect -f '{{.Id}}' "$image")
   have=$(skopeo inspect --tls-verify=false --raw "docker://$registry/$image" 2>/dev/null \

@@ -552,54 +552,154 @@ fn inject_files(request: &RunRequest) -> io::Result<()> {
     agentkernel_native::copy::inject(&root, &request.files)
 }
 
-/// The argument that makes the agent's binary exit at once.
-pub const WARM_UP: &str = "--warm-up";
-
-/// Under TCG the guest's code is translated the first time it runs: a
-/// kept (or warm pool) VM's first command paid ~100 ms for the kernel's
-/// fork, seccomp and exec paths. So before the VM is declared ready, a
-/// child goes through the same set-up as a command (its own session,
-/// no_new_privs, the seccomp filter, the bounding set) and execs the
-/// agent's own binary, which exits (a dynamically linked agent cannot
-/// start in the image's root: the exec fails, after the kernel's part).
-/// It runs nothing of the image and leaves nothing behind; it is not in
-/// the command's cgroup. Measured: a warm VM's `true` went from ~150 ms
-/// to ~90 ms (`bench/qemu.sh`).
+/// Under TCG the guest's code is translated the first time it runs: in a
+/// fresh VM, the first command paid for the translation of the kernel's
+/// fork, seccomp and exec paths and of the image's own shell, loader and C
+/// library (a kept VM's first `true` took ~120 ms, the next ones ~45 ms).
+/// So before a kept or warm VM is declared ready, the image's shell runs
+/// once, `sh -c :`, through the same set-up as a command (its own session,
+/// no_new_privs, the seccomp filter) and confined so that the command can
+/// see nothing of it: see [`confined_shell`]. It runs the image's code the
+/// command is about to run anyway, in the VM only that command will use.
+/// An image without `/bin/sh` costs only the speed-up.
 fn warm_up(request: &RunRequest) {
-    let keep: Vec<u32> = request
-        .capabilities
-        .iter()
-        .filter_map(|c| caps::number(c))
-        .collect();
-    let mut command = Command::new("/proc/self/exe");
-    command
-        .arg(WARM_UP)
-        .env_clear()
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let no_new_privileges = request.no_new_privileges;
-    let seccomp_restrictive = request.seccomp_restrictive;
-    // SAFETY: the heartbeat thread runs, but the C library's fork leaves
-    // its allocator usable in the child (as in `launch`); the rest is
-    // plain syscalls.
-    unsafe {
-        command.pre_exec(move || {
-            if libc::setsid() < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if no_new_privileges && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            seccomp::install(seccomp_restrictive)?;
-            caps::limit_bounding_set(&keep)
-        });
+    let restrictive = request.seccomp_restrictive;
+    let mut pid_pipe = [0; 2];
+    // SAFETY: pipe2 writes two fds into our array.
+    if unsafe { libc::pipe2(pid_pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return;
     }
-    // A failure costs only the speed-up.
-    if let Ok(child) = reaper::spawn(&mut command) {
-        reaper::wait(child.id() as libc::pid_t, Some(Duration::from_secs(10)));
+    let [read_end, write_end] = pid_pipe;
+    // The child runs plain syscalls, and builds the seccomp filter after
+    // the C library's fork made its allocator usable.
+    let forked = reaper::fork(|| {
+        // SAFETY: the child's copy of the read end, unused there.
+        unsafe { libc::close(read_end) };
+        shell_namespace(write_end, restrictive)
+    });
+    // SAFETY: our copy of the pipe's write end; the child has its own.
+    unsafe { libc::close(write_end) };
+    let Ok(holder) = forked else {
+        // SAFETY: ours.
+        unsafe { libc::close(read_end) };
+        return;
+    };
+    let mut shell: libc::pid_t = 0;
+    // SAFETY: reads at most the pid's bytes into it; end of file (the
+    // holder failed before forking) leaves 0.
+    unsafe {
+        libc::read(
+            read_end,
+            (&mut shell as *mut libc::pid_t).cast(),
+            std::mem::size_of::<libc::pid_t>(),
+        );
+        libc::close(read_end);
+    }
+    if reaper::wait(holder, Some(Duration::from_secs(5))).is_none() {
+        // The shell is its namespace's init: all it started dies with it.
+        // SAFETY: kill takes pids; the shell is unreaped until the holder
+        // (killed next, after it) reaps it.
+        unsafe {
+            if shell > 0 {
+                libc::kill(shell, libc::SIGKILL);
+            }
+            libc::kill(holder, libc::SIGKILL);
+        }
+        reaper::wait(holder, None);
     }
     prefetch(&["/bin/sh"]);
+}
+
+/// The warm-up shell's parent: in new mount, pid, network, IPC and UTS
+/// namespaces (so the shell is its pid namespace's init, and all it could
+/// start dies with it), it forks the shell, tells the agent the shell's pid
+/// and waits for it. Returns the exit code for `_exit`.
+fn shell_namespace(pid_out: libc::c_int, restrictive: bool) -> libc::c_int {
+    let namespaces = libc::CLONE_NEWNS
+        | libc::CLONE_NEWPID
+        | libc::CLONE_NEWNET
+        | libc::CLONE_NEWIPC
+        | libc::CLONE_NEWUTS;
+    // SAFETY: plain syscalls on our own process.
+    unsafe {
+        if libc::setsid() < 0 || libc::unshare(namespaces) != 0 {
+            return 1;
+        }
+        let shell = libc::fork();
+        if shell == 0 {
+            libc::close(pid_out);
+            confined_shell(restrictive);
+            libc::_exit(127);
+        }
+        if shell < 0 {
+            return 1;
+        }
+        libc::write(
+            pid_out,
+            (&shell as *const libc::pid_t).cast(),
+            std::mem::size_of::<libc::pid_t>(),
+        );
+        let mut status = 0;
+        libc::waitpid(shell, &mut status, 0);
+    }
+    0
+}
+
+/// Execs the image's `/bin/sh -c :` (returns only if something failed):
+/// - its stdio on /dev/null and no other descriptor open;
+/// - in a private mount namespace, chrooted into a read-only bind of the
+///   root's own filesystem alone (not /proc, /dev, /tmp, the workspace or
+///   the volumes mounted on it), so it can write nothing anywhere;
+/// - as nobody (65534), with no_new_privs (no setuid binary of the image
+///   gains anything) and the command's seccomp filter;
+/// - with no network but its own namespace's down loopback.
+fn confined_shell(restrictive: bool) {
+    let argv = [
+        c"sh".as_ptr(),
+        c"-c".as_ptr(),
+        c":".as_ptr(),
+        std::ptr::null(),
+    ];
+    let envp = [
+        c"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".as_ptr(),
+        std::ptr::null(),
+    ];
+    let nobody: libc::uid_t = 65534;
+    let view = c"/tmp";
+    // SAFETY: plain syscalls with valid C strings and arrays; this process
+    // is single-threaded (just forked).
+    unsafe {
+        let null = std::ptr::null::<libc::c_char>();
+        let private = libc::MS_REC | libc::MS_PRIVATE;
+        let read_only =
+            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
+        // Its stdio is /dev/null, and no other descriptor of the agent's
+        // (the port, a tunnel) is left open to it.
+        let devnull = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+        let quiet = devnull >= 0
+            && (0..3).all(|fd| libc::dup2(devnull, fd) == fd)
+            && libc::syscall(libc::SYS_close_range, 3, libc::c_uint::MAX, 0) == 0;
+        let confined = quiet
+            && libc::mount(null, c"/".as_ptr(), null, private, std::ptr::null()) == 0
+            && libc::mount(
+                c"/".as_ptr(),
+                view.as_ptr(),
+                null,
+                libc::MS_BIND,
+                std::ptr::null(),
+            ) == 0
+            && libc::mount(null, view.as_ptr(), null, read_only, std::ptr::null()) == 0
+            && libc::chroot(view.as_ptr()) == 0
+            && libc::chdir(c"/".as_ptr()) == 0
+            && libc::setgroups(0, std::ptr::null()) == 0
+            && libc::setresgid(nobody, nobody, nobody) == 0
+            && libc::setresuid(nobody, nobody, nobody) == 0
+            && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0;
+        if !confined || seccomp::install(restrictive).is_err() {
+            return;
+        }
+        libc::execve(c"/bin/sh".as_ptr(), argv.as_ptr(), envp.as_ptr());
+    }
 }
 
 /// Most commands start with the image's shell or at least its ELF loader,
@@ -1173,6 +1273,26 @@ mod reaper {
         let child = command.spawn()?;
         waiting.push((child.id() as libc::pid_t, None));
         Ok(child)
+    }
+
+    /// Forks a child that runs `child` and `_exit`s with what it returns,
+    /// registered for [`wait`] as [`spawn`]'s are.
+    pub(super) fn fork(child: impl FnOnce() -> libc::c_int) -> io::Result<libc::pid_t> {
+        STARTED.call_once(|| {
+            std::thread::spawn(reap_forever);
+        });
+        let mut waiting = super::lock(&WAITING);
+        // SAFETY: the C library's fork leaves its allocator usable in the
+        // child, which runs `child` only and never returns here.
+        match unsafe { libc::fork() } {
+            // SAFETY: ends the child without running the agent's exit path.
+            0 => unsafe { libc::_exit(child()) },
+            -1 => Err(io::Error::last_os_error()),
+            pid => {
+                waiting.push((pid, None));
+                Ok(pid)
+            }
+        }
     }
 
     fn reap_forever() {

@@ -964,6 +964,40 @@ mod qemu_only {
         assert_eq!(status_in_list(&env, &name), None);
     }
 
+    /// A kept (or warm) VM runs the image's `/bin/sh -c :` before it is
+    /// ready (the TCG warm-up): an image whose shell tries to leave files
+    /// and a process behind leaves nothing the command sees — and the same
+    /// shell run as a command does leave them, so their absence means
+    /// something.
+    #[test]
+    fn the_warm_up_run_of_the_images_shell_leaves_nothing_behind() {
+        let env = TestEnv::new();
+        let name = unique_name("vmwarm");
+        let created = env
+            .cmd()
+            .args(["sandbox", "create", "-B", "qemu", "--no-network"])
+            .args(["-i", HOSTILE_SH, &name])
+            .timeout(VM_LIMIT)
+            .output()
+            .unwrap();
+        assert_code(&created, 0);
+        let files = "for f in /hostile-sh-was-here /tmp/hostile-sh-was-here; do \
+                     [ -e $f ] && echo found $f; done; true";
+        let look = format!("{files}; busybox ps -o args | busybox grep -c '[s]leep 600'");
+        let out = env.run(&["exec", &name, "--", "/bin/busybox", "sh", "-c", &look]);
+        assert_eq!(stdout(&out), "0\n", "{}", stderr(&out));
+        // Run as a command, the image's shell leaves what it tries to.
+        assert_code(&env.run(&["exec", &name, "--", "/bin/sh", "-c", "true"]), 0);
+        let out = env.run(&["exec", &name, "--", "/bin/busybox", "sh", "-c", files]);
+        assert_eq!(
+            stdout(&out),
+            "found /hostile-sh-was-here\nfound /tmp/hostile-sh-was-here\n",
+            "{}",
+            stderr(&out)
+        );
+        assert_code(&env.run(&["sandbox", "rm", &name]), 0);
+    }
+
     fn warm_dirs(env: &TestEnv) -> Vec<std::path::PathBuf> {
         qemu_pool_vm_dirs(env.state_dir())
     }

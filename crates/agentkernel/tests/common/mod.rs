@@ -36,6 +36,10 @@ pub const BUSYBOX: &str = "agentkernel-test/busybox:1";
 /// The busybox image with `USER nobody` (scripts/build-test-images.sh).
 #[allow(dead_code)]
 pub const NOBODY: &str = "agentkernel-test/nobody:1";
+/// The busybox image whose /bin/sh first tries to leave traces (files in /
+/// and /tmp, a background `sleep 600`), then is busybox's sh.
+#[allow(dead_code)]
+pub const HOSTILE_SH: &str = "agentkernel-test/hostile-sh:1";
 /// The above plus the host's python3.
 pub const PYTHON: &str = "agentkernel-test/python:3";
 /// The busybox image plus the host's curl: a real client for the egress proxy.
