@@ -97,7 +97,11 @@ fn format(path: &Path, bytes: u64) -> Result<()> {
     let file = File::create(path).map_err(|e| Error::state(path, e))?;
     file.set_len(bytes).map_err(|e| Error::state(path, e))?;
     drop(file);
-    let contents = path.with_extension("contents");
+    // Beside the image, under its unique temporary name: concurrent first
+    // runs each format their own.
+    let mut contents = path.as_os_str().to_owned();
+    contents.push(".contents");
+    let contents = PathBuf::from(contents);
     let _ = std::fs::remove_dir_all(&contents);
     let made = std::fs::create_dir(&contents).and_then(|()| {
         PREMADE_DIRS
