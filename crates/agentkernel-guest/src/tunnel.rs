@@ -80,6 +80,14 @@ struct Connection<S> {
     eofs: Mutex<(bool, bool)>,
 }
 
+/// A connection's two directions, for [`Tunnels::half_done`]: our socket's
+/// reading (its end of file sent on), and the other side's (written out as
+/// our socket's writing half shut).
+enum Half {
+    Reading,
+    Writing,
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -218,15 +226,7 @@ impl<S: Socket> Tunnels<S> {
                     if (self.send)(TunnelFrame::Eof { id }).is_err() {
                         return self.close(id, false);
                     }
-                    let done = {
-                        let mut eofs = lock(&connection.eofs);
-                        eofs.0 = true;
-                        eofs.1
-                    };
-                    if done {
-                        self.forget(id);
-                    }
-                    return;
+                    return self.half_done(id, connection, Half::Reading);
                 }
                 Ok(n) => {
                     lock(&connection.credit).0 += n as u64;
@@ -238,6 +238,22 @@ impl<S: Socket> Tunnels<S> {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => return self.close(id, true),
             }
+        }
+    }
+
+    /// Marks one direction of `id` ended (its end of file passed on); the
+    /// connection is forgotten once both are.
+    fn half_done(&self, id: u64, connection: &Connection<S>, half: Half) {
+        let both = {
+            let mut eofs = lock(&connection.eofs);
+            match half {
+                Half::Reading => eofs.0 = true,
+                Half::Writing => eofs.1 = true,
+            }
+            eofs.0 && eofs.1
+        };
+        if both {
+            self.forget(id);
         }
     }
 
@@ -264,15 +280,7 @@ impl<S: Socket> Tunnels<S> {
                 }
                 ToSocket::Eof => {
                     writer.shut(Shutdown::Write);
-                    let done = {
-                        let mut eofs = lock(&connection.eofs);
-                        eofs.1 = true;
-                        eofs.0
-                    };
-                    if done {
-                        self.forget(id);
-                    }
-                    return;
+                    return self.half_done(id, connection, Half::Writing);
                 }
             }
         }

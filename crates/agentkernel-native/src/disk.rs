@@ -86,13 +86,6 @@ pub fn template(state_root: &Path, bytes: u64) -> Result<PathBuf> {
     result.map(|()| path)
 }
 
-/// The directories of the copy-on-write workspace's overlay (its upper and
-/// work directories; see `rootfs::mount_user_path`), made in the template so
-/// that a run does not make them: a directory made in a freshly mounted ext4
-/// allocates its first block, and that first allocation loads the block
-/// allocator's state for the filesystem, on the sandbox's start-up path.
-pub const PREMADE_DIRS: [&str; 2] = ["cow0-upper", "cow0-work"];
-
 fn format(path: &Path, bytes: u64) -> Result<()> {
     let file = File::create(path).map_err(|e| Error::state(path, e))?;
     file.set_len(bytes).map_err(|e| Error::state(path, e))?;
@@ -103,8 +96,13 @@ fn format(path: &Path, bytes: u64) -> Result<()> {
     contents.push(".contents");
     let contents = PathBuf::from(contents);
     let _ = std::fs::remove_dir_all(&contents);
+    // The workspace's overlay directories are made in the template, so a
+    // run does not make them: a directory made in a freshly mounted ext4
+    // allocates its first block, and that first allocation loads the block
+    // allocator's state, on the sandbox's start-up path. The workspace is
+    // always the sandbox's first mount (prepare.rs).
     let made = std::fs::create_dir(&contents).and_then(|()| {
-        PREMADE_DIRS
+        crate::rootfs::copy_on_write_dirs(0)
             .iter()
             .try_for_each(|d| std::fs::create_dir(contents.join(d)))
     });

@@ -458,11 +458,10 @@ fn mount_user_path(
                 Some(_) => plan.scratch.join(crate::disk::MOUNT_NAME),
                 None => plan.scratch.clone(),
             };
-            let upper = layers.join(format!("cow{index}-upper"));
-            let work = layers.join(format!("cow{index}-work"));
+            let [upper, work] = copy_on_write_dirs(index).map(|d| layers.join(d));
             for dir in [&upper, &work] {
                 match std::fs::create_dir(dir) {
-                    // Made empty in the disk's template (disk::PREMADE_DIRS),
+                    // Made empty in the disk's template (see disk::format),
                     // which nothing but this run has mounted.
                     Err(e)
                         if e.kind() == io::ErrorKind::AlreadyExists
@@ -480,6 +479,12 @@ fn mount_user_path(
         }
     }
     Ok(())
+}
+
+/// The overlay's upper and work directories of the `index`th mount when it
+/// is copy-on-write, in the scratch dir or on the workspace's disk.
+pub(crate) fn copy_on_write_dirs(index: usize) -> [String; 2] {
+    [format!("cow{index}-upper"), format!("cow{index}-work")]
 }
 
 /// Rootless `--image host`. overlayfs refuses a lower layer with mounts
