@@ -250,6 +250,7 @@ pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<(Pla
             .egress
             .as_ref()
             .is_none_or(|egress| egress.allow_hosts.is_empty());
+    let capabilities = without_raw_packets_through_slirp(capabilities, network, &rootless);
     let plan = Plan {
         action: if keep.is_some() {
             Action::CreateKept
@@ -303,6 +304,26 @@ pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<(Pla
         files: Vec::new(),
     };
     Ok((plan, claim))
+}
+
+/// A rootless sandbox with a network never keeps CAP_NET_RAW (permissive
+/// would): slirp4netns opens a host socket to whatever address a packet is
+/// for, and its `--disable-host-loopback` covers only the gateway's
+/// address, so a hand-made SYN for 127.0.0.1 sent out of the sandbox's tap
+/// reached the host's loopback (seen: it got its SYN-ACK). Without raw
+/// sockets the command's packets follow the sandbox's own routing, where
+/// 127.0.0.0/8 is its own `lo`. (A nested user namespace does not give the
+/// capability back: raw sockets need it in the user namespace that owns the
+/// network namespace.) As root the bridge's rules stop such packets.
+fn without_raw_packets_through_slirp(
+    mut capabilities: Vec<String>,
+    network: bool,
+    rootless: &Option<UserMap>,
+) -> Vec<String> {
+    if network && rootless.is_some() {
+        capabilities.retain(|c| c != "NET_RAW");
+    }
+    capabilities
 }
 
 /// What a rootless sandbox cannot do with this image, refused before

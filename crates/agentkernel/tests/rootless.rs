@@ -11,117 +11,25 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::netprobe::{host_listener, RAW_SYN_PROBE};
 use common::upstream::{listening_on, start_upstream, API, FIND_NEEDLE};
+use common::user::User;
 use common::{
-    assert_code, assert_fork_bomb_contained, assert_one_line_error, binary, stderr, stdout,
-    wait_until, BUSYBOX, FORK_BOMB, NOBODY, PYTHON, TEST_REGISTRY,
+    assert_code, assert_fork_bomb_contained, assert_one_line_error, stderr, stdout, wait_until,
+    BUSYBOX, FORK_BOMB, NOBODY, PYTHON,
 };
 
-/// A user of its own (`uid` = gid), with a home, state dir and project.
-struct User {
-    uid: u32,
-    dir: tempfile::TempDir,
+/// What only a native kept sandbox records.
+trait NativeHolder {
+    fn held(&self, name: &str) -> serde_json::Value;
+    fn holder(&self, name: &str) -> i32;
 }
 
-impl User {
-    fn new(uid: u32) -> User {
-        let dir = tempfile::Builder::new()
-            .prefix("ak-rootless-")
-            .tempdir()
-            .unwrap();
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        for sub in ["home", "state", "project"] {
-            std::fs::create_dir(dir.path().join(sub)).unwrap();
-        }
-        let user = User { uid, dir };
-        user.chown_all();
-        user
-    }
-
-    fn chown_all(&self) {
-        let status = Command::new("chown")
-            .args(["-R", &format!("{0}:{0}", self.uid)])
-            .arg(self.dir.path())
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    fn state(&self) -> PathBuf {
-        self.dir.path().join("state")
-    }
-
-    fn project(&self) -> PathBuf {
-        self.dir.path().join("project")
-    }
-
-    fn cmd(&self) -> Command {
-        let mut cmd = Command::new(binary());
-        cmd.uid(self.uid)
-            .gid(self.uid)
-            .env("HOME", self.dir.path().join("home"))
-            .env("AGENTKERNEL_HOME", self.state())
-            .env("AGENTKERNEL_BACKEND", "native")
-            .env("AGENTKERNEL_REGISTRY_MIRRORS", TEST_REGISTRY)
-            .env_remove("XDG_CONFIG_HOME")
-            .env_remove("XDG_DATA_HOME")
-            .current_dir(self.project())
-            .stdin(Stdio::null());
-        cmd
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.cmd().args(args).output().unwrap()
-    }
-
-    /// Live (not zombie) processes of this user.
-    fn processes(&self) -> Vec<(u32, String)> {
-        let mut found = Vec::new();
-        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
-                continue;
-            };
-            let field = |name: &str| {
-                status
-                    .lines()
-                    .find_map(|l| l.strip_prefix(name))
-                    .map(|v| v.split_whitespace().next().unwrap_or("").to_string())
-            };
-            if field("Uid:").as_deref() != Some(&self.uid.to_string())
-                || field("State:").as_deref() == Some("Z")
-            {
-                continue;
-            }
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            found.push((pid, String::from_utf8_lossy(&cmdline).replace('\0', " ")));
-        }
-        found
-    }
-
-    /// Waits (a little) for this user's processes to be gone.
-    fn assert_no_processes(&self) {
-        let start = Instant::now();
-        loop {
-            let left = self.processes();
-            if left.is_empty() {
-                return;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "processes left behind: {left:?}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
+impl NativeHolder for User {
     /// What the holder of the kept sandbox `name` recorded.
     fn held(&self, name: &str) -> serde_json::Value {
         let path = self
@@ -139,24 +47,6 @@ impl User {
             .and_then(|h| h.split(':').nth(1))
             .and_then(|p| p.parse().ok())
             .unwrap()
-    }
-
-    fn runs_left(&self) -> Vec<PathBuf> {
-        match std::fs::read_dir(self.state().join("runs")) {
-            Ok(entries) => entries.flatten().map(|e| e.path()).collect(),
-            Err(_) => Vec::new(),
-        }
-    }
-}
-
-impl Drop for User {
-    fn drop(&mut self) {
-        // Kept sandboxes, then anything still running: by PID, only this uid's.
-        let _ = self.cmd().args(["sandbox", "gc"]).output();
-        for (pid, _) in self.processes() {
-            // SAFETY: signalling a process of this test's own uid.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        }
     }
 }
 
@@ -368,6 +258,39 @@ fn rootless_network_reaches_the_host_but_not_its_loopback() {
         "the network does not work: {text}"
     );
     assert!(text.contains("nameserver 10.0.2.3"), "{text}");
+    user.assert_no_processes();
+}
+
+/// slirp4netns opens a host socket to whatever a packet is for: with
+/// CAP_NET_RAW the command could hand-make a SYN for 127.0.0.1 and send it
+/// to the gateway's MAC, and the host's loopback would answer (it did,
+/// before permissive lost the capability here). Under permissive, the
+/// profile that keeps CAP_NET_RAW elsewhere, the attempt fails for want of
+/// a raw socket and nothing reaches the host's loopback listener.
+#[test]
+fn rootless_raw_packets_never_reach_the_host_loopback() {
+    let user = User::new(4317);
+    let secret = host_listener(std::net::Ipv4Addr::LOCALHOST);
+    let target = format!("127.0.0.1:{}", secret.port);
+    let out = user.run(&[
+        "run",
+        "-p",
+        "permissive",
+        "-i",
+        PYTHON,
+        "--",
+        "python3",
+        "-c",
+        RAW_SYN_PROBE,
+        &target,
+    ]);
+    let (text, err) = (stdout(&out), stderr(&out));
+    assert!(!text.contains("synack"), "host loopback answered: {text}");
+    assert!(
+        err.contains("PermissionError") && err.contains("Operation not permitted"),
+        "the raw socket was not refused: {err}"
+    );
+    assert_eq!(secret.accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
     user.assert_no_processes();
 }
 

@@ -30,6 +30,7 @@ use tempfile::TempDir;
 mod commands;
 pub mod netprobe;
 pub mod upstream;
+pub mod user;
 
 /// busybox applets (sh, nc, httpd, wget, unshare…), built offline.
 pub const BUSYBOX: &str = "agentkernel-test/busybox:1";
