@@ -32,6 +32,7 @@ command -v docker-registry >/dev/null || need+=(docker-registry)
 command -v skopeo >/dev/null || need+=(skopeo)
 command -v bwrap >/dev/null || need+=(bubblewrap)   # bench/native.sh compares with it
 command -v slirp4netns >/dev/null || need+=(slirp4netns)   # rootless native networking
+command -v passt >/dev/null || need+=(passt)               # a VM's network without root
 # -B qemu: QEMU, a guest kernel with its modules, mkfs.ext4 for image disks
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 ls /boot/vmlinuz-* >/dev/null 2>&1 || need+=(linux-image-amd64)

@@ -39,7 +39,7 @@ scope_skips() {
 # The integration test files the qemu pass runs (`--test NAME` each).
 qemu_suites() {
   local suite
-  for suite in qemu exit_codes io profiles cli config upstream_files ports kept cleanup egress receipts; do
+  for suite in qemu exit_codes io profiles cli config upstream_files ports kept cleanup egress secrets receipts; do
     printf -- '--test %s ' "$suite"
   done
 }

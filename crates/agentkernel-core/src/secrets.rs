@@ -21,6 +21,37 @@ pub const SECRETS_PATH_ENV: &str = "AGENTKERNEL_SECRETS_PATH";
 
 const FLAG_FORMS: &str = "expected KEY:HOST, KEY:HOST:HEADER or KEY=VALUE:HOST";
 
+/// One `--secret-file` on its way to the sandbox: its name and what the
+/// file holds (the value, or a placeholder). Travels only in memory (a
+/// native plan's memfd, a VM's request over its port); a kept sandbox's
+/// stored description never has it. Redacted in `Debug`.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+pub struct SecretFile {
+    pub name: String,
+    pub content: String,
+}
+
+impl SecretFile {
+    /// The files of [`file_contents`]' (name, content) pairs.
+    pub fn all(pairs: &[(String, String)]) -> Vec<SecretFile> {
+        pairs
+            .iter()
+            .map(|(name, content)| SecretFile {
+                name: name.clone(),
+                content: content.clone(),
+            })
+            .collect()
+    }
+}
+
+impl std::fmt::Debug for SecretFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecretFile")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
 /// One `-S` flag: the binding, plus its inline value for `KEY=VALUE:HOST`.
 pub struct FlagBinding {
     pub binding: SecretBinding,

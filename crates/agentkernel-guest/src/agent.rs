@@ -66,7 +66,9 @@ fn agent() -> io::Result<()> {
         sandbox_cgroup(&request).and_then(|cgroup| {
             build_root(&request)
                 .and_then(|()| switch_root())
+                .and_then(|()| write_secret_files(&request))
                 .and_then(|()| inject_files(&request))
+                .and_then(|()| seal_root(&request))
                 .map(|()| cgroup)
         })
     });
@@ -234,9 +236,12 @@ fn uptime_ms() -> u64 {
     (seconds * 1000.0) as u64
 }
 
-/// The image disk (read-only, with a tmpfs overlay unless the root stays
-/// read-only), the kernel's filesystems, a private /dev, /tmp and the
-/// workspace, all under [`NEW_ROOT`].
+/// The image disk (read-only, under a tmpfs overlay), the kernel's
+/// filesystems, a private /dev, /tmp and the workspace, all under
+/// [`NEW_ROOT`]. A read-only root gets the overlay too: the set-up writes
+/// into it (mount points, /etc files, secret files, `[[files]]`) and
+/// [`seal_root`] makes it read-only before the command exists, as native
+/// does.
 fn build_root(request: &RunRequest) -> io::Result<()> {
     for dir in ["/image", "/scratch", NEW_ROOT] {
         std::fs::create_dir_all(dir)?;
@@ -256,30 +261,16 @@ fn build_root(request: &RunRequest) -> io::Result<()> {
         0,
         Some("mode=0755"),
     )?;
-    match request.root {
-        RootMode::Overlay => {
-            for dir in ["/scratch/root", "/scratch/root-work"] {
-                std::fs::create_dir(dir)?;
-            }
-            mount(
-                Some("overlay"),
-                NEW_ROOT,
-                Some("overlay"),
-                0,
-                Some("lowerdir=/image,upperdir=/scratch/root,workdir=/scratch/root-work"),
-            )?;
-        }
-        RootMode::ReadOnly => {
-            mount(Some("/image"), NEW_ROOT, None, libc::MS_BIND, None)?;
-            mount(
-                None,
-                NEW_ROOT,
-                None,
-                libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
-                None,
-            )?;
-        }
+    for dir in ["/scratch/root", "/scratch/root-work"] {
+        std::fs::create_dir(dir)?;
     }
+    mount(
+        Some("overlay"),
+        NEW_ROOT,
+        Some("overlay"),
+        0,
+        Some("lowerdir=/image,upperdir=/scratch/root,workdir=/scratch/root-work"),
+    )?;
     let at = |p: &str| format!("{NEW_ROOT}{p}");
     let nosuid = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
     mount(Some("proc"), &at("/proc"), Some("proc"), nosuid, None)?;
@@ -317,7 +308,7 @@ fn build_root(request: &RunRequest) -> io::Result<()> {
         Some(&tmp),
     )?;
     if let Some(net) = &request.network {
-        resolv_conf(&net.resolv_conf, request.root)?;
+        resolv_conf(&net.resolv_conf)?;
     }
     if let Some(ca) = &request.egress_ca {
         install_egress_ca(ca)?;
@@ -367,26 +358,18 @@ fn build_root(request: &RunRequest) -> io::Result<()> {
 
 /// The egress proxy's CA in the root's bundles and /etc/agentkernel, as
 /// native adds it (its code, resolved inside the root), in the root's
-/// tmpfs overlay. (A read-only root never gets a proxy: only the
-/// restrictive profile has one, and it has no network for egress options;
-/// were it to, the write would fail and the run with it, never unproxied.)
+/// tmpfs overlay (before a read-only root is sealed).
 fn install_egress_ca(ca: &str) -> io::Result<()> {
     let dir: OwnedFd = File::open(NEW_ROOT)?.into();
     agentkernel_native::egress::install_ca(&dir, ca)
         .map_err(|e| io::Error::other(format!("install the egress proxy's CA: {e}")))
 }
 
-/// Volume `n`'s share at `target` (made if missing: on a read-only root
-/// that fails, named).
+/// Volume `n`'s share at `target` (made if missing, in the root's overlay).
 fn mount_volume(n: usize, volume: &Volume, target: &str) -> io::Result<()> {
     std::fs::create_dir_all(target).map_err(|e| {
-        let fix = if e.raw_os_error() == Some(libc::EROFS) {
-            "the read-only root has no such directory: mount it at a path that exists in the image, or use a profile with a writable root"
-        } else {
-            "mount it at another path"
-        };
         io::Error::other(format!(
-            "volume {}: cannot make its mount point ({e}); {fix}",
+            "volume {}: cannot make its mount point ({e}); mount it at another path",
             volume.path
         ))
     })?;
@@ -408,31 +391,17 @@ fn mount_volume(n: usize, volume: &Volume, target: &str) -> io::Result<()> {
     .map_err(|e| io::Error::other(format!("volume {}: {e}", volume.path)))
 }
 
-/// The command's `/etc/resolv.conf`, as native writes it: written into the
-/// root's overlay (an image's symlink replaced, not followed), or over a
-/// read-only root bind-mounted from the guest's scratch tmpfs.
-fn resolv_conf(text: &str, root: RootMode) -> io::Result<()> {
+/// The command's `/etc/resolv.conf`, as native writes it: into the root's
+/// overlay, an image's symlink replaced, not followed.
+fn resolv_conf(text: &str) -> io::Result<()> {
     let etc = format!("{NEW_ROOT}/etc");
     let target = format!("{etc}/resolv.conf");
-    match root {
-        RootMode::Overlay => {
-            std::fs::create_dir_all(&etc)?;
-            match std::fs::remove_file(&target) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-                _ => {}
-            }
-            std::fs::write(&target, text)
-        }
-        RootMode::ReadOnly => {
-            let file = "/scratch/resolv.conf";
-            std::fs::write(file, text)?;
-            // A read-only image without the file keeps its resolver.
-            match std::fs::symlink_metadata(&target) {
-                Ok(m) if m.is_file() => mount(Some(file), &target, None, libc::MS_BIND, None),
-                _ => Ok(()),
-            }
-        }
+    std::fs::create_dir_all(&etc)?;
+    match std::fs::remove_file(&target) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
     }
+    std::fs::write(&target, text)
 }
 
 /// A tmpfs /dev with the usual nodes: the guest's devtmpfs (with the host's
@@ -539,6 +508,33 @@ fn switch_root() -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     std::env::set_current_dir("/")
+}
+
+/// `--secret-file`s, on their tmpfs in the sandbox's root (native's code:
+/// the image's own users, the same modes).
+fn write_secret_files(request: &RunRequest) -> io::Result<()> {
+    if request.secret_files.is_empty() {
+        return Ok(());
+    }
+    agentkernel_native::rootfs::write_secret_files(&request.secret_files, request.user.as_deref())
+        .map_err(|e| io::Error::other(format!("--secret-file: {e}")))
+}
+
+/// A read-only root becomes read-only once the set-up has written into
+/// it: the overlay's mount (now "/") is remounted read-only, so nothing the
+/// command runs can write to it, the image's disk below it being
+/// read-only as well.
+fn seal_root(request: &RunRequest) -> io::Result<()> {
+    if request.root != RootMode::ReadOnly {
+        return Ok(());
+    }
+    mount(
+        None,
+        "/",
+        None,
+        libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+        None,
+    )
 }
 
 /// `[[files]]`, once in the sandbox's root: each path is resolved inside

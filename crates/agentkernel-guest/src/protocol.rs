@@ -110,6 +110,13 @@ pub struct RunRequest {
     /// kept VM's sandbox is built.
     #[serde(default)]
     pub files: Vec<agentkernel_core::files::InjectedFile>,
+    /// `--secret-file`s, on a tmpfs at `/run/agentkernel/secrets` in the
+    /// root (native's code), written when the root is built. Never stored
+    /// with a kept VM's description nor part of a pool key: a run with
+    /// secret files boots its own VM; a kept one's holder gets them through
+    /// a pipe. Left out of the JSON when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secret_files: Vec<agentkernel_core::secrets::SecretFile>,
     /// The capabilities the command keeps, by name (without `CAP_`); the
     /// bounding set loses the rest.
     pub capabilities: Vec<String>,
@@ -316,6 +323,7 @@ mod tests {
             memory_max: None,
             cpu_max: None,
             files: Vec::new(),
+            secret_files: Vec::new(),
             capabilities: Vec::new(),
             seccomp_restrictive: false,
             network: None,

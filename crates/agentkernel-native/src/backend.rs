@@ -110,14 +110,7 @@ impl Backend for NativeBackend {
         }
         let image = images::image_root(spec, options.config).await?;
         let (mut plan, claim) = prepare::plan(spec, &image, &self.store)?;
-        plan.secret_files = options
-            .secret_files
-            .iter()
-            .map(|(name, content)| SecretFile {
-                name: name.clone(),
-                content: content.clone(),
-            })
-            .collect();
+        plan.secret_files = SecretFile::all(&options.secret_files);
         plan.files = options.files.clone();
         if let Some(notice) = &options.notice {
             eprintln!("{notice}");

@@ -165,21 +165,7 @@ pub struct Plan {
     pub files: Vec<agentkernel_core::files::InjectedFile>,
 }
 
-/// One `--secret-file`: its name and what the file holds (the value, or a
-/// placeholder). Redacted in `Debug`.
-#[derive(Clone, Serialize, Deserialize)]
-pub struct SecretFile {
-    pub name: String,
-    pub content: String,
-}
-
-impl std::fmt::Debug for SecretFile {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SecretFile")
-            .field("name", &self.name)
-            .finish_non_exhaustive()
-    }
-}
+pub use agentkernel_core::secrets::SecretFile;
 
 impl Plan {
     /// agentkernel's state directory: a kept sandbox's plan names it; a

@@ -13,7 +13,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use agentkernel_core::secrets::SECRETS_DIR;
+use agentkernel_core::secrets::{SecretFile, SECRETS_DIR};
 
 use crate::plan::{MountKind, Plan, RootSource};
 use crate::sys::{self, context, cstr, fd_path, mount, open_beneath, Host, Leaf, Syscall};
@@ -174,7 +174,8 @@ pub fn enter(plan: &Plan) -> io::Result<()> {
     }
     pivot_into(&root_str)?;
     if !plan.secret_files.is_empty() {
-        write_secret_files(plan).map_err(context("--secret-file"))?;
+        write_secret_files(&plan.secret_files, plan.user.as_deref())
+            .map_err(context("--secret-file"))?;
     }
     if !plan.files.is_empty() {
         // After pivot_root: "/" is the sandbox's root, and every path is
@@ -195,15 +196,17 @@ pub fn enter(plan: &Plan) -> io::Result<()> {
 
 /// `--secret-file`: a tmpfs at [`SECRETS_DIR`] (in the sandbox's mount
 /// namespace only: nothing reaches the host's disk), owned by the command's
-/// user, mode 0500, each file 0400. Runs after `pivot_root`, so the image's
-/// own `/etc/passwd` names the user and no path can lead out of the root.
-fn write_secret_files(plan: &Plan) -> io::Result<()> {
+/// `user`, mode 0500, each file 0400. Runs after `pivot_root` (in a VM:
+/// after the agent's switch into the root), before a read-only root is made
+/// read-only, so the image's own `/etc/passwd` names the user and no path
+/// can lead out of the root.
+pub fn write_secret_files(files: &[SecretFile], user: Option<&str>) -> io::Result<()> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let identity = crate::user::resolve(plan.user.as_deref())?;
+    let identity = crate::user::resolve(user)?;
     std::fs::create_dir_all(SECRETS_DIR)?;
-    let bytes: usize = plan.secret_files.iter().map(|f| f.content.len()).sum();
+    let bytes: usize = files.iter().map(|f| f.content.len()).sum();
     // Room for the files and their inodes; charged to the sandbox's memory.
-    let size = (bytes + 4096 * plan.secret_files.len()).max(64 * 1024);
+    let size = (bytes + 4096 * files.len()).max(64 * 1024);
     mount(
         "tmpfs",
         SECRETS_DIR,
@@ -211,7 +214,7 @@ fn write_secret_files(plan: &Plan) -> io::Result<()> {
         NOSUID_NODEV_NOEXEC,
         Some(&format!("mode=0700,size={size}")),
     )?;
-    for file in &plan.secret_files {
+    for file in files {
         let path = format!("{SECRETS_DIR}/{}", file.name);
         let mut out = std::fs::OpenOptions::new()
             .write(true)

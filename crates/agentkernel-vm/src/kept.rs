@@ -30,6 +30,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use agentkernel_core::secrets::SecretFile;
 use agentkernel_core::state::{now_unix, write_atomic, Owner, SandboxRecord, Store};
 use serde::{Deserialize, Serialize};
 
@@ -123,8 +124,15 @@ pub struct Egress {
 /// holder, and returns once it serves commands — or with why it could not
 /// be built, its name released. With `egress`, the holder carries the
 /// guest's proxy connections (`kept.sandbox.egress_port` set); our copies
-/// of its descriptors close when this returns.
-pub fn create(store: &Store, name: &str, kept: &KeptVm, egress: Option<Egress>) -> Result<()> {
+/// of its descriptors close when this returns. `secret_files` go to the
+/// holder through its stdin, never into the stored description.
+pub fn create(
+    store: &Store,
+    name: &str,
+    kept: &KeptVm,
+    egress: Option<Egress>,
+    secret_files: &[SecretFile],
+) -> Result<()> {
     let built = (|| {
         let spec = serde_json::to_vec(kept).or_else(|e| fail(e.to_string()))?;
         write_atomic(&store.sandbox_dir(name).join(SPEC_FILE), &spec)
@@ -139,7 +147,15 @@ pub fn create(store: &Store, name: &str, kept: &KeptVm, egress: Option<Egress>) 
         // The name last: what finds a sandbox's holder by its arguments.
         args.extend([store.root().as_os_str().to_owned(), name.into()]);
         let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
-        let mut holder = spawn_holder(&args, Stdio::piped(), &inherit)?;
+        let mut holder = spawn_holder(&args, Stdio::piped(), Stdio::piped(), &inherit)?;
+        // Read by the holder before it boots; the pipe's end is the list's.
+        if let Some(mut input) = holder.stdin.take() {
+            if !secret_files.is_empty() {
+                let text = serde_json::to_vec(secret_files).or_else(|e| fail(e.to_string()))?;
+                // A holder that died early is told below by its empty answer.
+                let _ = input.write_all(&text);
+            }
+        }
         // "ok" once the VM serves commands, else why not; then EOF.
         let mut answer = String::new();
         if let Some(mut report) = holder.stdout.take() {
@@ -167,10 +183,11 @@ pub fn create(store: &Store, name: &str, kept: &KeptVm, egress: Option<Egress>) 
 const EGRESS_FLAG: &str = "--egress";
 
 /// Starts `agentkernel __vm-holder ARGS` in its own session (the user's
-/// Ctrl-C or a closed terminal does not end the VM), its stdout `report`,
-/// keeping the descriptors `inherit` open across the exec.
+/// Ctrl-C or a closed terminal does not end the VM), its stdin `input` and
+/// stdout `report`, keeping the descriptors `inherit` open across the exec.
 pub(crate) fn spawn_holder(
     args: &[&std::ffi::OsStr],
+    input: Stdio,
     report: Stdio,
     inherit: &[RawFd],
 ) -> Result<std::process::Child> {
@@ -182,7 +199,7 @@ pub(crate) fn spawn_holder(
         .arg(HOLDER_SUBCOMMAND)
         .args(args)
         .current_dir("/")
-        .stdin(Stdio::null())
+        .stdin(input)
         .stdout(report)
         .stderr(Stdio::null());
     // SAFETY: setsid is async-signal-safe.
@@ -204,8 +221,9 @@ pub(crate) fn spawn_holder(
 }
 
 /// The holder: `agentkernel __vm-holder [--egress H L] STATE NAME` (a kept
-/// sandbox, its creator waiting on our stdout) or `agentkernel __vm-holder --warm DIR`
-/// (a warm pool VM, `crate::pool`). Returns its exit code.
+/// sandbox, its creator waiting on our stdout, its secret files on our
+/// stdin) or `agentkernel __vm-holder --warm DIR` (a warm pool VM,
+/// `crate::pool`). Returns its exit code.
 pub fn holder_main(args: &[String]) -> i32 {
     let place = match args {
         [flag, dir] if flag == "--warm" => {
@@ -240,8 +258,16 @@ pub fn holder_main(args: &[String]) -> i32 {
         [_, _, _, _, _] => return 125,
         _ => None,
     };
+    let secret_files = match read_secret_files(&place) {
+        Ok(files) => files,
+        Err(e) => {
+            let _ = write!(std::io::stdout(), "{e}");
+            place.forget();
+            return 1;
+        }
+    };
     let mut report = std::io::stdout();
-    let holder = match start(place, egress) {
+    let holder = match start(place, egress, secret_files) {
         Ok(holder) => holder,
         Err((place, e)) => {
             let _ = write!(report, "{e}");
@@ -261,6 +287,22 @@ pub fn holder_main(args: &[String]) -> i32 {
     let held = Arc::new(holder);
     held.serve();
     0
+}
+
+/// A kept sandbox's `--secret-file`s, as its creator wrote them to our
+/// stdin (nothing: none). A warm VM's stdin is /dev/null: its run has none.
+fn read_secret_files(place: &Place) -> Result<Vec<SecretFile>> {
+    if !matches!(place, Place::Kept { .. }) {
+        return Ok(Vec::new());
+    }
+    let mut text = Vec::new();
+    std::io::stdin()
+        .read_to_end(&mut text)
+        .or_else(|e| fail(format!("cannot read the secret files: {e}")))?;
+    if text.is_empty() {
+        return Ok(Vec::new());
+    }
+    serde_json::from_slice(&text).or_else(|e| fail(format!("cannot read the secret files: {e}")))
 }
 
 /// Where a holder's VM belongs.
@@ -346,8 +388,9 @@ enum End {
 fn start(
     place: Place,
     egress: Option<Egress>,
+    secret_files: Vec<SecretFile>,
 ) -> std::result::Result<Holder, (Place, crate::Error)> {
-    match boot_and_hold(&place, egress) {
+    match boot_and_hold(&place, egress, secret_files) {
         Ok(parts) => Ok(parts.into_holder(place)),
         Err(e) => Err((place, e)),
     }
@@ -385,7 +428,11 @@ impl Parts {
     }
 }
 
-fn boot_and_hold(place: &Place, egress: Option<Egress>) -> Result<Parts> {
+fn boot_and_hold(
+    place: &Place,
+    egress: Option<Egress>,
+    secret_files: Vec<SecretFile>,
+) -> Result<Parts> {
     let dir = place.dir();
     let kept = KeptVm::load_from(&dir)?;
     let qemu = Qemu {
@@ -407,6 +454,7 @@ fn boot_and_hold(place: &Place, egress: Option<Egress>) -> Result<Parts> {
     };
     let sandbox = RunRequest {
         network: vm.guest_network(),
+        secret_files,
         ..kept.sandbox.clone()
     };
     if let Err(e) = session::send(&port, &HostMessage::Keep(sandbox)) {

@@ -7,10 +7,12 @@
 //! proxy is reached through the agent's port ([`tunnel`]).
 
 pub mod disk;
+mod frames;
 pub mod initramfs;
 pub mod kept;
 pub mod kernel;
 pub mod net;
+pub mod passt;
 pub mod pool;
 pub mod session;
 pub mod tunnel;

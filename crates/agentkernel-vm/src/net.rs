@@ -25,6 +25,7 @@ use agentkernel_native::plan::Port;
 use agentkernel_net::Lease;
 use serde::{Deserialize, Serialize};
 
+use crate::passt::Passt;
 use crate::protocol::GuestNetwork;
 use crate::{fail, Result};
 
@@ -38,29 +39,56 @@ pub struct Network {
 
 /// A booted VM's hold on the network: released once, when QEMU is gone.
 #[derive(Debug)]
-pub(crate) struct Attached {
-    pub(crate) lease: Lease,
+pub(crate) enum Attached {
+    /// As root: a lease and a tap on agentkernel's bridge.
+    Bridge(Lease),
+    /// Without root: passt ([`crate::passt`]).
+    UserMode(Passt),
+}
+
+/// How QEMU reaches the network: what the descriptor it inherits is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NicBackend {
+    /// A tap device (`-netdev tap,fd=N`).
+    Tap,
+    /// A stream socket speaking QEMU's framed protocol (`-netdev socket,fd=N`).
+    Stream,
 }
 
 impl Attached {
     pub(crate) fn guest(&self) -> GuestNetwork {
-        let mac = agentkernel_net::guest_mac(&self.lease);
-        GuestNetwork {
-            mac: mac_text(mac),
-            ip: self.lease.ip,
-            prefix: self.lease.prefix,
-            gateway: self.lease.gateway,
-            resolv_conf: agentkernel_net::resolv_conf(),
+        match self {
+            Attached::Bridge(lease) => GuestNetwork {
+                mac: mac_text(agentkernel_net::guest_mac(lease)),
+                ip: lease.ip,
+                prefix: lease.prefix,
+                gateway: lease.gateway,
+                resolv_conf: agentkernel_net::resolv_conf(),
+            },
+            Attached::UserMode(_) => Passt::guest(),
         }
     }
 
     pub(crate) fn mac(&self) -> String {
-        mac_text(agentkernel_net::guest_mac(&self.lease))
+        match self {
+            Attached::Bridge(lease) => mac_text(agentkernel_net::guest_mac(lease)),
+            Attached::UserMode(_) => Passt::mac(),
+        }
+    }
+
+    pub(crate) fn backend(&self) -> NicBackend {
+        match self {
+            Attached::Bridge(_) => NicBackend::Tap,
+            Attached::UserMode(_) => NicBackend::Stream,
+        }
     }
 
     /// Where the published ports landed (on stderr, as native says it).
     pub fn port_lines(&self) -> Vec<String> {
-        self.lease
+        let Attached::Bridge(lease) = self else {
+            return Vec::new();
+        };
+        lease
             .ports
             .iter()
             .map(|p| {
@@ -73,9 +101,13 @@ impl Attached {
     }
 
     /// Frees the address, the port rules and relay, and the tap if QEMU's
-    /// death has not already taken it.
+    /// death has not already taken it; or ends passt.
     pub(crate) fn release(self) {
-        if let Err(e) = agentkernel_net::release(&agentkernel_native::net::config(), &self.lease) {
+        let lease = match self {
+            Attached::Bridge(lease) => lease,
+            Attached::UserMode(passt) => return passt.stop(),
+        };
+        if let Err(e) = agentkernel_net::release(&agentkernel_native::net::config(), &lease) {
             eprintln!("agentkernel: warning: {e}");
         }
     }
@@ -88,19 +120,22 @@ fn mac_text(mac: [u8; 6]) -> String {
         .join(":")
 }
 
-/// Leases an address and creates the tap for a VM this process will start
-/// (and hold: the lease's id names this process).
+/// As root, leases an address and creates the tap for a VM this process
+/// will start (and hold: the lease's id names this process); without root,
+/// starts passt for it. Returns the descriptor QEMU's NIC uses.
 pub(crate) fn attach(network: &Network) -> Result<(Attached, OwnedFd)> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        return fail(
-            "a VM's network needs root (a tap on agentkernel's bridge); pass --no-network",
-        );
+        if !network.ports.is_empty() {
+            // The CLI refuses -P without root before this; never dropped.
+            return fail("a VM without root cannot publish ports; run agentkernel as root");
+        }
+        return Passt::start().map(|(passt, fd)| (Attached::UserMode(passt), fd));
     }
     let ports = agentkernel_native::net::port_mappings(&network.ports);
     let id = lease_id();
     agentkernel_net::attach_tap(&agentkernel_native::net::config(), &id, &ports)
-        .map(|(lease, tap)| (Attached { lease }, tap))
+        .map(|(lease, tap)| (Attached::Bridge(lease), tap))
         .or_else(|e| fail(format!("the VM's network: {e}")))
 }
 

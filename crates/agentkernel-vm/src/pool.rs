@@ -137,7 +137,12 @@ pub fn refill(root: &Path, key: &str, vm: &KeptVm, size: u32, idle: Duration) ->
         let _ = std::fs::remove_dir_all(&dir);
         return fail(format!("cannot prepare a warm VM: {e}"));
     }
-    if let Err(e) = kept::spawn_holder(&["--warm".as_ref(), dir.as_os_str()], Stdio::null(), &[]) {
+    if let Err(e) = kept::spawn_holder(
+        &["--warm".as_ref(), dir.as_os_str()],
+        Stdio::null(),
+        Stdio::null(),
+        &[],
+    ) {
         let _ = std::fs::remove_dir_all(&dir);
         return Err(e);
     }
@@ -389,6 +394,7 @@ mod tests {
             memory_max: None,
             cpu_max: None,
             files: Vec::new(),
+            secret_files: Vec::new(),
             capabilities: Vec::new(),
             seccomp_restrictive: false,
             network: None,

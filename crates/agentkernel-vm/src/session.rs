@@ -111,7 +111,8 @@ pub(crate) fn boot(
     };
     let tap_fd = tap.as_ref().map(|t| t.as_raw_fd());
     let nic = net.as_ref().zip(tap_fd).map(|(n, fd)| Nic {
-        tap_fd: fd,
+        fd,
+        backend: n.backend(),
         mac: n.mac(),
     });
     let mut command = vmm.command(vm, agent_fd, nic.as_ref());

@@ -52,10 +52,12 @@ pub struct VmConfig {
     pub network: Option<crate::net::Network>,
 }
 
-/// The VM's NIC: the tap's descriptor (inherited) and the guest's MAC.
+/// The VM's NIC: the descriptor QEMU inherits (a tap, or passt's socket),
+/// what it is, and the guest's MAC.
 #[derive(Debug, Clone)]
 pub struct Nic {
-    pub tap_fd: RawFd,
+    pub fd: RawFd,
+    pub backend: crate::net::NicBackend,
     pub mac: String,
 }
 
@@ -148,11 +150,14 @@ impl Vmm for Qemu {
             ));
         }
         match nic {
-            // The tap agentkernel created on its bridge, already open: QEMU
-            // needs no privilege and no helper to use it.
+            // The tap agentkernel created on its bridge, or passt's socket,
+            // already open: QEMU needs no privilege and no helper to use it.
             Some(nic) => {
-                c.arg("-netdev")
-                    .arg(format!("tap,id=net0,fd={},vhost=off", nic.tap_fd));
+                let netdev = match nic.backend {
+                    crate::net::NicBackend::Tap => format!("tap,id=net0,fd={},vhost=off", nic.fd),
+                    crate::net::NicBackend::Stream => format!("socket,id=net0,fd={}", nic.fd),
+                };
+                c.arg("-netdev").arg(netdev);
                 c.arg("-device").arg(format!(
                     "virtio-net-pci,netdev=net0,mac={},romfile=",
                     nic.mac

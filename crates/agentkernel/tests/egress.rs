@@ -937,23 +937,35 @@ print("whole", results)
         assert!(wait_until(Duration::from_secs(5), || proxies_of(&env).is_empty()));
     }
 
-    /// `--secret-file` (a tmpfs in the guest the host would have to
-    /// fill) is refused before anything starts, one line.
+    /// A VM behind the proxy with a secret file: the file is in the
+    /// guest's tmpfs, the bound variable holds the placeholder, and the
+    /// proxy ends with the run.
     #[test]
-    fn secret_files_are_refused() {
+    fn secret_files_and_the_proxy_share_one_vm() {
         let env = TestEnv::new();
         let out = env.run(&[
             "run",
             "-S",
-            "K=v:api.example.test",
+            "K=file-and-proxy-73e1:api.example.test",
             "--secret-file",
             "K",
             "-i",
             BUSYBOX,
-            "true",
+            "--",
+            "sh",
+            "-c",
+            "cat /run/agentkernel/secrets/K; echo; echo \"$K\"",
         ]);
-        let line = assert_one_line_error(&out);
-        assert!(line.contains("--secret-file"), "{line}");
-        assert!(proxies_of(&env).is_empty());
+        assert_code(&out, 0);
+        let text = stdout(&out);
+        let mut lines = text.lines();
+        assert_eq!(lines.next(), Some("file-and-proxy-73e1"), "{text}");
+        assert!(
+            lines
+                .next()
+                .is_some_and(|l| l.starts_with("AGENTKERNEL_PLACEHOLDER_")),
+            "{text}"
+        );
+        assert!(wait_until(Duration::from_secs(5), || proxies_of(&env).is_empty()));
     }
 }

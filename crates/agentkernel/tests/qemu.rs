@@ -1581,4 +1581,124 @@ mod qemu_only {
         assert_released(&lease);
         assert!(vms_of(&env).is_empty());
     }
+
+    // ---- Without root (docs/qemu.md, "Network without root") ----
+
+    use super::common::user::User;
+
+    /// Run by an ordinary user, a VM's network is passt's: the host's
+    /// addresses answer (as from a rootless native sandbox), its loopback
+    /// never does — not through the gateway's address, and not with a
+    /// hand-made SYN for 127.0.0.1 sent to the gateway's MAC (the guest's
+    /// root has CAP_NET_RAW under permissive). `-P` is refused in one line.
+    /// A `kill -9` of agentkernel leaves nothing of that user running:
+    /// QEMU dies with it and passt with QEMU.
+    #[test]
+    fn without_root_a_vm_reaches_the_host_but_never_its_loopback_and_kill_9_leaves_nothing() {
+        let user = User::new(4330);
+        let secret = host_listener(Ipv4Addr::LOCALHOST);
+        let service = host_listener(Ipv4Addr::UNSPECIFIED);
+        let host_ip = host_ipv4_addresses()
+            .into_iter()
+            .next()
+            .expect("PREREQUISITE MISSING: the host has no non-loopback IPv4 address");
+        let script = format!(
+            "{FIND_GATEWAY}import subprocess, sys\n\
+             def connect(host, port):\n\
+             \x20   try:\n\
+             \x20       socket.create_connection((host, port), 3).close(); print(host, 'connected', flush=True)\n\
+             \x20   except OSError as e:\n\
+             \x20       print(host, 'refused', e, flush=True)\n\
+             print('resolv', open('/etc/resolv.conf').readline().strip(), flush=True)\n\
+             connect(gw, {secret})\n\
+             connect('{host_ip}', {service})\n\
+             subprocess.call(['python3', '-c', sys.argv[1], '127.0.0.1:{secret}', '0.0.0.0:{secret}', '{host_ip}:{service}'])\n",
+            secret = secret.port,
+            service = service.port,
+        );
+        let out = user
+            .cmd()
+            .args([
+                "run",
+                "-B",
+                "qemu",
+                "--fast=false",
+                "-p",
+                "permissive",
+                "-i",
+                PYTHON,
+                "--",
+                "python3",
+                "-c",
+                &script,
+                RAW_SYN_PROBE,
+            ])
+            .output()
+            .unwrap();
+        assert_code(&out, 0);
+        let text = stdout(&out);
+        assert!(text.contains("resolv nameserver 10.0.2.3"), "{text}");
+        assert!(
+            text.contains("10.0.2.2 refused"),
+            "gateway to loopback: {text}"
+        );
+        assert!(
+            text.contains(&format!("{host_ip} connected")),
+            "the network does not work: {text}"
+        );
+        for loopback in ["127.0.0.1", "0.0.0.0"] {
+            let target = format!("{loopback}:{}", secret.port);
+            assert_eq!(probe_result(&text, &target), "silent", "{text}");
+        }
+        // The same probe gets an answer where one is allowed: it works.
+        assert_eq!(
+            probe_result(&text, &format!("{host_ip}:{}", service.port)),
+            "synack",
+            "{text}"
+        );
+        assert_eq!(secret.accepted.load(Ordering::SeqCst), 0, "{text}");
+        user.assert_no_processes();
+
+        let refused = user
+            .cmd()
+            .args([
+                "run",
+                "-B",
+                "qemu",
+                "-P",
+                "127.0.0.1:18081:80",
+                "-i",
+                BUSYBOX,
+                "true",
+            ])
+            .output()
+            .unwrap();
+        let line = assert_one_line_error(&refused);
+        assert!(line.contains("-P") || line.contains("port"), "{line}");
+        assert!(user.runs_left().is_empty(), "{:?}", user.runs_left());
+
+        let mut running = user
+            .cmd()
+            .args([
+                "run",
+                "-B",
+                "qemu",
+                "--fast=false",
+                "-i",
+                BUSYBOX,
+                "sleep",
+                "300",
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        poll_until(VM_LIMIT, "the VM and passt run", || {
+            let names: Vec<String> = user.processes().into_iter().map(|(_, c)| c).collect();
+            names.iter().any(|c| c.contains("passt"))
+                && names.iter().any(|c| c.contains("qemu-system"))
+        });
+        running.kill().unwrap();
+        running.wait().unwrap();
+        user.assert_no_processes();
+    }
 }

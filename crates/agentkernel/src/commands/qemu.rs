@@ -10,8 +10,9 @@ use agentkernel_core::backend::{
     Backend, BackendKind, Capabilities, Collected, Probe, RunOptions, Support,
 };
 use agentkernel_core::config::{Config, QemuKernel};
-use agentkernel_core::egress::{EgressSpec, SecretValues};
+use agentkernel_core::egress::EgressSpec;
 use agentkernel_core::policy::WorkspaceMode;
+use agentkernel_core::secrets::SecretFile;
 use agentkernel_core::spec::{ExecRequest, Outcome, SandboxSpec};
 use agentkernel_core::state::{SandboxRecord, Store};
 use agentkernel_core::{Error, Result};
@@ -58,20 +59,7 @@ impl Backend for QemuBackend {
                 "on the qemu backend",
                 "use an IPv4 address such as 127.0.0.1 or 0.0.0.0",
             ),
-            // SAFETY: geteuid has no preconditions.
-            network: if unsafe { libc::geteuid() } == 0 {
-                Support::Yes
-            } else {
-                // A VM's NIC is a tap on agentkernel's bridge, which takes
-                // root. QEMU's user-mode network would show the guest the
-                // host's loopback (10.0.2.2): refused, never run with less
-                // isolation than a native sandbox gets.
-                Support::no(
-                    "for a VM without root (its NIC is a tap on agentkernel's bridge)",
-                    "run agentkernel as root, or pass --no-network",
-                )
-            },
-            ..Capabilities::all()
+            ..capabilities_for_this_user()
         }
     }
 
@@ -83,12 +71,16 @@ impl Backend for QemuBackend {
             return super::qemu_kept::run(&self.store, spec, options).await;
         }
         // A warm VM's root is built before the run is known: a run that
-        // brings files boots its own (and one with an egress proxy: the
-        // CLI never offers it the pool).
-        if options.warm_pool && options.files.is_empty() && proxied(spec).is_none() {
-            return super::qemu_pool::run(&self.store, spec, options.config).await;
+        // brings files or secret files boots its own (and one with an
+        // egress proxy: the CLI never offers it the pool).
+        if options.warm_pool
+            && options.files.is_empty()
+            && options.secret_files.is_empty()
+            && proxied(spec).is_none()
+        {
+            return super::qemu_pool::run(&self.store, spec, options).await;
         }
-        run(spec, options.config, &options.files, options.secrets).await
+        run(spec, options).await
     }
 
     async fn exec(&self, record: &SandboxRecord, request: &ExecRequest) -> Result<Outcome> {
@@ -158,6 +150,31 @@ impl Backend for QemuBackend {
     }
 }
 
+/// What a VM started without root can have: a network through passt
+/// (`agentkernel_vm::passt`) when it is installed, and no published ports
+/// (passt could bind them, but native refuses them rootless too: one rule).
+/// As root: everything.
+fn capabilities_for_this_user() -> Capabilities {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return Capabilities::all();
+    }
+    Capabilities {
+        network: match agentkernel_vm::passt::usable() {
+            Ok(_) => Support::Yes,
+            Err(why) => Support::no(
+                format!("for a VM without root here: {why}"),
+                "or pass --no-network",
+            ),
+        },
+        published_ports: Support::no(
+            "from a VM without root",
+            "run agentkernel as root, or reach the service from inside the sandbox",
+        ),
+        ..Capabilities::all()
+    }
+}
+
 fn no_copy() -> Error {
     Error::not_supported_hint(
         "sandbox cp on the qemu backend",
@@ -166,14 +183,10 @@ fn no_copy() -> Error {
 }
 
 /// A one-shot run in a VM booted for it.
-pub async fn run(
-    spec: &SandboxSpec,
-    config: &Config,
-    files: &[agentkernel_core::files::InjectedFile],
-    secrets: &SecretValues,
-) -> Result<Outcome> {
-    let (host, mut vm, request) = prepare(spec, config, files).await?;
+pub async fn run(spec: &SandboxSpec, options: &RunOptions<'_>) -> Result<Outcome> {
+    let (host, mut vm, request) = prepare(spec, options.config, &options.files).await?;
     let mut request = with_terminal(request, spec.exec.tty);
+    request.secret_files = SecretFile::all(&options.secret_files);
     let Some(egress) = proxied(spec) else {
         let ended = session::run(&host.qemu, &vm, request, None).map_err(backend_error)?;
         return Ok(outcome(ended));
@@ -184,7 +197,7 @@ pub async fn run(
         socket: None,
         final_report: agentkernel_core::observe::enabled(),
     };
-    let proxy = agentkernel_native::egress::start(egress, secrets, reports)?;
+    let proxy = agentkernel_native::egress::start(egress, options.secrets, reports)?;
     agentkernel_native::egress::expect_connections(&proxy.handoff).map_err(|e| Error::Backend {
         backend: "egress proxy",
         message: format!("cannot reach it: {e}"),
@@ -434,16 +447,6 @@ fn refuse_unsupported(spec: &SandboxSpec) -> Result<()> {
             "a VM shares directories: mount the directory that holds it",
         );
     }
-    if spec
-        .egress
-        .as_ref()
-        .is_some_and(|e| !e.secret_files.is_empty())
-    {
-        return refuse(
-            "--secret-file",
-            "pass the secret with -S KEY:HOST (the egress proxy adds it), or use -B native",
-        );
-    }
     if spec.policy.user_limits.disk_bytes.is_some() {
         return refuse(
             "--disk",
@@ -546,6 +549,8 @@ fn request(spec: &SandboxSpec, image: &images::ImageConfig) -> RunRequest {
         cpu_max: policy.limits.cpus,
         // Set by `prepare`.
         files: Vec::new(),
+        // A one-shot run's: `run`; a kept VM's go to its holder by a pipe.
+        secret_files: Vec::new(),
         capabilities: agentkernel_native::caps::kept(&policy.capabilities),
         seccomp_restrictive: policy.seccomp == agentkernel_core::policy::Seccomp::Restrictive,
         // Filled in by whoever boots the VM and holds its lease.

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use agentkernel_core::backend::{BackendKind, RunOptions};
+use agentkernel_core::secrets::SecretFile;
 use agentkernel_core::spec::{kept_message, ExecRequest, Outcome, SandboxSpec};
 use agentkernel_core::state::{SandboxRecord, Store};
 use agentkernel_core::{Error, Result};
@@ -103,7 +104,9 @@ pub async fn create(
             sandbox: request.clone(),
             record: Some(record),
         };
-        kept::create(store, &keep.name, &described, egress).map_err(backend_error)?;
+        let secret_files = SecretFile::all(&options.secret_files);
+        kept::create(store, &keep.name, &described, egress, &secret_files)
+            .map_err(backend_error)?;
         Ok(RunRequest {
             files: Vec::new(),
             ..request

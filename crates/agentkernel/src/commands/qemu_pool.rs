@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use agentkernel_core::backend::RunOptions;
 use agentkernel_core::config::Config;
 use agentkernel_core::spec::{Outcome, SandboxSpec};
 use agentkernel_core::state::Store;
@@ -23,12 +24,13 @@ fn pool_root(store: &Store) -> std::path::PathBuf {
     store.root().join("vm-pool")
 }
 
-pub async fn run(store: &Store, spec: &SandboxSpec, config: &Config) -> Result<Outcome> {
+pub async fn run(store: &Store, spec: &SandboxSpec, options: &RunOptions<'_>) -> Result<Outcome> {
     // Published ports are bound when a VM boots: a warm VM would hold them
     // while it waits. A run that publishes boots its own.
     if !spec.ports.is_empty() {
-        return super::qemu::run(spec, config, &[], &Default::default()).await;
+        return super::qemu::run(spec, options).await;
     }
+    let config = options.config;
     let (host, vm, request) = prepare(spec, config, &[]).await?;
     let warm = KeptVm {
         qemu: host.qemu.binary.clone(),
