@@ -1,4 +1,4 @@
-//! Config files (SPEC.md "Files"): `/etc/agentkernel/config.toml` <
+//! Config files (docs/config.md): `/etc/agentkernel/config.toml` <
 //! `~/.config/agentkernel/config.toml` < `./agentkernel.toml` < `--config FILE`
 //! < flags. Every file uses the same schema (docs/config.md); unknown keys and
 //! bad values are errors naming the file, line and key.

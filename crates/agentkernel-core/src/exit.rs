@@ -8,7 +8,7 @@ use std::time::Duration;
 use crate::parse::{format_bytes, format_duration};
 use crate::spec::Outcome;
 
-/// agentkernel's own failures (SPEC.md exit codes).
+/// agentkernel's own failures (the README's exit code table).
 pub const AGENTKERNEL_ERROR: i32 = 125;
 
 /// Prints a message about how the command ended, when there is one to say, and

@@ -1,6 +1,6 @@
 //! Image auto-detection: which image a command runs in when none is named.
 //!
-//! Order (SPEC.md): `--image`, `--template`, config, then the command's first
+//! Order (README, "Images"): `--image`, `--template`, config, then the command's first
 //! word, then project files in the current directory, else `alpine:3.20`.
 
 use std::path::Path;
@@ -24,7 +24,7 @@ pub fn for_command(program: &str) -> Option<&'static str> {
     Some(image)
 }
 
-/// Project files in `dir` → image, in the SPEC's order.
+/// Project files in `dir` → image, in the documented order (README, "Images").
 pub fn for_project(dir: &Path) -> Option<&'static str> {
     const MARKERS: [(&str, &str); 6] = [
         ("package.json", "node:22-alpine"),

@@ -1,4 +1,4 @@
-//! Where agentkernel keeps its state (SPEC.md "Files").
+//! Where agentkernel keeps its state (docs/security.md, "State and images").
 
 use std::path::PathBuf;
 

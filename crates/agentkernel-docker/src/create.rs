@@ -1,5 +1,5 @@
 //! Spec → Docker container configuration. Every row of the profile table
-//! (SPEC.md) that Docker can enforce is enforced here.
+//! (docs/security.md) that Docker can enforce is enforced here.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -266,7 +266,7 @@ pub fn container_body(
     Ok(ContainerCreateBody {
         image: Some(spec.image.clone()),
         // The command runs exactly as given: an image's entrypoint would
-        // re-interpret it (SPEC: CMD passes through byte for byte).
+        // re-interpret it (the command passes through byte for byte, as with `docker run`).
         entrypoint: Some(vec![]),
         cmd: Some(shape.command),
         env: (!env.is_empty()).then_some(env),

@@ -3,7 +3,7 @@
 //! The container's main process is a keep-alive loop that reads the deadline
 //! from the read-only control mount and exits when it passes; the container is
 //! created with auto-remove, so the engine deletes it at expiry even when no
-//! agentkernel process is running. Every use moves the deadline (SPEC: TTL
+//! agentkernel process is running. Every use moves the deadline (the documented TTL rule:
 //! counts from last use); a running command refreshes it so it is never cut
 //! off mid-way. `stop` freezes the sandbox (docker pause) and `start` thaws it:
 //! a stopped sandbox keeps its processes and files; since its frozen

@@ -43,7 +43,7 @@ fn not_built(kind: BackendKind) -> Error {
 }
 
 /// `-B`, else `$AGENTKERNEL_BACKEND`, else config, else the first available
-/// in SPEC order: native, docker, podman. Native is available to root on a
+/// in the documented order: native, docker, podman. Native is available to root on a
 /// kernel with overlayfs, namespaces and cgroup controllers. Engines are
 /// "available" without a request: a listening Docker socket (or
 /// DOCKER_HOST), else an installed podman.

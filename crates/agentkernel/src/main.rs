@@ -14,7 +14,7 @@ use std::io::Write;
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::Parser;
 
-/// agentkernel's own failures (SPEC.md exit codes).
+/// agentkernel's own failures (the README's exit code table).
 pub const EXIT_AGENTKERNEL_ERROR: i32 = agentkernel_core::exit::AGENTKERNEL_ERROR;
 
 fn main() {

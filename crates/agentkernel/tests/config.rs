@@ -1,4 +1,4 @@
-//! Config files (SPEC.md "Files"): `./agentkernel.toml` < `--config FILE` < flags.
+//! Config files (docs/config.md): `./agentkernel.toml` < `--config FILE` < flags.
 
 mod common;
 

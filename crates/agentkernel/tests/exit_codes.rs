@@ -1,4 +1,4 @@
-//! Exit codes (SPEC.md "Exit codes").
+//! Exit codes (the README's exit code table).
 
 mod common;
 

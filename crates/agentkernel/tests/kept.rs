@@ -1,4 +1,4 @@
-//! Kept sandboxes (SPEC.md "Kept sandboxes"): `--keep`, `exec`, `sandbox …`,
+//! Kept sandboxes (README, "Use"): `--keep`, `exec`, `sandbox …`,
 //! `--ttl`, `--branch`, names and races.
 
 mod common;

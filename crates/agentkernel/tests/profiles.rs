@@ -1,4 +1,4 @@
-//! Security profiles (SPEC.md "Security profiles").
+//! Security profiles (README, "Security profiles"; docs/security.md).
 
 mod common;
 

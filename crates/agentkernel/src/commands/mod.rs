@@ -95,7 +95,7 @@ pub(crate) fn utf8_command(words: Vec<std::ffi::OsString>) -> Result<Vec<String>
         .collect()
 }
 
-/// A TTY is given when both our stdin and stdout are terminals (SPEC.md).
+/// A TTY is given when both our stdin and stdout are terminals, as `docker run -it` would give one.
 pub(crate) fn wants_tty() -> bool {
     agentkernel_core::terminal::is_tty(0) && agentkernel_core::terminal::is_tty(1)
 }
