@@ -2,18 +2,27 @@
 # The warm pool (--fast) beside `docker run --rm` / `podman run --rm` and
 # agentkernel's own normal path (--fast=false), per engine (bench/pool.py):
 # interleaved rounds of the three (the pooled run finds the pool warm), then
-# LOOP pooled runs back to back (an agent's loop) with their hit rate.
-#   bench/pool.sh [ROUNDS] [LOOP] [docker|podman|both]     (defaults: 20, 50, both)
+# LOOP pooled runs back to back (an agent's loop) with their hit rate, and
+# the loop again once the pool has grown to what the first one taught it.
+#   bench/pool.sh [ROUNDS] [LOOP] [docker|podman|both] [MAX_TOTAL]
+#   (defaults: 20, 50, both, and `[pool] max_total`'s default; MAX_TOTAL is
+#   written to a config file of the benchmark's own, XDG_CONFIG_HOME)
 set -euo pipefail
 rounds=${1:-20}
 loop=${2:-50}
 which=${3:-both}
+max_total=${4:-}
 root=$(cd "$(dirname "$0")/.." && pwd)
 image=agentkernel-test/busybox:1
 cargo build --release --quiet --manifest-path "$root/Cargo.toml"
 ak="$root/target/release/agentkernel"
 home=$(mktemp -d)
 export AGENTKERNEL_HOME="$home"
+export XDG_CONFIG_HOME="$home/config"
+if [ -n "$max_total" ]; then
+  mkdir -p "$XDG_CONFIG_HOME/agentkernel"
+  printf '[pool]\nmax_total = %s\n' "$max_total" > "$XDG_CONFIG_HOME/agentkernel/config.toml"
+fi
 cleanup() {
   AGENTKERNEL_HOME="$home" "$ak" pool prune >/dev/null 2>&1 || true
   rm -rf "$home"

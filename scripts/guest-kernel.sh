@@ -159,11 +159,12 @@ CONFIG_IPV6=y
 # sandbox has lo and nothing else.
 CONFIG_IPV6_SIT=n
 CONFIG_PACKET=y
-# Filesystems: the image (ext4, with the crc32c its checksums need), the
-# overlays, the workspace and volumes (9p over virtio).
-CONFIG_EXT4_FS=y
-CONFIG_EXT4_FS_POSIX_ACL=y
-CONFIG_EXT4_FS_SECURITY=y
+# Filesystems: the image (EROFS, with the crc32c its superblock checksum
+# needs), the overlays, the workspace and volumes (9p over virtio).
+CONFIG_EROFS_FS=y
+CONFIG_EROFS_FS_XATTR=y
+CONFIG_EROFS_FS_POSIX_ACL=y
+CONFIG_EROFS_FS_SECURITY=y
 CONFIG_CRYPTO_CRC32C=y
 CONFIG_OVERLAY_FS=y
 CONFIG_NETWORK_FILESYSTEMS=y

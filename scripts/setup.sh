@@ -33,10 +33,12 @@ command -v skopeo >/dev/null || need+=(skopeo)
 command -v bwrap >/dev/null || need+=(bubblewrap)   # bench/native.sh compares with it
 command -v slirp4netns >/dev/null || need+=(slirp4netns)   # rootless native networking
 command -v passt >/dev/null || need+=(passt)               # a VM's network without root
-# -B qemu: QEMU, a guest kernel with its modules, mkfs.ext4 for image disks
+# -B qemu: QEMU, a guest kernel with its modules, mkfs.erofs for image disks
+# (mkfs.ext4: native's workspace disks)
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 ls /boot/vmlinuz-* >/dev/null 2>&1 || need+=(linux-image-amd64)
 command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
+command -v mkfs.erofs >/dev/null || need+=(erofs-utils)
 command -v ssh >/dev/null || need+=(openssh-client)   # tests/ssh.rs drives --ssh with the real client
 command -v script >/dev/null || need+=(bsdutils)   # `script` gives ssh a terminal in tests/ssh.rs
 if [ ${#need[@]} -gt 0 ]; then

@@ -1,5 +1,5 @@
 //! PID 1 in a sandbox VM. Mounts the kernel's filesystems, loads the modules
-//! the initramfs carries (virtio, ext4, overlay, 9p), finds the host's
+//! the initramfs carries (virtio, erofs, overlay, 9p), finds the host's
 //! virtio-serial port, builds the command's root from the image disk, runs
 //! the one command the host sends, streams its I/O, reports how it ended and
 //! powers the VM off. A kept VM's agent instead serves the commands the
@@ -249,7 +249,7 @@ fn build_root(request: &RunRequest) -> io::Result<()> {
     mount(
         Some("/dev/vda"),
         "/image",
-        Some("ext4"),
+        Some("erofs"),
         libc::MS_RDONLY,
         None,
     )?;
@@ -700,7 +700,7 @@ fn confined_shell(restrictive: bool) {
 
 /// Most commands start with the image's shell or at least its ELF loader,
 /// and a fresh VM reads them from the image disk: the first read of the
-/// block device, ext4 and the overlay, in emulated code. Reading (never
+/// block device, EROFS and the overlay, in emulated code. Reading (never
 /// running) those files and their loader before the VM is ready moves
 /// that into the boot. Page cache only: the image's root is read-only
 /// below the overlay, so nothing the command can see changes.

@@ -1,14 +1,24 @@
 //! The image as a disk: an image's unpacked layers merged (whiteouts and
 //! opaque directories applied, as overlayfs would show them) and written as
-//! one read-only ext4 filesystem by `mkfs.ext4 -d`, once per image and cached
-//! beside the layers. The merge hard-links files out of the layers, so it
-//! costs no copy; the directory is removed once the disk exists.
+//! one read-only EROFS filesystem by `mkfs.erofs` (uncompressed), once per
+//! image and cached beside the layers. The merge hard-links files out of the
+//! layers, so it costs no copy; the directory is removed once the disk
+//! exists.
+//!
+//! EROFS, not ext4: the guest loads its filesystem's module at every boot,
+//! and under TCG ext4 with what it needs (jbd2, mbcache, crc16: ~2.5 MB)
+//! took ~0.3 s to load where erofs (~0.25 MB) took ~0.05 s, measured by
+//! loading each by hand in a guest. A read-only image needs nothing ext4
+//! has beyond what EROFS, made for read-only system images, has.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::{fail, Result};
+
+/// The disks' file name suffix (their filesystem).
+const SUFFIX: &str = "erofs";
 
 /// Directories the agent mounts on: present in every disk, since a
 /// read-only root cannot grow them.
@@ -23,14 +33,14 @@ const MOUNT_POINTS: &[(&str, u32)] = &[
 /// The cached disk for the image `id` (its config digest's hex), built from
 /// `layers` (bottom to top) if missing.
 pub fn ensure(cache_dir: &Path, id: &str, layers: &[PathBuf]) -> Result<PathBuf> {
-    let path = cache_dir.join(format!("{id}.ext4"));
+    let path = cache_dir.join(format!("{id}.{SUFFIX}"));
     if path.is_file() {
         return Ok(path);
     }
     std::fs::create_dir_all(cache_dir)
         .or_else(|e| fail(format!("cannot create {}: {e}", cache_dir.display())))?;
     let staging = cache_dir.join(format!(".{id}.{}.d", std::process::id()));
-    let tmp = cache_dir.join(format!(".{id}.{}.ext4", std::process::id()));
+    let tmp = cache_dir.join(format!(".{id}.{}.{SUFFIX}", std::process::id()));
     let built = build(&staging, &tmp, layers).and_then(|()| {
         std::fs::rename(&tmp, &path).or_else(|e| fail(format!("cannot store the disk: {e}")))
     });
@@ -51,7 +61,7 @@ pub fn prune(cache_dir: &Path, live: &[String]) -> (usize, u64) {
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         let keep = name
-            .strip_suffix(".ext4")
+            .strip_suffix(&format!(".{SUFFIX}"))
             .is_some_and(|id| live.iter().any(|l| l == id));
         if keep {
             continue;
@@ -63,7 +73,7 @@ pub fn prune(cache_dir: &Path, live: &[String]) -> (usize, u64) {
         } else {
             std::fs::remove_file(&path)
         };
-        if removed.is_ok() && name.ends_with(".ext4") && !name.starts_with('.') {
+        if removed.is_ok() && name.ends_with(&format!(".{SUFFIX}")) && !name.starts_with('.') {
             count += 1;
             bytes += size;
         }
@@ -88,32 +98,23 @@ fn build(staging: &Path, disk: &Path, layers: &[PathBuf]) -> Result<()> {
                 .or_else(|e| fail(format!("cannot create /{dir} in the disk: {e}")))?;
         }
     }
-    let (bytes, inodes) = usage(staging).or_else(|e| fail(format!("cannot size the disk: {e}")))?;
-    // Room for ext4's own metadata; the filesystem is never written.
-    let size_kib = (bytes + bytes / 5) / 1024 + 16 * 1024;
-    let output = Command::new("mkfs.ext4")
-        .args([
-            "-q",
-            "-F",
-            "-t",
-            "ext4",
-            "-O",
-            "^has_journal",
-            "-E",
-            "root_owner=0:0",
-        ])
-        .args(["-N", &(inodes + 1024).to_string(), "-d"])
-        .arg(staging)
+    // Owners, modes, xattrs (file capabilities), device nodes and hard
+    // links are kept as the merged tree has them; nothing is compressed
+    // (reads cost no decompression in the guest).
+    let output = Command::new("mkfs.erofs")
+        .arg("--quiet")
         .arg(disk)
-        .arg(format!("{size_kib}k"))
+        .arg(staging)
         .output();
     match output {
         Ok(out) if out.status.success() => Ok(()),
         Ok(out) => fail(format!(
-            "mkfs.ext4 failed: {}",
+            "mkfs.erofs failed: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         )),
-        Err(e) => fail(format!("cannot run mkfs.ext4 ({e}); install e2fsprogs")),
+        Err(e) => fail(format!(
+            "cannot run mkfs.erofs ({e}); install erofs-utils (Debian: apt-get install erofs-utils)"
+        )),
     }
 }
 
@@ -190,23 +191,6 @@ fn is_opaque(dir: &Path) -> bool {
     n == 1 && value[0] == b'y'
 }
 
-/// Bytes (in whole 4 KiB blocks) and inodes the tree needs.
-fn usage(dir: &Path) -> std::io::Result<(u64, u64)> {
-    let (mut bytes, mut inodes) = (4096, 1);
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let meta = std::fs::symlink_metadata(entry.path())?;
-        inodes += 1;
-        bytes += meta.len().div_ceil(4096) * 4096;
-        if meta.is_dir() {
-            let (b, i) = usage(&entry.path())?;
-            bytes += b;
-            inodes += i;
-        }
-    }
-    Ok((bytes, inodes))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,7 +198,8 @@ mod tests {
     #[test]
     fn prune_keeps_the_live_images_disks_only() {
         let dir = tempfile::tempdir().unwrap();
-        for name in ["live.ext4", "gone.ext4", ".gone.1.ext4"] {
+        // live.ext4: an earlier agentkernel's disk format, never read again.
+        for name in ["live.erofs", "gone.erofs", ".gone.1.erofs", "live.ext4"] {
             std::fs::write(dir.path().join(name), "disk").unwrap();
         }
         std::fs::create_dir(dir.path().join(".gone.1.d")).unwrap();
@@ -223,7 +208,7 @@ mod tests {
             .unwrap()
             .map(|e| e.unwrap().file_name())
             .collect();
-        assert_eq!(left, ["live.ext4"]);
+        assert_eq!(left, ["live.erofs"]);
     }
 
     #[test]

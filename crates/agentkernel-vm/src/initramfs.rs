@@ -14,15 +14,16 @@ use crate::kernel::Kernel;
 use crate::{fail, Result};
 
 /// What the agent needs from the kernel, by module name: the PCI transport,
-/// the image disk, the host's port, the image's filesystem (and the checksum
-/// ext4 asks for by name at mount time), the overlays, the workspace share,
-/// the NIC (a VM with `--no-network` has none; the module is loaded anyway).
+/// the image disk, the host's port, the image's filesystem (EROFS, see
+/// `crate::disk`, and the crc32c its superblock checksum asks for by name),
+/// the overlays, the workspace share, the NIC (a VM with `--no-network` has
+/// none; the module is loaded anyway).
 pub const MODULES: &[&str] = &[
     "virtio_pci",
     "virtio_blk",
     "virtio_console",
     "crc32c_generic",
-    "ext4",
+    "erofs",
     "overlay",
     "9pnet_virtio",
     "9p",
