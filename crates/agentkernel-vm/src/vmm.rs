@@ -109,6 +109,9 @@ impl Vmm for Qemu {
             "none",
         ]);
         c.args(["-monitor", "none", "-serial", "stdio"]);
+        if let Some(firmware) = fast_firmware(&self.binary) {
+            c.arg("-bios").arg(firmware);
+        }
         match vm.accel {
             // `-M pc`: microvm hung under TCG here; pc boots in ~2 s.
             Accel::Tcg => c.args(["-accel", "tcg", "-M", "pc", "-cpu", "max"]),
@@ -200,6 +203,26 @@ const KERNEL_COMMAND_LINE: &str = "console=ttyS0 quiet loglevel=3 panic=-1 rdini
     i8042.noaux i8042.nomux i8042.nopnp i8042.nokbd no_timer_check \
     rcupdate.rcu_expedited=1 noreplace-smp cryptomgr.notests acpi=noirq \
     initcall_blacklist=init_kprobe_trace,crypto_kdf108_init";
+
+/// qboot, the minimal firmware QEMU ships (Debian: `qemu-system-data`,
+/// which `qemu-system-x86` depends on), when it is there; else QEMU's
+/// default SeaBIOS. qboot only sets up the PCI devices and hands QEMU's own
+/// ACPI tables and the kernel (PVH entry) over, where SeaBIOS runs a whole
+/// POST and option ROMs first: under TCG a boot to the guest's init took
+/// ~1.29 s with qboot against ~1.55 s with SeaBIOS (medians of five, the
+/// same kernel, initramfs and devices). The guest sees the same machine.
+/// Looked for in QEMU's data directory beside its binary and the usual
+/// system places: a stat or three per boot.
+pub fn fast_firmware(qemu_binary: &Path) -> Option<PathBuf> {
+    let beside = qemu_binary
+        .parent()
+        .and_then(Path::parent)
+        .map(|prefix| prefix.join("share/qemu/qboot.rom"));
+    beside
+        .into_iter()
+        .chain(["/usr/share/qemu/qboot.rom", "/usr/local/share/qemu/qboot.rom"].map(PathBuf::from))
+        .find(|p| p.is_file())
+}
 
 /// QEMU option values escape a comma by doubling it.
 fn qemu_escape(path: &Path) -> String {

@@ -385,8 +385,12 @@ impl Host {
             true => self.kernel.image.display().to_string(),
             false => self.kernel.version.clone(),
         };
+        let firmware = match vmm::fast_firmware(&self.qemu.binary) {
+            Some(rom) => format!("firmware {}", rom.display()),
+            None => "SeaBIOS (qboot.rom not found)".to_string(),
+        };
         format!(
-            "{}, guest kernel {kernel}, {} ({why})",
+            "{}, {firmware}, guest kernel {kernel}, {} ({why})",
             self.qemu.binary.display(),
             accel.name().to_uppercase()
         )
