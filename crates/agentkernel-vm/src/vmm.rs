@@ -220,7 +220,13 @@ pub fn fast_firmware(qemu_binary: &Path) -> Option<PathBuf> {
         .map(|prefix| prefix.join("share/qemu/qboot.rom"));
     beside
         .into_iter()
-        .chain(["/usr/share/qemu/qboot.rom", "/usr/local/share/qemu/qboot.rom"].map(PathBuf::from))
+        .chain(
+            [
+                "/usr/share/qemu/qboot.rom",
+                "/usr/local/share/qemu/qboot.rom",
+            ]
+            .map(PathBuf::from),
+        )
         .find(|p| p.is_file())
 }
 
