@@ -20,6 +20,16 @@ pub fn state_dir() -> PathBuf {
         .join(".local/share/agentkernel")
 }
 
+/// Where `program` is on `$PATH` (`/usr/bin:/bin` when it is unset), if
+/// anywhere: how the helpers agentkernel starts (QEMU, slirp4netns, passt)
+/// are found.
+pub fn on_path(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into());
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|p| p.is_file())
+}
+
 pub fn home_dir() -> Option<PathBuf> {
     std::env::var_os("HOME")
         .filter(|h| !h.is_empty())

@@ -57,7 +57,7 @@ fn agent() -> io::Result<()> {
         },
     )?;
     heartbeat(port.clone());
-    let (request, kept) = match read_frame::<_, HostMessage>(&mut reader)? {
+    let (mut request, kept) = match read_frame::<_, HostMessage>(&mut reader)? {
         Some(HostMessage::Run(r)) => (r, false),
         Some(HostMessage::Keep(r)) => (r, true),
         other => return Err(io::Error::other(format!("expected Run, got {other:?}"))),
@@ -80,6 +80,9 @@ fn agent() -> io::Result<()> {
             return Err(io::Error::other(why));
         }
     };
+    // In their tmpfs now: no copy stays in the agent (a kept VM's request
+    // is the base of every later command's).
+    request.secret_files = Vec::new();
     let tunnels = match request
         .egress_port
         .map(|p| egress_tunnels(p, &port))

@@ -21,17 +21,10 @@ use crate::sys;
 /// slirp4netns's DNS forwarder, at its fixed address in 10.0.2.0/24.
 pub const RESOLV_CONF: &str = "nameserver 10.0.2.3\n";
 
-/// slirp4netns on `PATH`, if installed.
-fn binary() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into());
-    std::env::split_paths(&path)
-        .map(|dir| dir.join("slirp4netns"))
-        .find(|p| p.is_file())
-}
-
 /// `Ok` when a rootless sandbox can have a network here; else why not, with the fix.
 pub fn usable() -> Result<PathBuf, SlirpUnusable> {
-    let binary = binary().ok_or(SlirpUnusable::NotInstalled)?;
+    let binary =
+        agentkernel_core::paths::on_path("slirp4netns").ok_or(SlirpUnusable::NotInstalled)?;
     // The tap device: world-accessible on every udev-managed system.
     let c = std::ffi::CString::new(TUN).expect("no NUL");
     // SAFETY: a valid C string; access(2) only checks.

@@ -18,7 +18,7 @@ use std::process::Command;
 use crate::{fail, Result};
 
 /// The disks' file name suffix (their filesystem).
-const SUFFIX: &str = "erofs";
+const SUFFIX: &str = ".erofs";
 
 /// Directories the agent mounts on: present in every disk, since a
 /// read-only root cannot grow them.
@@ -33,14 +33,14 @@ const MOUNT_POINTS: &[(&str, u32)] = &[
 /// The cached disk for the image `id` (its config digest's hex), built from
 /// `layers` (bottom to top) if missing.
 pub fn ensure(cache_dir: &Path, id: &str, layers: &[PathBuf]) -> Result<PathBuf> {
-    let path = cache_dir.join(format!("{id}.{SUFFIX}"));
+    let path = cache_dir.join(format!("{id}{SUFFIX}"));
     if path.is_file() {
         return Ok(path);
     }
     std::fs::create_dir_all(cache_dir)
         .or_else(|e| fail(format!("cannot create {}: {e}", cache_dir.display())))?;
     let staging = cache_dir.join(format!(".{id}.{}.d", std::process::id()));
-    let tmp = cache_dir.join(format!(".{id}.{}.{SUFFIX}", std::process::id()));
+    let tmp = cache_dir.join(format!(".{id}.{}{SUFFIX}", std::process::id()));
     let built = build(&staging, &tmp, layers).and_then(|()| {
         std::fs::rename(&tmp, &path).or_else(|e| fail(format!("cannot store the disk: {e}")))
     });
@@ -61,7 +61,7 @@ pub fn prune(cache_dir: &Path, live: &[String]) -> (usize, u64) {
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         let keep = name
-            .strip_suffix(&format!(".{SUFFIX}"))
+            .strip_suffix(SUFFIX)
             .is_some_and(|id| live.iter().any(|l| l == id));
         if keep {
             continue;
@@ -73,7 +73,7 @@ pub fn prune(cache_dir: &Path, live: &[String]) -> (usize, u64) {
         } else {
             std::fs::remove_file(&path)
         };
-        if removed.is_ok() && name.ends_with(&format!(".{SUFFIX}")) && !name.starts_with('.') {
+        if removed.is_ok() && name.ends_with(SUFFIX) && !name.starts_with('.') {
             count += 1;
             bytes += size;
         }

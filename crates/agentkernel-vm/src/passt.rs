@@ -39,17 +39,9 @@ const PREFIX: u8 = 24;
 /// A locally administered MAC; each VM has its own passt, so one will do.
 const GUEST_MAC: &str = "52:54:00:ac:00:64";
 
-/// passt on `PATH`, if installed.
-fn binary() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into());
-    std::env::split_paths(&path)
-        .map(|dir| dir.join("passt"))
-        .find(|p| p.is_file())
-}
-
 /// `Ok` when a VM without root can have a network here; else why not, with the fix.
 pub fn usable() -> std::result::Result<PathBuf, String> {
-    binary().ok_or_else(|| {
+    agentkernel_core::paths::on_path("passt").ok_or_else(|| {
         "passt is not installed (apt-get install passt), which a VM's network without root needs"
             .to_string()
     })

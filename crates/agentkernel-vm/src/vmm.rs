@@ -79,12 +79,7 @@ pub struct Qemu {
 impl Qemu {
     /// `qemu-system-x86_64` on PATH.
     pub fn find() -> crate::Result<Qemu> {
-        let found = std::env::var_os("PATH").and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|d| d.join("qemu-system-x86_64"))
-                .find(|p| p.is_file())
-        });
-        match found {
+        match agentkernel_core::paths::on_path("qemu-system-x86_64") {
             Some(binary) => Ok(Qemu { binary }),
             None => crate::fail(
                 "qemu-system-x86_64 is not installed; install it (Debian: apt-get install qemu-system-x86)",

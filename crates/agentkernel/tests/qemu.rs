@@ -1593,7 +1593,8 @@ mod qemu_only {
     /// addresses answer (as from a rootless native sandbox), its loopback
     /// never does — not through the gateway's address, and not with a
     /// hand-made SYN for 127.0.0.1 sent to the gateway's MAC (the guest's
-    /// root has CAP_NET_RAW under permissive). `-P` is refused in one line.
+    /// root has CAP_NET_RAW under permissive). `-P`, and a network without
+    /// passt installed, are refused in one line.
     /// A `kill -9` of agentkernel leaves nothing of that user running:
     /// QEMU dies with it and passt with QEMU.
     #[test]
@@ -1678,6 +1679,22 @@ mod qemu_only {
             .unwrap();
         let line = assert_one_line_error(&refused);
         assert!(line.contains("-P") || line.contains("port"), "{line}");
+        assert!(user.runs_left().is_empty(), "{:?}", user.runs_left());
+
+        // Without passt on its PATH: one line naming it, before any VM.
+        let empty = user.dir.path().join("empty-path");
+        std::fs::create_dir(&empty).unwrap();
+        let no_passt = user
+            .cmd()
+            .env("PATH", &empty)
+            .args(["run", "-B", "qemu", "-i", BUSYBOX, "true"])
+            .output()
+            .unwrap();
+        let line = assert_one_line_error(&no_passt);
+        assert!(
+            line.contains("passt is not installed") && line.contains("--no-network"),
+            "{line}"
+        );
         assert!(user.runs_left().is_empty(), "{:?}", user.runs_left());
 
         let mut running = user
