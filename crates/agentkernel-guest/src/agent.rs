@@ -1254,6 +1254,7 @@ fn pump(
 mod reaper {
     use std::io;
     use std::process::{Child, Command};
+    use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::{Condvar, Mutex, Once};
     use std::time::{Duration, Instant};
 
@@ -1261,6 +1262,17 @@ mod reaper {
     static WAITING: Mutex<Vec<(libc::pid_t, Option<libc::c_int>)>> = Mutex::new(Vec::new());
     static REAPED: Condvar = Condvar::new();
     static STARTED: Once = Once::new();
+    /// Children forked so far, counted under `WAITING`'s lock: the reaper,
+    /// finding no child at all, sleeps until this moves (never polls: a
+    /// poll interval was added to the exit of a VM's first command).
+    static SPAWNS: AtomicU64 = AtomicU64::new(0);
+    static SPAWNED: Condvar = Condvar::new();
+
+    /// Called under `WAITING`'s lock once a child exists.
+    fn count_spawn() {
+        SPAWNS.fetch_add(1, Ordering::SeqCst);
+        SPAWNED.notify_all();
+    }
 
     /// Spawns `command` registered for [`wait`]: under the lock the reaper
     /// takes before reaping, so its exit cannot be reaped unregistered.
@@ -1271,6 +1283,7 @@ mod reaper {
         let mut waiting = super::lock(&WAITING);
         let child = command.spawn()?;
         waiting.push((child.id() as libc::pid_t, None));
+        count_spawn();
         Ok(child)
     }
 
@@ -1289,6 +1302,7 @@ mod reaper {
             -1 => Err(io::Error::last_os_error()),
             pid => {
                 waiting.push((pid, None));
+                count_spawn();
                 Ok(pid)
             }
         }
@@ -1301,11 +1315,19 @@ mod reaper {
             // taken it), and spawn holds the lock until then.
             // SAFETY: siginfo_t is plain data; all zeroes is a valid value.
             let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            let spawns_seen = SPAWNS.load(Ordering::SeqCst);
             // SAFETY: waitid writes into our siginfo.
             let looked =
                 unsafe { libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOWAIT) };
             if looked != 0 {
-                std::thread::sleep(Duration::from_millis(50));
+                if io::Error::last_os_error().raw_os_error() == Some(libc::ECHILD) {
+                    // No child at all: none appears but by a spawn, which
+                    // counts itself under this lock after its fork.
+                    let mut waiting = super::lock(&WAITING);
+                    while SPAWNS.load(Ordering::SeqCst) == spawns_seen {
+                        waiting = SPAWNED.wait(waiting).unwrap_or_else(|p| p.into_inner());
+                    }
+                }
                 continue;
             }
             // SAFETY: waitid filled a child's exit in.
