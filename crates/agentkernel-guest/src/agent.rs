@@ -2,10 +2,10 @@
 //! the initramfs carries (virtio, erofs, overlay, 9p), finds the host's
 //! virtio-serial port, builds the command's root from the image disk, runs
 //! the one command the host sends, streams its I/O, reports how it ended and
-//! powers the VM off. A kept VM's agent instead serves the commands the
+//! ends the VM. A kept VM's agent instead serves the commands the
 //! host sends, each under its id, until the host closes the port.
 //! Anything that goes wrong is one line on the port (when it is open) and on
-//! the console, then power-off: the host never waits on a guest that gave up.
+//! the console, then the VM ends: the host never waits on a guest that gave up.
 
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -35,7 +35,7 @@ pub fn main() -> ! {
     if let Err(e) = agent() {
         eprintln!("agentkernel-guest: {e}");
     }
-    power_off()
+    end_vm()
 }
 
 fn agent() -> io::Result<()> {
@@ -125,7 +125,7 @@ fn egress_tunnels(proxy_port: u16, port: &Port) -> io::Result<Tunnels> {
 }
 
 /// Says `Alive` every [`HEARTBEAT_INTERVAL`] until the port fails (the host
-/// went away) or the guest powers off. Its own thread: nothing the agent
+/// went away) or the VM ends. Its own thread: nothing the agent
 /// waits for (a command, a mount, a slow 9p read) may hold it up.
 fn heartbeat(port: Port) {
     std::thread::spawn(move || loop {
@@ -1463,10 +1463,13 @@ fn mount(
 }
 
 /// Flushes nothing (every filesystem that matters is in RAM or read-only)
-/// and powers off; the host sees QEMU exit.
-fn power_off() -> ! {
-    // SAFETY: reboot(2) with POWER_OFF; we are PID 1.
-    unsafe { libc::reboot(libc::RB_POWER_OFF) };
+/// and ends the VM; the host sees QEMU exit. A reboot, not a power-off:
+/// the guest boots without ACPI (`acpi=off`, see the VMM's kernel command
+/// line), which is what powering off needs, and QEMU runs with
+/// `-no-reboot`, so the reset through the keyboard controller ends it.
+fn end_vm() -> ! {
+    // SAFETY: reboot(2) with AUTOBOOT; we are PID 1.
+    unsafe { libc::reboot(libc::RB_AUTOBOOT) };
     loop {
         std::thread::sleep(Duration::from_secs(1));
     }

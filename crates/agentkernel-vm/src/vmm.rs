@@ -116,7 +116,7 @@ impl Vmm for Qemu {
         c.arg("-m").arg(format!("{}M", vm.memory_mib));
         c.arg("-kernel").arg(&vm.kernel);
         c.arg("-initrd").arg(&vm.initramfs);
-        c.arg("-append").arg(KERNEL_COMMAND_LINE);
+        c.arg("-append").arg(kernel_command_line(vm.accel));
         c.arg("-drive").arg(format!(
             "file={},if=none,id=root,format=raw,readonly=on",
             qemu_escape(&vm.disk)
@@ -185,19 +185,38 @@ impl Vmm for Qemu {
 /// worth tenths of a second under TCG: probing a PS/2 controller, checking
 /// the timer, slow RCU grace periods, patching SMP alternatives, the crypto
 /// self-tests (and the KDF one `cryptomgr.notests` misses, ~80 ms), the
-/// kprobe trace events (~140 ms: nothing traces in the guest), and ACPI's
-/// interrupt routing: each virtio device's PCI link was set up by the ACPI
-/// interpreter in ~150 ms under TCG, where the BIOS's routing table does it
-/// at once (`acpi=noirq`; the devices use MSI-X anyway). Measured with
-/// `initcall_debug` and A/B boots: the agent's module loading went from
-/// ~1.1 s to ~0.5 s, a cold boot from ~3.1 s to ~2.5 s (TCG, this 2-core host).
+/// kprobe trace events (~140 ms: nothing traces in the guest), and ACPI
+/// altogether (`acpi=off`): its interpreter set up each virtio device's PCI
+/// link in ~150 ms under TCG (that was `acpi=noirq`), and loading its tables
+/// and bringing it up took another ~200 ms at boot (25 alternated boots:
+/// 1705 → 1490 ms median). The firmware's MP table describes the CPUs and
+/// the PCI devices use MSI-X; without ACPI the guest cannot power off, so
+/// the agent ends the VM with a reboot, which `-no-reboot` turns into
+/// QEMU's exit. Measured with `initcall_debug` and A/B boots
+/// (`bench/qemu_boot.py`).
 /// (Not `tsc=reliable`: on a starved TCG host the TSC calibrates wrong, and
 /// without the clocksource watchdog the guest's clock ran twice as fast as
-/// the host's — and with it `--timeout`.)
+/// the host's — and with it `--timeout`. Without ACPI there is no HPET or
+/// PM timer to watch it either: with three busy loops on this 2-core host
+/// the guest falls back to `refined-jiffies`, and a guest `sleep 4` still
+/// took 3.96–4.14 s of the host's time.)
 const KERNEL_COMMAND_LINE: &str = "console=ttyS0 quiet loglevel=3 panic=-1 rdinit=/init \
     i8042.noaux i8042.nomux i8042.nopnp i8042.nokbd no_timer_check \
-    rcupdate.rcu_expedited=1 noreplace-smp cryptomgr.notests acpi=noirq \
+    rcupdate.rcu_expedited=1 noreplace-smp cryptomgr.notests acpi=off \
     initcall_blacklist=init_kprobe_trace,crypto_kdf108_init";
+
+/// The command line for `accel`. Under TCG (always one vCPU) also no local
+/// APIC timer (`noapictimer`): TCG has no TSC-deadline timer, so the kernel
+/// calibrated the APIC timer against the PIT at boot, and the PIT is then
+/// the one CPU's tick. 15 alternated boots: 1613 → 1253 ms median to the
+/// agent's hello. Under KVM the TSC-deadline timer needs no calibration,
+/// and several vCPUs each need their own timer.
+fn kernel_command_line(accel: Accel) -> String {
+    match accel {
+        Accel::Tcg => format!("{KERNEL_COMMAND_LINE} noapictimer"),
+        Accel::Kvm => KERNEL_COMMAND_LINE.to_string(),
+    }
+}
 
 /// qboot, the minimal firmware QEMU ships (Debian: `qemu-system-data`,
 /// which `qemu-system-x86` depends on), when it is there; else QEMU's
