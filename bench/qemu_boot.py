@@ -9,7 +9,7 @@ when its modules were loaded, when it was ready). Nothing of agentkernel runs:
 this isolates the boot.
 
   bench/qemu_boot.py RUNS NAME=EXTRA_CMDLINE | NAME={"extra": "...", "mem": "400M", "smp": "2"} ...
-  e.g. bench/qemu_boot.py 5 base= noirq=acpi=noirq 'small={"extra":"","mem":"400M"}'
+  e.g. bench/qemu_boot.py 5 base= nokaslr=nokaslr 'small={"extra":"","mem":"400M"}'
 
 A variant may also name the guest kernel and initramfs ("kernel", "initrd":
 a path or a glob, newest match; default the state directory's vmlinux-* and
@@ -38,7 +38,7 @@ import time
 # Keep in sync with KERNEL_COMMAND_LINE in crates/agentkernel-vm/src/vmm.rs.
 BASE = ("console=ttyS0 quiet loglevel=3 panic=-1 rdinit=/init i8042.noaux i8042.nomux "
         "i8042.nopnp i8042.nokbd no_timer_check rcupdate.rcu_expedited=1 noreplace-smp "
-        "cryptomgr.notests acpi=noirq initcall_blacklist=init_kprobe_trace,crypto_kdf108_init")
+        "cryptomgr.notests acpi=off initcall_blacklist=init_kprobe_trace,crypto_kdf108_init")
 
 
 def newest(pattern):
@@ -48,10 +48,19 @@ def newest(pattern):
     return max(found, key=os.path.getmtime)
 
 
-def boot(vm_dir, work, extra="", mem="2240M", smp="1", kernel=None, initrd=None, cmdline=BASE, cpu="max"):
+def firmware():
+    """qboot where QEMU ships it, as agentkernel does (vmm.rs, fast_firmware)."""
+    for path in ("/usr/share/qemu/qboot.rom", "/usr/share/qemu-kvm/qboot.rom"):
+        if os.path.exists(path):
+            return ["-bios", path]
+    return []
+
+
+def boot(vm_dir, work, extra="", mem="2240M", smp="1", kernel=None, initrd=None, cmdline=BASE, cpu="max",
+         machine="pc", nic=False):
     kernel = newest(kernel or f"{vm_dir}/vmlinux-*")
     initrd = newest(initrd or f"{vm_dir}/initramfs-*.cpio")
-    disk = newest(f"{vm_dir}/disks/*.ext4")
+    disk = newest(f"{vm_dir}/disks/*.erofs")
     path = os.path.join(work, "agent.sock")
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(path)
@@ -59,13 +68,16 @@ def boot(vm_dir, work, extra="", mem="2240M", smp="1", kernel=None, initrd=None,
     listener.settimeout(120)
     command = [
         "qemu-system-x86_64", "-nodefaults", "-no-user-config", "-no-reboot", "-display", "none",
-        "-monitor", "none", "-serial", "null", "-accel", "tcg", "-M", "pc", "-cpu", cpu,
+        "-monitor", "none", "-serial", "null", *firmware(), "-accel", "tcg", "-M", machine, "-cpu", cpu,
         "-smp", smp, "-m", mem, "-kernel", kernel, "-initrd", initrd,
         "-append", f"{cmdline} {extra}".strip(),
         "-drive", f"file={disk},if=none,id=root,format=raw,readonly=on",
         "-device", "virtio-blk-pci,drive=root", "-device", "virtio-serial-pci",
         "-chardev", f"socket,id=agent,path={path}",
-        "-device", "virtserialport,chardev=agent,name=agentkernel", "-nic", "none",
+        "-device", "virtserialport,chardev=agent,name=agentkernel",
+        # A NIC as a networked run has (on a hub port: nothing is sent anywhere).
+        *(["-netdev", "hubport,id=net0,hubid=0", "-device", "virtio-net-pci,netdev=net0,romfile="]
+          if nic else ["-nic", "none"]),
     ]
     start = time.monotonic()
     qemu = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
