@@ -35,10 +35,11 @@ import sys
 import tempfile
 import time
 
-# Keep in sync with KERNEL_COMMAND_LINE in crates/agentkernel-vm/src/vmm.rs.
+# Keep in sync with kernel_command_line(Tcg) in crates/agentkernel-vm/src/vmm.rs.
 BASE = ("console=ttyS0 quiet loglevel=3 panic=-1 rdinit=/init i8042.noaux i8042.nomux "
         "i8042.nopnp i8042.nokbd no_timer_check rcupdate.rcu_expedited=1 noreplace-smp "
-        "cryptomgr.notests acpi=off initcall_blacklist=init_kprobe_trace,crypto_kdf108_init")
+        "cryptomgr.notests acpi=off initcall_blacklist=init_kprobe_trace,crypto_kdf108_init "
+        "noapictimer")
 
 
 def newest(pattern):
