@@ -539,18 +539,25 @@ impl VmProcess {
         if std::env::var_os("AGENTKERNEL_QEMU_CONSOLE").is_some_and(|v| v == "1") {
             eprintln!("{text}");
         }
-        let last = text
-            .lines()
-            .map(str::trim)
-            .rfind(|l| !l.is_empty())
-            .unwrap_or("")
-            .to_string();
+        let last = last_word(&text);
         if last.is_empty() {
             fail(why)
         } else {
             fail(format!("{why}; its console said: {last}"))
         }
     }
+}
+
+/// The console line that explains a failure: the agent's own reason when
+/// it gave one (the kernel's "reboot: Restarting system" comes after it,
+/// as the agent ends the VM), else the console's last line.
+fn last_word(console: &str) -> String {
+    let lines = || console.lines().map(str::trim).filter(|l| !l.is_empty());
+    lines()
+        .rfind(|l| l.starts_with("agentkernel-guest: "))
+        .or_else(|| lines().next_back())
+        .unwrap_or("")
+        .to_string()
 }
 
 impl Drop for VmProcess {
