@@ -7,6 +7,7 @@ use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
 
@@ -50,7 +51,8 @@ pub fn ensure(cache_dir: &Path, agent: &Path, kernel: &Kernel) -> Result<PathBuf
     hash.update(b"modules: unsigned");
     let key = crate::short_key(hash, 12);
     let path = cache_dir.join(format!("initramfs-{key}.cpio"));
-    if path.is_file() {
+    if let Some(cached) = std::fs::metadata(&path).ok().filter(|m| m.is_file()) {
+        mark_used(&path, &cached);
         return Ok(path);
     }
     let binary = std::fs::read(agent).map_err(cannot_read)?;
@@ -90,7 +92,7 @@ pub fn ensure(cache_dir: &Path, agent: &Path, kernel: &Kernel) -> Result<PathBuf
     std::fs::File::create(&tmp)
         .and_then(|mut f| f.write_all(&archive.finish()))
         .and_then(|()| std::fs::rename(&tmp, &path))
-        .map(|()| remove_others(cache_dir, &path))
+        .map(|()| remove_unused_others(cache_dir, &path))
         .or_else(|e| {
             let _ = std::fs::remove_file(&tmp);
             fail(format!("cannot write {}: {e}", path.display()))
@@ -98,16 +100,48 @@ pub fn ensure(cache_dir: &Path, agent: &Path, kernel: &Kernel) -> Result<PathBuf
     Ok(path)
 }
 
-/// Initramfs files of other agents or kernels: a rebuilt or upgraded
-/// agentkernel does not need them again (one still running has its VM's
-/// copy open, which outlives the name).
-fn remove_others(cache_dir: &Path, keep: &Path) {
+/// How long an archive nobody boots from stays in the cache. Another
+/// kernel's archive may be in use right now — a project's `[qemu] kernel`,
+/// a concurrent run of another agentkernel build — and a VM about to start
+/// opens its archive by name, so only archives unused this long are
+/// removed; an upgraded agentkernel's old archive goes a day later.
+const KEPT_UNUSED: Duration = Duration::from_secs(24 * 3600);
+
+/// Archives record their last use in their mtime, refreshed at most hourly
+/// so a warm run pays a write only once an hour.
+const USE_RECORDED_EVERY: Duration = Duration::from_secs(3600);
+
+fn mark_used(path: &Path, cached: &std::fs::Metadata) {
+    let stale = cached
+        .modified()
+        .ok()
+        .and_then(|m| m.elapsed().ok())
+        .is_none_or(|age| age > USE_RECORDED_EVERY);
+    if stale {
+        // Best effort: a store this user cannot write only loses its
+        // clean-up, not its runs.
+        let _ = std::fs::File::open(path).and_then(|f| f.set_modified(SystemTime::now()));
+    }
+}
+
+/// Removes the archives of other agents or kernels nobody has booted from
+/// for `KEPT_UNUSED` (a VM already running has loaded its archive).
+fn remove_unused_others(cache_dir: &Path, keep: &Path) {
     let Ok(entries) = std::fs::read_dir(cache_dir) else {
         return;
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with("initramfs-") && name.ends_with(".cpio") && entry.path() != keep {
+        if !(name.starts_with("initramfs-") && name.ends_with(".cpio")) || entry.path() == keep {
+            continue;
+        }
+        let unused = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|m| m.elapsed().ok())
+            .is_some_and(|age| age > KEPT_UNUSED);
+        if unused {
             let _ = std::fs::remove_file(entry.path());
         }
     }
@@ -345,6 +379,45 @@ mod tests {
         assert_eq!(
             module_name_of("kernel/x/crc32c-generic.ko"),
             "crc32c_generic"
+        );
+    }
+
+    #[test]
+    fn another_kernels_archive_stays_until_unused_for_a_day() {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = |name: &str, age: Duration| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, b"cpio").unwrap();
+            let f = std::fs::File::open(&path).unwrap();
+            f.set_modified(SystemTime::now() - age).unwrap();
+            path
+        };
+        let current = archive("initramfs-current.cpio", Duration::ZERO);
+        let in_use = archive("initramfs-other-kernel.cpio", Duration::from_secs(3600));
+        let abandoned = archive("initramfs-old-agent.cpio", KEPT_UNUSED * 2);
+        let unrelated = archive("vmlinux-6.1", KEPT_UNUSED * 2);
+        remove_unused_others(dir.path(), &current);
+        assert!(current.is_file() && in_use.is_file() && unrelated.is_file());
+        assert!(!abandoned.exists());
+    }
+
+    #[test]
+    fn a_cache_hit_records_its_use_at_most_hourly() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("initramfs-x.cpio");
+        std::fs::write(&path, b"cpio").unwrap();
+        let f = std::fs::File::open(&path).unwrap();
+        let two_days_ago = SystemTime::now() - KEPT_UNUSED * 2;
+        f.set_modified(two_days_ago).unwrap();
+        mark_used(&path, &std::fs::metadata(&path).unwrap());
+        let refreshed = std::fs::metadata(&path).unwrap().modified().unwrap();
+        assert!(refreshed.elapsed().unwrap() < USE_RECORDED_EVERY);
+        let recent = SystemTime::now() - Duration::from_secs(60);
+        f.set_modified(recent).unwrap();
+        mark_used(&path, &std::fs::metadata(&path).unwrap());
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().modified().unwrap(),
+            recent
         );
     }
 

@@ -120,6 +120,65 @@ mod qemu_only {
         assert!(line.contains("/nonexistent/bzImage"), "{line}");
     }
 
+    /// A guest agent that gives up ends its VM at once (the guest has no
+    /// ACPI to power off with: the agent reboots, and QEMU's -no-reboot
+    /// makes that its exit), so the run is one line naming the guest's
+    /// last word, not a wait for the boot timeout. Provoked with a modules
+    /// directory like Debian's in which virtio_blk is not a module.
+    #[test]
+    fn a_guest_agent_that_gives_up_ends_its_vm_at_once() {
+        let env = TestEnv::new();
+        let version = std::fs::read_dir("/boot")
+            .unwrap()
+            .filter_map(|e| {
+                let name = e.ok()?.file_name().into_string().ok()?;
+                let version = name.strip_prefix("vmlinuz-")?.to_string();
+                std::path::Path::new("/lib/modules")
+                    .join(&version)
+                    .join("modules.dep")
+                    .is_file()
+                    .then_some(version)
+            })
+            .max()
+            .expect("a Debian kernel with modules (scripts/setup.sh installs linux-image-amd64)");
+        let real = std::path::Path::new("/lib/modules").join(&version);
+        let fake = env.home_dir().join("modules");
+        std::fs::create_dir(&fake).unwrap();
+        let dep = std::fs::read_to_string(real.join("modules.dep")).unwrap();
+        std::fs::write(fake.join("modules.dep"), &dep).unwrap();
+        let _ = std::fs::copy(real.join("modules.builtin"), fake.join("modules.builtin"));
+        for module in dep
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .map(|(m, _)| m)
+        {
+            let path = fake.join(module);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            if module.contains("/virtio_blk.ko") {
+                std::fs::write(&path, "not a kernel module").unwrap();
+            } else {
+                std::os::unix::fs::symlink(real.join(module), &path).unwrap();
+            }
+        }
+        let out = env
+            .cmd()
+            .env(
+                "AGENTKERNEL_QEMU_KERNEL",
+                format!("/boot/vmlinuz-{version}"),
+            )
+            .env("AGENTKERNEL_QEMU_MODULES", &fake)
+            .args(["run", "--fast=false", "--no-network", "-i", BUSYBOX, "true"])
+            .output()
+            .unwrap();
+        let line = assert_one_line_error(&out);
+        // "timed out" here would mean the VM outlived its agent.
+        assert!(
+            line.contains("the connection closed") && line.contains("virtio_blk"),
+            "{line}"
+        );
+        assert!(vms_of(&env).is_empty(), "a VM outlived its run");
+    }
+
     #[test]
     fn a_vm_runs_the_command_with_its_own_kernel_and_the_stdio_and_exit_code() {
         let env = TestEnv::new();
