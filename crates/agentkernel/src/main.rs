@@ -47,9 +47,12 @@ fn main() {
         std::process::exit(agentkernel_vm::kept::holder_main(&args));
     }
     agentkernel_native::trace::phase("cli started");
-    let cli = match cli::Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(e) => std::process::exit(usage_error(e)),
+    let cli = match cli::Cli::try_parse_run_alone(std::env::args_os()) {
+        Some(cli) => cli,
+        None => match cli::Cli::try_parse() {
+            Ok(cli) => cli,
+            Err(e) => std::process::exit(usage_error(e)),
+        },
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
