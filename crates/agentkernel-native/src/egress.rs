@@ -270,16 +270,6 @@ pub struct StartedProxy {
     pub final_report: Option<OwnedFd>,
 }
 
-fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 writes two fds into the array.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: both were just created and are ours.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
-}
-
 /// Starts `agentkernel __egress-proxy` on the host: configuration and values
 /// through a pipe, the CA certificate back on its stdout. Fails closed: any
 /// error is the run's error, and the process is gone.
@@ -298,12 +288,12 @@ pub fn start(
     // Before a process exists: a bad configuration is the caller's one line.
     config.validate().map_err(|e| fail(e.to_string()))?;
     let io = |what: &'static str| move |e: std::io::Error| fail(format!("{what}: {e}"));
-    let (config_read, config_write) = pipe().map_err(io("pipe"))?;
-    let (lifeline_read, lifeline) = pipe().map_err(io("pipe"))?;
+    let (config_read, config_write) = crate::sys::pipe().map_err(io("pipe"))?;
+    let (lifeline_read, lifeline) = crate::sys::pipe().map_err(io("pipe"))?;
     let (handoff, proxy_handoff) = handoff_pair().map_err(io("socketpair"))?;
     let (final_report, report_write) = match reports.final_report {
         true => {
-            let (read, write) = pipe().map_err(io("pipe"))?;
+            let (read, write) = crate::sys::pipe().map_err(io("pipe"))?;
             (Some(read), Some(write))
         }
         false => (None, None),

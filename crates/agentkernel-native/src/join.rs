@@ -119,9 +119,11 @@ pub fn exec(plan: &Plan) -> Result<Outcome, KeptError> {
             touch_at(&control, ttl);
         }
     };
-    let result = process::watch(&sfd, child, master, plan.timeout, &mut tick);
+    let result = process::watch(&sfd, child, None, master, plan.timeout, &mut tick);
     touch_at(&control, ttl);
-    let (code, timed_out) = match result {
+    let process::Ended {
+        code, timed_out, ..
+    } = match result {
         Ok(r) => r,
         Err(e) => {
             wait_for(child);

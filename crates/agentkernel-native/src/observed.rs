@@ -56,7 +56,7 @@ fn backend_error(message: String) -> Error {
 /// returns its exit code; how the command ended goes to `observe`.
 pub async fn run(mut helper: Command, tty: bool) -> Result<i32> {
     let (report_read, report_write) =
-        cloexec_pipe().map_err(|e| backend_error(format!("cannot create the report pipe: {e}")))?;
+        crate::sys::pipe().map_err(|e| backend_error(format!("cannot create the report pipe: {e}")))?;
     let inherited = report_write.as_raw_fd();
     helper.arg(inherited.to_string());
     helper.stdout(Stdio::piped()).stderr(Stdio::piped());
@@ -214,12 +214,3 @@ fn tee(pipe: OwnedFd, stream: Stream) {
     }
 }
 
-fn cloexec_pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 fills the two-element array on success.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: both fds were just created and are owned by nothing else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
-}

@@ -102,6 +102,38 @@ fn normal_and_failed_runs_leave_nothing() {
     }
 }
 
+/// Nothing the command started outlives the run: a writer it left in the
+/// background (ignoring SIGHUP and SIGTERM), appending to a host directory
+/// as fast as it can, has stopped by the time `run` returns.
+#[test]
+fn no_process_of_the_sandbox_outlives_the_run() {
+    let env = TestEnv::new();
+    let beats = env.home_dir().join("beats");
+    std::fs::create_dir(&beats).unwrap();
+    let volume = format!("{}:/beats", beats.display());
+    let out = env.run(&[
+        "run",
+        "-v",
+        &volume,
+        "-i",
+        BUSYBOX,
+        "sh",
+        "-c",
+        "(trap '' HUP TERM; while :; do echo beat >> /beats/log; done) & sleep 0.5; echo left",
+    ]);
+    assert_code(&out, 0);
+    assert_eq!(stdout(&out), "left\n");
+    let written = || std::fs::metadata(beats.join("log")).map_or(0, |m| m.len());
+    let at_return = written();
+    assert!(at_return > 0, "the background writer never wrote");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        written(),
+        at_return,
+        "a process of the sandbox still wrote after `run` returned"
+    );
+}
+
 #[test]
 fn engine_side_start_failure_leaves_nothing() {
     let env = TestEnv::new();
@@ -116,8 +148,14 @@ fn engine_side_start_failure_leaves_nothing() {
 /// orphaned container's owner label (and the sandbox's name) once it is
 /// confirmed left behind.
 fn orphan(env: &TestEnv) -> (String, String) {
+    orphan_after(env, |_| {})
+}
+
+/// [`orphan`], calling `before_kill` with agentkernel's pid first.
+fn orphan_after(env: &TestEnv, before_kill: impl FnOnce(u32)) -> (String, String) {
     let mut t = env.spawn(&["run", "-i", BUSYBOX, "sleep", "60"]);
     let sandbox = t.wait_running(Duration::from_secs(30));
+    before_kill(t.child().id());
     t.signal(libc::SIGKILL);
     let status = wait_child(t.child(), Duration::from_secs(10));
     assert_eq!(
@@ -293,16 +331,70 @@ mod engine_only {
 mod native_only {
     use super::*;
 
+    /// The run's cleanup process, started beside the command (waited for
+    /// up to 10 s: the sandbox may be seen running before "go").
+    fn cleanup_process_of(supervisor: u32) -> Option<i32> {
+        let start = std::time::Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            if let Some(pid) = child_outside_the_sandbox(supervisor) {
+                return Some(pid);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// The child of agentkernel (`supervisor`) that is not in the sandbox's
+    /// pid namespace (init is).
+    fn child_outside_the_sandbox(supervisor: u32) -> Option<i32> {
+        let children =
+            std::fs::read_to_string(format!("/proc/{supervisor}/task/{supervisor}/children"))
+                .ok()?;
+        children
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .find(|pid: &i32| {
+                std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|status| {
+                    status
+                        .lines()
+                        .any(|l| l.starts_with("NSpid:") && l.split_whitespace().count() == 2)
+                })
+            })
+    }
+
+    /// A SIGKILLed run cleans up after itself: its cleanup process,
+    /// started beside the command, sees agentkernel die and removes the
+    /// sandbox's cgroup, lease and scratch dir with no later command (a
+    /// scratch dir in this test's own state dir, which nothing else
+    /// collects).
+    #[test]
+    fn a_killed_run_cleans_up_without_a_later_command() {
+        let env = TestEnv::new();
+        let mut cleanup = None;
+        let (_owner, sandbox) = orphan_after(&env, |pid| cleanup = cleanup_process_of(pid));
+        assert!(cleanup.is_some(), "no cleanup process beside the command");
+        poll_until(
+            Duration::from_secs(10),
+            "the killed run's cleanup process should remove its scratch dir",
+            || env.leftover_runs().is_empty(),
+        );
+        assert_native_orphan_collected(&env, &sandbox);
+    }
+
     /// A finished run's scratch dir waits in `finished/` for the run's
     /// cleanup process (the caller already has its exit code). If that
     /// process is killed, gc must collect it and the run's cgroup like any
-    /// dead run's. The state it leaves is made from a real killed run: its
-    /// scratch dir moved where the supervisor moves it before forking the
-    /// cleanup.
+    /// dead run's. The state it leaves is made from a real killed run
+    /// whose cleanup process was killed first: its scratch dir moved where
+    /// the supervisor moves it when the command ends.
     #[test]
     fn gc_collects_what_a_killed_cleanup_process_left() {
         let env = TestEnv::new();
-        let (_owner, sandbox) = orphan(&env);
+        let (_owner, sandbox) = orphan_after(&env, |pid| {
+            let cleanup = cleanup_process_of(pid).expect("the run's cleanup process");
+            // SAFETY: kill takes plain integers.
+            assert_eq!(unsafe { libc::kill(cleanup, libc::SIGKILL) }, 0);
+        });
         let runs = env.leftover_runs();
         assert_eq!(
             runs.len(),

@@ -387,7 +387,8 @@ mod native_only {
                 "go",
                 "command: forked",
                 "command: execs",
-                "init exited",
+                "init: the sandbox's processes ended",
+                "exit status known",
                 "cleaned up",
             ],
         ]

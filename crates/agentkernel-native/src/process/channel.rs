@@ -114,6 +114,28 @@ impl Message {
     }
 }
 
+/// Init → supervisor, after "go", the channel's last message: the
+/// command's exit status (what init then exits with), sent once every
+/// process of the sandbox is dead. The supervisor returns it to the caller
+/// without waiting for init's own exit, in which the kernel tears down the
+/// sandbox's namespaces and mounts (see `init::reap_until`).
+pub(crate) fn send_exit_status(sock: &OwnedFd, status: u8) -> io::Result<()> {
+    send_message(sock, status, &[])
+}
+
+/// The status [`send_exit_status`] sent; an error when init exited (or was
+/// killed) without sending one.
+pub(crate) fn recv_exit_status(sock: &OwnedFd) -> io::Result<u8> {
+    let (status, fds) = recv_message(sock)?;
+    if !fds.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "malformed exit status from init (descriptors attached)",
+        ));
+    }
+    Ok(status)
+}
+
 pub(crate) fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
     // SAFETY: socketpair writes two fds into the array.
@@ -249,6 +271,18 @@ pub(crate) fn recv_message(sock: &OwnedFd) -> io::Result<(u8, Vec<OwnedFd>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every status init can exit with crosses intact; a closed channel is an error.
+    #[test]
+    fn exit_statuses_cross_and_a_vanished_init_is_an_error() {
+        let (a, b) = socketpair().unwrap();
+        for status in [0u8, 1, 124, 125, 127, 137, 255] {
+            send_exit_status(&a, status).unwrap();
+            assert_eq!(recv_exit_status(&b).unwrap(), status);
+        }
+        drop(a);
+        assert!(recv_exit_status(&b).is_err());
+    }
 
     /// Every message crosses a real socketpair with its descriptors.
     #[test]

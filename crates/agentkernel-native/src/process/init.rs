@@ -49,15 +49,7 @@ pub(crate) fn init(plan: &Plan, sock: OwnedFd) -> ! {
     // reach it through its exec — init needs only its socket: the rest go
     // now, not only once the command runs (everything else init uses it
     // opens itself or receives on the socket).
-    let own = sock.as_raw_fd() as u32;
-    // SAFETY: closes fds from 3 up around our socket; none is in use here,
-    // and none is owned by a value init drops (it never returns).
-    unsafe {
-        if own > 3 {
-            libc::syscall(libc::SYS_close_range, 3u32, own - 1, 0u32);
-        }
-        libc::syscall(libc::SYS_close_range, own + 1, u32::MAX, 0u32);
-    }
+    sys::close_descriptors_from_3_except(&[sock.as_raw_fd()]);
     let flags = libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
     // SAFETY: unshare with namespace flags; we are single-threaded.
     if unsafe { libc::unshare(flags) } != 0 {
@@ -147,7 +139,6 @@ pub(crate) fn init(plan: &Plan, sock: OwnedFd) -> ! {
             unsafe { libc::_exit(125) }
         }
     }
-    drop(sock);
 
     // A kept sandbox's init runs no command of its own: commands join it.
     let child = if plan.action == crate::plan::Action::Run {
@@ -164,11 +155,21 @@ pub(crate) fn init(plan: &Plan, sock: OwnedFd) -> ! {
     } else {
         None
     };
-    // From here init needs only stdio: the caller's other descriptors (which
-    // reach the helper through its exec) must not stay open in the
+    // From here init needs only stdio and, with a command, the socket it
+    // reports the command's exit status on: the caller's other descriptors
+    // (which reach the helper through its exec) must not stay open in the
     // sandbox's PID 1 for as long as the sandbox lives.
-    // SAFETY: closes every fd from 3 up in this process; none is in use.
-    unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+    let report = match child {
+        Some(_) => {
+            sys::close_descriptors_from_3_except(&[sock.as_raw_fd()]);
+            Some(sock)
+        }
+        None => {
+            drop(sock);
+            sys::close_descriptors_from_3_except(&[]);
+            None
+        }
+    };
     // Init keeps the command's capabilities (so the command may still
     // PTRACE_TRACEME with init as its tracer-parent, as under Docker) plus
     // KILL, to signal a command that runs as another user; nothing more.
@@ -185,13 +186,19 @@ pub(crate) fn init(plan: &Plan, sock: OwnedFd) -> ! {
     }
     // SAFETY: integer-only prctl: nothing in the sandbox may ptrace or read init.
     unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0) };
-    reap_until(child)
+    reap_until(child, report)
 }
 
 /// Init's loop: reap every child; with a command, forward the supervisor's
 /// signals to it and exit with its status when it ends; without one (a kept
 /// sandbox), exit when the holder says so (any forwarded signal).
-pub(crate) fn reap_until(command: Option<libc::pid_t>) -> ! {
+///
+/// With a `report` socket, init first ends every other process of the
+/// sandbox and reaps it, then sends the command's status there, then exits:
+/// the supervisor can return the status to the caller at once — nothing of
+/// the sandbox runs any more — while the kernel tears down the namespaces
+/// and mounts in init's exit, which no caller need wait for.
+pub(crate) fn reap_until(command: Option<libc::pid_t>, report: Option<OwnedFd>) -> ! {
     let waited = signal_set(&[
         libc::SIGINT,
         libc::SIGTERM,
@@ -213,8 +220,16 @@ pub(crate) fn reap_until(command: Option<libc::pid_t>) -> ! {
                     break;
                 }
                 if Some(pid) == command {
+                    let status = decode_status(status);
+                    if let Some(sock) = &report {
+                        end_every_other_process();
+                        crate::trace::phase("init: the sandbox's processes ended");
+                        // Unsent (the supervisor is gone), the status is still
+                        // init's own exit status, which the supervisor reaps.
+                        let _ = super::channel::send_exit_status(sock, status as u8);
+                    }
                     // SAFETY: PID 1 exiting ends the namespace: the kernel kills the rest.
-                    unsafe { libc::_exit(decode_status(status)) }
+                    unsafe { libc::_exit(status) }
                 }
             }
         } else if FORWARDED.contains(&sig) {
@@ -224,5 +239,21 @@ pub(crate) fn reap_until(command: Option<libc::pid_t>) -> ! {
                 None => unsafe { libc::_exit(0) },
             }
         }
+    }
+}
+
+/// SIGKILLs every process of the sandbox but init (kill(-1) from a pid
+/// namespace's init reaches exactly its namespace; init keeps CAP_KILL, so
+/// a process running as another user, or in a user namespace of its own,
+/// is no exception) and reaps them all. Everything left was either our
+/// child or reparented to us as PID 1, so no child left means no process
+/// left. A process stuck in the kernel holds us here, as it would hold the
+/// kernel's own teardown in our exit.
+fn end_every_other_process() {
+    // SAFETY: kill and waitpid take plain integers; SIGCHLD is blocked, so
+    // waitpid is not interrupted.
+    unsafe {
+        libc::kill(-1, libc::SIGKILL);
+        while libc::waitpid(-1, std::ptr::null_mut(), 0) > 0 {}
     }
 }

@@ -29,6 +29,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::Instant;
 
 pub mod channel;
+mod cleanup;
 pub(crate) mod command;
 pub mod holder;
 mod init;
@@ -80,17 +81,29 @@ pub(crate) fn supervisor_signalfd() -> Result<OwnedFd, SandboxError> {
     Ok(unsafe { OwnedFd::from_raw_fd(sfd) })
 }
 
+/// How a watched process ended.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Ended {
+    pub code: i32,
+    pub timed_out: bool,
+    /// Whether we reaped it; false when its exit status came on the
+    /// `report` socket first (it is exiting, and still our child).
+    pub reaped: bool,
+}
+
 /// Waits for our child `pid` while forwarding signals, enforcing `timeout`
 /// (SIGKILL to `pid`'s process group) and relaying a terminal. `tick` runs
-/// at least every few seconds. Returns the exit code and whether the
-/// timeout struck.
+/// at least every few seconds. A status `pid` sends on `report` (see
+/// `channel::send_exit_status`) ends the wait before `pid` exits; without
+/// one (`pid` died first) its exit status counts.
 pub(crate) fn watch(
     sfd: &OwnedFd,
     pid: libc::pid_t,
+    report: Option<&OwnedFd>,
     master: Option<OwnedFd>,
     timeout: Option<std::time::Duration>,
     tick: &mut dyn FnMut(),
-) -> io::Result<(i32, bool)> {
+) -> io::Result<Ended> {
     const TICK_MS: i32 = 5_000;
     let started = Instant::now();
     let mut state = State {
@@ -99,13 +112,19 @@ pub(crate) fn watch(
         timed_out: false,
         interrupts: 0,
     };
+    let mut report = report;
+    let mut reaped = true;
     let mut relay = master.map(Relay::new);
     loop {
         if let Some(code) = state.exit {
             if let Some(r) = relay.as_mut() {
                 r.drain();
             }
-            return Ok((code, state.timed_out));
+            return Ok(Ended {
+                code,
+                timed_out: state.timed_out,
+                reaped,
+            });
         }
         let timeout_ms = match timeout {
             Some(limit) if !state.timed_out => {
@@ -126,6 +145,13 @@ pub(crate) fn watch(
             events: libc::POLLIN,
             revents: 0,
         }];
+        // Polled with fd -1 (ignored) once it is closed, so the relay's
+        // entries stay where `pump` expects them.
+        fds.push(libc::pollfd {
+            fd: report.map_or(-1, |r| r.as_raw_fd()),
+            events: libc::POLLIN,
+            revents: 0,
+        });
         if let Some(r) = &relay {
             r.add_poll(&mut fds);
         }
@@ -146,8 +172,18 @@ pub(crate) fn watch(
         if fds[0].revents != 0 {
             handle_signals(sfd, &mut state, relay.as_ref());
         }
+        if fds[1].revents != 0 && state.exit.is_none() {
+            match report.map(channel::recv_exit_status) {
+                Some(Ok(status)) => {
+                    state.exit = Some(i32::from(status));
+                    reaped = false;
+                }
+                // Gone without a word (killed): its exit status will tell.
+                _ => report = None,
+            }
+        }
         if let Some(r) = relay.as_mut() {
-            r.pump(&fds[1..]);
+            r.pump(&fds[2..]);
         }
     }
 }

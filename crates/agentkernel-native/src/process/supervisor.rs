@@ -3,17 +3,17 @@
 //! `--timeout`, and cleans up when the sandbox ends.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 
 use agentkernel_core::spec::Outcome;
 
 use super::channel::{socketpair, Message};
+use super::cleanup;
 use super::init::init;
 use super::relay::copy_window_size;
-use super::{decode_status, kill, supervisor_signalfd, wait_for, watch};
+use super::{decode_status, kill, supervisor_signalfd, wait_for, watch, Ended};
 use crate::cgroup::{Cgroup, CgroupError};
 use crate::plan::Plan;
-use crate::sys;
 
 /// Why the supervisor could not set up or watch a sandbox. (Init reports
 /// its own failures itself, on stderr, and exits 125.)
@@ -56,116 +56,50 @@ pub fn run(plan: &Plan) -> Result<Outcome, SandboxError> {
         std::mem::forget(scratch);
     }
     // After a crash, `gc` finds this cgroup by the scratch dir's name (the id).
-    let mut workspace_disk = None;
-    let result = supervise(plan, &mut cgroup, &mut workspace_disk);
-    clean_up_after_exit(plan, cgroup, workspace_disk);
+    let mut left = Leftovers::default();
+    let result = supervise(plan, &mut cgroup, &mut left);
+    cleanup::retire_scratch_dir(plan);
+    // Started while the command ran; or now, when the run ended before "go".
+    let started = left.cleanup.take().or_else(|| {
+        cleanup::start(
+            plan,
+            cgroup.as_ref(),
+            left.init.as_ref(),
+            left.workspace_disk.as_ref(),
+        )
+    });
+    // Ours closed first: the workspace disk unmounts in the cleanup process.
+    drop(left.workspace_disk.take());
+    match started {
+        Some(cleanup) => cleanup.begin_at_exit(),
+        None => cleanup::clean_up_here(plan, cgroup.as_ref(), left.init.as_ref().map(AsFd::as_fd)),
+    }
     result
 }
 
-/// What is left once init is gone and the network lease with its port
-/// rules is released (`supervise`): the cgroup and the scratch directory,
-/// both named by this run's unique id, so no later command can trip over
-/// them — the caller need not wait for their removal (rmdir of a cgroup
-/// waits for the kernel to let go of it; unlinking the scratch dir's files
-/// — the workspace's disk image, its upper layer — writes to the host's
-/// disk). The scratch dir leaves `runs/` at once (one rename into
-/// `finished/`), and a forked cleanup process removes it and the cgroup,
-/// then collects what killed runs left, while this process returns the
-/// command's exit code to its caller. The cleanup process outlives us
-/// (reparented); if it is killed, gc collects `finished/` and the cgroup
-/// like any dead run's.
-pub(crate) fn clean_up_after_exit(
-    plan: &Plan,
-    cgroup: Option<Cgroup>,
+/// What a one-shot run's cleanup process (`cleanup.rs`) takes over from
+/// the supervisor.
+#[derive(Default)]
+pub(crate) struct Leftovers {
+    /// The workspace's disk mount (see `Started::workspace_disk`).
     workspace_disk: Option<OwnedFd>,
-) {
-    let scratch = match crate::gc::finished_path(plan) {
-        Some(finished) if std::fs::rename(&plan.scratch, &finished).is_ok() => finished,
-        _ => plan.scratch.clone(),
-    };
-    // The workspace's disk is unmounted where its last fd closes: the
-    // cleanup process closes its copy only once ours is closed (the pipe's
-    // end of file), so the unmount is never on the caller's path.
-    let ours_closed = workspace_disk.as_ref().and_then(|_| pipe().ok());
-    let clean_up = || {
-        if let Some(cgroup) = &cgroup {
-            cgroup.remove();
-        }
-        crate::trace::phase("cleanup: cgroup removed");
-        let _ = agentkernel_core::state::remove_tree(&scratch);
-        crate::trace::phase("cleaned up");
-        let root = plan.state_root();
-        // The next runs' workspace disks, attached here, off their path.
-        if let (Some(root), Some(bytes), None) = (&root, plan.workspace_disk_bytes, &plan.keep) {
-            let template = crate::disk::template_path(root, bytes);
-            if crate::disk_pool::refill(root, &template, bytes).is_ok() {
-                crate::trace::phase("disk pool refilled");
-            }
-        }
-        // What killed runs left (cgroups, leases, scratch, dead kept sandboxes).
-        if let Some(root) = root {
-            let store = agentkernel_core::state::Store::new(root);
-            crate::gc::orphaned_runs(&store);
-            crate::kept::collect(&store);
-            crate::trace::phase("cleanup: gc swept");
-        }
-    };
-    // SAFETY: fork while the port relay's threads may run: the child only
-    // removes files and directories, takes no lock of ours those threads
-    // could hold (glibc's fork keeps malloc usable in the child; it prints
-    // nothing but trace lines) and ends with _exit.
-    match unsafe { libc::fork() } {
-        0 => {
-            if let Some((read_end, write_end)) = ours_closed {
-                drop(write_end);
-                let _ = sys::read_byte(read_end.as_raw_fd());
-            }
-            detach_from_caller(); // closes the workspace's disk: it unmounts
-            clean_up();
-            // SAFETY: ends the cleanup process without running our exit path.
-            unsafe { libc::_exit(0) }
-        }
-        pid if pid > 0 => {
-            drop(workspace_disk);
-            drop(ours_closed);
-            crate::trace::phase("cleanup forked");
-        }
-        _ => {
-            drop(workspace_disk);
-            clean_up();
-        }
-    }
+    /// A pidfd of init: the cleanup waits for init's exit (after its
+    /// report of the command's status, see `init::reap_until`) before it
+    /// removes the cgroup init is in.
+    init: Option<OwnedFd>,
+    /// The cleanup process, once started.
+    cleanup: Option<cleanup::Cleanup>,
 }
 
-pub(crate) fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 writes two fds into the array.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+/// A pidfd of our child `pid` (unreaped, so the pid is still its own).
+fn pidfd_of_child(pid: libc::pid_t) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags; the fd is ours below.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: both fds were just created and are ours.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
-}
-
-/// The cleanup process holds nothing of the caller's: a pipe on its stdout
-/// or stderr would keep a `$(agentkernel run …)` waiting, and an inherited
-/// listening socket would keep a published port busy. (Tracing keeps stderr,
-/// so its last phase shows when the cleanup ended.)
-pub(crate) fn detach_from_caller() {
-    // SAFETY: plain fd calls on our own descriptors; a new session, so the
-    // caller's terminal signals (already blocked here) never reach us.
-    unsafe {
-        libc::setsid();
-        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
-        if null >= 0 {
-            libc::dup2(null, 0);
-            libc::dup2(null, 1);
-            if !crate::trace::enabled() {
-                libc::dup2(null, 2);
-            }
-        }
-        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-    }
+    // SAFETY: just created, ours; pidfds are close-on-exec.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// Removes the run's scratch directory when an error ends the run before
@@ -182,12 +116,12 @@ impl Drop for ScratchGuard<'_> {
     }
 }
 
-/// Runs the sandbox until init exits; hands the workspace's disk mount
-/// back in `workspace_disk` (see `Started`).
+/// Runs the sandbox until the command's status is known; hands what the
+/// cleanup takes over back in `left`.
 pub(crate) fn supervise(
     plan: &Plan,
     cgroup: &mut Option<Cgroup>,
-    workspace_disk: &mut Option<OwnedFd>,
+    left: &mut Leftovers,
 ) -> Result<Outcome, SandboxError> {
     let sfd = supervisor_signalfd()?;
     let mut started = match start(plan, cgroup, &[&sfd])? {
@@ -196,8 +130,24 @@ pub(crate) fn supervise(
         Err(status) => return Ok(Outcome::Exited(status)),
     };
     let cgroup = cgroup.as_ref().expect("start created the cgroup");
-    *workspace_disk = started.workspace_disk.take();
-    let result = run_command(plan, cgroup, &started, &sfd);
+    left.workspace_disk = started.workspace_disk.take();
+    // Init is our unreaped child: its pid is its own.
+    left.init = pidfd_of_child(started.pid).ok();
+    let result = run_command(plan, cgroup, &started, &sfd, || {
+        left.cleanup = cleanup::start(
+            plan,
+            Some(cgroup),
+            left.init.as_ref(),
+            left.workspace_disk.as_ref(),
+        );
+    })
+    .map(|(outcome, ended)| {
+        if !ended.reaped && left.init.is_none() {
+            // No pidfds (Linux before 5.3): init's exit is waited for here.
+            wait_for(started.pid);
+        }
+        outcome
+    });
     if let Some(link) = &started.link {
         link.release();
     }
@@ -522,13 +472,15 @@ pub(crate) fn failed_during_setup(
     Err(e)
 }
 
-/// From "go" to the command's end.
+/// From "go" to the command's end (init reports it, or exits); `after_go`
+/// runs while the command starts.
 pub(crate) fn run_command(
     plan: &Plan,
     cgroup: &Cgroup,
     started: &Started,
     sfd: &OwnedFd,
-) -> Result<Outcome, SandboxError> {
+    after_go: impl FnOnce(),
+) -> Result<(Outcome, Ended), SandboxError> {
     let master = started
         .master
         .as_ref()
@@ -548,14 +500,17 @@ pub(crate) fn run_command(
     Message::Go
         .send(&started.sock)
         .map_err(SandboxError::Channel)?;
-    let (code, timed_out) = watch(sfd, started.pid, master, plan.timeout, &mut || {})
+    after_go();
+    let report = (plan.action == crate::plan::Action::Run).then_some(&started.sock);
+    let ended = watch(sfd, started.pid, report, master, plan.timeout, &mut || {})
         .map_err(SandboxError::Supervise)?;
-    crate::trace::phase("init exited");
-    Ok(if timed_out {
+    crate::trace::phase("exit status known");
+    let outcome = if ended.timed_out {
         Outcome::TimedOut
-    } else if code == 137 && cgroup.oom_kills() > 0 {
+    } else if ended.code == 137 && cgroup.oom_kills() > 0 {
         Outcome::OutOfMemory
     } else {
-        Outcome::Exited(code)
-    })
+        Outcome::Exited(ended.code)
+    };
+    Ok((outcome, ended))
 }

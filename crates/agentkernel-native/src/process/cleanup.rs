@@ -1,0 +1,247 @@
+//! A one-shot run's cleanup process: what is left once the command's
+//! status is known and the network lease with its port rules is released
+//! (the supervisor does both): init's exit, the cgroup and the scratch
+//! directory, all named by this run's unique id, so no later command can
+//! trip over them — the caller need not wait for them (init's exit tears
+//! down the sandbox's namespaces and mounts; rmdir of a cgroup waits for
+//! the kernel to let go of it; unlinking the scratch dir's files — the
+//! workspace's disk image, its upper layer — writes to the host's disk).
+//!
+//! The process is started while the command runs, right after "go", so
+//! neither its creation nor this process's exit is on the caller's path:
+//! it shares our memory (`CLONE_VM`, no copy of page tables) and waits,
+//! holding nothing of the caller's, until this process has exited — the
+//! end of file on a pipe whose only writer we are, which the kernel closes
+//! in our exit after our memory is let go of. Our exit then drops one
+//! reference to the memory instead of tearing it down (the ~0.5 ms the
+//! kernel spends unmapping the binary's pages), and the cleanup process,
+//! alone with the memory from then on, does that after its work. Until
+//! then it touches nothing of it: no allocation, no lock, only the
+//! system calls that detach it, on a stack of its own, and what it needs
+//! afterwards is a leaked copy no one frees. A `kill -9` of the supervisor
+//! starts the cleanup too. It outlives the supervisor (reparented); if it
+//! is killed, gc collects the scratch dir and the cgroup like any dead
+//! run's.
+
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+
+use crate::cgroup::Cgroup;
+use crate::plan::Plan;
+use crate::sys;
+
+/// A started cleanup process, waiting for our exit.
+pub(crate) struct Cleanup {
+    /// Our end of its pipe: the kernel closes it in our exit.
+    exit_signal: OwnedFd,
+}
+
+impl Cleanup {
+    /// Lets the cleanup begin when this process exits (explicitly closing
+    /// our end earlier would let it run beside us in our memory). Close the
+    /// workspace's disk first: its unmount happens where its last
+    /// descriptor closes, which must be the cleanup process's copy.
+    pub(crate) fn begin_at_exit(self) {
+        std::mem::forget(self.exit_signal);
+        crate::trace::phase("cleanup begins at our exit");
+    }
+}
+
+/// Everything the cleanup process uses, leaked: our copies may be freed
+/// while it waits, and our stack reused.
+struct Job {
+    plan: Plan,
+    cgroup: Option<Cgroup>,
+    init: Option<RawFd>,
+    disk: Option<RawFd>,
+    wait_end: RawFd,
+    /// The descriptors it keeps, ascending, -1 for none (no allocation
+    /// may happen before our exit).
+    keep: [RawFd; 3],
+    trace: bool,
+}
+
+/// The cleanup process's stack: only what the cleanup's calls need.
+const STACK_BYTES: usize = 1 << 20;
+
+/// Starts the cleanup process for `plan`'s run: once this process has
+/// exited it waits for the exit of the process of the pidfd `init`, then
+/// removes `cgroup` and the scratch directory (moved by then, or not, into
+/// `finished/`), attaches the next runs' workspace disks and collects what
+/// killed runs left. `workspace_disk` is the disk's mount, whose copy it
+/// closes. None when it could not be started (then call
+/// [`clean_up_here`]).
+pub(crate) fn start(
+    plan: &Plan,
+    cgroup: Option<&Cgroup>,
+    init: Option<&OwnedFd>,
+    workspace_disk: Option<&OwnedFd>,
+) -> Option<Cleanup> {
+    let (wait_end, exit_signal) = sys::pipe().ok()?;
+    let init = init.map(AsRawFd::as_raw_fd);
+    let disk = workspace_disk.map(AsRawFd::as_raw_fd);
+    let mut keep = [Some(wait_end.as_raw_fd()), init, disk].map(|fd| fd.unwrap_or(-1));
+    keep.sort_unstable();
+    let job: &'static Job = Box::leak(Box::new(Job {
+        plan: plan.clone(),
+        cgroup: cgroup.cloned(),
+        init,
+        disk,
+        wait_end: wait_end.as_raw_fd(),
+        keep,
+        trace: crate::trace::enabled(),
+    }));
+    // SAFETY: a fresh anonymous mapping, ours; leaked like the job.
+    let stack = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            STACK_BYTES,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+            -1,
+            0,
+        )
+    };
+    if stack == libc::MAP_FAILED {
+        return None;
+    }
+    // SAFETY: the child runs `cleanup_main` on its own stack (the top of
+    // the mapping; x86_64 and aarch64 stacks grow down) in our memory and
+    // touches none of it but `job` and that stack until we have exited
+    // (see the module's comment); it ends with _exit.
+    let pid = unsafe {
+        libc::clone(
+            cleanup_main,
+            stack.cast::<u8>().add(STACK_BYTES).cast(),
+            libc::CLONE_VM | libc::SIGCHLD,
+            (job as *const Job).cast_mut().cast(),
+        )
+    };
+    if pid < 0 {
+        // SAFETY: the mapping is ours and unused.
+        unsafe { libc::munmap(stack, STACK_BYTES) };
+        return None;
+    }
+    // The child has its own descriptor table: ours of the read end goes.
+    drop(wait_end);
+    crate::trace::phase("cleanup started");
+    Some(Cleanup { exit_signal })
+}
+
+extern "C" fn cleanup_main(job: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `start` passes a leaked, never freed Job.
+    let job: &Job = unsafe { &*job.cast::<Job>() };
+    detach_from_caller(job);
+    // No byte ever comes: end of file is our parent's exit (or death).
+    let mut byte = 0u8;
+    // SAFETY: a read of one byte into our own stack.
+    while unsafe { libc::read(job.wait_end, (&mut byte as *mut u8).cast(), 1) } < 0
+        && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
+    {}
+    // From here the memory is ours alone.
+    if let Some(fd) = job.disk {
+        // SAFETY: our copy of the descriptor; the disk unmounts here.
+        unsafe { libc::close(fd) };
+    }
+    // SAFETY: the pidfd is ours, open (kept by detach_from_caller), and
+    // closed by nobody else; this borrow ends before _exit.
+    let init = job
+        .init
+        .map(|fd| unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) });
+    clean_up_here(&job.plan, job.cgroup.as_ref(), init);
+    // SAFETY: ends the cleanup process without running any exit path.
+    unsafe { libc::_exit(0) }
+}
+
+/// The cleanup itself, in this process.
+pub(crate) fn clean_up_here(
+    plan: &Plan,
+    cgroup: Option<&Cgroup>,
+    init: Option<std::os::fd::BorrowedFd<'_>>,
+) {
+    if let Some(init) = init {
+        wait_for_exit(init);
+        crate::trace::phase("cleanup: init exited");
+    }
+    if let Some(cgroup) = cgroup {
+        cgroup.remove();
+    }
+    crate::trace::phase("cleanup: cgroup removed");
+    let _ = agentkernel_core::state::remove_tree(&scratch_dir(plan));
+    crate::trace::phase("cleaned up");
+    let root = plan.state_root();
+    // The next runs' workspace disks, attached here, off their path.
+    if let (Some(root), Some(bytes), None) = (&root, plan.workspace_disk_bytes, &plan.keep) {
+        let template = crate::disk::template_path(root, bytes);
+        if crate::disk_pool::refill(root, &template, bytes).is_ok() {
+            crate::trace::phase("disk pool refilled");
+        }
+    }
+    // What killed runs left (cgroups, leases, scratch, dead kept sandboxes).
+    if let Some(root) = root {
+        let store = agentkernel_core::state::Store::new(root);
+        crate::gc::orphaned_runs(&store);
+        crate::kept::collect(&store);
+        crate::trace::phase("cleanup: gc swept");
+    }
+}
+
+/// Moves the run's scratch directory out of `runs/` into `finished/` (one
+/// rename, on the caller's path: from then on no gc takes it for a live
+/// run's). Where it is afterwards either way is [`scratch_dir`].
+pub(crate) fn retire_scratch_dir(plan: &Plan) {
+    if let Some(finished) = crate::gc::finished_path(plan) {
+        let _ = std::fs::rename(&plan.scratch, finished);
+    }
+}
+
+/// The run's scratch directory: in `finished/` once retired.
+fn scratch_dir(plan: &Plan) -> PathBuf {
+    match crate::gc::finished_path(plan) {
+        Some(finished) if finished.exists() => finished,
+        _ => plan.scratch.clone(),
+    }
+}
+
+/// Blocks until the process of `pidfd` has exited (it need not be our child).
+fn wait_for_exit(pidfd: std::os::fd::BorrowedFd<'_>) {
+    let mut fds = [libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    }];
+    // SAFETY: polls one valid pollfd; EINTR is retried.
+    while unsafe { libc::poll(fds.as_mut_ptr(), 1, -1) } < 0
+        && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
+    {}
+}
+
+/// The cleanup process holds nothing of the caller's: a pipe on its stdout
+/// or stderr would keep a `$(agentkernel run …)` waiting, and an inherited
+/// listening socket would keep a published port busy. (Tracing keeps stderr,
+/// so its last phase shows when the cleanup ended.) Only system calls: our
+/// parent still runs in this memory.
+fn detach_from_caller(job: &Job) {
+    // SAFETY: plain fd calls on our own descriptor table; a new session,
+    // so the caller's terminal signals (already blocked here) never reach us.
+    unsafe {
+        libc::setsid();
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+        if null >= 0 {
+            libc::dup2(null, 0);
+            libc::dup2(null, 1);
+            if !job.trace {
+                libc::dup2(null, 2);
+            }
+        }
+        let mut from = 3u32;
+        for fd in job.keep.iter().filter(|&&fd| fd >= 3) {
+            let fd = *fd as u32;
+            if fd > from {
+                libc::syscall(libc::SYS_close_range, from, fd - 1, 0u32);
+            }
+            from = fd + 1;
+        }
+        libc::syscall(libc::SYS_close_range, from, u32::MAX, 0u32);
+    }
+}
