@@ -55,8 +55,8 @@ fn backend_error(message: String) -> Error {
 /// Runs the helper as a child, tees its output into the observation and
 /// returns its exit code; how the command ended goes to `observe`.
 pub async fn run(mut helper: Command, tty: bool) -> Result<i32> {
-    let (report_read, report_write) =
-        crate::sys::pipe().map_err(|e| backend_error(format!("cannot create the report pipe: {e}")))?;
+    let (report_read, report_write) = crate::sys::pipe()
+        .map_err(|e| backend_error(format!("cannot create the report pipe: {e}")))?;
     let inherited = report_write.as_raw_fd();
     helper.arg(inherited.to_string());
     helper.stdout(Stdio::piped()).stderr(Stdio::piped());
@@ -213,4 +213,3 @@ fn tee(pipe: OwnedFd, stream: Stream) {
         }
     }
 }
-
