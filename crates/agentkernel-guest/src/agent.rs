@@ -152,13 +152,30 @@ fn mount_kernel_filesystems() -> io::Result<()> {
 }
 
 /// The modules the host listed, in dependency order (plain `.ko` files).
+/// A line may name, after the module, the virtio devices it is for (by
+/// id: `0x0001` a NIC, `0x0009` a 9p share); such a module is skipped when
+/// the VM has none of them — the devices are known once the PCI transport,
+/// listed before, has probed them.
 fn load_modules() -> io::Result<()> {
     let list = match std::fs::read_to_string(MODULE_LIST) {
         Ok(l) => l,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e),
     };
-    for name in list.lines().filter(|l| !l.is_empty()) {
+    let mut present: Option<VirtioDevices> = None;
+    for line in list.lines() {
+        let mut words = line.split_whitespace();
+        let Some(name) = words.next() else {
+            continue;
+        };
+        let only_with: Vec<&str> = words.collect();
+        if !only_with.is_empty()
+            && !present
+                .get_or_insert_with(VirtioDevices::probed)
+                .has_any(&only_with)
+        {
+            continue;
+        }
         let path = format!("/lib/modules/{name}");
         let file = File::open(&path)?;
         // SAFETY: a valid fd and an empty, NUL-terminated parameter string.
@@ -176,6 +193,38 @@ fn load_modules() -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The VM's virtio devices, by device id.
+enum VirtioDevices {
+    Known(std::collections::HashSet<String>),
+    /// The bus could not be read: every module is loaded, as if every
+    /// device were there.
+    Unknown,
+}
+
+impl VirtioDevices {
+    fn probed() -> VirtioDevices {
+        let Ok(entries) = std::fs::read_dir("/sys/bus/virtio/devices") else {
+            return VirtioDevices::Unknown;
+        };
+        let mut ids = std::collections::HashSet::new();
+        for entry in entries {
+            let Ok(id) = entry.and_then(|e| std::fs::read_to_string(e.path().join("device")))
+            else {
+                return VirtioDevices::Unknown;
+            };
+            ids.insert(id.trim().to_string());
+        }
+        VirtioDevices::Known(ids)
+    }
+
+    fn has_any(&self, ids: &[&str]) -> bool {
+        match self {
+            VirtioDevices::Known(present) => ids.iter().any(|id| present.contains(*id)),
+            VirtioDevices::Unknown => true,
+        }
+    }
 }
 
 /// If the host gave the VM a NIC, the one with the lease's MAC gets the

@@ -17,8 +17,8 @@ use crate::{fail, Result};
 /// What the agent needs from the kernel, by module name: the PCI transport,
 /// the image disk, the host's port, the image's filesystem (EROFS, see
 /// `crate::disk`, and the crc32c its superblock checksum asks for by name),
-/// the overlays, the workspace share, the NIC (a VM with `--no-network` has
-/// none; the module is loaded anyway).
+/// the overlays, the workspace share, the NIC. The last two only when the
+/// VM has such a device ([`only_with_device`]).
 pub const MODULES: &[&str] = &[
     "virtio_pci",
     "virtio_blk",
@@ -30,6 +30,22 @@ pub const MODULES: &[&str] = &[
     "9p",
     "virtio_net",
 ];
+
+/// The virtio device (its id as `/sys/bus/virtio/devices/*/device` shows
+/// it) without which the agent skips a [`MODULES`] entry and the
+/// dependencies only it needs: a VM with `--no-network` has no NIC, one
+/// without a workspace or volume no 9p share, and under TCG loading their
+/// modules is tens of milliseconds of every cold boot.
+fn only_with_device(module: &str) -> Option<&'static str> {
+    match module {
+        "virtio_net" => Some(VIRTIO_NET),
+        "9pnet_virtio" | "9p" => Some(VIRTIO_9P),
+        _ => None,
+    }
+}
+
+const VIRTIO_NET: &str = "0x0001";
+const VIRTIO_9P: &str = "0x0009";
 
 /// The cached initramfs for this agent and kernel, built if missing. The
 /// agent is known by its file's identity (device, inode, size, mtime), not
@@ -48,7 +64,7 @@ pub fn ensure(cache_dir: &Path, agent: &Path, kernel: &Kernel) -> Result<PathBuf
     hash.update(kernel.version.as_bytes());
     hash.update(MODULES.join(",").as_bytes());
     // What the builder does to them: a new way changes every cached archive.
-    hash.update(b"modules: unsigned");
+    hash.update(b"modules: unsigned; load-order lines name the devices they need");
     let key = crate::short_key(hash, 12);
     let path = cache_dir.join(format!("initramfs-{key}.cpio"));
     if let Some(cached) = std::fs::metadata(&path).ok().filter(|m| m.is_file()) {
@@ -76,8 +92,10 @@ pub fn ensure(cache_dir: &Path, agent: &Path, kernel: &Kernel) -> Result<PathBuf
         }
         archive.file(&relative.to_string_lossy(), 0o755, &data);
     }
+    // One module a line, dependencies first; after its name, the devices
+    // any of which it is loaded for (none: always).
     let mut order = String::new();
-    for module in load_order(kernel)? {
+    for (module, devices) in load_order(kernel)? {
         let name = module_name(&module) + ".ko";
         archive.file(
             &format!("lib/modules/{name}"),
@@ -85,6 +103,10 @@ pub fn ensure(cache_dir: &Path, agent: &Path, kernel: &Kernel) -> Result<PathBuf
             &read_module(&module)?,
         );
         order.push_str(&name);
+        for device in devices {
+            order.push(' ');
+            order.push_str(device);
+        }
         order.push('\n');
     }
     archive.file("lib/modules/load-order", 0o644, order.as_bytes());
@@ -161,10 +183,12 @@ fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>> {
     Ok(libs.into_iter().collect())
 }
 
-/// [`MODULES`] and their dependencies from modules.dep, dependencies first;
-/// modules built into the kernel are skipped, and a kernel without a
-/// modules directory has them all built in (the agent then loads none).
-fn load_order(kernel: &Kernel) -> Result<Vec<PathBuf>> {
+/// [`MODULES`] and their dependencies from modules.dep, dependencies first,
+/// each with the devices any of which it is needed for (empty: always —
+/// it is needed by a module loaded whatever the devices); modules built
+/// into the kernel are skipped, and a kernel without a modules directory
+/// has them all built in (the agent then loads none).
+fn load_order(kernel: &Kernel) -> Result<Vec<(PathBuf, Vec<&'static str>)>> {
     let Some(dir) = &kernel.modules else {
         return Ok(Vec::new());
     };
@@ -183,6 +207,9 @@ fn load_order(kernel: &Kernel) -> Result<Vec<PathBuf>> {
     }
     let mut order = Vec::new();
     let mut seen = BTreeSet::new();
+    // Per module, what each root it serves needs: None (always) or a device.
+    let mut needed_for: std::collections::BTreeMap<String, BTreeSet<Option<&'static str>>> =
+        Default::default();
     fn visit(
         name: &str,
         deps: &std::collections::BTreeMap<String, (String, Vec<String>)>,
@@ -212,8 +239,28 @@ fn load_order(kernel: &Kernel) -> Result<Vec<PathBuf>> {
                 dir.display()
             ));
         }
+        // This root's own closure (whatever earlier roots already pulled in).
+        let mut closure = Vec::new();
+        visit(name, &deps, &mut BTreeSet::new(), &mut closure);
+        for path in closure {
+            needed_for
+                .entry(module_name_of(&path))
+                .or_default()
+                .insert(only_with_device(name));
+        }
     }
-    Ok(order.into_iter().map(|p| dir.join(p)).collect())
+    Ok(order
+        .into_iter()
+        .map(|p| {
+            let needs = needed_for.remove(&module_name_of(&p)).unwrap_or_default();
+            let devices = if needs.contains(&None) {
+                Vec::new()
+            } else {
+                needs.into_iter().flatten().collect()
+            };
+            (dir.join(p), devices)
+        })
+        .collect())
 }
 
 /// `kernel/fs/9p/9p.ko.xz` → `9p` (dashes as underscores, as the kernel does).
@@ -440,9 +487,9 @@ mod tests {
         std::fs::write(dir.path().join("modules.builtin"), builtin).unwrap();
         std::fs::write(dir.path().join("modules.dep"), "").unwrap();
         let with_dir = kernel(Some(dir.path().to_path_buf()));
-        assert_eq!(load_order(&with_dir).unwrap(), Vec::<PathBuf>::new());
+        assert!(load_order(&with_dir).unwrap().is_empty());
         // No modules directory at all: nothing to load either.
-        assert_eq!(load_order(&kernel(None)).unwrap(), Vec::<PathBuf>::new());
+        assert!(load_order(&kernel(None)).unwrap().is_empty());
         // One module neither built in nor in modules.dep is an error naming it.
         std::fs::write(
             dir.path().join("modules.builtin"),
@@ -456,6 +503,50 @@ mod tests {
         .unwrap();
         let err = load_order(&with_dir).unwrap_err().0;
         assert!(err.contains("no virtio_pci module"), "{err}");
+    }
+
+    /// A module is tagged with the devices of the roots that need it: none
+    /// when a root loaded whatever the devices needs it too.
+    #[test]
+    fn modules_only_a_device_needs_are_tagged_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let others: String = MODULES
+            .iter()
+            .filter(|m| !["overlay", "9p", "9pnet_virtio", "virtio_net"].contains(m))
+            .map(|m| format!("kernel/x/{m}.ko\n"))
+            .collect();
+        std::fs::write(dir.path().join("modules.builtin"), others).unwrap();
+        std::fs::write(
+            dir.path().join("modules.dep"),
+            "k/overlay.ko: k/common.ko\n\
+             k/common.ko:\n\
+             k/9pnet.ko:\n\
+             k/netfs.ko:\n\
+             k/9pnet_virtio.ko: k/9pnet.ko\n\
+             k/9p.ko: k/9pnet.ko k/netfs.ko\n\
+             k/failover.ko:\n\
+             k/virtio_net.ko: k/failover.ko k/netfs.ko k/common.ko\n",
+        )
+        .unwrap();
+        let tagged: Vec<(String, Vec<&str>)> = load_order(&kernel(Some(dir.path().to_path_buf())))
+            .unwrap()
+            .into_iter()
+            .map(|(p, devices)| (module_name(&p), devices))
+            .collect();
+        let share = vec![VIRTIO_9P];
+        assert_eq!(
+            tagged,
+            [
+                ("common".to_string(), vec![]),
+                ("overlay".into(), vec![]),
+                ("9pnet".into(), share.clone()),
+                ("9pnet_virtio".into(), share.clone()),
+                ("netfs".into(), vec![VIRTIO_NET, VIRTIO_9P]),
+                ("9p".into(), share),
+                ("failover".into(), vec![VIRTIO_NET]),
+                ("virtio_net".into(), vec![VIRTIO_NET]),
+            ]
+        );
     }
 
     #[test]
@@ -475,7 +566,7 @@ mod tests {
         let order: Vec<String> = load_order(&kernel(Some(dir.path().to_path_buf())))
             .unwrap()
             .iter()
-            .map(|p| module_name(p))
+            .map(|(p, _)| module_name(p))
             .collect();
         assert_eq!(order, ["9pnet", "9pnet_virtio", "9p"]);
     }

@@ -179,6 +179,35 @@ mod qemu_only {
         assert!(vms_of(&env).is_empty(), "a VM outlived its run");
     }
 
+    /// The guest loads a device's driver only when the VM has the device:
+    /// no NIC under `--no-network`, so no virtio_net; the workspace's 9p
+    /// share either way; with a network, both. Observed in the guest's own
+    /// module list.
+    #[test]
+    fn a_vm_loads_the_drivers_of_the_devices_it_has_only() {
+        let env = TestEnv::new();
+        let modules = |network: bool| {
+            let mut args = vec!["run"];
+            if !network {
+                args.push("--no-network");
+            }
+            args.extend(["-i", BUSYBOX, "cut", "-d", " ", "-f", "1", "/proc/modules"]);
+            let out = env.run(&args);
+            assert_code(&out, 0);
+            stdout(&out)
+                .lines()
+                .map(str::to_owned)
+                .collect::<Vec<String>>()
+        };
+        let without = modules(false);
+        assert!(without.iter().any(|m| m == "9p"), "{without:?}");
+        assert!(without.iter().any(|m| m == "virtio_blk"), "{without:?}");
+        assert!(!without.iter().any(|m| m == "virtio_net"), "{without:?}");
+        let with = modules(true);
+        assert!(with.iter().any(|m| m == "virtio_net"), "{with:?}");
+        assert!(with.iter().any(|m| m == "9p"), "{with:?}");
+    }
+
     #[test]
     fn a_vm_runs_the_command_with_its_own_kernel_and_the_stdio_and_exit_code() {
         let env = TestEnv::new();
