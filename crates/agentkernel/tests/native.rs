@@ -459,10 +459,18 @@ mod native_only {
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped());
-            // SAFETY: dup2 is async-signal-safe; it leaves fd 7 open across exec.
+            // SAFETY: dup2 and fcntl are async-signal-safe; fd 7 stays open
+            // across exec. (When the file already is fd 7 — other tests'
+            // threads decide the numbers — dup2 would leave its
+            // close-on-exec flag set, so it is cleared instead.)
             unsafe {
                 cmd.pre_exec(move || {
-                    if libc::dup2(raw, 7) < 0 {
+                    let r = if raw == 7 {
+                        libc::fcntl(7, libc::F_SETFD, 0)
+                    } else {
+                        libc::dup2(raw, 7)
+                    };
+                    if r < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                     Ok(())
