@@ -27,7 +27,7 @@
 //! namespace): a remote engine or a non-root caller is refused, one line.
 
 use std::borrow::Cow;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 
 use agentkernel_core::egress::{EgressSpec, SecretValues};
 use agentkernel_core::spec::SandboxSpec;
@@ -168,13 +168,7 @@ fn container_init(engine: &Engine, pid: i32, id: &str) -> Result<OwnedFd, Error>
 /// A pidfd of process `pid` when its cgroup names container `id` (every
 /// engine's cgroup path for a container holds its full ID).
 fn process_of_container(pid: i32, id: &str) -> Option<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return None;
-    }
-    // SAFETY: just returned by pidfd_open; ours.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let pidfd = agentkernel_native::pidfd_open(pid).ok()?;
     // The pidfd pins the process: what its cgroup says now is about it.
     let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
     (id.len() == 64 && cgroup.contains(id)).then_some(pidfd)

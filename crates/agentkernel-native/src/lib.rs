@@ -32,6 +32,8 @@ pub mod seccomp;
 pub mod slirp;
 pub mod stop;
 mod sys;
+
+pub use sys::pidfd_open;
 pub mod trace;
 mod user;
 

@@ -163,26 +163,43 @@ pub fn read_byte(fd: RawFd) -> io::Result<Option<u8>> {
 }
 
 /// Closes every descriptor of this process from 3 up, except those in
-/// `keep`. The caller must own none of them through a value it will still
-/// drop or use (a forked child about to exec or exit).
+/// `keep` (any order; negative entries are ignored). The caller must own
+/// none of them through a value it will still drop or use (a forked child
+/// about to exec or exit). Allocates nothing: a child sharing its parent's
+/// memory may call it (see `process/cleanup.rs`).
 pub fn close_descriptors_from_3_except(keep: &[RawFd]) {
-    let mut kept: Vec<u32> = keep
-        .iter()
-        .filter(|&&fd| fd >= 3)
-        .map(|&fd| fd as u32)
-        .collect();
-    kept.sort_unstable();
-    kept.dedup();
-    let mut from = 3u32;
-    for fd in kept {
-        if fd > from {
+    let mut from: u32 = 3;
+    loop {
+        // The lowest kept descriptor at or above `from`: `keep` is tiny.
+        let next = keep
+            .iter()
+            .filter(|&&fd| fd >= 0 && fd as u32 >= from)
+            .map(|&fd| fd as u32)
+            .min();
+        let Some(kept) = next else {
             // SAFETY: close_range takes plain integers; see above for ownership.
-            unsafe { libc::syscall(libc::SYS_close_range, from, fd - 1, 0u32) };
+            unsafe { libc::syscall(libc::SYS_close_range, from, u32::MAX, 0u32) };
+            return;
+        };
+        if kept > from {
+            // SAFETY: as above.
+            unsafe { libc::syscall(libc::SYS_close_range, from, kept - 1, 0u32) };
         }
-        from = fd + 1;
+        from = kept + 1;
     }
-    // SAFETY: as above.
-    unsafe { libc::syscall(libc::SYS_close_range, from, u32::MAX, 0u32) };
+}
+
+/// A pidfd of process `pid`: it names that process even after its pid is
+/// reused (open it while the pid is known to be the process's: our
+/// unreaped child, say).
+pub fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: just created, ours; pidfds are close-on-exec.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// A pipe, both ends close-on-exec: (read end, write end).
@@ -199,6 +216,33 @@ pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// In a forked child: kept descriptors survive in any order, every
+    /// other one from 3 up is closed.
+    #[test]
+    fn close_descriptors_keeps_exactly_the_kept_ones() {
+        let files: Vec<std::fs::File> = (0..6)
+            .map(|_| std::fs::File::open("/dev/null").unwrap())
+            .collect();
+        let fds: Vec<RawFd> = files.iter().map(AsRawFd::as_raw_fd).collect();
+        let keep = [fds[4], -1, fds[1], fds[4]];
+        // SAFETY: the child only makes system calls and _exits.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            close_descriptors_from_3_except(&keep);
+            // SAFETY: F_GETFD only asks whether the descriptor is open.
+            let open = |fd: RawFd| unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0;
+            let right = fds
+                .iter()
+                .all(|&fd| open(fd) == (fd == fds[1] || fd == fds[4]));
+            // SAFETY: ends the forked child.
+            unsafe { libc::_exit(if right && open(0) { 0 } else { 1 }) }
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+    }
 
     /// Sandbox paths are given absolute; they stay beneath the root, and a
     /// symlink or `..` on the way is refused (the file is created only at

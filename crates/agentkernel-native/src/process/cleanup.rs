@@ -55,8 +55,8 @@ struct Job {
     init: Option<RawFd>,
     disk: Option<RawFd>,
     wait_end: RawFd,
-    /// The descriptors it keeps, ascending, -1 for none (no allocation
-    /// may happen before our exit).
+    /// The descriptors it keeps, -1 for none (an array: no allocation may
+    /// happen before our exit).
     keep: [RawFd; 3],
     trace: bool,
 }
@@ -80,8 +80,7 @@ pub(crate) fn start(
     let (wait_end, exit_signal) = sys::pipe().ok()?;
     let init = init.map(AsRawFd::as_raw_fd);
     let disk = workspace_disk.map(AsRawFd::as_raw_fd);
-    let mut keep = [Some(wait_end.as_raw_fd()), init, disk].map(|fd| fd.unwrap_or(-1));
-    keep.sort_unstable();
+    let keep = [Some(wait_end.as_raw_fd()), init, disk].map(|fd| fd.unwrap_or(-1));
     let job: &'static Job = Box::leak(Box::new(Job {
         plan: plan.clone(),
         cgroup: cgroup.cloned(),
@@ -133,11 +132,7 @@ extern "C" fn cleanup_main(job: *mut libc::c_void) -> libc::c_int {
     let job: &Job = unsafe { &*job.cast::<Job>() };
     detach_from_caller(job);
     // No byte ever comes: end of file is our parent's exit (or death).
-    let mut byte = 0u8;
-    // SAFETY: a read of one byte into our own stack.
-    while unsafe { libc::read(job.wait_end, (&mut byte as *mut u8).cast(), 1) } < 0
-        && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
-    {}
+    let _ = sys::read_byte(job.wait_end);
     // From here the memory is ours alone.
     if let Some(fd) = job.disk {
         // SAFETY: our copy of the descriptor; the disk unmounts here.
@@ -234,14 +229,6 @@ fn detach_from_caller(job: &Job) {
                 libc::dup2(null, 2);
             }
         }
-        let mut from = 3u32;
-        for fd in job.keep.iter().filter(|&&fd| fd >= 3) {
-            let fd = *fd as u32;
-            if fd > from {
-                libc::syscall(libc::SYS_close_range, from, fd - 1, 0u32);
-            }
-            from = fd + 1;
-        }
-        libc::syscall(libc::SYS_close_range, from, u32::MAX, 0u32);
     }
+    sys::close_descriptors_from_3_except(&job.keep);
 }

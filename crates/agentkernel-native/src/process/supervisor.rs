@@ -3,7 +3,7 @@
 //! `--timeout`, and cleans up when the sandbox ends.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use agentkernel_core::spec::Outcome;
 
@@ -91,17 +91,6 @@ pub(crate) struct Leftovers {
     cleanup: Option<cleanup::Cleanup>,
 }
 
-/// A pidfd of our child `pid` (unreaped, so the pid is still its own).
-fn pidfd_of_child(pid: libc::pid_t) -> io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags; the fd is ours below.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: just created, ours; pidfds are close-on-exec.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
 /// Removes the run's scratch directory when an error ends the run before
 /// `clean_up_after_exit` owns it (forgotten once it does).
 pub(crate) struct ScratchGuard<'a>(&'a Plan);
@@ -132,7 +121,7 @@ pub(crate) fn supervise(
     let cgroup = cgroup.as_ref().expect("start created the cgroup");
     left.workspace_disk = started.workspace_disk.take();
     // Init is our unreaped child: its pid is its own.
-    left.init = pidfd_of_child(started.pid).ok();
+    left.init = crate::sys::pidfd_open(started.pid).ok();
     let result = run_command(plan, cgroup, &started, &sfd, || {
         left.cleanup = cleanup::start(
             plan,
