@@ -100,7 +100,7 @@ pub fn connects_before_init_joins(plan: &Plan) -> bool {
 
 /// Connects the network namespace `netns` to the bridge (see
 /// [`connects_before_init_joins`]). Call it from the host's network namespace.
-pub fn connect_netns(plan: &Plan, netns: &std::fs::File) -> io::Result<Link> {
+pub fn connect_netns(plan: &Plan, netns: &agentkernel_net::SandboxNetns) -> io::Result<Link> {
     agentkernel_net::attach_netns(
         &config(),
         &lease_id(plan),

@@ -96,6 +96,7 @@ mod veth;
 
 use std::fmt;
 use std::fs::File;
+use std::io;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -290,19 +291,48 @@ pub fn attach(
             pid: netns_pid,
             source,
         })?;
+    let netns = SandboxNetns::open(netns)
+        .map_err(|e| Error::kernel("open a netlink socket in the sandbox's namespace", e))?;
     attach_netns(cfg, sandbox_id, &netns, ports)
 }
 
-/// [`attach`] for the network namespace `netns` (its `nsfs` file): no
-/// process needs to be in it yet.
+/// A sandbox's network namespace as attaching it needs it: its `nsfs`
+/// file (the veth's peer is created in it) and a netlink socket bound to
+/// it (eth0's address and routes are set through that).
+pub struct SandboxNetns {
+    file: File,
+    inside: netlink::Socket,
+}
+
+impl SandboxNetns {
+    /// The calling thread's network namespace, `file` being its nsfs file:
+    /// for the thread that has just unshared it, which opens the socket
+    /// here for free instead of from a throwaway thread later (~0.3 ms).
+    pub fn current(file: File) -> io::Result<Self> {
+        Ok(SandboxNetns {
+            file,
+            inside: netlink::Socket::open()?,
+        })
+    }
+
+    /// The namespace of the nsfs file `file`, from any thread: the socket
+    /// is opened by a short-lived thread that joins the namespace.
+    pub fn open(file: File) -> io::Result<Self> {
+        let inside = netlink::Socket::open_in_netns(&file)?;
+        Ok(SandboxNetns { file, inside })
+    }
+}
+
+/// [`attach`] for the network namespace `netns`: no process needs to be in
+/// it yet.
 pub fn attach_netns(
     cfg: &NetConfig,
     sandbox_id: &str,
-    netns: &File,
+    netns: &SandboxNetns,
     ports: &[PortMapping],
 ) -> Result<Lease> {
     let (lease, ()) = lease_and_connect(cfg, sandbox_id, ports, false, |host, bridge, lease| {
-        veth::connect(host, bridge, netns, lease)
+        veth::connect(host, bridge, &netns.file, &netns.inside, lease)
     })?;
     Ok(lease)
 }

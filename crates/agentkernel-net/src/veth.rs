@@ -29,8 +29,15 @@ pub(crate) fn fnv1a(parts: &[&[u8]]) -> u64 {
 }
 
 /// Creates the pair and configures the sandbox side. `host` is a netlink
-/// socket in the host namespace, `netns` the sandbox's `/proc/PID/ns/net`.
-pub fn connect(host: &Socket, bridge_index: u32, netns: &File, lease: &Lease) -> Result<()> {
+/// socket in the host namespace, `netns` the sandbox's nsfs file and `ns`
+/// a socket bound to it.
+pub fn connect(
+    host: &Socket,
+    bridge_index: u32,
+    netns: &File,
+    ns: &Socket,
+    lease: &Lease,
+) -> Result<()> {
     let create = || host.create_veth(&lease.host_veth, bridge_index, SANDBOX_IFNAME, netns);
     let what = || {
         format!(
@@ -61,15 +68,6 @@ pub fn connect(host: &Socket, bridge_index: u32, netns: &File, lease: &Lease) ->
         )
     })?;
 
-    let ns = Socket::open_in_netns(netns).map_err(|e| {
-        Error::kernel(
-            format!(
-                "enter the network namespace of sandbox {}",
-                lease.sandbox_id
-            ),
-            e,
-        )
-    })?;
     let in_sandbox = |what: &str, e: io::Error| {
         Error::kernel(format!("{what} in sandbox {}", lease.sandbox_id), e)
     };

@@ -221,6 +221,10 @@ pub(crate) fn start(
             let Some((plan, host)) = connect else {
                 return Ok(None);
             };
+            // Still in the namespace: a netlink socket bound to it costs
+            // nothing here (from the host's, a thread has to join it).
+            let created =
+                agentkernel_net::SandboxNetns::current(created).map_err(SandboxError::Network)?;
             // SAFETY: setns of this thread only, back to the host's namespace.
             if unsafe { libc::setns(host.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                 return Err(SandboxError::Network(io::Error::last_os_error()));
