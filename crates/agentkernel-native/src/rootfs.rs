@@ -69,15 +69,13 @@ pub fn scratch_root(scratch: &Path) -> PathBuf {
     scratch.join("layer/root")
 }
 
-/// Builds the root (everything but the cgroup view); [`enter`] finishes.
-/// Runs as root in fresh mount, pid, net, uts and ipc namespaces, before the
-/// command's process exists. `workspace_disk` yields the workspace's disk,
-/// mounted by the supervisor (see `disk::mount_detached`), or None for init
-/// to mount it itself.
-pub fn build(
-    plan: &Plan,
-    workspace_disk: &mut dyn FnMut() -> Option<std::os::fd::OwnedFd>,
-) -> io::Result<()> {
+/// Builds the root's own parts: the image's overlay, /proc, /dev, /sys, the
+/// masks, the files we write into it. Runs as root in fresh mount, pid, net,
+/// uts and ipc namespaces, before the command's process exists. Then come
+/// [`mount_cgroup_view`], [`mount_workspace_and_volumes`] and [`enter`]:
+/// the workspace's disk, mounted meanwhile by another thread, is waited for
+/// only after everything that does not need it.
+pub fn build(plan: &Plan) -> io::Result<()> {
     mount("", "/", "", libc::MS_REC | libc::MS_PRIVATE, None)?;
     let root_path = scratch_root(&plan.scratch);
     let root_str = root_path.to_string_lossy().into_owned();
@@ -145,6 +143,17 @@ pub fn build(
             Some(&format!("mode=1777,size={}", plan.tmp_size_bytes)),
         )?;
     }
+    Ok(())
+}
+
+/// The workspace and the user's volumes, over the root [`build`] made.
+/// `workspace_disk` yields the workspace's disk, mounted by the supervisor
+/// (see `disk::mount_detached`), or None for init to mount it itself.
+pub fn mount_workspace_and_volumes(
+    plan: &Plan,
+    workspace_disk: &mut dyn FnMut() -> Option<std::os::fd::OwnedFd>,
+) -> io::Result<()> {
+    let root = sys::open_dir(&scratch_root(&plan.scratch))?;
     if let Some(image) = &plan.workspace_disk {
         let target = plan.scratch.join(crate::disk::MOUNT_NAME);
         match workspace_disk() {
@@ -161,17 +170,24 @@ pub fn build(
     Ok(())
 }
 
-/// The last steps, once the sandbox is in its cgroup namespace: its
-/// `/sys/fs/cgroup` view (which shows the mounter's cgroup namespace), then
-/// `pivot_root` and the read-only remount.
-pub fn enter(plan: &Plan) -> io::Result<()> {
-    let root_str = scratch_root(&plan.scratch).to_string_lossy().into_owned();
+/// The root's `/sys/fs/cgroup`, once the sandbox is in its cgroup
+/// namespace (the mount shows the mounter's cgroup namespace). Before the
+/// volumes, so that a volume there shadows it, as the user asked.
+pub fn mount_cgroup_view(plan: &Plan) -> io::Result<()> {
     // A rootless sandbox has no cgroup of its own to show (and may not mount
     // v1 hierarchies): its /sys/fs/cgroup stays sysfs's empty directory.
     if plan.rootless.is_none() {
+        let root_str = scratch_root(&plan.scratch).to_string_lossy().into_owned();
         let v1 = crate::cgroup::host_is_v1().then(crate::cgroup::v1_hierarchies);
         mount_cgroups(&Host, &root_str, v1.as_deref())?;
     }
+    Ok(())
+}
+
+/// The last steps: `pivot_root`, the files put into the root, and the
+/// read-only remount.
+pub fn enter(plan: &Plan) -> io::Result<()> {
+    let root_str = scratch_root(&plan.scratch).to_string_lossy().into_owned();
     pivot_into(&root_str)?;
     if !plan.secret_files.is_empty() {
         write_secret_files(&plan.secret_files, plan.user.as_deref())

@@ -383,6 +383,7 @@ mod native_only {
                 "init: namespaces created",
                 "init: root built",
                 "init: in the cgroup",
+                "init: volumes mounted",
                 "init: ready",
                 "go",
                 "command: forked",

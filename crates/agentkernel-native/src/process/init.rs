@@ -88,11 +88,7 @@ pub(crate) fn init(plan: &Plan, sock: OwnedFd) -> ! {
         die("bringing up loopback", e);
     }
     crate::trace::phase("init: namespaces created");
-    let mut workspace_disk = || match inbox.take(Kind::Disk) {
-        Some(Message::Disk(mount)) => mount,
-        _ => None,
-    };
-    if let Err(e) = rootfs::build(plan, &mut workspace_disk) {
+    if let Err(e) = rootfs::build(plan) {
         die("building the root filesystem", e);
     }
     crate::trace::phase("init: root built");
@@ -112,6 +108,19 @@ pub(crate) fn init(plan: &Plan, sock: OwnedFd) -> ! {
     if unsafe { libc::unshare(libc::CLONE_NEWCGROUP) } != 0 {
         die("creating the cgroup namespace", io::Error::last_os_error());
     }
+    if let Err(e) = rootfs::mount_cgroup_view(plan) {
+        die("building the root filesystem", e);
+    }
+    // Only now the workspace's disk, which a thread of the supervisor
+    // mounts meanwhile (milliseconds): everything above did not need it.
+    let mut workspace_disk = || match inbox.take(Kind::Disk) {
+        Some(Message::Disk(mount)) => mount,
+        _ => None,
+    };
+    if let Err(e) = rootfs::mount_workspace_and_volumes(plan, &mut workspace_disk) {
+        die("building the root filesystem", e);
+    }
+    crate::trace::phase("init: volumes mounted");
     if let Err(e) = rootfs::enter(plan) {
         die("entering the root filesystem", e);
     }
