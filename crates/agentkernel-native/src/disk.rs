@@ -60,11 +60,16 @@ pub fn claim_workspace_image(
     Ok(Some((image, device)))
 }
 
+/// The version of the template's layout (`run_mkfs`), in its name: a
+/// state directory made by an older agentkernel gets a new template, and
+/// its old one is removed then.
+const TEMPLATE_LAYOUT: &str = "v2";
+
 /// Where the template of this size is (made by [`template`]).
 pub fn template_path(state_root: &Path, bytes: u64) -> PathBuf {
     state_root
         .join("disk-templates")
-        .join(format!("ext4-{bytes}"))
+        .join(format!("ext4-{bytes}-{TEMPLATE_LAYOUT}"))
 }
 
 /// The formatted, empty template of this size, made once per state directory.
@@ -83,6 +88,8 @@ pub fn template(state_root: &Path, bytes: u64) -> Result<PathBuf> {
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
+    // The first layout's template, unversioned.
+    let _ = std::fs::remove_file(dir.join(format!("ext4-{bytes}")));
     result.map(|()| path)
 }
 
@@ -108,12 +115,20 @@ fn format(path: &Path, bytes: u64) -> Result<()> {
     });
     let result = made
         .map_err(|e| Error::state(&contents, e))
-        .and_then(|()| run_mkfs(path, &contents));
+        .and_then(|()| run_mkfs(path, &contents, bytes));
     let _ = std::fs::remove_dir_all(&contents);
     result
 }
 
-fn run_mkfs(path: &Path, contents: &Path) -> Result<()> {
+/// mke2fs's `-G`: block groups per flex group, enough for all of them, so
+/// that every group's bitmaps and inode table sit together at the start.
+fn flex_groups(bytes: u64) -> u64 {
+    // 32768 blocks of 4 KiB per group.
+    let groups = bytes.div_ceil(32768 * 4096).max(1);
+    groups.next_power_of_two().max(16)
+}
+
+fn run_mkfs(path: &Path, contents: &Path, bytes: u64) -> Result<()> {
     // No journal (the layer is thrown away with the sandbox, and a journal
     // would be written on every run), lazily initialised inode tables (they
     // stay holes: the mount uses `noinit_itable`), no reserved blocks. Group
@@ -121,16 +136,27 @@ fn run_mkfs(path: &Path, contents: &Path) -> Result<()> {
     // metadata_csum's crc32c: ext4 needs crc32c only as a soft module
     // dependency, which a kernel without modprobe (a minimal VM) never
     // loads, and the mount then fails with ENOENT.
+    // The fewer places of the image hold data, the cheaper each run's copy
+    // of the template and, above all, its removal: on a filesystem mounted
+    // with `discard`, every freed extent is trimmed at once. So no backup
+    // superblocks (`sparse_super2` with none: the layer is thrown away, a
+    // damaged one is never repaired) and one flex group holding all the
+    // groups' metadata: 4 extents of data instead of 16 for 10 GiB. On a
+    // host whose `/` has `discard`, a run's cleanup went from ~1.9 to ~1.0 ms
+    // to remove its scratch, and the pool's refill from ~1.4 to ~0.7 ms.
+    let flex = flex_groups(bytes).to_string();
     let out = Command::new("mkfs.ext4")
         .args([
             "-q",
             "-F",
             "-m",
             "0",
+            "-G",
+            &flex,
             "-O",
-            "^has_journal,^resize_inode,^metadata_csum,uninit_bg",
+            "^has_journal,^resize_inode,^metadata_csum,uninit_bg,sparse_super2",
             "-E",
-            "lazy_itable_init=1,nodiscard,root_owner=0:0",
+            "lazy_itable_init=1,nodiscard,root_owner=0:0,num_backup_sb=0",
             "-L",
             "agentkernel-ws",
             "-d",
