@@ -85,6 +85,19 @@ pub fn deadline_after(ttl: Duration) -> u64 {
     }
 }
 
+/// How long ago a file was last modified, by its metadata: None when the
+/// filesystem keeps no such time or it lies in the future (a clock set
+/// back), which every caller treats as "not old".
+pub fn modified_ago(meta: &fs::Metadata) -> Option<Duration> {
+    meta.modified().ok()?.elapsed().ok()
+}
+
+/// [`modified_ago`] of the file at `path` (not following a last symlink);
+/// None also when it cannot be read.
+pub fn file_age(path: &Path) -> Option<Duration> {
+    modified_ago(&fs::symlink_metadata(path).ok()?)
+}
+
 pub fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -411,9 +424,7 @@ fn is_temporary(name: &std::ffi::OsStr) -> bool {
 }
 
 fn older_than_a_minute(path: &Path) -> bool {
-    fs::symlink_metadata(path)
-        .and_then(|m| m.modified())
-        .is_ok_and(|t| t.elapsed().is_ok_and(|age| age.as_secs() > 60))
+    file_age(path).is_some_and(|age| age.as_secs() > 60)
 }
 
 /// Makes `<parent>/.new-<name>.<pid>` (0700) holding an `owner` file naming
@@ -622,6 +633,22 @@ pub fn write_atomic_mode(path: &Path, data: &[u8], mode: u32) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn file_age_is_since_the_last_change_and_none_when_unknowable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let file = fs::File::create(&path).unwrap();
+        file.set_modified(SystemTime::now() - Duration::from_secs(7200))
+            .unwrap();
+        let age = file_age(&path).unwrap();
+        assert!((7200..7260).contains(&age.as_secs()), "{age:?}");
+        // A clock set back leaves files "from the future": not old.
+        file.set_modified(SystemTime::now() + Duration::from_secs(600))
+            .unwrap();
+        assert_eq!(file_age(&path), None);
+        assert_eq!(file_age(&dir.path().join("missing")), None);
+    }
 
     fn record(name: &str) -> SandboxRecord {
         SandboxRecord {

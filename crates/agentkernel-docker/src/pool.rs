@@ -336,10 +336,7 @@ fn local_view(store: &Store, key: &str) -> LocalView {
         if dir.join(STARTED_FILE).exists() {
             continue;
         }
-        let age = std::fs::metadata(dir.join(KEY_FILE))
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| t.elapsed().ok());
+        let age = agentkernel_core::state::file_age(&dir.join(KEY_FILE));
         // Younger than 30 s: its refill is creating or starting it (an older
         // one failed or was killed).
         if let Some(age) = age.filter(|a| *a < Duration::from_secs(30)) {
@@ -834,10 +831,5 @@ pub async fn collect(engine: &Engine, store: &Store) -> usize {
 }
 
 fn age_secs(path: &Path) -> u64 {
-    std::fs::metadata(path)
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| t.elapsed().ok())
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    agentkernel_core::state::file_age(path).map_or(0, |d| d.as_secs())
 }

@@ -370,9 +370,7 @@ impl Cgroup {
                 .filter(|e| e.file_name().to_string_lossy().starts_with("run-"))
                 .map(|e| e.path());
             for dir in runs {
-                let old = fs::metadata(&dir)
-                    .and_then(|m| m.modified())
-                    .is_ok_and(|t| t.elapsed().is_ok_and(|age| age >= min_age));
+                let old = agentkernel_core::state::file_age(&dir).is_some_and(|age| age >= min_age);
                 if old
                     && fs::read_to_string(dir.join("cgroup.procs"))
                         .is_ok_and(|procs| procs.trim().is_empty())

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, SystemTime};
 
+use agentkernel_core::state::modified_ago;
 use sha2::{Digest, Sha256};
 
 use crate::kernel::Kernel;
@@ -134,11 +135,7 @@ const KEPT_UNUSED: Duration = Duration::from_secs(24 * 3600);
 const USE_RECORDED_EVERY: Duration = Duration::from_secs(3600);
 
 fn mark_used(path: &Path, cached: &std::fs::Metadata) {
-    let stale = cached
-        .modified()
-        .ok()
-        .and_then(|m| m.elapsed().ok())
-        .is_none_or(|age| age > USE_RECORDED_EVERY);
+    let stale = modified_ago(cached).is_none_or(|age| age > USE_RECORDED_EVERY);
     if stale {
         // Best effort: a store this user cannot write only loses its
         // clean-up, not its runs.
@@ -159,9 +156,8 @@ fn remove_unused_others(cache_dir: &Path, keep: &Path) {
         }
         let unused = entry
             .metadata()
-            .and_then(|m| m.modified())
             .ok()
-            .and_then(|m| m.elapsed().ok())
+            .and_then(|m| modified_ago(&m))
             .is_some_and(|age| age > KEPT_UNUSED);
         if unused {
             let _ = std::fs::remove_file(entry.path());

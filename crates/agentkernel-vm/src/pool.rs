@@ -31,7 +31,9 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use agentkernel_core::state::{create_private_dir_all, now_unix, write_atomic, Owner};
+use agentkernel_core::state::{
+    create_private_dir_all, file_age, modified_ago, now_unix, write_atomic, Owner,
+};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -166,11 +168,7 @@ pub(crate) fn is_over(dir: &Path) -> bool {
         return true;
     }
     match std::fs::metadata(dir.join(CLAIMED)) {
-        Ok(claimed) => claimed
-            .modified()
-            .ok()
-            .and_then(|t| t.elapsed().ok())
-            .is_some_and(|age| age > CLAIM_GRACE),
+        Ok(claimed) => modified_ago(&claimed).is_some_and(|age| age > CLAIM_GRACE),
         Err(_) => {
             let until: u64 = std::fs::read_to_string(dir.join(IDLE_UNTIL))
                 .ok()
@@ -199,10 +197,7 @@ pub fn collect(root: &Path) -> usize {
         }
         // A key with no VM left goes when its record is a day old (no run
         // of it since): status keeps its counts until then.
-        let record_age = std::fs::metadata(key.path().join(ABOUT))
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| t.elapsed().ok());
+        let record_age = file_age(&key.path().join(ABOUT));
         if vm_dirs(&key.path()).is_empty() && record_age.is_none_or(|age| age > KEY_RECORD_TTL) {
             let _ = std::fs::remove_file(key.path().join(ABOUT));
             let _ = std::fs::remove_dir(key.path());
