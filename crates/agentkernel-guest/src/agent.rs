@@ -152,10 +152,11 @@ fn mount_kernel_filesystems() -> io::Result<()> {
 }
 
 /// The modules the host listed, in dependency order (plain `.ko` files).
-/// A line may name, after the module, the virtio devices it is for (by
-/// id: `0x0001` a NIC, `0x0009` a 9p share); such a module is skipped when
-/// the VM has none of them — the devices are known once the PCI transport,
-/// listed before, has probed them.
+/// A line may name, after the module, what it is for: virtio devices by id
+/// (`0x0001` a NIC, `0x0009` a 9p share) or the bus of a virtio transport
+/// (`pci`, `mmio`); such a module is skipped when the VM has none of them.
+/// The buses are known from the start; the virtio devices once the
+/// transport, listed before, has probed them.
 fn load_modules() -> io::Result<()> {
     let list = match std::fs::read_to_string(MODULE_LIST) {
         Ok(l) => l,
@@ -169,11 +170,18 @@ fn load_modules() -> io::Result<()> {
             continue;
         };
         let only_with: Vec<&str> = words.collect();
-        if !only_with.is_empty()
-            && !present
-                .get_or_insert_with(VirtioDevices::probed)
-                .has_any(&only_with)
-        {
+        let wanted = only_with.is_empty()
+            || only_with.iter().any(|tag| match *tag {
+                "pci" => bus_may_have("/sys/bus/pci/devices", |_| true),
+                // ACPI's id of a virtio-mmio device (a microvm's).
+                "mmio" => bus_may_have("/sys/bus/platform/devices", |name| {
+                    name.starts_with("LNRO0005:")
+                }),
+                id => present
+                    .get_or_insert_with(VirtioDevices::probed)
+                    .has_any(&[id]),
+            });
+        if !wanted {
             continue;
         }
         let path = format!("/lib/modules/{name}");
@@ -193,6 +201,17 @@ fn load_modules() -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether the bus directory `dir` lists a device that `matches` — or
+/// cannot be read, which loads the module as if it did.
+fn bus_may_have(dir: &str, matches: impl Fn(&str) -> bool) -> bool {
+    match std::fs::read_dir(dir) {
+        Ok(entries) => entries
+            .flatten()
+            .any(|e| matches(&e.file_name().to_string_lossy())),
+        Err(_) => true,
+    }
 }
 
 /// The VM's virtio devices, by device id.

@@ -15,13 +15,15 @@ use sha2::{Digest, Sha256};
 use crate::kernel::Kernel;
 use crate::{fail, Result};
 
-/// What the agent needs from the kernel, by module name: the PCI transport,
-/// the image disk, the host's port, the image's filesystem (EROFS, see
-/// `crate::disk`, and the crc32c its superblock checksum asks for by name),
-/// the overlays, the workspace share, the NIC. The last two only when the
-/// VM has such a device ([`only_with_device`]).
+/// What the agent needs from the kernel, by module name: the virtio
+/// transports (PCI on a PC, MMIO on a microvm), the image disk, the host's
+/// port, the image's filesystem (EROFS, see `crate::disk`, and the crc32c
+/// its superblock checksum asks for by name), the overlays, the workspace
+/// share, the NIC. Each transport only on its machine, the last two only
+/// when the VM has such a device ([`only_with_device`]).
 pub const MODULES: &[&str] = &[
     "virtio_pci",
+    "virtio_mmio",
     "virtio_blk",
     "virtio_console",
     "crc32c_generic",
@@ -32,17 +34,28 @@ pub const MODULES: &[&str] = &[
     "virtio_net",
 ];
 
-/// The virtio device (its id as `/sys/bus/virtio/devices/*/device` shows
-/// it) without which the agent skips a [`MODULES`] entry and the
-/// dependencies only it needs: a VM with `--no-network` has no NIC, one
-/// without a workspace or volume no 9p share, and under TCG loading their
-/// modules is tens of milliseconds of every cold boot.
+/// The device without which the agent skips a [`MODULES`] entry and the
+/// dependencies only it needs: a virtio device by its id as
+/// `/sys/bus/virtio/devices/*/device` shows it (a VM with `--no-network`
+/// has no NIC, one without a workspace or volume no 9p share), or the bus a
+/// transport serves (`pci`: a PCI device exists; `mmio`: a virtio-mmio
+/// device, `LNRO0005` in ACPI's tables). Under TCG loading a module is
+/// milliseconds to tens of milliseconds of every cold boot.
 fn only_with_device(module: &str) -> Option<&'static str> {
     match module {
+        "virtio_pci" => Some("pci"),
+        "virtio_mmio" => Some("mmio"),
         "virtio_net" => Some(VIRTIO_NET),
         "9pnet_virtio" | "9p" => Some(VIRTIO_9P),
         _ => None,
     }
+}
+
+/// Modules a kernel may lack: the machine that needs it then cannot be
+/// booted with that kernel (no devices: the agent never says hello), the
+/// other machine can.
+fn optional(module: &str) -> bool {
+    module == "virtio_mmio"
 }
 
 const VIRTIO_NET: &str = "0x0001";
@@ -65,7 +78,7 @@ pub fn ensure(cache_dir: &Path, agent: &Path, kernel: &Kernel) -> Result<PathBuf
     hash.update(kernel.version.as_bytes());
     hash.update(MODULES.join(",").as_bytes());
     // What the builder does to them: a new way changes every cached archive.
-    hash.update(b"modules: unsigned; load-order lines name the devices they need");
+    hash.update(b"modules: unsigned; load-order lines name the devices or buses they need");
     let key = crate::short_key(hash, 12);
     let path = cache_dir.join(format!("initramfs-{key}.cpio"));
     if let Some(cached) = std::fs::metadata(&path).ok().filter(|m| m.is_file()) {
@@ -226,6 +239,9 @@ fn load_order(kernel: &Kernel) -> Result<Vec<(PathBuf, Vec<&'static str>)>> {
     }
     for name in MODULES {
         if builtin.contains(*name) {
+            continue;
+        }
+        if !deps.contains_key(*name) && optional(name) {
             continue;
         }
         if !visit(name, &deps, &mut seen, &mut order) {
@@ -503,6 +519,52 @@ mod tests {
 
     /// A module is tagged with the devices of the roots that need it: none
     /// when a root loaded whatever the devices needs it too.
+    #[test]
+    fn each_virtio_transport_is_tagged_with_its_bus_and_mmio_may_be_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let builtin = |except: &[&str]| -> String {
+            MODULES
+                .iter()
+                .filter(|m| !except.contains(m))
+                .map(|m| format!("kernel/x/{m}.ko\n"))
+                .collect()
+        };
+        std::fs::write(
+            dir.path().join("modules.builtin"),
+            builtin(&["virtio_pci", "virtio_mmio"]),
+        )
+        .unwrap();
+        let deps = "k/virtio.ko:\n\
+                    k/virtio_ring.ko:\n\
+                    k/virtio_pci_modern_dev.ko:\n\
+                    k/virtio_pci.ko: k/virtio_pci_modern_dev.ko k/virtio_ring.ko k/virtio.ko\n";
+        let mmio = "k/virtio_mmio.ko: k/virtio_ring.ko k/virtio.ko\n";
+        std::fs::write(dir.path().join("modules.dep"), format!("{deps}{mmio}")).unwrap();
+        let tagged = |dir: &Path| -> Vec<(String, Vec<&str>)> {
+            load_order(&kernel(Some(dir.to_path_buf())))
+                .unwrap()
+                .into_iter()
+                .map(|(p, devices)| (module_name(&p), devices))
+                .collect()
+        };
+        assert_eq!(
+            tagged(dir.path()),
+            [
+                ("virtio_pci_modern_dev".to_string(), vec!["pci"]),
+                ("virtio_ring".into(), vec!["mmio", "pci"]),
+                ("virtio".into(), vec!["mmio", "pci"]),
+                ("virtio_pci".into(), vec!["pci"]),
+                ("virtio_mmio".into(), vec!["mmio"]),
+            ]
+        );
+        // A kernel without the MMIO transport still boots a PC.
+        std::fs::write(dir.path().join("modules.dep"), deps).unwrap();
+        assert_eq!(tagged(dir.path()).last().unwrap().0, "virtio_pci");
+        // Without the PCI one it is an error: a PC is the default machine.
+        std::fs::write(dir.path().join("modules.dep"), mmio).unwrap();
+        assert!(load_order(&kernel(Some(dir.path().to_path_buf()))).is_err());
+    }
+
     #[test]
     fn modules_only_a_device_needs_are_tagged_with_it() {
         let dir = tempfile::tempdir().unwrap();

@@ -365,6 +365,7 @@ mod tests {
                 workspace: None,
                 volumes: Vec::new(),
                 accel: crate::vmm::Accel::Tcg,
+                machine: crate::vmm::Machine::Pc,
                 network: None,
             },
             sandbox,

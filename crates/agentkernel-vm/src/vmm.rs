@@ -30,6 +30,54 @@ impl Accel {
     }
 }
 
+/// The machine QEMU emulates.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Machine {
+    /// A PC: virtio over PCI, booted without ACPI (the firmware's MP table
+    /// describes the CPUs), with qboot where QEMU ships it. Under TCG the
+    /// fastest here: ACPI's interpreter costs ~200 ms of every emulated boot.
+    #[default]
+    Pc,
+    /// QEMU's microvm, Firecracker's model: no PCI bus and no firmware POST;
+    /// the virtio devices sit on MMIO and the guest finds them in ACPI's
+    /// tables (Debian's kernel cannot take them from its command line).
+    /// The machine for KVM, where ACPI costs little.
+    Microvm,
+}
+
+impl Machine {
+    pub fn name(self) -> &'static str {
+        match self {
+            Machine::Pc => "pc",
+            Machine::Microvm => "microvm",
+        }
+    }
+
+    /// `$AGENTKERNEL_QEMU_MACHINE` (pc or microvm) if set, else microvm
+    /// under KVM and pc under TCG; an unknown name is an error.
+    pub fn choose(accel: Accel) -> crate::Result<Machine> {
+        match std::env::var("AGENTKERNEL_QEMU_MACHINE").as_deref() {
+            Ok("pc") => Ok(Machine::Pc),
+            Ok("microvm") => Ok(Machine::Microvm),
+            Ok(other) => crate::fail(format!(
+                "AGENTKERNEL_QEMU_MACHINE={other:?} is not a machine agentkernel boots; use pc or microvm, or unset it"
+            )),
+            Err(_) => Ok(match accel {
+                Accel::Kvm => Machine::Microvm,
+                Accel::Tcg => Machine::Pc,
+            }),
+        }
+    }
+
+    /// The QEMU device `kind` (`virtio-blk`, …) on this machine's transport.
+    fn virtio(self, kind: &str) -> String {
+        match self {
+            Machine::Pc => format!("{kind}-pci"),
+            Machine::Microvm => format!("{kind}-device"),
+        }
+    }
+}
+
 /// One VM, independent of the hypervisor.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VmConfig {
@@ -47,6 +95,9 @@ pub struct VmConfig {
     #[serde(default)]
     pub volumes: Vec<(PathBuf, bool)>,
     pub accel: Accel,
+    /// Older records (kept VMs, pool entries) have none: they booted a PC.
+    #[serde(default)]
+    pub machine: Machine,
     /// A NIC on agentkernel's bridge (`crate::net`); `None`: no NIC at all.
     #[serde(default)]
     pub network: Option<crate::net::Network>,
@@ -104,13 +155,16 @@ impl Vmm for Qemu {
             "none",
         ]);
         c.args(["-monitor", "none", "-serial", "stdio"]);
-        if let Some(firmware) = fast_firmware(&self.binary) {
-            c.arg("-bios").arg(firmware);
+        // microvm brings its own minimal firmware.
+        if vm.machine == Machine::Pc {
+            if let Some(firmware) = fast_firmware(&self.binary) {
+                c.arg("-bios").arg(firmware);
+            }
         }
+        c.args(["-accel", vm.accel.name(), "-M", vm.machine.name()]);
         match vm.accel {
-            // `-M pc`: microvm hung under TCG here; pc boots in ~2 s.
-            Accel::Tcg => c.args(["-accel", "tcg", "-M", "pc", "-cpu", "max"]),
-            Accel::Kvm => c.args(["-accel", "kvm", "-M", "pc", "-cpu", "host"]),
+            Accel::Tcg => c.args(["-cpu", "max"]),
+            Accel::Kvm => c.args(["-cpu", "host"]),
         };
         c.arg("-smp").arg(vm.vcpus.max(1).to_string());
         c.arg("-m").arg(format!("{}M", vm.memory_mib));
@@ -121,8 +175,10 @@ impl Vmm for Qemu {
             "file={},if=none,id=root,format=raw,readonly=on",
             qemu_escape(&vm.disk)
         ));
-        c.args(["-device", "virtio-blk-pci,drive=root"]);
-        c.args(["-device", "virtio-serial-pci"]);
+        let virtio = |kind: &str| vm.machine.virtio(kind);
+        c.arg("-device")
+            .arg(format!("{},drive=root", virtio("virtio-blk")));
+        c.arg("-device").arg(virtio("virtio-serial"));
         c.arg("-chardev")
             .arg(format!("socket,id=agent,fd={agent_fd}"));
         c.arg("-device")
@@ -133,8 +189,10 @@ impl Vmm for Qemu {
                 qemu_escape(dir),
                 if *read_only { ",readonly=on" } else { "" }
             ));
-            c.arg("-device")
-                .arg(format!("virtio-9p-pci,fsdev=ws,mount_tag={WORKSPACE_TAG}"));
+            c.arg("-device").arg(format!(
+                "{},fsdev=ws,mount_tag={WORKSPACE_TAG}",
+                virtio("virtio-9p")
+            ));
         }
         for (n, (dir, read_only)) in vm.volumes.iter().enumerate() {
             c.arg("-fsdev").arg(format!(
@@ -143,7 +201,8 @@ impl Vmm for Qemu {
                 if *read_only { ",readonly=on" } else { "" }
             ));
             c.arg("-device").arg(format!(
-                "virtio-9p-pci,fsdev=vol{n},mount_tag={}",
+                "{},fsdev=vol{n},mount_tag={}",
+                virtio("virtio-9p"),
                 crate::protocol::volume_tag(n)
             ));
         }
@@ -156,8 +215,15 @@ impl Vmm for Qemu {
                     crate::net::NicBackend::Stream => format!("socket,id=net0,fd={}", nic.fd),
                 };
                 c.arg("-netdev").arg(netdev);
+                // No option ROM (a PCI device's; nothing boots from it).
+                let rom = if vm.machine == Machine::Pc {
+                    ",romfile="
+                } else {
+                    ""
+                };
                 c.arg("-device").arg(format!(
-                    "virtio-net-pci,netdev=net0,mac={},romfile=",
+                    "{},netdev=net0,mac={}{rom}",
+                    virtio("virtio-net"),
                     nic.mac
                 ));
             }
@@ -185,8 +251,8 @@ impl Vmm for Qemu {
 /// worth tenths of a second under TCG: probing a PS/2 controller, checking
 /// the timer, slow RCU grace periods, patching SMP alternatives, the crypto
 /// self-tests (and the KDF one `cryptomgr.notests` misses, ~80 ms), the
-/// kprobe trace events (~140 ms: nothing traces in the guest), and ACPI
-/// altogether (`acpi=off`): its interpreter set up each virtio device's PCI
+/// kprobe trace events (~140 ms: nothing traces in the guest), and on a PC
+/// ACPI altogether (`acpi=off`, [`kernel_command_line`]): its interpreter set up each virtio device's PCI
 /// link in ~150 ms under TCG (that was `acpi=noirq`), and loading its tables
 /// and bringing it up took another ~200 ms at boot (25 alternated boots:
 /// 1705 → 1490 ms median). The firmware's MP table describes the CPUs and
@@ -202,7 +268,7 @@ impl Vmm for Qemu {
 /// took 3.96–4.14 s of the host's time.)
 const KERNEL_COMMAND_LINE: &str = "console=ttyS0 quiet loglevel=3 panic=-1 rdinit=/init \
     i8042.noaux i8042.nomux i8042.nopnp i8042.nokbd no_timer_check \
-    rcupdate.rcu_expedited=1 noreplace-smp cryptomgr.notests acpi=off \
+    rcupdate.rcu_expedited=1 noreplace-smp cryptomgr.notests \
     initcall_blacklist=init_kprobe_trace,crypto_kdf108_init";
 
 /// The command line for `vm`. A TCG guest with one vCPU (what a TCG run
@@ -212,12 +278,17 @@ const KERNEL_COMMAND_LINE: &str = "console=ttyS0 quiet loglevel=3 panic=-1 rdini
 /// boots: 1613 → 1253 ms median to the agent's hello. Under KVM the
 /// TSC-deadline timer needs no calibration, and several vCPUs each need a
 /// timer of their own.
+/// A microvm keeps ACPI: its tables are where the guest finds the virtio
+/// devices.
 fn kernel_command_line(vm: &VmConfig) -> String {
-    if vm.accel == Accel::Tcg && vm.vcpus <= 1 {
-        format!("{KERNEL_COMMAND_LINE} noapictimer")
-    } else {
-        KERNEL_COMMAND_LINE.to_string()
+    let mut line = KERNEL_COMMAND_LINE.to_string();
+    if vm.machine == Machine::Pc {
+        line.push_str(" acpi=off");
     }
+    if vm.accel == Accel::Tcg && vm.vcpus <= 1 {
+        line.push_str(" noapictimer");
+    }
+    line
 }
 
 /// qboot, the minimal firmware QEMU ships (Debian: `qemu-system-data`,

@@ -206,6 +206,48 @@ mod qemu_only {
         let with = modules(true);
         assert!(with.iter().any(|m| m == "virtio_net"), "{with:?}");
         assert!(with.iter().any(|m| m == "9p"), "{with:?}");
+        // A PC's devices are on PCI: the MMIO transport stays out.
+        for list in [&without, &with] {
+            assert!(list.iter().any(|m| m == "virtio_pci"), "{list:?}");
+            assert!(!list.iter().any(|m| m == "virtio_mmio"), "{list:?}");
+        }
+    }
+
+    /// microvm, the machine a KVM host boots (`AGENTKERNEL_QEMU_MACHINE`
+    /// chooses it here, under TCG): no PCI bus, the devices on virtio-mmio
+    /// found through ACPI, and everything a run needs works on them — the
+    /// workspace share, the NIC and its lease, stdin, the exit code.
+    #[test]
+    fn a_microvm_runs_the_command_on_virtio_mmio_devices() {
+        let env = TestEnv::new();
+        std::fs::write(env.project_dir().join("marker.txt"), "from the host\n").unwrap();
+        let script = "cat; cat /workspace/marker.txt; \
+                      echo pci=$(ls /sys/bus/pci/devices | wc -l); \
+                      ls /sys/bus/platform/devices | grep -c '^LNRO0005:'; \
+                      cut -d' ' -f1 /proc/modules; \
+                      ip -4 -o addr show eth0 | grep -q inet && echo eth0-up; exit 5";
+        let out = env
+            .cmd()
+            .env("AGENTKERNEL_QEMU_MACHINE", "microvm")
+            .args(["run", "--fast=false", "-i", BUSYBOX, "sh", "-c", script])
+            .write_stdin("from stdin\n")
+            .timeout(RUN_LIMIT)
+            .output()
+            .unwrap();
+        assert_code(&out, 5);
+        let text = stdout(&out);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[..3],
+            ["from stdin", "from the host", "pci=0"],
+            "{text}"
+        );
+        let mmio_devices: u32 = lines[3].parse().unwrap();
+        // The disk, the agent's port, the share and the NIC.
+        assert!(mmio_devices >= 4, "{text}");
+        assert!(lines.contains(&"virtio_mmio"), "{text}");
+        assert!(!lines.contains(&"virtio_pci"), "{text}");
+        assert_eq!(lines.last(), Some(&"eth0-up"), "{text}");
     }
 
     #[test]

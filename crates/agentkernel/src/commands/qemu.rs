@@ -292,6 +292,7 @@ pub(super) async fn prepare(
     let disk = disk::ensure(&vm_dir.join("disks"), &id, &image.layers).map_err(backend_error)?;
     let initramfs = initramfs::ensure(&vm_dir, &host.agent, &host.kernel).map_err(backend_error)?;
     let (accel, _) = vmm::choose_accel(&vm_dir, &host.qemu, &host.kernel.image);
+    let machine = vmm::Machine::choose(accel).map_err(backend_error)?;
     agentkernel_native::trace::phase("disk, initramfs and accelerator ready");
     let workspace = spec.workspace.as_ref().map(|w| {
         let share_read_only = spec.policy.workspace != WorkspaceMode::ReadWrite;
@@ -310,6 +311,7 @@ pub(super) async fn prepare(
             .map(|(host, _, read_only)| (host, read_only))
             .collect(),
         accel,
+        machine,
         network: spec
             .policy
             .network
@@ -385,9 +387,14 @@ impl Host {
             true => self.kernel.image.display().to_string(),
             false => self.kernel.version.clone(),
         };
-        let firmware = match vmm::fast_firmware(&self.qemu.binary) {
-            Some(rom) => format!("firmware {}", rom.display()),
-            None => "SeaBIOS (qboot.rom not found)".to_string(),
+        let firmware = match (
+            vmm::Machine::choose(accel),
+            vmm::fast_firmware(&self.qemu.binary),
+        ) {
+            (Ok(vmm::Machine::Microvm), _) => "machine microvm".to_string(),
+            (Err(e), _) => format!("machine unknown ({e})"),
+            (Ok(vmm::Machine::Pc), Some(rom)) => format!("machine pc, firmware {}", rom.display()),
+            (Ok(vmm::Machine::Pc), None) => "machine pc, SeaBIOS (qboot.rom not found)".to_string(),
         };
         format!(
             "{}, {firmware}, guest kernel {kernel}, {} ({why})",
