@@ -213,6 +213,34 @@ mod qemu_only {
         }
     }
 
+    /// A machine agentkernel does not boot is refused before any VM: one
+    /// line naming the variable and the choices, exit 125, for a one-shot,
+    /// a pooled and a kept run alike; nothing is left running or recorded.
+    #[test]
+    fn an_unknown_machine_is_one_line_and_boots_nothing() {
+        let env = TestEnv::new();
+        let name = unique_name("machine");
+        for extra in [&["--fast=false"][..], &[], &["--name", &name]] {
+            let out = env
+                .cmd()
+                .env("AGENTKERNEL_QEMU_MACHINE", "q35")
+                .arg("run")
+                .args(extra)
+                .args(["-i", BUSYBOX, "true"])
+                .timeout(RUN_LIMIT)
+                .output()
+                .unwrap();
+            let line = assert_one_line_error(&out);
+            assert!(
+                line.contains("AGENTKERNEL_QEMU_MACHINE") && line.contains("pc or microvm"),
+                "{line}"
+            );
+        }
+        assert!(vms_of(&env).is_empty(), "a VM was started");
+        let listed = env.run(&["sandbox", "list"]);
+        assert!(!stdout(&listed).contains(&name), "{}", stdout(&listed));
+    }
+
     /// microvm, the machine a KVM host boots (`AGENTKERNEL_QEMU_MACHINE`
     /// chooses it here, under TCG): no PCI bus, the devices on virtio-mmio
     /// found through ACPI, and everything a run needs works on them — the
