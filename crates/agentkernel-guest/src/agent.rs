@@ -163,7 +163,9 @@ fn load_modules() -> io::Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e),
     };
+    // Each looked up once, when a line first needs it.
     let mut present: Option<VirtioDevices> = None;
+    let (mut pci, mut mmio): (Option<bool>, Option<bool>) = (None, None);
     for line in list.lines() {
         let mut words = line.split_whitespace();
         let Some(name) = words.next() else {
@@ -172,10 +174,12 @@ fn load_modules() -> io::Result<()> {
         let only_with: Vec<&str> = words.collect();
         let wanted = only_with.is_empty()
             || only_with.iter().any(|tag| match *tag {
-                "pci" => bus_may_have("/sys/bus/pci/devices", |_| true),
+                "pci" => *pci.get_or_insert_with(|| bus_may_have("/sys/bus/pci/devices", |_| true)),
                 // ACPI's id of a virtio-mmio device (a microvm's).
-                "mmio" => bus_may_have("/sys/bus/platform/devices", |name| {
-                    name.starts_with("LNRO0005:")
+                "mmio" => *mmio.get_or_insert_with(|| {
+                    bus_may_have("/sys/bus/platform/devices", |name| {
+                        name.starts_with("LNRO0005:")
+                    })
                 }),
                 id => present
                     .get_or_insert_with(VirtioDevices::probed)

@@ -74,8 +74,8 @@ pub fn scratch_root(scratch: &Path) -> PathBuf {
 /// uts and ipc namespaces, before the command's process exists. Then come
 /// [`mount_cgroup_view`], [`mount_workspace_and_volumes`] and [`enter`]:
 /// the workspace's disk, mounted meanwhile by another thread, is waited for
-/// only after everything that does not need it.
-pub fn build(plan: &Plan) -> io::Result<()> {
+/// only after everything that does not need it. Returns the root, opened.
+pub fn build(plan: &Plan) -> io::Result<OwnedFd> {
     mount("", "/", "", libc::MS_REC | libc::MS_PRIVATE, None)?;
     let root_path = scratch_root(&plan.scratch);
     let root_str = root_path.to_string_lossy().into_owned();
@@ -143,17 +143,17 @@ pub fn build(plan: &Plan) -> io::Result<()> {
             Some(&format!("mode=1777,size={}", plan.tmp_size_bytes)),
         )?;
     }
-    Ok(())
+    Ok(root)
 }
 
-/// The workspace and the user's volumes, over the root [`build`] made.
-/// `workspace_disk` yields the workspace's disk, mounted by the supervisor
+/// The workspace and the user's volumes, over the root [`build`] made
+/// (`root`). `workspace_disk` yields the workspace's disk, mounted by the supervisor
 /// (see `disk::mount_detached`), or None for init to mount it itself.
 pub fn mount_workspace_and_volumes(
     plan: &Plan,
+    root: &OwnedFd,
     workspace_disk: &mut dyn FnMut() -> Option<std::os::fd::OwnedFd>,
 ) -> io::Result<()> {
-    let root = sys::open_dir(&scratch_root(&plan.scratch))?;
     if let Some(image) = &plan.workspace_disk {
         let target = plan.scratch.join(crate::disk::MOUNT_NAME);
         match workspace_disk() {
@@ -163,9 +163,9 @@ pub fn mount_workspace_and_volumes(
         crate::trace::phase("init: workspace disk mounted");
     }
     for (i, m) in plan.mounts.iter().enumerate() {
-        mount_user_path(plan, &root, i, m)?;
+        mount_user_path(plan, root, i, m)?;
     }
-    open_beneath(&root, &plan.workdir, Leaf::Dir)
+    open_beneath(root, &plan.workdir, Leaf::Dir)
         .map_err(context(format_args!("working directory {}", plan.workdir)))?;
     Ok(())
 }

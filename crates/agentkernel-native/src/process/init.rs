@@ -88,9 +88,7 @@ pub(crate) fn init(plan: &Plan, sock: OwnedFd) -> ! {
         die("bringing up loopback", e);
     }
     crate::trace::phase("init: namespaces created");
-    if let Err(e) = rootfs::build(plan) {
-        die("building the root filesystem", e);
-    }
+    let root = rootfs::build(plan).unwrap_or_else(|e| die("building the root filesystem", e));
     crate::trace::phase("init: root built");
     // Into the sandbox's cgroup before anything is forked, and before the
     // cgroup namespace is created (so it is rooted at the sandbox's cgroup).
@@ -117,9 +115,10 @@ pub(crate) fn init(plan: &Plan, sock: OwnedFd) -> ! {
         Some(Message::Disk(mount)) => mount,
         _ => None,
     };
-    if let Err(e) = rootfs::mount_workspace_and_volumes(plan, &mut workspace_disk) {
+    if let Err(e) = rootfs::mount_workspace_and_volumes(plan, &root, &mut workspace_disk) {
         die("building the root filesystem", e);
     }
+    drop(root);
     crate::trace::phase("init: volumes mounted");
     if let Err(e) = rootfs::enter(plan) {
         die("entering the root filesystem", e);
