@@ -279,11 +279,15 @@ mod native_only {
 
     /// The pool's devices (see `disk_pool.rs`), by device name.
     fn pool_devices(env: &TestEnv) -> Vec<String> {
+        pool_bindings(env).into_iter().map(|(dev, _)| dev).collect()
+    }
+
+    /// The pool's loop devices with the file each is bound to.
+    fn pool_bindings(env: &TestEnv) -> Vec<(String, String)> {
         let pool = env.state_dir().join("disk-pool/");
         all_loop_devices_under(env.state_dir())
             .into_iter()
             .filter(|(_, file)| file.starts_with(&*pool.to_string_lossy()))
-            .map(|(dev, _)| dev)
             .collect()
     }
 
@@ -355,25 +359,26 @@ mod native_only {
             let out = doomed.run(&["run", "--disk", "24m", "-i", BUSYBOX, "true"]);
             assert_code(&out, 0);
         }
-        poll_until(
-            std::time::Duration::from_secs(10),
-            "the pool was filled",
-            || pool_devices(&doomed).len() == 2,
-        );
-        let devices = pool_devices(&doomed);
+        // Its runs' cleanup processes refill and sweep: once they are done
+        // nothing of `doomed` runs, so only the next run can detach.
+        assert!(doomed.wait_for_processes(std::time::Duration::from_secs(30)));
+        // Each binding is its device and file (a number alone may be bound
+        // again to another file once swept).
+        let bindings = pool_bindings(&doomed);
+        assert_eq!(bindings.len(), 2, "the pool was filled: {bindings:?}");
         std::fs::remove_dir_all(doomed.state_dir().join("disk-pool")).unwrap();
-        let still_bound = |dev: &String| {
+        let still_bound = |(dev, file): &(String, String)| {
             std::fs::read_to_string(format!("/sys/block/{dev}/loop/backing_file"))
-                .is_ok_and(|f| f.contains(&*doomed.state_dir().to_string_lossy()))
+                .is_ok_and(|now| now.trim_end() == format!("{file} (deleted)"))
         };
-        assert!(devices.iter().all(still_bound));
+        assert!(bindings.iter().all(still_bound));
         let other = native();
         let out = other.run(&["run", "--disk", "24m", "-i", BUSYBOX, "true"]);
         assert_code(&out, 0);
         poll_until(
             std::time::Duration::from_secs(10),
             "the deleted pool's devices detached",
-            || !devices.iter().any(still_bound),
+            || !bindings.iter().any(still_bound),
         );
     }
 }

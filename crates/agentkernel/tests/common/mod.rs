@@ -429,6 +429,21 @@ impl TestEnv {
 impl TestEnv {
     /// PIDs of detached `agentkernel pool refill` processes of this state dir.
     pub fn refills_running(&self) -> Vec<u32> {
+        self.processes_matching(|args| args.windows(2).any(|w| w == [&b"pool"[..], &b"refill"[..]]))
+    }
+
+    /// PIDs of every agentkernel process of this state dir: once the
+    /// commands have returned, their cleanup processes and refills.
+    pub fn processes_running(&self) -> Vec<u32> {
+        self.processes_matching(|_| true)
+    }
+
+    /// Waits (up to `limit`) until no process of this state dir runs.
+    pub fn wait_for_processes(&self, limit: Duration) -> bool {
+        wait_until(limit, || self.processes_running().is_empty())
+    }
+
+    fn processes_matching(&self, wanted: impl Fn(&[&[u8]]) -> bool) -> Vec<u32> {
         let want = format!("AGENTKERNEL_HOME={}", self.state.path().display());
         let mut out = Vec::new();
         let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -442,7 +457,7 @@ impl TestEnv {
                 continue;
             };
             let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-            if !args.windows(2).any(|w| w == [&b"pool"[..], &b"refill"[..]]) {
+            if !wanted(&args) {
                 continue;
             }
             if let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) {
