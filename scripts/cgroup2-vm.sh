@@ -437,7 +437,11 @@ fi
 if [ -z "$problems" ]; then pass kill9-gc; else fail kill9-gc "$problems"; fi
 
 # --- g: nothing left behind: groups, scratch, kept sandboxes, processes
+# (once `pool prune` has stopped the disk keeper, which by design outlives
+# runs until it is idle for a minute)
 problems=
+ak pool prune
+[ $rc = 0 ] || problems="pool prune: $(show);"
 [ -d $CG ] || problems="no $CG at all;"
 left=$(find $CG -mindepth 1 -type d 2>/dev/null | tr '\n' ' ')
 [ -z "$left" ] || problems="$problems groups: $left;"

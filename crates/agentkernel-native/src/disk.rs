@@ -44,6 +44,38 @@ pub fn create_workspace_image(template: &Path, scratch: &Path, bytes: u64) -> Re
     Ok(image)
 }
 
+/// The mount point of a disk the keeper holds (disk_keeper.rs), and the
+/// path its image gets if the keeper has none ready ([`mount_for_run`]).
+pub fn prepare_held_image(scratch: &Path) -> Result<PathBuf> {
+    let mount_point = scratch.join(MOUNT_NAME);
+    std::fs::create_dir(&mount_point).map_err(|e| Error::state(&mount_point, e))?;
+    Ok(scratch.join(IMAGE_NAME))
+}
+
+/// Where a run's workspace disk comes from, decided by `prepare`.
+pub enum DiskSource {
+    /// The keeper's, else `image` made from the template of `bytes` in
+    /// `state_root`.
+    Held { state_root: PathBuf, bytes: u64 },
+    /// `image`, already made, on this pooled device if any.
+    Image { pooled: Option<String> },
+}
+
+/// The run's workspace disk, mounted detached (see [`mount_detached`]).
+pub fn mount_for_run(image: &Path, source: DiskSource) -> io::Result<OwnedFd> {
+    match source {
+        DiskSource::Held { state_root, bytes } => {
+            if let Some(mount) = crate::disk_keeper::take(&state_root, bytes) {
+                crate::trace::phase("disk: held mount taken");
+                return Ok(mount);
+            }
+            sparse_copy(&template_path(&state_root, bytes), image, bytes)?;
+            mount_detached(image, None)
+        }
+        DiskSource::Image { pooled } => mount_detached(image, pooled.as_deref()),
+    }
+}
+
 /// `<scratch>/workspace.ext4` and its mount point from the pool of devices
 /// attached ahead (disk_pool.rs): the image and its device, or None when
 /// the pool has none of this size.

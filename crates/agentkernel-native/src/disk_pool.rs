@@ -132,7 +132,7 @@ pub fn refill(state_root: &Path, template: &Path, bytes: u64) -> io::Result<usiz
     let mut dropped = false;
     for entry in std::fs::read_dir(&dir)?.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name == LOCK_NAME {
+        if name == LOCK_NAME || name == crate::disk_keeper::DIR_NAME {
             continue;
         }
         if name.starts_with(&prefix) && ready < TARGET {
@@ -192,7 +192,9 @@ pub fn drain(state_root: &Path) -> usize {
     };
     let mut removed = 0;
     for entry in entries.flatten() {
-        if entry.file_name() != LOCK_NAME && std::fs::remove_file(entry.path()).is_ok() {
+        let name = entry.file_name();
+        let ours = name != LOCK_NAME && name != crate::disk_keeper::DIR_NAME;
+        if ours && std::fs::remove_file(entry.path()).is_ok() {
             removed += 1;
         }
     }

@@ -12,6 +12,7 @@ pub mod caps;
 pub mod cgroup;
 pub mod copy;
 pub mod disk;
+pub mod disk_keeper;
 pub mod disk_pool;
 pub mod egress;
 pub mod error;

@@ -145,6 +145,10 @@ pub struct Plan {
     /// attached ahead (disk_pool.rs); None: the supervisor attaches one.
     #[serde(default)]
     pub workspace_device: Option<String>,
+    /// The disk is to come mounted from the keeper (disk_keeper.rs); the
+    /// image is made only if the keeper has none ready.
+    #[serde(default)]
+    pub workspace_held: bool,
     pub tty: bool,
     pub timeout: Option<Duration>,
     /// Set when agentkernel runs without root: the helper first enters a

@@ -219,7 +219,15 @@ pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<(Pla
     claim.scratch = Some(scratch.clone());
     crate::trace::phase("cli: scratch dir made");
     let mut workspace_device = None;
+    let mut workspace_held = false;
     let workspace_disk = match &disk_template {
+        Some(_) if keep.is_none() && crate::disk_keeper::serving(store.root()) => {
+            // A one-shot run takes a disk the keeper mounted ahead.
+            workspace_held = true;
+            let image = crate::disk::prepare_held_image(&scratch)?;
+            crate::trace::phase("cli: workspace disk image made");
+            Some(image)
+        }
         Some((template, bytes)) => {
             // A one-shot run takes a device attached ahead, if one is ready.
             let pooled = match &keep {
@@ -295,6 +303,7 @@ pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<(Pla
         workspace_disk,
         workspace_disk_bytes: disk_template.as_ref().map(|(_, bytes)| *bytes),
         workspace_device,
+        workspace_held,
         tty: spec.exec.tty,
         timeout: spec.exec.timeout,
         rootless,

@@ -556,8 +556,14 @@ pub enum PoolCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Remove every warm container, and the workspace disks native runs attached ahead
+    /// Remove every warm container, and the workspace disks native runs attached or mounted ahead
     Prune,
+    /// Hold workspace disks mounted ahead for native runs (started detached by `run`)
+    #[command(hide = true)]
+    HoldDisks {
+        #[arg(long)]
+        bytes: u64,
+    },
     /// Remove a used container and top its key back up (run detached by `run`)
     #[command(hide = true)]
     Refill {

@@ -68,6 +68,12 @@ mod native_only {
         TestEnv::new()
     }
 
+    /// Native runs served by the file-backed pool of attached devices, as
+    /// with the disk keeper switched off.
+    fn native_without_keeper() -> TestEnv {
+        native().with_env("AGENTKERNEL_DISK_KEEPER", "off")
+    }
+
     /// Loop devices backed by a file under `dir` (the workspace images), but
     /// for the ones attached ahead for later runs (`<dir>/disk-pool/`,
     /// bounded: see `the_disk_pool_is_bounded_never_reused_and_pruned`).
@@ -297,7 +303,7 @@ mod native_only {
     /// one of them, and `pool prune` lets them all go.
     #[test]
     fn the_disk_pool_is_bounded_never_reused_and_pruned() {
-        let env = native();
+        let env = native_without_keeper();
         for round in 0..4 {
             let script = format!(
                 "test -e /workspace/mark && echo REUSED; echo {round} > /workspace/mark; cat /workspace/mark"
@@ -354,7 +360,7 @@ mod native_only {
     /// on the machine detaches them (its gc).
     #[test]
     fn a_deleted_pool_is_detached_by_the_next_run() {
-        let doomed = native();
+        let doomed = native_without_keeper();
         for _ in 0..2 {
             let out = doomed.run(&["run", "--disk", "24m", "-i", BUSYBOX, "true"]);
             assert_code(&out, 0);
@@ -372,13 +378,199 @@ mod native_only {
                 .is_ok_and(|now| now.trim_end() == format!("{file} (deleted)"))
         };
         assert!(bindings.iter().all(still_bound));
-        let other = native();
+        let other = native_without_keeper();
         let out = other.run(&["run", "--disk", "24m", "-i", BUSYBOX, "true"]);
         assert_code(&out, 0);
         poll_until(
             std::time::Duration::from_secs(10),
             "the deleted pool's devices detached",
             || !bindings.iter().any(still_bound),
+        );
+    }
+
+    /// The keeper's devices: loop devices bound to its (unlinked) images.
+    fn held_devices(env: &TestEnv) -> Vec<String> {
+        all_loop_devices_under(env.state_dir())
+            .into_iter()
+            .filter(|(_, file)| file.contains("/disk-pool/held/"))
+            .map(|(dev, _)| dev)
+            .collect()
+    }
+
+    fn keeper_pids(env: &TestEnv) -> Vec<u32> {
+        env.processes_matching(|args| args.contains(&&b"hold-disks"[..]))
+    }
+
+    /// `sh -c script` in a run with a 24 MiB disk, retried (up to 20 s)
+    /// until its disk came mounted from the keeper; each attempt must
+    /// succeed. The first run of a state directory starts the keeper.
+    fn held_run(env: &TestEnv, script: &str) -> std::process::Output {
+        let start = std::time::Instant::now();
+        loop {
+            let out = env
+                .cmd()
+                .env("AGENTKERNEL_TRACE_STARTUP", "1")
+                .args(["run", "--disk", "24m", "-i", BUSYBOX, "sh", "-c", script])
+                .timeout(std::time::Duration::from_secs(120))
+                .output()
+                .unwrap();
+            assert_code(&out, 0);
+            if stderr(&out).contains("disk: held mount taken") {
+                return out;
+            }
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(20),
+                "no run got a disk from the keeper: {}",
+                stderr(&out)
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+
+    /// The disk keeper holds workspace disks mounted ahead: each serves
+    /// exactly one run (what one sandbox wrote never shows in the next),
+    /// the cap holds on them, the host's workspace is untouched, its
+    /// directory and socket are private, and `pool prune` stops it with
+    /// nothing left bound.
+    #[test]
+    fn held_disks_serve_one_run_each_capped_and_go_with_prune() {
+        use std::os::unix::fs::PermissionsExt;
+        let env = native();
+        for round in 0..4 {
+            let script = format!(
+                "test -e /workspace/mark && echo REUSED; echo {round} > /workspace/mark; cat /workspace/mark"
+            );
+            let out = held_run(&env, &script);
+            assert_eq!(stdout(&out), format!("{round}\n"), "{}", stderr(&out));
+        }
+        let out = held_run(&env, &fill("/workspace/big", 40));
+        assert_eq!(stdout(&out).trim(), "ENOSPC", "{}", stderr(&out));
+        assert!(
+            !env.project_dir().join("mark").exists(),
+            "a run wrote to the host's workspace"
+        );
+        let held = env.state_dir().join("disk-pool/held");
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&held), 0o700);
+        assert_eq!(mode(&held.join("sock")), 0o600);
+        assert_eq!(keeper_pids(&env).len(), 1, "one keeper per state dir");
+
+        let out = env.run(&["pool", "prune"]);
+        assert_code(&out, 0);
+        assert!(
+            stderr(&out).contains("mounted workspace disk"),
+            "{}",
+            stderr(&out)
+        );
+        assert!(keeper_pids(&env).is_empty(), "the keeper outlived prune");
+        poll_until(
+            std::time::Duration::from_secs(10),
+            "every device of the state dir released",
+            || all_loop_devices_under(env.state_dir()).is_empty(),
+        );
+    }
+
+    /// Asks the keeper's socket for a disk as another user (uid 65534):
+    /// what happened, one word first.
+    fn ask_as_nobody(socket: &std::path::Path) -> String {
+        use std::os::unix::process::CommandExt;
+        let script = r#"
+import socket, struct, sys
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect(sys.argv[1])
+except OSError as e:
+    print("refused", e.errno); sys.exit(0)
+s.settimeout(5)
+try:
+    s.sendall(struct.pack("<Q", 24 << 20))
+    msg, anc, _, _ = s.recvmsg(1, socket.CMSG_SPACE(64))
+except OSError as e:
+    print("nothing", e); sys.exit(0)
+print("fds", sum(len(d) // 4 for _, t, d in anc if t == socket.SCM_RIGHTS))
+"#;
+        let out = std::process::Command::new("python3")
+            .args(["-c", script])
+            .arg(socket)
+            .current_dir("/")
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .expect("python3");
+        assert!(out.status.success(), "{}", stderr(&out));
+        stdout(&out)
+    }
+
+    /// Attacks on the keeper: another user cannot reach its socket, and
+    /// even with the directories opened to everyone it hands them nothing;
+    /// a sandbox cannot see it; `kill -9` of the keeper leaves no device,
+    /// and runs go on without it.
+    #[test]
+    fn the_disk_keeper_serves_no_one_else_and_leaves_nothing_when_killed() {
+        use std::os::unix::fs::PermissionsExt;
+        let env = native();
+        held_run(&env, "true");
+        let socket = env.state_dir().join("disk-pool/held/sock");
+
+        let answer = ask_as_nobody(&socket);
+        assert!(answer.starts_with("refused 13"), "{answer}");
+        let open = |p: &std::path::Path, mode| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+        };
+        let dirs = [
+            env.state_dir().to_path_buf(),
+            env.state_dir().join("disk-pool"),
+            env.state_dir().join("disk-pool/held"),
+        ];
+        for d in &dirs {
+            open(d, 0o755);
+        }
+        open(&socket, 0o666);
+        let answer = ask_as_nobody(&socket);
+        for d in &dirs {
+            open(d, 0o700);
+        }
+        open(&socket, 0o600);
+        assert!(
+            answer.starts_with("nothing") || answer.trim() == "fds 0",
+            "another user got: {answer}"
+        );
+
+        let out = env.run(&[
+            "run",
+            "--disk",
+            "24m",
+            "-i",
+            BUSYBOX,
+            "sh",
+            "-c",
+            &format!("test -e {} && echo SEEN; true", socket.display()),
+        ]);
+        assert_code(&out, 0);
+        assert_eq!(stdout(&out), "", "the sandbox sees the keeper's socket");
+
+        poll_until(
+            std::time::Duration::from_secs(20),
+            "the keeper holds its disks",
+            || held_devices(&env).len() == 2,
+        );
+        for pid in keeper_pids(&env) {
+            // SAFETY: kill of a PID we just found as this test's keeper.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        poll_until(
+            std::time::Duration::from_secs(10),
+            "the killed keeper's devices released",
+            || held_devices(&env).is_empty(),
+        );
+        // Runs go on without it, and start another.
+        held_run(&env, "true");
+        let out = env.run(&["pool", "prune"]);
+        assert_code(&out, 0);
+        poll_until(
+            std::time::Duration::from_secs(10),
+            "every device of the state dir released",
+            || all_loop_devices_under(env.state_dir()).is_empty(),
         );
     }
 }

@@ -167,9 +167,16 @@ pub(crate) fn clean_up_here(
     let root = plan.state_root();
     // The next runs' workspace disks, attached here, off their path.
     if let (Some(root), Some(bytes), None) = (&root, plan.workspace_disk_bytes, &plan.keep) {
-        let template = crate::disk::template_path(root, bytes);
-        if crate::disk_pool::refill(root, &template, bytes).is_ok() {
-            crate::trace::phase("disk pool refilled");
+        if crate::disk_keeper::enabled() {
+            // The keeper mounts them; a live one switches to this size when
+            // the next run asks for it.
+            crate::disk_keeper::start(root, bytes);
+            crate::trace::phase("disk keeper running");
+        } else {
+            let template = crate::disk::template_path(root, bytes);
+            if crate::disk_pool::refill(root, &template, bytes).is_ok() {
+                crate::trace::phase("disk pool refilled");
+            }
         }
     }
     // What killed runs left (cgroups, leases, scratch, dead kept sandboxes).

@@ -241,11 +241,21 @@ pub(crate) fn start(
     // (a kernel without the new mount API) and report what fails.
     let disk = plan.workspace_disk.clone().map(|image| {
         let sock = ours.try_clone();
-        let pooled = plan.workspace_device.clone();
+        let source = match (
+            plan.workspace_held,
+            plan.state_root(),
+            plan.workspace_disk_bytes,
+        ) {
+            (true, Some(state_root), Some(bytes)) => {
+                crate::disk::DiskSource::Held { state_root, bytes }
+            }
+            _ => crate::disk::DiskSource::Image {
+                pooled: plan.workspace_device.clone(),
+            },
+        };
         std::thread::spawn(move || -> Option<OwnedFd> {
             let sock = sock.ok()?;
-            let message =
-                Message::Disk(crate::disk::mount_detached(&image, pooled.as_deref()).ok());
+            let message = Message::Disk(crate::disk::mount_for_run(&image, source).ok());
             crate::trace::phase("disk: workspace mounted (detached)");
             message.send(&sock).ok()?;
             // Ours too: see `Started::workspace_disk`.

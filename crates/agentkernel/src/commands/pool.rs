@@ -19,8 +19,20 @@ pub async fn pool(cmd: PoolCommand) -> Result<i32> {
             Ok(0)
         }
         PoolCommand::Status { json } => status(&store, json).await,
+        PoolCommand::HoldDisks { bytes } => {
+            agentkernel_native::disk_keeper::serve(store.root(), bytes)
+                .map_err(|e| agentkernel_core::Error::state(store.root(), e))?;
+            Ok(0)
+        }
         PoolCommand::Prune => {
-            // Native's workspace disks attached ahead (as root only).
+            // Native's workspace disks mounted or attached ahead (as root only).
+            let held = agentkernel_native::disk_keeper::stop(store.root());
+            if held > 0 {
+                eprintln!(
+                    "agentkernel: released {}",
+                    super::counted(held, "mounted workspace disk", "mounted workspace disks")
+                );
+            }
             let disks = agentkernel_native::disk_pool::drain(store.root());
             if disks > 0 {
                 eprintln!(

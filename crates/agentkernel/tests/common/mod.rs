@@ -286,6 +286,8 @@ pub struct TestEnv {
     pub home: TempDir,
     /// The current directory of the agentkernel process.
     pub project: TempDir,
+    /// More environment for every agentkernel process ([`TestEnv::with_env`]).
+    extra_env: Vec<(String, String)>,
 }
 
 impl TestEnv {
@@ -305,6 +307,7 @@ impl TestEnv {
                 .prefix("ak-proj")
                 .tempdir()
                 .unwrap(),
+            extra_env: Vec::new(),
         };
         if uses_own_image_store() {
             std::os::unix::fs::symlink(
@@ -330,7 +333,14 @@ impl TestEnv {
 
     /// The environment every agentkernel process of this test gets (also for
     /// commands that start agentkernel themselves, like `script`).
+    /// Sets `key=value` for every agentkernel process of this test.
+    pub fn with_env(mut self, key: &str, value: &str) -> TestEnv {
+        self.extra_env.push((key.to_string(), value.to_string()));
+        self
+    }
+
     pub fn configure(&self, cmd: &mut std::process::Command) {
+        cmd.envs(self.extra_env.iter().map(|(k, v)| (k, v)));
         cmd.env("AGENTKERNEL_HOME", self.state.path())
             .env("AGENTKERNEL_BACKEND", backend())
             .env("HOME", self.home.path())
@@ -443,7 +453,7 @@ impl TestEnv {
         wait_until(limit, || self.processes_running().is_empty())
     }
 
-    fn processes_matching(&self, wanted: impl Fn(&[&[u8]]) -> bool) -> Vec<u32> {
+    pub fn processes_matching(&self, wanted: impl Fn(&[&[u8]]) -> bool) -> Vec<u32> {
         let want = format!("AGENTKERNEL_HOME={}", self.state.path().display());
         let mut out = Vec::new();
         let Ok(entries) = std::fs::read_dir("/proc") else {

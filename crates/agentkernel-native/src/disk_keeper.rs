@@ -1,0 +1,431 @@
+//! Workspace disks mounted ahead, held by a keeper process between runs.
+//!
+//! A run with a disk-capped workspace spends about 2.5 ms on its disk even
+//! with a loop device attached ahead (`disk_pool.rs`): the ext4 mount
+//! (reading the superblock and group descriptors through the loop device)
+//! and, right after it, the overlay's first writes to the fresh
+//! filesystem, each a block read through the loop device (measured: the
+//! overlay mount takes 1.4 ms on a cold filesystem, 0.2 ms on one whose
+//! bitmaps and root directory were read once). None of that can be kept
+//! warm in a file: a block device's cache goes when its last opener
+//! closes it. So a process keeps them open.
+//!
+//! The keeper (`agentkernel pool hold-disks`, started detached by a run's
+//! cleanup process, as root only) holds up to [`TARGET`] detached mounts
+//! (fsmount) of fresh copies of the size's template, each on an
+//! auto-clearing loop device whose image file is unlinked as soon as it is
+//! mounted, and each warmed (a directory made and removed at its root, the
+//! overlay's work directory read). It hands each mount to exactly one run
+//! over `<state>/disk-pool/held/sock` (0600 in 0700 directories, and the
+//! peer must be the keeper's own user), then makes another. A run that
+//! gets none mounts a disk as without a keeper.
+//!
+//! Nothing outlives the keeper: its mounts are descriptors, so when it
+//! exits or is killed they are unmounted, their loop devices clear
+//! themselves and the unlinked images' space is freed. It exits after
+//! [`IDLE`] without a request, when its state directory is deleted, or
+//! when `agentkernel pool prune` asks. `AGENTKERNEL_DISK_KEEPER=off`
+//! keeps no process between runs (the file-backed pool of `disk_pool.rs`
+//! serves instead).
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::process::channel::{recv_message, send_message};
+
+/// How many mounted disks the keeper holds ready.
+pub const TARGET: usize = 2;
+/// The keeper exits after this long without a request.
+pub const IDLE: Duration = Duration::from_secs(60);
+/// The environment variable that turns the keeper off (`off`).
+pub const SWITCH: &str = "AGENTKERNEL_DISK_KEEPER";
+/// The keeper's directory under the state root.
+const DIR: &str = "disk-pool/held";
+const SOCKET: &str = "sock";
+const LOCK: &str = "lock";
+/// Prefix of an image being copied and mounted (unlinked once mounted).
+const IMAGE_PREFIX: &str = ".image-";
+/// ext4's `f_type`.
+const EXT4_SUPER_MAGIC: i64 = 0xEF53;
+/// The request that asks the keeper to exit.
+const QUIT: u64 = 0;
+
+fn dir(state_root: &Path) -> PathBuf {
+    state_root.join(DIR)
+}
+
+/// The name of the keeper's directory inside the pool's (`disk_pool.rs`
+/// leaves it alone).
+pub const DIR_NAME: &str = "held";
+
+/// Whether runs use (and start) a keeper: as root, unless switched off.
+pub fn enabled() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    root && std::env::var(SWITCH).map_or(true, |v| v != "off" && v != "0")
+}
+
+/// True when a keeper of `state_root` is alive (it holds its lock).
+pub fn serving(state_root: &Path) -> bool {
+    let Ok(lock) = std::fs::File::open(dir(state_root).join(LOCK)) else {
+        return false;
+    };
+    // SAFETY: flock on an fd we own; released when it closes.
+    let free = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0;
+    !free
+}
+
+/// Takes one mounted disk of `bytes` from the keeper of `state_root`: a
+/// detached mount (fsmount) of an empty ext4 filesystem that no one else
+/// has or will have. None when there is no keeper, it has none ready, or
+/// it holds another size (it switches to `bytes` for the next runs).
+pub fn take(state_root: &Path, bytes: u64) -> Option<OwnedFd> {
+    let stream = connect(state_root).ok()?;
+    let mut request = &stream;
+    request.write_all(&bytes.to_le_bytes()).ok()?;
+    let stream = OwnedFd::from(stream);
+    let (answer, mut fds) = recv_message(&stream).ok()?;
+    let mount = fds.pop().filter(|_| answer == 1 && fds.is_empty())?;
+    is_ext4(&mount).then_some(mount)
+}
+
+/// Asks the keeper of `state_root`, if any, to exit, and waits until it
+/// has (its mounts are gone with it): how many mounted disks it let go.
+pub fn stop(state_root: &Path) -> usize {
+    let Ok(stream) = connect(state_root) else {
+        return 0;
+    };
+    // It answers once its mounts are let go, after a disk it may be making.
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut request = &stream;
+    if request.write_all(&QUIT.to_le_bytes()).is_err() {
+        return 0;
+    }
+    let mut count = [0u8; 1];
+    let mut answer = &stream;
+    let released = answer
+        .read_exact(&mut count)
+        .map_or(0, |()| count[0] as usize);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while serving(state_root) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    released
+}
+
+/// Starts a keeper of `state_root` for disks of `bytes`, detached, unless
+/// one is alive (it switches sizes on request). Failure to start is
+/// ignored: runs then mount their disks themselves.
+pub fn start(state_root: &Path, bytes: u64) {
+    use std::os::unix::process::CommandExt;
+    if serving(state_root) {
+        return;
+    }
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(["pool", "hold-disks", "--bytes", &bytes.to_string()])
+        .env("AGENTKERNEL_HOME", state_root)
+        .current_dir("/")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: setsid is async-signal-safe: the keeper gets its own session,
+    // out of the caller's terminal and its Ctrl-C.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let _ = cmd.spawn();
+}
+
+fn connect(state_root: &Path) -> io::Result<UnixStream> {
+    let stream = UnixStream::connect(dir(state_root).join(SOCKET))?;
+    // The keeper answers from a list in memory; a stuck one is no keeper.
+    stream.set_read_timeout(Some(Duration::from_millis(500)))?;
+    stream.set_write_timeout(Some(Duration::from_millis(500)))?;
+    // Only a keeper of our own user: anyone else could hand us a filesystem.
+    if peer_uid(&stream)? != current_uid() {
+        return Err(io::Error::other("the disk keeper's socket is not ours"));
+    }
+    Ok(stream)
+}
+
+fn current_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() }
+}
+
+fn peer_uid(stream: &UnixStream) -> io::Result<u32> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: SO_PEERCRED fills a ucred of the size we pass.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cred.uid)
+}
+
+fn is_ext4(fd: &OwnedFd) -> bool {
+    // SAFETY: fstatfs fills the struct we pass.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above, on an fd we own.
+    unsafe {
+        libc::fstatfs(fd.as_raw_fd(), &mut stat) == 0 && stat.f_type as i64 == EXT4_SUPER_MAGIC
+    }
+}
+
+/// What the keeper's two threads share.
+struct Held {
+    /// The size the ready disks have (the last one a run asked for).
+    bytes: u64,
+    ready: VecDeque<OwnedFd>,
+    quit: bool,
+}
+
+type Shared = Arc<(Mutex<Held>, Condvar)>;
+
+/// The keeper (`agentkernel pool hold-disks --bytes N`): returns when it
+/// has nothing left to do. Another keeper alive: returns at once.
+pub fn serve(state_root: &Path, bytes: u64) -> io::Result<()> {
+    if !state_root.is_dir() {
+        return Ok(());
+    }
+    let dir = dir(state_root);
+    for d in [dir.parent().unwrap_or(&dir), &dir] {
+        match std::fs::DirBuilder::new().mode(0o700).create(d) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+            _ => {}
+        }
+    }
+    let lock = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(dir.join(LOCK))?;
+    // SAFETY: flock on an fd we own, held until we exit.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Ok(());
+    }
+    // Under the lock: what a killed keeper left (its socket, an image it
+    // was copying) is ours to remove.
+    for entry in std::fs::read_dir(&dir)?.flatten() {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(IMAGE_PREFIX)
+        {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    let socket = dir.join(SOCKET);
+    let _ = std::fs::remove_file(&socket);
+    let listener = UnixListener::bind(&socket)?;
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
+    // The devices the file-backed pool attached ahead are not needed now.
+    crate::disk_pool::drain(state_root);
+
+    let shared: Shared = Arc::new((
+        Mutex::new(Held {
+            bytes,
+            ready: VecDeque::new(),
+            quit: false,
+        }),
+        Condvar::new(),
+    ));
+    let maker = {
+        let shared = shared.clone();
+        let state_root = state_root.to_path_buf();
+        std::thread::spawn(move || make_disks(&state_root, &shared))
+    };
+    let released = accept_requests(&listener, &socket, &shared);
+    {
+        let (held, wake) = &*shared;
+        let mut held = held.lock().unwrap_or_else(|e| e.into_inner());
+        held.quit = true;
+        held.ready.clear();
+        wake.notify_all();
+    }
+    let _ = maker.join();
+    let _ = std::fs::remove_file(&socket);
+    // A prune waits for our lock; it goes once everything is let go.
+    if let Some(stream) = released {
+        let mut answer = &stream.0;
+        let _ = answer.write_all(&[stream.1.min(255) as u8]);
+    }
+    drop(lock);
+    Ok(())
+}
+
+/// Serves requests until idle, deleted, or asked to quit; on a quit, the
+/// asker's connection and how many disks we held, to answer once they are
+/// let go.
+fn accept_requests(
+    listener: &UnixListener,
+    socket: &Path,
+    shared: &Shared,
+) -> Option<(UnixStream, usize)> {
+    let mut last_request = Instant::now();
+    loop {
+        let mut poll = libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd we own; a one-second tick to notice idleness
+        // and a deleted state directory.
+        let ready = unsafe { libc::poll(&mut poll, 1, 1000) };
+        if ready <= 0 {
+            let maker_gave_up = shared.0.lock().map_or(true, |held| held.quit);
+            if last_request.elapsed() >= IDLE || !socket.exists() || maker_gave_up {
+                return None;
+            }
+            continue;
+        }
+        let Ok((stream, _)) = listener.accept() else {
+            continue;
+        };
+        last_request = Instant::now();
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+        let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+        // Anyone but our own user is not answered at all.
+        if peer_uid(&stream).ok() != Some(current_uid()) {
+            continue;
+        }
+        let mut request = [0u8; 8];
+        if (&stream).read_exact(&mut request).is_err() {
+            continue;
+        }
+        let wanted = u64::from_le_bytes(request);
+        let (held, wake) = &**shared;
+        let mut held = held.lock().unwrap_or_else(|e| e.into_inner());
+        if wanted == QUIT {
+            let count = held.ready.len();
+            return Some((stream, count));
+        }
+        let disk = if held.bytes == wanted {
+            held.ready.pop_front()
+        } else {
+            // Runs now want another size: ours are of no use.
+            held.bytes = wanted;
+            held.ready.clear();
+            None
+        };
+        wake.notify_all();
+        drop(held);
+        let fds: Vec<_> = disk.iter().map(AsRawFd::as_raw_fd).collect();
+        // Ours goes when `disk` drops, sent or not: never handed out twice.
+        let _ = send_message(&OwnedFd::from(stream), u8::from(disk.is_some()), &fds);
+    }
+}
+
+/// The maker thread: keeps [`TARGET`] disks of the wanted size ready.
+/// Three failures in a row (no template, no loop device, no new mount
+/// API) end the keeper: runs then do without it.
+fn make_disks(state_root: &Path, shared: &Shared) {
+    let (held, wake) = &**shared;
+    let mut failures = 0;
+    let mut serial = 0u64;
+    loop {
+        let bytes = {
+            let mut guard = held.lock().unwrap_or_else(|e| e.into_inner());
+            while !guard.quit && guard.ready.len() >= TARGET {
+                guard = wake.wait(guard).unwrap_or_else(|e| e.into_inner());
+            }
+            if guard.quit {
+                return;
+            }
+            guard.bytes
+        };
+        serial += 1;
+        match make_disk(state_root, bytes, serial) {
+            Ok(disk) => {
+                failures = 0;
+                let mut guard = held.lock().unwrap_or_else(|e| e.into_inner());
+                if guard.bytes == bytes && !guard.quit {
+                    guard.ready.push_back(disk);
+                }
+            }
+            Err(_) => {
+                failures += 1;
+                if failures >= 3 {
+                    let mut guard = held.lock().unwrap_or_else(|e| e.into_inner());
+                    guard.quit = true;
+                    // The acceptor notices on its next tick.
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
+/// One fresh disk: the template copied, mounted detached on an
+/// auto-clearing loop device, its file unlinked, and warmed.
+fn make_disk(state_root: &Path, bytes: u64, serial: u64) -> io::Result<OwnedFd> {
+    let template = crate::disk::template_path(state_root, bytes);
+    let image = dir(state_root).join(format!("{IMAGE_PREFIX}{}.{serial}", std::process::id()));
+    let mounted = crate::disk::sparse_copy(&template, &image, bytes)
+        .and_then(|()| crate::disk::mount_detached(&image, None));
+    // The mount holds the file open: its name is no longer needed.
+    let _ = std::fs::remove_file(&image);
+    let mount = mounted?;
+    warm(&mount)?;
+    Ok(mount)
+}
+
+/// Reads what a run's first writes need (block and inode bitmaps, the root
+/// directory, the overlay's work directory) into the device's cache, by
+/// making and removing a directory at the root.
+fn warm(mount: &OwnedFd) -> io::Result<()> {
+    let name = c".warm";
+    // SAFETY: *at calls relative to our mount's root fd with C strings.
+    unsafe {
+        if libc::mkdirat(mount.as_raw_fd(), name.as_ptr(), 0o700) != 0
+            || libc::unlinkat(mount.as_raw_fd(), name.as_ptr(), libc::AT_REMOVEDIR) != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        let work = libc::openat(
+            mount.as_raw_fd(),
+            c"cow0-work".as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        );
+        if work >= 0 {
+            let work = OwnedFd::from_raw_fd(work);
+            let mut buf = [0u8; 1024];
+            libc::syscall(
+                libc::SYS_getdents64,
+                work.as_raw_fd(),
+                buf.as_mut_ptr(),
+                buf.len(),
+            );
+        }
+    }
+    Ok(())
+}
