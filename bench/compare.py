@@ -24,7 +24,13 @@ alone, or /usr/bin/time, never sees.) Kernel work done
 in kernel threads (deferred namespace teardown) is in no one's rusage: the
 sequential wall times carry it.
 
-  compare.py --runs N [--block B] [--warmup W] -n NAME CMD [-n NAME CMD ...]
+  compare.py --runs N [--block B] [--warmup W] [--between CMD] -n NAME CMD [-n NAME CMD ...]
+
+--between CMD runs (untimed) whenever the harness switches away from a
+command and at the end, before it waits for that command's stragglers: give
+it `agentkernel pool prune` so that a process a command keeps between runs
+(native's disk keeper) exits there, and its CPU is charged to that command.
+Without it the harness would wait for the keeper to exit on its own.
 
 Each CMD is split like a shell would (no shell runs it); stdin, stdout and
 stderr are /dev/null. A command that fails aborts the benchmark.
@@ -43,6 +49,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--runs", type=int, required=True)
 parser.add_argument("--block", type=int, default=10)
 parser.add_argument("--warmup", type=int, default=5)
+parser.add_argument("--between", default=None)
 parser.add_argument("-n", nargs=2, action="append", metavar=("NAME", "CMD"), required=True)
 args = parser.parse_args()
 
@@ -82,6 +89,18 @@ def once(argv):
     return elapsed, cpu(rusage) + reap_stragglers(False)
 
 
+def settle(index):
+    """After the runs of command `index`: the --between command (its CPU
+    and that of what it stops are the command's), then its stragglers."""
+    used = 0.0
+    if args.between:
+        argv = shlex.split(args.between)
+        pid = os.posix_spawnp(argv[0], argv, os.environ, file_actions=actions)
+        _, _, rusage = os.wait4(pid, 0)
+        used += cpu(rusage)
+    return used + reap_stragglers(True)
+
+
 def measure(order):
     """Runs `order` (command indexes, one per run); returns per command its
     wall times and total CPU."""
@@ -90,13 +109,13 @@ def measure(order):
     previous = None
     for i in order:
         if previous is not None and previous != i:
-            cpu_total[previous] += reap_stragglers(True)
+            cpu_total[previous] += settle(previous)
         elapsed, used = once(commands[i][1])
         times[i].append(elapsed)
         cpu_total[i] += used
         previous = i
     if previous is not None:
-        cpu_total[previous] += reap_stragglers(True)
+        cpu_total[previous] += settle(previous)
     return times, cpu_total
 
 

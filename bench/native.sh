@@ -38,7 +38,8 @@ cd "$project"   # a project dir: the workspace is mounted as it would be for a u
 bwrap_cmd="bwrap --ro-bind / / --dev /dev --proc /proc --unshare-all true"
 
 echo "== native vs bwrap ($runs runs each, sequential and in blocks; load: $(cut -d' ' -f1-3 /proc/loadavg))"
-"$root/bench/compare.py" --warmup 5 --runs "$runs" --block 10 \
+# --between: the disk keeper a run starts exits there, its CPU charged.
+"$root/bench/compare.py" --warmup 5 --runs "$runs" --block 10 --between "$ak pool prune" \
   -n "bwrap --unshare-all" "$bwrap_cmd" \
   -n "agentkernel -B native (moderate)" "$ak run -B native -i $image true" \
   -n "agentkernel -B native --no-network" "$ak run -B native --no-network -i $image true" \

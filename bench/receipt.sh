@@ -20,7 +20,7 @@ export AGENTKERNEL_REGISTRY_MIRRORS=${AGENTKERNEL_REGISTRY_MIRRORS:-http://127.0
 image=${IMAGE:-agentkernel-test/busybox:1}
 cmd="head -c ${mb}000000 /dev/zero"
 "$bin" run -B native -i "$image" -- true >/dev/null
-python3 "$root/bench/compare.py" --runs "$runs" --block 2 --warmup 1 \
+python3 "$root/bench/compare.py" --runs "$runs" --block 2 --warmup 1 --between "$bin pool prune" \
   -n plain "sh -c '$bin run -B native -i $image -- $cmd > $work/out'" \
   -n receipt "sh -c '$bin run -B native -i $image --receipt $work/r.json -- $cmd > $work/out'"
 echo "last receipt: $(python3 -c "import json; o=json.load(open('$work/r.json'))['outcome']; print(o['stdout'])")"
