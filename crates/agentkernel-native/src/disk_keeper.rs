@@ -55,6 +55,8 @@ const IMAGE_PREFIX: &str = ".image-";
 const EXT4_SUPER_MAGIC: i64 = 0xEF53;
 /// The request that asks the keeper to exit.
 const QUIT: u64 = 0;
+/// The request for [`Status`].
+const STATUS: u64 = u64::MAX;
 
 fn dir(state_root: &Path) -> PathBuf {
     state_root.join(DIR)
@@ -93,6 +95,32 @@ pub fn take(state_root: &Path, bytes: u64) -> Option<OwnedFd> {
     let (answer, mut fds) = recv_message(&stream).ok()?;
     let mount = fds.pop().filter(|_| answer == 1 && fds.is_empty())?;
     is_ext4(&mount).then_some(mount)
+}
+
+/// A live keeper, as `pool status` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Status {
+    pub pid: u32,
+    /// Mounted disks ready for runs.
+    pub ready: usize,
+    /// Their size (the last one a run asked for).
+    pub bytes: u64,
+}
+
+/// The keeper of `state_root`, if one answers.
+pub fn status(state_root: &Path) -> Option<Status> {
+    let stream = connect(state_root).ok()?;
+    let pid = peer_pid(&stream).ok()?;
+    let mut request = &stream;
+    request.write_all(&STATUS.to_le_bytes()).ok()?;
+    let mut answer = [0u8; 16];
+    (&stream).read_exact(&mut answer).ok()?;
+    let (ready, bytes) = answer.split_at(8);
+    Some(Status {
+        pid,
+        ready: u64::from_le_bytes(ready.try_into().ok()?) as usize,
+        bytes: u64::from_le_bytes(bytes.try_into().ok()?),
+    })
 }
 
 /// Asks the keeper of `state_root`, if any, to exit, and waits until it
@@ -166,6 +194,14 @@ fn current_uid() -> u32 {
 }
 
 fn peer_uid(stream: &UnixStream) -> io::Result<u32> {
+    peer_cred(stream).map(|c| c.uid)
+}
+
+fn peer_pid(stream: &UnixStream) -> io::Result<u32> {
+    peer_cred(stream).map(|c| c.pid as u32)
+}
+
+fn peer_cred(stream: &UnixStream) -> io::Result<libc::ucred> {
     let mut cred = libc::ucred {
         pid: 0,
         uid: 0,
@@ -185,7 +221,7 @@ fn peer_uid(stream: &UnixStream) -> io::Result<u32> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(cred.uid)
+    Ok(cred)
 }
 
 fn is_ext4(fd: &OwnedFd) -> bool {
@@ -327,6 +363,13 @@ fn accept_requests(
         if wanted == QUIT {
             let count = held.ready.len();
             return Some((stream, count));
+        }
+        if wanted == STATUS {
+            let mut answer = (held.ready.len() as u64).to_le_bytes().to_vec();
+            answer.extend_from_slice(&held.bytes.to_le_bytes());
+            drop(held);
+            let _ = (&stream).write_all(&answer);
+            continue;
         }
         let disk = if held.bytes == wanted {
             held.ready.pop_front()

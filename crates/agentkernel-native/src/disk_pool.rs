@@ -178,6 +178,16 @@ fn make_entry(dir: &Path, template: &Path, bytes: u64) -> io::Result<()> {
     made
 }
 
+/// How many devices the pool of `state_root` has attached ahead.
+pub fn ready(state_root: &Path) -> usize {
+    std::fs::read_dir(pool_dir(state_root)).map_or(0, |entries| {
+        entries
+            .flatten()
+            .filter(|e| entry_device(&e.file_name().to_string_lossy()).is_some())
+            .count()
+    })
+}
+
 /// Empties the pool of `state_root` (`agentkernel pool prune`): how many
 /// devices it let go.
 pub fn drain(state_root: &Path) -> usize {

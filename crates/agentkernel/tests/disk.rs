@@ -453,7 +453,27 @@ mod native_only {
         let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&held), 0o700);
         assert_eq!(mode(&held.join("sock")), 0o600);
-        assert_eq!(keeper_pids(&env).len(), 1, "one keeper per state dir");
+        let keepers = keeper_pids(&env);
+        assert_eq!(keepers.len(), 1, "one keeper per state dir");
+        let disks = || {
+            let out = env.run(&["pool", "status", "--json"]);
+            assert_code(&out, 0);
+            serde_json::from_str::<serde_json::Value>(&stdout(&out)).unwrap()["disks"].clone()
+        };
+        poll_until(
+            std::time::Duration::from_secs(20),
+            "pool status shows the keeper with two disks ready",
+            || {
+                let d = disks();
+                d["keeper_pid"] == keepers[0] && d["mounted"] == 2 && d["bytes"] == 24 << 20
+            },
+        );
+        let out = env.run(&["pool", "status"]);
+        assert!(
+            stdout(&out).contains(&format!("disk keeper (pid {})", keepers[0])),
+            "{}",
+            stdout(&out)
+        );
 
         let out = env.run(&["pool", "prune"]);
         assert_code(&out, 0);
@@ -463,6 +483,7 @@ mod native_only {
             stderr(&out)
         );
         assert!(keeper_pids(&env).is_empty(), "the keeper outlived prune");
+        assert_eq!(disks()["keeper_pid"], serde_json::Value::Null);
         poll_until(
             std::time::Duration::from_secs(10),
             "every device of the state dir released",

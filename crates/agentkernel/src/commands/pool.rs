@@ -75,6 +75,9 @@ async fn status(store: &Store, as_json: bool) -> Result<i32> {
         engines.push((engine.name(), pool::status(&engine, store).await));
     }
     let vms = super::qemu_pool::status(store);
+    // Native's workspace disks mounted (the keeper) or attached ahead.
+    let keeper = agentkernel_native::disk_keeper::status(store.root());
+    let attached = agentkernel_native::disk_pool::ready(store.root());
     if as_json {
         let value = json!({
             "max_total": max_total,
@@ -88,6 +91,13 @@ async fn status(store: &Store, as_json: bool) -> Result<i32> {
                 "warm": vms.iter().map(|k| k.warm).sum::<usize>(),
                 "target_per_key": vm_target,
                 "keys": vms,
+            },
+            "disks": {
+                "backend": "native",
+                "keeper_pid": keeper.map(|k| k.pid),
+                "mounted": keeper.map_or(0, |k| k.ready),
+                "bytes": keeper.map(|k| k.bytes),
+                "attached": attached,
             },
         });
         super::print_stdout(format!("{value:#}\n").as_bytes())?;
@@ -137,6 +147,22 @@ async fn status(store: &Store, as_json: bool) -> Result<i32> {
         let warm: usize = vms.iter().map(|k| k.warm).sum();
         let warm = super::counted(warm, "warm VM", "warm VMs");
         text += &format!("qemu: {warm} of at most {max_total} ([pool] max_total)\n");
+    }
+    if let Some(keeper) = keeper {
+        let disks = super::counted(
+            keeper.ready,
+            "mounted workspace disk",
+            "mounted workspace disks",
+        );
+        text += &format!(
+            "native: disk keeper (pid {}) holds {disks} of {}\n",
+            keeper.pid,
+            agentkernel_core::parse::format_bytes(keeper.bytes)
+        );
+    }
+    if attached > 0 {
+        let disks = super::counted(attached, "workspace disk", "workspace disks");
+        text += &format!("native: {disks} attached ahead\n");
     }
     super::print_stdout(text.as_bytes())?;
     Ok(0)
