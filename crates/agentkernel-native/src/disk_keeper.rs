@@ -147,6 +147,28 @@ pub fn stop(state_root: &Path) -> usize {
     released
 }
 
+/// Removes the image files a killed keeper was copying (gc), unless a
+/// keeper is alive (it removes them itself when it starts): how many.
+pub fn collect(state_root: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir(state_root)) else {
+        return 0;
+    };
+    if serving(state_root) {
+        return 0;
+    }
+    // `.image-<pid>.<n>`: one whose maker lives may be a keeper starting.
+    let dead_maker = |name: &str| {
+        name.strip_prefix(IMAGE_PREFIX)
+            .and_then(|rest| rest.split('.').next())
+            .is_some_and(|pid| !Path::new("/proc").join(pid).exists())
+    };
+    entries
+        .flatten()
+        .filter(|e| dead_maker(&e.file_name().to_string_lossy()))
+        .filter(|e| std::fs::remove_file(e.path()).is_ok())
+        .count()
+}
+
 /// Starts a keeper of `state_root` for disks of `bytes`, detached, unless
 /// one is alive (it switches sizes on request). Failure to start is
 /// ignored: runs then mount their disks themselves.

@@ -26,6 +26,7 @@ pub fn orphaned_runs(store: &Store) -> usize {
     // After the scratch dirs: a killed run's claimed pool device is swept
     // once its image is gone with them.
     cleaned += crate::disk_pool::collect(store.root());
+    cleaned += crate::disk_keeper::collect(store.root());
     crate::disk_pool::sweep();
     cleaned + crate::net::collect_dead()
 }

@@ -584,6 +584,12 @@ print("fds", sum(len(d) // 4 for _, t, d in anc if t == socket.SCM_RIGHTS))
             "the killed keeper's devices released",
             || held_devices(&env).is_empty(),
         );
+        // What a keeper killed while copying a template leaves, gc removes.
+        let copying = env.state_dir().join("disk-pool/held/.image-999999999.1");
+        std::fs::write(&copying, b"half a copy").unwrap();
+        let out = env.run(&["sandbox", "gc"]);
+        assert_code(&out, 0);
+        assert!(!copying.exists(), "gc left a killed keeper's image");
         // Runs go on without it, and start another.
         held_run(&env, "true");
         let out = env.run(&["pool", "prune"]);
