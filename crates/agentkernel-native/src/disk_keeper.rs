@@ -57,6 +57,10 @@ const EXT4_SUPER_MAGIC: i64 = 0xEF53;
 const QUIT: u64 = 0;
 /// The request for [`Status`].
 const STATUS: u64 = u64::MAX;
+/// The request for a network namespace ([`take_netns`]).
+const NETNS: u64 = u64::MAX - 1;
+/// How many fresh network namespaces the keeper holds ready.
+pub const NETNS_TARGET: usize = 2;
 
 fn dir(state_root: &Path) -> PathBuf {
     state_root.join(DIR)
@@ -97,6 +101,25 @@ pub fn take(state_root: &Path, bytes: u64) -> Option<OwnedFd> {
     is_ext4(&mount).then_some(mount)
 }
 
+/// Takes a fresh network namespace from the keeper of `state_root`: one
+/// it created (empty, loopback down) and never entered again, handed to
+/// this run alone. Creating one costs a run ~1 ms, which init waits for.
+pub fn take_netns(state_root: &Path) -> Option<OwnedFd> {
+    let stream = connect(state_root).ok()?;
+    (&stream).write_all(&NETNS.to_le_bytes()).ok()?;
+    let stream = OwnedFd::from(stream);
+    let (answer, mut fds) = recv_message(&stream).ok()?;
+    let netns = fds.pop().filter(|_| answer == 1 && fds.is_empty())?;
+    is_netns(&netns).then_some(netns)
+}
+
+fn is_netns(fd: &OwnedFd) -> bool {
+    // From <linux/nsfs.h>: _IO(0xb7, 0x3).
+    const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+    // SAFETY: an ioctl without argument on an fd we own.
+    unsafe { libc::ioctl(fd.as_raw_fd(), NS_GET_NSTYPE as _) == libc::CLONE_NEWNET }
+}
+
 /// A live keeper, as `pool status` shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Status {
@@ -105,6 +128,8 @@ pub struct Status {
     pub ready: usize,
     /// Their size (the last one a run asked for).
     pub bytes: u64,
+    /// Fresh network namespaces ready for runs.
+    pub netns: usize,
 }
 
 /// The keeper of `state_root`, if one answers.
@@ -113,13 +138,15 @@ pub fn status(state_root: &Path) -> Option<Status> {
     let pid = peer_pid(&stream).ok()?;
     let mut request = &stream;
     request.write_all(&STATUS.to_le_bytes()).ok()?;
-    let mut answer = [0u8; 16];
+    let mut answer = [0u8; 24];
     (&stream).read_exact(&mut answer).ok()?;
-    let (ready, bytes) = answer.split_at(8);
+    let field =
+        |i: usize| u64::from_le_bytes(answer[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
     Some(Status {
         pid,
-        ready: u64::from_le_bytes(ready.try_into().ok()?) as usize,
-        bytes: u64::from_le_bytes(bytes.try_into().ok()?),
+        ready: field(0) as usize,
+        bytes: field(1),
+        netns: field(2) as usize,
     })
 }
 
@@ -260,7 +287,15 @@ struct Held {
     /// The size the ready disks have (the last one a run asked for).
     bytes: u64,
     ready: VecDeque<OwnedFd>,
+    /// Fresh network namespaces.
+    netns: VecDeque<OwnedFd>,
     quit: bool,
+}
+
+impl Held {
+    fn full(&self) -> bool {
+        self.ready.len() >= TARGET && self.netns.len() >= NETNS_TARGET
+    }
 }
 
 type Shared = Arc<(Mutex<Held>, Condvar)>;
@@ -312,6 +347,7 @@ pub fn serve(state_root: &Path, bytes: u64) -> io::Result<()> {
         Mutex::new(Held {
             bytes,
             ready: VecDeque::new(),
+            netns: VecDeque::new(),
             quit: false,
         }),
         Condvar::new(),
@@ -327,6 +363,7 @@ pub fn serve(state_root: &Path, bytes: u64) -> io::Result<()> {
         let mut held = held.lock().unwrap_or_else(|e| e.into_inner());
         held.quit = true;
         held.ready.clear();
+        held.netns.clear();
         wake.notify_all();
     }
     let _ = maker.join();
@@ -386,9 +423,19 @@ fn accept_requests(
             let count = held.ready.len();
             return Some((stream, count));
         }
+        if wanted == NETNS {
+            let netns = held.netns.pop_front();
+            wake.notify_all();
+            drop(held);
+            let fds: Vec<_> = netns.iter().map(AsRawFd::as_raw_fd).collect();
+            // Ours goes when `netns` drops: never handed out twice.
+            let _ = send_message(&OwnedFd::from(stream), u8::from(netns.is_some()), &fds);
+            continue;
+        }
         if wanted == STATUS {
             let mut answer = (held.ready.len() as u64).to_le_bytes().to_vec();
             answer.extend_from_slice(&held.bytes.to_le_bytes());
+            answer.extend_from_slice(&(held.netns.len() as u64).to_le_bytes());
             drop(held);
             let _ = (&stream).write_all(&answer);
             continue;
@@ -409,24 +456,44 @@ fn accept_requests(
     }
 }
 
-/// The maker thread: keeps [`TARGET`] disks of the wanted size ready.
-/// Three failures in a row (no template, no loop device, no new mount
-/// API) end the keeper: runs then do without it.
+/// The maker thread: keeps [`TARGET`] disks of the wanted size and
+/// [`NETNS_TARGET`] network namespaces ready (namespaces first: they are
+/// quick to make). Three failures in a row (no template, no loop device,
+/// no new mount API) end the keeper: runs then do without it.
 fn make_disks(state_root: &Path, shared: &Shared) {
     let (held, wake) = &**shared;
     let mut failures = 0;
+    let mut netns_failures = 0;
     let mut serial = 0u64;
     loop {
-        let bytes = {
+        let (bytes, wants_netns) = {
             let mut guard = held.lock().unwrap_or_else(|e| e.into_inner());
-            while !guard.quit && guard.ready.len() >= TARGET {
+            while !guard.quit && guard.full() {
                 guard = wake.wait(guard).unwrap_or_else(|e| e.into_inner());
             }
             if guard.quit {
                 return;
             }
-            guard.bytes
+            (guard.bytes, guard.netns.len() < NETNS_TARGET)
         };
+        if wants_netns {
+            match make_netns() {
+                Ok(netns) => {
+                    netns_failures = 0;
+                    let mut guard = held.lock().unwrap_or_else(|e| e.into_inner());
+                    if !guard.quit {
+                        guard.netns.push_back(netns);
+                    }
+                    continue;
+                }
+                Err(_) => netns_failures += 1,
+            }
+            if netns_failures >= 3 {
+                held.lock().unwrap_or_else(|e| e.into_inner()).quit = true;
+                return;
+            }
+            continue;
+        }
         serial += 1;
         match make_disk(state_root, bytes, serial) {
             Ok(disk) => {
@@ -448,6 +515,20 @@ fn make_disks(state_root: &Path, shared: &Shared) {
             }
         }
     }
+}
+
+/// A fresh network namespace: made by a thread that unshares into it and
+/// exits, so nothing of ours ever runs in it; only the fd keeps it.
+fn make_netns() -> io::Result<OwnedFd> {
+    std::thread::spawn(|| -> io::Result<OwnedFd> {
+        // SAFETY: unshare of this short-lived thread's own namespace.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(std::fs::File::open("/proc/thread-self/ns/net")?.into())
+    })
+    .join()
+    .map_err(|_| io::Error::other("the namespace thread panicked"))?
 }
 
 /// One fresh disk: the template copied, mounted detached on an

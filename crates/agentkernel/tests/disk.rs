@@ -600,4 +600,64 @@ print("fds", sum(len(d) // 4 for _, t, d in anc if t == socket.SCM_RIGHTS))
             || all_loop_devices_under(env.state_dir()).is_empty(),
         );
     }
+
+    /// The keeper also holds fresh network namespaces: each serves one
+    /// sandbox. Two sandboxes running at once, both given one by the
+    /// keeper, are in different namespaces, and neither is among those the
+    /// keeper still holds.
+    #[test]
+    fn keeper_network_namespaces_serve_one_sandbox_each() {
+        use std::io::BufRead;
+        let env = native();
+        held_run(&env, "true");
+        let keeper = keeper_pids(&env)[0];
+        poll_until(
+            std::time::Duration::from_secs(20),
+            "the keeper holds two network namespaces",
+            || {
+                let out = env.run(&["pool", "status", "--json"]);
+                serde_json::from_str::<serde_json::Value>(&stdout(&out))
+                    .is_ok_and(|v| v["disks"]["netns"] == 2)
+            },
+        );
+        let spawn = || {
+            let mut cmd = env.std_cmd();
+            cmd.env("AGENTKERNEL_TRACE_STARTUP", "1")
+                .args(["run", "--disk", "24m", "-i", BUSYBOX, "sh", "-c"])
+                .arg("readlink /proc/self/ns/net; sleep 5")
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped());
+            Tracked::spawn(cmd)
+        };
+        let mut runs = [spawn(), spawn()];
+        let mut inodes = Vec::new();
+        for run in &mut runs {
+            let mut line = String::new();
+            let out = run.child().stdout.as_mut().unwrap();
+            std::io::BufReader::new(out).read_line(&mut line).unwrap();
+            assert!(line.starts_with("net:["), "{line:?}");
+            inodes.push(line.trim().to_string());
+        }
+        let held: Vec<String> = std::fs::read_dir(format!("/proc/{keeper}/fd"))
+            .unwrap()
+            .flatten()
+            .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+            .map(|link| link.to_string_lossy().into_owned())
+            .filter(|link| link.starts_with("net:["))
+            .collect();
+        assert_ne!(inodes[0], inodes[1], "two sandboxes share a namespace");
+        for inode in &inodes {
+            assert!(!held.contains(inode), "the keeper still holds {inode}");
+        }
+        for run in runs {
+            let out = run.wait_output(std::time::Duration::from_secs(60));
+            assert_code(&out, 0);
+            assert!(
+                stderr(&out).contains("network: namespace taken from the keeper"),
+                "{}",
+                stderr(&out)
+            );
+        }
+    }
 }

@@ -79,20 +79,34 @@ fn greeting(addr: SocketAddr) -> std::io::Result<String> {
 /// of the sandbox's own published ports through the gateway is answered.
 /// (Native and Docker: on Podman no profile has CAP_NET_RAW.)
 fn raw_syn_to_host_loopback_is_never_answered() {
-    let env = TestEnv::new();
+    raw_syn_to_host_loopback_is_never_answered_in(&TestEnv::new(), None);
+}
+
+/// As above, in `env`; with `namespaces`, the sandbox's network namespace
+/// must be one of them (see `native_only::keeper_namespaces`).
+fn raw_syn_to_host_loopback_is_never_answered_in(env: &TestEnv, namespaces: Option<&[String]>) {
     let secret = host_listener(Ipv4Addr::LOCALHOST);
     let published = free_port();
     // The sandbox listens on 8080 (published on every host address, so
     // reachable at the gateway) and probes both.
     let script = format!(
-        "import subprocess, sys\n\
+        "import subprocess, sys, os\n\
+         print('NETNS', os.readlink('/proc/self/ns/net'), flush=True)\n\
          s = socket.socket(); s.bind(('0.0.0.0', 8080)); s.listen(4)\n\
          sys.exit(subprocess.call(['python3', '-c', sys.argv[1], gw + ':{published}', '127.0.0.1:{}']))\n",
         secret.port
     );
-    let text = permissive_python(&env, &["-P", &format!("0.0.0.0:{published}:8080")], &script);
+    let text = permissive_python(env, &["-P", &format!("0.0.0.0:{published}:8080")], &script);
+    let (netns, text) = text.split_once('\n').unwrap_or_default();
+    if let Some(namespaces) = namespaces {
+        let netns = netns.strip_prefix("NETNS ").unwrap_or(netns);
+        assert!(
+            namespaces.iter().any(|n| n == netns),
+            "{netns} is not from {namespaces:?}"
+        );
+    }
     assert_eq!(
-        probe_result(&text, &format!("127.0.0.1:{}", secret.port)),
+        probe_result(text, &format!("127.0.0.1:{}", secret.port)),
         "silent",
         "the host's loopback answered a packet from the sandbox"
     );
@@ -163,6 +177,42 @@ mod native_only {
     #[test]
     fn raw_syn_to_host_loopback_is_never_answered() {
         super::raw_syn_to_host_loopback_is_never_answered();
+    }
+
+    /// The network namespaces native's disk keeper made ahead (in `env`'s
+    /// state dir, started by a moderate run) once it holds two.
+    fn keeper_namespaces(env: &TestEnv) -> Vec<String> {
+        assert_code(&env.run(&["run", "-i", BUSYBOX, "true"]), 0);
+        let mut held = Vec::new();
+        poll_until(
+            Duration::from_secs(20),
+            "the disk keeper holds two network namespaces",
+            || {
+                let keepers = env.processes_matching(|args| args.contains(&&b"hold-disks"[..]));
+                held = keepers
+                    .iter()
+                    .flat_map(|pid| {
+                        std::fs::read_dir(format!("/proc/{pid}/fd"))
+                            .into_iter()
+                            .flatten()
+                    })
+                    .flatten()
+                    .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+                    .map(|link| link.to_string_lossy().into_owned())
+                    .filter(|link| link.starts_with("net:["))
+                    .collect();
+                held.len() == 2
+            },
+        );
+        held
+    }
+
+    /// The same attack from a network namespace the keeper made ahead.
+    #[test]
+    fn raw_syn_to_host_loopback_is_never_answered_from_a_keeper_namespace() {
+        let env = TestEnv::new();
+        let namespaces = keeper_namespaces(&env);
+        super::raw_syn_to_host_loopback_is_never_answered_in(&env, Some(&namespaces));
     }
 
     #[test]

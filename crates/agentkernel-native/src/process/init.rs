@@ -59,6 +59,7 @@ pub(crate) fn init(plan: &Plan, sock: OwnedFd) -> ! {
         sock,
         early: Vec::new(),
     };
+    crate::trace::phase("init: own namespaces created");
     // The network namespace the supervisor made meanwhile (see `start`).
     match inbox.take(Kind::Netns) {
         Some(Message::Netns(netns)) => {

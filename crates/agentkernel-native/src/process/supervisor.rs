@@ -202,11 +202,25 @@ pub(crate) fn start(
         } else {
             None
         };
+        // As root, the disk keeper may have one made ahead (disk_keeper.rs).
+        let keeper = plan
+            .state_root()
+            .filter(|_| plan.rootless.is_none() && crate::disk_keeper::enabled());
         std::thread::spawn(move || -> Result<Option<crate::net::Link>, SandboxError> {
             let created = (|| -> io::Result<std::fs::File> {
-                // SAFETY: unshare of this thread's own network namespace.
-                if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                let premade = keeper.and_then(|root| crate::disk_keeper::take_netns(&root));
+                let entered = match &premade {
+                    // SAFETY: setns of this thread only, into the fresh
+                    // namespace the keeper sent (checked to be a netns).
+                    Some(netns) => unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) },
+                    // SAFETY: unshare of this thread's own network namespace.
+                    None => unsafe { libc::unshare(libc::CLONE_NEWNET) },
+                };
+                if entered != 0 {
                     return Err(io::Error::last_os_error());
+                }
+                if premade.is_some() {
+                    crate::trace::phase("network: namespace taken from the keeper");
                 }
                 // The egress proxy's socket, bound here: only this sandbox
                 // can reach it.
@@ -215,6 +229,7 @@ pub(crate) fn start(
                 }
                 let ns = std::fs::File::open("/proc/thread-self/ns/net")?;
                 Message::Netns(ns.try_clone()?.into()).send(&sock)?;
+                crate::trace::phase("network: namespace sent");
                 Ok(ns)
             })()
             .map_err(SandboxError::Network)?;
@@ -279,7 +294,10 @@ pub(crate) fn start(
         };
     if cgroup.is_none() {
         match Cgroup::for_plan(plan) {
-            Ok(created) => *cgroup = Some(created),
+            Ok(created) => {
+                *cgroup = Some(created);
+                crate::trace::phase("cgroup made");
+            }
             Err(e) => {
                 abandon(netns);
                 return failed_during_setup(init, e.into());

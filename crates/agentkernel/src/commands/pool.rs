@@ -97,6 +97,7 @@ async fn status(store: &Store, as_json: bool) -> Result<i32> {
                 "keeper_pid": keeper.map(|k| k.pid),
                 "mounted": keeper.map_or(0, |k| k.ready),
                 "bytes": keeper.map(|k| k.bytes),
+                "netns": keeper.map_or(0, |k| k.netns),
                 "attached": attached,
             },
         });
@@ -155,9 +156,10 @@ async fn status(store: &Store, as_json: bool) -> Result<i32> {
             "mounted workspace disks",
         );
         text += &format!(
-            "native: disk keeper (pid {}) holds {disks} of {}\n",
+            "native: disk keeper (pid {}) holds {disks} of {} and {}\n",
             keeper.pid,
-            agentkernel_core::parse::format_bytes(keeper.bytes)
+            agentkernel_core::parse::format_bytes(keeper.bytes),
+            super::counted(keeper.netns, "network namespace", "network namespaces")
         );
     }
     if attached > 0 {
