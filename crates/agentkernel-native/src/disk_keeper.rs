@@ -18,7 +18,9 @@
 //! overlay's work directory read). It hands each mount to exactly one run
 //! over `<state>/disk-pool/held/sock` (0600 in 0700 directories, and the
 //! peer must be the keeper's own user), then makes another. A run that
-//! gets none mounts a disk as without a keeper.
+//! gets none mounts a disk as without a keeper. It holds fresh network
+//! namespaces the same way ([`take_netns`]): creating one is the step of a
+//! start-up init waits for longest once the disk is ready.
 //!
 //! Nothing outlives the keeper: its mounts are descriptors, so when it
 //! exits or is killed they are unmounted, their loop devices clear
