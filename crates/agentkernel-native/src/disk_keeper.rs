@@ -94,25 +94,23 @@ pub fn serving(state_root: &Path) -> bool {
 /// has or will have. None when there is no keeper, it has none ready, or
 /// it holds another size (it switches to `bytes` for the next runs).
 pub fn take(state_root: &Path, bytes: u64) -> Option<OwnedFd> {
+    request_fd(state_root, bytes).filter(is_ext4)
+}
+
+/// Sends `request` to the keeper of `state_root`; the one fd it answers
+/// with, if any.
+fn request_fd(state_root: &Path, request: u64) -> Option<OwnedFd> {
     let stream = connect(state_root).ok()?;
-    let mut request = &stream;
-    request.write_all(&bytes.to_le_bytes()).ok()?;
-    let stream = OwnedFd::from(stream);
-    let (answer, mut fds) = recv_message(&stream).ok()?;
-    let mount = fds.pop().filter(|_| answer == 1 && fds.is_empty())?;
-    is_ext4(&mount).then_some(mount)
+    (&stream).write_all(&request.to_le_bytes()).ok()?;
+    let (answer, mut fds) = recv_message(&OwnedFd::from(stream)).ok()?;
+    fds.pop().filter(|_| answer == 1 && fds.is_empty())
 }
 
 /// Takes a fresh network namespace from the keeper of `state_root`: one
-/// it created (empty, loopback down) and never entered again, handed to
+/// it created (nothing but loopback, up) and never entered again, handed to
 /// this run alone. Creating one costs a run ~1 ms, which init waits for.
 pub fn take_netns(state_root: &Path) -> Option<OwnedFd> {
-    let stream = connect(state_root).ok()?;
-    (&stream).write_all(&NETNS.to_le_bytes()).ok()?;
-    let stream = OwnedFd::from(stream);
-    let (answer, mut fds) = recv_message(&stream).ok()?;
-    let netns = fds.pop().filter(|_| answer == 1 && fds.is_empty())?;
-    is_netns(&netns).then_some(netns)
+    request_fd(state_root, NETNS).filter(is_netns)
 }
 
 fn is_netns(fd: &OwnedFd) -> bool {
@@ -519,14 +517,17 @@ fn make_disks(state_root: &Path, shared: &Shared) {
     }
 }
 
-/// A fresh network namespace: made by a thread that unshares into it and
-/// exits, so nothing of ours ever runs in it; only the fd keeps it.
+/// A fresh network namespace with loopback up (all a `--no-network`
+/// sandbox has; a network's link would bring it up anyway): made by a
+/// thread that unshares into it and exits, so nothing of ours ever runs in
+/// it; only the fd keeps it.
 fn make_netns() -> io::Result<OwnedFd> {
     std::thread::spawn(|| -> io::Result<OwnedFd> {
         // SAFETY: unshare of this short-lived thread's own namespace.
         if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
             return Err(io::Error::last_os_error());
         }
+        crate::net::loopback_up()?;
         Ok(std::fs::File::open("/proc/thread-self/ns/net")?.into())
     })
     .join()

@@ -85,9 +85,8 @@ pub(crate) fn init(plan: &Plan, sock: OwnedFd) -> ! {
                 die("talking to agentkernel", e);
             }
         }
-    } else if let Err(e) = crate::net::loopback_up() {
-        die("bringing up loopback", e);
     }
+    // Without a network, loopback came up with the namespace (see `start`).
     crate::trace::phase("init: namespaces created");
     let root = rootfs::build(plan).unwrap_or_else(|e| die("building the root filesystem", e));
     crate::trace::phase("init: root built");

@@ -196,6 +196,7 @@ pub(crate) fn start(
     let netns = {
         let sock = ours.try_clone().map_err(SandboxError::Channel)?;
         let egress = plan.egress.clone();
+        let loopback_only = !plan.network;
         let connect = if crate::net::connects_before_init_joins(plan) {
             let host = std::fs::File::open("/proc/thread-self/ns/net");
             Some((plan.clone(), host.map_err(SandboxError::Network)?))
@@ -220,7 +221,12 @@ pub(crate) fn start(
                     return Err(io::Error::last_os_error());
                 }
                 if premade.is_some() {
+                    // Made with loopback up (disk_keeper::make_netns).
                     crate::trace::phase("network: namespace taken from the keeper");
+                } else if loopback_only {
+                    // The whole network of a `--no-network` sandbox, here
+                    // rather than in init (a network's link brings it up).
+                    crate::net::loopback_up()?;
                 }
                 // The egress proxy's socket, bound here: only this sandbox
                 // can reach it.
