@@ -397,10 +397,6 @@ mod native_only {
             .collect()
     }
 
-    fn keeper_pids(env: &TestEnv) -> Vec<u32> {
-        env.processes_matching(|args| args.contains(&&b"hold-disks"[..]))
-    }
-
     /// `sh -c script` in a run with a 24 MiB disk, retried (up to 20 s)
     /// until its disk came mounted from the keeper; each attempt must
     /// succeed. The first run of a state directory starts the keeper.
@@ -453,7 +449,7 @@ mod native_only {
         let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&held), 0o700);
         assert_eq!(mode(&held.join("sock")), 0o600);
-        let keepers = keeper_pids(&env);
+        let keepers = env.keeper_pids();
         assert_eq!(keepers.len(), 1, "one keeper per state dir");
         let disks = || {
             let out = env.run(&["pool", "status", "--json"]);
@@ -482,7 +478,7 @@ mod native_only {
             "{}",
             stderr(&out)
         );
-        assert!(keeper_pids(&env).is_empty(), "the keeper outlived prune");
+        assert!(env.keeper_pids().is_empty(), "the keeper outlived prune");
         assert_eq!(disks()["keeper_pid"], serde_json::Value::Null);
         poll_until(
             std::time::Duration::from_secs(10),
@@ -575,7 +571,7 @@ print("fds", sum(len(d) // 4 for _, t, d in anc if t == socket.SCM_RIGHTS))
             "the keeper holds its disks",
             || held_devices(&env).len() == 2,
         );
-        for pid in keeper_pids(&env) {
+        for pid in env.keeper_pids() {
             // SAFETY: kill of a PID we just found as this test's keeper.
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         }
@@ -610,7 +606,6 @@ print("fds", sum(len(d) // 4 for _, t, d in anc if t == socket.SCM_RIGHTS))
         use std::io::BufRead;
         let env = native();
         held_run(&env, "true");
-        let keeper = keeper_pids(&env)[0];
         poll_until(
             std::time::Duration::from_secs(20),
             "the keeper holds two network namespaces",
@@ -639,13 +634,8 @@ print("fds", sum(len(d) // 4 for _, t, d in anc if t == socket.SCM_RIGHTS))
             assert!(line.starts_with("net:["), "{line:?}");
             inodes.push(line.trim().to_string());
         }
-        let held: Vec<String> = std::fs::read_dir(format!("/proc/{keeper}/fd"))
-            .unwrap()
-            .flatten()
-            .filter_map(|fd| std::fs::read_link(fd.path()).ok())
-            .map(|link| link.to_string_lossy().into_owned())
-            .filter(|link| link.starts_with("net:["))
-            .collect();
+        let held = env.keeper_namespaces();
+        assert_eq!(env.keeper_pids().len(), 1, "the keeper is gone: {held:?}");
         assert_ne!(inodes[0], inodes[1], "two sandboxes share a namespace");
         for inode in &inodes {
             assert!(!held.contains(inode), "the keeper still holds {inode}");

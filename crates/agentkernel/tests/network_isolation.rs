@@ -188,19 +188,7 @@ mod native_only {
             Duration::from_secs(20),
             "the disk keeper holds two network namespaces",
             || {
-                let keepers = env.processes_matching(|args| args.contains(&&b"hold-disks"[..]));
-                held = keepers
-                    .iter()
-                    .flat_map(|pid| {
-                        std::fs::read_dir(format!("/proc/{pid}/fd"))
-                            .into_iter()
-                            .flatten()
-                    })
-                    .flatten()
-                    .filter_map(|fd| std::fs::read_link(fd.path()).ok())
-                    .map(|link| link.to_string_lossy().into_owned())
-                    .filter(|link| link.starts_with("net:["))
-                    .collect();
+                held = env.keeper_namespaces();
                 held.len() == 2
             },
         );

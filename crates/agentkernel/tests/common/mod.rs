@@ -448,6 +448,28 @@ impl TestEnv {
         self.processes_matching(|_| true)
     }
 
+    /// PIDs of native's disk keeper of this state dir (`pool hold-disks`).
+    pub fn keeper_pids(&self) -> Vec<u32> {
+        self.processes_matching(|args| args.contains(&&b"hold-disks"[..]))
+    }
+
+    /// The network namespaces (`net:[inode]`) this state dir's disk keeper
+    /// holds for later runs.
+    pub fn keeper_namespaces(&self) -> Vec<String> {
+        self.keeper_pids()
+            .iter()
+            .flat_map(|pid| {
+                std::fs::read_dir(format!("/proc/{pid}/fd"))
+                    .into_iter()
+                    .flatten()
+            })
+            .flatten()
+            .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+            .map(|link| link.to_string_lossy().into_owned())
+            .filter(|link| link.starts_with("net:["))
+            .collect()
+    }
+
     /// Waits (up to `limit`) until no process of this state dir runs.
     pub fn wait_for_processes(&self, limit: Duration) -> bool {
         wait_until(limit, || self.processes_running().is_empty())
