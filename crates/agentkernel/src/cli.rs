@@ -550,7 +550,7 @@ pub enum SandboxCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum PoolCommand {
-    /// Warm and in-use containers, targets and hit rates per pool key, and the cap
+    /// Warm and in-use containers, targets and hit rates per pool key, the cap, and native's disk keeper
     Status {
         /// Print a JSON object instead of a table (fields: docs/json.md)
         #[arg(long)]
