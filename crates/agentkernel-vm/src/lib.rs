@@ -8,6 +8,7 @@
 
 pub mod disk;
 mod frames;
+pub mod host_clock;
 pub mod initramfs;
 pub mod kept;
 pub mod kernel;

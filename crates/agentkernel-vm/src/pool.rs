@@ -367,6 +367,7 @@ mod tests {
                 accel: crate::vmm::Accel::Tcg,
                 machine: crate::vmm::Machine::Pc,
                 network: None,
+                tsc_khz: None,
             },
             sandbox,
             record: None,

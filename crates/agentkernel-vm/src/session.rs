@@ -223,10 +223,8 @@ fn converse(
             vm.kill();
             fail(why)
         }
-        Streamed::Silent(silence) => {
-            vm.kill();
-            fail(silent_guest(silence))
-        }
+        // The kernel's last word (a stall report, a panic) says why.
+        Streamed::Silent(silence) => vm.failure(silent_guest(silence)),
         Streamed::Broken(how) => vm.failure(format!(
             "the VM stopped before the command finished ({how})"
         )),

@@ -101,6 +101,12 @@ pub struct VmConfig {
     /// A NIC on agentkernel's bridge (`crate::net`); `None`: no NIC at all.
     #[serde(default)]
     pub network: Option<crate::net::Network>,
+    /// Under TCG, the host's TSC rate (kHz), which is the guest's: told to
+    /// the guest kernel so that it neither measures it nor fails to
+    /// ([`crate::host_clock`]). `None` under KVM (the kernel learns it from
+    /// KVM) and on a host whose TSC rate is not constant.
+    #[serde(default)]
+    pub tsc_khz: Option<u64>,
 }
 
 /// The VM's NIC: the descriptor QEMU inherits (a tap, or passt's socket),
@@ -260,33 +266,45 @@ impl Vmm for Qemu {
 /// the agent ends the VM with a reboot, which `-no-reboot` turns into
 /// QEMU's exit. Measured with `initcall_debug` and A/B boots
 /// (`bench/qemu_boot.py`).
-/// (Not `tsc=reliable`: on a starved TCG host the TSC calibrates wrong, and
-/// without the clocksource watchdog the guest's clock ran twice as fast as
-/// the host's — and with it `--timeout`. Without ACPI there is no HPET or
-/// PM timer to watch it either: with three busy loops on this 2-core host
-/// the guest falls back to `refined-jiffies`, and a guest `sleep 4` still
-/// took 3.96–4.14 s of the host's time.)
+/// (Not `tsc=reliable` here: a TSC the guest calibrated itself on a starved
+/// TCG host can be wrong, and without the clocksource watchdog the guest's
+/// clock then ran twice as fast as the host's — and with it `--timeout`.
+/// [`kernel_command_line`] turns the watchdog off only with the rate the
+/// host measured.)
 const KERNEL_COMMAND_LINE: &str = "console=ttyS0 quiet loglevel=3 panic=-1 rdinit=/init \
     i8042.noaux i8042.nomux i8042.nopnp i8042.nokbd no_timer_check \
     rcupdate.rcu_expedited=1 noreplace-smp cryptomgr.notests \
     initcall_blacklist=init_kprobe_trace,crypto_kdf108_init";
 
-/// The command line for `vm`. A TCG guest with one vCPU (what a TCG run
+/// The command line for `vm`. A TCG `pc` with one vCPU (what a TCG run
 /// gets) also has no local APIC timer (`noapictimer`): TCG has no
 /// TSC-deadline timer, so the kernel calibrated the APIC timer against the
 /// PIT at boot, and the PIT is then the one CPU's tick. 15 alternated
 /// boots: 1613 → 1253 ms median to the agent's hello. Under KVM the
 /// TSC-deadline timer needs no calibration, and several vCPUs each need a
-/// timer of their own.
+/// timer of their own. A microvm keeps its APIC timer: with the PIT as its
+/// only tick, a TCG microvm went silent for good in 4 of 5 runs, mid-command
+/// (no timer interrupt, so not even a stall report), and in none of 8
+/// with the APIC timer.
 /// A microvm keeps ACPI: its tables are where the guest finds the virtio
-/// devices.
+/// devices. Under TCG the guest is told its TSC's rate, the host's
+/// ([`crate::host_clock`]): measuring it against the PIT failed in half the
+/// boots on a busy host, and a microvm then hung. With the rate known to be
+/// right, the clocksource watchdog goes (`tsc=nowatchdog`): it judged the
+/// TSC against jiffies, which a starved TCG guest loses, and switched a
+/// loaded guest to jiffies (5 of 8 microvm runs beside a build); on the TSC
+/// a guest `sleep 4` took 4.01–4.05 s of the host's time beside two busy
+/// loops (3.96–4.16 s on jiffies).
 fn kernel_command_line(vm: &VmConfig) -> String {
     let mut line = KERNEL_COMMAND_LINE.to_string();
     if vm.machine == Machine::Pc {
         line.push_str(" acpi=off");
+        if vm.accel == Accel::Tcg && vm.vcpus <= 1 {
+            line.push_str(" noapictimer");
+        }
     }
-    if vm.accel == Accel::Tcg && vm.vcpus <= 1 {
-        line.push_str(" noapictimer");
+    if let Some(khz) = vm.tsc_khz {
+        line.push_str(&format!(" tsc_early_khz={khz} tsc=nowatchdog"));
     }
     line
 }
@@ -332,28 +350,17 @@ pub fn choose_accel(cache_dir: &Path, qemu: &Qemu, kernel: &Path) -> (Accel, Str
         Ok("tcg") => return (Accel::Tcg, "AGENTKERNEL_QEMU_ACCEL=tcg".into()),
         _ => {}
     }
-    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
-    let cache = cache_dir.join("accel");
-    if let Ok(text) = std::fs::read_to_string(&cache) {
-        if let Some((id, verdict)) = text.split_once('\n') {
-            if id == boot_id.trim() {
-                let (accel, why) = verdict.split_once(' ').unwrap_or((verdict, ""));
-                let accel = if accel == "kvm" {
-                    Accel::Kvm
-                } else {
-                    Accel::Tcg
-                };
-                return (accel, why.trim().to_string());
-            }
-        }
-    }
-    let (accel, why) = probe_kvm(qemu, kernel);
-    let _ = std::fs::create_dir_all(cache_dir);
-    let _ = std::fs::write(
-        &cache,
-        format!("{}\n{} {why}\n", boot_id.trim(), accel.name()),
-    );
-    (accel, why)
+    let verdict = crate::host_clock::per_boot(cache_dir, "accel", || {
+        let (accel, why) = probe_kvm(qemu, kernel);
+        format!("{} {why}", accel.name())
+    });
+    let (accel, why) = verdict.split_once(' ').unwrap_or((&verdict, ""));
+    let accel = if accel == "kvm" {
+        Accel::Kvm
+    } else {
+        Accel::Tcg
+    };
+    (accel, why.trim().to_string())
 }
 
 /// Boots the kernel under KVM with no root: it panics at once and, with

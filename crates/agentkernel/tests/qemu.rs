@@ -253,6 +253,7 @@ mod qemu_only {
                       echo pci=$(ls /sys/bus/pci/devices | wc -l); \
                       ls /sys/bus/platform/devices | grep -c '^LNRO0005:'; \
                       cut -d' ' -f1 /proc/modules; \
+                      echo clock=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource); \
                       ip -4 -o addr show eth0 | grep -q inet && echo eth0-up; exit 5";
         let out = env
             .cmd()
@@ -275,6 +276,19 @@ mod qemu_only {
         assert!(mmio_devices >= 4, "{text}");
         assert!(lines.contains(&"virtio_mmio"), "{text}");
         assert!(!lines.contains(&"virtio_pci"), "{text}");
+        // The guest keeps a real clock: under TCG it is told the TSC's rate
+        // (measuring it against the PIT fails on a busy host, and a microvm
+        // hung then), under KVM it has KVM's.
+        // (A host whose own TSC has no constant rate tells it nothing.)
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap();
+        let constant_tsc = ["constant_tsc", "nonstop_tsc"]
+            .iter()
+            .all(|flag| cpuinfo.split_whitespace().any(|w| w == *flag));
+        let clock = lines.iter().find_map(|l| l.strip_prefix("clock="));
+        assert!(
+            !constant_tsc || matches!(clock, Some("tsc" | "tsc-early" | "kvm-clock")),
+            "{text}"
+        );
         assert_eq!(lines.last(), Some(&"eth0-up"), "{text}");
     }
 
@@ -571,7 +585,7 @@ mod qemu_only {
         child.kill().unwrap();
         child.wait().unwrap();
         assert_gone(&vms);
-        // Only the caches (disks, initramfs, kernel, accel; a dot file is
+        // Only the caches (disks, initramfs, kernel, accel, the TSC rate; a dot file is
         // one another test is writing) are in the store's VM directory: a
         // run keeps nothing of its own there.
         let vm_dir = env.state_dir().join("images/vm");
@@ -583,6 +597,7 @@ mod qemu_only {
                 !(name.starts_with('.')
                     || name == "disks"
                     || name == "accel"
+                    || name == "tsc-khz"
                     || name.starts_with("initramfs-")
                     || name.starts_with("vmlinux-"))
             })

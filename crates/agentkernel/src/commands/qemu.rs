@@ -312,6 +312,10 @@ pub(super) async fn prepare(
             .collect(),
         accel,
         machine,
+        tsc_khz: match accel {
+            vmm::Accel::Tcg => agentkernel_vm::host_clock::host_tsc_khz(&vm_dir),
+            vmm::Accel::Kvm => None,
+        },
         network: spec
             .policy
             .network
