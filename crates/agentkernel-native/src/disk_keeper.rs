@@ -73,10 +73,34 @@ fn dir(state_root: &Path) -> PathBuf {
 pub const DIR_NAME: &str = "held";
 
 /// Whether runs use (and start) a keeper: as root, unless switched off.
+/// A value [`check_switch`] refuses keeps none.
 pub fn enabled() -> bool {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
-    root && std::env::var(SWITCH).map_or(true, |v| v != "off" && v != "0")
+    root && switched_on() == Ok(true)
+}
+
+/// [`SWITCH`]: unset, `on` or `1` is on; `off` or `0` is off; anything else
+/// is the value itself, an error.
+fn switched_on() -> Result<bool, String> {
+    match std::env::var(SWITCH) {
+        Err(_) => Ok(true),
+        Ok(v) if v == "on" || v == "1" => Ok(true),
+        Ok(v) if v == "off" || v == "0" => Ok(false),
+        Ok(v) => Err(v),
+    }
+}
+
+/// A run refuses a [`SWITCH`] value it does not know (a typo of `off`
+/// would otherwise keep the very process it meant to turn off).
+pub fn check_switch() -> agentkernel_core::Result<()> {
+    switched_on().map(drop).map_err(|value| {
+        agentkernel_core::Error::invalid(
+            "AGENTKERNEL_DISK_KEEPER value",
+            value,
+            "use on or off, or unset it",
+        )
+    })
 }
 
 /// True when a keeper of `state_root` is alive (it holds its lock).

@@ -71,6 +71,7 @@ impl Drop for HostClaim {
 
 /// The plan for `spec`, and the claim on the host it holds.
 pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<(Plan, HostClaim)> {
+    crate::disk_keeper::check_switch()?;
     let rootless = UserMap::for_caller();
     // What this backend cannot enforce was refused or dropped by
     // `backend::admit` (see `NativeBackend::capabilities`); the image's

@@ -423,6 +423,35 @@ mod native_only {
         }
     }
 
+    /// A switch value agentkernel does not know is refused in one line
+    /// before anything is made: a typo of `off` must not start the very
+    /// process it meant to turn off. `on` runs.
+    #[test]
+    fn an_unknown_keeper_switch_is_one_line_and_starts_nothing() {
+        for value in ["of", "false"] {
+            let env = native().with_env("AGENTKERNEL_DISK_KEEPER", value);
+            let out = env.run(&["run", "--disk", "24m", "-i", BUSYBOX, "true"]);
+            let line = assert_one_line_error(&out);
+            assert!(
+                line.contains("AGENTKERNEL_DISK_KEEPER") && line.contains("on or off"),
+                "{line}"
+            );
+            assert!(env.processes_running().is_empty(), "a process was left");
+            assert!(
+                !env.state_dir().join("disk-pool/held").exists(),
+                "a keeper was started"
+            );
+            let runs = env.state_dir().join("runs");
+            let left = std::fs::read_dir(&runs).map_or(0, |d| d.count());
+            assert_eq!(left, 0, "a run's scratch was left");
+        }
+        let env = native().with_env("AGENTKERNEL_DISK_KEEPER", "on");
+        assert_code(
+            &env.run(&["run", "--disk", "24m", "-i", BUSYBOX, "true"]),
+            0,
+        );
+    }
+
     /// The disk keeper holds workspace disks mounted ahead: each serves
     /// exactly one run (what one sandbox wrote never shows in the next),
     /// the cap holds on them, the host's workspace is untouched, its
