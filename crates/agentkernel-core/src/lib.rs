@@ -8,6 +8,7 @@ pub mod cgroup;
 pub mod config;
 mod config_keys;
 pub mod copy;
+pub mod detached;
 pub mod egress;
 pub mod error;
 pub mod exit;

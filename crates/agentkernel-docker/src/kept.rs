@@ -267,7 +267,7 @@ pub async fn stop(engine: &Engine, store: &Store, name: &str) -> Result<(), Erro
     }
     // A frozen keep-alive cannot end the sandbox at its deadline: a detached
     // agentkernel waits for it and collects it then (if it is still expired).
-    crate::detached::spawn(store.root(), &["sandbox", "gc", "--expire", name]);
+    agentkernel_core::detached::spawn(store.root(), &["sandbox", "gc", "--expire", name]);
     Ok(())
 }
 

@@ -29,7 +29,6 @@ pub mod backend;
 pub mod build;
 pub mod copy;
 pub mod create;
-pub mod detached;
 pub mod dockerignore;
 pub mod egress;
 pub mod engine;

@@ -447,7 +447,7 @@ fn spawn_refill(store: &Store, key: &str, used: Option<&str>) {
     if let Some(used) = used {
         args.extend(["--used", used]);
     }
-    crate::detached::spawn(store.root(), &args);
+    agentkernel_core::detached::spawn(store.root(), &args);
 }
 
 /// `agentkernel pool refill KEY [--used NAME]`: removes the used container,

@@ -33,7 +33,7 @@
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
@@ -224,29 +224,14 @@ pub fn collect(state_root: &Path) -> usize {
 /// one is alive (it switches sizes on request). Failure to start is
 /// ignored: runs then mount their disks themselves.
 pub fn start(state_root: &Path, bytes: u64) {
-    use std::os::unix::process::CommandExt;
     if serving(state_root) {
         return;
     }
-    let Ok(exe) = std::env::current_exe() else {
-        return;
-    };
-    let mut cmd = std::process::Command::new(exe);
-    cmd.args(["pool", "hold-disks", "--bytes", &bytes.to_string()])
-        .env("AGENTKERNEL_HOME", state_root)
-        .current_dir("/")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    // SAFETY: setsid is async-signal-safe: the keeper gets its own session,
-    // out of the caller's terminal and its Ctrl-C.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
-    let _ = cmd.spawn();
+    // Its own session: out of the caller's terminal and its Ctrl-C.
+    agentkernel_core::detached::spawn(
+        state_root,
+        &["pool", "hold-disks", "--bytes", &bytes.to_string()],
+    );
 }
 
 fn connect(state_root: &Path) -> io::Result<UnixStream> {
@@ -337,18 +322,10 @@ pub fn serve(state_root: &Path, bytes: u64) -> io::Result<()> {
             _ => {}
         }
     }
-    let lock = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(dir.join(LOCK))?;
-    // SAFETY: flock on an fd we own, held until we exit.
-    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+    // Held until we exit: one keeper per state dir.
+    let Some(lock) = crate::disk_pool::try_lock_file(&dir.join(LOCK))? else {
         return Ok(());
-    }
+    };
     // Under the lock: what a killed keeper left (its socket, an image it
     // was copying) is ours to remove.
     for entry in std::fs::read_dir(&dir)?.flatten() {

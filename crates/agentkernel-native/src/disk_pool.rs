@@ -280,7 +280,13 @@ pub fn collect(state_root: &Path) -> usize {
 }
 
 fn try_lock(dir: &Path) -> io::Result<Option<File>> {
-    let file = open_lock(dir)?;
+    try_lock_file(&dir.join(LOCK_NAME))
+}
+
+/// An exclusive flock on the file `path` (made 0600 if missing), or `None`
+/// while another process holds it. Released when the file is dropped.
+pub(crate) fn try_lock_file(path: &Path) -> io::Result<Option<File>> {
+    let file = open_lock(path)?;
     // SAFETY: flock on an fd we own.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         let e = io::Error::last_os_error();
@@ -293,19 +299,20 @@ fn try_lock(dir: &Path) -> io::Result<Option<File>> {
 }
 
 fn lock(dir: &Path) -> Option<File> {
-    let file = open_lock(dir).ok()?;
+    let file = open_lock(&dir.join(LOCK_NAME)).ok()?;
     // SAFETY: flock on an fd we own.
     (unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0).then_some(file)
 }
 
-fn open_lock(dir: &Path) -> io::Result<File> {
+fn open_lock(path: &Path) -> io::Result<File> {
     std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
+        .truncate(false)
         .mode(0o600)
         .custom_flags(libc::O_CLOEXEC)
-        .open(dir.join(LOCK_NAME))
+        .open(path)
 }
 
 #[cfg(test)]

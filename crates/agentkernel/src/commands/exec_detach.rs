@@ -29,7 +29,7 @@ pub fn detach(name: &str, req: &ExecRequest) -> Result<i32> {
         cmd.arg("--sudo");
     }
     cmd.arg(name).arg("--").args(&req.argv);
-    let child = agentkernel_docker::detached::spawn_command(&mut cmd)
+    let child = agentkernel_core::detached::spawn_command(&mut cmd)
         .map_err(|e| Error::Conflict(format!("cannot start the detached command: {e}")))?;
     eprintln!(
         "agentkernel: started in {name} (detached, host pid {}); `agentkernel sandbox stop {name}` ends it",

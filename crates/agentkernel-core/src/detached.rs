@@ -1,5 +1,6 @@
 //! Background agentkernel processes that must outlive the command that
-//! starts them (pool refills, the expiry of a stopped sandbox).
+//! starts them (pool refills, the expiry of a stopped sandbox, native's
+//! disk keeper).
 
 use std::os::unix::process::CommandExt;
 use std::path::Path;
