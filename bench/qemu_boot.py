@@ -42,6 +42,17 @@ BASE = ("console=ttyS0 quiet loglevel=3 panic=-1 rdinit=/init i8042.noaux i8042.
         "noapictimer")
 
 
+def base(vm_dir):
+    """BASE plus the TSC's rate, as a TCG run passes it once agentkernel has
+    measured it (host_clock.rs: the rate is cached in the VM directory)."""
+    try:
+        with open(os.path.join(vm_dir, "tsc-khz")) as f:
+            khz = f.read().split("\n")[1].strip()
+    except (OSError, IndexError):
+        khz = ""
+    return f"{BASE} tsc_early_khz={khz} tsc=nowatchdog" if khz else BASE
+
+
 def newest(pattern):
     found = glob.glob(pattern)
     if not found:
@@ -57,8 +68,9 @@ def firmware():
     return []
 
 
-def boot(vm_dir, work, extra="", mem="2240M", smp="1", kernel=None, initrd=None, cmdline=BASE, cpu="max",
+def boot(vm_dir, work, extra="", mem="2240M", smp="1", kernel=None, initrd=None, cmdline=None, cpu="max",
          machine="pc", nic=False):
+    cmdline = base(vm_dir) if cmdline is None else cmdline
     kernel = newest(kernel or f"{vm_dir}/vmlinux-*")
     initrd = newest(initrd or f"{vm_dir}/initramfs-*.cpio")
     disk = newest(f"{vm_dir}/disks/*.erofs")
