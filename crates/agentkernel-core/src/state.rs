@@ -153,6 +153,27 @@ pub fn boot_id() -> String {
     .clone()
 }
 
+/// `compute()`'s answer, kept in the file `cache` for the rest of this host
+/// boot (its first line is the boot's id): for facts about the host that
+/// only a reboot changes and that cost a probe to learn.
+pub fn per_boot(cache: &Path, compute: impl FnOnce() -> String) -> String {
+    let boot = boot_id();
+    if let Ok(text) = fs::read_to_string(cache) {
+        if let Some((id, value)) = text.split_once('\n') {
+            if id == boot {
+                return value.trim_end().to_string();
+            }
+        }
+    }
+    let value = compute();
+    if let Some(dir) = cache.parent() {
+        let _ = fs::create_dir_all(dir);
+    }
+    // Atomic: concurrent first callers each compute, and none reads half a file.
+    let _ = write_atomic(cache, format!("{boot}\n{value}\n").as_bytes());
+    value
+}
+
 /// Field `n` (1-based, as in proc(5)) of /proc/PID/stat, for n >= 3.
 pub fn proc_stat_field(pid: u32, n: usize) -> Option<u64> {
     stat_field(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?, n)
@@ -776,6 +797,24 @@ mod tests {
         assert!(store.orphaned_scratch().is_empty());
         assert!(!dead.exists() && !old.exists());
         assert!(building.exists() && live.exists());
+    }
+
+    #[test]
+    fn a_per_boot_value_is_kept_for_the_boot_and_computed_again_after_another() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("sub/fact");
+        let computed = std::cell::Cell::new(0);
+        let compute = || {
+            computed.set(computed.get() + 1);
+            "2445400".to_string()
+        };
+        assert_eq!(per_boot(&cache, compute), "2445400");
+        assert_eq!(per_boot(&cache, compute), "2445400");
+        assert_eq!(computed.get(), 1);
+        // A value from an earlier boot is computed afresh.
+        std::fs::write(&cache, "another-boot\n1\n").unwrap();
+        assert_eq!(per_boot(&cache, compute), "2445400");
+        assert_eq!(computed.get(), 2);
     }
 
     #[test]

@@ -20,33 +20,18 @@ use std::time::{Duration, Instant};
 /// rate (`constant_tsc` and `nonstop_tsc`); `None` otherwise, and the guest
 /// measures as before.
 pub fn host_tsc_khz(cache_dir: &Path) -> Option<u64> {
-    per_boot(cache_dir, "tsc-khz", || {
+    agentkernel_core::state::per_boot(&cache_dir.join("tsc-khz"), || {
         measure().map(|khz| khz.to_string()).unwrap_or_default()
     })
     .parse()
     .ok()
+    // The cache is a file: a value no TSC has (hand-edited, damaged) is
+    // not told to a guest, whose clock and `--timeout` would follow it.
+    .filter(|khz| PLAUSIBLE_KHZ.contains(khz))
 }
 
-/// `compute()`'s answer, kept in `cache_dir/name` for the rest of this
-/// host boot (the file's first line is the boot's id).
-pub(crate) fn per_boot(cache_dir: &Path, name: &str, compute: impl FnOnce() -> String) -> String {
-    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
-    let boot_id = boot_id.trim();
-    let cache = cache_dir.join(name);
-    if let Ok(text) = std::fs::read_to_string(&cache) {
-        if let Some((id, value)) = text.split_once('\n') {
-            if id == boot_id {
-                return value.trim_end().to_string();
-            }
-        }
-    }
-    let value = compute();
-    let _ = std::fs::create_dir_all(cache_dir);
-    // Atomic: concurrent first runs each measure, and none reads half a file.
-    let _ =
-        agentkernel_core::state::write_atomic(&cache, format!("{boot_id}\n{value}\n").as_bytes());
-    value
-}
+/// A TSC between 100 MHz and 20 GHz; anything else is a bad reading.
+const PLAUSIBLE_KHZ: std::ops::Range<u64> = 100_000..20_000_000;
 
 /// How long the TSC is counted against the host's monotonic clock: the
 /// two readings' error (~a microsecond) is then under 0.01%.
@@ -65,8 +50,7 @@ fn measure() -> Option<u64> {
     let (end, end_ticks) = paired_reading()?;
     let nanos = u64::try_from(end.duration_since(start).as_nanos()).ok()?;
     let khz = end_ticks.checked_sub(start_ticks)?.checked_mul(1_000_000)? / nanos.max(1);
-    // A TSC between 100 MHz and 20 GHz; anything else is a bad reading.
-    (100_000..20_000_000).contains(&khz).then_some(khz)
+    PLAUSIBLE_KHZ.contains(&khz).then_some(khz)
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -104,20 +88,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_measured_rate_is_kept_for_the_boot_and_measured_again_after_another() {
+    fn a_cached_rate_no_tsc_has_is_not_told_to_the_guest() {
         let dir = tempfile::tempdir().unwrap();
-        let computed = std::cell::Cell::new(0);
-        let compute = || {
-            computed.set(computed.get() + 1);
-            "2445400".to_string()
-        };
-        assert_eq!(per_boot(dir.path(), "tsc-khz", compute), "2445400");
-        assert_eq!(per_boot(dir.path(), "tsc-khz", compute), "2445400");
-        assert_eq!(computed.get(), 1);
-        // A cache from an earlier boot is measured afresh.
-        std::fs::write(dir.path().join("tsc-khz"), "another-boot\n1\n").unwrap();
-        assert_eq!(per_boot(dir.path(), "tsc-khz", compute), "2445400");
-        assert_eq!(computed.get(), 2);
+        let boot = agentkernel_core::state::boot_id();
+        for bad in ["0", "99999999999", "-5", "fast"] {
+            std::fs::write(dir.path().join("tsc-khz"), format!("{boot}\n{bad}\n")).unwrap();
+            assert_eq!(host_tsc_khz(dir.path()), None, "{bad}");
+        }
+        std::fs::write(dir.path().join("tsc-khz"), format!("{boot}\n2445400\n")).unwrap();
+        assert_eq!(host_tsc_khz(dir.path()), Some(2445400));
     }
 
     #[cfg(target_arch = "x86_64")]

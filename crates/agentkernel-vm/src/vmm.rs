@@ -350,7 +350,7 @@ pub fn choose_accel(cache_dir: &Path, qemu: &Qemu, kernel: &Path) -> (Accel, Str
         Ok("tcg") => return (Accel::Tcg, "AGENTKERNEL_QEMU_ACCEL=tcg".into()),
         _ => {}
     }
-    let verdict = crate::host_clock::per_boot(cache_dir, "accel", || {
+    let verdict = agentkernel_core::state::per_boot(&cache_dir.join("accel"), || {
         let (accel, why) = probe_kvm(qemu, kernel);
         format!("{} {why}", accel.name())
     });
