@@ -507,9 +507,8 @@ fn boot_and_hold(
                 .and_then(|()| store.touch(name, ttl).map(|_| ()))
                 .and_then(|()| store.commit(&record))
         }
-        // Ready last: a run claims only a VM that serves.
         Place::Warm { .. } => write_atomic(&dir.join(HELD_FILE), &held_json)
-            .and_then(|()| write_atomic(&dir.join(crate::pool::READY), b"")),
+            .and_then(|()| crate::pool::mark_ready(&dir)),
     };
     if let Err(e) = recorded {
         vm.kill();

@@ -48,6 +48,13 @@ const CLAIMED: &str = "claimed";
 /// In `claimed/`: the owner label of the run that claimed the VM.
 const CLAIMED_BY: &str = "by";
 const IDLE_UNTIL: &str = "idle-until";
+/// The key's `idle_ttl` in seconds: the idle deadline is set again from it
+/// once the VM is ready.
+const IDLE_TTL: &str = "idle-ttl";
+/// How long past the idle TTL a VM may take to boot before it is over: idle
+/// time counts from readiness, and a boot under TCG on a loaded host can
+/// outlast a short TTL.
+const BOOT_ALLOWANCE: Duration = Duration::from_secs(120);
 const ABOUT: &str = "about.json";
 /// How long a key's record outlives its last VM.
 const KEY_RECORD_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -128,8 +135,11 @@ pub fn refill(root: &Path, key: &str, vm: &KeptVm, size: u32, idle: Duration) ->
         .and_then(|()| {
             let spec = serde_json::to_vec(vm).map_err(|e| e.to_string())?;
             write_atomic(&dir.join(SPEC_FILE), &spec).map_err(|e| e.to_string())?;
-            let until = now_unix() + idle.as_secs();
+            let until = now_unix() + idle.as_secs() + BOOT_ALLOWANCE.as_secs();
             write_atomic(&dir.join(IDLE_UNTIL), until.to_string().as_bytes())
+                .and_then(|()| {
+                    write_atomic(&dir.join(IDLE_TTL), idle.as_secs().to_string().as_bytes())
+                })
                 .map_err(|e| e.to_string())?;
             // Who boots it, until the holder says so itself.
             write_atomic(&dir.join(BOOTING), Owner::current().0.as_bytes())
@@ -149,6 +159,20 @@ pub fn refill(root: &Path, key: &str, vm: &KeptVm, size: u32, idle: Duration) ->
         return Err(e);
     }
     Ok(())
+}
+
+/// Marks the booted VM in `dir` claimable: its idle time starts now.
+pub(crate) fn mark_ready(dir: &Path) -> agentkernel_core::Result<()> {
+    let ttl: u64 = std::fs::read_to_string(dir.join(IDLE_TTL))
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(0);
+    write_atomic(
+        &dir.join(IDLE_UNTIL),
+        (now_unix() + ttl).to_string().as_bytes(),
+    )?;
+    // Ready last: a run claims only a VM that serves.
+    write_atomic(&dir.join(READY), b"")
 }
 
 /// True while a holder holds the VM in `dir`, or a live process boots it.
@@ -307,7 +331,8 @@ pub fn make_room(root: &Path, max_total: u32) {
     if warm.len() <= limit {
         return;
     }
-    // The idle deadline is set at refill: the earliest is the oldest.
+    // The idle deadline is set when a VM becomes ready: the earliest idled
+    // longest (one still booting has a later one and goes last).
     warm.sort_by_key(|vm| {
         std::fs::read_to_string(vm.join(IDLE_UNTIL))
             .ok()
@@ -351,6 +376,29 @@ mod tests {
         write_atomic(&dir.join(BOOTING), Owner::current().0.as_bytes()).unwrap();
         write_atomic(&dir.join(IDLE_UNTIL), idle_until.to_string().as_bytes()).unwrap();
         dir
+    }
+
+    /// A VM whose boot outlasted its TTL is not over once ready: its idle
+    /// time starts then.
+    #[test]
+    fn idle_time_counts_from_readiness() {
+        let root = tempfile::tempdir().unwrap();
+        // Booted for longer than its 30 s TTL: the refill's deadline has passed.
+        let dir = booting_vm(root.path(), "k", "vm", now_unix() - 1);
+        write_atomic(&dir.join(IDLE_TTL), b"30").unwrap();
+        assert!(is_over(&dir));
+        mark_ready(&dir).unwrap();
+        assert!(dir.join(READY).exists());
+        assert!(!is_over(&dir));
+        let until: u64 = std::fs::read_to_string(dir.join(IDLE_UNTIL))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(
+            (now_unix() + 29..=now_unix() + 30).contains(&until),
+            "{until}"
+        );
     }
 
     fn warm_vm(sandbox: RunRequest) -> KeptVm {
