@@ -132,6 +132,9 @@ async fn reuse_existing(engine: &Engine, store: &Store, name: &str) -> Result<bo
     }
 }
 
+/// How long past its TTL a kept sandbox may live while it is being created.
+const SETUP_ALLOWANCE: Duration = Duration::from_secs(120);
+
 /// Creates the kept sandbox (also `sandbox create`, which runs no first
 /// command); `files` (`[[files]]`) are copied in before anything runs in it.
 pub async fn create(
@@ -148,7 +151,16 @@ pub async fn create(
     let result = async {
         let proxy = crate::egress::start(spec, secrets, store)?;
         let spec = &*crate::egress::container_spec(spec);
-        store.touch(&keep.name, keep.ttl)?;
+        // The TTL counts from when the sandbox is ready: while the engine
+        // creates and starts it (slow on a loaded host, longer than a short
+        // TTL) the keep-alive gets a bounded allowance on top, so it never
+        // exits before the first command. Set again below once it is ready.
+        let setup_ttl = if keep.ttl.is_zero() {
+            keep.ttl
+        } else {
+            keep.ttl + SETUP_ALLOWANCE
+        };
+        store.touch(&keep.name, setup_ttl)?;
         let cow = crate::create::needs_scratch(engine.flavor, spec);
         let scratch = dir.join("workspace");
         let labels_map = HashMap::from([
@@ -201,6 +213,7 @@ pub async fn create(
             crate::egress::attach(engine, &name, started, true).await?;
         }
         crate::secret_files::write(engine, &name, secret_files).await?;
+        store.touch(&keep.name, keep.ttl)?;
         store.commit(&SandboxRecord::for_kept(spec, engine.kind(), container_id))
     }
     .await;
