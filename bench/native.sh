@@ -6,8 +6,11 @@
 #      (bench/compare.py): sequentially (all runs of one command, then the
 #      next) and in blocks of ten — medians, p95, p99, ratios to bwrap, and
 #      CPU per run (user+sys from wait4, a run's leftover cleanup process
-#      included). Not alternated run by run: that moves one sandbox's
-#      deferred kernel teardown onto the next command's clock;
+#      included), and `exec` in a kept native sandbox (joining a sandbox
+#      built ahead: what an agent's loop of commands can use today, and
+#      the floor a native warm pool would reach). Not alternated run by
+#      run: that moves one sandbox's deferred kernel teardown onto the next
+#      command's clock;
 #   2. DOCKER_RUNS runs each of docker run --rm, agentkernel -B native and
 #      bwrap, interleaved (bench/interleaved.py) — ratios to docker;
 #   3. peak memory (max RSS) of the agentkernel process, beside bwrap and the
@@ -32,9 +35,11 @@ export AGENTKERNEL_HOME="$home"
 export AGENTKERNEL_REGISTRY_MIRRORS=${AGENTKERNEL_REGISTRY_MIRRORS:-http://127.0.0.1:5055}
 rootless=$(mktemp -d)
 # The workspace disks runs attached ahead (disk_pool.rs) go with the state dir.
-trap '"$ak" pool prune >/dev/null 2>&1; rm -rf "$home" "$project" "$out" "$rootless"' EXIT
+kept=bench-kept-$$
+trap '"$ak" sandbox rm "$kept" >/dev/null 2>&1; "$ak" pool prune >/dev/null 2>&1; rm -rf "$home" "$project" "$out" "$rootless"' EXIT
 "$ak" image pull "$image" >/dev/null 2>&1   # cached: runs make no network request
 cd "$project"   # a project dir: the workspace is mounted as it would be for a user
+"$ak" sandbox create -B native -i "$image" "$kept" >/dev/null
 bwrap_cmd="bwrap --ro-bind / / --dev /dev --proc /proc --unshare-all true"
 
 echo "== native vs bwrap ($runs runs each, sequential and in blocks; load: $(cut -d' ' -f1-3 /proc/loadavg))"
@@ -43,7 +48,10 @@ echo "== native vs bwrap ($runs runs each, sequential and in blocks; load: $(cut
   -n "bwrap --unshare-all" "$bwrap_cmd" \
   -n "agentkernel -B native (moderate)" "$ak run -B native -i $image true" \
   -n "agentkernel -B native --no-network" "$ak run -B native --no-network -i $image true" \
+  -n "agentkernel exec (kept native sandbox)" "$ak exec $kept -- true" \
   -n "/bin/true (the harness's own floor)" "/bin/true"
+# Its veth and workspace disk must not count as left behind below.
+"$ak" sandbox rm "$kept" >/dev/null
 
 echo
 echo "== native vs docker run --rm ($docker_runs runs each)"
