@@ -76,6 +76,21 @@ impl SandboxRecord {
 /// clock, and small enough for the keep-alive shell's arithmetic.
 pub const NO_EXPIRY: u64 = 253_402_300_799;
 
+/// How long past the deadline it will have once ready something may live
+/// while it is still being created or booted (a kept sandbox, a warm
+/// container or VM): TTLs count from readiness, and on a loaded host a
+/// start can outlast a short one; bounded, so a start killed mid-way still
+/// leaves something that ends on its own.
+pub const STARTING_ALLOWANCE: Duration = Duration::from_secs(120);
+
+/// The deadline to set while starting, for `ready_deadline`: the one to set
+/// again once ready. [`NO_EXPIRY`] stays itself.
+pub fn while_starting(ready_deadline: u64) -> u64 {
+    ready_deadline
+        .saturating_add(STARTING_ALLOWANCE.as_secs())
+        .min(NO_EXPIRY)
+}
+
 /// The deadline a use with this TTL sets: now + ttl, or [`NO_EXPIRY`] for a zero TTL.
 pub fn deadline_after(ttl: Duration) -> u64 {
     if ttl.is_zero() {
@@ -368,7 +383,16 @@ impl Store {
     /// a non-root user; its 0700 parents keep other host users out.
     /// A zero TTL (upstream's `--ttl 0`) never expires: [`NO_EXPIRY`].
     pub fn touch(&self, name: &str, ttl: Duration) -> Result<u64> {
-        let deadline = deadline_after(ttl);
+        self.set_deadline(name, deadline_after(ttl))
+    }
+
+    /// [`Store::touch`] for a sandbox still being created: the TTL plus
+    /// [`STARTING_ALLOWANCE`]. Touch it once it is ready.
+    pub fn touch_while_starting(&self, name: &str, ttl: Duration) -> Result<u64> {
+        self.set_deadline(name, while_starting(deadline_after(ttl)))
+    }
+
+    fn set_deadline(&self, name: &str, deadline: u64) -> Result<u64> {
         write_atomic_mode(
             &self.control_dir(name).join("deadline"),
             deadline.to_string().as_bytes(),
@@ -797,6 +821,27 @@ mod tests {
         assert!(store.orphaned_scratch().is_empty());
         assert!(!dead.exists() && !old.exists());
         assert!(building.exists() && live.exists());
+    }
+
+    #[test]
+    fn a_starting_sandbox_gets_the_allowance_and_no_expiry_stays_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path().to_path_buf());
+        std::fs::create_dir_all(store.control_dir("s")).unwrap();
+        let ttl = Duration::from_secs(5);
+        let starting = store.touch_while_starting("s", ttl).unwrap();
+        assert_eq!(store.deadline("s"), Some(starting));
+        let ready = store.touch("s", ttl).unwrap();
+        assert!(
+            starting >= ready + STARTING_ALLOWANCE.as_secs(),
+            "{starting} {ready}"
+        );
+        assert!(ready <= now_unix() + 5);
+        assert_eq!(
+            store.touch_while_starting("s", Duration::ZERO).unwrap(),
+            NO_EXPIRY
+        );
+        assert_eq!(while_starting(NO_EXPIRY - 1), NO_EXPIRY);
     }
 
     #[test]

@@ -132,9 +132,6 @@ async fn reuse_existing(engine: &Engine, store: &Store, name: &str) -> Result<bo
     }
 }
 
-/// How long past its TTL a kept sandbox may live while it is being created.
-const SETUP_ALLOWANCE: Duration = Duration::from_secs(120);
-
 /// Creates the kept sandbox (also `sandbox create`, which runs no first
 /// command); `files` (`[[files]]`) are copied in before anything runs in it.
 pub async fn create(
@@ -151,16 +148,10 @@ pub async fn create(
     let result = async {
         let proxy = crate::egress::start(spec, secrets, store)?;
         let spec = &*crate::egress::container_spec(spec);
-        // The TTL counts from when the sandbox is ready: while the engine
-        // creates and starts it (slow on a loaded host, longer than a short
-        // TTL) the keep-alive gets a bounded allowance on top, so it never
-        // exits before the first command. Set again below once it is ready.
-        let setup_ttl = if keep.ttl.is_zero() {
-            keep.ttl
-        } else {
-            keep.ttl + SETUP_ALLOWANCE
-        };
-        store.touch(&keep.name, setup_ttl)?;
+        // The TTL counts from when the sandbox is ready (touched again
+        // below): the keep-alive must not exit while the engine is slow to
+        // create and start it.
+        store.touch_while_starting(&keep.name, keep.ttl)?;
         let cow = crate::create::needs_scratch(engine.flavor, spec);
         let scratch = dir.join("workspace");
         let labels_map = HashMap::from([

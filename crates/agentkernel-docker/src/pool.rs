@@ -38,9 +38,6 @@ use crate::{labels, Engine};
 
 pub const DEFAULT_SIZE: u32 = 2;
 pub const DEFAULT_IDLE_TTL: Duration = Duration::from_secs(600);
-/// How long past `idle_ttl` a warm container may live while it is still
-/// being created and started (see `create_warm`).
-const START_ALLOWANCE: Duration = Duration::from_secs(120);
 pub const DEFAULT_MAX_TOTAL: u32 = agentkernel_core::config::DEFAULT_POOL_MAX_TOTAL;
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -632,20 +629,13 @@ async fn create_warm(
     let ctl = dir.join("ctl");
     std::fs::create_dir_all(&ctl).map_err(|e| Error::state(&ctl, e))?;
     state::write_atomic(&dir.join(KEY_FILE), key.as_bytes())?;
-    // Idle time counts from when the container is ready, not from when its
-    // creation began: on a loaded host create + start can take longer than a
-    // short `idle_ttl`, and a container whose deadline passed while it was
-    // starting would exit before any run could claim it. Until it has
-    // started it gets the TTL plus a bounded allowance (so a refill killed
-    // mid-way still leaves a container that ends on its own).
-    let idle_deadline = |allowance: u64| now_unix() + file.settings.idle_ttl.as_secs() + allowance;
+    // Idle time counts from when the container is ready (set again once it
+    // has started): a container whose deadline passed while the engine was
+    // slow to create and start it would exit before any run could claim it.
+    let idle_deadline = || now_unix() + file.settings.idle_ttl.as_secs();
     let deadline_file = ctl.join("deadline");
-    state::write_atomic(
-        &deadline_file,
-        idle_deadline(START_ALLOWANCE.as_secs())
-            .to_string()
-            .as_bytes(),
-    )?;
+    let starting = state::while_starting(idle_deadline());
+    state::write_atomic(&deadline_file, starting.to_string().as_bytes())?;
     let spec = &file.spec;
     let mut label_map = HashMap::from([
         (labels::MANAGED.to_string(), "true".to_string()),
@@ -700,7 +690,7 @@ async fn create_warm(
         if let Some(pid) = pid {
             crate::handoff::record(pid as i32, &dir).await;
         }
-        state::write_atomic(&deadline_file, idle_deadline(0).to_string().as_bytes())?;
+        state::write_atomic(&deadline_file, idle_deadline().to_string().as_bytes())?;
         // Started, with or without a shell this host can see: runs stop waiting for it.
         let _ = std::fs::write(dir.join(STARTED_FILE), b"");
         Ok(())

@@ -48,13 +48,9 @@ const CLAIMED: &str = "claimed";
 /// In `claimed/`: the owner label of the run that claimed the VM.
 const CLAIMED_BY: &str = "by";
 const IDLE_UNTIL: &str = "idle-until";
-/// The key's `idle_ttl` in seconds: the idle deadline is set again from it
-/// once the VM is ready.
+/// The key's `idle_ttl` in seconds: the holder, which has no config, sets
+/// the idle deadline from it once the VM is ready.
 const IDLE_TTL: &str = "idle-ttl";
-/// How long past the idle TTL a VM may take to boot before it is over: idle
-/// time counts from readiness, and a boot under TCG on a loaded host can
-/// outlast a short TTL.
-const BOOT_ALLOWANCE: Duration = Duration::from_secs(120);
 const ABOUT: &str = "about.json";
 /// How long a key's record outlives its last VM.
 const KEY_RECORD_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -135,7 +131,9 @@ pub fn refill(root: &Path, key: &str, vm: &KeptVm, size: u32, idle: Duration) ->
         .and_then(|()| {
             let spec = serde_json::to_vec(vm).map_err(|e| e.to_string())?;
             write_atomic(&dir.join(SPEC_FILE), &spec).map_err(|e| e.to_string())?;
-            let until = now_unix() + idle.as_secs() + BOOT_ALLOWANCE.as_secs();
+            // Idle time counts from readiness (`mark_ready`): a boot under
+            // TCG on a loaded host can outlast a short TTL.
+            let until = agentkernel_core::state::while_starting(now_unix() + idle.as_secs());
             write_atomic(&dir.join(IDLE_UNTIL), until.to_string().as_bytes())
                 .and_then(|()| {
                     write_atomic(&dir.join(IDLE_TTL), idle.as_secs().to_string().as_bytes())
