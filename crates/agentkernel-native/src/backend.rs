@@ -15,7 +15,7 @@ use agentkernel_core::state::{SandboxRecord, Store};
 use agentkernel_core::{Error, Result};
 
 use crate::plan::SecretFile;
-use crate::{copy, egress, gc, helper, images, kept, prepare, rootless};
+use crate::{copy, egress, gc, helper, images, kept, pool, prepare, rootless};
 
 pub struct NativeBackend {
     store: Store,
@@ -62,6 +62,8 @@ impl Backend for NativeBackend {
                 "on the native backend",
                 "use an IPv4 address such as 127.0.0.1 or 0.0.0.0",
             ),
+            // As root; opt-in (`--fast`, see `run.rs` of the CLI and pool.rs).
+            warm_pool: true,
             ..Capabilities::all()
         };
         if rootless::UserMap::for_caller().is_none() {
@@ -88,6 +90,9 @@ impl Backend for NativeBackend {
                 ),
             },
             rootless: true,
+            // A rootless sandbox is entered through its anchor process
+            // (kept.rs): not pooled, a rootless run builds its own.
+            warm_pool: false,
             ..native
         }
     }
@@ -109,6 +114,15 @@ impl Backend for NativeBackend {
             }
         }
         let image = images::image_root(spec, options.config).await?;
+        if options.warm_pool {
+            let settings = pool::Settings::from_config(options.config);
+            if let Some(plan) = pool::claim_for_run(&self.store, spec, &image, settings)? {
+                if let Some(notice) = &options.notice {
+                    eprintln!("{notice}");
+                }
+                return helper::exec_helper(&plan).await.map(Outcome::Exited);
+            }
+        }
         let (mut plan, claim) = prepare::plan(spec, &image, &self.store)?;
         plan.secret_files = SecretFile::all(&options.secret_files);
         plan.files = options.files.clone();
@@ -248,7 +262,9 @@ impl Backend for NativeBackend {
     async fn gc(&self) -> Result<Collected> {
         Ok(Collected {
             containers: 0,
-            directories: gc::orphaned_runs(&self.store) + kept::collect(&self.store),
+            directories: gc::orphaned_runs(&self.store)
+                + kept::collect(&self.store)
+                + pool::collect(&self.store),
         })
     }
 }

@@ -64,7 +64,16 @@ pub fn exec_command(
     request: &ExecRequest,
 ) -> agentkernel_core::Result<(std::process::Command, std::os::fd::OwnedFd)> {
     let plan = command_plan(store, name, request, None, false)?;
-    let (mut helper, fd) = memfd_command(&plan, libc::MFD_CLOEXEC).map_err(Error::from)?;
+    child_command(&plan)
+}
+
+/// The helper of `plan` as a command to start as a child: the plan's memfd
+/// is close-on-exec here and made inheritable in the child only. Drop the
+/// returned fd once the command is spawned.
+fn child_command(
+    plan: &Plan,
+) -> agentkernel_core::Result<(std::process::Command, std::os::fd::OwnedFd)> {
+    let (mut helper, fd) = memfd_command(plan, libc::MFD_CLOEXEC).map_err(Error::from)?;
     // SAFETY: just created by memfd_command, ours.
     let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
     let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
@@ -78,6 +87,28 @@ pub fn exec_command(
         });
     }
     Ok((helper, fd))
+}
+
+/// Builds the kept sandbox of `plan` (which has no command) in a helper
+/// child and waits for it: for a process that cannot be the helper itself
+/// (the pool's refill has a runtime; the helper must be single-threaded).
+pub fn create_in_child(plan: &Plan) -> agentkernel_core::Result<()> {
+    let (mut helper, fd) = child_command(plan)?;
+    let status = helper
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map_err(|e| Error::from(HandoffError::Exec(e)))?;
+    drop(fd);
+    if status.success() {
+        Ok(())
+    } else {
+        Err(agentkernel_core::Error::Backend {
+            backend: "native",
+            message: format!("building a warm sandbox failed ({status})"),
+        })
+    }
 }
 
 /// Hands the plan to a fresh copy of ourselves on an inherited memfd: by
@@ -94,13 +125,14 @@ pub async fn exec_helper(plan: &Plan) -> agentkernel_core::Result<i32> {
 
 /// Whether this process can be the helper of `plan` itself, skipping the
 /// exec (~1 ms: loading the binary again, the plan's round trip through
-/// JSON): a plain one-shot run (no receipt observing it, no egress proxy
-/// whose descriptors the exec hands over) from a process that is still
+/// JSON): a plain one-shot run, built here or claimed from the pool (no
+/// receipt observing it, no egress proxy whose descriptors the exec hands
+/// over), from a process that is still
 /// single-threaded, as the helper must be (the CLI's runtime runs on this
 /// thread; a blocking task, e.g. a wait for the image store's lock, leaves
 /// threads behind, and then the helper is exec'd as always).
 fn can_become_helper(plan: &Plan) -> bool {
-    plan.action == Action::Run
+    (plan.action == Action::Run || plan.claimed_warm)
         && plan.egress.is_none()
         && !agentkernel_core::observe::enabled()
         && single_threaded()
@@ -296,6 +328,7 @@ fn run_plan(plan: Plan, report: &mut dyn FnMut(HelperReport)) -> i32 {
                 first.action = Action::Exec;
                 join::exec(&first).map_err(Error::from)
             }),
+        Action::Exec if plan.claimed_warm => exec_in_claimed(&plan),
         Action::Exec => join::exec(&plan).map_err(Error::from),
     };
     if let (Some(keep), Action::CreateKept | Action::Exec) = (&plan.keep, &plan.action) {
@@ -318,6 +351,25 @@ fn run_plan(plan: Plan, report: &mut dyn FnMut(HelperReport)) -> i32 {
             AGENTKERNEL_ERROR
         }
     }
+}
+
+/// A pooled run's command in the warm sandbox it claimed; then every
+/// process of that sandbox is ended before the exit code is returned, as
+/// when a one-shot run's sandbox ends (its holder removes the rest).
+fn exec_in_claimed(plan: &Plan) -> Result<agentkernel_core::spec::Outcome, Error> {
+    let init = crate::pool::ClaimedInit::open(plan).ok_or_else(|| {
+        Error::from(crate::error::KeptError::HolderExited(
+            plan.keep
+                .as_ref()
+                .map(|k| k.name.clone())
+                .unwrap_or_default(),
+        ))
+    })?;
+    let outcome = join::exec(plan).map_err(Error::from);
+    crate::trace::phase("pooled command ended");
+    init.end();
+    crate::trace::phase("claimed sandbox ended");
+    outcome
 }
 
 /// Right after the helper created a kept sandbox: runs its template's

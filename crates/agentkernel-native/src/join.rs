@@ -33,7 +33,10 @@ pub fn exec(plan: &Plan) -> Result<Outcome, KeptError> {
     if held.cgroup.is_frozen() {
         return Err(KeptError::Stopped(keep.name.clone()));
     }
-    store.touch(&keep.name, keep.ttl)?;
+    // A claimed warm sandbox lives as long as its run, not by a deadline.
+    if !plan.claimed_warm {
+        store.touch(&keep.name, keep.ttl)?;
+    }
 
     // Everything on the host side is opened before we enter: paths resolve
     // differently afterwards.
@@ -113,14 +116,17 @@ pub fn exec(plan: &Plan) -> Result<Outcome, KeptError> {
     // A running command keeps the sandbox alive: move the deadline as we go.
     let ttl = keep.ttl;
     let mut last_touch = now_unix();
+    let touches = !plan.claimed_warm;
     let mut tick = || {
-        if now_unix() >= last_touch + 5 {
+        if touches && now_unix() >= last_touch + 5 {
             last_touch = now_unix();
             touch_at(&control, ttl);
         }
     };
     let result = process::watch(&sfd, child, None, master, plan.timeout, &mut tick);
-    touch_at(&control, ttl);
+    if touches {
+        touch_at(&control, ttl);
+    }
     let process::Ended {
         code, timed_out, ..
     } = match result {

@@ -54,7 +54,7 @@ impl Held {
         !Owner(self.holder.clone()).is_dead()
     }
 
-    fn holder_pid(&self) -> Option<i32> {
+    pub(crate) fn holder_pid(&self) -> Option<i32> {
         self.holder.split(':').nth(1)?.parse().ok()
     }
 

@@ -25,6 +25,7 @@ pub mod kept;
 pub mod net;
 pub mod observed;
 pub mod plan;
+pub mod pool;
 pub mod prepare;
 pub mod process;
 pub mod rootfs;

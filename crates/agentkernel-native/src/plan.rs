@@ -92,6 +92,10 @@ pub struct KeepPlan {
     /// A template's setup lines, run once right after creation.
     #[serde(default)]
     pub setup: Vec<String>,
+    /// A warm sandbox of the native pool (pool.rs): built ahead for one
+    /// run, which claims it; its holder then ends it when that run does.
+    #[serde(default)]
+    pub warm: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -151,6 +155,11 @@ pub struct Plan {
     pub workspace_held: bool,
     pub tty: bool,
     pub timeout: Option<Duration>,
+    /// An `Exec` in a warm sandbox this run claimed from the pool: the
+    /// helper ends the sandbox (every process of it) before it returns the
+    /// exit code, as a one-shot run does.
+    #[serde(default)]
+    pub claimed_warm: bool,
     /// Set when agentkernel runs without root: the helper first enters a
     /// user namespace mapping these ids to root (see rootless.rs).
     #[serde(default)]

@@ -145,18 +145,12 @@ pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<(Pla
         RootSource::Layers(image.layers.clone())
     };
     let hostname = id.clone();
-    let argv = if spec.exec.argv.is_empty() {
-        image.entrypoint.iter().chain(&image.cmd).cloned().collect()
-    } else {
-        spec.exec.argv.clone()
-    };
-    let env = environment(spec, image, &hostname);
-    let workdir = spec
-        .exec
-        .workdir
-        .clone()
-        .or_else(|| image.working_dir.clone().filter(|w| w.starts_with('/')))
-        .unwrap_or_else(|| "/".to_string());
+    let PerRun {
+        argv,
+        env,
+        workdir,
+        user,
+    } = PerRun::of(spec, image, &hostname);
     let capabilities = crate::caps::kept(&spec.policy.capabilities);
     // The disk cap of a copy-on-write workspace needs a loop-mounted
     // filesystem (disk.rs), which a user namespace cannot mount. Its
@@ -198,6 +192,7 @@ pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<(Pla
                 record: SandboxRecord::for_kept(spec, BackendKind::Native, String::new()),
                 reused: false,
                 setup: k.setup.clone(),
+                warm: false,
             })
         }
         None => None,
@@ -288,7 +283,7 @@ pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<(Pla
         argv,
         env,
         workdir,
-        user: image.user.clone().filter(|u| !u.is_empty()),
+        user,
         capabilities,
         no_new_privileges: spec.policy.no_new_privileges,
         seccomp: match spec.policy.seccomp {
@@ -307,6 +302,7 @@ pub fn plan(spec: &SandboxSpec, image: &ImageRoot, store: &Store) -> Result<(Pla
         workspace_held,
         tty: spec.exec.tty,
         timeout: spec.exec.timeout,
+        claimed_warm: false,
         rootless,
         // The proxy is started by the caller, which holds the secret values.
         egress: None,
@@ -377,6 +373,35 @@ pub fn for_command(sandbox: &Plan, request: &ExecRequest) -> Plan {
         plan.user = request.user.clone();
     }
     plan
+}
+
+/// What a one-shot run chooses for its command, apart from the sandbox:
+/// the same whether the sandbox is built for it or claimed from the pool.
+pub(crate) struct PerRun {
+    pub argv: Vec<String>,
+    pub env: Vec<String>,
+    pub workdir: String,
+    pub user: Option<String>,
+}
+
+impl PerRun {
+    pub fn of(spec: &SandboxSpec, image: &ImageRoot, hostname: &str) -> PerRun {
+        PerRun {
+            argv: if spec.exec.argv.is_empty() {
+                image.entrypoint.iter().chain(&image.cmd).cloned().collect()
+            } else {
+                spec.exec.argv.clone()
+            },
+            env: environment(spec, image, hostname),
+            workdir: spec
+                .exec
+                .workdir
+                .clone()
+                .or_else(|| image.working_dir.clone().filter(|w| w.starts_with('/')))
+                .unwrap_or_else(|| "/".to_string()),
+            user: image.user.clone().filter(|u| !u.is_empty()),
+        }
+    }
 }
 
 /// Image env, then the user's `-e` (which wins), then what Docker adds.

@@ -73,7 +73,7 @@ pub enum Command {
     /// Manage the local secret vault (encrypted; values are never printed)
     #[command(subcommand)]
     Secret(SecretCommand),
-    /// Inspect or empty the warm container pool behind --fast
+    /// Inspect or empty the warm pools behind --fast (containers, VMs, native sandboxes)
     #[command(subcommand)]
     Pool(PoolCommand),
     /// SSH into a sandbox started with --ssh (runs the system's ssh with its key, port and pinned host key)
@@ -123,7 +123,7 @@ pub struct RunArgs {
     #[arg(short = 'k', long)]
     pub keep: bool,
 
-    /// Use the warm container pool for faster start-up on docker/podman (default: true; --fast=false to skip it; native needs no pool)
+    /// Use the warm pool for faster start-up (default on for docker, podman and qemu; on native only when given: it pays off when runs are spaced out; --fast=false skips it)
     #[arg(short = 'F', long, value_name = "BOOL", num_args = 0..=1, require_equals = true,
           default_missing_value = "true", value_parser = BoolishValueParser::new())]
     pub fast: Option<bool>,
@@ -556,7 +556,7 @@ pub enum PoolCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Remove every warm container, and the workspace disks native runs attached or mounted ahead
+    /// Remove every warm container, VM and native sandbox, and the workspace disks native runs attached or mounted ahead
     Prune,
     /// Hold workspace disks mounted ahead for native runs (started detached by `run`)
     #[command(hide = true)]
@@ -571,6 +571,9 @@ pub enum PoolCommand {
         #[arg(long)]
         used: Option<String>,
     },
+    /// Build warm native sandboxes of a key up to its target (run detached by `run`)
+    #[command(hide = true)]
+    RefillNative { key: String },
 }
 
 #[derive(Debug, Subcommand)]

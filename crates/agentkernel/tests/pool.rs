@@ -940,3 +940,341 @@ mod engine_only {
         assert!(env.labelled_containers(Some("pool")).is_empty());
     }
 }
+
+/// Native's pool (`--fast`, opt-in there): sandboxes built ahead by a
+/// detached refill, each claimed by one run, which joins it.
+mod native_only {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    fn native() -> TestEnv {
+        assert!(is_native(), "native-only test run on {}", backend());
+        let env = TestEnv::new();
+        std::fs::write(
+            env.project_dir().join("agentkernel.toml"),
+            "[pool]\nsize = 1\nidle_ttl = \"120s\"\n",
+        )
+        .unwrap();
+        env
+    }
+
+    /// Warm sandboxes of this test's state dir (`native-pool/<key>/sandboxes/<name>`)
+    /// that are ready and unclaimed.
+    fn warm(env: &TestEnv) -> Vec<PathBuf> {
+        pool_sandbox_dirs(env)
+            .into_iter()
+            .filter(|d| d.join("ready").exists() && !d.join("claimed").exists())
+            .collect()
+    }
+
+    fn pool_sandbox_dirs(env: &TestEnv) -> Vec<PathBuf> {
+        let keys = std::fs::read_dir(env.state_dir().join("native-pool"));
+        keys.into_iter()
+            .flatten()
+            .flatten()
+            .flat_map(|key| {
+                std::fs::read_dir(key.path().join("sandboxes"))
+                    .into_iter()
+                    .flatten()
+            })
+            .flatten()
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            .map(|e| e.path())
+            .collect()
+    }
+
+    fn name_of(dir: &std::path::Path) -> String {
+        dir.file_name().unwrap().to_string_lossy().into_owned()
+    }
+
+    /// Runs `args` once so that its key warms up, and waits until a warm
+    /// sandbox of it is ready (and the refill is done).
+    fn warm_up(env: &TestEnv, args: &[&str]) -> PathBuf {
+        let out = env.run(args);
+        assert!(out.status.success(), "warm-up run failed: {}", stderr(&out));
+        poll_until(
+            Duration::from_secs(60),
+            "a warm native sandbox should be ready after a --fast run",
+            || !warm(env).is_empty(),
+        );
+        env.wait_for_refills(Duration::from_secs(60));
+        let ready = warm(env);
+        assert_eq!(ready.len(), 1, "[pool] size = 1: {ready:?}");
+        ready[0].clone()
+    }
+
+    /// `args` with `--fast -i BUSYBOX` after `run`.
+    fn fast<'a>(args: &[&'a str]) -> Vec<&'a str> {
+        let mut v = vec!["run", "--fast", "-i", BUSYBOX];
+        v.extend_from_slice(args);
+        v
+    }
+
+    #[test]
+    fn a_warm_sandbox_serves_exactly_one_run_and_then_goes() {
+        let env = native();
+        let first = warm_up(&env, &fast(&["true"]));
+        let name = name_of(&first);
+        // The run is served by the warm sandbox (its hostname is the sandbox's
+        // name) and leaves a mark in it.
+        let out = env.run(&fast(&["sh", "-c", "hostname; echo mark > /mark"]));
+        assert_code(&out, 0);
+        assert_eq!(stdout(&out).trim(), name, "not served by {name}");
+        poll_until(
+            Duration::from_secs(30),
+            "the used warm sandbox should be removed with all it held",
+            || !first.exists() && !native_sandbox_exists(&name),
+        );
+        // The next run gets another, fresh one: no mark.
+        poll_until(Duration::from_secs(60), "a new warm sandbox", || {
+            !warm(&env).is_empty()
+        });
+        env.wait_for_refills(Duration::from_secs(60));
+        let second = name_of(&warm(&env)[0]);
+        assert_ne!(second, name);
+        let out = env.run(&fast(&[
+            "sh",
+            "-c",
+            "hostname; test ! -e /mark && echo fresh",
+        ]));
+        assert_code(&out, 0);
+        assert_eq!(stdout(&out), format!("{second}\nfresh\n"));
+        assert_eq!(hits_and_misses(&env), (2, 1));
+    }
+
+    /// The one key's runs that found a warm sandbox ready, and those that
+    /// built their own (`pool status --json`).
+    fn hits_and_misses(env: &TestEnv) -> (u64, u64) {
+        let status = env.run(&["pool", "status", "--json"]);
+        let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+        let keys = status["sandboxes"]["keys"].as_array().unwrap().clone();
+        assert_eq!(keys.len(), 1, "{status}");
+        (
+            keys[0]["hits"].as_u64().unwrap(),
+            keys[0]["misses"].as_u64().unwrap(),
+        )
+    }
+
+    /// What the command sees and how it ends are the run's, not the warm
+    /// sandbox's: the same output as a run that builds its own sandbox.
+    #[test]
+    fn a_pooled_run_matches_a_cold_run() {
+        let env = native();
+        std::fs::write(env.project_dir().join("f.txt"), "host\n").unwrap();
+        warm_up(&env, &fast(&["true"]));
+        let script = "printf '%s|' \"$0\" \"$@\"; echo; echo \"K=$K\"; pwd; id; \
+             grep -E '^(CapEff|CapBnd|Seccomp|NoNewPrivs):' /proc/self/status; \
+             cat /sys/fs/cgroup/pids.max /sys/fs/cgroup/pids/pids.max 2>/dev/null; \
+             cat /workspace/f.txt; echo changed > /workspace/f.txt; cat; \
+             echo to-stderr >&2; exit 7";
+        let args = |fast_flag: &str| {
+            vec![
+                "run".to_string(),
+                fast_flag.to_string(),
+                "-i".into(),
+                BUSYBOX.into(),
+                "-e".into(),
+                "K=v a".into(),
+                "-w".into(),
+                "/tmp".into(),
+                "sh".into(),
+                "-c".into(),
+                script.into(),
+                "zero".into(),
+                "a b".into(),
+                "$HOME".into(),
+            ]
+        };
+        let run = |fast_flag: &str| {
+            env.cmd()
+                .args(args(fast_flag))
+                .write_stdin("from-stdin\n")
+                .output()
+                .unwrap()
+        };
+        let pooled = run("--fast");
+        assert_eq!(
+            hits_and_misses(&env),
+            (1, 1),
+            "the run was not served by the pool"
+        );
+        let cold = run("--fast=false");
+        assert_code(&pooled, 7);
+        assert_code(&cold, 7);
+        assert_eq!(stdout(&pooled), stdout(&cold));
+        assert!(
+            stdout(&pooled).starts_with("zero|a b|$HOME|\nK=v a\n/tmp\n"),
+            "{}",
+            stdout(&pooled)
+        );
+        assert!(
+            stdout(&pooled).contains("host\nfrom-stdin\n"),
+            "{}",
+            stdout(&pooled)
+        );
+        assert!(stderr(&pooled).contains("to-stderr"));
+        assert_eq!(
+            std::fs::read_to_string(env.project_dir().join("f.txt")).unwrap(),
+            "host\n",
+            "the host's workspace must never change"
+        );
+    }
+
+    /// Built ahead, the sandbox still shows the workspace as it is when the
+    /// run starts.
+    #[test]
+    fn a_pooled_run_sees_the_workspace_as_it_is_now() {
+        let env = native();
+        warm_up(&env, &fast(&["true"]));
+        std::fs::write(
+            env.project_dir().join("later.txt"),
+            "written after warm-up\n",
+        )
+        .unwrap();
+        let out = env.run(&fast(&["cat", "/workspace/later.txt"]));
+        assert_code(&out, 0);
+        assert_eq!(stdout(&out), "written after warm-up\n");
+        assert_eq!(
+            hits_and_misses(&env),
+            (1, 1),
+            "the run was not served by the pool"
+        );
+    }
+
+    /// Nothing the command started outlives the run, as with a one-shot
+    /// sandbox: a writer that ignores HUP and TERM stops when `run` returns.
+    #[test]
+    fn no_process_of_a_pooled_command_outlives_the_run() {
+        let env = native();
+        let out_dir = tempfile::tempdir().unwrap();
+        let volume = format!("{}:/out", out_dir.path().display());
+        warm_up(&env, &fast(&["-v", &volume, "true"]));
+        let file = out_dir.path().join("grows");
+        let out = env.run(&fast(&[
+            "-v",
+            &volume,
+            "sh",
+            "-c",
+            // Its stdio is not the run's: nothing but the sandbox's end stops it.
+            "(trap '' HUP TERM; while :; do echo x >> /out/grows; done) </dev/null >/dev/null 2>&1 & sleep 0.3; exit 3",
+        ]));
+        assert_code(&out, 3);
+        assert_eq!(
+            hits_and_misses(&env),
+            (1, 1),
+            "the run was not served by the pool"
+        );
+        let size = std::fs::metadata(&file).unwrap().len();
+        assert!(size > 0, "the writer never ran");
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(
+            std::fs::metadata(&file).unwrap().len(),
+            size,
+            "a process of the pooled command still writes after the run returned"
+        );
+    }
+
+    /// A pooled run killed with SIGKILL (it cannot clean up) still ends its
+    /// sandbox: the holder watches the run and ends it then.
+    #[test]
+    fn a_killed_pooled_run_ends_its_sandbox() {
+        let env = native();
+        let first = warm_up(&env, &fast(&["true"]));
+        let name = name_of(&first);
+        let mut run = env.spawn(&fast(&["sh", "-c", "echo started; sleep 600"]));
+        poll_until(
+            Duration::from_secs(30),
+            "the run should claim the warm sandbox",
+            || {
+                std::fs::read_to_string(first.join("claimed/by"))
+                    .is_ok_and(|by| by.trim() == run.owner)
+            },
+        );
+        poll_until(Duration::from_secs(30), "the command should run", || {
+            native_cgroup_dirs(&name).iter().any(|d| {
+                std::fs::read_to_string(d.join("cgroup.procs"))
+                    .is_ok_and(|p| p.lines().count() >= 2)
+            })
+        });
+        let mut child = run.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        poll_until(
+            Duration::from_secs(30),
+            "the killed run's sandbox should be removed with all it held",
+            || !first.exists() && !native_sandbox_exists(&name),
+        );
+    }
+
+    #[test]
+    fn pooled_timeout_and_exit_codes_are_the_runs() {
+        let env = native();
+        warm_up(&env, &fast(&["true"]));
+        let out = env.run(&fast(&[
+            "--timeout",
+            "1s",
+            "sh",
+            "-c",
+            "sleep 30 & sleep 30",
+        ]));
+        assert_code(&out, 124);
+        assert_eq!(
+            hits_and_misses(&env),
+            (1, 1),
+            "the run was not served by the pool"
+        );
+        env.wait_for_refills(Duration::from_secs(60));
+        poll_until(Duration::from_secs(60), "a new warm sandbox", || {
+            !warm(&env).is_empty()
+        });
+        let out = env.run(&fast(&["sh", "-c", "exit 42"]));
+        assert_code(&out, 42);
+        assert_eq!(
+            hits_and_misses(&env),
+            (2, 1),
+            "the run was not served by the pool"
+        );
+        let out = env.run(&fast(&["nosuchcommand"]));
+        assert_code(&out, 127);
+    }
+
+    #[test]
+    fn prune_ends_warm_sandboxes_and_what_they_held() {
+        let env = native();
+        let first = warm_up(&env, &fast(&["true"]));
+        let name = name_of(&first);
+        assert!(native_sandbox_exists(&name));
+        let out = env.run(&["pool", "prune"]);
+        assert_code(&out, 0);
+        assert!(
+            stderr(&out).contains("1 warm native sandbox"),
+            "{}",
+            stderr(&out)
+        );
+        assert!(
+            pool_sandbox_dirs(&env).is_empty(),
+            "{:?}",
+            pool_sandbox_dirs(&env)
+        );
+        poll_until(
+            Duration::from_secs(10),
+            "nothing of the pruned sandbox",
+            || !native_sandbox_exists(&name),
+        );
+    }
+
+    /// Without `--fast` (or `fast = true`) native builds every sandbox: the
+    /// pool is opt-in there.
+    #[test]
+    fn native_runs_use_no_pool_unless_asked() {
+        let env = native();
+        let out = env.run(&["run", "-i", BUSYBOX, "true"]);
+        assert_code(&out, 0);
+        assert!(!env.state_dir().join("native-pool").exists());
+        let dry = env.dry_run(&["-i", BUSYBOX, "true"]);
+        assert_eq!(dry["pool"], false, "{dry}");
+        let dry = env.dry_run(&["--fast", "-i", BUSYBOX, "true"]);
+        assert_eq!(dry["pool"], true, "{dry}");
+    }
+}

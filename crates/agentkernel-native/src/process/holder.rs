@@ -194,18 +194,54 @@ fn hold(plan: &Plan, cgroup: &Cgroup, store: &Store, report: OwnedFd) -> ! {
     }
     say("ok");
     drop(report);
+    if keep.warm {
+        // Only now (init runs, nothing of ours is inherited any more): the
+        // signal a claiming run sends, then `ready`, which runs look for.
+        let claimable = listen_for_claims(&sfd).is_ok()
+            && crate::pool::mark_ready(&store.sandbox_dir(&keep.name)).is_ok();
+        if !claimable {
+            end_anchor();
+            kill(started.pid, libc::SIGKILL);
+            wait_for(started.pid);
+            if let Some(link) = &started.link {
+                link.release();
+            }
+            cgroup.remove();
+            let _ = store.forget(&keep.name);
+            // SAFETY: ends the holder.
+            unsafe { libc::_exit(1) }
+        }
+    }
 
-    wait_until_done(store, &keep.name, &sfd, started.pid);
+    // A warm sandbox's namespaces stay referenced here until the holder has
+    // reaped init: otherwise the run that joined them would hold the last
+    // reference, and its exit would wait for the kernel to unmount the
+    // sandbox's filesystems and dismantle its network.
+    let namespaces: Vec<std::fs::File> = if keep.warm {
+        crate::join::NAMESPACES
+            .iter()
+            .filter_map(|ns| std::fs::File::open(format!("/proc/{}/ns/{ns}", started.pid)).ok())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let served_a_run = wait_until_done(store, &keep.name, &sfd, started.pid, keep.warm);
     // Frozen (stopped) processes cannot die until thawed.
     let _ = cgroup.set_frozen(false);
     kill(started.pid, libc::SIGKILL);
     wait_for(started.pid);
     end_anchor();
+    drop(namespaces);
     if let Some(link) = &started.link {
         link.release();
     }
     cgroup.remove();
     let _ = store.forget(&keep.name);
+    if served_a_run {
+        // Once the run and this sandbox are over, not while the command
+        // runs: the build competes with nothing of the run then.
+        crate::pool::start_refill_from_holder(store.root());
+    }
     // SAFETY: ends the holder.
     unsafe { libc::_exit(0) }
 }
@@ -250,16 +286,46 @@ fn spawn_anchor(init: libc::pid_t) -> io::Result<libc::pid_t> {
     Ok(pid)
 }
 
+/// Adds [`crate::pool::CLAIMED_SIGNAL`] to the holder's signalfd (blocked
+/// only after init exists: a blocked signal would be inherited by it).
+fn listen_for_claims(sfd: &OwnedFd) -> io::Result<()> {
+    let mut signals = super::supervisor_signals();
+    // SAFETY: adds to a set we own, blocks it in our (single) thread and
+    // gives the signalfd we own the larger set.
+    unsafe {
+        libc::sigaddset(&mut signals, crate::pool::CLAIMED_SIGNAL);
+        libc::sigprocmask(libc::SIG_BLOCK, &signals, std::ptr::null_mut());
+        if libc::signalfd(sfd.as_raw_fd(), &signals, 0) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// Sleeps until the deadline passes (re-reading it: every use moves it), a
-/// signal asks us to end, or init dies.
-fn wait_until_done(store: &Store, name: &str, sfd: &OwnedFd, init: libc::pid_t) {
+/// signal asks us to end, or init dies. A warm sandbox a run has claimed
+/// lives exactly as long as that run (see [`watch_claimant`]). Returns
+/// whether it was such a sandbox.
+fn wait_until_done(
+    store: &Store,
+    name: &str,
+    sfd: &OwnedFd,
+    init: libc::pid_t,
+    warm: bool,
+) -> bool {
     loop {
+        if warm {
+            if let Some(claimant) = crate::pool::claimant(&store.sandbox_dir(name)) {
+                watch_claimant(&claimant, sfd, init);
+                return true;
+            }
+        }
         let Some(deadline) = store.deadline(name) else {
-            return;
+            return false;
         };
         let now = now_unix();
         if now >= deadline {
-            return;
+            return false;
         }
         let wait_ms = ((deadline - now).min(60) * 1000) as i32;
         let mut pfd = libc::pollfd {
@@ -279,11 +345,57 @@ fn wait_until_done(store: &Store, name: &str, sfd: &OwnedFd, init: libc::pid_t) 
                 let mut status = 0;
                 // SAFETY: non-blocking wait for our own child.
                 if unsafe { libc::waitpid(init, &mut status, libc::WNOHANG) } == init {
+                    return false;
+                }
+            }
+            // A run claimed the sandbox: the loop's next turn watches it.
+            libc::SIGWINCH | crate::pool::CLAIMED_SIGNAL => {}
+            // TERM (remove), INT, HUP, QUIT: end the sandbox.
+            _ => return false,
+        }
+    }
+}
+
+/// Waits, with no deadline, until the run that claimed this warm sandbox
+/// has ended (killed or not: its pidfd says so), init dies, or a signal
+/// asks us to end. The run ends the sandbox's processes itself before it
+/// returns its exit code; this is what ends them when the run is killed.
+fn watch_claimant(claimant: &Owner, sfd: &OwnedFd, init: libc::pid_t) {
+    let Some(pidfd) = crate::pool::pidfd_of(claimant) else {
+        return;
+    };
+    loop {
+        let mut pfds = [
+            libc::pollfd {
+                fd: sfd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: pidfd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: two valid pollfds.
+        if unsafe { libc::poll(pfds.as_mut_ptr(), 2, -1) } <= 0 {
+            continue;
+        }
+        if pfds[1].revents != 0 {
+            return;
+        }
+        let Some(sig) = super::next_signal(sfd) else {
+            continue;
+        };
+        match sig {
+            libc::SIGCHLD => {
+                let mut status = 0;
+                // SAFETY: non-blocking wait for our own child.
+                if unsafe { libc::waitpid(init, &mut status, libc::WNOHANG) } == init {
                     return;
                 }
             }
-            libc::SIGWINCH => {}
-            // TERM (remove), INT, HUP, QUIT: end the sandbox.
+            libc::SIGWINCH | crate::pool::CLAIMED_SIGNAL => {}
             _ => return,
         }
     }

@@ -18,6 +18,10 @@ pub async fn pool(cmd: PoolCommand) -> Result<i32> {
             pool::refill(&engine, &store, &key, used.as_deref()).await?;
             Ok(0)
         }
+        PoolCommand::RefillNative { key } => {
+            agentkernel_native::pool::refill(&store, &key).await?;
+            Ok(0)
+        }
         PoolCommand::Status { json } => status(&store, json).await,
         PoolCommand::HoldDisks { bytes } => {
             agentkernel_native::disk_keeper::serve(store.root(), bytes)
@@ -50,10 +54,12 @@ pub async fn pool(cmd: PoolCommand) -> Result<i32> {
                 removed += pool::prune(&engine, &store).await;
             }
             let vms = super::qemu_pool::prune(&store);
+            let sandboxes = agentkernel_native::pool::prune(&store);
             eprintln!(
-                "agentkernel: removed {} and {}",
+                "agentkernel: removed {}, {} and {}",
                 super::counted(removed, "warm container", "warm containers"),
-                super::counted(vms, "warm VM", "warm VMs")
+                super::counted(vms, "warm VM", "warm VMs"),
+                super::counted(sandboxes, "warm native sandbox", "warm native sandboxes")
             );
             Ok(0)
         }
@@ -75,6 +81,8 @@ async fn status(store: &Store, as_json: bool) -> Result<i32> {
         engines.push((engine.name(), pool::status(&engine, store).await));
     }
     let vms = super::qemu_pool::status(store);
+    let natives = agentkernel_native::pool::status(store);
+    let native_target = agentkernel_native::pool::Settings::from_config(&config).size;
     // Native's workspace disks mounted (the keeper) or attached ahead.
     let keeper = agentkernel_native::disk_keeper::status(store.root());
     let attached = agentkernel_native::disk_pool::ready(store.root());
@@ -91,6 +99,12 @@ async fn status(store: &Store, as_json: bool) -> Result<i32> {
                 "warm": vms.iter().map(|k| k.warm).sum::<usize>(),
                 "target_per_key": vm_target,
                 "keys": vms,
+            },
+            "sandboxes": {
+                "backend": "native",
+                "warm": natives.iter().map(|k| k.warm).sum::<usize>(),
+                "target_per_key": native_target,
+                "keys": natives,
             },
             "disks": {
                 "backend": "native",
@@ -139,6 +153,17 @@ async fn status(store: &Store, as_json: bool) -> Result<i32> {
         hits: hit_rate(s.about.hits, s.about.hits + s.about.misses),
         workspace: s.about.workspace.as_deref().unwrap_or("-"),
     }));
+    rows.extend(natives.iter().map(|s| Row {
+        backend: "native",
+        key: &s.key,
+        image: &s.about.image,
+        profile: &s.about.profile,
+        warm: s.warm.to_string(),
+        in_use: s.in_use.to_string(),
+        target: native_target.to_string(),
+        hits: hit_rate(s.about.hits, s.about.hits + s.about.misses),
+        workspace: s.about.workspace.as_deref().unwrap_or("-"),
+    }));
     let mut text: String = rows.iter().map(Row::line).collect();
     for (name, keys) in &engines {
         let warm: usize = keys.iter().map(|k| k.warm).sum();
@@ -148,6 +173,11 @@ async fn status(store: &Store, as_json: bool) -> Result<i32> {
         let warm: usize = vms.iter().map(|k| k.warm).sum();
         let warm = super::counted(warm, "warm VM", "warm VMs");
         text += &format!("qemu: {warm} of at most {max_total} ([pool] max_total)\n");
+    }
+    if !natives.is_empty() {
+        let warm: usize = natives.iter().map(|k| k.warm).sum();
+        let warm = super::counted(warm, "warm sandbox", "warm sandboxes");
+        text += &format!("native: {warm} of at most {max_total} ([pool] max_total)\n");
     }
     if let Some(keeper) = keeper {
         let disks = super::counted(

@@ -437,9 +437,13 @@ impl TestEnv {
 }
 
 impl TestEnv {
-    /// PIDs of detached `agentkernel pool refill` processes of this state dir.
+    /// PIDs of detached `agentkernel pool refill` (and `refill-native`)
+    /// processes of this state dir.
     pub fn refills_running(&self) -> Vec<u32> {
-        self.processes_matching(|args| args.windows(2).any(|w| w == [&b"pool"[..], &b"refill"[..]]))
+        self.processes_matching(|args| {
+            args.windows(2)
+                .any(|w| w[0] == b"pool" && (w[1] == b"refill" || w[1] == b"refill-native"))
+        })
     }
 
     /// PIDs of every agentkernel process of this state dir: once the
