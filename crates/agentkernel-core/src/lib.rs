@@ -21,6 +21,7 @@ pub mod observe;
 pub mod parse;
 pub mod paths;
 pub mod policy;
+pub mod pool_keys;
 pub mod procs;
 pub mod seccomp;
 pub mod secrets;

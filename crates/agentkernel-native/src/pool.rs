@@ -37,6 +37,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use agentkernel_core::config::Config;
+use agentkernel_core::pool_keys::{record_run, About, KeyStatus};
 use agentkernel_core::spec::{ExecRequest, Keep, PullPolicy, SandboxSpec};
 use agentkernel_core::state::{create_private_dir_all, now_unix, write_atomic, Owner, Store};
 use agentkernel_core::{names, Error, Result};
@@ -57,7 +58,6 @@ const READY: &str = "ready";
 const CLAIMED: &str = "claimed";
 const CLAIMED_BY: &str = "by";
 const KEY_FILE: &str = "warm.json";
-const ABOUT: &str = "about.json";
 const REFILL_LOCK: &str = "refill.lock";
 /// A sandbox this close to its idle deadline is not claimed: its holder
 /// could end it before the claim reaches it.
@@ -153,16 +153,8 @@ pub fn claim_for_run(
     let key = key_of(&warm, image);
     let claimed = claim(state, &key);
     crate::trace::phase("pool claim looked for");
-    let about = About {
-        image: spec.image.clone(),
-        profile: spec.policy.profile.to_string(),
-        workspace: spec
-            .workspace
-            .as_ref()
-            .map(|w| w.host.display().to_string()),
-        ..About::default()
-    };
-    record_run(state, &key, about, claimed.is_some());
+    let about = About::for_spec(spec);
+    record_run(&root(state).join(&key), about, claimed.is_some());
     let store = key_store(state, &key);
     write_key_file(&store, warm, settings);
     let Some(name) = claimed else {
@@ -515,58 +507,12 @@ fn keys(state: &Store) -> Vec<String> {
         .collect()
 }
 
-/// What a key is (for people) and how its runs went.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct About {
-    pub image: String,
-    pub profile: String,
-    pub workspace: Option<String>,
-    /// Runs that found a warm sandbox ready, and runs that built their own.
-    pub hits: u64,
-    pub misses: u64,
-}
-
-/// Counts a run of `key`. Concurrent runs may lose a count: status only.
-fn record_run(state: &Store, key: &str, about: About, hit: bool) {
-    let dir = root(state).join(key);
-    if create_private_dir_all(&dir).is_err() {
-        return;
-    }
-    let before: About = std::fs::read(dir.join(ABOUT))
-        .ok()
-        .and_then(|data| serde_json::from_slice(&data).ok())
-        .unwrap_or_default();
-    let now = About {
-        hits: before.hits + u64::from(hit),
-        misses: before.misses + u64::from(!hit),
-        ..about
-    };
-    if let Ok(data) = serde_json::to_vec(&now) {
-        let _ = write_atomic(&dir.join(ABOUT), &data);
-    }
-}
-
-/// One key, for `pool status`.
-#[derive(Debug, Clone, Serialize)]
-pub struct KeyStatus {
-    pub key: String,
-    #[serde(flatten)]
-    pub about: About,
-    /// Unclaimed sandboxes, ready or being built.
-    pub warm: usize,
-    /// Claimed sandboxes still running their command.
-    pub in_use: usize,
-}
-
 pub fn status(state: &Store) -> Vec<KeyStatus> {
     let mut out: Vec<KeyStatus> = keys(state)
         .into_iter()
         .map(|key| {
             let store = key_store(state, &key);
-            let about = std::fs::read(store.root().join(ABOUT))
-                .ok()
-                .and_then(|data| serde_json::from_slice(&data).ok())
-                .unwrap_or_default();
+            let about = About::load(store.root());
             let warm = unclaimed(&store).len();
             let in_use = store
                 .list()

@@ -32,9 +32,9 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use agentkernel_core::state::{
-    create_private_dir_all, file_age, modified_ago, now_unix, write_atomic, Owner,
+    create_private_dir_all, modified_ago, now_unix, write_atomic, Owner,
 };
-use serde::{Deserialize, Serialize};
+
 use sha2::{Digest, Sha256};
 
 use crate::kept::{self, Held, KeptVm, SPEC_FILE};
@@ -51,7 +51,6 @@ const IDLE_UNTIL: &str = "idle-until";
 /// The key's `idle_ttl` in seconds: the holder, which has no config, sets
 /// the idle deadline from it once the VM is ready.
 const IDLE_TTL: &str = "idle-ttl";
-const ABOUT: &str = "about.json";
 /// How long a key's record outlives its last VM.
 const KEY_RECORD_TTL: Duration = Duration::from_secs(24 * 3600);
 /// A claimed VM whose claimer never sent its command (it died) ends after this.
@@ -219,9 +218,9 @@ pub fn collect(root: &Path) -> usize {
         }
         // A key with no VM left goes when its record is a day old (no run
         // of it since): status keeps its counts until then.
-        let record_age = file_age(&key.path().join(ABOUT));
+        let record_age = About::age(&key.path());
         if vm_dirs(&key.path()).is_empty() && record_age.is_none_or(|age| age > KEY_RECORD_TTL) {
-            let _ = std::fs::remove_file(key.path().join(ABOUT));
+            About::forget(&key.path());
             let _ = std::fs::remove_dir(key.path());
         }
     }
@@ -239,59 +238,19 @@ pub fn warm(root: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-/// What a key is (for people) and how its runs went: `<key>/about.json`,
-/// rewritten by each run of the key.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct About {
-    pub image: String,
-    pub profile: String,
-    pub workspace: Option<String>,
-    /// Runs that found a VM ready, and runs that booted their own.
-    pub hits: u64,
-    pub misses: u64,
-}
+pub use agentkernel_core::pool_keys::{About, KeyStatus};
 
 /// Counts a run of `key` (`hit`: it claimed a warm VM) and records what
-/// the key is. Concurrent runs of a key may lose a count: status only.
+/// the key is.
 pub fn record_run(root: &Path, key: &str, about: About, hit: bool) {
-    let dir = root.join(key);
-    if create_private_dir_all(&dir).is_err() {
-        return;
-    }
-    let before: About = std::fs::read(dir.join(ABOUT))
-        .ok()
-        .and_then(|data| serde_json::from_slice(&data).ok())
-        .unwrap_or_default();
-    let now = About {
-        hits: before.hits + u64::from(hit),
-        misses: before.misses + u64::from(!hit),
-        ..about
-    };
-    if let Ok(data) = serde_json::to_vec(&now) {
-        let _ = write_atomic(&dir.join(ABOUT), &data);
-    }
-}
-
-/// One key of the pool, for `pool status`.
-#[derive(Debug, Clone, Serialize)]
-pub struct KeyStatus {
-    pub key: String,
-    #[serde(flatten)]
-    pub about: About,
-    /// Unclaimed VMs, ready or booting.
-    pub warm: usize,
-    /// Claimed VMs still running their command.
-    pub in_use: usize,
+    agentkernel_core::pool_keys::record_run(&root.join(key), about, hit);
 }
 
 /// Every key that has VMs or a record of runs.
 pub fn status(root: &Path) -> Vec<KeyStatus> {
     let mut out = Vec::new();
     for key in std::fs::read_dir(root).into_iter().flatten().flatten() {
-        let about = std::fs::read(key.path().join(ABOUT))
-            .ok()
-            .and_then(|data| serde_json::from_slice(&data).ok())
-            .unwrap_or_default();
+        let about = About::load(&key.path());
         let mut status = KeyStatus {
             key: key.file_name().to_string_lossy().into_owned(),
             about,
@@ -494,6 +453,6 @@ mod tests {
         assert!(claimed.exists(), "a run's VM must not be pruned");
         // The key keeps its record while a VM runs, and after (for a day).
         assert_eq!(collect(root.path()), 0);
-        assert!(root.path().join("k").join(ABOUT).exists());
+        assert!(About::age(&root.path().join("k")).is_some());
     }
 }

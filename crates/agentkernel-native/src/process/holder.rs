@@ -194,24 +194,12 @@ fn hold(plan: &Plan, cgroup: &Cgroup, store: &Store, report: OwnedFd) -> ! {
     }
     say("ok");
     drop(report);
-    if keep.warm {
-        // Only now (init runs, nothing of ours is inherited any more): the
-        // signal a claiming run sends, then `ready`, which runs look for.
-        let claimable = listen_for_claims(&sfd).is_ok()
-            && crate::pool::mark_ready(&store.sandbox_dir(&keep.name)).is_ok();
-        if !claimable {
-            end_anchor();
-            kill(started.pid, libc::SIGKILL);
-            wait_for(started.pid);
-            if let Some(link) = &started.link {
-                link.release();
-            }
-            cgroup.remove();
-            let _ = store.forget(&keep.name);
-            // SAFETY: ends the holder.
-            unsafe { libc::_exit(1) }
-        }
-    }
+    // A warm sandbox, only now (init runs, nothing of ours is inherited
+    // any more): the signal a claiming run sends, then `ready`, which runs
+    // look for. One that cannot be claimed is ended at once.
+    let claimable = !keep.warm
+        || (listen_for_claims(&sfd).is_ok()
+            && crate::pool::mark_ready(&store.sandbox_dir(&keep.name)).is_ok());
 
     // A warm sandbox's namespaces stay referenced here until the holder has
     // reaped init: otherwise the run that joined them would hold the last
@@ -225,7 +213,8 @@ fn hold(plan: &Plan, cgroup: &Cgroup, store: &Store, report: OwnedFd) -> ! {
     } else {
         Vec::new()
     };
-    let served_a_run = wait_until_done(store, &keep.name, &sfd, started.pid, keep.warm);
+    let served_a_run =
+        claimable && wait_until_done(store, &keep.name, &sfd, started.pid, keep.warm);
     // Frozen (stopped) processes cannot die until thawed.
     let _ = cgroup.set_frozen(false);
     kill(started.pid, libc::SIGKILL);
@@ -337,22 +326,24 @@ fn wait_until_done(
         if unsafe { libc::poll(&mut pfd, 1, wait_ms) } <= 0 {
             continue;
         }
-        let Some(sig) = super::next_signal(sfd) else {
-            continue;
-        };
-        match sig {
-            libc::SIGCHLD => {
-                let mut status = 0;
-                // SAFETY: non-blocking wait for our own child.
-                if unsafe { libc::waitpid(init, &mut status, libc::WNOHANG) } == init {
-                    return false;
-                }
-            }
-            // A run claimed the sandbox: the loop's next turn watches it.
-            libc::SIGWINCH | crate::pool::CLAIMED_SIGNAL => {}
-            // TERM (remove), INT, HUP, QUIT: end the sandbox.
-            _ => return false,
+        // A claim (CLAIMED_SIGNAL) is seen on the loop's next turn.
+        if signal_ends_sandbox(sfd, init) {
+            return false;
         }
+    }
+}
+
+/// Reads a signal from the holder's signalfd: true when it ends the
+/// sandbox — init died (SIGCHLD for it), or TERM (remove), INT, HUP, QUIT.
+fn signal_ends_sandbox(sfd: &OwnedFd, init: libc::pid_t) -> bool {
+    match super::next_signal(sfd) {
+        Some(libc::SIGCHLD) => {
+            let mut status = 0;
+            // SAFETY: non-blocking wait for our own child.
+            unsafe { libc::waitpid(init, &mut status, libc::WNOHANG) == init }
+        }
+        None | Some(libc::SIGWINCH) => false,
+        Some(sig) => sig != crate::pool::CLAIMED_SIGNAL,
     }
 }
 
@@ -384,19 +375,8 @@ fn watch_claimant(claimant: &Owner, sfd: &OwnedFd, init: libc::pid_t) {
         if pfds[1].revents != 0 {
             return;
         }
-        let Some(sig) = super::next_signal(sfd) else {
-            continue;
-        };
-        match sig {
-            libc::SIGCHLD => {
-                let mut status = 0;
-                // SAFETY: non-blocking wait for our own child.
-                if unsafe { libc::waitpid(init, &mut status, libc::WNOHANG) } == init {
-                    return;
-                }
-            }
-            libc::SIGWINCH | crate::pool::CLAIMED_SIGNAL => {}
-            _ => return,
+        if signal_ends_sandbox(sfd, init) {
+            return;
         }
     }
 }

@@ -142,28 +142,12 @@ async fn status(store: &Store, as_json: bool) -> Result<i32> {
             workspace: s.workspace.as_deref().unwrap_or("-"),
         }));
     }
-    rows.extend(vms.iter().map(|s| Row {
-        backend: "qemu",
-        key: &s.key,
-        image: &s.about.image,
-        profile: &s.about.profile,
-        warm: s.warm.to_string(),
-        in_use: s.in_use.to_string(),
-        target: vm_target.to_string(),
-        hits: hit_rate(s.about.hits, s.about.hits + s.about.misses),
-        workspace: s.about.workspace.as_deref().unwrap_or("-"),
-    }));
-    rows.extend(natives.iter().map(|s| Row {
-        backend: "native",
-        key: &s.key,
-        image: &s.about.image,
-        profile: &s.about.profile,
-        warm: s.warm.to_string(),
-        in_use: s.in_use.to_string(),
-        target: native_target.to_string(),
-        hits: hit_rate(s.about.hits, s.about.hits + s.about.misses),
-        workspace: s.about.workspace.as_deref().unwrap_or("-"),
-    }));
+    rows.extend(vms.iter().map(|s| Row::of_key("qemu", s, vm_target)));
+    rows.extend(
+        natives
+            .iter()
+            .map(|s| Row::of_key("native", s, native_target)),
+    );
     let mut text: String = rows.iter().map(Row::line).collect();
     for (name, keys) in &engines {
         let warm: usize = keys.iter().map(|k| k.warm).sum();
@@ -214,7 +198,26 @@ struct Row<'a> {
     workspace: &'a str,
 }
 
-impl Row<'_> {
+impl<'a> Row<'a> {
+    /// A key of a pool without a daemon (qemu's VMs, native's sandboxes).
+    fn of_key(
+        backend: &'a str,
+        s: &'a agentkernel_core::pool_keys::KeyStatus,
+        target: u32,
+    ) -> Row<'a> {
+        Row {
+            backend,
+            key: &s.key,
+            image: &s.about.image,
+            profile: &s.about.profile,
+            warm: s.warm.to_string(),
+            in_use: s.in_use.to_string(),
+            target: target.to_string(),
+            hits: hit_rate(s.about.hits, s.about.hits + s.about.misses),
+            workspace: s.about.workspace.as_deref().unwrap_or("-"),
+        }
+    }
+
     fn line(&self) -> String {
         format!(
             "{:<8} {:<17} {:<28} {:<12} {:>4} {:>6} {:>6} {:>13}  {}\n",

@@ -41,15 +41,7 @@ pub async fn run(store: &Store, spec: &SandboxSpec, options: &RunOptions<'_>) ->
     let root = pool_root(store);
     let key = pool::key(&warm);
     let claimed = pool::claim(&root, &key);
-    let about = pool::About {
-        image: spec.image.clone(),
-        profile: spec.policy.profile.to_string(),
-        workspace: spec
-            .workspace
-            .as_ref()
-            .map(|w| w.host.display().to_string()),
-        ..pool::About::default()
-    };
+    let about = pool::About::for_spec(spec);
     pool::record_run(&root, &key, about, claimed.is_some());
     let request = with_terminal(request, spec.exec.tty);
     let ended = match claimed {
