@@ -899,8 +899,8 @@ fn run_command(
         Err(NotStarted::Reported) => return Ok(()),
     };
     let (pid, stdin) = (launched.pid, launched.stdin.clone());
+    let (port_closed, host_gone) = mpsc::channel::<()>();
     // Stdin and signals: the host's frames until it stops sending.
-    // (Never joined: after the exit the port's reader may block forever.)
     std::thread::spawn(move || {
         while let Ok(Some(message)) = read_frame::<_, HostMessage>(&mut reader) {
             match message {
@@ -912,8 +912,17 @@ fn run_command(
                 message => deliver(message, pid, &stdin),
             }
         }
+        drop(port_closed);
     });
-    finish(launched, request.timeout_ms, &out, true)
+    finish(launched, request.timeout_ms, &out, true)?;
+    // The host ends the VM once it has read `Exited`. Ending it here
+    // instead could lose the end of the output: what QEMU has not yet
+    // passed on to a slow reader is still in the port's queue, and a reset
+    // drops it. So the agent waits until the host kills the VM, or until
+    // the port closes because the host is gone (QEMU dies with the host
+    // anyway, PR_SET_PDEATHSIG).
+    let _ = host_gone.recv();
+    Ok(())
 }
 
 /// A host message for a running command: stdin, its end, or a signal.
