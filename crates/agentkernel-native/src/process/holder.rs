@@ -313,9 +313,12 @@ fn wait_until_done(
             return false;
         };
         let now = now_unix();
-        if now >= deadline {
+        // Once more before ending it: `exec` rewrites the deadline in
+        // place, and a read racing that write may mix old and new digits.
+        if now >= deadline && store.deadline(name).is_none_or(|d| now >= d) {
             return false;
         }
+        let deadline = deadline.max(now + 1);
         let wait_ms = ((deadline - now).min(60) * 1000) as i32;
         let mut pfd = libc::pollfd {
             fd: sfd.as_raw_fd(),
