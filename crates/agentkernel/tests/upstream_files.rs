@@ -286,10 +286,16 @@ fn templates_may_not_copy_files_or_build() {
 /// A project whose Dockerfile builds on the offline busybox test image;
 /// returns its `build.toml` ([`BUILD_CONFIG`]).
 fn build_project(env: &TestEnv) -> String {
+    // The label makes every step after FROM this test's own. Tests run
+    // side by side, and with identical steps the engine's build cache
+    // shares their intermediate images. One test's `rmi -f` of its image
+    // then removes them while another test's build still uses them
+    // ("failed to get digest …: no such file" on a RUN step).
+    let own = unique_name("build");
     write(
         &env.project_dir().join("docker/Dockerfile.dev"),
         &format!(
-            "FROM {BUSYBOX} AS base\nARG GREETING=none\nRUN echo \"$GREETING\" > /built\n\
+            "FROM {BUSYBOX} AS base\nLABEL agentkernel.test={own}\nARG GREETING=none\nRUN echo \"$GREETING\" > /built\n\
              FROM base AS dev\nCOPY conf/app.env /from-context.env\nCOPY conf/ /conf/\n\
              FROM base AS other\nRUN echo wrong-target > /built\n"
         ),
