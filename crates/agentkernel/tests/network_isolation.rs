@@ -46,8 +46,16 @@ fn permissive_python(env: &TestEnv, publish: &[&str], script: &str) -> String {
 
 /// A sandbox serving [`SERVER`] with `publish`; returns it and its address.
 fn start_server(env: &TestEnv, publish: &str) -> (Tracked, Ipv4Addr) {
+    start_server_with(env, &["-P", publish])
+}
+
+/// A sandbox serving [`SERVER`], `options` after `run`.
+fn start_server_with(env: &TestEnv, options: &[&str]) -> (Tracked, Ipv4Addr) {
     let script = format!("{FIND_GATEWAY}{SERVER}");
-    let mut t = env.spawn(&["run", "-P", publish, "-i", PYTHON, "python3", "-c", &script]);
+    let mut args = vec!["run"];
+    args.extend_from_slice(options);
+    args.extend(["-i", PYTHON, "python3", "-c", &script]);
+    let mut t = env.spawn(&args);
     let stdout = t.child().stdout.take().unwrap();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -206,6 +214,83 @@ mod native_only {
     #[test]
     fn sandboxes_cannot_reach_each_other() {
         super::sandboxes_cannot_reach_each_other();
+    }
+
+    /// Runs served by warm sandboxes (`--fast`) are as far apart as any:
+    /// a server in one pooled sandbox, a client in another of the same key,
+    /// built side by side by the same refill.
+    #[test]
+    fn pooled_sandboxes_cannot_reach_each_other() {
+        let env = TestEnv::new();
+        std::fs::write(
+            env.project_dir().join("agentkernel.toml"),
+            "[pool]\nsize = 2\nidle_ttl = \"120s\"\n",
+        )
+        .unwrap();
+        let pooled = ["--fast", "-p", "permissive"];
+        let mut warm_up = vec!["run"];
+        warm_up.extend(pooled);
+        warm_up.extend(["-i", PYTHON, "true"]);
+        assert_code(&env.run(&warm_up), 0);
+        poll_until(
+            Duration::from_secs(90),
+            "the pool should hold two warm sandboxes",
+            || ready_warm_sandboxes(&env) == 2,
+        );
+        env.wait_for_refills(Duration::from_secs(60));
+
+        let (server, server_ip) = start_server_with(&env, &pooled);
+        assert_eq!(
+            greeting(SocketAddr::from((server_ip, 8080))).unwrap(),
+            "hello",
+            "the host cannot reach the pooled server, so the attack proves nothing"
+        );
+        let target = format!("{server_ip}:8080");
+        let connect = format!(
+            "import subprocess, sys\n\
+             try:\n\
+             \x20   socket.create_connection(('{server_ip}', 8080), 3); print('connected')\n\
+             except OSError as e:\n\
+             \x20   print('refused', e)\n\
+             sys.stdout.flush()\n\
+             sys.exit(subprocess.call(['python3', '-c', sys.argv[1], '{target}']))\n"
+        );
+        let text = permissive_python(&env, &["--fast"], &connect);
+        assert!(
+            text.starts_with("refused"),
+            "a pooled sandbox connected to a server in another: {text:?}"
+        );
+        assert_eq!(
+            probe_result(&text, &target),
+            "silent",
+            "a SYN routed through the gateway reached the other pooled sandbox"
+        );
+        drop(server);
+        // Both were served by warm sandboxes (the warm-up run was the miss).
+        let status = env.run(&["pool", "status", "--json"]);
+        let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+        let keys = &status["sandboxes"]["keys"];
+        assert_eq!(keys.as_array().map(Vec::len), Some(1), "{status}");
+        assert_eq!(keys[0]["hits"], 2, "{status}");
+    }
+
+    /// Warm sandboxes of `env`'s native pool that are ready and unclaimed.
+    fn ready_warm_sandboxes(env: &TestEnv) -> usize {
+        let keys = std::fs::read_dir(env.state_dir().join("native-pool"));
+        keys.into_iter()
+            .flatten()
+            .flatten()
+            .flat_map(|key| {
+                std::fs::read_dir(key.path().join("sandboxes"))
+                    .into_iter()
+                    .flatten()
+            })
+            .flatten()
+            .filter(|e| {
+                let dir = e.path();
+                dir.join("ready").exists() && !dir.join("claimed").exists()
+            })
+            .count()
     }
 
     /// Services the host binds to its own addresses (the gateway's, the

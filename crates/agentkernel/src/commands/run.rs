@@ -570,14 +570,14 @@ fn reject_unsupported(args: &RunArgs) -> Result<()> {
     let fast_requested = args.fast == Some(true);
     if fast_requested && !args.publish.is_empty() {
         return Err(Error::Conflict(
-            "--publish cannot be used with --fast (the container pool); use --fast=false or leave --fast out".into(),
+            "--publish cannot be used with --fast (the warm pool); use --fast=false or leave --fast out".into(),
         ));
     }
     if fast_requested
         && (args.keep || args.ssh || args.branch || args.name.is_some() || args.ttl.is_some())
     {
         return Err(Error::Conflict(
-            "--fast (the container pool) serves one-shot runs; a kept sandbox is always created afresh, so drop --fast".into(),
+            "--fast (the warm pool) serves one-shot runs; a kept sandbox is always created afresh, so drop --fast".into(),
         ));
     }
     if let Some(receipt) = &args.receipt {
