@@ -153,6 +153,14 @@ fn sandboxes_cannot_reach_each_other_probing(raw_probe: bool) {
         "hello"
     );
 
+    attack_server(&env, &[], server_ip, raw_probe);
+    drop(server);
+}
+
+/// From a permissive sandbox (`options` after `run`): a TCP connection to
+/// the server at `server_ip`:8080, and with `raw_probe` a hand-made SYN to
+/// it through the gateway. Both must fail.
+fn attack_server(env: &TestEnv, options: &[&str], server_ip: Ipv4Addr, raw_probe: bool) {
     let target = format!("{server_ip}:8080");
     let connect = format!(
         "import subprocess, sys\n\
@@ -164,7 +172,7 @@ fn sandboxes_cannot_reach_each_other_probing(raw_probe: bool) {
          sys.exit(subprocess.call(['python3', '-c', sys.argv[1], '{target}']) if {raw} else 0)\n",
         raw = if raw_probe { "True" } else { "False" }
     );
-    let text = permissive_python(&env, &[], &connect);
+    let text = permissive_python(env, options, &connect);
     assert!(
         text.starts_with("refused"),
         "a sandbox connected to a server in another: {text:?}"
@@ -176,7 +184,6 @@ fn sandboxes_cannot_reach_each_other_probing(raw_probe: bool) {
             "a SYN routed through the gateway reached the other sandbox"
         );
     }
-    drop(server);
 }
 
 mod native_only {
@@ -235,7 +242,7 @@ mod native_only {
         poll_until(
             Duration::from_secs(90),
             "the pool should hold two warm sandboxes",
-            || ready_warm_sandboxes(&env) == 2,
+            || env.ready_warm_sandboxes().len() == 2,
         );
         env.wait_for_refills(Duration::from_secs(60));
 
@@ -245,26 +252,7 @@ mod native_only {
             "hello",
             "the host cannot reach the pooled server, so the attack proves nothing"
         );
-        let target = format!("{server_ip}:8080");
-        let connect = format!(
-            "import subprocess, sys\n\
-             try:\n\
-             \x20   socket.create_connection(('{server_ip}', 8080), 3); print('connected')\n\
-             except OSError as e:\n\
-             \x20   print('refused', e)\n\
-             sys.stdout.flush()\n\
-             sys.exit(subprocess.call(['python3', '-c', sys.argv[1], '{target}']))\n"
-        );
-        let text = permissive_python(&env, &["--fast"], &connect);
-        assert!(
-            text.starts_with("refused"),
-            "a pooled sandbox connected to a server in another: {text:?}"
-        );
-        assert_eq!(
-            probe_result(&text, &target),
-            "silent",
-            "a SYN routed through the gateway reached the other pooled sandbox"
-        );
+        attack_server(&env, &["--fast"], server_ip, true);
         drop(server);
         // Both were served by warm sandboxes (the warm-up run was the miss).
         let status = env.run(&["pool", "status", "--json"]);
@@ -272,25 +260,6 @@ mod native_only {
         let keys = &status["sandboxes"]["keys"];
         assert_eq!(keys.as_array().map(Vec::len), Some(1), "{status}");
         assert_eq!(keys[0]["hits"], 2, "{status}");
-    }
-
-    /// Warm sandboxes of `env`'s native pool that are ready and unclaimed.
-    fn ready_warm_sandboxes(env: &TestEnv) -> usize {
-        let keys = std::fs::read_dir(env.state_dir().join("native-pool"));
-        keys.into_iter()
-            .flatten()
-            .flatten()
-            .flat_map(|key| {
-                std::fs::read_dir(key.path().join("sandboxes"))
-                    .into_iter()
-                    .flatten()
-            })
-            .flatten()
-            .filter(|e| {
-                let dir = e.path();
-                dir.join("ready").exists() && !dir.join("claimed").exists()
-            })
-            .count()
     }
 
     /// Services the host binds to its own addresses (the gateway's, the

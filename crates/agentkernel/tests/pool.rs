@@ -959,31 +959,6 @@ mod native_only {
         env
     }
 
-    /// Warm sandboxes of this test's state dir (`native-pool/<key>/sandboxes/<name>`)
-    /// that are ready and unclaimed.
-    fn warm(env: &TestEnv) -> Vec<PathBuf> {
-        pool_sandbox_dirs(env)
-            .into_iter()
-            .filter(|d| d.join("ready").exists() && !d.join("claimed").exists())
-            .collect()
-    }
-
-    fn pool_sandbox_dirs(env: &TestEnv) -> Vec<PathBuf> {
-        let keys = std::fs::read_dir(env.state_dir().join("native-pool"));
-        keys.into_iter()
-            .flatten()
-            .flatten()
-            .flat_map(|key| {
-                std::fs::read_dir(key.path().join("sandboxes"))
-                    .into_iter()
-                    .flatten()
-            })
-            .flatten()
-            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-            .map(|e| e.path())
-            .collect()
-    }
-
     fn name_of(dir: &std::path::Path) -> String {
         dir.file_name().unwrap().to_string_lossy().into_owned()
     }
@@ -996,10 +971,10 @@ mod native_only {
         poll_until(
             Duration::from_secs(60),
             "a warm native sandbox should be ready after a --fast run",
-            || !warm(env).is_empty(),
+            || !env.ready_warm_sandboxes().is_empty(),
         );
         env.wait_for_refills(Duration::from_secs(60));
-        let ready = warm(env);
+        let ready = env.ready_warm_sandboxes();
         assert_eq!(ready.len(), 1, "[pool] size = 1: {ready:?}");
         ready[0].clone()
     }
@@ -1028,10 +1003,10 @@ mod native_only {
         );
         // The next run gets another, fresh one: no mark.
         poll_until(Duration::from_secs(60), "a new warm sandbox", || {
-            !warm(&env).is_empty()
+            !env.ready_warm_sandboxes().is_empty()
         });
         env.wait_for_refills(Duration::from_secs(60));
-        let second = name_of(&warm(&env)[0]);
+        let second = name_of(&env.ready_warm_sandboxes()[0]);
         assert_ne!(second, name);
         let out = env.run(&fast(&[
             "sh",
@@ -1226,7 +1201,7 @@ mod native_only {
         );
         env.wait_for_refills(Duration::from_secs(60));
         poll_until(Duration::from_secs(60), "a new warm sandbox", || {
-            !warm(&env).is_empty()
+            !env.ready_warm_sandboxes().is_empty()
         });
         let out = env.run(&fast(&["sh", "-c", "exit 42"]));
         assert_code(&out, 42);
@@ -1253,9 +1228,9 @@ mod native_only {
             stderr(&out)
         );
         assert!(
-            pool_sandbox_dirs(&env).is_empty(),
+            env.native_pool_sandboxes().is_empty(),
             "{:?}",
-            pool_sandbox_dirs(&env)
+            env.native_pool_sandboxes()
         );
         poll_until(
             Duration::from_secs(10),

@@ -457,6 +457,32 @@ impl TestEnv {
         self.processes_matching(|args| args.contains(&&b"hold-disks"[..]))
     }
 
+    /// The sandboxes of this state dir's native warm pool
+    /// (`native-pool/<key>/sandboxes/<name>`), whatever their state.
+    pub fn native_pool_sandboxes(&self) -> Vec<PathBuf> {
+        let keys = std::fs::read_dir(self.state_dir().join("native-pool"));
+        keys.into_iter()
+            .flatten()
+            .flatten()
+            .flat_map(|key| {
+                std::fs::read_dir(key.path().join("sandboxes"))
+                    .into_iter()
+                    .flatten()
+            })
+            .flatten()
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            .map(|e| e.path())
+            .collect()
+    }
+
+    /// Those of [`TestEnv::native_pool_sandboxes`] that are ready and unclaimed.
+    pub fn ready_warm_sandboxes(&self) -> Vec<PathBuf> {
+        self.native_pool_sandboxes()
+            .into_iter()
+            .filter(|d| d.join("ready").exists() && !d.join("claimed").exists())
+            .collect()
+    }
+
     /// The network namespaces (`net:[inode]`) this state dir's disk keeper
     /// holds for later runs.
     pub fn keeper_namespaces(&self) -> Vec<String> {
