@@ -21,15 +21,20 @@ pub fn spawn(state_dir: &Path, args: &[&str]) {
 }
 
 /// Starts `cmd` in its own session with no stdio, so it survives our exit
-/// and never gets the user's Ctrl-C; does not wait for it.
+/// and never gets the user's Ctrl-C; does not wait for it. It starts with
+/// no signal blocked, as from a shell, whatever the caller blocks (a
+/// native sandbox's holder takes its signals through a signalfd).
 pub fn spawn_command(cmd: &mut Command) -> std::io::Result<std::process::Child> {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    // SAFETY: setsid is async-signal-safe.
+    // SAFETY: setsid, sigemptyset and sigprocmask are async-signal-safe.
     unsafe {
         cmd.pre_exec(|| {
             libc::setsid();
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
             Ok(())
         });
     }

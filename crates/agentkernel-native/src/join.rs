@@ -34,11 +34,8 @@ pub fn exec(plan: &Plan) -> Result<Outcome, KeptError> {
     if held.cgroup.is_frozen() {
         return Err(KeptError::Stopped(keep.name.clone()));
     }
-    // A claimed warm sandbox lives as long as its run, not by a deadline.
     let control = sys::open_dir(&store.control_dir(&keep.name))?;
-    if !plan.claimed_warm {
-        touch_at(&control, keep.ttl).map_err(sys::context("move the sandbox's deadline"))?;
-    }
+    touch_at(&control, keep.ttl).map_err(sys::context("move the sandbox's deadline"))?;
 
     // Everything on the host side is opened before we enter: paths resolve
     // differently afterwards.
@@ -117,17 +114,14 @@ pub fn exec(plan: &Plan) -> Result<Outcome, KeptError> {
     // A running command keeps the sandbox alive: move the deadline as we go.
     let ttl = keep.ttl;
     let mut last_touch = now_unix();
-    let touches = !plan.claimed_warm;
     let mut tick = || {
-        if touches && now_unix() >= last_touch + 5 {
+        if now_unix() >= last_touch + 5 {
             last_touch = now_unix();
             let _ = touch_at(&control, ttl);
         }
     };
     let result = process::watch(&sfd, child, None, master, plan.timeout, &mut tick);
-    if touches {
-        let _ = touch_at(&control, ttl);
-    }
+    let _ = touch_at(&control, ttl);
     let process::Ended {
         code, timed_out, ..
     } = match result {

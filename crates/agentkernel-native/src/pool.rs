@@ -32,7 +32,6 @@
 //! directory gains `ready` when it can be claimed.
 
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -309,13 +308,13 @@ fn write_key_file(store: &Store, warm: SandboxSpec, settings: Settings) {
 }
 
 /// From the holder of a warm sandbox a run has just claimed: starts
-/// `pool refill-native` for its key (detached, with no signal blocked, as
-/// from a shell) so that the next run finds one ready. The holder is small
+/// `pool refill-native` for its key (detached) so that the next run finds
+/// one ready. The holder is small
 /// and single-threaded, and the run does not wait for it.
 pub(crate) fn start_refill_from_holder(key_root: &Path) {
     let (Some(state), Some(key)) = (
         key_root.parent().and_then(Path::parent),
-        key_root.file_name(),
+        key_root.file_name().and_then(|k| k.to_str()),
     ) else {
         return;
     };
@@ -326,27 +325,8 @@ pub(crate) fn start_refill_from_holder(key_root: &Path) {
             return;
         }
     }
-    let mut refill = std::process::Command::new("/proc/self/exe");
-    refill
-        .arg0("agentkernel")
-        .args(["pool".as_ref(), "refill-native".as_ref(), key])
-        .env("AGENTKERNEL_HOME", state)
-        .current_dir("/")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    // SAFETY: setsid and sigprocmask are async-signal-safe.
-    unsafe {
-        refill.pre_exec(|| {
-            libc::setsid();
-            let mut none: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut none);
-            libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
-            Ok(())
-        });
-    }
-    // Reaped by the holder's loop (SIGCHLD) or, after it, by init.
-    let _ = refill.spawn();
+    // Reaped by init: the holder exits right after this.
+    agentkernel_core::detached::spawn(state, &["pool", "refill-native", key]);
 }
 
 /// The unclaimed warm sandboxes of a key store, ready or being built, whose

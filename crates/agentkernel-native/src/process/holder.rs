@@ -309,16 +309,18 @@ fn wait_until_done(
                 return true;
             }
         }
-        let Some(deadline) = store.deadline(name) else {
+        let now = now_unix();
+        // Read again before acting on an expiry: `exec` rewrites the
+        // deadline in place, and a read racing that write may mix old and
+        // new digits.
+        let Some(deadline) = store
+            .deadline(name)
+            .filter(|d| *d > now)
+            .or_else(|| store.deadline(name))
+            .filter(|d| *d > now)
+        else {
             return false;
         };
-        let now = now_unix();
-        // Once more before ending it: `exec` rewrites the deadline in
-        // place, and a read racing that write may mix old and new digits.
-        if now >= deadline && store.deadline(name).is_none_or(|d| now >= d) {
-            return false;
-        }
-        let deadline = deadline.max(now + 1);
         let wait_ms = ((deadline - now).min(60) * 1000) as i32;
         let mut pfd = libc::pollfd {
             fd: sfd.as_raw_fd(),

@@ -40,11 +40,14 @@ pub async fn run(args: RunArgs) -> Result<i32> {
     let capabilities = backend.capabilities();
     // The pool serves one-shot runs without published ports; those take the
     // normal path (explicit combinations are refused in `reject_unsupported`).
-    let fast = args.fast.or(config.fast).unwrap_or(true);
-    // Native's pool is opt-in (asked for by `--fast` or `fast = true`): a
-    // cold native start is already milliseconds, and every warm sandbox
-    // holds a network namespace, a cgroup and an overlay while it waits.
-    let pool_asked = kind != BackendKind::Native || args.fast.or(config.fast) == Some(true);
+    // On by default, except native's pool, which is opt-in (`--fast` or
+    // `fast = true`): a cold native start is already milliseconds, and
+    // every warm sandbox holds a network namespace, a cgroup and an overlay
+    // while it waits.
+    let fast = args
+        .fast
+        .or(config.fast)
+        .unwrap_or(kind != BackendKind::Native);
     let dry_run = args.dry_run;
     let receipt = args.receipt.clone().map(|path| crate::receipt::Request {
         path,
@@ -63,7 +66,6 @@ pub async fn run(args: RunArgs) -> Result<i32> {
     super::image_build::pin(&build, &mut spec);
     // A warm container has neither a fresh build nor the `[[files]]`.
     let warm_pool = fast
-        && pool_asked
         && build.is_none()
         && config.files.is_empty()
         && spec.keep.is_none()
