@@ -6,7 +6,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 
 use agentkernel_core::spec::Outcome;
@@ -88,20 +88,21 @@ pub fn exec(plan: &Plan) -> Result<Outcome, KeptError> {
         None
     };
 
-    // SAFETY: single-threaded; the child only execs (via command::exec).
-    let child = unsafe { libc::fork() };
-    if child < 0 {
-        return Err(io::Error::last_os_error().into());
-    }
-    if child == 0 {
+    // The command shares our memory until its execve (see
+    // sys::spawn_until_exec), so it only borrows what we own: the cgroup's
+    // files are closed with all its other descriptors before the exec.
+    let slave_fd = terminal.as_ref().map(|(_, slave)| slave.as_raw_fd());
+    let child = sys::spawn_until_exec(|| {
         if let Err(e) = crate::cgroup::move_self(&self_move) {
             eprintln!("agentkernel: cannot join the sandbox's cgroup: {e}");
-            // SAFETY: ends the forked child.
+            // SAFETY: ends the child.
             unsafe { libc::_exit(125) }
         }
-        drop(self_move);
-        process::command::become_command(plan, terminal.map(|(_, slave)| slave));
-    }
+        // SAFETY: the child's own copy of the slave's descriptor, which it
+        // makes its stdio before it execs.
+        let slave = slave_fd.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
+        process::command::become_command(plan, slave)
+    })?;
     drop(self_move);
     let master = terminal.map(|(master, _slave)| master);
     let _raw = match &master {

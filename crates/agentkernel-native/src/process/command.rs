@@ -146,15 +146,21 @@ fn execvpe(
             .collect()
     };
     let mut denied = None;
+    let absent = |e: &io::Error| matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR));
     for candidate in &candidates {
+        // A failed execve is dear (the kernel sets up a new address space
+        // before it looks the file up: ~0.1 ms each); a path lookup is not.
+        // SAFETY: a valid C string; F_OK only asks whether the path exists.
+        if unsafe { libc::access(candidate.as_ptr(), libc::F_OK) } != 0
+            && absent(&io::Error::last_os_error())
+        {
+            continue;
+        }
         // SAFETY: NUL-terminated pointer arrays of valid C strings.
         unsafe { libc::execve(candidate.as_ptr(), argv_ptrs.as_ptr(), env_ptrs.as_ptr()) };
         let e = io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::ENOENT) | Some(libc::ENOTDIR) => continue,
-            _ => {
-                denied.get_or_insert(e);
-            }
+        if !absent(&e) {
+            denied.get_or_insert(e);
         }
     }
     Err(match denied {

@@ -1,7 +1,7 @@
 //! Init: PID 1 of the sandbox (see the module above for its job).
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use super::channel::{Kind, Message};
 use super::command::become_command;
@@ -150,14 +150,18 @@ pub(crate) fn init(plan: &Plan, sock: OwnedFd) -> ! {
 
     // A kept sandbox's init runs no command of its own: commands join it.
     let child = if plan.action == crate::plan::Action::Run {
-        // SAFETY: single-threaded; the child only execs (via command::exec).
-        let child = unsafe { libc::fork() };
-        if child < 0 {
-            die("fork", io::Error::last_os_error());
-        }
-        if child == 0 {
-            become_command(plan, slave);
-        }
+        // The command shares our memory until its execve (see
+        // spawn_until_exec: no page-table copy to tear down in it).
+        let slave_fd = slave.as_ref().map(AsRawFd::as_raw_fd);
+        let child = sys::spawn_until_exec(|| {
+            // SAFETY: the child's own copy of the slave's descriptor, which
+            // it makes its stdio before it execs.
+            become_command(plan, slave_fd.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }))
+        });
+        let child = match child {
+            Ok(child) => child,
+            Err(e) => die("starting the command", e),
+        };
         drop(slave);
         Some(child)
     } else {
