@@ -392,6 +392,27 @@ pub fn mount_detached(image: &Path, pooled: Option<&str>) -> io::Result<OwnedFd>
         }
     };
     crate::trace::phase("disk: loop ready");
+    let mount = fsmount_ext4(&dev)?;
+    drop(loop_fd); // the mount holds the device now
+    Ok(mount)
+}
+
+/// A new detached mount of the ext4 filesystem under `used`, a mount that
+/// was attached in a sandbox's namespace (which is gone, so the mount can
+/// never be attached again): the filesystem is live as long as `used` is
+/// held, so mounting its loop device again takes the same one, without
+/// reading anything (disk_keeper.rs recycles disks this way).
+pub fn remount_detached(used: &OwnedFd) -> io::Result<OwnedFd> {
+    const LOOP_MAJOR: u32 = 7;
+    let dev = rustix::fs::fstat(used)?.st_dev;
+    if rustix::fs::major(dev) != LOOP_MAJOR {
+        return Err(io::Error::other("the disk is not on a loop device"));
+    }
+    fsmount_ext4(&format!("/dev/loop{}", rustix::fs::minor(dev)))
+}
+
+/// `dev` mounted as ext4, detached: `noinit_itable`, nosuid, nodev.
+fn fsmount_ext4(dev: &str) -> io::Result<OwnedFd> {
     // SAFETY: fsopen with a valid C string; the fd is owned below.
     let fs = unsafe { libc::syscall(libc::SYS_fsopen, c"ext4".as_ptr(), FSOPEN_CLOEXEC) };
     if fs < 0 {
@@ -399,7 +420,7 @@ pub fn mount_detached(image: &Path, pooled: Option<&str>) -> io::Result<OwnedFd>
     }
     // SAFETY: just created, ours.
     let fs = unsafe { OwnedFd::from_raw_fd(fs as RawFd) };
-    let source = crate::sys::cstr(&dev)?;
+    let source = crate::sys::cstr(dev)?;
     let config = |cmd: libc::c_uint, key: Option<&std::ffi::CStr>, value: *const libc::c_char| {
         let key = key.map_or(std::ptr::null(), |k| k.as_ptr());
         // SAFETY: fsconfig on our fs context with valid C strings (or null).
@@ -424,8 +445,7 @@ pub fn mount_detached(image: &Path, pooled: Option<&str>) -> io::Result<OwnedFd>
     if mount < 0 {
         return Err(io::Error::last_os_error());
     }
-    drop(loop_fd); // the mount holds the device now
-                   // SAFETY: just created, ours.
+    // SAFETY: just created, ours.
     Ok(unsafe { OwnedFd::from_raw_fd(mount as RawFd) })
 }
 

@@ -15,10 +15,19 @@
 //! (fsmount) of fresh copies of the size's template, each on an
 //! auto-clearing loop device whose image file is unlinked as soon as it is
 //! mounted, and each warmed (a directory made and removed at its root, the
-//! overlay's work directory read). It hands each mount to exactly one run
-//! over `<state>/disk-pool/held/sock` (0600 in 0700 directories, and the
-//! peer must be the keeper's own user), then makes another. A run that
-//! gets none mounts a disk as without a keeper. It holds fresh network
+//! overlay's work directory read). It hands each mount to one run at a
+//! time over `<state>/disk-pool/held/sock` (0600 in 0700 directories, and
+//! the peer must be the keeper's own user). A run that gets none mounts a
+//! disk as without a keeper.
+//!
+//! A one-shot run's cleanup process gives its disk back once the sandbox
+//! is gone ([`give_back`]), and the keeper recycles it ([`recycle`]): the
+//! overlay's directories are replaced by new, empty ones and the old ones
+//! removed, and the disk must then look exactly like a fresh one. That
+//! costs ~0.3 ms of the keeper's time where a new disk (the template's
+//! copy, a loop device, the ext4 mount and its warming, and the used
+//! one's unmount and removal) cost the host ~1.5 ms of every run back to
+//! back. A disk its run left much on is dropped instead. It holds fresh network
 //! namespaces the same way ([`take_netns`]): creating one is the step of a
 //! start-up init waits for longest once the disk is ready.
 //!
@@ -63,6 +72,20 @@ const STATUS: u64 = u64::MAX;
 const NETNS: u64 = u64::MAX - 1;
 /// How many fresh network namespaces the keeper holds ready.
 pub const NETNS_TARGET: usize = 2;
+/// The request that gives a used disk back ([`give_back`]).
+const RETURN: u64 = u64::MAX - 2;
+/// After a run took a disk, how long the maker waits for a used one to
+/// come back before it makes a new one: back to back, a run's disk is
+/// returned a few milliseconds after the run ends, and recycling it is far
+/// cheaper than a new copy.
+const RETURN_WAIT: Duration = Duration::from_millis(50);
+/// A used disk is recycled only if its run left at most this many files
+/// and blocks (of 4 KiB) on it: removing a large tree file by file costs
+/// more than dropping the disk (its image is freed whole) for a new one.
+const RECYCLE_MAX_FILES: u64 = 10_000;
+const RECYCLE_MAX_BLOCKS: u64 = 65_536;
+/// Prefix of a used disk's overlay directories while they are removed.
+const TRASH_PREFIX: &str = ".trash-";
 
 fn dir(state_root: &Path) -> PathBuf {
     state_root.join(DIR)
@@ -130,6 +153,19 @@ fn request_fd(state_root: &Path, request: u64) -> Option<OwnedFd> {
     fds.pop().filter(|_| answer == 1 && fds.is_empty())
 }
 
+/// Gives a run's disk back to the keeper of `state_root` once nothing of
+/// the sandbox is left (its init has exited), for the keeper to recycle:
+/// see [`recycle`]. Without a keeper (or if it does not answer) the disk
+/// is simply dropped, which unmounts it.
+pub fn give_back(state_root: &Path, disk: OwnedFd) {
+    let Ok(stream) = connect(state_root) else {
+        return;
+    };
+    if (&stream).write_all(&RETURN.to_le_bytes()).is_ok() {
+        let _ = send_message(&OwnedFd::from(stream), 1, &[disk.as_raw_fd()]);
+    }
+}
+
 /// Takes a fresh network namespace from the keeper of `state_root`: one
 /// it created (nothing but loopback, up) and never entered again, handed to
 /// this run alone. Creating one costs a run ~1 ms, which init waits for.
@@ -154,6 +190,8 @@ pub struct Status {
     pub bytes: u64,
     /// Fresh network namespaces ready for runs.
     pub netns: usize,
+    /// Used disks made ready again, since it started.
+    pub recycled: u64,
 }
 
 /// The keeper of `state_root`, if one answers.
@@ -162,7 +200,7 @@ pub fn status(state_root: &Path) -> Option<Status> {
     let pid = peer_pid(&stream).ok()?;
     let mut request = &stream;
     request.write_all(&STATUS.to_le_bytes()).ok()?;
-    let mut answer = [0u8; 24];
+    let mut answer = [0u8; 32];
     (&stream).read_exact(&mut answer).ok()?;
     let field =
         |i: usize| u64::from_le_bytes(answer[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
@@ -171,6 +209,7 @@ pub fn status(state_root: &Path) -> Option<Status> {
         ready: field(0) as usize,
         bytes: field(1),
         netns: field(2) as usize,
+        recycled: field(3),
     })
 }
 
@@ -296,15 +335,20 @@ struct Held {
     /// The size the ready disks have (the last one a run asked for).
     bytes: u64,
     ready: VecDeque<OwnedFd>,
+    /// Disks runs gave back, to be recycled (or dropped when enough are
+    /// ready).
+    returned: VecDeque<OwnedFd>,
+    /// What a fresh disk of `bytes` looks like, taken from the first one
+    /// made: a recycled one must look exactly the same.
+    fresh: Option<Fresh>,
+    /// Until when the maker waits for a disk to come back before it makes
+    /// a new one (set when a run takes one).
+    expect_return_until: Option<Instant>,
+    /// Disks recycled so far (`pool status`).
+    recycled: u64,
     /// Fresh network namespaces.
     netns: VecDeque<OwnedFd>,
     quit: bool,
-}
-
-impl Held {
-    fn full(&self) -> bool {
-        self.ready.len() >= TARGET && self.netns.len() >= NETNS_TARGET
-    }
 }
 
 type Shared = Arc<(Mutex<Held>, Condvar)>;
@@ -348,6 +392,10 @@ pub fn serve(state_root: &Path, bytes: u64) -> io::Result<()> {
         Mutex::new(Held {
             bytes,
             ready: VecDeque::new(),
+            returned: VecDeque::new(),
+            fresh: None,
+            expect_return_until: None,
+            recycled: 0,
             netns: VecDeque::new(),
             quit: false,
         }),
@@ -364,6 +412,7 @@ pub fn serve(state_root: &Path, bytes: u64) -> io::Result<()> {
         let mut held = held.lock().unwrap_or_else(|e| e.into_inner());
         held.quit = true;
         held.ready.clear();
+        held.returned.clear();
         held.netns.clear();
         wake.notify_all();
     }
@@ -433,10 +482,25 @@ fn accept_requests(
             let _ = send_message(&OwnedFd::from(stream), u8::from(netns.is_some()), &fds);
             continue;
         }
+        if wanted == RETURN {
+            drop(held);
+            let stream = OwnedFd::from(stream);
+            let Ok((1, mut fds)) = recv_message(&stream) else {
+                continue;
+            };
+            let disk = fds.pop().filter(|d| fds.is_empty() && is_ext4(d));
+            let mut held = shared.0.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(disk) = disk.filter(|_| !held.quit) {
+                held.returned.push_back(disk);
+                wake.notify_all();
+            }
+            continue;
+        }
         if wanted == STATUS {
             let mut answer = (held.ready.len() as u64).to_le_bytes().to_vec();
             answer.extend_from_slice(&held.bytes.to_le_bytes());
             answer.extend_from_slice(&(held.netns.len() as u64).to_le_bytes());
+            answer.extend_from_slice(&held.recycled.to_le_bytes());
             drop(held);
             let _ = (&stream).write_all(&answer);
             continue;
@@ -447,8 +511,11 @@ fn accept_requests(
             // Runs now want another size: ours are of no use.
             held.bytes = wanted;
             held.ready.clear();
+            held.returned.clear();
+            held.fresh = None;
             None
         };
+        held.expect_return_until = Some(Instant::now() + RETURN_WAIT);
         wake.notify_all();
         drop(held);
         let fds: Vec<_> = disk.iter().map(AsRawFd::as_raw_fd).collect();
@@ -457,62 +524,119 @@ fn accept_requests(
     }
 }
 
+/// What the maker thread does next.
+enum Work {
+    Netns,
+    /// A used disk to recycle, for disks of `bytes` that look like `fresh`.
+    Recycle {
+        disk: OwnedFd,
+        bytes: u64,
+        fresh: Option<Fresh>,
+    },
+    Make(u64),
+    /// Used disks not needed (enough are ready): dropped, i.e. unmounted,
+    /// here rather than under the lock.
+    Drop(Vec<OwnedFd>),
+}
+
 /// The maker thread: keeps [`TARGET`] disks of the wanted size and
 /// [`NETNS_TARGET`] network namespaces ready (namespaces first: they are
-/// quick to make). Three failures in a row (no template, no loop device,
-/// no new mount API) end the keeper: runs then do without it.
+/// quick to make), recycling disks runs gave back before it makes new ones.
+/// Three failures in a row (no template, no loop device, no new mount API)
+/// end the keeper: runs then do without it.
 fn make_disks(state_root: &Path, shared: &Shared) {
     let (held, wake) = &**shared;
     let mut failures = 0;
     let mut netns_failures = 0;
     let mut serial = 0u64;
     loop {
-        let (bytes, wants_netns) = {
+        let work = {
             let mut guard = held.lock().unwrap_or_else(|e| e.into_inner());
-            while !guard.quit && guard.full() {
+            loop {
+                if guard.quit {
+                    return;
+                }
+                if guard.netns.len() < NETNS_TARGET {
+                    break Work::Netns;
+                }
+                if guard.ready.len() >= TARGET && !guard.returned.is_empty() {
+                    break Work::Drop(guard.returned.drain(..).collect());
+                }
+                if guard.ready.len() < TARGET {
+                    if let Some(disk) = guard.returned.pop_front() {
+                        break Work::Recycle {
+                            disk,
+                            bytes: guard.bytes,
+                            fresh: guard.fresh,
+                        };
+                    }
+                    let now = Instant::now();
+                    match guard.expect_return_until {
+                        // A run's disk may be on its way back: wait for it.
+                        Some(until) if until > now => {
+                            guard = wake
+                                .wait_timeout(guard, until - now)
+                                .unwrap_or_else(|e| e.into_inner())
+                                .0;
+                            continue;
+                        }
+                        _ => break Work::Make(guard.bytes),
+                    }
+                }
                 guard = wake.wait(guard).unwrap_or_else(|e| e.into_inner());
             }
-            if guard.quit {
-                return;
-            }
-            (guard.bytes, guard.netns.len() < NETNS_TARGET)
         };
-        if wants_netns {
-            match make_netns() {
+        match work {
+            Work::Netns => match make_netns() {
                 Ok(netns) => {
                     netns_failures = 0;
                     let mut guard = held.lock().unwrap_or_else(|e| e.into_inner());
                     if !guard.quit {
                         guard.netns.push_back(netns);
                     }
-                    continue;
                 }
-                Err(_) => netns_failures += 1,
-            }
-            if netns_failures >= 3 {
-                held.lock().unwrap_or_else(|e| e.into_inner()).quit = true;
-                return;
-            }
-            continue;
-        }
-        serial += 1;
-        match make_disk(state_root, bytes, serial) {
-            Ok(disk) => {
-                failures = 0;
-                let mut guard = held.lock().unwrap_or_else(|e| e.into_inner());
-                if guard.bytes == bytes && !guard.quit {
-                    guard.ready.push_back(disk);
+                Err(_) => {
+                    netns_failures += 1;
+                    if netns_failures >= 3 {
+                        held.lock().unwrap_or_else(|e| e.into_inner()).quit = true;
+                        return;
+                    }
                 }
-            }
-            Err(_) => {
-                failures += 1;
-                if failures >= 3 {
+            },
+            Work::Drop(disks) => drop(disks),
+            Work::Recycle { disk, bytes, fresh } => {
+                serial += 1;
+                // A disk that does not come back exactly as fresh is dropped.
+                if let Some(disk) = fresh.and_then(|fresh| recycle(disk, &fresh, serial).ok()) {
                     let mut guard = held.lock().unwrap_or_else(|e| e.into_inner());
-                    guard.quit = true;
-                    // The acceptor notices on its next tick.
-                    return;
+                    if guard.bytes == bytes && !guard.quit {
+                        guard.ready.push_back(disk);
+                        guard.recycled += 1;
+                    }
                 }
-                std::thread::sleep(Duration::from_millis(200));
+            }
+            Work::Make(bytes) => {
+                serial += 1;
+                match make_disk(state_root, bytes, serial) {
+                    Ok((disk, fresh)) => {
+                        failures = 0;
+                        let mut guard = held.lock().unwrap_or_else(|e| e.into_inner());
+                        if guard.bytes == bytes && !guard.quit {
+                            guard.ready.push_back(disk);
+                            guard.fresh.get_or_insert(fresh);
+                        }
+                    }
+                    Err(_) => {
+                        failures += 1;
+                        if failures >= 3 {
+                            let mut guard = held.lock().unwrap_or_else(|e| e.into_inner());
+                            guard.quit = true;
+                            // The acceptor notices on its next tick.
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                }
             }
         }
     }
@@ -536,8 +660,9 @@ fn make_netns() -> io::Result<OwnedFd> {
 }
 
 /// One fresh disk: the template copied, mounted detached on an
-/// auto-clearing loop device, its file unlinked, and warmed.
-fn make_disk(state_root: &Path, bytes: u64, serial: u64) -> io::Result<OwnedFd> {
+/// auto-clearing loop device, its file unlinked, and warmed; with what it
+/// looks like.
+fn make_disk(state_root: &Path, bytes: u64, serial: u64) -> io::Result<(OwnedFd, Fresh)> {
     let template = crate::disk::template_path(state_root, bytes);
     let image = dir(state_root).join(format!("{IMAGE_PREFIX}{}.{serial}", std::process::id()));
     let mounted = crate::disk::sparse_copy(&template, &image, bytes)
@@ -546,7 +671,135 @@ fn make_disk(state_root: &Path, bytes: u64, serial: u64) -> io::Result<OwnedFd> 
     let _ = std::fs::remove_file(&image);
     let mount = mounted?;
     warm(&mount)?;
-    Ok(mount)
+    let fresh = Fresh::of(&mount)?;
+    Ok((mount, fresh))
+}
+
+/// What a disk looks like: its filesystem's counts of blocks and inodes,
+/// in all and free, and the owner and mode of the overlay's directories
+/// at its root (the workspace's root takes the upper one's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Fresh {
+    blocks: u64,
+    free_blocks: u64,
+    files: u64,
+    free_files: u64,
+    /// (mode, uid, gid) of `cow0-upper` and `cow0-work`.
+    dirs: [(u32, u32, u32); 2],
+}
+
+impl Fresh {
+    fn of(disk: &OwnedFd) -> io::Result<Fresh> {
+        // SAFETY: fstatfs fills the struct we pass, on an fd we own.
+        let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        if unsafe { libc::fstatfs(disk.as_raw_fd(), &mut fs) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut dirs = [(0, 0, 0); 2];
+        for (slot, name) in dirs.iter_mut().zip(overlay_dirs()) {
+            let meta =
+                rustix::fs::statat(disk, name.as_str(), rustix::fs::AtFlags::SYMLINK_NOFOLLOW)?;
+            *slot = (meta.st_mode, meta.st_uid, meta.st_gid);
+        }
+        Ok(Fresh {
+            blocks: fs.f_blocks,
+            free_blocks: fs.f_bfree,
+            files: fs.f_files,
+            free_files: fs.f_ffree,
+            dirs,
+        })
+    }
+}
+
+/// The overlay's directories at a disk's root (its only contents but
+/// ext4's own `lost+found`).
+fn overlay_dirs() -> [String; 2] {
+    crate::rootfs::copy_on_write_dirs(0)
+}
+
+/// Makes a disk a run gave back as good as a fresh one, or fails (the
+/// disk is then dropped). The run's sandbox is gone (its init has exited,
+/// so no process of it is left), and all it could write is in the
+/// overlay's two directories: they are renamed away, made anew with the
+/// fresh disk's owner and mode, and removed; free space goes back to the
+/// host (FITRIM punches the freed blocks out of the image); and the disk
+/// must then look exactly like a fresh one — the same free blocks and
+/// inodes, so nothing of the run is left on it anywhere, and the same
+/// directories. Should anything still hold the old directories (a mount
+/// namespace pinned from outside), they are deleted directories by then:
+/// nothing can be created in them, and the next run's are new ones.
+fn recycle(used: OwnedFd, fresh: &Fresh, serial: u64) -> io::Result<OwnedFd> {
+    use rustix::fs::{AtFlags, Mode};
+    let left = Fresh::of(&used)?;
+    if left.blocks != fresh.blocks
+        || fresh.free_files.saturating_sub(left.free_files) > RECYCLE_MAX_FILES
+        || fresh.free_blocks.saturating_sub(left.free_blocks) > RECYCLE_MAX_BLOCKS
+    {
+        return Err(io::Error::other(
+            "the run left too much on its disk to recycle it",
+        ));
+    }
+    // The run's mount was attached in its sandbox and cannot be again: a
+    // new detached mount of the same filesystem replaces it.
+    let disk = crate::disk::remount_detached(&used)?;
+    drop(used);
+    let root = PathBuf::from(format!("/proc/self/fd/{}", disk.as_raw_fd()));
+    for (i, (name, &(mode, uid, gid))) in overlay_dirs().iter().zip(&fresh.dirs).enumerate() {
+        let trash = format!("{TRASH_PREFIX}{serial}.{i}");
+        rustix::fs::renameat(&disk, name.as_str(), &disk, trash.as_str())?;
+        rustix::fs::mkdirat(&disk, name.as_str(), Mode::from_raw_mode(0o700))?;
+        rustix::fs::chownat(
+            &disk,
+            name.as_str(),
+            Some(rustix::fs::Uid::from_raw(uid)),
+            Some(rustix::fs::Gid::from_raw(gid)),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )?;
+        rustix::fs::chmodat(
+            &disk,
+            name.as_str(),
+            Mode::from_raw_mode(mode & 0o7777),
+            AtFlags::empty(),
+        )?;
+        agentkernel_core::state::remove_tree(&root.join(&trash))
+            .map_err(|e| io::Error::other(e.to_string()))?;
+    }
+    trim(&disk);
+    if Fresh::of(&disk)? != *fresh {
+        return Err(io::Error::other("the used disk does not look fresh"));
+    }
+    Ok(disk)
+}
+
+/// Discards the filesystem's free blocks (FITRIM), which the loop device
+/// turns into holes in its image: what a run wrote and deleted does not
+/// keep the host's space. Best effort.
+fn trim(disk: &OwnedFd) {
+    #[repr(C)]
+    struct FstrimRange {
+        start: u64,
+        len: u64,
+        minlen: u64,
+    }
+    // From <linux/fs.h>: _IOWR('X', 121, struct fstrim_range).
+    const FITRIM: libc::c_ulong = 0xc018_5879;
+    let mut range = FstrimRange {
+        start: 0,
+        len: u64::MAX,
+        minlen: 0,
+    };
+    // The mount's fd is a path only: ioctls need the root opened.
+    let Ok(root) = rustix::fs::openat(
+        disk,
+        ".",
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    ) else {
+        return;
+    };
+    // SAFETY: FITRIM reads and writes the range struct we pass.
+    unsafe { libc::ioctl(root.as_raw_fd(), FITRIM as _, &mut range) };
 }
 
 /// Reads what a run's first writes need (block and inode bitmaps, the root

@@ -452,21 +452,70 @@ mod native_only {
         );
     }
 
-    /// The disk keeper holds workspace disks mounted ahead: each serves
-    /// exactly one run (what one sandbox wrote never shows in the next),
-    /// the cap holds on them, the host's workspace is untouched, its
-    /// directory and socket are private, and `pool prune` stops it with
-    /// nothing left bound.
+    /// `pool status --json`'s `disks` object.
+    fn keeper_disks(env: &TestEnv) -> serde_json::Value {
+        let out = env.run(&["pool", "status", "--json"]);
+        assert_code(&out, 0);
+        serde_json::from_str::<serde_json::Value>(&stdout(&out)).unwrap()["disks"].clone()
+    }
+
+    /// The disk keeper holds workspace disks mounted ahead and recycles the
+    /// ones runs give back. An attack on recycling: a sandbox leaves a
+    /// secret, changes the workspace root's mode and fills its disk; the
+    /// disk is recycled, and every later sandbox that can get it finds its
+    /// workspace as fresh — no file, the original mode, the whole cap free.
+    /// The cap holds on held disks, the host's workspace is untouched, the
+    /// keeper's directory and socket are private, and `pool prune` stops it
+    /// with nothing left bound.
     #[test]
-    fn held_disks_serve_one_run_each_capped_and_go_with_prune() {
+    fn held_disks_are_recycled_fresh_capped_and_go_with_prune() {
         use std::os::unix::fs::PermissionsExt;
         let env = native();
-        for round in 0..4 {
+        let fresh_mode = stdout(&held_run(&env, "stat -c %a /workspace"))
+            .trim()
+            .to_string();
+        let recycled = || keeper_disks(&env)["recycled"].as_u64().unwrap_or(0);
+        // Until one such disk comes back recycled (it may instead be
+        // dropped, when enough are ready as it returns).
+        let start = std::time::Instant::now();
+        loop {
+            let before = recycled();
+            let attack = format!(
+                "echo secret > /workspace/mark; chmod 700 /workspace; {}",
+                fill("/workspace/big", 40)
+            );
+            let out = held_run(&env, &attack);
+            assert_eq!(stdout(&out).trim(), "ENOSPC", "{}", stderr(&out));
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while recycled() == before && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            if recycled() > before {
+                break;
+            }
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(60),
+                "no disk was recycled"
+            );
+        }
+        // The recycled disk is among the (at most two) ready ones, which
+        // the next runs take in order.
+        for _ in 0..3 {
             let script = format!(
-                "test -e /workspace/mark && echo REUSED; echo {round} > /workspace/mark; cat /workspace/mark"
+                "test -e /workspace/mark && echo REUSED; stat -c %a /workspace; {}",
+                fill("/workspace/big", 20)
             );
             let out = held_run(&env, &script);
-            assert_eq!(stdout(&out), format!("{round}\n"), "{}", stderr(&out));
+            let out = stdout(&out);
+            assert!(
+                !out.contains("REUSED"),
+                "a recycled disk kept a file: {out}"
+            );
+            assert!(out.starts_with(&format!("{fresh_mode}\n")), "{out}");
+            assert!(
+                out.contains("WROTE"),
+                "the cap's space did not come back: {out}"
+            );
         }
         let out = held_run(&env, &fill("/workspace/big", 40));
         assert_eq!(stdout(&out).trim(), "ENOSPC", "{}", stderr(&out));
@@ -480,11 +529,7 @@ mod native_only {
         assert_eq!(mode(&held.join("sock")), 0o600);
         let keepers = env.keeper_pids();
         assert_eq!(keepers.len(), 1, "one keeper per state dir");
-        let disks = || {
-            let out = env.run(&["pool", "status", "--json"]);
-            assert_code(&out, 0);
-            serde_json::from_str::<serde_json::Value>(&stdout(&out)).unwrap()["disks"].clone()
-        };
+        let disks = || keeper_disks(&env);
         poll_until(
             std::time::Duration::from_secs(20),
             "pool status shows the keeper with two disks ready",

@@ -23,7 +23,7 @@
 //! is killed, gc collects the scratch dir and the cgroup like any dead
 //! run's.
 
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 
 use crate::cgroup::Cgroup;
@@ -134,29 +134,45 @@ extern "C" fn cleanup_main(job: *mut libc::c_void) -> libc::c_int {
     // No byte ever comes: end of file is our parent's exit (or death).
     let _ = sys::read_byte(job.wait_end);
     // From here the memory is ours alone.
-    if let Some(fd) = job.disk {
-        // SAFETY: our copy of the descriptor; the disk unmounts here.
-        unsafe { libc::close(fd) };
-    }
+    // SAFETY: our copy of the descriptor, closed by nobody else.
+    let disk = job.disk.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
+    // A disk the keeper can recycle goes back to it once the sandbox is
+    // gone; any other unmounts here, as the sandbox's namespace goes.
+    let recycled = disk.filter(|_| recyclable(&job.plan));
     // SAFETY: the pidfd is ours, open (kept by detach_from_caller), and
     // closed by nobody else; this borrow ends before _exit.
     let init = job
         .init
         .map(|fd| unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) });
-    clean_up_here(&job.plan, job.cgroup.as_ref(), init);
+    clean_up_here(&job.plan, job.cgroup.as_ref(), init, recycled);
     // SAFETY: ends the cleanup process without running any exit path.
     unsafe { libc::_exit(0) }
 }
 
-/// The cleanup itself, in this process.
+/// Whether the run's workspace disk goes back to the disk keeper: a
+/// one-shot run's disk of the keeper's kind (`disk_keeper::give_back`).
+fn recyclable(plan: &Plan) -> bool {
+    plan.workspace_held && plan.keep.is_none() && crate::disk_keeper::enabled()
+}
+
+/// The cleanup itself, in this process. `disk`, the run's workspace disk
+/// if it is to be recycled, goes back to the keeper once init has exited.
 pub(crate) fn clean_up_here(
     plan: &Plan,
     cgroup: Option<&Cgroup>,
     init: Option<std::os::fd::BorrowedFd<'_>>,
+    disk: Option<OwnedFd>,
 ) {
     if let Some(init) = init {
         wait_for_exit(init);
         crate::trace::phase("cleanup: init exited");
+    }
+    if let (Some(disk), Some(root)) = (disk, plan.state_root()) {
+        // Only once nothing of the sandbox runs: init has exited.
+        if init.is_some() {
+            crate::disk_keeper::give_back(&root, disk);
+            crate::trace::phase("cleanup: disk given back");
+        }
     }
     if let Some(cgroup) = cgroup {
         cgroup.remove();

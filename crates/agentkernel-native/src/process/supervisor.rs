@@ -72,7 +72,12 @@ pub fn run(plan: &Plan) -> Result<Outcome, SandboxError> {
     drop(left.workspace_disk.take());
     match started {
         Some(cleanup) => cleanup.begin_at_exit(),
-        None => cleanup::clean_up_here(plan, cgroup.as_ref(), left.init.as_ref().map(AsFd::as_fd)),
+        None => cleanup::clean_up_here(
+            plan,
+            cgroup.as_ref(),
+            left.init.as_ref().map(AsFd::as_fd),
+            None,
+        ),
     }
     result
 }

@@ -112,6 +112,7 @@ async fn status(store: &Store, as_json: bool) -> Result<i32> {
                 "mounted": keeper.map_or(0, |k| k.ready),
                 "bytes": keeper.map(|k| k.bytes),
                 "netns": keeper.map_or(0, |k| k.netns),
+                "recycled": keeper.map_or(0, |k| k.recycled),
                 "attached": attached,
             },
         });
@@ -170,10 +171,11 @@ async fn status(store: &Store, as_json: bool) -> Result<i32> {
             "mounted workspace disks",
         );
         text += &format!(
-            "native: disk keeper (pid {}) holds {disks} of {} and {}\n",
+            "native: disk keeper (pid {}) holds {disks} of {} and {}; {} recycled\n",
             keeper.pid,
             agentkernel_core::parse::format_bytes(keeper.bytes),
-            super::counted(keeper.netns, "network namespace", "network namespaces")
+            super::counted(keeper.netns, "network namespace", "network namespaces"),
+            super::counted(keeper.recycled as usize, "used disk", "used disks"),
         );
     }
     if attached > 0 {
