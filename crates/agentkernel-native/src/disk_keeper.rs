@@ -572,8 +572,9 @@ fn make_disks(state_root: &Path, shared: &Shared) {
                     }
                     let now = Instant::now();
                     match guard.expect_return_until {
-                        // A run's disk may be on its way back: wait for it.
-                        Some(until) if until > now => {
+                        // A run's disk may be on its way back: wait for it,
+                        // while one is ready for the next run.
+                        Some(until) if until > now && !guard.ready.is_empty() => {
                             guard = wake
                                 .wait_timeout(guard, until - now)
                                 .unwrap_or_else(|e| e.into_inner())

@@ -640,10 +640,12 @@ print("fds", sum(len(d) // 4 for _, t, d in anc if t == socket.SCM_RIGHTS))
         assert_code(&out, 0);
         assert_eq!(stdout(&out), "", "the sandbox sees the keeper's socket");
 
+        // Once the runs' cleanup processes are done too: a late one would
+        // give its disk back, or start another keeper.
         poll_until(
             std::time::Duration::from_secs(20),
-            "the keeper holds its disks",
-            || held_devices(&env).len() == 2,
+            "the keeper holds its disks, alone",
+            || held_devices(&env).len() == 2 && env.processes_running() == env.keeper_pids(),
         );
         for pid in env.keeper_pids() {
             // SAFETY: kill of a PID we just found as this test's keeper.
