@@ -235,6 +235,11 @@ const SPAWN_STACK_BYTES: usize = 1 << 20;
 /// caches among it) as if it were us. It has its own descriptor table,
 /// working directory, credentials, signal mask and handlers (no
 /// `CLONE_FILES`/`CLONE_FS`/`CLONE_SIGHAND`), as after `fork`.
+///
+/// Only from a single-threaded process (init, the helper): libc's
+/// `setresuid` and friends, which the command's set-up calls, would
+/// otherwise take our other threads for the child's and try to change
+/// their credentials too.
 pub fn spawn_until_exec<F: FnOnce() -> std::convert::Infallible>(
     child: F,
 ) -> io::Result<libc::pid_t> {
