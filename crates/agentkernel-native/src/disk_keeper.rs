@@ -519,7 +519,8 @@ fn accept_requests(
         wake.notify_all();
         drop(held);
         let fds: Vec<_> = disk.iter().map(AsRawFd::as_raw_fd).collect();
-        // Ours goes when `disk` drops, sent or not: never handed out twice.
+        // Ours goes when `disk` drops, sent or not: never in two runs at
+        // once (a run gives it back only once its sandbox is gone).
         let _ = send_message(&OwnedFd::from(stream), u8::from(disk.is_some()), &fds);
     }
 }
