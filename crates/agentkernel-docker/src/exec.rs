@@ -267,19 +267,64 @@ pub fn unix_now() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
+/// Whether a container that ended with 137 and may already be gone was taken
+/// by the OOM killer. `host_ooms_before` is [`cgroup::host_oom_kills`] read
+/// before the container started.
+///
+/// The engine's record of the kill (`OOMKilled`, its `oom` event) can trail
+/// the exit by a long way on a loaded machine, and waiting long for it would
+/// slow every plain `kill -9`. When the engine runs on our kernel, the
+/// kernel's own count settles it: unchanged means no OOM kill at all (answer
+/// at once); changed means one happened, and if it was ours the engine's event
+/// follows, so it is waited for patiently. Elsewhere only a short look is
+/// affordable.
+///
+/// [`cgroup::host_oom_kills`]: agentkernel_core::cgroup::host_oom_kills
+pub async fn gone_container_was_oom_killed(
+    engine: &Engine,
+    container: &str,
+    since: i64,
+    host_ooms_before: Option<u64>,
+) -> bool {
+    let patience = match (host_ooms_before, host_oom_kills_now(engine).await) {
+        (Some(before), Some(now)) if now == before => return false,
+        (Some(_), Some(_)) => Duration::from_secs(3),
+        _ => Duration::from_millis(200),
+    };
+    oom_event_since(engine, container, since, patience).await
+}
+
+/// The kernel's OOM kill count, when the engine shares our kernel: it is
+/// reached through a unix socket and reports our kernel release (Docker
+/// Desktop's socket is local but its engine runs in a VM).
+async fn host_oom_kills_now(engine: &Engine) -> Option<u64> {
+    if !engine.address.starts_with("unix://") {
+        return None;
+    }
+    let ours = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+    let theirs = engine.docker.version().await.ok()?.kernel_version?;
+    if theirs != ours.trim() {
+        return None;
+    }
+    agentkernel_core::cgroup::host_oom_kills()
+}
+
 /// Whether the engine recorded an `oom` event for `container` since `since`
-/// (Unix seconds). The fallback for a 137 whose container no longer shows
-/// it: an auto-removed pool container may be gone before it is inspected,
-/// and under load the engine can process the exit before the OOM event that
-/// sets `OOMKilled`. The event log keeps both; it is asked three times over
-/// a fifth of a second, since the event can trail the exit.
-pub async fn oom_event_since(engine: &Engine, container: &str, since: i64) -> bool {
+/// (Unix seconds), asked every tenth of a second for up to `patience`: the
+/// event can trail the exit.
+async fn oom_event_since(engine: &Engine, container: &str, since: i64, patience: Duration) -> bool {
     use futures_util::StreamExt;
     let filters = HashMap::from([("container", vec![container]), ("event", vec!["oom"])]);
-    for attempt in 0..3 {
-        if attempt > 0 {
+    let deadline = tokio::time::Instant::now() + patience;
+    let mut first_attempt = true;
+    loop {
+        if !first_attempt {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        first_attempt = false;
         // `until` now, with nanoseconds: the engine answers from its log and
         // ends the stream instead of waiting for new events.
         let now = std::time::SystemTime::now()
@@ -296,7 +341,6 @@ pub async fn oom_event_since(engine: &Engine, container: &str, since: i64) -> bo
             return true;
         }
     }
-    false
 }
 
 /// OOM kills so far in `container`'s memory cgroup, read on the engine's host

@@ -178,6 +178,7 @@ async fn drive(engine: &Engine, name: &str, spec: &SandboxSpec) -> Result<Outcom
         .map_err(|e| engine.error("attaching to the sandbox", e))?;
 
     let started = crate::exec::unix_now() - 1;
+    let host_ooms_before = agentkernel_core::cgroup::host_oom_kills();
     if let Err(e) = engine.docker.start_container(name, None).await {
         return start_failure(engine, e, &spec.exec.argv[0]);
     }
@@ -217,7 +218,10 @@ async fn drive(engine: &Engine, name: &str, spec: &SandboxSpec) -> Result<Outcom
             Ok(info) => info.state.and_then(|s| s.oom_killed) == Some(true),
             Err(_) => false,
         };
-        if flagged || crate::exec::oom_event_since(engine, name, started).await {
+        if flagged
+            || crate::exec::gone_container_was_oom_killed(engine, name, started, host_ooms_before)
+                .await
+        {
             return Ok(Outcome::OutOfMemory);
         }
     }

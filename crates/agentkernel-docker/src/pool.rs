@@ -207,6 +207,7 @@ async fn run_claimed(
     use crate::handoff::Handoff;
     let dir = container_dir(store, container);
     let started = crate::exec::unix_now() - 1;
+    let host_ooms_before = agentkernel_core::cgroup::host_oom_kills();
     let handed = match crate::handoff::recorded(&dir) {
         Some(shell) if crate::handoff::suits(&spec.exec, image_env) => {
             crate::handoff::run(engine, container, &dir.join("ctl"), shell, &spec.exec).await?
@@ -233,7 +234,15 @@ async fn run_claimed(
         let oom = match crate::exec::oom_kills(engine, container).await {
             Some(kills) => kills > 0,
             // Gone already (auto-removed): the engine's event log still knows.
-            None => crate::exec::oom_event_since(engine, container, started).await,
+            None => {
+                crate::exec::gone_container_was_oom_killed(
+                    engine,
+                    container,
+                    started,
+                    host_ooms_before,
+                )
+                .await
+            }
         };
         if oom {
             return Ok(Outcome::OutOfMemory);
