@@ -316,15 +316,7 @@ async fn oom_event_since(engine: &Engine, container: &str, since: i64, patience:
     use futures_util::StreamExt;
     let filters = HashMap::from([("container", vec![container]), ("event", vec!["oom"])]);
     let deadline = tokio::time::Instant::now() + patience;
-    let mut first_attempt = true;
     loop {
-        if !first_attempt {
-            if tokio::time::Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        first_attempt = false;
         // `until` now, with nanoseconds: the engine answers from its log and
         // ends the stream instead of waiting for new events.
         let now = std::time::SystemTime::now()
@@ -340,6 +332,10 @@ async fn oom_event_since(engine: &Engine, container: &str, since: i64, patience:
         if matches!(first, Ok(Some(Ok(_)))) {
             return true;
         }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

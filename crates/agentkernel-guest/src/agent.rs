@@ -1456,12 +1456,7 @@ mod reaper {
 
 /// The guest kernel's count of OOM kills so far.
 fn oom_kills() -> u64 {
-    std::fs::read_to_string("/proc/vmstat")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("oom_kill "))
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or(0)
+    agentkernel_core::cgroup::host_oom_kills().unwrap_or(0)
 }
 
 /// `user[:group]` from the image's /etc/passwd and /etc/group (we are in the
