@@ -252,9 +252,9 @@ impl Backend for EngineBackend {
     async fn gc(&self) -> Result<Collected> {
         let engine = self.engine()?;
         engine.ping().await?;
-        let c = gc::collect_orphans(engine.clone(), self.store.clone()).await;
+        let c = gc::collect_orphans(engine.clone(), self.store.clone()).await?;
         Ok(Collected {
-            containers: c.containers.len(),
+            containers: gc::confirmed_gone(engine, &c.containers).await + c.pool_containers,
             directories: c.directories,
         })
     }

@@ -4,61 +4,82 @@
 //! containers carrying our labels from this machine, and only when it can
 //! prove they are abandoned (owner process gone, or sandbox expired).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use agentkernel_core::state::{self, now_unix, Owner, Store};
-use bollard::models::ContainerSummary;
-use bollard::query_parameters::ListContainersOptionsBuilder;
 
+use crate::listing::Listed;
 use crate::oneshot::remove_container;
 use crate::{labels, Engine};
 
 #[derive(Debug, Default)]
 pub struct Collected {
+    /// The abandoned sandboxes' containers whose removal was asked for.
     pub containers: Vec<String>,
+    /// Warm-pool containers removed (stale, or their pool's owner is gone).
+    pub pool_containers: usize,
     pub directories: usize,
 }
 
+/// How long an explicit `sandbox gc` waits for the engine to finish removing
+/// what it was asked to: a running container is stopped first, and another
+/// agentkernel's collector may be removing the same one (the engine then
+/// refuses the second request while the first is under way).
+const REMOVAL_PATIENCE: Duration = Duration::from_secs(15);
+
+/// Of `names`, how many the engine no longer has, waiting up to
+/// REMOVAL_PATIENCE for removals under way. `sandbox gc` reports only what is
+/// really gone, so its count and a listing right after it agree.
+pub async fn confirmed_gone(engine: &Engine, names: &[String]) -> usize {
+    let deadline = Instant::now() + REMOVAL_PATIENCE;
+    let mut gone = 0;
+    for name in names {
+        loop {
+            match engine.docker.inspect_container(name, None).await {
+                Err(e) if crate::engine::is_not_found(&e) => {
+                    gone += 1;
+                    break;
+                }
+                _ if Instant::now() >= deadline => break,
+                // Still there: a removal under way, or ours was refused; ask again.
+                _ => {
+                    remove_container(engine, name).await;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+    gone
+}
+
 /// Every container carrying our `managed` label.
-pub async fn managed_containers(
-    engine: &Engine,
-) -> Result<Vec<ContainerSummary>, agentkernel_core::Error> {
-    let filters = HashMap::from([(
-        "label".to_string(),
-        vec![format!("{}=true", labels::MANAGED)],
-    )]);
-    let options = ListContainersOptionsBuilder::default()
-        .all(true)
-        .filters(&filters)
-        .build();
-    engine
-        .docker
-        .list_containers(Some(options))
+pub async fn managed_containers(engine: &Engine) -> Result<Vec<Listed>, agentkernel_core::Error> {
+    crate::listing::containers_labelled(engine, vec![format!("{}=true", labels::MANAGED)])
         .await
         .map_err(|e| engine.error("listing sandboxes", e))
 }
 
-pub async fn collect_orphans(engine: Engine, store: Store) -> Collected {
+/// Collects what is provably abandoned. Fails only when the engine cannot
+/// list its containers: the explicit `sandbox gc` must say so, not report
+/// that nothing was left (the background collections ignore it).
+pub async fn collect_orphans(
+    engine: Engine,
+    store: Store,
+) -> Result<Collected, agentkernel_core::Error> {
     let mut collected = Collected::default();
-    let Ok(containers) = managed_containers(&engine).await else {
-        return collected;
-    };
+    let containers = managed_containers(&engine).await?;
     let me = labels::host_id();
     let runs_dir = store.root().join("runs");
     let mut kept_names = HashSet::new();
 
     for c in &containers {
-        let labels_of = c.labels.clone().unwrap_or_default();
+        let labels_of = c.labels();
         if labels_of.get(labels::HOST) != Some(&me) {
             continue;
         }
-        let Some(name) = c
-            .names
-            .as_ref()
-            .and_then(|n| n.first())
-            .map(|n| n.trim_start_matches('/').to_string())
-        else {
+        let Some(name) = c.name() else {
             continue;
         };
         match labels_of.get(labels::KIND).map(String::as_str) {
@@ -120,9 +141,7 @@ pub async fn collect_orphans(engine: Engine, store: Store) -> Collected {
         let _ = store.forget(&name);
         collected.directories += 1;
     }
-    collected.containers.extend(
-        (0..crate::pool::collect(&engine, &store).await).map(|_| "pool container".to_string()),
-    );
+    collected.pool_containers = crate::pool::collect(&engine, &store).await;
     // A native sandbox's scratch (it has a `layer` mount point) goes with its
     // cgroup: the native collector removes both, so it is not ours to delete.
     for dir in store
@@ -133,5 +152,5 @@ pub async fn collect_orphans(engine: Engine, store: Store) -> Collected {
         let _ = state::remove_tree(&dir);
         collected.directories += 1;
     }
-    collected
+    Ok(collected)
 }

@@ -20,6 +20,7 @@
 //! - [`handoff`]: Podman's pooled runs, run by the warm container's own keep-alive
 //! - [`kept`]: kept sandboxes: create, exec, stop/start/remove, list
 //! - [`pool`]: the warm pool behind `--fast`
+//! - [`listing`]: listing containers, Podman's extra state names included
 //! - [`gc`]: removing what dead agentkernel processes left behind
 //! - [`detached`]: background agentkernel processes (refills, stopped-sandbox expiry)
 //!
@@ -37,6 +38,7 @@ pub mod gc;
 pub mod handoff;
 pub mod kept;
 pub mod labels;
+pub mod listing;
 pub mod network;
 pub mod oneshot;
 pub mod podman;

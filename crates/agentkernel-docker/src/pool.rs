@@ -25,13 +25,12 @@ use std::time::Duration;
 use agentkernel_core::spec::{ExecRequest, Outcome, PullPolicy, SandboxSpec};
 use agentkernel_core::state::{self, now_unix, Owner, Store};
 use agentkernel_core::{names, Error};
-use bollard::models::ContainerSummary;
-use bollard::query_parameters::ListContainersOptionsBuilder;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::create::{container_body, serving_keep_alive_command, Shape};
 use crate::exec::KillScope;
+use crate::listing::Listed;
 use crate::oneshot::remove_container;
 use crate::pool_stats::{self, KeyStats, Run};
 use crate::{labels, Engine};
@@ -267,7 +266,7 @@ async fn exists_in(engine: &Engine, container: &str, path: &str) -> bool {
     }
 }
 
-async fn list_pool(engine: &Engine, store: &Store, key: Option<&str>) -> Vec<ContainerSummary> {
+async fn list_pool(engine: &Engine, store: &Store, key: Option<&str>) -> Vec<Listed> {
     let mut label = vec![
         format!("{}=true", labels::MANAGED),
         format!("{}={}", labels::KIND, labels::KIND_POOL),
@@ -276,33 +275,16 @@ async fn list_pool(engine: &Engine, store: &Store, key: Option<&str>) -> Vec<Con
     if let Some(key) = key {
         label.push(format!("{}={key}", labels::POOL_KEY));
     }
-    let filters = HashMap::from([("label".to_string(), label)]);
-    let options = ListContainersOptionsBuilder::default()
-        .all(true)
-        .filters(&filters)
-        .build();
-    // Podman's list fails now and then while another container is being
-    // removed (a refill removing the last used one): an empty answer would
-    // send this run down the slow path for nothing, so ask again.
+    // An engine that does not answer now: an empty answer sends this run
+    // down the slow path, so ask again a few times first.
     for attempt in 0..4 {
-        match engine.docker.list_containers(Some(options.clone())).await {
+        match crate::listing::containers_labelled(engine, label.clone()).await {
             Ok(list) => return list,
             Err(_) if attempt < 3 => tokio::time::sleep(Duration::from_millis(10)).await,
             Err(_) => break,
         }
     }
     Vec::new()
-}
-
-fn is_running(c: &ContainerSummary) -> bool {
-    c.state.as_ref().map(|s| s.to_string()).as_deref() == Some("running")
-}
-
-fn name_of(c: &ContainerSummary) -> Option<String> {
-    c.names
-        .as_ref()?
-        .first()
-        .map(|n| n.trim_start_matches('/').to_string())
 }
 
 fn is_claimed(store: &Store, name: &str) -> bool {
@@ -405,8 +387,8 @@ async fn claim(
     let running: Vec<String> = list_pool(engine, store, Some(key))
         .await
         .iter()
-        .filter(|c| is_running(c))
-        .filter_map(name_of)
+        .filter(|c| c.is_running())
+        .filter_map(Listed::name)
         .collect();
     claim_one(store, running).map(|(name, left)| (name, served, left))
 }
@@ -476,7 +458,8 @@ pub async fn refill(
         remove_container(engine, used).await;
         let _ = state::remove_tree(&container_dir(store, used));
     }
-    crate::gc::collect_orphans(engine.clone(), store.clone()).await;
+    // Best effort: an engine that cannot list now is asked again next time.
+    let _ = crate::gc::collect_orphans(engine.clone(), store.clone()).await;
     topped_up
 }
 
@@ -541,18 +524,11 @@ async fn refill_round(
     use futures_util::StreamExt;
     let mut warm_by_key: HashMap<String, Vec<String>> = HashMap::new();
     for c in list_pool(engine, store, None).await {
-        let (Some(key), Some(name)) = (
-            c.labels
-                .as_ref()
-                .and_then(|l| l.get(labels::POOL_KEY))
-                .cloned(),
-            name_of(&c),
-        ) else {
+        let (Some(key), Some(name)) = (c.label(labels::POOL_KEY).cloned(), c.name()) else {
             continue;
         };
         // Created counts too: it is one being started.
-        let state = c.state.as_ref().map(|s| s.to_string()).unwrap_or_default();
-        if (state == "running" || state == "created") && !is_claimed(store, &name) {
+        if (c.is_running() || c.state() == "created") && !is_claimed(store, &name) {
             warm_by_key.entry(key).or_default().push(name);
         }
     }
@@ -769,9 +745,8 @@ pub async fn status(engine: &Engine, store: &Store) -> Vec<KeyStatus> {
         }
     }
     for c in list_pool(engine, store, None).await {
-        let labels_of = c.labels.clone().unwrap_or_default();
-        let (Some(key), Some(name)) = (labels_of.get(labels::POOL_KEY).cloned(), name_of(&c))
-        else {
+        let labels_of = c.labels();
+        let (Some(key), Some(name)) = (labels_of.get(labels::POOL_KEY).cloned(), c.name()) else {
             continue;
         };
         let entry = by_key.entry(key.clone()).or_insert_with(|| KeyStatus {
@@ -782,7 +757,7 @@ pub async fn status(engine: &Engine, store: &Store) -> Vec<KeyStatus> {
         });
         if is_claimed(store, &name) {
             entry.in_use += 1;
-        } else if is_running(&c) {
+        } else if c.is_running() {
             // Only a running container can be claimed; one still starting is not warm yet.
             entry.warm += 1;
         }
@@ -803,7 +778,7 @@ pub async fn status(engine: &Engine, store: &Store) -> Vec<KeyStatus> {
 pub async fn prune(engine: &Engine, store: &Store) -> usize {
     let mut removed = 0;
     for c in list_pool(engine, store, None).await {
-        let Some(name) = name_of(&c) else { continue };
+        let Some(name) = c.name() else { continue };
         if remove_unclaimed(engine, store, &name).await {
             removed += 1;
         }
@@ -817,7 +792,7 @@ pub async fn prune(engine: &Engine, store: &Store) -> usize {
 pub async fn collect(engine: &Engine, store: &Store) -> usize {
     let mut removed = 0;
     let containers = list_pool(engine, store, None).await;
-    let live: Vec<String> = containers.iter().filter_map(name_of).collect();
+    let live: Vec<String> = containers.iter().filter_map(Listed::name).collect();
     for name in &live {
         let owner =
             std::fs::read_to_string(container_dir(store, name).join("owner")).unwrap_or_default();

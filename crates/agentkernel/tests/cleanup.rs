@@ -231,6 +231,37 @@ fn sandbox_gc_removes_what_a_killed_run_left() {
     }
 }
 
+/// Two collectors racing for one orphan (every `run` collects in the
+/// background too): neither returns while the orphan is still there, even
+/// when the engine refuses the second removal because the first is under way.
+#[test]
+fn racing_gcs_each_return_only_once_the_orphan_is_gone() {
+    let env = TestEnv::new();
+    let (owner, sandbox) = orphan(&env);
+    let _guard = OrphanGuard(owner.clone());
+    let gc = || {
+        env.std_cmd()
+            .args(["sandbox", "gc"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn agentkernel sandbox gc")
+    };
+    let racers = [gc(), gc()];
+    for mut racer in racers {
+        let status = wait_child(&mut racer, Duration::from_secs(60));
+        assert_eq!(status.code(), Some(0));
+        assert!(
+            containers_of_owner(&owner).is_empty(),
+            "a `sandbox gc` returned while the orphan was still there"
+        );
+    }
+    if is_native() {
+        assert_native_orphan_collected(&env, &sandbox);
+    }
+}
+
 #[test]
 fn a_later_run_removes_what_a_killed_run_left() {
     let env = TestEnv::new();
