@@ -147,10 +147,30 @@ pub fn take(state_root: &Path, bytes: u64) -> Option<OwnedFd> {
 /// Sends `request` to the keeper of `state_root`; the one fd it answers
 /// with, if any.
 fn request_fd(state_root: &Path, request: u64) -> Option<OwnedFd> {
-    let stream = connect(state_root).ok()?;
-    (&stream).write_all(&request.to_le_bytes()).ok()?;
-    let (answer, mut fds) = recv_message(&OwnedFd::from(stream)).ok()?;
-    fds.pop().filter(|_| answer == 1 && fds.is_empty())
+    Asked::send(state_root, request)?.answer()
+}
+
+/// A request sent to the keeper whose answer is read later: the keeper
+/// works on it while the asker does something else.
+pub struct Asked(UnixStream);
+
+impl Asked {
+    fn send(state_root: &Path, request: u64) -> Option<Asked> {
+        let stream = connect(state_root).ok()?;
+        (&stream).write_all(&request.to_le_bytes()).ok()?;
+        Some(Asked(stream))
+    }
+
+    /// The descriptor the keeper answered with, if it had one.
+    fn answer(self) -> Option<OwnedFd> {
+        let (answer, mut fds) = recv_message(&OwnedFd::from(self.0)).ok()?;
+        fds.pop().filter(|_| answer == 1 && fds.is_empty())
+    }
+
+    /// The answer to [`ask_netns`]: a fresh network namespace, or None.
+    pub fn netns(self) -> Option<OwnedFd> {
+        self.answer().filter(is_netns)
+    }
 }
 
 /// Gives a run's disk back to the keeper of `state_root` once nothing of
@@ -166,11 +186,14 @@ pub fn give_back(state_root: &Path, disk: OwnedFd) {
     }
 }
 
-/// Takes a fresh network namespace from the keeper of `state_root`: one
-/// it created (nothing but loopback, up) and never entered again, handed to
-/// this run alone. Creating one costs a run ~1 ms, which init waits for.
-pub fn take_netns(state_root: &Path) -> Option<OwnedFd> {
-    request_fd(state_root, NETNS).filter(is_netns)
+/// Asks the keeper of `state_root` for a fresh network namespace: one it
+/// created (nothing but loopback, up) and never entered again, handed to
+/// this run alone (creating one costs a run ~0.3–1 ms, which init waits
+/// for). The request goes now and the namespace comes from [`Asked::netns`]
+/// later: a run asks before it forks init, so the keeper's answer is there
+/// by the time init needs it.
+pub fn ask_netns(state_root: &Path) -> Option<Asked> {
+    Asked::send(state_root, NETNS)
 }
 
 fn is_netns(fd: &OwnedFd) -> bool {
@@ -546,6 +569,7 @@ enum Work {
 /// Three failures in a row (no template, no loop device, no new mount API)
 /// end the keeper: runs then do without it.
 fn make_disks(state_root: &Path, shared: &Shared) {
+    crate::sys::lower_priority_of_this_thread();
     let (held, wake) = &**shared;
     let mut failures = 0;
     let mut netns_failures = 0;

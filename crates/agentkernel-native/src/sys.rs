@@ -189,6 +189,19 @@ pub fn close_descriptors_from_3_except(keep: &[RawFd]) {
     }
 }
 
+/// Makes the calling thread background work: nice 19, the lowest CFS
+/// weight (not SCHED_IDLE, which could starve it on a saturated host while
+/// it holds what later runs need back). A run's own processes, started
+/// meanwhile, then take the CPU first.
+pub fn lower_priority_of_this_thread() {
+    // SAFETY: gettid and setpriority take and return plain integers; on
+    // Linux, PRIO_PROCESS with a thread id applies to that thread alone.
+    unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19);
+    }
+}
+
 /// A pidfd of process `pid`: it names that process even after its pid is
 /// reused (open it while the pid is known to be the process's: our
 /// unreaped child, say).

@@ -58,6 +58,7 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio runtime");
+    agentkernel_native::trace::phase("cli: arguments parsed, runtime built");
     let code = match runtime.block_on(commands::dispatch(cli)) {
         Ok(code) => code,
         Err(e) => {

@@ -133,7 +133,9 @@ extern "C" fn cleanup_main(job: *mut libc::c_void) -> libc::c_int {
     detach_from_caller(job);
     // No byte ever comes: end of file is our parent's exit (or death).
     let _ = sys::read_byte(job.wait_end);
-    // From here the memory is ours alone.
+    // From here the memory is ours alone, and the run's exit code is with
+    // its caller: what is left is background work.
+    sys::lower_priority_of_this_thread();
     // SAFETY: our copy of the descriptor, closed by nobody else.
     let disk = job.disk.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
     // A disk the keeper can recycle goes back to it once the sandbox is
@@ -195,13 +197,40 @@ pub(crate) fn clean_up_here(
             }
         }
     }
-    // What killed runs left (cgroups, leases, scratch, dead kept sandboxes).
-    if let Some(root) = root {
+    // What killed runs left (cgroups, leases, scratch, dead kept sandboxes),
+    // at most once per SWEEP_INTERVAL per state directory.
+    if let Some(root) = root.filter(|r| sweep_is_due(r)) {
         let store = agentkernel_core::state::Store::new(root);
         crate::gc::orphaned_runs(&store);
         crate::kept::collect(&store);
         crate::trace::phase("cleanup: gc swept");
     }
+}
+
+/// How often a run's cleanup also sweeps for what killed runs left. The
+/// sweep (cgroups, leases, every loop device, scratch dirs) costs about a
+/// third of a millisecond of CPU, which back-to-back runs on a small machine
+/// otherwise pay each time; a `kill -9`'s leftovers are all named by their
+/// run, so collecting them seconds later trips no one. `sandbox gc` and
+/// `sandbox list` sweep whenever they are run.
+const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Whether this cleanup sweeps: no sweep of `state_root` within
+/// SWEEP_INTERVAL. Claims the sweep by touching a marker (two cleanups at
+/// the same moment may both sweep, which is harmless).
+fn sweep_is_due(state_root: &std::path::Path) -> bool {
+    let marker = state_root.join("gc-swept");
+    let recent = std::fs::metadata(&marker)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age < SWEEP_INTERVAL);
+    if recent {
+        return false;
+    }
+    // The marker's contents do not matter, only its time.
+    let _ = std::fs::write(&marker, b"");
+    true
 }
 
 /// Moves the run's scratch directory out of `runs/` into `finished/` (one
@@ -254,4 +283,28 @@ fn detach_from_caller(job: &Job) {
         }
     }
     sys::close_descriptors_from_3_except(&job.keep);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sweep_is_due_once_per_interval_per_state_directory() {
+        let state = tempfile::tempdir().unwrap();
+        let other = tempfile::tempdir().unwrap();
+        assert!(sweep_is_due(state.path()), "never swept: due");
+        assert!(!sweep_is_due(state.path()), "just swept: not due");
+        assert!(sweep_is_due(other.path()), "another state dir has its own");
+        // The last sweep long enough ago: due again.
+        let marker = std::fs::File::options()
+            .write(true)
+            .open(state.path().join("gc-swept"))
+            .unwrap();
+        let then =
+            std::time::SystemTime::now() - SWEEP_INTERVAL - std::time::Duration::from_secs(1);
+        marker.set_modified(then).unwrap();
+        assert!(sweep_is_due(state.path()));
+        assert!(!sweep_is_due(state.path()));
+    }
 }

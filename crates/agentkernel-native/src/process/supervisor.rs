@@ -176,6 +176,12 @@ pub(crate) fn start(
     close_in_child: &[&OwnedFd],
 ) -> Result<Result<Started, i32>, SandboxError> {
     let (ours, theirs) = socketpair().map_err(SandboxError::Channel)?;
+    // As root, the disk keeper may have a network namespace made ahead
+    // (disk_keeper.rs): asked for now, it answers while init is forked.
+    let premade_netns = plan
+        .state_root()
+        .filter(|_| plan.rootless.is_none() && crate::disk_keeper::enabled())
+        .and_then(|root| crate::disk_keeper::ask_netns(&root));
     crate::trace::phase("forking init");
     let pid = fork_init(cgroup.as_ref()).map_err(|e| SandboxError::Namespace("pid", e))?;
     if pid.id == 0 {
@@ -208,13 +214,14 @@ pub(crate) fn start(
         } else {
             None
         };
-        // As root, the disk keeper may have one made ahead (disk_keeper.rs).
-        let keeper = plan
-            .state_root()
-            .filter(|_| plan.rootless.is_none() && crate::disk_keeper::enabled());
         std::thread::spawn(move || -> Result<Option<crate::net::Link>, SandboxError> {
             let created = (|| -> io::Result<std::fs::File> {
-                let premade = keeper.and_then(|root| crate::disk_keeper::take_netns(&root));
+                let premade = premade_netns.and_then(|asked| asked.netns());
+                if let Some(netns) = &premade {
+                    // Init waits for nothing else: it goes first.
+                    Message::Netns(netns.try_clone()?).send(&sock)?;
+                    crate::trace::phase("network: namespace from the keeper sent");
+                }
                 let entered = match &premade {
                     // SAFETY: setns of this thread only, into the fresh
                     // namespace the keeper sent (checked to be a netns).
@@ -239,8 +246,10 @@ pub(crate) fn start(
                     crate::egress::listen_here(egress)?;
                 }
                 let ns = std::fs::File::open("/proc/thread-self/ns/net")?;
-                Message::Netns(ns.try_clone()?.into()).send(&sock)?;
-                crate::trace::phase("network: namespace sent");
+                if premade.is_none() {
+                    Message::Netns(ns.try_clone()?.into()).send(&sock)?;
+                    crate::trace::phase("network: namespace sent");
+                }
                 Ok(ns)
             })()
             .map_err(SandboxError::Network)?;

@@ -26,6 +26,7 @@ pub async fn run(args: RunArgs) -> Result<i32> {
         .and_then(|d| d.canonicalize())
         .map_err(|e| Error::invalid("current directory", ".", e.to_string()))?;
     let mut config = Config::load(&cwd, args.config.as_deref())?;
+    agentkernel_native::trace::phase("cli: config loaded");
     // config files < template < flags
     let template = match args.template.as_deref() {
         Some(t) => Some(super::template::apply(t, &mut config).await?),
@@ -38,6 +39,7 @@ pub async fn run(args: RunArgs) -> Result<i32> {
     let store = Store::open_default();
     let backend = backend::open(kind, &store)?;
     let capabilities = backend.capabilities();
+    agentkernel_native::trace::phase("cli: backend opened");
     // The pool serves one-shot runs without published ports; those take the
     // normal path (explicit combinations are refused in `reject_unsupported`).
     // On by default, except native's pool, which is opt-in (`--fast` or
@@ -64,6 +66,7 @@ pub async fn run(args: RunArgs) -> Result<i32> {
     let (mut spec, image_source, notice, secret_values) =
         resolve(args, &config, &cwd, &capabilities, template)?;
     super::image_build::pin(&build, &mut spec);
+    agentkernel_native::trace::phase("cli: spec resolved");
     // A warm container has neither a fresh build nor the `[[files]]`.
     let warm_pool = fast
         && build.is_none()
