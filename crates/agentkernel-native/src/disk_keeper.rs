@@ -171,6 +171,22 @@ impl Asked {
     pub fn netns(self) -> Option<OwnedFd> {
         self.answer().filter(is_netns)
     }
+
+    /// [`Asked::netns`] if the keeper has answered already (without
+    /// waiting); the request back if it has not.
+    pub fn netns_if_answered(self) -> Result<Option<OwnedFd>, Asked> {
+        let mut ready = libc::pollfd {
+            fd: self.0.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd we own, a zero timeout.
+        if unsafe { libc::poll(&mut ready, 1, 0) } == 1 {
+            Ok(self.netns())
+        } else {
+            Err(self)
+        }
+    }
 }
 
 /// Gives a run's disk back to the keeper of `state_root` once nothing of
