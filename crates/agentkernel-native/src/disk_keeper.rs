@@ -695,6 +695,7 @@ fn make_netns() -> io::Result<OwnedFd> {
             return Err(io::Error::last_os_error());
         }
         crate::net::loopback_up()?;
+        crate::net::no_ipv6_on_new_links()?;
         Ok(std::fs::File::open("/proc/thread-self/ns/net")?.into())
     })
     .join()

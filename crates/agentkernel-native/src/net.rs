@@ -14,6 +14,20 @@ pub fn loopback_up() -> io::Result<()> {
     agentkernel_net::loopback_up().map_err(io::Error::other)
 }
 
+/// In a network namespace just made for a sandbox on the bridge: the links
+/// made in it from now on (its eth0) get no IPv6. Sandboxes are IPv4 only
+/// (the bridge does not carry IPv6), and an eth0 with IPv6 on costs the
+/// kernel address autoconfiguration, duplicate address detection and
+/// multicast listener reports for every run. Loopback, which exists
+/// already, keeps `::1` (a program may listen on `localhost` there). A
+/// kernel without IPv6 has nothing to turn off.
+pub fn no_ipv6_on_new_links() -> io::Result<()> {
+    match std::fs::write("/proc/sys/net/ipv6/conf/default/disable_ipv6", "1") {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        written => written,
+    }
+}
+
 /// Addresses and port rules are machine-wide (one bridge), so their leases
 /// are too: every agentkernel, whatever its state directory, allocates from
 /// `/run/agentkernel/net` (tmpfs: gone at reboot, like the veths and rules).

@@ -262,6 +262,56 @@ mod native_only {
         assert_eq!(keys[0]["hits"], 2, "{status}");
     }
 
+    /// A sandbox on the bridge has IPv4 only on its eth0 — no IPv6 address,
+    /// nothing to send IPv6 from, whether its namespace was made for the
+    /// run or by the disk keeper ahead — while loopback keeps `::1` for
+    /// programs that listen on `localhost`.
+    #[test]
+    fn eth0_is_ipv4_only_and_loopback_keeps_ipv6() {
+        let env = TestEnv::new();
+        let script = "import socket\n\
+            print('addresses', sorted(l.split()[5] for l in open('/proc/net/if_inet6')))\n\
+            print('eth0 ipv6 off', open('/proc/sys/net/ipv6/conf/eth0/disable_ipv6').read().strip())\n\
+            s = socket.create_server(('::1', 0), family=socket.AF_INET6)\n\
+            c = socket.create_connection(('::1', s.getsockname()[1]), 2)\n\
+            print('loopback ipv6 ok')\n\
+            u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n\
+            try:\n\
+            \x20   u.sendto(b'x', ('ff02::1%eth0', 9)); print('sent on eth0')\n\
+            except OSError as e:\n\
+            \x20   print('eth0 ipv6 refused', e.errno)\n";
+        let check = |text: &str| {
+            assert!(text.contains("addresses ['lo']"), "{text}");
+            assert!(text.contains("eth0 ipv6 off 1"), "{text}");
+            assert!(text.contains("loopback ipv6 ok"), "{text}");
+            assert!(text.contains("eth0 ipv6 refused"), "{text}");
+        };
+        // The trace says whose namespace a run got.
+        let traced_run = || {
+            env.cmd()
+                .env("AGENTKERNEL_TRACE_STARTUP", "1")
+                .args(["run", "-i", PYTHON, "--", "python3", "-c", script])
+                .timeout(Duration::from_secs(120))
+                .output()
+                .unwrap()
+        };
+        const FROM_THE_KEEPER: &str = "network: namespace from the keeper sent";
+        // The first run of a state dir makes its own namespace.
+        let first = traced_run();
+        assert_code(&first, 0);
+        assert!(!String::from_utf8_lossy(&first.stderr).contains(FROM_THE_KEEPER));
+        check(&stdout(&first));
+        // Later ones take the keeper's.
+        keeper_namespaces(&env);
+        let later = traced_run();
+        assert_code(&later, 0);
+        assert!(
+            String::from_utf8_lossy(&later.stderr).contains(FROM_THE_KEEPER),
+            "precondition: this run's namespace came from the keeper"
+        );
+        check(&stdout(&later));
+    }
+
     /// Services the host binds to its own addresses (the gateway's, the
     /// host's other interfaces') are not for sandboxes.
     #[test]

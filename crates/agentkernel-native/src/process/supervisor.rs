@@ -262,6 +262,9 @@ pub(crate) fn start(
                     // The whole network of a `--no-network` sandbox, here
                     // rather than in init (a network's link brings it up).
                     crate::net::loopback_up()?;
+                } else if connect.is_some() {
+                    // Made here for the bridge (the keeper's come so).
+                    crate::net::no_ipv6_on_new_links()?;
                 }
                 // The egress proxy's socket, bound here: only this sandbox
                 // can reach it.
