@@ -25,8 +25,8 @@ pub struct Collected {
 
 /// How long an explicit `sandbox gc` waits for the engine to finish removing
 /// what it was asked to: a running container is stopped first, and another
-/// agentkernel's collector may be removing the same one (the engine then
-/// refuses the second request while the first is under way).
+/// agentkernel's collector (every `run` collects) may be removing the same
+/// one at that moment, in which case ours can be refused.
 const REMOVAL_PATIENCE: Duration = Duration::from_secs(15);
 
 /// Of `names`, how many the engine no longer has, waiting up to
