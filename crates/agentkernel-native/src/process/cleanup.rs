@@ -133,9 +133,7 @@ extern "C" fn cleanup_main(job: *mut libc::c_void) -> libc::c_int {
     detach_from_caller(job);
     // No byte ever comes: end of file is our parent's exit (or death).
     let _ = sys::read_byte(job.wait_end);
-    // From here the memory is ours alone, and the run's exit code is with
-    // its caller: what is left is background work.
-    sys::lower_priority_of_this_thread();
+    // From here the memory is ours alone.
     // SAFETY: our copy of the descriptor, closed by nobody else.
     let disk = job.disk.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
     // A disk the keeper can recycle goes back to it once the sandbox is
