@@ -206,19 +206,11 @@ pub(crate) fn start(
         Some(Err(still_asked)) => (None, Some(still_asked)),
         None => (None, None),
     };
-    let netns_sent = match &premade_netns {
-        Some(netns) => {
-            let sent = netns
-                .try_clone()
-                .and_then(|fd| Message::Netns(fd).send(&ours));
-            if let Err(e) = sent {
-                return failed_during_setup(init, SandboxError::Network(e));
-            }
-            crate::trace::phase("network: namespace from the keeper sent");
-            true
+    if let Some(netns) = &premade_netns {
+        if let Err(e) = send_netns(netns, &ours) {
+            return failed_during_setup(init, SandboxError::Network(e));
         }
-        None => false,
-    };
+    }
 
     // Init's network namespace, the costliest of its namespaces to create
     // (~1 ms), is made by a thread of ours while init makes the others; the
@@ -238,13 +230,13 @@ pub(crate) fn start(
         };
         std::thread::spawn(move || -> Result<Option<crate::net::Link>, SandboxError> {
             let created = (|| -> io::Result<std::fs::File> {
-                let premade = premade_netns
-                    .or_else(|| premade_netns_asked.and_then(crate::disk_keeper::Asked::netns));
-                if let (Some(netns), false) = (&premade, netns_sent) {
-                    // Init waits for nothing else: it goes first.
-                    Message::Netns(netns.try_clone()?).send(&sock)?;
-                    crate::trace::phase("network: namespace from the keeper sent");
+                // The keeper answered after the fork: init waits for
+                // nothing else, so it goes first.
+                let answered_late = premade_netns_asked.and_then(crate::disk_keeper::Asked::netns);
+                if let Some(netns) = &answered_late {
+                    send_netns(netns, &sock)?;
                 }
+                let premade = premade_netns.or(answered_late);
                 let entered = match &premade {
                     // SAFETY: setns of this thread only, into the fresh
                     // namespace the keeper sent (checked to be a netns).
@@ -442,6 +434,13 @@ pub(crate) struct CloneArgs {
 }
 
 pub(crate) const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// Hands init a network namespace the disk keeper made.
+fn send_netns(netns: &OwnedFd, init: &OwnedFd) -> io::Result<()> {
+    Message::Netns(netns.try_clone()?).send(init)?;
+    crate::trace::phase("network: namespace from the keeper sent");
+    Ok(())
+}
 
 /// Forks init straight into a new pid namespace (clone, not unshare: after
 /// unshare(CLONE_NEWPID) this process could no longer start threads, which
