@@ -21,7 +21,8 @@ say() { echo "quickstart: $*" >&2; }
 
 build() {
   if command -v cargo >/dev/null 2>&1; then
-    cargo build --release --quiet --manifest-path "$root/Cargo.toml"
+    # From the tree's root, so Cargo reads .cargo/config.toml (the static link).
+    (cd "$root" && cargo build --release --quiet)
   elif [ ! -x "$root/target/release/agentkernel" ]; then
     say "cargo is not installed: install Rust (https://rustup.rs), then run this again"
     exit 1

@@ -20,6 +20,9 @@ command -v runc >/dev/null || need+=(runc)
 # (not catatonit, Podman's default); agentkernel gives Podman whichever exists.
 command -v tini-static >/dev/null || need+=(tini)
 command -v hyperfine >/dev/null || need+=(hyperfine)
+# glibc's static library: agentkernel's executables are linked static-pie
+# (.cargo/rustc-static-executables), which falls back to a dynamic link without it.
+[ -f "$(${CC:-cc} -print-file-name=libc.a 2>/dev/null)" ] || need+=(libc6-dev)
 command -v git >/dev/null || need+=(git)
 command -v python3 >/dev/null || need+=(python3)
 python3 -c 'import ensurepip' 2>/dev/null || need+=(python3-venv)   # the receipts' DSSE check (below)
