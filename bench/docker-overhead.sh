@@ -8,7 +8,7 @@ set -euo pipefail
 runs=${1:-30}
 root=$(cd "$(dirname "$0")/.." && pwd)
 image=agentkernel-test/busybox:1
-cargo build --release --quiet --manifest-path "$root/Cargo.toml"
+(cd "$root" && cargo build --release --quiet)   # from the root: .cargo/config.toml links statically
 ak="$root/target/release/agentkernel"
 docker image inspect "$image" >/dev/null 2>&1 || "$root/scripts/build-test-images.sh"
 project=$(mktemp -d)

@@ -26,7 +26,7 @@ runs=${1:-200}
 docker_runs=${2:-30}
 root=$(cd "$(dirname "$0")/.." && pwd)
 image=agentkernel-test/busybox:1
-cargo build --release --quiet --manifest-path "$root/Cargo.toml"
+(cd "$root" && cargo build --release --quiet)   # from the root: .cargo/config.toml links statically
 ak="$root/target/release/agentkernel"
 home=$(mktemp -d)
 project=$(mktemp -d)

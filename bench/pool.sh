@@ -14,7 +14,7 @@ which=${3:-both}
 max_total=${4:-}
 root=$(cd "$(dirname "$0")/.." && pwd)
 image=agentkernel-test/busybox:1
-cargo build --release --quiet --manifest-path "$root/Cargo.toml"
+(cd "$root" && cargo build --release --quiet)   # from the root: .cargo/config.toml links statically
 ak="$root/target/release/agentkernel"
 home=$(mktemp -d)
 export AGENTKERNEL_HOME="$home"

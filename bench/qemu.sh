@@ -22,7 +22,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 image=agentkernel-test/busybox:1
 ak=${AK:-$root/target/release/agentkernel}
 if [ -z "${AK:-}" ]; then
-  cargo build --release --quiet --manifest-path "$root/Cargo.toml" -p agentkernel
+  (cd "$root" && cargo build --release --quiet -p agentkernel)   # from the root: .cargo/config.toml links statically
 fi
 home=$(mktemp -d)
 project=$(mktemp -d)

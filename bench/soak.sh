@@ -23,7 +23,7 @@ kill_ms=${KILL_MS:-20}
 root=$(cd "$(dirname "$0")/.." && pwd)
 image=agentkernel-test/busybox:1
 if [ -z "${AK:-}" ]; then
-  cargo build --release --quiet --manifest-path "$root/Cargo.toml"
+  (cd "$root" && cargo build --release --quiet)   # from the root: .cargo/config.toml links statically
   AK="$root/target/release/agentkernel"
 fi
 home=$(mktemp -d)
