@@ -112,9 +112,7 @@ pub async fn attach(
     started: StartedProxy,
     kept: bool,
 ) -> Result<Lifeline, Error> {
-    let info = engine
-        .docker
-        .inspect_container(container, None)
+    let info = crate::inspect::container(engine, container)
         .await
         .map_err(|e| engine.error("inspecting the sandbox", e))?;
     let id = info.id.clone().unwrap_or_default();

@@ -343,11 +343,7 @@ async fn oom_event_since(engine: &Engine, container: &str, since: i64, patience:
 /// (exec'd processes killed by the OOM killer do not set the engine's
 /// `OOMKilled`, which describes the main process only).
 pub async fn oom_kills(engine: &Engine, container: &str) -> Option<u64> {
-    let info = engine
-        .docker
-        .inspect_container(container, None)
-        .await
-        .ok()?;
+    let info = crate::inspect::container(engine, container).await.ok()?;
     let state = info.state?;
     match state.pid.filter(|p| *p > 0) {
         Some(pid) => agentkernel_core::cgroup::oom_kills(pid),

@@ -37,7 +37,7 @@ pub async fn confirmed_gone(engine: &Engine, names: &[String]) -> usize {
     let mut gone = 0;
     for name in names {
         loop {
-            match engine.docker.inspect_container(name, None).await {
+            match crate::inspect::container(engine, name).await {
                 Err(e) if crate::engine::is_not_found(&e) => {
                     gone += 1;
                     break;
@@ -129,7 +129,7 @@ pub async fn collect_orphans(
         }
         // Created after our listing? Ask the engine about this one before forgetting it.
         let container = format!("{}{}", labels::CONTAINER_PREFIX, record.name);
-        if let Err(e) = engine.docker.inspect_container(&container, None).await {
+        if let Err(e) = crate::inspect::container(&engine, &container).await {
             if crate::engine::is_not_found(&e) {
                 let _ = store.forget(&record.name);
                 collected.directories += 1;

@@ -33,11 +33,7 @@ pub async fn status(
     engine: &Engine,
     sandbox: &str,
 ) -> Result<Option<ContainerStateStatusEnum>, Error> {
-    match engine
-        .docker
-        .inspect_container(&container_name(sandbox), None)
-        .await
-    {
+    match crate::inspect::container(engine, &container_name(sandbox)).await {
         Ok(info) => Ok(Some(
             info.state
                 .and_then(|s| s.status)

@@ -36,6 +36,7 @@ pub mod engine;
 pub mod exec;
 pub mod gc;
 pub mod handoff;
+pub mod inspect;
 pub mod kept;
 pub mod labels;
 pub mod listing;

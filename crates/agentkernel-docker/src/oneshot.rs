@@ -214,7 +214,7 @@ async fn drive(engine: &Engine, name: &str, spec: &SandboxSpec) -> Result<Outcom
     let code = stdio::init_exec_failure(engine.flavor, &finished, &spec.exec.argv[0])
         .unwrap_or(finished.exit_code as i32);
     if code == 137 && spec.policy.limits.memory_bytes.is_some() {
-        let flagged = match engine.docker.inspect_container(name, None).await {
+        let flagged = match crate::inspect::container(engine, name).await {
             Ok(info) => info.state.and_then(|s| s.oom_killed) == Some(true),
             Err(_) => false,
         };
@@ -253,7 +253,7 @@ pub async fn print_ports(engine: &Engine, name: &str, spec: &SandboxSpec) {
     if spec.ports.is_empty() {
         return;
     }
-    let Ok(info) = engine.docker.inspect_container(name, None).await else {
+    let Ok(info) = crate::inspect::container(engine, name).await else {
         return;
     };
     let Some(ports) = info.network_settings.and_then(|n| n.ports) else {

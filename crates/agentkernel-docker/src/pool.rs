@@ -665,9 +665,7 @@ async fn create_warm(
             .await
             .map_err(|e| engine.error("starting a warm container", e))?;
         // Runs find the keep-alive shell through this record.
-        let pid = engine
-            .docker
-            .inspect_container(&name, None)
+        let pid = crate::inspect::container(engine, &name)
             .await
             .ok()
             .and_then(|i| i.state?.pid)

@@ -27,7 +27,7 @@ pub async fn stop(engine: &Engine, store: &Store, name: &str) -> Result<usize, E
         .load(name)?
         .ok_or_else(|| Error::NoSuchSandbox(name.to_string()))?;
     let container = container_name(name);
-    let info = match engine.docker.inspect_container(&container, None).await {
+    let info = match crate::inspect::container(engine, &container).await {
         Ok(info) => info,
         Err(e) if crate::engine::is_not_found(&e) => {
             store.forget(name)?;

@@ -63,9 +63,8 @@ async fn sandbox_pid(store: &Store, name: &str, backend: Option<BackendKind>) ->
         }
         Some(kind) => {
             let engine = crate::backend::engine(kind).map_err(io::Error::other)?;
-            let info = engine
-                .docker
-                .inspect_container(&agentkernel_docker::kept::container_name(name), None)
+            let container = agentkernel_docker::kept::container_name(name);
+            let info = agentkernel_docker::inspect::container(&engine, &container)
                 .await
                 .map_err(io::Error::other)?;
             info.state
