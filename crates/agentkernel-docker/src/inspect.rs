@@ -9,8 +9,8 @@
 //! it was gone, and the OOM check fell back to the kernel's count. So when
 //! the typed answer does not decode, the same answer (bollard hands it back,
 //! `json_data_content`) is read again with Podman's word replaced by
-//! Docker's for the same situation. The listing has the same problem and
-//! its own answer (`listing.rs`).
+//! Docker's for the same situation. The listing has the same problem
+//! (`listing.rs`) and reads its states through the same [`docker_word`].
 
 use bollard::errors::Error as BollardError;
 use bollard::models::ContainerInspectResponse;
@@ -41,7 +41,7 @@ fn read_leniently(answer: &str) -> Result<ContainerInspectResponse, BollardError
 }
 
 /// Docker's state for a Podman state Docker's schema lacks.
-fn docker_word(podman: &str) -> Option<&'static str> {
+pub(crate) fn docker_word(podman: &str) -> Option<&'static str> {
     match podman {
         // The process has exited; only Podman's bookkeeping is left.
         "stopped" => Some("exited"),

@@ -8,7 +8,8 @@
 //! between those states (a `sandbox gc` that removed nothing and said
 //! nothing). So when the typed answer does not decode, the same answer
 //! (bollard hands it back, `json_data_content`) is read again with the state
-//! as a plain string.
+//! as a plain string, in Docker's word where Podman has its own
+//! ([`crate::inspect::docker_word`], which the inspect answer uses too).
 
 use std::collections::HashMap;
 
@@ -26,7 +27,9 @@ pub struct Listed {
     names: Option<Vec<String>>,
     #[serde(rename = "Labels", default)]
     labels: Option<HashMap<String, String>>,
-    /// The engine's word for it: `running`, `created`, `exited`… (Podman: also `stopped`).
+    /// Docker's word for it: `running`, `created`, `exited`… (Podman's
+    /// `stopped` reads as `exited`); a word neither engine is known to use
+    /// is kept as it is.
     #[serde(rename = "State", default)]
     state: Option<String>,
 }
@@ -84,9 +87,19 @@ pub async fn containers_labelled(
     }
 }
 
-/// A list answer read with its states as plain strings.
+/// A list answer read with its states as plain strings, in Docker's words.
 fn read_leniently(answer: &str) -> Result<Vec<Listed>, BollardError> {
-    serde_json::from_str(answer).map_err(BollardError::from)
+    let mut listed: Vec<Listed> = serde_json::from_str(answer)?;
+    for container in &mut listed {
+        if let Some(docker) = container
+            .state
+            .as_deref()
+            .and_then(crate::inspect::docker_word)
+        {
+            container.state = Some(docker.to_string());
+        }
+    }
+    Ok(listed)
 }
 
 #[cfg(test)]
@@ -121,8 +134,13 @@ mod tests {
             listed[0].label("agentkernel.kind").map(String::as_str),
             Some("run")
         );
-        assert_eq!(listed[1].state(), "stopped");
+        assert_eq!(
+            listed[1].state(),
+            "exited",
+            "Podman's stopped, in Docker's word"
+        );
         assert!(!listed[1].is_running());
+        assert_eq!(listed[2].state(), "created", "Podman's configured");
         assert_eq!(listed[2].name(), None);
         assert!(listed[2].labels().is_empty());
     }
