@@ -35,7 +35,8 @@ import sys
 import tempfile
 import time
 
-# Keep in sync with kernel_command_line(Tcg) in crates/agentkernel-vm/src/vmm.rs.
+# Keep in sync with kernel_command_line(Tcg) in crates/agentkernel-vm/src/vmm.rs
+# (and the default cpu below with its TCG_CPU).
 BASE = ("console=ttyS0 quiet loglevel=3 panic=-1 rdinit=/init i8042.noaux i8042.nomux "
         "i8042.nopnp i8042.nokbd no_timer_check rcupdate.rcu_expedited=1 noreplace-smp "
         "cryptomgr.notests acpi=off initcall_blacklist=init_kprobe_trace,crypto_kdf108_init "
@@ -68,7 +69,7 @@ def firmware():
     return []
 
 
-def boot(vm_dir, work, extra="", mem="2240M", smp="1", kernel=None, initrd=None, cmdline=None, cpu="max",
+def boot(vm_dir, work, extra="", mem="2240M", smp="1", kernel=None, initrd=None, cmdline=None, cpu="max,erms=off",
          machine="pc", nic=False):
     cmdline = base(vm_dir) if cmdline is None else cmdline
     kernel = newest(kernel or f"{vm_dir}/vmlinux-*")
