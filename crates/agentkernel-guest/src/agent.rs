@@ -22,7 +22,7 @@ use agentkernel_native::{caps, seccomp};
 
 use crate::protocol::{
     read_frame, volume_tag, write_frame, GuestMessage, HostMessage, RootMode, RunRequest, Volume,
-    WindowSize, WorkspaceMode, HEARTBEAT_INTERVAL, PORT_NAME, WORKSPACE_TAG,
+    WindowSize, WorkspaceMode, FIRST_COMMAND, HEARTBEAT_INTERVAL, PORT_NAME, WORKSPACE_TAG,
 };
 
 /// Where the command's root is assembled before the agent switches into it.
@@ -32,6 +32,14 @@ const MODULE_LIST: &str = "/lib/modules/load-order";
 type Port = Arc<Mutex<File>>;
 
 pub fn main() -> ! {
+    // A warm VM's first command (`protocol::FIRST_COMMAND`): the launch
+    // path has run by now, which is all it is for.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == FIRST_COMMAND[1])
+    {
+        std::process::exit(0);
+    }
     if let Err(e) = agent() {
         eprintln!("agentkernel-guest: {e}");
     }

@@ -34,6 +34,11 @@ pub const WORKSPACE_TAG: &str = "workspace";
 /// for silence, so that a guest slowed down by emulation on a busy host is
 /// not mistaken for a hung one.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
+/// A warm VM's first command, which the host runs before offering the VM:
+/// the agent's own binary (the process's `/proc/self/exe` is the agent it
+/// was forked from, whatever the image holds), which exits at once when
+/// given the flag. No program of the image runs.
+pub const FIRST_COMMAND: [&str; 2] = ["/proc/self/exe", "--first-command"];
 /// A frame larger than this is a protocol error, not an allocation. Room
 /// for a request carrying `[[files]]` (at most 16 MiB, hex in JSON).
 const MAX_FRAME: u32 = 40 << 20;

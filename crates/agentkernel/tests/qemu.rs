@@ -1174,6 +1174,41 @@ mod qemu_only {
         assert_code(&env.run(&["sandbox", "rm", &name]), 0);
     }
 
+    /// A warm pool VM runs a first command of its own before it is offered
+    /// (a pooled run then does not pay for TCG's first translation of the
+    /// launch path): the agent's binary, never a program of the image. An
+    /// image whose shell leaves files and a process behind: a pooled run
+    /// finds neither (run unconfined, the shell would have left both).
+    #[test]
+    fn a_warm_vms_first_command_runs_nothing_of_the_image() {
+        let env = TestEnv::new();
+        let look = "for f in /hostile-sh-was-here /tmp/hostile-sh-was-here; do \
+                    [ -e $f ] && echo found $f; done; \
+                    busybox ps -o args | busybox grep -c '[s]leep 600'";
+        let run = || {
+            env.cmd()
+                .env("AGENTKERNEL_TRACE_STARTUP", "1")
+                .args(["run", "--no-network", "-i", HOSTILE_SH])
+                .args(["/bin/busybox", "sh", "-c", look])
+                .timeout(VM_LIMIT)
+                .output()
+                .unwrap()
+        };
+        // The first run boots its own VM and leaves a warm one booting.
+        let cold = run();
+        assert_eq!(stdout(&cold), "0\n", "{}", stderr(&cold));
+        poll_until(VM_LIMIT, "a warm VM ready", || {
+            warm_dirs(&env).iter().any(|d| d.join("ready").exists())
+        });
+        let pooled = run();
+        assert!(
+            stderr(&pooled).contains("warm VM claimed"),
+            "{}",
+            stderr(&pooled)
+        );
+        assert_eq!(stdout(&pooled), "0\n", "{}", stderr(&pooled));
+    }
+
     fn warm_dirs(env: &TestEnv) -> Vec<std::path::PathBuf> {
         qemu_pool_vm_dirs(env.state_dir())
     }
