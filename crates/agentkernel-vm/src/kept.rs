@@ -185,6 +185,11 @@ const EGRESS_FLAG: &str = "--egress";
 /// Starts `agentkernel __vm-holder ARGS` in its own session (the user's
 /// Ctrl-C or a closed terminal does not end the VM), its stdin `input` and
 /// stdout `report`, keeping the descriptors `inherit` open across the exec.
+/// The holder makes its own session and leaves our working directory
+/// ([`holder_main`]), so that without descriptors to keep the standard
+/// library starts it with `posix_spawn` (no copy of our page tables: a
+/// warm VM's refill is on the path of the run that starts it); keeping
+/// descriptors needs code between fork and exec, which also calls setsid.
 pub(crate) fn spawn_holder(
     args: &[&std::ffi::OsStr],
     input: Stdio,
@@ -198,22 +203,23 @@ pub(crate) fn spawn_holder(
     holder
         .arg(HOLDER_SUBCOMMAND)
         .args(args)
-        .current_dir("/")
         .stdin(input)
         .stdout(report)
         .stderr(Stdio::null());
-    // SAFETY: setsid is async-signal-safe.
-    unsafe {
-        holder.pre_exec(move || {
-            libc::setsid();
-            for fd in &inherit {
-                // SAFETY (fcntl): clears FD_CLOEXEC in the child only.
-                if libc::fcntl(*fd, libc::F_SETFD, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
+    if !inherit.is_empty() {
+        // SAFETY: setsid and fcntl are async-signal-safe.
+        unsafe {
+            holder.pre_exec(move || {
+                libc::setsid();
+                for fd in &inherit {
+                    // SAFETY (fcntl): clears FD_CLOEXEC in the child only.
+                    if libc::fcntl(*fd, libc::F_SETFD, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
-            }
-            Ok(())
-        });
+                Ok(())
+            });
+        }
     }
     holder
         .spawn()
@@ -225,6 +231,13 @@ pub(crate) fn spawn_holder(
 /// stdin) or `agentkernel __vm-holder --warm DIR` (a warm pool VM,
 /// `crate::pool`). Returns its exit code.
 pub fn holder_main(args: &[String]) -> i32 {
+    // Our own session (already, when our starter kept descriptors for us:
+    // then this fails harmlessly), away from the starter's working directory.
+    // SAFETY: plain syscalls on our own process.
+    unsafe {
+        libc::setsid();
+    }
+    let _ = std::env::set_current_dir("/");
     let place = match args {
         [flag, dir] if flag == "--warm" => {
             let dir = PathBuf::from(dir);

@@ -105,9 +105,19 @@ pub fn run_claimed(stream: UnixStream, command: RunRequest) -> Result<Ended> {
     kept::exec_on(stream, command, signals)
 }
 
-/// Boots one more warm VM of `key` in the background when the key has
-/// fewer than `size` unclaimed ones (ready or booting).
-pub fn refill(root: &Path, key: &str, vm: &KeptVm, size: u32, idle: Duration) -> Result<()> {
+/// The first half of a refill, which boots one more warm VM of `key` in
+/// the background when the key has fewer than `size` unclaimed ones (ready
+/// or booting): the new VM's directory (its spec, idle deadline and our
+/// process as the one booting it), which counts as booting from now on;
+/// None when the key has enough. A run prepares it while its command runs
+/// and starts it ([`start_refill`]) after.
+pub fn prepare_refill(
+    root: &Path,
+    key: &str,
+    vm: &KeptVm,
+    size: u32,
+    idle: Duration,
+) -> Result<Option<PathBuf>> {
     let key_dir = root.join(key);
     let unclaimed = std::fs::read_dir(&key_dir)
         .map(|entries| {
@@ -118,7 +128,7 @@ pub fn refill(root: &Path, key: &str, vm: &KeptVm, size: u32, idle: Duration) ->
         })
         .unwrap_or(0);
     if unclaimed >= size as usize {
-        return Ok(());
+        return Ok(None);
     }
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -146,13 +156,19 @@ pub fn refill(root: &Path, key: &str, vm: &KeptVm, size: u32, idle: Duration) ->
         let _ = std::fs::remove_dir_all(&dir);
         return fail(format!("cannot prepare a warm VM: {e}"));
     }
+    Ok(Some(dir))
+}
+
+/// The second half of a refill: starts the holder that boots the warm VM
+/// of `dir` (from [`prepare_refill`]).
+pub fn start_refill(dir: &Path) -> Result<()> {
     if let Err(e) = kept::spawn_holder(
         &["--warm".as_ref(), dir.as_os_str()],
         Stdio::null(),
         Stdio::null(),
         &[],
     ) {
-        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(dir);
         return Err(e);
     }
     Ok(())

@@ -44,6 +44,27 @@ pub async fn run(store: &Store, spec: &SandboxSpec, options: &RunOptions<'_>) ->
     let about = pool::About::for_spec(spec);
     pool::record_run(&root, &key, about, claimed.is_some());
     let request = with_terminal(request, spec.exec.tty);
+    // The next run of this key finds a VM ready: room is made and the next
+    // warm VM's directory prepared (files on the host's disk, milliseconds)
+    // while the command runs; its holder starts after the command, so that
+    // a booting VM never competes with the run it is for. A failure only
+    // costs the next run a boot.
+    let next = {
+        let size = target(config);
+        let idle = config.pool_idle_ttl.unwrap_or(DEFAULT_IDLE_TTL);
+        let max_total = config
+            .pool_max_total
+            .unwrap_or(agentkernel_core::config::DEFAULT_POOL_MAX_TOTAL);
+        let (root, key, warm) = (root.clone(), key.clone(), warm.clone());
+        std::thread::spawn(move || {
+            pool::make_room(&root, max_total);
+            // A cap of 0: no warm VMs at all, nothing more boots.
+            if max_total == 0 {
+                return Ok(None);
+            }
+            pool::prepare_refill(&root, &key, &warm, size, idle)
+        })
+    };
     let ended = match claimed {
         Some(claimed) => {
             agentkernel_native::trace::phase("warm VM claimed");
@@ -51,20 +72,15 @@ pub async fn run(store: &Store, spec: &SandboxSpec, options: &RunOptions<'_>) ->
         }
         None => session::run(&host.qemu, &warm.vm, request, None),
     };
-    // After the command: the next run of this key finds a VM ready. A
-    // failure to start one only costs that run a boot.
-    let size = target(config);
-    let idle = config.pool_idle_ttl.unwrap_or(DEFAULT_IDLE_TTL);
-    let max_total = config
-        .pool_max_total
-        .unwrap_or(agentkernel_core::config::DEFAULT_POOL_MAX_TOTAL);
-    pool::make_room(&root, max_total);
-    agentkernel_native::trace::phase("pool made room");
-    // A cap of 0: no warm VMs at all, nothing more boots.
-    if max_total > 0 {
-        if let Err(e) = pool::refill(&root, &key, &warm, size, idle) {
-            eprintln!("agentkernel: notice: {e}");
-        }
+    agentkernel_native::trace::phase("command ended");
+    let refilled = match next.join() {
+        Ok(Ok(Some(dir))) => pool::start_refill(&dir).map_err(|e| e.to_string()),
+        Ok(Ok(None)) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("the warm pool's refill stopped short".to_string()),
+    };
+    if let Err(e) = refilled {
+        eprintln!("agentkernel: notice: {e}");
     }
     agentkernel_native::trace::phase("pool refill started");
     Ok(outcome(ended.map_err(backend_error)?))
