@@ -554,7 +554,7 @@ const FIRST_COMMAND_ID: u64 = 0;
 /// agent's launch, the command's cgroup, seccomp filter, capabilities and
 /// user, its output and exit. Under TCG the first command a guest runs
 /// pays for translating all of that code: in a kept VM the first `exec …
-/// true` took 64–109 ms and the next ones 21–48 ms, whatever the program.
+/// true` took 64–136 ms and the next ones 21–50 ms, whatever the program.
 /// A pooled run is the first command its VM serves, so the pool pays that
 /// here, ahead of the run. No program of the image runs (the image's shell
 /// has run already, confined, in the agent's warm-up); once the command
