@@ -70,9 +70,9 @@ pub fn mount_for_run(image: &Path, source: DiskSource) -> io::Result<OwnedFd> {
                 return Ok(mount);
             }
             sparse_copy(&template_path(&state_root, bytes), image, bytes)?;
-            mount_detached(image, None)
+            mount_detached(image, None, b"")
         }
-        DiskSource::Image { pooled } => mount_detached(image, pooled.as_deref()),
+        DiskSource::Image { pooled } => mount_detached(image, pooled.as_deref(), b""),
     }
 }
 
@@ -339,7 +339,7 @@ struct LoopConfig {
 /// `target`. Runs in the sandbox's init, inside its private mount namespace,
 /// so the host never sees the mount. (The fallback of [`mount_detached`].)
 pub fn mount_workspace_image(image: &Path, target: &Path) -> io::Result<()> {
-    let (dev, loop_fd) = attach_loop(image)?;
+    let (dev, loop_fd) = attach_loop(image, b"")?;
     // `noinit_itable`: the template's inode tables are holes; without it
     // the kernel would zero them in the background, on the host's disk.
     let mounted = crate::sys::mount(
@@ -377,8 +377,9 @@ const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
 /// `pooled` is a device the run claimed from the pool (`disk_pool.rs`),
 /// already bound to `image`: used if it still is (else one is attached as
 /// without a pool), and set to clear itself once mounted, or let go if the
-/// mount fails.
-pub fn mount_detached(image: &Path, pooled: Option<&str>) -> io::Result<OwnedFd> {
+/// mount fails. A device attached here gets `name` as its `lo_file_name`
+/// (see [`loop_named`]).
+pub fn mount_detached(image: &Path, pooled: Option<&str>, name: &[u8]) -> io::Result<OwnedFd> {
     let claimed = pooled.and_then(|dev| {
         crate::disk_pool::open_claimed(dev, image)
             .ok()
@@ -387,7 +388,7 @@ pub fn mount_detached(image: &Path, pooled: Option<&str>) -> io::Result<OwnedFd>
     let (dev, loop_fd) = match claimed {
         Some((dev, pooled)) => (dev, LoopFd::Pooled(pooled)),
         None => {
-            let (dev, fd) = attach_loop(image)?;
+            let (dev, fd) = attach_loop(image, name)?;
             (dev, LoopFd::Attached(fd))
         }
     };
@@ -403,12 +404,28 @@ pub fn mount_detached(image: &Path, pooled: Option<&str>) -> io::Result<OwnedFd>
 /// held, so mounting its loop device again takes the same one, without
 /// reading anything (disk_keeper.rs recycles disks this way).
 pub fn remount_detached(used: &OwnedFd) -> io::Result<OwnedFd> {
+    fsmount_ext4(&loop_device_of(used)?)
+}
+
+/// The loop device a mounted disk is on (`/dev/loopN`).
+fn loop_device_of(mount: &OwnedFd) -> io::Result<String> {
     const LOOP_MAJOR: u32 = 7;
-    let dev = rustix::fs::fstat(used)?.st_dev;
+    let dev = rustix::fs::fstat(mount)?.st_dev;
     if rustix::fs::major(dev) != LOOP_MAJOR {
         return Err(io::Error::other("the disk is not on a loop device"));
     }
-    fsmount_ext4(&format!("/dev/loop{}", rustix::fs::minor(dev)))
+    Ok(format!("/dev/loop{}", rustix::fs::minor(dev)))
+}
+
+/// Whether the loop device under a mounted disk was attached with `name`
+/// as its `lo_file_name` (see [`mount_detached`]): how the disk keeper
+/// tells the disks it made from any other.
+pub fn loop_named(mount: &OwnedFd, name: &[u8]) -> io::Result<bool> {
+    let device = File::open(loop_device_of(mount)?)?;
+    let info = loop_status(&device)?;
+    Ok(name.len() < LO_NAME_SIZE
+        && info.file_name[..name.len()] == *name
+        && info.file_name[name.len()] == 0)
 }
 
 /// `dev` mounted as ext4, detached: `noinit_itable`, nosuid, nodev.
@@ -489,8 +506,8 @@ pub fn attach_detached(mount: &OwnedFd, target: &Path) -> io::Result<()> {
 
 /// `image` on a free loop device, configured to clear itself when its last
 /// user goes: the device's path and our fd of it.
-fn attach_loop(image: &Path) -> io::Result<(String, File)> {
-    attach_loop_with(image, LO_FLAGS_AUTOCLEAR, b"").map(|(dev, _, fd)| (dev, fd))
+fn attach_loop(image: &Path, name: &[u8]) -> io::Result<(String, File)> {
+    attach_loop_with(image, LO_FLAGS_AUTOCLEAR, name).map(|(dev, _, fd)| (dev, fd))
 }
 
 /// `image` on a free loop device with these flags and `lo_file_name`: the

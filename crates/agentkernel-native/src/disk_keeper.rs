@@ -64,6 +64,11 @@ const LOCK: &str = "lock";
 const IMAGE_PREFIX: &str = ".image-";
 /// ext4's `f_type`.
 const EXT4_SUPER_MAGIC: i64 = 0xEF53;
+/// `lo_file_name` of the loop device under every disk the keeper makes:
+/// it recycles only those (a run whose request found none ready mounts a
+/// disk of its own, and that one goes with its run: the keeper's devices
+/// are all bound to its images, `disk-pool/held/.image-*`).
+const DISK_MARKER: &[u8] = b"agentkernel-held";
 /// The request that asks the keeper to exit.
 const QUIT: u64 = 0;
 /// The request for [`Status`].
@@ -709,7 +714,7 @@ fn make_disk(state_root: &Path, bytes: u64, serial: u64) -> io::Result<(OwnedFd,
     let template = crate::disk::template_path(state_root, bytes);
     let image = dir(state_root).join(format!("{IMAGE_PREFIX}{}.{serial}", std::process::id()));
     let mounted = crate::disk::sparse_copy(&template, &image, bytes)
-        .and_then(|()| crate::disk::mount_detached(&image, None));
+        .and_then(|()| crate::disk::mount_detached(&image, None, DISK_MARKER));
     // The mount holds the file open: its name is no longer needed.
     let _ = std::fs::remove_file(&image);
     let mount = mounted?;
@@ -762,7 +767,8 @@ fn overlay_dirs() -> [String; 2] {
 }
 
 /// Makes a disk a run gave back as good as a fresh one, or fails (the
-/// disk is then dropped). The run's sandbox is gone (its init has exited,
+/// disk is then dropped): only a disk the keeper made ([`DISK_MARKER`]).
+/// The run's sandbox is gone (its init has exited,
 /// so no process of it is left), and all it could write is in the
 /// overlay's two directories: they are renamed away, made anew with the
 /// fresh disk's owner and mode, and removed; free space goes back to the
@@ -774,6 +780,9 @@ fn overlay_dirs() -> [String; 2] {
 /// nothing can be created in them, and the next run's are new ones.
 fn recycle(used: OwnedFd, fresh: &Fresh, serial: u64) -> io::Result<OwnedFd> {
     use rustix::fs::{AtFlags, Mode};
+    if !crate::disk::loop_named(&used, DISK_MARKER)? {
+        return Err(io::Error::other("a disk the keeper did not make"));
+    }
     let left = Fresh::of(&used)?;
     if left.blocks != fresh.blocks
         || fresh.free_files.saturating_sub(left.free_files) > RECYCLE_MAX_FILES

@@ -423,6 +423,50 @@ mod native_only {
         }
     }
 
+    /// A run whose keeper had no disk of its size ready mounts one of its
+    /// own, and that disk goes with the run: the keeper, which switches to
+    /// the new size, takes back only disks it made. (It once adopted such a
+    /// disk, whose loop device then stayed bound to the run's deleted image
+    /// under `finished/` for as long as the keeper lived.)
+    #[test]
+    fn a_disk_the_keeper_did_not_make_goes_with_its_run() {
+        let env = native();
+        held_run(&env, "true");
+        poll_until(
+            std::time::Duration::from_secs(20),
+            "the first runs' cleanup processes done",
+            || env.processes_running() == env.keeper_pids(),
+        );
+        let recycled_before = keeper_disks(&env)["recycled"].clone();
+        let out = env
+            .cmd()
+            .env("AGENTKERNEL_TRACE_STARTUP", "1")
+            .args(["run", "--disk", "16m", "-i", BUSYBOX, "true"])
+            .timeout(std::time::Duration::from_secs(120))
+            .output()
+            .unwrap();
+        assert_code(&out, 0);
+        assert!(
+            !stderr(&out).contains("disk: held mount taken"),
+            "the keeper had a 16 MiB disk before any run asked for one: {}",
+            stderr(&out)
+        );
+        poll_until(
+            std::time::Duration::from_secs(20),
+            "the runs' cleanup processes done, the keeper at 16 MiB",
+            || {
+                env.processes_running() == env.keeper_pids()
+                    && keeper_disks(&env)["bytes"] == 16 << 20
+            },
+        );
+        assert_eq!(
+            loop_devices_under(env.state_dir()),
+            Vec::<String>::new(),
+            "devices left bound to a run's image"
+        );
+        assert_eq!(keeper_disks(&env)["recycled"], recycled_before);
+    }
+
     /// A switch value agentkernel does not know is refused in one line
     /// before anything is made: a typo of `off` must not start the very
     /// process it meant to turn off. `on` runs.
