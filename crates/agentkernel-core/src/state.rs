@@ -409,8 +409,30 @@ impl Store {
             .ok()
     }
 
+    /// Removes a sandbox's directory. Others may still write into it as it
+    /// goes: an `exec` ending with the sandbox refreshes its deadline (a
+    /// temporary file and a rename in `ctl/`). Moved out of `sandboxes/`
+    /// first, by one rename, the tree can gain no entry through its old
+    /// path, so removing it cannot fail with "Directory not empty" and no
+    /// late write recreates it; what a killed remover leaves in
+    /// `finished/` gc removes (it has no owner file).
     pub fn forget(&self, name: &str) -> Result<()> {
-        remove_tree(&self.sandbox_dir(name))
+        let dir = self.sandbox_dir(name);
+        let finished = self.root.join(FINISHED);
+        match fs::DirBuilder::new().mode(0o700).create(&finished) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(_) => return remove_tree(&dir),
+        }
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let gone = finished.join(format!("sandbox-{name}.{}.{nanos}", std::process::id()));
+        match fs::rename(&dir, &gone) {
+            Ok(()) => remove_tree(&gone),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(_) => remove_tree(&dir),
+        }
     }
 
     /// Scratch directory of a short-lived run, tagged with the current
@@ -735,6 +757,37 @@ mod tests {
         assert_eq!(store.deadline("a"), Some(d));
         store.forget("a").unwrap();
         assert!(store.load("a").unwrap().is_none());
+    }
+
+    /// An `exec` refreshing the deadline while the sandbox is removed (CI
+    /// saw `sandbox remove` fail with "Directory not empty"): the removal
+    /// succeeds, nothing of the sandbox is left, and no later refresh
+    /// brings its directory back.
+    #[test]
+    fn forgetting_a_sandbox_wins_over_a_concurrent_touch() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::new(tmp.path().to_path_buf());
+        for i in 0..200 {
+            let name = format!("s{i}");
+            store.reserve(&name).unwrap();
+            store.commit(&record(&name)).unwrap();
+            let stop = std::sync::atomic::AtomicBool::new(false);
+            std::thread::scope(|s| {
+                let toucher = s.spawn(|| {
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let _ = store.touch(&name, Duration::from_secs(60));
+                    }
+                });
+                std::thread::yield_now();
+                let forgotten = store.forget(&name);
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                toucher.join().unwrap();
+                forgotten.unwrap();
+            });
+            assert!(!store.sandbox_dir(&name).exists(), "{name} came back");
+        }
+        let finished = fs::read_dir(tmp.path().join(FINISHED)).unwrap().count();
+        assert_eq!(finished, 0, "a removed sandbox's tree was left");
     }
 
     #[test]

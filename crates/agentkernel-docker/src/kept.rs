@@ -254,7 +254,9 @@ pub async fn exec(
         crate::exec::run_counting_oom(engine, &container, req, crate::exec::KillScope::ProcessTree)
             .await;
     refresher.abort();
-    store.touch(name, ttl)?;
+    // Best effort: the sandbox may have been removed during the command,
+    // and then the command's own result is the one to report.
+    let _ = store.touch(name, ttl);
     result
 }
 
