@@ -23,6 +23,26 @@ runs = int(sys.argv[1]) if len(sys.argv) > 1 else 40
 args = sys.argv[2:] or ["run", "-B", "native", "-i", "agentkernel-test/busybox:1", "true"]
 env = dict(os.environ, AGENTKERNEL_TRACE_STARTUP="1")
 
+def children():
+    """This process's children (the cleanup processes reparented to it)."""
+    pids = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/children") as f:
+                pids += [int(p) for p in f.read().split()]
+        except OSError:
+            pass
+    return pids
+
+
+def is_disk_keeper(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"hold-disks" in f.read()
+    except OSError:
+        return False
+
+
 phases = {}  # name -> [ms since spawn]
 order = []
 # A child subreaper: the cleanup process a run leaves behind is reparented
@@ -36,11 +56,18 @@ for _ in range(runs):
                                  stdout=subprocess.DEVNULL, stderr=err)
         returncode = child.wait()
         exited = time.monotonic_ns() // 1000
-        while True:  # the cleanup process, if the run left one
-            try:
-                os.wait()
-            except ChildProcessError:
+        # The cleanup process, if the run left one; not the disk keeper it
+        # may start, which lives on (idle for a minute) and would be waited
+        # for here otherwise.
+        while True:
+            waitable = [p for p in children() if not is_disk_keeper(p)]
+            if not waitable:
                 break
+            for pid in waitable:
+                try:
+                    os.waitpid(pid, 0)
+                except ChildProcessError:
+                    pass
         err.seek(0)
         stderr = err.read()
     if returncode != 0:
