@@ -36,7 +36,10 @@ export AGENTKERNEL_REGISTRY_MIRRORS=${AGENTKERNEL_REGISTRY_MIRRORS:-http://127.0
 rootless=$(mktemp -d)
 # The workspace disks runs attached ahead (disk_pool.rs) go with the state dir.
 kept=bench-kept-$$
-trap '"$ak" sandbox rm "$kept" >/dev/null 2>&1; "$ak" pool prune >/dev/null 2>&1; rm -rf "$home" "$project" "$out" "$rootless"' EXIT
+# Each step may fail (the kept sandbox is normally removed already): under
+# set -e a failing one would end the trap before the rest is cleaned up.
+trap '"$ak" sandbox rm "$kept" >/dev/null 2>&1 || true; "$ak" pool prune >/dev/null 2>&1 || true
+      rm -rf "$home" "$project" "$out" "$rootless"' EXIT
 "$ak" image pull "$image" >/dev/null 2>&1   # cached: runs make no network request
 cd "$project"   # a project dir: the workspace is mounted as it would be for a user
 "$ak" sandbox create -B native -i "$image" "$kept" >/dev/null

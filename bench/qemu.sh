@@ -29,7 +29,7 @@ project=$(mktemp -d)
 # `pool prune` ends the warm VMs and detaches the workspace disks native
 # runs attached ahead (an rm -rf alone left two loop devices attached to
 # deleted files); removing the state directory ends any VM still booting.
-trap '"$ak" pool prune >/dev/null 2>&1; rm -rf "$home" "$project"' EXIT
+trap '"$ak" pool prune >/dev/null 2>&1 || true; rm -rf "$home" "$project"' EXIT
 export AGENTKERNEL_HOME="$home"
 export AGENTKERNEL_REGISTRY_MIRRORS=${AGENTKERNEL_REGISTRY_MIRRORS:-http://127.0.0.1:5055}
 "$ak" image pull "$image" >/dev/null 2>&1

@@ -31,7 +31,7 @@ project=$(mktemp -d)
 ids=$(mktemp)
 # pool prune first: the workspace disks native runs attached ahead would
 # stay attached to deleted files after an rm -rf of the state directory.
-trap '"$AK" pool prune >/dev/null 2>&1; rm -rf "$home" "$project" "$ids"' EXIT
+trap '"$AK" pool prune >/dev/null 2>&1 || true; rm -rf "$home" "$project" "$ids"' EXIT
 export AGENTKERNEL_HOME="$home"
 export AGENTKERNEL_REGISTRY_MIRRORS=${AGENTKERNEL_REGISTRY_MIRRORS:-http://127.0.0.1:5055}
 "$AK" image pull "$image" >/dev/null 2>&1
