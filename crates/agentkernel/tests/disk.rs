@@ -435,7 +435,7 @@ mod native_only {
         poll_until(
             std::time::Duration::from_secs(20),
             "the first runs' cleanup processes done",
-            || env.processes_running() == env.keeper_pids(),
+            || only_the_keeper_runs(&env),
         );
         let recycled_before = keeper_disks(&env)["recycled"].clone();
         let out = env
@@ -454,10 +454,7 @@ mod native_only {
         poll_until(
             std::time::Duration::from_secs(20),
             "the runs' cleanup processes done, the keeper at 16 MiB",
-            || {
-                env.processes_running() == env.keeper_pids()
-                    && keeper_disks(&env)["bytes"] == 16 << 20
-            },
+            || only_the_keeper_runs(&env) && keeper_disks(&env)["bytes"] == 16 << 20,
         );
         assert_eq!(
             loop_devices_under(env.state_dir()),
@@ -494,6 +491,13 @@ mod native_only {
             &env.run(&["run", "--disk", "24m", "-i", BUSYBOX, "true"]),
             0,
         );
+    }
+
+    /// Nothing of this test's runs is left but the disk keeper: their
+    /// cleanup processes are done (a late one could still give a disk back
+    /// or start another keeper).
+    fn only_the_keeper_runs(env: &TestEnv) -> bool {
+        env.processes_running() == env.keeper_pids()
     }
 
     /// `pool status --json`'s `disks` object.
@@ -689,7 +693,7 @@ print("fds", sum(len(d) // 4 for _, t, d in anc if t == socket.SCM_RIGHTS))
         poll_until(
             std::time::Duration::from_secs(20),
             "the keeper holds its disks, alone",
-            || held_devices(&env).len() == 2 && env.processes_running() == env.keeper_pids(),
+            || held_devices(&env).len() == 2 && only_the_keeper_runs(&env),
         );
         for pid in env.keeper_pids() {
             // SAFETY: kill of a PID we just found as this test's keeper.

@@ -381,6 +381,17 @@ mod qemu_only {
         })
     }
 
+    /// The session id of `pid` (`/proc/PID/stat`, the 6th field).
+    fn session_of(pid: u32) -> Option<u32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(3)?
+            .parse()
+            .ok()
+    }
+
     fn parent_of(pid: u32) -> Option<u32> {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
         stat.rsplit_once(')')?
@@ -1296,6 +1307,14 @@ mod qemu_only {
         // kill -9 of a warm VM's holder takes its QEMU; gc removes the rest.
         let holders = warm_holders(&env);
         assert_eq!(holders.len(), 1, "{holders:?}");
+        // Started by a run, the holder is detached from it: a session of
+        // its own (a Ctrl-C to the run's terminal or group never reaches
+        // it) and `/` as its directory (it pins no project directory).
+        assert_eq!(session_of(holders[0]), Some(holders[0]), "its own session");
+        assert_eq!(
+            std::fs::read_link(format!("/proc/{}/cwd", holders[0])).ok(),
+            Some(std::path::PathBuf::from("/"))
+        );
         let vm = vm_of_holder(&env, holders[0]);
         // SAFETY: kill has no memory preconditions; the pid was found just now.
         unsafe { libc::kill(holders[0] as libc::pid_t, libc::SIGKILL) };
