@@ -204,9 +204,12 @@ struct TemplatesSection {
     ca_file: Option<String>,
 }
 
-/// `[pool] max_total` when no file sets it: idle warm containers cost the
-/// whole host (each is a running container with its network and cgroups), and
-/// a few absorb an agent's loop.
+/// `[pool] max_total` for warm VMs and warm native sandboxes when no file
+/// sets it: each warm VM holds its guest's RAM, and a few absorb an agent's
+/// loop. An engine's warm containers have a larger default of their own
+/// (agentkernel-docker's `pool::DEFAULT_MAX_TOTAL`), since each run uses one up
+/// and engines make them slowly. This is the lowest of the defaults, so a
+/// project file's cap above it loosens some pool (see trust.rs).
 pub const DEFAULT_POOL_MAX_TOTAL: u32 = 8;
 
 /// The merged, validated configuration.

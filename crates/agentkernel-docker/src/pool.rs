@@ -16,7 +16,10 @@
 //! - Removing the used container and refilling happen in a detached
 //!   `agentkernel pool refill` process, after the command's exit code is known.
 //! - Unclaimed containers expire after `[pool] idle_ttl`: the keep-alive loop
-//!   exits and the engine auto-removes them.
+//!   exits and the engine auto-removes them. The ones a refill makes beyond
+//!   the key's `size` (a surplus, for back-to-back runs) expire after
+//!   [`SURPLUS_IDLE_TTL`], and runs take them first, so a burst's extra
+//!   containers leave the host soon after the burst.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -37,7 +40,21 @@ use crate::{labels, Engine};
 
 pub const DEFAULT_SIZE: u32 = 2;
 pub const DEFAULT_IDLE_TTL: Duration = Duration::from_secs(600);
-pub const DEFAULT_MAX_TOTAL: u32 = agentkernel_core::config::DEFAULT_POOL_MAX_TOTAL;
+/// `[pool] max_total` for an engine's warm containers when no file sets it.
+/// Each run uses up one container and an engine makes two or three a
+/// second, so a tight loop of short commands needs about as many warm ones
+/// as the loop has runs: with 64, fifty back-to-back runs all found one
+/// ready once the key had grown (bench/pool.sh), where 8 served 72%. The
+/// host pays for them only during a burst (see [`SURPLUS_IDLE_TTL`]); warm
+/// VMs and native sandboxes keep the smaller cap of the core's default.
+pub const DEFAULT_MAX_TOTAL: u32 = 64;
+/// How long a warm container beyond its key's `size` waits for a run. Idle
+/// warm containers slow every sandbox start on the host (64 of them took
+/// `bwrap --unshare-all true` from 4.7 to 7.0 ms here), so the surplus a
+/// burst of runs grew lives a minute, not `idle_ttl`; the key's `size`
+/// containers stay for `idle_ttl`, and its target falls back to what its run
+/// rate needs once a minute has passed without it running dry.
+pub const SURPLUS_IDLE_TTL: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Settings {
@@ -295,18 +312,24 @@ fn is_claimed(store: &Store, name: &str) -> bool {
 const KEY_FILE: &str = "key";
 /// In a warm container's host directory once it has started.
 const STARTED_FILE: &str = "started";
+/// In a warm container's host directory when it is beyond the key's `size`
+/// (written before the container exists): it expires after
+/// [`SURPLUS_IDLE_TTL`], and runs take it before the others.
+const SURPLUS_FILE: &str = "surplus";
 
 /// A key's warm containers as this host sees them from their directories
 /// alone, without an engine call: ready ones (their keep-alive shell is
-/// recorded and alive) and, of those a refill is still making, how long ago
-/// the oldest was begun.
+/// recorded and alive), the surplus apart, and, of those a refill is still
+/// making, how long ago the oldest was begun.
 struct LocalView {
+    ready_surplus: Vec<String>,
     ready: Vec<String>,
     oldest_starting: Option<Duration>,
 }
 
 fn local_view(store: &Store, key: &str) -> LocalView {
     let mut view = LocalView {
+        ready_surplus: Vec::new(),
         ready: Vec::new(),
         oldest_starting: None,
     };
@@ -320,8 +343,12 @@ fn local_view(store: &Store, key: &str) -> LocalView {
             continue;
         }
         if crate::handoff::recorded(&dir).is_some() {
-            view.ready
-                .push(entry.file_name().to_string_lossy().into_owned());
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if dir.join(SURPLUS_FILE).exists() {
+                view.ready_surplus.push(name);
+            } else {
+                view.ready.push(name);
+            }
             continue;
         }
         if dir.join(STARTED_FILE).exists() {
@@ -363,7 +390,7 @@ async fn claim(
     let mut patience = Duration::ZERO;
     loop {
         let view = local_view(store, key);
-        if let Some((name, left)) = claim_one(store, view.ready) {
+        if let Some((name, left)) = claim_one(store, view.ready_surplus, view.ready) {
             return Some((name, served, left));
         }
         let Some(oldest) = view.oldest_starting else {
@@ -390,20 +417,27 @@ async fn claim(
         .filter(|c| c.is_running())
         .filter_map(Listed::name)
         .collect();
-    claim_one(store, running).map(|(name, left)| (name, served, left))
+    claim_one(store, Vec::new(), running).map(|(name, left)| (name, served, left))
 }
 
-/// Claims one of `candidates` (`mkdir ctl/claimed`: atomic); returns it and
-/// how many others there were.
-fn claim_one(store: &Store, mut candidates: Vec<String>) -> Option<(String, usize)> {
+/// Claims one of `first`, else one of `then` (`mkdir ctl/claimed`: atomic);
+/// returns it and how many others there were. Runs take the surplus first, so
+/// what stays after a burst is the key's `size` of long-lived containers.
+fn claim_one(
+    store: &Store,
+    mut first: Vec<String>,
+    mut then: Vec<String>,
+) -> Option<(String, usize)> {
     // Start at a random place so concurrent runs rarely contend for the same one.
-    if !candidates.is_empty() {
-        let offset = u32::from_str_radix(&names::generated()[4..], 16).unwrap_or(0) as usize
-            % candidates.len();
-        candidates.rotate_left(offset);
+    for candidates in [&mut first, &mut then] {
+        if !candidates.is_empty() {
+            let offset = u32::from_str_radix(&names::generated()[4..], 16).unwrap_or(0) as usize
+                % candidates.len();
+            candidates.rotate_left(offset);
+        }
     }
-    let count = candidates.len();
-    for (tried, name) in candidates.into_iter().enumerate() {
+    let count = first.len() + then.len();
+    for (tried, name) in first.into_iter().chain(then).enumerate() {
         let dir = container_dir(store, &name);
         if std::fs::create_dir(dir.join("ctl/claimed")).is_ok() {
             let _ = state::write_atomic(&dir.join("owner"), Owner::current().0.as_bytes());
@@ -539,6 +573,14 @@ async fn refill_round(
         stats.target.min(settings.max_total)
     } as usize;
     let have = warm_by_key.get(used_key).map_or(0, Vec::len);
+    // The key's long-lived ones: new containers are a surplus once there are `size`.
+    let lasting = warm_by_key.get(used_key).map_or(0, |names| {
+        names
+            .iter()
+            .filter(|n| !container_dir(store, n).join(SURPLUS_FILE).exists())
+            .count()
+    });
+    let floor = KeyStats::initial_target(settings) as usize;
     let mut total: usize = warm_by_key.values().map(Vec::len).sum();
     let max_total = settings.max_total as usize;
     let mut wanted = target.saturating_sub(have);
@@ -584,9 +626,10 @@ async fn refill_round(
         return Ok(());
     }
     let results: Vec<Result<(), Error>> = futures_util::stream::iter(0..wanted)
-        .map(|_| async {
+        .map(|nth| async move {
             let begun = std::time::Instant::now();
-            let made = create_warm(engine, store, used_key, file).await;
+            let surplus = lasting + nth >= floor;
+            let made = create_warm(engine, store, used_key, file, surplus).await;
             if made.is_ok() {
                 let ms = begun.elapsed().as_millis() as u64;
                 pool_stats::update(store, used_key, |s| s.record_refill(ms));
@@ -604,6 +647,7 @@ async fn create_warm(
     store: &Store,
     key: &str,
     file: &KeyFile,
+    surplus: bool,
 ) -> Result<(), Error> {
     let name = format!(
         "{}pool-{}",
@@ -614,10 +658,16 @@ async fn create_warm(
     let ctl = dir.join("ctl");
     std::fs::create_dir_all(&ctl).map_err(|e| Error::state(&ctl, e))?;
     state::write_atomic(&dir.join(KEY_FILE), key.as_bytes())?;
+    let idle_ttl = if surplus {
+        std::fs::write(dir.join(SURPLUS_FILE), b"").map_err(|e| Error::state(&dir, e))?;
+        file.settings.idle_ttl.min(SURPLUS_IDLE_TTL)
+    } else {
+        file.settings.idle_ttl
+    };
     // Idle time counts from when the container is ready (set again once it
     // has started): a container whose deadline passed while the engine was
     // slow to create and start it would exit before any run could claim it.
-    let idle_deadline = || now_unix() + file.settings.idle_ttl.as_secs();
+    let idle_deadline = || now_unix() + idle_ttl.as_secs();
     let deadline_file = ctl.join("deadline");
     let starting = state::while_starting(idle_deadline());
     state::write_atomic(&deadline_file, starting.to_string().as_bytes())?;

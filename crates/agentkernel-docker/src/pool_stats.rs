@@ -6,8 +6,10 @@
 //! doubles when a run finds the key dry or takes its last warm container (and
 //! is at least the runs that arrive during one refill, plus one), shrinks by
 //! one after the pool turned over twice without running dry while the run
-//! rate needs fewer, and starts again from `[pool] size` after the key sat
-//! idle for `[pool] idle_ttl` (its warm containers have expired by then).
+//! rate needs fewer, falls to what the run rate needs once the key has not
+//! run dry for [`SURPLUS_IDLE_TTL`] (the surplus a burst grew expires then),
+//! and starts again from `[pool] size` after the key sat idle for
+//! `[pool] idle_ttl` (its warm containers have expired by then).
 //! `[pool] max_total` bounds every target.
 
 use std::path::{Path, PathBuf};
@@ -16,7 +18,7 @@ use std::time::Duration;
 use agentkernel_core::state::{self, Store};
 use serde::{Deserialize, Serialize};
 
-use crate::pool::Settings;
+use crate::pool::{Settings, SURPLUS_IDLE_TTL};
 
 /// How one run went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +52,9 @@ pub struct KeyStats {
     /// Runs since one found the key dry.
     #[serde(default)]
     pub runs_since_dry: u32,
+    /// When a run last found the key dry (unix ms).
+    #[serde(default)]
+    pub last_dry_ms: u64,
 }
 
 /// Exponential smoothing that follows a change within a few samples.
@@ -112,10 +117,18 @@ impl KeyStats {
         let demand = self.demand();
         let dry = run != Run::Hit || warm_left == 0;
         self.runs_since_dry = if dry { 0 } else { self.runs_since_dry + 1 };
+        let calm = now_ms.saturating_sub(self.last_dry_ms) > SURPLUS_IDLE_TTL.as_millis() as u64;
+        if dry {
+            self.last_dry_ms = now_ms;
+        }
         if fresh {
             // Stays at the floor: one run says nothing about the rate.
         } else if dry {
             self.target = (self.target.max(1) * 2).max(demand);
+        } else if calm {
+            // The burst is over and its surplus has expired: refilling it
+            // would make containers only to let them expire again.
+            self.target = demand;
         } else if self.runs_since_dry >= 2 * self.target && demand < self.target {
             self.target -= 1;
             self.runs_since_dry = 0;
@@ -214,24 +227,51 @@ mod tests {
 
     #[test]
     fn a_surplus_shrinks_it_and_idleness_resets_it() {
+        // It ran dry a moment ago; now a run a second, with warm ones to spare.
         let mut s = KeyStats {
             target: 6,
             last_run_ms: 1_000,
-            run_interval_ms: Some(10_000),
+            last_dry_ms: 1_000,
+            run_interval_ms: Some(1_000),
             refill_ms: Some(400),
             ..Default::default()
         };
         let mut now = 1_000;
         for _ in 0..11 {
-            now += 10_000;
+            now += 1_000;
             s.record_run(now, Run::Hit, 4, &settings());
         }
         assert_eq!(s.target, 6, "no shrink before the pool turned over twice");
-        s.record_run(now + 10_000, Run::Hit, 4, &settings());
+        s.record_run(now + 1_000, Run::Hit, 4, &settings());
         assert_eq!(s.target, 5);
-        s.record_run(now + 10_000 + 601_000, Run::Miss, 0, &settings());
+        s.record_run(now + 1_000 + 601_000, Run::Miss, 0, &settings());
         // Idle past the ttl: back to the floor.
         assert_eq!(s.target, 2);
+    }
+
+    #[test]
+    fn a_minute_without_running_dry_ends_the_burst() {
+        let mut s = KeyStats::default();
+        s.record_refill(400);
+        let mut now = 1_000;
+        for _ in 0..5 {
+            now += 50;
+            s.record_run(now, Run::Miss, 0, &settings());
+        }
+        assert_eq!(s.target, 8, "a burst grows the key to the cap");
+        // Runs every 20 s from now on, each finding warm ones to spare.
+        for _ in 0..3 {
+            now += 20_000;
+            s.record_run(now, Run::Hit, 3, &settings());
+        }
+        assert_eq!(s.target, 8, "less than a minute since the key ran dry");
+        now += 20_000;
+        s.record_run(now, Run::Hit, 3, &settings());
+        // A run per 20 s, one 400 ms refill each: the floor does.
+        assert_eq!(s.target, 2);
+        now += 50;
+        s.record_run(now, Run::Hit, 0, &settings());
+        assert_eq!(s.target, 4, "a new burst grows it again");
     }
 
     #[test]

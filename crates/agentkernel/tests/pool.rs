@@ -843,6 +843,49 @@ mod engine_only {
         }
     }
 
+    /// The surplus a burst of runs grows lasts about a minute, not the key's
+    /// `idle_ttl`, and runs take it before the key's `size`: once the burst is
+    /// over, what stays is the configured one container, and it is one that
+    /// was warm before the last run.
+    #[test]
+    fn a_bursts_surplus_leaves_and_the_configured_size_stays() {
+        let env = TestEnv::new();
+        write_config(&env, 1, "5m");
+        warm_up_n(&env, &[], 1);
+        // Back to back: the key runs dry, so its target grows past one.
+        for _ in 0..6 {
+            assert_code(&env.run(&["run", "-i", BUSYBOX, "true"]), 0);
+        }
+        poll_until(Duration::from_secs(90), "the surplus to warm up", || {
+            warm_count(&env) >= 3
+        });
+        assert!(env.wait_for_refills(Duration::from_secs(90)));
+        let before = env.warm_pool();
+        assert_code(&env.run(&["run", "-i", BUSYBOX, "true"]), 0);
+        assert!(env.wait_for_refills(Duration::from_secs(90)));
+        // Surplus containers wait 60 s for a run; the lasting one 5 minutes.
+        let since = std::time::Instant::now();
+        let mut left = env.warm_pool();
+        while left.len() > 1 && since.elapsed() < Duration::from_secs(150) {
+            std::thread::sleep(Duration::from_millis(500));
+            left = env.warm_pool();
+        }
+        prune(&env);
+        assert!(
+            left.len() <= 1,
+            "the surplus was still warm 150 s after the burst: {left:?}"
+        );
+        assert_eq!(
+            left.len(),
+            1,
+            "the key's configured size went too: {left:?}"
+        );
+        assert!(
+            before.contains(&left[0]),
+            "the last run took the lasting container, not a surplus one: {before:?} -> {left:?}"
+        );
+    }
+
     /// Warm containers not claimed by a run (any state: one being created counts).
     fn unclaimed_warm(env: &TestEnv) -> Vec<String> {
         env.labelled_containers(Some("pool"))

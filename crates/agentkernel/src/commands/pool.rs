@@ -74,6 +74,10 @@ async fn status(store: &Store, as_json: bool) -> Result<i32> {
     // The cap the next run from here applies (runs record it for their refills).
     let config = Config::load(&cwd, None)?;
     let max_total = config.pool_max_total.unwrap_or(pool::DEFAULT_MAX_TOTAL);
+    // Warm VMs and native sandboxes have a smaller default cap than containers.
+    let small_max_total = config
+        .pool_max_total
+        .unwrap_or(agentkernel_core::config::DEFAULT_POOL_MAX_TOTAL);
     let vm_target = super::qemu_pool::target(&config);
     let mut engines = Vec::new();
     for engine in backend::engines_in_use(store) {
@@ -97,12 +101,14 @@ async fn status(store: &Store, as_json: bool) -> Result<i32> {
             "vms": {
                 "backend": "qemu",
                 "warm": vms.iter().map(|k| k.warm).sum::<usize>(),
+                "max_total": small_max_total,
                 "target_per_key": vm_target,
                 "keys": vms,
             },
             "sandboxes": {
                 "backend": "native",
                 "warm": natives.iter().map(|k| k.warm).sum::<usize>(),
+                "max_total": small_max_total,
                 "target_per_key": native_target,
                 "keys": natives,
             },
@@ -157,12 +163,12 @@ async fn status(store: &Store, as_json: bool) -> Result<i32> {
     if !vms.is_empty() {
         let warm: usize = vms.iter().map(|k| k.warm).sum();
         let warm = super::counted(warm, "warm VM", "warm VMs");
-        text += &format!("qemu: {warm} of at most {max_total} ([pool] max_total)\n");
+        text += &format!("qemu: {warm} of at most {small_max_total} ([pool] max_total)\n");
     }
     if !natives.is_empty() {
         let warm: usize = natives.iter().map(|k| k.warm).sum();
         let warm = super::counted(warm, "warm sandbox", "warm sandboxes");
-        text += &format!("native: {warm} of at most {max_total} ([pool] max_total)\n");
+        text += &format!("native: {warm} of at most {small_max_total} ([pool] max_total)\n");
     }
     if let Some(keeper) = keeper {
         let disks = super::counted(
