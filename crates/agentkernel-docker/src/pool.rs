@@ -485,6 +485,7 @@ pub async fn refill(
     key: &str,
     used: Option<&str>,
 ) -> Result<(), Error> {
+    wait_out_the_burst(store, key).await;
     let topped_up = top_up(engine, store, key).await;
     // The used container goes after the new ones are made: in a burst of
     // runs, the engine's time goes first to what the next run needs.
@@ -496,6 +497,30 @@ pub async fn refill(
     let _ = crate::gc::collect_orphans(engine.clone(), store.clone()).await;
     topped_up
 }
+
+/// While runs of `key` keep coming and more than a quarter of its target is
+/// warm, the engine's time goes to the runs: making and removing containers
+/// meanwhile (a create + start or a removal is most of a core for a moment)
+/// slowed the runs it competed with, and an engine makes containers far
+/// slower than a tight loop uses them, so refilling mid-burst bought few
+/// hits. Waits until no run has begun for [`BURST_GAP`], the warm ones fall
+/// to a quarter of the target, or 30 s passed.
+async fn wait_out_the_burst(store: &Store, key: &str) {
+    let give_up = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let stats = pool_stats::load(store, key);
+        let view = local_view(store, key);
+        let warm = view.ready.len() + view.ready_surplus.len();
+        let busy = now_ms().saturating_sub(stats.last_run_ms) < BURST_GAP.as_millis() as u64;
+        if !busy || warm * 4 <= stats.target as usize || std::time::Instant::now() > give_up {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A pause between runs that ends a burst.
+const BURST_GAP: Duration = Duration::from_millis(300);
 
 /// Refill rounds for `key` and for the keys other refills left notes for
 /// while one was at work.
