@@ -485,14 +485,13 @@ pub async fn refill(
     key: &str,
     used: Option<&str>,
 ) -> Result<(), Error> {
-    wait_out_the_burst(store, key).await;
-    let topped_up = top_up(engine, store, key).await;
-    // The used container goes after the new ones are made: in a burst of
-    // runs, the engine's time goes first to what the next run needs.
+    // Removed by the refill at work, after its rounds (see `top_up`).
     if let Some(used) = used {
-        remove_container(engine, used).await;
-        let _ = state::remove_tree(&container_dir(store, used));
+        let used_dir = pool_dir(store).join(USED_DIR);
+        let _ = std::fs::create_dir_all(&used_dir);
+        let _ = std::fs::write(used_dir.join(used), b"");
     }
+    let topped_up = top_up(engine, store, key).await;
     // Best effort: an engine that cannot list now is asked again next time.
     let _ = crate::gc::collect_orphans(engine.clone(), store.clone()).await;
     topped_up
@@ -522,8 +521,41 @@ async fn wait_out_the_burst(store: &Store, key: &str) {
 /// A pause between runs that ends a burst.
 const BURST_GAP: Duration = Duration::from_millis(300);
 
+/// In the pool directory: one empty file per used container, named after
+/// it, for the refill at work to remove.
+const USED_DIR: &str = "used";
+
+/// Removes the used containers noted in [`USED_DIR`].
+async fn remove_used(engine: &Engine, store: &Store) {
+    use futures_util::StreamExt;
+    let used_dir = pool_dir(store).join(USED_DIR);
+    let names: Vec<String> = std::fs::read_dir(&used_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    futures_util::stream::iter(names)
+        .for_each_concurrent(PARALLEL_CREATES, |name| {
+            let note = used_dir.join(&name);
+            async move {
+                remove_container(engine, &name).await;
+                let _ = state::remove_tree(&container_dir(store, &name));
+                let _ = std::fs::remove_file(note);
+            }
+        })
+        .await;
+}
+
+fn has_entries(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some())
+}
+
 /// Refill rounds for `key` and for the keys other refills left notes for
-/// while one was at work.
+/// while one was at work, each once its key's burst allows
+/// ([`wait_out_the_burst`]), then the removal of the used containers. Only
+/// the refill holding the lock waits and works; the others leave notes and
+/// exit, so a burst of runs leaves one process polling, not one per run.
 async fn top_up(engine: &Engine, store: &Store, key: &str) -> Result<(), Error> {
     let wanted_dir = pool_dir(store).join("wanted");
     let lock_path = pool_dir(store).join("refill.lock");
@@ -545,12 +577,16 @@ async fn top_up(engine: &Engine, store: &Store, key: &str) -> Result<(), Error> 
     loop {
         for key in keys.drain(..) {
             let _ = std::fs::remove_file(wanted_dir.join(&key));
+            wait_out_the_burst(store, &key).await;
             let round = match load_key_file(store, &key) {
                 Ok(file) => refill_round(engine, store, &key, &file).await,
                 Err(e) => Err(e),
             };
             failure = failure.or(round.err());
         }
+        // The used containers go after the new ones are made: in a burst of
+        // runs, the engine's time goes first to what the next run needs.
+        remove_used(engine, store).await;
         unlock();
         keys = std::fs::read_dir(&wanted_dir)
             .into_iter()
@@ -558,7 +594,8 @@ async fn top_up(engine: &Engine, store: &Store, key: &str) -> Result<(), Error> 
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .collect();
-        if keys.is_empty() || !try_lock() {
+        let used_left = has_entries(&pool_dir(store).join(USED_DIR));
+        if (keys.is_empty() && !used_left) || !try_lock() {
             break;
         }
     }
@@ -652,6 +689,10 @@ async fn refill_round(
     }
     let results: Vec<Result<(), Error>> = futures_util::stream::iter(0..wanted)
         .map(|nth| async move {
+            // `pool prune` removes the key files: a refill at work stops then.
+            if !key_file_path(store, used_key).exists() {
+                return Ok(());
+            }
             let begun = std::time::Instant::now();
             let surplus = lasting + nth >= floor;
             let made = create_warm(engine, store, used_key, file, surplus).await;
@@ -748,6 +789,11 @@ async fn create_warm(
         if let Some(pid) = pid {
             crate::handoff::record(pid as i32, &dir).await;
         }
+        if !key_file_path(store, key).exists() {
+            // `pool prune` ran while it was being made, and may have listed
+            // the pool before it existed.
+            return Err(Error::invalid("pool key", key, PRUNED));
+        }
         state::write_atomic(&deadline_file, idle_deadline().to_string().as_bytes())?;
         // Started, with or without a shell this host can see: runs stop waiting for it.
         let _ = std::fs::write(dir.join(STARTED_FILE), b"");
@@ -758,8 +804,15 @@ async fn create_warm(
         remove_container(engine, &name).await;
         let _ = state::remove_tree(&dir);
     }
-    result
+    match result {
+        // Not a failure: the pool was emptied on purpose.
+        Err(Error::InvalidValue { why, .. }) if why == PRUNED => Ok(()),
+        other => other,
+    }
 }
+
+/// Why a refill dropped a container it had made.
+const PRUNED: &str = "pruned while a refill made it";
 
 /// One key of `pool status`.
 #[derive(Debug, Serialize)]
@@ -849,6 +902,11 @@ pub async fn status(engine: &Engine, store: &Store) -> Vec<KeyStatus> {
 
 /// Removes every warm (unclaimed) container and forgets every key.
 pub async fn prune(engine: &Engine, store: &Store) -> usize {
+    // The key files first: a refill at work checks for its key's file before
+    // it makes a container and once the container has started, so what it
+    // finishes from here on it removes itself, and what it finished before
+    // is in the listing below.
+    let _ = state::remove_tree(&pool_dir(store).join("keys"));
     let mut removed = 0;
     for c in list_pool(engine, store, None).await {
         let Some(name) = c.name() else { continue };
@@ -856,7 +914,6 @@ pub async fn prune(engine: &Engine, store: &Store) -> usize {
             removed += 1;
         }
     }
-    let _ = state::remove_tree(&pool_dir(store).join("keys"));
     removed
 }
 

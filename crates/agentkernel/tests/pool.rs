@@ -886,6 +886,23 @@ mod engine_only {
         );
     }
 
+    /// `pool prune` right after a burst, while the refill is still making
+    /// containers: once the refill is done, none is left.
+    #[test]
+    fn prune_during_a_refill_leaves_no_container() {
+        let env = TestEnv::new();
+        write_config(&env, 2, "5m");
+        for _ in 0..8 {
+            assert_code(&env.run(&["run", "-i", BUSYBOX, "true"]), 0);
+        }
+        assert_code(&env.run(&["pool", "prune"]), 0);
+        let done = env.wait_for_refills(Duration::from_secs(90));
+        let left = env.labelled_containers(Some("pool"));
+        prune(&env);
+        assert!(done, "refills still running 90 s after the prune");
+        assert!(left.is_empty(), "left after pool prune: {left:?}");
+    }
+
     /// Warm containers not claimed by a run (any state: one being created counts).
     fn unclaimed_warm(env: &TestEnv) -> Vec<String> {
         env.labelled_containers(Some("pool"))
