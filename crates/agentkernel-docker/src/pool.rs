@@ -529,13 +529,7 @@ const USED_DIR: &str = "used";
 async fn remove_used(engine: &Engine, store: &Store) {
     use futures_util::StreamExt;
     let used_dir = pool_dir(store).join(USED_DIR);
-    let names: Vec<String> = std::fs::read_dir(&used_dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    futures_util::stream::iter(names)
+    futures_util::stream::iter(notes_in(&used_dir))
         .for_each_concurrent(PARALLEL_CREATES, |name| {
             let note = used_dir.join(&name);
             async move {
@@ -547,8 +541,14 @@ async fn remove_used(engine: &Engine, store: &Store) {
         .await;
 }
 
-fn has_entries(dir: &Path) -> bool {
-    std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some())
+/// The names of the notes (empty files) in a note directory.
+fn notes_in(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
 }
 
 /// Refill rounds for `key` and for the keys other refills left notes for
@@ -588,13 +588,8 @@ async fn top_up(engine: &Engine, store: &Store, key: &str) -> Result<(), Error> 
         // runs, the engine's time goes first to what the next run needs.
         remove_used(engine, store).await;
         unlock();
-        keys = std::fs::read_dir(&wanted_dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
-        let used_left = has_entries(&pool_dir(store).join(USED_DIR));
+        keys = notes_in(&wanted_dir);
+        let used_left = !notes_in(&pool_dir(store).join(USED_DIR)).is_empty();
         if (keys.is_empty() && !used_left) || !try_lock() {
             break;
         }
@@ -791,28 +786,21 @@ async fn create_warm(
         }
         if !key_file_path(store, key).exists() {
             // `pool prune` ran while it was being made, and may have listed
-            // the pool before it existed.
-            return Err(Error::invalid("pool key", key, PRUNED));
+            // the pool before it existed: not a failure, but not kept.
+            return Ok(false);
         }
         state::write_atomic(&deadline_file, idle_deadline().to_string().as_bytes())?;
         // Started, with or without a shell this host can see: runs stop waiting for it.
         let _ = std::fs::write(dir.join(STARTED_FILE), b"");
-        Ok(())
+        Ok(true)
     }
     .await;
-    if result.is_err() {
+    if !matches!(result, Ok(true)) {
         remove_container(engine, &name).await;
         let _ = state::remove_tree(&dir);
     }
-    match result {
-        // Not a failure: the pool was emptied on purpose.
-        Err(Error::InvalidValue { why, .. }) if why == PRUNED => Ok(()),
-        other => other,
-    }
+    result.map(|_kept| ())
 }
-
-/// Why a refill dropped a container it had made.
-const PRUNED: &str = "pruned while a refill made it";
 
 /// One key of `pool status`.
 #[derive(Debug, Serialize)]
