@@ -17,7 +17,7 @@ initramfs-*.cpio) and replace the base command line ("cmdline"), e.g. to
 compare Debian's kernel with one from scripts/guest-kernel.sh (whose
 initramfs, without modules, is the one a run with `[qemu] kernel` set
 builds; both stay in the state directory, so name each by its path):
-  bench/qemu_boot.py 5 debian= 'own={"kernel":"/var/lib/agentkernel/guest-kernel/vmlinux","initrd":"/var/tmp/own.cpio"}'
+  bench/qemu_boot.py 5 debian= 'own={"kernel":"/usr/local/lib/agentkernel/guest-kernel/vmlinux","initrd":"/var/tmp/own.cpio"}'
 
 The state directory is $AGENTKERNEL_HOME (default ~/.local/share/agentkernel);
 run one `agentkernel run -B qemu -i IMAGE true` first so that the initramfs and

@@ -7,38 +7,21 @@
 # figures and for how to make agentkernel use the result:
 #
 #   [qemu]
-#   kernel = "/var/lib/agentkernel/guest-kernel/vmlinux"
+#   kernel = "/usr/local/lib/agentkernel/guest-kernel/vmlinux"
 #
-# Usage: scripts/guest-kernel.sh [OUT_DIR]   (default /var/lib/agentkernel/guest-kernel)
+# Usage: scripts/guest-kernel.sh [OUT_DIR]   (default /usr/local/lib/agentkernel/guest-kernel)
 # Env:   BUILD_DIR (default /var/tmp/guest-kernel-build), JOBS (default 2).
 # The build runs under `nice -n 19`: it takes minutes and the machine may be shared.
 set -euo pipefail
+# The kernel is booted by root's runs: nobody else may write what this makes.
+umask 022
 
-out=${1:-/var/lib/agentkernel/guest-kernel}
+out=${1:-/usr/local/lib/agentkernel/guest-kernel}
 build=${BUILD_DIR:-/var/tmp/guest-kernel-build}
 jobs=${JOBS:-2}
 tarball=/usr/src/linux-source-6.1.tar.xz
 
-need=()
-[ -f "$tarball" ] || need+=(linux-source-6.1)
-for tool in flex bison bc make gcc; do
-    command -v "$tool" >/dev/null || need+=("$tool")
-done
-[ -f /usr/include/libelf.h ] || need+=(libelf-dev)
-[ -f /usr/include/openssl/ssl.h ] || need+=(libssl-dev)
-if [ ${#need[@]} -gt 0 ]; then
-    echo "guest-kernel: installing ${need[*]}" >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${need[@]}" >&2
-fi
-
 mkdir -p "$build"
-src="$build/linux-source-6.1"
-if [ ! -f "$src/Makefile" ]; then
-    echo "guest-kernel: unpacking $tarball into $build" >&2
-    nice -n 19 tar -xf "$tarball" -C "$build"
-fi
-cd "$src"
-
 # The guest's needs, from crates/agentkernel-guest/src/agent.rs and the
 # commands a sandbox runs: `=y` lines must come out set (checked below),
 # `=n` lines are what tinyconfig might leave on and costs boot time.
@@ -137,12 +120,15 @@ CONFIG_NET_NS=y
 CONFIG_USER_NS=y
 CONFIG_SECCOMP=y
 CONFIG_SECCOMP_FILTER=y
-# Devices: virtio over PCI (image disk, agent port, NIC, shares).
+# Devices: virtio over PCI (image disk, agent port, NIC, shares)...
 CONFIG_PCI=y
 CONFIG_PCI_MSI=y
 CONFIG_VIRTIO_MENU=y
 CONFIG_VIRTIO=y
 CONFIG_VIRTIO_PCI=y
+# ...and over MMIO, found through ACPI: QEMU's microvm machine, which a
+# KVM host boots.
+CONFIG_VIRTIO_MMIO=y
 CONFIG_BLOCK=y
 CONFIG_BLK_DEV=y
 CONFIG_VIRTIO_BLK=y
@@ -163,6 +149,9 @@ CONFIG_IPV6_SIT=n
 CONFIG_PACKET=y
 # Filesystems: the image (EROFS, with the crc32c its superblock checksum
 # needs), the overlays, the workspace and volumes (9p over virtio).
+# EROFS sits under the "Miscellaneous filesystems" menu, which tinyconfig
+# leaves off in later 6.1 sources: ask for it.
+CONFIG_MISC_FILESYSTEMS=y
 CONFIG_EROFS_FS=y
 CONFIG_EROFS_FS_XATTR=y
 CONFIG_EROFS_FS_POSIX_ACL=y
@@ -200,6 +189,42 @@ CONFIG_CPU_FREQ=n
 CONFIG_EFI=n
 EOF
 
+# Up to date: built from this fragment and, while linux-source-6.1 is
+# installed, from its current version. setup.sh runs this every time.
+source_version() { dpkg-query -W -f='${Version}' linux-source-6.1 2>/dev/null || true; }
+fragment_hash=$(sha256sum < "$fragment" | cut -d' ' -f1)
+if [ -f "$out/vmlinux" ] && [ -f "$out/built-from" ]; then
+    read -r built_hash built_version < "$out/built-from" || true
+    if [ "$built_hash" = "$fragment_hash" ] && { [ -z "$(source_version)" ] || [ "$built_version" = "$(source_version)" ]; }; then
+        echo "guest-kernel: $out/vmlinux is up to date" >&2
+        echo "$out/vmlinux"
+        exit 0
+    fi
+fi
+
+need=()
+[ -f "$tarball" ] || need+=(linux-source-6.1)
+for tool in flex bison bc make gcc; do
+    command -v "$tool" >/dev/null || need+=("$tool")
+done
+[ -f /usr/include/libelf.h ] || need+=(libelf-dev)
+[ -f /usr/include/openssl/ssl.h ] || need+=(libssl-dev)
+if [ ${#need[@]} -gt 0 ]; then
+    echo "guest-kernel: installing ${need[*]}" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${need[@]}" >&2
+fi
+
+src="$build/linux-source-6.1"
+# A newer linux-source (a Debian security update) replaces the tree.
+if [ ! -f "$src/Makefile" ] || [ "$(cat "$build/unpacked-version" 2>/dev/null)" != "$(source_version)" ]; then
+    echo "guest-kernel: unpacking $tarball into $build" >&2
+    rm -rf "$src"
+    nice -n 19 tar -xf "$tarball" -C "$build"
+    source_version > "$build/unpacked-version"
+fi
+cd "$src"
+
 echo "guest-kernel: configuring in $src" >&2
 # ARCH=x86_64: tinyconfig is allnoconfig-based, which would pick 32-bit.
 nice -n 19 make -s ARCH=x86_64 tinyconfig >/dev/null
@@ -224,5 +249,6 @@ cp arch/x86/boot/bzImage "$out/bzImage.tmp" && mv "$out/bzImage.tmp" "$out/bzIma
 strip -o "$out/vmlinux.tmp" vmlinux && mv "$out/vmlinux.tmp" "$out/vmlinux"
 cp .config "$out/config"
 echo "$release" > "$out/release"
+echo "$fragment_hash $(source_version)" > "$out/built-from"
 ls -l "$out" >&2
 echo "$out/vmlinux"
