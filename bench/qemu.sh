@@ -109,7 +109,16 @@ if [ "$net" = 1 ]; then
   stats "qemu true (pooled, network)" "${pooled_net_ms[@]}"
 fi
 stats "exec in a kept qemu VM: true" "${exec_ms[@]}"
-[ "$docker" = 1 ] && stats "docker run --rm --network none true" "${docker_ms[@]}"
+if [ "$docker" = 1 ]; then
+  stats "docker run --rm --network none true" "${docker_ms[@]}"
+  # Ratios of medians, taken in the same interleaved run (machines are noisy).
+  median_of() { printf '%s\n' "$@" | sort -n | sed -n "$(( ($# + 1) / 2 ))p"; }
+  docker_median=$(median_of "${docker_ms[@]}")
+  ratio() { awk -v a="$2" -v b="$docker_median" -v n="$1" 'BEGIN { printf "%-34s %.2fx docker run --rm\n", n, a / b }'; }
+  ratio "qemu cold (--fast=false)" "$(median_of "${qemu_ms[@]}")"
+  ratio "qemu pooled" "$(median_of "${pooled_ms[@]}")"
+  ratio "native" "$(median_of "${native_ms[@]}")"
+fi
 
 echo "== phase timeline of one cold VM run (ms since agentkernel started)"
 AGENTKERNEL_TRACE_STARTUP=1 "$ak" run "${qemu[@]}" 2>&1 >/dev/null |

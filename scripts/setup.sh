@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Everything agentkernel's Docker backend and its tests need on a Debian/Ubuntu
-# machine, idempotently: packages, a running dockerd, and the offline test
-# images. Run as root; as another user it re-executes itself through sudo.
+# Everything agentkernel's backends and its tests need on a Debian/Ubuntu
+# machine, idempotently: packages, a running dockerd, the offline test
+# images, and the guest kernel -B qemu boots. Run as root; as another user it re-executes itself through sudo.
 # If this script starts dockerd, it writes its PID to $AGENTKERNEL_DOCKERD_PIDFILE
 # (default /run/agentkernel-ci-dockerd.pid) so the caller can stop exactly it.
 set -euo pipefail
@@ -147,4 +147,12 @@ if ! "$pytools/bin/python" -c 'import securesystemslib.dsse, in_toto' 2>/dev/nul
   echo "setup: installing securesystemslib and in-toto into $pytools" >&2
   python3 -m venv "$pytools"
   "$pytools/bin/pip" install --quiet securesystemslib in-toto
+fi
+
+# -B qemu boots agentkernel's own guest kernel once it is built
+# (scripts/guest-kernel.sh: about six minutes on two quiet cores the first
+# time, a check afterwards; docs/qemu.md says why). AGENTKERNEL_SETUP_GUEST_KERNEL=0
+# skips it: the quick start builds it after its main job instead.
+if [ "${AGENTKERNEL_SETUP_GUEST_KERNEL:-1}" != 0 ]; then
+  "$root/scripts/guest-kernel.sh" >/dev/null
 fi

@@ -485,6 +485,7 @@ mod tests {
             image: PathBuf::from("/k"),
             version: "test".into(),
             modules,
+            origin: crate::kernel::Origin::Chosen,
         }
     }
 

@@ -68,6 +68,29 @@ mod qemu_only {
         out
     }
 
+    /// Debian's kernel, `(image, modules directory)`: the one a run boots
+    /// when agentkernel's own is not built, and the only one with modules
+    /// to load. scripts/setup.sh installs it.
+    fn distribution_kernel() -> (String, std::path::PathBuf) {
+        let version = std::fs::read_dir("/boot")
+            .unwrap()
+            .filter_map(|e| {
+                let name = e.ok()?.file_name().into_string().ok()?;
+                let version = name.strip_prefix("vmlinuz-")?.to_string();
+                std::path::Path::new("/lib/modules")
+                    .join(&version)
+                    .join("modules.dep")
+                    .is_file()
+                    .then_some(version)
+            })
+            .max()
+            .expect("a Debian kernel with modules (scripts/setup.sh installs linux-image-amd64)");
+        (
+            format!("/boot/vmlinuz-{version}"),
+            std::path::Path::new("/lib/modules").join(version),
+        )
+    }
+
     /// `[qemu] kernel` naming what cannot boot: one line naming the path
     /// and the key, exit 125, and no VM started.
     #[test]
@@ -128,20 +151,7 @@ mod qemu_only {
     #[test]
     fn a_guest_agent_that_gives_up_ends_its_vm_at_once() {
         let env = TestEnv::new();
-        let version = std::fs::read_dir("/boot")
-            .unwrap()
-            .filter_map(|e| {
-                let name = e.ok()?.file_name().into_string().ok()?;
-                let version = name.strip_prefix("vmlinuz-")?.to_string();
-                std::path::Path::new("/lib/modules")
-                    .join(&version)
-                    .join("modules.dep")
-                    .is_file()
-                    .then_some(version)
-            })
-            .max()
-            .expect("a Debian kernel with modules (scripts/setup.sh installs linux-image-amd64)");
-        let real = std::path::Path::new("/lib/modules").join(&version);
+        let (image, real) = distribution_kernel();
         let fake = env.home_dir().join("modules");
         std::fs::create_dir(&fake).unwrap();
         let dep = std::fs::read_to_string(real.join("modules.dep")).unwrap();
@@ -162,10 +172,7 @@ mod qemu_only {
         }
         let out = env
             .cmd()
-            .env(
-                "AGENTKERNEL_QEMU_KERNEL",
-                format!("/boot/vmlinuz-{version}"),
-            )
+            .env("AGENTKERNEL_QEMU_KERNEL", &image)
             .env("AGENTKERNEL_QEMU_MODULES", &fake)
             .args(["run", "--fast=false", "--no-network", "-i", BUSYBOX, "true"])
             .output()
@@ -179,20 +186,29 @@ mod qemu_only {
         assert!(vms_of(&env).is_empty(), "a VM outlived its run");
     }
 
-    /// The guest loads a device's driver only when the VM has the device:
-    /// no NIC under `--no-network`, so no virtio_net; the workspace's 9p
-    /// share either way; with a network, both. Observed in the guest's own
-    /// module list.
+    /// On Debian's kernel, whose drivers are modules, the guest loads a
+    /// device's driver only when the VM has the device: no NIC under
+    /// `--no-network`, so no virtio_net; the workspace's 9p share either
+    /// way; with a network, both. Observed in the guest's own module list.
+    /// (agentkernel's own kernel has them built in: nothing to load.)
     #[test]
     fn a_vm_loads_the_drivers_of_the_devices_it_has_only() {
         let env = TestEnv::new();
+        let (image, modules_dir) = distribution_kernel();
         let modules = |network: bool| {
             let mut args = vec!["run"];
             if !network {
                 args.push("--no-network");
             }
             args.extend(["-i", BUSYBOX, "cut", "-d", " ", "-f", "1", "/proc/modules"]);
-            let out = env.run(&args);
+            let out = env
+                .cmd()
+                .env("AGENTKERNEL_QEMU_KERNEL", &image)
+                .env("AGENTKERNEL_QEMU_MODULES", &modules_dir)
+                .args(&args)
+                .timeout(RUN_LIMIT)
+                .output()
+                .unwrap();
             assert_code(&out, 0);
             stdout(&out)
                 .lines()
@@ -252,7 +268,8 @@ mod qemu_only {
         let script = "cat; cat /workspace/marker.txt; \
                       echo pci=$(ls /sys/bus/pci/devices | wc -l); \
                       ls /sys/bus/platform/devices | grep -c '^LNRO0005:'; \
-                      cut -d' ' -f1 /proc/modules; \
+                      ls /sys/bus/platform/drivers; \
+                      cut -d' ' -f1 /proc/modules | sed 's/^/module=/'; \
                       echo clock=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource); \
                       ip -4 -o addr show eth0 | grep -q inet && echo eth0-up; exit 5";
         let out = env
@@ -274,8 +291,14 @@ mod qemu_only {
         let mmio_devices: u32 = lines[3].parse().unwrap();
         // The disk, the agent's port, the share and the NIC.
         assert!(mmio_devices >= 4, "{text}");
-        assert!(lines.contains(&"virtio_mmio"), "{text}");
-        assert!(!lines.contains(&"virtio_pci"), "{text}");
+        // The MMIO transport's driver is there, built in or loaded; a
+        // kernel whose drivers are modules (Debian's) loaded it and not the
+        // PCI transport's.
+        assert!(lines.contains(&"virtio-mmio"), "{text}");
+        if lines.iter().any(|l| l.starts_with("module=")) {
+            assert!(lines.contains(&"module=virtio_mmio"), "{text}");
+            assert!(!lines.contains(&"module=virtio_pci"), "{text}");
+        }
         // The guest keeps a real clock: under TCG it is told the TSC's rate
         // (measuring it against the PIT fails on a busy host, and a microvm
         // hung then), under KVM it has KVM's.
@@ -290,6 +313,40 @@ mod qemu_only {
             "{text}"
         );
         assert_eq!(lines.last(), Some(&"eth0-up"), "{text}");
+    }
+
+    /// agentkernel's own guest kernel, once built (scripts/setup.sh runs
+    /// scripts/guest-kernel.sh), is what a run boots when the config names
+    /// none: the guest's release is the one the build recorded, not
+    /// Debian's.
+    #[test]
+    fn a_run_boots_agentkernels_own_kernel_once_it_is_built() {
+        let own = std::path::Path::new("/usr/local/lib/agentkernel/guest-kernel");
+        let release = std::fs::read_to_string(own.join("release")).expect(
+            "agentkernel's guest kernel is built (scripts/setup.sh runs scripts/guest-kernel.sh)",
+        );
+        let env = TestEnv::new();
+        let out = env
+            .cmd()
+            .env_remove("AGENTKERNEL_QEMU_KERNEL")
+            .env_remove("AGENTKERNEL_QEMU_MODULES")
+            .args([
+                "run",
+                "--fast=false",
+                "--no-network",
+                "-i",
+                BUSYBOX,
+                "uname",
+                "-r",
+            ])
+            .timeout(RUN_LIMIT)
+            .output()
+            .unwrap();
+        assert_code(&out, 0);
+        assert_eq!(stdout(&out).trim(), release.trim());
+        assert_ne!(release.trim(), host_kernel());
+        let (debian, _) = distribution_kernel();
+        assert!(!debian.ends_with(release.trim()), "{debian}");
     }
 
     #[test]

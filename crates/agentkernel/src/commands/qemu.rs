@@ -293,7 +293,13 @@ pub(super) async fn prepare(
     let initramfs = initramfs::ensure(&vm_dir, &host.agent, &host.kernel).map_err(backend_error)?;
     let (accel, _) = vmm::choose_accel(&vm_dir, &host.qemu, &host.kernel.image);
     let machine = vmm::Machine::choose(accel).map_err(backend_error)?;
-    agentkernel_native::trace::phase("disk, initramfs and accelerator ready");
+    if agentkernel_native::trace::enabled() {
+        agentkernel_native::trace::phase(&format!(
+            "disk, initramfs and accelerator ready ({}, guest kernel {})",
+            accel.name(),
+            host.kernel.describe()
+        ));
+    }
     let workspace = spec.workspace.as_ref().map(|w| {
         let share_read_only = spec.policy.workspace != WorkspaceMode::ReadWrite;
         (w.host.clone(), share_read_only)
@@ -387,10 +393,7 @@ impl Host {
     /// One line for `doctor`.
     fn describe(&self, vm_dir: &std::path::Path) -> String {
         let (accel, why) = vmm::choose_accel(vm_dir, &self.qemu, &self.kernel.image);
-        let kernel = match self.kernel.version.starts_with("chosen-") {
-            true => self.kernel.image.display().to_string(),
-            false => self.kernel.version.clone(),
-        };
+        let kernel = self.kernel.describe();
         let firmware = match (
             vmm::Machine::choose(accel),
             vmm::fast_firmware(&self.qemu.binary),
