@@ -182,14 +182,19 @@ pub fn create(
 /// The holder's argument before the egress proxy's two descriptors.
 const EGRESS_FLAG: &str = "--egress";
 
-/// Starts `agentkernel __vm-holder ARGS` in its own session (the user's
+/// Starts `agentkernel __vm-holder ARGS` away from our terminal (the user's
 /// Ctrl-C or a closed terminal does not end the VM), its stdin `input` and
 /// stdout `report`, keeping the descriptors `inherit` open across the exec.
-/// The holder makes its own session and leaves our working directory
-/// ([`holder_main`]), so that without descriptors to keep the standard
-/// library starts it with `posix_spawn` (no copy of our page tables: a
-/// warm VM's refill is on the path of the run that starts it); keeping
-/// descriptors needs code between fork and exec, which also calls setsid.
+/// Without descriptors to keep, the standard library starts it with
+/// `posix_spawn` (no copy of our page tables: a warm VM's refill is on the
+/// path of the run that starts it), in a process group of its own from the
+/// spawn itself: a terminal sends Ctrl-C and its hang-up to its foreground
+/// group, and the holder must never be in it, not even for the milliseconds
+/// before its `main` runs. (A run in a terminal that closed as the run
+/// ended, `script -c` or an agent's pty, lost two warm VMs of three that
+/// way: their holders died of SIGHUP before they reached `setsid`.) The
+/// holder then moves to a session of its own ([`holder_main`]). Keeping
+/// descriptors needs code between fork and exec, which calls setsid there.
 pub(crate) fn spawn_holder(
     args: &[&std::ffi::OsStr],
     input: Stdio,
@@ -206,7 +211,9 @@ pub(crate) fn spawn_holder(
         .stdin(input)
         .stdout(report)
         .stderr(Stdio::null());
-    if !inherit.is_empty() {
+    if inherit.is_empty() {
+        holder.process_group(0);
+    } else {
         // SAFETY: setsid and fcntl are async-signal-safe.
         unsafe {
             holder.pre_exec(move || {
@@ -231,11 +238,27 @@ pub(crate) fn spawn_holder(
 /// stdin) or `agentkernel __vm-holder --warm DIR` (a warm pool VM,
 /// `crate::pool`). Returns its exit code.
 pub fn holder_main(args: &[String]) -> i32 {
-    // Our own session (already, when our starter kept descriptors for us:
-    // then this fails harmlessly), away from the starter's working directory.
-    // SAFETY: plain syscalls on our own process.
+    // Our own session, away from the starter's working directory. A starter
+    // that kept descriptors for us made it already (then setsid fails
+    // harmlessly). One that spawned us as the leader of a process group of
+    // our own (`spawn_holder`, so that no terminal signal could reach us
+    // before this point) left us unable to start one, as a group leader
+    // cannot: a child of ours can, and carries on as the holder.
+    // SAFETY: plain syscalls on our own process, which has no other thread
+    // yet (main calls us first), so fork is safe.
     unsafe {
-        libc::setsid();
+        let me = libc::getpid();
+        if libc::setsid() < 0 && libc::getpgrp() == me && libc::getsid(0) != me {
+            match libc::fork() {
+                0 => {
+                    libc::setsid();
+                }
+                // No child: we stay as we are, outside the terminal's
+                // foreground group all the same.
+                -1 => {}
+                _ => libc::_exit(0),
+            }
+        }
     }
     let _ = std::env::set_current_dir("/");
     let place = match args {

@@ -40,7 +40,10 @@ impl Kernel {
     /// For `doctor`: which kernel, and why this one.
     pub fn describe(&self) -> String {
         match self.origin {
-            Origin::Chosen => format!("{} (chosen by qemu.kernel)", self.image.display()),
+            Origin::Chosen => format!(
+                "{} (chosen by qemu.kernel or AGENTKERNEL_QEMU_KERNEL)",
+                self.image.display()
+            ),
             Origin::Own => format!(
                 "{} (agentkernel's, built by scripts/guest-kernel.sh)",
                 self.image.display()

@@ -730,6 +730,38 @@ mod qemu_only {
         }
     }
 
+    /// A run in a terminal that closes as the run ends (an agent's pty,
+    /// `script -c`) starts the refill of its warm VM as it exits: the
+    /// holder must not get the terminal's hang-up, not even before its
+    /// `main` runs. Three such runs, each of which refills the pool: every
+    /// refill's VM becomes ready. (Spawned into the caller's process group,
+    /// two holders of three died of SIGHUP on this host.)
+    #[test]
+    fn warm_vms_outlive_the_terminal_of_the_run_that_refilled_them() {
+        let env = TestEnv::new();
+        let run = format!(
+            "AGENTKERNEL_TRACE_STARTUP=1 {} run --no-network -i {BUSYBOX} true",
+            binary().display()
+        );
+        for round in 0..3 {
+            let (status, shown) = OnTerminal::start(&env, &run).finish();
+            assert_eq!(status.code(), Some(0), "{shown}");
+            assert!(
+                shown.contains("pool refill started"),
+                "round {round}: {shown}"
+            );
+            // Every warm VM a refill started boots to ready: none lost its
+            // holder (a dead holder's directory stays, never ready, until gc).
+            poll_until(VM_LIMIT, "every warm VM ready", || {
+                let dirs = warm_dirs(&env);
+                !dirs.is_empty()
+                    && dirs
+                        .iter()
+                        .all(|d| d.join("ready").exists() || d.join("claimed").exists())
+            });
+        }
+    }
+
     #[test]
     fn a_command_gets_a_terminal_of_the_hosts_size_in_a_cold_and_a_claimed_vm() {
         let env = TestEnv::new();
