@@ -93,11 +93,11 @@ for _ in $(seq 1 "$runs"); do
   t=$(ms); "$ak" exec bench-kept -- true; exec_ms+=($(( $(ms) - t )))
 done
 "$ak" sandbox rm bench-kept 2>/dev/null
+median_of() { printf '%s\n' "$@" | sort -n | sed -n "$(( ($# + 1) / 2 ))p"; }
 stats() { # NAME VALUES...: min and median
   local name=$1; shift
-  sorted=$(printf '%s\n' "$@" | sort -n)
-  min=$(echo "$sorted" | head -1)
-  median=$(echo "$sorted" | sed -n "$(( ($# + 1) / 2 ))p")
+  min=$(printf '%s\n' "$@" | sort -n | head -1)
+  median=$(median_of "$@")
   printf '%-34s min %6s ms   median %6s ms\n' "$name" "$min" "$median"
 }
 echo "== $runs runs each (load: $(cut -d' ' -f1-3 /proc/loadavg); accel: $(sed -n 2p "$home/images/vm/accel"))"
@@ -112,7 +112,6 @@ stats "exec in a kept qemu VM: true" "${exec_ms[@]}"
 if [ "$docker" = 1 ]; then
   stats "docker run --rm --network none true" "${docker_ms[@]}"
   # Ratios of medians, taken in the same interleaved run (machines are noisy).
-  median_of() { printf '%s\n' "$@" | sort -n | sed -n "$(( ($# + 1) / 2 ))p"; }
   docker_median=$(median_of "${docker_ms[@]}")
   ratio() { awk -v a="$2" -v b="$docker_median" -v n="$1" 'BEGIN { printf "%-34s %.2fx docker run --rm\n", n, a / b }'; }
   ratio "qemu cold (--fast=false)" "$(median_of "${qemu_ms[@]}")"

@@ -70,7 +70,7 @@ pub fn find() -> Result<Kernel> {
 /// One that is there but fails that is refused, not skipped (fail closed).
 fn own(dir: &Path) -> Result<Option<Kernel>> {
     let image = dir.join("vmlinux");
-    match std::fs::symlink_metadata(&image) {
+    let meta = match std::fs::symlink_metadata(&image) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => {
             return fail(format!(
@@ -84,18 +84,32 @@ fn own(dir: &Path) -> Result<Option<Kernel>> {
                 image.display()
             ))
         }
-        Ok(_) => {}
-    }
+        Ok(meta) => meta,
+    };
     if let Some(why) = untrusted(&image) {
         return fail(format!(
             "agentkernel's guest kernel {} is refused: {why}; make it root's and not writable by others (chown root:root, chmod go-w), or remove it to boot the distribution's kernel",
             image.display()
         ));
     }
-    let mut kernel = chosen(&image, None)?;
-    kernel.version = kernel.version.replacen("chosen-", "own-", 1);
-    kernel.origin = Origin::Own;
-    Ok(Some(kernel))
+    Ok(Some(Kernel {
+        version: format!("own-{}", files_id(&[(&image, &meta)])),
+        image,
+        modules: None,
+        origin: Origin::Own,
+    }))
+}
+
+/// The identity of a kernel's files (each one's path, device, inode, size
+/// and mtime), short: rebuilding a kernel in place gives another.
+fn files_id(files: &[(&Path, &std::fs::Metadata)]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    for (path, meta) in files {
+        hash.update(path.as_os_str().as_encoded_bytes());
+        crate::hash_identity(&mut hash, meta);
+    }
+    crate::short_key(hash, 6)
 }
 
 /// Why `path` could have been written by someone other than root or this
@@ -162,8 +176,6 @@ fn find_in(boot: &Path, modules: &Path) -> Result<Kernel> {
 /// files' identity (path, size, mtime), so that rebuilding the kernel in
 /// place makes a new initramfs.
 pub fn chosen(image: &Path, modules: Option<&Path>) -> Result<Kernel> {
-    use sha2::{Digest, Sha256};
-    let mut hash = Sha256::new();
     let meta = std::fs::metadata(image)
         .and_then(|m| {
             if m.is_file() {
@@ -178,23 +190,23 @@ pub fn chosen(image: &Path, modules: Option<&Path>) -> Result<Kernel> {
                 image.display()
             ))
         })?;
-    hash.update(image.as_os_str().as_encoded_bytes());
-    crate::hash_identity(&mut hash, &meta);
-    if let Some(dir) = modules {
-        let index = dir.join("modules.dep");
-        let meta = std::fs::metadata(&index).or_else(|e| {
+    let index = modules.map(|dir| dir.join("modules.dep"));
+    let index_meta = match &index {
+        Some(index) => Some(std::fs::metadata(index).or_else(|e| {
             fail(format!(
                 "the guest kernel's modules (qemu.modules) cannot be used: {}: {e}; name a /lib/modules/VERSION directory (run depmod for it), or remove qemu.modules if the drivers are built in",
                 index.display()
             ))
-        })?;
-        hash.update(index.as_os_str().as_encoded_bytes());
-        crate::hash_identity(&mut hash, &meta);
+        })?),
+        None => None,
+    };
+    let mut files = vec![(image, &meta)];
+    if let (Some(index), Some(index_meta)) = (&index, &index_meta) {
+        files.push((index.as_path(), index_meta));
     }
-    let id = crate::short_key(hash, 6);
     Ok(Kernel {
         image: image.to_path_buf(),
-        version: format!("chosen-{id}"),
+        version: format!("chosen-{}", files_id(&files)),
         modules: modules.map(Path::to_path_buf),
         origin: Origin::Chosen,
     })
@@ -333,6 +345,15 @@ mod tests {
         let e = own(&own_dir).unwrap_err().0;
         assert!(e.contains("writable by others"), "{e}");
         std::fs::set_permissions(&own_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // Owned by another user, who could rewrite it at will (run as
+        // root, as the test command does: only root can give a file away).
+        // SAFETY: geteuid has no failure mode.
+        if unsafe { libc::geteuid() } == 0 {
+            std::os::unix::fs::chown(&image, Some(65534), None).unwrap();
+            let e = own(&own_dir).unwrap_err().0;
+            assert!(e.contains("owned by uid 65534"), "{e}");
+            std::os::unix::fs::chown(&image, Some(0), None).unwrap();
+        }
         // A symlink could point anywhere: refused, not followed.
         std::fs::rename(&image, own_dir.join("real")).unwrap();
         std::os::unix::fs::symlink(own_dir.join("real"), &image).unwrap();

@@ -321,7 +321,7 @@ mod qemu_only {
     /// Debian's.
     #[test]
     fn a_run_boots_agentkernels_own_kernel_once_it_is_built() {
-        let own = std::path::Path::new("/usr/local/lib/agentkernel/guest-kernel");
+        let own = std::path::Path::new(agentkernel_vm::kernel::OWN_KERNEL_DIR);
         let release = std::fs::read_to_string(own.join("release")).expect(
             "agentkernel's guest kernel is built (scripts/setup.sh runs scripts/guest-kernel.sh)",
         );
